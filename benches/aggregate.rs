@@ -1,0 +1,177 @@
+//! Engine and checkpoint benchmarks (criterion, fixed seeds).
+//!
+//! | scenario            | series | distribution | batch | threads | baseline                       |
+//! |---------------------|--------|--------------|-------|---------|--------------------------------|
+//! | hot_set             | 10 k   | Zipf s=1.1   | 1000  | 1, 2    | —                              |
+//! | random_1m           | 1 M    | uniform      | 1000  | 1, 2    | single-threaded HashMap (Fx)   |
+//! | checkpoint          | 1 k – 100 k changed series, RocksDB WriteBatch, synced         |
+//!
+//! Events are pre-decoded `(SeriesKey, value)` pairs: this measures aggregation alone.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rustc_hash::FxBuildHasher;
+use tallyd::aggregate::{Aggregation, Aggregator, Observation, PreAggregated};
+use tallyd::model::{Names, SeriesKey};
+use tallyd::store::checkpoint::Snapshot;
+use tallyd::store::{MeterCatalog, MeterShape, RocksStore};
+
+const EVENTS: usize = 1_000_000;
+const BATCH: usize = 1000;
+
+fn key_of(series: usize) -> SeriesKey {
+    SeriesKey {
+        meter: (series % 4) as u32,
+        tenant: (series / 4 % 50_000) as u32,
+        dims: (series / 200_000) as u32,
+        window_start: 1_795_321_200,
+    }
+}
+
+fn zipf_events(series: usize, s: f64, seed: u64) -> Vec<(SeriesKey, i128)> {
+    let mut cdf = Vec::with_capacity(series);
+    let mut total = 0.0;
+    for rank in 0..series {
+        total += 1.0 / ((rank + 1) as f64).powf(s);
+        cdf.push(total);
+    }
+    let mut rng = SmallRng::seed_from_u64(seed);
+    (0..EVENTS)
+        .map(|_| {
+            let u: f64 = rng.gen::<f64>() * total;
+            let rank = cdf.partition_point(|p| *p < u).min(series - 1);
+            (key_of(rank), rng.gen_range(1..1000))
+        })
+        .collect()
+}
+
+fn uniform_events(series: usize, seed: u64) -> Vec<(SeriesKey, i128)> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    (0..EVENTS)
+        .map(|_| (key_of(rng.gen_range(0..series)), rng.gen_range(1..1000)))
+        .collect()
+}
+
+fn run_engine(engine: &Aggregator, events: &[(SeriesKey, i128)]) {
+    for chunk in events.chunks(BATCH) {
+        let mut batch = PreAggregated::default();
+        for (key, value) in chunk {
+            batch
+                .observe(*key, Aggregation::Sum, Observation::Value(*value), 0, 0)
+                .unwrap();
+        }
+        engine.apply(batch).unwrap();
+    }
+}
+
+fn run_engine_threads(engine: &Aggregator, events: &[(SeriesKey, i128)], threads: usize) {
+    let per_thread = events.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for part in events.chunks(per_thread) {
+            scope.spawn(move || run_engine(engine, part));
+        }
+    });
+}
+
+fn engine_benches(c: &mut Criterion) {
+    for (name, events) in [
+        ("hot_set_10k_zipf", zipf_events(10_000, 1.1, 7)),
+        ("random_1m_uniform", uniform_events(1_000_000, 11)),
+    ] {
+        let mut group = c.benchmark_group(name);
+        group.throughput(Throughput::Elements(EVENTS as u64));
+        group.sample_size(10);
+        group.bench_function("hashmap_baseline_1_thread", |b| {
+            b.iter_batched(
+                HashMap::<SeriesKey, i128, FxBuildHasher>::default,
+                |mut map| {
+                    for (key, value) in &events {
+                        *map.entry(*key).or_insert(0) += *value;
+                    }
+                    map
+                },
+                BatchSize::LargeInput,
+            )
+        });
+        for threads in [1, 2] {
+            group.bench_with_input(BenchmarkId::new("engine", format!("{threads}_threads")), &threads, |b, &threads| {
+                b.iter_batched(
+                    || Aggregator::new(16),
+                    |engine| {
+                        run_engine_threads(&engine, &events, threads);
+                        engine
+                    },
+                    BatchSize::LargeInput,
+                )
+            });
+        }
+        group.finish();
+    }
+}
+
+fn checkpoint_benches(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RocksStore::open(&dir.path().join("db"), 400 * 86_400, 35 * 86_400).unwrap();
+    let names = Names::default();
+    let mut catalog = MeterCatalog::new();
+    for meter in 0..4 {
+        names.meters.intern(&format!("meter-{meter}"));
+        catalog.insert(
+            format!("meter-{meter}"),
+            MeterShape {
+                aggregation: "SUM".into(),
+                scale: 6,
+                window_secs: 60,
+            },
+        );
+    }
+    for tenant in 0..50_000 {
+        names.tenants.intern(&format!("tenant-{tenant}"));
+    }
+    names.dims.intern(&[("model".to_string(), "a".to_string())]);
+    names.dims.intern(&[("model".to_string(), "b".to_string())]);
+    names.dims.intern(&[("model".to_string(), "c".to_string())]);
+    names.dims.intern(&[("model".to_string(), "d".to_string())]);
+    names.dims.intern(&[("model".to_string(), "e".to_string())]);
+    // A window far in the future: it stays open, so this measures the write path alone.
+    let now_secs = 1_795_321_200;
+    let mut group = c.benchmark_group("checkpoint");
+    group.sample_size(10);
+    for changed in [1_000usize, 10_000, 100_000] {
+        group.throughput(Throughput::Elements(changed as u64));
+        let mut seq = 0u64;
+        group.bench_with_input(BenchmarkId::new("changed_series", changed), &changed, |b, &changed| {
+            b.iter_batched(
+                || {
+                    seq += 1;
+                    Snapshot {
+                        next_log_seq: seq,
+                        deltas: (0..changed)
+                            .map(|i| {
+                                let mut key = key_of(i);
+                                key.window_start = now_secs + 3600;
+                                (key, tallyd::aggregate::AggState::Sum(i as i128))
+                            })
+                            .collect(),
+                        dedup_keys: Vec::new(),
+                    }
+                },
+                |snapshot| {
+                    let prepared = store
+                        .prepare_checkpoint(&snapshot, &names, &catalog, now_secs, 60)
+                        .unwrap();
+                    black_box(store.commit_checkpoint(prepared).unwrap());
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, engine_benches, checkpoint_benches);
+criterion_main!(benches);

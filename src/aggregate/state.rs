@@ -1,0 +1,253 @@
+//! Mergeable aggregation states: every state is a commutative monoid element, so a series'
+//! total is the same whatever order, batching or thread split the observations arrived in.
+
+use serde::{Deserialize, Serialize};
+
+use super::unique::UniqueState;
+use crate::model::format_decimal;
+
+/// How a meter folds its events. Names are the config/API spelling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Aggregation {
+    Sum,
+    Count,
+    Max,
+    Min,
+    Latest,
+    UniqueCount,
+}
+
+impl Aggregation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aggregation::Sum => "SUM",
+            Aggregation::Count => "COUNT",
+            Aggregation::Max => "MAX",
+            Aggregation::Min => "MIN",
+            Aggregation::Latest => "LATEST",
+            Aggregation::UniqueCount => "UNIQUE_COUNT",
+        }
+    }
+
+    /// Whether events must carry a value at `value_property`.
+    pub fn needs_value(self) -> bool {
+        !matches!(self, Aggregation::Count)
+    }
+}
+
+/// One event's contribution to one meter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observation {
+    /// A fixed-point value at the meter's scale (ignored by COUNT).
+    Value(i128),
+    /// The 64-bit hash of a UNIQUE_COUNT value.
+    Unique(u64),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AggState {
+    Sum(i128),
+    Count(u64),
+    Max(i128),
+    Min(i128),
+    /// The value with the greatest `(ts_ms, value)`: ties on time break on value, so the result
+    /// never depends on arrival order.
+    Latest {
+        ts_ms: i64,
+        value: i128,
+    },
+    Unique(UniqueState),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MergeError {
+    #[error("cannot merge {0} state into {1} state")]
+    Mismatch(&'static str, &'static str),
+    #[error("sum overflows 128 bits")]
+    Overflow,
+}
+
+impl AggState {
+    pub fn from_observation(
+        aggregation: Aggregation,
+        observation: Observation,
+        ts_ms: i64,
+        unique_limit: u32,
+    ) -> AggState {
+        match (aggregation, observation) {
+            (Aggregation::Count, _) => AggState::Count(1),
+            (Aggregation::UniqueCount, Observation::Unique(hash)) => {
+                AggState::Unique(UniqueState::single(unique_limit, hash))
+            }
+            (Aggregation::UniqueCount, Observation::Value(value)) => {
+                // Numeric unique values are hashed by their fixed-point representation.
+                AggState::Unique(UniqueState::single(
+                    unique_limit,
+                    xxhash_rust::xxh3::xxh3_64(&value.to_le_bytes()),
+                ))
+            }
+            (_, Observation::Unique(_)) => {
+                unreachable!("invariant: unique observations only reach UNIQUE_COUNT meters")
+            }
+            (Aggregation::Sum, Observation::Value(value)) => AggState::Sum(value),
+            (Aggregation::Max, Observation::Value(value)) => AggState::Max(value),
+            (Aggregation::Min, Observation::Value(value)) => AggState::Min(value),
+            (Aggregation::Latest, Observation::Value(value)) => AggState::Latest { ts_ms, value },
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AggState::Sum(_) => "SUM",
+            AggState::Count(_) => "COUNT",
+            AggState::Max(_) => "MAX",
+            AggState::Min(_) => "MIN",
+            AggState::Latest { .. } => "LATEST",
+            AggState::Unique(_) => "UNIQUE_COUNT",
+        }
+    }
+
+    /// Folds `other` into `self`. Commutative and associative for every state kind.
+    pub fn merge(&mut self, other: &AggState) -> Result<(), MergeError> {
+        match (self, other) {
+            (AggState::Sum(a), AggState::Sum(b)) => *a = a.checked_add(*b).ok_or(MergeError::Overflow)?,
+            (AggState::Count(a), AggState::Count(b)) => *a = a.checked_add(*b).ok_or(MergeError::Overflow)?,
+            (AggState::Max(a), AggState::Max(b)) => *a = (*a).max(*b),
+            (AggState::Min(a), AggState::Min(b)) => *a = (*a).min(*b),
+            (
+                AggState::Latest { ts_ms, value },
+                AggState::Latest {
+                    ts_ms: other_ts,
+                    value: other_value,
+                },
+            ) => {
+                if (*other_ts, *other_value) > (*ts_ms, *value) {
+                    *ts_ms = *other_ts;
+                    *value = *other_value;
+                }
+            }
+            (AggState::Unique(a), AggState::Unique(b)) => a.merge(b),
+            (mine, theirs) => return Err(MergeError::Mismatch(theirs.kind(), mine.kind())),
+        }
+        Ok(())
+    }
+
+    /// Folds one observation in without building a temporary state (the hot path).
+    pub fn observe(&mut self, observation: Observation, ts_ms: i64) -> Result<(), MergeError> {
+        match (self, observation) {
+            (AggState::Sum(a), Observation::Value(v)) => *a = a.checked_add(v).ok_or(MergeError::Overflow)?,
+            (AggState::Count(a), _) => *a += 1,
+            (AggState::Max(a), Observation::Value(v)) => *a = (*a).max(v),
+            (AggState::Min(a), Observation::Value(v)) => *a = (*a).min(v),
+            (AggState::Latest { ts_ms: t, value }, Observation::Value(v)) => {
+                if (ts_ms, v) > (*t, *value) {
+                    *t = ts_ms;
+                    *value = v;
+                }
+            }
+            (AggState::Unique(set), Observation::Unique(hash)) => set.insert(hash),
+            (AggState::Unique(set), Observation::Value(v)) => {
+                set.insert(xxhash_rust::xxh3::xxh3_64(&v.to_le_bytes()))
+            }
+            (mine, _) => return Err(MergeError::Mismatch("observation", mine.kind())),
+        }
+        Ok(())
+    }
+
+    /// The state's value as an exact decimal string, `scale` being the meter's scale.
+    pub fn value_string(&self, scale: u32) -> String {
+        match self {
+            AggState::Sum(v) | AggState::Max(v) | AggState::Min(v) => format_decimal(*v, scale),
+            AggState::Latest { value, .. } => format_decimal(*value, scale),
+            AggState::Count(n) => n.to_string(),
+            AggState::Unique(set) => set.count().to_string(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("invariant: aggregation states always serialize")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<AggState, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_state() -> impl Strategy<Value = AggState> {
+        prop_oneof![
+            any::<i64>().prop_map(|v| AggState::Sum(v as i128)),
+            any::<u32>().prop_map(|v| AggState::Count(v as u64)),
+            any::<i64>().prop_map(|v| AggState::Max(v as i128)),
+            any::<i64>().prop_map(|v| AggState::Min(v as i128)),
+            (any::<i32>(), any::<i64>()).prop_map(|(t, v)| AggState::Latest {
+                ts_ms: t as i64,
+                value: v as i128
+            }),
+            (1u32..40, proptest::collection::vec(0u64..60, 0..50)).prop_map(|(limit, values)| {
+                let mut set = UniqueState::new(limit);
+                for v in values {
+                    set.insert(xxhash_rust::xxh3::xxh3_64(&v.to_le_bytes()));
+                }
+                AggState::Unique(set)
+            }),
+        ]
+    }
+
+    fn same_kind_triple() -> impl Strategy<Value = (AggState, AggState, AggState)> {
+        (arb_state(), arb_state(), arb_state()).prop_filter("same kind", |(a, b, c)| {
+            a.kind() == b.kind() && b.kind() == c.kind()
+        })
+    }
+
+    fn merged(a: &AggState, b: &AggState) -> AggState {
+        let mut out = a.clone();
+        out.merge(b).unwrap();
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn merge_is_commutative((a, b, _c) in same_kind_triple()) {
+            let ab = merged(&a, &b);
+            let ba = merged(&b, &a);
+            prop_assert_eq!(ab.value_string(6), ba.value_string(6));
+            prop_assert_eq!(ab, ba);
+        }
+
+        #[test]
+        fn merge_is_associative((a, b, c) in same_kind_triple()) {
+            let left = merged(&merged(&a, &b), &c);
+            let right = merged(&a, &merged(&b, &c));
+            prop_assert_eq!(left, right);
+        }
+
+        #[test]
+        fn encoding_round_trips(a in arb_state()) {
+            prop_assert_eq!(AggState::decode(&a.encode()).unwrap(), a);
+        }
+    }
+
+    #[test]
+    fn mismatched_kinds_are_an_error_not_a_silent_drop() {
+        let mut sum = AggState::Sum(1);
+        assert_eq!(
+            sum.merge(&AggState::Max(2)),
+            Err(MergeError::Mismatch("MAX", "SUM"))
+        );
+        assert_eq!(sum, AggState::Sum(1));
+    }
+
+    #[test]
+    fn latest_breaks_time_ties_on_value() {
+        let a = AggState::Latest { ts_ms: 5, value: 1 };
+        let b = AggState::Latest { ts_ms: 5, value: 9 };
+        assert_eq!(merged(&a, &b), merged(&b, &a));
+        assert_eq!(merged(&a, &b).value_string(0), "9");
+    }
+}

@@ -1,0 +1,90 @@
+//! The HTTP surface: routes, shared handler state, health, readiness and `/metrics`.
+//! Ingest handlers live in `ingest::http`; usage queries in `query`.
+
+pub mod query;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use crate::pipeline::commit::CommitRequest;
+use crate::pipeline::Shared;
+use crate::telemetry;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub shared: Arc<Shared>,
+    pub commits: std::sync::mpsc::Sender<CommitRequest>,
+    /// Request bytes in flight; exhausted → 503 (the push-source backpressure).
+    pub budget: Arc<Semaphore>,
+    pub prometheus: PrometheusHandle,
+}
+
+impl AppState {
+    pub fn new(shared: Arc<Shared>, commits: std::sync::mpsc::Sender<CommitRequest>) -> AppState {
+        let permits = shared.config.ingest_budget_bytes.min(Semaphore::MAX_PERMITS);
+        AppState {
+            shared,
+            commits,
+            budget: Arc::new(Semaphore::new(permits)),
+            prometheus: telemetry::prometheus(),
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/events", post(crate::ingest::http::post_events))
+        .route("/api/v1/meters", get(query::list_meters))
+        .route("/api/v1/meters/{slug}", get(query::get_meter))
+        .route("/api/v1/meters/{slug}/query", get(query::query_meter))
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        // Bodies are size-checked by the handlers themselves, with a 400 naming the limit.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn healthz() -> Response {
+    (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    if app.shared.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready"})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics_text(State(app): State<AppState>) -> Response {
+    metrics::gauge!(telemetry::DEDUP_PENDING).set(app.shared.dedup.len() as f64);
+    metrics::gauge!(telemetry::STORE_LIVE_BYTES).set(app.shared.store.live_data_bytes() as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.prometheus.render(),
+    )
+        .into_response()
+}
+
+/// A JSON error body: `{"error": code, "message": text}`.
+pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": code, "message": message.into()})),
+    )
+        .into_response()
+}

@@ -1,0 +1,323 @@
+//! Usage queries (OpenMeter-compatible shapes): `GET /api/v1/meters`, `/api/v1/meters/{slug}` and
+//! `/api/v1/meters/{slug}/query`.
+//!
+//! A query reads the checkpointed store and the deltas not yet checkpointed (pending snapshots
+//! and the live engine) under the `flushing` read lock, so every acknowledged event is visible
+//! exactly once. Coarser windows and whole-range rows are merges of base windows: for
+//! UNIQUE_COUNT that is a union of sets, so a month's distinct users is not a sum of days.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use super::{error_response, AppState};
+use crate::aggregate::AggState;
+use crate::meter::Meter;
+use crate::model::{parse_rfc3339_ms, rfc3339, Dims, WindowSize};
+use crate::pipeline::Shared;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MeterView<'a> {
+    slug: &'a str,
+    description: Option<&'a str>,
+    event_type: &'a str,
+    aggregation: &'static str,
+    value_property: Option<&'a str>,
+    group_by: BTreeMap<&'a str, &'a str>,
+    window_size: &'static str,
+    scale: u32,
+}
+
+fn meter_view(meter: &Meter) -> MeterView<'_> {
+    MeterView {
+        slug: &meter.slug,
+        description: meter.description.as_deref(),
+        event_type: &meter.event_type,
+        aggregation: meter.aggregation.as_str(),
+        value_property: meter.value_property.as_ref().map(|p| p.as_str()),
+        group_by: meter
+            .group_by
+            .iter()
+            .map(|(name, path)| (name.as_str(), path.as_str()))
+            .collect(),
+        window_size: meter.window_size.as_str(),
+        scale: meter.scale,
+    }
+}
+
+pub async fn list_meters(State(app): State<AppState>) -> Response {
+    let views: Vec<MeterView> = app.shared.meters.all().iter().map(meter_view).collect();
+    Json(views).into_response()
+}
+
+pub async fn get_meter(State(app): State<AppState>, Path(slug): Path<String>) -> Response {
+    match app.shared.meters.by_slug(&slug) {
+        Some(meter) => Json(meter_view(meter)).into_response(),
+        None => error_response(StatusCode::NOT_FOUND, "not_found", format!("no meter `{slug}`")),
+    }
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct QueryParams {
+    pub subjects: Vec<String>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    pub window_size: Option<WindowSize>,
+    pub group_by: Vec<String>,
+    pub filters: Vec<(String, String)>,
+}
+
+/// Parses the query string, naming every bad parameter.
+pub fn parse_params(raw: &str, meter: &Meter) -> Result<QueryParams, Vec<String>> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(raw).map_err(|error| vec![format!("query string: {error}")])?;
+    let mut params = QueryParams::default();
+    let mut errors = Vec::new();
+    let group_names: Vec<&str> = meter.group_by.iter().map(|(name, _)| name.as_str()).collect();
+    for (key, value) in pairs {
+        match key.as_str() {
+            "subject" => params.subjects.push(value),
+            "from" | "to" => match parse_rfc3339_ms(&value) {
+                Some(ms) if key == "from" => params.from_ms = Some(ms),
+                Some(ms) => params.to_ms = Some(ms),
+                None => errors.push(format!("{key}: `{value}` is not an RFC 3339 timestamp")),
+            },
+            "windowSize" => match WindowSize::parse(&value) {
+                Some(size) if size.seconds() < meter.window_size.seconds() => errors.push(format!(
+                    "windowSize: {value} is finer than meter `{}`'s window ({})",
+                    meter.slug, meter.window_size
+                )),
+                Some(size) => params.window_size = Some(size),
+                None => errors.push(format!("windowSize: `{value}` is not one of MINUTE | HOUR | DAY")),
+            },
+            "windowTimeZone" => {
+                if !matches!(value.as_str(), "UTC" | "Etc/UTC" | "Z") {
+                    errors.push(format!("windowTimeZone: only UTC windows are supported, got `{value}`"));
+                }
+            }
+            "groupBy" => {
+                if group_names.contains(&value.as_str()) {
+                    params.group_by.push(value);
+                } else {
+                    errors.push(format!(
+                        "groupBy: `{value}` is not a group_by key of meter `{}` ({})",
+                        meter.slug,
+                        group_names.join(", ")
+                    ));
+                }
+            }
+            other => match other
+                .strip_prefix("filterGroupBy[")
+                .and_then(|rest| rest.strip_suffix(']'))
+            {
+                Some(name) if group_names.contains(&name) => params.filters.push((name.to_string(), value)),
+                Some(name) => errors.push(format!("{other}: `{name}` is not a group_by key of meter `{}`", meter.slug)),
+                None => errors.push(format!("{other}: unknown parameter")),
+            },
+        }
+    }
+    if let (Some(from), Some(to)) = (params.from_ms, params.to_ms) {
+        if from > to {
+            errors.push("from: must not be after to".into());
+        }
+    }
+    params.group_by.sort();
+    params.group_by.dedup();
+    if errors.is_empty() {
+        Ok(params)
+    } else {
+        Err(errors)
+    }
+}
+
+pub async fn query_meter(
+    State(app): State<AppState>,
+    Path(slug): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let Some(meter) = app.shared.meters.by_slug(&slug) else {
+        return error_response(StatusCode::NOT_FOUND, "not_found", format!("no meter `{slug}`"));
+    };
+    let params = match parse_params(raw.as_deref().unwrap_or(""), meter) {
+        Ok(params) => params,
+        Err(errors) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "invalid_request", "message": errors.join("; "), "errors": errors})),
+            )
+                .into_response()
+        }
+    };
+    let shared = app.shared.clone();
+    match tokio::task::spawn_blocking(move || run_query(&shared, &slug, &params)).await {
+        Ok(Ok(body)) => Json(body).into_response(),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "query failed");
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "query failed")
+        }
+        Err(error) => {
+            tracing::error!(%error, "query panicked");
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "query failed")
+        }
+    }
+}
+
+struct Row {
+    state: AggState,
+    first_window: i64,
+    last_window_end: i64,
+}
+
+/// Blocking: reads the store.
+pub fn run_query(shared: &Arc<Shared>, slug: &str, params: &QueryParams) -> Result<Value, crate::store::StoreError> {
+    let meter = shared
+        .meters
+        .by_slug(slug)
+        .expect("invariant: the handler checked the slug");
+    let window_secs = meter.window_size.seconds();
+    // A base window is in range when its start is in [from, to).
+    let from_secs = params.from_ms.map_or(i64::MIN / 4, |ms| ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) > 0));
+    let to_secs = params.to_ms.map_or(i64::MAX / 4, |ms| ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) > 0));
+    let tenant_ids: Option<Vec<u32>> = (!params.subjects.is_empty()).then(|| {
+        params
+            .subjects
+            .iter()
+            .filter_map(|subject| shared.names.tenants.get(subject))
+            .collect()
+    });
+
+    // Everything not yet checkpointed, plus a consistent view of the store.
+    let guard = shared.flushing.read();
+    let snapshot = shared.store.snapshot();
+    let pending: Vec<_> = guard.clone();
+    let in_range = |key: &crate::model::SeriesKey| {
+        key.meter == meter.id
+            && key.window_start >= from_secs
+            && key.window_start < to_secs
+            && tenant_ids.as_ref().is_none_or(|ids| ids.contains(&key.tenant))
+    };
+    let mut unflushed = shared.engine.collect(&in_range);
+    drop(guard);
+    for snapshot in &pending {
+        unflushed.extend(snapshot.deltas.iter().filter(|(key, _)| in_range(key)).cloned());
+    }
+
+    let mut series: Vec<(String, i64, Dims, AggState)> = Vec::new();
+    if params.subjects.is_empty() {
+        for (name, state) in shared.store.scan_series(&snapshot, slug, None, from_secs, to_secs)? {
+            series.push((name.tenant, name.window_start, name.dims, state));
+        }
+    } else {
+        for subject in &params.subjects {
+            for (name, state) in shared
+                .store
+                .scan_series(&snapshot, slug, Some(subject), from_secs, to_secs)?
+            {
+                series.push((name.tenant, name.window_start, name.dims, state));
+            }
+        }
+    }
+    drop(snapshot);
+    for (key, state) in unflushed {
+        series.push((
+            shared.names.tenants.resolve(key.tenant).to_string(),
+            key.window_start,
+            shared.names.dims.resolve(key.dims).to_vec(),
+            state,
+        ));
+    }
+
+    let mut rows: BTreeMap<(i64, String, Vec<(String, String)>), Row> = BTreeMap::new();
+    for (tenant, window_start, dims, state) in series {
+        let matches_filters = params
+            .filters
+            .iter()
+            .all(|(name, value)| dims.iter().any(|(k, v)| k == name && v == value));
+        if !matches_filters {
+            continue;
+        }
+        let projected: Vec<(String, String)> = dims
+            .into_iter()
+            .filter(|(name, _)| params.group_by.contains(name))
+            .collect();
+        let bucket = match params.window_size {
+            Some(size) => size.start_of(window_start * 1000),
+            None => 0,
+        };
+        match rows.get_mut(&(bucket, tenant.clone(), projected.clone())) {
+            Some(row) => {
+                if let Err(error) = row.state.merge(&state) {
+                    return Err(crate::store::StoreError::Corrupt {
+                        what: "series state",
+                        detail: error.to_string(),
+                    });
+                }
+                row.first_window = row.first_window.min(window_start);
+                row.last_window_end = row.last_window_end.max(window_start + window_secs);
+            }
+            None => {
+                rows.insert(
+                    (bucket, tenant, projected),
+                    Row {
+                        state,
+                        first_window: window_start,
+                        last_window_end: window_start + window_secs,
+                    },
+                );
+            }
+        }
+    }
+
+    let data: Vec<Value> = rows
+        .into_iter()
+        .map(|((bucket, tenant, dims), row)| {
+            let (start, end) = match params.window_size {
+                Some(size) => (rfc3339(bucket), rfc3339(bucket + size.seconds())),
+                None => (
+                    params
+                        .from_ms
+                        .map_or_else(|| rfc3339(row.first_window), crate::model::rfc3339_ms_compact),
+                    params
+                        .to_ms
+                        .map_or_else(|| rfc3339(row.last_window_end), crate::model::rfc3339_ms_compact),
+                ),
+            };
+            let value = row.state.value_string(meter.scale);
+            let number: Value = value
+                .parse::<serde_json::Number>()
+                .map(Value::Number)
+                .unwrap_or(Value::String(value));
+            let group_by: Map<String, Value> = params
+                .group_by
+                .iter()
+                .map(|name| {
+                    let value = dims
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map_or(Value::Null, |(_, v)| Value::String(v.clone()));
+                    (name.clone(), value)
+                })
+                .collect();
+            json!({
+                "value": number,
+                "windowStart": start,
+                "windowEnd": end,
+                "subject": tenant,
+                "groupBy": group_by,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "from": params.from_ms.map(crate::model::rfc3339_ms_compact),
+        "to": params.to_ms.map(crate::model::rfc3339_ms_compact),
+        "windowSize": params.window_size.map(|size| size.as_str()),
+        "data": data,
+    }))
+}

@@ -1,0 +1,258 @@
+//! `tallyd-loadgen`: drives a running tallyd with realistic CloudEvents usage over HTTP.
+//!
+//! Tenants and dimension values are Zipf-skewed; a share of events repeat an earlier id
+//! (duplicates) or are stamped minutes in the past (late). Closed loop (`--rate 0`): each of
+//! `--concurrency` workers sends batches back to back. Open loop (`--rate N`): batches are
+//! scheduled at N events/s whatever the latency, and a batch that finds every slot busy is
+//! counted as missed. Prints achieved rate, errors and an HdrHistogram of request latency, and
+//! writes the same as JSON with `--json-out`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "tallyd-loadgen", about = "Load generator for tallyd (CloudEvents over HTTP)")]
+struct Args {
+    /// tallyd base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Target events/s (open loop); 0 = closed loop at maximum speed.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Requests in flight at most.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 1000)]
+    tenants: usize,
+    /// Distinct values of each dimension (model, route).
+    #[arg(long, default_value_t = 20)]
+    dim_cardinality: usize,
+    /// Zipf exponent for tenants and dimension values (0 = uniform).
+    #[arg(long, default_value_t = 1.1)]
+    zipf_s: f64,
+    /// Percent of events that repeat an earlier event id.
+    #[arg(long, default_value_t = 1.0)]
+    dup_pct: f64,
+    /// Percent of events stamped 2-4 minutes in the past.
+    #[arg(long, default_value_t = 1.0)]
+    late_pct: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Write a JSON summary here.
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
+}
+
+/// Samples ranks 0..n with probability ∝ 1/(rank+1)^s.
+struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: usize, s: f64) -> Zipf {
+        let mut cdf = Vec::with_capacity(n);
+        let mut total = 0.0;
+        for rank in 0..n {
+            total += 1.0 / ((rank + 1) as f64).powf(s);
+            cdf.push(total);
+        }
+        for value in &mut cdf {
+            *value /= total;
+        }
+        Zipf { cdf }
+    }
+
+    fn sample(&self, rng: &mut SmallRng) -> usize {
+        let u: f64 = rng.gen();
+        self.cdf.partition_point(|p| *p < u).min(self.cdf.len() - 1)
+    }
+}
+
+struct Generator {
+    args: Args,
+    tenants: Zipf,
+    dims: Zipf,
+    rng: SmallRng,
+    next_id: u64,
+    worker: usize,
+}
+
+impl Generator {
+    fn batch(&mut self) -> (Vec<u8>, usize) {
+        let now = chrono::Utc::now();
+        let mut events = Vec::with_capacity(self.args.batch_size);
+        for _ in 0..self.args.batch_size {
+            let duplicate = self.next_id > 0 && self.rng.gen_bool((self.args.dup_pct / 100.0).clamp(0.0, 1.0));
+            let id = if duplicate {
+                self.rng.gen_range(0..self.next_id)
+            } else {
+                self.next_id += 1;
+                self.next_id - 1
+            };
+            // A duplicate must repeat the whole event: derive everything from the id.
+            let mut event_rng = SmallRng::seed_from_u64(self.args.seed ^ (id << 8) ^ self.worker as u64);
+            let tenant = self.tenants.sample(&mut event_rng);
+            let dim = self.dims.sample(&mut event_rng);
+            let late = event_rng.gen_bool((self.args.late_pct / 100.0).clamp(0.0, 1.0));
+            let time = if late {
+                now - chrono::Duration::seconds(event_rng.gen_range(120..240))
+            } else {
+                now
+            };
+            let time = time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+            let (event_type, data) = match event_rng.gen_range(0..10) {
+                0..=5 => (
+                    "llm.prompt",
+                    json!({"tokens": event_rng.gen_range(1..4000), "model": format!("model-{dim}")}),
+                ),
+                6..=8 => ("api.request", json!({"route": format!("/v1/r{dim}"), "method": "GET"})),
+                _ => ("user.active", json!({"user_id": format!("user-{}", event_rng.gen_range(0..100_000))})),
+            };
+            events.push(json!({
+                "specversion": "1.0",
+                "id": format!("lg-{}-{}-{id}", self.args.seed, self.worker),
+                "source": "tallyd-loadgen",
+                "type": event_type,
+                "subject": format!("tenant-{tenant}"),
+                "time": time,
+                "data": data,
+            }));
+        }
+        (serde_json::to_vec(&events).expect("events serialize"), events.len())
+    }
+}
+
+#[derive(Default)]
+struct Totals {
+    requests: AtomicU64,
+    events: AtomicU64,
+    errors: AtomicU64,
+    missed: AtomicU64,
+}
+
+async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+    events: usize,
+    totals: &Totals,
+    latency: &Mutex<Histogram<u64>>,
+) {
+    let started = Instant::now();
+    let result = client
+        .post(url)
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(body)
+        .send()
+        .await;
+    let ok = matches!(&result, Ok(response) if response.status() == 202);
+    let micros = started.elapsed().as_micros() as u64;
+    latency.lock().record(micros.max(1)).ok();
+    totals.requests.fetch_add(1, Ordering::Relaxed);
+    if ok {
+        totals.events.fetch_add(events as u64, Ordering::Relaxed);
+    } else {
+        totals.errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let url = format!("{}/api/v1/events", args.url.trim_end_matches('/'));
+    let totals = Arc::new(Totals::default());
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let deadline = Instant::now() + Duration::from_secs(args.duration_secs);
+    let started = Instant::now();
+
+    let mut workers = Vec::new();
+    if args.rate == 0 {
+        for worker in 0..args.concurrency {
+            let (client, url, totals, latency, args) =
+                (client.clone(), url.clone(), totals.clone(), latency.clone(), args.clone());
+            workers.push(tokio::spawn(async move {
+                let mut generator = generator(&args, worker);
+                while Instant::now() < deadline {
+                    let (body, events) = generator.batch();
+                    send(&client, &url, body, events, &totals, &latency).await;
+                }
+            }));
+        }
+    } else {
+        let slots = Arc::new(tokio::sync::Semaphore::new(args.concurrency));
+        let batches_per_sec = args.rate as f64 / args.batch_size as f64;
+        let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / batches_per_sec));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut generator = generator(&args, 0);
+        while Instant::now() < deadline {
+            interval.tick().await;
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                totals.missed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let (body, events) = generator.batch();
+            let (client, url, totals, latency) = (client.clone(), url.clone(), totals.clone(), latency.clone());
+            workers.push(tokio::spawn(async move {
+                send(&client, &url, body, events, &totals, &latency).await;
+                drop(permit);
+            }));
+        }
+    }
+    for worker in workers {
+        worker.await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let latency = latency.lock();
+    let events = totals.events.load(Ordering::Relaxed);
+    let summary = json!({
+        "url": args.url,
+        "mode": if args.rate == 0 { "closed" } else { "open" },
+        "target_events_per_sec": args.rate,
+        "batch_size": args.batch_size,
+        "concurrency": args.concurrency,
+        "elapsed_secs": elapsed,
+        "requests": totals.requests.load(Ordering::Relaxed),
+        "events_acked": events,
+        "events_per_sec": events as f64 / elapsed,
+        "errors": totals.errors.load(Ordering::Relaxed),
+        "missed_batches": totals.missed.load(Ordering::Relaxed),
+        "latency_ms": {
+            "p50": latency.value_at_quantile(0.50) as f64 / 1000.0,
+            "p90": latency.value_at_quantile(0.90) as f64 / 1000.0,
+            "p99": latency.value_at_quantile(0.99) as f64 / 1000.0,
+            "max": latency.max() as f64 / 1000.0,
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;
+    }
+    Ok(())
+}
+
+fn generator(args: &Args, worker: usize) -> Generator {
+    Generator {
+        args: args.clone(),
+        tenants: Zipf::new(args.tenants.max(1), args.zipf_s),
+        dims: Zipf::new(args.dim_cardinality.max(1), args.zipf_s),
+        rng: SmallRng::seed_from_u64(args.seed.wrapping_add(worker as u64)),
+        next_id: 0,
+        worker,
+    }
+}

@@ -1,0 +1,560 @@
+//! Configuration: TOML file + `TALLYD__SECTION__KEY` environment overrides → validated `Config`.
+//!
+//! Shape errors (unknown keys, wrong types) come from serde; everything else is validated as a
+//! whole so that `tallyd validate` lists every problem at once. The environment is passed in as a
+//! map, never read here, so tests need no process-global state.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::aggregate::Aggregation;
+use crate::meter::{JsonPath, Meter};
+use crate::model::{WindowSize, MAX_SCALE};
+
+/// The embedded default config (also `config/tallyd.toml`).
+pub const DEFAULT_CONFIG: &str = include_str!("../config/tallyd.toml");
+
+const ENV_PREFIX: &str = "TALLYD__";
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub storage: RawStorage,
+    #[serde(default)]
+    pub aggregate: RawAggregate,
+    #[serde(default)]
+    pub emit: RawEmit,
+    #[serde(default)]
+    pub dead_letter: RawDeadLetter,
+    #[serde(default)]
+    pub meters: Vec<RawMeter>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub http_addr: String,
+    pub max_body_bytes: u64,
+    pub ingest_budget_bytes: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            http_addr: "127.0.0.1:8080".into(),
+            max_body_bytes: 8 << 20,
+            ingest_budget_bytes: 256 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStorage {
+    pub data_dir: PathBuf,
+    pub ingest_log_sync: String,
+    pub ingest_log_segment_bytes: u64,
+    pub retention_days: u64,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        RawStorage {
+            data_dir: PathBuf::from("./data"),
+            ingest_log_sync: "fsync".into(),
+            ingest_log_segment_bytes: 64 << 20,
+            retention_days: 400,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAggregate {
+    pub flush_interval_ms: u64,
+    pub allowed_lateness_secs: u64,
+    pub max_lateness_secs: u64,
+    pub max_future_secs: u64,
+    pub dedup_horizon_secs: u64,
+    pub shards: usize,
+}
+
+impl Default for RawAggregate {
+    fn default() -> Self {
+        RawAggregate {
+            flush_interval_ms: 1000,
+            allowed_lateness_secs: 300,
+            max_lateness_secs: 86_400,
+            max_future_secs: 300,
+            dedup_horizon_secs: 3_024_000,
+            shards: 16,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmit {
+    #[serde(default)]
+    pub file: RawEmitFile,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmitFile {
+    /// Default: `<data_dir>/usage.jsonl`.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeadLetter {
+    /// Default: `<data_dir>/dead-letter.jsonl`.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMeter {
+    pub slug: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub event_type: String,
+    pub aggregation: String,
+    #[serde(default)]
+    pub value_property: Option<String>,
+    #[serde(default)]
+    pub group_by: BTreeMap<String, String>,
+    #[serde(default = "default_window_size")]
+    pub window_size: String,
+    #[serde(default = "default_scale")]
+    pub scale: u32,
+    #[serde(default = "default_unique_exact_limit")]
+    pub unique_exact_limit: u32,
+    #[serde(default)]
+    pub allow_negative: bool,
+}
+
+fn default_window_size() -> String {
+    "MINUTE".into()
+}
+fn default_scale() -> u32 {
+    6
+}
+fn default_unique_exact_limit() -> u32 {
+    100_000
+}
+
+/// Whether an HTTP batch is fsynced before it is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogSync {
+    /// fsync before acknowledging: survives power loss.
+    Fsync,
+    /// write to the OS before acknowledging: survives a process crash (kill -9), not power loss.
+    None,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub http_addr: SocketAddr,
+    pub max_body_bytes: usize,
+    pub ingest_budget_bytes: usize,
+    pub data_dir: PathBuf,
+    pub ingest_log_sync: LogSync,
+    pub ingest_log_segment_bytes: u64,
+    pub retention_secs: i64,
+    pub flush_interval_ms: u64,
+    pub allowed_lateness_secs: i64,
+    pub max_lateness_secs: i64,
+    pub max_future_secs: i64,
+    pub dedup_horizon_secs: i64,
+    pub shards: usize,
+    pub emit_file_path: PathBuf,
+    pub dead_letter_path: PathBuf,
+    pub meters: Vec<Meter>,
+}
+
+/// Every problem found, one per line.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Parses `text`, applies `TALLYD__SECTION__KEY` overrides from `env`, validates everything.
+    pub fn load(text: &str, env: &HashMap<String, String>) -> Result<Config, ConfigErrors> {
+        let mut document: toml::Table =
+            toml::from_str(text).map_err(|error| ConfigErrors(vec![format!("toml: {error}")]))?;
+        apply_env_overrides(&mut document, env)?;
+        let raw = RawConfig::deserialize(toml::Value::Table(document))
+            .map_err(|error| ConfigErrors(vec![format!("config: {error}")]))?;
+        raw.validate()
+    }
+
+    /// The effective config for the startup log (no secrets exist yet; redact them here when they do).
+    pub fn summary(&self) -> String {
+        format!(
+            "http_addr={} data_dir={} ingest_log_sync={:?} flush_interval_ms={} allowed_lateness_secs={} \
+             max_lateness_secs={} max_future_secs={} dedup_horizon_secs={} meters=[{}]",
+            self.http_addr,
+            self.data_dir.display(),
+            self.ingest_log_sync,
+            self.flush_interval_ms,
+            self.allowed_lateness_secs,
+            self.max_lateness_secs,
+            self.max_future_secs,
+            self.dedup_horizon_secs,
+            self.meters
+                .iter()
+                .map(|m| m.slug.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    }
+}
+
+fn apply_env_overrides(document: &mut toml::Table, env: &HashMap<String, String>) -> Result<(), ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut keys: Vec<&String> = env.keys().filter(|key| key.starts_with(ENV_PREFIX)).collect();
+    keys.sort();
+    for key in keys {
+        let path: Vec<String> = key[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|segment| segment.to_ascii_lowercase())
+            .collect();
+        if path.iter().any(|segment| segment.is_empty()) || path.len() < 2 {
+            errors.push(format!("{key}: expected TALLYD__SECTION__KEY"));
+            continue;
+        }
+        let raw_value = &env[key];
+        // A value that parses as a TOML literal (number, bool, array) is used as such; else a string.
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw_value}"))
+            .ok()
+            .and_then(|mut table| table.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw_value.clone()));
+        let (sections, leaf) = path.split_at(path.len() - 1);
+        match section_table(document, sections) {
+            Ok(table) => {
+                table.insert(leaf[0].clone(), value);
+            }
+            Err(segment) => errors.push(format!("{key}: `{segment}` is not a section")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Walks (creating as needed) nested tables; `Err` names a segment that is not a table.
+fn section_table<'a>(table: &'a mut toml::Table, sections: &[String]) -> Result<&'a mut toml::Table, String> {
+    let Some((first, rest)) = sections.split_first() else {
+        return Ok(table);
+    };
+    match table
+        .entry(first.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+    {
+        toml::Value::Table(inner) => section_table(inner, rest),
+        _ => Err(first.clone()),
+    }
+}
+
+fn valid_slug(slug: &str) -> bool {
+    !slug.is_empty()
+        && slug.len() <= 64
+        && slug
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+impl RawConfig {
+    pub fn validate(self) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let http_addr = match self.server.http_addr.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                errors.push(format!(
+                    "server.http_addr: `{}` is not an address like 127.0.0.1:8080",
+                    self.server.http_addr
+                ));
+                None
+            }
+        };
+        if self.server.max_body_bytes == 0 {
+            errors.push("server.max_body_bytes: must be positive".into());
+        }
+        if self.server.ingest_budget_bytes < self.server.max_body_bytes {
+            errors.push("server.ingest_budget_bytes: must be at least server.max_body_bytes".into());
+        }
+        let ingest_log_sync = match self.storage.ingest_log_sync.as_str() {
+            "fsync" => LogSync::Fsync,
+            "none" => LogSync::None,
+            other => {
+                errors.push(format!(
+                    "storage.ingest_log_sync: `{other}` is not one of fsync | none"
+                ));
+                LogSync::Fsync
+            }
+        };
+        if self.storage.ingest_log_segment_bytes < 1 << 20 {
+            errors.push("storage.ingest_log_segment_bytes: must be at least 1048576".into());
+        }
+        if self.storage.retention_days == 0 {
+            errors.push("storage.retention_days: must be positive".into());
+        }
+        let aggregate = &self.aggregate;
+        if aggregate.flush_interval_ms == 0 {
+            errors.push("aggregate.flush_interval_ms: must be positive".into());
+        }
+        if aggregate.allowed_lateness_secs > aggregate.max_lateness_secs {
+            errors.push(
+                "aggregate.allowed_lateness_secs: must not exceed aggregate.max_lateness_secs".into(),
+            );
+        }
+        // A duplicate must never outlive its dedup key while still being acceptable: keys live
+        // `dedup_horizon_secs` from first sight, and an event is accepted from `max_future_secs`
+        // ahead to `max_lateness_secs` behind.
+        if aggregate.dedup_horizon_secs < aggregate.max_lateness_secs + aggregate.max_future_secs {
+            errors.push(format!(
+                "aggregate.dedup_horizon_secs: must be at least max_lateness_secs + max_future_secs ({}), \
+                 or a late duplicate could be counted twice",
+                aggregate.max_lateness_secs + aggregate.max_future_secs
+            ));
+        }
+        if aggregate.shards == 0 || aggregate.shards > 1024 {
+            errors.push("aggregate.shards: must be between 1 and 1024".into());
+        }
+        if self.storage.retention_days * 86_400 < aggregate.max_lateness_secs {
+            errors.push("storage.retention_days: must cover aggregate.max_lateness_secs".into());
+        }
+
+        let mut meters = Vec::new();
+        let mut slugs = HashSet::new();
+        for (index, raw) in self.meters.into_iter().enumerate() {
+            let at = format!("meters[{index}] ({})", raw.slug);
+            if !valid_slug(&raw.slug) {
+                errors.push(format!(
+                    "{at}.slug: must be 1-64 characters of a-z, 0-9, `_` or `-`"
+                ));
+            }
+            if !slugs.insert(raw.slug.clone()) {
+                errors.push(format!("{at}.slug: duplicate slug"));
+            }
+            if raw.event_type.is_empty() {
+                errors.push(format!("{at}.event_type: must not be empty"));
+            }
+            let aggregation = match raw.aggregation.as_str() {
+                "SUM" => Some(Aggregation::Sum),
+                "COUNT" => Some(Aggregation::Count),
+                "MAX" => Some(Aggregation::Max),
+                "MIN" => Some(Aggregation::Min),
+                "LATEST" => Some(Aggregation::Latest),
+                "UNIQUE_COUNT" => Some(Aggregation::UniqueCount),
+                other => {
+                    errors.push(format!(
+                        "{at}.aggregation: `{other}` is not one of SUM | COUNT | MAX | MIN | LATEST | UNIQUE_COUNT"
+                    ));
+                    None
+                }
+            };
+            let value_property = match (&raw.value_property, aggregation) {
+                (None, Some(aggregation)) if aggregation.needs_value() => {
+                    errors.push(format!(
+                        "{at}.value_property: required for {}",
+                        aggregation.as_str()
+                    ));
+                    None
+                }
+                (Some(_), Some(Aggregation::Count)) => {
+                    errors.push(format!("{at}.value_property: COUNT meters take no value"));
+                    None
+                }
+                (Some(path), _) => match JsonPath::parse(path) {
+                    Ok(path) => Some(path),
+                    Err(reason) => {
+                        errors.push(format!("{at}.value_property: `{path}` {reason}"));
+                        None
+                    }
+                },
+                (None, _) => None,
+            };
+            let mut group_by = Vec::new();
+            for (name, path) in &raw.group_by {
+                if name.is_empty() || name.len() > 64 {
+                    errors.push(format!("{at}.group_by: name `{name}` must be 1-64 bytes"));
+                }
+                match JsonPath::parse(path) {
+                    Ok(parsed) => group_by.push((name.clone(), parsed)),
+                    Err(reason) => errors.push(format!("{at}.group_by.{name}: `{path}` {reason}")),
+                }
+            }
+            let window_size = WindowSize::parse(&raw.window_size).unwrap_or_else(|| {
+                errors.push(format!(
+                    "{at}.window_size: `{}` is not one of MINUTE | HOUR | DAY",
+                    raw.window_size
+                ));
+                WindowSize::Minute
+            });
+            if raw.scale > MAX_SCALE {
+                errors.push(format!("{at}.scale: must be at most {MAX_SCALE}"));
+            }
+            if raw.unique_exact_limit == 0 {
+                errors.push(format!("{at}.unique_exact_limit: must be positive"));
+            }
+            if let Some(aggregation) = aggregation {
+                meters.push(Meter {
+                    id: 0,
+                    slug: raw.slug,
+                    description: raw.description,
+                    event_type: raw.event_type,
+                    aggregation,
+                    value_property,
+                    group_by,
+                    window_size,
+                    scale: if aggregation == Aggregation::Count { 0 } else { raw.scale },
+                    unique_exact_limit: raw.unique_exact_limit,
+                    allow_negative: raw.allow_negative,
+                });
+            }
+        }
+
+        let (Some(http_addr), true) = (http_addr, errors.is_empty()) else {
+            return Err(ConfigErrors(errors));
+        };
+        let data_dir = self.storage.data_dir;
+        Ok(Config {
+            http_addr,
+            max_body_bytes: self.server.max_body_bytes as usize,
+            ingest_budget_bytes: self.server.ingest_budget_bytes as usize,
+            emit_file_path: self
+                .emit
+                .file
+                .path
+                .unwrap_or_else(|| data_dir.join("usage.jsonl")),
+            dead_letter_path: self
+                .dead_letter
+                .path
+                .unwrap_or_else(|| data_dir.join("dead-letter.jsonl")),
+            data_dir,
+            ingest_log_sync,
+            ingest_log_segment_bytes: self.storage.ingest_log_segment_bytes,
+            retention_secs: (self.storage.retention_days * 86_400) as i64,
+            flush_interval_ms: aggregate.flush_interval_ms,
+            allowed_lateness_secs: aggregate.allowed_lateness_secs as i64,
+            max_lateness_secs: aggregate.max_lateness_secs as i64,
+            max_future_secs: aggregate.max_future_secs as i64,
+            dedup_horizon_secs: aggregate.dedup_horizon_secs as i64,
+            shards: aggregate.shards,
+            meters,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> HashMap<String, String> {
+        HashMap::new()
+    }
+
+    #[test]
+    fn embedded_default_config_is_valid() {
+        let config = Config::load(DEFAULT_CONFIG, &no_env()).unwrap();
+        assert!(config.meters.iter().any(|m| m.slug == "tokens"));
+        assert_eq!(config.flush_interval_ms, 1000);
+        assert_eq!(config.dedup_horizon_secs, 3_024_000);
+    }
+
+    #[test]
+    fn env_overrides_win_and_parse_types() {
+        let env = HashMap::from([
+            ("TALLYD__AGGREGATE__FLUSH_INTERVAL_MS".to_string(), "250".to_string()),
+            ("TALLYD__STORAGE__DATA_DIR".to_string(), "/tmp/x y".to_string()),
+            ("OTHER".to_string(), "ignored".to_string()),
+        ]);
+        let config = Config::load(DEFAULT_CONFIG, &env).unwrap();
+        assert_eq!(config.flush_interval_ms, 250);
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/x y"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let error = Config::load("[server]\nhttp_adr = \"1.2.3.4:1\"\n", &no_env()).unwrap_err();
+        assert!(error.to_string().contains("http_adr"), "{error}");
+        let env = HashMap::from([("TALLYD__AGGREGATE__FLUSH".to_string(), "1".to_string())]);
+        assert!(Config::load("", &env).unwrap_err().to_string().contains("flush"));
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let text = r#"
+[server]
+http_addr = "nowhere"
+[aggregate]
+allowed_lateness_secs = 10
+max_lateness_secs = 5
+[[meters]]
+slug = "Bad Slug"
+event_type = ""
+aggregation = "AVG"
+[[meters]]
+slug = "tokens"
+event_type = "llm"
+aggregation = "SUM"
+window_size = "WEEK"
+scale = 30
+[[meters]]
+slug = "tokens"
+event_type = "llm"
+aggregation = "COUNT"
+value_property = "$.x"
+group_by = { model = "model" }
+"#;
+        let errors = Config::load(text, &no_env()).unwrap_err().0;
+        let all = errors.join("\n");
+        for needle in [
+            "server.http_addr",
+            "allowed_lateness_secs",
+            "meters[0] (Bad Slug).slug",
+            "meters[0] (Bad Slug).event_type",
+            "`AVG`",
+            "meters[1] (tokens).value_property: required for SUM",
+            "window_size: `WEEK`",
+            "scale: must be at most 18",
+            "meters[2] (tokens).slug: duplicate slug",
+            "COUNT meters take no value",
+            "group_by.model: `model` must start with `$`",
+        ] {
+            assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn dedup_horizon_must_cover_acceptance_range() {
+        let text = "[aggregate]\ndedup_horizon_secs = 100\nmax_lateness_secs = 100\nmax_future_secs = 10\nallowed_lateness_secs = 5\n";
+        let all = Config::load(text, &no_env()).unwrap_err().to_string();
+        assert!(all.contains("dedup_horizon_secs"), "{all}");
+    }
+}

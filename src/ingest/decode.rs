@@ -1,0 +1,492 @@
+//! CloudEvents JSON → metered events. Pure: no shared state but the name tables, no I/O, no clock
+//! (the caller passes `now`), so it can be fuzzed and property-tested.
+//!
+//! Two kinds of "no": an *invalid* event (malformed, missing field, bad value) fails the whole
+//! request with every problem named, so the client can fix and resend it; a *refused* event
+//! (valid but outside the acceptance window) is reported and dead-lettered while the rest counts.
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::aggregate::{Aggregation, Observation};
+use crate::meter::Meters;
+use crate::model::{parse_rfc3339_ms, Names, SeriesKey, TenantId};
+
+/// Longest `id`, `source`, `type` or `subject` accepted.
+pub const MAX_ATTRIBUTE_BYTES: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    /// `application/cloudevents+json`: one event object.
+    Single,
+    /// `application/cloudevents-batch+json`: an array of events.
+    Batch,
+    /// `application/json`: an event object or an array of them.
+    Either,
+}
+
+/// A problem that makes the request invalid; `index` is the event's position in the body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub index: Option<usize>,
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    fn body(reason: impl Into<String>) -> FieldError {
+        FieldError {
+            index: None,
+            field: "body".into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Why a valid event is not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    TooLate,
+    TooFarInFuture,
+}
+
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::TooLate => "too_late",
+            RefusalReason::TooFarInFuture => "too_far_in_future",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refusal {
+    pub index: usize,
+    pub reason: RefusalReason,
+    pub message: String,
+}
+
+pub fn body_kind(content_type: Option<&str>) -> Result<BodyKind, FieldError> {
+    let Some(content_type) = content_type else {
+        return Err(FieldError {
+            index: None,
+            field: "content-type".into(),
+            reason: "missing; use application/cloudevents+json, application/cloudevents-batch+json or application/json".into(),
+        });
+    };
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match essence.as_str() {
+        "application/cloudevents+json" => Ok(BodyKind::Single),
+        "application/cloudevents-batch+json" => Ok(BodyKind::Batch),
+        "application/json" => Ok(BodyKind::Either),
+        _ => Err(FieldError {
+            index: None,
+            field: "content-type".into(),
+            reason: format!(
+                "`{content_type}` is not application/cloudevents+json, application/cloudevents-batch+json or application/json"
+            ),
+        }),
+    }
+}
+
+/// Splits a body into raw events without decoding them, so each event's errors carry its index.
+pub fn split_body(body: &[u8], kind: BodyKind) -> Result<Vec<&RawValue>, FieldError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    let is_array = match (first, kind) {
+        (None, _) => return Err(FieldError::body("empty body")),
+        (Some(b'['), BodyKind::Batch | BodyKind::Either) => true,
+        (Some(b'{'), BodyKind::Single | BodyKind::Either) => false,
+        (Some(b'['), BodyKind::Single) => {
+            return Err(FieldError::body(
+                "application/cloudevents+json carries one event object; send arrays as application/cloudevents-batch+json",
+            ))
+        }
+        (Some(_), BodyKind::Batch) => return Err(FieldError::body("a batch must be a JSON array of events")),
+        (Some(_), _) => return Err(FieldError::body("must be a JSON event object or an array of them")),
+    };
+    if is_array {
+        let events: Vec<&RawValue> =
+            serde_json::from_slice(body).map_err(|error| FieldError::body(format!("invalid JSON: {error}")))?;
+        if events.is_empty() {
+            return Err(FieldError::body("empty batch"));
+        }
+        Ok(events)
+    } else {
+        let event: &RawValue =
+            serde_json::from_slice(body).map_err(|error| FieldError::body(format!("invalid JSON: {error}")))?;
+        Ok(vec![event])
+    }
+}
+
+/// One meter update from one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Update {
+    pub key: SeriesKey,
+    pub aggregation: Aggregation,
+    pub observation: Observation,
+    pub unique_limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct MeteredEvent {
+    pub index: usize,
+    pub tenant: TenantId,
+    pub dedup_key: u128,
+    pub ts_ms: i64,
+    /// The event lands in a window that had already closed when it arrived (it amends it).
+    pub late: bool,
+    pub updates: Vec<Update>,
+}
+
+/// The outcome of decoding one request that had no invalid event.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub metered: Vec<MeteredEvent>,
+    pub refused: Vec<Refusal>,
+    pub unmetered: usize,
+}
+
+/// Acceptance window and lateness, in seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Acceptance {
+    pub allowed_lateness_secs: i64,
+    pub max_lateness_secs: i64,
+    pub max_future_secs: i64,
+}
+
+/// Identity of an event for dedup: tenant, CloudEvents source and id, length-prefixed so that
+/// no two different triples hash the same input (one tenant can never suppress another's events).
+pub fn dedup_key(tenant: &str, source: &str, id: &str) -> u128 {
+    let mut hasher = Xxh3::new();
+    for part in [tenant, source, id] {
+        hasher.update(&(part.len() as u32).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hasher.digest128()
+}
+
+fn required_string(
+    object: &serde_json::Map<String, Value>,
+    field: &str,
+    index: usize,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
+    let error = |reason: &str| FieldError {
+        index: Some(index),
+        field: field.to_string(),
+        reason: reason.to_string(),
+    };
+    match object.get(field) {
+        None | Some(Value::Null) => errors.push(error("missing")),
+        Some(Value::String(text)) if text.is_empty() => errors.push(error("must not be empty")),
+        Some(Value::String(text)) if text.len() > MAX_ATTRIBUTE_BYTES => {
+            errors.push(error(&format!("longer than {MAX_ATTRIBUTE_BYTES} bytes")))
+        }
+        Some(Value::String(text)) => return Some(text.clone()),
+        Some(_) => errors.push(error("must be a string")),
+    }
+    None
+}
+
+/// Decodes, validates and meters every event of a request. Either every event is valid (then
+/// some may still be refused by policy) or the request is invalid and every problem is listed.
+pub fn decode_events(
+    raw_events: &[&RawValue],
+    meters: &Meters,
+    names: &Names,
+    now_ms: i64,
+    acceptance: Acceptance,
+) -> Result<Decoded, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let mut decoded = Decoded::default();
+    for (index, raw) in raw_events.iter().enumerate() {
+        let value: Value = match serde_json::from_str(raw.get()) {
+            Ok(value) => value,
+            Err(error) => {
+                errors.push(FieldError {
+                    index: Some(index),
+                    field: "event".into(),
+                    reason: format!("invalid JSON: {error}"),
+                });
+                continue;
+            }
+        };
+        let Value::Object(object) = value else {
+            errors.push(FieldError {
+                index: Some(index),
+                field: "event".into(),
+                reason: "must be a JSON object".into(),
+            });
+            continue;
+        };
+        let before = errors.len();
+        match object.get("specversion") {
+            None => {}
+            Some(Value::String(version)) if version == "1.0" => {}
+            Some(other) => errors.push(FieldError {
+                index: Some(index),
+                field: "specversion".into(),
+                reason: format!("must be \"1.0\", got {other}"),
+            }),
+        }
+        let id = required_string(&object, "id", index, &mut errors);
+        let source = required_string(&object, "source", index, &mut errors);
+        let event_type = required_string(&object, "type", index, &mut errors);
+        let subject = required_string(&object, "subject", index, &mut errors);
+        let ts_ms = match object.get("time") {
+            None | Some(Value::Null) => Some(now_ms),
+            Some(Value::String(text)) => match parse_rfc3339_ms(text) {
+                Some(ts) => Some(ts),
+                None => {
+                    errors.push(FieldError {
+                        index: Some(index),
+                        field: "time".into(),
+                        reason: format!("`{text}` is not an RFC 3339 timestamp"),
+                    });
+                    None
+                }
+            },
+            Some(_) => {
+                errors.push(FieldError {
+                    index: Some(index),
+                    field: "time".into(),
+                    reason: "must be an RFC 3339 string".into(),
+                });
+                None
+            }
+        };
+        let data = match object.get("data") {
+            None | Some(Value::Null) => None,
+            Some(data @ Value::Object(_)) => Some(data),
+            Some(_) => {
+                errors.push(FieldError {
+                    index: Some(index),
+                    field: "data".into(),
+                    reason: "must be a JSON object".into(),
+                });
+                None
+            }
+        };
+        let (Some(id), Some(source), Some(event_type), Some(subject), Some(ts_ms), true) =
+            (id, source, event_type, subject, ts_ms, errors.len() == before)
+        else {
+            continue;
+        };
+
+        let mut matched = meters.matching(&event_type).peekable();
+        if matched.peek().is_none() {
+            decoded.unmetered += 1;
+            continue;
+        }
+        let tenant = names.tenants.intern(&subject);
+        let mut updates = Vec::new();
+        let mut late = false;
+        for meter in matched {
+            let observation = match meter.observation(data) {
+                Ok(observation) => observation,
+                Err(error) => {
+                    errors.push(FieldError {
+                        index: Some(index),
+                        field: error.field,
+                        reason: error.reason,
+                    });
+                    continue;
+                }
+            };
+            let dims = match meter.dimensions(data) {
+                Ok(dims) => dims,
+                Err(error) => {
+                    errors.push(FieldError {
+                        index: Some(index),
+                        field: error.field,
+                        reason: error.reason,
+                    });
+                    continue;
+                }
+            };
+            let window_start = meter.window_size.start_of(ts_ms);
+            let window_end = window_start + meter.window_size.seconds();
+            late |= (window_end + acceptance.allowed_lateness_secs) * 1000 <= now_ms;
+            updates.push(Update {
+                key: SeriesKey {
+                    meter: meter.id,
+                    tenant,
+                    dims: names.dims.intern(&dims),
+                    window_start,
+                },
+                aggregation: meter.aggregation,
+                observation,
+                unique_limit: meter.unique_exact_limit,
+            });
+        }
+        if errors.len() != before {
+            continue;
+        }
+        let refusal = if ts_ms < now_ms - acceptance.max_lateness_secs * 1000 {
+            Some((
+                RefusalReason::TooLate,
+                format!(
+                    "time is more than max_lateness_secs ({}) in the past",
+                    acceptance.max_lateness_secs
+                ),
+            ))
+        } else if ts_ms > now_ms + acceptance.max_future_secs * 1000 {
+            Some((
+                RefusalReason::TooFarInFuture,
+                format!(
+                    "time is more than max_future_secs ({}) in the future",
+                    acceptance.max_future_secs
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((reason, message)) = refusal {
+            decoded.refused.push(Refusal { index, reason, message });
+            continue;
+        }
+        decoded.metered.push(MeteredEvent {
+            index,
+            tenant,
+            dedup_key: dedup_key(&subject, &source, &id),
+            ts_ms,
+            late,
+            updates,
+        });
+    }
+    if errors.is_empty() {
+        Ok(decoded)
+    } else {
+        Err(errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, DEFAULT_CONFIG};
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    const NOW: i64 = 1_795_321_275_000;
+    const ACCEPT: Acceptance = Acceptance {
+        allowed_lateness_secs: 300,
+        max_lateness_secs: 86_400,
+        max_future_secs: 300,
+    };
+
+    fn meters(names: &Names) -> Meters {
+        let config = Config::load(DEFAULT_CONFIG, &HashMap::new()).unwrap();
+        Meters::new(config.meters, names)
+    }
+
+    fn decode(body: &str, kind: BodyKind) -> Result<Decoded, Vec<FieldError>> {
+        let names = Names::default();
+        let meters = meters(&names);
+        let raw = split_body(body.as_bytes(), kind).map_err(|e| vec![e])?;
+        decode_events(&raw, &meters, &names, NOW, ACCEPT)
+    }
+
+    #[test]
+    fn decodes_a_batch_and_meters_each_event() {
+        let body = r#"[
+          {"specversion":"1.0","id":"1","source":"s","type":"llm.prompt","subject":"acme","time":"2026-11-22T04:20:00Z","data":{"tokens":10,"model":"gpt"}},
+          {"id":"2","source":"s","type":"api.request","subject":"acme","data":{"route":"/v1"}},
+          {"id":"3","source":"s","type":"nobody.meters.this","subject":"acme"}
+        ]"#;
+        let decoded = decode(body, BodyKind::Batch).unwrap();
+        assert_eq!(decoded.metered.len(), 2);
+        assert_eq!(decoded.unmetered, 1);
+        assert_eq!(decoded.metered[0].updates[0].observation, Observation::Value(10));
+        assert_eq!(decoded.metered[1].ts_ms, NOW, "time defaults to receive time");
+    }
+
+    #[test]
+    fn every_invalid_event_is_named_with_index_and_field() {
+        let body = r#"[
+          {"id":"1","source":"s","type":"llm.prompt","subject":"acme","data":{"tokens":"ten"}},
+          {"source":"s","type":"llm.prompt","data":{"tokens":1}},
+          {"id":"3","source":"s","type":"llm.prompt","subject":"acme","time":"yesterday","data":{"tokens":1}},
+          {"id":"4","source":"s","type":"llm.prompt","subject":"acme","data":{"tokens":1.5}},
+          7
+        ]"#;
+        let errors = decode(body, BodyKind::Batch).unwrap_err();
+        let found: Vec<(Option<usize>, &str)> = errors.iter().map(|e| (e.index, e.field.as_str())).collect();
+        assert_eq!(
+            found,
+            vec![
+                (Some(0), "data.tokens"),
+                (Some(1), "id"),
+                (Some(1), "subject"),
+                (Some(2), "time"),
+                (Some(3), "data.tokens"),
+                (Some(4), "event"),
+            ]
+        );
+    }
+
+    #[test]
+    fn policy_refusals_are_not_invalid() {
+        let body = r#"[
+          {"id":"1","source":"s","type":"api.request","subject":"acme","time":"2020-01-01T00:00:00Z"},
+          {"id":"2","source":"s","type":"api.request","subject":"acme","time":"2030-01-01T00:00:00Z"},
+          {"id":"3","source":"s","type":"api.request","subject":"acme","time":"2026-11-22T04:00:00Z"}
+        ]"#;
+        let decoded = decode(body, BodyKind::Either).unwrap();
+        let reasons: Vec<_> = decoded.refused.iter().map(|r| (r.index, r.reason)).collect();
+        assert_eq!(
+            reasons,
+            vec![(0, RefusalReason::TooLate), (1, RefusalReason::TooFarInFuture)]
+        );
+        assert_eq!(decoded.metered.len(), 1);
+        assert!(decoded.metered[0].late, "a 21-minute-old event lands in a closed window");
+    }
+
+    #[test]
+    fn content_types() {
+        assert_eq!(body_kind(Some("application/cloudevents+json; charset=utf-8")), Ok(BodyKind::Single));
+        assert_eq!(body_kind(Some("application/cloudevents-batch+json")), Ok(BodyKind::Batch));
+        assert!(body_kind(Some("text/plain")).is_err());
+        assert!(body_kind(None).is_err());
+        assert!(split_body(b"[]", BodyKind::Batch).is_err());
+        assert!(split_body(b"{}", BodyKind::Batch).is_err());
+        assert!(split_body(b"[{}]", BodyKind::Single).is_err());
+        assert!(split_body(b"{\"a\":", BodyKind::Single).is_err());
+    }
+
+    #[test]
+    fn dedup_identity_includes_tenant() {
+        assert_ne!(dedup_key("acme", "s", "1"), dedup_key("globex", "s", "1"));
+        assert_ne!(dedup_key("ab", "c", "1"), dedup_key("a", "bc", "1"));
+        assert_eq!(dedup_key("acme", "s", "1"), dedup_key("acme", "s", "1"));
+    }
+
+    proptest! {
+        /// Arbitrary bytes never panic the decoder.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let names = Names::default();
+            let meters = meters(&names);
+            if let Ok(raw) = split_body(&body, BodyKind::Either) {
+                let _ = decode_events(&raw, &meters, &names, NOW, ACCEPT);
+            }
+        }
+
+        #[test]
+        fn arbitrary_event_fields_never_panic(
+            id in ".{0,5}", tokens in ".{0,12}", time in ".{0,25}", model in ".{0,5}"
+        ) {
+            let names = Names::default();
+            let meters = meters(&names);
+            let event = serde_json::json!({
+                "id": id, "source": "s", "type": "llm.prompt", "subject": "t", "time": time,
+                "data": {"tokens": tokens, "model": model}
+            }).to_string();
+            let raw = split_body(event.as_bytes(), BodyKind::Single).unwrap();
+            let _ = decode_events(&raw, &meters, &names, NOW, ACCEPT);
+        }
+    }
+}

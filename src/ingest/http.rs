@@ -1,0 +1,292 @@
+//! `POST /api/v1/events`: CloudEvents over HTTP (OpenMeter-compatible).
+//!
+//! 400 when any event is invalid (every problem listed, nothing counted: fix and resend, dedup
+//! makes resending safe); 202 once the accepted events are durable, listing events refused by
+//! policy (dead-lettered); 503 + Retry-After when the ingest byte budget is exhausted or the
+//! daemon is shutting down (nothing counted, retry).
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use crate::aggregate::PreAggregated;
+use crate::api::AppState;
+use crate::ingest::decode::{self, Acceptance, FieldError, Refusal};
+use crate::model::{now_ms, rfc3339_ms};
+use crate::pipeline::commit::CommitRequest;
+use crate::pipeline::Shared;
+use crate::store::log::LogBatch;
+use crate::telemetry;
+
+const SOURCE: &str = "http";
+
+#[derive(Debug, Serialize)]
+pub struct IngestSummary {
+    /// Events counted now.
+    pub accepted: usize,
+    /// Events already counted earlier (same subject, source and id within the dedup horizon).
+    pub duplicates: usize,
+    /// Valid events whose type matches no meter (accepted, counted in a metric only).
+    pub unmetered: usize,
+    /// Events refused by policy, written to the dead-letter file, never counted.
+    pub refused: Vec<Refusal>,
+}
+
+enum Prepared {
+    /// The problems, and how many events the request held (all of them count as invalid).
+    Invalid(Vec<FieldError>, usize),
+    Ready {
+        summary: IngestSummary,
+        request: Option<(Vec<u8>, PreAggregated, Vec<u128>, Vec<Vec<u8>>)>,
+        late: usize,
+    },
+}
+
+fn count_events(outcome: &'static str, n: usize) {
+    if n > 0 {
+        metrics::counter!(telemetry::INGEST_EVENTS, "source" => SOURCE, "outcome" => outcome).increment(n as u64);
+    }
+}
+
+fn respond(status: StatusCode, body: serde_json::Value) -> Response {
+    metrics::counter!(telemetry::INGEST_REQUESTS, "source" => SOURCE, "code" => status.as_str().to_string())
+        .increment(1);
+    (status, Json(body)).into_response()
+}
+
+fn invalid(errors: Vec<FieldError>) -> Response {
+    let events = errors.iter().filter_map(|e| e.index).collect::<std::collections::BTreeSet<_>>();
+    let message = match errors.first() {
+        Some(first) if errors.len() == 1 => format!("{}: {}", first.field, first.reason),
+        _ => format!("{} problems in {} event(s); nothing was counted", errors.len(), events.len()),
+    };
+    respond(
+        StatusCode::BAD_REQUEST,
+        json!({"error": "invalid_request", "message": message, "errors": errors}),
+    )
+}
+
+fn unavailable(message: &str) -> Response {
+    let mut response = respond(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "unavailable", "message": message}),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+pub async fn post_events(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let kind = match decode::body_kind(content_type) {
+        Ok(kind) => kind,
+        Err(error) => return invalid(vec![error]),
+    };
+    let limit = app.shared.config.max_body_bytes;
+    let bytes: Bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>())
+                || error.to_string().contains("length limit");
+            let reason = if too_large {
+                format!("larger than max_body_bytes ({limit}); split the batch")
+            } else {
+                format!("could not be read: {error}")
+            };
+            return invalid(vec![FieldError {
+                index: None,
+                field: "body".into(),
+                reason,
+            }]);
+        }
+    };
+    // Push sources fail fast when the pipeline is full: the client retries, nothing is lost.
+    let Ok(_permit) = app
+        .budget
+        .clone()
+        .try_acquire_many_owned(u32::try_from(bytes.len().max(1)).unwrap_or(u32::MAX))
+    else {
+        return unavailable("ingest is overloaded; retry after the delay");
+    };
+    if !app.shared.ready.load(std::sync::atomic::Ordering::Acquire) {
+        return unavailable("not ready (starting, shutting down or storage failure)");
+    }
+
+    let shared = app.shared.clone();
+    let prepared = match tokio::task::spawn_blocking(move || prepare(&shared, &bytes, kind)).await {
+        Ok(Ok(prepared)) => prepared,
+        Ok(Err(message)) => {
+            tracing::error!(%message, "ingest preparation failed");
+            return unavailable("storage unavailable");
+        }
+        Err(error) => {
+            tracing::error!(%error, "ingest preparation panicked");
+            return unavailable("internal error");
+        }
+    };
+    let (summary, request, late) = match prepared {
+        Prepared::Invalid(errors, events) => {
+            count_events("invalid", events);
+            return invalid(errors);
+        }
+        Prepared::Ready {
+            summary,
+            request,
+            late,
+        } => (summary, request, late),
+    };
+
+    if let Some((payload, batch, dedup_keys, dead_letters)) = request {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let keys_for_release = dedup_keys.clone();
+        let request = CommitRequest {
+            payload,
+            batch,
+            dedup_keys,
+            dead_letters,
+            reply: reply_tx,
+        };
+        if app.commits.send(request).is_err() {
+            app.shared.dedup.remove_all(&keys_for_release);
+            return unavailable("shutting down");
+        }
+        match reply_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::error!(%error, "ingest batch not committed");
+                return unavailable("storage unavailable; nothing from this request was counted");
+            }
+            Err(_) => return unavailable("shutting down; nothing from this request was counted"),
+        }
+    }
+
+    count_events("accepted", summary.accepted + summary.unmetered);
+    count_events("duplicate", summary.duplicates);
+    count_events("refused", summary.refused.len());
+    for refusal in &summary.refused {
+        metrics::counter!(telemetry::INGEST_REFUSED, "source" => SOURCE, "reason" => refusal.reason.as_str())
+            .increment(1);
+    }
+    if summary.unmetered > 0 {
+        metrics::counter!(telemetry::INGEST_UNMETERED, "source" => SOURCE).increment(summary.unmetered as u64);
+    }
+    if late > 0 {
+        metrics::counter!(telemetry::INGEST_LATE, "source" => SOURCE).increment(late as u64);
+    }
+    respond(
+        StatusCode::ACCEPTED,
+        serde_json::to_value(&summary).expect("invariant: summaries serialize"),
+    )
+}
+
+/// Decode, validate, dedup and pre-aggregate (blocking: it reads the store).
+fn prepare(shared: &Shared, body: &[u8], kind: decode::BodyKind) -> Result<Prepared, String> {
+    let raw = match decode::split_body(body, kind) {
+        Ok(raw) => raw,
+        Err(error) => return Ok(Prepared::Invalid(vec![error], 1)),
+    };
+    let config = &shared.config;
+    let now = now_ms();
+    let acceptance = Acceptance {
+        allowed_lateness_secs: config.allowed_lateness_secs,
+        max_lateness_secs: config.max_lateness_secs,
+        max_future_secs: config.max_future_secs,
+    };
+    let decoded = match decode::decode_events(&raw, &shared.meters, &shared.names, now, acceptance) {
+        Ok(decoded) => decoded,
+        Err(errors) => return Ok(Prepared::Invalid(errors, raw.len())),
+    };
+
+    // Reserve first, then consult the store (see ingest::dedup for why this order is race-free).
+    let mut reserved = Vec::with_capacity(decoded.metered.len());
+    for (position, event) in decoded.metered.iter().enumerate() {
+        if shared.dedup.reserve(event.dedup_key) {
+            reserved.push(position);
+        }
+    }
+    let keys: Vec<u128> = reserved.iter().map(|p| decoded.metered[*p].dedup_key).collect();
+    let seen = match shared
+        .store
+        .dedup_seen(&keys, now.div_euclid(1000), config.dedup_horizon_secs)
+    {
+        Ok(seen) => seen,
+        Err(error) => {
+            shared.dedup.remove_all(&keys);
+            return Err(error.to_string());
+        }
+    };
+    let mut batch = PreAggregated::default();
+    let mut fresh_keys = Vec::with_capacity(keys.len());
+    let mut late = 0;
+    for (position, already_seen) in reserved.iter().zip(seen) {
+        let event = &decoded.metered[*position];
+        if already_seen {
+            shared.dedup.release(event.dedup_key);
+            continue;
+        }
+        fresh_keys.push(event.dedup_key);
+        late += usize::from(event.late);
+        for update in &event.updates {
+            if let Err(error) = batch.observe(
+                update.key,
+                update.aggregation,
+                update.observation,
+                event.ts_ms,
+                update.unique_limit,
+            ) {
+                shared.dedup.remove_all(&fresh_keys);
+                return Err(format!("event {}: {error}", event.index));
+            }
+        }
+    }
+
+    let received_at = rfc3339_ms(now);
+    let dead_letters: Vec<Vec<u8>> = decoded
+        .refused
+        .iter()
+        .map(|refusal| {
+            let event = serde_json::from_str::<serde_json::Value>(raw[refusal.index].get())
+                .unwrap_or(serde_json::Value::Null);
+            let mut line = serde_json::to_vec(&json!({
+                "received_at": received_at,
+                "source": SOURCE,
+                "reason": refusal.reason.as_str(),
+                "message": refusal.message,
+                "index": refusal.index,
+                "event": event,
+            }))
+            .expect("invariant: dead letters serialize");
+            line.push(b'\n');
+            line
+        })
+        .collect();
+
+    let summary = IngestSummary {
+        accepted: fresh_keys.len(),
+        duplicates: decoded.metered.len() - fresh_keys.len(),
+        unmetered: decoded.unmetered,
+        refused: decoded.refused,
+    };
+    let request = if fresh_keys.is_empty() && dead_letters.is_empty() {
+        None
+    } else {
+        let payload = if fresh_keys.is_empty() {
+            Vec::new()
+        } else {
+            LogBatch::from_batch(&batch, &fresh_keys, &shared.names).encode()
+        };
+        Some((payload, batch, fresh_keys, dead_letters))
+    };
+    Ok(Prepared::Ready {
+        summary,
+        request,
+        late,
+    })
+}

@@ -1,0 +1,33 @@
+//! tallyd: a streaming usage aggregator. Usage events come in (CloudEvents over HTTP today;
+//! OTLP and Kafka next), are counted exactly once per tenant and meter in UTC windows, are
+//! checkpointed to RocksDB atomically with their source positions and dedup keys, and come out
+//! as queryable usage and closed-window records (JSONL).
+//!
+//! # Layout
+//! Data path order:
+//! - [`config`]: TOML + env → validated `Config` (every error at once).
+//! - [`model`]: shared nouns: ids, exact fixed-point quantities, windows, series keys, interning.
+//! - [`meter`]: meter definitions; which meters an event feeds and with what value and dims.
+//! - [`ingest`]: edges: `decode` (pure CloudEvents decoding/validation), `http` (axum), `dedup`.
+//! - [`aggregate`]: mergeable states and the sharded delta engine. No I/O.
+//! - [`store`]: RocksDB layout, merge operator, retention, checkpoints; the ingest log.
+//! - [`pipeline`]: the wiring: recovery, commit stage, checkpoint stage, shutdown order.
+//! - [`emit`]: outputs: JSONL files (window records, dead letters).
+//! - [`api`]: routes, usage queries, health, readiness, metrics.
+//! - [`telemetry`], [`shutdown`]: logs, metric catalogue, signals.
+#![forbid(unsafe_code)]
+
+pub mod aggregate;
+pub mod api;
+pub mod config;
+pub mod emit;
+pub mod ingest;
+pub mod meter;
+pub mod model;
+pub mod pipeline;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+pub use config::Config;
+pub use pipeline::run;

@@ -1,0 +1,341 @@
+//! Meter definitions and matching: which meters an event feeds, and the value and dimensions it
+//! contributes to each.
+//!
+//! Input: a validated meter list from config and decoded event `data`. Output: per meter an
+//! `Observation` and the event's sorted group-by dimensions. Dimensions not declared in a
+//! meter's `group_by` are dropped here, which bounds series cardinality.
+//! Must not: touch shared state or I/O.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde_json::Value;
+
+use crate::aggregate::{Aggregation, Observation};
+use crate::model::{parse_decimal, Dims, MeterId, Names, QuantityError, WindowSize};
+
+/// Longest dimension value kept; a longer value is refused (it would be a cardinality bomb).
+pub const MAX_DIMENSION_VALUE_BYTES: usize = 256;
+
+/// The subset of JSONPath meters use: `$`, `.name`, `['name']`, `["name"]` and `[index]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JsonPath {
+    text: String,
+    segments: Vec<Segment>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+impl JsonPath {
+    pub fn parse(text: &str) -> Result<JsonPath, String> {
+        let rest = text
+            .strip_prefix('$')
+            .ok_or_else(|| "must start with `$`".to_string())?;
+        let mut segments = Vec::new();
+        let bytes = rest.as_bytes();
+        let mut pos = 0;
+        while pos < bytes.len() {
+            match bytes[pos] {
+                b'.' => {
+                    let start = pos + 1;
+                    let mut end = start;
+                    while end < bytes.len() && bytes[end] != b'.' && bytes[end] != b'[' {
+                        end += 1;
+                    }
+                    let name = &rest[start..end];
+                    if name.is_empty() || name == "*" {
+                        return Err(format!("empty or wildcard name at offset {}", start + 1));
+                    }
+                    segments.push(Segment::Key(name.to_string()));
+                    pos = end;
+                }
+                b'[' => {
+                    let close = rest[pos..]
+                        .find(']')
+                        .map(|offset| pos + offset)
+                        .ok_or_else(|| "unclosed `[`".to_string())?;
+                    let inner = &rest[pos + 1..close];
+                    let quoted = inner.len() >= 2
+                        && ((inner.starts_with('\'') && inner.ends_with('\''))
+                            || (inner.starts_with('"') && inner.ends_with('"')));
+                    if quoted {
+                        segments.push(Segment::Key(inner[1..inner.len() - 1].to_string()));
+                    } else {
+                        let index: usize = inner
+                            .parse()
+                            .map_err(|_| format!("unsupported selector `[{inner}]`"))?;
+                        segments.push(Segment::Index(index));
+                    }
+                    pos = close + 1;
+                }
+                other => return Err(format!("unexpected `{}` at offset {}", other as char, pos + 1)),
+            }
+        }
+        if segments.is_empty() {
+            return Err("selects the whole document; name a property such as `$.tokens`".to_string());
+        }
+        Ok(JsonPath {
+            text: text.to_string(),
+            segments,
+        })
+    }
+
+    pub fn select<'a>(&self, value: &'a Value) -> Option<&'a Value> {
+        let mut current = value;
+        for segment in &self.segments {
+            current = match segment {
+                Segment::Key(key) => current.as_object()?.get(key)?,
+                Segment::Index(index) => current.as_array()?.get(*index)?,
+            };
+        }
+        Some(current)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The path as a field name for error messages: `$.usage.tokens` → `data.usage.tokens`.
+    pub fn field_name(&self) -> String {
+        format!("data{}", &self.text[1..])
+    }
+}
+
+impl fmt::Display for JsonPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A validated meter.
+#[derive(Clone, Debug)]
+pub struct Meter {
+    pub id: MeterId,
+    pub slug: String,
+    pub description: Option<String>,
+    pub event_type: String,
+    pub aggregation: Aggregation,
+    pub value_property: Option<JsonPath>,
+    /// Sorted by dimension name, so extracted dimension lists come out sorted.
+    pub group_by: Vec<(String, JsonPath)>,
+    pub window_size: WindowSize,
+    pub scale: u32,
+    pub unique_exact_limit: u32,
+    pub allow_negative: bool,
+}
+
+/// Why an event's data cannot feed a meter (the request gets 400 naming `field`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtractError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Meter {
+    /// The value this event contributes; `None` data is treated as an empty object.
+    pub fn observation(&self, data: Option<&Value>) -> Result<Observation, ExtractError> {
+        let Some(path) = &self.value_property else {
+            return Ok(Observation::Value(0));
+        };
+        let field = || path.field_name();
+        let selected = data.and_then(|data| path.select(data)).ok_or_else(|| ExtractError {
+            field: field(),
+            reason: format!("missing (meter `{}` reads its value there)", self.slug),
+        })?;
+        if self.aggregation == Aggregation::UniqueCount {
+            let text = match selected {
+                Value::String(text) => text.clone(),
+                Value::Number(number) => number.to_string(),
+                Value::Bool(flag) => flag.to_string(),
+                _ => {
+                    return Err(ExtractError {
+                        field: field(),
+                        reason: "must be a string, number or boolean".to_string(),
+                    })
+                }
+            };
+            return Ok(Observation::Unique(xxhash_rust::xxh3::xxh3_64(text.as_bytes())));
+        }
+        let text = match selected {
+            Value::Number(number) => number.to_string(),
+            Value::String(text) => text.clone(),
+            _ => {
+                return Err(ExtractError {
+                    field: field(),
+                    reason: "must be a number or a decimal string".to_string(),
+                })
+            }
+        };
+        let value = parse_decimal(&text, self.scale).map_err(|error| ExtractError {
+            field: field(),
+            reason: match error {
+                QuantityError::NotANumber => format!("`{text}` is not a decimal number"),
+                other => format!("`{text}` {other}"),
+            },
+        })?;
+        if value < 0 && !self.allow_negative {
+            return Err(ExtractError {
+                field: field(),
+                reason: format!("`{text}` is negative and meter `{}` does not allow_negative", self.slug),
+            });
+        }
+        Ok(Observation::Value(value))
+    }
+
+    /// The event's group-by dimensions (sorted by name). Absent or null values are left out.
+    pub fn dimensions(&self, data: Option<&Value>) -> Result<Dims, ExtractError> {
+        let mut dims = Vec::with_capacity(self.group_by.len());
+        let Some(data) = data else {
+            return Ok(dims);
+        };
+        for (name, path) in &self.group_by {
+            let text = match path.select(data) {
+                None | Some(Value::Null) => continue,
+                Some(Value::String(text)) => text.clone(),
+                Some(Value::Number(number)) => number.to_string(),
+                Some(Value::Bool(flag)) => flag.to_string(),
+                Some(_) => {
+                    return Err(ExtractError {
+                        field: path.field_name(),
+                        reason: format!("group_by `{name}` must be a string, number or boolean"),
+                    })
+                }
+            };
+            if text.len() > MAX_DIMENSION_VALUE_BYTES {
+                return Err(ExtractError {
+                    field: path.field_name(),
+                    reason: format!(
+                        "group_by `{name}` value is {} bytes, more than {MAX_DIMENSION_VALUE_BYTES}",
+                        text.len()
+                    ),
+                });
+            }
+            dims.push((name.clone(), text));
+        }
+        Ok(dims)
+    }
+}
+
+/// All meters, indexed for matching.
+#[derive(Debug, Default)]
+pub struct Meters {
+    list: Vec<Meter>,
+    by_event_type: HashMap<String, Vec<usize>>,
+    by_slug: HashMap<String, usize>,
+    /// Config position by interned meter id.
+    by_id: HashMap<MeterId, usize>,
+}
+
+impl Meters {
+    /// Builds the index; meter ids are interned slugs, so ids agree with everything else that
+    /// interns a slug (e.g. series replayed from the ingest log).
+    pub fn new(mut meters: Vec<Meter>, names: &Names) -> Meters {
+        let mut index = Meters::default();
+        for (position, meter) in meters.iter_mut().enumerate() {
+            meter.id = names.meters.intern(&meter.slug);
+            index
+                .by_event_type
+                .entry(meter.event_type.clone())
+                .or_default()
+                .push(position);
+            index.by_slug.insert(meter.slug.clone(), position);
+            index.by_id.insert(meter.id, position);
+        }
+        index.list = meters;
+        index
+    }
+
+    pub fn matching(&self, event_type: &str) -> impl Iterator<Item = &Meter> {
+        self.by_event_type
+            .get(event_type)
+            .into_iter()
+            .flatten()
+            .map(|position| &self.list[*position])
+    }
+
+    pub fn by_slug(&self, slug: &str) -> Option<&Meter> {
+        self.by_slug.get(slug).map(|position| &self.list[*position])
+    }
+
+    pub fn by_id(&self, id: MeterId) -> Option<&Meter> {
+        self.by_id.get(&id).map(|position| &self.list[*position])
+    }
+
+    pub fn all(&self) -> &[Meter] {
+        &self.list
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn meter(aggregation: Aggregation, value: Option<&str>) -> Meter {
+        Meter {
+            id: 0,
+            slug: "tokens".into(),
+            description: None,
+            event_type: "llm.prompt".into(),
+            aggregation,
+            value_property: value.map(|v| JsonPath::parse(v).unwrap()),
+            group_by: vec![("model".into(), JsonPath::parse("$.model").unwrap())],
+            window_size: WindowSize::Minute,
+            scale: 2,
+            unique_exact_limit: 100,
+            allow_negative: false,
+        }
+    }
+
+    #[test]
+    fn json_path_subset() {
+        let data = json!({"a": {"b": [10, {"c": "x"}]}, "d.e": 3});
+        assert_eq!(JsonPath::parse("$.a.b[0]").unwrap().select(&data), Some(&json!(10)));
+        assert_eq!(JsonPath::parse("$.a.b[1].c").unwrap().select(&data), Some(&json!("x")));
+        assert_eq!(JsonPath::parse("$['d.e']").unwrap().select(&data), Some(&json!(3)));
+        assert_eq!(JsonPath::parse("$.missing").unwrap().select(&data), None);
+        for bad in ["tokens", "$", "$..a", "$.a[*]", "$.", "$[", "$.a[?(@.x)]"] {
+            assert!(JsonPath::parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn values_are_exact_or_refused_with_the_field() {
+        let m = meter(Aggregation::Sum, Some("$.tokens"));
+        let data: Value = serde_json::from_str(r#"{"tokens": 12.25, "model": "gpt"}"#).unwrap();
+        assert_eq!(m.observation(Some(&data)), Ok(Observation::Value(1225)));
+        let data = json!({"tokens": "7"});
+        assert_eq!(m.observation(Some(&data)), Ok(Observation::Value(700)));
+
+        let too_precise: Value = serde_json::from_str(r#"{"tokens": 0.001}"#).unwrap();
+        let error = m.observation(Some(&too_precise)).unwrap_err();
+        assert_eq!(error.field, "data.tokens");
+        assert!(error.reason.contains("decimal places"), "{}", error.reason);
+
+        let error = m.observation(Some(&json!({"tokens": "many"}))).unwrap_err();
+        assert!(error.reason.contains("not a decimal number"));
+        let error = m.observation(Some(&json!({}))).unwrap_err();
+        assert!(error.reason.contains("missing"));
+        let error = m.observation(Some(&json!({"tokens": -1}))).unwrap_err();
+        assert!(error.reason.contains("negative"));
+        let error = m.observation(Some(&json!({"tokens": [1]}))).unwrap_err();
+        assert!(error.reason.contains("must be a number"));
+    }
+
+    #[test]
+    fn dimensions_keep_only_group_by() {
+        let m = meter(Aggregation::Count, None);
+        let data = json!({"model": "gpt-4", "region": "eu"});
+        assert_eq!(
+            m.dimensions(Some(&data)).unwrap(),
+            vec![("model".to_string(), "gpt-4".to_string())]
+        );
+        assert!(m.dimensions(Some(&json!({"other": 1}))).unwrap().is_empty());
+        let long = "x".repeat(MAX_DIMENSION_VALUE_BYTES + 1);
+        assert!(m.dimensions(Some(&json!({ "model": long }))).is_err());
+    }
+}

@@ -1,0 +1,369 @@
+//! The shared nouns of the data path: ids, exact quantities, windows and series keys.
+//!
+//! Owns: fixed-point decimal parsing/formatting (`Quantity`), UTC window arithmetic,
+//! string interning for tenants, meters and dimension sets, and `SeriesKey`.
+//! Must not: know about transports, storage or configuration files.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+
+/// Interned tenant (CloudEvents `subject`) id; valid for the life of the process only.
+pub type TenantId = u32;
+/// Interned meter slug id; valid for the life of the process only.
+pub type MeterId = u32;
+/// Interned dimension set id (sorted `(key, value)` pairs); `0` is the empty set.
+pub type DimsId = u32;
+
+/// Largest `scale` a meter may declare: i128 keeps 38 digits, leaving 20 integer digits at scale 18.
+pub const MAX_SCALE: u32 = 18;
+
+/// Sorted `(key, value)` dimension pairs kept for a meter's `group_by` keys.
+pub type Dims = Vec<(String, String)>;
+
+/// One aggregated series: a meter's usage for one tenant, one dimension set, one base window.
+///
+/// 24 bytes: the in-memory hot key. On disk and in the ingest log the ids are replaced by strings
+/// because interned ids do not survive a restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeriesKey {
+    pub meter: MeterId,
+    pub tenant: TenantId,
+    pub dims: DimsId,
+    /// Window start, unix seconds (UTC aligned to the meter's window size).
+    pub window_start: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantityError {
+    #[error("not a decimal number")]
+    NotANumber,
+    #[error("has more than {scale} decimal places (the meter's scale); values are never rounded")]
+    TooPrecise { scale: u32 },
+    #[error("out of range")]
+    OutOfRange,
+}
+
+/// Parses a decimal literal (`12`, `-0.5`, `1.25e3`, `"7.000"`) into a fixed-point integer with
+/// `scale` decimal places. Exact: a value that needs more places than `scale` is refused, never rounded.
+pub fn parse_decimal(text: &str, scale: u32) -> Result<i128, QuantityError> {
+    let text = text.trim();
+    let (negative, rest) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(pos) => {
+            let exp: i32 = rest[pos + 1..]
+                .parse()
+                .map_err(|_| QuantityError::NotANumber)?;
+            (&rest[..pos], exp)
+        }
+        None => (rest, 0),
+    };
+    let (int_part, frac_part) = match mantissa.find('.') {
+        Some(pos) => (&mantissa[..pos], &mantissa[pos + 1..]),
+        None => (mantissa, ""),
+    };
+    if int_part.is_empty() && frac_part.is_empty() {
+        return Err(QuantityError::NotANumber);
+    }
+    if !int_part.bytes().all(|b| b.is_ascii_digit()) || !frac_part.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(QuantityError::NotANumber);
+    }
+    // digits * 10^(exponent - frac_len) is the exact value; shift it to `scale` places.
+    let digits = format!("{int_part}{frac_part}");
+    let digits = digits.trim_start_matches('0');
+    let mut shift = exponent as i64 - frac_part.len() as i64 + scale as i64;
+    let mut digits = digits.to_string();
+    if shift < 0 {
+        // Dropping places is only allowed when they are zeros.
+        let drop = (-shift) as usize;
+        let keep = digits.len().saturating_sub(drop);
+        if digits[keep..].bytes().any(|b| b != b'0') {
+            return Err(QuantityError::TooPrecise { scale });
+        }
+        digits.truncate(keep);
+        shift = 0;
+    }
+    if digits.is_empty() {
+        return Ok(0);
+    }
+    if digits.len() as i64 + shift > 38 {
+        return Err(QuantityError::OutOfRange);
+    }
+    let mut value: i128 = digits.parse().map_err(|_| QuantityError::OutOfRange)?;
+    for _ in 0..shift {
+        value = value.checked_mul(10).ok_or(QuantityError::OutOfRange)?;
+    }
+    Ok(if negative { -value } else { value })
+}
+
+/// Formats a fixed-point integer as a plain decimal string without trailing zeros (`1.5`, `-3`, `0.000001`).
+pub fn format_decimal(value: i128, scale: u32) -> String {
+    if scale == 0 {
+        return value.to_string();
+    }
+    let negative = value < 0;
+    let magnitude = value.unsigned_abs().to_string();
+    let scale = scale as usize;
+    let padded = if magnitude.len() <= scale {
+        format!("{}{}", "0".repeat(scale + 1 - magnitude.len()), magnitude)
+    } else {
+        magnitude
+    };
+    let (int_part, frac_part) = padded.split_at(padded.len() - scale);
+    let frac_part = frac_part.trim_end_matches('0');
+    let sign = if negative { "-" } else { "" };
+    if frac_part.is_empty() {
+        format!("{sign}{int_part}")
+    } else {
+        format!("{sign}{int_part}.{frac_part}")
+    }
+}
+
+/// Base window sizes; coarser views are merges of base windows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum WindowSize {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl WindowSize {
+    pub fn seconds(self) -> i64 {
+        match self {
+            WindowSize::Minute => 60,
+            WindowSize::Hour => 3_600,
+            WindowSize::Day => 86_400,
+        }
+    }
+
+    /// Start (unix seconds) of the UTC-aligned window containing `unix_ms`.
+    pub fn start_of(self, unix_ms: i64) -> i64 {
+        unix_ms.div_euclid(1000).div_euclid(self.seconds()) * self.seconds()
+    }
+
+    pub fn parse(text: &str) -> Option<WindowSize> {
+        match text {
+            "MINUTE" => Some(WindowSize::Minute),
+            "HOUR" => Some(WindowSize::Hour),
+            "DAY" => Some(WindowSize::Day),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WindowSize::Minute => "MINUTE",
+            WindowSize::Hour => "HOUR",
+            WindowSize::Day => "DAY",
+        }
+    }
+}
+
+impl fmt::Display for WindowSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A thread-safe append-only interner: value → dense `u32` id and back.
+///
+/// Ids are process-local; everything that outlives the process stores the value itself.
+pub struct Interner<T: ?Sized + Hash + Eq> {
+    inner: RwLock<InternerInner<T>>,
+}
+
+struct InternerInner<T: ?Sized> {
+    ids: HashMap<Arc<T>, u32>,
+    values: Vec<Arc<T>>,
+}
+
+impl<T: ?Sized + Hash + Eq> Default for Interner<T> {
+    fn default() -> Self {
+        Interner {
+            inner: RwLock::new(InternerInner {
+                ids: HashMap::new(),
+                values: Vec::new(),
+            }),
+        }
+    }
+}
+
+impl<T: ?Sized + Hash + Eq> Interner<T> {
+    pub fn get(&self, value: &T) -> Option<u32> {
+        self.inner.read().ids.get(value).copied()
+    }
+
+    pub fn intern_with(&self, value: &T, to_owned: impl FnOnce(&T) -> Arc<T>) -> u32 {
+        if let Some(id) = self.get(value) {
+            return id;
+        }
+        let mut inner = self.inner.write();
+        if let Some(id) = inner.ids.get(value) {
+            return *id;
+        }
+        let id = u32::try_from(inner.values.len()).expect("invariant: fewer than 2^32 interned values");
+        let owned = to_owned(value);
+        inner.values.push(owned.clone());
+        inner.ids.insert(owned, id);
+        id
+    }
+
+    pub fn resolve(&self, id: u32) -> Arc<T> {
+        self.inner.read().values[id as usize].clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.read().values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Interner<str> {
+    pub fn intern(&self, value: &str) -> u32 {
+        self.intern_with(value, |v| Arc::from(v))
+    }
+}
+
+impl Interner<[(String, String)]> {
+    pub fn intern(&self, value: &[(String, String)]) -> u32 {
+        self.intern_with(value, |v| Arc::from(v))
+    }
+}
+
+/// All process-local id tables. Dimension set `0` is always the empty set.
+pub struct Names {
+    pub tenants: Interner<str>,
+    pub meters: Interner<str>,
+    pub dims: Interner<[(String, String)]>,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        let names = Names {
+            tenants: Interner::default(),
+            meters: Interner::default(),
+            dims: Interner::default(),
+        };
+        let empty = names.dims.intern(&[]);
+        debug_assert_eq!(empty, 0);
+        names
+    }
+}
+
+/// Renders unix seconds as RFC 3339 UTC (`2026-11-22T04:00:00Z`).
+pub fn rfc3339(unix_secs: i64) -> String {
+    match chrono::DateTime::from_timestamp(unix_secs, 0) {
+        Some(time) => time.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        None => unix_secs.to_string(),
+    }
+}
+
+/// Renders unix milliseconds as RFC 3339 UTC with milliseconds.
+pub fn rfc3339_ms(unix_ms: i64) -> String {
+    match chrono::DateTime::from_timestamp_millis(unix_ms) {
+        Some(time) => time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        None => unix_ms.to_string(),
+    }
+}
+
+/// Renders unix milliseconds as RFC 3339 UTC, with milliseconds only when they are not zero.
+pub fn rfc3339_ms_compact(unix_ms: i64) -> String {
+    if unix_ms.rem_euclid(1000) == 0 {
+        rfc3339(unix_ms.div_euclid(1000))
+    } else {
+        rfc3339_ms(unix_ms)
+    }
+}
+
+/// Parses an RFC 3339 timestamp into unix milliseconds (sub-millisecond digits are truncated:
+/// timestamps only choose a window, they are never summed).
+pub fn parse_rfc3339_ms(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|time| time.timestamp_millis())
+}
+
+/// Wall-clock now in unix milliseconds.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_exact_decimals() {
+        assert_eq!(parse_decimal("12", 6), Ok(12_000_000));
+        assert_eq!(parse_decimal("-0.5", 6), Ok(-500_000));
+        assert_eq!(parse_decimal("1.25e3", 2), Ok(125_000));
+        assert_eq!(parse_decimal("7.000", 0), Ok(7));
+        assert_eq!(parse_decimal("0.000001", 6), Ok(1));
+        assert_eq!(parse_decimal("1e-6", 6), Ok(1));
+        assert_eq!(parse_decimal(".5", 1), Ok(5));
+        assert_eq!(parse_decimal("0", 0), Ok(0));
+    }
+
+    #[test]
+    fn refuses_values_that_would_need_rounding() {
+        assert_eq!(
+            parse_decimal("0.0000001", 6),
+            Err(QuantityError::TooPrecise { scale: 6 })
+        );
+        assert_eq!(parse_decimal("1.5", 0), Err(QuantityError::TooPrecise { scale: 0 }));
+        assert_eq!(parse_decimal("1e-7", 6), Err(QuantityError::TooPrecise { scale: 6 }));
+    }
+
+    #[test]
+    fn refuses_garbage_and_overflow() {
+        for bad in ["", "-", "abc", "1.2.3", "NaN", "inf", "1e", "0x10", "1 2", "."] {
+            assert_eq!(parse_decimal(bad, 6), Err(QuantityError::NotANumber), "{bad}");
+        }
+        assert_eq!(parse_decimal("1e40", 0), Err(QuantityError::OutOfRange));
+        assert_eq!(
+            parse_decimal("999999999999999999999999999999999", 6),
+            Err(QuantityError::OutOfRange)
+        );
+    }
+
+    #[test]
+    fn formats_without_trailing_zeros() {
+        assert_eq!(format_decimal(12_000_000, 6), "12");
+        assert_eq!(format_decimal(-500_000, 6), "-0.5");
+        assert_eq!(format_decimal(1, 6), "0.000001");
+        assert_eq!(format_decimal(0, 6), "0");
+        assert_eq!(format_decimal(123, 0), "123");
+    }
+
+    #[test]
+    fn windows_are_utc_aligned() {
+        // 2026-11-22T04:21:15.500Z
+        let ts = 1_795_321_275_500;
+        assert_eq!(WindowSize::Minute.start_of(ts) % 60, 0);
+        assert_eq!(WindowSize::Hour.start_of(ts) % 3600, 0);
+        assert_eq!(WindowSize::Day.start_of(ts) % 86_400, 0);
+        assert!(WindowSize::Minute.start_of(ts) <= ts / 1000);
+        assert_eq!(WindowSize::Minute.start_of(-1), -60);
+    }
+
+    proptest! {
+        #[test]
+        fn format_then_parse_round_trips(value in any::<i64>(), scale in 0u32..=MAX_SCALE) {
+            let value = value as i128;
+            prop_assert_eq!(parse_decimal(&format_decimal(value, scale), scale), Ok(value));
+        }
+    }
+}

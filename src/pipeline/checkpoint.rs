@@ -1,0 +1,107 @@
+//! The checkpoint stage, one dedicated thread: writes each snapshot in one WriteBatch, then
+//! releases what that batch made durable (in-memory dedup keys, ingest-log segments) and
+//! delivers the window records it queued to the file emitter.
+//!
+//! A failed checkpoint is retried with the same snapshot until it succeeds; meanwhile the commit
+//! stage keeps accumulating (no new snapshot is cut while one is in flight), so nothing is lost.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Shared;
+use crate::emit::file::JsonlFile;
+use crate::model::now_ms;
+use crate::store::checkpoint::Snapshot;
+use crate::store::{RocksStore, StoreError};
+use crate::telemetry;
+
+pub struct CheckpointLoop {
+    pub shared: Arc<Shared>,
+    pub snapshots: Receiver<Arc<Snapshot>>,
+    pub usage_file: JsonlFile,
+}
+
+impl CheckpointLoop {
+    pub fn run(mut self) {
+        while let Ok(snapshot) = self.snapshots.recv() {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match self.checkpoint(&snapshot) {
+                    Ok(()) => break,
+                    Err(error) => {
+                        metrics::counter!(telemetry::CHECKPOINT_FAILURES).increment(1);
+                        tracing::error!(%error, retry_in_ms = backoff.as_millis() as u64, "checkpoint failed");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+            self.shared.checkpoint_busy.store(false, Ordering::Release);
+        }
+        tracing::debug!("checkpoint stage stopped");
+    }
+
+    fn checkpoint(&mut self, snapshot: &Arc<Snapshot>) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let shared = &self.shared;
+        let now_secs = now_ms().div_euclid(1000);
+        let prepared = shared.store.prepare_checkpoint(
+            snapshot,
+            &shared.names,
+            &shared.catalog,
+            now_secs,
+            shared.config.allowed_lateness_secs,
+        )?;
+        let stats = {
+            // Queries hold the read side while they combine store + unflushed deltas, so they
+            // never see this snapshot both in the store and in `flushing`, nor in neither.
+            let mut flushing = shared.flushing.write();
+            let (_, stats) = shared.store.commit_checkpoint(prepared)?;
+            flushing.retain(|pending| !Arc::ptr_eq(pending, snapshot));
+            stats
+        };
+        shared.dedup.remove_all(&snapshot.dedup_keys);
+        shared
+            .durable_log_seq
+            .store(snapshot.next_log_seq, Ordering::Release);
+
+        metrics::histogram!(telemetry::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
+        metrics::counter!(telemetry::CHECKPOINT_BYTES).increment(stats.bytes as u64);
+        metrics::counter!(telemetry::CHECKPOINT_SERIES).increment(stats.series as u64);
+        metrics::gauge!(telemetry::CHECKPOINT_LAST_SUCCESS).set(now_secs as f64);
+        metrics::gauge!(telemetry::DEDUP_PENDING).set(shared.dedup.len() as f64);
+        if stats.series > 0 || stats.records > 0 {
+            tracing::debug!(
+                series = stats.series,
+                dedup_keys = stats.dedup_keys,
+                records = stats.records,
+                amended = stats.amended,
+                bytes = stats.bytes,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "checkpoint written"
+            );
+        }
+        // Delivery failures are retried on the next checkpoint: the outbox keeps the lines.
+        if let Err(error) = deliver_outbox(&shared.store, &mut self.usage_file) {
+            metrics::counter!(telemetry::EMIT_FAILURES, "output" => "file").increment(1);
+            tracing::warn!(%error, "window records not yet delivered to the usage file");
+        }
+        Ok(())
+    }
+}
+
+/// Appends every pending outbox line to the usage file, then forgets them. A crash between the
+/// two re-appends the same lines on restart: consumers upsert by `(record_id, revision)`.
+pub fn deliver_outbox(store: &RocksStore, file: &mut JsonlFile) -> Result<usize, StoreError> {
+    let pending = store.pending_outbox()?;
+    let Some((last_seq, _)) = pending.last() else {
+        return Ok(0);
+    };
+    let last_seq = *last_seq;
+    let count = file.append_durably(pending.iter().map(|(_, line)| line.as_slice()))?;
+    store.clear_outbox(last_seq)?;
+    metrics::counter!(telemetry::EMIT_RECORDS, "output" => "file", "kind" => "window").increment(count as u64);
+    Ok(count)
+}

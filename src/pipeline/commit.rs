@@ -1,0 +1,169 @@
+//! The commit stage, one dedicated thread: group-commits ingest batches to the log, applies them
+//! to the engine in log order, acknowledges them, and cuts checkpoint snapshots between groups.
+//!
+//! Because the same thread appends, applies and snapshots, a snapshot's `next_log_seq` is exactly
+//! the set of records whose deltas it holds; that is what makes the checkpoint's position honest.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::Shared;
+use crate::aggregate::PreAggregated;
+use crate::emit::file::JsonlFile;
+use crate::store::checkpoint::Snapshot;
+use crate::store::log::IngestLog;
+use crate::telemetry;
+
+/// One request's worth of accepted usage, decoded and deduplicated by the edge.
+pub struct CommitRequest {
+    /// Encoded `LogBatch`; empty when nothing in the request is counted.
+    pub payload: Vec<u8>,
+    pub batch: PreAggregated,
+    pub dedup_keys: Vec<u128>,
+    /// Dead-letter lines, durable before the acknowledgement.
+    pub dead_letters: Vec<Vec<u8>>,
+    pub reply: oneshot::Sender<Result<(), CommitError>>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    #[error("ingest log unavailable: {0}")]
+    Storage(String),
+}
+
+/// Requests folded into one fsync at most.
+const MAX_GROUP: usize = 512;
+
+pub struct CommitLoop {
+    pub shared: Arc<Shared>,
+    pub log: IngestLog,
+    pub dead_letter: JsonlFile,
+    pub requests: Receiver<CommitRequest>,
+    pub checkpoints: SyncSender<Arc<Snapshot>>,
+    /// Dedup keys applied since the last snapshot (recovery seeds it with replayed keys).
+    pub applied_keys: Vec<u128>,
+}
+
+impl CommitLoop {
+    pub fn run(mut self) {
+        let interval = Duration::from_millis(self.shared.config.flush_interval_ms);
+        let mut next_tick = Instant::now() + interval;
+        let mut failed: Option<String> = None;
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            match self.requests.recv_timeout(timeout) {
+                Ok(first) => {
+                    let mut group = vec![first];
+                    while group.len() < MAX_GROUP {
+                        match self.requests.try_recv() {
+                            Ok(request) => group.push(request),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Some(reason) = &failed {
+                        // After a log write failure the log tail is suspect: refuse, don't risk it.
+                        for request in group {
+                            self.shared.dedup.remove_all(&request.dedup_keys);
+                            let _ = request.reply.send(Err(CommitError::Storage(reason.clone())));
+                        }
+                    } else if let Err(reason) = self.commit_group(group) {
+                        tracing::error!(%reason, "ingest log write failed; refusing further ingest");
+                        self.shared.ready.store(false, Ordering::Release);
+                        failed = Some(reason);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                if self.try_snapshot() {
+                    next_tick = Instant::now() + interval;
+                } else {
+                    // The previous checkpoint is still running: look again shortly.
+                    next_tick = Instant::now() + Duration::from_millis(5);
+                }
+                let durable = self.shared.durable_log_seq.load(Ordering::Acquire);
+                if let Err(error) = self.log.maintain(durable) {
+                    tracing::warn!(%error, "ingest log maintenance failed");
+                }
+            }
+        }
+        // Input closed: every accepted batch is applied; hand over the final snapshot.
+        while !self.try_snapshot() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        tracing::debug!("commit stage stopped");
+    }
+
+    fn commit_group(&mut self, group: Vec<CommitRequest>) -> Result<(), String> {
+        let mut log_bytes = 0u64;
+        let mut dead_letters: Vec<&[u8]> = Vec::new();
+        let mut error = None;
+        for request in &group {
+            if !request.payload.is_empty() {
+                if let Err(e) = self.log.append(&request.payload) {
+                    error = Some(e.to_string());
+                    break;
+                }
+                log_bytes += request.payload.len() as u64;
+            }
+            dead_letters.extend(request.dead_letters.iter().map(Vec::as_slice));
+        }
+        if error.is_none() {
+            if let Err(e) = self.log.commit() {
+                error = Some(e.to_string());
+            }
+        }
+        if error.is_none() && !dead_letters.is_empty() {
+            if let Err(e) = self.dead_letter.append_durably(dead_letters) {
+                error = Some(format!("dead letter file {}: {e}", self.dead_letter.path().display()));
+            }
+        }
+        if let Some(reason) = error {
+            for request in group {
+                self.shared.dedup.remove_all(&request.dedup_keys);
+                let _ = request.reply.send(Err(CommitError::Storage(reason.clone())));
+            }
+            return Err(reason);
+        }
+        metrics::counter!(telemetry::INGEST_LOG_BYTES).increment(log_bytes);
+        metrics::histogram!(telemetry::INGEST_COMMIT_GROUP).record(group.len() as f64);
+        for request in group {
+            if let Err(error) = self.shared.engine.apply(request.batch) {
+                // Only an i128 overflow can get here; the log holds the batch for forensics.
+                tracing::error!(%error, "failed to apply a logged batch");
+            }
+            self.applied_keys.extend(request.dedup_keys);
+            let _ = request.reply.send(Ok(()));
+        }
+        Ok(())
+    }
+
+    /// Hands the engine's deltas to the checkpoint thread unless a checkpoint is still running.
+    fn try_snapshot(&mut self) -> bool {
+        if self.shared.checkpoint_busy.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let snapshot = {
+            let mut flushing = self.shared.flushing.write();
+            let snapshot = Arc::new(Snapshot {
+                next_log_seq: self.log.next_seq(),
+                deltas: self.shared.engine.take(),
+                dedup_keys: std::mem::take(&mut self.applied_keys),
+            });
+            flushing.push(snapshot.clone());
+            snapshot
+        };
+        metrics::gauge!(telemetry::ACTIVE_SERIES).set(snapshot.deltas.len() as f64);
+        if self.checkpoints.send(snapshot).is_err() {
+            // Nothing is lost: the usage stays in the ingest log and is replayed on restart.
+            tracing::error!("checkpoint thread is gone; usage stays in the ingest log until restart");
+            self.shared.ready.store(false, Ordering::Release);
+        }
+        true
+    }
+}

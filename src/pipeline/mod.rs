@@ -1,0 +1,203 @@
+//! THE wiring: opens the store, recovers, starts the stages in data-path order and stops them in
+//! the same order.
+//!
+//! ```text
+//! HTTP edge (tokio) ──CommitRequest──► commit thread ──Arc<Snapshot>──► checkpoint thread
+//!   decode, dedup reserve,     (mpsc, bounded     group commit to log,    (sync_channel(1):   one WriteBatch,
+//!   pre-aggregate              by the byte        apply, ack, snapshot     one in flight)     outbox → usage file
+//!                              budget)
+//! ```
+//! Shutdown: the token stops the HTTP edge (in-flight requests finish); the commit thread sees its
+//! input close, cuts a final snapshot; the checkpoint thread writes it and exits.
+
+pub mod checkpoint;
+pub mod commit;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use parking_lot::RwLock;
+use tokio_util::sync::CancellationToken;
+
+use crate::aggregate::Aggregator;
+use crate::config::Config;
+use crate::emit::file::JsonlFile;
+use crate::ingest::dedup::DedupIndex;
+use crate::meter::Meters;
+use crate::model::Names;
+use crate::store::checkpoint::Snapshot;
+use crate::store::log::{IngestLog, LogBatch};
+use crate::store::{MeterCatalog, RocksStore};
+
+/// State shared by the stages and the API.
+pub struct Shared {
+    pub config: Config,
+    pub names: Names,
+    pub meters: Meters,
+    /// Shapes of every meter the store has data for (configured or not).
+    pub catalog: MeterCatalog,
+    pub engine: Aggregator,
+    pub store: RocksStore,
+    pub dedup: DedupIndex,
+    /// Snapshots handed to the checkpoint but not yet committed. Its lock also orders queries
+    /// against snapshot cuts and checkpoint commits.
+    pub flushing: RwLock<Vec<Arc<Snapshot>>>,
+    /// Set while a snapshot is in flight (at most one at a time).
+    pub checkpoint_busy: AtomicBool,
+    /// Ingest-log position covered by the last committed checkpoint.
+    pub durable_log_seq: AtomicU64,
+    /// Recovery done, ingest healthy.
+    pub ready: AtomicBool,
+}
+
+/// What recovery hands to the commit stage.
+struct Recovered {
+    shared: Arc<Shared>,
+    log: IngestLog,
+    applied_keys: Vec<u128>,
+    replayed: usize,
+}
+
+fn recover(config: Config) -> anyhow::Result<Recovered> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    let store = RocksStore::open(
+        &config.data_dir.join("rocksdb"),
+        config.retention_secs,
+        config.dedup_horizon_secs,
+    )
+    .context("cannot open the store")?;
+    let names = Names::default();
+    let meters = Meters::new(config.meters.clone(), &names);
+    let catalog = store.guard_meters(meters.all())?;
+    let mut usage_file = JsonlFile::open(&config.emit_file_path)
+        .with_context(|| format!("cannot open {}", config.emit_file_path.display()))?;
+    let redelivered = checkpoint::deliver_outbox(&store, &mut usage_file)?;
+    if redelivered > 0 {
+        tracing::info!(records = redelivered, "delivered window records left in the outbox");
+    }
+    let position = store.ingest_log_position()?;
+    let (log, replay) = IngestLog::open(
+        &config.data_dir.join("ingest-log"),
+        config.ingest_log_sync,
+        config.ingest_log_segment_bytes,
+        position,
+    )?;
+    let shared = Arc::new(Shared {
+        engine: Aggregator::new(config.shards),
+        config,
+        names,
+        meters,
+        catalog,
+        store,
+        dedup: DedupIndex::default(),
+        flushing: RwLock::new(Vec::new()),
+        checkpoint_busy: AtomicBool::new(false),
+        durable_log_seq: AtomicU64::new(position),
+        ready: AtomicBool::new(false),
+    });
+    let mut applied_keys = Vec::new();
+    let replayed = replay.len();
+    for record in replay {
+        let batch = LogBatch::decode(&record.payload)
+            .map_err(|error| anyhow::anyhow!("ingest log record {} does not decode: {error}", record.seq))?;
+        let (batch, keys) = batch
+            .into_batch(&shared.names)
+            .map_err(|error| anyhow::anyhow!("ingest log record {}: {error}", record.seq))?;
+        shared.engine.apply(batch)?;
+        for key in &keys {
+            shared.dedup.reserve(*key);
+        }
+        applied_keys.extend(keys);
+    }
+    Ok(Recovered {
+        shared,
+        log,
+        applied_keys,
+        replayed,
+    })
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then drains within `grace`.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let dead_letter_path = config.dead_letter_path.clone();
+    let usage_path = config.emit_file_path.clone();
+    let Recovered {
+        shared,
+        log,
+        applied_keys,
+        replayed,
+    } = tokio::task::spawn_blocking(move || recover(config)).await??;
+    tracing::info!(
+        replayed_log_records = replayed,
+        position = shared.durable_log_seq.load(Ordering::Relaxed),
+        "recovered"
+    );
+
+    let (snapshot_tx, snapshot_rx) = std::sync::mpsc::sync_channel(1);
+    let checkpoint_stage = checkpoint::CheckpointLoop {
+        shared: shared.clone(),
+        snapshots: snapshot_rx,
+        usage_file: JsonlFile::open(&usage_path)?,
+    };
+    let checkpoint_thread = std::thread::Builder::new()
+        .name("tallyd-checkpoint".into())
+        .spawn(move || checkpoint_stage.run())?;
+
+    let (request_tx, request_rx) = std::sync::mpsc::channel();
+    let commit_stage = commit::CommitLoop {
+        shared: shared.clone(),
+        log,
+        dead_letter: JsonlFile::open(&dead_letter_path)
+            .with_context(|| format!("cannot open {}", dead_letter_path.display()))?,
+        requests: request_rx,
+        checkpoints: snapshot_tx,
+        applied_keys,
+    };
+    let commit_thread = std::thread::Builder::new()
+        .name("tallyd-commit".into())
+        .spawn(move || commit_stage.run())?;
+
+    let app = crate::api::router(crate::api::AppState::new(shared.clone(), request_tx));
+    let local: SocketAddr = listener.local_addr()?;
+    shared.ready.store(true, Ordering::Release);
+    tracing::info!(addr = %local, "http listening");
+    let serve_shutdown = shutdown.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })
+        .await
+        .context("http server failed")?;
+    shared.ready.store(false, Ordering::Release);
+    tracing::info!("ingest stopped; draining");
+
+    // The router (and with it the last request sender) is dropped: the commit stage drains,
+    // cuts the final snapshot and drops the checkpoint sender, which ends the checkpoint stage.
+    let drain = tokio::task::spawn_blocking(move || {
+        let commit = commit_thread.join().is_ok();
+        let checkpoint = checkpoint_thread.join().is_ok();
+        commit && checkpoint
+    });
+    match tokio::time::timeout(grace, drain).await {
+        Ok(Ok(true)) => {
+            tracing::info!("final checkpoint written; bye");
+            Ok(())
+        }
+        Ok(_) => anyhow::bail!("a stage panicked during shutdown; the ingest log is replayed on restart"),
+        Err(_) => {
+            let pending = shared.flushing.read().len();
+            anyhow::bail!(
+                "shutdown grace of {:?} elapsed with {pending} checkpoint(s) pending; \
+                 nothing is lost: the ingest log is replayed on restart",
+                grace
+            )
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! One checkpoint = one RocksDB WriteBatch holding, atomically:
+//! the changed series (merge operands), the new dedup keys, the ingest-log position they reflect,
+//! the close index for still-open windows, and the window records of windows that closed (or were
+//! amended by late events) with their revisions, queued in the outbox for the file emitter.
+//!
+//! A crash before the batch commits loses nothing (the ingest log is replayed from the previous
+//! position); after it commits, the log up to the position may be deleted.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use rocksdb::WriteBatch;
+use serde::Serialize;
+use xxhash_rust::xxh3::xxh3_128;
+
+use super::keys::{self, SeriesName};
+use super::{MeterCatalog, RocksStore, StoreError, META_CLOSED_BEFORE, META_OUTBOX_NEXT, SOURCE_HTTP_LOG};
+use crate::aggregate::AggState;
+use crate::model::{rfc3339, Names, SeriesKey};
+
+/// What the engine hands to a checkpoint: every delta since the previous one.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Ingest-log position after the last applied record: replay resumes here.
+    pub next_log_seq: u64,
+    pub deltas: Vec<(SeriesKey, AggState)>,
+    pub dedup_keys: Vec<u128>,
+}
+
+/// A closed window's aggregate, one JSON line in the usage file. `record_id` is deterministic
+/// from (meter, tenant, window, dims); a later `revision` replaces an earlier one (upsert).
+#[derive(Debug, Serialize)]
+pub struct WindowRecord<'a> {
+    pub kind: &'static str,
+    pub record_id: String,
+    pub revision: u32,
+    pub tenant: &'a str,
+    pub meter: &'a str,
+    pub dims: serde_json::Map<String, serde_json::Value>,
+    pub window_start: String,
+    pub window_end: String,
+    pub aggregation: &'a str,
+    /// Exact decimal string.
+    pub quantity: String,
+    pub closed_at: String,
+}
+
+pub fn record_id(suffix: &[u8]) -> String {
+    format!("{:032x}", xxh3_128(suffix))
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CheckpointStats {
+    pub series: usize,
+    pub dedup_keys: usize,
+    pub records: usize,
+    pub amended: usize,
+    pub bytes: usize,
+}
+
+pub struct Prepared {
+    batch: WriteBatch,
+    closed_before: i64,
+    outbox_next: u64,
+    /// `(outbox seq, JSON line)` in emission order.
+    pub records: Vec<(u64, Vec<u8>)>,
+    pub stats: CheckpointStats,
+}
+
+impl RocksStore {
+    /// Builds the checkpoint batch. Reads the store (for closing windows' totals and revisions)
+    /// but writes nothing; only the checkpoint thread calls it, so reads see no concurrent writer.
+    pub fn prepare_checkpoint(
+        &self,
+        snapshot: &Snapshot,
+        names: &Names,
+        catalog: &MeterCatalog,
+        now_secs: i64,
+        allowed_lateness_secs: i64,
+    ) -> Result<Prepared, StoreError> {
+        let mut batch = WriteBatch::default();
+        let closed_before_old = self.closed_before.load(Ordering::Acquire);
+        let closed_before_new = closed_before_old.max(now_secs - allowed_lateness_secs);
+        let mut stats = CheckpointStats::default();
+
+        // Series whose record must be (re)emitted by this checkpoint, with their unflushed delta.
+        let mut to_emit: Vec<(Vec<u8>, Option<&AggState>)> = Vec::new();
+        let mut closing_with_delta: HashMap<Vec<u8>, &AggState> = HashMap::new();
+        for (key, delta) in &snapshot.deltas {
+            let meter = names.meters.resolve(key.meter);
+            let tenant = names.tenants.resolve(key.tenant);
+            let dims = names.dims.resolve(key.dims);
+            let suffix = keys::series_suffix(&meter, &tenant, key.window_start, &dims);
+            batch.merge(keys::with_kind(keys::AGGREGATE, &suffix), delta.encode());
+            stats.series += 1;
+            let window_secs = catalog.get(&*meter).map(|shape| shape.window_secs).ok_or_else(|| {
+                StoreError::Corrupt {
+                    what: "meter catalog",
+                    detail: format!("no shape for meter `{meter}`"),
+                }
+            })?;
+            let window_end = key.window_start + window_secs;
+            if window_end <= closed_before_old {
+                // Late event into a window already emitted: amend it with a new revision.
+                stats.amended += 1;
+                to_emit.push((suffix, Some(delta)));
+            } else if window_end <= closed_before_new {
+                closing_with_delta.insert(suffix, delta);
+            } else {
+                batch.put(keys::open_window_key(window_end, &suffix), b"");
+            }
+        }
+
+        // Windows that close now: everything in the close index up to the new watermark.
+        let index_end = keys::open_window_key(closed_before_new, &[]);
+        let open_keys = self.scan_keys(&[keys::OPEN_WINDOW], |key| {
+            key.first() == Some(&keys::OPEN_WINDOW) && key.len() >= 9 && key[..9] <= index_end[..9]
+        })?;
+        for open_key in open_keys {
+            let suffix = open_key[9..].to_vec();
+            let delta = closing_with_delta.remove(&suffix);
+            batch.delete(&open_key);
+            to_emit.push((suffix, delta));
+        }
+        // Series first seen in this checkpoint whose window is already past the watermark.
+        let mut remaining: Vec<(Vec<u8>, &AggState)> = closing_with_delta.into_iter().collect();
+        remaining.sort_by(|a, b| a.0.cmp(&b.0));
+        to_emit.extend(remaining.into_iter().map(|(suffix, delta)| (suffix, Some(delta))));
+
+        let mut outbox_next = self.outbox_next.load(Ordering::Acquire);
+        let mut records = Vec::with_capacity(to_emit.len());
+        let closed_at = rfc3339(now_secs);
+        for (suffix, delta) in to_emit {
+            let name = keys::decode_series_suffix(&suffix).ok_or_else(|| StoreError::Corrupt {
+                what: "series key",
+                detail: format!("{suffix:?}"),
+            })?;
+            let mut total = match self.get(&keys::with_kind(keys::AGGREGATE, &suffix))? {
+                Some(bytes) => Some(AggState::decode(&bytes).map_err(|error| StoreError::Corrupt {
+                    what: "aggregate state",
+                    detail: error.to_string(),
+                })?),
+                None => None,
+            };
+            if let Some(delta) = delta {
+                match &mut total {
+                    Some(total) => total.merge(delta).map_err(|error| StoreError::Corrupt {
+                        what: "aggregate merge",
+                        detail: error.to_string(),
+                    })?,
+                    None => total = Some(delta.clone()),
+                }
+            }
+            let Some(total) = total else { continue };
+            let revision_key = keys::with_kind(keys::REVISION, &suffix);
+            let revision = match self.get(&revision_key)? {
+                Some(bytes) => u32::from_be_bytes(bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                    what: "revision",
+                    detail: format!("{suffix:?}"),
+                })?) + 1,
+                None => 1,
+            };
+            let shape = catalog.get(&name.meter);
+            let line = window_record_line(&name, &suffix, &total, revision, shape.map_or(0, |s| s.scale), shape.map_or(60, |s| s.window_secs), &closed_at);
+            batch.put(revision_key, revision.to_be_bytes());
+            batch.put(keys::outbox_key(outbox_next), &line);
+            records.push((outbox_next, line));
+            outbox_next += 1;
+        }
+        stats.records = records.len();
+
+        for dedup_key in &snapshot.dedup_keys {
+            batch.put(keys::dedup_key(*dedup_key), (now_secs as u64).to_be_bytes());
+        }
+        stats.dedup_keys = snapshot.dedup_keys.len();
+        batch.put(keys::position_key(SOURCE_HTTP_LOG), snapshot.next_log_seq.to_be_bytes());
+        batch.put(keys::meta_key(META_CLOSED_BEFORE), (closed_before_new as u64).to_be_bytes());
+        batch.put(keys::meta_key(META_OUTBOX_NEXT), outbox_next.to_be_bytes());
+        stats.bytes = batch.size_in_bytes();
+        Ok(Prepared {
+            batch,
+            closed_before: closed_before_new,
+            outbox_next,
+            records,
+            stats,
+        })
+    }
+
+    /// Commits a prepared checkpoint durably (synced WAL).
+    pub fn commit_checkpoint(&self, prepared: Prepared) -> Result<(Vec<(u64, Vec<u8>)>, CheckpointStats), StoreError> {
+        self.write(prepared.batch, true)?;
+        self.closed_before.store(prepared.closed_before, Ordering::Release);
+        self.outbox_next.store(prepared.outbox_next, Ordering::Release);
+        Ok((prepared.records, prepared.stats))
+    }
+}
+
+fn window_record_line(
+    name: &SeriesName,
+    suffix: &[u8],
+    total: &AggState,
+    revision: u32,
+    scale: u32,
+    window_secs: i64,
+    closed_at: &str,
+) -> Vec<u8> {
+    let record = WindowRecord {
+        kind: "window",
+        record_id: record_id(suffix),
+        revision,
+        tenant: &name.tenant,
+        meter: &name.meter,
+        dims: name
+            .dims
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+        window_start: rfc3339(name.window_start),
+        window_end: rfc3339(name.window_start + window_secs),
+        aggregation: total.kind(),
+        quantity: total.value_string(scale),
+        closed_at: closed_at.to_string(),
+    };
+    let mut line = serde_json::to_vec(&record).expect("invariant: window records serialize");
+    line.push(b'\n');
+    line
+}

@@ -1,0 +1,171 @@
+//! Binary RocksDB keys. One leading byte names the kind; strings are length-prefixed so that a
+//! prefix of fields is a prefix of bytes (meter, then tenant, then window) and scans are exact.
+//!
+//! ```text
+//! A | meter | tenant | window_start | dims      → AggState (merge operands are deltas)
+//! R | meter | tenant | window_start | dims      → u32 BE: last emitted revision of the window record
+//! W | window_end | meter | tenant | window_start | dims → ()  window not yet closed (close index)
+//! D | u128 BE                                   → u64 BE first-seen unix secs (dedup key)
+//! P | source name                               → u64 BE next position (e.g. ingest log sequence)
+//! O | u64 BE                                    → JSON line waiting for the file emitter (outbox)
+//! M | name                                      → metadata (close watermark, meter guards, ...)
+//! ```
+//! Times are unix seconds, stored sign-flipped big-endian so that byte order is time order.
+
+use crate::model::Dims;
+
+pub const AGGREGATE: u8 = b'A';
+pub const REVISION: u8 = b'R';
+pub const OPEN_WINDOW: u8 = b'W';
+pub const DEDUP: u8 = b'D';
+pub const POSITION: u8 = b'P';
+pub const OUTBOX: u8 = b'O';
+pub const META: u8 = b'M';
+
+pub fn time_bytes(unix_secs: i64) -> [u8; 8] {
+    ((unix_secs as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub fn time_from_bytes(bytes: &[u8]) -> Option<i64> {
+    let array: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    Some((u64::from_be_bytes(array) ^ (1 << 63)) as i64)
+}
+
+fn push_str(out: &mut Vec<u8>, text: &str) {
+    let len = u16::try_from(text.len()).expect("invariant: key strings are validated to be short");
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn read_str<'a>(bytes: &'a [u8], pos: &mut usize) -> Option<&'a str> {
+    let len = u16::from_be_bytes(bytes.get(*pos..*pos + 2)?.try_into().ok()?) as usize;
+    let text = std::str::from_utf8(bytes.get(*pos + 2..*pos + 2 + len)?).ok()?;
+    *pos += 2 + len;
+    Some(text)
+}
+
+/// The series identity shared by `A`, `R` and `W` keys.
+pub fn series_suffix(meter: &str, tenant: &str, window_start: i64, dims: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + meter.len() + tenant.len());
+    push_str(&mut out, meter);
+    push_str(&mut out, tenant);
+    out.extend_from_slice(&time_bytes(window_start));
+    out.push(u8::try_from(dims.len()).expect("invariant: group_by has fewer than 256 keys"));
+    for (name, value) in dims {
+        push_str(&mut out, name);
+        push_str(&mut out, value);
+    }
+    out
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesName {
+    pub meter: String,
+    pub tenant: String,
+    pub window_start: i64,
+    pub dims: Dims,
+}
+
+pub fn decode_series_suffix(bytes: &[u8]) -> Option<SeriesName> {
+    let mut pos = 0;
+    let meter = read_str(bytes, &mut pos)?.to_string();
+    let tenant = read_str(bytes, &mut pos)?.to_string();
+    let window_start = time_from_bytes(bytes.get(pos..)?)?;
+    pos += 8;
+    let count = *bytes.get(pos)?;
+    pos += 1;
+    let mut dims = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let name = read_str(bytes, &mut pos)?.to_string();
+        let value = read_str(bytes, &mut pos)?.to_string();
+        dims.push((name, value));
+    }
+    (pos == bytes.len()).then_some(SeriesName {
+        meter,
+        tenant,
+        window_start,
+        dims,
+    })
+}
+
+/// The window start of a series suffix, without allocating (for the compaction filter).
+pub fn suffix_window_start(bytes: &[u8]) -> Option<i64> {
+    let mut pos = 0;
+    read_str(bytes, &mut pos)?;
+    read_str(bytes, &mut pos)?;
+    time_from_bytes(bytes.get(pos..)?)
+}
+
+pub fn with_kind(kind: u8, suffix: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + suffix.len());
+    out.push(kind);
+    out.extend_from_slice(suffix);
+    out
+}
+
+/// Prefix of all `A` keys of a meter, or of one tenant's series of a meter.
+pub fn aggregate_prefix(meter: &str, tenant: Option<&str>) -> Vec<u8> {
+    let mut out = vec![AGGREGATE];
+    push_str(&mut out, meter);
+    if let Some(tenant) = tenant {
+        push_str(&mut out, tenant);
+    }
+    out
+}
+
+pub fn open_window_key(window_end: i64, suffix: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + suffix.len());
+    out.push(OPEN_WINDOW);
+    out.extend_from_slice(&time_bytes(window_end));
+    out.extend_from_slice(suffix);
+    out
+}
+
+pub fn dedup_key(key: u128) -> [u8; 17] {
+    let mut out = [0u8; 17];
+    out[0] = DEDUP;
+    out[1..].copy_from_slice(&key.to_be_bytes());
+    out
+}
+
+pub fn position_key(source: &str) -> Vec<u8> {
+    with_kind(POSITION, source.as_bytes())
+}
+
+pub fn outbox_key(seq: u64) -> [u8; 9] {
+    let mut out = [0u8; 9];
+    out[0] = OUTBOX;
+    out[1..].copy_from_slice(&seq.to_be_bytes());
+    out
+}
+
+pub fn meta_key(name: &str) -> Vec<u8> {
+    with_kind(META, name.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffix_round_trips_and_orders_by_window() {
+        let dims = vec![("model".to_string(), "gpt-4".to_string())];
+        let early = series_suffix("tokens", "acme", -120, &dims);
+        let late = series_suffix("tokens", "acme", 60, &dims);
+        assert!(early < late, "byte order must be time order");
+        let decoded = decode_series_suffix(&late).unwrap();
+        assert_eq!(decoded.meter, "tokens");
+        assert_eq!(decoded.tenant, "acme");
+        assert_eq!(decoded.window_start, 60);
+        assert_eq!(decoded.dims, dims);
+        assert_eq!(suffix_window_start(&early), Some(-120));
+        assert!(decode_series_suffix(&late[..late.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn tenant_prefix_does_not_match_longer_tenant() {
+        let key = with_kind(AGGREGATE, &series_suffix("m", "acme-2", 0, &[]));
+        assert!(key.starts_with(&aggregate_prefix("m", None)));
+        assert!(!key.starts_with(&aggregate_prefix("m", Some("acme"))));
+    }
+}

@@ -1,0 +1,339 @@
+//! RocksDB: checkpointed aggregates, source positions, dedup keys, the close index and the outbox.
+//!
+//! Owns the on-disk layout (`keys`), the associative merge operator that folds aggregate deltas
+//! without read-modify-write, and the compaction filter that enforces retention and the dedup
+//! horizon. Callers must run every method off the async executor (they block on disk).
+//!
+//! Invariant: a source position is only ever written in the same WriteBatch as the aggregates
+//! and dedup keys that it reflects (see `checkpoint`).
+
+pub mod checkpoint;
+pub mod keys;
+pub mod log;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use rocksdb::{
+    BlockBasedOptions, DBCompressionType, Direction, IteratorMode, MergeOperands, Options, ReadOptions,
+    SnapshotWithThreadMode, WriteBatch, WriteOptions, DB,
+};
+
+use crate::aggregate::AggState;
+use crate::meter::Meter;
+use keys::SeriesName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt {what}: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+    #[error("meter definitions changed incompatibly: {0}")]
+    MeterChanged(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the store must know of a meter to interpret its stored states, kept in `M` keys so that
+/// a meter removed from config can still be read, and an incompatible change is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeterShape {
+    pub aggregation: String,
+    pub scale: u32,
+    pub window_secs: i64,
+}
+
+impl MeterShape {
+    fn encode(&self) -> String {
+        format!("{}/{}/{}", self.aggregation, self.scale, self.window_secs)
+    }
+
+    fn decode(text: &str) -> Option<MeterShape> {
+        let mut parts = text.split('/');
+        let shape = MeterShape {
+            aggregation: parts.next()?.to_string(),
+            scale: parts.next()?.parse().ok()?,
+            window_secs: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(shape)
+    }
+}
+
+pub type MeterCatalog = HashMap<String, MeterShape>;
+
+pub struct RocksStore {
+    db: DB,
+    /// Next outbox sequence; only the checkpoint thread advances it.
+    outbox_next: AtomicU64,
+    /// Windows ending at or before this unix second have been closed and emitted.
+    closed_before: AtomicI64,
+}
+
+const SOURCE_HTTP_LOG: &str = "ingest-log";
+const META_CLOSED_BEFORE: &str = "closed_before";
+const META_OUTBOX_NEXT: &str = "outbox_next";
+
+fn merge_aggregates(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    let mut state: Option<AggState> = match existing {
+        Some(bytes) => Some(AggState::decode(bytes).ok()?),
+        None => None,
+    };
+    for operand in operands {
+        let delta = AggState::decode(operand).ok()?;
+        match &mut state {
+            Some(state) => state.merge(&delta).ok()?,
+            None => state = Some(delta),
+        }
+    }
+    // Returning None makes RocksDB report corruption instead of silently dropping usage.
+    state.map(|state| state.encode())
+}
+
+fn unix_now_secs() -> i64 {
+    crate::model::now_ms().div_euclid(1000)
+}
+
+impl RocksStore {
+    pub fn open(path: &Path, retention_secs: i64, dedup_horizon_secs: i64) -> Result<RocksStore, StoreError> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.set_compression_type(DBCompressionType::Lz4);
+        options.set_merge_operator_associative("tallyd_aggregate_v1", merge_aggregates);
+        options.set_compaction_filter("tallyd_retention_v1", move |_level: u32, key: &[u8], value: &[u8]| {
+            use rocksdb::compaction_filter::Decision;
+            let now = unix_now_secs();
+            match key.first() {
+                Some(&keys::AGGREGATE) | Some(&keys::REVISION) => match keys::suffix_window_start(&key[1..]) {
+                    Some(start) if start < now - retention_secs => Decision::Remove,
+                    _ => Decision::Keep,
+                },
+                Some(&keys::DEDUP) => match value.try_into().map(u64::from_be_bytes) {
+                    Ok(first_seen) if (first_seen as i64) < now - dedup_horizon_secs => Decision::Remove,
+                    _ => Decision::Keep,
+                },
+                _ => Decision::Keep,
+            }
+        });
+        let mut table = BlockBasedOptions::default();
+        // Dedup lookups are point reads that mostly miss: a bloom filter answers them from memory.
+        table.set_bloom_filter(10.0, false);
+        table.set_cache_index_and_filter_blocks(true);
+        options.set_block_based_table_factory(&table);
+        options.increase_parallelism(2);
+
+        let db = DB::open(&options, path)?;
+        let outbox_next = read_u64(&db, &keys::meta_key(META_OUTBOX_NEXT))?.unwrap_or(0);
+        let closed_before = read_u64(&db, &keys::meta_key(META_CLOSED_BEFORE))?
+            .map(|v| v as i64)
+            .unwrap_or(i64::MIN);
+        Ok(RocksStore {
+            db,
+            outbox_next: AtomicU64::new(outbox_next),
+            closed_before: AtomicI64::new(closed_before),
+        })
+    }
+
+    /// Records each configured meter's shape, refusing a change that would reinterpret stored
+    /// states (aggregation, scale or window size of an existing slug). Returns every known shape,
+    /// including meters no longer configured.
+    pub fn guard_meters(&self, meters: &[Meter]) -> Result<MeterCatalog, StoreError> {
+        let mut catalog = MeterCatalog::new();
+        let prefix = keys::meta_key("meter/");
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let slug = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let shape = std::str::from_utf8(&value)
+                .ok()
+                .and_then(MeterShape::decode)
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: "meter shape",
+                    detail: slug.clone(),
+                })?;
+            catalog.insert(slug, shape);
+        }
+        let mut problems = Vec::new();
+        let mut batch = WriteBatch::default();
+        for meter in meters {
+            let shape = MeterShape {
+                aggregation: meter.aggregation.as_str().to_string(),
+                scale: meter.scale,
+                window_secs: meter.window_size.seconds(),
+            };
+            match catalog.get(&meter.slug) {
+                Some(stored) if *stored != shape => problems.push(format!(
+                    "meter `{}` was {} (stored data depends on it) and is now {}; keep it or use a new slug",
+                    meter.slug,
+                    stored.encode(),
+                    shape.encode()
+                )),
+                Some(_) => {}
+                None => {
+                    batch.put(
+                        keys::meta_key(&format!("meter/{}", meter.slug)),
+                        shape.encode().as_bytes(),
+                    );
+                    catalog.insert(meter.slug.clone(), shape);
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(StoreError::MeterChanged(problems.join("; ")));
+        }
+        self.write(batch, true)?;
+        Ok(catalog)
+    }
+
+    /// The checkpointed ingest-log position: every record with a lower sequence is in the store.
+    pub fn ingest_log_position(&self) -> Result<u64, StoreError> {
+        Ok(read_u64(&self.db, &keys::position_key(SOURCE_HTTP_LOG))?.unwrap_or(0))
+    }
+
+    /// For each dedup key, whether it was checkpointed within the horizon.
+    pub fn dedup_seen(&self, dedup_keys: &[u128], now_secs: i64, horizon_secs: i64) -> Result<Vec<bool>, StoreError> {
+        let lookups = dedup_keys.iter().map(|key| keys::dedup_key(*key));
+        let mut out = Vec::with_capacity(dedup_keys.len());
+        for result in self.db.multi_get(lookups) {
+            let seen = match result? {
+                // Expired keys may linger until compaction; they no longer count.
+                Some(value) => match <[u8; 8]>::try_from(value.as_slice()) {
+                    Ok(bytes) => (u64::from_be_bytes(bytes) as i64) >= now_secs - horizon_secs,
+                    Err(_) => true,
+                },
+                None => false,
+            };
+            out.push(seen);
+        }
+        Ok(out)
+    }
+
+    pub fn snapshot(&self) -> SnapshotWithThreadMode<'_, DB> {
+        self.db.snapshot()
+    }
+
+    /// All checkpointed series of `meter` (optionally one tenant) with a window start in
+    /// `[from_secs, to_secs)`, read at `snapshot`.
+    pub fn scan_series(
+        &self,
+        snapshot: &SnapshotWithThreadMode<'_, DB>,
+        meter: &str,
+        tenant: Option<&str>,
+        from_secs: i64,
+        to_secs: i64,
+    ) -> Result<Vec<(SeriesName, AggState)>, StoreError> {
+        let prefix = keys::aggregate_prefix(meter, tenant);
+        let mut start = prefix.clone();
+        if tenant.is_some() {
+            // Within one tenant the window is next in the key: seek straight to `from`.
+            start.extend_from_slice(&keys::time_bytes(from_secs));
+        }
+        let mut out = Vec::new();
+        let iterator = snapshot.iterator_opt(
+            IteratorMode::From(&start, Direction::Forward),
+            ReadOptions::default(),
+        );
+        for item in iterator {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let name = keys::decode_series_suffix(&key[1..]).ok_or_else(|| StoreError::Corrupt {
+                what: "aggregate key",
+                detail: format!("{key:?}"),
+            })?;
+            if name.window_start < from_secs || name.window_start >= to_secs {
+                continue;
+            }
+            let state = AggState::decode(&value).map_err(|error| StoreError::Corrupt {
+                what: "aggregate state",
+                detail: error.to_string(),
+            })?;
+            out.push((name, state));
+        }
+        Ok(out)
+    }
+
+    /// Lines written by checkpoints that the file emitter has not yet confirmed, in order.
+    pub fn pending_outbox(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&[keys::OUTBOX], Direction::Forward))
+        {
+            let (key, value) = item?;
+            if key.first() != Some(&keys::OUTBOX) {
+                break;
+            }
+            let seq = u64::from_be_bytes(key[1..9].try_into().map_err(|_| StoreError::Corrupt {
+                what: "outbox key",
+                detail: format!("{key:?}"),
+            })?);
+            out.push((seq, value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Forgets outbox lines up to and including `last_seq` (they are durable in the file).
+    pub fn clear_outbox(&self, last_seq: u64) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range(keys::outbox_key(0), keys::outbox_key(last_seq + 1));
+        self.write(batch, false)
+    }
+
+    pub fn closed_before(&self) -> i64 {
+        self.closed_before.load(Ordering::Acquire)
+    }
+
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
+        let mut options = WriteOptions::default();
+        options.set_sync(sync);
+        self.db.write_opt(batch, &options)?;
+        Ok(())
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(key)?)
+    }
+
+    /// Iterates keys of one kind from `start` (inclusive) while `keep` holds.
+    pub fn scan_keys(&self, start: &[u8], mut keep: impl FnMut(&[u8]) -> bool) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator(IteratorMode::From(start, Direction::Forward)) {
+            let (key, _) = item?;
+            if !keep(&key) {
+                break;
+            }
+            out.push(key.to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Approximate on-disk size, for metrics.
+    pub fn live_data_bytes(&self) -> u64 {
+        self.db
+            .property_int_value("rocksdb.live-sst-files-size")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+}
+
+fn read_u64(db: &DB, key: &[u8]) -> Result<Option<u64>, StoreError> {
+    match db.get(key)? {
+        None => Ok(None),
+        Some(bytes) => match <[u8; 8]>::try_from(bytes.as_slice()) {
+            Ok(array) => Ok(Some(u64::from_be_bytes(array))),
+            Err(_) => Err(StoreError::Corrupt {
+                what: "u64 value",
+                detail: String::from_utf8_lossy(key).into_owned(),
+            }),
+        },
+    }
+}

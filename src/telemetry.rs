@@ -1,0 +1,104 @@
+//! Logs and metrics: tracing init, the Prometheus recorder, and the closed catalogue of metric
+//! names. Labels come from closed sets (`source`, `outcome`, `reason`, `output`); a tenant id is
+//! never a label (unbounded cardinality).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// `{source, outcome}`; outcome ∈ accepted | duplicate | refused | invalid.
+pub const INGEST_EVENTS: &str = "tallyd_ingest_events_total";
+/// `{source, reason}`: events refused by policy (and dead-lettered).
+pub const INGEST_REFUSED: &str = "tallyd_ingest_refused_total";
+/// `{source}`: accepted events that amended an already-closed window.
+pub const INGEST_LATE: &str = "tallyd_ingest_late_events_total";
+/// `{source}`: accepted events whose type matches no meter.
+pub const INGEST_UNMETERED: &str = "tallyd_ingest_unmetered_events_total";
+/// `{source, code}`: requests by HTTP status.
+pub const INGEST_REQUESTS: &str = "tallyd_ingest_requests_total";
+pub const INGEST_LOG_BYTES: &str = "tallyd_ingest_log_bytes_total";
+/// Requests per group commit (one fsync each).
+pub const INGEST_COMMIT_GROUP: &str = "tallyd_ingest_commit_group_requests";
+/// Series with a delta not yet checkpointed.
+pub const ACTIVE_SERIES: &str = "tallyd_aggregate_active_series";
+/// Dedup keys reserved or applied but not yet checkpointed.
+pub const DEDUP_PENDING: &str = "tallyd_dedup_pending_keys";
+pub const FLUSH_DURATION: &str = "tallyd_flush_duration_seconds";
+pub const CHECKPOINT_BYTES: &str = "tallyd_checkpoint_bytes_total";
+pub const CHECKPOINT_SERIES: &str = "tallyd_checkpoint_series_total";
+pub const CHECKPOINT_FAILURES: &str = "tallyd_checkpoint_failures_total";
+pub const CHECKPOINT_LAST_SUCCESS: &str = "tallyd_checkpoint_last_success_timestamp_seconds";
+/// `{output, kind}`.
+pub const EMIT_RECORDS: &str = "tallyd_emit_records_total";
+/// `{output}`.
+pub const EMIT_FAILURES: &str = "tallyd_emit_failures_total";
+pub const STORE_LIVE_BYTES: &str = "tallyd_store_live_bytes";
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global metrics recorder once per process and returns the render handle.
+pub fn prometheus() -> PrometheusHandle {
+    PROMETHEUS
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(FLUSH_DURATION.to_string()),
+                    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+                )
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        Matcher::Full(INGEST_COMMIT_GROUP.to_string()),
+                        &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+                    )
+                })
+                .expect("invariant: bucket lists are non-empty")
+                .install_recorder();
+            match handle {
+                Ok(handle) => {
+                    describe();
+                    handle
+                }
+                // Another recorder is installed (e.g. an embedding test harness): render ours anyway.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(INGEST_EVENTS, "events received, by source and outcome (accepted, duplicate, refused, invalid)");
+    describe_counter!(INGEST_REFUSED, "events refused by policy and written to the dead letter output, by reason");
+    describe_counter!(INGEST_LATE, "accepted events that amended an already closed window");
+    describe_counter!(INGEST_UNMETERED, "accepted events whose type matches no meter");
+    describe_counter!(INGEST_REQUESTS, "ingest requests by status code");
+    describe_counter!(INGEST_LOG_BYTES, Unit::Bytes, "bytes appended to the ingest log");
+    describe_histogram!(INGEST_COMMIT_GROUP, "requests made durable by one group commit");
+    describe_gauge!(ACTIVE_SERIES, "series with usage not yet checkpointed");
+    describe_gauge!(DEDUP_PENDING, "dedup keys not yet checkpointed");
+    describe_histogram!(FLUSH_DURATION, Unit::Seconds, "checkpoint duration");
+    describe_counter!(CHECKPOINT_BYTES, Unit::Bytes, "bytes written by checkpoints");
+    describe_counter!(CHECKPOINT_SERIES, "series deltas written by checkpoints");
+    describe_counter!(CHECKPOINT_FAILURES, "checkpoints that failed and were retried");
+    describe_gauge!(CHECKPOINT_LAST_SUCCESS, Unit::Seconds, "unix time of the last successful checkpoint");
+    describe_counter!(EMIT_RECORDS, "records written downstream, by output and kind");
+    describe_counter!(EMIT_FAILURES, "failed attempts to write downstream, by output");
+    describe_gauge!(STORE_LIVE_BYTES, Unit::Bytes, "RocksDB live SST bytes");
+}
+
+/// Initialises structured logs on stderr. `filter` uses `RUST_LOG` syntax.
+pub fn init_tracing(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true);
+    let result = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    // Already initialised (tests): keep the first subscriber.
+    let _ = result;
+}

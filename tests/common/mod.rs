@@ -1,0 +1,252 @@
+//! Black-box test harness: starts the real `tallyd` binary on 127.0.0.1:0 with a temp data dir
+//! and returns its address (mini-redis `start_server`, but a process, so tests can SIGKILL it).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Meters used by the black-box tests: one per aggregation, from the seed pricing.
+pub const METERS: &str = r#"
+[[meters]]
+slug = "tokens"
+event_type = "llm.prompt"
+aggregation = "SUM"
+value_property = "$.tokens"
+group_by = { model = "$.model" }
+scale = 0
+
+[[meters]]
+slug = "api_calls"
+event_type = "api.request"
+aggregation = "COUNT"
+group_by = { route = "$.route" }
+
+[[meters]]
+slug = "data_gb"
+event_type = "data.ingested"
+aggregation = "SUM"
+value_property = "$.gb"
+scale = 9
+
+[[meters]]
+slug = "mau"
+event_type = "user.active"
+aggregation = "UNIQUE_COUNT"
+value_property = "$.user_id"
+
+[[meters]]
+slug = "nodes"
+event_type = "node.heartbeat"
+aggregation = "MAX"
+value_property = "$.nodes"
+scale = 0
+
+[[meters]]
+slug = "min_free"
+event_type = "node.heartbeat"
+aggregation = "MIN"
+value_property = "$.free_gb"
+
+[[meters]]
+slug = "storage_gb"
+event_type = "storage.report"
+aggregation = "LATEST"
+value_property = "$.gb"
+window_size = "HOUR"
+"#;
+
+pub struct Daemon {
+    pub child: Child,
+    pub addr: String,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    pub config_path: PathBuf,
+}
+
+pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let data_dir = dir.join("data");
+    let text = format!(
+        r#"
+[server]
+http_addr = "127.0.0.1:0"
+[storage]
+data_dir = "{data}"
+[aggregate]
+flush_interval_ms = 100
+allowed_lateness_secs = 60
+max_lateness_secs = 864000
+max_future_secs = 300
+dedup_horizon_secs = 3024000
+[emit.file]
+path = "{data}/usage.jsonl"
+[dead_letter]
+path = "{data}/dead-letter.jsonl"
+{extra}
+{METERS}
+"#,
+        data = data_dir.display()
+    );
+    let path = dir.join("tallyd.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl Daemon {
+    /// Starts tallyd with `config_path` and waits until it listens.
+    pub fn start(config_path: &Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .args(["run", "--config"])
+            .arg(config_path)
+            .args(["--log-level", "info,tallyd=debug"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tallyd starts");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("http listening") {
+                    if let Some(addr) = line.split("addr=").nth(1) {
+                        let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("tallyd did not start:\n{}", logs.lock().unwrap().join("\n"));
+            }
+        };
+        Daemon {
+            child,
+            addr,
+            logs,
+            config_path: config_path.to_path_buf(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// SIGTERM and wait for a clean exit (final checkpoint).
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "tallyd exited with {status}:\n{}", self.logs());
+                return;
+            }
+            assert!(Instant::now() < deadline, "tallyd did not stop:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+pub fn event(id: &str, event_type: &str, subject: &str, time: &str, data: Value) -> Value {
+    json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": "tests",
+        "type": event_type,
+        "subject": subject,
+        "time": time,
+        "data": data,
+    })
+}
+
+/// RFC 3339 for `now - ago_secs`.
+pub fn ago(ago_secs: i64) -> String {
+    let ts = chrono::Utc::now() - chrono::Duration::seconds(ago_secs);
+    ts.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+pub async fn post_batch(client: &reqwest::Client, daemon: &Daemon, events: &[Value]) -> (u16, Value) {
+    let response = client
+        .post(daemon.url("/api/v1/events"))
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(serde_json::to_vec(events).unwrap())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.json::<Value>().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+pub async fn query(client: &reqwest::Client, daemon: &Daemon, slug: &str, params: &str) -> Value {
+    let response = client
+        .get(daemon.url(&format!("/api/v1/meters/{slug}/query?{params}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "query {slug}?{params}");
+    response.json().await.unwrap()
+}
+
+/// The single row's value as exact decimal text (values are JSON numbers without float error).
+pub fn single_value(result: &Value) -> String {
+    let data = result["data"].as_array().expect("data array");
+    assert_eq!(data.len(), 1, "expected one row: {result}");
+    data[0]["value"].to_string()
+}
+
+/// Polls `check` until it returns Some or the deadline passes.
+pub async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}

@@ -1,0 +1,340 @@
+//! Black-box tests of the daemon: CloudEvents over HTTP in, exact usage out.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn config(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), extra);
+    (dir, path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_then_query_exact_totals_for_each_aggregation() {
+    let (_dir, path) = config("");
+    let daemon = Daemon::start(&path);
+    let client = client();
+    let t = ago(120);
+    let events = vec![
+        event("t1", "llm.prompt", "acme", &t, json!({"tokens": 1200, "model": "gpt-4"})),
+        event("t2", "llm.prompt", "acme", &t, json!({"tokens": "800", "model": "gpt-4"})),
+        event("t3", "llm.prompt", "acme", &t, json!({"tokens": 5, "model": "mini"})),
+        event("t4", "llm.prompt", "globex", &t, json!({"tokens": 7, "model": "mini"})),
+        event("c1", "api.request", "acme", &t, json!({"route": "/v1/a"})),
+        event("c2", "api.request", "acme", &t, json!({"route": "/v1/b"})),
+        event("c3", "api.request", "acme", &t, json!({})),
+        // 0.1 + 0.2 is exactly 0.3 here, unlike with floats.
+        event("d1", "data.ingested", "acme", &t, json!({"gb": 0.1})),
+        event("d2", "data.ingested", "acme", &t, json!({"gb": 0.2})),
+        event("d3", "data.ingested", "acme", &t, json!({"gb": "0.000000001"})),
+        event("u1", "user.active", "acme", &t, json!({"user_id": "alice"})),
+        event("u2", "user.active", "acme", &t, json!({"user_id": "bob"})),
+        event("u3", "user.active", "acme", &t, json!({"user_id": "alice"})),
+        event("n1", "node.heartbeat", "acme", &t, json!({"nodes": 3, "free_gb": 10.5})),
+        event("n2", "node.heartbeat", "acme", &t, json!({"nodes": 9, "free_gb": 2.25})),
+        event("n3", "node.heartbeat", "acme", &t, json!({"nodes": 4, "free_gb": 7})),
+        event("s1", "storage.report", "acme", &ago(300), json!({"gb": 40})),
+        event("s2", "storage.report", "acme", &ago(100), json!({"gb": 42.5})),
+        event("s3", "storage.report", "acme", &ago(200), json!({"gb": 41})),
+    ];
+    let (status, body) = post_batch(&client, &daemon, &events).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"], 19);
+    assert_eq!(body["duplicates"], 0);
+
+    let q = |slug: &'static str, params: &'static str| {
+        let client = client.clone();
+        let daemon = &daemon;
+        async move { query(&client, daemon, slug, params).await }
+    };
+    assert_eq!(single_value(&q("tokens", "subject=acme&groupBy=model&filterGroupBy[model]=gpt-4").await), "2000");
+    assert_eq!(single_value(&q("tokens", "subject=acme").await), "2005");
+    assert_eq!(single_value(&q("tokens", "subject=globex").await), "7");
+    let by_subject = q("tokens", "").await;
+    assert_eq!(by_subject["data"].as_array().unwrap().len(), 2, "one row per subject: {by_subject}");
+    assert_eq!(single_value(&q("api_calls", "subject=acme").await), "3");
+    let by_route = q("api_calls", "subject=acme&groupBy=route").await;
+    let routes: Vec<(Value, String)> = by_route["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| (row["groupBy"]["route"].clone(), row["value"].to_string()))
+        .collect();
+    assert_eq!(
+        routes,
+        vec![
+            (Value::Null, "1".to_string()),
+            (json!("/v1/a"), "1".to_string()),
+            (json!("/v1/b"), "1".to_string())
+        ]
+    );
+    assert_eq!(single_value(&q("data_gb", "subject=acme").await), "0.300000001");
+    assert_eq!(single_value(&q("mau", "subject=acme").await), "2");
+    assert_eq!(single_value(&q("nodes", "subject=acme").await), "9");
+    assert_eq!(single_value(&q("min_free", "subject=acme").await), "2.25");
+    // LATEST is by event time, not arrival order.
+    assert_eq!(single_value(&q("storage_gb", "subject=acme").await), "42.5");
+
+    // The same totals after the checkpoint (read from RocksDB instead of memory).
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(single_value(&q("tokens", "subject=acme").await), "2005");
+    assert_eq!(single_value(&q("data_gb", "subject=acme").await), "0.300000001");
+    assert_eq!(single_value(&q("mau", "subject=acme").await), "2");
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_not_counted_even_across_restarts() {
+    let (_dir, path) = config("");
+    let daemon = Daemon::start(&path);
+    let client = client();
+    let t = ago(30);
+    let batch: Vec<Value> = (0..50)
+        .map(|i| event(&format!("e{i}"), "llm.prompt", "acme", &t, json!({"tokens": i, "model": "m"})))
+        .collect();
+    let (status, body) = post_batch(&client, &daemon, &batch).await;
+    assert_eq!((status, body["accepted"].clone()), (202, json!(50)));
+    let (_, body) = post_batch(&client, &daemon, &batch).await;
+    assert_eq!((body["accepted"].clone(), body["duplicates"].clone()), (json!(0), json!(50)));
+    // Same id from another tenant is another event: one tenant cannot suppress another's usage.
+    let other = vec![event("e1", "llm.prompt", "globex", &t, json!({"tokens": 1000, "model": "m"}))];
+    let (_, body) = post_batch(&client, &daemon, &other).await;
+    assert_eq!(body["accepted"], 1);
+    // Duplicates within one request count once.
+    let twice = vec![
+        event("x", "llm.prompt", "acme", &t, json!({"tokens": 5, "model": "m"})),
+        event("x", "llm.prompt", "acme", &t, json!({"tokens": 5, "model": "m"})),
+    ];
+    let (_, body) = post_batch(&client, &daemon, &twice).await;
+    assert_eq!((body["accepted"].clone(), body["duplicates"].clone()), (json!(1), json!(1)));
+    let expected = (0..50).sum::<i64>() + 5;
+    assert_eq!(single_value(&query(&client, &daemon, "tokens", "subject=acme").await), expected.to_string());
+    daemon.stop();
+
+    let daemon = Daemon::start(&path);
+    let (_, body) = post_batch(&client, &daemon, &batch).await;
+    assert_eq!(body["duplicates"], 50, "dedup keys survive a restart");
+    assert_eq!(single_value(&query(&client, &daemon, "tokens", "subject=acme").await), expected.to_string());
+    assert_eq!(single_value(&query(&client, &daemon, "tokens", "subject=globex").await), "1000");
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_event_amends_closed_window_and_too_late_is_dead_lettered() {
+    let (dir, path) = config("");
+    let daemon = Daemon::start(&path);
+    let client = client();
+    // allowed_lateness is 60 s in the test config: a window 5 minutes old is closed.
+    let old = ago(300);
+    let (status, body) = post_batch(
+        &client,
+        &daemon,
+        &[event("a", "llm.prompt", "acme", &old, json!({"tokens": 10, "model": "m"}))],
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let usage = dir.path().join("data/usage.jsonl");
+    let first = eventually("first window record", async || {
+        read_jsonl(&usage).into_iter().find(|r| r["meter"] == "tokens")
+    })
+    .await;
+    assert_eq!(first["revision"], 1);
+    assert_eq!(first["quantity"], "10");
+    assert_eq!(first["tenant"], "acme");
+    assert_eq!(first["dims"], json!({"model": "m"}));
+
+    // A late event for the same window: counted once, emitted as revision 2 with the new total.
+    let (_, body) = post_batch(
+        &client,
+        &daemon,
+        &[event("b", "llm.prompt", "acme", &old, json!({"tokens": 5, "model": "m"}))],
+    )
+    .await;
+    assert_eq!(body["accepted"], 1);
+    let second = eventually("amended window record", async || {
+        read_jsonl(&usage).into_iter().find(|r| r["meter"] == "tokens" && r["revision"] == 2)
+    })
+    .await;
+    assert_eq!(second["record_id"], first["record_id"], "an amendment upserts the same record");
+    assert_eq!(second["quantity"], "15");
+    assert_eq!(single_value(&query(&client, &daemon, "tokens", "subject=acme").await), "15");
+
+    // Past max_lateness (10 days here) and too far in the future: refused, dead-lettered, not counted.
+    let (status, body) = post_batch(
+        &client,
+        &daemon,
+        &[
+            event("c", "llm.prompt", "acme", &ago(11 * 86_400), json!({"tokens": 1, "model": "m"})),
+            event("d", "llm.prompt", "acme", &ago(-3600), json!({"tokens": 1, "model": "m"})),
+            event("e", "llm.prompt", "acme", &ago(10), json!({"tokens": 2, "model": "m"})),
+        ],
+    )
+    .await;
+    assert_eq!(status, 202);
+    assert_eq!(body["accepted"], 1);
+    let refused: Vec<(Value, Value)> = body["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["index"].clone(), r["reason"].clone()))
+        .collect();
+    assert_eq!(refused, vec![(json!(0), json!("too_late")), (json!(1), json!("too_far_in_future"))]);
+    let dead = read_jsonl(&dir.path().join("data/dead-letter.jsonl"));
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0]["reason"], "too_late");
+    assert_eq!(dead[0]["event"]["id"], "c");
+    assert_eq!(dead[1]["reason"], "too_far_in_future");
+    assert_eq!(single_value(&query(&client, &daemon, "tokens", "subject=acme").await), "17");
+
+    let metrics = client.get(daemon.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for needle in [
+        r#"tallyd_ingest_events_total{source="http",outcome="accepted"} 3"#,
+        r#"tallyd_ingest_events_total{source="http",outcome="refused"} 2"#,
+        r#"tallyd_ingest_refused_total{source="http",reason="too_late"} 1"#,
+        r#"tallyd_ingest_late_events_total{source="http"} 2"#,
+        "tallyd_flush_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_400_naming_index_field_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "http_addr = \"127.0.0.1:0\"",
+        "http_addr = \"127.0.0.1:0\"\nmax_body_bytes = 4096",
+    );
+    std::fs::write(&path, text).unwrap();
+    let daemon = Daemon::start(&path);
+    let client = client();
+    let t = ago(10);
+
+    let (status, body) = post_batch(
+        &client,
+        &daemon,
+        &[
+            event("1", "llm.prompt", "acme", &t, json!({"tokens": 5, "model": "m"})),
+            json!({"id": "2", "source": "s", "type": "llm.prompt", "data": {"tokens": 1}}),
+            event("3", "llm.prompt", "acme", "not a time", json!({"tokens": 1})),
+            event("4", "llm.prompt", "acme", &t, json!({"tokens": "lots"})),
+            event("5", "llm.prompt", "acme", &t, json!({"tokens": 1.5})),
+        ],
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let errors: Vec<(Value, Value)> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["index"].clone(), e["field"].clone()))
+        .collect();
+    assert_eq!(
+        errors,
+        vec![
+            (json!(1), json!("subject")),
+            (json!(2), json!("time")),
+            (json!(3), json!("data.tokens")),
+            (json!(4), json!("data.tokens")),
+        ]
+    );
+    assert!(body["errors"][3]["reason"].as_str().unwrap().contains("decimal places"));
+    // Nothing of an invalid request is counted, not even its valid events.
+    let result = query(&client, &daemon, "tokens", "subject=acme").await;
+    assert_eq!(result["data"], json!([]));
+
+    let send_raw = |content_type: &'static str, body: Vec<u8>| {
+        let client = client.clone();
+        let url = daemon.url("/api/v1/events");
+        async move {
+            let response = client.post(url).header("content-type", content_type).body(body).send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, body) = send_raw("text/plain", b"{}".to_vec()).await;
+    assert_eq!((status, body["errors"][0]["field"].clone()), (400, json!("content-type")));
+    let (status, body) = send_raw("application/json", b"{\"id\": ".to_vec()).await;
+    assert_eq!((status, body["errors"][0]["field"].clone()), (400, json!("body")));
+    let (status, body) = send_raw("application/json", vec![b' '; 5000]).await;
+    assert_eq!(status, 400);
+    assert!(body["errors"][0]["reason"].as_str().unwrap().contains("max_body_bytes"), "{body}");
+    let (status, _) = send_raw("application/cloudevents+json", vec![0xff, 0xfe, 0x00]).await;
+    assert_eq!(status, 400);
+
+    // Unknown types are accepted and counted as unmetered, not rejected.
+    let (status, body) = post_batch(&client, &daemon, &[event("u", "no.such.type", "acme", &t, json!({}))]).await;
+    assert_eq!((status, body["unmetered"].clone()), (202, json!(1)));
+
+    let health = client.get(daemon.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let bad_query = client
+        .get(daemon.url("/api/v1/meters/tokens/query?windowSize=WEEK&groupBy=region&from=yesterday"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_query.status(), 400);
+    let bad_query: Value = bad_query.json().await.unwrap();
+    assert_eq!(bad_query["errors"].as_array().unwrap().len(), 3, "{bad_query}");
+    let missing = client.get(daemon.url("/api/v1/meters/nope/query")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monthly_active_users_are_distinct_over_the_range_not_a_sum_of_days() {
+    let (_dir, path) = config("");
+    let daemon = Daemon::start(&path);
+    let client = client();
+    // Day 1: alice, bob. Day 2: alice, carol. Day 3: alice.
+    let days = [(3, vec!["alice", "bob"]), (2, vec!["alice", "carol"]), (1, vec!["alice"])];
+    let mut events = Vec::new();
+    for (days_ago, users) in &days {
+        for user in users {
+            events.push(event(
+                &format!("{days_ago}-{user}"),
+                "user.active",
+                "acme",
+                &ago(days_ago * 86_400),
+                json!({"user_id": user}),
+            ));
+        }
+    }
+    let (status, _) = post_batch(&client, &daemon, &events).await;
+    assert_eq!(status, 202);
+    let daily = query(&client, &daemon, "mau", "subject=acme&windowSize=DAY").await;
+    let values: Vec<String> = daily["data"].as_array().unwrap().iter().map(|r| r["value"].to_string()).collect();
+    let sum: u64 = values.iter().map(|v| v.parse::<u64>().unwrap()).sum();
+    assert_eq!(sum, 5);
+    assert_eq!(single_value(&query(&client, &daemon, "mau", "subject=acme").await), "3");
+    daemon.stop();
+}
+
+#[test]
+fn validate_lists_every_error_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[aggregate]\nallowed_lateness_secs = 10\nmax_lateness_secs = 1\n[[meters]]\nslug = \"x\"\nevent_type = \"t\"\naggregation = \"AVG\"\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("allowed_lateness_secs") && stderr.contains("AVG"), "{stderr}");
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["validate", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/tallyd.toml")])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+}
