@@ -98,16 +98,20 @@ fn engine_benches(c: &mut Criterion) {
             )
         });
         for threads in [1, 2] {
-            group.bench_with_input(BenchmarkId::new("engine", format!("{threads}_threads")), &threads, |b, &threads| {
-                b.iter_batched(
-                    || Aggregator::new(16),
-                    |engine| {
-                        run_engine_threads(&engine, &events, threads);
-                        engine
-                    },
-                    BatchSize::LargeInput,
-                )
-            });
+            group.bench_with_input(
+                BenchmarkId::new("engine", format!("{threads}_threads")),
+                &threads,
+                |b, &threads| {
+                    b.iter_batched(
+                        || Aggregator::new(16),
+                        |engine| {
+                            run_engine_threads(&engine, &events, threads);
+                            engine
+                        },
+                        BatchSize::LargeInput,
+                    )
+                },
+            );
         }
         group.finish();
     }
@@ -144,31 +148,35 @@ fn checkpoint_benches(c: &mut Criterion) {
     for changed in [1_000usize, 10_000, 100_000] {
         group.throughput(Throughput::Elements(changed as u64));
         let mut seq = 0u64;
-        group.bench_with_input(BenchmarkId::new("changed_series", changed), &changed, |b, &changed| {
-            b.iter_batched(
-                || {
-                    seq += 1;
-                    Snapshot {
-                        next_log_seq: seq,
-                        deltas: (0..changed)
-                            .map(|i| {
-                                let mut key = key_of(i);
-                                key.window_start = now_secs + 3600;
-                                (key, tallyd::aggregate::AggState::Sum(i as i128))
-                            })
-                            .collect(),
-                        dedup_keys: Vec::new(),
-                    }
-                },
-                |snapshot| {
-                    let prepared = store
-                        .prepare_checkpoint(&snapshot, &names, &catalog, now_secs, 60)
-                        .unwrap();
-                    black_box(store.commit_checkpoint(prepared).unwrap());
-                },
-                BatchSize::LargeInput,
-            )
-        });
+        group.bench_with_input(
+            BenchmarkId::new("changed_series", changed),
+            &changed,
+            |b, &changed| {
+                b.iter_batched(
+                    || {
+                        seq += 1;
+                        Snapshot {
+                            next_log_seq: seq,
+                            deltas: (0..changed)
+                                .map(|i| {
+                                    let mut key = key_of(i);
+                                    key.window_start = now_secs + 3600;
+                                    (key, tallyd::aggregate::AggState::Sum(i as i128))
+                                })
+                                .collect(),
+                            dedup_keys: Vec::new(),
+                        }
+                    },
+                    |snapshot| {
+                        let prepared = store
+                            .prepare_checkpoint(&snapshot, &names, &catalog, now_secs, 60)
+                            .unwrap();
+                        black_box(store.commit_checkpoint(prepared).unwrap());
+                    },
+                    BatchSize::LargeInput,
+                )
+            },
+        );
     }
     group.finish();
 }

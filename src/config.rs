@@ -232,7 +232,10 @@ impl Config {
     }
 }
 
-fn apply_env_overrides(document: &mut toml::Table, env: &HashMap<String, String>) -> Result<(), ConfigErrors> {
+fn apply_env_overrides(
+    document: &mut toml::Table,
+    env: &HashMap<String, String>,
+) -> Result<(), ConfigErrors> {
     let mut errors = Vec::new();
     let mut keys: Vec<&String> = env.keys().filter(|key| key.starts_with(ENV_PREFIX)).collect();
     keys.sort();
@@ -328,9 +331,8 @@ impl RawConfig {
             errors.push("aggregate.flush_interval_ms: must be positive".into());
         }
         if aggregate.allowed_lateness_secs > aggregate.max_lateness_secs {
-            errors.push(
-                "aggregate.allowed_lateness_secs: must not exceed aggregate.max_lateness_secs".into(),
-            );
+            errors
+                .push("aggregate.allowed_lateness_secs: must not exceed aggregate.max_lateness_secs".into());
         }
         // A duplicate must never outlive its dedup key while still being acceptable: keys live
         // `dedup_horizon_secs` from first sight, and an event is accepted from `max_future_secs`
@@ -432,7 +434,11 @@ impl RawConfig {
                     value_property,
                     group_by,
                     window_size,
-                    scale: if aggregation == Aggregation::Count { 0 } else { raw.scale },
+                    scale: if aggregation == Aggregation::Count {
+                        0
+                    } else {
+                        raw.scale
+                    },
                     unique_exact_limit: raw.unique_exact_limit,
                     allow_negative: raw.allow_negative,
                 });
@@ -490,7 +496,10 @@ mod tests {
     #[test]
     fn env_overrides_win_and_parse_types() {
         let env = HashMap::from([
-            ("TALLYD__AGGREGATE__FLUSH_INTERVAL_MS".to_string(), "250".to_string()),
+            (
+                "TALLYD__AGGREGATE__FLUSH_INTERVAL_MS".to_string(),
+                "250".to_string(),
+            ),
             ("TALLYD__STORAGE__DATA_DIR".to_string(), "/tmp/x y".to_string()),
             ("OTHER".to_string(), "ignored".to_string()),
         ]);

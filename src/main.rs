@@ -12,7 +12,11 @@ use tallyd::config::{Config, DEFAULT_CONFIG};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "tallyd", version, about = "Streaming usage aggregator: exact usage per tenant and meter")]
+#[command(
+    name = "tallyd",
+    version,
+    about = "Streaming usage aggregator: exact usage per tenant and meter"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -40,7 +44,9 @@ enum Command {
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config, String> {
     let text = match path {
-        Some(path) => std::fs::read_to_string(path).map_err(|error| format!("{}: {error}", path.display()))?,
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|error| format!("{}: {error}", path.display()))?
+        }
         None => DEFAULT_CONFIG.to_string(),
     };
     let env: HashMap<String, String> = std::env::vars().collect();
@@ -79,7 +85,13 @@ fn main() -> ExitCode {
             .map_err(|error| anyhow::anyhow!("cannot bind http_addr {}: {error}", config.http_addr))?;
         let shutdown = tokio_util::sync::CancellationToken::new();
         tallyd::shutdown::cancel_on_signal(shutdown.clone());
-        tallyd::run(config, listener, shutdown, Duration::from_secs(cli.shutdown_grace_secs)).await
+        tallyd::run(
+            config,
+            listener,
+            shutdown,
+            Duration::from_secs(cli.shutdown_grace_secs),
+        )
+        .await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -142,10 +142,12 @@ impl Meter {
             return Ok(Observation::Value(0));
         };
         let field = || path.field_name();
-        let selected = data.and_then(|data| path.select(data)).ok_or_else(|| ExtractError {
-            field: field(),
-            reason: format!("missing (meter `{}` reads its value there)", self.slug),
-        })?;
+        let selected = data
+            .and_then(|data| path.select(data))
+            .ok_or_else(|| ExtractError {
+                field: field(),
+                reason: format!("missing (meter `{}` reads its value there)", self.slug),
+            })?;
         if self.aggregation == Aggregation::UniqueCount {
             let text = match selected {
                 Value::String(text) => text.clone(),
@@ -180,7 +182,10 @@ impl Meter {
         if value < 0 && !self.allow_negative {
             return Err(ExtractError {
                 field: field(),
-                reason: format!("`{text}` is negative and meter `{}` does not allow_negative", self.slug),
+                reason: format!(
+                    "`{text}` is negative and meter `{}` does not allow_negative",
+                    self.slug
+                ),
             });
         }
         Ok(Observation::Value(value))
@@ -294,9 +299,18 @@ mod tests {
     #[test]
     fn json_path_subset() {
         let data = json!({"a": {"b": [10, {"c": "x"}]}, "d.e": 3});
-        assert_eq!(JsonPath::parse("$.a.b[0]").unwrap().select(&data), Some(&json!(10)));
-        assert_eq!(JsonPath::parse("$.a.b[1].c").unwrap().select(&data), Some(&json!("x")));
-        assert_eq!(JsonPath::parse("$['d.e']").unwrap().select(&data), Some(&json!(3)));
+        assert_eq!(
+            JsonPath::parse("$.a.b[0]").unwrap().select(&data),
+            Some(&json!(10))
+        );
+        assert_eq!(
+            JsonPath::parse("$.a.b[1].c").unwrap().select(&data),
+            Some(&json!("x"))
+        );
+        assert_eq!(
+            JsonPath::parse("$['d.e']").unwrap().select(&data),
+            Some(&json!(3))
+        );
         assert_eq!(JsonPath::parse("$.missing").unwrap().select(&data), None);
         for bad in ["tokens", "$", "$..a", "$.a[*]", "$.", "$[", "$.a[?(@.x)]"] {
             assert!(JsonPath::parse(bad).is_err(), "{bad} should be refused");

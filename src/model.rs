@@ -59,9 +59,7 @@ pub fn parse_decimal(text: &str, scale: u32) -> Result<i128, QuantityError> {
     };
     let (mantissa, exponent) = match rest.find(['e', 'E']) {
         Some(pos) => {
-            let exp: i32 = rest[pos + 1..]
-                .parse()
-                .map_err(|_| QuantityError::NotANumber)?;
+            let exp: i32 = rest[pos + 1..].parse().map_err(|_| QuantityError::NotANumber)?;
             (&rest[..pos], exp)
         }
         None => (rest, 0),
@@ -323,8 +321,14 @@ mod tests {
             parse_decimal("0.0000001", 6),
             Err(QuantityError::TooPrecise { scale: 6 })
         );
-        assert_eq!(parse_decimal("1.5", 0), Err(QuantityError::TooPrecise { scale: 0 }));
-        assert_eq!(parse_decimal("1e-7", 6), Err(QuantityError::TooPrecise { scale: 6 }));
+        assert_eq!(
+            parse_decimal("1.5", 0),
+            Err(QuantityError::TooPrecise { scale: 0 })
+        );
+        assert_eq!(
+            parse_decimal("1e-7", 6),
+            Err(QuantityError::TooPrecise { scale: 6 })
+        );
     }
 
     #[test]

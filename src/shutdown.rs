@@ -9,7 +9,8 @@ pub fn cancel_on_signal(token: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
                 Ok(signal) => signal,
                 Err(error) => {
                     tracing::error!(%error, "cannot listen for SIGTERM");

@@ -43,7 +43,9 @@ pub fn prometheus() -> PrometheusHandle {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full(FLUSH_DURATION.to_string()),
-                    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+                    &[
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    ],
                 )
                 .and_then(|builder| {
                     builder.set_buckets_for_metric(
@@ -67,9 +69,18 @@ pub fn prometheus() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(INGEST_EVENTS, "events received, by source and outcome (accepted, duplicate, refused, invalid)");
-    describe_counter!(INGEST_REFUSED, "events refused by policy and written to the dead letter output, by reason");
-    describe_counter!(INGEST_LATE, "accepted events that amended an already closed window");
+    describe_counter!(
+        INGEST_EVENTS,
+        "events received, by source and outcome (accepted, duplicate, refused, invalid)"
+    );
+    describe_counter!(
+        INGEST_REFUSED,
+        "events refused by policy and written to the dead letter output, by reason"
+    );
+    describe_counter!(
+        INGEST_LATE,
+        "accepted events that amended an already closed window"
+    );
     describe_counter!(INGEST_UNMETERED, "accepted events whose type matches no meter");
     describe_counter!(INGEST_REQUESTS, "ingest requests by status code");
     describe_counter!(INGEST_LOG_BYTES, Unit::Bytes, "bytes appended to the ingest log");
@@ -80,7 +91,11 @@ fn describe() {
     describe_counter!(CHECKPOINT_BYTES, Unit::Bytes, "bytes written by checkpoints");
     describe_counter!(CHECKPOINT_SERIES, "series deltas written by checkpoints");
     describe_counter!(CHECKPOINT_FAILURES, "checkpoints that failed and were retried");
-    describe_gauge!(CHECKPOINT_LAST_SUCCESS, Unit::Seconds, "unix time of the last successful checkpoint");
+    describe_gauge!(
+        CHECKPOINT_LAST_SUCCESS,
+        Unit::Seconds,
+        "unix time of the last successful checkpoint"
+    );
     describe_counter!(EMIT_RECORDS, "records written downstream, by output and kind");
     describe_counter!(EMIT_FAILURES, "failed attempts to write downstream, by output");
     describe_gauge!(STORE_LIVE_BYTES, Unit::Bytes, "RocksDB live SST bytes");
@@ -93,6 +108,8 @@ pub fn init_tracing(filter: &str, json: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal; files and collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(true);
     let result = if json {
         builder.json().try_init()

@@ -60,7 +60,10 @@ async fn sigkill_mid_ingest_then_restart_and_retry_gives_exact_totals() {
     for (w, writer_batches) in batches.iter().enumerate() {
         let client = client.clone();
         let url = daemon.url("/api/v1/events");
-        let bodies: Vec<Vec<u8>> = writer_batches.iter().map(|(events, _)| serde_json::to_vec(events).unwrap()).collect();
+        let bodies: Vec<Vec<u8>> = writer_batches
+            .iter()
+            .map(|(events, _)| serde_json::to_vec(events).unwrap())
+            .collect();
         let stop = stop.clone();
         writers.push(tokio::spawn(async move {
             let mut acked = Vec::new();
@@ -94,7 +97,10 @@ async fn sigkill_mid_ingest_then_restart_and_retry_gives_exact_totals() {
         acked.extend(writer.await.unwrap());
     }
     let acked_total: i64 = acked.iter().map(|(w, b)| batches[*w][*b].1).sum();
-    assert!(acked.len() < WRITERS * BATCHES_PER_WRITER, "the kill must land mid-ingest");
+    assert!(
+        acked.len() < WRITERS * BATCHES_PER_WRITER,
+        "the kill must land mid-ingest"
+    );
 
     // Nothing acknowledged is lost...
     let daemon = Daemon::start(&path);
@@ -104,7 +110,15 @@ async fn sigkill_mid_ingest_then_restart_and_retry_gives_exact_totals() {
         "lost acknowledged usage: recovered {recovered} < acknowledged {acked_total}\n{}",
         daemon.logs()
     );
-    assert!(recovered <= expected_total, "counted more than was ever sent: {recovered}");
+    eprintln!(
+        "killed after {} of {} batches acknowledged; acknowledged {acked_total}, recovered {recovered}, full {expected_total}",
+        acked.len(),
+        WRITERS * BATCHES_PER_WRITER
+    );
+    assert!(
+        recovered <= expected_total,
+        "counted more than was ever sent: {recovered}"
+    );
     // ...and clients retrying everything not acknowledged (and, to be sure, everything else too)
     // lands exactly on the total: nothing counted twice.
     for writer_batches in &batches {
@@ -120,7 +134,11 @@ async fn sigkill_mid_ingest_then_restart_and_retry_gives_exact_totals() {
     let daemon = Daemon::start(&path);
     assert_eq!(total_tokens(&client, &daemon).await, expected_total);
     let per_tenant = query(&client, &daemon, "tokens", "groupBy=model").await;
-    assert_eq!(per_tenant["data"].as_array().unwrap().len(), 12, "3 tenants x 4 models");
+    assert_eq!(
+        per_tenant["data"].as_array().unwrap().len(),
+        12,
+        "3 tenants x 4 models"
+    );
     daemon.stop();
 }
 
@@ -148,6 +166,9 @@ async fn graceful_restart_keeps_totals_and_window_records_are_not_duplicated() {
         .collect();
     assert_eq!(records.len(), 12, "{records:?}");
     assert!(records.iter().all(|r| r["revision"] == 1));
-    let emitted: i64 = records.iter().map(|r| r["quantity"].as_str().unwrap().parse::<i64>().unwrap()).sum();
+    let emitted: i64 = records
+        .iter()
+        .map(|r| r["quantity"].as_str().unwrap().parse::<i64>().unwrap())
+        .sum();
     assert_eq!(emitted, total);
 }

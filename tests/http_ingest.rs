@@ -18,10 +18,34 @@ async fn ingest_then_query_exact_totals_for_each_aggregation() {
     let client = client();
     let t = ago(120);
     let events = vec![
-        event("t1", "llm.prompt", "acme", &t, json!({"tokens": 1200, "model": "gpt-4"})),
-        event("t2", "llm.prompt", "acme", &t, json!({"tokens": "800", "model": "gpt-4"})),
-        event("t3", "llm.prompt", "acme", &t, json!({"tokens": 5, "model": "mini"})),
-        event("t4", "llm.prompt", "globex", &t, json!({"tokens": 7, "model": "mini"})),
+        event(
+            "t1",
+            "llm.prompt",
+            "acme",
+            &t,
+            json!({"tokens": 1200, "model": "gpt-4"}),
+        ),
+        event(
+            "t2",
+            "llm.prompt",
+            "acme",
+            &t,
+            json!({"tokens": "800", "model": "gpt-4"}),
+        ),
+        event(
+            "t3",
+            "llm.prompt",
+            "acme",
+            &t,
+            json!({"tokens": 5, "model": "mini"}),
+        ),
+        event(
+            "t4",
+            "llm.prompt",
+            "globex",
+            &t,
+            json!({"tokens": 7, "model": "mini"}),
+        ),
         event("c1", "api.request", "acme", &t, json!({"route": "/v1/a"})),
         event("c2", "api.request", "acme", &t, json!({"route": "/v1/b"})),
         event("c3", "api.request", "acme", &t, json!({})),
@@ -32,9 +56,27 @@ async fn ingest_then_query_exact_totals_for_each_aggregation() {
         event("u1", "user.active", "acme", &t, json!({"user_id": "alice"})),
         event("u2", "user.active", "acme", &t, json!({"user_id": "bob"})),
         event("u3", "user.active", "acme", &t, json!({"user_id": "alice"})),
-        event("n1", "node.heartbeat", "acme", &t, json!({"nodes": 3, "free_gb": 10.5})),
-        event("n2", "node.heartbeat", "acme", &t, json!({"nodes": 9, "free_gb": 2.25})),
-        event("n3", "node.heartbeat", "acme", &t, json!({"nodes": 4, "free_gb": 7})),
+        event(
+            "n1",
+            "node.heartbeat",
+            "acme",
+            &t,
+            json!({"nodes": 3, "free_gb": 10.5}),
+        ),
+        event(
+            "n2",
+            "node.heartbeat",
+            "acme",
+            &t,
+            json!({"nodes": 9, "free_gb": 2.25}),
+        ),
+        event(
+            "n3",
+            "node.heartbeat",
+            "acme",
+            &t,
+            json!({"nodes": 4, "free_gb": 7}),
+        ),
         event("s1", "storage.report", "acme", &ago(300), json!({"gb": 40})),
         event("s2", "storage.report", "acme", &ago(100), json!({"gb": 42.5})),
         event("s3", "storage.report", "acme", &ago(200), json!({"gb": 41})),
@@ -49,11 +91,18 @@ async fn ingest_then_query_exact_totals_for_each_aggregation() {
         let daemon = &daemon;
         async move { query(&client, daemon, slug, params).await }
     };
-    assert_eq!(single_value(&q("tokens", "subject=acme&groupBy=model&filterGroupBy[model]=gpt-4").await), "2000");
+    assert_eq!(
+        single_value(&q("tokens", "subject=acme&groupBy=model&filterGroupBy[model]=gpt-4").await),
+        "2000"
+    );
     assert_eq!(single_value(&q("tokens", "subject=acme").await), "2005");
     assert_eq!(single_value(&q("tokens", "subject=globex").await), "7");
     let by_subject = q("tokens", "").await;
-    assert_eq!(by_subject["data"].as_array().unwrap().len(), 2, "one row per subject: {by_subject}");
+    assert_eq!(
+        by_subject["data"].as_array().unwrap().len(),
+        2,
+        "one row per subject: {by_subject}"
+    );
     assert_eq!(single_value(&q("api_calls", "subject=acme").await), "3");
     let by_route = q("api_calls", "subject=acme&groupBy=route").await;
     let routes: Vec<(Value, String)> = by_route["data"]
@@ -92,14 +141,31 @@ async fn duplicates_are_not_counted_even_across_restarts() {
     let client = client();
     let t = ago(30);
     let batch: Vec<Value> = (0..50)
-        .map(|i| event(&format!("e{i}"), "llm.prompt", "acme", &t, json!({"tokens": i, "model": "m"})))
+        .map(|i| {
+            event(
+                &format!("e{i}"),
+                "llm.prompt",
+                "acme",
+                &t,
+                json!({"tokens": i, "model": "m"}),
+            )
+        })
         .collect();
     let (status, body) = post_batch(&client, &daemon, &batch).await;
     assert_eq!((status, body["accepted"].clone()), (202, json!(50)));
     let (_, body) = post_batch(&client, &daemon, &batch).await;
-    assert_eq!((body["accepted"].clone(), body["duplicates"].clone()), (json!(0), json!(50)));
+    assert_eq!(
+        (body["accepted"].clone(), body["duplicates"].clone()),
+        (json!(0), json!(50))
+    );
     // Same id from another tenant is another event: one tenant cannot suppress another's usage.
-    let other = vec![event("e1", "llm.prompt", "globex", &t, json!({"tokens": 1000, "model": "m"}))];
+    let other = vec![event(
+        "e1",
+        "llm.prompt",
+        "globex",
+        &t,
+        json!({"tokens": 1000, "model": "m"}),
+    )];
     let (_, body) = post_batch(&client, &daemon, &other).await;
     assert_eq!(body["accepted"], 1);
     // Duplicates within one request count once.
@@ -108,16 +174,28 @@ async fn duplicates_are_not_counted_even_across_restarts() {
         event("x", "llm.prompt", "acme", &t, json!({"tokens": 5, "model": "m"})),
     ];
     let (_, body) = post_batch(&client, &daemon, &twice).await;
-    assert_eq!((body["accepted"].clone(), body["duplicates"].clone()), (json!(1), json!(1)));
+    assert_eq!(
+        (body["accepted"].clone(), body["duplicates"].clone()),
+        (json!(1), json!(1))
+    );
     let expected = (0..50).sum::<i64>() + 5;
-    assert_eq!(single_value(&query(&client, &daemon, "tokens", "subject=acme").await), expected.to_string());
+    assert_eq!(
+        single_value(&query(&client, &daemon, "tokens", "subject=acme").await),
+        expected.to_string()
+    );
     daemon.stop();
 
     let daemon = Daemon::start(&path);
     let (_, body) = post_batch(&client, &daemon, &batch).await;
     assert_eq!(body["duplicates"], 50, "dedup keys survive a restart");
-    assert_eq!(single_value(&query(&client, &daemon, "tokens", "subject=acme").await), expected.to_string());
-    assert_eq!(single_value(&query(&client, &daemon, "tokens", "subject=globex").await), "1000");
+    assert_eq!(
+        single_value(&query(&client, &daemon, "tokens", "subject=acme").await),
+        expected.to_string()
+    );
+    assert_eq!(
+        single_value(&query(&client, &daemon, "tokens", "subject=globex").await),
+        "1000"
+    );
     daemon.stop();
 }
 
@@ -131,7 +209,13 @@ async fn late_event_amends_closed_window_and_too_late_is_dead_lettered() {
     let (status, body) = post_batch(
         &client,
         &daemon,
-        &[event("a", "llm.prompt", "acme", &old, json!({"tokens": 10, "model": "m"}))],
+        &[event(
+            "a",
+            "llm.prompt",
+            "acme",
+            &old,
+            json!({"tokens": 10, "model": "m"}),
+        )],
     )
     .await;
     assert_eq!(status, 202, "{body}");
@@ -149,26 +233,58 @@ async fn late_event_amends_closed_window_and_too_late_is_dead_lettered() {
     let (_, body) = post_batch(
         &client,
         &daemon,
-        &[event("b", "llm.prompt", "acme", &old, json!({"tokens": 5, "model": "m"}))],
+        &[event(
+            "b",
+            "llm.prompt",
+            "acme",
+            &old,
+            json!({"tokens": 5, "model": "m"}),
+        )],
     )
     .await;
     assert_eq!(body["accepted"], 1);
     let second = eventually("amended window record", async || {
-        read_jsonl(&usage).into_iter().find(|r| r["meter"] == "tokens" && r["revision"] == 2)
+        read_jsonl(&usage)
+            .into_iter()
+            .find(|r| r["meter"] == "tokens" && r["revision"] == 2)
     })
     .await;
-    assert_eq!(second["record_id"], first["record_id"], "an amendment upserts the same record");
+    assert_eq!(
+        second["record_id"], first["record_id"],
+        "an amendment upserts the same record"
+    );
     assert_eq!(second["quantity"], "15");
-    assert_eq!(single_value(&query(&client, &daemon, "tokens", "subject=acme").await), "15");
+    assert_eq!(
+        single_value(&query(&client, &daemon, "tokens", "subject=acme").await),
+        "15"
+    );
 
     // Past max_lateness (10 days here) and too far in the future: refused, dead-lettered, not counted.
     let (status, body) = post_batch(
         &client,
         &daemon,
         &[
-            event("c", "llm.prompt", "acme", &ago(11 * 86_400), json!({"tokens": 1, "model": "m"})),
-            event("d", "llm.prompt", "acme", &ago(-3600), json!({"tokens": 1, "model": "m"})),
-            event("e", "llm.prompt", "acme", &ago(10), json!({"tokens": 2, "model": "m"})),
+            event(
+                "c",
+                "llm.prompt",
+                "acme",
+                &ago(11 * 86_400),
+                json!({"tokens": 1, "model": "m"}),
+            ),
+            event(
+                "d",
+                "llm.prompt",
+                "acme",
+                &ago(-3600),
+                json!({"tokens": 1, "model": "m"}),
+            ),
+            event(
+                "e",
+                "llm.prompt",
+                "acme",
+                &ago(10),
+                json!({"tokens": 2, "model": "m"}),
+            ),
         ],
     )
     .await;
@@ -180,15 +296,31 @@ async fn late_event_amends_closed_window_and_too_late_is_dead_lettered() {
         .iter()
         .map(|r| (r["index"].clone(), r["reason"].clone()))
         .collect();
-    assert_eq!(refused, vec![(json!(0), json!("too_late")), (json!(1), json!("too_far_in_future"))]);
+    assert_eq!(
+        refused,
+        vec![
+            (json!(0), json!("too_late")),
+            (json!(1), json!("too_far_in_future"))
+        ]
+    );
     let dead = read_jsonl(&dir.path().join("data/dead-letter.jsonl"));
     assert_eq!(dead.len(), 2);
     assert_eq!(dead[0]["reason"], "too_late");
     assert_eq!(dead[0]["event"]["id"], "c");
     assert_eq!(dead[1]["reason"], "too_far_in_future");
-    assert_eq!(single_value(&query(&client, &daemon, "tokens", "subject=acme").await), "17");
+    assert_eq!(
+        single_value(&query(&client, &daemon, "tokens", "subject=acme").await),
+        "17"
+    );
 
-    let metrics = client.get(daemon.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = client
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for needle in [
         r#"tallyd_ingest_events_total{source="http",outcome="accepted"} 3"#,
         r#"tallyd_ingest_events_total{source="http",outcome="refused"} 2"#,
@@ -242,7 +374,10 @@ async fn bad_input_gets_400_naming_index_field_and_reason() {
             (json!(4), json!("data.tokens")),
         ]
     );
-    assert!(body["errors"][3]["reason"].as_str().unwrap().contains("decimal places"));
+    assert!(body["errors"][3]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("decimal places"));
     // Nothing of an invalid request is counted, not even its valid events.
     let result = query(&client, &daemon, "tokens", "subject=acme").await;
     assert_eq!(result["data"], json!([]));
@@ -251,23 +386,43 @@ async fn bad_input_gets_400_naming_index_field_and_reason() {
         let client = client.clone();
         let url = daemon.url("/api/v1/events");
         async move {
-            let response = client.post(url).header("content-type", content_type).body(body).send().await.unwrap();
+            let response = client
+                .post(url)
+                .header("content-type", content_type)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
             let status = response.status().as_u16();
             (status, response.json::<Value>().await.unwrap_or(Value::Null))
         }
     };
     let (status, body) = send_raw("text/plain", b"{}".to_vec()).await;
-    assert_eq!((status, body["errors"][0]["field"].clone()), (400, json!("content-type")));
+    assert_eq!(
+        (status, body["errors"][0]["field"].clone()),
+        (400, json!("content-type"))
+    );
     let (status, body) = send_raw("application/json", b"{\"id\": ".to_vec()).await;
     assert_eq!((status, body["errors"][0]["field"].clone()), (400, json!("body")));
     let (status, body) = send_raw("application/json", vec![b' '; 5000]).await;
     assert_eq!(status, 400);
-    assert!(body["errors"][0]["reason"].as_str().unwrap().contains("max_body_bytes"), "{body}");
+    assert!(
+        body["errors"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("max_body_bytes"),
+        "{body}"
+    );
     let (status, _) = send_raw("application/cloudevents+json", vec![0xff, 0xfe, 0x00]).await;
     assert_eq!(status, 400);
 
     // Unknown types are accepted and counted as unmetered, not rejected.
-    let (status, body) = post_batch(&client, &daemon, &[event("u", "no.such.type", "acme", &t, json!({}))]).await;
+    let (status, body) = post_batch(
+        &client,
+        &daemon,
+        &[event("u", "no.such.type", "acme", &t, json!({}))],
+    )
+    .await;
     assert_eq!((status, body["unmetered"].clone()), (202, json!(1)));
 
     let health = client.get(daemon.url("/healthz")).send().await.unwrap();
@@ -280,7 +435,11 @@ async fn bad_input_gets_400_naming_index_field_and_reason() {
     assert_eq!(bad_query.status(), 400);
     let bad_query: Value = bad_query.json().await.unwrap();
     assert_eq!(bad_query["errors"].as_array().unwrap().len(), 3, "{bad_query}");
-    let missing = client.get(daemon.url("/api/v1/meters/nope/query")).send().await.unwrap();
+    let missing = client
+        .get(daemon.url("/api/v1/meters/nope/query"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 404);
     daemon.stop();
 }
@@ -291,7 +450,11 @@ async fn monthly_active_users_are_distinct_over_the_range_not_a_sum_of_days() {
     let daemon = Daemon::start(&path);
     let client = client();
     // Day 1: alice, bob. Day 2: alice, carol. Day 3: alice.
-    let days = [(3, vec!["alice", "bob"]), (2, vec!["alice", "carol"]), (1, vec!["alice"])];
+    let days = [
+        (3, vec!["alice", "bob"]),
+        (2, vec!["alice", "carol"]),
+        (1, vec!["alice"]),
+    ];
     let mut events = Vec::new();
     for (days_ago, users) in &days {
         for user in users {
@@ -307,10 +470,18 @@ async fn monthly_active_users_are_distinct_over_the_range_not_a_sum_of_days() {
     let (status, _) = post_batch(&client, &daemon, &events).await;
     assert_eq!(status, 202);
     let daily = query(&client, &daemon, "mau", "subject=acme&windowSize=DAY").await;
-    let values: Vec<String> = daily["data"].as_array().unwrap().iter().map(|r| r["value"].to_string()).collect();
+    let values: Vec<String> = daily["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["value"].to_string())
+        .collect();
     let sum: u64 = values.iter().map(|v| v.parse::<u64>().unwrap()).sum();
     assert_eq!(sum, 5);
-    assert_eq!(single_value(&query(&client, &daemon, "mau", "subject=acme").await), "3");
+    assert_eq!(
+        single_value(&query(&client, &daemon, "mau", "subject=acme").await),
+        "3"
+    );
     daemon.stop();
 }
 
@@ -330,11 +501,23 @@ fn validate_lists_every_error_and_exits_64() {
         .unwrap();
     assert_eq!(output.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("allowed_lateness_secs") && stderr.contains("AVG"), "{stderr}");
+    assert!(
+        stderr.contains("allowed_lateness_secs") && stderr.contains("AVG"),
+        "{stderr}"
+    );
 
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
-        .args(["validate", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/tallyd.toml")])
+        .args([
+            "validate",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/tallyd.toml"),
+        ])
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

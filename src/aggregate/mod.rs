@@ -15,7 +15,7 @@
 pub mod state;
 pub mod unique;
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 
 use parking_lot::Mutex;
 use rustc_hash::{FxBuildHasher, FxHashMap};
@@ -83,10 +83,8 @@ impl Aggregator {
     }
 
     fn shard_of(&self, key: &SeriesKey) -> usize {
-        let mut hasher = FxBuildHasher.build_hasher();
-        key.hash(&mut hasher);
         // Fx's low bits are weak for small integers; take the high bits.
-        (hasher.finish() >> 40) as usize & (self.shards.len() - 1)
+        (FxBuildHasher.hash_one(key) >> 40) as usize & (self.shards.len() - 1)
     }
 
     /// Folds a pre-aggregated batch into the shared deltas.
@@ -200,7 +198,9 @@ mod tests {
                 Observation::Value(event.value as i128)
             };
             // A small unique limit so that the sketch path is exercised too.
-            batch.observe(key, aggregation, observation, event.ts_ms, 20).unwrap();
+            batch
+                .observe(key, aggregation, observation, event.ts_ms, 20)
+                .unwrap();
         }
     }
 

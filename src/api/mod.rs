@@ -82,9 +82,5 @@ async fn metrics_text(State(app): State<AppState>) -> Response {
 
 /// A JSON error body: `{"error": code, "message": text}`.
 pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({"error": code, "message": message.into()})),
-    )
-        .into_response()
+    (status, Json(json!({"error": code, "message": message.into()}))).into_response()
 }

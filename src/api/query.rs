@@ -99,7 +99,9 @@ pub fn parse_params(raw: &str, meter: &Meter) -> Result<QueryParams, Vec<String>
             },
             "windowTimeZone" => {
                 if !matches!(value.as_str(), "UTC" | "Etc/UTC" | "Z") {
-                    errors.push(format!("windowTimeZone: only UTC windows are supported, got `{value}`"));
+                    errors.push(format!(
+                        "windowTimeZone: only UTC windows are supported, got `{value}`"
+                    ));
                 }
             }
             "groupBy" => {
@@ -118,7 +120,10 @@ pub fn parse_params(raw: &str, meter: &Meter) -> Result<QueryParams, Vec<String>
                 .and_then(|rest| rest.strip_suffix(']'))
             {
                 Some(name) if group_names.contains(&name) => params.filters.push((name.to_string(), value)),
-                Some(name) => errors.push(format!("{other}: `{name}` is not a group_by key of meter `{}`", meter.slug)),
+                Some(name) => errors.push(format!(
+                    "{other}: `{name}` is not a group_by key of meter `{}`",
+                    meter.slug
+                )),
                 None => errors.push(format!("{other}: unknown parameter")),
             },
         }
@@ -169,6 +174,9 @@ pub async fn query_meter(
     }
 }
 
+/// (bucket start, subject, group-by values).
+type RowKey = (i64, String, Dims);
+
 struct Row {
     state: AggState,
     first_window: i64,
@@ -176,15 +184,23 @@ struct Row {
 }
 
 /// Blocking: reads the store.
-pub fn run_query(shared: &Arc<Shared>, slug: &str, params: &QueryParams) -> Result<Value, crate::store::StoreError> {
+pub fn run_query(
+    shared: &Arc<Shared>,
+    slug: &str,
+    params: &QueryParams,
+) -> Result<Value, crate::store::StoreError> {
     let meter = shared
         .meters
         .by_slug(slug)
         .expect("invariant: the handler checked the slug");
     let window_secs = meter.window_size.seconds();
     // A base window is in range when its start is in [from, to).
-    let from_secs = params.from_ms.map_or(i64::MIN / 4, |ms| ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) > 0));
-    let to_secs = params.to_ms.map_or(i64::MAX / 4, |ms| ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) > 0));
+    let from_secs = params.from_ms.map_or(i64::MIN / 4, |ms| {
+        ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) > 0)
+    });
+    let to_secs = params.to_ms.map_or(i64::MAX / 4, |ms| {
+        ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) > 0)
+    });
     let tenant_ids: Option<Vec<u32>> = (!params.subjects.is_empty()).then(|| {
         params
             .subjects
@@ -203,7 +219,7 @@ pub fn run_query(shared: &Arc<Shared>, slug: &str, params: &QueryParams) -> Resu
             && key.window_start < to_secs
             && tenant_ids.as_ref().is_none_or(|ids| ids.contains(&key.tenant))
     };
-    let mut unflushed = shared.engine.collect(&in_range);
+    let mut unflushed = shared.engine.collect(in_range);
     drop(guard);
     for snapshot in &pending {
         unflushed.extend(snapshot.deltas.iter().filter(|(key, _)| in_range(key)).cloned());
@@ -211,14 +227,18 @@ pub fn run_query(shared: &Arc<Shared>, slug: &str, params: &QueryParams) -> Resu
 
     let mut series: Vec<(String, i64, Dims, AggState)> = Vec::new();
     if params.subjects.is_empty() {
-        for (name, state) in shared.store.scan_series(&snapshot, slug, None, from_secs, to_secs)? {
+        for (name, state) in shared
+            .store
+            .scan_series(&snapshot, slug, None, from_secs, to_secs)?
+        {
             series.push((name.tenant, name.window_start, name.dims, state));
         }
     } else {
         for subject in &params.subjects {
-            for (name, state) in shared
-                .store
-                .scan_series(&snapshot, slug, Some(subject), from_secs, to_secs)?
+            for (name, state) in
+                shared
+                    .store
+                    .scan_series(&snapshot, slug, Some(subject), from_secs, to_secs)?
             {
                 series.push((name.tenant, name.window_start, name.dims, state));
             }
@@ -234,7 +254,7 @@ pub fn run_query(shared: &Arc<Shared>, slug: &str, params: &QueryParams) -> Resu
         ));
     }
 
-    let mut rows: BTreeMap<(i64, String, Vec<(String, String)>), Row> = BTreeMap::new();
+    let mut rows: BTreeMap<RowKey, Row> = BTreeMap::new();
     for (tenant, window_start, dims, state) in series {
         let matches_filters = params
             .filters

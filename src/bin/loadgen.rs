@@ -19,7 +19,10 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "tallyd-loadgen", about = "Load generator for tallyd (CloudEvents over HTTP)")]
+#[command(
+    name = "tallyd-loadgen",
+    about = "Load generator for tallyd (CloudEvents over HTTP)"
+)]
 struct Args {
     /// tallyd base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -94,7 +97,8 @@ impl Generator {
         let now = chrono::Utc::now();
         let mut events = Vec::with_capacity(self.args.batch_size);
         for _ in 0..self.args.batch_size {
-            let duplicate = self.next_id > 0 && self.rng.gen_bool((self.args.dup_pct / 100.0).clamp(0.0, 1.0));
+            let duplicate =
+                self.next_id > 0 && self.rng.gen_bool((self.args.dup_pct / 100.0).clamp(0.0, 1.0));
             let id = if duplicate {
                 self.rng.gen_range(0..self.next_id)
             } else {
@@ -117,8 +121,14 @@ impl Generator {
                     "llm.prompt",
                     json!({"tokens": event_rng.gen_range(1..4000), "model": format!("model-{dim}")}),
                 ),
-                6..=8 => ("api.request", json!({"route": format!("/v1/r{dim}"), "method": "GET"})),
-                _ => ("user.active", json!({"user_id": format!("user-{}", event_rng.gen_range(0..100_000))})),
+                6..=8 => (
+                    "api.request",
+                    json!({"route": format!("/v1/r{dim}"), "method": "GET"}),
+                ),
+                _ => (
+                    "user.active",
+                    json!({"user_id": format!("user-{}", event_rng.gen_range(0..100_000))}),
+                ),
             };
             events.push(json!({
                 "specversion": "1.0",
@@ -130,7 +140,10 @@ impl Generator {
                 "data": data,
             }));
         }
-        (serde_json::to_vec(&events).expect("events serialize"), events.len())
+        (
+            serde_json::to_vec(&events).expect("events serialize"),
+            events.len(),
+        )
     }
 }
 
@@ -184,8 +197,13 @@ async fn main() -> anyhow::Result<()> {
     let mut workers = Vec::new();
     if args.rate == 0 {
         for worker in 0..args.concurrency {
-            let (client, url, totals, latency, args) =
-                (client.clone(), url.clone(), totals.clone(), latency.clone(), args.clone());
+            let (client, url, totals, latency, args) = (
+                client.clone(),
+                url.clone(),
+                totals.clone(),
+                latency.clone(),
+                args.clone(),
+            );
             workers.push(tokio::spawn(async move {
                 let mut generator = generator(&args, worker);
                 while Instant::now() < deadline {
@@ -207,7 +225,8 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             };
             let (body, events) = generator.batch();
-            let (client, url, totals, latency) = (client.clone(), url.clone(), totals.clone(), latency.clone());
+            let (client, url, totals, latency) =
+                (client.clone(), url.clone(), totals.clone(), latency.clone());
             workers.push(tokio::spawn(async move {
                 send(&client, &url, body, events, &totals, &latency).await;
                 drop(permit);

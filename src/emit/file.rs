@@ -56,7 +56,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/out.jsonl");
         let mut file = JsonlFile::open(&path).unwrap();
-        assert_eq!(file.append_durably([&b"{\"a\":1}"[..], &b"{\"b\":2}\n"[..]]).unwrap(), 2);
+        assert_eq!(
+            file.append_durably([&b"{\"a\":1}"[..], &b"{\"b\":2}\n"[..]])
+                .unwrap(),
+            2
+        );
         drop(file);
         let mut file = JsonlFile::open(&path).unwrap();
         file.append_durably([&b"{\"c\":3}"[..]]).unwrap();

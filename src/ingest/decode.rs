@@ -77,7 +77,12 @@ pub fn body_kind(content_type: Option<&str>) -> Result<BodyKind, FieldError> {
             reason: "missing; use application/cloudevents+json, application/cloudevents-batch+json or application/json".into(),
         });
     };
-    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     match essence.as_str() {
         "application/cloudevents+json" => Ok(BodyKind::Single),
         "application/cloudevents-batch+json" => Ok(BodyKind::Batch),
@@ -108,15 +113,15 @@ pub fn split_body(body: &[u8], kind: BodyKind) -> Result<Vec<&RawValue>, FieldEr
         (Some(_), _) => return Err(FieldError::body("must be a JSON event object or an array of them")),
     };
     if is_array {
-        let events: Vec<&RawValue> =
-            serde_json::from_slice(body).map_err(|error| FieldError::body(format!("invalid JSON: {error}")))?;
+        let events: Vec<&RawValue> = serde_json::from_slice(body)
+            .map_err(|error| FieldError::body(format!("invalid JSON: {error}")))?;
         if events.is_empty() {
             return Err(FieldError::body("empty batch"));
         }
         Ok(events)
     } else {
-        let event: &RawValue =
-            serde_json::from_slice(body).map_err(|error| FieldError::body(format!("invalid JSON: {error}")))?;
+        let event: &RawValue = serde_json::from_slice(body)
+            .map_err(|error| FieldError::body(format!("invalid JSON: {error}")))?;
         Ok(vec![event])
     }
 }
@@ -345,7 +350,11 @@ pub fn decode_events(
             None
         };
         if let Some((reason, message)) = refusal {
-            decoded.refused.push(Refusal { index, reason, message });
+            decoded.refused.push(Refusal {
+                index,
+                reason,
+                message,
+            });
             continue;
         }
         decoded.metered.push(MeteredEvent {
@@ -442,13 +451,22 @@ mod tests {
             vec![(0, RefusalReason::TooLate), (1, RefusalReason::TooFarInFuture)]
         );
         assert_eq!(decoded.metered.len(), 1);
-        assert!(decoded.metered[0].late, "a 21-minute-old event lands in a closed window");
+        assert!(
+            decoded.metered[0].late,
+            "a 21-minute-old event lands in a closed window"
+        );
     }
 
     #[test]
     fn content_types() {
-        assert_eq!(body_kind(Some("application/cloudevents+json; charset=utf-8")), Ok(BodyKind::Single));
-        assert_eq!(body_kind(Some("application/cloudevents-batch+json")), Ok(BodyKind::Batch));
+        assert_eq!(
+            body_kind(Some("application/cloudevents+json; charset=utf-8")),
+            Ok(BodyKind::Single)
+        );
+        assert_eq!(
+            body_kind(Some("application/cloudevents-batch+json")),
+            Ok(BodyKind::Batch)
+        );
         assert!(body_kind(Some("text/plain")).is_err());
         assert!(body_kind(None).is_err());
         assert!(split_body(b"[]", BodyKind::Batch).is_err());

@@ -37,19 +37,28 @@ pub struct IngestSummary {
     pub refused: Vec<Refusal>,
 }
 
+/// What a request hands to the commit stage (see `CommitRequest`).
+struct PendingCommit {
+    payload: Vec<u8>,
+    batch: PreAggregated,
+    dedup_keys: Vec<u128>,
+    dead_letters: Vec<Vec<u8>>,
+}
+
 enum Prepared {
     /// The problems, and how many events the request held (all of them count as invalid).
     Invalid(Vec<FieldError>, usize),
     Ready {
         summary: IngestSummary,
-        request: Option<(Vec<u8>, PreAggregated, Vec<u128>, Vec<Vec<u8>>)>,
+        request: Option<PendingCommit>,
         late: usize,
     },
 }
 
 fn count_events(outcome: &'static str, n: usize) {
     if n > 0 {
-        metrics::counter!(telemetry::INGEST_EVENTS, "source" => SOURCE, "outcome" => outcome).increment(n as u64);
+        metrics::counter!(telemetry::INGEST_EVENTS, "source" => SOURCE, "outcome" => outcome)
+            .increment(n as u64);
     }
 }
 
@@ -60,10 +69,17 @@ fn respond(status: StatusCode, body: serde_json::Value) -> Response {
 }
 
 fn invalid(errors: Vec<FieldError>) -> Response {
-    let events = errors.iter().filter_map(|e| e.index).collect::<std::collections::BTreeSet<_>>();
+    let events = errors
+        .iter()
+        .filter_map(|e| e.index)
+        .collect::<std::collections::BTreeSet<_>>();
     let message = match errors.first() {
         Some(first) if errors.len() == 1 => format!("{}: {}", first.field, first.reason),
-        _ => format!("{} problems in {} event(s); nothing was counted", errors.len(), events.len()),
+        _ => format!(
+            "{} problems in {} event(s); nothing was counted",
+            errors.len(),
+            events.len()
+        ),
     };
     respond(
         StatusCode::BAD_REQUEST,
@@ -143,7 +159,13 @@ pub async fn post_events(State(app): State<AppState>, headers: HeaderMap, body: 
         } => (summary, request, late),
     };
 
-    if let Some((payload, batch, dedup_keys, dead_letters)) = request {
+    if let Some(PendingCommit {
+        payload,
+        batch,
+        dedup_keys,
+        dead_letters,
+    }) = request
+    {
         let (reply_tx, reply_rx) = oneshot::channel();
         let keys_for_release = dedup_keys.clone();
         let request = CommitRequest {
@@ -175,7 +197,8 @@ pub async fn post_events(State(app): State<AppState>, headers: HeaderMap, body: 
             .increment(1);
     }
     if summary.unmetered > 0 {
-        metrics::counter!(telemetry::INGEST_UNMETERED, "source" => SOURCE).increment(summary.unmetered as u64);
+        metrics::counter!(telemetry::INGEST_UNMETERED, "source" => SOURCE)
+            .increment(summary.unmetered as u64);
     }
     if late > 0 {
         metrics::counter!(telemetry::INGEST_LATE, "source" => SOURCE).increment(late as u64);
@@ -282,7 +305,12 @@ fn prepare(shared: &Shared, body: &[u8], kind: decode::BodyKind) -> Result<Prepa
         } else {
             LogBatch::from_batch(&batch, &fresh_keys, &shared.names).encode()
         };
-        Some((payload, batch, fresh_keys, dead_letters))
+        Some(PendingCommit {
+            payload,
+            batch,
+            dedup_keys: fresh_keys,
+            dead_letters,
+        })
     };
     Ok(Prepared::Ready {
         summary,

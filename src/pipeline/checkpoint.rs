@@ -58,7 +58,7 @@ impl CheckpointLoop {
             // Queries hold the read side while they combine store + unflushed deltas, so they
             // never see this snapshot both in the store and in `flushing`, nor in neither.
             let mut flushing = shared.flushing.write();
-            let (_, stats) = shared.store.commit_checkpoint(prepared)?;
+            let stats = shared.store.commit_checkpoint(prepared)?;
             flushing.retain(|pending| !Arc::ptr_eq(pending, snapshot));
             stats
         };
@@ -102,6 +102,7 @@ pub fn deliver_outbox(store: &RocksStore, file: &mut JsonlFile) -> Result<usize,
     let last_seq = *last_seq;
     let count = file.append_durably(pending.iter().map(|(_, line)| line.as_slice()))?;
     store.clear_outbox(last_seq)?;
-    metrics::counter!(telemetry::EMIT_RECORDS, "output" => "file", "kind" => "window").increment(count as u64);
+    metrics::counter!(telemetry::EMIT_RECORDS, "output" => "file", "kind" => "window")
+        .increment(count as u64);
     Ok(count)
 }

@@ -120,7 +120,10 @@ impl CommitLoop {
         }
         if error.is_none() && !dead_letters.is_empty() {
             if let Err(e) = self.dead_letter.append_durably(dead_letters) {
-                error = Some(format!("dead letter file {}: {e}", self.dead_letter.path().display()));
+                error = Some(format!(
+                    "dead letter file {}: {e}",
+                    self.dead_letter.path().display()
+                ));
             }
         }
         if let Some(reason) = error {

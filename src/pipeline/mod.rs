@@ -77,7 +77,10 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         .with_context(|| format!("cannot open {}", config.emit_file_path.display()))?;
     let redelivered = checkpoint::deliver_outbox(&store, &mut usage_file)?;
     if redelivered > 0 {
-        tracing::info!(records = redelivered, "delivered window records left in the outbox");
+        tracing::info!(
+            records = redelivered,
+            "delivered window records left in the outbox"
+        );
     }
     let position = store.ingest_log_position()?;
     let (log, replay) = IngestLog::open(

@@ -93,12 +93,13 @@ impl RocksStore {
             let suffix = keys::series_suffix(&meter, &tenant, key.window_start, &dims);
             batch.merge(keys::with_kind(keys::AGGREGATE, &suffix), delta.encode());
             stats.series += 1;
-            let window_secs = catalog.get(&*meter).map(|shape| shape.window_secs).ok_or_else(|| {
-                StoreError::Corrupt {
+            let window_secs = catalog
+                .get(&*meter)
+                .map(|shape| shape.window_secs)
+                .ok_or_else(|| StoreError::Corrupt {
                     what: "meter catalog",
                     detail: format!("no shape for meter `{meter}`"),
-                }
-            })?;
+                })?;
             let window_end = key.window_start + window_secs;
             if window_end <= closed_before_old {
                 // Late event into a window already emitted: amend it with a new revision.
@@ -154,14 +155,24 @@ impl RocksStore {
             let Some(total) = total else { continue };
             let revision_key = keys::with_kind(keys::REVISION, &suffix);
             let revision = match self.get(&revision_key)? {
-                Some(bytes) => u32::from_be_bytes(bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt {
-                    what: "revision",
-                    detail: format!("{suffix:?}"),
-                })?) + 1,
+                Some(bytes) => {
+                    u32::from_be_bytes(bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                        what: "revision",
+                        detail: format!("{suffix:?}"),
+                    })?) + 1
+                }
                 None => 1,
             };
             let shape = catalog.get(&name.meter);
-            let line = window_record_line(&name, &suffix, &total, revision, shape.map_or(0, |s| s.scale), shape.map_or(60, |s| s.window_secs), &closed_at);
+            let line = window_record_line(
+                &name,
+                &suffix,
+                &total,
+                revision,
+                shape.map_or(0, |s| s.scale),
+                shape.map_or(60, |s| s.window_secs),
+                &closed_at,
+            );
             batch.put(revision_key, revision.to_be_bytes());
             batch.put(keys::outbox_key(outbox_next), &line);
             records.push((outbox_next, line));
@@ -173,8 +184,14 @@ impl RocksStore {
             batch.put(keys::dedup_key(*dedup_key), (now_secs as u64).to_be_bytes());
         }
         stats.dedup_keys = snapshot.dedup_keys.len();
-        batch.put(keys::position_key(SOURCE_HTTP_LOG), snapshot.next_log_seq.to_be_bytes());
-        batch.put(keys::meta_key(META_CLOSED_BEFORE), (closed_before_new as u64).to_be_bytes());
+        batch.put(
+            keys::position_key(SOURCE_HTTP_LOG),
+            snapshot.next_log_seq.to_be_bytes(),
+        );
+        batch.put(
+            keys::meta_key(META_CLOSED_BEFORE),
+            (closed_before_new as u64).to_be_bytes(),
+        );
         batch.put(keys::meta_key(META_OUTBOX_NEXT), outbox_next.to_be_bytes());
         stats.bytes = batch.size_in_bytes();
         Ok(Prepared {
@@ -187,11 +204,12 @@ impl RocksStore {
     }
 
     /// Commits a prepared checkpoint durably (synced WAL).
-    pub fn commit_checkpoint(&self, prepared: Prepared) -> Result<(Vec<(u64, Vec<u8>)>, CheckpointStats), StoreError> {
+    pub fn commit_checkpoint(&self, prepared: Prepared) -> Result<CheckpointStats, StoreError> {
         self.write(prepared.batch, true)?;
-        self.closed_before.store(prepared.closed_before, Ordering::Release);
+        self.closed_before
+            .store(prepared.closed_before, Ordering::Release);
         self.outbox_next.store(prepared.outbox_next, Ordering::Release);
-        Ok((prepared.records, prepared.stats))
+        Ok(prepared.stats)
     }
 }
 

@@ -30,7 +30,11 @@ pub enum LogError {
     #[error("ingest log io at {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("ingest log corrupt in {path} at byte {offset}: {detail}")]
-    Corrupt { path: PathBuf, offset: u64, detail: String },
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        detail: String,
+    },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
@@ -203,7 +207,10 @@ impl IngestLog {
                     Err(detail) if is_last => {
                         // A torn tail: this write never completed, so it was never acknowledged.
                         tracing::warn!(path = %path.display(), offset, %detail, "truncating torn ingest log tail");
-                        let file = OpenOptions::new().write(true).open(path).map_err(io_error(path))?;
+                        let file = OpenOptions::new()
+                            .write(true)
+                            .open(path)
+                            .map_err(io_error(path))?;
                         file.set_len(offset as u64).map_err(io_error(path))?;
                         file.sync_all().map_err(io_error(path))?;
                         break;
@@ -298,7 +305,10 @@ impl IngestLog {
         }
         // Segment i holds [first_i, first_{i+1}); it can go once first_{i+1} <= checkpointed_seq.
         while !self.closed.is_empty() {
-            let next_first = self.closed.get(1).map_or(self.current_first_seq, |(first, _)| *first);
+            let next_first = self
+                .closed
+                .get(1)
+                .map_or(self.current_first_seq, |(first, _)| *first);
             if next_first > checkpointed_seq {
                 break;
             }

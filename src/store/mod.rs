@@ -101,21 +101,26 @@ impl RocksStore {
         options.create_if_missing(true);
         options.set_compression_type(DBCompressionType::Lz4);
         options.set_merge_operator_associative("tallyd_aggregate_v1", merge_aggregates);
-        options.set_compaction_filter("tallyd_retention_v1", move |_level: u32, key: &[u8], value: &[u8]| {
-            use rocksdb::compaction_filter::Decision;
-            let now = unix_now_secs();
-            match key.first() {
-                Some(&keys::AGGREGATE) | Some(&keys::REVISION) => match keys::suffix_window_start(&key[1..]) {
-                    Some(start) if start < now - retention_secs => Decision::Remove,
+        options.set_compaction_filter(
+            "tallyd_retention_v1",
+            move |_level: u32, key: &[u8], value: &[u8]| {
+                use rocksdb::compaction_filter::Decision;
+                let now = unix_now_secs();
+                match key.first() {
+                    Some(&keys::AGGREGATE) | Some(&keys::REVISION) => {
+                        match keys::suffix_window_start(&key[1..]) {
+                            Some(start) if start < now - retention_secs => Decision::Remove,
+                            _ => Decision::Keep,
+                        }
+                    }
+                    Some(&keys::DEDUP) => match value.try_into().map(u64::from_be_bytes) {
+                        Ok(first_seen) if (first_seen as i64) < now - dedup_horizon_secs => Decision::Remove,
+                        _ => Decision::Keep,
+                    },
                     _ => Decision::Keep,
-                },
-                Some(&keys::DEDUP) => match value.try_into().map(u64::from_be_bytes) {
-                    Ok(first_seen) if (first_seen as i64) < now - dedup_horizon_secs => Decision::Remove,
-                    _ => Decision::Keep,
-                },
-                _ => Decision::Keep,
-            }
-        });
+                }
+            },
+        );
         let mut table = BlockBasedOptions::default();
         // Dedup lookups are point reads that mostly miss: a bloom filter answers them from memory.
         table.set_bloom_filter(10.0, false);
@@ -141,10 +146,7 @@ impl RocksStore {
     pub fn guard_meters(&self, meters: &[Meter]) -> Result<MeterCatalog, StoreError> {
         let mut catalog = MeterCatalog::new();
         let prefix = keys::meta_key("meter/");
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&prefix, Direction::Forward))
-        {
+        for item in self.db.iterator(IteratorMode::From(&prefix, Direction::Forward)) {
             let (key, value) = item?;
             if !key.starts_with(&prefix) {
                 break;
@@ -197,7 +199,12 @@ impl RocksStore {
     }
 
     /// For each dedup key, whether it was checkpointed within the horizon.
-    pub fn dedup_seen(&self, dedup_keys: &[u128], now_secs: i64, horizon_secs: i64) -> Result<Vec<bool>, StoreError> {
+    pub fn dedup_seen(
+        &self,
+        dedup_keys: &[u128],
+        now_secs: i64,
+        horizon_secs: i64,
+    ) -> Result<Vec<bool>, StoreError> {
         let lookups = dedup_keys.iter().map(|key| keys::dedup_key(*key));
         let mut out = Vec::with_capacity(dedup_keys.len());
         for result in self.db.multi_get(lookups) {
@@ -303,7 +310,11 @@ impl RocksStore {
     }
 
     /// Iterates keys of one kind from `start` (inclusive) while `keep` holds.
-    pub fn scan_keys(&self, start: &[u8], mut keep: impl FnMut(&[u8]) -> bool) -> Result<Vec<Vec<u8>>, StoreError> {
+    pub fn scan_keys(
+        &self,
+        start: &[u8],
+        mut keep: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut out = Vec::new();
         for item in self.db.iterator(IteratorMode::From(start, Direction::Forward)) {
             let (key, _) = item?;
