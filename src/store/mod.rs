@@ -326,6 +326,11 @@ impl RocksStore {
         Ok(out)
     }
 
+    /// Compacts the whole key space now (applies retention immediately; used by tests and ops).
+    pub fn compact_all(&self) {
+        self.db.compact_range::<&[u8], &[u8]>(None, None);
+    }
+
     /// Approximate on-disk size, for metrics.
     pub fn live_data_bytes(&self) -> u64 {
         self.db
@@ -346,5 +351,212 @@ fn read_u64(db: &DB, key: &[u8]) -> Result<Option<u64>, StoreError> {
                 detail: String::from_utf8_lossy(key).into_owned(),
             }),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::checkpoint::Snapshot;
+    use super::*;
+    use crate::aggregate::{Aggregation, Observation};
+    use crate::meter::{JsonPath, Meter};
+    use crate::model::{Names, SeriesKey, WindowSize};
+
+    const NOW: i64 = 1_795_321_200; // a minute boundary
+
+    fn meter(slug: &str, aggregation: Aggregation, scale: u32) -> Meter {
+        Meter {
+            id: 0,
+            slug: slug.into(),
+            description: None,
+            event_type: "t".into(),
+            aggregation,
+            value_property: Some(JsonPath::parse("$.v").unwrap()),
+            group_by: Vec::new(),
+            window_size: WindowSize::Minute,
+            scale,
+            unique_exact_limit: 10,
+            allow_negative: false,
+        }
+    }
+
+    fn lines(store: &RocksStore) -> Vec<serde_json::Value> {
+        store
+            .pending_outbox()
+            .unwrap()
+            .into_iter()
+            .map(|(_, line)| serde_json::from_slice(&line).unwrap())
+            .collect()
+    }
+
+    fn checkpoint(store: &RocksStore, names: &Names, catalog: &MeterCatalog, snapshot: Snapshot, now: i64) {
+        let prepared = store
+            .prepare_checkpoint(&snapshot, names, catalog, now, 60)
+            .unwrap();
+        store.commit_checkpoint(prepared).unwrap();
+    }
+
+    #[test]
+    fn windows_close_once_and_late_deltas_emit_revisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), 400 * 86_400, 86_400).unwrap();
+        let names = Names::default();
+        let catalog = store
+            .guard_meters(&[meter("tokens", Aggregation::Sum, 0)])
+            .unwrap();
+        let key = SeriesKey {
+            meter: names.meters.intern("tokens"),
+            tenant: names.tenants.intern("acme"),
+            dims: 0,
+            window_start: NOW,
+        };
+        let delta = |v| {
+            vec![(
+                key,
+                AggState::from_observation(Aggregation::Sum, Observation::Value(v), 0, 0),
+            )]
+        };
+
+        // Window [NOW, NOW+60) is open until NOW+120: nothing emitted, position recorded.
+        let snapshot = Snapshot {
+            next_log_seq: 5,
+            deltas: delta(10),
+            dedup_keys: vec![42],
+        };
+        checkpoint(&store, &names, &catalog, snapshot, NOW + 30);
+        assert!(lines(&store).is_empty());
+        assert_eq!(store.ingest_log_position().unwrap(), 5);
+        assert_eq!(
+            store.dedup_seen(&[42, 43], NOW + 30, 86_400).unwrap(),
+            vec![true, false]
+        );
+
+        // More usage in the same open window, then the window closes with the merged total.
+        let snapshot = Snapshot {
+            next_log_seq: 6,
+            deltas: delta(5),
+            dedup_keys: vec![],
+        };
+        checkpoint(&store, &names, &catalog, snapshot, NOW + 60);
+        assert!(lines(&store).is_empty());
+        checkpoint(
+            &store,
+            &names,
+            &catalog,
+            Snapshot {
+                next_log_seq: 6,
+                ..Snapshot::default()
+            },
+            NOW + 120,
+        );
+        let emitted = lines(&store);
+        assert_eq!(emitted.len(), 1);
+        assert_eq!(
+            (emitted[0]["revision"].clone(), emitted[0]["quantity"].clone()),
+            (1.into(), "15".into())
+        );
+
+        // Closing is once: a later checkpoint emits nothing new.
+        store.clear_outbox(u64::MAX - 1).unwrap();
+        checkpoint(
+            &store,
+            &names,
+            &catalog,
+            Snapshot {
+                next_log_seq: 6,
+                ..Snapshot::default()
+            },
+            NOW + 500,
+        );
+        assert!(lines(&store).is_empty());
+
+        // A late delta amends the window: same record id, next revision, whole new total.
+        checkpoint(
+            &store,
+            &names,
+            &catalog,
+            Snapshot {
+                next_log_seq: 7,
+                deltas: delta(7),
+                dedup_keys: vec![],
+            },
+            NOW + 600,
+        );
+        let amended = lines(&store);
+        assert_eq!(amended.len(), 1);
+        assert_eq!(amended[0]["record_id"], emitted[0]["record_id"]);
+        assert_eq!(
+            (amended[0]["revision"].clone(), amended[0]["quantity"].clone()),
+            (2.into(), "22".into())
+        );
+    }
+
+    #[test]
+    fn a_meter_shape_change_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), 86_400, 86_400).unwrap();
+        store.guard_meters(&[meter("gb", Aggregation::Sum, 6)]).unwrap();
+        store.guard_meters(&[meter("gb", Aggregation::Sum, 6)]).unwrap();
+        let error = store
+            .guard_meters(&[meter("gb", Aggregation::Sum, 3)])
+            .unwrap_err();
+        assert!(error.to_string().contains("meter `gb`"), "{error}");
+        assert!(store.guard_meters(&[meter("gb", Aggregation::Max, 6)]).is_err());
+        // A removed meter stays in the catalogue so its data can still be read.
+        let catalog = store.guard_meters(&[]).unwrap();
+        assert_eq!(catalog["gb"].scale, 6);
+    }
+
+    #[test]
+    fn retention_and_dedup_horizon_are_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = crate::model::now_ms() / 1000;
+        let store = RocksStore::open(dir.path(), 3_600, 100).unwrap();
+        let old = keys::with_kind(keys::AGGREGATE, &keys::series_suffix("m", "t", now - 7_200, &[]));
+        let fresh = keys::with_kind(keys::AGGREGATE, &keys::series_suffix("m", "t", now, &[]));
+        let mut batch = WriteBatch::default();
+        batch.put(&old, AggState::Sum(1).encode());
+        batch.put(&fresh, AggState::Sum(2).encode());
+        batch.put(keys::dedup_key(1), ((now - 200) as u64).to_be_bytes());
+        batch.put(keys::dedup_key(2), (now as u64).to_be_bytes());
+        store.write(batch, true).unwrap();
+        // Expired dedup keys stop counting before compaction removes them.
+        assert_eq!(store.dedup_seen(&[1, 2], now, 100).unwrap(), vec![false, true]);
+        store.compact_all();
+        assert!(
+            store.get(&old).unwrap().is_none(),
+            "window past retention is dropped"
+        );
+        assert!(store.get(&fresh).unwrap().is_some());
+        assert!(
+            store.get(&keys::dedup_key(1)).unwrap().is_none(),
+            "dedup key past horizon is dropped"
+        );
+        assert!(store.get(&keys::dedup_key(2)).unwrap().is_some());
+    }
+
+    #[test]
+    fn merge_operator_folds_deltas_without_read_modify_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), 86_400, 86_400).unwrap();
+        let key = keys::with_kind(keys::AGGREGATE, &keys::series_suffix("m", "t", 0, &[]));
+        for value in [3, 4, 5] {
+            let mut batch = WriteBatch::default();
+            batch.merge(&key, AggState::Max(value).encode());
+            store.write(batch, false).unwrap();
+        }
+        store.compact_all();
+        let mut batch = WriteBatch::default();
+        batch.merge(&key, AggState::Max(1).encode());
+        store.write(batch, false).unwrap();
+        assert_eq!(
+            AggState::decode(&store.get(&key).unwrap().unwrap()).unwrap(),
+            AggState::Max(5)
+        );
+        // A mismatched operand is an error, not silently dropped usage.
+        let mut batch = WriteBatch::default();
+        batch.merge(&key, AggState::Sum(1).encode());
+        store.write(batch, false).unwrap();
+        assert!(store.get(&key).is_err());
     }
 }
