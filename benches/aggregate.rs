@@ -58,7 +58,7 @@ fn uniform_events(series: usize, seed: u64) -> Vec<(SeriesKey, i128)> {
 
 fn run_engine(engine: &Aggregator, events: &[(SeriesKey, i128)]) {
     for chunk in events.chunks(BATCH) {
-        let mut batch = PreAggregated::default();
+        let mut batch = PreAggregated::with_capacity(chunk.len());
         for (key, value) in chunk {
             batch
                 .observe(*key, Aggregation::Sum, Observation::Value(*value), 0, 0)

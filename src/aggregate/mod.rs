@@ -15,6 +15,7 @@
 pub mod state;
 pub mod unique;
 
+use std::collections::hash_map::Entry;
 use std::hash::BuildHasher;
 
 use parking_lot::Mutex;
@@ -30,6 +31,13 @@ pub struct PreAggregated {
 }
 
 impl PreAggregated {
+    /// Sized for `events` observations, so a batch never rehashes while it is built.
+    pub fn with_capacity(events: usize) -> PreAggregated {
+        PreAggregated {
+            series: FxHashMap::with_capacity_and_hasher(events, Default::default()),
+        }
+    }
+
     pub fn observe(
         &mut self,
         key: SeriesKey,
@@ -38,13 +46,15 @@ impl PreAggregated {
         ts_ms: i64,
         unique_limit: u32,
     ) -> Result<(), MergeError> {
-        match self.series.get_mut(&key) {
-            Some(state) => state.observe(observation, ts_ms),
-            None => {
-                self.series.insert(
-                    key,
-                    AggState::from_observation(aggregation, observation, ts_ms, unique_limit),
-                );
+        match self.series.entry(key) {
+            Entry::Occupied(mut state) => state.get_mut().observe(observation, ts_ms),
+            Entry::Vacant(slot) => {
+                slot.insert(AggState::from_observation(
+                    aggregation,
+                    observation,
+                    ts_ms,
+                    unique_limit,
+                ));
                 Ok(())
             }
         }
@@ -69,6 +79,20 @@ impl PreAggregated {
     }
 }
 
+fn merge_into(
+    map: &mut FxHashMap<SeriesKey, AggState>,
+    key: SeriesKey,
+    state: AggState,
+) -> Result<(), MergeError> {
+    match map.entry(key) {
+        Entry::Occupied(mut existing) => existing.get_mut().merge(&state),
+        Entry::Vacant(slot) => {
+            slot.insert(state);
+            Ok(())
+        }
+    }
+}
+
 pub struct Aggregator {
     shards: Box<[Mutex<FxHashMap<SeriesKey, AggState>>]>,
 }
@@ -89,22 +113,21 @@ impl Aggregator {
 
     /// Folds a pre-aggregated batch into the shared deltas.
     pub fn apply(&self, batch: PreAggregated) -> Result<(), MergeError> {
-        let mut by_shard: Vec<Vec<(SeriesKey, AggState)>> = vec![Vec::new(); self.shards.len()];
-        for (key, state) in batch.series {
-            by_shard[self.shard_of(&key)].push((key, state));
-        }
-        for (index, entries) in by_shard.into_iter().enumerate() {
-            if entries.is_empty() {
-                continue;
-            }
+        // One allocation, sorted by shard, then one lock per shard run.
+        let mut entries: Vec<(usize, SeriesKey, AggState)> = Vec::with_capacity(batch.series.len());
+        entries.extend(
+            batch
+                .series
+                .into_iter()
+                .map(|(key, state)| (self.shard_of(&key), key, state)),
+        );
+        entries.sort_unstable_by_key(|(shard, _, _)| *shard);
+        let mut entries = entries.into_iter().peekable();
+        while let Some((index, key, state)) = entries.next() {
             let mut shard = self.shards[index].lock();
-            for (key, state) in entries {
-                match shard.get_mut(&key) {
-                    Some(existing) => existing.merge(&state)?,
-                    None => {
-                        shard.insert(key, state);
-                    }
-                }
+            merge_into(&mut shard, key, state)?;
+            while let Some((_, key, state)) = entries.next_if(|(next, _, _)| *next == index) {
+                merge_into(&mut shard, key, state)?;
             }
         }
         Ok(())

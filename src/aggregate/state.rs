@@ -52,12 +52,16 @@ pub enum AggState {
     Max(i128),
     Min(i128),
     /// The value with the greatest `(ts_ms, value)`: ties on time break on value, so the result
-    /// never depends on arrival order.
-    Latest {
-        ts_ms: i64,
-        value: i128,
-    },
-    Unique(UniqueState),
+    /// never depends on arrival order. Boxed (like `Unique`) to keep the common states at
+    /// 32 bytes: the engine's memory per series is dominated by this enum.
+    Latest(Box<Latest>),
+    Unique(Box<UniqueState>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Latest {
+    pub ts_ms: i64,
+    pub value: i128,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,14 +82,14 @@ impl AggState {
         match (aggregation, observation) {
             (Aggregation::Count, _) => AggState::Count(1),
             (Aggregation::UniqueCount, Observation::Unique(hash)) => {
-                AggState::Unique(UniqueState::single(unique_limit, hash))
+                AggState::Unique(Box::new(UniqueState::single(unique_limit, hash)))
             }
             (Aggregation::UniqueCount, Observation::Value(value)) => {
                 // Numeric unique values are hashed by their fixed-point representation.
-                AggState::Unique(UniqueState::single(
+                AggState::Unique(Box::new(UniqueState::single(
                     unique_limit,
                     xxhash_rust::xxh3::xxh3_64(&value.to_le_bytes()),
-                ))
+                )))
             }
             (_, Observation::Unique(_)) => {
                 unreachable!("invariant: unique observations only reach UNIQUE_COUNT meters")
@@ -93,7 +97,9 @@ impl AggState {
             (Aggregation::Sum, Observation::Value(value)) => AggState::Sum(value),
             (Aggregation::Max, Observation::Value(value)) => AggState::Max(value),
             (Aggregation::Min, Observation::Value(value)) => AggState::Min(value),
-            (Aggregation::Latest, Observation::Value(value)) => AggState::Latest { ts_ms, value },
+            (Aggregation::Latest, Observation::Value(value)) => {
+                AggState::Latest(Box::new(Latest { ts_ms, value }))
+            }
         }
     }
 
@@ -103,7 +109,7 @@ impl AggState {
             AggState::Count(_) => "COUNT",
             AggState::Max(_) => "MAX",
             AggState::Min(_) => "MIN",
-            AggState::Latest { .. } => "LATEST",
+            AggState::Latest(_) => "LATEST",
             AggState::Unique(_) => "UNIQUE_COUNT",
         }
     }
@@ -115,16 +121,9 @@ impl AggState {
             (AggState::Count(a), AggState::Count(b)) => *a = a.checked_add(*b).ok_or(MergeError::Overflow)?,
             (AggState::Max(a), AggState::Max(b)) => *a = (*a).max(*b),
             (AggState::Min(a), AggState::Min(b)) => *a = (*a).min(*b),
-            (
-                AggState::Latest { ts_ms, value },
-                AggState::Latest {
-                    ts_ms: other_ts,
-                    value: other_value,
-                },
-            ) => {
-                if (*other_ts, *other_value) > (*ts_ms, *value) {
-                    *ts_ms = *other_ts;
-                    *value = *other_value;
+            (AggState::Latest(mine), AggState::Latest(theirs)) => {
+                if (theirs.ts_ms, theirs.value) > (mine.ts_ms, mine.value) {
+                    **mine = (**theirs).clone();
                 }
             }
             (AggState::Unique(a), AggState::Unique(b)) => a.merge(b),
@@ -140,10 +139,10 @@ impl AggState {
             (AggState::Count(a), _) => *a += 1,
             (AggState::Max(a), Observation::Value(v)) => *a = (*a).max(v),
             (AggState::Min(a), Observation::Value(v)) => *a = (*a).min(v),
-            (AggState::Latest { ts_ms: t, value }, Observation::Value(v)) => {
-                if (ts_ms, v) > (*t, *value) {
-                    *t = ts_ms;
-                    *value = v;
+            (AggState::Latest(latest), Observation::Value(v)) => {
+                if (ts_ms, v) > (latest.ts_ms, latest.value) {
+                    latest.ts_ms = ts_ms;
+                    latest.value = v;
                 }
             }
             (AggState::Unique(set), Observation::Unique(hash)) => set.insert(hash),
@@ -159,7 +158,7 @@ impl AggState {
     pub fn value_string(&self, scale: u32) -> String {
         match self {
             AggState::Sum(v) | AggState::Max(v) | AggState::Min(v) => format_decimal(*v, scale),
-            AggState::Latest { value, .. } => format_decimal(*value, scale),
+            AggState::Latest(latest) => format_decimal(latest.value, scale),
             AggState::Count(n) => n.to_string(),
             AggState::Unique(set) => set.count().to_string(),
         }
@@ -185,16 +184,16 @@ mod tests {
             any::<u32>().prop_map(|v| AggState::Count(v as u64)),
             any::<i64>().prop_map(|v| AggState::Max(v as i128)),
             any::<i64>().prop_map(|v| AggState::Min(v as i128)),
-            (any::<i32>(), any::<i64>()).prop_map(|(t, v)| AggState::Latest {
+            (any::<i32>(), any::<i64>()).prop_map(|(t, v)| AggState::Latest(Box::new(Latest {
                 ts_ms: t as i64,
                 value: v as i128
-            }),
+            }))),
             (1u32..40, proptest::collection::vec(0u64..60, 0..50)).prop_map(|(limit, values)| {
                 let mut set = UniqueState::new(limit);
                 for v in values {
                     set.insert(xxhash_rust::xxh3::xxh3_64(&v.to_le_bytes()));
                 }
-                AggState::Unique(set)
+                AggState::Unique(Box::new(set))
             }),
         ]
     }
@@ -244,9 +243,15 @@ mod tests {
     }
 
     #[test]
+    fn common_states_stay_small() {
+        // Memory per active series is dominated by this size (see BENCHMARKS.md).
+        assert_eq!(std::mem::size_of::<AggState>(), 32);
+    }
+
+    #[test]
     fn latest_breaks_time_ties_on_value() {
-        let a = AggState::Latest { ts_ms: 5, value: 1 };
-        let b = AggState::Latest { ts_ms: 5, value: 9 };
+        let a = AggState::Latest(Box::new(Latest { ts_ms: 5, value: 1 }));
+        let b = AggState::Latest(Box::new(Latest { ts_ms: 5, value: 9 }));
         assert_eq!(merged(&a, &b), merged(&b, &a));
         assert_eq!(merged(&a, &b).value_string(0), "9");
     }

@@ -245,7 +245,7 @@ fn prepare(shared: &Shared, body: &[u8], kind: decode::BodyKind) -> Result<Prepa
             return Err(error.to_string());
         }
     };
-    let mut batch = PreAggregated::default();
+    let mut batch = PreAggregated::with_capacity(keys.len());
     let mut fresh_keys = Vec::with_capacity(keys.len());
     let mut late = 0;
     for (position, already_seen) in reserved.iter().zip(seen) {
