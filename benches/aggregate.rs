@@ -57,14 +57,15 @@ fn uniform_events(series: usize, seed: u64) -> Vec<(SeriesKey, i128)> {
 }
 
 fn run_engine(engine: &Aggregator, events: &[(SeriesKey, i128)]) {
+    // One pre-aggregation map per thread, reused batch after batch (as a pull source would).
+    let mut batch = PreAggregated::with_capacity(BATCH);
     for chunk in events.chunks(BATCH) {
-        let mut batch = PreAggregated::with_capacity(chunk.len());
         for (key, value) in chunk {
             batch
                 .observe(*key, Aggregation::Sum, Observation::Value(*value), 0, 0)
                 .unwrap();
         }
-        engine.apply(batch).unwrap();
+        engine.apply(&mut batch).unwrap();
     }
 }
 

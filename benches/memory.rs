@@ -40,10 +40,10 @@ fn main() {
                 .observe(key, Aggregation::Sum, Observation::Value(1), 0, 0)
                 .unwrap();
             if batch.len() == 10_000 {
-                engine.apply(std::mem::take(&mut batch)).unwrap();
+                engine.apply(&mut batch).unwrap();
             }
         }
-        engine.apply(batch).unwrap();
+        engine.apply(&mut batch).unwrap();
         let after = rss_bytes();
         println!(
             "memory/active_series series={series} rss_growth_bytes={} bytes_per_series={:.1}",

@@ -111,24 +111,23 @@ impl Aggregator {
         (FxBuildHasher.hash_one(key) >> 40) as usize & (self.shards.len() - 1)
     }
 
-    /// Folds a pre-aggregated batch into the shared deltas.
-    pub fn apply(&self, batch: PreAggregated) -> Result<(), MergeError> {
-        // One allocation, sorted by shard, then one lock per shard run.
-        let mut entries: Vec<(usize, SeriesKey, AggState)> = Vec::with_capacity(batch.series.len());
-        entries.extend(
-            batch
-                .series
-                .into_iter()
-                .map(|(key, state)| (self.shard_of(&key), key, state)),
-        );
-        entries.sort_unstable_by_key(|(shard, _, _)| *shard);
-        let mut entries = entries.into_iter().peekable();
-        while let Some((index, key, state)) = entries.next() {
-            let mut shard = self.shards[index].lock();
-            merge_into(&mut shard, key, state)?;
-            while let Some((_, key, state)) = entries.next_if(|(next, _, _)| *next == index) {
-                merge_into(&mut shard, key, state)?;
-            }
+    /// Folds a pre-aggregated batch into the shared deltas, draining it: the caller may reuse
+    /// its allocation for the next batch.
+    pub fn apply(&self, batch: &mut PreAggregated) -> Result<(), MergeError> {
+        // Consecutive entries of one shard share a lock; with 16+ shards and pre-aggregated
+        // batches an uncontended lock per distinct series is cheaper than grouping them first
+        // (measured in benches/aggregate.rs).
+        let mut current: Option<(usize, parking_lot::MutexGuard<'_, FxHashMap<SeriesKey, AggState>>)> = None;
+        for (key, state) in batch.series.drain() {
+            let index = self.shard_of(&key);
+            let guard = match &mut current {
+                Some((held, guard)) if *held == index => guard,
+                _ => {
+                    current = None;
+                    &mut current.insert((index, self.shards[index].lock())).1
+                }
+            };
+            merge_into(guard, key, state)?;
         }
         Ok(())
     }
@@ -279,7 +278,7 @@ mod tests {
                         for (i, chunk) in chunks.iter().enumerate().skip(worker).step_by(threads) {
                             let mut batch = PreAggregated::default();
                             observe_all(&mut batch, chunk);
-                            engine.apply(batch).unwrap();
+                            engine.apply(&mut batch).unwrap();
                             if i % take_every == 0 {
                                 taken.lock().extend(engine.take());
                             }
@@ -308,7 +307,8 @@ mod tests {
                 .observe(key, Aggregation::Sum, Observation::Value(5), 0, 0)
                 .unwrap();
         }
-        engine.apply(batch).unwrap();
+        engine.apply(&mut batch).unwrap();
+        assert!(batch.is_empty(), "apply drains the batch");
         assert_eq!(engine.len(), 10);
         assert_eq!(engine.collect(|key| key.tenant < 3).len(), 3);
         assert_eq!(engine.take().len(), 10);

@@ -135,8 +135,8 @@ impl CommitLoop {
         }
         metrics::counter!(telemetry::INGEST_LOG_BYTES).increment(log_bytes);
         metrics::histogram!(telemetry::INGEST_COMMIT_GROUP).record(group.len() as f64);
-        for request in group {
-            if let Err(error) = self.shared.engine.apply(request.batch) {
+        for mut request in group {
+            if let Err(error) = self.shared.engine.apply(&mut request.batch) {
                 // Only an i128 overflow can get here; the log holds the batch for forensics.
                 tracing::error!(%error, "failed to apply a logged batch");
             }

@@ -107,10 +107,10 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
     for record in replay {
         let batch = LogBatch::decode(&record.payload)
             .map_err(|error| anyhow::anyhow!("ingest log record {} does not decode: {error}", record.seq))?;
-        let (batch, keys) = batch
+        let (mut batch, keys) = batch
             .into_batch(&shared.names)
             .map_err(|error| anyhow::anyhow!("ingest log record {}: {error}", record.seq))?;
-        shared.engine.apply(batch)?;
+        shared.engine.apply(&mut batch)?;
         for key in &keys {
             shared.dedup.reserve(*key);
         }
