@@ -162,7 +162,7 @@ fn checkpoint_benches(c: &mut Criterion) {
                                 .map(|i| {
                                     let mut key = key_of(i);
                                     key.window_start = now_secs + 3600;
-                                    (key, tallyd::aggregate::AggState::Sum(i as i128))
+                                    (key, tallyd::aggregate::AggState::Sum((i as i128).into()))
                                 })
                                 .collect(),
                             dedup_keys: Vec::new(),

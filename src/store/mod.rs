@@ -515,8 +515,8 @@ mod tests {
         let old = keys::with_kind(keys::AGGREGATE, &keys::series_suffix("m", "t", now - 7_200, &[]));
         let fresh = keys::with_kind(keys::AGGREGATE, &keys::series_suffix("m", "t", now, &[]));
         let mut batch = WriteBatch::default();
-        batch.put(&old, AggState::Sum(1).encode());
-        batch.put(&fresh, AggState::Sum(2).encode());
+        batch.put(&old, AggState::Sum(1.into()).encode());
+        batch.put(&fresh, AggState::Sum(2.into()).encode());
         batch.put(keys::dedup_key(1), ((now - 200) as u64).to_be_bytes());
         batch.put(keys::dedup_key(2), (now as u64).to_be_bytes());
         store.write(batch, true).unwrap();
@@ -542,20 +542,20 @@ mod tests {
         let key = keys::with_kind(keys::AGGREGATE, &keys::series_suffix("m", "t", 0, &[]));
         for value in [3, 4, 5] {
             let mut batch = WriteBatch::default();
-            batch.merge(&key, AggState::Max(value).encode());
+            batch.merge(&key, AggState::Max(value.into()).encode());
             store.write(batch, false).unwrap();
         }
         store.compact_all();
         let mut batch = WriteBatch::default();
-        batch.merge(&key, AggState::Max(1).encode());
+        batch.merge(&key, AggState::Max(1.into()).encode());
         store.write(batch, false).unwrap();
         assert_eq!(
             AggState::decode(&store.get(&key).unwrap().unwrap()).unwrap(),
-            AggState::Max(5)
+            AggState::Max(5.into())
         );
         // A mismatched operand is an error, not silently dropped usage.
         let mut batch = WriteBatch::default();
-        batch.merge(&key, AggState::Sum(1).encode());
+        batch.merge(&key, AggState::Sum(1.into()).encode());
         store.write(batch, false).unwrap();
         assert!(store.get(&key).is_err());
     }
