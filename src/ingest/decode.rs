@@ -290,25 +290,16 @@ pub fn decode_events(
         let mut updates = Vec::new();
         let mut late = false;
         for meter in matched {
-            let observation = match meter.observation(data) {
-                Ok(observation) => observation,
-                Err(error) => {
-                    errors.push(FieldError {
+            // Both extractions run so that a value and a dimension problem are reported together.
+            let (observation, dims) = match (meter.observation(data), meter.dimensions(data)) {
+                (Ok(observation), Ok(dims)) => (observation, dims),
+                (observation, dims) => {
+                    let problems = observation.err().into_iter().chain(dims.err());
+                    errors.extend(problems.map(|error| FieldError {
                         index: Some(index),
                         field: error.field,
                         reason: error.reason,
-                    });
-                    continue;
-                }
-            };
-            let dims = match meter.dimensions(data) {
-                Ok(dims) => dims,
-                Err(error) => {
-                    errors.push(FieldError {
-                        index: Some(index),
-                        field: error.field,
-                        reason: error.reason,
-                    });
+                    }));
                     continue;
                 }
             };
@@ -435,6 +426,17 @@ mod tests {
                 (Some(4), "event"),
             ]
         );
+    }
+
+    #[test]
+    fn value_and_dimension_problems_of_one_event_are_both_reported() {
+        let long = "x".repeat(300);
+        let body = format!(
+            r#"{{"id":"1","source":"s","type":"llm.prompt","subject":"acme","data":{{"tokens":"ten","model":"{long}"}}}}"#
+        );
+        let errors = decode(&body, BodyKind::Single).unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, vec!["data.tokens", "data.model"]);
     }
 
     #[test]

@@ -396,6 +396,14 @@ mod tests {
         store.commit_checkpoint(prepared).unwrap();
     }
 
+    /// A checkpoint with no new usage (windows still close on time).
+    fn idle(next_log_seq: u64) -> Snapshot {
+        Snapshot {
+            next_log_seq,
+            ..Snapshot::default()
+        }
+    }
+
     #[test]
     fn windows_close_once_and_late_deltas_emit_revisions() {
         let dir = tempfile::tempdir().unwrap();
@@ -439,16 +447,7 @@ mod tests {
         };
         checkpoint(&store, &names, &catalog, snapshot, NOW + 60);
         assert!(lines(&store).is_empty());
-        checkpoint(
-            &store,
-            &names,
-            &catalog,
-            Snapshot {
-                next_log_seq: 6,
-                ..Snapshot::default()
-            },
-            NOW + 120,
-        );
+        checkpoint(&store, &names, &catalog, idle(6), NOW + 120);
         let emitted = lines(&store);
         assert_eq!(emitted.len(), 1);
         assert_eq!(
@@ -458,16 +457,7 @@ mod tests {
 
         // Closing is once: a later checkpoint emits nothing new.
         store.clear_outbox(u64::MAX - 1).unwrap();
-        checkpoint(
-            &store,
-            &names,
-            &catalog,
-            Snapshot {
-                next_log_seq: 6,
-                ..Snapshot::default()
-            },
-            NOW + 500,
-        );
+        checkpoint(&store, &names, &catalog, idle(6), NOW + 500);
         assert!(lines(&store).is_empty());
 
         // A late delta amends the window: same record id, next revision, whole new total.
