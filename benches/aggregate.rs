@@ -2,10 +2,13 @@
 //!
 //! | scenario            | series | distribution | batch | threads | baseline                       |
 //! |---------------------|--------|--------------|-------|---------|--------------------------------|
-//! | hot_set             | 10 k   | Zipf s=1.1   | 1000  | 1, 2    | —                              |
+//! | hot_set             | 10 k   | Zipf s=1.1   | 1000  | 1, 2    | single-threaded HashMap (Fx)   |
 //! | random_1m           | 1 M    | uniform      | 1000  | 1, 2    | single-threaded HashMap (Fx)   |
 //! | checkpoint          | 1 k – 100 k changed series, RocksDB WriteBatch, synced         |
 //!
+//! `engine`: each thread folds into its own writer map (the pull path); `engine_pre_aggregated`:
+//! batches are pre-aggregated first, as the HTTP edge does. `take_from_2_writers` is the cost a
+//! checkpoint pays to collect (and merge) the deltas afterwards.
 //! Events are pre-decoded `(SeriesKey, value)` pairs: this measures aggregation alone.
 
 use std::collections::HashMap;
@@ -56,8 +59,23 @@ fn uniform_events(series: usize, seed: u64) -> Vec<(SeriesKey, i128)> {
         .collect()
 }
 
-fn run_engine(engine: &Aggregator, events: &[(SeriesKey, i128)]) {
-    // One pre-aggregation map per thread, reused batch after batch (as a pull source would).
+/// The pull path: each thread folds its batches straight into its own writer map.
+fn run_direct(engine: &Aggregator, events: &[(SeriesKey, i128)]) {
+    let writer = engine.writer();
+    for chunk in events.chunks(BATCH) {
+        writer.observe_batch(|batch| {
+            for (key, value) in chunk {
+                batch
+                    .observe(*key, Aggregation::Sum, Observation::Value(*value), 0, 0)
+                    .unwrap();
+            }
+        });
+    }
+}
+
+/// The push path: batches pre-aggregated (as an HTTP request is), then applied.
+fn run_pre_aggregated(engine: &Aggregator, events: &[(SeriesKey, i128)]) {
+    let writer = engine.writer();
     let mut batch = PreAggregated::with_capacity(BATCH);
     for chunk in events.chunks(BATCH) {
         for (key, value) in chunk {
@@ -65,15 +83,17 @@ fn run_engine(engine: &Aggregator, events: &[(SeriesKey, i128)]) {
                 .observe(*key, Aggregation::Sum, Observation::Value(*value), 0, 0)
                 .unwrap();
         }
-        engine.apply(&mut batch).unwrap();
+        writer.apply(&mut batch).unwrap();
     }
 }
 
-fn run_engine_threads(engine: &Aggregator, events: &[(SeriesKey, i128)], threads: usize) {
+type Run = fn(&Aggregator, &[(SeriesKey, i128)]);
+
+fn run_threads(engine: &Aggregator, events: &[(SeriesKey, i128)], threads: usize, run: Run) {
     let per_thread = events.len().div_ceil(threads);
     std::thread::scope(|scope| {
         for part in events.chunks(per_thread) {
-            scope.spawn(move || run_engine(engine, part));
+            scope.spawn(move || run(engine, part));
         }
     });
 }
@@ -99,21 +119,39 @@ fn engine_benches(c: &mut Criterion) {
             )
         });
         for threads in [1, 2] {
-            group.bench_with_input(
-                BenchmarkId::new("engine", format!("{threads}_threads")),
-                &threads,
-                |b, &threads| {
-                    b.iter_batched(
-                        || Aggregator::new(16),
-                        |engine| {
-                            run_engine_threads(&engine, &events, threads);
-                            engine
-                        },
-                        BatchSize::LargeInput,
-                    )
-                },
-            );
+            for (path, run) in [
+                ("engine", run_direct as Run),
+                ("engine_pre_aggregated", run_pre_aggregated),
+            ] {
+                group.bench_with_input(
+                    BenchmarkId::new(path, format!("{threads}_threads")),
+                    &threads,
+                    |b, &threads| {
+                        b.iter_batched(
+                            Aggregator::new,
+                            |engine| {
+                                run_threads(&engine, &events, threads, run);
+                                // Returned, so that dropping 1 M series is not timed.
+                                engine
+                            },
+                            BatchSize::LargeInput,
+                        )
+                    },
+                );
+            }
         }
+        // What a checkpoint pays to collect these deltas from two writers (merging shared series).
+        group.bench_function("take_from_2_writers", |b| {
+            b.iter_batched(
+                || {
+                    let engine = Aggregator::new();
+                    run_threads(&engine, &events, 2, run_direct);
+                    engine
+                },
+                |engine| black_box(engine.take().unwrap()),
+                BatchSize::LargeInput,
+            )
+        });
         group.finish();
     }
 }

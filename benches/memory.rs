@@ -1,8 +1,8 @@
 //! Memory per active series: RSS growth of the engine holding N distinct series deltas
-//! (SUM states; the common case). Prints one line per N. Run with
+//! (SUM states; the common case), written by one writer. Prints one line per N. Run with
 //! `cargo bench --bench memory` (takes about a minute, needs ~2 GB at 10 M).
 
-use tallyd::aggregate::{Aggregation, Aggregator, Observation, PreAggregated};
+use tallyd::aggregate::{Aggregation, Aggregator, Observation};
 use tallyd::model::SeriesKey;
 
 fn rss_bytes() -> u64 {
@@ -27,23 +27,21 @@ fn main() {
     };
     for series in sizes {
         let before = rss_bytes();
-        let engine = Aggregator::new(16);
-        let mut batch = PreAggregated::default();
-        for i in 0..series {
-            let key = SeriesKey {
-                meter: (i % 4) as u32,
-                tenant: (i / 4) as u32,
-                dims: 0,
-                window_start: 1_795_321_200,
-            };
-            batch
-                .observe(key, Aggregation::Sum, Observation::Value(1), 0, 0)
-                .unwrap();
-            if batch.len() == 10_000 {
-                engine.apply(&mut batch).unwrap();
+        let engine = Aggregator::new();
+        let writer = engine.writer();
+        writer.observe_batch(|batch| {
+            for i in 0..series {
+                let key = SeriesKey {
+                    meter: (i % 4) as u32,
+                    tenant: (i / 4) as u32,
+                    dims: 0,
+                    window_start: 1_795_321_200,
+                };
+                batch
+                    .observe(key, Aggregation::Sum, Observation::Value(1), 0, 0)
+                    .unwrap();
             }
-        }
-        engine.apply(&mut batch).unwrap();
+        });
         let after = rss_bytes();
         println!(
             "memory/active_series series={series} rss_growth_bytes={} bytes_per_series={:.1}",

@@ -83,7 +83,6 @@ pub struct RawAggregate {
     pub max_lateness_secs: u64,
     pub max_future_secs: u64,
     pub dedup_horizon_secs: u64,
-    pub shards: usize,
 }
 
 impl Default for RawAggregate {
@@ -94,7 +93,6 @@ impl Default for RawAggregate {
             max_lateness_secs: 86_400,
             max_future_secs: 300,
             dedup_horizon_secs: 3_024_000,
-            shards: 16,
         }
     }
 }
@@ -175,7 +173,6 @@ pub struct Config {
     pub max_lateness_secs: i64,
     pub max_future_secs: i64,
     pub dedup_horizon_secs: i64,
-    pub shards: usize,
     pub emit_file_path: PathBuf,
     pub dead_letter_path: PathBuf,
     pub meters: Vec<Meter>,
@@ -344,9 +341,6 @@ impl RawConfig {
                 aggregate.max_lateness_secs + aggregate.max_future_secs
             ));
         }
-        if aggregate.shards == 0 || aggregate.shards > 1024 {
-            errors.push("aggregate.shards: must be between 1 and 1024".into());
-        }
         if self.storage.retention_days * 86_400 < aggregate.max_lateness_secs {
             errors.push("storage.retention_days: must cover aggregate.max_lateness_secs".into());
         }
@@ -471,7 +465,6 @@ impl RawConfig {
             max_lateness_secs: aggregate.max_lateness_secs as i64,
             max_future_secs: aggregate.max_future_secs as i64,
             dedup_horizon_secs: aggregate.dedup_horizon_secs as i64,
-            shards: aggregate.shards,
             meters,
         })
     }

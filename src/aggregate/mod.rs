@@ -1,25 +1,28 @@
-//! The aggregation engine: per-series deltas since the last checkpoint, sharded by series hash.
+//! The aggregation engine: per-series deltas since the last checkpoint, in share-nothing maps
+//! owned by their writers and merged when a checkpoint takes them.
 //!
-//! Input: `PreAggregated` batches (events already deduplicated and folded per series by the
-//! ingest edge, off the shared state). Output: `Aggregator::take`, the delta of every series that
-//! changed since the previous take, handed to the checkpoint; and `collect`, for queries.
+//! Input: observations from a `Writer` (one per writer thread: the commit stage today, one per
+//! Kafka partition consumer later), either folded in directly (`Writer::observe_batch`, the pull
+//! path) or as `PreAggregated` batches built off-thread by a push edge (`Writer::apply`).
+//! Output: `Aggregator::take`, the delta of every series that changed since the previous take,
+//! handed to the checkpoint; and `collect`, for queries.
 //!
-//! Shared state is touched once per batch per shard: a batch is split by shard and each shard's
-//! lock is taken once for all of that batch's series. With pre-aggregation the lock is amortised
-//! over many events, and two writers rarely meet on one shard. The engine holds *deltas*, not
-//! totals: RocksDB holds the checkpointed totals, so memory is bounded by what changed within
-//! one flush interval, not by the number of series ever seen.
+//! Each writer's map sits behind its own mutex, taken once per batch by its writer and only
+//! otherwise by `take`/`collect`: in steady state the lock is uncontended and no two writers
+//! share a cache line, so throughput scales with writers. A series written by two writers is
+//! merged at `take` (every state is mergeable). The engine holds *deltas*, not totals: RocksDB
+//! holds the checkpointed totals, so memory is bounded by what changed within one flush interval.
 //!
-//! Must not: do I/O, or hold a shard lock across anything slower than a map update.
+//! Must not: do I/O, or hold a map lock across anything slower than map updates.
 
 pub mod state;
 pub mod unique;
 
 use std::collections::hash_map::Entry;
-use std::hash::BuildHasher;
+use std::sync::Arc;
 
-use parking_lot::Mutex;
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use parking_lot::{Mutex, MutexGuard};
+use rustc_hash::FxHashMap;
 
 use crate::model::SeriesKey;
 pub use state::{AggState, Aggregation, MergeError, Observation, Wide};
@@ -28,9 +31,6 @@ pub use state::{AggState, Aggregation, MergeError, Observation, Wide};
 #[derive(Debug, Default, Clone)]
 pub struct PreAggregated {
     pub series: FxHashMap<SeriesKey, AggState>,
-    /// Reused by `Aggregator::apply` to group a batch by shard without allocating.
-    scratch: Vec<(SeriesKey, AggState)>,
-    order: Vec<u32>,
 }
 
 impl PreAggregated {
@@ -38,7 +38,6 @@ impl PreAggregated {
     pub fn with_capacity(events: usize) -> PreAggregated {
         PreAggregated {
             series: FxHashMap::with_capacity_and_hasher(events, Default::default()),
-            ..PreAggregated::default()
         }
     }
 
@@ -97,74 +96,107 @@ fn merge_into(
     }
 }
 
+type DeltaMap = FxHashMap<SeriesKey, AggState>;
+
+/// All writers' delta maps.
+#[derive(Default)]
 pub struct Aggregator {
-    shards: Box<[Mutex<FxHashMap<SeriesKey, AggState>>]>,
+    writers: Mutex<Vec<Arc<Mutex<DeltaMap>>>>,
+}
+
+/// A writer's handle: the only code that adds to its map.
+pub struct Writer {
+    map: Arc<Mutex<DeltaMap>>,
+}
+
+/// A writer's map, locked for one batch.
+pub struct WriterBatch<'a> {
+    map: MutexGuard<'a, DeltaMap>,
+}
+
+impl WriterBatch<'_> {
+    pub fn observe(
+        &mut self,
+        key: SeriesKey,
+        aggregation: Aggregation,
+        observation: Observation,
+        ts_ms: i64,
+        unique_limit: u32,
+    ) -> Result<(), MergeError> {
+        match self.map.entry(key) {
+            Entry::Occupied(mut state) => state.get_mut().observe(observation, ts_ms),
+            Entry::Vacant(slot) => {
+                slot.insert(AggState::from_observation(
+                    aggregation,
+                    observation,
+                    ts_ms,
+                    unique_limit,
+                ));
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Writer {
+    /// Folds observations in under one lock acquisition.
+    pub fn observe_batch<R>(&self, fold: impl FnOnce(&mut WriterBatch<'_>) -> R) -> R {
+        let mut batch = WriterBatch { map: self.map.lock() };
+        fold(&mut batch)
+    }
+
+    /// Folds a pre-aggregated batch in, draining it: the caller may reuse its allocation.
+    pub fn apply(&self, batch: &mut PreAggregated) -> Result<(), MergeError> {
+        let mut map = self.map.lock();
+        for (key, state) in batch.series.drain() {
+            merge_into(&mut map, key, state)?;
+        }
+        Ok(())
+    }
 }
 
 impl Aggregator {
-    /// `shards` is rounded up to a power of two.
-    pub fn new(shards: usize) -> Aggregator {
-        let count = shards.max(1).next_power_of_two();
-        Aggregator {
-            shards: (0..count).map(|_| Mutex::new(FxHashMap::default())).collect(),
-        }
+    pub fn new() -> Aggregator {
+        Aggregator::default()
     }
 
-    fn shard_of(&self, key: &SeriesKey) -> usize {
-        // Fx's low bits are weak for small integers; take the high bits.
-        (FxBuildHasher.hash_one(key) >> 40) as usize & (self.shards.len() - 1)
+    /// Registers a writer with a map of its own.
+    pub fn writer(&self) -> Writer {
+        let map = Arc::new(Mutex::new(DeltaMap::default()));
+        self.writers.lock().push(map.clone());
+        Writer { map }
     }
 
-    /// Folds a pre-aggregated batch into the shared deltas, draining it: the caller may reuse
-    /// its allocation for the next batch.
-    pub fn apply(&self, batch: &mut PreAggregated) -> Result<(), MergeError> {
-        // Group by shard so each shard's lock is taken once per batch: sort 4-byte
-        // `shard << 24 | position` words rather than the entries themselves.
-        let PreAggregated {
-            series,
-            scratch,
-            order,
-        } = batch;
-        scratch.clear();
-        order.clear();
-        for (position, (key, state)) in series.drain().enumerate() {
-            order.push(((self.shard_of(&key) as u32) << 24) | position as u32);
-            scratch.push((key, state));
-        }
-        debug_assert!(
-            scratch.len() < 1 << 24,
-            "invariant: batches hold fewer than 2^24 series"
-        );
-        order.sort_unstable();
-        let mut run = 0;
-        while run < order.len() {
-            let shard_index = (order[run] >> 24) as usize;
-            let mut shard = self.shards[shard_index].lock();
-            while run < order.len() && (order[run] >> 24) as usize == shard_index {
-                let (key, state) = &mut scratch[(order[run] & 0xff_ffff) as usize];
-                merge_into(&mut shard, *key, std::mem::replace(state, AggState::Count(0)))?;
-                run += 1;
+    fn maps(&self) -> Vec<Arc<Mutex<DeltaMap>>> {
+        self.writers.lock().clone()
+    }
+
+    /// Takes every delta accumulated since the previous take, leaving the engine empty. A
+    /// series changed by several writers comes out once, merged.
+    pub fn take(&self) -> Result<Vec<(SeriesKey, AggState)>, MergeError> {
+        let mut taken: Vec<DeltaMap> = self
+            .maps()
+            .iter()
+            .map(|map| std::mem::take(&mut *map.lock()))
+            .filter(|map| !map.is_empty())
+            .collect();
+        let Some(mut merged) = taken.pop() else {
+            return Ok(Vec::new());
+        };
+        for map in taken {
+            for (key, state) in map {
+                merge_into(&mut merged, key, state)?;
             }
         }
-        scratch.clear();
-        Ok(())
-    }
-
-    /// Takes every delta accumulated since the previous take, leaving the engine empty.
-    pub fn take(&self) -> Vec<(SeriesKey, AggState)> {
-        let mut out = Vec::with_capacity(self.len());
-        for shard in self.shards.iter() {
-            let map = std::mem::take(&mut *shard.lock());
-            out.extend(map);
-        }
-        out
+        Ok(merged.into_iter().collect())
     }
 
     /// Copies the deltas whose key passes `filter` (for queries that must see unflushed usage).
+    /// A series held by several writers appears once per writer; callers merge.
     pub fn collect(&self, filter: impl Fn(&SeriesKey) -> bool) -> Vec<(SeriesKey, AggState)> {
         let mut out = Vec::new();
-        for shard in self.shards.iter() {
-            let map = shard.lock();
+        for map in self.maps() {
+            let map = map.lock();
             out.extend(
                 map.iter()
                     .filter(|(key, _)| filter(key))
@@ -174,9 +206,9 @@ impl Aggregator {
         out
     }
 
-    /// Series with an unflushed delta.
+    /// Series entries with an unflushed delta (a series held by two writers counts twice).
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|shard| shard.lock().len()).sum()
+        self.maps().iter().map(|map| map.lock().len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -223,20 +255,25 @@ mod tests {
         )
     }
 
+    fn update_of(event: &Event) -> (SeriesKey, Aggregation, Observation) {
+        let aggregation = AGGREGATIONS[event.meter as usize];
+        let key = SeriesKey {
+            meter: event.meter,
+            tenant: event.tenant,
+            dims: 0,
+            window_start: event.window * 60,
+        };
+        let observation = if aggregation == Aggregation::UniqueCount {
+            Observation::Unique(event.value.rem_euclid(50) as u64)
+        } else {
+            Observation::Value(event.value as i128)
+        };
+        (key, aggregation, observation)
+    }
+
     fn observe_all(batch: &mut PreAggregated, events: &[Event]) {
         for event in events {
-            let aggregation = AGGREGATIONS[event.meter as usize];
-            let key = SeriesKey {
-                meter: event.meter,
-                tenant: event.tenant,
-                dims: 0,
-                window_start: event.window * 60,
-            };
-            let observation = if aggregation == Aggregation::UniqueCount {
-                Observation::Unique(event.value.rem_euclid(50) as u64)
-            } else {
-                Observation::Value(event.value as i128)
-            };
+            let (key, aggregation, observation) = update_of(event);
             // A small unique limit so that the sketch path is exercised too.
             batch
                 .observe(key, aggregation, observation, event.ts_ms, 20)
@@ -274,8 +311,8 @@ mod tests {
             seed in any::<u64>(),
             batch_size in 1usize..50,
             threads in 1usize..4,
-            shards in 1usize..16,
             take_every in 1usize..5,
+            direct in any::<bool>(),
         ) {
             let expected = sequential(&events);
 
@@ -284,7 +321,7 @@ mod tests {
             use rand::{seq::SliceRandom, SeedableRng};
             shuffled.shuffle(&mut rng);
 
-            let engine = Aggregator::new(shards);
+            let engine = Aggregator::new();
             let chunks: Vec<Vec<Event>> = shuffled.chunks(batch_size).map(|c| c.to_vec()).collect();
             let taken = parking_lot::Mutex::new(Vec::new());
             std::thread::scope(|scope| {
@@ -293,43 +330,65 @@ mod tests {
                     let engine = &engine;
                     let taken = &taken;
                     scope.spawn(move || {
+                        let writer = engine.writer();
                         for (i, chunk) in chunks.iter().enumerate().skip(worker).step_by(threads) {
-                            let mut batch = PreAggregated::default();
-                            observe_all(&mut batch, chunk);
-                            engine.apply(&mut batch).unwrap();
+                            if direct {
+                                // The pull path: straight into the writer's map.
+                                writer.observe_batch(|batch| {
+                                    for event in chunk {
+                                        let (key, aggregation, observation) = update_of(event);
+                                        batch.observe(key, aggregation, observation, event.ts_ms, 20).unwrap();
+                                    }
+                                });
+                            } else {
+                                // The push path: pre-aggregated off-thread, then applied.
+                                let mut batch = PreAggregated::default();
+                                observe_all(&mut batch, chunk);
+                                writer.apply(&mut batch).unwrap();
+                            }
                             if i % take_every == 0 {
-                                taken.lock().extend(engine.take());
+                                taken.lock().extend(engine.take().unwrap());
                             }
                         }
                     });
                 }
             });
             let mut all = taken.into_inner();
-            all.extend(engine.take());
+            all.extend(engine.take().unwrap());
             prop_assert_eq!(totals(all), expected);
         }
     }
 
     #[test]
-    fn take_empties_the_engine_and_collect_filters() {
-        let engine = Aggregator::new(4);
+    fn take_empties_the_engine_merges_writers_and_collect_filters() {
+        let engine = Aggregator::new();
+        let (first, second) = (engine.writer(), engine.writer());
+        let key_of = |tenant| SeriesKey {
+            meter: 0,
+            tenant,
+            dims: 0,
+            window_start: 0,
+        };
         let mut batch = PreAggregated::default();
         for tenant in 0..10 {
-            let key = SeriesKey {
-                meter: 0,
-                tenant,
-                dims: 0,
-                window_start: 0,
-            };
             batch
-                .observe(key, Aggregation::Sum, Observation::Value(5), 0, 0)
+                .observe(key_of(tenant), Aggregation::Sum, Observation::Value(5), 0, 0)
                 .unwrap();
         }
-        engine.apply(&mut batch).unwrap();
+        first.apply(&mut batch).unwrap();
         assert!(batch.is_empty(), "apply drains the batch");
-        assert_eq!(engine.len(), 10);
-        assert_eq!(engine.collect(|key| key.tenant < 3).len(), 3);
-        assert_eq!(engine.take().len(), 10);
+        second.observe_batch(|batch| {
+            batch
+                .observe(key_of(0), Aggregation::Sum, Observation::Value(7), 0, 0)
+                .unwrap();
+        });
+        assert_eq!(engine.len(), 11);
+        assert_eq!(engine.collect(|key| key.tenant < 3).len(), 4);
+        let taken = engine.take().unwrap();
+        assert_eq!(taken.len(), 10, "a series from two writers comes out once");
+        let tenant_zero = taken.iter().find(|(key, _)| key.tenant == 0).unwrap();
+        assert_eq!(tenant_zero.1, AggState::Sum(12.into()));
         assert!(engine.is_empty());
+        assert!(engine.take().unwrap().is_empty());
     }
 }

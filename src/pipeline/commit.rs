@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::Shared;
-use crate::aggregate::PreAggregated;
+use crate::aggregate::{PreAggregated, Writer};
 use crate::emit::file::JsonlFile;
 use crate::store::checkpoint::Snapshot;
 use crate::store::log::IngestLog;
@@ -46,6 +46,8 @@ pub struct CommitLoop {
     pub checkpoints: SyncSender<Arc<Snapshot>>,
     /// Dedup keys applied since the last snapshot (recovery seeds it with replayed keys).
     pub applied_keys: Vec<u128>,
+    /// This stage's share-nothing map in the engine.
+    pub writer: Writer,
 }
 
 impl CommitLoop {
@@ -136,7 +138,7 @@ impl CommitLoop {
         metrics::counter!(telemetry::INGEST_LOG_BYTES).increment(log_bytes);
         metrics::histogram!(telemetry::INGEST_COMMIT_GROUP).record(group.len() as f64);
         for mut request in group {
-            if let Err(error) = self.shared.engine.apply(&mut request.batch) {
+            if let Err(error) = self.writer.apply(&mut request.batch) {
                 // Only an i128 overflow can get here; the log holds the batch for forensics.
                 tracing::error!(%error, "failed to apply a logged batch");
             }
@@ -153,9 +155,18 @@ impl CommitLoop {
         }
         let snapshot = {
             let mut flushing = self.shared.flushing.write();
+            let deltas = match self.shared.engine.take() {
+                Ok(deltas) => deltas,
+                Err(error) => {
+                    // Only an i128 overflow merging two writers' deltas; the log still has them.
+                    tracing::error!(%error, "cannot merge engine deltas; checkpoint skipped");
+                    self.shared.checkpoint_busy.store(false, Ordering::Release);
+                    return true;
+                }
+            };
             let snapshot = Arc::new(Snapshot {
                 next_log_seq: self.log.next_seq(),
-                deltas: self.shared.engine.take(),
+                deltas,
                 dedup_keys: std::mem::take(&mut self.applied_keys),
             });
             flushing.push(snapshot.clone());

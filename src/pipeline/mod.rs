@@ -58,6 +58,8 @@ struct Recovered {
     shared: Arc<Shared>,
     log: IngestLog,
     applied_keys: Vec<u128>,
+    /// The commit stage's engine writer (recovery replays through it).
+    writer: crate::aggregate::Writer,
     replayed: usize,
 }
 
@@ -90,7 +92,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         position,
     )?;
     let shared = Arc::new(Shared {
-        engine: Aggregator::new(config.shards),
+        engine: Aggregator::new(),
         config,
         names,
         meters,
@@ -102,6 +104,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         durable_log_seq: AtomicU64::new(position),
         ready: AtomicBool::new(false),
     });
+    let writer = shared.engine.writer();
     let mut applied_keys = Vec::new();
     let replayed = replay.len();
     for record in replay {
@@ -110,7 +113,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         let (mut batch, keys) = batch
             .into_batch(&shared.names)
             .map_err(|error| anyhow::anyhow!("ingest log record {}: {error}", record.seq))?;
-        shared.engine.apply(&mut batch)?;
+        writer.apply(&mut batch)?;
         for key in &keys {
             shared.dedup.reserve(*key);
         }
@@ -120,6 +123,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         shared,
         log,
         applied_keys,
+        writer,
         replayed,
     })
 }
@@ -137,6 +141,7 @@ pub async fn run(
         shared,
         log,
         applied_keys,
+        writer,
         replayed,
     } = tokio::task::spawn_blocking(move || recover(config)).await??;
     tracing::info!(
@@ -164,6 +169,7 @@ pub async fn run(
         requests: request_rx,
         checkpoints: snapshot_tx,
         applied_keys,
+        writer,
     };
     let commit_thread = std::thread::Builder::new()
         .name("tallyd-commit".into())
