@@ -9,7 +9,7 @@
 //! - [`model`]: shared nouns: ids, exact fixed-point quantities, windows, series keys, interning.
 //! - [`meter`]: meter definitions; which meters an event feeds and with what value and dims.
 //! - [`ingest`]: edges: `decode` (pure CloudEvents decoding/validation), `http` (axum), `dedup`.
-//! - [`aggregate`]: mergeable states and the sharded delta engine. No I/O.
+//! - [`aggregate`]: mergeable states and the engine (share-nothing writer maps of deltas). No I/O.
 //! - [`store`]: RocksDB layout, merge operator, retention, checkpoints; the ingest log.
 //! - [`pipeline`]: the wiring: recovery, commit stage, checkpoint stage, shutdown order.
 //! - [`emit`]: outputs: JSONL files (window records, dead letters).

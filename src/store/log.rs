@@ -354,6 +354,50 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::{Aggregation, Observation};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A logged batch replays into exactly the series states that were logged, even in a
+        /// process whose ids were interned in another order.
+        #[test]
+        fn log_batches_round_trip_across_processes(
+            entries in proptest::collection::vec((0u8..3, 0u8..5, 0u8..3, -5i64..5, -1000i64..1000), 0..60),
+            keys in proptest::collection::vec(any::<u128>(), 0..10),
+        ) {
+            let (writer_names, reader_names) = (Names::default(), Names::default());
+            reader_names.tenants.intern("someone-else-first");
+            let mut batch = PreAggregated::default();
+            let mut expected = std::collections::BTreeMap::new();
+            for (meter, tenant, dim, window, value) in entries {
+                let (meter, tenant) = (format!("m{meter}"), format!("t{tenant}"));
+                let dims = vec![("k".to_string(), format!("v{dim}"))];
+                let key = SeriesKey {
+                    meter: writer_names.meters.intern(&meter),
+                    tenant: writer_names.tenants.intern(&tenant),
+                    dims: writer_names.dims.intern(&dims),
+                    window_start: window * 60,
+                };
+                batch.observe(key, Aggregation::Sum, Observation::Value(value as i128), 0, 0).unwrap();
+                *expected.entry((meter, tenant, dims, window * 60)).or_insert(0i128) += value as i128;
+            }
+            let bytes = LogBatch::from_batch(&batch, &keys, &writer_names).encode();
+            let (replayed, replayed_keys) = LogBatch::decode(&bytes).unwrap().into_batch(&reader_names).unwrap();
+            prop_assert_eq!(replayed_keys, keys);
+            let mut actual = std::collections::BTreeMap::new();
+            for (key, state) in replayed.series {
+                let name = (
+                    reader_names.meters.resolve(key.meter).to_string(),
+                    reader_names.tenants.resolve(key.tenant).to_string(),
+                    reader_names.dims.resolve(key.dims).to_vec(),
+                    key.window_start,
+                );
+                let AggState::Sum(sum) = state else { panic!("SUM state expected") };
+                actual.insert(name, sum.get());
+            }
+            prop_assert_eq!(actual, expected);
+        }
+    }
 
     fn open(dir: &Path, from: u64) -> (IngestLog, Vec<Replayed>) {
         IngestLog::open(dir, LogSync::None, 1 << 20, from).unwrap()
