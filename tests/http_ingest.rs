@@ -521,3 +521,61 @@ fn validate_lists_every_error_and_exits_64() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coarser_windows_and_ranges_are_merges_of_base_windows() {
+    let (_dir, path) = config("");
+    let daemon = Daemon::start(&path);
+    let client = client();
+    let now = chrono::Utc::now().timestamp();
+    let minutes_ago = [95i64, 62, 31, 4];
+    let stamps: Vec<i64> = minutes_ago.iter().map(|m| now - m * 60).collect();
+    let events: Vec<Value> = stamps
+        .iter()
+        .enumerate()
+        .map(|(i, ts)| {
+            let time = chrono::DateTime::from_timestamp(*ts, 0).unwrap().to_rfc3339();
+            event(
+                &format!("w{i}"),
+                "llm.prompt",
+                "acme",
+                &time,
+                json!({"tokens": i + 1, "model": "m"}),
+            )
+        })
+        .collect();
+    let (status, body) = post_batch(&client, &daemon, &events).await;
+    assert_eq!(status, 202, "{body}");
+
+    // HOUR rows: per UTC hour, the sum of the minute windows that start in it.
+    let hourly = query(&client, &daemon, "tokens", "subject=acme&windowSize=HOUR").await;
+    let mut expected: std::collections::BTreeMap<i64, u64> = Default::default();
+    for (i, ts) in stamps.iter().enumerate() {
+        *expected.entry(ts - ts.rem_euclid(3600)).or_default() += i as u64 + 1;
+    }
+    let rows: Vec<(i64, u64)> = hourly["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let start = chrono::DateTime::parse_from_rfc3339(row["windowStart"].as_str().unwrap()).unwrap();
+            let end = chrono::DateTime::parse_from_rfc3339(row["windowEnd"].as_str().unwrap()).unwrap();
+            assert_eq!(end.timestamp() - start.timestamp(), 3600);
+            (start.timestamp(), row["value"].to_string().parse().unwrap())
+        })
+        .collect();
+    assert_eq!(rows, expected.into_iter().collect::<Vec<_>>());
+
+    // [from, to) selects base windows by start: the second and third events only.
+    let minute = |ts: i64| {
+        chrono::DateTime::from_timestamp(ts - ts.rem_euclid(60), 0)
+            .unwrap()
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string()
+    };
+    let params = format!("subject=acme&from={}&to={}", minute(stamps[1]), minute(stamps[3]));
+    let ranged = query(&client, &daemon, "tokens", &params).await;
+    assert_eq!(single_value(&ranged), "5");
+    assert_eq!(ranged["data"][0]["windowStart"], minute(stamps[1]));
+    daemon.stop();
+}
