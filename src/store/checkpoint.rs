@@ -10,6 +10,9 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use rocksdb::WriteBatch;
+use std::sync::Arc;
+
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -60,6 +63,8 @@ pub struct CheckpointStats {
 
 pub struct Prepared {
     batch: WriteBatch,
+    /// Close-index keys this batch writes, remembered once it commits.
+    new_index: FxHashSet<Vec<u8>>,
     closed_before: i64,
     outbox_next: u64,
     /// `(outbox seq, JSON line)` in emission order.
@@ -86,20 +91,40 @@ impl RocksStore {
         // Series whose record must be (re)emitted by this checkpoint, with their unflushed delta.
         let mut to_emit: Vec<(Vec<u8>, Option<&AggState>)> = Vec::new();
         let mut closing_with_delta: HashMap<Vec<u8>, &AggState> = HashMap::new();
+        // Close-index keys written by earlier checkpoints of this process need not be rewritten:
+        // that halves the keys per changed series in steady state.
+        let indexed = self.indexed_windows.lock();
+        let mut new_index: FxHashSet<Vec<u8>> = FxHashSet::default();
+        // Id → name lookups take the interner's lock; a checkpoint resolves each id once.
+        let mut meters: FxHashMap<u32, (Arc<str>, i64)> = FxHashMap::default();
+        let mut tenants: FxHashMap<u32, Arc<str>> = FxHashMap::default();
+        let mut dim_sets: FxHashMap<u32, Arc<[(String, String)]>> = FxHashMap::default();
         for (key, delta) in &snapshot.deltas {
-            let meter = names.meters.resolve(key.meter);
-            let tenant = names.tenants.resolve(key.tenant);
-            let dims = names.dims.resolve(key.dims);
-            let suffix = keys::series_suffix(&meter, &tenant, key.window_start, &dims);
+            let (meter, window_secs) = match meters.get(&key.meter) {
+                Some(known) => known.clone(),
+                None => {
+                    let meter = names.meters.resolve(key.meter);
+                    let window_secs =
+                        catalog
+                            .get(&*meter)
+                            .map(|shape| shape.window_secs)
+                            .ok_or_else(|| StoreError::Corrupt {
+                                what: "meter catalog",
+                                detail: format!("no shape for meter `{meter}`"),
+                            })?;
+                    meters.insert(key.meter, (meter.clone(), window_secs));
+                    (meter, window_secs)
+                }
+            };
+            let tenant = tenants
+                .entry(key.tenant)
+                .or_insert_with(|| names.tenants.resolve(key.tenant));
+            let dims = dim_sets
+                .entry(key.dims)
+                .or_insert_with(|| names.dims.resolve(key.dims));
+            let suffix = keys::series_suffix(&meter, tenant, key.window_start, dims);
             batch.merge(keys::with_kind(keys::AGGREGATE, &suffix), delta.encode());
             stats.series += 1;
-            let window_secs = catalog
-                .get(&*meter)
-                .map(|shape| shape.window_secs)
-                .ok_or_else(|| StoreError::Corrupt {
-                    what: "meter catalog",
-                    detail: format!("no shape for meter `{meter}`"),
-                })?;
             let window_end = key.window_start + window_secs;
             if window_end <= closed_before_old {
                 // Late event into a window already emitted: amend it with a new revision.
@@ -108,9 +133,15 @@ impl RocksStore {
             } else if window_end <= closed_before_new {
                 closing_with_delta.insert(suffix, delta);
             } else {
-                batch.put(keys::open_window_key(window_end, &suffix), b"");
+                let prefix_len = keys::window_prefix_len(&meter, tenant);
+                let index_key = keys::open_window_key(window_end, &suffix[..prefix_len]);
+                if !indexed.contains(&index_key) && !new_index.contains(&index_key) {
+                    batch.put(&index_key, b"");
+                    new_index.insert(index_key);
+                }
             }
         }
+        drop(indexed);
 
         // Windows that close now: everything in the close index up to the new watermark.
         let index_end = keys::open_window_key(closed_before_new, &[]);
@@ -118,10 +149,15 @@ impl RocksStore {
             key.first() == Some(&keys::OPEN_WINDOW) && key.len() >= 9 && key[..9] <= index_end[..9]
         })?;
         for open_key in open_keys {
-            let suffix = open_key[9..].to_vec();
-            let delta = closing_with_delta.remove(&suffix);
+            // Every series of that tenant's window: the aggregate keys under its prefix.
+            let prefix = keys::with_kind(keys::AGGREGATE, &open_key[9..]);
+            let series = self.scan_keys(&prefix, |key| key.starts_with(&prefix))?;
+            for aggregate_key in series {
+                let suffix = aggregate_key[1..].to_vec();
+                let delta = closing_with_delta.remove(&suffix);
+                to_emit.push((suffix, delta));
+            }
             batch.delete(&open_key);
-            to_emit.push((suffix, delta));
         }
         // Series first seen in this checkpoint whose window is already past the watermark.
         let mut remaining: Vec<(Vec<u8>, &AggState)> = closing_with_delta.into_iter().collect();
@@ -196,6 +232,7 @@ impl RocksStore {
         stats.bytes = batch.size_in_bytes();
         Ok(Prepared {
             batch,
+            new_index,
             closed_before: closed_before_new,
             outbox_next,
             records,
@@ -206,6 +243,12 @@ impl RocksStore {
     /// Commits a prepared checkpoint durably (synced WAL).
     pub fn commit_checkpoint(&self, prepared: Prepared) -> Result<CheckpointStats, StoreError> {
         self.write(prepared.batch, true)?;
+        let mut indexed = self.indexed_windows.lock();
+        indexed.extend(prepared.new_index);
+        // Closed windows' index keys were deleted by this batch; forget them here too.
+        indexed
+            .retain(|key| keys::time_from_bytes(&key[1..]).is_some_and(|end| end > prepared.closed_before));
+        drop(indexed);
         self.closed_before
             .store(prepared.closed_before, Ordering::Release);
         self.outbox_next.store(prepared.outbox_next, Ordering::Release);

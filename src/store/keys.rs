@@ -4,7 +4,9 @@
 //! ```text
 //! A | meter | tenant | window_start | dims      → AggState (merge operands are deltas)
 //! R | meter | tenant | window_start | dims      → u32 BE: last emitted revision of the window record
-//! W | window_end | meter | tenant | window_start | dims → ()  window not yet closed (close index)
+//! W | window_end | meter | tenant | window_start        → ()  a tenant's window of a meter not yet
+//!                                                          closed (close index; its series are the
+//!                                                          A keys with that prefix)
 //! D | u128 BE                                   → u64 BE first-seen unix secs (dedup key)
 //! P | source name                               → u64 BE next position (e.g. ingest log sequence)
 //! O | u64 BE                                    → JSON line waiting for the file emitter (outbox)
@@ -44,12 +46,23 @@ fn read_str<'a>(bytes: &'a [u8], pos: &mut usize) -> Option<&'a str> {
     Some(text)
 }
 
-/// The series identity shared by `A`, `R` and `W` keys.
-pub fn series_suffix(meter: &str, tenant: &str, window_start: i64, dims: &[(String, String)]) -> Vec<u8> {
+/// One tenant's window of one meter: the prefix of all its series suffixes.
+pub fn window_prefix(meter: &str, tenant: &str, window_start: i64) -> Vec<u8> {
     let mut out = Vec::with_capacity(32 + meter.len() + tenant.len());
     push_str(&mut out, meter);
     push_str(&mut out, tenant);
     out.extend_from_slice(&time_bytes(window_start));
+    out
+}
+
+/// Length of `window_prefix(meter, tenant, _)`: a series suffix starts with it.
+pub fn window_prefix_len(meter: &str, tenant: &str) -> usize {
+    2 + meter.len() + 2 + tenant.len() + 8
+}
+
+/// The series identity shared by `A` and `R` keys: `window_prefix` then the dimensions.
+pub fn series_suffix(meter: &str, tenant: &str, window_start: i64, dims: &[(String, String)]) -> Vec<u8> {
+    let mut out = window_prefix(meter, tenant, window_start);
     out.push(u8::try_from(dims.len()).expect("invariant: group_by has fewer than 256 keys"));
     for (name, value) in dims {
         push_str(&mut out, name);
@@ -113,11 +126,11 @@ pub fn aggregate_prefix(meter: &str, tenant: Option<&str>) -> Vec<u8> {
     out
 }
 
-pub fn open_window_key(window_end: i64, suffix: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(9 + suffix.len());
+pub fn open_window_key(window_end: i64, window_prefix: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + window_prefix.len());
     out.push(OPEN_WINDOW);
     out.extend_from_slice(&time_bytes(window_end));
-    out.extend_from_slice(suffix);
+    out.extend_from_slice(window_prefix);
     out
 }
 
@@ -159,6 +172,9 @@ mod tests {
         assert_eq!(decoded.window_start, 60);
         assert_eq!(decoded.dims, dims);
         assert_eq!(suffix_window_start(&early), Some(-120));
+        let prefix = window_prefix("tokens", "acme", 60);
+        assert_eq!(prefix.len(), window_prefix_len("tokens", "acme"));
+        assert!(late.starts_with(&prefix));
         assert!(decode_series_suffix(&late[..late.len() - 1]).is_none());
     }
 

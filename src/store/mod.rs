@@ -69,6 +69,9 @@ pub struct RocksStore {
     outbox_next: AtomicU64,
     /// Windows ending at or before this unix second have been closed and emitted.
     closed_before: AtomicI64,
+    /// Close-index (`W`) keys known to be in the store, so checkpoints write each once.
+    /// Process-local: after a restart they are rewritten once (puts are idempotent).
+    indexed_windows: parking_lot::Mutex<rustc_hash::FxHashSet<Vec<u8>>>,
 }
 
 const SOURCE_HTTP_LOG: &str = "ingest-log";
@@ -137,6 +140,7 @@ impl RocksStore {
             db,
             outbox_next: AtomicU64::new(outbox_next),
             closed_before: AtomicI64::new(closed_before),
+            indexed_windows: Default::default(),
         })
     }
 
