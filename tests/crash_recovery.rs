@@ -11,7 +11,7 @@ use common::*;
 use serde_json::{json, Value};
 
 const WRITERS: usize = 4;
-const BATCHES_PER_WRITER: usize = 150;
+const BATCHES_PER_WRITER: usize = 300;
 const EVENTS_PER_BATCH: usize = 50;
 
 fn batch(writer: usize, index: usize, time: &str) -> (Vec<Value>, i64) {
