@@ -10,6 +10,7 @@
 //! - [`meter`]: meter definitions; which meters an event feeds and with what value and dims.
 //! - [`ingest`]: edges: `decode` (pure CloudEvents decoding/validation), `http` (axum), `dedup`.
 //! - [`aggregate`]: mergeable states and the engine (share-nothing writer maps of deltas). No I/O.
+//! - [`rate`]: pure pricing: charge models, rounding, incremental rating (not wired in yet).
 //! - [`store`]: RocksDB layout, merge operator, retention, checkpoints; the ingest log.
 //! - [`pipeline`]: the wiring: recovery, commit stage, checkpoint stage, shutdown order.
 //! - [`emit`]: outputs: JSONL files (window records, dead letters).
@@ -25,6 +26,7 @@ pub mod ingest;
 pub mod meter;
 pub mod model;
 pub mod pipeline;
+pub mod rate;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
