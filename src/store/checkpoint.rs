@@ -99,6 +99,7 @@ impl RocksStore {
         let mut meters: FxHashMap<u32, (Arc<str>, i64)> = FxHashMap::default();
         let mut tenants: FxHashMap<u32, Arc<str>> = FxHashMap::default();
         let mut dim_sets: FxHashMap<u32, Arc<[(String, String)]>> = FxHashMap::default();
+        let mut merges: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(snapshot.deltas.len());
         for (key, delta) in &snapshot.deltas {
             let (meter, window_secs) = match meters.get(&key.meter) {
                 Some(known) => known.clone(),
@@ -123,7 +124,7 @@ impl RocksStore {
                 .entry(key.dims)
                 .or_insert_with(|| names.dims.resolve(key.dims));
             let suffix = keys::series_suffix(&meter, tenant, key.window_start, dims);
-            batch.merge(keys::with_kind(keys::AGGREGATE, &suffix), delta.encode());
+            merges.push((keys::with_kind(keys::AGGREGATE, &suffix), delta.encode()));
             stats.series += 1;
             let window_end = key.window_start + window_secs;
             if window_end <= closed_before_old {
@@ -142,6 +143,13 @@ impl RocksStore {
             }
         }
         drop(indexed);
+        // Keys go into the batch in sorted order: RocksDB's memtable skiplist then reuses its
+        // insertion point from one key to the next instead of searching from the top (random
+        // order made memtable inserts ~40 % of the daemon's CPU under load).
+        merges.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, value) in &merges {
+            batch.merge(key, value);
+        }
 
         // Windows that close now: everything in the close index up to the new watermark.
         let index_end = keys::open_window_key(closed_before_new, &[]);
@@ -216,7 +224,9 @@ impl RocksStore {
         }
         stats.records = records.len();
 
-        for dedup_key in &snapshot.dedup_keys {
+        let mut dedup_keys = snapshot.dedup_keys.clone();
+        dedup_keys.sort_unstable();
+        for dedup_key in &dedup_keys {
             batch.put(keys::dedup_key(*dedup_key), (now_secs as u64).to_be_bytes());
         }
         stats.dedup_keys = snapshot.dedup_keys.len();
