@@ -17,6 +17,7 @@
 //! per-event min/max, minimum spend true-up and prepaid commitments (period-end settlements).
 
 pub mod currency;
+pub mod ledger;
 
 use rust_decimal::{Decimal, RoundingStrategy};
 
