@@ -18,6 +18,7 @@
 
 pub mod currency;
 pub mod ledger;
+pub mod period;
 
 use rust_decimal::{Decimal, RoundingStrategy};
 
