@@ -67,8 +67,6 @@ pub struct Prepared {
     new_index: FxHashSet<Vec<u8>>,
     closed_before: i64,
     outbox_next: u64,
-    /// `(outbox seq, JSON line)` in emission order.
-    pub records: Vec<(u64, Vec<u8>)>,
     pub stats: CheckpointStats,
 }
 
@@ -173,7 +171,7 @@ impl RocksStore {
         to_emit.extend(remaining.into_iter().map(|(suffix, delta)| (suffix, Some(delta))));
 
         let mut outbox_next = self.outbox_next.load(Ordering::Acquire);
-        let mut records = Vec::with_capacity(to_emit.len());
+        let mut records = 0;
         let closed_at = rfc3339(now_secs);
         for (suffix, delta) in to_emit {
             let name = keys::decode_series_suffix(&suffix).ok_or_else(|| StoreError::Corrupt {
@@ -219,10 +217,10 @@ impl RocksStore {
             );
             batch.put(revision_key, revision.to_be_bytes());
             batch.put(keys::outbox_key(outbox_next), &line);
-            records.push((outbox_next, line));
+            records += 1;
             outbox_next += 1;
         }
-        stats.records = records.len();
+        stats.records = records;
 
         let mut dedup_keys = snapshot.dedup_keys.clone();
         dedup_keys.sort_unstable();
@@ -245,7 +243,6 @@ impl RocksStore {
             new_index,
             closed_before: closed_before_new,
             outbox_next,
-            records,
             stats,
         })
     }
