@@ -21,7 +21,7 @@ pub mod unique;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
 use crate::model::SeriesKey;
@@ -96,60 +96,28 @@ fn merge_into(
     }
 }
 
-type DeltaMap = FxHashMap<SeriesKey, AggState>;
-
 /// All writers' delta maps.
 #[derive(Default)]
 pub struct Aggregator {
-    writers: Mutex<Vec<Arc<Mutex<DeltaMap>>>>,
+    writers: Mutex<Vec<Arc<Mutex<PreAggregated>>>>,
 }
 
 /// A writer's handle: the only code that adds to its map.
 pub struct Writer {
-    map: Arc<Mutex<DeltaMap>>,
-}
-
-/// A writer's map, locked for one batch.
-pub struct WriterBatch<'a> {
-    map: MutexGuard<'a, DeltaMap>,
-}
-
-impl WriterBatch<'_> {
-    pub fn observe(
-        &mut self,
-        key: SeriesKey,
-        aggregation: Aggregation,
-        observation: Observation,
-        ts_ms: i64,
-        unique_limit: u32,
-    ) -> Result<(), MergeError> {
-        match self.map.entry(key) {
-            Entry::Occupied(mut state) => state.get_mut().observe(observation, ts_ms),
-            Entry::Vacant(slot) => {
-                slot.insert(AggState::from_observation(
-                    aggregation,
-                    observation,
-                    ts_ms,
-                    unique_limit,
-                ));
-                Ok(())
-            }
-        }
-    }
+    map: Arc<Mutex<PreAggregated>>,
 }
 
 impl Writer {
-    /// Folds observations in under one lock acquisition.
-    pub fn observe_batch<R>(&self, fold: impl FnOnce(&mut WriterBatch<'_>) -> R) -> R {
-        let mut batch = WriterBatch { map: self.map.lock() };
-        fold(&mut batch)
+    /// Folds observations straight into the writer's map, under one lock acquisition.
+    pub fn observe_batch<R>(&self, fold: impl FnOnce(&mut PreAggregated) -> R) -> R {
+        fold(&mut self.map.lock())
     }
 
     /// Folds a pre-aggregated batch in, draining it: the caller may reuse its allocation.
     pub fn apply(&self, batch: &mut PreAggregated) -> Result<(), MergeError> {
         let mut map = self.map.lock();
         for (key, state) in batch.series.drain() {
-            merge_into(&mut map, key, state)?;
+            merge_into(&mut map.series, key, state)?;
         }
         Ok(())
     }
@@ -162,22 +130,22 @@ impl Aggregator {
 
     /// Registers a writer with a map of its own.
     pub fn writer(&self) -> Writer {
-        let map = Arc::new(Mutex::new(DeltaMap::default()));
+        let map = Arc::new(Mutex::new(PreAggregated::default()));
         self.writers.lock().push(map.clone());
         Writer { map }
     }
 
-    fn maps(&self) -> Vec<Arc<Mutex<DeltaMap>>> {
+    fn maps(&self) -> Vec<Arc<Mutex<PreAggregated>>> {
         self.writers.lock().clone()
     }
 
     /// Takes every delta accumulated since the previous take, leaving the engine empty. A
     /// series changed by several writers comes out once, merged.
     pub fn take(&self) -> Result<Vec<(SeriesKey, AggState)>, MergeError> {
-        let mut taken: Vec<DeltaMap> = self
+        let mut taken: Vec<FxHashMap<SeriesKey, AggState>> = self
             .maps()
             .iter()
-            .map(|map| std::mem::take(&mut *map.lock()))
+            .map(|map| std::mem::take(&mut map.lock().series))
             .filter(|map| !map.is_empty())
             .collect();
         let Some(mut merged) = taken.pop() else {
@@ -198,7 +166,8 @@ impl Aggregator {
         for map in self.maps() {
             let map = map.lock();
             out.extend(
-                map.iter()
+                map.series
+                    .iter()
                     .filter(|(key, _)| filter(key))
                     .map(|(key, state)| (*key, state.clone())),
             );
