@@ -6,6 +6,10 @@
 //! scheduled at N events/s whatever the latency, and a batch that finds every slot busy is
 //! counted as missed. Prints achieved rate, errors and an HdrHistogram of request latency, and
 //! writes the same as JSON with `--json-out`.
+//!
+//! `--baseline-server ADDR` instead runs the comparison point for benchmarks: an axum server that
+//! decodes and validates CloudEvents with tallyd's own decoder and the default meters, answers
+//! 202, and does nothing else (no dedup, no log, no fsync, no aggregation).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -56,6 +60,65 @@ struct Args {
     /// Write a JSON summary here.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
+    /// Run the decode-only baseline server on this address instead of generating load.
+    #[arg(long)]
+    baseline_server: Option<std::net::SocketAddr>,
+}
+
+/// Decode-only baseline: the same decode and validation as tallyd's ingest, then 202.
+async fn baseline_server(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use axum::http::{header, HeaderMap, StatusCode};
+    use tallyd::ingest::decode;
+
+    struct Baseline {
+        meters: tallyd::meter::Meters,
+        names: tallyd::model::Names,
+    }
+    let config = tallyd::Config::load(tallyd::config::DEFAULT_CONFIG, &Default::default())
+        .map_err(|errors| anyhow::anyhow!("{errors}"))?;
+    let names = tallyd::model::Names::default();
+    let meters = tallyd::meter::Meters::new(config.meters, &names);
+    let state = Arc::new(Baseline { meters, names });
+    let acceptance = decode::Acceptance {
+        allowed_lateness_secs: config.allowed_lateness_secs,
+        max_lateness_secs: config.max_lateness_secs,
+        max_future_secs: config.max_future_secs,
+    };
+    let ingest = move |axum::extract::State(state): axum::extract::State<Arc<Baseline>>,
+                       headers: HeaderMap,
+                       body: axum::body::Bytes| async move {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let decoded = tokio::task::spawn_blocking(move || {
+            let kind = decode::body_kind(content_type.as_deref()).ok()?;
+            let raw = decode::split_body(&body, kind).ok()?;
+            let now = tallyd::model::now_ms();
+            decode::decode_events(&raw, &state.meters, &state.names, now, acceptance)
+                .ok()
+                .map(|decoded| decoded.metered.len())
+        })
+        .await
+        .ok()
+        .flatten();
+        match decoded {
+            Some(accepted) => (StatusCode::ACCEPTED, axum::Json(json!({"accepted": accepted}))),
+            None => (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": "invalid_request"})),
+            ),
+        }
+    };
+    let app = axum::Router::new()
+        .route("/api/v1/events", axum::routing::post(ingest))
+        .route("/readyz", axum::routing::get(|| async { "ready" }))
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    eprintln!("decode-only baseline listening on {addr}");
+    axum::serve(listener, app).await?;
+    Ok(())
 }
 
 /// Samples ranks 0..n with probability ∝ 1/(rank+1)^s.
@@ -184,6 +247,9 @@ async fn send(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(addr) = args.baseline_server {
+        return baseline_server(addr).await;
+    }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
         .timeout(Duration::from_secs(30))
