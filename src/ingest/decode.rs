@@ -5,6 +5,8 @@
 //! request with every problem named, so the client can fix and resend it; a *refused* event
 //! (valid but outside the acceptance window) is reported and dead-lettered while the rest counts.
 
+use std::borrow::Cow;
+
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -173,25 +175,129 @@ pub fn dedup_key(tenant: &str, source: &str, id: &str) -> u128 {
     hasher.digest128()
 }
 
-fn required_string(
-    object: &serde_json::Map<String, Value>,
+/// One envelope attribute, however the event was decoded.
+#[derive(Debug, PartialEq, Eq)]
+enum Attribute<'a> {
+    Absent,
+    Text(Cow<'a, str>),
+    /// Present but not a string; the JSON rendering, for the error message.
+    NotText(String),
+}
+
+/// The `data` attribute.
+#[derive(Debug, PartialEq)]
+enum Data {
+    Absent,
+    Object(Value),
+    NotObject,
+}
+
+/// An event's CloudEvents envelope, decoded either way (see `envelope`).
+#[derive(Debug, PartialEq)]
+struct Envelope<'a> {
+    specversion: Attribute<'a>,
+    id: Attribute<'a>,
+    source: Attribute<'a>,
+    event_type: Attribute<'a>,
+    subject: Attribute<'a>,
+    time: Attribute<'a>,
+    data: Data,
+}
+
+/// The fast path: every envelope attribute a string (or absent/null), borrowed from the body.
+#[derive(serde::Deserialize)]
+struct WireEvent<'a> {
+    #[serde(borrow, default)]
+    specversion: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    source: Option<Cow<'a, str>>,
+    #[serde(borrow, default, rename = "type")]
+    event_type: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    subject: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    time: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+fn text_attribute(value: Option<Cow<'_, str>>) -> Attribute<'_> {
+    value.map_or(Attribute::Absent, Attribute::Text)
+}
+
+fn data_from(value: Option<Value>) -> Data {
+    match value {
+        None | Some(Value::Null) => Data::Absent,
+        Some(object @ Value::Object(_)) => Data::Object(object),
+        Some(_) => Data::NotObject,
+    }
+}
+
+/// Decodes one event's envelope. The typed, borrowing decoder is the fast path; when it fails
+/// (a non-string attribute, invalid JSON, not an object) the event is decoded again as a
+/// `Value` so that the error names the field. Both paths give the same `Envelope` for any input
+/// the fast path accepts (property-tested below).
+fn envelope<'a>(raw: &'a RawValue, fast: bool) -> Result<Envelope<'a>, String> {
+    if fast {
+        if let Ok(wire) = serde_json::from_str::<WireEvent<'a>>(raw.get()) {
+            let data = match wire.data {
+                None => Data::Absent,
+                Some(raw_data) => data_from(Some(
+                    serde_json::from_str(raw_data.get()).map_err(|error| format!("invalid JSON: {error}"))?,
+                )),
+            };
+            return Ok(Envelope {
+                specversion: text_attribute(wire.specversion),
+                id: text_attribute(wire.id),
+                source: text_attribute(wire.source),
+                event_type: text_attribute(wire.event_type),
+                subject: text_attribute(wire.subject),
+                time: text_attribute(wire.time),
+                data,
+            });
+        }
+    }
+    let value: Value = serde_json::from_str(raw.get()).map_err(|error| format!("invalid JSON: {error}"))?;
+    let Value::Object(mut object) = value else {
+        return Err("must be a JSON object".into());
+    };
+    let mut attribute = |name: &str| match object.remove(name) {
+        None | Some(Value::Null) => Attribute::Absent,
+        Some(Value::String(text)) => Attribute::Text(Cow::Owned(text)),
+        Some(other) => Attribute::NotText(other.to_string()),
+    };
+    Ok(Envelope {
+        specversion: attribute("specversion"),
+        id: attribute("id"),
+        source: attribute("source"),
+        event_type: attribute("type"),
+        subject: attribute("subject"),
+        time: attribute("time"),
+        data: data_from(object.remove("data")),
+    })
+}
+
+fn required_string<'a>(
+    value: Attribute<'a>,
     field: &str,
     index: usize,
     errors: &mut Vec<FieldError>,
-) -> Option<String> {
+) -> Option<Cow<'a, str>> {
     let error = |reason: &str| FieldError {
         index: Some(index),
         field: field.to_string(),
         reason: reason.to_string(),
     };
-    match object.get(field) {
-        None | Some(Value::Null) => errors.push(error("missing")),
-        Some(Value::String(text)) if text.is_empty() => errors.push(error("must not be empty")),
-        Some(Value::String(text)) if text.len() > MAX_ATTRIBUTE_BYTES => {
+    match value {
+        Attribute::Absent => errors.push(error("missing")),
+        Attribute::Text(text) if text.is_empty() => errors.push(error("must not be empty")),
+        Attribute::Text(text) if text.len() > MAX_ATTRIBUTE_BYTES => {
             errors.push(error(&format!("longer than {MAX_ATTRIBUTE_BYTES} bytes")))
         }
-        Some(Value::String(text)) => return Some(text.clone()),
-        Some(_) => errors.push(error("must be a string")),
+        Attribute::Text(text) => return Some(text),
+        Attribute::NotText(_) => errors.push(error("must be a string")),
     }
     None
 }
@@ -208,42 +314,38 @@ pub fn decode_events(
     let mut errors = Vec::new();
     let mut decoded = Decoded::default();
     for (index, raw) in raw_events.iter().enumerate() {
-        let value: Value = match serde_json::from_str(raw.get()) {
-            Ok(value) => value,
-            Err(error) => {
+        let envelope = match envelope(raw, true) {
+            Ok(envelope) => envelope,
+            Err(reason) => {
                 errors.push(FieldError {
                     index: Some(index),
                     field: "event".into(),
-                    reason: format!("invalid JSON: {error}"),
+                    reason,
                 });
                 continue;
             }
         };
-        let Value::Object(object) = value else {
-            errors.push(FieldError {
-                index: Some(index),
-                field: "event".into(),
-                reason: "must be a JSON object".into(),
-            });
-            continue;
-        };
         let before = errors.len();
-        match object.get("specversion") {
-            None => {}
-            Some(Value::String(version)) if version == "1.0" => {}
-            Some(other) => errors.push(FieldError {
+        match &envelope.specversion {
+            Attribute::Absent => {}
+            Attribute::Text(version) if version == "1.0" => {}
+            other => errors.push(FieldError {
                 index: Some(index),
                 field: "specversion".into(),
-                reason: format!("must be \"1.0\", got {other}"),
+                reason: match other {
+                    Attribute::Text(version) => format!("must be \"1.0\", got \"{version}\""),
+                    Attribute::NotText(rendered) => format!("must be \"1.0\", got {rendered}"),
+                    Attribute::Absent => unreachable!("matched above"),
+                },
             }),
         }
-        let id = required_string(&object, "id", index, &mut errors);
-        let source = required_string(&object, "source", index, &mut errors);
-        let event_type = required_string(&object, "type", index, &mut errors);
-        let subject = required_string(&object, "subject", index, &mut errors);
-        let ts_ms = match object.get("time") {
-            None | Some(Value::Null) => Some(now_ms),
-            Some(Value::String(text)) => match parse_rfc3339_ms(text) {
+        let id = required_string(envelope.id, "id", index, &mut errors);
+        let source = required_string(envelope.source, "source", index, &mut errors);
+        let event_type = required_string(envelope.event_type, "type", index, &mut errors);
+        let subject = required_string(envelope.subject, "subject", index, &mut errors);
+        let ts_ms = match envelope.time {
+            Attribute::Absent => Some(now_ms),
+            Attribute::Text(text) => match parse_rfc3339_ms(&text) {
                 Some(ts) => Some(ts),
                 None => {
                     errors.push(FieldError {
@@ -254,7 +356,7 @@ pub fn decode_events(
                     None
                 }
             },
-            Some(_) => {
+            Attribute::NotText(_) => {
                 errors.push(FieldError {
                     index: Some(index),
                     field: "time".into(),
@@ -263,10 +365,10 @@ pub fn decode_events(
                 None
             }
         };
-        let data = match object.get("data") {
-            None | Some(Value::Null) => None,
-            Some(data @ Value::Object(_)) => Some(data),
-            Some(_) => {
+        let data = match &envelope.data {
+            Data::Absent => None,
+            Data::Object(data) => Some(data),
+            Data::NotObject => {
                 errors.push(FieldError {
                     index: Some(index),
                     field: "data".into(),
@@ -484,7 +586,45 @@ mod tests {
         assert_eq!(dedup_key("acme", "s", "1"), dedup_key("acme", "s", "1"));
     }
 
+    fn arb_attribute() -> impl Strategy<Value = Option<serde_json::Value>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(serde_json::Value::Null)),
+            ".{0,8}".prop_map(|text| Some(serde_json::json!(text))),
+            any::<i64>().prop_map(|n| Some(serde_json::json!(n))),
+            any::<bool>().prop_map(|b| Some(serde_json::json!(b))),
+            Just(Some(serde_json::json!({"tokens": 1.50, "model": "m"}))),
+            Just(Some(serde_json::json!(["a"]))),
+        ]
+    }
+
     proptest! {
+        /// The fast (typed, borrowing) and slow (`Value`) envelope decoders agree on every input,
+        /// including escapes, wrong types, nulls and extra attributes.
+        #[test]
+        fn fast_and_slow_envelope_decoding_agree(
+            fields in proptest::collection::vec(arb_attribute(), 7),
+            extra in arb_attribute(),
+            escaped in any::<bool>(),
+        ) {
+            let names = ["specversion", "id", "source", "type", "subject", "time", "data"];
+            let mut object = serde_json::Map::new();
+            for (name, value) in names.iter().zip(fields) {
+                if let Some(value) = value {
+                    object.insert(name.to_string(), value);
+                }
+            }
+            if let Some(extra) = extra {
+                object.insert("extension".into(), extra);
+            }
+            let mut text = serde_json::Value::Object(object).to_string();
+            if escaped {
+                text = text.replace("\"id\":\"", "\"id\":\"\\u0041");
+            }
+            let raw: &RawValue = serde_json::from_str(&text).unwrap();
+            prop_assert_eq!(envelope(raw, true), envelope(raw, false));
+        }
+
         /// Arbitrary bytes never panic the decoder.
         #[test]
         fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..400)) {
