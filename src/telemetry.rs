@@ -28,6 +28,9 @@ pub const CHECKPOINT_BYTES: &str = "tallyd_checkpoint_bytes_total";
 pub const CHECKPOINT_SERIES: &str = "tallyd_checkpoint_series_total";
 pub const CHECKPOINT_FAILURES: &str = "tallyd_checkpoint_failures_total";
 pub const CHECKPOINT_LAST_SUCCESS: &str = "tallyd_checkpoint_last_success_timestamp_seconds";
+/// Seconds since the last successful checkpoint, at scrape time (alert when it exceeds a few
+/// flush intervals: acknowledged usage is then only in the ingest log).
+pub const CHECKPOINT_LAG: &str = "tallyd_checkpoint_lag_seconds";
 /// `{output, kind}`.
 pub const EMIT_RECORDS: &str = "tallyd_emit_records_total";
 /// `{output}`.
@@ -95,6 +98,11 @@ fn describe() {
         CHECKPOINT_LAST_SUCCESS,
         Unit::Seconds,
         "unix time of the last successful checkpoint"
+    );
+    describe_gauge!(
+        CHECKPOINT_LAG,
+        Unit::Seconds,
+        "seconds since the last successful checkpoint"
     );
     describe_counter!(EMIT_RECORDS, "records written downstream, by output and kind");
     describe_counter!(EMIT_FAILURES, "failed attempts to write downstream, by output");

@@ -327,6 +327,7 @@ async fn late_event_amends_closed_window_and_too_late_is_dead_lettered() {
         r#"tallyd_ingest_refused_total{source="http",reason="too_late"} 1"#,
         r#"tallyd_ingest_late_events_total{source="http"} 2"#,
         "tallyd_flush_duration_seconds_bucket",
+        "tallyd_checkpoint_lag_seconds ",
     ] {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }

@@ -73,6 +73,8 @@ async fn readyz(State(app): State<AppState>) -> Response {
 async fn metrics_text(State(app): State<AppState>) -> Response {
     metrics::gauge!(telemetry::DEDUP_PENDING).set(app.shared.dedup.len() as f64);
     metrics::gauge!(telemetry::STORE_LIVE_BYTES).set(app.shared.store.live_data_bytes() as f64);
+    let since_checkpoint_ms = crate::model::now_ms() - app.shared.last_checkpoint_ms.load(Ordering::Acquire);
+    metrics::gauge!(telemetry::CHECKPOINT_LAG).set(since_checkpoint_ms.max(0) as f64 / 1000.0);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.prometheus.render(),

@@ -71,6 +71,7 @@ impl CheckpointLoop {
         metrics::counter!(telemetry::CHECKPOINT_BYTES).increment(stats.bytes as u64);
         metrics::counter!(telemetry::CHECKPOINT_SERIES).increment(stats.series as u64);
         metrics::gauge!(telemetry::CHECKPOINT_LAST_SUCCESS).set(now_secs as f64);
+        shared.last_checkpoint_ms.store(now_ms(), Ordering::Release);
         metrics::gauge!(telemetry::DEDUP_PENDING).set(shared.dedup.len() as f64);
         if stats.series > 0 || stats.records > 0 {
             tracing::debug!(

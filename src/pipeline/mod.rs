@@ -51,6 +51,8 @@ pub struct Shared {
     pub durable_log_seq: AtomicU64,
     /// Recovery done, ingest healthy.
     pub ready: AtomicBool,
+    /// Unix milliseconds of the last committed checkpoint (recovery counts as one).
+    pub last_checkpoint_ms: std::sync::atomic::AtomicI64,
 }
 
 /// What recovery hands to the commit stage.
@@ -103,6 +105,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         checkpoint_busy: AtomicBool::new(false),
         durable_log_seq: AtomicU64::new(position),
         ready: AtomicBool::new(false),
+        last_checkpoint_ms: std::sync::atomic::AtomicI64::new(crate::model::now_ms()),
     });
     let writer = shared.engine.writer();
     let mut applied_keys = Vec::new();
