@@ -232,6 +232,15 @@ mod tests {
         }
     }
 
+    /// Users: first 100 at $10, 101–200 at $8, beyond 200 at $6 (the seed pricing's steps).
+    fn user_tiers() -> Vec<Tier> {
+        vec![
+            tier(Some("100"), "10", "0"),
+            tier(Some("200"), "8", "0"),
+            tier(None, "6", "0"),
+        ]
+    }
+
     /// The example plan: 100 free tokens, then graduated tiers.
     fn tokens() -> Charge {
         Charge {
@@ -314,25 +323,13 @@ mod tests {
         // + 9000 × 0.0015 + 10000 × 0.001.
         assert_eq!(tokens.price(d("20100")).unwrap().rounded, d("26.50"));
         // Users: first 100 at $10, 101–200 at $8, beyond at $6.
-        let users = charge(ChargeModel::Graduated {
-            tiers: vec![
-                tier(Some("100"), "10", "0"),
-                tier(Some("200"), "8", "0"),
-                tier(None, "6", "0"),
-            ],
-        });
+        let users = charge(ChargeModel::Graduated { tiers: user_tiers() });
         assert_eq!(users.price(d("250")).unwrap().rounded, d("2100"));
     }
 
     #[test]
     fn volume_prices_every_unit_at_the_reached_tier() {
-        let users = charge(ChargeModel::Volume {
-            tiers: vec![
-                tier(Some("100"), "10", "0"),
-                tier(Some("200"), "8", "0"),
-                tier(None, "6", "0"),
-            ],
-        });
+        let users = charge(ChargeModel::Volume { tiers: user_tiers() });
         assert_eq!(users.price(d("100")).unwrap().rounded, d("1000"));
         assert_eq!(users.price(d("150")).unwrap().rounded, d("1200"));
         assert_eq!(users.price(d("250")).unwrap().rounded, d("1500"));
