@@ -148,7 +148,7 @@ fn engine_benches(c: &mut Criterion) {
                     run_threads(&engine, &events, 2, run_direct);
                     engine
                 },
-                |engine| black_box(engine.take().unwrap()),
+                |engine| black_box(engine.take().unwrap().deltas),
                 BatchSize::LargeInput,
             )
         });
@@ -195,7 +195,8 @@ fn checkpoint_benches(c: &mut Criterion) {
                     || {
                         seq += 1;
                         Snapshot {
-                            next_log_seq: seq,
+                            positions: vec![("ingest-log".into(), seq)],
+                            generation: seq,
                             deltas: (0..changed)
                                 .map(|i| {
                                     let mut key = key_of(i);

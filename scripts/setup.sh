@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building tallyd needs on a fresh Debian/Ubuntu machine, and nothing when it is
-# already there. RocksDB's bindings are generated with bindgen, which needs libclang.
+# already there. RocksDB's bindings are generated with bindgen, which needs libclang; librdkafka is
+# built from source by rdkafka-sys (make, a C++ compiler) and links the system OpenSSL for SSL/SASL_SSL.
 set -euo pipefail
 
 missing=()
-for pkg in libclang-dev; do
+for pkg in libclang-dev libssl-dev pkg-config make g++; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

@@ -35,6 +35,67 @@ pub struct RawConfig {
     pub dead_letter: RawDeadLetter,
     #[serde(default)]
     pub meters: Vec<RawMeter>,
+    /// Absent: no Kafka source (the embedded default).
+    #[serde(default)]
+    pub kafka: Option<RawKafka>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Default: `<first topic>.dlq`.
+    #[serde(default)]
+    pub dlq_topic: Option<String>,
+    /// Header carrying the event id when the JSON has none (CloudEvents Kafka binding: `ce_id`).
+    #[serde(default = "default_id_header")]
+    pub id_header: String,
+    /// Messages folded into one pre-aggregated batch at most.
+    #[serde(default = "default_max_batch_messages")]
+    pub max_batch_messages: usize,
+    /// Unflushed series in the engine above which consumption pauses until a checkpoint lands.
+    #[serde(default = "default_max_pending_series")]
+    pub max_pending_series: usize,
+    /// Passed to librdkafka as is (SASL, SSL, fetch sizes, ...), for consumer and producers.
+    #[serde(default)]
+    pub properties: BTreeMap<String, toml::Value>,
+}
+
+fn default_group_id() -> String {
+    "tallyd".into()
+}
+fn default_id_header() -> String {
+    "ce_id".into()
+}
+fn default_max_batch_messages() -> usize {
+    10_000
+}
+fn default_max_pending_series() -> usize {
+    2_000_000
+}
+
+/// librdkafka properties tallyd sets itself: exactly-once depends on them.
+const KAFKA_RESERVED: [&str; 5] = [
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.partition.eof",
+];
+
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    pub dlq_topic: String,
+    pub id_header: String,
+    pub max_batch_messages: usize,
+    pub max_pending_series: usize,
+    pub properties: Vec<(String, String)>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +237,7 @@ pub struct Config {
     pub emit_file_path: PathBuf,
     pub dead_letter_path: PathBuf,
     pub meters: Vec<Meter>,
+    pub kafka: Option<KafkaConfig>,
 }
 
 /// Every problem found, one per line.
@@ -211,7 +273,7 @@ impl Config {
     pub fn summary(&self) -> String {
         format!(
             "http_addr={} data_dir={} ingest_log_sync={:?} flush_interval_ms={} allowed_lateness_secs={} \
-             max_lateness_secs={} max_future_secs={} dedup_horizon_secs={} meters=[{}]",
+             max_lateness_secs={} max_future_secs={} dedup_horizon_secs={} meters=[{}] kafka={}",
             self.http_addr,
             self.data_dir.display(),
             self.ingest_log_sync,
@@ -224,7 +286,21 @@ impl Config {
                 .iter()
                 .map(|m| m.slug.as_str())
                 .collect::<Vec<_>>()
-                .join(",")
+                .join(","),
+            // Property values may hold credentials: only their keys are shown.
+            self.kafka.as_ref().map_or("off".to_string(), |kafka| format!(
+                "{{brokers={} topics={} group_id={} dlq_topic={} properties=[{}]}}",
+                kafka.brokers,
+                kafka.topics.join(","),
+                kafka.group_id,
+                kafka.dlq_topic,
+                kafka
+                    .properties
+                    .iter()
+                    .map(|(key, _)| key.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ))
         )
     }
 }
@@ -277,6 +353,86 @@ fn section_table<'a>(table: &'a mut toml::Table, sections: &[String]) -> Result<
     {
         toml::Value::Table(inner) => section_table(inner, rest),
         _ => Err(first.clone()),
+    }
+}
+
+/// Kafka's own rule for topic names.
+fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty()
+        && topic.len() <= 249
+        && topic != "."
+        && topic != ".."
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+fn validate_kafka(raw: RawKafka, errors: &mut Vec<String>) -> KafkaConfig {
+    if raw.brokers.trim().is_empty() {
+        errors.push("kafka.brokers: must list at least one host:port".into());
+    }
+    if raw.topics.is_empty() {
+        errors.push("kafka.topics: must name at least one topic".into());
+    }
+    for topic in &raw.topics {
+        if !valid_topic(topic) {
+            errors.push(format!(
+                "kafka.topics: `{topic}` is not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)"
+            ));
+        }
+    }
+    if raw.group_id.is_empty() {
+        errors.push("kafka.group_id: must not be empty".into());
+    }
+    let dlq_topic = raw
+        .dlq_topic
+        .unwrap_or_else(|| format!("{}.dlq", raw.topics.first().map_or("usage", String::as_str)));
+    if !valid_topic(&dlq_topic) {
+        errors.push(format!(
+            "kafka.dlq_topic: `{dlq_topic}` is not a Kafka topic name"
+        ));
+    }
+    if raw.topics.contains(&dlq_topic) {
+        errors.push("kafka.dlq_topic: must differ from the consumed topics".into());
+    }
+    if raw.max_batch_messages == 0 {
+        errors.push("kafka.max_batch_messages: must be positive".into());
+    }
+    if raw.max_pending_series == 0 {
+        errors.push("kafka.max_pending_series: must be positive".into());
+    }
+    let mut properties = Vec::new();
+    for (key, value) in raw.properties {
+        if KAFKA_RESERVED.contains(&key.as_str()) {
+            errors.push(format!(
+                "kafka.properties.{key}: set by tallyd itself (exactly-once depends on it); use the kafka section's keys"
+            ));
+            continue;
+        }
+        let value = match value {
+            toml::Value::String(text) => text,
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            other => {
+                errors.push(format!(
+                    "kafka.properties.{key}: must be a string, number or boolean, got {}",
+                    other.type_str()
+                ));
+                continue;
+            }
+        };
+        properties.push((key, value));
+    }
+    KafkaConfig {
+        brokers: raw.brokers,
+        topics: raw.topics,
+        group_id: raw.group_id,
+        dlq_topic,
+        id_header: raw.id_header,
+        max_batch_messages: raw.max_batch_messages,
+        max_pending_series: raw.max_pending_series,
+        properties,
     }
 }
 
@@ -439,6 +595,8 @@ impl RawConfig {
             }
         }
 
+        let kafka = self.kafka.map(|raw| validate_kafka(raw, &mut errors));
+
         let (Some(http_addr), true) = (http_addr, errors.is_empty()) else {
             return Err(ConfigErrors(errors));
         };
@@ -466,6 +624,7 @@ impl RawConfig {
             max_future_secs: aggregate.max_future_secs as i64,
             dedup_horizon_secs: aggregate.dedup_horizon_secs as i64,
             meters,
+            kafka,
         })
     }
 }

@@ -36,6 +36,18 @@ pub const EMIT_RECORDS: &str = "tallyd_emit_records_total";
 /// `{output}`.
 pub const EMIT_FAILURES: &str = "tallyd_emit_failures_total";
 pub const STORE_LIVE_BYTES: &str = "tallyd_store_live_bytes";
+/// `{topic, partition}`: messages behind the high watermark, for partitions this replica owns.
+pub const KAFKA_LAG: &str = "tallyd_kafka_consumer_lag";
+/// Kafka messages consumed (events inside them: `tallyd_ingest_events_total{source="kafka"}`).
+pub const KAFKA_MESSAGES: &str = "tallyd_kafka_messages_total";
+/// `{kind}`: kind ∈ assign | revoke.
+pub const KAFKA_REBALANCES: &str = "tallyd_kafka_rebalances_total";
+pub const KAFKA_DEAD_LETTERS: &str = "tallyd_kafka_dead_letters_total";
+/// Seconds from a checkpoint making offsets durable to their commit to Kafka.
+pub const KAFKA_COMMIT_DELAY: &str = "tallyd_kafka_commit_delay_seconds";
+pub const KAFKA_ERRORS: &str = "tallyd_kafka_consumer_errors_total";
+/// Times consumption paused because checkpoints fell behind (`kafka.max_pending_series`).
+pub const KAFKA_PAUSES: &str = "tallyd_kafka_pauses_total";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -54,6 +66,12 @@ pub fn prometheus() -> PrometheusHandle {
                     builder.set_buckets_for_metric(
                         Matcher::Full(INGEST_COMMIT_GROUP.to_string()),
                         &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+                    )
+                })
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        Matcher::Full(KAFKA_COMMIT_DELAY.to_string()),
+                        &[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
                     )
                 })
                 .expect("invariant: bucket lists are non-empty")
@@ -107,6 +125,26 @@ fn describe() {
     describe_counter!(EMIT_RECORDS, "records written downstream, by output and kind");
     describe_counter!(EMIT_FAILURES, "failed attempts to write downstream, by output");
     describe_gauge!(STORE_LIVE_BYTES, Unit::Bytes, "RocksDB live SST bytes");
+    describe_gauge!(KAFKA_LAG, "consumer lag per owned partition, in messages");
+    describe_counter!(KAFKA_MESSAGES, "Kafka messages consumed");
+    describe_counter!(
+        KAFKA_REBALANCES,
+        "consumer group rebalances, by kind (assign, revoke)"
+    );
+    describe_counter!(
+        KAFKA_DEAD_LETTERS,
+        "records written to the Kafka dead-letter topic"
+    );
+    describe_histogram!(
+        KAFKA_COMMIT_DELAY,
+        Unit::Seconds,
+        "delay from a checkpoint to the Kafka offset commit it allows"
+    );
+    describe_counter!(KAFKA_ERRORS, "errors reported by the Kafka consumer");
+    describe_counter!(
+        KAFKA_PAUSES,
+        "times consumption paused for checkpoints to catch up"
+    );
 }
 
 /// Initialises structured logs on stderr. `filter` uses `RUST_LOG` syntax.

@@ -99,25 +99,62 @@ fn merge_into(
 /// All writers' delta maps.
 #[derive(Default)]
 pub struct Aggregator {
-    writers: Mutex<Vec<Arc<Mutex<PreAggregated>>>>,
+    writers: Mutex<Vec<Arc<Mutex<WriterMap>>>>,
+}
+
+/// What one writer accumulated since the last take. The deltas, the dedup keys of the events
+/// they hold and the source positions they reflect change under one lock, so a take sees all
+/// three at the same cut: that is what lets a checkpoint store positions honestly.
+#[derive(Default)]
+struct WriterMap {
+    deltas: PreAggregated,
+    dedup_keys: Vec<u128>,
+    /// Source name (e.g. `ingest-log`, `kafka/usage/3`) → next position to read.
+    positions: FxHashMap<String, u64>,
+}
+
+/// Everything taken from the engine at one cut.
+#[derive(Debug, Default)]
+pub struct Cut {
+    pub deltas: Vec<(SeriesKey, AggState)>,
+    pub dedup_keys: Vec<u128>,
+    /// The newest position each source reached within the cut (sources that made no progress
+    /// since the previous take are absent).
+    pub positions: Vec<(String, u64)>,
 }
 
 /// A writer's handle: the only code that adds to its map.
 pub struct Writer {
-    map: Arc<Mutex<PreAggregated>>,
+    map: Arc<Mutex<WriterMap>>,
 }
 
 impl Writer {
     /// Folds observations straight into the writer's map, under one lock acquisition.
     pub fn observe_batch<R>(&self, fold: impl FnOnce(&mut PreAggregated) -> R) -> R {
-        fold(&mut self.map.lock())
+        fold(&mut self.map.lock().deltas)
     }
 
     /// Folds a pre-aggregated batch in, draining it: the caller may reuse its allocation.
     pub fn apply(&self, batch: &mut PreAggregated) -> Result<(), MergeError> {
+        self.commit(batch, &mut Vec::new(), std::iter::empty())
+    }
+
+    /// Folds a batch in together with the dedup keys of its events and the source positions it
+    /// advances to, atomically with respect to `Aggregator::take`. Drains `batch` and `keys`.
+    pub fn commit(
+        &self,
+        batch: &mut PreAggregated,
+        keys: &mut Vec<u128>,
+        positions: impl IntoIterator<Item = (String, u64)>,
+    ) -> Result<(), MergeError> {
         let mut map = self.map.lock();
+        let map = &mut *map;
         for (key, state) in batch.series.drain() {
-            merge_into(&mut map.series, key, state)?;
+            merge_into(&mut map.deltas.series, key, state)?;
+        }
+        map.dedup_keys.append(keys);
+        for (source, next) in positions {
+            map.positions.insert(source, next);
         }
         Ok(())
     }
@@ -130,33 +167,43 @@ impl Aggregator {
 
     /// Registers a writer with a map of its own.
     pub fn writer(&self) -> Writer {
-        let map = Arc::new(Mutex::new(PreAggregated::default()));
+        let map = Arc::new(Mutex::new(WriterMap::default()));
         self.writers.lock().push(map.clone());
         Writer { map }
     }
 
-    fn maps(&self) -> Vec<Arc<Mutex<PreAggregated>>> {
+    fn maps(&self) -> Vec<Arc<Mutex<WriterMap>>> {
         self.writers.lock().clone()
     }
 
-    /// Takes every delta accumulated since the previous take, leaving the engine empty. A
-    /// series changed by several writers comes out once, merged.
-    pub fn take(&self) -> Result<Vec<(SeriesKey, AggState)>, MergeError> {
-        let mut taken: Vec<FxHashMap<SeriesKey, AggState>> = self
-            .maps()
-            .iter()
-            .map(|map| std::mem::take(&mut map.lock().series))
-            .filter(|map| !map.is_empty())
-            .collect();
+    /// Takes every delta (with its dedup keys and positions) accumulated since the previous
+    /// take, leaving the engine empty. A series changed by several writers comes out once, merged.
+    ///
+    /// On a merge overflow the taken deltas are lost to this process, so the caller must not
+    /// store any position past them: it keeps the previous checkpoint and replays.
+    pub fn take(&self) -> Result<Cut, MergeError> {
+        let mut cut = Cut::default();
+        let mut taken: Vec<FxHashMap<SeriesKey, AggState>> = Vec::new();
+        for map in self.maps() {
+            let mut map = map.lock();
+            let series = std::mem::take(&mut map.deltas.series);
+            if !series.is_empty() {
+                taken.push(series);
+            }
+            cut.dedup_keys.append(&mut map.dedup_keys);
+            cut.positions.extend(map.positions.drain());
+        }
+        cut.positions.sort_unstable();
         let Some(mut merged) = taken.pop() else {
-            return Ok(Vec::new());
+            return Ok(cut);
         };
         for map in taken {
             for (key, state) in map {
                 merge_into(&mut merged, key, state)?;
             }
         }
-        Ok(merged.into_iter().collect())
+        cut.deltas = merged.into_iter().collect();
+        Ok(cut)
     }
 
     /// Copies the deltas whose key passes `filter` (for queries that must see unflushed usage).
@@ -166,7 +213,8 @@ impl Aggregator {
         for map in self.maps() {
             let map = map.lock();
             out.extend(
-                map.series
+                map.deltas
+                    .series
                     .iter()
                     .filter(|(key, _)| filter(key))
                     .map(|(key, state)| (*key, state.clone())),
@@ -177,7 +225,7 @@ impl Aggregator {
 
     /// Series entries with an unflushed delta (a series held by two writers counts twice).
     pub fn len(&self) -> usize {
-        self.maps().iter().map(|map| map.lock().len()).sum()
+        self.maps().iter().map(|map| map.lock().deltas.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -316,14 +364,14 @@ mod tests {
                                 writer.apply(&mut batch).unwrap();
                             }
                             if i % take_every == 0 {
-                                taken.lock().extend(engine.take().unwrap());
+                                taken.lock().extend(engine.take().unwrap().deltas);
                             }
                         }
                     });
                 }
             });
             let mut all = taken.into_inner();
-            all.extend(engine.take().unwrap());
+            all.extend(engine.take().unwrap().deltas);
             prop_assert_eq!(totals(all), expected);
         }
     }
@@ -353,11 +401,11 @@ mod tests {
         });
         assert_eq!(engine.len(), 11);
         assert_eq!(engine.collect(|key| key.tenant < 3).len(), 4);
-        let taken = engine.take().unwrap();
+        let taken = engine.take().unwrap().deltas;
         assert_eq!(taken.len(), 10, "a series from two writers comes out once");
         let tenant_zero = taken.iter().find(|(key, _)| key.tenant == 0).unwrap();
         assert_eq!(tenant_zero.1, AggState::Sum(12.into()));
         assert!(engine.is_empty());
-        assert!(engine.take().unwrap().is_empty());
+        assert!(engine.take().unwrap().deltas.is_empty());
     }
 }

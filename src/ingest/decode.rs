@@ -311,10 +311,44 @@ pub fn decode_events(
     now_ms: i64,
     acceptance: Acceptance,
 ) -> Result<Decoded, Vec<FieldError>> {
+    let (decoded, errors) = decode_each(raw_events, meters, names, acceptance, |_| EventContext {
+        now_ms,
+        id: None,
+    });
+    if errors.is_empty() {
+        Ok(decoded)
+    } else {
+        Err(errors)
+    }
+}
+
+/// What the transport knows about one event beyond its JSON.
+#[derive(Debug, Clone, Copy)]
+pub struct EventContext<'a> {
+    /// The reference time for lateness and for an absent `time`. HTTP: arrival. Kafka: the
+    /// message timestamp, so that replaying a partition makes the same decisions again.
+    pub now_ms: i64,
+    /// An id to use when the event has none (e.g. the Kafka `ce_id` header).
+    pub id: Option<&'a str>,
+}
+
+/// Like `decode_events`, but event by event: invalid events are left out of `Decoded` and
+/// reported (with their index) beside it, for sources that dead-letter them one at a time.
+pub fn decode_each<'c>(
+    raw_events: &[&RawValue],
+    meters: &Meters,
+    names: &Names,
+    acceptance: Acceptance,
+    context: impl Fn(usize) -> EventContext<'c>,
+) -> (Decoded, Vec<FieldError>) {
     let mut errors = Vec::new();
     let mut decoded = Decoded::default();
     for (index, raw) in raw_events.iter().enumerate() {
-        let envelope = match envelope(raw, true) {
+        let EventContext {
+            now_ms,
+            id: fallback_id,
+        } = context(index);
+        let mut envelope = match envelope(raw, true) {
             Ok(envelope) => envelope,
             Err(reason) => {
                 errors.push(FieldError {
@@ -326,6 +360,9 @@ pub fn decode_events(
             }
         };
         let before = errors.len();
+        if let (Attribute::Absent, Some(id)) = (&envelope.id, fallback_id) {
+            envelope.id = Attribute::Text(Cow::Owned(id.to_owned()));
+        }
         match &envelope.specversion {
             Attribute::Absent => {}
             Attribute::Text(version) if version == "1.0" => {}
@@ -459,11 +496,7 @@ pub fn decode_events(
             updates,
         });
     }
-    if errors.is_empty() {
-        Ok(decoded)
-    } else {
-        Err(errors)
-    }
+    (decoded, errors)
 }
 
 #[cfg(test)]

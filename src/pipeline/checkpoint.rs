@@ -14,7 +14,7 @@ use super::Shared;
 use crate::emit::file::JsonlFile;
 use crate::model::now_ms;
 use crate::store::checkpoint::Snapshot;
-use crate::store::{RocksStore, StoreError};
+use crate::store::{RocksStore, StoreError, INGEST_LOG_SOURCE};
 use crate::telemetry;
 
 pub struct CheckpointLoop {
@@ -39,6 +39,9 @@ impl CheckpointLoop {
                 }
             }
             self.shared.checkpoint_busy.store(false, Ordering::Release);
+            let mut generations = self.shared.generations.lock();
+            generations.durable = generations.durable.max(snapshot.generation);
+            self.shared.generation_durable.notify_all();
         }
         tracing::debug!("checkpoint stage stopped");
     }
@@ -63,9 +66,19 @@ impl CheckpointLoop {
             stats
         };
         shared.dedup.remove_all(&snapshot.dedup_keys);
-        shared
-            .durable_log_seq
-            .store(snapshot.next_log_seq, Ordering::Release);
+        if let Some(next) = snapshot.position(INGEST_LOG_SOURCE) {
+            shared.durable_log_seq.store(next, Ordering::Release);
+        }
+        let committed_ms = now_ms();
+        let acknowledge: Vec<_> = snapshot
+            .positions
+            .iter()
+            .filter(|(source, _)| source.starts_with(crate::ingest::kafka::POSITION_PREFIX))
+            .map(|(source, next)| (source.clone(), *next, committed_ms))
+            .collect();
+        if !acknowledge.is_empty() {
+            shared.durable_positions.lock().extend(acknowledge);
+        }
 
         metrics::histogram!(telemetry::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
         metrics::counter!(telemetry::CHECKPOINT_BYTES).increment(stats.bytes as u64);

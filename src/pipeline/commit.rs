@@ -1,8 +1,9 @@
 //! The commit stage, one dedicated thread: group-commits ingest batches to the log, applies them
 //! to the engine in log order, acknowledges them, and cuts checkpoint snapshots between groups.
 //!
-//! Because the same thread appends, applies and snapshots, a snapshot's `next_log_seq` is exactly
-//! the set of records whose deltas it holds; that is what makes the checkpoint's position honest.
+//! Each batch is applied together with the log position after its record (`Writer::commit`),
+//! so a snapshot's `ingest-log` position is exactly the set of records whose deltas it holds;
+//! that is what makes the checkpoint's position honest.
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
@@ -16,6 +17,7 @@ use crate::aggregate::{PreAggregated, Writer};
 use crate::emit::file::JsonlFile;
 use crate::store::checkpoint::Snapshot;
 use crate::store::log::IngestLog;
+use crate::store::INGEST_LOG_SOURCE;
 use crate::telemetry;
 
 /// One request's worth of accepted usage, decoded and deduplicated by the edge.
@@ -44,8 +46,6 @@ pub struct CommitLoop {
     pub dead_letter: JsonlFile,
     pub requests: Receiver<CommitRequest>,
     pub checkpoints: SyncSender<Arc<Snapshot>>,
-    /// Dedup keys applied since the last snapshot (recovery seeds it with replayed keys).
-    pub applied_keys: Vec<u128>,
     /// This stage's share-nothing map in the engine.
     pub writer: Writer,
 }
@@ -82,7 +82,7 @@ impl CommitLoop {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             if Instant::now() >= next_tick {
-                if self.try_snapshot() {
+                if self.shared.try_snapshot(&self.checkpoints) != super::SnapshotCut::Busy {
                     next_tick = Instant::now() + interval;
                 } else {
                     // The previous checkpoint is still running: look again shortly.
@@ -95,8 +95,11 @@ impl CommitLoop {
             }
         }
         // Input closed: every accepted batch is applied; hand over the final snapshot.
-        while !self.try_snapshot() {
-            std::thread::sleep(Duration::from_millis(5));
+        if !self
+            .shared
+            .checkpoint_now(&self.checkpoints, Duration::from_secs(3600))
+        {
+            tracing::error!("final checkpoint not written; the sources replay on restart");
         }
         tracing::debug!("commit stage stopped");
     }
@@ -105,11 +108,18 @@ impl CommitLoop {
         let mut log_bytes = 0u64;
         let mut dead_letters: Vec<&[u8]> = Vec::new();
         let mut error = None;
+        // Log position after each request's record (None: nothing logged for it).
+        let mut positions: Vec<Option<u64>> = Vec::with_capacity(group.len());
         for request in &group {
-            if !request.payload.is_empty() {
-                if let Err(e) = self.log.append(&request.payload) {
-                    error = Some(e.to_string());
-                    break;
+            if request.payload.is_empty() {
+                positions.push(None);
+            } else {
+                match self.log.append(&request.payload) {
+                    Ok(seq) => positions.push(Some(seq + 1)),
+                    Err(e) => {
+                        error = Some(e.to_string());
+                        break;
+                    }
                 }
                 log_bytes += request.payload.len() as u64;
             }
@@ -137,47 +147,17 @@ impl CommitLoop {
         }
         metrics::counter!(telemetry::INGEST_LOG_BYTES).increment(log_bytes);
         metrics::histogram!(telemetry::INGEST_COMMIT_GROUP).record(group.len() as f64);
-        for mut request in group {
-            if let Err(error) = self.writer.apply(&mut request.batch) {
+        for (mut request, position) in group.into_iter().zip(positions) {
+            let position = position.map(|next| (INGEST_LOG_SOURCE.to_string(), next));
+            if let Err(error) = self
+                .writer
+                .commit(&mut request.batch, &mut request.dedup_keys, position)
+            {
                 // Only an i128 overflow can get here; the log holds the batch for forensics.
                 tracing::error!(%error, "failed to apply a logged batch");
             }
-            self.applied_keys.extend(request.dedup_keys);
             let _ = request.reply.send(Ok(()));
         }
         Ok(())
-    }
-
-    /// Hands the engine's deltas to the checkpoint thread unless a checkpoint is still running.
-    fn try_snapshot(&mut self) -> bool {
-        if self.shared.checkpoint_busy.swap(true, Ordering::AcqRel) {
-            return false;
-        }
-        let snapshot = {
-            let mut flushing = self.shared.flushing.write();
-            let deltas = match self.shared.engine.take() {
-                Ok(deltas) => deltas,
-                Err(error) => {
-                    // Only an i128 overflow merging two writers' deltas; the log still has them.
-                    tracing::error!(%error, "cannot merge engine deltas; checkpoint skipped");
-                    self.shared.checkpoint_busy.store(false, Ordering::Release);
-                    return true;
-                }
-            };
-            let snapshot = Arc::new(Snapshot {
-                next_log_seq: self.log.next_seq(),
-                deltas,
-                dedup_keys: std::mem::take(&mut self.applied_keys),
-            });
-            flushing.push(snapshot.clone());
-            snapshot
-        };
-        metrics::gauge!(telemetry::ACTIVE_SERIES).set(snapshot.deltas.len() as f64);
-        if self.checkpoints.send(snapshot).is_err() {
-            // Nothing is lost: the usage stays in the ingest log and is replayed on restart.
-            tracing::error!("checkpoint thread is gone; usage stays in the ingest log until restart");
-            self.shared.ready.store(false, Ordering::Release);
-        }
-        true
     }
 }

@@ -7,19 +7,24 @@
 //!   pre-aggregate              by the byte        apply, ack, snapshot     one in flight)     outbox → usage file
 //!                              budget)
 //! ```
-//! Shutdown: the token stops the HTTP edge (in-flight requests finish); the commit thread sees its
-//! input close, cuts a final snapshot; the checkpoint thread writes it and exits.
+//! The Kafka source (optional) is a second writer: its thread folds batches into its own engine
+//! map together with partition offsets, and any snapshot cut takes every writer at once.
+//!
+//! Shutdown: the token stops the HTTP edge (in-flight requests finish); the Kafka source
+//! checkpoints, commits offsets and leaves its group; the commit thread sees its input close and
+//! cuts a final snapshot; the checkpoint thread writes it and exits.
 
 pub mod checkpoint;
 pub mod commit;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use parking_lot::RwLock;
+use parking_lot::{Condvar, Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::Aggregator;
@@ -30,7 +35,7 @@ use crate::meter::Meters;
 use crate::model::Names;
 use crate::store::checkpoint::Snapshot;
 use crate::store::log::{IngestLog, LogBatch};
-use crate::store::{MeterCatalog, RocksStore};
+use crate::store::{MeterCatalog, RocksStore, INGEST_LOG_SOURCE};
 
 /// State shared by the stages and the API.
 pub struct Shared {
@@ -53,13 +58,114 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// Unix milliseconds of the last committed checkpoint (recovery counts as one).
     pub last_checkpoint_ms: std::sync::atomic::AtomicI64,
+    /// Snapshot generations: the last one cut and the last one durable, for stages that must
+    /// wait until what they applied is checkpointed (a Kafka consumer giving up partitions).
+    pub generations: Mutex<Generations>,
+    pub generation_durable: Condvar,
+    /// Positions made durable by checkpoints and not yet acknowledged to their source (Kafka
+    /// offsets to commit), with the unix ms of the checkpoint that made them durable.
+    pub durable_positions: Mutex<Vec<(String, u64, i64)>>,
+}
+
+/// Outcome of `Shared::try_snapshot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotCut {
+    /// Handed to the checkpoint stage with this generation.
+    Cut(u64),
+    /// A checkpoint is in flight; try again shortly.
+    Busy,
+    /// The engine or the checkpoint stage failed (logged; readiness dropped).
+    Failed,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Generations {
+    pub cut: u64,
+    pub durable: u64,
+}
+
+impl Shared {
+    /// Cuts a snapshot of every engine writer (deltas, dedup keys and positions at one cut) and
+    /// hands it to the checkpoint stage, unless a checkpoint is still in flight.
+    pub fn try_snapshot(&self, checkpoints: &SyncSender<Arc<Snapshot>>) -> SnapshotCut {
+        if self.checkpoint_busy.swap(true, Ordering::AcqRel) {
+            return SnapshotCut::Busy;
+        }
+        let snapshot = {
+            let mut flushing = self.flushing.write();
+            let cut = match self.engine.take() {
+                Ok(cut) => cut,
+                Err(error) => {
+                    // An i128 overflow merging two writers' deltas: no position moves, so the
+                    // sources (ingest log, Kafka offsets) replay this usage after a restart.
+                    tracing::error!(%error, "cannot merge engine deltas; restart to replay");
+                    self.ready.store(false, Ordering::Release);
+                    self.checkpoint_busy.store(false, Ordering::Release);
+                    return SnapshotCut::Failed;
+                }
+            };
+            let generation = {
+                let mut generations = self.generations.lock();
+                generations.cut += 1;
+                generations.cut
+            };
+            let snapshot = Arc::new(Snapshot {
+                generation,
+                positions: cut.positions,
+                deltas: cut.deltas,
+                dedup_keys: cut.dedup_keys,
+            });
+            flushing.push(snapshot.clone());
+            snapshot
+        };
+        let generation = snapshot.generation;
+        metrics::gauge!(crate::telemetry::ACTIVE_SERIES).set(snapshot.deltas.len() as f64);
+        if checkpoints.send(snapshot).is_err() {
+            // Nothing is lost: sources replay from the last durable positions on restart.
+            tracing::error!("checkpoint thread is gone; usage is replayed from the sources on restart");
+            self.ready.store(false, Ordering::Release);
+            return SnapshotCut::Failed;
+        }
+        SnapshotCut::Cut(generation)
+    }
+
+    /// Blocks until everything applied to the engine before this call is durable in a
+    /// checkpoint, or `timeout` passes (false).
+    pub fn checkpoint_now(&self, checkpoints: &SyncSender<Arc<Snapshot>>, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let target = match self.try_snapshot(checkpoints) {
+                SnapshotCut::Cut(generation) => generation,
+                // One in flight: it may predate our writes, so wait for it and cut another.
+                SnapshotCut::Busy => self.generations.lock().cut + 1,
+                SnapshotCut::Failed => return false,
+            };
+            let mut generations = self.generations.lock();
+            while generations.durable < target.min(generations.cut) {
+                if self
+                    .generation_durable
+                    .wait_until(&mut generations, deadline)
+                    .timed_out()
+                {
+                    return false;
+                }
+            }
+            if generations.durable >= target {
+                return true;
+            }
+            drop(generations);
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 /// What recovery hands to the commit stage.
 struct Recovered {
     shared: Arc<Shared>,
     log: IngestLog,
-    applied_keys: Vec<u128>,
     /// The commit stage's engine writer (recovery replays through it).
     writer: crate::aggregate::Writer,
     replayed: usize,
@@ -106,26 +212,30 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         durable_log_seq: AtomicU64::new(position),
         ready: AtomicBool::new(false),
         last_checkpoint_ms: std::sync::atomic::AtomicI64::new(crate::model::now_ms()),
+        generations: Mutex::new(Generations::default()),
+        generation_durable: Condvar::new(),
+        durable_positions: Mutex::new(Vec::new()),
     });
     let writer = shared.engine.writer();
-    let mut applied_keys = Vec::new();
     let replayed = replay.len();
     for record in replay {
         let batch = LogBatch::decode(&record.payload)
             .map_err(|error| anyhow::anyhow!("ingest log record {} does not decode: {error}", record.seq))?;
-        let (mut batch, keys) = batch
+        let (mut batch, mut keys) = batch
             .into_batch(&shared.names)
             .map_err(|error| anyhow::anyhow!("ingest log record {}: {error}", record.seq))?;
-        writer.apply(&mut batch)?;
         for key in &keys {
             shared.dedup.reserve(*key);
         }
-        applied_keys.extend(keys);
+        writer.commit(
+            &mut batch,
+            &mut keys,
+            [(INGEST_LOG_SOURCE.to_string(), record.seq + 1)],
+        )?;
     }
     Ok(Recovered {
         shared,
         log,
-        applied_keys,
         writer,
         replayed,
     })
@@ -143,7 +253,6 @@ pub async fn run(
     let Recovered {
         shared,
         log,
-        applied_keys,
         writer,
         replayed,
     } = tokio::task::spawn_blocking(move || recover(config)).await??;
@@ -163,6 +272,14 @@ pub async fn run(
         .name("tallyd-checkpoint".into())
         .spawn(move || checkpoint_stage.run())?;
 
+    let kafka_source = match shared.config.kafka.clone() {
+        Some(kafka) => Some(
+            crate::ingest::kafka::KafkaSource::start(shared.clone(), kafka, snapshot_tx.clone())
+                .context("cannot start the Kafka source")?,
+        ),
+        None => None,
+    };
+
     let (request_tx, request_rx) = std::sync::mpsc::channel();
     let commit_stage = commit::CommitLoop {
         shared: shared.clone(),
@@ -171,7 +288,6 @@ pub async fn run(
             .with_context(|| format!("cannot open {}", dead_letter_path.display()))?,
         requests: request_rx,
         checkpoints: snapshot_tx,
-        applied_keys,
         writer,
     };
     let commit_thread = std::thread::Builder::new()
@@ -189,6 +305,15 @@ pub async fn run(
         .context("http server failed")?;
     shared.ready.store(false, Ordering::Release);
     tracing::info!("ingest stopped; draining");
+    if let Some(source) = kafka_source {
+        // Checkpoints what it consumed, commits offsets and leaves the group first.
+        if !tokio::task::spawn_blocking(move || source.stop())
+            .await
+            .unwrap_or(false)
+        {
+            tracing::error!("kafka source panicked; its partitions replay from the last checkpoint");
+        }
+    }
 
     // The router (and with it the last request sender) is dropped: the commit stage drains,
     // cuts the final snapshot and drops the checkpoint sender, which ends the checkpoint stage.

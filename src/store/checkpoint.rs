@@ -17,17 +17,28 @@ use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::keys::{self, SeriesName};
-use super::{MeterCatalog, RocksStore, StoreError, META_CLOSED_BEFORE, META_OUTBOX_NEXT, SOURCE_HTTP_LOG};
+use super::{MeterCatalog, RocksStore, StoreError, META_CLOSED_BEFORE, META_OUTBOX_NEXT};
 use crate::aggregate::AggState;
 use crate::model::{rfc3339, Names, SeriesKey};
 
 /// What the engine hands to a checkpoint: every delta since the previous one.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// Ingest-log position after the last applied record: replay resumes here.
-    pub next_log_seq: u64,
+    /// Cut number (increasing), so a stage can wait until its own cut is durable.
+    pub generation: u64,
+    /// Where each source resumes after a restart (`ingest-log` → next log sequence,
+    /// `kafka/<topic>/<partition>` → next offset): exactly what `deltas` reflect.
+    pub positions: Vec<(String, u64)>,
     pub deltas: Vec<(SeriesKey, AggState)>,
     pub dedup_keys: Vec<u128>,
+}
+
+impl Snapshot {
+    pub fn position(&self, source: &str) -> Option<u64> {
+        self.positions
+            .iter()
+            .find_map(|(name, next)| (name == source).then_some(*next))
+    }
 }
 
 /// A closed window's aggregate, one JSON line in the usage file. `record_id` is deterministic
@@ -228,10 +239,9 @@ impl RocksStore {
             batch.put(keys::dedup_key(*dedup_key), (now_secs as u64).to_be_bytes());
         }
         stats.dedup_keys = snapshot.dedup_keys.len();
-        batch.put(
-            keys::position_key(SOURCE_HTTP_LOG),
-            snapshot.next_log_seq.to_be_bytes(),
-        );
+        for (source, next) in &snapshot.positions {
+            batch.put(keys::position_key(source), next.to_be_bytes());
+        }
         batch.put(
             keys::meta_key(META_CLOSED_BEFORE),
             (closed_before_new as u64).to_be_bytes(),

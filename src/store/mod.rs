@@ -74,7 +74,8 @@ pub struct RocksStore {
     indexed_windows: parking_lot::Mutex<rustc_hash::FxHashSet<Vec<u8>>>,
 }
 
-const SOURCE_HTTP_LOG: &str = "ingest-log";
+/// Position name of the local ingest log (HTTP and, later, OTLP batches).
+pub const INGEST_LOG_SOURCE: &str = "ingest-log";
 const META_CLOSED_BEFORE: &str = "closed_before";
 const META_OUTBOX_NEXT: &str = "outbox_next";
 
@@ -204,7 +205,12 @@ impl RocksStore {
 
     /// The checkpointed ingest-log position: every record with a lower sequence is in the store.
     pub fn ingest_log_position(&self) -> Result<u64, StoreError> {
-        Ok(read_u64(&self.db, &keys::position_key(SOURCE_HTTP_LOG))?.unwrap_or(0))
+        Ok(self.position(INGEST_LOG_SOURCE)?.unwrap_or(0))
+    }
+
+    /// A source's checkpointed next position, if it ever had one.
+    pub fn position(&self, source: &str) -> Result<Option<u64>, StoreError> {
+        read_u64(&self.db, &keys::position_key(source))
     }
 
     /// For each dedup key, whether it was checkpointed within the horizon.
@@ -408,7 +414,7 @@ mod tests {
     /// A checkpoint with no new usage (windows still close on time).
     fn idle(next_log_seq: u64) -> Snapshot {
         Snapshot {
-            next_log_seq,
+            positions: vec![(INGEST_LOG_SOURCE.into(), next_log_seq)],
             ..Snapshot::default()
         }
     }
@@ -436,7 +442,8 @@ mod tests {
 
         // Window [NOW, NOW+60) is open until NOW+120: nothing emitted, position recorded.
         let snapshot = Snapshot {
-            next_log_seq: 5,
+            generation: 5,
+            positions: vec![(INGEST_LOG_SOURCE.into(), 5)],
             deltas: delta(10),
             dedup_keys: vec![42],
         };
@@ -450,7 +457,8 @@ mod tests {
 
         // More usage in the same open window, then the window closes with the merged total.
         let snapshot = Snapshot {
-            next_log_seq: 6,
+            generation: 6,
+            positions: vec![(INGEST_LOG_SOURCE.into(), 6)],
             deltas: delta(5),
             dedup_keys: vec![],
         };
@@ -475,7 +483,8 @@ mod tests {
             &names,
             &catalog,
             Snapshot {
-                next_log_seq: 7,
+                generation: 7,
+                positions: vec![(INGEST_LOG_SOURCE.into(), 7)],
                 deltas: delta(7),
                 dedup_keys: vec![],
             },

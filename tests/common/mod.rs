@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod kafka;
+
 /// Meters used by the black-box tests: one per aggregation, from the seed pricing.
 pub const METERS: &str = r#"
 [[meters]]
