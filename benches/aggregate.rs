@@ -205,6 +205,7 @@ fn checkpoint_benches(c: &mut Criterion) {
                                 })
                                 .collect(),
                             dedup_keys: Vec::new(),
+                            sources: Vec::new(),
                         }
                     },
                     |snapshot| {

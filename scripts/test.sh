@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# Runs every test: unit + property tests and black-box tests that start the real daemon.
+# Runs every test: unit + property tests, black-box tests that start the real daemon, Kafka
+# tests against librdkafka's in-process mock cluster, and end-to-end Kafka tests against a real
+# broker (tansu) that this script installs when missing and starts on loopback.
 # Everything builds in release so that RocksDB is compiled once for run, test, clippy and bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
+broker=$(scripts/broker.sh start)
+trap 'scripts/broker.sh stop' EXIT
+echo "test: tansu broker at $broker" >&2
+# The broker tests must run here: their absence is a failure, not a skip.
+export TALLYD_TEST_BROKER="$broker" TALLYD_REQUIRE_BROKER=1
 cargo test --release --locked "$@"

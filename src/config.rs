@@ -59,9 +59,20 @@ pub struct RawKafka {
     /// Unflushed series in the engine above which consumption pauses until a checkpoint lands.
     #[serde(default = "default_max_pending_series")]
     pub max_pending_series: usize,
+    /// Publish each partition's state to a changelog topic so that another replica can take
+    /// the partition over (see ARCHITECTURE.md). Off: partitions must stay with one replica.
+    #[serde(default = "default_true")]
+    pub changelog: bool,
+    /// Default: `<group_id>.changelog`.
+    #[serde(default)]
+    pub changelog_topic: Option<String>,
     /// Passed to librdkafka as is (SASL, SSL, fetch sizes, ...), for consumer and producers.
     #[serde(default)]
     pub properties: BTreeMap<String, toml::Value>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_group_id() -> String {
@@ -95,6 +106,8 @@ pub struct KafkaConfig {
     pub id_header: String,
     pub max_batch_messages: usize,
     pub max_pending_series: usize,
+    /// None: changelog off.
+    pub changelog_topic: Option<String>,
     pub properties: Vec<(String, String)>,
 }
 
@@ -289,11 +302,12 @@ impl Config {
                 .join(","),
             // Property values may hold credentials: only their keys are shown.
             self.kafka.as_ref().map_or("off".to_string(), |kafka| format!(
-                "{{brokers={} topics={} group_id={} dlq_topic={} properties=[{}]}}",
+                "{{brokers={} topics={} group_id={} dlq_topic={} changelog_topic={} properties=[{}]}}",
                 kafka.brokers,
                 kafka.topics.join(","),
                 kafka.group_id,
                 kafka.dlq_topic,
+                kafka.changelog_topic.as_deref().unwrap_or("off"),
                 kafka
                     .properties
                     .iter()
@@ -395,6 +409,21 @@ fn validate_kafka(raw: RawKafka, errors: &mut Vec<String>) -> KafkaConfig {
     if raw.topics.contains(&dlq_topic) {
         errors.push("kafka.dlq_topic: must differ from the consumed topics".into());
     }
+    let changelog_topic = raw.changelog.then(|| {
+        raw.changelog_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.changelog", raw.group_id))
+    });
+    if let Some(topic) = &changelog_topic {
+        if !valid_topic(topic) {
+            errors.push(format!(
+                "kafka.changelog_topic: `{topic}` is not a Kafka topic name"
+            ));
+        }
+        if raw.topics.contains(topic) || *topic == dlq_topic {
+            errors.push("kafka.changelog_topic: must differ from the consumed and dead-letter topics".into());
+        }
+    }
     if raw.max_batch_messages == 0 {
         errors.push("kafka.max_batch_messages: must be positive".into());
     }
@@ -432,6 +461,7 @@ fn validate_kafka(raw: RawKafka, errors: &mut Vec<String>) -> KafkaConfig {
         id_header: raw.id_header,
         max_batch_messages: raw.max_batch_messages,
         max_pending_series: raw.max_pending_series,
+        changelog_topic,
         properties,
     }
 }

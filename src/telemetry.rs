@@ -48,6 +48,12 @@ pub const KAFKA_COMMIT_DELAY: &str = "tallyd_kafka_commit_delay_seconds";
 pub const KAFKA_ERRORS: &str = "tallyd_kafka_consumer_errors_total";
 /// Times consumption paused because checkpoints fell behind (`kafka.max_pending_series`).
 pub const KAFKA_PAUSES: &str = "tallyd_kafka_pauses_total";
+/// `{}`: offsets a partition skipped between batches (see `SourceContext::check_gaps`).
+pub const KAFKA_OFFSET_GAPS: &str = "tallyd_kafka_offset_gaps_total";
+/// Changelog messages published (one flush per partition per checkpoint, split in chunks).
+pub const CHANGELOG_CHUNKS: &str = "tallyd_changelog_chunks_total";
+/// `{outcome}`: outcome ∈ restored | skipped (local store already current).
+pub const CHANGELOG_RESTORES: &str = "tallyd_changelog_restores_total";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 

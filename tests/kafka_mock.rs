@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use common::kafka::*;
 use common::*;
@@ -16,31 +17,6 @@ use serde_json::json;
 
 const TOPIC: &str = "usage";
 const DLQ: &str = "usage.dlq";
-
-async fn tenant_tokens(client: &reqwest::Client, daemon: &Daemon, tenant: &str) -> i64 {
-    let result = query(client, daemon, "tokens", &format!("subject={tenant}")).await;
-    result["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|row| row["value"].to_string().parse::<i64>().unwrap())
-        .sum()
-}
-
-async fn wait_for_totals(client: &reqwest::Client, daemon: &Daemon, expected: &BTreeMap<String, i64>) {
-    let mut last = BTreeMap::new();
-    for _ in 0..400 {
-        last.clear();
-        for tenant in expected.keys() {
-            last.insert(tenant.clone(), tenant_tokens(client, daemon, tenant).await);
-        }
-        if &last == expected {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("totals {last:?} never reached {expected:?}\n{}", daemon.logs());
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mock_cluster_counts_exactly_once_and_dead_letters_poison() {
@@ -125,7 +101,7 @@ async fn mock_cluster_counts_exactly_once_and_dead_letters_poison() {
     let client = client();
     wait_for_totals(&client, &daemon, &expected).await;
 
-    let letters = read_topic(&brokers, DLQ, 1, 3);
+    let letters = read_topic(&brokers, DLQ, 1, 3, Duration::from_secs(30));
     assert_eq!(letters.len(), 3, "dead letters: {letters:?}");
     let mut reasons: Vec<&str> = letters
         .iter()
@@ -181,7 +157,7 @@ async fn mock_cluster_counts_exactly_once_and_dead_letters_poison() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     wait_for_totals(&client, &daemon, &expected).await;
     assert_eq!(
-        read_topic(&brokers, DLQ, 1, 4).len(),
+        read_topic(&brokers, DLQ, 1, 4, Duration::from_secs(3)).len(),
         3,
         "no dead letter written twice"
     );

@@ -111,6 +111,9 @@ struct WriterMap {
     dedup_keys: Vec<u128>,
     /// Source name (e.g. `ingest-log`, `kafka/usage/3`) → next position to read.
     positions: FxHashMap<String, u64>,
+    /// A writer dedicated to one replicated source (a Kafka partition whose state has a
+    /// changelog): the take reports which series and dedup keys came from it.
+    tag: Option<String>,
 }
 
 /// Everything taken from the engine at one cut.
@@ -121,6 +124,16 @@ pub struct Cut {
     /// The newest position each source reached within the cut (sources that made no progress
     /// since the previous take are absent).
     pub positions: Vec<(String, u64)>,
+    /// Per tagged writer: what it contributed to this cut.
+    pub sources: Vec<SourceCut>,
+}
+
+/// The series and dedup keys one tagged writer (one Kafka partition) contributed to a cut.
+#[derive(Debug, Default, Clone)]
+pub struct SourceCut {
+    pub source: String,
+    pub series: Vec<SeriesKey>,
+    pub dedup_keys: Vec<u128>,
 }
 
 /// A writer's handle: the only code that adds to its map.
@@ -167,7 +180,19 @@ impl Aggregator {
 
     /// Registers a writer with a map of its own.
     pub fn writer(&self) -> Writer {
-        let map = Arc::new(Mutex::new(WriterMap::default()));
+        self.register(None)
+    }
+
+    /// A writer for one replicated source (see `SourceCut`).
+    pub fn tagged_writer(&self, source: String) -> Writer {
+        self.register(Some(source))
+    }
+
+    fn register(&self, tag: Option<String>) -> Writer {
+        let map = Arc::new(Mutex::new(WriterMap {
+            tag,
+            ..WriterMap::default()
+        }));
         self.writers.lock().push(map.clone());
         Writer { map }
     }
@@ -187,6 +212,15 @@ impl Aggregator {
         for map in self.maps() {
             let mut map = map.lock();
             let series = std::mem::take(&mut map.deltas.series);
+            if let Some(tag) = &map.tag {
+                if !series.is_empty() || !map.dedup_keys.is_empty() {
+                    cut.sources.push(SourceCut {
+                        source: tag.clone(),
+                        series: series.keys().copied().collect(),
+                        dedup_keys: map.dedup_keys.clone(),
+                    });
+                }
+            }
             if !series.is_empty() {
                 taken.push(series);
             }

@@ -57,6 +57,32 @@ impl CheckpointLoop {
             now_secs,
             shared.config.allowed_lateness_secs,
         )?;
+        if !prepared.changelog.is_empty() {
+            // The changelog must never be behind a store: publish first, commit after.
+            let Some(sink) = shared.changelog.get() else {
+                return Err(StoreError::Corrupt {
+                    what: "changelog",
+                    detail: "replicated sources but no changelog sink".into(),
+                });
+            };
+            sink.publish(&prepared.changelog)
+                .map_err(|detail| StoreError::Unavailable {
+                    what: "changelog",
+                    detail,
+                })?;
+            metrics::counter!(telemetry::CHANGELOG_CHUNKS).increment(prepared.changelog.len() as u64);
+            tracing::debug!(
+                flushes = %prepared
+                    .changelog
+                    .iter()
+                    .filter(|chunk| chunk.is_last())
+                    .map(|chunk| format!("{}@{}", chunk.source, chunk.position))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                chunks = prepared.changelog.len(),
+                "changelog published"
+            );
+        }
         let stats = {
             // Queries hold the read side while they combine store + unflushed deltas, so they
             // never see this snapshot both in the store and in `flushing`, nor in neither.

@@ -65,6 +65,14 @@ pub struct Shared {
     /// Positions made durable by checkpoints and not yet acknowledged to their source (Kafka
     /// offsets to commit), with the unix ms of the checkpoint that made them durable.
     pub durable_positions: Mutex<Vec<(String, u64, i64)>>,
+    /// Where checkpoints publish replicated sources' state before committing (the Kafka
+    /// changelog); set by the Kafka source when it starts.
+    pub changelog: std::sync::OnceLock<Arc<dyn ChangelogSink>>,
+}
+
+/// Publishes changelog chunks durably (blocking until the broker acknowledges all of them).
+pub trait ChangelogSink: Send + Sync {
+    fn publish(&self, chunks: &[crate::store::changelog::ChangelogChunk]) -> Result<(), String>;
 }
 
 /// Outcome of `Shared::try_snapshot`.
@@ -114,6 +122,7 @@ impl Shared {
                 positions: cut.positions,
                 deltas: cut.deltas,
                 dedup_keys: cut.dedup_keys,
+                sources: cut.sources,
             });
             flushing.push(snapshot.clone());
             snapshot
@@ -215,6 +224,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         generations: Mutex::new(Generations::default()),
         generation_durable: Condvar::new(),
         durable_positions: Mutex::new(Vec::new()),
+        changelog: std::sync::OnceLock::new(),
     });
     let writer = shared.engine.writer();
     let replayed = replay.len();
@@ -275,6 +285,7 @@ pub async fn run(
     let kafka_source = match shared.config.kafka.clone() {
         Some(kafka) => Some(
             crate::ingest::kafka::KafkaSource::start(shared.clone(), kafka, snapshot_tx.clone())
+                .await
                 .context("cannot start the Kafka source")?,
         ),
         None => None,

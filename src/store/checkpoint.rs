@@ -16,9 +16,10 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_128;
 
+use super::changelog::{chunk_flush, ChangelogChunk, SeriesEntry};
 use super::keys::{self, SeriesName};
 use super::{MeterCatalog, RocksStore, StoreError, META_CLOSED_BEFORE, META_OUTBOX_NEXT};
-use crate::aggregate::AggState;
+use crate::aggregate::{AggState, SourceCut};
 use crate::model::{rfc3339, Names, SeriesKey};
 
 /// What the engine hands to a checkpoint: every delta since the previous one.
@@ -31,6 +32,8 @@ pub struct Snapshot {
     pub positions: Vec<(String, u64)>,
     pub deltas: Vec<(SeriesKey, AggState)>,
     pub dedup_keys: Vec<u128>,
+    /// What each replicated source (Kafka partition with a changelog) contributed.
+    pub sources: Vec<SourceCut>,
 }
 
 impl Snapshot {
@@ -79,6 +82,8 @@ pub struct Prepared {
     closed_before: i64,
     outbox_next: u64,
     pub stats: CheckpointStats,
+    /// To publish (and have acknowledged) before the batch commits.
+    pub changelog: Vec<ChangelogChunk>,
 }
 
 impl RocksStore {
@@ -109,6 +114,9 @@ impl RocksStore {
         let mut tenants: FxHashMap<u32, Arc<str>> = FxHashMap::default();
         let mut dim_sets: FxHashMap<u32, Arc<[(String, String)]>> = FxHashMap::default();
         let mut merges: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(snapshot.deltas.len());
+        // Series of replicated sources: their suffix and delta, for the changelog.
+        let replicated = !snapshot.sources.is_empty();
+        let mut suffixes: FxHashMap<SeriesKey, (Vec<u8>, &AggState)> = FxHashMap::default();
         for (key, delta) in &snapshot.deltas {
             let (meter, window_secs) = match meters.get(&key.meter) {
                 Some(known) => known.clone(),
@@ -133,6 +141,9 @@ impl RocksStore {
                 .entry(key.dims)
                 .or_insert_with(|| names.dims.resolve(key.dims));
             let suffix = keys::series_suffix(&meter, tenant, key.window_start, dims);
+            if replicated {
+                suffixes.insert(*key, (suffix.clone(), delta));
+            }
             merges.push((keys::with_kind(keys::AGGREGATE, &suffix), delta.encode()));
             stats.series += 1;
             let window_end = key.window_start + window_secs;
@@ -182,6 +193,7 @@ impl RocksStore {
         to_emit.extend(remaining.into_iter().map(|(suffix, delta)| (suffix, Some(delta))));
 
         let mut outbox_next = self.outbox_next.load(Ordering::Acquire);
+        let mut emitted_revisions: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
         let mut records = 0;
         let closed_at = rfc3339(now_secs);
         for (suffix, delta) in to_emit {
@@ -227,6 +239,9 @@ impl RocksStore {
                 &closed_at,
             );
             batch.put(revision_key, revision.to_be_bytes());
+            if replicated {
+                emitted_revisions.insert(suffix.clone(), revision);
+            }
             batch.put(keys::outbox_key(outbox_next), &line);
             records += 1;
             outbox_next += 1;
@@ -248,13 +263,88 @@ impl RocksStore {
         );
         batch.put(keys::meta_key(META_OUTBOX_NEXT), outbox_next.to_be_bytes());
         stats.bytes = batch.size_in_bytes();
+        let mut changelog = Vec::new();
+        for source in &snapshot.sources {
+            changelog.extend(self.changelog_flush(
+                snapshot,
+                source,
+                &suffixes,
+                &emitted_revisions,
+                now_secs,
+            )?);
+        }
         Ok(Prepared {
             batch,
             new_index,
             closed_before: closed_before_new,
             outbox_next,
             stats,
+            changelog,
         })
+    }
+
+    /// One source's flush: absolute state (store total + this checkpoint's delta) and revision
+    /// of every series it changed, its new dedup keys, and its position.
+    fn changelog_flush(
+        &self,
+        snapshot: &Snapshot,
+        source: &SourceCut,
+        suffixes: &FxHashMap<SeriesKey, (Vec<u8>, &AggState)>,
+        emitted_revisions: &FxHashMap<Vec<u8>, u32>,
+        now_secs: i64,
+    ) -> Result<Vec<ChangelogChunk>, StoreError> {
+        let Some(position) = snapshot.position(&source.source) else {
+            // Contributions without progress cannot happen (each batch advances its offset).
+            return Err(StoreError::Corrupt {
+                what: "changelog",
+                detail: format!("{} changed state without a position", source.source),
+            });
+        };
+        let mut series = Vec::with_capacity(source.series.len());
+        for key in &source.series {
+            let Some((suffix, delta)) = suffixes.get(key) else {
+                continue;
+            };
+            let total = match self.get(&keys::with_kind(keys::AGGREGATE, suffix))? {
+                Some(bytes) => {
+                    let mut total = AggState::decode(&bytes).map_err(|error| StoreError::Corrupt {
+                        what: "aggregate state",
+                        detail: error.to_string(),
+                    })?;
+                    total.merge(delta).map_err(|error| StoreError::Corrupt {
+                        what: "aggregate merge",
+                        detail: error.to_string(),
+                    })?;
+                    total
+                }
+                None => (*delta).clone(),
+            };
+            let revision = match emitted_revisions.get(suffix) {
+                Some(revision) => *revision,
+                None => match self.get(&keys::with_kind(keys::REVISION, suffix))? {
+                    Some(bytes) => {
+                        u32::from_be_bytes(bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                            what: "revision",
+                            detail: format!("{suffix:?}"),
+                        })?)
+                    }
+                    None => 0,
+                },
+            };
+            series.push(SeriesEntry {
+                suffix: suffix.clone(),
+                state: total.encode(),
+                revision,
+            });
+        }
+        Ok(chunk_flush(
+            &source.source,
+            rand::random(),
+            position,
+            now_secs,
+            series,
+            source.dedup_keys.clone(),
+        ))
     }
 
     /// Commits a prepared checkpoint durably (synced WAL).

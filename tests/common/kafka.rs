@@ -30,6 +30,9 @@ pub fn producer(brokers: &str) -> BaseProducer {
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
+        // One record per batch: tansu 0.6 cannot fetch from an offset inside a record batch
+        // (it skips to the next batch), which would make any resume point lose messages.
+        .set("batch.num.messages", "1")
         .create()
         .expect("producer")
 }
@@ -100,8 +103,14 @@ impl DeadLetter {
     }
 }
 
-/// Reads `expected` records of partition 0 of `topic` from the beginning (or fails after 30 s).
-pub fn read_topic(brokers: &str, topic: &str, partitions: i32, expected: usize) -> Vec<DeadLetter> {
+/// Reads up to `expected` records of `topic` from the beginning, waiting at most `wait`.
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+    wait: Duration,
+) -> Vec<DeadLetter> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "tallyd-test-reader")
@@ -115,7 +124,7 @@ pub fn read_topic(brokers: &str, topic: &str, partitions: i32, expected: usize) 
     }
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + wait;
     while out.len() < expected && Instant::now() < deadline {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
             let headers = message
@@ -139,4 +148,90 @@ pub fn read_topic(brokers: &str, topic: &str, partitions: i32, expected: usize) 
         }
     }
     out
+}
+
+/// `n` distinct `llm.prompt` events over `tenants` tenants (keyed by tenant), timestamps shuffled
+/// over the last two minutes, plus `n / 5` producer-retry duplicates, in shuffled order; and the
+/// exact tokens each tenant must end with.
+pub fn usage_records(
+    n: usize,
+    tenants: usize,
+    seed: u64,
+) -> (Vec<Record>, std::collections::BTreeMap<String, i64>) {
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut expected = std::collections::BTreeMap::new();
+    let mut records = Vec::with_capacity(n + n / 5);
+    for i in 0..n {
+        let tenant = format!("tenant-{}", i % tenants);
+        let tokens: i64 = rng.gen_range(1..1000);
+        *expected.entry(tenant.clone()).or_insert(0) += tokens;
+        let event = super::event(
+            &format!("s{seed}-e{i}"),
+            "llm.prompt",
+            &tenant,
+            &super::ago(rng.gen_range(0..120)),
+            serde_json::json!({"tokens": tokens, "model": format!("m{}", i % 3)}),
+        );
+        records.push(Record::json(&tenant, &event));
+    }
+    let duplicates: Vec<Record> = records
+        .choose_multiple(&mut rng, n / 5)
+        .map(|r| Record {
+            key: r.key.clone(),
+            payload: r.payload.clone(),
+            partition: None,
+            ce_id: None,
+        })
+        .collect();
+    records.extend(duplicates);
+    records.shuffle(&mut rng);
+    (records, expected)
+}
+
+/// The real broker for end-to-end tests (`scripts/test.sh` starts tansu and sets it). None:
+/// the caller skips, unless `TALLYD_REQUIRE_BROKER=1` (the test script) makes that a failure.
+pub fn real_broker() -> Option<String> {
+    match std::env::var("TALLYD_TEST_BROKER") {
+        Ok(brokers) if !brokers.is_empty() => Some(brokers),
+        _ => {
+            assert!(
+                std::env::var("TALLYD_REQUIRE_BROKER").as_deref() != Ok("1"),
+                "TALLYD_TEST_BROKER is not set but TALLYD_REQUIRE_BROKER=1"
+            );
+            eprintln!("SKIPPED: set TALLYD_TEST_BROKER=host:port (scripts/test.sh starts tansu)");
+            None
+        }
+    }
+}
+
+/// Creates a topic (unique names per test: the broker outlives a test run).
+pub async fn create_topic(brokers: &str, name: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics(
+            [&topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics request");
+    for result in results {
+        result.unwrap_or_else(|(topic, error)| panic!("create topic {topic}: {error}"));
+    }
+}
+
+/// A topic name no earlier run used.
+pub fn unique_topic(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
 }

@@ -252,3 +252,35 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
         Err(_) => Vec::new(),
     }
 }
+
+/// Sum of a tenant's `tokens` over all windows.
+pub async fn tenant_tokens(client: &reqwest::Client, daemon: &Daemon, tenant: &str) -> i64 {
+    let result = query(client, daemon, "tokens", &format!("subject={tenant}")).await;
+    result["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["value"].to_string().parse::<i64>().unwrap())
+        .sum()
+}
+
+/// Polls until every tenant's `tokens` total is exactly as expected (90 s).
+pub async fn wait_for_totals(
+    client: &reqwest::Client,
+    daemon: &Daemon,
+    expected: &std::collections::BTreeMap<String, i64>,
+) {
+    let mut last = std::collections::BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        last.clear();
+        for tenant in expected.keys() {
+            last.insert(tenant.clone(), tenant_tokens(client, daemon, tenant).await);
+        }
+        if &last == expected {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("totals {last:?} never reached {expected:?}\n{}", daemon.logs());
+}

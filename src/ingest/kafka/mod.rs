@@ -32,7 +32,10 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rustc_hash::FxHashMap;
 use serde_json::value::RawValue;
+
+pub mod changelog;
 
 use crate::aggregate::{PreAggregated, Writer};
 use crate::config::KafkaConfig;
@@ -99,27 +102,29 @@ struct BatchOutcome {
 /// satisfies `Sync`).
 struct Batcher {
     pending: Vec<Pending>,
-    writer: Writer,
-    /// Reused between batches.
-    batch: PreAggregated,
+    /// One engine writer per partition: with a changelog, each is tagged with its partition
+    /// so a checkpoint knows which series and dedup keys to publish where.
+    writers: FxHashMap<(Arc<str>, i32), Writer>,
 }
 
-struct DlqContext {
+/// Counts failed deliveries of a producer (dead letters, changelog).
+struct DeliveryContext {
     failures: AtomicU64,
+    what: &'static str,
 }
 
-impl ClientContext for DlqContext {
+impl ClientContext for DeliveryContext {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         log_librdkafka(level, facility, message);
     }
 }
 
-impl ProducerContext for DlqContext {
+impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Err((error, _)) = result {
-            tracing::error!(%error, "dead-letter record not delivered; retrying the batch");
-            self.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%error, output = self.what, "record not delivered; retrying");
+            self.failures.fetch_add(1, Ordering::AcqRel);
         }
     }
 }
@@ -129,9 +134,13 @@ pub struct SourceContext {
     config: KafkaConfig,
     checkpoints: SyncSender<Arc<Snapshot>>,
     batcher: Mutex<Batcher>,
-    dlq: BaseProducer<DlqContext>,
+    dlq: BaseProducer<DeliveryContext>,
     /// Partitions this replica owns (for offset commits and lag labels).
     owned: Mutex<BTreeSet<(String, i32)>>,
+    /// Assigned partitions whose restore failed: paused, never consumed (readiness is down).
+    blocked: Mutex<BTreeSet<(String, i32)>>,
+    /// Next offset each owned partition should deliver (gap detection).
+    expected: Mutex<FxHashMap<(String, i32), i64>>,
 }
 
 fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &str) {
@@ -218,10 +227,28 @@ impl ConsumerContext for SourceContext {
                 if let Err(error) = result {
                     tracing::error!(%error, "cannot take the assigned partitions");
                 }
-                let mut owned = self.owned.lock();
-                for element in tpl.elements() {
-                    owned.insert((element.topic().to_string(), element.partition()));
+                let blocked = self.blocked.lock();
+                if !blocked.is_empty() {
+                    let mut paused = TopicPartitionList::new();
+                    for (topic, partition) in blocked.iter() {
+                        paused.add_partition(topic, *partition);
+                    }
+                    if let Err(error) = consumer.pause(&paused) {
+                        tracing::error!(%error, "cannot pause partitions whose restore failed");
+                    }
                 }
+                drop(blocked);
+                let mut owned = self.owned.lock();
+                let mut expected = self.expected.lock();
+                for element in tpl.elements() {
+                    let key = (element.topic().to_string(), element.partition());
+                    match element.offset() {
+                        Offset::Offset(start) => expected.insert(key.clone(), start),
+                        _ => expected.remove(&key),
+                    };
+                    owned.insert(key);
+                }
+                drop(expected);
                 tracing::info!(partitions = %describe(tpl), "partitions assigned");
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -273,6 +300,26 @@ impl SourceContext {
             .map(|e| (e.topic().to_string(), e.partition()))
             .collect();
         for (topic, partition) in assigned {
+            if let Some(changelog_topic) = &self.config.changelog_topic {
+                // The previous owner published this partition's state before committing it:
+                // catch the store up before deciding where to resume.
+                let source = position_name(&topic, partition);
+                let shared = &self.shared;
+                if let Err(error) = changelog::restore_partition(
+                    &self.config,
+                    changelog_topic,
+                    &shared.store,
+                    &shared.catalog,
+                    &source,
+                    partition,
+                ) {
+                    // Resuming without the restore could count twice: hold the partition back.
+                    tracing::error!(%error, source, "cannot restore from the changelog; not consuming it");
+                    shared.ready.store(false, Ordering::Release);
+                    self.blocked.lock().insert((topic.clone(), partition));
+                    continue;
+                }
+            }
             let local = match self.shared.store.position(&position_name(&topic, partition)) {
                 Ok(local) => local.map(|next| next as i64),
                 Err(error) => {
@@ -313,6 +360,7 @@ impl SourceContext {
         for element in tpl.elements() {
             let (topic, partition) = (element.topic(), element.partition());
             owned.remove(&(topic.to_string(), partition));
+            self.blocked.lock().remove(&(topic.to_string(), partition));
             metrics::gauge!(telemetry::KAFKA_LAG, "topic" => topic.to_string(), "partition" => partition.to_string())
                 .set(0.0);
             if let Ok(Some(next)) = self.shared.store.position(&position_name(topic, partition)) {
@@ -327,18 +375,65 @@ impl SourceContext {
         }
     }
 
+    /// Offsets skipped between where a partition resumed (or its previous batch ended) and its
+    /// next message. Transaction markers and compaction make small legitimate gaps; a broker
+    /// that cannot fetch from inside a record batch makes large ones (tansu 0.6 does): counted,
+    /// logged, never silently.
+    fn check_gaps(&self, first: &FxHashMap<(Arc<str>, i32), i64>, next: &FxHashMap<(Arc<str>, i32), u64>) {
+        let mut expected = self.expected.lock();
+        for (key, lowest) in first {
+            let name = (key.0.to_string(), key.1);
+            if let Some(want) = expected.get(&name) {
+                if *lowest > *want {
+                    metrics::counter!(telemetry::KAFKA_OFFSET_GAPS).increment((*lowest - *want) as u64);
+                    tracing::warn!(
+                        topic = %key.0,
+                        partition = key.1,
+                        expected = *want,
+                        got = *lowest,
+                        "offsets skipped by the broker (transaction markers, compaction, or a broker bug)"
+                    );
+                }
+            }
+            if let Some(after) = next.get(key) {
+                expected.insert(name, *after as i64);
+            }
+        }
+    }
+
+    /// A partition assigned but not restored: its messages must not be counted.
+    fn is_blocked(&self, topic: &str, partition: i32) -> bool {
+        let blocked = self.blocked.lock();
+        !blocked.is_empty() && blocked.contains(&(topic.to_string(), partition))
+    }
+
     fn process_pending(&self) {
         let mut batcher = self.batcher.lock();
         if batcher.pending.is_empty() {
             return;
         }
         let pending = std::mem::take(&mut batcher.pending);
-        let Batcher { writer, batch, .. } = &mut *batcher;
-        self.process(pending, writer, batch);
+        self.process(pending, &mut batcher.writers);
+    }
+
+    fn writer_for<'w>(
+        &self,
+        writers: &'w mut FxHashMap<(Arc<str>, i32), Writer>,
+        topic: &Arc<str>,
+        partition: i32,
+    ) -> &'w Writer {
+        writers.entry((topic.clone(), partition)).or_insert_with(|| {
+            let source = position_name(topic, partition);
+            if self.config.changelog_topic.is_some() {
+                self.shared.engine.tagged_writer(source)
+            } else {
+                self.shared.engine.writer()
+            }
+        })
     }
 
     /// Decode → dead-letter → dedup → pre-aggregate → apply with positions, for one batch.
-    fn process(&self, messages: Vec<Pending>, writer: &Writer, batch: &mut PreAggregated) {
+    fn process(&self, messages: Vec<Pending>, writers: &mut FxHashMap<(Arc<str>, i32), Writer>) {
         let shared = &self.shared;
         let acceptance = Acceptance {
             allowed_lateness_secs: shared.config.allowed_lateness_secs,
@@ -441,13 +536,19 @@ impl SourceContext {
                 }
             }
         };
-        let mut fresh_keys = Vec::with_capacity(keys.len());
+        // Per partition: its pre-aggregated batch and the dedup keys of the events in it.
+        let mut parts: FxHashMap<(Arc<str>, i32), (PreAggregated, Vec<u128>)> = FxHashMap::default();
         for (position, already_seen) in reserved.iter().zip(seen) {
             let event = &decoded.metered[*position];
             if already_seen {
                 shared.dedup.release(event.dedup_key);
                 continue;
             }
+            outcome.accepted += 1;
+            let message = &messages[owner[event.index]];
+            let (batch, fresh_keys) = parts
+                .entry((message.topic.clone(), message.partition))
+                .or_insert_with(|| (PreAggregated::with_capacity(64), Vec::new()));
             fresh_keys.push(event.dedup_key);
             outcome.late += usize::from(event.late);
             for update in &event.updates {
@@ -465,28 +566,30 @@ impl SourceContext {
                 }
             }
         }
-        outcome.accepted = fresh_keys.len();
-        outcome.duplicates = decoded.metered.len() - fresh_keys.len();
+        outcome.duplicates = decoded.metered.len() - outcome.accepted;
 
         // Dead letters are durable in Kafka before the offsets that pass them are applied.
         self.deliver_dead_letters(&dead_letters);
 
-        let mut positions: Vec<(String, u64)> = Vec::new();
+        // Every partition in the batch advances (also those whose messages counted nothing).
+        let mut next: FxHashMap<(Arc<str>, i32), u64> = FxHashMap::default();
+        let mut first: FxHashMap<(Arc<str>, i32), i64> = FxHashMap::default();
         for message in &messages {
-            let name_matches = |(name, _): &&mut (String, u64)| {
-                parse_position_name(name) == Some((&message.topic, message.partition))
-            };
-            match positions.iter_mut().find(name_matches) {
-                Some((_, next)) => *next = (*next).max(message.offset as u64 + 1),
-                None => positions.push((
-                    position_name(&message.topic, message.partition),
-                    message.offset as u64 + 1,
-                )),
-            }
+            let key = (message.topic.clone(), message.partition);
+            let offset = next.entry(key.clone()).or_default();
+            *offset = (*offset).max(message.offset as u64 + 1);
+            let lowest = first.entry(key).or_insert(i64::MAX);
+            *lowest = (*lowest).min(message.offset);
         }
-        if let Err(error) = writer.commit(batch, &mut fresh_keys, positions) {
-            tracing::error!(%error, "aggregate overflow applying a Kafka batch");
-            shared.ready.store(false, Ordering::Release);
+        self.check_gaps(&first, &next);
+        for ((topic, partition), next) in next {
+            let (mut batch, mut keys) = parts.remove(&(topic.clone(), partition)).unwrap_or_default();
+            let writer = self.writer_for(writers, &topic, partition);
+            let position = [(position_name(&topic, partition), next)];
+            if let Err(error) = writer.commit(&mut batch, &mut keys, position) {
+                tracing::error!(%error, "aggregate overflow applying a Kafka batch");
+                shared.ready.store(false, Ordering::Release);
+            }
         }
         record(&outcome, messages.len());
     }
@@ -735,25 +838,35 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    /// Connects, subscribes and starts the consumer thread.
-    pub fn start(
+    /// Provisions topics, connects, subscribes and starts the consumer thread.
+    pub async fn start(
         shared: Arc<Shared>,
         config: KafkaConfig,
         checkpoints: SyncSender<Arc<Snapshot>>,
     ) -> anyhow::Result<KafkaSource> {
-        let dlq: BaseProducer<DlqContext> = producer_config(&config).create_with_context(DlqContext {
-            failures: AtomicU64::new(0),
-        })?;
+        changelog::provision_topics(&config).await?;
+        if let Some(topic) = &config.changelog_topic {
+            let sink = changelog::ChangelogProducer::new(&config, topic.clone())?;
+            if shared.changelog.set(Arc::new(sink)).is_err() {
+                anyhow::bail!("a changelog sink is already installed");
+            }
+        }
+        let dlq: BaseProducer<DeliveryContext> =
+            producer_config(&config).create_with_context(DeliveryContext {
+                failures: AtomicU64::new(0),
+                what: "dead-letter",
+            })?;
         let context = SourceContext {
             batcher: Mutex::new(Batcher {
                 pending: Vec::with_capacity(config.max_batch_messages),
-                writer: shared.engine.writer(),
-                batch: PreAggregated::with_capacity(config.max_batch_messages),
+                writers: FxHashMap::default(),
             }),
             shared,
             checkpoints,
             dlq,
             owned: Mutex::new(BTreeSet::new()),
+            blocked: Mutex::new(BTreeSet::new()),
+            expected: Mutex::new(FxHashMap::default()),
             config,
         };
         let consumer: BaseConsumer<SourceContext> =
@@ -792,10 +905,13 @@ fn run(consumer: BaseConsumer<SourceContext>, stop: Arc<AtomicBool>) {
         while polled < max_batch {
             match consumer.poll(timeout) {
                 Some(Ok(message)) => {
-                    let pending = copy_message(&message, &mut topics, &context.config.id_header);
-                    context.batcher.lock().pending.push(pending);
                     polled += 1;
                     timeout = Duration::ZERO;
+                    if context.is_blocked(message.topic(), message.partition()) {
+                        continue;
+                    }
+                    let pending = copy_message(&message, &mut topics, &context.config.id_header);
+                    context.batcher.lock().pending.push(pending);
                 }
                 Some(Err(error)) => {
                     metrics::counter!(telemetry::KAFKA_ERRORS).increment(1);
@@ -840,8 +956,10 @@ fn backpressure(consumer: &BaseConsumer<SourceContext>, context: &SourceContext,
     {
         // Messages fetched before the pause still arrive; they are kept, in order.
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) {
-            let pending = copy_message(&message, &mut topics, &context.config.id_header);
-            context.batcher.lock().pending.push(pending);
+            if !context.is_blocked(message.topic(), message.partition()) {
+                let pending = copy_message(&message, &mut topics, &context.config.id_header);
+                context.batcher.lock().pending.push(pending);
+            }
         }
         if started.elapsed() > Duration::from_secs(60) {
             tracing::warn!("checkpoints are not keeping up; resuming consumption anyway");
@@ -903,6 +1021,7 @@ mod tests {
             id_header: "ce_id".into(),
             max_batch_messages: 10,
             max_pending_series: 10,
+            changelog_topic: None,
             properties: vec![
                 ("fetch.min.bytes".into(), "1".into()),
                 ("auto.offset.reset".into(), "latest".into()),

@@ -1,0 +1,142 @@
+//! End to end against a real Kafka-protocol broker (tansu, started on loopback by
+//! `scripts/test.sh`): `kill -9` mid-consumption then restart gives exact totals; two replicas in
+//! one consumer group with one stopped mid-stream (a rebalance) count every event exactly once.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::kafka::*;
+use common::*;
+
+fn section(brokers: &str, topic: &str, group: &str) -> String {
+    kafka_section(brokers, topic, group).replace(
+        "[kafka.properties]",
+        &format!("dlq_topic = \"{topic}.dlq\"\n[kafka.properties]"),
+    )
+}
+
+async fn total(client: &reqwest::Client, daemon: &Daemon, tenants: &BTreeMap<String, i64>) -> i64 {
+    let mut sum = 0;
+    for tenant in tenants.keys() {
+        sum += tenant_tokens(client, daemon, tenant).await;
+    }
+    sum
+}
+
+async fn totals(
+    client: &reqwest::Client,
+    daemon: &Daemon,
+    tenants: &BTreeMap<String, i64>,
+) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    for tenant in tenants.keys() {
+        out.insert(tenant.clone(), tenant_tokens(client, daemon, tenant).await);
+    }
+    out
+}
+
+/// Every partition was read without skipped offsets (the producer writes one record per batch).
+async fn assert_no_offset_gaps(client: &reqwest::Client, daemon: &Daemon) {
+    let metrics = client
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!metrics.contains("tallyd_kafka_offset_gaps_total "), "{metrics}");
+}
+
+/// Waits until the daemon has counted something but not everything (mid-consumption).
+async fn wait_mid_way(client: &reqwest::Client, daemon: &Daemon, expected: &BTreeMap<String, i64>) -> i64 {
+    let all: i64 = expected.values().sum();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let counted = total(client, daemon, expected).await;
+        if counted > 0 {
+            assert!(
+                counted < all,
+                "consumed everything before the interruption; produce more"
+            );
+            return counted;
+        }
+        assert!(Instant::now() < deadline, "nothing consumed\n{}", daemon.logs());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_consumption_then_restart_gives_exact_totals() {
+    let Some(brokers) = real_broker() else { return };
+    let topic = unique_topic("usage-kill");
+    create_topic(&brokers, &topic, 4).await;
+    let (records, expected) = usage_records(200_000, 50, 11);
+    produce_all(&producer(&brokers), &topic, &records);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &section(&brokers, &topic, &topic));
+    let daemon = Daemon::start(&path);
+    let client = client();
+    let counted = wait_mid_way(&client, &daemon, &expected).await;
+    daemon.kill();
+    eprintln!(
+        "killed with {counted} of {} tokens checkpointed",
+        expected.values().sum::<i64>()
+    );
+
+    let daemon = Daemon::start(&path);
+    wait_for_totals(&client, &daemon, &expected).await;
+    // Settled: nothing more arrives after the exact total.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(totals(&client, &daemon, &expected).await, expected);
+    assert_no_offset_gaps(&client, &daemon).await;
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_with_a_rebalance_mid_stream_count_each_event_once() {
+    let Some(brokers) = real_broker() else { return };
+    let topic = unique_topic("usage-group");
+    create_topic(&brokers, &topic, 4).await;
+    let (records, expected) = usage_records(200_000, 50, 12);
+    produce_all(&producer(&brokers), &topic, &records);
+
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let path_a = write_config(dir_a.path(), &section(&brokers, &topic, &topic));
+    let path_b = write_config(dir_b.path(), &section(&brokers, &topic, &topic));
+    let a = Daemon::start(&path_a);
+    let b = Daemon::start(&path_b);
+    let client = client();
+    // B stops mid-stream: it checkpoints, publishes its partitions' state to the changelog,
+    // commits its offsets and leaves; A restores those partitions and resumes where B ended.
+    wait_mid_way(&client, &b, &expected).await;
+    b.stop();
+
+    // A alone now answers for every tenant, each event counted once (also the producer
+    // retries whose first copy B counted: B's dedup keys came with the changelog).
+    wait_for_totals(&client, &a, &expected).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(totals(&client, &a, &expected).await, expected);
+    let metrics = client
+        .get(a.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"tallyd_changelog_restores_total{outcome="restored"}"#),
+        "A restored B's partitions: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("changelog"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_no_offset_gaps(&client, &a).await;
+    a.stop();
+}
