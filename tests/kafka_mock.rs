@@ -23,6 +23,8 @@ async fn mock_cluster_counts_exactly_once_and_dead_letters_poison() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic(TOPIC, 2, 1).unwrap();
     cluster.create_topic(DLQ, 1, 1).unwrap();
+    // The mock cluster does not answer CreateTopics: the changelog must exist beforehand.
+    cluster.create_topic("tallyd-mock.changelog", 2, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
     let producer = producer(&brokers);
 

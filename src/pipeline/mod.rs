@@ -251,6 +251,75 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
     })
 }
 
+/// The stages behind the ingest edges, started: recovery done, commit and checkpoint threads
+/// running. `run` puts the HTTP edge and the Kafka source in front; benchmarks drive it directly.
+pub struct Stages {
+    pub shared: Arc<Shared>,
+    /// For sources that cut snapshots themselves (the Kafka source).
+    pub checkpoints: SyncSender<Arc<Snapshot>>,
+    /// The commit stage's input (HTTP batches); dropping every sender drains the stages.
+    pub requests: std::sync::mpsc::Sender<commit::CommitRequest>,
+    pub commit_thread: std::thread::JoinHandle<()>,
+    pub checkpoint_thread: std::thread::JoinHandle<()>,
+}
+
+impl Stages {
+    /// Opens the store, recovers (replays the ingest log) and starts the threads (blocking).
+    pub fn start(config: Config) -> anyhow::Result<Stages> {
+        let dead_letter_path = config.dead_letter_path.clone();
+        let usage_path = config.emit_file_path.clone();
+        let Recovered {
+            shared,
+            log,
+            writer,
+            replayed,
+        } = recover(config)?;
+        tracing::info!(
+            replayed_log_records = replayed,
+            position = shared.durable_log_seq.load(Ordering::Relaxed),
+            "recovered"
+        );
+        let (snapshot_tx, snapshot_rx) = std::sync::mpsc::sync_channel(1);
+        let checkpoint_stage = checkpoint::CheckpointLoop {
+            shared: shared.clone(),
+            snapshots: snapshot_rx,
+            usage_file: JsonlFile::open(&usage_path)?,
+        };
+        let checkpoint_thread = std::thread::Builder::new()
+            .name("tallyd-checkpoint".into())
+            .spawn(move || checkpoint_stage.run())?;
+        let (request_tx, request_rx) = std::sync::mpsc::channel();
+        let commit_stage = commit::CommitLoop {
+            shared: shared.clone(),
+            log,
+            dead_letter: JsonlFile::open(&dead_letter_path)
+                .with_context(|| format!("cannot open {}", dead_letter_path.display()))?,
+            requests: request_rx,
+            checkpoints: snapshot_tx.clone(),
+            writer,
+        };
+        let commit_thread = std::thread::Builder::new()
+            .name("tallyd-commit".into())
+            .spawn(move || commit_stage.run())?;
+        Ok(Stages {
+            shared,
+            checkpoints: snapshot_tx,
+            requests: request_tx,
+            commit_thread,
+            checkpoint_thread,
+        })
+    }
+
+    /// Closes the inputs and waits for the final checkpoint (blocking). False if a stage panicked.
+    pub fn drain(self) -> bool {
+        drop(self.requests);
+        drop(self.checkpoints);
+        let commit = self.commit_thread.join().is_ok();
+        let checkpoint = self.checkpoint_thread.join().is_ok();
+        commit && checkpoint
+    }
+}
+
 /// Runs the daemon until `shutdown` is cancelled, then drains within `grace`.
 pub async fn run(
     config: Config,
@@ -258,54 +327,24 @@ pub async fn run(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    let dead_letter_path = config.dead_letter_path.clone();
-    let usage_path = config.emit_file_path.clone();
-    let Recovered {
+    let Stages {
         shared,
-        log,
-        writer,
-        replayed,
-    } = tokio::task::spawn_blocking(move || recover(config)).await??;
-    tracing::info!(
-        replayed_log_records = replayed,
-        position = shared.durable_log_seq.load(Ordering::Relaxed),
-        "recovered"
-    );
-
-    let (snapshot_tx, snapshot_rx) = std::sync::mpsc::sync_channel(1);
-    let checkpoint_stage = checkpoint::CheckpointLoop {
-        shared: shared.clone(),
-        snapshots: snapshot_rx,
-        usage_file: JsonlFile::open(&usage_path)?,
-    };
-    let checkpoint_thread = std::thread::Builder::new()
-        .name("tallyd-checkpoint".into())
-        .spawn(move || checkpoint_stage.run())?;
+        checkpoints,
+        requests,
+        commit_thread,
+        checkpoint_thread,
+    } = tokio::task::spawn_blocking(move || Stages::start(config)).await??;
 
     let kafka_source = match shared.config.kafka.clone() {
         Some(kafka) => Some(
-            crate::ingest::kafka::KafkaSource::start(shared.clone(), kafka, snapshot_tx.clone())
+            crate::ingest::kafka::KafkaSource::start(shared.clone(), kafka, checkpoints.clone())
                 .await
                 .context("cannot start the Kafka source")?,
         ),
         None => None,
     };
 
-    let (request_tx, request_rx) = std::sync::mpsc::channel();
-    let commit_stage = commit::CommitLoop {
-        shared: shared.clone(),
-        log,
-        dead_letter: JsonlFile::open(&dead_letter_path)
-            .with_context(|| format!("cannot open {}", dead_letter_path.display()))?,
-        requests: request_rx,
-        checkpoints: snapshot_tx,
-        writer,
-    };
-    let commit_thread = std::thread::Builder::new()
-        .name("tallyd-commit".into())
-        .spawn(move || commit_stage.run())?;
-
-    let app = crate::api::router(crate::api::AppState::new(shared.clone(), request_tx));
+    let app = crate::api::router(crate::api::AppState::new(shared.clone(), requests));
     let local: SocketAddr = listener.local_addr()?;
     shared.ready.store(true, Ordering::Release);
     tracing::info!(addr = %local, "http listening");
@@ -326,6 +365,7 @@ pub async fn run(
         }
     }
 
+    drop(checkpoints);
     // The router (and with it the last request sender) is dropped: the commit stage drains,
     // cuts the final snapshot and drops the checkpoint sender, which ends the checkpoint stage.
     let drain = tokio::task::spawn_blocking(move || {

@@ -237,9 +237,20 @@ pub async fn provision_topics(config: &KafkaConfig) -> anyhow::Result<()> {
     }
     let mut admin_config: ClientConfig = client_config(config);
     let admin: AdminClient<DefaultClientContext> = admin_config.set("client.id", "tallyd-admin").create()?;
-    let results = admin
-        .create_topics(&wanted, &AdminOptions::new().operation_timeout(Some(TIMEOUT)))
-        .await?;
+    let names: Vec<&str> = wanted.iter().map(|topic| topic.name).collect();
+    let request = admin.create_topics(
+        &wanted,
+        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+    );
+    let results = match tokio::time::timeout(Duration::from_secs(15), request).await {
+        Ok(results) => results?,
+        Err(_) => {
+            // Some brokers (librdkafka's mock cluster) never answer CreateTopics. Go on: a
+            // missing dead-letter or changelog topic shows up as failing, retried publishes.
+            tracing::warn!(topics = ?names, "no answer to CreateTopics; create these topics yourself");
+            return Ok(());
+        }
+    };
     for result in results {
         match result {
             Ok(topic) => tracing::info!(topic, "created kafka topic"),

@@ -33,13 +33,14 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use rustc_hash::FxHashMap;
-use serde_json::value::RawValue;
 
+pub mod batch;
 pub mod changelog;
 
-use crate::aggregate::{PreAggregated, Writer};
+use batch::DeadLetter;
+pub use batch::{Folder, KafkaMessage};
+
 use crate::config::KafkaConfig;
-use crate::ingest::decode::{self, Acceptance, BodyKind, EventContext};
 use crate::model::now_ms;
 use crate::pipeline::Shared;
 use crate::store::checkpoint::Snapshot;
@@ -64,47 +65,11 @@ pub fn parse_position_name(name: &str) -> Option<(&str, i32)> {
     Some((topic, partition.parse().ok()?))
 }
 
-/// One consumed message, copied out of librdkafka's buffer.
-struct Pending {
-    topic: Arc<str>,
-    partition: i32,
-    offset: i64,
-    timestamp_ms: i64,
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
-    header_id: Option<String>,
-}
-
-/// A dead-letter record: the refused event (or the whole message when it is not JSON).
-struct DeadLetter {
-    key: Option<Vec<u8>>,
-    value: Vec<u8>,
-    reason: &'static str,
-    error: String,
-    topic: Arc<str>,
-    partition: i32,
-    offset: i64,
-    index: Option<usize>,
-}
-
-/// Totals a batch adds to the metrics.
-#[derive(Default)]
-struct BatchOutcome {
-    accepted: usize,
-    duplicates: usize,
-    unmetered: usize,
-    late: usize,
-    invalid: usize,
-    refused: Vec<&'static str>,
-}
-
 /// Batch state shared by the poll loop and the rebalance callback (same thread; the mutex only
 /// satisfies `Sync`).
 struct Batcher {
-    pending: Vec<Pending>,
-    /// One engine writer per partition: with a changelog, each is tagged with its partition
-    /// so a checkpoint knows which series and dedup keys to publish where.
-    writers: FxHashMap<(Arc<str>, i32), Writer>,
+    pending: Vec<KafkaMessage>,
+    folder: Folder,
 }
 
 /// Counts failed deliveries of a producer (dead letters, changelog).
@@ -413,185 +378,11 @@ impl SourceContext {
             return;
         }
         let pending = std::mem::take(&mut batcher.pending);
-        self.process(pending, &mut batcher.writers);
-    }
-
-    fn writer_for<'w>(
-        &self,
-        writers: &'w mut FxHashMap<(Arc<str>, i32), Writer>,
-        topic: &Arc<str>,
-        partition: i32,
-    ) -> &'w Writer {
-        writers.entry((topic.clone(), partition)).or_insert_with(|| {
-            let source = position_name(topic, partition);
-            if self.config.changelog_topic.is_some() {
-                self.shared.engine.tagged_writer(source)
-            } else {
-                self.shared.engine.writer()
-            }
-        })
-    }
-
-    /// Decode → dead-letter → dedup → pre-aggregate → apply with positions, for one batch.
-    fn process(&self, messages: Vec<Pending>, writers: &mut FxHashMap<(Arc<str>, i32), Writer>) {
-        let shared = &self.shared;
-        let acceptance = Acceptance {
-            allowed_lateness_secs: shared.config.allowed_lateness_secs,
-            max_lateness_secs: shared.config.max_lateness_secs,
-            max_future_secs: shared.config.max_future_secs,
-        };
-        let mut outcome = BatchOutcome::default();
-        let mut dead_letters = Vec::new();
-        // Every message's events, flattened; `owner[i]` is the message of event i.
-        let mut raws: Vec<&RawValue> = Vec::with_capacity(messages.len());
-        let mut owner: Vec<usize> = Vec::with_capacity(messages.len());
-        for (position, message) in messages.iter().enumerate() {
-            let Some(payload) = message.payload.as_deref() else {
-                outcome.invalid += 1;
-                dead_letters.push(dead_letter_of(
-                    message,
-                    None,
-                    b"",
-                    "invalid",
-                    "message has no payload".into(),
-                ));
-                continue;
-            };
-            match decode::split_body(payload, BodyKind::Either) {
-                Ok(events) => {
-                    owner.extend(std::iter::repeat_n(position, events.len()));
-                    raws.extend(events);
-                }
-                Err(error) => {
-                    outcome.invalid += 1;
-                    dead_letters.push(dead_letter_of(
-                        message,
-                        None,
-                        payload,
-                        "invalid",
-                        format!("{}: {}", error.field, error.reason),
-                    ));
-                }
-            }
-        }
-        let (decoded, errors) = decode::decode_each(&raws, &shared.meters, &shared.names, acceptance, |i| {
-            let message = &messages[owner[i]];
-            EventContext {
-                now_ms: message.timestamp_ms,
-                id: message.header_id.as_deref(),
-            }
-        });
-        // Every problem of one event in one dead letter.
-        let mut errors = errors.into_iter().peekable();
-        while let Some(first) = errors.next() {
-            let index = first.index.unwrap_or(0);
-            let mut text = format!("{}: {}", first.field, first.reason);
-            while let Some(next) = errors.next_if(|e| e.index == first.index) {
-                text.push_str(&format!("; {}: {}", next.field, next.reason));
-            }
-            outcome.invalid += 1;
-            let message = &messages[owner[index]];
-            let event_index = index - owner.partition_point(|m| *m < owner[index]);
-            dead_letters.push(dead_letter_of(
-                message,
-                Some(event_index),
-                raws[index].get().as_bytes(),
-                "invalid",
-                text,
-            ));
-        }
-        for refusal in &decoded.refused {
-            let message = &messages[owner[refusal.index]];
-            let event_index = refusal.index - owner.partition_point(|m| *m < owner[refusal.index]);
-            outcome.refused.push(refusal.reason.as_str());
-            dead_letters.push(dead_letter_of(
-                message,
-                Some(event_index),
-                raws[refusal.index].get().as_bytes(),
-                refusal.reason.as_str(),
-                refusal.message.clone(),
-            ));
-        }
-        outcome.unmetered = decoded.unmetered;
-
-        // Dedup exactly as HTTP ingest does: reserve, then consult the store.
-        let mut reserved = Vec::with_capacity(decoded.metered.len());
-        for (position, event) in decoded.metered.iter().enumerate() {
-            if shared.dedup.reserve(event.dedup_key) {
-                reserved.push(position);
-            }
-        }
-        let keys: Vec<u128> = reserved.iter().map(|p| decoded.metered[*p].dedup_key).collect();
-        let now_secs = now_ms().div_euclid(1000);
-        let seen = loop {
-            match shared
-                .store
-                .dedup_seen(&keys, now_secs, shared.config.dedup_horizon_secs)
-            {
-                Ok(seen) => break seen,
-                Err(error) => {
-                    // Without the store we cannot tell duplicates apart: wait, never guess.
-                    tracing::error!(%error, "dedup lookup failed; retrying");
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            }
-        };
-        // Per partition: its pre-aggregated batch and the dedup keys of the events in it.
-        let mut parts: FxHashMap<(Arc<str>, i32), (PreAggregated, Vec<u128>)> = FxHashMap::default();
-        for (position, already_seen) in reserved.iter().zip(seen) {
-            let event = &decoded.metered[*position];
-            if already_seen {
-                shared.dedup.release(event.dedup_key);
-                continue;
-            }
-            outcome.accepted += 1;
-            let message = &messages[owner[event.index]];
-            let (batch, fresh_keys) = parts
-                .entry((message.topic.clone(), message.partition))
-                .or_insert_with(|| (PreAggregated::with_capacity(64), Vec::new()));
-            fresh_keys.push(event.dedup_key);
-            outcome.late += usize::from(event.late);
-            for update in &event.updates {
-                if let Err(error) = batch.observe(
-                    update.key,
-                    update.aggregation,
-                    update.observation,
-                    event.ts_ms,
-                    update.unique_limit,
-                ) {
-                    // An i128 overflow (totals beyond 10^38 units): unreachable with real
-                    // usage; logged loudly and readiness dropped rather than crashing the partition.
-                    tracing::error!(%error, index = event.index, "aggregate overflow in a Kafka batch");
-                    shared.ready.store(false, Ordering::Release);
-                }
-            }
-        }
-        outcome.duplicates = decoded.metered.len() - outcome.accepted;
-
+        let folded = batcher.folder.fold(&pending);
         // Dead letters are durable in Kafka before the offsets that pass them are applied.
-        self.deliver_dead_letters(&dead_letters);
-
-        // Every partition in the batch advances (also those whose messages counted nothing).
-        let mut next: FxHashMap<(Arc<str>, i32), u64> = FxHashMap::default();
-        let mut first: FxHashMap<(Arc<str>, i32), i64> = FxHashMap::default();
-        for message in &messages {
-            let key = (message.topic.clone(), message.partition);
-            let offset = next.entry(key.clone()).or_default();
-            *offset = (*offset).max(message.offset as u64 + 1);
-            let lowest = first.entry(key).or_insert(i64::MAX);
-            *lowest = (*lowest).min(message.offset);
-        }
-        self.check_gaps(&first, &next);
-        for ((topic, partition), next) in next {
-            let (mut batch, mut keys) = parts.remove(&(topic.clone(), partition)).unwrap_or_default();
-            let writer = self.writer_for(writers, &topic, partition);
-            let position = [(position_name(&topic, partition), next)];
-            if let Err(error) = writer.commit(&mut batch, &mut keys, position) {
-                tracing::error!(%error, "aggregate overflow applying a Kafka batch");
-                shared.ready.store(false, Ordering::Release);
-            }
-        }
-        record(&outcome, messages.len());
+        self.deliver_dead_letters(&folded.dead_letters);
+        self.check_gaps(&folded.first, &folded.next);
+        batcher.folder.apply(folded);
     }
 
     fn deliver_dead_letters(&self, dead_letters: &[DeadLetter]) {
@@ -717,57 +508,6 @@ impl SourceContext {
     }
 }
 
-fn dead_letter_of(
-    message: &Pending,
-    index: Option<usize>,
-    value: &[u8],
-    reason: &'static str,
-    error: String,
-) -> DeadLetter {
-    DeadLetter {
-        key: message.key.clone(),
-        value: if value.is_empty() {
-            message.payload.clone().unwrap_or_default()
-        } else {
-            value.to_vec()
-        },
-        reason,
-        error,
-        topic: message.topic.clone(),
-        partition: message.partition,
-        offset: message.offset,
-        index,
-    }
-}
-
-fn record(outcome: &BatchOutcome, messages: usize) {
-    let count = |what: &'static str, n: usize| {
-        if n > 0 {
-            metrics::counter!(telemetry::INGEST_EVENTS, "source" => SOURCE, "outcome" => what)
-                .increment(n as u64);
-        }
-    };
-    metrics::counter!(telemetry::KAFKA_MESSAGES).increment(messages as u64);
-    count("accepted", outcome.accepted + outcome.unmetered);
-    count("duplicate", outcome.duplicates);
-    count("invalid", outcome.invalid);
-    count("refused", outcome.refused.len());
-    for reason in &outcome.refused {
-        metrics::counter!(telemetry::INGEST_REFUSED, "source" => SOURCE, "reason" => *reason).increment(1);
-    }
-    if outcome.invalid > 0 {
-        metrics::counter!(telemetry::INGEST_REFUSED, "source" => SOURCE, "reason" => "invalid")
-            .increment(outcome.invalid as u64);
-    }
-    if outcome.unmetered > 0 {
-        metrics::counter!(telemetry::INGEST_UNMETERED, "source" => SOURCE)
-            .increment(outcome.unmetered as u64);
-    }
-    if outcome.late > 0 {
-        metrics::counter!(telemetry::INGEST_LATE, "source" => SOURCE).increment(outcome.late as u64);
-    }
-}
-
 fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
@@ -859,7 +599,7 @@ impl KafkaSource {
         let context = SourceContext {
             batcher: Mutex::new(Batcher {
                 pending: Vec::with_capacity(config.max_batch_messages),
-                writers: FxHashMap::default(),
+                folder: Folder::new(shared.clone(), config.changelog_topic.is_some()),
             }),
             shared,
             checkpoints,
@@ -969,7 +709,7 @@ fn backpressure(consumer: &BaseConsumer<SourceContext>, context: &SourceContext,
     let _ = consumer.resume(&assignment);
 }
 
-fn copy_message(message: &BorrowedMessage<'_>, topics: &mut Vec<Arc<str>>, id_header: &str) -> Pending {
+fn copy_message(message: &BorrowedMessage<'_>, topics: &mut Vec<Arc<str>>, id_header: &str) -> KafkaMessage {
     // Topic names are interned so a batch does not allocate one per message.
     let topic = match topics.iter().find(|t| ***t == *message.topic()) {
         Some(topic) => topic.clone(),
@@ -987,7 +727,7 @@ fn copy_message(message: &BorrowedMessage<'_>, topics: &mut Vec<Arc<str>>, id_he
             .and_then(|v| std::str::from_utf8(v).ok())
             .map(str::to_owned)
     });
-    Pending {
+    KafkaMessage {
         topic,
         partition: message.partition(),
         offset: message.offset(),

@@ -1,0 +1,317 @@
+//! One Kafka batch, from copied messages to engine writers, without touching Kafka: decode (per
+//! event, replay-stable: lateness against the message timestamp) → dead letters for what is
+//! invalid or refused → dedup (reserve, then the store) → pre-aggregate per partition → apply
+//! to the partition's writer together with its next offset. The consumer delivers the dead
+//! letters between `fold` and `apply`; benchmarks drive `Folder` directly.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustc_hash::FxHashMap;
+use serde_json::value::RawValue;
+
+use super::{position_name, SOURCE};
+use crate::aggregate::{PreAggregated, Writer};
+use crate::ingest::decode::{self, Acceptance, BodyKind, EventContext};
+use crate::model::now_ms;
+use crate::pipeline::Shared;
+use crate::telemetry;
+
+/// One consumed message, copied out of librdkafka's buffer.
+pub struct KafkaMessage {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub header_id: Option<String>,
+}
+
+/// A dead-letter record: the refused event (or the whole message when it is not JSON).
+pub struct DeadLetter {
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub reason: &'static str,
+    pub error: String,
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub index: Option<usize>,
+}
+
+/// Totals a batch adds to the metrics.
+#[derive(Default)]
+pub struct BatchOutcome {
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub unmetered: usize,
+    pub late: usize,
+    pub invalid: usize,
+    pub refused: Vec<&'static str>,
+}
+
+/// A folded batch waiting for its dead letters to be delivered.
+pub struct FoldedBatch {
+    pub dead_letters: Vec<DeadLetter>,
+    parts: FxHashMap<(Arc<str>, i32), (PreAggregated, Vec<u128>)>,
+    pub next: FxHashMap<(Arc<str>, i32), u64>,
+    pub first: FxHashMap<(Arc<str>, i32), i64>,
+    pub outcome: BatchOutcome,
+    messages: usize,
+}
+
+/// The consumer's side of the engine: one writer per partition. With a changelog, each writer
+/// is tagged with its partition so a checkpoint knows which series and dedup keys to publish.
+pub struct Folder {
+    shared: Arc<Shared>,
+    replicated: bool,
+    writers: FxHashMap<(Arc<str>, i32), Writer>,
+}
+
+impl Folder {
+    pub fn new(shared: Arc<Shared>, replicated: bool) -> Folder {
+        Folder {
+            shared,
+            replicated,
+            writers: FxHashMap::default(),
+        }
+    }
+
+    /// Decode → dead letters → dedup → pre-aggregate per partition (applies nothing yet).
+    pub fn fold(&self, messages: &[KafkaMessage]) -> FoldedBatch {
+        let shared = &self.shared;
+        let acceptance = Acceptance {
+            allowed_lateness_secs: shared.config.allowed_lateness_secs,
+            max_lateness_secs: shared.config.max_lateness_secs,
+            max_future_secs: shared.config.max_future_secs,
+        };
+        let mut outcome = BatchOutcome::default();
+        let mut dead_letters = Vec::new();
+        // Every message's events, flattened; `owner[i]` is the message of event i.
+        let mut raws: Vec<&RawValue> = Vec::with_capacity(messages.len());
+        let mut owner: Vec<usize> = Vec::with_capacity(messages.len());
+        for (position, message) in messages.iter().enumerate() {
+            let Some(payload) = message.payload.as_deref() else {
+                outcome.invalid += 1;
+                dead_letters.push(dead_letter_of(
+                    message,
+                    None,
+                    b"",
+                    "invalid",
+                    "message has no payload".into(),
+                ));
+                continue;
+            };
+            match decode::split_body(payload, BodyKind::Either) {
+                Ok(events) => {
+                    owner.extend(std::iter::repeat_n(position, events.len()));
+                    raws.extend(events);
+                }
+                Err(error) => {
+                    outcome.invalid += 1;
+                    dead_letters.push(dead_letter_of(
+                        message,
+                        None,
+                        payload,
+                        "invalid",
+                        format!("{}: {}", error.field, error.reason),
+                    ));
+                }
+            }
+        }
+        let (decoded, errors) = decode::decode_each(&raws, &shared.meters, &shared.names, acceptance, |i| {
+            let message = &messages[owner[i]];
+            EventContext {
+                now_ms: message.timestamp_ms,
+                id: message.header_id.as_deref(),
+            }
+        });
+        // Every problem of one event in one dead letter.
+        let mut errors = errors.into_iter().peekable();
+        while let Some(first) = errors.next() {
+            let index = first.index.unwrap_or(0);
+            let mut text = format!("{}: {}", first.field, first.reason);
+            while let Some(next) = errors.next_if(|e| e.index == first.index) {
+                text.push_str(&format!("; {}: {}", next.field, next.reason));
+            }
+            outcome.invalid += 1;
+            let message = &messages[owner[index]];
+            let event_index = index - owner.partition_point(|m| *m < owner[index]);
+            dead_letters.push(dead_letter_of(
+                message,
+                Some(event_index),
+                raws[index].get().as_bytes(),
+                "invalid",
+                text,
+            ));
+        }
+        for refusal in &decoded.refused {
+            let message = &messages[owner[refusal.index]];
+            let event_index = refusal.index - owner.partition_point(|m| *m < owner[refusal.index]);
+            outcome.refused.push(refusal.reason.as_str());
+            dead_letters.push(dead_letter_of(
+                message,
+                Some(event_index),
+                raws[refusal.index].get().as_bytes(),
+                refusal.reason.as_str(),
+                refusal.message.clone(),
+            ));
+        }
+        outcome.unmetered = decoded.unmetered;
+
+        // Dedup exactly as HTTP ingest does: reserve, then consult the store.
+        let mut reserved = Vec::with_capacity(decoded.metered.len());
+        for (position, event) in decoded.metered.iter().enumerate() {
+            if shared.dedup.reserve(event.dedup_key) {
+                reserved.push(position);
+            }
+        }
+        let keys: Vec<u128> = reserved.iter().map(|p| decoded.metered[*p].dedup_key).collect();
+        let now_secs = now_ms().div_euclid(1000);
+        let seen = loop {
+            match shared
+                .store
+                .dedup_seen(&keys, now_secs, shared.config.dedup_horizon_secs)
+            {
+                Ok(seen) => break seen,
+                Err(error) => {
+                    // Without the store we cannot tell duplicates apart: wait, never guess.
+                    tracing::error!(%error, "dedup lookup failed; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        };
+        // Per partition: its pre-aggregated batch and the dedup keys of the events in it.
+        let mut parts: FxHashMap<(Arc<str>, i32), (PreAggregated, Vec<u128>)> = FxHashMap::default();
+        for (position, already_seen) in reserved.iter().zip(seen) {
+            let event = &decoded.metered[*position];
+            if already_seen {
+                shared.dedup.release(event.dedup_key);
+                continue;
+            }
+            outcome.accepted += 1;
+            let message = &messages[owner[event.index]];
+            let (batch, fresh_keys) = parts
+                .entry((message.topic.clone(), message.partition))
+                .or_insert_with(|| (PreAggregated::with_capacity(64), Vec::new()));
+            fresh_keys.push(event.dedup_key);
+            outcome.late += usize::from(event.late);
+            for update in &event.updates {
+                if let Err(error) = batch.observe(
+                    update.key,
+                    update.aggregation,
+                    update.observation,
+                    event.ts_ms,
+                    update.unique_limit,
+                ) {
+                    // An i128 overflow (totals beyond 10^38 units): unreachable with real
+                    // usage; logged loudly and readiness dropped rather than crashing the partition.
+                    tracing::error!(%error, index = event.index, "aggregate overflow in a Kafka batch");
+                    shared.ready.store(false, Ordering::Release);
+                }
+            }
+        }
+        outcome.duplicates = decoded.metered.len() - outcome.accepted;
+
+        // Every partition in the batch advances (also those whose messages counted nothing).
+        let mut next: FxHashMap<(Arc<str>, i32), u64> = FxHashMap::default();
+        let mut first: FxHashMap<(Arc<str>, i32), i64> = FxHashMap::default();
+        for message in messages {
+            let key = (message.topic.clone(), message.partition);
+            let offset = next.entry(key.clone()).or_default();
+            *offset = (*offset).max(message.offset as u64 + 1);
+            let lowest = first.entry(key).or_insert(i64::MAX);
+            *lowest = (*lowest).min(message.offset);
+        }
+        FoldedBatch {
+            dead_letters,
+            parts,
+            next,
+            first,
+            outcome,
+            messages: messages.len(),
+        }
+    }
+
+    /// Folds a batch into the partitions' engine writers with their next offsets.
+    pub fn apply(&mut self, mut folded: FoldedBatch) {
+        for ((topic, partition), next) in std::mem::take(&mut folded.next) {
+            let (mut batch, mut keys) = folded
+                .parts
+                .remove(&(topic.clone(), partition))
+                .unwrap_or_default();
+            let writer = self.writer_for(&topic, partition);
+            let position = [(position_name(&topic, partition), next)];
+            if let Err(error) = writer.commit(&mut batch, &mut keys, position) {
+                tracing::error!(%error, "aggregate overflow applying a Kafka batch");
+                self.shared.ready.store(false, Ordering::Release);
+            }
+        }
+        record(&folded.outcome, folded.messages);
+    }
+
+    fn writer_for(&mut self, topic: &Arc<str>, partition: i32) -> &Writer {
+        let (shared, replicated) = (&self.shared, self.replicated);
+        self.writers.entry((topic.clone(), partition)).or_insert_with(|| {
+            let source = position_name(topic, partition);
+            if replicated {
+                shared.engine.tagged_writer(source)
+            } else {
+                shared.engine.writer()
+            }
+        })
+    }
+}
+
+fn dead_letter_of(
+    message: &KafkaMessage,
+    index: Option<usize>,
+    value: &[u8],
+    reason: &'static str,
+    error: String,
+) -> DeadLetter {
+    DeadLetter {
+        key: message.key.clone(),
+        value: if value.is_empty() {
+            message.payload.clone().unwrap_or_default()
+        } else {
+            value.to_vec()
+        },
+        reason,
+        error,
+        topic: message.topic.clone(),
+        partition: message.partition,
+        offset: message.offset,
+        index,
+    }
+}
+
+fn record(outcome: &BatchOutcome, messages: usize) {
+    let count = |what: &'static str, n: usize| {
+        if n > 0 {
+            metrics::counter!(telemetry::INGEST_EVENTS, "source" => SOURCE, "outcome" => what)
+                .increment(n as u64);
+        }
+    };
+    metrics::counter!(telemetry::KAFKA_MESSAGES).increment(messages as u64);
+    count("accepted", outcome.accepted + outcome.unmetered);
+    count("duplicate", outcome.duplicates);
+    count("invalid", outcome.invalid);
+    count("refused", outcome.refused.len());
+    for reason in &outcome.refused {
+        metrics::counter!(telemetry::INGEST_REFUSED, "source" => SOURCE, "reason" => *reason).increment(1);
+    }
+    if outcome.invalid > 0 {
+        metrics::counter!(telemetry::INGEST_REFUSED, "source" => SOURCE, "reason" => "invalid")
+            .increment(outcome.invalid as u64);
+    }
+    if outcome.unmetered > 0 {
+        metrics::counter!(telemetry::INGEST_UNMETERED, "source" => SOURCE)
+            .increment(outcome.unmetered as u64);
+    }
+    if outcome.late > 0 {
+        metrics::counter!(telemetry::INGEST_LATE, "source" => SOURCE).increment(outcome.late as u64);
+    }
+}
