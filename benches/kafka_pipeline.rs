@@ -29,7 +29,7 @@ fn messages(round: u64, topic: &Arc<str>) -> Vec<KafkaMessage> {
     let mut offsets = [0i64; 4];
     (0..MESSAGES)
         .map(|i| {
-            let tenant = rng.gen_range(0..1000);
+            let tenant: i32 = rng.gen_range(0..1000);
             // 5 % repeat an earlier id of this round (a producer retry).
             let id = if i > 100 && rng.gen_ratio(1, 20) { rng.gen_range(0..i) } else { i };
             let payload = format!(
@@ -37,7 +37,7 @@ fn messages(round: u64, topic: &Arc<str>) -> Vec<KafkaMessage> {
                 rng.gen_range(1..2000),
                 tenant % 4
             );
-            let partition = (tenant % 4) as i32;
+            let partition = tenant % 4;
             offsets[partition as usize] += 1;
             KafkaMessage {
                 topic: topic.clone(),
