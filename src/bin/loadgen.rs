@@ -25,7 +25,7 @@ use serde_json::json;
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "tallyd-loadgen",
-    about = "Load generator for tallyd (CloudEvents over HTTP)"
+    about = "Load generator for tallyd (CloudEvents over HTTP, or into a Kafka topic)"
 )]
 struct Args {
     /// tallyd base URL.
@@ -63,6 +63,18 @@ struct Args {
     /// Run the decode-only baseline server on this address instead of generating load.
     #[arg(long)]
     baseline_server: Option<std::net::SocketAddr>,
+    /// Kafka mode: produce `--events` events (one CloudEvent per message, key = tenant) to
+    /// `--kafka-topic` on these brokers, then exit.
+    #[arg(long)]
+    kafka_produce: Option<String>,
+    /// Kafka baseline: a bare consumer (no group, every partition from the start) that only
+    /// counts `--events` messages of `--kafka-topic` on these brokers and reports the rate.
+    #[arg(long)]
+    kafka_count: Option<String>,
+    #[arg(long, default_value = "usage")]
+    kafka_topic: String,
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
 }
 
 /// Decode-only baseline: the same decode and validation as tallyd's ingest, then 202.
@@ -157,6 +169,14 @@ struct Generator {
 
 impl Generator {
     fn batch(&mut self) -> (Vec<u8>, usize) {
+        let events = self.events();
+        (
+            serde_json::to_vec(&events).expect("events serialize"),
+            events.len(),
+        )
+    }
+
+    fn events(&mut self) -> Vec<serde_json::Value> {
         let now = chrono::Utc::now();
         let mut events = Vec::with_capacity(self.args.batch_size);
         for _ in 0..self.args.batch_size {
@@ -203,11 +223,101 @@ impl Generator {
                 "data": data,
             }));
         }
-        (
-            serde_json::to_vec(&events).expect("events serialize"),
-            events.len(),
-        )
+        events
     }
+}
+
+/// Produces `args.events` events, one per message, keyed by tenant (one record per batch:
+/// tansu 0.6 cannot fetch from inside a batch, see ARCHITECTURE.md).
+fn kafka_produce(args: &Args, brokers: &str) -> anyhow::Result<()> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("batch.num.messages", "1")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let mut generator = Generator {
+        args: args.clone(),
+        tenants: Zipf::new(args.tenants, args.zipf_s),
+        dims: Zipf::new(args.dim_cardinality, args.zipf_s),
+        rng: SmallRng::seed_from_u64(args.seed),
+        next_id: 0,
+        worker: 0,
+    };
+    let started = Instant::now();
+    let mut produced = 0u64;
+    let mut bytes = 0u64;
+    while produced < args.events {
+        for event in generator.events() {
+            if produced == args.events {
+                break;
+            }
+            let key = event["subject"].as_str().unwrap_or_default().to_string();
+            let payload = serde_json::to_vec(&event)?;
+            bytes += payload.len() as u64;
+            let mut record = BaseRecord::<str, [u8]>::to(&args.kafka_topic)
+                .key(&key)
+                .payload(&payload);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        record = back;
+                        producer.poll(Duration::from_millis(5));
+                    }
+                }
+            }
+            produced += 1;
+        }
+    }
+    producer.flush(Duration::from_secs(300))?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"produced": produced, "avg_bytes": bytes / produced.max(1), "seconds": secs, "per_sec": produced as f64 / secs})
+    );
+    Ok(())
+}
+
+/// The bare consumer baseline: counts messages, nothing else.
+fn kafka_count(args: &Args, brokers: &str) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "tallyd-loadgen-count")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100")
+        .set("queued.min.messages", "100000")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(&args.kafka_topic), Duration::from_secs(10))?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for topic in metadata.topics() {
+        for partition in topic.partitions() {
+            assignment.add_partition_offset(&args.kafka_topic, partition.id(), rdkafka::Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    let mut counted = 0u64;
+    let mut first: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while counted < args.events && Instant::now() < deadline {
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+            first.get_or_insert_with(Instant::now);
+            counted += 1;
+        }
+    }
+    let secs = first.map_or(0.0, |first| first.elapsed().as_secs_f64());
+    println!(
+        "{}",
+        json!({"counted": counted, "seconds_from_first_message": secs, "per_sec": counted as f64 / secs.max(1e-9)})
+    );
+    anyhow::ensure!(
+        counted == args.events,
+        "only {counted} of {} messages",
+        args.events
+    );
+    Ok(())
 }
 
 #[derive(Default)]
@@ -249,6 +359,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(addr) = args.baseline_server {
         return baseline_server(addr).await;
+    }
+    if let Some(brokers) = args.kafka_produce.clone() {
+        return tokio::task::spawn_blocking(move || kafka_produce(&args, &brokers)).await?;
+    }
+    if let Some(brokers) = args.kafka_count.clone() {
+        return tokio::task::spawn_blocking(move || kafka_count(&args, &brokers)).await?;
     }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
