@@ -313,14 +313,7 @@ async fn late_event_amends_closed_window_and_too_late_is_dead_lettered() {
         "17"
     );
 
-    let metrics = client
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&client, &daemon).await;
     for needle in [
         r#"tallyd_ingest_events_total{source="http",outcome="accepted"} 3"#,
         r#"tallyd_ingest_events_total{source="http",outcome="refused"} 2"#,

@@ -39,14 +39,7 @@ async fn totals(
 
 /// Every partition was read without skipped offsets (the producer writes one record per batch).
 async fn assert_no_offset_gaps(client: &reqwest::Client, daemon: &Daemon) {
-    let metrics = client
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(client, daemon).await;
     assert!(!metrics.contains("tallyd_kafka_offset_gaps_total "), "{metrics}");
 }
 
@@ -120,14 +113,7 @@ async fn two_replicas_with_a_rebalance_mid_stream_count_each_event_once() {
     wait_for_totals(&client, &a, &expected).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(totals(&client, &a, &expected).await, expected);
-    let metrics = client
-        .get(a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&client, &a).await;
     assert!(
         metrics.contains(r#"tallyd_changelog_restores_total{outcome="restored"}"#),
         "A restored B's partitions: {}",

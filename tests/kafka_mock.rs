@@ -122,14 +122,7 @@ async fn mock_cluster_counts_exactly_once_and_dead_letters_poison() {
             && l.header("tallyd.source.offset")
                 .is_some_and(|o| o.parse::<i64>().is_ok())));
 
-    let metrics = client
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&client, &daemon).await;
     assert!(
         metrics.contains(&format!("tallyd_kafka_messages_total {}", records.len())),
         "{metrics}"

@@ -284,3 +284,9 @@ pub async fn wait_for_totals(
     }
     panic!("totals {last:?} never reached {expected:?}\n{}", daemon.logs());
 }
+
+/// The Prometheus text of `/metrics`.
+pub async fn metrics_text(client: &reqwest::Client, daemon: &Daemon) -> String {
+    let response = client.get(daemon.url("/metrics")).send().await.unwrap();
+    response.text().await.unwrap()
+}
