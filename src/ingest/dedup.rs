@@ -42,6 +42,40 @@ impl DedupIndex {
         }
     }
 
+    /// The whole protocol for one batch: reserve each key, look the reserved ones up in the
+    /// store, release those already seen. Returns, per key, whether the caller now owns it
+    /// (fresh: count it, then hand the key to a checkpoint). On a store error nothing stays
+    /// reserved.
+    pub fn claim(
+        &self,
+        store: &crate::store::RocksStore,
+        keys: &[u128],
+        now_secs: i64,
+        horizon_secs: i64,
+    ) -> Result<Vec<bool>, crate::store::StoreError> {
+        let mut fresh: Vec<bool> = keys.iter().map(|key| self.reserve(*key)).collect();
+        let reserved: Vec<u128> = keys
+            .iter()
+            .zip(&fresh)
+            .filter_map(|(key, mine)| mine.then_some(*key))
+            .collect();
+        let seen = match store.dedup_seen(&reserved, now_secs, horizon_secs) {
+            Ok(seen) => seen,
+            Err(error) => {
+                self.remove_all(&reserved);
+                return Err(error);
+            }
+        };
+        let mut seen = seen.into_iter();
+        for (key, mine) in keys.iter().zip(fresh.iter_mut()) {
+            if *mine && seen.next() == Some(true) {
+                self.release(*key);
+                *mine = false;
+            }
+        }
+        Ok(fresh)
+    }
+
     pub fn len(&self) -> usize {
         self.shards.iter().map(|shard| shard.lock().len()).sum()
     }
@@ -64,6 +98,33 @@ mod tests {
         assert!(index.reserve(7));
         index.remove_all(&[7]);
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn claim_counts_each_key_once_across_memory_and_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::RocksStore::open(dir.path(), 86_400, 86_400).unwrap();
+        let index = DedupIndex::default();
+        // Key 1 is durable (checkpointed), key 2 is in flight elsewhere, 3 repeats in the batch.
+        let snapshot = crate::store::checkpoint::Snapshot {
+            dedup_keys: vec![1],
+            ..Default::default()
+        };
+        let prepared = store
+            .prepare_checkpoint(&snapshot, &Default::default(), &Default::default(), 1_000, 60)
+            .unwrap();
+        store.commit_checkpoint(prepared).unwrap();
+        assert!(index.reserve(2));
+        let fresh = index.claim(&store, &[1, 2, 3, 3, 4], 1_000, 86_400).unwrap();
+        assert_eq!(fresh, [false, false, true, false, true]);
+        // The batch owns 3 and 4 until a checkpoint takes them; 1 was released again.
+        let mut held: Vec<u128> = index
+            .shards
+            .iter()
+            .flat_map(|shard| shard.lock().iter().copied().collect::<Vec<_>>())
+            .collect();
+        held.sort_unstable();
+        assert_eq!(held, [2, 3, 4]);
     }
 
     #[test]

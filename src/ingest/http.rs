@@ -228,30 +228,21 @@ fn prepare(shared: &Shared, body: &[u8], kind: decode::BodyKind) -> Result<Prepa
     };
 
     // Reserve first, then consult the store (see ingest::dedup for why this order is race-free).
-    let mut reserved = Vec::with_capacity(decoded.metered.len());
-    for (position, event) in decoded.metered.iter().enumerate() {
-        if shared.dedup.reserve(event.dedup_key) {
-            reserved.push(position);
-        }
-    }
-    let keys: Vec<u128> = reserved.iter().map(|p| decoded.metered[*p].dedup_key).collect();
-    let seen = match shared
-        .store
-        .dedup_seen(&keys, now.div_euclid(1000), config.dedup_horizon_secs)
-    {
-        Ok(seen) => seen,
-        Err(error) => {
-            shared.dedup.remove_all(&keys);
-            return Err(error.to_string());
-        }
-    };
+    let keys: Vec<u128> = decoded.metered.iter().map(|event| event.dedup_key).collect();
+    let fresh = shared
+        .dedup
+        .claim(
+            &shared.store,
+            &keys,
+            now.div_euclid(1000),
+            config.dedup_horizon_secs,
+        )
+        .map_err(|error| error.to_string())?;
     let mut batch = PreAggregated::with_capacity(keys.len());
     let mut fresh_keys = Vec::with_capacity(keys.len());
     let mut late = 0;
-    for (position, already_seen) in reserved.iter().zip(seen) {
-        let event = &decoded.metered[*position];
-        if already_seen {
-            shared.dedup.release(event.dedup_key);
+    for (event, fresh) in decoded.metered.iter().zip(fresh) {
+        if !fresh {
             continue;
         }
         fresh_keys.push(event.dedup_key);

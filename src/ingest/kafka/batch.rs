@@ -161,21 +161,15 @@ impl Folder {
         }
         outcome.unmetered = decoded.unmetered;
 
-        // Dedup exactly as HTTP ingest does: reserve, then consult the store.
-        let mut reserved = Vec::with_capacity(decoded.metered.len());
-        for (position, event) in decoded.metered.iter().enumerate() {
-            if shared.dedup.reserve(event.dedup_key) {
-                reserved.push(position);
-            }
-        }
-        let keys: Vec<u128> = reserved.iter().map(|p| decoded.metered[*p].dedup_key).collect();
+        // Dedup exactly as HTTP ingest does (`DedupIndex::claim`).
+        let keys: Vec<u128> = decoded.metered.iter().map(|event| event.dedup_key).collect();
         let now_secs = now_ms().div_euclid(1000);
-        let seen = loop {
+        let fresh = loop {
             match shared
-                .store
-                .dedup_seen(&keys, now_secs, shared.config.dedup_horizon_secs)
+                .dedup
+                .claim(&shared.store, &keys, now_secs, shared.config.dedup_horizon_secs)
             {
-                Ok(seen) => break seen,
+                Ok(fresh) => break fresh,
                 Err(error) => {
                     // Without the store we cannot tell duplicates apart: wait, never guess.
                     tracing::error!(%error, "dedup lookup failed; retrying");
@@ -185,10 +179,8 @@ impl Folder {
         };
         // Per partition: its pre-aggregated batch and the dedup keys of the events in it.
         let mut parts: FxHashMap<(Arc<str>, i32), (PreAggregated, Vec<u128>)> = FxHashMap::default();
-        for (position, already_seen) in reserved.iter().zip(seen) {
-            let event = &decoded.metered[*position];
-            if already_seen {
-                shared.dedup.release(event.dedup_key);
+        for (event, fresh) in decoded.metered.iter().zip(fresh) {
+            if !fresh {
                 continue;
             }
             outcome.accepted += 1;
