@@ -90,24 +90,29 @@ fn pipeline(c: &mut Criterion) {
             elapsed
         })
     });
-    group.bench_function("decode_aggregate_checkpoint", |b| {
-        b.iter_custom(|iterations| {
-            let mut elapsed = Duration::ZERO;
-            for _ in 0..iterations {
-                round += 1;
-                let batch = messages(round, &topic);
-                let started = Instant::now();
-                for chunk in batch.chunks(BATCH) {
-                    let folded = folder.fold(chunk);
-                    assert!(folded.dead_letters.is_empty());
-                    folder.apply(folded);
-                }
-                assert!(shared.checkpoint_now(&stages.checkpoints, Duration::from_secs(60)));
-                elapsed += started.elapsed();
-            }
-            elapsed
-        })
-    });
+    for threads in [1usize, 2] {
+        group.bench_function(
+            format!("decode_aggregate_checkpoint/fold_threads={threads}"),
+            |b| {
+                b.iter_custom(|iterations| {
+                    let mut elapsed = Duration::ZERO;
+                    for _ in 0..iterations {
+                        round += 1;
+                        let batch = messages(round, &topic);
+                        let started = Instant::now();
+                        for chunk in batch.chunks(BATCH) {
+                            let folded = folder.fold_parallel(chunk, threads);
+                            assert!(folded.dead_letters.is_empty());
+                            folder.apply(folded);
+                        }
+                        assert!(shared.checkpoint_now(&stages.checkpoints, Duration::from_secs(60)));
+                        elapsed += started.elapsed();
+                    }
+                    elapsed
+                })
+            },
+        );
+    }
     group.finish();
     drop(folder);
     assert!(stages.drain());

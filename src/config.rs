@@ -59,6 +59,9 @@ pub struct RawKafka {
     /// Unflushed series in the engine above which consumption pauses until a checkpoint lands.
     #[serde(default = "default_max_pending_series")]
     pub max_pending_series: usize,
+    /// Threads that decode and fold each batch (1-8; default 1).
+    #[serde(default = "default_fold_threads")]
+    pub fold_threads: usize,
     /// Publish each partition's state to a changelog topic so that another replica can take
     /// the partition over (see ARCHITECTURE.md). Off: partitions must stay with one replica.
     #[serde(default = "default_true")]
@@ -84,6 +87,11 @@ fn default_id_header() -> String {
 fn default_max_batch_messages() -> usize {
     10_000
 }
+fn default_fold_threads() -> usize {
+    // Measured on 2 cores: a second folding thread competes with the checkpoint thread and
+    // RocksDB and is slower (BENCHMARKS.md §5); more cores should raise it.
+    1
+}
 fn default_max_pending_series() -> usize {
     2_000_000
 }
@@ -106,6 +114,7 @@ pub struct KafkaConfig {
     pub id_header: String,
     pub max_batch_messages: usize,
     pub max_pending_series: usize,
+    pub fold_threads: usize,
     /// None: changelog off.
     pub changelog_topic: Option<String>,
     pub properties: Vec<(String, String)>,
@@ -427,6 +436,9 @@ fn validate_kafka(raw: RawKafka, errors: &mut Vec<String>) -> KafkaConfig {
     if raw.max_batch_messages == 0 {
         errors.push("kafka.max_batch_messages: must be positive".into());
     }
+    if !(1..=8).contains(&raw.fold_threads) {
+        errors.push("kafka.fold_threads: must be 1 to 8".into());
+    }
     if raw.max_pending_series == 0 {
         errors.push("kafka.max_pending_series: must be positive".into());
     }
@@ -461,6 +473,7 @@ fn validate_kafka(raw: RawKafka, errors: &mut Vec<String>) -> KafkaConfig {
         id_header: raw.id_header,
         max_batch_messages: raw.max_batch_messages,
         max_pending_series: raw.max_pending_series,
+        fold_threads: raw.fold_threads,
         changelog_topic,
         properties,
     }

@@ -378,7 +378,7 @@ impl SourceContext {
             return;
         }
         let pending = std::mem::take(&mut batcher.pending);
-        let folded = batcher.folder.fold(&pending);
+        let folded = batcher.folder.fold_parallel(&pending, self.config.fold_threads);
         // Dead letters are durable in Kafka before the offsets that pass them are applied.
         self.deliver_dead_letters(&folded.dead_letters);
         self.check_gaps(&folded.first, &folded.next);
@@ -761,6 +761,7 @@ mod tests {
             id_header: "ce_id".into(),
             max_batch_messages: 10,
             max_pending_series: 10,
+            fold_threads: 2,
             changelog_topic: None,
             properties: vec![
                 ("fetch.min.bytes".into(), "1".into()),
