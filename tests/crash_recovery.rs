@@ -33,13 +33,7 @@ fn batch(writer: usize, index: usize, time: &str) -> (Vec<Value>, i64) {
 }
 
 async fn total_tokens(client: &reqwest::Client, daemon: &Daemon) -> i64 {
-    let result = query(client, daemon, "tokens", "").await;
-    result["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|row| row["value"].to_string().parse::<i64>().unwrap())
-        .sum()
+    sum_rows(&query(client, daemon, "tokens", "").await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,6 +148,25 @@ pub struct MeteredEvent {
     pub updates: Vec<Update>,
 }
 
+impl MeteredEvent {
+    /// Folds every meter update of this event into `batch`.
+    pub fn fold_into(
+        &self,
+        batch: &mut crate::aggregate::PreAggregated,
+    ) -> Result<(), crate::aggregate::MergeError> {
+        for update in &self.updates {
+            batch.observe(
+                update.key,
+                update.aggregation,
+                update.observation,
+                self.ts_ms,
+                update.unique_limit,
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// The outcome of decoding one request that had no invalid event.
 #[derive(Debug, Default)]
 pub struct Decoded {

@@ -247,17 +247,9 @@ fn prepare(shared: &Shared, body: &[u8], kind: decode::BodyKind) -> Result<Prepa
         }
         fresh_keys.push(event.dedup_key);
         late += usize::from(event.late);
-        for update in &event.updates {
-            if let Err(error) = batch.observe(
-                update.key,
-                update.aggregation,
-                update.observation,
-                event.ts_ms,
-                update.unique_limit,
-            ) {
-                shared.dedup.remove_all(&fresh_keys);
-                return Err(format!("event {}: {error}", event.index));
-            }
+        if let Err(error) = event.fold_into(&mut batch) {
+            shared.dedup.remove_all(&fresh_keys);
+            return Err(format!("event {}: {error}", event.index));
         }
     }
 

@@ -253,15 +253,19 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
     }
 }
 
-/// Sum of a tenant's `tokens` over all windows.
-pub async fn tenant_tokens(client: &reqwest::Client, daemon: &Daemon, tenant: &str) -> i64 {
-    let result = query(client, daemon, "tokens", &format!("subject={tenant}")).await;
+/// Sum of the integer values of every row of a query result.
+pub fn sum_rows(result: &Value) -> i64 {
     result["data"]
         .as_array()
         .unwrap()
         .iter()
         .map(|row| row["value"].to_string().parse::<i64>().unwrap())
         .sum()
+}
+
+/// Sum of a tenant's `tokens` over all windows.
+pub async fn tenant_tokens(client: &reqwest::Client, daemon: &Daemon, tenant: &str) -> i64 {
+    sum_rows(&query(client, daemon, "tokens", &format!("subject={tenant}")).await)
 }
 
 /// Polls until every tenant's `tokens` total is exactly as expected (90 s).

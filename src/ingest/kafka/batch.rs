@@ -251,19 +251,11 @@ impl Folder {
                 .or_insert_with(|| (PreAggregated::with_capacity(64), Vec::new()));
             fresh_keys.push(event.dedup_key);
             outcome.late += usize::from(event.late);
-            for update in &event.updates {
-                if let Err(error) = batch.observe(
-                    update.key,
-                    update.aggregation,
-                    update.observation,
-                    event.ts_ms,
-                    update.unique_limit,
-                ) {
-                    // An i128 overflow (totals beyond 10^38 units): unreachable with real
-                    // usage; logged loudly and readiness dropped rather than crashing the partition.
-                    tracing::error!(%error, index = event.index, "aggregate overflow in a Kafka batch");
-                    shared.ready.store(false, Ordering::Release);
-                }
+            if let Err(error) = event.fold_into(batch) {
+                // An i128 overflow (totals beyond 10^38 units): unreachable with real usage;
+                // logged loudly and readiness dropped rather than crashing the partition.
+                tracing::error!(%error, index = event.index, "aggregate overflow in a Kafka batch");
+                shared.ready.store(false, Ordering::Release);
             }
         }
         outcome.duplicates = decoded.metered.len() - outcome.accepted;

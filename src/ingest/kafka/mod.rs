@@ -104,6 +104,8 @@ pub struct SourceContext {
     owned: Mutex<BTreeSet<(String, i32)>>,
     /// Assigned partitions whose restore failed: paused, never consumed (readiness is down).
     blocked: Mutex<BTreeSet<(String, i32)>>,
+    /// `!blocked.is_empty()`, readable per message without the lock.
+    any_blocked: AtomicBool,
     /// Next offset each owned partition should deliver (gap detection).
     expected: Mutex<FxHashMap<(String, i32), i64>>,
 }
@@ -282,6 +284,7 @@ impl SourceContext {
                     tracing::error!(%error, source, "cannot restore from the changelog; not consuming it");
                     shared.ready.store(false, Ordering::Release);
                     self.blocked.lock().insert((topic.clone(), partition));
+                    self.any_blocked.store(true, Ordering::Release);
                     continue;
                 }
             }
@@ -325,7 +328,10 @@ impl SourceContext {
         for element in tpl.elements() {
             let (topic, partition) = (element.topic(), element.partition());
             owned.remove(&(topic.to_string(), partition));
-            self.blocked.lock().remove(&(topic.to_string(), partition));
+            let mut blocked = self.blocked.lock();
+            blocked.remove(&(topic.to_string(), partition));
+            self.any_blocked.store(!blocked.is_empty(), Ordering::Release);
+            drop(blocked);
             metrics::gauge!(telemetry::KAFKA_LAG, "topic" => topic.to_string(), "partition" => partition.to_string())
                 .set(0.0);
             if let Ok(Some(next)) = self.shared.store.position(&position_name(topic, partition)) {
@@ -368,8 +374,8 @@ impl SourceContext {
 
     /// A partition assigned but not restored: its messages must not be counted.
     fn is_blocked(&self, topic: &str, partition: i32) -> bool {
-        let blocked = self.blocked.lock();
-        !blocked.is_empty() && blocked.contains(&(topic.to_string(), partition))
+        self.any_blocked.load(Ordering::Acquire)
+            && self.blocked.lock().contains(&(topic.to_string(), partition))
     }
 
     fn process_pending(&self) {
@@ -606,6 +612,7 @@ impl KafkaSource {
             dlq,
             owned: Mutex::new(BTreeSet::new()),
             blocked: Mutex::new(BTreeSet::new()),
+            any_blocked: AtomicBool::new(false),
             expected: Mutex::new(FxHashMap::default()),
             config,
         };
