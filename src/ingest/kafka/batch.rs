@@ -114,7 +114,8 @@ impl Folder {
 
     /// `fold` on up to `threads` threads, each taking a contiguous share of the batch, then
     /// merged. Correct for any split: dedup claims are race-free across threads, states merge
-    /// commutatively, offsets take the maximum. Decoding is most of the cost and the consumer
+    /// commutatively, offsets take the maximum. (Which copy of a duplicate wins may change; on
+    /// a topic keyed by tenant, as required, all copies sit on the same partition.) Decoding is most of the cost and the consumer
     /// thread was the bottleneck with the checkpoint thread half idle (BENCHMARKS.md §5).
     pub fn fold_parallel(&self, messages: &[KafkaMessage], threads: usize) -> FoldedBatch {
         let threads = threads.clamp(1, 8);
@@ -398,7 +399,8 @@ mod tests {
                 };
                 KafkaMessage {
                     topic: topic.clone(),
-                    partition: (i % 3) as i32,
+                    // Keyed by tenant, as the topic must be: a retry lands on its original's partition.
+                    partition: (id % 13 % 3) as i32,
                     offset: i,
                     timestamp_ms: now,
                     key: None,
@@ -419,13 +421,22 @@ mod tests {
             let stages = stages(dir.path());
             let folder = Folder::new(stages.shared.clone(), false);
             let folded = folder.fold_parallel(&batch, threads);
+            // Series by name, not by interned id: threads intern tenants in racing order.
+            let names = &stages.shared.names;
             let mut states: Vec<(String, Vec<u8>)> = folded
                 .parts
-                .values()
-                .flat_map(|(part, _)| {
-                    part.series
-                        .iter()
-                        .map(|(key, state)| (format!("{key:?}"), state.encode()))
+                .iter()
+                .flat_map(|((_, partition), (part, _))| {
+                    part.series.iter().map(move |(key, state)| {
+                        let name = format!(
+                            "p{partition} {} {} {:?} {}",
+                            names.meters.resolve(key.meter),
+                            names.tenants.resolve(key.tenant),
+                            names.dims.resolve(key.dims),
+                            key.window_start
+                        );
+                        (name, state.encode())
+                    })
                 })
                 .collect();
             states.sort();
@@ -457,6 +468,18 @@ mod tests {
             .collect();
         let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len();
         assert_eq!(results[0].0, (distinct, ids.len() - distinct, 6, 6, 3_000));
-        assert_eq!(results[0], results[1]);
+        let (sequential, parallel) = (&results[0], &results[1]);
+        assert_eq!(sequential.0, parallel.0, "counts");
+        assert_eq!(sequential.1, parallel.1, "next offsets");
+        assert_eq!(sequential.2, parallel.2, "dedup keys");
+        let differing: Vec<_> = sequential
+            .3
+            .iter()
+            .zip(&parallel.3)
+            .filter(|(a, b)| a != b)
+            .take(3)
+            .collect();
+        assert_eq!(sequential.3.len(), parallel.3.len(), "series count");
+        assert!(differing.is_empty(), "series states differ: {differing:?}");
     }
 }
