@@ -38,6 +38,39 @@ pub struct RawConfig {
     /// Absent: no Kafka source (the embedded default).
     #[serde(default)]
     pub kafka: Option<RawKafka>,
+    /// Absent or `mode = "single"`: one replica serves everything.
+    #[serde(default)]
+    pub cluster: Option<RawCluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// `single` (default) or `kafka`: edges produce to the ingest topic, replicas share its
+    /// partitions, queries are answered by the owner.
+    #[serde(default = "default_cluster_mode")]
+    pub mode: String,
+    /// The base URL other replicas and clients reach this replica's HTTP API at.
+    /// Default: `http://<bound http address>`.
+    #[serde(default)]
+    pub advertise_url: Option<String>,
+    /// Compacted topic where replicas publish which ingest partitions they own.
+    /// Default: `<group_id>.members`.
+    #[serde(default)]
+    pub members_topic: Option<String>,
+}
+
+fn default_cluster_mode() -> String {
+    "single".into()
+}
+
+/// `[cluster] mode = "kafka"`, validated against the `[kafka]` section.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub advertise_url: Option<String>,
+    pub members_topic: String,
+    /// The topic edges produce to and queries route by: `kafka.topics[0]`.
+    pub ingest_topic: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,6 +293,8 @@ pub struct Config {
     pub dead_letter_path: PathBuf,
     pub meters: Vec<Meter>,
     pub kafka: Option<KafkaConfig>,
+    /// Some only in `[cluster] mode = "kafka"`.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Every problem found, one per line.
@@ -295,7 +330,7 @@ impl Config {
     pub fn summary(&self) -> String {
         format!(
             "http_addr={} data_dir={} ingest_log_sync={:?} flush_interval_ms={} allowed_lateness_secs={} \
-             max_lateness_secs={} max_future_secs={} dedup_horizon_secs={} meters=[{}] kafka={}",
+             max_lateness_secs={} max_future_secs={} dedup_horizon_secs={} meters=[{}] kafka={} cluster={}",
             self.http_addr,
             self.data_dir.display(),
             self.ingest_log_sync,
@@ -323,7 +358,15 @@ impl Config {
                     .map(|(key, _)| key.as_str())
                     .collect::<Vec<_>>()
                     .join(",")
-            ))
+            )),
+            self.cluster
+                .as_ref()
+                .map_or("single".to_string(), |cluster| format!(
+                    "{{mode=kafka ingest_topic={} members_topic={} advertise_url={}}}",
+                    cluster.ingest_topic,
+                    cluster.members_topic,
+                    cluster.advertise_url.as_deref().unwrap_or("(bound address)")
+                ))
         )
     }
 }
@@ -388,6 +431,58 @@ fn valid_topic(topic: &str) -> bool {
         && topic
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+fn validate_cluster(
+    raw: RawCluster,
+    kafka: Option<&KafkaConfig>,
+    errors: &mut Vec<String>,
+) -> Option<ClusterConfig> {
+    match raw.mode.as_str() {
+        "single" => return None,
+        "kafka" => {}
+        other => {
+            errors.push(format!("cluster.mode: `{other}` is not one of single | kafka"));
+            return None;
+        }
+    }
+    let Some(kafka) = kafka else {
+        errors.push("cluster.mode: `kafka` needs a [kafka] section (brokers, topics, group_id)".into());
+        return None;
+    };
+    if kafka.changelog_topic.is_none() {
+        errors.push(
+            "cluster.mode: `kafka` needs kafka.changelog = true (partitions move between replicas)".into(),
+        );
+    }
+    if let Some(url) = &raw.advertise_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+            errors.push(format!(
+                "cluster.advertise_url: `{url}` must be an absolute http:// or https:// URL"
+            ));
+        }
+    }
+    let members_topic = raw
+        .members_topic
+        .unwrap_or_else(|| format!("{}.members", kafka.group_id));
+    if !valid_topic(&members_topic) {
+        errors.push(format!(
+            "cluster.members_topic: `{members_topic}` is not a Kafka topic name"
+        ));
+    }
+    let taken = kafka.topics.contains(&members_topic)
+        || members_topic == kafka.dlq_topic
+        || kafka.changelog_topic.as_ref() == Some(&members_topic);
+    if taken {
+        errors.push(
+            "cluster.members_topic: must differ from the ingest, dead-letter and changelog topics".into(),
+        );
+    }
+    Some(ClusterConfig {
+        advertise_url: raw.advertise_url.map(|url| url.trim_end_matches('/').to_string()),
+        members_topic,
+        ingest_topic: kafka.topics[0].clone(),
+    })
 }
 
 fn validate_kafka(raw: RawKafka, errors: &mut Vec<String>) -> KafkaConfig {
@@ -639,6 +734,9 @@ impl RawConfig {
         }
 
         let kafka = self.kafka.map(|raw| validate_kafka(raw, &mut errors));
+        let cluster = self
+            .cluster
+            .and_then(|raw| validate_cluster(raw, kafka.as_ref(), &mut errors));
 
         let (Some(http_addr), true) = (http_addr, errors.is_empty()) else {
             return Err(ConfigErrors(errors));
@@ -668,6 +766,7 @@ impl RawConfig {
             dedup_horizon_secs: aggregate.dedup_horizon_secs as i64,
             meters,
             kafka,
+            cluster,
         })
     }
 }

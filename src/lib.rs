@@ -15,11 +15,13 @@
 //! - [`pipeline`]: the wiring: recovery, commit stage, checkpoint stage, shutdown order.
 //! - [`emit`]: outputs: JSONL files (window records, dead letters).
 //! - [`api`]: routes, usage queries, health, readiness, metrics.
+//! - [`cluster`]: cluster mode: edges forward to the ingest topic, queries go to the owner.
 //! - [`telemetry`], [`shutdown`]: logs, metric catalogue, signals.
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod emit;
 pub mod ingest;

@@ -54,6 +54,13 @@ pub const KAFKA_OFFSET_GAPS: &str = "tallyd_kafka_offset_gaps_total";
 pub const CHANGELOG_CHUNKS: &str = "tallyd_changelog_chunks_total";
 /// `{outcome}`: outcome ∈ restored | skipped (local store already current).
 pub const CHANGELOG_RESTORES: &str = "tallyd_changelog_restores_total";
+/// Ingest partitions this replica owns (cluster mode).
+pub const CLUSTER_OWNED_PARTITIONS: &str = "tallyd_cluster_owned_partitions";
+/// Events an edge produced to the ingest topic, acknowledged by Kafka (cluster mode).
+pub const CLUSTER_FORWARDED: &str = "tallyd_cluster_forwarded_events_total";
+pub const CLUSTER_FORWARD_FAILURES: &str = "tallyd_cluster_forward_failures_total";
+/// Queries answered with the owning replica's address instead of data (cluster mode).
+pub const CLUSTER_QUERY_REDIRECTS: &str = "tallyd_cluster_query_redirects_total";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -151,6 +158,16 @@ fn describe() {
         KAFKA_PAUSES,
         "times consumption paused for checkpoints to catch up"
     );
+    describe_gauge!(CLUSTER_OWNED_PARTITIONS, "ingest partitions this replica owns");
+    describe_counter!(
+        CLUSTER_FORWARDED,
+        "events produced to the ingest topic by this replica's edges"
+    );
+    describe_counter!(
+        CLUSTER_FORWARD_FAILURES,
+        "forwarding attempts Kafka did not acknowledge (client got 503)"
+    );
+    describe_counter!(CLUSTER_QUERY_REDIRECTS, "queries sent to the owning replica");
 }
 
 /// Initialises structured logs on stderr. `filter` uses `RUST_LOG` syntax.

@@ -26,6 +26,8 @@ pub struct AppState {
     /// Request bytes in flight; exhausted → 503 (the push-source backpressure).
     pub budget: Arc<Semaphore>,
     pub prometheus: PrometheusHandle,
+    /// Cluster mode: edges forward to the ingest topic, queries are answered by the owner.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl AppState {
@@ -36,6 +38,7 @@ impl AppState {
             commits,
             budget: Arc::new(Semaphore::new(permits)),
             prometheus: telemetry::prometheus(),
+            cluster: None,
         }
     }
 }

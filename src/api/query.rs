@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
@@ -18,9 +18,11 @@ use serde_json::{json, Map, Value};
 
 use super::{error_response, AppState};
 use crate::aggregate::AggState;
+use crate::cluster::{Cluster, Owner};
 use crate::meter::Meter;
 use crate::model::{parse_rfc3339_ms, rfc3339, Dims, WindowSize};
 use crate::pipeline::Shared;
+use crate::telemetry;
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -160,9 +162,21 @@ pub async fn query_meter(
                 .into_response()
         }
     };
+    if let Some(cluster) = &app.cluster {
+        let path = match &raw {
+            Some(query) => format!("/api/v1/meters/{slug}/query?{query}"),
+            None => format!("/api/v1/meters/{slug}/query"),
+        };
+        if let Some(response) = route_to_owner(cluster, &params.subjects, &path) {
+            return response;
+        }
+    }
     let shared = app.shared.clone();
     match tokio::task::spawn_blocking(move || run_query(&shared, &slug, &params)).await {
-        Ok(Ok(body)) => Json(body).into_response(),
+        Ok(Ok(body)) => match &app.cluster {
+            Some(cluster) => Json(owned_rows_only(cluster, body)).into_response(),
+            None => Json(body).into_response(),
+        },
         Ok(Err(error)) => {
             tracing::error!(%error, "query failed");
             error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "query failed")
@@ -172,6 +186,98 @@ pub async fn query_meter(
             error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "query failed")
         }
     }
+}
+
+/// Cluster mode: `None` when this replica owns every requested subject (or none was named);
+/// otherwise where to ask: 307 to the one owner, 421 listing several, 503 while unclaimed.
+fn route_to_owner(cluster: &Cluster, subjects: &[String], path: &str) -> Option<Response> {
+    let elsewhere: Vec<(&str, i32, Owner)> = subjects
+        .iter()
+        .map(|subject| {
+            let (partition, owner) = cluster.owner(subject);
+            (subject.as_str(), partition, owner)
+        })
+        .filter(|(_, _, owner)| *owner != Owner::Local)
+        .collect();
+    if elsewhere.is_empty() {
+        return None;
+    }
+    metrics::counter!(telemetry::CLUSTER_QUERY_REDIRECTS).increment(1);
+    let owners: Vec<Value> = elsewhere
+        .iter()
+        .map(|(subject, partition, owner)| {
+            let url = match owner {
+                Owner::Remote(url) => Value::String(url.clone()),
+                _ => Value::Null,
+            };
+            json!({"subject": subject, "partition": partition, "owner": url})
+        })
+        .collect();
+    let remote: std::collections::BTreeSet<&str> = elsewhere
+        .iter()
+        .filter_map(|(_, _, owner)| match owner {
+            Owner::Remote(url) => Some(url.as_str()),
+            _ => None,
+        })
+        .collect();
+    let unknown = elsewhere.iter().any(|(_, _, owner)| *owner == Owner::Unknown);
+    let (status, message) = if unknown {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no replica owns some of these subjects yet (the group is rebalancing); retry".to_string(),
+        )
+    } else if remote.len() == 1 && elsewhere.len() == subjects.len() {
+        (
+            StatusCode::TEMPORARY_REDIRECT,
+            format!("these subjects are counted by {}", remote.first().unwrap_or(&"")),
+        )
+    } else {
+        (
+            StatusCode::MISDIRECTED_REQUEST,
+            "these subjects are counted by different replicas; ask each owner for its subjects".to_string(),
+        )
+    };
+    let mut response = (
+        status,
+        Json(json!({"error": "not_owner", "message": message, "replica": cluster.url, "owners": owners})),
+    )
+        .into_response();
+    let location = match remote.first() {
+        Some(url) if status == StatusCode::TEMPORARY_REDIRECT => format!("{url}{path}").parse().ok(),
+        _ => None,
+    };
+    if let Some(location) = location {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    if unknown {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    Some(response)
+}
+
+/// Cluster mode: rows of tenants this replica owns (its store may still hold tenants of
+/// partitions it owned before), and which partitions those are.
+fn owned_rows_only(cluster: &Cluster, mut body: Value) -> Value {
+    if let Some(Value::Array(rows)) = body.get_mut("data") {
+        rows.retain(|row| {
+            row.get("subject")
+                .and_then(Value::as_str)
+                .is_some_and(|subject| cluster.owner(subject).1 == Owner::Local)
+        });
+    }
+    if let Value::Object(fields) = &mut body {
+        fields.insert(
+            "cluster".into(),
+            json!({
+                "replica": cluster.url,
+                "partitions": cluster.partitions(),
+                "ownedPartitions": cluster.owned(),
+            }),
+        );
+    }
+    body
 }
 
 /// (bucket start, subject, group-by values).

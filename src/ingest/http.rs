@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::aggregate::PreAggregated;
 use crate::api::AppState;
+use crate::cluster::Cluster;
 use crate::ingest::decode::{self, Acceptance, FieldError, Refusal};
 use crate::model::{now_ms, rfc3339_ms};
 use crate::pipeline::commit::CommitRequest;
@@ -35,6 +36,10 @@ pub struct IngestSummary {
     pub unmetered: usize,
     /// Events refused by policy, written to the dead-letter file, never counted.
     pub refused: Vec<Refusal>,
+    /// Cluster mode: events produced to the ingest topic and acknowledged by Kafka. The owning
+    /// replica counts them (and recognises duplicates, so `duplicates` is 0 here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarded: Option<usize>,
 }
 
 /// What a request hands to the commit stage (see `CommitRequest`).
@@ -135,6 +140,10 @@ pub async fn post_events(State(app): State<AppState>, headers: HeaderMap, body: 
         return unavailable("not ready (starting, shutting down or storage failure)");
     }
 
+    if let Some(cluster) = app.cluster.clone() {
+        return forward(&app, &cluster, bytes, kind).await;
+    }
+
     let shared = app.shared.clone();
     let prepared = match tokio::task::spawn_blocking(move || prepare(&shared, &bytes, kind)).await {
         Ok(Ok(prepared)) => prepared,
@@ -209,6 +218,79 @@ pub async fn post_events(State(app): State<AppState>, headers: HeaderMap, body: 
     )
 }
 
+/// Cluster mode: validate exactly as a single replica would (a 400 names every problem), then
+/// produce every event to the ingest topic keyed by its subject; 202 once Kafka acknowledged all.
+async fn forward(app: &AppState, cluster: &Cluster, bytes: Bytes, kind: decode::BodyKind) -> Response {
+    let shared = app.shared.clone();
+    let checked = tokio::task::spawn_blocking(move || check_for_forwarding(&shared, &bytes, kind)).await;
+    let (summary, events) = match checked {
+        Ok(Ok(checked)) => checked,
+        Ok(Err((errors, events))) => {
+            count_events("invalid", events);
+            return invalid(errors);
+        }
+        Err(error) => {
+            tracing::error!(%error, "ingest validation panicked");
+            return unavailable("internal error");
+        }
+    };
+    let events = events
+        .iter()
+        .map(|(tenant, payload)| (tenant.as_str(), payload.as_slice()));
+    if let Err(message) = cluster.forward(events).await {
+        tracing::warn!(%message, "forwarding to the ingest topic failed");
+        return unavailable(
+            "the ingest topic did not acknowledge every event; retry (duplicates are dropped)",
+        );
+    }
+    respond(
+        StatusCode::ACCEPTED,
+        serde_json::to_value(&summary).expect("invariant: summaries serialize"),
+    )
+}
+
+/// Every event's subject and JSON, or the request's problems (and its event count).
+type Forwardable = (IngestSummary, Vec<(String, Vec<u8>)>);
+
+fn check_for_forwarding(
+    shared: &Shared,
+    body: &[u8],
+    kind: decode::BodyKind,
+) -> Result<Forwardable, (Vec<FieldError>, usize)> {
+    let raw = decode::split_body(body, kind).map_err(|error| (vec![error], 1))?;
+    let config = &shared.config;
+    let acceptance = Acceptance {
+        allowed_lateness_secs: config.allowed_lateness_secs,
+        max_lateness_secs: config.max_lateness_secs,
+        max_future_secs: config.max_future_secs,
+    };
+    let decoded = decode::decode_events(&raw, &shared.meters, &shared.names, now_ms(), acceptance)
+        .map_err(|errors| (errors, raw.len()))?;
+    #[derive(serde::Deserialize)]
+    struct Subject<'a> {
+        #[serde(borrow)]
+        subject: Option<std::borrow::Cow<'a, str>>,
+    }
+    let events = raw
+        .iter()
+        .map(|event| {
+            let subject = serde_json::from_str::<Subject<'_>>(event.get())
+                .ok()
+                .and_then(|s| s.subject)
+                .unwrap_or_default();
+            (subject.into_owned(), event.get().as_bytes().to_vec())
+        })
+        .collect();
+    let summary = IngestSummary {
+        accepted: decoded.metered.len(),
+        duplicates: 0,
+        unmetered: decoded.unmetered,
+        refused: decoded.refused,
+        forwarded: Some(raw.len()),
+    };
+    Ok((summary, events))
+}
+
 /// Decode, validate, dedup and pre-aggregate (blocking: it reads the store).
 fn prepare(shared: &Shared, body: &[u8], kind: decode::BodyKind) -> Result<Prepared, String> {
     let raw = match decode::split_body(body, kind) {
@@ -279,6 +361,7 @@ fn prepare(shared: &Shared, body: &[u8], kind: decode::BodyKind) -> Result<Prepa
         duplicates: decoded.metered.len() - fresh_keys.len(),
         unmetered: decoded.unmetered,
         refused: decoded.refused,
+        forwarded: None,
     };
     let request = if fresh_keys.is_empty() && dead_letters.is_empty() {
         None

@@ -335,17 +335,38 @@ pub async fn run(
         checkpoint_thread,
     } = tokio::task::spawn_blocking(move || Stages::start(config)).await??;
 
+    let local: SocketAddr = listener.local_addr()?;
+    let cluster = match (&shared.config.cluster, &shared.config.kafka) {
+        (Some(cluster), Some(kafka)) => {
+            let url = cluster
+                .advertise_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{local}"));
+            Some(
+                crate::cluster::Cluster::start(kafka, cluster, url)
+                    .await
+                    .context("cannot start cluster mode")?,
+            )
+        }
+        _ => None,
+    };
     let kafka_source = match shared.config.kafka.clone() {
         Some(kafka) => Some(
-            crate::ingest::kafka::KafkaSource::start(shared.clone(), kafka, checkpoints.clone())
-                .await
-                .context("cannot start the Kafka source")?,
+            crate::ingest::kafka::KafkaSource::start(
+                shared.clone(),
+                kafka,
+                checkpoints.clone(),
+                cluster.clone(),
+            )
+            .await
+            .context("cannot start the Kafka source")?,
         ),
         None => None,
     };
 
-    let app = crate::api::router(crate::api::AppState::new(shared.clone(), requests));
-    let local: SocketAddr = listener.local_addr()?;
+    let mut state = crate::api::AppState::new(shared.clone(), requests);
+    state.cluster = cluster.clone();
+    let app = crate::api::router(state);
     shared.ready.store(true, Ordering::Release);
     tracing::info!(addr = %local, "http listening");
     let serve_shutdown = shutdown.clone();
@@ -363,6 +384,9 @@ pub async fn run(
         {
             tracing::error!("kafka source panicked; its partitions replay from the last checkpoint");
         }
+    }
+    if let Some(cluster) = cluster {
+        tokio::task::spawn_blocking(move || cluster.stop()).await?;
     }
 
     drop(checkpoints);

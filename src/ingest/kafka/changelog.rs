@@ -232,6 +232,11 @@ pub async fn provision_topics(config: &KafkaConfig) -> anyhow::Result<()> {
             None => wanted.push(NewTopic::new(changelog, widest, TopicReplication::Fixed(-1))),
         }
     }
+    create_topics(config, &wanted).await
+}
+
+/// Creates `wanted` topics, tolerating ones that already exist, within a bounded wait.
+pub async fn create_topics(config: &KafkaConfig, wanted: &[NewTopic<'_>]) -> anyhow::Result<()> {
     if wanted.is_empty() {
         return Ok(());
     }
@@ -239,14 +244,14 @@ pub async fn provision_topics(config: &KafkaConfig) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = admin_config.set("client.id", "tallyd-admin").create()?;
     let names: Vec<&str> = wanted.iter().map(|topic| topic.name).collect();
     let request = admin.create_topics(
-        &wanted,
+        wanted,
         &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
     );
     let results = match tokio::time::timeout(Duration::from_secs(15), request).await {
         Ok(results) => results?,
         Err(_) => {
             // Some brokers (librdkafka's mock cluster) never answer CreateTopics. Go on: a
-            // missing dead-letter or changelog topic shows up as failing, retried publishes.
+            // missing topic shows up as failing, retried publishes.
             tracing::warn!(topics = ?names, "no answer to CreateTopics; create these topics yourself");
             return Ok(());
         }

@@ -40,6 +40,7 @@ pub mod changelog;
 use batch::DeadLetter;
 pub use batch::{Folder, KafkaMessage};
 
+use crate::cluster::Cluster;
 use crate::config::KafkaConfig;
 use crate::model::now_ms;
 use crate::pipeline::Shared;
@@ -108,6 +109,8 @@ pub struct SourceContext {
     any_blocked: AtomicBool,
     /// Next offset each owned partition should deliver (gap detection).
     expected: Mutex<FxHashMap<(String, i32), i64>>,
+    /// Cluster mode: told about every ownership change (query routing).
+    cluster: Option<Arc<Cluster>>,
 }
 
 fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &str) {
@@ -216,6 +219,8 @@ impl ConsumerContext for SourceContext {
                     owned.insert(key);
                 }
                 drop(expected);
+                self.announce(&owned);
+                drop(owned);
                 tracing::info!(partitions = %describe(tpl), "partitions assigned");
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -236,7 +241,9 @@ impl ConsumerContext for SourceContext {
             other => {
                 tracing::error!(error = ?other, "rebalance failed");
                 let _ = consumer.unassign();
-                self.owned.lock().clear();
+                let mut owned = self.owned.lock();
+                owned.clear();
+                self.announce(&owned);
             }
         }
     }
@@ -251,6 +258,16 @@ fn describe(tpl: &TopicPartitionList) -> String {
 }
 
 impl SourceContext {
+    fn announce(&self, owned: &BTreeSet<(String, i32)>) {
+        if let Some(cluster) = &self.cluster {
+            cluster.set_owned(
+                owned
+                    .iter()
+                    .map(|(topic, partition)| (topic.as_str(), *partition)),
+            );
+        }
+    }
+
     /// Sets each assigned partition's start offset: the checkpointed position, or the group's
     /// committed offset when another replica got further (it holds that usage).
     fn seek_positions(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
@@ -338,6 +355,7 @@ impl SourceContext {
                 let _ = commit.add_partition_offset(topic, partition, Offset::Offset(next as i64));
             }
         }
+        self.announce(&owned);
         drop(owned);
         if commit.count() > 0 {
             if let Err(error) = consumer.commit(&commit, CommitMode::Sync) {
@@ -514,7 +532,7 @@ impl SourceContext {
     }
 }
 
-fn client_config(config: &KafkaConfig) -> ClientConfig {
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", &config.brokers)
@@ -589,6 +607,7 @@ impl KafkaSource {
         shared: Arc<Shared>,
         config: KafkaConfig,
         checkpoints: SyncSender<Arc<Snapshot>>,
+        cluster: Option<Arc<Cluster>>,
     ) -> anyhow::Result<KafkaSource> {
         changelog::provision_topics(&config).await?;
         if let Some(topic) = &config.changelog_topic {
@@ -614,6 +633,7 @@ impl KafkaSource {
             blocked: Mutex::new(BTreeSet::new()),
             any_blocked: AtomicBool::new(false),
             expected: Mutex::new(FxHashMap::default()),
+            cluster,
             config,
         };
         let consumer: BaseConsumer<SourceContext> =

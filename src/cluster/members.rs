@@ -1,0 +1,121 @@
+//! The members topic: who owns which ingest partition, as each replica last said.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use rdkafka::admin::{NewTopic, TopicReplication};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::config::KafkaConfig;
+use crate::ingest::kafka::changelog::create_topics;
+use crate::ingest::kafka::client_config;
+
+/// One replica's claim: the record value (key = `url`); an empty payload is a tombstone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub url: String,
+    pub topic: String,
+    pub partitions: Vec<i32>,
+    /// When the claim was made (wall clock): the newest claim of a partition wins.
+    pub at_ms: i64,
+}
+
+/// The newest claim naming `partition` of `topic`.
+pub fn newest_claim<'a>(
+    directory: &'a HashMap<String, Member>,
+    topic: &str,
+    partition: i32,
+) -> Option<&'a Member> {
+    directory
+        .values()
+        .filter(|member| member.topic == topic && member.partitions.contains(&partition))
+        .max_by(|a, b| a.at_ms.cmp(&b.at_ms).then_with(|| a.url.cmp(&b.url)))
+}
+
+/// One partition, compacted: only each replica's latest claim matters.
+pub async fn provision(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<()> {
+    let wanted = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+    create_topics(kafka, &[wanted]).await
+}
+
+/// Follows the members topic from its start on a thread of its own, keeping `directory`
+/// current until `stop`.
+pub fn follow(
+    kafka: &KafkaConfig,
+    topic: &str,
+    directory: Arc<RwLock<HashMap<String, Member>>>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    // Every replica reads the whole topic with `assign` (no group membership, nothing
+    // committed); librdkafka still wants a group id to create the consumer.
+    let consumer: BaseConsumer = client_config(kafka)
+        .set("group.id", format!("{topic}.reader"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
+    consumer.assign(&assignment)?;
+    let thread = std::thread::Builder::new()
+        .name("tallyd-members".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                match consumer.poll(Duration::from_millis(200)) {
+                    Some(Ok(message)) => {
+                        let Some(Ok(url)) = message.key_view::<str>() else {
+                            continue;
+                        };
+                        match message.payload().filter(|payload| !payload.is_empty()) {
+                            None => {
+                                directory.write().remove(url);
+                            }
+                            Some(payload) => match serde_json::from_slice::<Member>(payload) {
+                                Ok(member) => {
+                                    directory.write().insert(url.to_string(), member);
+                                }
+                                Err(error) => tracing::warn!(%error, "unreadable cluster membership record"),
+                            },
+                        }
+                    }
+                    Some(Err(error)) => tracing::debug!(%error, "members topic"),
+                    None => {}
+                }
+            }
+        })?;
+    Ok(thread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(url: &str, partitions: &[i32], at_ms: i64) -> (String, Member) {
+        (
+            url.to_string(),
+            Member {
+                url: url.into(),
+                topic: "usage".into(),
+                partitions: partitions.to_vec(),
+                at_ms,
+            },
+        )
+    }
+
+    #[test]
+    fn the_newest_claim_wins_so_a_dead_replica_is_superseded() {
+        // a owned 0 and 1, died without a goodbye; b took 1 later.
+        let directory: HashMap<_, _> =
+            [member("http://a", &[0, 1], 100), member("http://b", &[1, 2], 200)].into();
+        assert_eq!(newest_claim(&directory, "usage", 0).unwrap().url, "http://a");
+        assert_eq!(newest_claim(&directory, "usage", 1).unwrap().url, "http://b");
+        assert_eq!(newest_claim(&directory, "usage", 2).unwrap().url, "http://b");
+        assert!(newest_claim(&directory, "usage", 3).is_none());
+        assert!(newest_claim(&directory, "other", 1).is_none());
+    }
+}

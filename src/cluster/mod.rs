@@ -1,0 +1,285 @@
+//! Cluster mode (`[cluster] mode = "kafka"`): several replicas share the ingest topic's
+//! partitions through one consumer group, and the topic is keyed by tenant, so each tenant's
+//! usage is counted by exactly one replica (the partition's owner).
+//!
+//! - **Edges forward.** HTTP ingest on any replica validates the request as usual (a 400 names
+//!   every problem), then produces every event to the ingest topic (idempotent producer,
+//!   `acks=all`, key = subject, Kafka's murmur2 partitioner) and answers 202 only once Kafka has
+//!   acknowledged all of them. Counting, dedup and dead-lettering happen at the owner, exactly as
+//!   for events produced by anyone else: a client retrying after a 503 is deduplicated there.
+//! - **Queries go to the owner.** `partition = murmur2(subject) mod partitions`, the same rule the
+//!   producer used. Owners are learned from a small compacted topic (`<group_id>.members`) where
+//!   each replica publishes its URL and owned partitions on every rebalance (the consumer group
+//!   protocol's own member metadata is not readable on every broker: tansu answers
+//!   DescribeGroups without assignments). The newest entry naming a partition wins, so a replica
+//!   that died without saying goodbye is superseded by the partition's next owner.
+
+mod members;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::config::{ClusterConfig, KafkaConfig};
+use crate::ingest::kafka::{client_config, producer_config};
+use crate::telemetry;
+
+pub use members::Member;
+
+/// Longest a forwarded request waits for Kafka before the client gets a 503 (and retries).
+const DELIVERY_TIMEOUT_MS: &str = "10000";
+
+/// Kafka's murmur2 (the Java client's `Utils.murmur2`, librdkafka's `murmur2_random`
+/// partitioner): tenants are routed to the partition every Kafka producer would choose.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        if tail.len() == 3 {
+            h ^= u32::from(tail[2]) << 16;
+        }
+        if tail.len() >= 2 {
+            h ^= u32::from(tail[1]) << 8;
+        }
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition a keyed record lands on with Kafka's default (murmur2) partitioner.
+pub fn partition_for(key: &str, partitions: i32) -> i32 {
+    (murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions.max(1)
+}
+
+/// Who answers for a tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    Local,
+    /// Another replica's advertised base URL.
+    Remote(String),
+    /// Nobody has claimed the partition yet (a rebalance is in progress).
+    Unknown,
+}
+
+/// One replica's view of the cluster; shared by the HTTP edge, the query API and the consumer.
+pub struct Cluster {
+    pub config: ClusterConfig,
+    /// This replica's advertised base URL.
+    pub url: String,
+    /// Ingest topic partitions, read at startup. Adding partitions to a keyed topic moves
+    /// tenants between partitions: not supported while running (restart every replica).
+    partitions: i32,
+    owned: RwLock<BTreeSet<i32>>,
+    directory: Arc<RwLock<HashMap<String, Member>>>,
+    producer: FutureProducer,
+    reader_stop: Arc<AtomicBool>,
+    reader: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Cluster {
+    /// Reads the ingest topic's partition count, provisions the members topic and starts
+    /// following it.
+    pub async fn start(
+        kafka: &KafkaConfig,
+        config: &ClusterConfig,
+        url: String,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        let probe_config = kafka.clone();
+        let topic = config.ingest_topic.clone();
+        let partitions = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
+            let probe: BaseConsumer = client_config(&probe_config).create()?;
+            let metadata = probe.fetch_metadata(Some(&topic), Duration::from_secs(30))?;
+            metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+                .map(|t| t.partitions().len() as i32)
+                .ok_or_else(|| anyhow::anyhow!("kafka topic `{topic}` does not exist; create it first"))
+        })
+        .await??;
+        members::provision(kafka, &config.members_topic).await?;
+        let producer: FutureProducer = producer_config(kafka)
+            .set("partitioner", "murmur2_random")
+            .set("message.timeout.ms", DELIVERY_TIMEOUT_MS)
+            .create()?;
+        let directory = Arc::new(RwLock::new(HashMap::new()));
+        let reader_stop = Arc::new(AtomicBool::new(false));
+        let reader = members::follow(
+            kafka,
+            &config.members_topic,
+            directory.clone(),
+            reader_stop.clone(),
+        )?;
+        tracing::info!(%url, partitions, members_topic = %config.members_topic, "cluster mode");
+        Ok(Arc::new(Cluster {
+            config: config.clone(),
+            url,
+            partitions,
+            owned: RwLock::new(BTreeSet::new()),
+            directory,
+            producer,
+            reader_stop,
+            reader: Mutex::new(Some(reader)),
+        }))
+    }
+
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    pub fn partition_of(&self, tenant: &str) -> i32 {
+        partition_for(tenant, self.partitions)
+    }
+
+    pub fn owned(&self) -> Vec<i32> {
+        self.owned.read().iter().copied().collect()
+    }
+
+    /// The owner of `tenant`'s partition, and the partition.
+    pub fn owner(&self, tenant: &str) -> (i32, Owner) {
+        let partition = self.partition_of(tenant);
+        if self.owned.read().contains(&partition) {
+            return (partition, Owner::Local);
+        }
+        let directory = self.directory.read();
+        let owner = members::newest_claim(&directory, &self.config.ingest_topic, partition)
+            .filter(|member| member.url != self.url)
+            .map_or(Owner::Unknown, |member| Owner::Remote(member.url.clone()));
+        (partition, owner)
+    }
+
+    /// Called by the consumer after each assignment change (partitions of every topic).
+    pub fn set_owned<'a>(&self, assigned: impl Iterator<Item = (&'a str, i32)>) {
+        let partitions: BTreeSet<i32> = assigned
+            .filter(|(topic, _)| *topic == self.config.ingest_topic)
+            .map(|(_, partition)| partition)
+            .collect();
+        metrics::gauge!(telemetry::CLUSTER_OWNED_PARTITIONS).set(partitions.len() as f64);
+        *self.owned.write() = partitions.clone();
+        let member = Member {
+            url: self.url.clone(),
+            topic: self.config.ingest_topic.clone(),
+            partitions: partitions.into_iter().collect(),
+            at_ms: crate::model::now_ms(),
+        };
+        self.publish(&member);
+    }
+
+    fn publish(&self, member: &Member) {
+        let payload = serde_json::to_vec(member).expect("invariant: members serialize");
+        let record = FutureRecord::to(&self.config.members_topic)
+            .key(member.url.as_str())
+            .payload(&payload);
+        // Advisory: a lost entry only delays query routing until the next rebalance, so the
+        // delivery is not awaited (this runs inside the rebalance callback).
+        if let Err((error, _)) = self.producer.send_result(record) {
+            tracing::warn!(%error, "cannot publish cluster membership");
+        }
+    }
+
+    /// Produces each `(tenant, event JSON)` to the ingest topic and waits until Kafka has
+    /// acknowledged every one. An error means some may not be written: the client retries
+    /// the whole request and the owner's dedup drops what was written twice.
+    pub async fn forward<'a>(
+        &self,
+        events: impl Iterator<Item = (&'a str, &'a [u8])>,
+    ) -> Result<usize, String> {
+        let mut deliveries = Vec::new();
+        for (tenant, payload) in events {
+            let record = FutureRecord::to(&self.config.ingest_topic)
+                .key(tenant)
+                .payload(payload);
+            match self.producer.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((error, _)) => {
+                    metrics::counter!(telemetry::CLUSTER_FORWARD_FAILURES).increment(1);
+                    return Err(format!(
+                        "cannot produce to `{}`: {error}",
+                        self.config.ingest_topic
+                    ));
+                }
+            }
+        }
+        let count = deliveries.len();
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((error, _))) => {
+                    metrics::counter!(telemetry::CLUSTER_FORWARD_FAILURES).increment(1);
+                    return Err(format!("kafka did not acknowledge an event: {error}"));
+                }
+                Err(_) => {
+                    metrics::counter!(telemetry::CLUSTER_FORWARD_FAILURES).increment(1);
+                    return Err("kafka producer shut down".into());
+                }
+            }
+        }
+        metrics::counter!(telemetry::CLUSTER_FORWARDED).increment(count as u64);
+        Ok(count)
+    }
+
+    /// Says goodbye (an empty claim, so queries stop being sent here) and stops following.
+    pub fn stop(&self) {
+        self.set_owned(std::iter::empty());
+        if let Err(error) = rdkafka::producer::Producer::flush(&self.producer, Duration::from_secs(5)) {
+            tracing::warn!(%error, "membership goodbye not flushed");
+        }
+        self.reader_stop.store(true, Ordering::Release);
+        if let Some(reader) = self.reader.lock().take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafka_test_vectors() {
+        // From Kafka's UtilsTest.testMurmur2.
+        let cases: [(&[u8], i32); 6] = [
+            (b"21", -973_932_308),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
+            (b"abc", 479_470_107),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(murmur2(input), expected, "{}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn partitions_are_in_range_and_stable() {
+        for n in 1..=16 {
+            for tenant in ["", "a", "acme", "tenant-00042", "ünïcode"] {
+                let p = partition_for(tenant, n);
+                assert!((0..n).contains(&p));
+                assert_eq!(p, partition_for(tenant, n));
+            }
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Cluster mode against a real Kafka-protocol broker (tansu, started by `scripts/test.sh`): two
+//! replicas share a 4-partition ingest topic; clients post to either replica's HTTP edge (which
+//! produces to the topic and answers after Kafka's ack); each tenant is counted once by its
+//! partition's owner; queries elsewhere are redirected to the owner; when one replica leaves, the
+//! other takes its partitions (changelog restore) and answers for every tenant exactly.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::kafka::*;
+use common::*;
+use serde_json::{json, Value};
+
+const PARTITIONS: i32 = 4;
+
+fn cluster_config(brokers: &str, topic: &str) -> String {
+    kafka_section(brokers, topic, topic).replace(
+        "[kafka.properties]",
+        &format!(
+            "dlq_topic = \"{topic}.dlq\"\n[cluster]\nmode = \"kafka\"\n[kafka.properties]\n\
+             # tansu 0.6 cannot fetch from inside a record batch: one record per batch.\n\
+             \"batch.num.messages\" = \"1\""
+        ),
+    )
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+async fn owned_partitions(client: &reqwest::Client, daemon: &Daemon) -> Vec<i64> {
+    let response = client
+        .get(daemon.url("/api/v1/meters/tokens/query"))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    body["cluster"]["ownedPartitions"]
+        .as_array()
+        .map(|owned| owned.iter().filter_map(Value::as_i64).collect())
+        .unwrap_or_default()
+}
+
+/// Waits until the replicas' owned partitions are disjoint, non-empty and cover the topic.
+async fn wait_for_split(client: &reqwest::Client, replicas: &[&Daemon]) -> Vec<Vec<i64>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut owned = Vec::new();
+        for daemon in replicas {
+            owned.push(owned_partitions(client, daemon).await);
+        }
+        let all: BTreeSet<i64> = owned.iter().flatten().copied().collect();
+        let total: usize = owned.iter().map(Vec::len).sum();
+        if all.len() == PARTITIONS as usize && total == all.len() && owned.iter().all(|o| !o.is_empty()) {
+            return owned;
+        }
+        assert!(Instant::now() < deadline, "partitions never split: {owned:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_forward_count_once_and_route_queries_to_the_owner() {
+    let Some(brokers) = real_broker() else { return };
+    let topic = unique_topic("usage-cluster");
+    create_topic(&brokers, &topic, PARTITIONS).await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let a = Daemon::start(&write_config(dirs[0].path(), &cluster_config(&brokers, &topic)));
+    let b = Daemon::start(&write_config(dirs[1].path(), &cluster_config(&brokers, &topic)));
+    let client = client();
+    let split = wait_for_split(&client, &[&a, &b]).await;
+    eprintln!("owned partitions: a={:?} b={:?}", split[0], split[1]);
+
+    // Tenants on every partition (the same murmur2 rule a Kafka producer uses).
+    let tenants: Vec<String> = (0..24).map(|i| format!("acme-{i}")).collect();
+    let covered: BTreeSet<i32> = tenants
+        .iter()
+        .map(|t| tallyd::cluster::partition_for(t, PARTITIONS))
+        .collect();
+    assert_eq!(covered.len(), PARTITIONS as usize);
+
+    // Post through both edges; every batch is sent twice (a client retry) and some events
+    // appear in two batches: the owner's dedup counts each once.
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    let mut events = Vec::new();
+    for i in 0..600 {
+        let tenant = &tenants[i % tenants.len()];
+        let tokens = (i as i64 * 7919) % 1000 + 1;
+        *expected.entry(tenant.clone()).or_default() += tokens;
+        events.push(event(
+            &format!("c{i}"),
+            "llm.prompt",
+            tenant,
+            &ago((i % 90) as i64),
+            json!({"tokens": tokens, "model": "m1"}),
+        ));
+    }
+    for (n, batch) in events.chunks(50).enumerate() {
+        let edge = if n % 2 == 0 { &a } else { &b };
+        for _attempt in 0..2 {
+            let (status, body) = post_batch(&client, edge, batch).await;
+            assert_eq!(status, 202, "{body}");
+            assert_eq!(body["forwarded"], 50, "{body}");
+            assert_eq!(body["accepted"], 50, "{body}");
+        }
+        // Overlapping batch: the first ten events again, through the other edge.
+        let other = if n % 2 == 0 { &b } else { &a };
+        let (status, _) = post_batch(&client, other, &batch[..10]).await;
+        assert_eq!(status, 202);
+    }
+    // An invalid batch is refused at the edge with the field named, and nothing is produced.
+    let bad = vec![event("bad-1", "llm.prompt", "", &ago(1), json!({"tokens": 5}))];
+    let (status, body) = post_batch(&client, &a, &bad).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("subject"),
+        "{body}"
+    );
+
+    // Redirect-following clients get exact totals from either replica.
+    wait_for_totals(&client, &a, &expected).await;
+    wait_for_totals(&client, &b, &expected).await;
+
+    // Without following: the owner answers, the other replica names it.
+    let raw = no_redirects();
+    let (mut local, mut redirected) = (0, 0);
+    for tenant in &tenants {
+        let response = raw
+            .get(a.url(&format!("/api/v1/meters/tokens/query?subject={tenant}")))
+            .send()
+            .await
+            .unwrap();
+        let partition = i64::from(tallyd::cluster::partition_for(tenant, PARTITIONS));
+        match response.status().as_u16() {
+            200 => {
+                assert!(split[0].contains(&partition), "{tenant} answered by a non-owner");
+                let body: Value = response.json().await.unwrap();
+                assert_eq!(sum_rows(&body), expected[tenant]);
+                local += 1;
+            }
+            307 => {
+                assert!(
+                    split[1].contains(&partition),
+                    "{tenant} redirected away from its owner"
+                );
+                let location = response.headers()["location"].to_str().unwrap().to_string();
+                assert!(
+                    location.starts_with(&b.url("/api/v1/meters/tokens/query")),
+                    "{location}"
+                );
+                let body: Value = response.json().await.unwrap();
+                assert_eq!(body["owners"][0]["partition"], partition, "{body}");
+                redirected += 1;
+            }
+            other => panic!("{tenant}: unexpected status {other}"),
+        }
+    }
+    assert!(
+        local > 0 && redirected > 0,
+        "local {local}, redirected {redirected}"
+    );
+
+    // Subject-less queries: each replica lists only its tenants; together, everything once.
+    let mut seen = BTreeMap::new();
+    for daemon in [&a, &b] {
+        let body = query(&client, daemon, "tokens", "").await;
+        for row in body["data"].as_array().unwrap() {
+            let subject = row["subject"].as_str().unwrap().to_string();
+            let value = row["value"].to_string().parse::<i64>().unwrap();
+            assert!(
+                seen.insert(subject, value).is_none(),
+                "a tenant listed by both replicas"
+            );
+        }
+    }
+    assert_eq!(seen, expected);
+
+    // b leaves: a takes every partition over (changelog restore) and answers for all tenants.
+    b.stop();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while owned_partitions(&client, &a).await.len() != PARTITIONS as usize {
+        assert!(
+            Instant::now() < deadline,
+            "a never took all partitions\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let all = query(&no_redirects(), &a, "tokens", "").await;
+    assert_eq!(sum_rows(&all), expected.values().sum::<i64>());
+    for tenant in &tenants {
+        let body = query(&raw, &a, "tokens", &format!("subject={tenant}")).await;
+        assert_eq!(sum_rows(&body), expected[tenant], "{tenant}");
+    }
+    let metrics = metrics_text(&client, &a).await;
+    assert!(
+        metrics.contains("tallyd_cluster_forwarded_events_total"),
+        "{metrics}"
+    );
+    a.stop();
+}
