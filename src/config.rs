@@ -102,6 +102,13 @@ pub struct RawKafka {
     /// Default: `<group_id>.changelog`.
     #[serde(default)]
     pub changelog_topic: Option<String>,
+    /// Fold a partition's changelog into a new base after this many bytes of flushes
+    /// (0: only by time). Restores read from the newest base.
+    #[serde(default = "default_changelog_compact_bytes")]
+    pub changelog_compact_bytes: u64,
+    /// ... or after this long. The changelog topic's `retention.ms` must exceed it.
+    #[serde(default = "default_changelog_compact_interval_secs")]
+    pub changelog_compact_interval_secs: u64,
     /// Passed to librdkafka as is (SASL, SSL, fetch sizes, ...), for consumer and producers.
     #[serde(default)]
     pub properties: BTreeMap<String, toml::Value>,
@@ -124,6 +131,12 @@ fn default_fold_threads() -> usize {
     // Measured on 2 cores: a second folding thread competes with the checkpoint thread and
     // RocksDB and is slower (BENCHMARKS.md §5); more cores should raise it.
     1
+}
+fn default_changelog_compact_bytes() -> u64 {
+    64 << 20
+}
+fn default_changelog_compact_interval_secs() -> u64 {
+    3600
 }
 fn default_max_pending_series() -> usize {
     2_000_000
@@ -150,6 +163,8 @@ pub struct KafkaConfig {
     pub fold_threads: usize,
     /// None: changelog off.
     pub changelog_topic: Option<String>,
+    pub changelog_compact_bytes: u64,
+    pub changelog_compact_interval_secs: u64,
     pub properties: Vec<(String, String)>,
 }
 
@@ -534,6 +549,9 @@ fn validate_kafka(raw: RawKafka, errors: &mut Vec<String>) -> KafkaConfig {
     if !(1..=8).contains(&raw.fold_threads) {
         errors.push("kafka.fold_threads: must be 1 to 8".into());
     }
+    if raw.changelog_compact_interval_secs == 0 {
+        errors.push("kafka.changelog_compact_interval_secs: must be positive".into());
+    }
     if raw.max_pending_series == 0 {
         errors.push("kafka.max_pending_series: must be positive".into());
     }
@@ -570,6 +588,8 @@ fn validate_kafka(raw: RawKafka, errors: &mut Vec<String>) -> KafkaConfig {
         max_pending_series: raw.max_pending_series,
         fold_threads: raw.fold_threads,
         changelog_topic,
+        changelog_compact_bytes: raw.changelog_compact_bytes,
+        changelog_compact_interval_secs: raw.changelog_compact_interval_secs,
         properties,
     }
 }

@@ -54,6 +54,8 @@ pub const KAFKA_OFFSET_GAPS: &str = "tallyd_kafka_offset_gaps_total";
 pub const CHANGELOG_CHUNKS: &str = "tallyd_changelog_chunks_total";
 /// `{outcome}`: outcome ∈ restored | skipped (local store already current).
 pub const CHANGELOG_RESTORES: &str = "tallyd_changelog_restores_total";
+/// `{outcome}`: outcome ∈ ok | failed. A base folded from a partition's changelog.
+pub const CHANGELOG_COMPACTIONS: &str = "tallyd_changelog_compactions_total";
 /// Ingest partitions this replica owns (cluster mode).
 pub const CLUSTER_OWNED_PARTITIONS: &str = "tallyd_cluster_owned_partitions";
 /// Events an edge produced to the ingest topic, acknowledged by Kafka (cluster mode).

@@ -50,7 +50,7 @@ impl CheckpointLoop {
         let started = Instant::now();
         let shared = &self.shared;
         let now_secs = now_ms().div_euclid(1000);
-        let prepared = shared.store.prepare_checkpoint(
+        let mut prepared = shared.store.prepare_checkpoint(
             snapshot,
             &shared.names,
             &shared.catalog,
@@ -65,7 +65,7 @@ impl CheckpointLoop {
                     detail: "replicated sources but no changelog sink".into(),
                 });
             };
-            sink.publish(&prepared.changelog)
+            sink.publish(&mut prepared.changelog)
                 .map_err(|detail| StoreError::Unavailable {
                     what: "changelog",
                     detail,

@@ -72,7 +72,8 @@ pub struct Shared {
 
 /// Publishes changelog chunks durably (blocking until the broker acknowledges all of them).
 pub trait ChangelogSink: Send + Sync {
-    fn publish(&self, chunks: &[crate::store::changelog::ChangelogChunk]) -> Result<(), String>;
+    /// Sets each chunk's `restore_from` and publishes them.
+    fn publish(&self, chunks: &mut [crate::store::changelog::ChangelogChunk]) -> Result<(), String>;
 }
 
 /// Outcome of `Shared::try_snapshot`.

@@ -12,9 +12,18 @@
 //! overwrite the local series (their merge operands), revisions and dedup keys are copied, open
 //! windows are re-indexed for closing, and the partition's position becomes the last flush's.
 //!
+//! Compaction (Kafka's log compaction done by the owner, because it must stay atomic without
+//! broker transactions): now and then the owner folds the complete flushes since the last base
+//! into a new *base* flush (latest state per series, live dedup keys with their own first-seen
+//! times, the newest position) and publishes it like any flush. Every chunk carries
+//! `restore_from`, the changelog offset a restore may start at: the first offset after what the
+//! newest complete base folded. A restore reads from the newest message's `restore_from`,
+//! applies the newest complete base, then the complete flushes after what that base folded
+//! (`restore_plan`). Everything older may be deleted by the topic's time retention, which must
+//! exceed the compaction interval (ARCHITECTURE.md).
+//!
 //! Limits: absolute states are per series, so a series must be fed by one partition (the topic
-//! is keyed by tenant); the changelog is an append-only log of flushes (no compaction yet:
-//! size it by retention, see ARCHITECTURE.md).
+//! is keyed by tenant).
 
 use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
@@ -50,6 +59,13 @@ pub struct ChangelogChunk {
     pub seen_secs: i64,
     pub series: Vec<SeriesEntry>,
     pub dedup_keys: Vec<u128>,
+    /// A base folds every complete flush up to changelog offset `folded_through`.
+    pub base: bool,
+    pub folded_through: i64,
+    /// Bases: dedup keys with their own first-seen time (unix seconds).
+    pub dedup_seen: Vec<(u128, i64)>,
+    /// Where a restore of this source may start reading (set when published; 0: the log start).
+    pub restore_from: u64,
 }
 
 impl ChangelogChunk {
@@ -75,37 +91,76 @@ pub fn chunk_flush(
     series: Vec<SeriesEntry>,
     dedup_keys: Vec<u128>,
 ) -> Vec<ChangelogChunk> {
-    let mut chunks = Vec::new();
-    let empty = |chunks: &Vec<ChangelogChunk>| ChangelogChunk {
+    let header = ChangelogChunk {
         source: source.to_string(),
         flush_id,
-        chunk: chunks.len() as u32,
+        chunk: 0,
         chunks: 0,
         position,
         seen_secs,
         series: Vec::new(),
         dedup_keys: Vec::new(),
+        base: false,
+        folded_through: -1,
+        dedup_seen: Vec::new(),
+        restore_from: 0,
     };
-    let mut current = empty(&chunks);
+    split(header, series, dedup_keys, Vec::new())
+}
+
+/// A base: the fold of a source's complete flushes through changelog offset `folded_through`.
+pub fn chunk_base(source: &str, flush_id: u64, folded: Folded, folded_through: i64) -> Vec<ChangelogChunk> {
+    let header = ChangelogChunk {
+        source: source.to_string(),
+        flush_id,
+        chunk: 0,
+        chunks: 0,
+        position: folded.position,
+        seen_secs: 0,
+        series: Vec::new(),
+        dedup_keys: Vec::new(),
+        base: true,
+        folded_through,
+        dedup_seen: Vec::new(),
+        restore_from: 0,
+    };
+    split(header, folded.series, Vec::new(), folded.dedup_seen)
+}
+
+fn split(
+    header: ChangelogChunk,
+    series: Vec<SeriesEntry>,
+    dedup_keys: Vec<u128>,
+    dedup_seen: Vec<(u128, i64)>,
+) -> Vec<ChangelogChunk> {
+    let mut chunks: Vec<ChangelogChunk> = Vec::new();
+    let mut current = header.clone();
     let mut bytes = 0;
-    for entry in series {
-        let size = entry.suffix.len() + entry.state.len() + 8;
-        if bytes + size > MAX_CHUNK_BYTES && !current.series.is_empty() {
-            chunks.push(std::mem::replace(&mut current, empty(&chunks)));
+    let mut room = |size: usize, current: &mut ChangelogChunk, chunks: &mut Vec<ChangelogChunk>| {
+        let nonempty =
+            !current.series.is_empty() || !current.dedup_keys.is_empty() || !current.dedup_seen.is_empty();
+        if bytes + size > MAX_CHUNK_BYTES && nonempty {
+            chunks.push(std::mem::replace(current, header.clone()));
             current.chunk = chunks.len() as u32;
             bytes = 0;
         }
         bytes += size;
+    };
+    for entry in series {
+        room(
+            entry.suffix.len() + entry.state.len() + 8,
+            &mut current,
+            &mut chunks,
+        );
         current.series.push(entry);
     }
     for key in dedup_keys {
-        if bytes + 17 > MAX_CHUNK_BYTES {
-            chunks.push(std::mem::replace(&mut current, empty(&chunks)));
-            current.chunk = chunks.len() as u32;
-            bytes = 0;
-        }
-        bytes += 17;
+        room(17, &mut current, &mut chunks);
         current.dedup_keys.push(key);
+    }
+    for pair in dedup_seen {
+        room(27, &mut current, &mut chunks);
+        current.dedup_seen.push(pair);
     }
     chunks.push(current);
     let total = chunks.len() as u32;
@@ -115,15 +170,98 @@ pub fn chunk_flush(
     chunks
 }
 
+/// A source's state folded from flushes: the latest entry per series, live dedup keys.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Folded {
+    pub series: Vec<SeriesEntry>,
+    pub dedup_seen: Vec<(u128, i64)>,
+    pub position: u64,
+}
+
+/// Folds complete flushes (in log order; a base counts as a flush): later absolute states win;
+/// dedup keys first seen before `min_seen_secs` and windows starting before `min_window_start`
+/// are dropped (the store's compaction filter drops them too).
+pub fn fold(flushes: &[Vec<ChangelogChunk>], min_seen_secs: i64, min_window_start: i64) -> Folded {
+    let mut series: std::collections::BTreeMap<Vec<u8>, SeriesEntry> = std::collections::BTreeMap::new();
+    let mut seen: rustc_hash::FxHashMap<u128, i64> = rustc_hash::FxHashMap::default();
+    let mut position = 0;
+    for chunk in flushes.iter().flatten() {
+        position = chunk.position;
+        for entry in &chunk.series {
+            series.insert(entry.suffix.clone(), entry.clone());
+        }
+        let keys = chunk
+            .dedup_keys
+            .iter()
+            .map(|key| (*key, chunk.seen_secs))
+            .chain(chunk.dedup_seen.iter().copied());
+        for (key, at) in keys {
+            // The first sighting is what the horizon counts from.
+            let first = seen.entry(key).or_insert(at);
+            *first = (*first).min(at);
+        }
+    }
+    let series = series
+        .into_values()
+        .filter(|entry| {
+            keys::decode_series_suffix(&entry.suffix).is_none_or(|name| name.window_start >= min_window_start)
+        })
+        .collect();
+    let mut dedup_seen: Vec<(u128, i64)> = seen.into_iter().filter(|(_, at)| *at >= min_seen_secs).collect();
+    dedup_seen.sort_unstable();
+    Folded {
+        series,
+        dedup_seen,
+        position,
+    }
+}
+
+/// What a restore applies, in order, from the messages read (with their offsets, in log
+/// order): the newest complete base, then the complete flushes after what it folded; without a
+/// base, every complete flush.
+pub fn restore_plan(source: &str, messages: Vec<(i64, ChangelogChunk)>) -> Vec<Vec<ChangelogChunk>> {
+    let mut offsets = Vec::new();
+    let flushes = complete_flushes_at(source, messages, &mut offsets);
+    let newest_base = flushes.iter().rposition(|flush| flush[0].base);
+    match newest_base {
+        None => flushes,
+        Some(b) => {
+            let folded_through = flushes[b][0].folded_through;
+            let mut plan = Vec::with_capacity(flushes.len() - b);
+            let mut later = Vec::new();
+            for (i, (flush, first_offset)) in flushes.into_iter().zip(offsets).enumerate() {
+                if i == b {
+                    plan.push(flush);
+                } else if !flush[0].base && first_offset > folded_through {
+                    later.push(flush);
+                }
+            }
+            plan.extend(later);
+            plan
+        }
+    }
+}
+
 /// Reassembles a source's flushes from its changelog messages (in log order): the complete
 /// ones, in order. Chunks of other sources and of incomplete flushes are left out.
 pub fn complete_flushes(
     source: &str,
     messages: impl IntoIterator<Item = ChangelogChunk>,
 ) -> Vec<Vec<ChangelogChunk>> {
+    let mut offsets = Vec::new();
+    complete_flushes_at(source, messages.into_iter().map(|chunk| (0, chunk)), &mut offsets)
+}
+
+/// `complete_flushes`, also giving each flush's first offset in `offsets`.
+fn complete_flushes_at(
+    source: &str,
+    messages: impl IntoIterator<Item = (i64, ChangelogChunk)>,
+    offsets: &mut Vec<i64>,
+) -> Vec<Vec<ChangelogChunk>> {
     let mut flushes = Vec::new();
     let mut current: Vec<ChangelogChunk> = Vec::new();
-    for chunk in messages.into_iter().filter(|c| c.source == source) {
+    let mut first_offset = 0;
+    for (offset, chunk) in messages.into_iter().filter(|(_, c)| c.source == source) {
         let continues = current
             .last()
             .is_some_and(|last| last.flush_id == chunk.flush_id && last.chunk + 1 == chunk.chunk);
@@ -133,11 +271,13 @@ pub fn complete_flushes(
             if chunk.chunk != 0 {
                 continue;
             }
+            first_offset = offset;
         }
         let last = chunk.is_last();
         current.push(chunk);
         if last {
             flushes.push(std::mem::take(&mut current));
+            offsets.push(first_offset);
         }
     }
     flushes
@@ -184,6 +324,9 @@ impl RocksStore {
             }
             for key in &chunk.dedup_keys {
                 batch.put(keys::dedup_key(*key), (chunk.seen_secs as u64).to_be_bytes());
+            }
+            for (key, seen_secs) in &chunk.dedup_seen {
+                batch.put(keys::dedup_key(*key), (*seen_secs as u64).to_be_bytes());
             }
         }
         batch.put(keys::position_key(source), position.to_be_bytes());
@@ -241,5 +384,104 @@ mod tests {
         let flushes = complete_flushes("kafka/usage/1", log);
         let positions: Vec<u64> = flushes.iter().map(|f| f[0].position).collect();
         assert_eq!(positions, [100, 180]);
+    }
+
+    /// What applying `flushes` in order leaves: series → (state, revision), dedup keys, position.
+    type Applied = (
+        std::collections::BTreeMap<Vec<u8>, (Vec<u8>, u32)>,
+        std::collections::BTreeSet<u128>,
+        u64,
+    );
+
+    fn apply(flushes: &[Vec<ChangelogChunk>]) -> Applied {
+        let mut series = std::collections::BTreeMap::new();
+        let mut keys = std::collections::BTreeSet::new();
+        let mut position = 0;
+        for chunk in flushes.iter().flatten() {
+            position = chunk.position;
+            for entry in &chunk.series {
+                series.insert(entry.suffix.clone(), (entry.state.clone(), entry.revision));
+            }
+            keys.extend(chunk.dedup_keys.iter().copied());
+            keys.extend(chunk.dedup_seen.iter().map(|(key, _)| *key));
+        }
+        (series, keys, position)
+    }
+
+    proptest::proptest! {
+        /// Restoring from a log with a base (folded while later flushes kept arriving, possibly
+        /// followed by a torn base) gives exactly the state of applying every flush, whether the
+        /// restore reads from the log start or only from the base's restore point (retention
+        /// may have deleted everything before it).
+        #[test]
+        fn a_base_plus_later_flushes_restores_the_same_state(
+            flushes in proptest::collection::vec(
+                (proptest::collection::vec((0u8..6, 0u8..255), 0..4), proptest::collection::vec(0u128..40, 0..3)),
+                1..12,
+            ),
+            fold_count in 0usize..12,
+            delay in 0usize..4,
+            torn in proptest::bool::ANY,
+        ) {
+            let source = "kafka/usage/0";
+            let flushes: Vec<Vec<ChangelogChunk>> = flushes
+                .into_iter()
+                .enumerate()
+                .map(|(i, (series, keys))| {
+                    let series = series
+                        .into_iter()
+                        .map(|(id, state)| SeriesEntry { suffix: vec![id; 8], state: vec![state], revision: i as u32 })
+                        .collect();
+                    chunk_flush(source, i as u64, 10 * (i as u64 + 1), i as i64, series, keys)
+                })
+                .collect();
+            let fold_count = fold_count.min(flushes.len());
+            let publish_at = (fold_count + delay).min(flushes.len());
+            let mut log: Vec<(i64, ChangelogChunk)> = Vec::new();
+            let mut folded_through = -1;
+            let mut pointer = 0;
+            let mut publish_base = |log: &mut Vec<(i64, ChangelogChunk)>, folded_through: i64| {
+                let base = chunk_base(source, 1000, fold(&flushes[..fold_count], i64::MIN, i64::MIN), folded_through);
+                for chunk in base {
+                    log.push((log.len() as i64, chunk));
+                }
+                folded_through + 1
+            };
+            for (i, flush) in flushes.iter().enumerate() {
+                if i == publish_at && fold_count > 0 {
+                    pointer = publish_base(&mut log, folded_through);
+                }
+                for chunk in flush {
+                    log.push((log.len() as i64, chunk.clone()));
+                }
+                if i + 1 == fold_count {
+                    folded_through = log.len() as i64 - 1;
+                }
+            }
+            if publish_at == flushes.len() && fold_count > 0 {
+                pointer = publish_base(&mut log, folded_through);
+            }
+            if torn {
+                // A newer base cut short by a crash: ignored.
+                let mut partial = chunk_base(source, 2000, fold(&flushes, i64::MIN, i64::MIN), log.len() as i64 - 1);
+                partial[0].chunks += 1;
+                log.push((log.len() as i64, partial.remove(0)));
+            }
+            let expected = apply(&flushes);
+            proptest::prop_assert_eq!(&apply(&restore_plan(source, log.clone())), &expected);
+            let from_pointer: Vec<_> = log.into_iter().filter(|(offset, _)| *offset >= pointer).collect();
+            proptest::prop_assert_eq!(&apply(&restore_plan(source, from_pointer)), &expected);
+        }
+    }
+
+    #[test]
+    fn folding_drops_expired_dedup_keys_and_keeps_first_sightings() {
+        let old = chunk_flush("s", 1, 10, 100, vec![], vec![1, 2]);
+        let new = chunk_flush("s", 2, 20, 500, vec![entry(3)], vec![2, 3]);
+        let folded = fold(&[old, new], 200, i64::MIN);
+        // key 2 was first seen at 100: it expires with key 1.
+        assert_eq!(folded.dedup_seen, vec![(3, 500)]);
+        assert_eq!(folded.position, 20);
+        assert_eq!(folded.series, vec![entry(3)]);
     }
 }

@@ -3,6 +3,10 @@
 //! provisioning at startup.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -17,72 +21,284 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::{client_config, parse_position_name, producer_config, DeliveryContext};
 use crate::config::KafkaConfig;
 use crate::pipeline::ChangelogSink;
-use crate::store::changelog::{complete_flushes, ChangelogChunk};
+use crate::store::changelog::{chunk_base, fold, restore_plan, ChangelogChunk};
 use crate::store::{MeterCatalog, RocksStore};
 use crate::telemetry;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Publishes checkpoint flushes; partition = the input partition the flush belongs to.
+/// Publishes checkpoint flushes (partition = the input partition the flush belongs to) and
+/// compacts each source's changelog now and then (see `store::changelog`).
 pub struct ChangelogProducer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     topic: String,
+    config: KafkaConfig,
     producer: BaseProducer<DeliveryContext>,
+    compaction: Compaction,
+    /// Per source: where a restore may start (stamped on every chunk published).
+    restore_from: Mutex<FxHashMap<String, u64>>,
+    /// Per source: bytes published and when the last base was (or publishing began).
+    since_base: Mutex<FxHashMap<String, (u64, Instant)>>,
+    /// Sources with a compaction running.
+    compacting: Mutex<FxHashSet<String>>,
+}
+
+/// When to fold a source's flushes into a base, and what a base may drop.
+#[derive(Debug, Clone, Copy)]
+pub struct Compaction {
+    /// Fold after this many bytes of flushes (0: never by size).
+    pub bytes: u64,
+    /// Fold when this long has passed since the last base and anything was published.
+    pub interval: Duration,
+    pub dedup_horizon_secs: i64,
+    pub retention_secs: i64,
+}
+
+fn changelog_producer(
+    config: &KafkaConfig,
+    what: &'static str,
+) -> anyhow::Result<BaseProducer<DeliveryContext>> {
+    Ok(producer_config(config)
+        // Flushes can approach the chunk limit; allow them whatever the defaults.
+        .set("message.max.bytes", "2000000")
+        // One chunk per record batch: every chunk's offset can be fetched directly (some
+        // brokers, tansu 0.6 among them, cannot fetch from inside a batch).
+        .set("batch.num.messages", "1")
+        .create_with_context(DeliveryContext {
+            failures: AtomicU64::new(0),
+            what,
+        })?)
 }
 
 impl ChangelogProducer {
-    pub fn new(config: &KafkaConfig, topic: String) -> anyhow::Result<ChangelogProducer> {
-        let producer = producer_config(config)
-            // Flushes can approach the chunk limit; allow them whatever the defaults.
-            .set("message.max.bytes", "2000000")
-            // One chunk per record batch: every chunk's offset can be fetched directly (some
-            // brokers, tansu 0.6 among them, cannot fetch from inside a batch).
-            .set("batch.num.messages", "1")
-            .create_with_context(DeliveryContext {
-                failures: AtomicU64::new(0),
-                what: "changelog",
-            })?;
-        Ok(ChangelogProducer { topic, producer })
+    pub fn new(
+        config: &KafkaConfig,
+        topic: String,
+        compaction: Compaction,
+    ) -> anyhow::Result<ChangelogProducer> {
+        Ok(ChangelogProducer {
+            inner: Arc::new(Inner {
+                producer: changelog_producer(config, "changelog")?,
+                topic,
+                config: config.clone(),
+                compaction,
+                restore_from: Mutex::new(FxHashMap::default()),
+                since_base: Mutex::new(FxHashMap::default()),
+                compacting: Mutex::new(FxHashSet::default()),
+            }),
+        })
+    }
+
+    /// A restore (or the check that skipped it) learned where the source's restores start.
+    pub fn set_restore_from(&self, source: &str, offset: u64) {
+        let mut pointers = self.inner.restore_from.lock();
+        let pointer = pointers.entry(source.to_string()).or_insert(0);
+        *pointer = (*pointer).max(offset);
     }
 }
 
+/// Sends `chunks` and waits until the broker acknowledged all of them.
+fn send_all(
+    producer: &BaseProducer<DeliveryContext>,
+    topic: &str,
+    chunks: &[ChangelogChunk],
+) -> Result<u64, String> {
+    let failures_before = producer.context().failures.load(Ordering::Acquire);
+    let mut bytes = 0;
+    for chunk in chunks {
+        let Some((_, partition)) = parse_position_name(&chunk.source) else {
+            return Err(format!("`{}` is not a Kafka partition", chunk.source));
+        };
+        let payload = chunk.encode();
+        bytes += payload.len() as u64;
+        let mut record = BaseRecord::<str, [u8]>::to(topic)
+            .partition(partition)
+            .key(chunk.source.as_str())
+            .payload(payload.as_slice());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(20));
+                }
+                Err((error, _)) => return Err(format!("changelog {topic}: {error}")),
+            }
+        }
+    }
+    producer
+        .flush(TIMEOUT)
+        .map_err(|error| format!("changelog {topic}: {error}"))?;
+    if producer.context().failures.load(Ordering::Acquire) != failures_before {
+        return Err(format!("changelog {topic}: some chunks were not delivered"));
+    }
+    Ok(bytes)
+}
+
 impl ChangelogSink for ChangelogProducer {
-    fn publish(&self, chunks: &[ChangelogChunk]) -> Result<(), String> {
-        let failures_before = self.producer.context().failures.load(Ordering::Acquire);
-        for chunk in chunks {
-            let Some((_, partition)) = parse_position_name(&chunk.source) else {
-                return Err(format!("`{}` is not a Kafka partition", chunk.source));
-            };
-            let payload = chunk.encode();
-            let mut record = BaseRecord::<str, [u8]>::to(&self.topic)
-                .partition(partition)
-                .key(chunk.source.as_str())
-                .payload(payload.as_slice());
-            loop {
-                match self.producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        self.producer.poll(Duration::from_millis(20));
-                    }
-                    Err((error, _)) => return Err(format!("changelog {}: {error}", self.topic)),
+    fn publish(&self, chunks: &mut [ChangelogChunk]) -> Result<(), String> {
+        let inner = &self.inner;
+        {
+            let pointers = inner.restore_from.lock();
+            for chunk in chunks.iter_mut() {
+                chunk.restore_from = pointers.get(&chunk.source).copied().unwrap_or(0);
+            }
+        }
+        send_all(&inner.producer, &inner.topic, chunks)?;
+        let mut due = Vec::new();
+        {
+            let mut since_base = inner.since_base.lock();
+            for chunk in chunks.iter() {
+                let size = chunk.encode().len() as u64;
+                let (bytes, since) = since_base
+                    .entry(chunk.source.clone())
+                    .or_insert((0, Instant::now()));
+                *bytes += size;
+                let by_size = inner.compaction.bytes > 0 && *bytes >= inner.compaction.bytes;
+                let by_time = since.elapsed() >= inner.compaction.interval;
+                if (by_size || by_time) && !due.contains(&chunk.source) {
+                    due.push(chunk.source.clone());
                 }
             }
         }
-        self.producer
-            .flush(TIMEOUT)
-            .map_err(|error| format!("changelog {}: {error}", self.topic))?;
-        if self.producer.context().failures.load(Ordering::Acquire) != failures_before {
-            return Err(format!(
-                "changelog {}: some chunks were not delivered",
-                self.topic
-            ));
+        for source in due {
+            if !inner.compacting.lock().insert(source.clone()) {
+                continue;
+            }
+            let worker = inner.clone();
+            let spawned = std::thread::Builder::new()
+                .name("tallyd-compact".into())
+                .spawn(move || {
+                    worker.compact(&source);
+                    worker.compacting.lock().remove(&source);
+                });
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "cannot start changelog compaction");
+            }
         }
         Ok(())
     }
 }
 
+impl Inner {
+    /// Folds `source`'s complete flushes since its last base into a new base and, once the
+    /// broker has it, moves the source's restore point past what it folded. Failures only
+    /// delay compaction: restores stay correct from the old restore point.
+    fn compact(&self, source: &str) {
+        let started = Instant::now();
+        match self.try_compact(source) {
+            Ok(Some((series, keys, pointer))) => {
+                metrics::counter!(telemetry::CHANGELOG_COMPACTIONS, "outcome" => "ok").increment(1);
+                tracing::info!(
+                    source,
+                    series,
+                    dedup_keys = keys,
+                    restore_from = pointer,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "changelog compacted"
+                );
+            }
+            Ok(None) => {}
+            Err(error) => {
+                metrics::counter!(telemetry::CHANGELOG_COMPACTIONS, "outcome" => "failed").increment(1);
+                tracing::warn!(%error, source, "changelog compaction failed; will retry");
+            }
+        }
+    }
+
+    fn try_compact(&self, source: &str) -> anyhow::Result<Option<(usize, usize, u64)>> {
+        let Some((_, partition)) = parse_position_name(source) else {
+            anyhow::bail!("`{source}` is not a Kafka partition");
+        };
+        let pointer = self.restore_from.lock().get(source).copied().unwrap_or(0);
+        let reader = reader(&self.config, "compact")?;
+        let (low, high) = reader.fetch_watermarks(&self.topic, partition, TIMEOUT)?;
+        let start = start_offset(&self.topic, partition, pointer, low)?;
+        let messages: Vec<(i64, ChangelogChunk)> = read_range(
+            &reader,
+            &self.topic,
+            partition,
+            start,
+            high,
+            Duration::from_secs(300),
+        )?
+        .into_iter()
+        .filter(|(_, chunk)| chunk.source == source)
+        .collect();
+        // Everything through the last complete flush is folded; a flush still being written
+        // starts after it and stays outside (restores apply it after the base).
+        let Some(folded_through) = messages
+            .iter()
+            .rev()
+            .find(|(_, chunk)| chunk.is_last())
+            .map(|(offset, _)| *offset)
+        else {
+            return Ok(None);
+        };
+        let plan = restore_plan(
+            source,
+            messages
+                .into_iter()
+                .filter(|(offset, _)| *offset <= folded_through)
+                .collect(),
+        );
+        if plan.is_empty() {
+            return Ok(None);
+        }
+        let now = crate::model::now_ms().div_euclid(1000);
+        let folded = fold(
+            &plan,
+            now - self.compaction.dedup_horizon_secs,
+            now - self.compaction.retention_secs,
+        );
+        let (series, keys) = (folded.series.len(), folded.dedup_seen.len());
+        let flush_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut base = chunk_base(source, flush_id, folded, folded_through);
+        for chunk in &mut base {
+            chunk.restore_from = pointer;
+        }
+        let producer = changelog_producer(&self.config, "changelog base")?;
+        send_all(&producer, &self.topic, &base).map_err(|error| anyhow::anyhow!(error))?;
+        let next = (folded_through + 1) as u64;
+        let mut pointers = self.restore_from.lock();
+        let current = pointers.entry(source.to_string()).or_insert(0);
+        *current = (*current).max(next);
+        drop(pointers);
+        self.since_base
+            .lock()
+            .insert(source.to_string(), (0, Instant::now()));
+        Ok(Some((series, keys, next)))
+    }
+}
+
+/// A consumer that only reads with `assign` (the group id is required, never joined).
+fn reader(config: &KafkaConfig, purpose: &str) -> anyhow::Result<BaseConsumer> {
+    Ok(client_config(config)
+        .set("group.id", format!("{}.{purpose}", config.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?)
+}
+
+/// Where to start reading a source's changelog: its restore point, which retention must not
+/// have deleted (that would lose state: refuse, the operator raises `retention.ms`).
+fn start_offset(topic: &str, partition: i32, restore_from: u64, low: i64) -> anyhow::Result<i64> {
+    let start = restore_from as i64;
+    anyhow::ensure!(
+        start >= low,
+        "changelog {topic}/{partition}: offsets from {start} are needed but retention deleted everything before {low}; \
+         the topic's retention.ms must exceed kafka.changelog_compact_interval_secs"
+    );
+    Ok(start)
+}
+
 /// Brings a partition's local state up to its changelog, unless the store is already current.
-/// Returns whether a restore happened.
+/// Returns whether a restore happened, and where the source's restores start (0: log start).
 pub fn restore_partition(
     config: &KafkaConfig,
     changelog_topic: &str,
@@ -90,67 +306,73 @@ pub fn restore_partition(
     catalog: &MeterCatalog,
     source: &str,
     partition: i32,
-) -> anyhow::Result<bool> {
-    // A group id only so that librdkafka accepts `assign`; the reader never joins or commits.
-    let reader: BaseConsumer = client_config(config)
-        .set("group.id", format!("{}.restore", config.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()?;
+) -> anyhow::Result<(bool, u64)> {
+    let reader = reader(config, "restore")?;
     let (low, high) = reader.fetch_watermarks(changelog_topic, partition, TIMEOUT)?;
     if high <= low {
-        return Ok(false);
+        return Ok((false, 0));
     }
     let local = store.position(source)?;
-    // Fast path: the newest message is a complete flush of this source the store already has.
-    if let Some(local) = local {
-        let last = read_range(
-            &reader,
-            changelog_topic,
-            partition,
-            high - 1,
-            high,
-            Duration::from_secs(5),
-        )
-        .unwrap_or_default();
-        if let Some(chunk) = last.last() {
-            if chunk.source == source && chunk.is_last() && chunk.position <= local {
-                metrics::counter!(telemetry::CHANGELOG_RESTORES, "outcome" => "skipped").increment(1);
-                return Ok(false);
-            }
-        }
-    }
-    let started = Instant::now();
-    let chunks: Vec<ChangelogChunk> = read_range(
+    // The newest message says where restores start, and whether the store already has it.
+    let newest = read_range(
         &reader,
         changelog_topic,
         partition,
-        low,
+        high - 1,
+        high,
+        Duration::from_secs(5),
+    )
+    .unwrap_or_default()
+    .pop()
+    .map(|(_, chunk)| chunk)
+    .filter(|chunk| chunk.source == source);
+    let restore_from = newest.as_ref().map_or(0, |chunk| chunk.restore_from);
+    if let (Some(local), Some(chunk)) = (local, &newest) {
+        if chunk.is_last() && chunk.position <= local {
+            metrics::counter!(telemetry::CHANGELOG_RESTORES, "outcome" => "skipped").increment(1);
+            return Ok((false, restore_from));
+        }
+    }
+    // Another source wrote last (several input topics share the changelog): read it all.
+    let start = match newest {
+        Some(_) => start_offset(changelog_topic, partition, restore_from, low)?,
+        None => low,
+    };
+    let started = Instant::now();
+    let messages: Vec<(i64, ChangelogChunk)> = read_range(
+        &reader,
+        changelog_topic,
+        partition,
+        start,
         high,
         Duration::from_secs(300),
     )?
     .into_iter()
-    .filter(|chunk| chunk.source == source)
+    .filter(|(_, chunk)| chunk.source == source)
     .collect();
-    let flushes = complete_flushes(source, chunks);
-    let Some(position) = flushes.last().and_then(|f| f.last()).map(|c| c.position) else {
-        return Ok(false);
+    let read = messages.len();
+    let plan = restore_plan(source, messages);
+    let Some(position) = plan.last().and_then(|f| f.last()).map(|c| c.position) else {
+        return Ok((false, restore_from));
     };
     if local.is_some_and(|local| local >= position) {
         metrics::counter!(telemetry::CHANGELOG_RESTORES, "outcome" => "skipped").increment(1);
-        return Ok(false);
+        return Ok((false, restore_from));
     }
-    store.restore_source(source, &flushes, catalog)?;
+    store.restore_source(source, &plan, catalog)?;
     metrics::counter!(telemetry::CHANGELOG_RESTORES, "outcome" => "restored").increment(1);
     tracing::info!(
         source,
-        flushes = flushes.len(),
+        read_from = start,
+        messages = read,
+        flushes = plan.len(),
+        from_base = plan.first().is_some_and(|flush| flush[0].base),
         from = ?local,
         to = position,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "restored partition state from the changelog"
     );
-    Ok(true)
+    Ok((true, restore_from))
 }
 
 /// Reads changelog messages with offsets in [from, to).
@@ -161,7 +383,7 @@ fn read_range(
     from: i64,
     to: i64,
     patience: Duration,
-) -> anyhow::Result<Vec<ChangelogChunk>> {
+) -> anyhow::Result<Vec<(i64, ChangelogChunk)>> {
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(topic, partition, Offset::Offset(from))?;
     reader.assign(&assignment)?;
@@ -178,7 +400,7 @@ fn read_range(
                 next = message.offset() + 1;
                 let payload = message.payload().unwrap_or_default();
                 match ChangelogChunk::decode(payload) {
-                    Ok(chunk) => out.push(chunk),
+                    Ok(chunk) => out.push((message.offset(), chunk)),
                     Err(error) => anyhow::bail!(
                         "changelog {topic}/{partition} offset {}: not a tallyd changelog message: {error}",
                         message.offset()

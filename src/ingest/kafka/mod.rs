@@ -111,6 +111,8 @@ pub struct SourceContext {
     expected: Mutex<FxHashMap<(String, i32), i64>>,
     /// Cluster mode: told about every ownership change (query routing).
     cluster: Option<Arc<Cluster>>,
+    /// Learns each restored partition's restore point.
+    changelog: Option<Arc<changelog::ChangelogProducer>>,
 }
 
 fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &str) {
@@ -289,7 +291,7 @@ impl SourceContext {
                 // catch the store up before deciding where to resume.
                 let source = position_name(&topic, partition);
                 let shared = &self.shared;
-                if let Err(error) = changelog::restore_partition(
+                match changelog::restore_partition(
                     &self.config,
                     changelog_topic,
                     &shared.store,
@@ -297,12 +299,19 @@ impl SourceContext {
                     &source,
                     partition,
                 ) {
-                    // Resuming without the restore could count twice: hold the partition back.
-                    tracing::error!(%error, source, "cannot restore from the changelog; not consuming it");
-                    shared.ready.store(false, Ordering::Release);
-                    self.blocked.lock().insert((topic.clone(), partition));
-                    self.any_blocked.store(true, Ordering::Release);
-                    continue;
+                    Ok((_, restore_from)) => {
+                        if let Some(producer) = &self.changelog {
+                            producer.set_restore_from(&source, restore_from);
+                        }
+                    }
+                    Err(error) => {
+                        // Resuming without the restore could count twice: hold the partition back.
+                        tracing::error!(%error, source, "cannot restore from the changelog; not consuming it");
+                        shared.ready.store(false, Ordering::Release);
+                        self.blocked.lock().insert((topic.clone(), partition));
+                        self.any_blocked.store(true, Ordering::Release);
+                        continue;
+                    }
                 }
             }
             let local = match self.shared.store.position(&position_name(&topic, partition)) {
@@ -610,12 +619,26 @@ impl KafkaSource {
         cluster: Option<Arc<Cluster>>,
     ) -> anyhow::Result<KafkaSource> {
         changelog::provision_topics(&config).await?;
-        if let Some(topic) = &config.changelog_topic {
-            let sink = changelog::ChangelogProducer::new(&config, topic.clone())?;
-            if shared.changelog.set(Arc::new(sink)).is_err() {
-                anyhow::bail!("a changelog sink is already installed");
+        let changelog = match &config.changelog_topic {
+            Some(topic) => {
+                let compaction = changelog::Compaction {
+                    bytes: config.changelog_compact_bytes,
+                    interval: Duration::from_secs(config.changelog_compact_interval_secs),
+                    dedup_horizon_secs: shared.config.dedup_horizon_secs,
+                    retention_secs: shared.config.retention_secs,
+                };
+                let sink = Arc::new(changelog::ChangelogProducer::new(
+                    &config,
+                    topic.clone(),
+                    compaction,
+                )?);
+                if shared.changelog.set(sink.clone()).is_err() {
+                    anyhow::bail!("a changelog sink is already installed");
+                }
+                Some(sink)
             }
-        }
+            None => None,
+        };
         let dlq: BaseProducer<DeliveryContext> =
             producer_config(&config).create_with_context(DeliveryContext {
                 failures: AtomicU64::new(0),
@@ -634,6 +657,7 @@ impl KafkaSource {
             any_blocked: AtomicBool::new(false),
             expected: Mutex::new(FxHashMap::default()),
             cluster,
+            changelog,
             config,
         };
         let consumer: BaseConsumer<SourceContext> =
@@ -790,6 +814,8 @@ mod tests {
             max_pending_series: 10,
             fold_threads: 2,
             changelog_topic: None,
+            changelog_compact_bytes: 0,
+            changelog_compact_interval_secs: 60,
             properties: vec![
                 ("fetch.min.bytes".into(), "1".into()),
                 ("auto.offset.reset".into(), "latest".into()),
