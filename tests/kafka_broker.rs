@@ -126,3 +126,59 @@ async fn two_replicas_with_a_rebalance_mid_stream_count_each_event_once() {
     assert_no_offset_gaps(&client, &a).await;
     a.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_restores_from_compacted_changelog_bases() {
+    let Some(brokers) = real_broker() else { return };
+    let topic = unique_topic("usage-compact");
+    create_topic(&brokers, &topic, 4).await;
+    let compacting = section(&brokers, &topic, &topic).replace(
+        "[kafka.properties]",
+        "changelog_compact_bytes = 4096\n[kafka.properties]",
+    );
+    let dir_a = tempfile::tempdir().unwrap();
+    let a = Daemon::start(&write_config(dir_a.path(), &compacting));
+    let client = client();
+
+    // Three rounds, each fully counted before the next: every partition's changelog gets
+    // several flushes, and A folds them into bases as it goes.
+    let producer = producer(&brokers);
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    for round in 0..3 {
+        let (records, round_expected) = usage_records(8_000, 40, 20 + round);
+        produce_all(&producer, &topic, &records);
+        for (tenant, tokens) in round_expected {
+            *expected.entry(tenant).or_default() += tokens;
+        }
+        wait_for_totals(&client, &a, &expected).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let metrics = metrics_text(&client, &a).await;
+    assert!(
+        metrics.contains(r#"tallyd_changelog_compactions_total{outcome="ok"}"#),
+        "{}",
+        a.logs()
+    );
+    a.stop();
+
+    // C replaces A with an empty disk: every partition comes back from its newest base plus
+    // the flushes after it, read from the base's restore point, and every total is exact.
+    let dir_c = tempfile::tempdir().unwrap();
+    let c = Daemon::start(&write_config(dir_c.path(), &compacting));
+    wait_for_totals(&client, &c, &expected).await;
+    let logs = c.logs();
+    let restores: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("restored partition state from the changelog"))
+        .collect();
+    assert_eq!(restores.len(), 4, "{logs}");
+    for line in &restores {
+        assert!(line.contains("from_base=true"), "{line}");
+        assert!(!line.contains("read_from=0 "), "read the whole changelog: {line}");
+    }
+    // Nothing was consumed again: the restored offsets were the end of the topic.
+    let metrics = metrics_text(&client, &c).await;
+    assert!(!metrics.contains("tallyd_kafka_messages_total "), "{metrics}");
+    assert_no_offset_gaps(&client, &c).await;
+    c.stop();
+}

@@ -440,7 +440,7 @@ mod tests {
             let mut log: Vec<(i64, ChangelogChunk)> = Vec::new();
             let mut folded_through = -1;
             let mut pointer = 0;
-            let mut publish_base = |log: &mut Vec<(i64, ChangelogChunk)>, folded_through: i64| {
+            let publish_base = |log: &mut Vec<(i64, ChangelogChunk)>, folded_through: i64| {
                 let base = chunk_base(source, 1000, fold(&flushes[..fold_count], i64::MIN, i64::MIN), folded_through);
                 for chunk in base {
                     log.push((log.len() as i64, chunk));
