@@ -19,7 +19,7 @@ use tallyd::config::{Config, DEFAULT_CONFIG};
 use tallyd::ingest::kafka::{Folder, KafkaMessage};
 use tallyd::pipeline::Stages;
 
-const MESSAGES: usize = 200_000;
+const MESSAGES: usize = 1_000_000;
 const BATCH: usize = 10_000;
 
 fn messages(round: u64, topic: &Arc<str>) -> Vec<KafkaMessage> {
@@ -84,6 +84,42 @@ fn pipeline(c: &mut Criterion) {
                     let value: serde_json::Value =
                         serde_json::from_slice(message.payload.as_deref().unwrap()).unwrap();
                     black_box(value);
+                }
+                elapsed += started.elapsed();
+            }
+            elapsed
+        })
+    });
+    // tallyd's own decoder (envelope, validation, meters, dims), one thread, nothing else.
+    group.bench_function("tallyd_decode_only", |b| {
+        let acceptance = tallyd::ingest::decode::Acceptance {
+            allowed_lateness_secs: shared.config.allowed_lateness_secs,
+            max_lateness_secs: shared.config.max_lateness_secs,
+            max_future_secs: shared.config.max_future_secs,
+        };
+        b.iter_custom(|iterations| {
+            let mut elapsed = Duration::ZERO;
+            for _ in 0..iterations {
+                round += 1;
+                let batch = messages(round, &topic);
+                let started = Instant::now();
+                for chunk in batch.chunks(BATCH) {
+                    let raws: Vec<&serde_json::value::RawValue> = chunk
+                        .iter()
+                        .map(|m| serde_json::from_slice(m.payload.as_deref().unwrap()).unwrap())
+                        .collect();
+                    let (decoded, errors) = tallyd::ingest::decode::decode_each(
+                        &raws,
+                        &shared.meters,
+                        &shared.names,
+                        acceptance,
+                        |_| tallyd::ingest::decode::EventContext {
+                            now_ms: chunk[0].timestamp_ms,
+                            id: None,
+                        },
+                    );
+                    assert!(errors.is_empty());
+                    black_box(decoded);
                 }
                 elapsed += started.elapsed();
             }

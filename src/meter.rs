@@ -6,9 +6,11 @@
 //! meter's `group_by` are dropped here, which bounds series cardinality.
 //! Must not: touch shared state or I/O.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::aggregate::{Aggregation, Observation};
@@ -95,6 +97,18 @@ impl JsonPath {
         Some(current)
     }
 
+    /// `select` on either representation of event data.
+    pub fn select_node<'v>(&self, node: Node<'v>) -> Option<Node<'v>> {
+        let mut current = node;
+        for segment in &self.segments {
+            current = match segment {
+                Segment::Key(key) => current.key(key)?,
+                Segment::Index(index) => current.index(*index)?,
+            };
+        }
+        Some(current)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.text
     }
@@ -109,6 +123,128 @@ impl fmt::Display for JsonPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
     }
+}
+
+/// A JSON object's members as raw text, split once (duplicate names: the last wins, as in
+/// `serde_json::Value`).
+#[derive(Debug, Default)]
+pub struct RawObject<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> RawObject<'a> {
+    /// None: not a JSON object.
+    pub fn parse(raw: &'a RawValue) -> Option<RawObject<'a>> {
+        if !raw.get().starts_with('{') {
+            return None;
+        }
+        serde_json::from_str(raw.get()).ok()
+    }
+
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(name, _)| name == key)
+            .map(|(_, value)| *value)
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for RawObject<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Members<'a> {
+            type Value = RawObject<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<RawObject<'a>, M::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(member) = map.next_entry::<Cow<'a, str>, &'a RawValue>()? {
+                    members.push(member);
+                }
+                Ok(RawObject(members))
+            }
+        }
+        deserializer.deserialize_map(Members(std::marker::PhantomData))
+    }
+}
+
+/// Event data as meters read it: a parsed `Value` (tests, other sources), or raw JSON text
+/// parsed only as deep as a path goes (the ingest fast path: no `Value` per event).
+#[derive(Debug, Clone, Copy)]
+pub enum Node<'v> {
+    Value(&'v Value),
+    Raw(&'v RawValue),
+    Object(&'v RawObject<'v>),
+}
+
+/// What a path selected, as far as meters care.
+#[derive(Debug, PartialEq)]
+enum Leaf<'v> {
+    Null,
+    Bool(bool),
+    /// The number's JSON text, exactly as written.
+    Number(Cow<'v, str>),
+    String(Cow<'v, str>),
+    Composite,
+}
+
+impl<'v> Node<'v> {
+    fn key(self, key: &str) -> Option<Node<'v>> {
+        match self {
+            Node::Value(value) => value.as_object()?.get(key).map(Node::Value),
+            Node::Raw(raw) => RawObject::parse(raw)?.get(key).map(Node::Raw),
+            Node::Object(object) => object.get(key).map(Node::Raw),
+        }
+    }
+
+    fn index(self, index: usize) -> Option<Node<'v>> {
+        match self {
+            Node::Value(value) => value.as_array()?.get(index).map(Node::Value),
+            Node::Raw(raw) if raw.get().starts_with('[') => {
+                let items: Vec<&'v RawValue> = serde_json::from_str(raw.get()).ok()?;
+                items.get(index).copied().map(Node::Raw)
+            }
+            Node::Raw(_) | Node::Object(_) => None,
+        }
+    }
+
+    fn leaf(self) -> Leaf<'v> {
+        match self {
+            Node::Value(Value::Null) => Leaf::Null,
+            Node::Value(Value::Bool(flag)) => Leaf::Bool(*flag),
+            Node::Value(Value::Number(number)) => Leaf::Number(Cow::Owned(number.to_string())),
+            Node::Value(Value::String(text)) => Leaf::String(Cow::Borrowed(text)),
+            Node::Value(_) | Node::Object(_) => Leaf::Composite,
+            Node::Raw(raw) => {
+                let text = raw.get();
+                match text.as_bytes().first() {
+                    Some(b'"') => {
+                        serde_json::from_str::<Cow<'v, str>>(text).map_or(Leaf::Composite, Leaf::String)
+                    }
+                    Some(b'n') => Leaf::Null,
+                    Some(b't') => Leaf::Bool(true),
+                    Some(b'f') => Leaf::Bool(false),
+                    Some(b'{' | b'[') | None => Leaf::Composite,
+                    Some(_) => Leaf::Number(number_text(text)),
+                }
+            }
+        }
+    }
+}
+
+/// A JSON number's text as `serde_json::Value` renders it (with `arbitrary_precision`): as
+/// written, except that an exponent is `e` with an explicit sign (`1E3` → `1e+3`). Dimension
+/// values must not depend on which decoder read the event.
+fn number_text(text: &str) -> Cow<'_, str> {
+    let Some(at) = text.find(['e', 'E']) else {
+        return Cow::Borrowed(text);
+    };
+    let (mantissa, exponent) = (&text[..at], &text[at + 1..]);
+    if text.as_bytes()[at] == b'e' && exponent.starts_with(['+', '-']) {
+        return Cow::Borrowed(text);
+    }
+    let sign = if exponent.starts_with(['+', '-']) { "" } else { "+" };
+    Cow::Owned(format!("{mantissa}e{sign}{exponent}"))
 }
 
 /// A validated meter.
@@ -138,22 +274,26 @@ pub struct ExtractError {
 impl Meter {
     /// The value this event contributes; `None` data is treated as an empty object.
     pub fn observation(&self, data: Option<&Value>) -> Result<Observation, ExtractError> {
+        self.observation_in(data.map(Node::Value))
+    }
+
+    /// `observation` on either representation of the data.
+    pub fn observation_in(&self, data: Option<Node<'_>>) -> Result<Observation, ExtractError> {
         let Some(path) = &self.value_property else {
             return Ok(Observation::Value(0));
         };
         let field = || path.field_name();
         let selected = data
-            .and_then(|data| path.select(data))
+            .and_then(|data| path.select_node(data))
             .ok_or_else(|| ExtractError {
                 field: field(),
                 reason: format!("missing (meter `{}` reads its value there)", self.slug),
             })?;
         if self.aggregation == Aggregation::UniqueCount {
-            let text = match selected {
-                Value::String(text) => text.clone(),
-                Value::Number(number) => number.to_string(),
-                Value::Bool(flag) => flag.to_string(),
-                _ => {
+            let text = match selected.leaf() {
+                Leaf::String(text) | Leaf::Number(text) => text,
+                Leaf::Bool(flag) => Cow::Borrowed(if flag { "true" } else { "false" }),
+                Leaf::Null | Leaf::Composite => {
                     return Err(ExtractError {
                         field: field(),
                         reason: "must be a string, number or boolean".to_string(),
@@ -162,9 +302,8 @@ impl Meter {
             };
             return Ok(Observation::Unique(xxhash_rust::xxh3::xxh3_64(text.as_bytes())));
         }
-        let text = match selected {
-            Value::Number(number) => number.to_string(),
-            Value::String(text) => text.clone(),
+        let text = match selected.leaf() {
+            Leaf::Number(text) | Leaf::String(text) => text,
             _ => {
                 return Err(ExtractError {
                     field: field(),
@@ -193,17 +332,21 @@ impl Meter {
 
     /// The event's group-by dimensions (sorted by name). Absent or null values are left out.
     pub fn dimensions(&self, data: Option<&Value>) -> Result<Dims, ExtractError> {
+        self.dimensions_in(data.map(Node::Value))
+    }
+
+    /// `dimensions` on either representation of the data.
+    pub fn dimensions_in(&self, data: Option<Node<'_>>) -> Result<Dims, ExtractError> {
         let mut dims = Vec::with_capacity(self.group_by.len());
         let Some(data) = data else {
             return Ok(dims);
         };
         for (name, path) in &self.group_by {
-            let text = match path.select(data) {
-                None | Some(Value::Null) => continue,
-                Some(Value::String(text)) => text.clone(),
-                Some(Value::Number(number)) => number.to_string(),
-                Some(Value::Bool(flag)) => flag.to_string(),
-                Some(_) => {
+            let text = match path.select_node(data).map(Node::leaf) {
+                None | Some(Leaf::Null) => continue,
+                Some(Leaf::String(text) | Leaf::Number(text)) => text.into_owned(),
+                Some(Leaf::Bool(flag)) => flag.to_string(),
+                Some(Leaf::Composite) => {
                     return Err(ExtractError {
                         field: path.field_name(),
                         reason: format!("group_by `{name}` must be a string, number or boolean"),
@@ -351,5 +494,63 @@ mod tests {
         assert!(m.dimensions(Some(&json!({"other": 1}))).unwrap().is_empty());
         let long = "x".repeat(MAX_DIMENSION_VALUE_BYTES + 1);
         assert!(m.dimensions(Some(&json!({ "model": long }))).is_err());
+    }
+
+    fn arb_leaf() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("12".to_string()),
+            Just("-3.5".to_string()),
+            Just("1e3".to_string()),
+            Just("1.5E-2".to_string()),
+            Just("2E+1".to_string()),
+            Just("1e+3".to_string()),
+            Just("0.001".to_string()),
+            Just("12.250".to_string()),
+            Just("\"7.5\"".to_string()),
+            Just("\"m\\u0031\"".to_string()),
+            Just("\"gpt\"".to_string()),
+            Just(format!("\"{}\"", "x".repeat(300))),
+            Just("true".to_string()),
+            Just("null".to_string()),
+            Just("{\"x\": 4}".to_string()),
+            Just("[1, \"two\"]".to_string()),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Reading raw text (the ingest fast path) and reading a parsed `Value` give the same
+        /// observation and dimensions, or the same error, for any data and path.
+        #[test]
+        fn raw_and_parsed_data_read_the_same(
+            members in proptest::collection::vec(
+                (proptest::sample::select(vec!["a", "b", "tokens", "model"]), arb_leaf()),
+                0..5,
+            ),
+            value_path in proptest::sample::select(vec!["$.tokens", "$.a", "$.a.x", "$.b[1]", "$['model']", "$.b[0]"]),
+            unique in proptest::bool::ANY,
+            spaced in proptest::bool::ANY,
+        ) {
+            let separator = if spaced { " ,\n " } else { "," };
+            let text = format!(
+                "{{{}}}",
+                members
+                    .iter()
+                    .map(|(key, value)| if spaced { format!("\"{key}\" : {value}") } else { format!("\"{key}\":{value}") })
+                    .collect::<Vec<_>>()
+                    .join(separator)
+            );
+            let parsed: Value = serde_json::from_str(&text).unwrap();
+            let raw: Box<RawValue> = serde_json::from_str(&text).unwrap();
+            let object = RawObject::parse(&raw).unwrap();
+            let mut m = meter(if unique { Aggregation::UniqueCount } else { Aggregation::Sum }, Some(value_path));
+            m.group_by = vec![
+                ("a".into(), JsonPath::parse("$.a").unwrap()),
+                ("model".into(), JsonPath::parse("$.model").unwrap()),
+                ("x".into(), JsonPath::parse("$.a.x").unwrap()),
+            ];
+            proptest::prop_assert_eq!(m.observation(Some(&parsed)), m.observation_in(Some(Node::Object(&object))));
+            proptest::prop_assert_eq!(m.dimensions(Some(&parsed)), m.dimensions_in(Some(Node::Object(&object))));
+        }
     }
 }

@@ -13,7 +13,7 @@ use serde_json::Value;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::aggregate::{Aggregation, Observation};
-use crate::meter::Meters;
+use crate::meter::{Meters, Node, RawObject};
 use crate::model::{parse_rfc3339_ms, Names, SeriesKey, TenantId};
 
 /// Longest `id`, `source`, `type` or `subject` accepted.
@@ -205,10 +205,35 @@ enum Attribute<'a> {
 
 /// The `data` attribute.
 #[derive(Debug, PartialEq)]
-enum Data {
+enum Data<'a> {
     Absent,
-    Object(Value),
+    Object(RawData<'a>),
     NotObject,
+}
+
+/// A JSON object's text: borrowed from the body (fast path) or re-serialized (fallback). Meters
+/// read it through `meter::RawObject` without building a `Value` per event.
+#[derive(Debug)]
+enum RawData<'a> {
+    Borrowed(&'a RawValue),
+    Owned(Box<RawValue>),
+}
+
+impl RawData<'_> {
+    fn get(&self) -> &RawValue {
+        match self {
+            RawData::Borrowed(raw) => raw,
+            RawData::Owned(raw) => raw,
+        }
+    }
+}
+
+/// Same JSON, however it is spelled (the two decoding paths differ in whitespace and escapes).
+impl PartialEq for RawData<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        let parse = |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).ok();
+        parse(self.get()) == parse(other.get())
+    }
 }
 
 /// An event's CloudEvents envelope, decoded either way (see `envelope`).
@@ -220,7 +245,7 @@ struct Envelope<'a> {
     event_type: Attribute<'a>,
     subject: Attribute<'a>,
     time: Attribute<'a>,
-    data: Data,
+    data: Data<'a>,
 }
 
 /// The fast path: every envelope attribute a string (or absent/null), borrowed from the body.
@@ -246,11 +271,22 @@ fn text_attribute(value: Option<Cow<'_, str>>) -> Attribute<'_> {
     value.map_or(Attribute::Absent, Attribute::Text)
 }
 
-fn data_from(value: Option<Value>) -> Data {
+fn data_from(value: Option<Value>) -> Data<'static> {
     match value {
         None | Some(Value::Null) => Data::Absent,
-        Some(object @ Value::Object(_)) => Data::Object(object),
+        Some(object @ Value::Object(_)) => match serde_json::value::to_raw_value(&object) {
+            Ok(raw) => Data::Object(RawData::Owned(raw)),
+            Err(_) => Data::NotObject,
+        },
         Some(_) => Data::NotObject,
+    }
+}
+
+fn data_from_raw(raw: &RawValue) -> Data<'_> {
+    match raw.get().as_bytes().first() {
+        Some(b'n') => Data::Absent,
+        Some(b'{') => Data::Object(RawData::Borrowed(raw)),
+        _ => Data::NotObject,
     }
 }
 
@@ -261,12 +297,7 @@ fn data_from(value: Option<Value>) -> Data {
 fn envelope<'a>(raw: &'a RawValue, fast: bool) -> Result<Envelope<'a>, String> {
     if fast {
         if let Ok(wire) = serde_json::from_str::<WireEvent<'a>>(raw.get()) {
-            let data = match wire.data {
-                None => Data::Absent,
-                Some(raw_data) => data_from(Some(
-                    serde_json::from_str(raw_data.get()).map_err(|error| format!("invalid JSON: {error}"))?,
-                )),
-            };
+            let data = wire.data.map_or(Data::Absent, data_from_raw);
             return Ok(Envelope {
                 specversion: text_attribute(wire.specversion),
                 id: text_attribute(wire.id),
@@ -421,10 +452,15 @@ pub fn decode_each<'c>(
                 None
             }
         };
+        let object = match &envelope.data {
+            Data::Absent => None,
+            Data::Object(raw) => RawObject::parse(raw.get()),
+            Data::NotObject => None,
+        };
         let data = match &envelope.data {
             Data::Absent => None,
-            Data::Object(data) => Some(data),
-            Data::NotObject => {
+            Data::Object(_) if object.is_some() => object.as_ref().map(Node::Object),
+            Data::Object(_) | Data::NotObject => {
                 errors.push(FieldError {
                     index: Some(index),
                     field: "data".into(),
@@ -449,7 +485,7 @@ pub fn decode_each<'c>(
         let mut late = false;
         for meter in matched {
             // Both extractions run so that a value and a dimension problem are reported together.
-            let (observation, dims) = match (meter.observation(data), meter.dimensions(data)) {
+            let (observation, dims) = match (meter.observation_in(data), meter.dimensions_in(data)) {
                 (Ok(observation), Ok(dims)) => (observation, dims),
                 (observation, dims) => {
                     let problems = observation.err().into_iter().chain(dims.err());
