@@ -294,9 +294,9 @@ fn data_from_raw(raw: &RawValue) -> Data<'_> {
 /// (a non-string attribute, invalid JSON, not an object) the event is decoded again as a
 /// `Value` so that the error names the field. Both paths give the same `Envelope` for any input
 /// the fast path accepts (property-tested below).
-fn envelope<'a>(raw: &'a RawValue, fast: bool) -> Result<Envelope<'a>, String> {
+fn envelope<'a>(raw: &'a str, fast: bool) -> Result<Envelope<'a>, String> {
     if fast {
-        if let Ok(wire) = serde_json::from_str::<WireEvent<'a>>(raw.get()) {
+        if let Ok(wire) = serde_json::from_str::<WireEvent<'a>>(raw) {
             let data = wire.data.map_or(Data::Absent, data_from_raw);
             return Ok(Envelope {
                 specversion: text_attribute(wire.specversion),
@@ -309,7 +309,7 @@ fn envelope<'a>(raw: &'a RawValue, fast: bool) -> Result<Envelope<'a>, String> {
             });
         }
     }
-    let value: Value = serde_json::from_str(raw.get()).map_err(|error| format!("invalid JSON: {error}"))?;
+    let value: Value = serde_json::from_str(raw).map_err(|error| format!("invalid JSON: {error}"))?;
     let Value::Object(mut object) = value else {
         return Err("must be a JSON object".into());
     };
@@ -372,6 +372,24 @@ pub fn decode_events(
     }
 }
 
+/// One event's JSON text: validated (`&RawValue`, from `split_body`) or not yet (`&str`, a
+/// Kafka payload holding one object: decoding validates it, saving a scan per message).
+pub trait EventText {
+    fn text(&self) -> &str;
+}
+
+impl EventText for &RawValue {
+    fn text(&self) -> &str {
+        self.get()
+    }
+}
+
+impl EventText for &str {
+    fn text(&self) -> &str {
+        self
+    }
+}
+
 /// What the transport knows about one event beyond its JSON.
 #[derive(Debug, Clone, Copy)]
 pub struct EventContext<'a> {
@@ -384,8 +402,8 @@ pub struct EventContext<'a> {
 
 /// Like `decode_events`, but event by event: invalid events are left out of `Decoded` and
 /// reported (with their index) beside it, for sources that dead-letter them one at a time.
-pub fn decode_each<'c>(
-    raw_events: &[&RawValue],
+pub fn decode_each<'c, E: EventText>(
+    raw_events: &[E],
     meters: &Meters,
     names: &Names,
     acceptance: Acceptance,
@@ -398,7 +416,7 @@ pub fn decode_each<'c>(
             now_ms,
             id: fallback_id,
         } = context(index);
-        let mut envelope = match envelope(raw, true) {
+        let mut envelope = match envelope(raw.text(), true) {
             Ok(envelope) => envelope,
             Err(reason) => {
                 errors.push(FieldError {
@@ -710,7 +728,7 @@ mod tests {
                 text = text.replace("\"id\":\"", "\"id\":\"\\u0041");
             }
             let raw: &RawValue = serde_json::from_str(&text).unwrap();
-            prop_assert_eq!(envelope(raw, true), envelope(raw, false));
+            prop_assert_eq!(envelope(raw.get(), true), envelope(raw.get(), false));
         }
 
         /// Arbitrary bytes never panic the decoder.
