@@ -41,6 +41,13 @@ pub struct RawConfig {
     /// Absent or `mode = "single"`: one replica serves everything.
     #[serde(default)]
     pub cluster: Option<RawCluster>,
+    /// Pricing (`rate::plan`): plan versions, tenants' plans, the default plan.
+    #[serde(default)]
+    pub plans: Vec<crate::rate::plan::RawPlan>,
+    #[serde(default)]
+    pub tenants: Vec<crate::rate::plan::RawTenant>,
+    #[serde(default)]
+    pub rating: crate::rate::plan::RawRating,
 }
 
 #[derive(Debug, Deserialize)]
@@ -310,6 +317,7 @@ pub struct Config {
     pub kafka: Option<KafkaConfig>,
     /// Some only in `[cluster] mode = "kafka"`.
     pub cluster: Option<ClusterConfig>,
+    pub plans: crate::rate::plan::Plans,
 }
 
 /// Every problem found, one per line.
@@ -757,6 +765,8 @@ impl RawConfig {
         let cluster = self
             .cluster
             .and_then(|raw| validate_cluster(raw, kafka.as_ref(), &mut errors));
+        let slugs: Vec<&str> = meters.iter().map(|meter| meter.slug.as_str()).collect();
+        let plans = crate::rate::plan::validate(self.plans, self.tenants, self.rating, &slugs, &mut errors);
 
         let (Some(http_addr), true) = (http_addr, errors.is_empty()) else {
             return Err(ConfigErrors(errors));
@@ -787,6 +797,7 @@ impl RawConfig {
             meters,
             kafka,
             cluster,
+            plans,
         })
     }
 }

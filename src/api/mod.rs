@@ -2,6 +2,7 @@
 //! Ingest handlers live in `ingest::http`; usage queries in `query`.
 
 pub mod query;
+pub mod usage;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -49,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/meters", get(query::list_meters))
         .route("/api/v1/meters/{slug}", get(query::get_meter))
         .route("/api/v1/meters/{slug}/query", get(query::query_meter))
+        .route("/api/v1/tenants/{tenant}/usage", get(usage::tenant_usage))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -190,7 +190,7 @@ pub async fn query_meter(
 
 /// Cluster mode: `None` when this replica owns every requested subject (or none was named);
 /// otherwise where to ask: 307 to the one owner, 421 listing several, 503 while unclaimed.
-fn route_to_owner(cluster: &Cluster, subjects: &[String], path: &str) -> Option<Response> {
+pub(crate) fn route_to_owner(cluster: &Cluster, subjects: &[String], path: &str) -> Option<Response> {
     let elsewhere: Vec<(&str, i32, Owner)> = subjects
         .iter()
         .map(|subject| {

@@ -1,5 +1,5 @@
 //! Pure pricing: what a billing period's usage costs under a plan's charge, and the increment to
-//! emit when a window's usage lands. No I/O, no clock, no config parsing.
+//! emit when a window's usage lands. No I/O, no clock; `plan` validates the config shapes.
 //!
 //! Rounding rule: the price of a period total is computed exactly in decimal, then rounded half
 //! away from zero to the currency's minor unit (ISO 4217 exponent). Each emitted increment is
@@ -19,6 +19,7 @@
 pub mod currency;
 pub mod ledger;
 pub mod period;
+pub mod plan;
 
 use rust_decimal::{Decimal, RoundingStrategy};
 
