@@ -1,7 +1,7 @@
-//! tallyd: a streaming usage aggregator. Usage events come in (CloudEvents over HTTP today;
-//! OTLP and Kafka next), are counted exactly once per tenant and meter in UTC windows, are
+//! tallyd: a streaming usage aggregator. Usage events come in (CloudEvents over HTTP and from
+//! Kafka topics), are counted exactly once per tenant and meter in UTC windows, are
 //! checkpointed to RocksDB atomically with their source positions and dedup keys, and come out
-//! as queryable usage and closed-window records (JSONL).
+//! as queryable usage, closed-window records (JSONL) and priced bill previews.
 //!
 //! # Layout
 //! Data path order:
@@ -10,7 +10,8 @@
 //! - [`meter`]: meter definitions; which meters an event feeds and with what value and dims.
 //! - [`ingest`]: edges: `decode` (pure CloudEvents decoding/validation), `http` (axum), `dedup`.
 //! - [`aggregate`]: mergeable states and the engine (share-nothing writer maps of deltas). No I/O.
-//! - [`rate`]: pure pricing: charge models, rounding, incremental rating (not wired in yet).
+//! - [`rate`]: pure pricing: charge models, rounding, incremental rating, plans from config
+//!   (the bill preview uses them; rated-record emission is not wired in yet).
 //! - [`store`]: RocksDB layout, merge operator, retention, checkpoints; the ingest log.
 //! - [`pipeline`]: the wiring: recovery, commit stage, checkpoint stage, shutdown order.
 //! - [`emit`]: outputs: JSONL files (window records, dead letters).

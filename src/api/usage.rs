@@ -80,9 +80,10 @@ pub async fn tenant_usage(
         );
     };
     if let Some(cluster) = &app.cluster {
+        let segment = path_segment(&tenant);
         let path = match &raw {
-            Some(query) => format!("/api/v1/tenants/{tenant}/usage?{query}"),
-            None => format!("/api/v1/tenants/{tenant}/usage"),
+            Some(query) => format!("/api/v1/tenants/{segment}/usage?{query}"),
+            None => format!("/api/v1/tenants/{segment}/usage"),
         };
         if let Some(response) = route_to_owner(cluster, std::slice::from_ref(&tenant), &path) {
             return response;
@@ -104,6 +105,19 @@ pub async fn tenant_usage(
             )
         }
     }
+}
+
+/// A tenant id as one URL path segment (percent-encoding all but RFC 3986 unreserved bytes).
+fn path_segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// Blocking: reads the store through the usage query.
@@ -176,4 +190,13 @@ fn preview(
         "meters": meters,
         "total": money(total),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tenant_ids_become_one_path_segment() {
+        assert_eq!(super::path_segment("acme-01_x.y~"), "acme-01_x.y~");
+        assert_eq!(super::path_segment("a/b c%ü"), "a%2Fb%20c%25%C3%BC");
+    }
 }

@@ -204,7 +204,11 @@ impl Inner {
             Ok(None) => {}
             Err(error) => {
                 metrics::counter!(telemetry::CHANGELOG_COMPACTIONS, "outcome" => "failed").increment(1);
-                tracing::warn!(%error, source, "changelog compaction failed; will retry");
+                tracing::warn!(%error, source, "changelog compaction failed; retrying after the next interval");
+                // Not on every checkpoint: wait for the size or time trigger again.
+                self.since_base
+                    .lock()
+                    .insert(source.to_string(), (0, Instant::now()));
             }
         }
     }
