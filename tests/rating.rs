@@ -6,36 +6,7 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-const PLANS: &str = r#"
-[[plans]]
-id = "pro"
-version = 1
-currency = "USD"
-billing_period = "MONTH"
-[[plans.charges]]
-meter = "tokens"
-model = "graduated"
-free_units = "100"
-tiers = [ { up_to = "1000", unit_price = "0.002" }, { up_to = "10000", unit_price = "0.0015", flat_price = "1" }, { unit_price = "0.001" } ]
-[[plans.charges]]
-meter = "api_calls"
-model = "package"
-package_size = "1000"
-package_price = "0.50"
-[[plans.charges]]
-meter = "mau"
-model = "per_unit"
-unit_price = "5"
-[[plans.charges]]
-meter = "data_gb"
-model = "per_unit"
-unit_price = "0.10"
-free_units = "1"
-[[tenants]]
-id = "acme"
-plan = "pro"
-discount_percent = "10"
-"#;
+const PLANS: &str = include_str!("../config/plans.example.toml");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bill_preview_prices_counted_usage_with_the_tenants_plan() {

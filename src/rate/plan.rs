@@ -397,41 +397,9 @@ mod tests {
         Decimal::from_str(text).unwrap()
     }
 
-    /// The issue's example plan, verbatim, plus the seed pricing's per-unit charges.
-    const PRO: &str = r#"
-[[plans]]
-id = "pro"
-version = 1
-currency = "USD"
-billing_period = "MONTH"
-[[plans.charges]]
-meter = "tokens"
-model = "graduated"
-free_units = "100"
-tiers = [ { up_to = "1000", unit_price = "0.002" }, { up_to = "10000", unit_price = "0.0015", flat_price = "1" }, { unit_price = "0.001" } ]
-[[plans.charges]]
-meter = "api_calls"
-model = "package"
-package_size = "1000"
-package_price = "0.50"
-[[plans.charges]]
-meter = "mau"
-model = "per_unit"
-unit_price = "5"
-[[plans.charges]]
-meter = "data_gb"
-model = "per_unit"
-unit_price = "0.10"
-free_units = "1"
-[[plans.charges]]
-meter = "nodes"
-model = "per_unit"
-unit_price = 20
-[[tenants]]
-id = "acme"
-plan = "pro"
-discount_percent = "10"
-"#;
+    /// The issue's example plan, verbatim, plus the seed pricing's per-unit charges (shared
+    /// with the end-to-end test and the docs).
+    const PRO: &str = include_str!("../../config/plans.example.toml");
 
     fn price(plans: &Plans, tenant: &str, meter: &str, quantity: &str) -> Decimal {
         let (plan, discount) = plans.for_tenant(tenant).unwrap();

@@ -221,17 +221,7 @@ impl Inner {
         let reader = reader(&self.config, "compact")?;
         let (low, high) = reader.fetch_watermarks(&self.topic, partition, TIMEOUT)?;
         let start = start_offset(&self.topic, partition, pointer, low)?;
-        let messages: Vec<(i64, ChangelogChunk)> = read_range(
-            &reader,
-            &self.topic,
-            partition,
-            start,
-            high,
-            Duration::from_secs(300),
-        )?
-        .into_iter()
-        .filter(|(_, chunk)| chunk.source == source)
-        .collect();
+        let messages = read_source(&reader, &self.topic, partition, start, high, source)?;
         // Everything through the last complete flush is folded; a flush still being written
         // starts after it and stays outside (restores apply it after the base).
         let Some(folded_through) = messages
@@ -343,17 +333,7 @@ pub fn restore_partition(
         None => low,
     };
     let started = Instant::now();
-    let messages: Vec<(i64, ChangelogChunk)> = read_range(
-        &reader,
-        changelog_topic,
-        partition,
-        start,
-        high,
-        Duration::from_secs(300),
-    )?
-    .into_iter()
-    .filter(|(_, chunk)| chunk.source == source)
-    .collect();
+    let messages = read_source(&reader, changelog_topic, partition, start, high, source)?;
     let read = messages.len();
     let plan = restore_plan(source, messages);
     let Some(position) = plan.last().and_then(|f| f.last()).map(|c| c.position) else {
@@ -377,6 +357,23 @@ pub fn restore_partition(
         "restored partition state from the changelog"
     );
     Ok((true, restore_from))
+}
+
+/// `source`'s changelog messages with offsets in [from, to), with their offsets.
+fn read_source(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+    source: &str,
+) -> anyhow::Result<Vec<(i64, ChangelogChunk)>> {
+    Ok(
+        read_range(reader, topic, partition, from, to, Duration::from_secs(300))?
+            .into_iter()
+            .filter(|(_, chunk)| chunk.source == source)
+            .collect(),
+    )
 }
 
 /// Reads changelog messages with offsets in [from, to).
