@@ -816,6 +816,12 @@ mod tests {
         assert!(config.meters.iter().any(|m| m.slug == "tokens"));
         assert_eq!(config.flush_interval_ms, 1000);
         assert_eq!(config.dedup_horizon_secs, 3_024_000);
+        // Unlisted tenants are priced with the seed pay-as-you-go plan.
+        let (plan, discount) = config.plans.for_tenant("anyone").unwrap();
+        assert_eq!(
+            (plan.id.as_str(), plan.charges.len(), discount),
+            ("payg", 5, Default::default())
+        );
     }
 
     #[test]
