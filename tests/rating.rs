@@ -101,6 +101,16 @@ async fn the_bill_preview_prices_counted_usage_with_the_tenants_plan() {
     assert_eq!(line("data_gb")["quantity"], "3.5");
     assert_eq!(line("data_gb")["amount"], "0.23");
     assert_eq!(bill["total"], "31.73"); // 16.65 + 1.35 + 13.50 + 0.23
+                                        // No minimum spend or prepaid commitment in this plan: all of it is billed as usage.
+    assert_eq!(
+        (
+            &bill["subtotal"],
+            &bill["minimum_true_up"],
+            &bill["prepaid_used"],
+            &bill["overage"]
+        ),
+        (&json!("31.73"), &json!("0.00"), &json!("0.00"), &json!("31.73"))
+    );
 
     // Without a range: the billing period containing now.
     let current: Value = client

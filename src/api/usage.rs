@@ -177,6 +177,7 @@ fn preview(
             "tiers": tiers,
         }));
     }
+    let settled = plan.settle(total);
     Ok(json!({
         "tenant": tenant,
         "plan_id": plan.id,
@@ -188,7 +189,13 @@ fn preview(
         "from": rfc3339_ms_compact(from_ms),
         "to": rfc3339_ms_compact(to_ms),
         "meters": meters,
-        "total": money(total),
+        "subtotal": money(settled.subtotal),
+        "minimum_spend": money(plan.minimum_spend),
+        "minimum_true_up": money(settled.minimum_true_up),
+        "total": money(settled.total),
+        "prepaid_commitment": money(plan.prepaid_commitment),
+        "prepaid_used": money(settled.prepaid_used),
+        "overage": money(settled.overage),
     }))
 }
 

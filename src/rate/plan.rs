@@ -22,6 +22,12 @@ pub struct RawPlan {
     pub billing_period: String,
     #[serde(default)]
     pub anchor_day: Option<u32>,
+    /// Owed per period at least: usage below it is trued up to it.
+    #[serde(default)]
+    pub minimum_spend: Option<toml::Value>,
+    /// Prepaid per period: usage draws it down before overage is billed.
+    #[serde(default)]
+    pub prepaid_commitment: Option<toml::Value>,
     #[serde(default)]
     pub charges: Vec<RawCharge>,
 }
@@ -90,6 +96,39 @@ pub struct Plan {
     pub period: BillingPeriod,
     /// With `discount_percent` 0: a tenant's discount is applied by `Plans::charges_for`.
     pub charges: Vec<Charge>,
+    pub minimum_spend: Decimal,
+    pub prepaid_commitment: Decimal,
+}
+
+/// A period's usage price settled against the plan's minimum and prepaid commitment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settlement {
+    /// Sum of the charges' rounded amounts.
+    pub subtotal: Decimal,
+    /// What the minimum adds when usage is below it.
+    pub minimum_true_up: Decimal,
+    /// `subtotal + minimum_true_up`: the period's price.
+    pub total: Decimal,
+    /// The part of `total` the prepaid commitment covers.
+    pub prepaid_used: Decimal,
+    /// Billed beyond the commitment.
+    pub overage: Decimal,
+}
+
+impl Plan {
+    /// Minimum first (it is part of the price), then the prepaid commitment draws the price down.
+    pub fn settle(&self, subtotal: Decimal) -> Settlement {
+        let minimum_true_up = (self.minimum_spend - subtotal).max(Decimal::ZERO);
+        let total = subtotal + minimum_true_up;
+        let prepaid_used = total.min(self.prepaid_commitment);
+        Settlement {
+            subtotal,
+            minimum_true_up,
+            total,
+            prepaid_used,
+            overage: total - prepaid_used,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -325,12 +364,20 @@ pub fn validate(
                 charges.push(charge);
             }
         }
+        let mut money = |value: &Option<toml::Value>, key: &str| match value {
+            Some(value) => decimal(value, &format!("{at}.{key}"), errors).unwrap_or_default(),
+            None => Decimal::ZERO,
+        };
+        let minimum_spend = money(&raw.minimum_spend, "minimum_spend");
+        let prepaid_commitment = money(&raw.prepaid_commitment, "prepaid_commitment");
         plans.push(Plan {
             id: raw.id.clone(),
             version: raw.version,
             currency: raw.currency.clone(),
             period,
             charges,
+            minimum_spend,
+            prepaid_commitment,
         });
     }
     plans.sort_by(|a, b| (a.id.as_str(), a.version).cmp(&(b.id.as_str(), b.version)));
@@ -446,6 +493,41 @@ mod tests {
         assert_eq!(plans.plans.len(), 2);
         assert_eq!(plans.for_tenant("acme").unwrap().0.version, 2);
         assert_eq!(price(&plans, "acme", "mau", "10"), d("36"));
+    }
+
+    #[test]
+    fn minimum_spend_trues_up_and_prepaid_commitment_draws_down() {
+        let text = format!(
+            "{PRO}\n[[plans]]\nid = \"pro\"\nversion = 2\ncurrency = \"USD\"\nminimum_spend = \"50\"\nprepaid_commitment = \"100\"\n"
+        );
+        let plans = load(&text).unwrap();
+        let plan = plans.current("pro").unwrap();
+        let settle = |subtotal: &str| plan.settle(d(subtotal));
+        // Below the minimum: trued up to 50, all of it prepaid.
+        let low = settle("31.73");
+        assert_eq!(
+            (low.minimum_true_up, low.total, low.prepaid_used, low.overage),
+            (d("18.27"), d("50"), d("50"), d("0"))
+        );
+        // Between: no true-up, all prepaid.
+        assert_eq!(settle("80").overage, d("0"));
+        // Beyond the commitment: the rest is overage.
+        let high = settle("130.50");
+        assert_eq!(
+            (high.minimum_true_up, high.prepaid_used, high.overage),
+            (d("0"), d("100"), d("30.50"))
+        );
+        // Plans without either: the subtotal is the total and all of it is billed.
+        let plain = plans
+            .plans
+            .iter()
+            .find(|p| p.version == 1)
+            .unwrap()
+            .settle(d("12.34"));
+        assert_eq!(
+            (plain.total, plain.prepaid_used, plain.overage),
+            (d("12.34"), d("0"), d("12.34"))
+        );
     }
 
     #[test]
