@@ -206,6 +206,7 @@ fn checkpoint_benches(c: &mut Criterion) {
                                 .collect(),
                             dedup_keys: Vec::new(),
                             sources: Vec::new(),
+                            streams: Vec::new(),
                         }
                     },
                     |snapshot| {

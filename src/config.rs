@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::aggregate::Aggregation;
-use crate::meter::{JsonPath, Meter};
+use crate::meter::{JsonPath, Meter, MeterSource};
 use crate::model::{WindowSize, MAX_SCALE};
 
 /// The embedded default config (also `config/tallyd.toml`).
@@ -33,6 +33,8 @@ pub struct RawConfig {
     pub emit: RawEmit,
     #[serde(default)]
     pub dead_letter: RawDeadLetter,
+    #[serde(default)]
+    pub otlp: RawOtlp,
     #[serde(default)]
     pub meters: Vec<RawMeter>,
     /// Absent: no Kafka source (the embedded default).
@@ -179,6 +181,10 @@ pub struct KafkaConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RawServer {
     pub http_addr: String,
+    /// OTLP/gRPC (`MetricsService`, `LogsService`); `""` turns it off.
+    pub otlp_grpc_addr: String,
+    /// OTLP/HTTP (`POST /v1/metrics`, `/v1/logs`); `""` turns it off.
+    pub otlp_http_addr: String,
     pub max_body_bytes: u64,
     pub ingest_budget_bytes: u64,
 }
@@ -187,10 +193,40 @@ impl Default for RawServer {
     fn default() -> Self {
         RawServer {
             http_addr: "127.0.0.1:8080".into(),
+            otlp_grpc_addr: "0.0.0.0:4317".into(),
+            otlp_http_addr: "0.0.0.0:4318".into(),
             max_body_bytes: 8 << 20,
             ingest_budget_bytes: 256 << 20,
         }
     }
+}
+
+/// How OTLP data maps to tenants (`[otlp]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOtlp {
+    /// Resource attribute naming the tenant.
+    pub tenant_attribute: String,
+    /// API key → tenant. Non-empty: every OTLP request must carry a known key
+    /// (`authorization: Bearer <key>` or `x-api-key: <key>`), and its points belong to that
+    /// key's tenant only.
+    pub api_keys: BTreeMap<String, String>,
+}
+
+impl Default for RawOtlp {
+    fn default() -> Self {
+        RawOtlp {
+            tenant_attribute: "tenant.id".into(),
+            api_keys: BTreeMap::new(),
+        }
+    }
+}
+
+/// Validated `[otlp]`.
+#[derive(Clone, Debug)]
+pub struct OtlpConfig {
+    pub tenant_attribute: String,
+    pub api_keys: HashMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,7 +298,24 @@ pub struct RawMeter {
     pub slug: String,
     #[serde(default)]
     pub description: Option<String>,
+    /// `cloudevents` (default), `otlp_metric` or `otlp_log`.
+    #[serde(default = "default_meter_source")]
+    pub source: String,
+    /// CloudEvents meters: the event `type` they count.
+    #[serde(default)]
     pub event_type: String,
+    /// `otlp_metric` meters: the metric name they count.
+    #[serde(default)]
+    pub metric_name: Option<String>,
+    /// `otlp_log` meters: the `event.name` of the records they count.
+    #[serde(default)]
+    pub event_name: Option<String>,
+    /// `otlp_log` meters: the record attribute holding the quantity (absent: 1 per record).
+    #[serde(default)]
+    pub value_attribute: Option<String>,
+    /// `otlp_log` meters: the record attribute holding the event id used for dedup.
+    #[serde(default)]
+    pub id_attribute: Option<String>,
     pub aggregation: String,
     #[serde(default)]
     pub value_property: Option<String>,
@@ -278,6 +331,9 @@ pub struct RawMeter {
     pub allow_negative: bool,
 }
 
+fn default_meter_source() -> String {
+    "cloudevents".into()
+}
 fn default_window_size() -> String {
     "MINUTE".into()
 }
@@ -300,6 +356,10 @@ pub enum LogSync {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub http_addr: SocketAddr,
+    /// None: that OTLP transport is off.
+    pub otlp_grpc_addr: Option<SocketAddr>,
+    pub otlp_http_addr: Option<SocketAddr>,
+    pub otlp: OtlpConfig,
     pub max_body_bytes: usize,
     pub ingest_budget_bytes: usize,
     pub data_dir: PathBuf,
@@ -352,9 +412,17 @@ impl Config {
     /// The effective config for the startup log (no secrets exist yet; redact them here when they do).
     pub fn summary(&self) -> String {
         format!(
-            "http_addr={} data_dir={} ingest_log_sync={:?} flush_interval_ms={} allowed_lateness_secs={} \
+            "http_addr={} otlp_grpc_addr={} otlp_http_addr={} otlp={{tenant_attribute={} api_keys={}}} \
+             data_dir={} ingest_log_sync={:?} flush_interval_ms={} allowed_lateness_secs={} \
              max_lateness_secs={} max_future_secs={} dedup_horizon_secs={} meters=[{}] kafka={} cluster={}",
             self.http_addr,
+            self.otlp_grpc_addr
+                .map_or("off".to_string(), |addr| addr.to_string()),
+            self.otlp_http_addr
+                .map_or("off".to_string(), |addr| addr.to_string()),
+            self.otlp.tenant_attribute,
+            // Keys are secrets: only how many there are.
+            self.otlp.api_keys.len(),
             self.data_dir.display(),
             self.ingest_log_sync,
             self.flush_interval_ms,
@@ -442,6 +510,112 @@ fn section_table<'a>(table: &'a mut toml::Table, sections: &[String]) -> Result<
     {
         toml::Value::Table(inner) => section_table(inner, rest),
         _ => Err(first.clone()),
+    }
+}
+
+fn validate_otlp(raw: RawOtlp, errors: &mut Vec<String>) -> OtlpConfig {
+    if raw.tenant_attribute.is_empty() {
+        errors.push("otlp.tenant_attribute: must not be empty".into());
+    }
+    for (key, tenant) in &raw.api_keys {
+        // Keys are secrets: name the tenant, never the key.
+        if key.len() < 16 {
+            errors.push(format!(
+                "otlp.api_keys: the key of tenant `{tenant}` is shorter than 16 characters"
+            ));
+        }
+        if tenant.is_empty() || tenant.len() > crate::ingest::decode::MAX_ATTRIBUTE_BYTES {
+            errors.push("otlp.api_keys: tenants must be 1-256 bytes".into());
+        }
+    }
+    OtlpConfig {
+        tenant_attribute: raw.tenant_attribute,
+        api_keys: raw.api_keys.into_iter().collect(),
+    }
+}
+
+/// The meter's source and its matching keys; every misplaced or missing key is named.
+fn meter_source(raw: &RawMeter, at: &str, errors: &mut Vec<String>) -> Option<MeterSource> {
+    let misplaced = |key: &str, set: bool, errors: &mut Vec<String>| {
+        if set {
+            errors.push(format!("{at}.{key}: not used by source `{}`", raw.source));
+        }
+    };
+    let required = |key: &str, value: &Option<String>, errors: &mut Vec<String>| -> String {
+        match value {
+            Some(value) if !value.is_empty() => value.clone(),
+            _ => {
+                errors.push(format!("{at}.{key}: required for source `{}`", raw.source));
+                String::new()
+            }
+        }
+    };
+    match raw.source.as_str() {
+        "cloudevents" => {
+            if raw.event_type.is_empty() {
+                errors.push(format!("{at}.event_type: must not be empty"));
+            }
+            misplaced("metric_name", raw.metric_name.is_some(), errors);
+            misplaced("event_name", raw.event_name.is_some(), errors);
+            misplaced("value_attribute", raw.value_attribute.is_some(), errors);
+            misplaced("id_attribute", raw.id_attribute.is_some(), errors);
+            Some(MeterSource::CloudEvents)
+        }
+        "otlp_metric" => {
+            misplaced("event_type", !raw.event_type.is_empty(), errors);
+            misplaced("event_name", raw.event_name.is_some(), errors);
+            misplaced("value_attribute", raw.value_attribute.is_some(), errors);
+            misplaced("id_attribute", raw.id_attribute.is_some(), errors);
+            Some(MeterSource::OtlpMetric {
+                metric_name: required("metric_name", &raw.metric_name, errors),
+            })
+        }
+        "otlp_log" => {
+            misplaced("event_type", !raw.event_type.is_empty(), errors);
+            misplaced("metric_name", raw.metric_name.is_some(), errors);
+            let non_empty = |key: &str, value: &Option<String>, errors: &mut Vec<String>| {
+                if value.as_deref() == Some("") {
+                    errors.push(format!("{at}.{key}: must not be empty"));
+                }
+                value.clone()
+            };
+            Some(MeterSource::OtlpLog {
+                event_name: required("event_name", &raw.event_name, errors),
+                value_attribute: non_empty("value_attribute", &raw.value_attribute, errors),
+                id_attribute: non_empty("id_attribute", &raw.id_attribute, errors),
+            })
+        }
+        other => {
+            errors.push(format!(
+                "{at}.source: `{other}` is not one of cloudevents | otlp_metric | otlp_log"
+            ));
+            None
+        }
+    }
+}
+
+/// Aggregations a source cannot feed meaningfully are refused up front.
+fn check_source_aggregation(
+    source: &MeterSource,
+    aggregation: Aggregation,
+    at: &str,
+    errors: &mut Vec<String>,
+) {
+    match (source, aggregation) {
+        (MeterSource::OtlpMetric { .. }, Aggregation::UniqueCount) => errors.push(format!(
+            "{at}.aggregation: UNIQUE_COUNT counts distinct values; metric points have none (use an otlp_log meter)"
+        )),
+        (
+            MeterSource::OtlpLog {
+                value_attribute: None,
+                ..
+            },
+            Aggregation::Max | Aggregation::Min | Aggregation::Latest | Aggregation::UniqueCount,
+        ) => errors.push(format!(
+            "{at}.value_attribute: required for {} on source `otlp_log`",
+            aggregation.as_str()
+        )),
+        _ => {}
     }
 }
 
@@ -623,6 +797,23 @@ impl RawConfig {
                 None
             }
         };
+        let mut optional_addr = |key: &str, text: &str| -> Option<SocketAddr> {
+            if text.is_empty() {
+                return None;
+            }
+            text.parse::<SocketAddr>().map_or_else(
+                |_| {
+                    errors.push(format!(
+                        "server.{key}: `{text}` is not an address like 0.0.0.0:4317 (or \"\" for off)"
+                    ));
+                    None
+                },
+                Some,
+            )
+        };
+        let otlp_grpc_addr = optional_addr("otlp_grpc_addr", &self.server.otlp_grpc_addr);
+        let otlp_http_addr = optional_addr("otlp_http_addr", &self.server.otlp_http_addr);
+        let otlp = validate_otlp(self.otlp, &mut errors);
         if self.server.max_body_bytes == 0 {
             errors.push("server.max_body_bytes: must be positive".into());
         }
@@ -679,9 +870,7 @@ impl RawConfig {
             if !slugs.insert(raw.slug.clone()) {
                 errors.push(format!("{at}.slug: duplicate slug"));
             }
-            if raw.event_type.is_empty() {
-                errors.push(format!("{at}.event_type: must not be empty"));
-            }
+            let source = meter_source(&raw, &at, &mut errors);
             let aggregation = match raw.aggregation.as_str() {
                 "SUM" => Some(Aggregation::Sum),
                 "COUNT" => Some(Aggregation::Count),
@@ -689,6 +878,13 @@ impl RawConfig {
                 "MIN" => Some(Aggregation::Min),
                 "LATEST" => Some(Aggregation::Latest),
                 "UNIQUE_COUNT" => Some(Aggregation::UniqueCount),
+                "TIME_WEIGHTED" | "DISTRIBUTION" => {
+                    errors.push(format!(
+                        "{at}.aggregation: `{}` is not implemented yet; use SUM | COUNT | MAX | MIN | LATEST | UNIQUE_COUNT",
+                        raw.aggregation
+                    ));
+                    None
+                }
                 other => {
                     errors.push(format!(
                         "{at}.aggregation: `{other}` is not one of SUM | COUNT | MAX | MIN | LATEST | UNIQUE_COUNT"
@@ -696,7 +892,18 @@ impl RawConfig {
                     None
                 }
             };
+            if let (Some(source), Some(aggregation)) = (&source, aggregation) {
+                check_source_aggregation(source, aggregation, &at, &mut errors);
+            }
+            let cloudevents = matches!(source, Some(MeterSource::CloudEvents));
             let value_property = match (&raw.value_property, aggregation) {
+                (Some(_), _) if !cloudevents => {
+                    errors.push(format!(
+                        "{at}.value_property: only for cloudevents meters (OTLP metrics carry their value; logs use value_attribute)"
+                    ));
+                    None
+                }
+                (None, _) if !cloudevents => None,
                 (None, Some(aggregation)) if aggregation.needs_value() => {
                     errors.push(format!(
                         "{at}.value_property: required for {}",
@@ -718,9 +925,20 @@ impl RawConfig {
                 (None, _) => None,
             };
             let mut group_by = Vec::new();
+            let mut group_by_attributes = Vec::new();
             for (name, path) in &raw.group_by {
                 if name.is_empty() || name.len() > 64 {
                     errors.push(format!("{at}.group_by: name `{name}` must be 1-64 bytes"));
+                }
+                if !cloudevents {
+                    // OTLP meters name attributes, not paths.
+                    if path.is_empty() || path.len() > 256 {
+                        errors.push(format!(
+                            "{at}.group_by.{name}: attribute name must be 1-256 bytes"
+                        ));
+                    }
+                    group_by_attributes.push((name.clone(), path.clone()));
+                    continue;
                 }
                 match JsonPath::parse(path) {
                     Ok(parsed) => group_by.push((name.clone(), parsed)),
@@ -740,15 +958,17 @@ impl RawConfig {
             if raw.unique_exact_limit == 0 {
                 errors.push(format!("{at}.unique_exact_limit: must be positive"));
             }
-            if let Some(aggregation) = aggregation {
+            if let (Some(aggregation), Some(source)) = (aggregation, source) {
                 meters.push(Meter {
                     id: 0,
                     slug: raw.slug,
                     description: raw.description,
+                    source,
                     event_type: raw.event_type,
                     aggregation,
                     value_property,
                     group_by,
+                    group_by_attributes,
                     window_size,
                     scale: if aggregation == Aggregation::Count {
                         0
@@ -774,6 +994,9 @@ impl RawConfig {
         let data_dir = self.storage.data_dir;
         Ok(Config {
             http_addr,
+            otlp_grpc_addr,
+            otlp_http_addr,
+            otlp,
             max_body_bytes: self.server.max_body_bytes as usize,
             ingest_budget_bytes: self.server.ingest_budget_bytes as usize,
             emit_file_path: self

@@ -247,17 +247,51 @@ fn number_text(text: &str) -> Cow<'_, str> {
     Cow::Owned(format!("{mantissa}e{sign}{exponent}"))
 }
 
+/// Where a meter's usage comes from and how it is matched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MeterSource {
+    /// CloudEvents (HTTP, Kafka) whose `type` is the meter's `event_type`; value and group-by
+    /// are JSONPaths into `data`.
+    CloudEvents,
+    /// OTLP metric data points of the metric named `metric_name`; the value is the point's.
+    OtlpMetric { metric_name: String },
+    /// OTLP log records whose `event.name` attribute (or `event_name` field) is `event_name`;
+    /// each record is one event, its quantity the `value_attribute` (absent: 1), its dedup id the
+    /// `id_attribute`.
+    OtlpLog {
+        event_name: String,
+        value_attribute: Option<String>,
+        id_attribute: Option<String>,
+    },
+}
+
+impl MeterSource {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MeterSource::CloudEvents => "cloudevents",
+            MeterSource::OtlpMetric { .. } => "otlp_metric",
+            MeterSource::OtlpLog { .. } => "otlp_log",
+        }
+    }
+}
+
 /// A validated meter.
 #[derive(Clone, Debug)]
 pub struct Meter {
     pub id: MeterId,
     pub slug: String,
     pub description: Option<String>,
+    pub source: MeterSource,
+    /// CloudEvents meters only (empty for OTLP meters).
     pub event_type: String,
     pub aggregation: Aggregation,
     pub value_property: Option<JsonPath>,
-    /// Sorted by dimension name, so extracted dimension lists come out sorted.
+    /// CloudEvents meters: dimension name → JSONPath into `data`. Sorted by dimension name,
+    /// so extracted dimension lists come out sorted.
     pub group_by: Vec<(String, JsonPath)>,
+    /// OTLP meters: dimension name → attribute key (point or record attributes first, then the
+    /// resource's). Sorted by dimension name.
+    pub group_by_attributes: Vec<(String, String)>,
     pub window_size: WindowSize,
     pub scale: u32,
     pub unique_exact_limit: u32,
@@ -272,6 +306,15 @@ pub struct ExtractError {
 }
 
 impl Meter {
+    /// The meter's group-by dimension names, whatever its source.
+    pub fn group_names(&self) -> Vec<&str> {
+        self.group_by
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .chain(self.group_by_attributes.iter().map(|(name, _)| name.as_str()))
+            .collect()
+    }
+
     /// The value this event contributes; `None` data is treated as an empty object.
     pub fn observation(&self, data: Option<&Value>) -> Result<Observation, ExtractError> {
         self.observation_in(data.map(Node::Value))
@@ -373,6 +416,8 @@ impl Meter {
 pub struct Meters {
     list: Vec<Meter>,
     by_event_type: HashMap<String, Vec<usize>>,
+    by_metric_name: HashMap<String, Vec<usize>>,
+    by_log_event_name: HashMap<String, Vec<usize>>,
     by_slug: HashMap<String, usize>,
     /// Config position by interned meter id.
     by_id: HashMap<MeterId, usize>,
@@ -385,11 +430,12 @@ impl Meters {
         let mut index = Meters::default();
         for (position, meter) in meters.iter_mut().enumerate() {
             meter.id = names.meters.intern(&meter.slug);
-            index
-                .by_event_type
-                .entry(meter.event_type.clone())
-                .or_default()
-                .push(position);
+            let (table, name) = match &meter.source {
+                MeterSource::CloudEvents => (&mut index.by_event_type, &meter.event_type),
+                MeterSource::OtlpMetric { metric_name } => (&mut index.by_metric_name, metric_name),
+                MeterSource::OtlpLog { event_name, .. } => (&mut index.by_log_event_name, event_name),
+            };
+            table.entry(name.clone()).or_default().push(position);
             index.by_slug.insert(meter.slug.clone(), position);
             index.by_id.insert(meter.id, position);
         }
@@ -403,6 +449,29 @@ impl Meters {
             .into_iter()
             .flatten()
             .map(|position| &self.list[*position])
+    }
+
+    /// OTLP metric meters fed by the metric `name`.
+    pub fn matching_metric(&self, name: &str) -> impl Iterator<Item = &Meter> {
+        self.by_metric_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|position| &self.list[*position])
+    }
+
+    /// OTLP log meters fed by records of the event `name`.
+    pub fn matching_log_event(&self, name: &str) -> impl Iterator<Item = &Meter> {
+        self.by_log_event_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|position| &self.list[*position])
+    }
+
+    /// Whether any meter reads OTLP logs (the edge skips decoding work otherwise).
+    pub fn has_log_meters(&self) -> bool {
+        !self.by_log_event_name.is_empty()
     }
 
     pub fn by_slug(&self, slug: &str) -> Option<&Meter> {
@@ -428,10 +497,12 @@ mod tests {
             id: 0,
             slug: "tokens".into(),
             description: None,
+            source: MeterSource::CloudEvents,
             event_type: "llm.prompt".into(),
             aggregation,
             value_property: value.map(|v| JsonPath::parse(v).unwrap()),
             group_by: vec![("model".into(), JsonPath::parse("$.model").unwrap())],
+            group_by_attributes: Vec::new(),
             window_size: WindowSize::Minute,
             scale: 2,
             unique_exact_limit: 100,

@@ -102,6 +102,34 @@ pub fn parse_decimal(text: &str, scale: u32) -> Result<i128, QuantityError> {
     Ok(if negative { -value } else { value })
 }
 
+/// A binary double (an OTLP `as_double` value) as fixed point at `scale`: its shortest decimal
+/// representation (the digits that round-trip, e.g. `0.1`, not 0.1000000000000000055…), rounded
+/// half away from zero to `scale` places. Doubles cannot be exact; this is the one rounding rule
+/// for them. NaN and infinities are refused.
+pub fn decimal_from_f64(value: f64, scale: u32) -> Result<i128, QuantityError> {
+    if !value.is_finite() {
+        return Err(QuantityError::NotANumber);
+    }
+    // Rust prints the shortest round-tripping digits, never in exponent form.
+    let text = format!("{}", value.abs());
+    let (int_part, frac_part) = text.split_once('.').unwrap_or((&text, ""));
+    let scale_places = scale as usize;
+    let (kept, dropped) = if frac_part.len() > scale_places {
+        frac_part.split_at(scale_places)
+    } else {
+        (frac_part, "")
+    };
+    let mut magnitude = parse_decimal(&format!("{int_part}.{kept}0"), scale)?;
+    if dropped.as_bytes().first().is_some_and(|digit| *digit >= b'5') {
+        magnitude = magnitude.checked_add(1).ok_or(QuantityError::OutOfRange)?;
+    }
+    Ok(if value.is_sign_negative() {
+        -magnitude
+    } else {
+        magnitude
+    })
+}
+
 /// Formats a fixed-point integer as a plain decimal string without trailing zeros (`1.5`, `-3`, `0.000001`).
 pub fn format_decimal(value: i128, scale: u32) -> String {
     if scale == 0 {
@@ -301,6 +329,20 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn doubles_round_half_away_from_zero_from_their_shortest_digits() {
+        assert_eq!(decimal_from_f64(0.1 + 0.2, 6), Ok(300_000));
+        assert_eq!(decimal_from_f64(1.5, 0), Ok(2));
+        assert_eq!(decimal_from_f64(-1.5, 0), Ok(-2));
+        assert_eq!(decimal_from_f64(2.4999, 0), Ok(2));
+        assert_eq!(decimal_from_f64(12.25, 2), Ok(1225));
+        assert_eq!(decimal_from_f64(1e21, 0), Ok(1_000_000_000_000_000_000_000));
+        assert_eq!(decimal_from_f64(5e-7, 6), Ok(1));
+        assert_eq!(decimal_from_f64(f64::NAN, 6), Err(QuantityError::NotANumber));
+        assert_eq!(decimal_from_f64(f64::INFINITY, 6), Err(QuantityError::NotANumber));
+        assert_eq!(decimal_from_f64(1e300, 6), Err(QuantityError::OutOfRange));
+    }
     use proptest::prelude::*;
 
     #[test]

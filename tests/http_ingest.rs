@@ -331,10 +331,9 @@ async fn late_event_amends_closed_window_and_too_late_is_dead_lettered() {
 async fn bad_input_gets_400_naming_index_field_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), "");
-    let text = std::fs::read_to_string(&path).unwrap().replace(
-        "http_addr = \"127.0.0.1:0\"",
-        "http_addr = \"127.0.0.1:0\"\nmax_body_bytes = 4096",
-    );
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[server]\n", "[server]\nmax_body_bytes = 4096\n");
     std::fs::write(&path, text).unwrap();
     let daemon = Daemon::start(&path);
     let client = client();

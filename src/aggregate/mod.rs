@@ -16,6 +16,7 @@
 //! Must not: do I/O, or hold a map lock across anything slower than map updates.
 
 pub mod state;
+pub mod streams;
 pub mod unique;
 
 use std::collections::hash_map::Entry;
@@ -111,6 +112,9 @@ struct WriterMap {
     dedup_keys: Vec<u128>,
     /// Source name (e.g. `ingest-log`, `kafka/usage/3`) → next position to read.
     positions: FxHashMap<String, u64>,
+    /// Cumulative streams moved by the deltas above (newest state per stream): durable with
+    /// the same positions.
+    streams: FxHashMap<u128, streams::StreamState>,
     /// A writer dedicated to one replicated source (a Kafka partition whose state has a
     /// changelog): the take reports which series and dedup keys came from it.
     tag: Option<String>,
@@ -124,6 +128,8 @@ pub struct Cut {
     /// The newest position each source reached within the cut (sources that made no progress
     /// since the previous take are absent).
     pub positions: Vec<(String, u64)>,
+    /// Cumulative stream states the deltas reflect.
+    pub streams: Vec<(u128, streams::StreamState)>,
     /// Per tagged writer: what it contributed to this cut.
     pub sources: Vec<SourceCut>,
 }
@@ -160,11 +166,25 @@ impl Writer {
         keys: &mut Vec<u128>,
         positions: impl IntoIterator<Item = (String, u64)>,
     ) -> Result<(), MergeError> {
+        self.commit_with_streams(batch, keys, &mut FxHashMap::default(), positions)
+    }
+
+    /// `commit`, plus the cumulative stream states the batch's deltas were derived with.
+    /// Drains `streams` too.
+    pub fn commit_with_streams(
+        &self,
+        batch: &mut PreAggregated,
+        keys: &mut Vec<u128>,
+        streams: &mut FxHashMap<u128, streams::StreamState>,
+        positions: impl IntoIterator<Item = (String, u64)>,
+    ) -> Result<(), MergeError> {
         let mut map = self.map.lock();
         let map = &mut *map;
         for (key, state) in batch.series.drain() {
             merge_into(&mut map.deltas.series, key, state)?;
         }
+        // One writer (the commit thread) moves streams, in log order: the newest state wins.
+        map.streams.extend(streams.drain());
         map.dedup_keys.append(keys);
         for (source, next) in positions {
             map.positions.insert(source, next);
@@ -226,6 +246,7 @@ impl Aggregator {
             }
             cut.dedup_keys.append(&mut map.dedup_keys);
             cut.positions.extend(map.positions.drain());
+            cut.streams.extend(map.streams.drain());
         }
         cut.positions.sort_unstable();
         let Some(mut merged) = taken.pop() else {

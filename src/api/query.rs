@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use super::{error_response, AppState};
 use crate::aggregate::AggState;
 use crate::cluster::{Cluster, Owner};
-use crate::meter::Meter;
+use crate::meter::{Meter, MeterSource};
 use crate::model::{parse_rfc3339_ms, rfc3339, Dims, WindowSize};
 use crate::pipeline::Shared;
 use crate::telemetry;
@@ -29,7 +29,13 @@ use crate::telemetry;
 struct MeterView<'a> {
     slug: &'a str,
     description: Option<&'a str>,
+    source: &'static str,
+    #[serde(skip_serializing_if = "str::is_empty")]
     event_type: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metric_name: Option<&'a String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_name: Option<&'a String>,
     aggregation: &'static str,
     value_property: Option<&'a str>,
     group_by: BTreeMap<&'a str, &'a str>,
@@ -41,13 +47,28 @@ fn meter_view(meter: &Meter) -> MeterView<'_> {
     MeterView {
         slug: &meter.slug,
         description: meter.description.as_deref(),
+        source: meter.source.as_str(),
         event_type: &meter.event_type,
+        metric_name: match &meter.source {
+            MeterSource::OtlpMetric { metric_name } => Some(metric_name),
+            _ => None,
+        },
+        event_name: match &meter.source {
+            MeterSource::OtlpLog { event_name, .. } => Some(event_name),
+            _ => None,
+        },
         aggregation: meter.aggregation.as_str(),
         value_property: meter.value_property.as_ref().map(|p| p.as_str()),
         group_by: meter
             .group_by
             .iter()
             .map(|(name, path)| (name.as_str(), path.as_str()))
+            .chain(
+                meter
+                    .group_by_attributes
+                    .iter()
+                    .map(|(name, attribute)| (name.as_str(), attribute.as_str())),
+            )
             .collect(),
         window_size: meter.window_size.as_str(),
         scale: meter.scale,
@@ -82,7 +103,7 @@ pub fn parse_params(raw: &str, meter: &Meter) -> Result<QueryParams, Vec<String>
         serde_urlencoded::from_str(raw).map_err(|error| vec![format!("query string: {error}")])?;
     let mut params = QueryParams::default();
     let mut errors = Vec::new();
-    let group_names: Vec<&str> = meter.group_by.iter().map(|(name, _)| name.as_str()).collect();
+    let group_names: Vec<&str> = meter.group_names();
     for (key, value) in pairs {
         match key.as_str() {
             "subject" => params.subjects.push(value),

@@ -10,6 +10,12 @@
 //! `--baseline-server ADDR` instead runs the comparison point for benchmarks: an axum server that
 //! decodes and validates CloudEvents with tallyd's own decoder and the default meters, answers
 //! 202, and does nothing else (no dedup, no log, no fsync, no aggregation).
+//!
+//! OTLP: `--otlp-grpc ADDR` sends `ExportMetricsServiceRequest`s of `--batch-size` delta data
+//! points of the counter `http.server.requests` (Zipf tenants and routes, each point its own
+//! timestamp, `--dup-pct` of them repeats) to an OTLP/gRPC endpoint;
+//! `--otlp-baseline-server ADDR` runs the comparison point: tonic's generated MetricsService with
+//! prost decoding, which discards every request.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -75,6 +81,44 @@ struct Args {
     kafka_topic: String,
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
+    /// OTLP mode: send metrics export requests to this OTLP/gRPC address (host:port).
+    #[arg(long)]
+    otlp_grpc: Option<String>,
+    /// Run the decode-and-discard OTLP/gRPC baseline server on this address instead.
+    #[arg(long)]
+    otlp_baseline_server: Option<std::net::SocketAddr>,
+}
+
+/// Decode-and-discard OTLP/gRPC baseline: tonic + prost decode, then an empty response.
+async fn otlp_baseline_server(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+        MetricsService, MetricsServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
+    struct Discard;
+    #[tonic::async_trait]
+    impl MetricsService for Discard {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportMetricsServiceRequest>,
+        ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+            std::hint::black_box(request.into_inner());
+            Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    eprintln!("otlp decode-only baseline listening on {addr}");
+    tonic::transport::Server::builder()
+        .add_service(
+            MetricsServiceServer::new(Discard)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .max_decoding_message_size(64 << 20),
+        )
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+        .await?;
+    Ok(())
 }
 
 /// Decode-only baseline: the same decode and validation as tallyd's ingest, then 202.
@@ -165,9 +209,78 @@ struct Generator {
     rng: SmallRng,
     next_id: u64,
     worker: usize,
+    /// OTLP point times count up from here (1 µs apart), so every point is its own.
+    started_ns: u64,
 }
 
 impl Generator {
+    /// One OTLP export request of `batch_size` delta points (a duplicate repeats an earlier
+    /// point exactly: same stream, start and time).
+    fn otlp_request(
+        &mut self,
+    ) -> opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
+        use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+        use opentelemetry_proto::tonic::metrics::v1::{
+            metric, number_data_point, AggregationTemporality, Metric, NumberDataPoint, ResourceMetrics,
+            ScopeMetrics, Sum,
+        };
+        let text = |key: &str, value: String| KeyValue {
+            key: key.into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(value)),
+            }),
+            ..Default::default()
+        };
+        let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
+        let mut by_tenant: std::collections::BTreeMap<usize, Vec<NumberDataPoint>> = Default::default();
+        for _ in 0..self.args.batch_size {
+            let duplicate =
+                self.next_id > 0 && self.rng.gen_bool((self.args.dup_pct / 100.0).clamp(0.0, 1.0));
+            let id = if duplicate {
+                self.rng.gen_range(0..self.next_id)
+            } else {
+                self.next_id += 1;
+                self.next_id - 1
+            };
+            let mut point_rng = SmallRng::seed_from_u64(self.args.seed ^ (id << 8) ^ self.worker as u64);
+            let tenant = self.tenants.sample(&mut point_rng);
+            let route = self.dims.sample(&mut point_rng);
+            // Distinct (start, time) per point of a stream; a duplicate repeats its original's.
+            let time = self.started_ns + id * 1000 + self.worker as u64;
+            by_tenant.entry(tenant).or_default().push(NumberDataPoint {
+                attributes: vec![text("http.route", format!("/v1/r{route}"))],
+                start_time_unix_nano: time - 1,
+                time_unix_nano: time.min(now_ns),
+                value: Some(number_data_point::Value::AsInt(point_rng.gen_range(1..100))),
+                ..Default::default()
+            });
+        }
+        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
+            resource_metrics: by_tenant
+                .into_iter()
+                .map(|(tenant, points)| ResourceMetrics {
+                    resource: Some(opentelemetry_proto::tonic::resource::v1::Resource {
+                        attributes: vec![text("tenant.id", format!("tenant-{tenant}"))],
+                        ..Default::default()
+                    }),
+                    scope_metrics: vec![ScopeMetrics {
+                        metrics: vec![Metric {
+                            name: "http.server.requests".into(),
+                            data: Some(metric::Data::Sum(Sum {
+                                data_points: points,
+                                aggregation_temporality: AggregationTemporality::Delta as i32,
+                                is_monotonic: true,
+                            })),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
     fn batch(&mut self) -> (Vec<u8>, usize) {
         let events = self.events();
         (
@@ -244,6 +357,7 @@ fn kafka_produce(args: &Args, brokers: &str) -> anyhow::Result<()> {
         rng: SmallRng::seed_from_u64(args.seed),
         next_id: 0,
         worker: 0,
+        started_ns: 0,
     };
     let started = Instant::now();
     let mut produced = 0u64;
@@ -328,22 +442,62 @@ struct Totals {
     missed: AtomicU64,
 }
 
+/// Where load goes.
+#[derive(Clone)]
+enum Target {
+    Http {
+        client: reqwest::Client,
+        url: String,
+    },
+    OtlpGrpc(
+        opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient<
+            tonic::transport::Channel,
+        >,
+    ),
+}
+
+/// One request's payload.
+enum Payload {
+    Http(Vec<u8>),
+    Otlp(opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest),
+}
+
+impl Target {
+    fn payload(&self, generator: &mut Generator) -> (Payload, usize) {
+        match self {
+            Target::Http { .. } => {
+                let (body, events) = generator.batch();
+                (Payload::Http(body), events)
+            }
+            Target::OtlpGrpc(_) => (Payload::Otlp(generator.otlp_request()), generator.args.batch_size),
+        }
+    }
+}
+
 async fn send(
-    client: &reqwest::Client,
-    url: &str,
-    body: Vec<u8>,
+    target: &mut Target,
+    payload: Payload,
     events: usize,
     totals: &Totals,
     latency: &Mutex<Histogram<u64>>,
 ) {
     let started = Instant::now();
-    let result = client
-        .post(url)
-        .header("content-type", "application/cloudevents-batch+json")
-        .body(body)
-        .send()
-        .await;
-    let ok = matches!(&result, Ok(response) if response.status() == 202);
+    let ok = match (target, payload) {
+        (Target::Http { client, url }, Payload::Http(body)) => {
+            let result = client
+                .post(url.as_str())
+                .header("content-type", "application/cloudevents-batch+json")
+                .body(body)
+                .send()
+                .await;
+            matches!(&result, Ok(response) if response.status() == 202)
+        }
+        (Target::OtlpGrpc(client), Payload::Otlp(request)) => match client.export(request).await {
+            Ok(response) => response.into_inner().partial_success.is_none(),
+            Err(_) => false,
+        },
+        _ => unreachable!("invariant: payloads match their target"),
+    };
     let micros = started.elapsed().as_micros() as u64;
     latency.lock().record(micros.max(1)).ok();
     totals.requests.fetch_add(1, Ordering::Relaxed);
@@ -366,11 +520,25 @@ async fn main() -> anyhow::Result<()> {
     if let Some(brokers) = args.kafka_count.clone() {
         return tokio::task::spawn_blocking(move || kafka_count(&args, &brokers)).await?;
     }
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency)
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let url = format!("{}/api/v1/events", args.url.trim_end_matches('/'));
+    if let Some(addr) = args.otlp_baseline_server {
+        return otlp_baseline_server(addr).await;
+    }
+    let target = match &args.otlp_grpc {
+        Some(addr) => Target::OtlpGrpc(
+            opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient::connect(
+                format!("http://{addr}"),
+            )
+            .await?
+            .max_decoding_message_size(64 << 20),
+        ),
+        None => Target::Http {
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(args.concurrency)
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            url: format!("{}/api/v1/events", args.url.trim_end_matches('/')),
+        },
+    };
     let totals = Arc::new(Totals::default());
     let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
     let deadline = Instant::now() + Duration::from_secs(args.duration_secs);
@@ -379,18 +547,13 @@ async fn main() -> anyhow::Result<()> {
     let mut workers = Vec::new();
     if args.rate == 0 {
         for worker in 0..args.concurrency {
-            let (client, url, totals, latency, args) = (
-                client.clone(),
-                url.clone(),
-                totals.clone(),
-                latency.clone(),
-                args.clone(),
-            );
+            let (mut target, totals, latency, args) =
+                (target.clone(), totals.clone(), latency.clone(), args.clone());
             workers.push(tokio::spawn(async move {
                 let mut generator = generator(&args, worker);
                 while Instant::now() < deadline {
-                    let (body, events) = generator.batch();
-                    send(&client, &url, body, events, &totals, &latency).await;
+                    let (payload, events) = target.payload(&mut generator);
+                    send(&mut target, payload, events, &totals, &latency).await;
                 }
             }));
         }
@@ -406,11 +569,10 @@ async fn main() -> anyhow::Result<()> {
                 totals.missed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let (body, events) = generator.batch();
-            let (client, url, totals, latency) =
-                (client.clone(), url.clone(), totals.clone(), latency.clone());
+            let (payload, events) = target.payload(&mut generator);
+            let (mut target, totals, latency) = (target.clone(), totals.clone(), latency.clone());
             workers.push(tokio::spawn(async move {
-                send(&client, &url, body, events, &totals, &latency).await;
+                send(&mut target, payload, events, &totals, &latency).await;
                 drop(permit);
             }));
         }
@@ -422,7 +584,7 @@ async fn main() -> anyhow::Result<()> {
     let latency = latency.lock();
     let events = totals.events.load(Ordering::Relaxed);
     let summary = json!({
-        "url": args.url,
+        "url": args.otlp_grpc.as_ref().map_or(args.url.clone(), |addr| format!("otlp-grpc://{addr}")),
         "mode": if args.rate == 0 { "closed" } else { "open" },
         "target_events_per_sec": args.rate,
         "batch_size": args.batch_size,
@@ -455,5 +617,8 @@ fn generator(args: &Args, worker: usize) -> Generator {
         rng: SmallRng::seed_from_u64(args.seed.wrapping_add(worker as u64)),
         next_id: 0,
         worker,
+        // Behind now, so that points never look like they come from the future.
+        started_ns: (chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64)
+            .saturating_sub(args.duration_secs * 2_000_000_000),
     }
 }

@@ -181,6 +181,7 @@ pub async fn post_events(State(app): State<AppState>, headers: HeaderMap, body: 
             payload,
             batch,
             dedup_keys,
+            cumulative: Vec::new(),
             dead_letters,
             reply: reply_tx,
         };

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::Shared;
-use crate::aggregate::{PreAggregated, Writer};
+use crate::aggregate::streams::{CumulativePoint, Streams};
+use crate::aggregate::{MergeError, PreAggregated, Writer};
 use crate::emit::file::JsonlFile;
 use crate::store::checkpoint::Snapshot;
 use crate::store::log::IngestLog;
@@ -26,6 +27,8 @@ pub struct CommitRequest {
     pub payload: Vec<u8>,
     pub batch: PreAggregated,
     pub dedup_keys: Vec<u128>,
+    /// Cumulative points (OTLP) to turn into deltas in log order (`aggregate::streams`).
+    pub cumulative: Vec<CumulativePoint>,
     /// Dead-letter lines, durable before the acknowledgement.
     pub dead_letters: Vec<Vec<u8>>,
     pub reply: oneshot::Sender<Result<(), CommitError>>,
@@ -48,6 +51,24 @@ pub struct CommitLoop {
     pub checkpoints: SyncSender<Arc<Snapshot>>,
     /// This stage's share-nothing map in the engine.
     pub writer: Writer,
+    /// Every cumulative stream's last point; only this thread (and recovery before it) moves them.
+    pub streams: Streams,
+}
+
+/// Applies one logged record to the engine: its deltas, its dedup keys, the deltas its
+/// cumulative points derive (moving their streams), and the log position after it. Commit and
+/// replay both go through here, so replay derives the same deltas.
+pub fn apply_logged(
+    writer: &Writer,
+    streams: &mut Streams,
+    batch: &mut PreAggregated,
+    dedup_keys: &mut Vec<u128>,
+    cumulative: &[CumulativePoint],
+    position: Option<(String, u64)>,
+) -> Result<(), MergeError> {
+    let mut changed = rustc_hash::FxHashMap::default();
+    streams.fold(cumulative, batch, &mut changed)?;
+    writer.commit_with_streams(batch, dedup_keys, &mut changed, position)
 }
 
 impl CommitLoop {
@@ -149,10 +170,14 @@ impl CommitLoop {
         metrics::histogram!(telemetry::INGEST_COMMIT_GROUP).record(group.len() as f64);
         for (mut request, position) in group.into_iter().zip(positions) {
             let position = position.map(|next| (INGEST_LOG_SOURCE.to_string(), next));
-            if let Err(error) = self
-                .writer
-                .commit(&mut request.batch, &mut request.dedup_keys, position)
-            {
+            if let Err(error) = apply_logged(
+                &self.writer,
+                &mut self.streams,
+                &mut request.batch,
+                &mut request.dedup_keys,
+                &request.cumulative,
+                position,
+            ) {
                 // Only an i128 overflow can get here; the log holds the batch for forensics.
                 tracing::error!(%error, "failed to apply a logged batch");
             }

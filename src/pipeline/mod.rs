@@ -121,6 +121,7 @@ impl Shared {
             let snapshot = Arc::new(Snapshot {
                 generation,
                 positions: cut.positions,
+                streams: cut.streams,
                 deltas: cut.deltas,
                 dedup_keys: cut.dedup_keys,
                 sources: cut.sources,
@@ -178,6 +179,8 @@ struct Recovered {
     log: IngestLog,
     /// The commit stage's engine writer (recovery replays through it).
     writer: crate::aggregate::Writer,
+    /// Cumulative streams as of the end of the replayed log.
+    streams: crate::aggregate::streams::Streams,
     replayed: usize,
 }
 
@@ -228,26 +231,31 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         changelog: std::sync::OnceLock::new(),
     });
     let writer = shared.engine.writer();
+    let mut streams = crate::aggregate::streams::Streams::new(shared.store.stream_states()?);
     let replayed = replay.len();
     for record in replay {
         let batch = LogBatch::decode(&record.payload)
             .map_err(|error| anyhow::anyhow!("ingest log record {} does not decode: {error}", record.seq))?;
-        let (mut batch, mut keys) = batch
-            .into_batch(&shared.names)
+        let mut parts = batch
+            .into_parts(&shared.names)
             .map_err(|error| anyhow::anyhow!("ingest log record {}: {error}", record.seq))?;
-        for key in &keys {
+        for key in &parts.dedup_keys {
             shared.dedup.reserve(*key);
         }
-        writer.commit(
-            &mut batch,
-            &mut keys,
-            [(INGEST_LOG_SOURCE.to_string(), record.seq + 1)],
+        commit::apply_logged(
+            &writer,
+            &mut streams,
+            &mut parts.batch,
+            &mut parts.dedup_keys,
+            &parts.cumulative,
+            Some((INGEST_LOG_SOURCE.to_string(), record.seq + 1)),
         )?;
     }
     Ok(Recovered {
         shared,
         log,
         writer,
+        streams,
         replayed,
     })
 }
@@ -273,6 +281,7 @@ impl Stages {
             shared,
             log,
             writer,
+            streams,
             replayed,
         } = recover(config)?;
         tracing::info!(
@@ -298,6 +307,7 @@ impl Stages {
             requests: request_rx,
             checkpoints: snapshot_tx.clone(),
             writer,
+            streams,
         };
         let commit_thread = std::thread::Builder::new()
             .name("tallyd-commit".into())
@@ -319,6 +329,51 @@ impl Stages {
         let checkpoint = self.checkpoint_thread.join().is_ok();
         commit && checkpoint
     }
+}
+
+/// Binds and starts the OTLP edges that are configured (not in cluster mode: OTLP points are
+/// not forwarded to the ingest topic yet).
+async fn start_otlp(
+    shared: &Arc<Shared>,
+    state: &crate::api::AppState,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<Result<(), String>>>> {
+    let config = &shared.config;
+    let mut servers = Vec::new();
+    if config.cluster.is_some() {
+        if config.otlp_grpc_addr.is_some() || config.otlp_http_addr.is_some() {
+            tracing::warn!(
+                "otlp ingest is off in cluster mode (points are not forwarded to the ingest topic yet)"
+            );
+        }
+        return Ok(servers);
+    }
+    let ingest = crate::ingest::otlp::OtlpIngest { app: state.clone() };
+    if let Some(addr) = config.otlp_grpc_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind otlp_grpc_addr {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "otlp grpc listening");
+        let (ingest, token) = (ingest.clone(), shutdown.clone());
+        servers.push(tokio::spawn(async move {
+            crate::ingest::otlp::grpc::serve(ingest, listener, token)
+                .await
+                .map_err(|error| error.to_string())
+        }));
+    }
+    if let Some(addr) = config.otlp_http_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind otlp_http_addr {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "otlp http listening");
+        let token = shutdown.clone();
+        servers.push(tokio::spawn(async move {
+            crate::ingest::otlp::serve_http(ingest, listener, token)
+                .await
+                .map_err(|error| error.to_string())
+        }));
+    }
+    Ok(servers)
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then drains within `grace`.
@@ -367,14 +422,24 @@ pub async fn run(
 
     let mut state = crate::api::AppState::new(shared.clone(), requests);
     state.cluster = cluster.clone();
+    let otlp_servers = start_otlp(&shared, &state, &shutdown).await?;
     let app = crate::api::router(state);
     shared.ready.store(true, Ordering::Release);
     tracing::info!(addr = %local, "http listening");
     let serve_shutdown = shutdown.clone();
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })
         .await
-        .context("http server failed")?;
+        .context("http server failed");
+    // Whatever stopped the HTTP server stops the OTLP edges too; they hold commit senders, so
+    // the commit stage drains only after they finished their in-flight requests.
+    shutdown.cancel();
+    for server in otlp_servers {
+        if let Ok(Err(error)) = server.await {
+            tracing::error!(%error, "otlp server failed");
+        }
+    }
+    served?;
     shared.ready.store(false, Ordering::Release);
     tracing::info!("ingest stopped; draining");
     if let Some(source) = kafka_source {

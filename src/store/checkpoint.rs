@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub positions: Vec<(String, u64)>,
     pub deltas: Vec<(SeriesKey, AggState)>,
     pub dedup_keys: Vec<u128>,
+    /// Cumulative stream states the deltas were derived with (OTLP), durable with `positions`.
+    pub streams: Vec<(u128, crate::aggregate::streams::StreamState)>,
     /// What each replicated source (Kafka partition with a changelog) contributed.
     pub sources: Vec<SourceCut>,
 }
@@ -254,6 +256,11 @@ impl RocksStore {
             batch.put(keys::dedup_key(*dedup_key), (now_secs as u64).to_be_bytes());
         }
         stats.dedup_keys = snapshot.dedup_keys.len();
+        let mut streams: Vec<_> = snapshot.streams.iter().collect();
+        streams.sort_unstable_by_key(|(stream, _)| *stream);
+        for (stream, state) in streams {
+            batch.put(keys::stream_key(*stream), state.encode());
+        }
         for (source, next) in &snapshot.positions {
             batch.put(keys::position_key(source), next.to_be_bytes());
         }

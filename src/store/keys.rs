@@ -11,6 +11,7 @@
 //! P | source name                               → u64 BE next position (e.g. ingest log sequence)
 //! O | u64 BE                                    → JSON line waiting for the file emitter (outbox)
 //! M | name                                      → metadata (close watermark, meter guards, ...)
+//! S | u128 BE                                   → StreamState: a cumulative OTLP stream's last point
 //! ```
 //! Times are unix seconds, stored sign-flipped big-endian so that byte order is time order.
 
@@ -23,6 +24,7 @@ pub const DEDUP: u8 = b'D';
 pub const POSITION: u8 = b'P';
 pub const OUTBOX: u8 = b'O';
 pub const META: u8 = b'M';
+pub const STREAM: u8 = b'S';
 
 pub fn time_bytes(unix_secs: i64) -> [u8; 8] {
     ((unix_secs as u64) ^ (1 << 63)).to_be_bytes()
@@ -138,6 +140,13 @@ pub fn dedup_key(key: u128) -> [u8; 17] {
     let mut out = [0u8; 17];
     out[0] = DEDUP;
     out[1..].copy_from_slice(&key.to_be_bytes());
+    out
+}
+
+pub fn stream_key(stream: u128) -> [u8; 17] {
+    let mut out = [0u8; 17];
+    out[0] = STREAM;
+    out[1..].copy_from_slice(&stream.to_be_bytes());
     out
 }
 

@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::{AggState, PreAggregated};
+use crate::aggregate::streams::CumulativePoint;
+use crate::aggregate::{AggState, Aggregation, PreAggregated};
 use crate::config::LogSync;
 use crate::model::{Dims, Names, SeriesKey};
 
@@ -52,6 +53,19 @@ pub struct LogBatch {
     pub dims: Vec<Dims>,
     pub series: Vec<LogSeries>,
     pub dedup_keys: Vec<u128>,
+    /// Raw cumulative points (OTLP): converted to deltas by the commit stage in log order, on
+    /// commit and again on replay (`aggregate::streams`). Last, so older records still decode.
+    pub cumulative: Vec<LogCumulative>,
+}
+
+/// The layout before cumulative points existed; records written by it still replay.
+#[derive(Deserialize)]
+struct LogBatchV1 {
+    meters: Vec<String>,
+    tenants: Vec<String>,
+    dims: Vec<Dims>,
+    series: Vec<LogSeries>,
+    dedup_keys: Vec<u128>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -63,38 +77,96 @@ pub struct LogSeries {
     pub state: AggState,
 }
 
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct LogCumulative {
+    pub stream: u128,
+    pub start_ns: u64,
+    pub time_ns: u64,
+    pub value: i128,
+    pub monotonic: bool,
+    pub meter: u32,
+    pub tenant: u32,
+    pub dims: u32,
+    pub window_start: i64,
+    pub aggregation: Aggregation,
+}
+
+/// What a record replays into.
+#[derive(Debug, Default)]
+pub struct LogParts {
+    pub batch: PreAggregated,
+    pub dedup_keys: Vec<u128>,
+    pub cumulative: Vec<CumulativePoint>,
+}
+
+/// Per-batch string tables: process-local ids → positions in the record's own tables.
+#[derive(Default)]
+struct Tables {
+    meters: rustc_hash::FxHashMap<u32, u32>,
+    tenants: rustc_hash::FxHashMap<u32, u32>,
+    dims: rustc_hash::FxHashMap<u32, u32>,
+}
+
+impl Tables {
+    /// `(meter, tenant, dims)` of `key` in `out`'s tables, adding names as needed.
+    fn local(&mut self, out: &mut LogBatch, key: &SeriesKey, names: &Names) -> (u32, u32, u32) {
+        let meter = *self.meters.entry(key.meter).or_insert_with(|| {
+            out.meters.push(names.meters.resolve(key.meter).to_string());
+            out.meters.len() as u32 - 1
+        });
+        let tenant = *self.tenants.entry(key.tenant).or_insert_with(|| {
+            out.tenants.push(names.tenants.resolve(key.tenant).to_string());
+            out.tenants.len() as u32 - 1
+        });
+        let dims = *self.dims.entry(key.dims).or_insert_with(|| {
+            out.dims.push(names.dims.resolve(key.dims).to_vec());
+            out.dims.len() as u32 - 1
+        });
+        (meter, tenant, dims)
+    }
+}
+
 impl LogBatch {
     /// Replaces process-local ids by per-batch string tables.
     pub fn from_batch(batch: &PreAggregated, dedup_keys: &[u128], names: &Names) -> LogBatch {
+        LogBatch::from_parts(batch, dedup_keys, &[], names)
+    }
+
+    /// `from_batch` with cumulative points.
+    pub fn from_parts(
+        batch: &PreAggregated,
+        dedup_keys: &[u128],
+        cumulative: &[CumulativePoint],
+        names: &Names,
+    ) -> LogBatch {
         let mut out = LogBatch {
             dedup_keys: dedup_keys.to_vec(),
             ..LogBatch::default()
         };
-        let mut meters = rustc_hash::FxHashMap::default();
-        let mut tenants = rustc_hash::FxHashMap::default();
-        let mut dims = rustc_hash::FxHashMap::default();
-        fn local(map: &mut rustc_hash::FxHashMap<u32, u32>, id: u32, push: impl FnOnce() -> u32) -> u32 {
-            *map.entry(id).or_insert_with(push)
-        }
+        let mut tables = Tables::default();
         for (key, state) in &batch.series {
-            let meter = local(&mut meters, key.meter, || {
-                out.meters.push(names.meters.resolve(key.meter).to_string());
-                out.meters.len() as u32 - 1
-            });
-            let tenant = local(&mut tenants, key.tenant, || {
-                out.tenants.push(names.tenants.resolve(key.tenant).to_string());
-                out.tenants.len() as u32 - 1
-            });
-            let dim = local(&mut dims, key.dims, || {
-                out.dims.push(names.dims.resolve(key.dims).to_vec());
-                out.dims.len() as u32 - 1
-            });
+            let (meter, tenant, dims) = tables.local(&mut out, key, names);
             out.series.push(LogSeries {
                 meter,
                 tenant,
-                dims: dim,
+                dims,
                 window_start: key.window_start,
                 state: state.clone(),
+            });
+        }
+        for point in cumulative {
+            let (meter, tenant, dims) = tables.local(&mut out, &point.key, names);
+            out.cumulative.push(LogCumulative {
+                stream: point.stream,
+                start_ns: point.start_ns,
+                time_ns: point.time_ns,
+                value: point.value,
+                monotonic: point.monotonic,
+                meter,
+                tenant,
+                dims,
+                window_start: point.key.window_start,
+                aggregation: point.aggregation,
             });
         }
         out
@@ -102,28 +174,52 @@ impl LogBatch {
 
     /// Back to a pre-aggregated batch with this process's ids.
     pub fn into_batch(self, names: &Names) -> Result<(PreAggregated, Vec<u128>), String> {
+        let parts = self.into_parts(names)?;
+        Ok((parts.batch, parts.dedup_keys))
+    }
+
+    /// Back to this process's ids, cumulative points included.
+    pub fn into_parts(self, names: &Names) -> Result<LogParts, String> {
         let meters: Vec<u32> = self.meters.iter().map(|m| names.meters.intern(m)).collect();
         let tenants: Vec<u32> = self.tenants.iter().map(|t| names.tenants.intern(t)).collect();
         let dims: Vec<u32> = self.dims.iter().map(|d| names.dims.intern(d)).collect();
-        let mut batch = PreAggregated::default();
-        for series in self.series {
+        let key = |meter: u32, tenant: u32, dim: u32, window_start: i64| -> Result<SeriesKey, String> {
             let lookup = |table: &[u32], index: u32| table.get(index as usize).copied();
             let (Some(meter), Some(tenant), Some(dims)) = (
-                lookup(&meters, series.meter),
-                lookup(&tenants, series.tenant),
-                lookup(&dims, series.dims),
+                lookup(&meters, meter),
+                lookup(&tenants, tenant),
+                lookup(&dims, dim),
             ) else {
                 return Err("series refers past its batch's string tables".into());
             };
-            let key = SeriesKey {
+            Ok(SeriesKey {
                 meter,
                 tenant,
                 dims,
-                window_start: series.window_start,
-            };
-            batch.merge_state(key, &series.state).map_err(|e| e.to_string())?;
+                window_start,
+            })
+        };
+        let mut parts = LogParts::default();
+        for series in self.series {
+            let key = key(series.meter, series.tenant, series.dims, series.window_start)?;
+            parts
+                .batch
+                .merge_state(key, &series.state)
+                .map_err(|e| e.to_string())?;
         }
-        Ok((batch, self.dedup_keys))
+        for point in self.cumulative {
+            parts.cumulative.push(CumulativePoint {
+                stream: point.stream,
+                start_ns: point.start_ns,
+                time_ns: point.time_ns,
+                value: point.value,
+                monotonic: point.monotonic,
+                key: key(point.meter, point.tenant, point.dims, point.window_start)?,
+                aggregation: point.aggregation,
+            });
+        }
+        parts.dedup_keys = self.dedup_keys;
+        Ok(parts)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -131,7 +227,17 @@ impl LogBatch {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<LogBatch, postcard::Error> {
-        postcard::from_bytes(bytes)
+        postcard::from_bytes(bytes).or_else(|error| match postcard::from_bytes::<LogBatchV1>(bytes) {
+            Ok(old) => Ok(LogBatch {
+                meters: old.meters,
+                tenants: old.tenants,
+                dims: old.dims,
+                series: old.series,
+                dedup_keys: old.dedup_keys,
+                cumulative: Vec::new(),
+            }),
+            Err(_) => Err(error),
+        })
     }
 }
 
@@ -397,6 +503,76 @@ mod tests {
             }
             prop_assert_eq!(actual, expected);
         }
+    }
+
+    #[test]
+    fn cumulative_points_round_trip_and_old_records_still_decode() {
+        let (writer_names, reader_names) = (Names::default(), Names::default());
+        reader_names.meters.intern("other");
+        let key = SeriesKey {
+            meter: writer_names.meters.intern("requests"),
+            tenant: writer_names.tenants.intern("acme"),
+            dims: writer_names
+                .dims
+                .intern(&[("route".to_string(), "/a".to_string())]),
+            window_start: 120,
+        };
+        let point = CumulativePoint {
+            stream: 99,
+            start_ns: 1,
+            time_ns: 2,
+            value: 42,
+            monotonic: true,
+            key,
+            aggregation: Aggregation::Sum,
+        };
+        let bytes = LogBatch::from_parts(
+            &PreAggregated::default(),
+            &[5],
+            std::slice::from_ref(&point),
+            &writer_names,
+        )
+        .encode();
+        let parts = LogBatch::decode(&bytes)
+            .unwrap()
+            .into_parts(&reader_names)
+            .unwrap();
+        assert_eq!(parts.dedup_keys, vec![5]);
+        let replayed = &parts.cumulative[0];
+        assert_eq!(
+            (replayed.stream, replayed.value, replayed.key.window_start),
+            (99, 42, 120)
+        );
+        assert_eq!(&*reader_names.meters.resolve(replayed.key.meter), "requests");
+
+        // A record written before cumulative points existed (no trailing field).
+        #[derive(Serialize)]
+        struct V1 {
+            meters: Vec<String>,
+            tenants: Vec<String>,
+            dims: Vec<Dims>,
+            series: Vec<LogSeries>,
+            dedup_keys: Vec<u128>,
+        }
+        let old = postcard::to_stdvec(&V1 {
+            meters: vec!["m".into()],
+            tenants: vec!["t".into()],
+            dims: vec![Vec::new()],
+            series: vec![LogSeries {
+                meter: 0,
+                tenant: 0,
+                dims: 0,
+                window_start: 60,
+                state: AggState::Sum(7.into()),
+            }],
+            dedup_keys: vec![3],
+        })
+        .unwrap();
+        let decoded = LogBatch::decode(&old).unwrap();
+        assert_eq!(
+            (decoded.series.len(), decoded.dedup_keys, decoded.cumulative.len()),
+            (1, vec![3], 0)
+        );
     }
 
     fn open(dir: &Path, from: u64) -> (IngestLog, Vec<Replayed>) {

@@ -360,6 +360,29 @@ impl RocksStore {
         Ok(self.db.get(key)?)
     }
 
+    /// Every cumulative stream's checkpointed last point (loaded once, at startup).
+    pub fn stream_states(&self) -> Result<Vec<(u128, crate::aggregate::streams::StreamState)>, StoreError> {
+        let mut out = Vec::new();
+        let start = [keys::STREAM];
+        for item in self.db.iterator(IteratorMode::From(&start, Direction::Forward)) {
+            let (key, value) = item?;
+            if key.first() != Some(&keys::STREAM) {
+                break;
+            }
+            let corrupt = |detail: String| StoreError::Corrupt {
+                what: "stream state",
+                detail,
+            };
+            let id: [u8; 16] = key[1..]
+                .try_into()
+                .map_err(|_| corrupt(format!("key of {} bytes", key.len())))?;
+            let state = crate::aggregate::streams::StreamState::decode(&value)
+                .map_err(|error| corrupt(error.to_string()))?;
+            out.push((u128::from_be_bytes(id), state));
+        }
+        Ok(out)
+    }
+
     /// Iterates keys of one kind from `start` (inclusive) while `keep` holds.
     pub fn scan_keys(
         &self,
@@ -420,10 +443,12 @@ mod tests {
             id: 0,
             slug: slug.into(),
             description: None,
+            source: crate::meter::MeterSource::CloudEvents,
             event_type: "t".into(),
             aggregation,
             value_property: Some(JsonPath::parse("$.v").unwrap()),
             group_by: Vec::new(),
+            group_by_attributes: Vec::new(),
             window_size: WindowSize::Minute,
             scale,
             unique_exact_limit: 10,
@@ -483,6 +508,7 @@ mod tests {
             deltas: delta(10),
             dedup_keys: vec![42],
             sources: Vec::new(),
+            streams: Vec::new(),
         };
         checkpoint(&store, &names, &catalog, snapshot, NOW + 30);
         assert!(lines(&store).is_empty());
@@ -499,6 +525,7 @@ mod tests {
             deltas: delta(5),
             dedup_keys: vec![],
             sources: Vec::new(),
+            streams: Vec::new(),
         };
         checkpoint(&store, &names, &catalog, snapshot, NOW + 60);
         assert!(lines(&store).is_empty());
@@ -526,6 +553,7 @@ mod tests {
                 deltas: delta(7),
                 dedup_keys: vec![],
                 sources: Vec::new(),
+                streams: Vec::new(),
             },
             NOW + 600,
         );
@@ -647,6 +675,7 @@ mod tests {
                 }],
                 deltas,
                 dedup_keys: vec![round as u128],
+                streams: Vec::new(),
             };
             let prepared = origin
                 .prepare_checkpoint(&snapshot, &names, &catalog, NOW + round, 60)

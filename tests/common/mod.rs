@@ -65,6 +65,9 @@ window_size = "HOUR"
 pub struct Daemon {
     pub child: Child,
     pub addr: String,
+    /// OTLP/gRPC and OTLP/HTTP addresses, when those edges run.
+    pub otlp_grpc: Option<String>,
+    pub otlp_http: Option<String>,
     pub logs: Arc<Mutex<Vec<String>>>,
     pub config_path: PathBuf,
 }
@@ -75,6 +78,8 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
         r#"
 [server]
 http_addr = "127.0.0.1:0"
+otlp_grpc_addr = "127.0.0.1:0"
+otlp_http_addr = "127.0.0.1:0"
 [storage]
 data_dir = "{data}"
 [aggregate]
@@ -115,24 +120,43 @@ impl Daemon {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if line.contains("http listening") {
-                    if let Some(addr) = line.split("addr=").nth(1) {
-                        let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
-                    }
+                let addr = line
+                    .split("addr=")
+                    .nth(1)
+                    .map(|addr| addr.split_whitespace().next().unwrap_or("").to_string());
+                // The OTLP edges log before the main HTTP server, which comes last.
+                let kind = if line.contains("otlp grpc listening") {
+                    Some("grpc")
+                } else if line.contains("otlp http listening") {
+                    Some("otlp_http")
+                } else if line.contains("http listening") {
+                    Some("http")
+                } else {
+                    None
+                };
+                if let (Some(kind), Some(addr)) = (kind, addr) {
+                    let _ = addr_tx.send((kind, addr));
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let addr = match addr_rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("tallyd did not start:\n{}", logs.lock().unwrap().join("\n"));
+        let (mut otlp_grpc, mut otlp_http) = (None, None);
+        let addr = loop {
+            match addr_rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(("http", addr)) => break addr,
+                Ok(("grpc", addr)) => otlp_grpc = Some(addr),
+                Ok((_, addr)) => otlp_http = Some(addr),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("tallyd did not start:\n{}", logs.lock().unwrap().join("\n"));
+                }
             }
         };
         Daemon {
             child,
             addr,
+            otlp_grpc,
+            otlp_http,
             logs,
             config_path: config_path.to_path_buf(),
         }

@@ -1,0 +1,249 @@
+//! Cumulative streams → deltas (OTLP `CUMULATIVE` sums and histogram counts/sums).
+//!
+//! A cumulative point says "this stream has counted `value` since `start`"; usage is the
+//! difference to the stream's previous point. The conversion runs on the commit thread, in
+//! ingest-log order, both when a request is committed and when the log is replayed after a
+//! crash: the log holds the raw cumulative points, the checkpoint holds the stream states
+//! (`S` keys, in the same WriteBatch as the log position), so replay re-derives exactly the
+//! same deltas. A request that never reached the log never moved a stream.
+//!
+//! Rules, per stream (resource + scope + metric + point attributes + meter):
+//! - first point: its whole value counts (usage since its start time);
+//! - a point not newer than the last one, by `(start, time)`, is a retry or a stale reorder:
+//!   nothing counts (a newer cumulative value already includes it);
+//! - a newer start time is a reset (new process, counter restarted): the whole value counts;
+//! - same start, later time: `value − previous`; on a monotonic stream a decrease is a reset
+//!   (the whole value counts), on a non-monotonic one the negative delta counts.
+//!
+//! Must not: do I/O or depend on arrival order beyond the log order it is given.
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use super::{AggState, Aggregation, MergeError, Observation, PreAggregated};
+use crate::model::SeriesKey;
+
+/// The last point seen of one stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamState {
+    pub start_ns: u64,
+    pub time_ns: u64,
+    /// Fixed point at the target meter's scale.
+    pub value: i128,
+}
+
+impl StreamState {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("invariant: stream states serialize")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<StreamState, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+}
+
+/// One cumulative point for one meter series, as the edge mapped it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CumulativePoint {
+    /// Identity of the stream (hash of resource, scope, metric, attributes and meter).
+    pub stream: u128,
+    pub start_ns: u64,
+    pub time_ns: u64,
+    pub value: i128,
+    pub monotonic: bool,
+    /// Where the delta goes (the window of the point's time).
+    pub key: SeriesKey,
+    /// SUM or COUNT: both add the delta.
+    pub aggregation: Aggregation,
+}
+
+/// Every stream's last point (all streams stay in memory: one entry per live time series of
+/// an exporter, far fewer than usage series).
+#[derive(Debug, Default)]
+pub struct Streams {
+    states: FxHashMap<u128, StreamState>,
+}
+
+impl Streams {
+    pub fn new(states: impl IntoIterator<Item = (u128, StreamState)>) -> Streams {
+        Streams {
+            states: states.into_iter().collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    pub fn get(&self, stream: u128) -> Option<StreamState> {
+        self.states.get(&stream).copied()
+    }
+
+    /// The usage a point adds, given the stream's previous point (pure: see the module rules).
+    pub fn delta(previous: Option<StreamState>, point: &CumulativePoint) -> Option<i128> {
+        let Some(previous) = previous else {
+            return Some(point.value);
+        };
+        if (point.start_ns, point.time_ns) <= (previous.start_ns, previous.time_ns) {
+            return None;
+        }
+        if point.start_ns > previous.start_ns {
+            return Some(point.value);
+        }
+        if point.monotonic && point.value < previous.value {
+            return Some(point.value);
+        }
+        point.value.checked_sub(previous.value)
+    }
+
+    /// Converts `points` (in log order) into deltas folded into `batch`, and records each
+    /// stream's new state in `changed` (the newest wins). Points that add nothing still move
+    /// their stream when they are newer.
+    pub fn fold(
+        &mut self,
+        points: &[CumulativePoint],
+        batch: &mut PreAggregated,
+        changed: &mut FxHashMap<u128, StreamState>,
+    ) -> Result<(), MergeError> {
+        for point in points {
+            let previous = self.states.get(&point.stream).copied();
+            let newer = previous.is_none_or(|previous| {
+                (point.start_ns, point.time_ns) > (previous.start_ns, previous.time_ns)
+            });
+            if !newer {
+                continue;
+            }
+            match (Self::delta(previous, point), point.aggregation) {
+                (None | Some(0), _) => {}
+                // A COUNT meter fed by a histogram's cumulative count adds the count's delta
+                // (counts are monotonic, so the reset rule never yields a negative one).
+                (Some(delta), Aggregation::Count) => {
+                    batch.merge_state(point.key, &AggState::Count(u64::try_from(delta).unwrap_or(0)))?
+                }
+                (Some(delta), aggregation) => batch.observe(
+                    point.key,
+                    aggregation,
+                    Observation::Value(delta),
+                    (point.time_ns / 1_000_000) as i64,
+                    0,
+                )?,
+            }
+            let state = StreamState {
+                start_ns: point.start_ns,
+                time_ns: point.time_ns,
+                value: point.value,
+            };
+            self.states.insert(point.stream, state);
+            changed.insert(point.stream, state);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key() -> SeriesKey {
+        SeriesKey {
+            meter: 1,
+            tenant: 1,
+            dims: 0,
+            window_start: 0,
+        }
+    }
+
+    fn point(start: u64, time: u64, value: i128) -> CumulativePoint {
+        CumulativePoint {
+            stream: 7,
+            start_ns: start,
+            time_ns: time,
+            value,
+            monotonic: true,
+            key: key(),
+            aggregation: Aggregation::Sum,
+        }
+    }
+
+    fn total(streams: &mut Streams, points: &[CumulativePoint]) -> i128 {
+        let mut batch = PreAggregated::default();
+        streams
+            .fold(points, &mut batch, &mut FxHashMap::default())
+            .unwrap();
+        match batch.series.get(&key()) {
+            Some(super::super::AggState::Sum(sum)) => sum.get(),
+            None => 0,
+            Some(other) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cumulative_points_become_deltas_with_resets_and_retries() {
+        let mut streams = Streams::default();
+        let points = [
+            point(1, 10, 5),
+            point(1, 20, 8),
+            point(1, 20, 8),  // retry of the same point
+            point(1, 15, 6),  // stale reorder
+            point(1, 30, 2),  // decrease on a monotonic stream: reset
+            point(40, 50, 4), // new start time: reset
+        ];
+        assert_eq!(total(&mut streams, &points), 5 + 3 + 2 + 4);
+        assert_eq!(
+            streams.get(7),
+            Some(StreamState {
+                start_ns: 40,
+                time_ns: 50,
+                value: 4
+            })
+        );
+    }
+
+    #[test]
+    fn non_monotonic_streams_count_decreases() {
+        let mut streams = Streams::default();
+        let mut points = vec![point(1, 10, 5), point(1, 20, 3)];
+        for point in &mut points {
+            point.monotonic = false;
+        }
+        assert_eq!(total(&mut streams, &points), 3);
+    }
+
+    proptest! {
+        /// However a collector retries and reorders exports of one cumulative stream, the
+        /// usage counted is the stream's final value (no reset in between).
+        #[test]
+        fn retries_and_reorders_count_the_final_value(
+            increments in proptest::collection::vec(0i128..1000, 1..30),
+            deliveries in proptest::collection::vec((0usize..30, 0usize..3), 1..80),
+            split in 0usize..80,
+        ) {
+            let mut cumulative = Vec::new();
+            let mut value = 0;
+            for (i, increment) in increments.iter().enumerate() {
+                value += increment;
+                cumulative.push(point(1, 10 * (i as u64 + 1), value));
+            }
+            // Some points arrive late, some twice; the newest always arrives eventually.
+            let mut arrivals: Vec<CumulativePoint> = deliveries
+                .iter()
+                .flat_map(|(index, copies)| {
+                    std::iter::repeat_n(cumulative[index % cumulative.len()].clone(), *copies)
+                })
+                .collect();
+            arrivals.push(cumulative.last().unwrap().clone());
+            // Split the arrivals across two folds (two requests, or a replay after a restart).
+            let split = split.min(arrivals.len());
+            let mut streams = Streams::default();
+            let first = total(&mut streams, &arrivals[..split]);
+            let mut restored = Streams::new(streams.states.clone());
+            let second = total(&mut restored, &arrivals[split..]);
+            prop_assert_eq!(first + second, value);
+        }
+    }
+}

@@ -1,0 +1,1322 @@
+//! OTLP requests → meter updates. Pure: no shared state but the name tables, no I/O, no clock
+//! (the caller passes `now`), so it can be property-tested like the CloudEvents decoder.
+//!
+//! A data point (or log record) is the unit of acceptance: it is either mapped (every meter it
+//! feeds gets its update) or refused with a reason, never half-counted. Refused points are
+//! reported in the OTLP partial success and dead-lettered by the edge.
+//!
+//! How points become usage (see the README's OTLP section for the operator's view):
+//! - tenant: the resource attribute `tenant_attribute`, or the API key's tenant;
+//! - meters match by metric name (`otlp_metric`) or by the record's event name (`otlp_log`);
+//! - group-by dimensions come from point/record attributes, then resource attributes;
+//! - DELTA sums and histogram counts/sums add, deduplicated per point by (stream, start, time)
+//!   so a collector's retry never counts twice; CUMULATIVE ones become `CumulativePoint`s that
+//!   the commit stage turns into deltas per stream (`aggregate::streams`);
+//! - gauges (and sums' current values) feed MAX / MIN / LATEST, which are idempotent;
+//! - log records count 1 (or `value_attribute`) and dedup by `id_attribute` like CloudEvents ids.
+
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, AggregationTemporality};
+use prost::Message;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::aggregate::streams::CumulativePoint;
+use crate::aggregate::{AggState, Aggregation, Observation};
+use crate::ingest::decode::{dedup_key, Acceptance, MAX_ATTRIBUTE_BYTES};
+use crate::meter::{Meter, MeterSource, Meters, MAX_DIMENSION_VALUE_BYTES};
+use crate::model::{decimal_from_f64, parse_decimal, Dims, Names, QuantityError, SeriesKey};
+
+/// What the mapping needs besides the request.
+pub struct MapContext<'a> {
+    pub meters: &'a Meters,
+    pub names: &'a Names,
+    /// Resource attribute naming the tenant.
+    pub tenant_attribute: &'a str,
+    /// The authenticated tenant (API key); points may belong to it only.
+    pub key_tenant: Option<&'a str>,
+    pub now_ms: i64,
+    pub acceptance: Acceptance,
+}
+
+/// Why a point or record is not counted (a closed set: it is a metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RefusalReason {
+    /// No tenant (attribute missing or not a string).
+    NoTenant,
+    /// The resource names a tenant other than the API key's.
+    WrongTenant,
+    /// A value, timestamp, attribute or shape problem.
+    Invalid,
+    TooLate,
+    TooFarInFuture,
+}
+
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::NoTenant => "no_tenant",
+            RefusalReason::WrongTenant => "wrong_tenant",
+            RefusalReason::Invalid => "invalid",
+            RefusalReason::TooLate => "too_late",
+            RefusalReason::TooFarInFuture => "too_far_in_future",
+        }
+    }
+}
+
+/// A refused point or record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PointRefusal {
+    pub reason: RefusalReason,
+    pub message: String,
+    /// Metric name or log event name.
+    pub name: String,
+    pub tenant: Option<String>,
+    pub time_unix_nano: u64,
+}
+
+/// One accepted point's direct updates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedPoint {
+    /// Set when the point adds (delta sums, counts, log records with an id): counted once per
+    /// key. Idempotent updates (MAX, MIN, LATEST) need none.
+    pub dedup_key: Option<u128>,
+    pub updates: Vec<(SeriesKey, AggState)>,
+    /// Lands in a window that had already closed (it amends it).
+    pub late: bool,
+}
+
+/// A request, mapped.
+#[derive(Debug, Default)]
+pub struct Mapped {
+    pub points: Vec<MappedPoint>,
+    pub cumulative: Vec<CumulativePoint>,
+    pub refused: Vec<PointRefusal>,
+    /// Points or records that no meter reads (accepted, not counted).
+    pub unmetered: usize,
+    /// Points or records in the request.
+    pub total: usize,
+}
+
+impl Mapped {
+    /// Points or records that count (some of them may still be duplicates).
+    pub fn accepted(&self) -> usize {
+        self.total - self.unmetered - self.refused.len()
+    }
+
+    /// The partial-success message: counts per distinct reason, most frequent first.
+    pub fn refusal_summary(&self, noun: &str) -> String {
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        for refusal in &self.refused {
+            match counts.iter_mut().find(|(message, _)| *message == refusal.message) {
+                Some((_, count)) => *count += 1,
+                None => counts.push((&refusal.message, 1)),
+            }
+        }
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let shown: Vec<String> = counts
+            .iter()
+            .take(5)
+            .map(|(message, count)| format!("{count} × {message}"))
+            .collect();
+        let more = counts.len().saturating_sub(5);
+        format!(
+            "{} of {} {noun} rejected: {}{}",
+            self.refused.len(),
+            self.total,
+            shown.join("; "),
+            if more > 0 {
+                format!("; and {more} other reasons")
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+/// An attribute value as a dimension or id string; composite values have none.
+fn attribute_text(value: &AnyValue) -> Option<String> {
+    match value.value.as_ref()? {
+        any_value::Value::StringValue(text) => Some(text.clone()),
+        any_value::Value::IntValue(number) => Some(number.to_string()),
+        any_value::Value::BoolValue(flag) => Some(flag.to_string()),
+        any_value::Value::DoubleValue(number) if number.is_finite() => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+fn find<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
+    attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+}
+
+/// Hashes attributes independently of their order (SDKs need not sort them).
+fn hash_attributes(hasher: &mut Xxh3, attributes: &[KeyValue]) {
+    let mut sorted: Vec<&KeyValue> = attributes.iter().collect();
+    sorted.sort_by(|a, b| a.key.cmp(&b.key));
+    hasher.update(&(sorted.len() as u32).to_le_bytes());
+    for kv in sorted {
+        hash_str(hasher, &kv.key);
+        hash_value(hasher, kv.value.as_ref().and_then(|value| value.value.as_ref()));
+    }
+}
+
+/// A type tag, then the value: `"1"` and `1` are different attributes.
+fn hash_value(hasher: &mut Xxh3, value: Option<&any_value::Value>) {
+    match value {
+        None => hasher.update(&[0]),
+        Some(any_value::Value::StringValue(text)) => {
+            hasher.update(&[1]);
+            hash_str(hasher, text);
+        }
+        Some(any_value::Value::BoolValue(flag)) => hasher.update(&[2, u8::from(*flag)]),
+        Some(any_value::Value::IntValue(number)) => {
+            hasher.update(&[3]);
+            hasher.update(&number.to_le_bytes());
+        }
+        Some(any_value::Value::DoubleValue(number)) => {
+            hasher.update(&[4]);
+            hasher.update(&number.to_bits().to_le_bytes());
+        }
+        // Composite values: prost's encoding is deterministic for one value.
+        Some(other) => {
+            hasher.update(&[5]);
+            let encoded = AnyValue {
+                value: Some(other.clone()),
+            }
+            .encode_to_vec();
+            hasher.update(&(encoded.len() as u32).to_le_bytes());
+            hasher.update(&encoded);
+        }
+    }
+}
+
+fn hash_str(hasher: &mut Xxh3, text: &str) {
+    hasher.update(&(text.len() as u32).to_le_bytes());
+    hasher.update(text.as_bytes());
+}
+
+/// The tenant of a resource, or why there is none.
+fn tenant_of(resource: &[KeyValue], context: &MapContext<'_>) -> Result<String, (RefusalReason, String)> {
+    let named = find(resource, context.tenant_attribute);
+    let named = match named {
+        None => None,
+        Some(value) => match &value.value {
+            Some(any_value::Value::StringValue(text)) if !text.is_empty() => Some(text.as_str()),
+            _ => {
+                return Err((
+                    RefusalReason::NoTenant,
+                    format!(
+                        "resource attribute `{}` must be a non-empty string",
+                        context.tenant_attribute
+                    ),
+                ))
+            }
+        },
+    };
+    match (named, context.key_tenant) {
+        (Some(named), Some(key)) if named != key => Err((
+            RefusalReason::WrongTenant,
+            format!(
+                "resource attribute `{}` names another tenant than the API key's",
+                context.tenant_attribute
+            ),
+        )),
+        (_, Some(key)) => Ok(key.to_string()),
+        (Some(named), None) if named.len() > MAX_ATTRIBUTE_BYTES => Err((
+            RefusalReason::NoTenant,
+            format!(
+                "resource attribute `{}` is longer than {MAX_ATTRIBUTE_BYTES} bytes",
+                context.tenant_attribute
+            ),
+        )),
+        (Some(named), None) => Ok(named.to_string()),
+        (None, None) => Err((
+            RefusalReason::NoTenant,
+            format!(
+                "resource attribute `{}` missing (it names the tenant)",
+                context.tenant_attribute
+            ),
+        )),
+    }
+}
+
+/// A meter's dimensions from the point's attributes, then the resource's.
+fn dimensions(meter: &Meter, point: &[KeyValue], resource: &[KeyValue]) -> Result<Dims, String> {
+    let mut dims = Vec::with_capacity(meter.group_by_attributes.len());
+    for (name, attribute) in &meter.group_by_attributes {
+        let Some(value) = find(point, attribute).or_else(|| find(resource, attribute)) else {
+            continue;
+        };
+        let Some(text) = attribute_text(value) else {
+            return Err(format!(
+                "attribute `{attribute}` (group_by `{name}`) must be a string, number or boolean"
+            ));
+        };
+        if text.len() > MAX_DIMENSION_VALUE_BYTES {
+            return Err(format!(
+                "attribute `{attribute}` (group_by `{name}`) is {} bytes, more than {MAX_DIMENSION_VALUE_BYTES}",
+                text.len()
+            ));
+        }
+        dims.push((name.clone(), text));
+    }
+    Ok(dims)
+}
+
+/// The point's time in unix ms, refused when absent or outside the acceptance window.
+fn point_time(time_unix_nano: u64, context: &MapContext<'_>) -> Result<i64, (RefusalReason, String)> {
+    if time_unix_nano == 0 {
+        return Err((RefusalReason::Invalid, "time_unix_nano missing".into()));
+    }
+    let ts_ms = (time_unix_nano / 1_000_000) as i64;
+    let acceptance = context.acceptance;
+    if ts_ms < context.now_ms - acceptance.max_lateness_secs * 1000 {
+        return Err((
+            RefusalReason::TooLate,
+            format!(
+                "time is more than max_lateness_secs ({}) in the past",
+                acceptance.max_lateness_secs
+            ),
+        ));
+    }
+    if ts_ms > context.now_ms + acceptance.max_future_secs * 1000 {
+        return Err((
+            RefusalReason::TooFarInFuture,
+            format!(
+                "time is more than max_future_secs ({}) in the future",
+                acceptance.max_future_secs
+            ),
+        ));
+    }
+    Ok(ts_ms)
+}
+
+fn quantity_error(what: &str, error: QuantityError) -> String {
+    match error {
+        QuantityError::NotANumber => format!("{what} is NaN or infinite"),
+        other => format!("{what} {other}"),
+    }
+}
+
+/// A number data point's value at `scale`.
+fn number_value(value: Option<&number_data_point::Value>, scale: u32) -> Result<i128, String> {
+    match value {
+        None => Err("value missing (neither as_int nor as_double)".into()),
+        Some(number_data_point::Value::AsInt(int)) => {
+            parse_decimal(&int.to_string(), scale).map_err(|error| quantity_error("value", error))
+        }
+        Some(number_data_point::Value::AsDouble(double)) => {
+            decimal_from_f64(*double, scale).map_err(|error| quantity_error("value", error))
+        }
+    }
+}
+
+/// The shape of one metric data point, as meters read it.
+struct PointShape<'a> {
+    kind: &'static str,
+    attributes: &'a [KeyValue],
+    start_ns: u64,
+    time_ns: u64,
+    /// DELTA (true) or CUMULATIVE (false); gauges count as delta (their values are levels).
+    delta: bool,
+    monotonic: bool,
+    values: PointValues<'a>,
+}
+
+enum PointValues<'a> {
+    /// Gauge or sum.
+    Number(Option<&'a number_data_point::Value>),
+    /// Histogram, exponential histogram or summary.
+    Distribution {
+        count: u64,
+        sum: Option<f64>,
+        min: Option<f64>,
+        max: Option<f64>,
+    },
+}
+
+/// What one meter takes from one point.
+enum MeterUpdate {
+    /// Added to the series (deduplicated per point).
+    Add(AggState),
+    /// Idempotent (MAX, MIN, LATEST).
+    Level(AggState),
+    /// Becomes a delta at commit.
+    Cumulative { value: i128, monotonic: bool },
+}
+
+fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) -> Result<MeterUpdate, String> {
+    let slug = &meter.slug;
+    let aggregation = meter.aggregation;
+    let non_negative = |value: i128, what: &str| -> Result<i128, String> {
+        if value < 0 && !meter.allow_negative {
+            Err(format!(
+                "{what} is negative and meter `{slug}` does not allow_negative"
+            ))
+        } else {
+            Ok(value)
+        }
+    };
+    let level = |value: i128| {
+        MeterUpdate::Level(AggState::from_observation(
+            aggregation,
+            Observation::Value(value),
+            ts_ms,
+            meter.unique_exact_limit,
+        ))
+    };
+    match (&shape.values, aggregation) {
+        (_, Aggregation::UniqueCount) => Err(format!(
+            "meter `{slug}` is UNIQUE_COUNT, which metric points cannot feed"
+        )),
+        (PointValues::Number(_), Aggregation::Count) => Ok(MeterUpdate::Add(AggState::Count(1))),
+        (PointValues::Number(value), Aggregation::Max | Aggregation::Min | Aggregation::Latest) => {
+            let value = non_negative(number_value(*value, meter.scale)?, "value")?;
+            Ok(level(value))
+        }
+        (PointValues::Number(_), Aggregation::Sum) if shape.kind == "gauge" => Err(format!(
+            "a gauge is not additive (meter `{slug}` is SUM); use MAX, MIN or LATEST"
+        )),
+        (PointValues::Number(value), Aggregation::Sum) => {
+            let value = number_value(*value, meter.scale)?;
+            if shape.monotonic && value < 0 {
+                return Err("negative value on a monotonic sum".into());
+            }
+            if shape.delta {
+                let value = non_negative(value, "value")?;
+                return Ok(MeterUpdate::Add(AggState::Sum(value.into())));
+            }
+            if !shape.monotonic && !meter.allow_negative {
+                return Err(format!(
+                    "a non-monotonic cumulative sum can decrease; meter `{slug}` needs allow_negative (or use LATEST)"
+                ));
+            }
+            Ok(MeterUpdate::Cumulative {
+                value,
+                monotonic: shape.monotonic,
+            })
+        }
+        (PointValues::Distribution { count, .. }, Aggregation::Count) => {
+            if shape.delta {
+                Ok(MeterUpdate::Add(AggState::Count(*count)))
+            } else {
+                Ok(MeterUpdate::Cumulative {
+                    value: i128::from(*count),
+                    monotonic: true,
+                })
+            }
+        }
+        (PointValues::Distribution { sum, .. }, Aggregation::Sum) => {
+            let Some(sum) = sum else {
+                return Err(format!("{} point has no sum (meter `{slug}` is SUM)", shape.kind));
+            };
+            let sum = decimal_from_f64(*sum, meter.scale).map_err(|error| quantity_error("sum", error))?;
+            let sum = non_negative(sum, "sum")?;
+            if shape.delta {
+                Ok(MeterUpdate::Add(AggState::Sum(sum.into())))
+            } else {
+                Ok(MeterUpdate::Cumulative {
+                    value: sum,
+                    // Without negative measurements a cumulative sum only grows.
+                    monotonic: !meter.allow_negative,
+                })
+            }
+        }
+        (PointValues::Distribution { min, max, .. }, Aggregation::Max | Aggregation::Min) => {
+            let (what, bound) = if aggregation == Aggregation::Max {
+                ("max", max)
+            } else {
+                ("min", min)
+            };
+            let Some(bound) = bound else {
+                return Err(format!("{} point has no {what} (meter `{slug}`)", shape.kind));
+            };
+            let value = decimal_from_f64(*bound, meter.scale).map_err(|error| quantity_error(what, error))?;
+            Ok(level(non_negative(value, what)?))
+        }
+        (PointValues::Distribution { .. }, Aggregation::Latest) => Err(format!(
+            "a {} has no single value (meter `{slug}` is LATEST); use COUNT, SUM, MAX or MIN",
+            shape.kind
+        )),
+    }
+}
+
+/// Identity of a point's stream without the meter: tenant (it may come from an API key, not
+/// the resource), resource, scope, metric, attributes.
+fn series_hash(tenant: &str, scope_hash: u128, metric: &str, attributes: &[KeyValue]) -> u128 {
+    let mut hasher = Xxh3::new();
+    hash_str(&mut hasher, tenant);
+    hasher.update(&scope_hash.to_le_bytes());
+    hash_str(&mut hasher, metric);
+    hash_attributes(&mut hasher, attributes);
+    hasher.digest128()
+}
+
+fn with_meter(series: u128, slug: &str) -> u128 {
+    let mut hasher = Xxh3::new();
+    hasher.update(&series.to_le_bytes());
+    hash_str(&mut hasher, slug);
+    hasher.digest128()
+}
+
+/// A delta point's identity for dedup: the same point re-sent by a retrying collector has the
+/// same stream, start and time; two different points of one stream never do.
+/// Hashed with its own prefix and layout, apart from CloudEvents and log-record ids.
+fn point_dedup_key(tenant: &str, series: u128, start_ns: u64, time_ns: u64) -> u128 {
+    let mut hasher = Xxh3::new();
+    hasher.update(b"otlp.metric.point");
+    hash_str(&mut hasher, tenant);
+    hasher.update(&series.to_le_bytes());
+    hasher.update(&start_ns.to_le_bytes());
+    hasher.update(&time_ns.to_le_bytes());
+    hasher.digest128()
+}
+
+/// Maps a metrics export request.
+pub fn map_metrics(request: &ExportMetricsServiceRequest, context: &MapContext<'_>) -> Mapped {
+    let mut mapped = Mapped::default();
+    for resource_metrics in &request.resource_metrics {
+        let resource: &[KeyValue] = resource_metrics
+            .resource
+            .as_ref()
+            .map_or(&[], |resource| &resource.attributes);
+        let tenant = tenant_of(resource, context);
+        let mut resource_hasher = Xxh3::new();
+        hash_attributes(&mut resource_hasher, resource);
+        let resource_hash = resource_hasher.digest128();
+        for scope_metrics in &resource_metrics.scope_metrics {
+            let mut scope_hasher = Xxh3::new();
+            scope_hasher.update(&resource_hash.to_le_bytes());
+            if let Some(scope) = &scope_metrics.scope {
+                hash_str(&mut scope_hasher, &scope.name);
+                hash_str(&mut scope_hasher, &scope.version);
+            }
+            let scope_hash = scope_hasher.digest128();
+            for metric in &scope_metrics.metrics {
+                let shapes = point_shapes(metric);
+                mapped.total += shapes.len();
+                let meters: Vec<&Meter> = context.meters.matching_metric(&metric.name).collect();
+                if meters.is_empty() {
+                    mapped.unmetered += shapes.len();
+                    continue;
+                }
+                for shape in shapes {
+                    let shape = match shape {
+                        Ok(shape) => shape,
+                        Err(message) => {
+                            mapped.refused.push(PointRefusal {
+                                reason: RefusalReason::Invalid,
+                                message,
+                                name: metric.name.clone(),
+                                tenant: tenant.as_ref().ok().cloned(),
+                                time_unix_nano: 0,
+                            });
+                            continue;
+                        }
+                    };
+                    let refuse = |reason, message| PointRefusal {
+                        reason,
+                        message,
+                        name: metric.name.clone(),
+                        tenant: tenant.as_ref().ok().cloned(),
+                        time_unix_nano: shape.time_ns,
+                    };
+                    let tenant = match &tenant {
+                        Ok(tenant) => tenant,
+                        Err((reason, message)) => {
+                            mapped.refused.push(refuse(*reason, message.clone()));
+                            continue;
+                        }
+                    };
+                    match map_point(
+                        &shape,
+                        &meters,
+                        tenant,
+                        scope_hash,
+                        &metric.name,
+                        resource,
+                        context,
+                        &mut mapped,
+                    ) {
+                        Ok(()) => {}
+                        Err((reason, message)) => mapped.refused.push(refuse(reason, message)),
+                    }
+                }
+            }
+        }
+    }
+    mapped
+}
+
+#[allow(clippy::too_many_arguments)]
+fn map_point(
+    shape: &PointShape<'_>,
+    meters: &[&Meter],
+    tenant: &str,
+    scope_hash: u128,
+    metric: &str,
+    resource: &[KeyValue],
+    context: &MapContext<'_>,
+    mapped: &mut Mapped,
+) -> Result<(), (RefusalReason, String)> {
+    let ts_ms = point_time(shape.time_ns, context)?;
+    let invalid = |message: String| (RefusalReason::Invalid, message);
+    let tenant_id = context.names.tenants.intern(tenant);
+    let series = series_hash(tenant, scope_hash, metric, shape.attributes);
+    let mut point = MappedPoint {
+        dedup_key: None,
+        updates: Vec::with_capacity(meters.len()),
+        late: false,
+    };
+    let mut cumulative = Vec::new();
+    for meter in meters {
+        let dims = dimensions(meter, shape.attributes, resource).map_err(invalid)?;
+        let window_start = meter.window_size.start_of(ts_ms);
+        let window_end = window_start + meter.window_size.seconds();
+        point.late |= (window_end + context.acceptance.allowed_lateness_secs) * 1000 <= context.now_ms;
+        let key = SeriesKey {
+            meter: meter.id,
+            tenant: tenant_id,
+            dims: context.names.dims.intern(&dims),
+            window_start,
+        };
+        match meter_update(meter, shape, ts_ms).map_err(invalid)? {
+            MeterUpdate::Add(state) => {
+                point.dedup_key = Some(point_dedup_key(tenant, series, shape.start_ns, shape.time_ns));
+                point.updates.push((key, state));
+            }
+            MeterUpdate::Level(state) => point.updates.push((key, state)),
+            MeterUpdate::Cumulative { value, monotonic } => cumulative.push(CumulativePoint {
+                stream: with_meter(series, &meter.slug),
+                start_ns: shape.start_ns,
+                time_ns: shape.time_ns,
+                value,
+                monotonic,
+                key,
+                aggregation: meter.aggregation,
+            }),
+        }
+    }
+    if !point.updates.is_empty() {
+        mapped.points.push(point);
+    }
+    mapped.cumulative.append(&mut cumulative);
+    Ok(())
+}
+
+/// Every data point of a metric, or why one cannot be read.
+fn point_shapes(
+    metric: &opentelemetry_proto::tonic::metrics::v1::Metric,
+) -> Vec<Result<PointShape<'_>, String>> {
+    let temporality = |value: i32| -> Result<bool, String> {
+        match AggregationTemporality::try_from(value) {
+            Ok(AggregationTemporality::Delta) => Ok(true),
+            Ok(AggregationTemporality::Cumulative) => Ok(false),
+            _ => Err(format!(
+                "aggregation_temporality {value} is neither DELTA nor CUMULATIVE"
+            )),
+        }
+    };
+    match &metric.data {
+        None => Vec::new(),
+        Some(metric::Data::Gauge(gauge)) => gauge
+            .data_points
+            .iter()
+            .map(|point| {
+                Ok(PointShape {
+                    kind: "gauge",
+                    attributes: &point.attributes,
+                    start_ns: point.start_time_unix_nano,
+                    time_ns: point.time_unix_nano,
+                    delta: true,
+                    monotonic: false,
+                    values: PointValues::Number(point.value.as_ref()),
+                })
+            })
+            .collect(),
+        Some(metric::Data::Sum(sum)) => sum
+            .data_points
+            .iter()
+            .map(|point| {
+                Ok(PointShape {
+                    kind: "sum",
+                    attributes: &point.attributes,
+                    start_ns: point.start_time_unix_nano,
+                    time_ns: point.time_unix_nano,
+                    delta: temporality(sum.aggregation_temporality)?,
+                    monotonic: sum.is_monotonic,
+                    values: PointValues::Number(point.value.as_ref()),
+                })
+            })
+            .collect(),
+        Some(metric::Data::Histogram(histogram)) => histogram
+            .data_points
+            .iter()
+            .map(|point| {
+                Ok(PointShape {
+                    kind: "histogram",
+                    attributes: &point.attributes,
+                    start_ns: point.start_time_unix_nano,
+                    time_ns: point.time_unix_nano,
+                    delta: temporality(histogram.aggregation_temporality)?,
+                    monotonic: true,
+                    values: PointValues::Distribution {
+                        count: point.count,
+                        sum: point.sum,
+                        min: point.min,
+                        max: point.max,
+                    },
+                })
+            })
+            .collect(),
+        Some(metric::Data::ExponentialHistogram(histogram)) => histogram
+            .data_points
+            .iter()
+            .map(|point| {
+                Ok(PointShape {
+                    kind: "exponential histogram",
+                    attributes: &point.attributes,
+                    start_ns: point.start_time_unix_nano,
+                    time_ns: point.time_unix_nano,
+                    delta: temporality(histogram.aggregation_temporality)?,
+                    monotonic: true,
+                    values: PointValues::Distribution {
+                        count: point.count,
+                        sum: point.sum,
+                        min: point.min,
+                        max: point.max,
+                    },
+                })
+            })
+            .collect(),
+        // Summaries are cumulative by definition.
+        Some(metric::Data::Summary(summary)) => summary
+            .data_points
+            .iter()
+            .map(|point| {
+                Ok(PointShape {
+                    kind: "summary",
+                    attributes: &point.attributes,
+                    start_ns: point.start_time_unix_nano,
+                    time_ns: point.time_unix_nano,
+                    delta: false,
+                    monotonic: true,
+                    values: PointValues::Distribution {
+                        count: point.count,
+                        sum: Some(point.sum),
+                        min: None,
+                        max: None,
+                    },
+                })
+            })
+            .collect(),
+    }
+}
+
+/// The record's event name: the `event_name` field, else the `event.name` attribute.
+fn event_name(record: &opentelemetry_proto::tonic::logs::v1::LogRecord) -> Option<&str> {
+    if !record.event_name.is_empty() {
+        return Some(&record.event_name);
+    }
+    match find(&record.attributes, "event.name")?.value.as_ref()? {
+        any_value::Value::StringValue(name) => Some(name),
+        _ => None,
+    }
+}
+
+/// Maps a logs export request: each record of a metered event name is one event.
+pub fn map_logs(request: &ExportLogsServiceRequest, context: &MapContext<'_>) -> Mapped {
+    let mut mapped = Mapped::default();
+    for resource_logs in &request.resource_logs {
+        let resource: &[KeyValue] = resource_logs
+            .resource
+            .as_ref()
+            .map_or(&[], |resource| &resource.attributes);
+        let tenant = tenant_of(resource, context);
+        // Like a CloudEvents `source`: ids are unique per emitting service.
+        let source = find(resource, "service.name")
+            .and_then(attribute_text)
+            .unwrap_or_default();
+        for scope_logs in &resource_logs.scope_logs {
+            for record in &scope_logs.log_records {
+                mapped.total += 1;
+                let Some(name) = event_name(record) else {
+                    mapped.unmetered += 1;
+                    continue;
+                };
+                let meters: Vec<&Meter> = context.meters.matching_log_event(name).collect();
+                if meters.is_empty() {
+                    mapped.unmetered += 1;
+                    continue;
+                }
+                let time_ns = if record.time_unix_nano != 0 {
+                    record.time_unix_nano
+                } else {
+                    record.observed_time_unix_nano
+                };
+                let outcome = match &tenant {
+                    Ok(tenant) => map_record(record, time_ns, &meters, tenant, &source, resource, context),
+                    Err(refusal) => Err(refusal.clone()),
+                };
+                match outcome {
+                    Ok(point) => mapped.points.push(point),
+                    Err((reason, message)) => mapped.refused.push(PointRefusal {
+                        reason,
+                        message,
+                        name: name.to_string(),
+                        tenant: tenant.as_ref().ok().cloned(),
+                        time_unix_nano: time_ns,
+                    }),
+                }
+            }
+        }
+    }
+    mapped
+}
+
+fn map_record(
+    record: &opentelemetry_proto::tonic::logs::v1::LogRecord,
+    time_ns: u64,
+    meters: &[&Meter],
+    tenant: &str,
+    source: &str,
+    resource: &[KeyValue],
+    context: &MapContext<'_>,
+) -> Result<MappedPoint, (RefusalReason, String)> {
+    let ts_ms = point_time(time_ns, context)?;
+    let invalid = |message: String| (RefusalReason::Invalid, message);
+    let tenant_id = context.names.tenants.intern(tenant);
+    let attribute = |key: &str| find(&record.attributes, key).or_else(|| find(resource, key));
+    let mut point = MappedPoint {
+        dedup_key: None,
+        updates: Vec::with_capacity(meters.len()),
+        late: false,
+    };
+    for meter in meters {
+        let MeterSource::OtlpLog {
+            value_attribute,
+            id_attribute,
+            ..
+        } = &meter.source
+        else {
+            continue;
+        };
+        if let (Some(id_attribute), None) = (id_attribute, point.dedup_key) {
+            let id = attribute(id_attribute)
+                .and_then(attribute_text)
+                .filter(|id| !id.is_empty() && id.len() <= MAX_ATTRIBUTE_BYTES)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "attribute `{id_attribute}` missing or not a short string (meter `{}` dedups by it)",
+                        meter.slug
+                    ))
+                })?;
+            point.dedup_key = Some(dedup_key(tenant, source, &id));
+        }
+        let observation = match value_attribute {
+            None => Observation::Value(parse_decimal("1", meter.scale).map_err(|e| invalid(e.to_string()))?),
+            Some(value_attribute) => {
+                let value = attribute(value_attribute).ok_or_else(|| {
+                    invalid(format!(
+                        "attribute `{value_attribute}` missing (meter `{}` reads its value there)",
+                        meter.slug
+                    ))
+                })?;
+                record_observation(meter, value_attribute, value).map_err(invalid)?
+            }
+        };
+        let dims = dimensions(meter, &record.attributes, resource).map_err(invalid)?;
+        let window_start = meter.window_size.start_of(ts_ms);
+        let window_end = window_start + meter.window_size.seconds();
+        point.late |= (window_end + context.acceptance.allowed_lateness_secs) * 1000 <= context.now_ms;
+        let key = SeriesKey {
+            meter: meter.id,
+            tenant: tenant_id,
+            dims: context.names.dims.intern(&dims),
+            window_start,
+        };
+        point.updates.push((
+            key,
+            AggState::from_observation(meter.aggregation, observation, ts_ms, meter.unique_exact_limit),
+        ));
+    }
+    Ok(point)
+}
+
+/// A log record's value attribute as an observation of `meter`.
+fn record_observation(meter: &Meter, attribute: &str, value: &AnyValue) -> Result<Observation, String> {
+    if meter.aggregation == Aggregation::UniqueCount {
+        let text = attribute_text(value)
+            .ok_or_else(|| format!("attribute `{attribute}` must be a string, number or boolean"))?;
+        return Ok(Observation::Unique(xxhash_rust::xxh3::xxh3_64(text.as_bytes())));
+    }
+    let parsed = match value.value.as_ref() {
+        Some(any_value::Value::IntValue(int)) => parse_decimal(&int.to_string(), meter.scale),
+        Some(any_value::Value::DoubleValue(double)) => decimal_from_f64(*double, meter.scale),
+        Some(any_value::Value::StringValue(text)) => parse_decimal(text, meter.scale),
+        _ => {
+            return Err(format!(
+                "attribute `{attribute}` must be a number or a decimal string"
+            ))
+        }
+    };
+    let value = parsed.map_err(|error| match error {
+        QuantityError::NotANumber => format!("attribute `{attribute}` is not a finite decimal number"),
+        other => format!("attribute `{attribute}` {other}"),
+    })?;
+    if value < 0 && !meter.allow_negative {
+        return Err(format!(
+            "attribute `{attribute}` is negative and meter `{}` does not allow_negative",
+            meter.slug
+        ));
+    }
+    Ok(Observation::Value(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+    use opentelemetry_proto::tonic::metrics::v1::{
+        Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+    };
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use proptest::prelude::*;
+
+    const NOW_MS: i64 = 1_795_321_200_000;
+    const NOW_NS: u64 = NOW_MS as u64 * 1_000_000;
+
+    fn meters(names: &Names) -> Meters {
+        let config = crate::Config::load(
+            r#"
+[[meters]]
+slug = "requests"
+source = "otlp_metric"
+metric_name = "http.server.requests"
+aggregation = "SUM"
+group_by = { route = "http.route", region = "cloud.region" }
+scale = 0
+[[meters]]
+slug = "request_points"
+source = "otlp_metric"
+metric_name = "http.server.requests"
+aggregation = "COUNT"
+[[meters]]
+slug = "storage_peak"
+source = "otlp_metric"
+metric_name = "storage.used"
+aggregation = "MAX"
+scale = 3
+[[meters]]
+slug = "storage_sum"
+source = "otlp_metric"
+metric_name = "storage.bad"
+aggregation = "SUM"
+[[meters]]
+slug = "latency_count"
+source = "otlp_metric"
+metric_name = "latency"
+aggregation = "COUNT"
+[[meters]]
+slug = "latency_sum"
+source = "otlp_metric"
+metric_name = "latency"
+aggregation = "SUM"
+scale = 3
+[[meters]]
+slug = "runs"
+source = "otlp_log"
+event_name = "workflow.run"
+value_attribute = "steps"
+id_attribute = "event.id"
+aggregation = "SUM"
+scale = 0
+"#,
+            &Default::default(),
+        )
+        .unwrap();
+        Meters::new(config.meters, names)
+    }
+
+    fn context<'a>(meters: &'a Meters, names: &'a Names, key_tenant: Option<&'a str>) -> MapContext<'a> {
+        MapContext {
+            meters,
+            names,
+            tenant_attribute: "tenant.id",
+            key_tenant,
+            now_ms: NOW_MS,
+            acceptance: Acceptance {
+                allowed_lateness_secs: 60,
+                max_lateness_secs: 86_400,
+                max_future_secs: 300,
+            },
+        }
+    }
+
+    fn text(key: &str, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(value.into())),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn number(value: number_data_point::Value, attributes: Vec<KeyValue>, time: u64) -> NumberDataPoint {
+        NumberDataPoint {
+            attributes,
+            start_time_unix_nano: NOW_NS - 60_000_000_000,
+            time_unix_nano: time,
+            value: Some(value),
+            ..Default::default()
+        }
+    }
+
+    fn request(tenant: Option<&str>, metrics: Vec<Metric>) -> ExportMetricsServiceRequest {
+        ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: Some(Resource {
+                    attributes: tenant
+                        .map(|t| vec![text("tenant.id", t), text("cloud.region", "eu")])
+                        .unwrap_or_default(),
+                    ..Default::default()
+                }),
+                scope_metrics: vec![ScopeMetrics {
+                    metrics,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn sum(
+        name: &str,
+        temporality: AggregationTemporality,
+        monotonic: bool,
+        points: Vec<NumberDataPoint>,
+    ) -> Metric {
+        Metric {
+            name: name.into(),
+            data: Some(metric::Data::Sum(Sum {
+                data_points: points,
+                aggregation_temporality: temporality as i32,
+                is_monotonic: monotonic,
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn int(value: i64) -> number_data_point::Value {
+        number_data_point::Value::AsInt(value)
+    }
+
+    #[test]
+    fn delta_sums_add_with_a_dedup_key_and_resource_dimensions() {
+        let names = Names::default();
+        let meters = meters(&names);
+        let points = vec![number(int(5), vec![text("http.route", "/a")], NOW_NS)];
+        let metric = sum(
+            "http.server.requests",
+            AggregationTemporality::Delta,
+            true,
+            points,
+        );
+        let mapped = map_metrics(
+            &request(Some("acme"), vec![metric.clone()]),
+            &context(&meters, &names, None),
+        );
+        assert_eq!((mapped.total, mapped.accepted(), mapped.refused.len()), (1, 1, 0));
+        let point = &mapped.points[0];
+        assert!(point.dedup_key.is_some());
+        let mut states: Vec<(String, Dims, AggState)> = point
+            .updates
+            .iter()
+            .map(|(key, state)| {
+                (
+                    names.meters.resolve(key.meter).to_string(),
+                    names.dims.resolve(key.dims).to_vec(),
+                    state.clone(),
+                )
+            })
+            .collect();
+        states.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            states,
+            vec![
+                ("request_points".into(), Vec::new(), AggState::Count(1)),
+                (
+                    "requests".into(),
+                    vec![("region".into(), "eu".into()), ("route".into(), "/a".into())],
+                    AggState::Sum(5.into())
+                ),
+            ]
+        );
+        // The same point re-sent has the same key; another tenant's does not.
+        let again = map_metrics(
+            &request(Some("acme"), vec![metric.clone()]),
+            &context(&meters, &names, None),
+        );
+        assert_eq!(again.points[0].dedup_key, point.dedup_key);
+        let other = map_metrics(
+            &request(Some("globex"), vec![metric]),
+            &context(&meters, &names, None),
+        );
+        assert_ne!(other.points[0].dedup_key, point.dedup_key);
+    }
+
+    #[test]
+    fn cumulative_sums_become_stream_points() {
+        let names = Names::default();
+        let meters = meters(&names);
+        let points = vec![number(int(40), vec![text("http.route", "/a")], NOW_NS)];
+        let metric = sum(
+            "http.server.requests",
+            AggregationTemporality::Cumulative,
+            true,
+            points,
+        );
+        let mapped = map_metrics(
+            &request(Some("acme"), vec![metric]),
+            &context(&meters, &names, None),
+        );
+        assert_eq!(mapped.cumulative.len(), 1);
+        let point = &mapped.cumulative[0];
+        assert_eq!(
+            (point.value, point.monotonic, point.aggregation),
+            (40, true, Aggregation::Sum)
+        );
+        // The COUNT meter counts the point directly (deduplicated).
+        assert_eq!(mapped.points.len(), 1);
+        assert_eq!(mapped.points[0].updates[0].1, AggState::Count(1));
+    }
+
+    #[test]
+    fn bad_points_are_refused_one_by_one_with_reasons() {
+        let names = Names::default();
+        let meters = meters(&names);
+        let route = || vec![text("http.route", "/a")];
+        let points = vec![
+            number(int(1), route(), NOW_NS),
+            number(number_data_point::Value::AsDouble(f64::NAN), route(), NOW_NS),
+            number(number_data_point::Value::AsDouble(f64::INFINITY), route(), NOW_NS),
+            number(int(-1), route(), NOW_NS),
+            number(int(1), route(), 0),
+            number(int(1), route(), NOW_NS - 2 * 86_400 * 1_000_000_000),
+            number(int(1), route(), NOW_NS + 3_600 * 1_000_000_000),
+            number(int(1), vec![text("http.route", &"r".repeat(300))], NOW_NS),
+        ];
+        let gauge = Metric {
+            name: "storage.bad".into(),
+            data: Some(metric::Data::Gauge(Gauge {
+                data_points: vec![number(int(1), Vec::new(), NOW_NS)],
+            })),
+            ..Default::default()
+        };
+        let metrics = vec![
+            sum(
+                "http.server.requests",
+                AggregationTemporality::Delta,
+                true,
+                points,
+            ),
+            gauge,
+        ];
+        let mapped = map_metrics(&request(Some("acme"), metrics), &context(&meters, &names, None));
+        assert_eq!((mapped.total, mapped.accepted()), (9, 1));
+        let reasons: Vec<(RefusalReason, &str)> = mapped
+            .refused
+            .iter()
+            .map(|refusal| (refusal.reason, refusal.message.as_str()))
+            .collect();
+        let has = |reason: RefusalReason, text: &str| {
+            assert!(
+                reasons
+                    .iter()
+                    .any(|(r, message)| *r == reason && message.contains(text)),
+                "{reason:?} {text}: {reasons:?}"
+            )
+        };
+        has(RefusalReason::Invalid, "NaN or infinite");
+        has(RefusalReason::Invalid, "negative value on a monotonic sum");
+        has(RefusalReason::Invalid, "time_unix_nano missing");
+        has(RefusalReason::TooLate, "max_lateness_secs");
+        has(RefusalReason::TooFarInFuture, "max_future_secs");
+        has(RefusalReason::Invalid, "more than 256");
+        has(RefusalReason::Invalid, "a gauge is not additive");
+        assert_eq!(mapped.refused.len(), 8);
+        let summary = mapped.refusal_summary("data points");
+        assert!(summary.starts_with("8 of 9 data points rejected: "), "{summary}");
+    }
+
+    #[test]
+    fn tenants_come_from_the_resource_or_the_api_key() {
+        let names = Names::default();
+        let meters = meters(&names);
+        let metric = || {
+            sum(
+                "http.server.requests",
+                AggregationTemporality::Delta,
+                true,
+                vec![number(int(1), Vec::new(), NOW_NS)],
+            )
+        };
+        let none = map_metrics(&request(None, vec![metric()]), &context(&meters, &names, None));
+        assert_eq!(none.refused[0].reason, RefusalReason::NoTenant);
+        let keyed = map_metrics(
+            &request(None, vec![metric()]),
+            &context(&meters, &names, Some("acme")),
+        );
+        assert_eq!(keyed.accepted(), 1);
+        let key = keyed.points[0].updates[0].0;
+        assert_eq!(&*names.tenants.resolve(key.tenant), "acme");
+        let spoofed = map_metrics(
+            &request(Some("globex"), vec![metric()]),
+            &context(&meters, &names, Some("acme")),
+        );
+        assert_eq!(spoofed.refused[0].reason, RefusalReason::WrongTenant);
+    }
+
+    #[test]
+    fn histograms_feed_count_and_sum() {
+        let names = Names::default();
+        let meters = meters(&names);
+        let histogram = |temporality: AggregationTemporality| Metric {
+            name: "latency".into(),
+            data: Some(metric::Data::Histogram(Histogram {
+                data_points: vec![HistogramDataPoint {
+                    start_time_unix_nano: NOW_NS - 1,
+                    time_unix_nano: NOW_NS,
+                    count: 3,
+                    sum: Some(0.1 + 0.2 + 0.25),
+                    ..Default::default()
+                }],
+                aggregation_temporality: temporality as i32,
+            })),
+            ..Default::default()
+        };
+        let mapped = map_metrics(
+            &request(Some("acme"), vec![histogram(AggregationTemporality::Delta)]),
+            &context(&meters, &names, None),
+        );
+        let mut states: Vec<AggState> = mapped.points[0]
+            .updates
+            .iter()
+            .map(|(_, state)| state.clone())
+            .collect();
+        states.sort_by_key(|state| state.kind());
+        assert_eq!(states, vec![AggState::Count(3), AggState::Sum(550.into())]);
+        let mapped = map_metrics(
+            &request(Some("acme"), vec![histogram(AggregationTemporality::Cumulative)]),
+            &context(&meters, &names, None),
+        );
+        let mut values: Vec<i128> = mapped.cumulative.iter().map(|point| point.value).collect();
+        values.sort();
+        assert_eq!(values, vec![3, 550]);
+    }
+
+    fn log_request(records: Vec<LogRecord>) -> ExportLogsServiceRequest {
+        ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                resource: Some(Resource {
+                    attributes: vec![text("tenant.id", "acme"), text("service.name", "engine")],
+                    ..Default::default()
+                }),
+                scope_logs: vec![ScopeLogs {
+                    log_records: records,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn record(attributes: Vec<KeyValue>) -> LogRecord {
+        LogRecord {
+            time_unix_nano: NOW_NS,
+            attributes,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn log_records_are_events_with_ids() {
+        let names = Names::default();
+        let meters = meters(&names);
+        let steps = |n: i64| KeyValue {
+            key: "steps".into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::IntValue(n)),
+            }),
+            ..Default::default()
+        };
+        let records = vec![
+            record(vec![
+                text("event.name", "workflow.run"),
+                text("event.id", "r1"),
+                steps(4),
+            ]),
+            record(vec![
+                text("event.name", "workflow.run"),
+                text("event.id", "r1"),
+                steps(4),
+            ]),
+            record(vec![text("event.name", "workflow.run"), steps(2)]),
+            record(vec![
+                text("event.name", "workflow.run"),
+                text("event.id", "r2"),
+                text("steps", "many"),
+            ]),
+            record(vec![text("event.name", "other")]),
+            record(Vec::new()),
+        ];
+        let mapped = map_logs(&log_request(records), &context(&meters, &names, None));
+        assert_eq!((mapped.total, mapped.unmetered, mapped.refused.len()), (6, 2, 2));
+        assert_eq!(mapped.points.len(), 2);
+        assert_eq!(mapped.points[0].dedup_key, mapped.points[1].dedup_key);
+        assert_eq!(
+            mapped.points[0].dedup_key,
+            Some(dedup_key("acme", "engine", "r1"))
+        );
+        assert_eq!(mapped.points[0].updates[0].1, AggState::Sum(4.into()));
+        assert!(mapped
+            .refused
+            .iter()
+            .any(|r| r.message.contains("`event.id` missing")));
+        assert!(mapped
+            .refused
+            .iter()
+            .any(|r| r.message.contains("`steps` is not a finite decimal number")));
+    }
+
+    proptest! {
+        /// SDKs need not order attributes: a point's identity (dedup key, stream) ignores order.
+        #[test]
+        fn attribute_order_does_not_change_identity(
+            attributes in proptest::collection::btree_map("[a-z]{1,4}", "[a-z0-9]{0,6}", 0..6),
+            seed in any::<u64>(),
+        ) {
+            let names = Names::default();
+            let meters = meters(&names);
+            let mut ordered: Vec<KeyValue> = attributes.iter().map(|(k, v)| text(k, v)).collect();
+            let mapped_for = |attributes: Vec<KeyValue>, temporality| {
+                let metric = sum("http.server.requests", temporality, true, vec![number(int(3), attributes, NOW_NS)]);
+                map_metrics(&request(Some("acme"), vec![metric]), &context(&meters, &names, None))
+            };
+            let first = mapped_for(ordered.clone(), AggregationTemporality::Delta);
+            let first_cumulative = mapped_for(ordered.clone(), AggregationTemporality::Cumulative);
+            let len = ordered.len().max(1);
+            ordered.rotate_left((seed as usize) % len);
+            ordered.reverse();
+            let second = mapped_for(ordered.clone(), AggregationTemporality::Delta);
+            let second_cumulative = mapped_for(ordered, AggregationTemporality::Cumulative);
+            prop_assert_eq!(first.points[0].dedup_key, second.points[0].dedup_key);
+            prop_assert_eq!(first_cumulative.cumulative[0].stream, second_cumulative.cumulative[0].stream);
+        }
+    }
+}

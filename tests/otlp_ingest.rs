@@ -1,0 +1,678 @@
+//! Black-box OTLP tests: the real daemon, exported to by the OpenTelemetry Python SDK (gRPC and
+//! HTTP exporters, delta and cumulative) and by a tonic client for the protocol's edges:
+//! partial success, retries after overload, duplicates, malformed requests, API keys.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::str::FromStr;
+use std::time::Duration;
+
+use common::{client, query, read_jsonl, sum_rows, write_config, Daemon};
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, number_data_point, AggregationTemporality, Metric, NumberDataPoint, ResourceMetrics,
+    ScopeMetrics, Sum,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::Message;
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+const OTLP_METERS: &str = r#"
+[[meters]]
+slug = "requests"
+source = "otlp_metric"
+metric_name = "http.server.requests"
+aggregation = "SUM"
+group_by = { route = "http.route" }
+scale = 0
+
+[[meters]]
+slug = "queue_net"
+source = "otlp_metric"
+metric_name = "queue.depth"
+aggregation = "SUM"
+allow_negative = true
+scale = 0
+
+[[meters]]
+slug = "queue_level"
+source = "otlp_metric"
+metric_name = "queue.depth"
+aggregation = "LATEST"
+allow_negative = true
+scale = 0
+
+[[meters]]
+slug = "storage_peak"
+source = "otlp_metric"
+metric_name = "storage.used"
+aggregation = "MAX"
+scale = 0
+
+[[meters]]
+slug = "storage_latest"
+source = "otlp_metric"
+metric_name = "storage.used"
+aggregation = "LATEST"
+scale = 0
+
+[[meters]]
+slug = "request_count"
+source = "otlp_metric"
+metric_name = "request.duration"
+aggregation = "COUNT"
+
+[[meters]]
+slug = "request_seconds"
+source = "otlp_metric"
+metric_name = "request.duration"
+aggregation = "SUM"
+scale = 3
+
+[[meters]]
+slug = "workflow_runs"
+source = "otlp_log"
+event_name = "workflow.run"
+value_attribute = "steps"
+id_attribute = "event.id"
+aggregation = "SUM"
+scale = 0
+
+[[meters]]
+slug = "workflow_count"
+source = "otlp_log"
+event_name = "workflow.run"
+id_attribute = "event.id"
+aggregation = "COUNT"
+"#;
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+fn string_attribute(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// One resource of `tenant` (None: no tenant attribute) with one `http.server.requests` sum.
+fn sum_resource(
+    tenant: Option<&str>,
+    temporality: AggregationTemporality,
+    points: Vec<NumberDataPoint>,
+) -> ResourceMetrics {
+    ResourceMetrics {
+        resource: Some(Resource {
+            attributes: tenant
+                .map(|t| vec![string_attribute("tenant.id", t)])
+                .unwrap_or_default(),
+            ..Default::default()
+        }),
+        scope_metrics: vec![ScopeMetrics {
+            metrics: vec![Metric {
+                name: "http.server.requests".into(),
+                data: Some(metric::Data::Sum(Sum {
+                    data_points: points,
+                    aggregation_temporality: temporality as i32,
+                    is_monotonic: true,
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn point(route: &str, start_ns: u64, time_ns: u64, value: number_data_point::Value) -> NumberDataPoint {
+    NumberDataPoint {
+        attributes: vec![string_attribute("http.route", route)],
+        start_time_unix_nano: start_ns,
+        time_unix_nano: time_ns,
+        value: Some(value),
+        ..Default::default()
+    }
+}
+
+fn int(value: i64) -> number_data_point::Value {
+    number_data_point::Value::AsInt(value)
+}
+
+async fn total(daemon: &Daemon, meter: &str, tenant: &str) -> i64 {
+    sum_rows(&query(&client(), daemon, meter, &format!("subject={tenant}")).await)
+}
+
+/// The one value a meter holds for a tenant over all windows (exact decimal).
+async fn value(daemon: &Daemon, meter: &str, tenant: &str) -> Decimal {
+    let result = query(&client(), daemon, meter, &format!("subject={tenant}")).await;
+    let rows = result["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{meter} for {tenant}: {result}");
+    Decimal::from_str(&rows[0]["value"].to_string()).unwrap()
+}
+
+async fn grpc_metrics(daemon: &Daemon) -> MetricsServiceClient<tonic::transport::Channel> {
+    MetricsServiceClient::connect(format!("http://{}", daemon.otlp_grpc.as_ref().unwrap()))
+        .await
+        .unwrap()
+}
+
+fn start(extra: &str) -> (tempfile::TempDir, Daemon) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &format!("{extra}\n{OTLP_METERS}"));
+    let daemon = Daemon::start(&config);
+    (dir, daemon)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_sdk_exports_count_exactly_over_grpc_and_http() {
+    let (_dir, daemon) = start("");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp/sdk_export.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .args(["--grpc", daemon.otlp_grpc.as_ref().unwrap()])
+        .args(["--http", daemon.otlp_http.as_ref().unwrap()])
+        .output()
+        .expect("python3 runs (scripts/test.sh installs the OpenTelemetry SDK)");
+    assert!(
+        output.status.success(),
+        "the SDK exporter failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        daemon.logs()
+    );
+    let recorded: Value = serde_json::from_slice(&output.stdout).unwrap();
+    eprintln!("the SDK recorded: {recorded}");
+
+    let metrics = recorded["metrics"].as_object().unwrap();
+    assert_eq!(metrics.len(), 4, "grpc/http × delta/cumulative");
+    for (tenant, totals) in metrics {
+        for (route, expected) in totals["requests"].as_object().unwrap() {
+            let result = query(
+                &client(),
+                &daemon,
+                "requests",
+                &format!("subject={tenant}&groupBy=route&filterGroupBy[route]={route}"),
+            )
+            .await;
+            assert_eq!(
+                sum_rows(&result),
+                expected.as_i64().unwrap(),
+                "{tenant} requests {route}"
+            );
+        }
+        let exact = |name: &str| Decimal::from_str(&totals[name].to_string().replace('"', "")).unwrap();
+        assert_eq!(
+            value(&daemon, "queue_net", tenant).await,
+            exact("queue_net"),
+            "{tenant} queue_net"
+        );
+        if totals.get("queue_level").is_some() {
+            assert_eq!(
+                value(&daemon, "queue_level", tenant).await,
+                exact("queue_level"),
+                "{tenant}"
+            );
+        }
+        assert_eq!(
+            value(&daemon, "storage_peak", tenant).await,
+            exact("storage_peak"),
+            "{tenant}"
+        );
+        assert_eq!(
+            value(&daemon, "storage_latest", tenant).await,
+            exact("storage_latest"),
+            "{tenant}"
+        );
+        assert_eq!(
+            total(&daemon, "request_count", tenant).await,
+            totals["request_count"].as_i64().unwrap(),
+            "{tenant}"
+        );
+        assert_eq!(
+            value(&daemon, "request_seconds", tenant).await,
+            exact("request_seconds"),
+            "{tenant} request_seconds"
+        );
+    }
+    let logs = recorded["logs"].as_object().unwrap();
+    assert_eq!(logs.len(), 2);
+    for (tenant, totals) in logs {
+        assert_eq!(
+            total(&daemon, "workflow_runs", tenant).await,
+            totals["workflow_runs"].as_i64().unwrap(),
+            "{tenant}"
+        );
+        // The duplicate record (same event.id) counted once.
+        assert_eq!(
+            total(&daemon, "workflow_count", tenant).await,
+            totals["runs"].as_i64().unwrap(),
+            "{tenant}"
+        );
+    }
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_points_are_reported_in_partial_success_and_dead_lettered() {
+    let (dir, daemon) = start("");
+    let mut grpc = grpc_metrics(&daemon).await;
+    let now = now_ns();
+    let long_ago = now - 20 * 86_400 * 1_000_000_000;
+    let request = ExportMetricsServiceRequest {
+        resource_metrics: vec![
+            sum_resource(
+                Some("acme"),
+                AggregationTemporality::Delta,
+                vec![
+                    point("/ok", now - 2_000_000_000, now, int(7)),
+                    point(
+                        "/nan",
+                        now - 2_000_000_000,
+                        now,
+                        number_data_point::Value::AsDouble(f64::NAN),
+                    ),
+                    point("/negative", now - 2_000_000_000, now, int(-3)),
+                    point("/old", long_ago - 1, long_ago, int(5)),
+                    point(&"x".repeat(300), now - 2_000_000_000, now, int(1)),
+                ],
+            ),
+            sum_resource(
+                None,
+                AggregationTemporality::Delta,
+                vec![point("/ok", 1, now, int(9))],
+            ),
+        ],
+    };
+    let response = grpc.export(request).await.unwrap().into_inner();
+    let partial = response.partial_success.expect("partial success");
+    assert_eq!(partial.rejected_data_points, 5, "{}", partial.error_message);
+    for reason in [
+        "NaN",
+        "negative value on a monotonic sum",
+        "max_lateness_secs",
+        "more than 256",
+        "`tenant.id` missing",
+    ] {
+        assert!(
+            partial.error_message.contains(reason),
+            "{reason}: {}",
+            partial.error_message
+        );
+    }
+    assert_eq!(total(&daemon, "requests", "acme").await, 7);
+    let dead = read_jsonl(&dir.path().join("data/dead-letter.jsonl"));
+    let reasons: BTreeMap<String, usize> = dead.iter().fold(BTreeMap::new(), |mut counts, line| {
+        assert_eq!(line["source"], "otlp");
+        *counts
+            .entry(line["reason"].as_str().unwrap().to_string())
+            .or_default() += 1;
+        counts
+    });
+    assert_eq!(
+        reasons,
+        BTreeMap::from([
+            ("invalid".into(), 3),
+            ("no_tenant".into(), 1),
+            ("too_late".into(), 1)
+        ])
+    );
+    let metrics = common::metrics_text(&client(), &daemon).await;
+    assert!(
+        metrics.contains(r#"tallyd_ingest_refused_total{source="otlp",reason="invalid"} 3"#),
+        "{metrics}"
+    );
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retried_exports_count_once_for_delta_and_cumulative() {
+    let (_dir, daemon) = start("");
+    let mut grpc = grpc_metrics(&daemon).await;
+    let now = now_ns();
+    let start = now - 60_000_000_000;
+    let delta = ExportMetricsServiceRequest {
+        resource_metrics: vec![sum_resource(
+            Some("delta-co"),
+            AggregationTemporality::Delta,
+            vec![
+                point("/a", start, now - 1_000_000_000, int(4)),
+                point("/a", now - 1_000_000_000, now, int(6)),
+            ],
+        )],
+    };
+    let cumulative = |time: u64, value: i64| ExportMetricsServiceRequest {
+        resource_metrics: vec![sum_resource(
+            Some("cumulative-co"),
+            AggregationTemporality::Cumulative,
+            vec![point("/a", start, time, int(value))],
+        )],
+    };
+    // A collector whose acknowledgement got lost re-sends; a cumulative stream is re-sent and
+    // reordered (an older point after a newer one).
+    for request in [
+        delta.clone(),
+        delta.clone(),
+        cumulative(now - 3_000_000_000, 10),
+        cumulative(now - 2_000_000_000, 25),
+        cumulative(now - 2_000_000_000, 25),
+        cumulative(now - 3_000_000_000, 10),
+        cumulative(now - 1_000_000_000, 40),
+    ] {
+        let response = grpc.export(request).await.unwrap().into_inner();
+        assert!(response.partial_success.is_none(), "{response:?}");
+    }
+    assert_eq!(total(&daemon, "requests", "delta-co").await, 10);
+    assert_eq!(total(&daemon, "requests", "cumulative-co").await, 40);
+    // The stream state survives a restart: the same points again add nothing, a newer one adds
+    // only its increment, and a reset (new start time) counts from zero.
+    let config = daemon.config_path.clone();
+    daemon.stop();
+    let daemon = Daemon::start(&config);
+    let mut grpc = grpc_metrics(&daemon).await;
+    grpc.export(delta).await.unwrap();
+    grpc.export(cumulative(now - 1_000_000_000, 40)).await.unwrap();
+    grpc.export(cumulative(now - 500_000_000, 45)).await.unwrap();
+    let reset = ExportMetricsServiceRequest {
+        resource_metrics: vec![sum_resource(
+            Some("cumulative-co"),
+            AggregationTemporality::Cumulative,
+            vec![point("/a", now - 100_000_000, now, int(3))],
+        )],
+    };
+    grpc.export(reset).await.unwrap();
+    assert_eq!(total(&daemon, "requests", "delta-co").await, 10);
+    assert_eq!(total(&daemon, "requests", "cumulative-co").await, 48);
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overloaded_ingest_answers_unavailable_and_retries_lose_nothing() {
+    // A budget of one request in flight: concurrent exporters get UNAVAILABLE and retry.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), OTLP_METERS);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "otlp_http_addr = \"127.0.0.1:0\"",
+        "otlp_http_addr = \"127.0.0.1:0\"\nmax_body_bytes = 4096\ningest_budget_bytes = 4096",
+    );
+    std::fs::write(&config, text).unwrap();
+    let daemon = Daemon::start(&config);
+    let address = format!("http://{}", daemon.otlp_grpc.as_ref().unwrap());
+    let now = now_ns();
+    let mut tasks = Vec::new();
+    for exporter in 0..16u64 {
+        let address = address.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut grpc = MetricsServiceClient::connect(address).await.unwrap();
+            let (mut sent, mut unavailable) = (0i64, 0u64);
+            for batch in 0..20u64 {
+                let points = (0..10u64)
+                    .map(|i| {
+                        let time = now - 1_000_000 * (exporter * 1000 + batch * 10 + i);
+                        point(&format!("/e{exporter}"), time - 1, time, int(1 + i as i64))
+                    })
+                    .collect();
+                let request = ExportMetricsServiceRequest {
+                    resource_metrics: vec![sum_resource(Some("busy"), AggregationTemporality::Delta, points)],
+                };
+                sent += (1..=10).sum::<i64>();
+                loop {
+                    match grpc.export(request.clone()).await {
+                        Ok(response) => {
+                            assert!(response.into_inner().partial_success.is_none());
+                            break;
+                        }
+                        Err(status) => {
+                            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                            unavailable += 1;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
+                }
+            }
+            (sent, unavailable)
+        }));
+    }
+    let (mut sent, mut unavailable) = (0, 0);
+    for task in tasks {
+        let (s, u) = task.await.unwrap();
+        sent += s;
+        unavailable += u;
+    }
+    assert!(
+        unavailable > 0,
+        "the budget never ran out: the test did not exercise overload"
+    );
+    assert_eq!(total(&daemon, "requests", "busy").await, sent);
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_requests_are_invalid_argument_and_400() {
+    let (_dir, daemon) = start("");
+    // gRPC: a frame whose bytes are not an ExportMetricsServiceRequest.
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", daemon.otlp_grpc.as_ref().unwrap()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary::<Vec<u8>, Vec<u8>, _>(
+            tonic::Request::new(vec![0xff, 0xff, 0xff, 0x01, 0x02]),
+            "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
+                .parse()
+                .unwrap(),
+            raw::RawCodec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // HTTP: garbage protobuf → 400 with a google.rpc.Status body; unsupported type → 415.
+    let http = client();
+    let url = format!("http://{}/v1/metrics", daemon.otlp_http.as_ref().unwrap());
+    let response = http
+        .post(&url)
+        .header("content-type", "application/x-protobuf")
+        .body(vec![0xff, 0xff, 0xff, 0x01])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let status = tonic_types::pb::Status::decode(response.bytes().await.unwrap()).unwrap();
+    assert_eq!(status.code, tonic::Code::InvalidArgument as i32);
+    assert!(
+        status.message.contains("not an OTLP metrics export request"),
+        "{}",
+        status.message
+    );
+    let response = http
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn otlp_http_takes_json_and_gzip() {
+    let (_dir, daemon) = start("");
+    let http = client();
+    let base = format!("http://{}", daemon.otlp_http.as_ref().unwrap());
+    let now = now_ns();
+    // OTLP/JSON: camelCase names, 64-bit integers as strings, enums as numbers.
+    let json = serde_json::json!({
+        "resourceMetrics": [{
+            "resource": {"attributes": [{"key": "tenant.id", "value": {"stringValue": "json-co"}}]},
+            "scopeMetrics": [{"metrics": [{
+                "name": "http.server.requests",
+                "sum": {
+                    "aggregationTemporality": 1,
+                    "isMonotonic": true,
+                    "dataPoints": [{
+                        "attributes": [{"key": "http.route", "value": {"stringValue": "/j"}}],
+                        "startTimeUnixNano": (now - 1_000_000_000).to_string(),
+                        "timeUnixNano": now.to_string(),
+                        "asInt": "12"
+                    }]
+                }
+            }]}]
+        }]
+    });
+    let response = http
+        .post(format!("{base}/v1/metrics"))
+        .header("content-type", "application/json")
+        .body(json.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    assert_eq!(total(&daemon, "requests", "json-co").await, 12);
+
+    // Protobuf, gzip-compressed.
+    let request = ExportMetricsServiceRequest {
+        resource_metrics: vec![sum_resource(
+            Some("gzip-co"),
+            AggregationTemporality::Delta,
+            vec![point("/g", now - 1, now, int(5))],
+        )],
+    };
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut encoder, &request.encode_to_vec()).unwrap();
+    let response = http
+        .post(format!("{base}/v1/metrics"))
+        .header("content-type", "application/x-protobuf")
+        .header("content-encoding", "gzip")
+        .body(encoder.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse::decode(
+        response.bytes().await.unwrap(),
+    )
+    .unwrap();
+    assert!(body.partial_success.is_none());
+    assert_eq!(total(&daemon, "requests", "gzip-co").await, 5);
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_keys_bind_points_to_their_tenant() {
+    let (_dir, daemon) = start("[otlp.api_keys]\n\"acme-key-0123456789abcdef\" = \"acme\"\n");
+    let mut grpc = grpc_metrics(&daemon).await;
+    let now = now_ns();
+    let request = |tenant: Option<&str>, value: i64, offset: u64| ExportMetricsServiceRequest {
+        resource_metrics: vec![sum_resource(
+            tenant,
+            AggregationTemporality::Delta,
+            vec![point("/k", now - offset - 1, now - offset, int(value))],
+        )],
+    };
+    let status = grpc.export(request(Some("acme"), 1, 0)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let with_key = |request: ExportMetricsServiceRequest, key: &str| {
+        let mut request = tonic::Request::new(request);
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        request
+    };
+    let status = grpc
+        .export(with_key(
+            request(Some("acme"), 1, 0),
+            "wrong-key-0123456789abcdef",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    // No tenant attribute: the key's tenant. Another tenant's attribute: refused.
+    let key = "acme-key-0123456789abcdef";
+    grpc.export(with_key(request(None, 3, 1), key)).await.unwrap();
+    grpc.export(with_key(request(Some("acme"), 4, 2), key))
+        .await
+        .unwrap();
+    let response = grpc
+        .export(with_key(request(Some("globex"), 100, 3), key))
+        .await
+        .unwrap()
+        .into_inner();
+    let partial = response.partial_success.unwrap();
+    assert_eq!(partial.rejected_data_points, 1);
+    assert!(
+        partial.error_message.contains("another tenant"),
+        "{}",
+        partial.error_message
+    );
+    assert_eq!(total(&daemon, "requests", "acme").await, 7);
+    assert_eq!(total(&daemon, "requests", "globex").await, 0);
+    // Logs need the key too.
+    let mut logs = LogsServiceClient::connect(format!("http://{}", daemon.otlp_grpc.as_ref().unwrap()))
+        .await
+        .unwrap();
+    let status = logs
+        .export(opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    daemon.stop();
+}
+
+/// A pass-through codec for sending bytes that are not a valid message.
+mod raw {
+    use bytes::{Buf, BufMut};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    #[derive(Clone, Copy, Default)]
+    pub struct RawCodec;
+
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = RawCodec;
+        type Decoder = RawCodec;
+        fn encoder(&mut self) -> RawCodec {
+            RawCodec
+        }
+        fn decoder(&mut self) -> RawCodec {
+            RawCodec
+        }
+    }
+
+    impl Encoder for RawCodec {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, buffer: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            buffer.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawCodec {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn decode(&mut self, buffer: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+            let mut out = vec![0; buffer.remaining()];
+            buffer.copy_to_slice(&mut out);
+            Ok(Some(out))
+        }
+    }
+}
