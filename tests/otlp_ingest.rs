@@ -676,3 +676,100 @@ mod raw {
         }
     }
 }
+
+/// Round `round` of an exporter: every stream's cumulative value, and fresh delta points.
+fn crash_round(round: u64, start_ns: u64) -> (ExportMetricsServiceRequest, ExportMetricsServiceRequest) {
+    let time = start_ns + (round + 1) * 1_000_000_000;
+    let cumulative = (0..10)
+        .map(|stream| {
+            point(
+                &format!("/s{stream}"),
+                start_ns,
+                time,
+                int(((round + 1) * (stream + 1)) as i64),
+            )
+        })
+        .collect();
+    let delta = (0..10)
+        .map(|stream| {
+            point(
+                &format!("/d{stream}"),
+                time - 1_000_000_000,
+                time,
+                int((round + stream) as i64),
+            )
+        })
+        .collect();
+    (
+        ExportMetricsServiceRequest {
+            resource_metrics: vec![sum_resource(
+                Some("crashy"),
+                AggregationTemporality::Cumulative,
+                cumulative,
+            )],
+        },
+        ExportMetricsServiceRequest {
+            resource_metrics: vec![sum_resource(Some("crashy"), AggregationTemporality::Delta, delta)],
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_export_then_resend_everything_gives_exact_totals() {
+    const ROUNDS: u64 = 600;
+    let (_dir, daemon) = start("");
+    let address = format!("http://{}", daemon.otlp_grpc.as_ref().unwrap());
+    // Minutes back, so that the resent rounds are still within the acceptance window.
+    let start_ns = now_ns() - 600 * 1_000_000_000;
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sender = {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            let Ok(mut grpc) = MetricsServiceClient::connect(address).await else {
+                return;
+            };
+            for round in 0..ROUNDS {
+                let (cumulative, delta) = crash_round(round, start_ns);
+                if grpc.export(cumulative).await.is_err() || grpc.export(delta).await.is_err() {
+                    return;
+                }
+                acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    while acked.load(std::sync::atomic::Ordering::SeqCst) < ROUNDS / 2 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let config = daemon.config_path.clone();
+    daemon.kill();
+    let _ = sender.await;
+    let acked = acked.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(acked < ROUNDS, "the kill landed after the last export");
+
+    let daemon = Daemon::start(&config);
+    // Everything acknowledged survived: each stream holds at least its acked cumulative value.
+    let recovered = total(&daemon, "requests", "crashy").await;
+    let cumulative_at = |rounds: u64| (1..=10).map(|stream| (rounds * stream) as i64).sum::<i64>();
+    let delta_upto = |rounds: u64| {
+        (0..rounds)
+            .map(|round| (0..10).map(|s| (round + s) as i64).sum::<i64>())
+            .sum::<i64>()
+    };
+    assert!(
+        recovered >= cumulative_at(acked) + delta_upto(acked),
+        "acknowledged {acked} rounds, recovered only {recovered}"
+    );
+    // The exporter re-sends everything, as a collector with a persistent queue would.
+    let mut grpc = grpc_metrics(&daemon).await;
+    for round in 0..ROUNDS {
+        let (cumulative, delta) = crash_round(round, start_ns);
+        grpc.export(cumulative).await.unwrap();
+        grpc.export(delta).await.unwrap();
+    }
+    assert_eq!(
+        total(&daemon, "requests", "crashy").await,
+        cumulative_at(ROUNDS) + delta_upto(ROUNDS),
+        "killed after {acked} of {ROUNDS} rounds acknowledged"
+    );
+    daemon.stop();
+}
