@@ -19,6 +19,9 @@ pub const INGEST_REQUESTS: &str = "tallyd_ingest_requests_total";
 pub const INGEST_LOG_BYTES: &str = "tallyd_ingest_log_bytes_total";
 /// Requests per group commit (one fsync each).
 pub const INGEST_COMMIT_GROUP: &str = "tallyd_ingest_commit_group_requests";
+/// `{source, stage}`: seconds a push request spends per stage (stage ∈ prepare | commit):
+/// prepare = decode + map + dedup on the blocking pool; commit = waiting for the durable ack.
+pub const INGEST_STAGE_SECONDS: &str = "tallyd_ingest_stage_seconds";
 /// Series with a delta not yet checkpointed.
 pub const ACTIVE_SERIES: &str = "tallyd_aggregate_active_series";
 /// Dedup keys reserved or applied but not yet checkpointed.
@@ -85,6 +88,12 @@ pub fn prometheus() -> PrometheusHandle {
                 })
                 .and_then(|builder| {
                     builder.set_buckets_for_metric(
+                        Matcher::Full(INGEST_STAGE_SECONDS.to_string()),
+                        &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
+                    )
+                })
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
                         Matcher::Full(KAFKA_COMMIT_DELAY.to_string()),
                         &[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
                     )
@@ -121,6 +130,11 @@ fn describe() {
     describe_counter!(INGEST_REQUESTS, "ingest requests by status code");
     describe_counter!(INGEST_LOG_BYTES, Unit::Bytes, "bytes appended to the ingest log");
     describe_histogram!(INGEST_COMMIT_GROUP, "requests made durable by one group commit");
+    describe_histogram!(
+        INGEST_STAGE_SECONDS,
+        Unit::Seconds,
+        "seconds a push request spends preparing (decode, map, dedup) and waiting for its durable commit"
+    );
     describe_gauge!(ACTIVE_SERIES, "series with usage not yet checkpointed");
     describe_gauge!(DEDUP_PENDING, "dedup keys not yet checkpointed");
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "checkpoint duration");

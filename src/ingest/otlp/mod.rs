@@ -296,6 +296,7 @@ impl OtlpIngest {
             ));
         }
         let shared = self.app.shared.clone();
+        let started = std::time::Instant::now();
         let prepared = tokio::task::spawn_blocking(move || {
             prepare(&shared, signal, encoding, &body, key_tenant.as_deref())
         })
@@ -314,6 +315,9 @@ impl OtlpIngest {
             request,
             reply,
         } = prepared;
+        metrics::histogram!(telemetry::INGEST_STAGE_SECONDS, "source" => SOURCE, "stage" => "prepare")
+            .record(started.elapsed().as_secs_f64());
+        let started = std::time::Instant::now();
         if let (Some(request), Some(reply)) = (request, reply) {
             let keys = request.dedup_keys.clone();
             if self.app.commits.send(request).is_err() {
@@ -334,6 +338,8 @@ impl OtlpIngest {
                     ))
                 }
             }
+            metrics::histogram!(telemetry::INGEST_STAGE_SECONDS, "source" => SOURCE, "stage" => "commit")
+                .record(started.elapsed().as_secs_f64());
         }
         let count = |outcome: &'static str, n: usize| {
             if n > 0 {
