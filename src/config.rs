@@ -329,7 +329,13 @@ pub struct RawMeter {
     pub unique_exact_limit: u32,
     #[serde(default)]
     pub allow_negative: bool,
+    /// TIME_WEIGHTED: a stream silent for longer is not integrated over the gap (default 900).
+    #[serde(default)]
+    pub max_gap_secs: Option<u64>,
 }
+
+/// TIME_WEIGHTED: SDKs export every 10–60 s; 15 silent minutes mean the stream stopped.
+const DEFAULT_MAX_GAP_SECS: u64 = 900;
 
 fn default_meter_source() -> String {
     "cloudevents".into()
@@ -605,6 +611,9 @@ fn check_source_aggregation(
         (MeterSource::OtlpMetric { .. }, Aggregation::UniqueCount) => errors.push(format!(
             "{at}.aggregation: UNIQUE_COUNT counts distinct values; metric points have none (use an otlp_log meter)"
         )),
+        (MeterSource::CloudEvents | MeterSource::OtlpLog { .. }, Aggregation::TimeWeighted) => errors.push(format!(
+            "{at}.aggregation: TIME_WEIGHTED integrates gauge streams; use source `otlp_metric`"
+        )),
         (
             MeterSource::OtlpLog {
                 value_attribute: None,
@@ -878,20 +887,27 @@ impl RawConfig {
                 "MIN" => Some(Aggregation::Min),
                 "LATEST" => Some(Aggregation::Latest),
                 "UNIQUE_COUNT" => Some(Aggregation::UniqueCount),
-                "TIME_WEIGHTED" | "DISTRIBUTION" => {
+                "TIME_WEIGHTED" => Some(Aggregation::TimeWeighted),
+                "DISTRIBUTION" => {
                     errors.push(format!(
-                        "{at}.aggregation: `{}` is not implemented yet; use SUM | COUNT | MAX | MIN | LATEST | UNIQUE_COUNT",
+                        "{at}.aggregation: `{}` is not implemented yet; use SUM | COUNT | MAX | MIN | LATEST | UNIQUE_COUNT | TIME_WEIGHTED",
                         raw.aggregation
                     ));
                     None
                 }
                 other => {
                     errors.push(format!(
-                        "{at}.aggregation: `{other}` is not one of SUM | COUNT | MAX | MIN | LATEST | UNIQUE_COUNT"
+                        "{at}.aggregation: `{other}` is not one of SUM | COUNT | MAX | MIN | LATEST | UNIQUE_COUNT | TIME_WEIGHTED | DISTRIBUTION"
                     ));
                     None
                 }
             };
+            if raw.max_gap_secs.is_some() && aggregation != Some(Aggregation::TimeWeighted) {
+                errors.push(format!("{at}.max_gap_secs: only for TIME_WEIGHTED meters"));
+            }
+            if raw.max_gap_secs == Some(0) {
+                errors.push(format!("{at}.max_gap_secs: must be positive"));
+            }
             if let (Some(source), Some(aggregation)) = (&source, aggregation) {
                 check_source_aggregation(source, aggregation, &at, &mut errors);
             }
@@ -977,6 +993,7 @@ impl RawConfig {
                     },
                     unique_exact_limit: raw.unique_exact_limit,
                     allow_negative: raw.allow_negative,
+                    max_gap_secs: raw.max_gap_secs.unwrap_or(DEFAULT_MAX_GAP_SECS) as i64,
                 });
             }
         }
@@ -1112,6 +1129,68 @@ group_by = { model = "model" }
         ] {
             assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
         }
+    }
+
+    #[test]
+    fn otlp_meters_and_listeners_are_validated_together() {
+        let text = r#"
+[server]
+otlp_grpc_addr = "somewhere"
+otlp_http_addr = ""
+[otlp]
+tenant_attribute = ""
+[otlp.api_keys]
+"tiny-key" = "acme"
+[[meters]]
+slug = "no_metric"
+source = "otlp_metric"
+aggregation = "SUM"
+value_property = "$.x"
+[[meters]]
+slug = "gb_hours"
+event_type = "storage.report"
+aggregation = "TIME_WEIGHTED"
+max_gap_secs = 60
+[[meters]]
+slug = "runs"
+source = "otlp_log"
+event_name = "workflow.run"
+metric_name = "x"
+aggregation = "MAX"
+max_gap_secs = 60
+[[meters]]
+slug = "wat"
+source = "otlp_trace"
+aggregation = "SUM"
+[[meters]]
+slug = "p99"
+source = "otlp_metric"
+metric_name = "latency"
+aggregation = "DISTRIBUTION"
+"#;
+        let all = Config::load(text, &no_env()).unwrap_err().to_string();
+        for needle in [
+            "server.otlp_grpc_addr: `somewhere`",
+            "otlp.tenant_attribute: must not be empty",
+            "the key of tenant `acme` is shorter than 16 characters",
+            "meters[0] (no_metric).metric_name: required for source `otlp_metric`",
+            "meters[0] (no_metric).value_property: only for cloudevents meters",
+            "meters[1] (gb_hours).aggregation: TIME_WEIGHTED integrates gauge streams",
+            "meters[2] (runs).metric_name: not used by source `otlp_log`",
+            "meters[2] (runs).value_attribute: required for MAX",
+            "meters[2] (runs).max_gap_secs: only for TIME_WEIGHTED meters",
+            "meters[3] (wat).source: `otlp_trace`",
+            "meters[4] (p99).aggregation: `DISTRIBUTION` is not implemented yet",
+        ] {
+            assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+        }
+        assert!(!all.contains("tiny-key"), "API keys are secrets: {all}");
+        // "" turns an OTLP listener off.
+        let config = Config::load("[server]\notlp_grpc_addr = \"\"\n", &no_env()).unwrap();
+        assert_eq!(
+            (config.otlp_grpc_addr, config.otlp_http_addr.map(|a| a.port())),
+            (None, Some(4318))
+        );
     }
 
     #[test]

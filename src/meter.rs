@@ -296,6 +296,8 @@ pub struct Meter {
     pub scale: u32,
     pub unique_exact_limit: u32,
     pub allow_negative: bool,
+    /// TIME_WEIGHTED: intervals between a stream's points longer than this are not integrated.
+    pub max_gap_secs: i64,
 }
 
 /// Why an event's data cannot feed a meter (the request gets 400 naming `field`).
@@ -507,6 +509,7 @@ mod tests {
             scale: 2,
             unique_exact_limit: 100,
             allow_negative: false,
+            max_gap_secs: 900,
         }
     }
 

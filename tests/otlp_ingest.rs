@@ -63,6 +63,13 @@ aggregation = "LATEST"
 scale = 0
 
 [[meters]]
+slug = "storage_gb_hours"
+source = "otlp_metric"
+metric_name = "storage.used"
+aggregation = "TIME_WEIGHTED"
+scale = 3
+
+[[meters]]
 slug = "request_count"
 source = "otlp_metric"
 metric_name = "request.duration"
@@ -675,6 +682,85 @@ mod raw {
             Ok(Some(out))
         }
     }
+}
+
+fn gauge_request(tenant: &str, time_ns: u64, value: i64) -> ExportMetricsServiceRequest {
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![string_attribute("tenant.id", tenant)],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: "storage.used".into(),
+                    data: Some(metric::Data::Gauge(
+                        opentelemetry_proto::tonic::metrics::v1::Gauge {
+                            data_points: vec![NumberDataPoint {
+                                time_unix_nano: time_ns,
+                                value: Some(int(value)),
+                                ..Default::default()
+                            }],
+                        },
+                    )),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gauges_integrate_into_gb_hours_across_windows_and_restarts() {
+    let (_dir, daemon) = start("");
+    let mut grpc = grpc_metrics(&daemon).await;
+    let second = 1_000_000_000u64;
+    // A minute boundary ten minutes ago.
+    let t0 = (now_ns() / (60 * second) - 10) * 60 * second;
+    grpc.export(gauge_request("tw-co", t0, 10)).await.unwrap();
+    grpc.export(gauge_request("tw-co", t0 + 30 * second, 20))
+        .await
+        .unwrap();
+    // The stream's last point survives a restart.
+    let config = daemon.config_path.clone();
+    daemon.stop();
+    let daemon = Daemon::start(&config);
+    let mut grpc = grpc_metrics(&daemon).await;
+    grpc.export(gauge_request("tw-co", t0 + 90 * second, 5))
+        .await
+        .unwrap();
+    grpc.export(gauge_request("tw-co", t0 + 90 * second, 5))
+        .await
+        .unwrap(); // a retry
+    grpc.export(gauge_request("tw-co", t0 + 60 * second, 99))
+        .await
+        .unwrap(); // out of order
+    grpc.export(gauge_request("tw-co", t0 + 100 * second, 0))
+        .await
+        .unwrap();
+    // 10 GB × 30 s + 20 GB × 60 s + 5 GB × 10 s = 1550 GB·s = 0.4305… GB·h.
+    assert_eq!(
+        value(&daemon, "storage_gb_hours", "tw-co").await,
+        Decimal::from_str("0.431").unwrap()
+    );
+    let per_minute = query(
+        &client(),
+        &daemon,
+        "storage_gb_hours",
+        "subject=tw-co&windowSize=MINUTE",
+    )
+    .await;
+    let values: Vec<String> = per_minute["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["value"].to_string())
+        .collect();
+    // 900 GB·s in the first minute, 650 GB·s in the second.
+    assert_eq!(values, vec!["0.25", "0.181"], "{per_minute}");
+    daemon.stop();
 }
 
 /// Round `round` of an exporter: every stream's cumulative value, and fresh delta points.

@@ -16,7 +16,13 @@ pub enum Aggregation {
     Min,
     Latest,
     UniqueCount,
+    /// A gauge integrated over time (e.g. GB-hours): each point's value holds until the
+    /// stream's next point. Stored as a SUM of value × milliseconds; shown in value × hours.
+    TimeWeighted,
 }
+
+/// Milliseconds per unit of a TIME_WEIGHTED result (value × hours).
+pub const TIME_WEIGHTED_UNIT_MS: i128 = 3_600_000;
 
 impl Aggregation {
     pub fn as_str(self) -> &'static str {
@@ -27,7 +33,23 @@ impl Aggregation {
             Aggregation::Min => "MIN",
             Aggregation::Latest => "LATEST",
             Aggregation::UniqueCount => "UNIQUE_COUNT",
+            Aggregation::TimeWeighted => "TIME_WEIGHTED",
         }
+    }
+
+    /// The config/API spelling back to the aggregation.
+    pub fn parse(name: &str) -> Option<Aggregation> {
+        [
+            Aggregation::Sum,
+            Aggregation::Count,
+            Aggregation::Max,
+            Aggregation::Min,
+            Aggregation::Latest,
+            Aggregation::UniqueCount,
+            Aggregation::TimeWeighted,
+        ]
+        .into_iter()
+        .find(|aggregation| aggregation.as_str() == name)
     }
 
     /// Whether events must carry a value at `value_property`.
@@ -126,7 +148,9 @@ impl AggState {
             (_, Observation::Unique(_)) => {
                 unreachable!("invariant: unique observations only reach UNIQUE_COUNT meters")
             }
-            (Aggregation::Sum, Observation::Value(value)) => AggState::Sum(value.into()),
+            (Aggregation::Sum | Aggregation::TimeWeighted, Observation::Value(value)) => {
+                AggState::Sum(value.into())
+            }
             (Aggregation::Max, Observation::Value(value)) => AggState::Max(value.into()),
             (Aggregation::Min, Observation::Value(value)) => AggState::Min(value.into()),
             (Aggregation::Latest, Observation::Value(value)) => {
@@ -188,6 +212,24 @@ impl AggState {
             (mine, _) => return Err(MergeError::Mismatch("observation", mine.kind())),
         }
         Ok(())
+    }
+
+    /// The state's value as the meter reports it: exact, except TIME_WEIGHTED integrals, which
+    /// are converted from value × ms to value × hours and rounded half away from zero to `scale`.
+    pub fn quantity_string(&self, aggregation: Aggregation, scale: u32) -> String {
+        match (aggregation, self) {
+            (Aggregation::TimeWeighted, AggState::Sum(integral)) => {
+                let integral = integral.get();
+                let half = TIME_WEIGHTED_UNIT_MS / 2;
+                let rounded = if integral >= 0 {
+                    integral.saturating_add(half) / TIME_WEIGHTED_UNIT_MS
+                } else {
+                    integral.saturating_sub(half) / TIME_WEIGHTED_UNIT_MS
+                };
+                format_decimal(rounded, scale)
+            }
+            _ => self.value_string(scale),
+        }
     }
 
     /// The state's value as an exact decimal string, `scale` being the meter's scale.
@@ -283,6 +325,29 @@ mod tests {
             Err(MergeError::Mismatch("MAX", "SUM"))
         );
         assert_eq!(sum, AggState::Sum(1.into()));
+    }
+
+    #[test]
+    fn time_weighted_integrals_show_in_value_hours_rounded_half_away() {
+        // 10.000 GB for 30 s + 20.000 GB for 60 s = 1500 GB·s = 0.41666… GB·h.
+        let integral = AggState::Sum((10_000 * 30_000 + 20_000 * 60_000).into());
+        assert_eq!(integral.quantity_string(Aggregation::TimeWeighted, 3), "0.417");
+        // Exactly half a unit at the last place rounds away from zero, both signs.
+        let half = AggState::Sum((TIME_WEIGHTED_UNIT_MS / 2).into());
+        assert_eq!(half.quantity_string(Aggregation::TimeWeighted, 0), "1");
+        let negative = AggState::Sum((-TIME_WEIGHTED_UNIT_MS / 2).into());
+        assert_eq!(negative.quantity_string(Aggregation::TimeWeighted, 0), "-1");
+        assert_eq!(
+            integral.quantity_string(Aggregation::Sum, 3),
+            integral.value_string(3)
+        );
+        for aggregation in [
+            Aggregation::Sum,
+            Aggregation::TimeWeighted,
+            Aggregation::UniqueCount,
+        ] {
+            assert_eq!(Aggregation::parse(aggregation.as_str()), Some(aggregation));
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Cumulative streams → deltas (OTLP `CUMULATIVE` sums and histogram counts/sums).
+//! Streams whose usage depends on their previous point: OTLP `CUMULATIVE` sums and histogram
+//! counts/sums (→ deltas), and gauges integrated over time (TIME_WEIGHTED).
 //!
 //! A cumulative point says "this stream has counted `value` since `start`"; usage is the
 //! difference to the stream's previous point. The conversion runs on the commit thread, in
@@ -14,6 +15,15 @@
 //! - a newer start time is a reset (new process, counter restarted): the whole value counts;
 //! - same start, later time: `value − previous`; on a monotonic stream a decrease is a reset
 //!   (the whole value counts), on a non-monotonic one the negative delta counts.
+//!
+//!
+//! TIME_WEIGHTED (e.g. GB-hours of storage, seat-hours): step interpolation — a point's value
+//! holds from its time until the stream's next point, so the interval `[previous, this)` adds
+//! `previous value × its length in ms`, split exactly at the meter's window boundaries; an
+//! interval is counted when the point closing it arrives (a window can be amended later). A gap
+//! longer than the meter's `max_gap_secs` adds nothing (the stream stopped reporting). A point
+//! not newer than the stream's last one adds nothing (a retry, or an out-of-order point: it
+//! cannot be inserted into an interval already integrated).
 //!
 //! Must not: do I/O or depend on arrival order beyond the log order it is given.
 
@@ -42,18 +52,29 @@ impl StreamState {
     }
 }
 
-/// One cumulative point for one meter series, as the edge mapped it.
+/// How a stream's points become usage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamKind {
+    /// A cumulative sum or count: usage is the difference to the previous point.
+    Cumulative { monotonic: bool },
+    /// A gauge integrated over time, into windows of `window_secs`.
+    TimeWeighted { window_secs: i64, max_gap_ms: i64 },
+}
+
+/// One point of a stream for one meter series, as the edge mapped it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CumulativePoint {
     /// Identity of the stream (hash of resource, scope, metric, attributes and meter).
     pub stream: u128,
+    /// 0 for TIME_WEIGHTED streams (only time orders their points).
     pub start_ns: u64,
     pub time_ns: u64,
     pub value: i128,
-    pub monotonic: bool,
-    /// Where the delta goes (the window of the point's time).
+    pub kind: StreamKind,
+    /// Where the usage goes: the series of the point's window (TIME_WEIGHTED: of the windows
+    /// its interval covers, same meter, tenant and dims).
     pub key: SeriesKey,
-    /// SUM or COUNT: both add the delta.
+    /// SUM or COUNT (add the delta) or TIME_WEIGHTED (adds the integral).
     pub aggregation: Aggregation,
 }
 
@@ -94,10 +115,43 @@ impl Streams {
         if point.start_ns > previous.start_ns {
             return Some(point.value);
         }
-        if point.monotonic && point.value < previous.value {
+        if point.kind == (StreamKind::Cumulative { monotonic: true }) && point.value < previous.value {
             return Some(point.value);
         }
         point.value.checked_sub(previous.value)
+    }
+
+    /// The integral of the step from `previous` to `point`, per window: `(window_start secs,
+    /// value × ms)`. Empty for a first point or a gap longer than `max_gap_ms`.
+    pub fn integral(
+        previous: Option<StreamState>,
+        point: &CumulativePoint,
+        window_secs: i64,
+        max_gap_ms: i64,
+    ) -> Vec<(i64, i128)> {
+        let Some(previous) = previous else {
+            return Vec::new();
+        };
+        let (from_ms, to_ms) = (
+            (previous.time_ns / 1_000_000) as i64,
+            (point.time_ns / 1_000_000) as i64,
+        );
+        if to_ms <= from_ms || to_ms - from_ms > max_gap_ms || previous.value == 0 {
+            return Vec::new();
+        }
+        let window_ms = window_secs * 1000;
+        let mut out = Vec::new();
+        let mut at = from_ms;
+        while at < to_ms {
+            let window_start = at.div_euclid(window_ms) * window_ms;
+            let until = (window_start + window_ms).min(to_ms);
+            out.push((
+                window_start / 1000,
+                previous.value.saturating_mul(i128::from(until - at)),
+            ));
+            at = until;
+        }
+        out
     }
 
     /// Converts `points` (in log order) into deltas folded into `batch`, and records each
@@ -115,6 +169,33 @@ impl Streams {
                 (point.start_ns, point.time_ns) > (previous.start_ns, previous.time_ns)
             });
             if !newer {
+                continue;
+            }
+            if let StreamKind::TimeWeighted {
+                window_secs,
+                max_gap_ms,
+            } = point.kind
+            {
+                for (window_start, area) in Self::integral(previous, point, window_secs, max_gap_ms) {
+                    let key = SeriesKey {
+                        window_start,
+                        ..point.key
+                    };
+                    batch.observe(
+                        key,
+                        Aggregation::TimeWeighted,
+                        Observation::Value(area),
+                        (point.time_ns / 1_000_000) as i64,
+                        0,
+                    )?;
+                }
+                let state = StreamState {
+                    start_ns: point.start_ns,
+                    time_ns: point.time_ns,
+                    value: point.value,
+                };
+                self.states.insert(point.stream, state);
+                changed.insert(point.stream, state);
                 continue;
             }
             match (Self::delta(previous, point), point.aggregation) {
@@ -164,7 +245,7 @@ mod tests {
             start_ns: start,
             time_ns: time,
             value,
-            monotonic: true,
+            kind: StreamKind::Cumulative { monotonic: true },
             key: key(),
             aggregation: Aggregation::Sum,
         }
@@ -209,9 +290,52 @@ mod tests {
         let mut streams = Streams::default();
         let mut points = vec![point(1, 10, 5), point(1, 20, 3)];
         for point in &mut points {
-            point.monotonic = false;
+            point.kind = StreamKind::Cumulative { monotonic: false };
         }
         assert_eq!(total(&mut streams, &points), 3);
+    }
+
+    fn gauge(time_ms: u64, value: i128) -> CumulativePoint {
+        CumulativePoint {
+            stream: 9,
+            start_ns: 0,
+            time_ns: time_ms * 1_000_000,
+            value,
+            kind: StreamKind::TimeWeighted {
+                window_secs: 60,
+                max_gap_ms: 120_000,
+            },
+            key: key(),
+            aggregation: Aggregation::TimeWeighted,
+        }
+    }
+
+    #[test]
+    fn gauges_integrate_as_steps_split_at_window_boundaries() {
+        let mut streams = Streams::default();
+        let mut batch = PreAggregated::default();
+        let points = [
+            gauge(30_000, 10), // starts the step
+            gauge(90_000, 20), // 10 × 60 s: 30 s in window 0, 30 s in window 60
+            gauge(90_000, 20), // retry: nothing
+            gauge(60_000, 99), // out of order: nothing
+            gauge(100_000, 5), // 20 × 10 s in window 60
+            gauge(400_000, 7), // a 300 s gap > max_gap: nothing
+            gauge(401_000, 0), // 7 × 1 s in window 360
+        ];
+        streams
+            .fold(&points, &mut batch, &mut FxHashMap::default())
+            .unwrap();
+        let mut windows: Vec<(i64, i128)> = batch
+            .series
+            .iter()
+            .map(|(key, state)| match state {
+                AggState::Sum(sum) => (key.window_start, sum.get()),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        windows.sort();
+        assert_eq!(windows, vec![(0, 300_000), (60, 300_000 + 200_000), (360, 7_000)]);
     }
 
     proptest! {

@@ -436,7 +436,7 @@ pub fn run_query(
                         .map_or_else(|| rfc3339(row.last_window_end), crate::model::rfc3339_ms_compact),
                 ),
             };
-            let value = row.state.value_string(meter.scale);
+            let value = row.state.quantity_string(meter.aggregation, meter.scale);
             let number: Value = value
                 .parse::<serde_json::Number>()
                 .map(Value::Number)

@@ -231,15 +231,7 @@ impl RocksStore {
                 None => 1,
             };
             let shape = catalog.get(&name.meter);
-            let line = window_record_line(
-                &name,
-                &suffix,
-                &total,
-                revision,
-                shape.map_or(0, |s| s.scale),
-                shape.map_or(60, |s| s.window_secs),
-                &closed_at,
-            );
+            let line = window_record_line(&name, &suffix, &total, revision, shape, &closed_at);
             batch.put(revision_key, revision.to_be_bytes());
             if replicated {
                 emitted_revisions.insert(suffix.clone(), revision);
@@ -375,10 +367,13 @@ fn window_record_line(
     suffix: &[u8],
     total: &AggState,
     revision: u32,
-    scale: u32,
-    window_secs: i64,
+    shape: Option<&super::MeterShape>,
     closed_at: &str,
 ) -> Vec<u8> {
+    let scale = shape.map_or(0, |s| s.scale);
+    let window_secs = shape.map_or(60, |s| s.window_secs);
+    // The meter's aggregation decides how a state reads (TIME_WEIGHTED: value × hours).
+    let aggregation = shape.and_then(|s| crate::aggregate::Aggregation::parse(&s.aggregation));
     let record = WindowRecord {
         kind: "window",
         record_id: record_id(suffix),
@@ -392,8 +387,11 @@ fn window_record_line(
             .collect(),
         window_start: rfc3339(name.window_start),
         window_end: rfc3339(name.window_start + window_secs),
-        aggregation: total.kind(),
-        quantity: total.value_string(scale),
+        aggregation: aggregation.map_or(total.kind(), |aggregation| aggregation.as_str()),
+        quantity: aggregation.map_or_else(
+            || total.value_string(scale),
+            |aggregation| total.quantity_string(aggregation, scale),
+        ),
         closed_at: closed_at.to_string(),
     };
     let mut line = serde_json::to_vec(&record).expect("invariant: window records serialize");

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::streams::CumulativePoint;
+use crate::aggregate::streams::{CumulativePoint, StreamKind};
 use crate::aggregate::{AggState, Aggregation, PreAggregated};
 use crate::config::LogSync;
 use crate::model::{Dims, Names, SeriesKey};
@@ -83,7 +83,7 @@ pub struct LogCumulative {
     pub start_ns: u64,
     pub time_ns: u64,
     pub value: i128,
-    pub monotonic: bool,
+    pub kind: StreamKind,
     pub meter: u32,
     pub tenant: u32,
     pub dims: u32,
@@ -161,7 +161,7 @@ impl LogBatch {
                 start_ns: point.start_ns,
                 time_ns: point.time_ns,
                 value: point.value,
-                monotonic: point.monotonic,
+                kind: point.kind,
                 meter,
                 tenant,
                 dims,
@@ -213,7 +213,7 @@ impl LogBatch {
                 start_ns: point.start_ns,
                 time_ns: point.time_ns,
                 value: point.value,
-                monotonic: point.monotonic,
+                kind: point.kind,
                 key: key(point.meter, point.tenant, point.dims, point.window_start)?,
                 aggregation: point.aggregation,
             });
@@ -522,7 +522,10 @@ mod tests {
             start_ns: 1,
             time_ns: 2,
             value: 42,
-            monotonic: true,
+            kind: StreamKind::TimeWeighted {
+                window_secs: 60,
+                max_gap_ms: 900_000,
+            },
             key,
             aggregation: Aggregation::Sum,
         };

@@ -453,6 +453,7 @@ mod tests {
             scale,
             unique_exact_limit: 10,
             allow_negative: false,
+            max_gap_secs: 900,
         }
     }
 

@@ -22,7 +22,7 @@ use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, Aggrega
 use prost::Message;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::aggregate::streams::CumulativePoint;
+use crate::aggregate::streams::{CumulativePoint, StreamKind};
 use crate::aggregate::{AggState, Aggregation, Observation};
 use crate::ingest::decode::{dedup_key, Acceptance, MAX_ATTRIBUTE_BYTES};
 use crate::meter::{Meter, MeterSource, Meters, MAX_DIMENSION_VALUE_BYTES};
@@ -347,6 +347,8 @@ enum MeterUpdate {
     Level(AggState),
     /// Becomes a delta at commit.
     Cumulative { value: i128, monotonic: bool },
+    /// A level integrated over time at commit.
+    TimeWeighted { value: i128 },
 }
 
 fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) -> Result<MeterUpdate, String> {
@@ -374,6 +376,14 @@ fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) -> Result<Met
             "meter `{slug}` is UNIQUE_COUNT, which metric points cannot feed"
         )),
         (PointValues::Number(_), Aggregation::Count) => Ok(MeterUpdate::Add(AggState::Count(1))),
+        (PointValues::Number(value), Aggregation::TimeWeighted) => {
+            let value = non_negative(number_value(*value, meter.scale)?, "value")?;
+            Ok(MeterUpdate::TimeWeighted { value })
+        }
+        (PointValues::Distribution { .. }, Aggregation::TimeWeighted) => Err(format!(
+            "a {} has no level to integrate (meter `{slug}` is TIME_WEIGHTED); use a gauge",
+            shape.kind
+        )),
         (PointValues::Number(value), Aggregation::Max | Aggregation::Min | Aggregation::Latest) => {
             let value = non_negative(number_value(*value, meter.scale)?, "value")?;
             Ok(level(value))
@@ -595,9 +605,21 @@ fn map_point(
                 start_ns: shape.start_ns,
                 time_ns: shape.time_ns,
                 value,
-                monotonic,
+                kind: StreamKind::Cumulative { monotonic },
                 key,
                 aggregation: meter.aggregation,
+            }),
+            MeterUpdate::TimeWeighted { value } => cumulative.push(CumulativePoint {
+                stream: with_meter(series, &meter.slug),
+                start_ns: 0,
+                time_ns: shape.time_ns,
+                value,
+                kind: StreamKind::TimeWeighted {
+                    window_secs: meter.window_size.seconds(),
+                    max_gap_ms: meter.max_gap_secs * 1000,
+                },
+                key,
+                aggregation: Aggregation::TimeWeighted,
             }),
         }
     }
@@ -1088,8 +1110,8 @@ scale = 0
         assert_eq!(mapped.cumulative.len(), 1);
         let point = &mapped.cumulative[0];
         assert_eq!(
-            (point.value, point.monotonic, point.aggregation),
-            (40, true, Aggregation::Sum)
+            (point.value, point.kind, point.aggregation),
+            (40, StreamKind::Cumulative { monotonic: true }, Aggregation::Sum)
         );
         // The COUNT meter counts the point directly (deduplicated).
         assert_eq!(mapped.points.len(), 1);
