@@ -619,7 +619,11 @@ fn check_source_aggregation(
                 value_attribute: None,
                 ..
             },
-            Aggregation::Max | Aggregation::Min | Aggregation::Latest | Aggregation::UniqueCount,
+            Aggregation::Max
+            | Aggregation::Min
+            | Aggregation::Latest
+            | Aggregation::UniqueCount
+            | Aggregation::Distribution,
         ) => errors.push(format!(
             "{at}.value_attribute: required for {} on source `otlp_log`",
             aggregation.as_str()
@@ -888,13 +892,7 @@ impl RawConfig {
                 "LATEST" => Some(Aggregation::Latest),
                 "UNIQUE_COUNT" => Some(Aggregation::UniqueCount),
                 "TIME_WEIGHTED" => Some(Aggregation::TimeWeighted),
-                "DISTRIBUTION" => {
-                    errors.push(format!(
-                        "{at}.aggregation: `{}` is not implemented yet; use SUM | COUNT | MAX | MIN | LATEST | UNIQUE_COUNT | TIME_WEIGHTED",
-                        raw.aggregation
-                    ));
-                    None
-                }
+                "DISTRIBUTION" => Some(Aggregation::Distribution),
                 other => {
                     errors.push(format!(
                         "{at}.aggregation: `{other}` is not one of SUM | COUNT | MAX | MIN | LATEST | UNIQUE_COUNT | TIME_WEIGHTED | DISTRIBUTION"
@@ -904,6 +902,11 @@ impl RawConfig {
             };
             if raw.max_gap_secs.is_some() && aggregation != Some(Aggregation::TimeWeighted) {
                 errors.push(format!("{at}.max_gap_secs: only for TIME_WEIGHTED meters"));
+            }
+            if raw.allow_negative && aggregation == Some(Aggregation::Distribution) {
+                errors.push(format!(
+                    "{at}.allow_negative: DISTRIBUTION meters take no negative values"
+                ));
             }
             if raw.max_gap_secs == Some(0) {
                 errors.push(format!("{at}.max_gap_secs: must be positive"));
@@ -1180,7 +1183,6 @@ aggregation = "DISTRIBUTION"
             "meters[2] (runs).value_attribute: required for MAX",
             "meters[2] (runs).max_gap_secs: only for TIME_WEIGHTED meters",
             "meters[3] (wat).source: `otlp_trace`",
-            "meters[4] (p99).aggregation: `DISTRIBUTION` is not implemented yet",
         ] {
             assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
         }

@@ -70,6 +70,13 @@ aggregation = "TIME_WEIGHTED"
 scale = 3
 
 [[meters]]
+slug = "latency"
+source = "otlp_metric"
+metric_name = "latency.dist"
+aggregation = "DISTRIBUTION"
+scale = 3
+
+[[meters]]
 slug = "request_count"
 source = "otlp_metric"
 metric_name = "request.duration"
@@ -760,6 +767,76 @@ async fn gauges_integrate_into_gb_hours_across_windows_and_restarts() {
         .collect();
     // 900 GB·s in the first minute, 650 GB·s in the second.
     assert_eq!(values, vec!["0.25", "0.181"], "{per_minute}");
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn histograms_feed_distributions_with_percentiles() {
+    use opentelemetry_proto::tonic::metrics::v1::{Histogram, HistogramDataPoint};
+    let (_dir, daemon) = start("");
+    let mut grpc = grpc_metrics(&daemon).await;
+    let now = now_ns();
+    let histogram = |time: u64, counts: Vec<u64>| ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![string_attribute("tenant.id", "dist-co")],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: "latency.dist".into(),
+                    data: Some(metric::Data::Histogram(Histogram {
+                        data_points: vec![HistogramDataPoint {
+                            start_time_unix_nano: time - 1_000_000_000,
+                            time_unix_nano: time,
+                            count: counts.iter().sum(),
+                            explicit_bounds: vec![0.1, 0.5, 1.0, 5.0],
+                            bucket_counts: counts,
+                            min: Some(0.01),
+                            max: Some(4.0),
+                            ..Default::default()
+                        }],
+                        aggregation_temporality: AggregationTemporality::Delta as i32,
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    // Buckets are taken at their midpoints: 0.055 (from min), 0.3, 0.75, 3. Ranked, the 200
+    // observations are 10 × 0.055, 50 × 0.3, 30 × 0.75, 110 × 3.
+    let first = histogram(now - 2_000_000_000, vec![10, 50, 30, 10, 0]);
+    grpc.export(first.clone()).await.unwrap();
+    grpc.export(first).await.unwrap(); // a retry counts once
+    grpc.export(histogram(now, vec![0, 0, 0, 100, 0])).await.unwrap();
+    let result = query(
+        &client(),
+        &daemon,
+        "latency",
+        "subject=dist-co&percentiles=25,40,99",
+    )
+    .await;
+    let row = &result["data"][0];
+    assert_eq!(row["value"], 200, "{result}");
+    let near = |name: &str, expected: f64| {
+        let actual = row["percentiles"][name].as_f64().unwrap();
+        assert!(
+            (actual - expected).abs() / expected < 0.01,
+            "{name}: {actual} vs {expected}: {result}"
+        );
+    };
+    near("p25", 0.3);
+    near("p40", 0.75);
+    near("p99", 3.0);
+    // Bad percentiles are named; cumulative histograms are refused for DISTRIBUTION (for now).
+    let response = client()
+        .get(daemon.url("/api/v1/meters/latency/query?percentiles=0,150"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
     daemon.stop();
 }
 

@@ -15,6 +15,7 @@
 //!
 //! Must not: do I/O, or hold a map lock across anything slower than map updates.
 
+pub mod distribution;
 pub mod state;
 pub mod streams;
 pub mod unique;

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::distribution::Distribution;
 use super::unique::UniqueState;
 use crate::model::format_decimal;
 
@@ -19,6 +20,8 @@ pub enum Aggregation {
     /// A gauge integrated over time (e.g. GB-hours): each point's value holds until the
     /// stream's next point. Stored as a SUM of value × milliseconds; shown in value × hours.
     TimeWeighted,
+    /// A mergeable histogram of values (percentiles over any range).
+    Distribution,
 }
 
 /// Milliseconds per unit of a TIME_WEIGHTED result (value × hours).
@@ -34,6 +37,7 @@ impl Aggregation {
             Aggregation::Latest => "LATEST",
             Aggregation::UniqueCount => "UNIQUE_COUNT",
             Aggregation::TimeWeighted => "TIME_WEIGHTED",
+            Aggregation::Distribution => "DISTRIBUTION",
         }
     }
 
@@ -47,6 +51,7 @@ impl Aggregation {
             Aggregation::Latest,
             Aggregation::UniqueCount,
             Aggregation::TimeWeighted,
+            Aggregation::Distribution,
         ]
         .into_iter()
         .find(|aggregation| aggregation.as_str() == name)
@@ -110,6 +115,8 @@ pub enum AggState {
     /// 24 bytes: the engine's memory per series is dominated by this enum.
     Latest(Box<Latest>),
     Unique(Box<UniqueState>),
+    /// Appended last: earlier variants keep their encoding.
+    Distribution(Box<Distribution>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +163,12 @@ impl AggState {
             (Aggregation::Latest, Observation::Value(value)) => {
                 AggState::Latest(Box::new(Latest { ts_ms, value }))
             }
+            (Aggregation::Distribution, Observation::Value(value)) => {
+                let mut distribution = Distribution::default();
+                // Negative values are refused at the edges (DISTRIBUTION meters take none).
+                distribution.record(u64::try_from(value).unwrap_or(0), 1);
+                AggState::Distribution(Box::new(distribution))
+            }
         }
     }
 
@@ -167,6 +180,7 @@ impl AggState {
             AggState::Min(_) => "MIN",
             AggState::Latest(_) => "LATEST",
             AggState::Unique(_) => "UNIQUE_COUNT",
+            AggState::Distribution(_) => "DISTRIBUTION",
         }
     }
 
@@ -185,6 +199,7 @@ impl AggState {
                 }
             }
             (AggState::Unique(a), AggState::Unique(b)) => a.merge(b),
+            (AggState::Distribution(a), AggState::Distribution(b)) => a.merge(b),
             (mine, theirs) => return Err(MergeError::Mismatch(theirs.kind(), mine.kind())),
         }
         Ok(())
@@ -208,6 +223,9 @@ impl AggState {
             (AggState::Unique(set), Observation::Unique(hash)) => set.insert(hash),
             (AggState::Unique(set), Observation::Value(v)) => {
                 set.insert(xxhash_rust::xxh3::xxh3_64(&v.to_le_bytes()))
+            }
+            (AggState::Distribution(distribution), Observation::Value(v)) => {
+                distribution.record(u64::try_from(v).unwrap_or(0), 1)
             }
             (mine, _) => return Err(MergeError::Mismatch("observation", mine.kind())),
         }
@@ -239,6 +257,7 @@ impl AggState {
             AggState::Latest(latest) => format_decimal(latest.value, scale),
             AggState::Count(n) => n.to_string(),
             AggState::Unique(set) => set.count().to_string(),
+            AggState::Distribution(distribution) => distribution.count().to_string(),
         }
     }
 
@@ -272,6 +291,13 @@ mod tests {
                     set.insert(xxhash_rust::xxh3::xxh3_64(&v.to_le_bytes()));
                 }
                 AggState::Unique(Box::new(set))
+            }),
+            proptest::collection::vec((0u64..10_000_000, 1u64..5), 0..30).prop_map(|values| {
+                let mut distribution = Distribution::default();
+                for (value, count) in values {
+                    distribution.record(value, count);
+                }
+                AggState::Distribution(Box::new(distribution))
             }),
         ]
     }

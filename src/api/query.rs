@@ -95,7 +95,12 @@ pub struct QueryParams {
     pub window_size: Option<WindowSize>,
     pub group_by: Vec<String>,
     pub filters: Vec<(String, String)>,
+    /// DISTRIBUTION meters: the percentiles each row reports (default 50, 95, 99).
+    pub percentiles: Vec<f64>,
 }
+
+/// Percentiles a DISTRIBUTION row reports unless the query names others.
+const DEFAULT_PERCENTILES: [f64; 3] = [50.0, 95.0, 99.0];
 
 /// Parses the query string, naming every bad parameter.
 pub fn parse_params(raw: &str, meter: &Meter) -> Result<QueryParams, Vec<String>> {
@@ -120,6 +125,19 @@ pub fn parse_params(raw: &str, meter: &Meter) -> Result<QueryParams, Vec<String>
                 Some(size) => params.window_size = Some(size),
                 None => errors.push(format!("windowSize: `{value}` is not one of MINUTE | HOUR | DAY")),
             },
+            "percentiles" if meter.aggregation == crate::aggregate::Aggregation::Distribution => {
+                for text in value.split(',').map(str::trim) {
+                    match text.parse::<f64>() {
+                        Ok(p) if p > 0.0 && p <= 100.0 => params.percentiles.push(p),
+                        _ => errors.push(format!("percentiles: `{text}` is not a number in (0, 100]")),
+                    }
+                }
+            }
+            "percentiles" => errors.push(format!(
+                "percentiles: meter `{}` is {}, not DISTRIBUTION",
+                meter.slug,
+                meter.aggregation.as_str()
+            )),
             "windowTimeZone" => {
                 if !matches!(value.as_str(), "UTC" | "Etc/UTC" | "Z") {
                     errors.push(format!(
@@ -158,6 +176,9 @@ pub fn parse_params(raw: &str, meter: &Meter) -> Result<QueryParams, Vec<String>
     }
     params.group_by.sort();
     params.group_by.dedup();
+    if params.percentiles.is_empty() {
+        params.percentiles = DEFAULT_PERCENTILES.to_vec();
+    }
     if errors.is_empty() {
         Ok(params)
     } else {
@@ -452,13 +473,33 @@ pub fn run_query(
                     (name.clone(), value)
                 })
                 .collect();
-            json!({
+            let mut row_json = json!({
                 "value": number,
                 "windowStart": start,
                 "windowEnd": end,
                 "subject": tenant,
                 "groupBy": group_by,
-            })
+            });
+            if let AggState::Distribution(distribution) = &row.state {
+                // `value` is the observation count; percentiles are exact decimals at the
+                // meter's scale of the histogram's bucket values (within 1 %).
+                let percentiles: Map<String, Value> = params
+                    .percentiles
+                    .iter()
+                    .map(|p| {
+                        let value = crate::model::format_decimal(
+                            i128::from(distribution.value_at_quantile(p / 100.0)),
+                            meter.scale,
+                        );
+                        let number = value
+                            .parse::<serde_json::Number>()
+                            .map_or(Value::String(value), Value::Number);
+                        (format!("p{p}"), number)
+                    })
+                    .collect();
+                row_json["percentiles"] = Value::Object(percentiles);
+            }
+            row_json
         })
         .collect();
     Ok(json!({

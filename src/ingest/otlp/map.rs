@@ -336,7 +336,91 @@ enum PointValues<'a> {
         sum: Option<f64>,
         min: Option<f64>,
         max: Option<f64>,
+        buckets: Buckets<'a>,
     },
+}
+
+/// A histogram point's buckets, as DISTRIBUTION meters read them.
+enum Buckets<'a> {
+    /// `counts[i]` observations in `(bounds[i-1], bounds[i]]` (the first from -∞, the last to +∞).
+    Explicit { bounds: &'a [f64], counts: &'a [u64] },
+    /// Base `2^(2^-scale)`: positive bucket `offset + k` is `(base^(offset+k), base^(offset+k+1)]`.
+    Exponential {
+        scale: i32,
+        zero_count: u64,
+        positive:
+            Option<&'a opentelemetry_proto::tonic::metrics::v1::exponential_histogram_data_point::Buckets>,
+        negative:
+            Option<&'a opentelemetry_proto::tonic::metrics::v1::exponential_histogram_data_point::Buckets>,
+    },
+    /// Summaries carry quantiles, not buckets.
+    None,
+}
+
+/// A histogram point's observations as `(representative value, count)`, each bucket taken at
+/// its midpoint (geometric for exponential buckets), clamped to the point's min and max when
+/// present; the open-ended first and last buckets are taken at their finite bound (or the
+/// point's min/max). Negative observations are refused: DISTRIBUTION meters take none.
+fn bucket_values(
+    buckets: &Buckets<'_>,
+    min: Option<f64>,
+    max: Option<f64>,
+) -> Result<Vec<(f64, u64)>, String> {
+    let clamp = |value: f64| {
+        let value = min.map_or(value, |min| value.max(min));
+        max.map_or(value, |max| value.min(max))
+    };
+    let mut out = Vec::new();
+    match buckets {
+        Buckets::None => return Err("a summary has no buckets (DISTRIBUTION needs a histogram)".into()),
+        Buckets::Explicit { bounds, counts } => {
+            if counts.len() != bounds.len() + 1 && !counts.is_empty() {
+                return Err(format!(
+                    "{} bucket counts for {} explicit bounds (expected one more count than bounds)",
+                    counts.len(),
+                    bounds.len()
+                ));
+            }
+            for (index, count) in counts.iter().enumerate() {
+                if *count == 0 {
+                    continue;
+                }
+                let value = match (index.checked_sub(1).map(|i| bounds[i]), bounds.get(index)) {
+                    (None, None) => max.or(min).unwrap_or(0.0),
+                    (None, Some(upper)) => min.map_or(*upper, |min| (min + upper) / 2.0),
+                    (Some(lower), None) => max.unwrap_or(lower),
+                    (Some(lower), Some(upper)) => (lower + upper) / 2.0,
+                };
+                out.push((clamp(value), *count));
+            }
+        }
+        Buckets::Exponential {
+            scale,
+            zero_count,
+            positive,
+            negative,
+        } => {
+            if negative.is_some_and(|negative| negative.bucket_counts.iter().any(|count| *count > 0)) {
+                return Err("negative buckets: DISTRIBUTION meters take no negative values".into());
+            }
+            if *zero_count > 0 {
+                out.push((0.0, *zero_count));
+            }
+            let base = 2f64.powf(2f64.powi(-*scale));
+            if let Some(positive) = positive {
+                for (k, count) in positive.bucket_counts.iter().enumerate() {
+                    if *count > 0 {
+                        let index = f64::from(positive.offset) + k as f64;
+                        out.push((clamp(base.powf(index + 0.5)), *count));
+                    }
+                }
+            }
+        }
+    }
+    if out.iter().any(|(value, _)| *value < 0.0 || !value.is_finite()) {
+        return Err("negative or non-finite bucket: DISTRIBUTION meters take no negative values".into());
+    }
+    Ok(out)
 }
 
 /// What one meter takes from one point.
@@ -379,6 +463,37 @@ fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) -> Result<Met
         (PointValues::Number(value), Aggregation::TimeWeighted) => {
             let value = non_negative(number_value(*value, meter.scale)?, "value")?;
             Ok(MeterUpdate::TimeWeighted { value })
+        }
+        (PointValues::Number(value), Aggregation::Distribution) => {
+            let value = non_negative(number_value(*value, meter.scale)?, "value")?;
+            Ok(MeterUpdate::Add(AggState::from_observation(
+                aggregation,
+                Observation::Value(value),
+                ts_ms,
+                meter.unique_exact_limit,
+            )))
+        }
+        (
+            PointValues::Distribution {
+                min, max, buckets, ..
+            },
+            Aggregation::Distribution,
+        ) => {
+            if !shape.delta {
+                return Err(format!(
+                    "a cumulative {} cannot feed DISTRIBUTION meter `{slug}` yet; export it with DELTA temporality",
+                    shape.kind
+                ));
+            }
+            let mut distribution = crate::aggregate::distribution::Distribution::default();
+            for (value, count) in bucket_values(buckets, *min, *max)? {
+                let value =
+                    decimal_from_f64(value, meter.scale).map_err(|error| quantity_error("bucket", error))?;
+                let value = u64::try_from(value)
+                    .map_err(|_| format!("bucket value out of range for meter `{slug}`"))?;
+                distribution.record(value, count);
+            }
+            Ok(MeterUpdate::Add(AggState::Distribution(Box::new(distribution))))
         }
         (PointValues::Distribution { .. }, Aggregation::TimeWeighted) => Err(format!(
             "a {} has no level to integrate (meter `{slug}` is TIME_WEIGHTED); use a gauge",
@@ -691,6 +806,10 @@ fn point_shapes(
                         sum: point.sum,
                         min: point.min,
                         max: point.max,
+                        buckets: Buckets::Explicit {
+                            bounds: &point.explicit_bounds,
+                            counts: &point.bucket_counts,
+                        },
                     },
                 })
             })
@@ -711,6 +830,12 @@ fn point_shapes(
                         sum: point.sum,
                         min: point.min,
                         max: point.max,
+                        buckets: Buckets::Exponential {
+                            scale: point.scale,
+                            zero_count: point.zero_count,
+                            positive: point.positive.as_ref(),
+                            negative: point.negative.as_ref(),
+                        },
                     },
                 })
             })
@@ -732,6 +857,7 @@ fn point_shapes(
                         sum: Some(point.sum),
                         min: None,
                         max: None,
+                        buckets: Buckets::None,
                     },
                 })
             })
@@ -1240,6 +1366,55 @@ scale = 0
         let mut values: Vec<i128> = mapped.cumulative.iter().map(|point| point.value).collect();
         values.sort();
         assert_eq!(values, vec![3, 550]);
+    }
+
+    #[test]
+    fn histogram_buckets_become_distribution_observations() {
+        use opentelemetry_proto::tonic::metrics::v1::exponential_histogram_data_point::Buckets as ExpBuckets;
+        let explicit = Buckets::Explicit {
+            bounds: &[1.0, 10.0],
+            counts: &[2, 3, 4],
+        };
+        assert_eq!(
+            bucket_values(&explicit, Some(0.5), Some(20.0)).unwrap(),
+            vec![(0.75, 2), (5.5, 3), (20.0, 4)]
+        );
+        assert!(bucket_values(
+            &Buckets::Explicit {
+                bounds: &[1.0],
+                counts: &[1]
+            },
+            None,
+            None
+        )
+        .is_err());
+        let positive = ExpBuckets {
+            offset: 0,
+            bucket_counts: vec![1, 0, 2],
+        };
+        // Scale 0: base 2, bucket k covers (2^k, 2^(k+1)], taken at 2^(k + 0.5).
+        let exponential = Buckets::Exponential {
+            scale: 0,
+            zero_count: 5,
+            positive: Some(&positive),
+            negative: None,
+        };
+        let values = bucket_values(&exponential, None, None).unwrap();
+        assert_eq!(values[0], (0.0, 5));
+        assert!((values[1].0 - 2f64.sqrt()).abs() < 1e-12 && values[1].1 == 1);
+        assert!((values[2].0 - 2f64.powf(2.5)).abs() < 1e-9 && values[2].1 == 2);
+        let negative = ExpBuckets {
+            offset: 0,
+            bucket_counts: vec![1],
+        };
+        let with_negative = Buckets::Exponential {
+            scale: 0,
+            zero_count: 0,
+            positive: None,
+            negative: Some(&negative),
+        };
+        assert!(bucket_values(&with_negative, None, None).is_err());
+        assert!(bucket_values(&Buckets::None, None, None).is_err());
     }
 
     fn log_request(records: Vec<LogRecord>) -> ExportLogsServiceRequest {
