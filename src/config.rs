@@ -211,6 +211,8 @@ pub struct RawOtlp {
     /// (`authorization: Bearer <key>` or `x-api-key: <key>`), and its points belong to that
     /// key's tenant only.
     pub api_keys: BTreeMap<String, String>,
+    /// TLS for both OTLP listeners (absent: plain TCP).
+    pub tls: Option<RawTls>,
 }
 
 impl Default for RawOtlp {
@@ -218,8 +220,18 @@ impl Default for RawOtlp {
         RawOtlp {
             tenant_attribute: "tenant.id".into(),
             api_keys: BTreeMap::new(),
+            tls: None,
         }
     }
+}
+
+/// `[otlp.tls]`: PEM files, read at startup.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// The certificate chain, leaf first.
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
 }
 
 /// Validated `[otlp]`.
@@ -227,6 +239,7 @@ impl Default for RawOtlp {
 pub struct OtlpConfig {
     pub tenant_attribute: String,
     pub api_keys: HashMap<String, String>,
+    pub tls: Option<RawTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -418,7 +431,7 @@ impl Config {
     /// The effective config for the startup log (no secrets exist yet; redact them here when they do).
     pub fn summary(&self) -> String {
         format!(
-            "http_addr={} otlp_grpc_addr={} otlp_http_addr={} otlp={{tenant_attribute={} api_keys={}}} \
+            "http_addr={} otlp_grpc_addr={} otlp_http_addr={} otlp={{tenant_attribute={} api_keys={} tls={}}} \
              data_dir={} ingest_log_sync={:?} flush_interval_ms={} allowed_lateness_secs={} \
              max_lateness_secs={} max_future_secs={} dedup_horizon_secs={} meters=[{}] kafka={} cluster={}",
             self.http_addr,
@@ -429,6 +442,7 @@ impl Config {
             self.otlp.tenant_attribute,
             // Keys are secrets: only how many there are.
             self.otlp.api_keys.len(),
+            if self.otlp.tls.is_some() { "on" } else { "off" },
             self.data_dir.display(),
             self.ingest_log_sync,
             self.flush_interval_ms,
@@ -534,9 +548,17 @@ fn validate_otlp(raw: RawOtlp, errors: &mut Vec<String>) -> OtlpConfig {
             errors.push("otlp.api_keys: tenants must be 1-256 bytes".into());
         }
     }
+    if let Some(tls) = &raw.tls {
+        for (key, path) in [("cert_path", &tls.cert_path), ("key_path", &tls.key_path)] {
+            if let Err(error) = std::fs::metadata(path) {
+                errors.push(format!("otlp.tls.{key}: {}: {error}", path.display()));
+            }
+        }
+    }
     OtlpConfig {
         tenant_attribute: raw.tenant_attribute,
         api_keys: raw.api_keys.into_iter().collect(),
+        tls: raw.tls,
     }
 }
 

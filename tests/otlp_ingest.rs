@@ -936,3 +936,58 @@ async fn sigkill_mid_export_then_resend_everything_gives_exact_totals() {
     );
     daemon.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_listeners_serve_the_python_sdk_over_grpc_and_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let tls = format!(
+        "[otlp.tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let config = write_config(dir.path(), &format!("{tls}\n{OTLP_METERS}"));
+    let daemon = Daemon::start(&config);
+    let port = |addr: &Option<String>| addr.as_ref().unwrap().rsplit(':').next().unwrap().to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp/tls_export.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .args(["--grpc", &format!("localhost:{}", port(&daemon.otlp_grpc))])
+        .args(["--http", &format!("localhost:{}", port(&daemon.otlp_http))])
+        .arg("--ca")
+        .arg(&cert)
+        // requests lets these override the exporter's own `certificate_file`.
+        .env_remove("REQUESTS_CA_BUNDLE")
+        .env_remove("CURL_CA_BUNDLE")
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "the TLS exporter failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        daemon.logs()
+    );
+    let recorded: Value = serde_json::from_slice(&output.stdout).unwrap();
+    for (tenant, expected) in recorded.as_object().unwrap() {
+        assert_eq!(
+            total(&daemon, "requests", tenant).await,
+            expected.as_i64().unwrap(),
+            "{tenant}"
+        );
+    }
+    // Plain HTTP to the TLS port is not served.
+    let plain = client()
+        .post(format!(
+            "http://{}/v1/metrics",
+            daemon.otlp_http.as_ref().unwrap()
+        ))
+        .header("content-type", "application/x-protobuf")
+        .body(Vec::new())
+        .send()
+        .await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    daemon.stop();
+}

@@ -349,14 +349,23 @@ async fn start_otlp(
         return Ok(servers);
     }
     let ingest = crate::ingest::otlp::OtlpIngest { app: state.clone() };
+    let tls = match &config.otlp.tls {
+        Some(tls) => Some(crate::ingest::otlp::TlsIdentity::load(tls).context("cannot read otlp.tls")?),
+        None => None,
+    };
+    let http_tls = match &tls {
+        Some(identity) => Some(identity.rustls_config().map_err(|error| anyhow::anyhow!(error))?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "tls" } else { "plain" };
     if let Some(addr) = config.otlp_grpc_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot bind otlp_grpc_addr {addr}"))?;
-        tracing::info!(addr = %listener.local_addr()?, "otlp grpc listening");
+        tracing::info!(addr = %listener.local_addr()?, transport = scheme, "otlp grpc listening");
         let (ingest, token) = (ingest.clone(), shutdown.clone());
         servers.push(tokio::spawn(async move {
-            crate::ingest::otlp::grpc::serve(ingest, listener, token)
+            crate::ingest::otlp::grpc::serve(ingest, listener, token, tls.as_ref())
                 .await
                 .map_err(|error| error.to_string())
         }));
@@ -365,10 +374,10 @@ async fn start_otlp(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot bind otlp_http_addr {addr}"))?;
-        tracing::info!(addr = %listener.local_addr()?, "otlp http listening");
+        tracing::info!(addr = %listener.local_addr()?, transport = scheme, "otlp http listening");
         let token = shutdown.clone();
         servers.push(tokio::spawn(async move {
-            crate::ingest::otlp::serve_http(ingest, listener, token)
+            crate::ingest::otlp::serve_http(ingest, listener, token, http_tls)
                 .await
                 .map_err(|error| error.to_string())
         }));

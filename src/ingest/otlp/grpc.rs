@@ -177,13 +177,21 @@ impl Decoder for RawCodec {
     }
 }
 
-/// Serves both export services on `listener` until `shutdown`.
+/// Serves both export services on `listener` until `shutdown`, over TLS when `tls` is set.
 pub async fn serve(
     ingest: OtlpIngest,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
+    tls: Option<&super::TlsIdentity>,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem)),
+        )?;
+    }
+    builder
         .add_service(ExportService::<Metrics>::new(ingest.clone()))
         .add_service(ExportService::<Logs>::new(ingest))
         .serve_with_incoming_shutdown(

@@ -643,13 +643,102 @@ fn http_error(
     response
 }
 
-/// Serves OTLP/HTTP on `listener` until `shutdown`.
+/// The TLS identity of `[otlp.tls]`, for both listeners.
+pub struct TlsIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl TlsIdentity {
+    pub fn load(tls: &crate::config::RawTls) -> std::io::Result<TlsIdentity> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|error| std::io::Error::new(error.kind(), format!("{}: {error}", path.display())))
+        };
+        Ok(TlsIdentity {
+            cert_pem: read(&tls.cert_path)?,
+            key_pem: read(&tls.key_path)?,
+        })
+    }
+
+    /// A rustls server config for OTLP/HTTP (h2 and http/1.1 by ALPN).
+    pub fn rustls_config(&self) -> Result<tokio_rustls::rustls::ServerConfig, String> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| format!("otlp.tls.cert_path: {error}"))?;
+        if certs.is_empty() {
+            return Err("otlp.tls.cert_path: no certificate in the file".into());
+        }
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|error| format!("otlp.tls.key_path: {error}"))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|error| error.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|error| format!("otlp.tls: {error}"))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+/// Serves OTLP/HTTP on `listener` until `shutdown`, over TLS when `tls` is set.
 pub async fn serve_http(
     ingest: OtlpIngest,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
+    tls: Option<tokio_rustls::rustls::ServerConfig>,
 ) -> std::io::Result<()> {
-    axum::serve(listener, http_router(ingest))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let router = http_router(ingest);
+    let Some(tls) = tls else {
+        return axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    };
+    // axum::serve has no TLS: accept, handshake, then hand each connection to hyper.
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "otlp http accept failed");
+                    continue;
+                }
+            },
+        };
+        let (acceptor, router, shutdown) = (acceptor.clone(), router.clone(), shutdown.clone());
+        connections.spawn(async move {
+            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "otlp http tls handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    // In-flight requests finish; the client is told to go away.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+    Ok(())
 }
