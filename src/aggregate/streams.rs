@@ -171,47 +171,31 @@ impl Streams {
             if !newer {
                 continue;
             }
-            if let StreamKind::TimeWeighted {
-                window_secs,
-                max_gap_ms,
-            } = point.kind
-            {
-                for (window_start, area) in Self::integral(previous, point, window_secs, max_gap_ms) {
-                    let key = SeriesKey {
-                        window_start,
-                        ..point.key
-                    };
-                    batch.observe(
-                        key,
-                        Aggregation::TimeWeighted,
-                        Observation::Value(area),
-                        (point.time_ns / 1_000_000) as i64,
-                        0,
-                    )?;
+            let ts_ms = (point.time_ns / 1_000_000) as i64;
+            match point.kind {
+                StreamKind::TimeWeighted {
+                    window_secs,
+                    max_gap_ms,
+                } => {
+                    for (window_start, area) in Self::integral(previous, point, window_secs, max_gap_ms) {
+                        let key = SeriesKey {
+                            window_start,
+                            ..point.key
+                        };
+                        batch.observe(key, Aggregation::TimeWeighted, Observation::Value(area), ts_ms, 0)?;
+                    }
                 }
-                let state = StreamState {
-                    start_ns: point.start_ns,
-                    time_ns: point.time_ns,
-                    value: point.value,
-                };
-                self.states.insert(point.stream, state);
-                changed.insert(point.stream, state);
-                continue;
-            }
-            match (Self::delta(previous, point), point.aggregation) {
-                (None | Some(0), _) => {}
-                // A COUNT meter fed by a histogram's cumulative count adds the count's delta
-                // (counts are monotonic, so the reset rule never yields a negative one).
-                (Some(delta), Aggregation::Count) => {
-                    batch.merge_state(point.key, &AggState::Count(u64::try_from(delta).unwrap_or(0)))?
-                }
-                (Some(delta), aggregation) => batch.observe(
-                    point.key,
-                    aggregation,
-                    Observation::Value(delta),
-                    (point.time_ns / 1_000_000) as i64,
-                    0,
-                )?,
+                StreamKind::Cumulative { .. } => match (Self::delta(previous, point), point.aggregation) {
+                    (None | Some(0), _) => {}
+                    // A COUNT meter fed by a histogram's cumulative count adds the count's delta
+                    // (counts are monotonic, so the reset rule never yields a negative one).
+                    (Some(delta), Aggregation::Count) => {
+                        batch.merge_state(point.key, &AggState::Count(u64::try_from(delta).unwrap_or(0)))?
+                    }
+                    (Some(delta), aggregation) => {
+                        batch.observe(point.key, aggregation, Observation::Value(delta), ts_ms, 0)?
+                    }
+                },
             }
             let state = StreamState {
                 start_ns: point.start_ns,
