@@ -1491,7 +1491,220 @@ scale = 0
             .any(|r| r.message.contains("`steps` is not a finite decimal number")));
     }
 
+    fn any_double() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            Just(f64::NAN),
+            Just(f64::INFINITY),
+            Just(f64::NEG_INFINITY),
+            Just(-0.0),
+            Just(1e300),
+            Just(-1e-300),
+            -1e6f64..1e6,
+            any::<f64>(),
+        ]
+    }
+
+    fn any_time() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            Just(u64::MAX),
+            Just(NOW_NS),
+            (NOW_NS - 3_600_000_000_000)..(NOW_NS + 3_600_000_000_000),
+            any::<u64>(),
+        ]
+    }
+
+    fn any_number_point() -> impl Strategy<Value = NumberDataPoint> {
+        (
+            any_time(),
+            any_time(),
+            prop_oneof![
+                any::<i64>().prop_map(number_data_point::Value::AsInt),
+                any_double().prop_map(number_data_point::Value::AsDouble),
+            ],
+            proptest::option::of("[a-z/]{0,300}"),
+        )
+            .prop_map(|(start, time, value, route)| NumberDataPoint {
+                attributes: route.map(|r| vec![text("http.route", &r)]).unwrap_or_default(),
+                start_time_unix_nano: start,
+                time_unix_nano: time,
+                value: Some(value),
+                ..Default::default()
+            })
+    }
+
+    fn any_metric() -> impl Strategy<Value = Metric> {
+        use opentelemetry_proto::tonic::metrics::v1::{
+            exponential_histogram_data_point, ExponentialHistogram, ExponentialHistogramDataPoint, Summary,
+            SummaryDataPoint,
+        };
+        let names = proptest::sample::select(vec![
+            "http.server.requests",
+            "storage.used",
+            "storage.bad",
+            "latency",
+            "other",
+        ]);
+        let data = prop_oneof![
+            proptest::collection::vec(any_number_point(), 0..4)
+                .prop_map(|data_points| metric::Data::Gauge(Gauge { data_points })),
+            (
+                proptest::collection::vec(any_number_point(), 0..4),
+                -1i32..4,
+                any::<bool>()
+            )
+                .prop_map(|(data_points, temporality, monotonic)| metric::Data::Sum(Sum {
+                    data_points,
+                    aggregation_temporality: temporality,
+                    is_monotonic: monotonic,
+                })),
+            (
+                any_time(),
+                proptest::collection::vec(any_double(), 0..5),
+                proptest::collection::vec(0u64..1000, 0..7),
+                proptest::option::of(any_double()),
+                proptest::option::of(any_double()),
+                -1i32..4,
+            )
+                .prop_map(|(time, bounds, counts, sum, max, temporality)| {
+                    metric::Data::Histogram(Histogram {
+                        data_points: vec![HistogramDataPoint {
+                            start_time_unix_nano: time.saturating_sub(1),
+                            time_unix_nano: time,
+                            count: counts.iter().sum(),
+                            sum,
+                            bucket_counts: counts,
+                            explicit_bounds: bounds,
+                            max,
+                            min: sum,
+                            ..Default::default()
+                        }],
+                        aggregation_temporality: temporality,
+                    })
+                }),
+            (
+                any_time(),
+                -20i32..30,
+                any::<i32>(),
+                proptest::collection::vec(0u64..100, 0..5),
+                0u64..3
+            )
+                .prop_map(|(time, scale, offset, counts, zero_count)| {
+                    metric::Data::ExponentialHistogram(ExponentialHistogram {
+                        data_points: vec![ExponentialHistogramDataPoint {
+                            start_time_unix_nano: time.saturating_sub(1),
+                            time_unix_nano: time,
+                            count: counts.iter().sum::<u64>() + zero_count,
+                            scale,
+                            zero_count,
+                            positive: Some(exponential_histogram_data_point::Buckets {
+                                offset,
+                                bucket_counts: counts.clone(),
+                            }),
+                            negative: Some(exponential_histogram_data_point::Buckets {
+                                offset,
+                                bucket_counts: counts,
+                            }),
+                            ..Default::default()
+                        }],
+                        aggregation_temporality: 1,
+                    })
+                }),
+            (any_time(), any_double()).prop_map(|(time, sum)| metric::Data::Summary(Summary {
+                data_points: vec![SummaryDataPoint {
+                    time_unix_nano: time,
+                    sum,
+                    count: 3,
+                    ..Default::default()
+                }],
+            })),
+        ];
+        (names, proptest::option::of(data)).prop_map(|(name, data)| Metric {
+            name: name.into(),
+            data,
+            ..Default::default()
+        })
+    }
+
+    fn every_aggregation(names: &Names) -> Meters {
+        let mut text = String::new();
+        for (name, aggregations) in [
+            (
+                "http.server.requests",
+                vec!["SUM", "COUNT", "MAX", "TIME_WEIGHTED", "DISTRIBUTION"],
+            ),
+            ("storage.used", vec!["MIN", "LATEST", "TIME_WEIGHTED"]),
+            ("latency", vec!["SUM", "COUNT", "MAX", "MIN", "DISTRIBUTION"]),
+        ] {
+            for (i, aggregation) in aggregations.iter().enumerate() {
+                let scale = if i % 2 == 0 { 18 } else { 0 };
+                let value_scale = if *aggregation == "COUNT" {
+                    String::new()
+                } else {
+                    format!("scale = {scale}\n")
+                };
+                text.push_str(&format!(
+                    "[[meters]]\nslug = \"m{}\"\nsource = \"otlp_metric\"\nmetric_name = \"{name}\"\naggregation = \"{aggregation}\"\ngroup_by = {{ route = \"http.route\" }}\n{value_scale}",
+                    text.len()
+                ));
+            }
+        }
+        Meters::new(
+            crate::Config::load(&text, &Default::default()).unwrap().meters,
+            names,
+        )
+    }
+
     proptest! {
+        /// Whatever a client sends, mapping never panics and accounts for every point: each is
+        /// accepted, refused with a reason, or unmetered; and the accepted ones fold (with the
+        /// commit stage's stream conversion) without a panic.
+        #[test]
+        fn any_request_maps_without_panicking_and_accounts_for_every_point(
+            resources in proptest::collection::vec(
+                (proptest::option::of("[a-z]{0,3}|x{257}"), proptest::collection::vec(any_metric(), 0..4)),
+                0..3,
+            ),
+            key_tenant in proptest::option::of(Just("acme")),
+        ) {
+            let names = Names::default();
+            let meters = every_aggregation(&names);
+            let request = ExportMetricsServiceRequest {
+                resource_metrics: resources
+                    .into_iter()
+                    .map(|(tenant, metrics)| {
+                        let mut request = request(None, metrics);
+                        if let Some(tenant) = tenant {
+                            request.resource_metrics[0].resource = Some(Resource {
+                                attributes: vec![text("tenant.id", &tenant)],
+                                ..Default::default()
+                            });
+                        }
+                        request.resource_metrics.remove(0)
+                    })
+                    .collect(),
+            };
+            let mapped = map_metrics(&request, &context(&meters, &names, key_tenant));
+            let points: usize = request
+                .resource_metrics
+                .iter()
+                .flat_map(|r| &r.scope_metrics)
+                .flat_map(|s| &s.metrics)
+                .map(|m| point_shapes(m).len())
+                .sum();
+            prop_assert_eq!(mapped.total, points);
+            prop_assert!(mapped.refused.len() + mapped.unmetered <= mapped.total);
+            prop_assert!(mapped.refused.iter().all(|refusal| !refusal.message.is_empty()));
+            let mut batch = crate::aggregate::PreAggregated::default();
+            for point in &mapped.points {
+                for (key, state) in &point.updates {
+                    let _ = batch.merge_state(*key, state);
+                }
+            }
+            let mut streams = crate::aggregate::streams::Streams::default();
+            let _ = streams.fold(&mapped.cumulative, &mut batch, &mut Default::default());
+        }
+
         /// SDKs need not order attributes: a point's identity (dedup key, stream) ignores order.
         #[test]
         fn attribute_order_does_not_change_identity(
