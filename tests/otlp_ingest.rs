@@ -830,7 +830,49 @@ async fn histograms_feed_distributions_with_percentiles() {
     near("p25", 0.3);
     near("p40", 0.75);
     near("p99", 3.0);
-    // Bad percentiles are named; cumulative histograms are refused for DISTRIBUTION (for now).
+    // Cumulative histograms: each bucket's count is differenced per stream (retries and
+    // stale points add nothing).
+    let cumulative = |time: u64, counts: Vec<u64>| {
+        let mut request = histogram(time, counts);
+        let resource = &mut request.resource_metrics[0];
+        resource.resource.as_mut().unwrap().attributes = vec![string_attribute("tenant.id", "cumdist-co")];
+        if let Some(metric::Data::Histogram(histogram)) = &mut resource.scope_metrics[0].metrics[0].data {
+            histogram.aggregation_temporality = AggregationTemporality::Cumulative as i32;
+            histogram.data_points[0].start_time_unix_nano = now - 60_000_000_000;
+        }
+        request
+    };
+    for request in [
+        cumulative(now - 3_000_000_000, vec![1, 2, 0, 0, 0]),
+        cumulative(now - 2_000_000_000, vec![3, 2, 4, 0, 0]),
+        cumulative(now - 2_000_000_000, vec![3, 2, 4, 0, 0]),
+        cumulative(now - 3_000_000_000, vec![1, 2, 0, 0, 0]),
+        cumulative(now - 1_000_000_000, vec![3, 5, 4, 1, 0]),
+    ] {
+        let response = grpc.export(request).await.unwrap().into_inner();
+        assert!(response.partial_success.is_none(), "{response:?}");
+    }
+    let result = query(
+        &client(),
+        &daemon,
+        "latency",
+        "subject=cumdist-co&percentiles=10,50,90",
+    )
+    .await;
+    let row = &result["data"][0];
+    // 3 × 0.055, 5 × 0.3, 4 × 0.75, 1 × 3: the last point's buckets.
+    assert_eq!(row["value"], 13, "{result}");
+    let near = |name: &str, expected: f64| {
+        let actual = row["percentiles"][name].as_f64().unwrap();
+        assert!(
+            (actual - expected).abs() / expected < 0.01,
+            "{name}: {actual} vs {expected}: {result}"
+        );
+    };
+    near("p10", 0.055);
+    near("p50", 0.3);
+    near("p90", 0.75);
+    // Bad percentiles are named.
     let response = client()
         .get(daemon.url("/api/v1/meters/latency/query?percentiles=0,150"))
         .send()

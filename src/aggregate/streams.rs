@@ -57,6 +57,9 @@ impl StreamState {
 pub enum StreamKind {
     /// A cumulative sum or count: usage is the difference to the previous point.
     Cumulative { monotonic: bool },
+    /// One bucket of a cumulative histogram feeding a DISTRIBUTION: the count's delta is
+    /// recorded at `at` (the bucket's value at the meter's scale).
+    CumulativeBucket { at: u64 },
     /// A gauge integrated over time, into windows of `window_secs`.
     TimeWeighted { window_secs: i64, max_gap_ms: i64 },
 }
@@ -115,7 +118,11 @@ impl Streams {
         if point.start_ns > previous.start_ns {
             return Some(point.value);
         }
-        if point.kind == (StreamKind::Cumulative { monotonic: true }) && point.value < previous.value {
+        let monotonic = matches!(
+            point.kind,
+            StreamKind::Cumulative { monotonic: true } | StreamKind::CumulativeBucket { .. }
+        );
+        if monotonic && point.value < previous.value {
             return Some(point.value);
         }
         point.value.checked_sub(previous.value)
@@ -185,6 +192,14 @@ impl Streams {
                         batch.observe(key, Aggregation::TimeWeighted, Observation::Value(area), ts_ms, 0)?;
                     }
                 }
+                StreamKind::CumulativeBucket { at } => match Self::delta(previous, point) {
+                    Some(delta) if delta > 0 => {
+                        let mut distribution = super::distribution::Distribution::default();
+                        distribution.record(at, u64::try_from(delta).unwrap_or(0));
+                        batch.merge_state(point.key, &AggState::Distribution(Box::new(distribution)))?
+                    }
+                    _ => {}
+                },
                 StreamKind::Cumulative { .. } => match (Self::delta(previous, point), point.aggregation) {
                     (None | Some(0), _) => {}
                     // A COUNT meter fed by a histogram's cumulative count adds the count's delta
@@ -292,6 +307,28 @@ mod tests {
             key: key(),
             aggregation: Aggregation::TimeWeighted,
         }
+    }
+
+    #[test]
+    fn cumulative_buckets_record_their_count_deltas_at_their_value() {
+        let bucket = |time: u64, count: i128| CumulativePoint {
+            kind: StreamKind::CumulativeBucket { at: 300 },
+            aggregation: Aggregation::Distribution,
+            ..point(1, time, count)
+        };
+        let mut streams = Streams::default();
+        let mut batch = PreAggregated::default();
+        let points = [bucket(10, 2), bucket(20, 5), bucket(20, 5), bucket(30, 1)];
+        streams
+            .fold(&points, &mut batch, &mut FxHashMap::default())
+            .unwrap();
+        // 2, then +3, then a decrease: a reset counting 1.
+        let mut expected = super::super::distribution::Distribution::default();
+        expected.record(300, 6);
+        assert_eq!(
+            batch.series.get(&key()),
+            Some(&AggState::Distribution(Box::new(expected)))
+        );
     }
 
     #[test]

@@ -357,7 +357,8 @@ enum Buckets<'a> {
     None,
 }
 
-/// A histogram point's observations as `(representative value, count)`, each bucket taken at
+/// A histogram point's observations as `(bucket, representative value, count)` (bucket: its
+/// index, the zero bucket `i64::MIN`), each bucket taken at
 /// its midpoint (geometric for exponential buckets), clamped to the point's min and max when
 /// present; the open-ended first and last buckets are taken at their finite bound (or the
 /// point's min/max). Negative observations are refused: DISTRIBUTION meters take none.
@@ -365,7 +366,7 @@ fn bucket_values(
     buckets: &Buckets<'_>,
     min: Option<f64>,
     max: Option<f64>,
-) -> Result<Vec<(f64, u64)>, String> {
+) -> Result<Vec<(i64, f64, u64)>, String> {
     let clamp = |value: f64| {
         let value = min.map_or(value, |min| value.max(min));
         max.map_or(value, |max| value.min(max))
@@ -391,7 +392,7 @@ fn bucket_values(
                     (Some(lower), None) => max.unwrap_or(lower),
                     (Some(lower), Some(upper)) => (lower + upper) / 2.0,
                 };
-                out.push((clamp(value), *count));
+                out.push((index as i64, clamp(value), *count));
             }
         }
         Buckets::Exponential {
@@ -404,20 +405,20 @@ fn bucket_values(
                 return Err("negative buckets: DISTRIBUTION meters take no negative values".into());
             }
             if *zero_count > 0 {
-                out.push((0.0, *zero_count));
+                out.push((i64::MIN, 0.0, *zero_count));
             }
             let base = 2f64.powf(2f64.powi(-*scale));
             if let Some(positive) = positive {
                 for (k, count) in positive.bucket_counts.iter().enumerate() {
                     if *count > 0 {
                         let index = f64::from(positive.offset) + k as f64;
-                        out.push((clamp(base.powf(index + 0.5)), *count));
+                        out.push((index as i64, clamp(base.powf(index + 0.5)), *count));
                     }
                 }
             }
         }
     }
-    if out.iter().any(|(value, _)| *value < 0.0 || !value.is_finite()) {
+    if out.iter().any(|(_, value, _)| *value < 0.0 || !value.is_finite()) {
         return Err("negative or non-finite bucket: DISTRIBUTION meters take no negative values".into());
     }
     Ok(out)
@@ -433,6 +434,9 @@ enum MeterUpdate {
     Cumulative { value: i128, monotonic: bool },
     /// A level integrated over time at commit.
     TimeWeighted { value: i128 },
+    /// A cumulative histogram's buckets `(bucket, value at scale, cumulative count)`: each a
+    /// cumulative count whose delta is recorded at the bucket's value at commit.
+    CumulativeBuckets(Vec<(i64, u64, u64)>),
 }
 
 fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) -> Result<MeterUpdate, String> {
@@ -479,18 +483,27 @@ fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) -> Result<Met
             },
             Aggregation::Distribution,
         ) => {
-            if !shape.delta {
+            let exponential = matches!(buckets, Buckets::Exponential { .. });
+            if !shape.delta && exponential {
+                // Their scale may shrink between points, which renames every bucket.
                 return Err(format!(
-                    "a cumulative {} cannot feed DISTRIBUTION meter `{slug}` yet; export it with DELTA temporality",
-                    shape.kind
+                    "a cumulative exponential histogram cannot feed DISTRIBUTION meter `{slug}`; export it with DELTA temporality"
                 ));
             }
-            let mut distribution = crate::aggregate::distribution::Distribution::default();
-            for (value, count) in bucket_values(buckets, *min, *max)? {
+            let mut observed = Vec::new();
+            for (bucket, value, count) in bucket_values(buckets, *min, *max)? {
                 let value =
                     decimal_from_f64(value, meter.scale).map_err(|error| quantity_error("bucket", error))?;
                 let value = u64::try_from(value)
                     .map_err(|_| format!("bucket value out of range for meter `{slug}`"))?;
+                observed.push((bucket, value, count));
+            }
+            if !shape.delta {
+                // Each bucket's count is a cumulative stream of its own (see `streams`).
+                return Ok(MeterUpdate::CumulativeBuckets(observed));
+            }
+            let mut distribution = crate::aggregate::distribution::Distribution::default();
+            for (_, value, count) in observed {
                 distribution.record(value, count);
             }
             Ok(MeterUpdate::Add(AggState::Distribution(Box::new(distribution))))
@@ -578,6 +591,15 @@ fn series_hash(tenant: &str, scope_hash: u128, metric: &str, attributes: &[KeyVa
     hasher.update(&scope_hash.to_le_bytes());
     hash_str(&mut hasher, metric);
     hash_attributes(&mut hasher, attributes);
+    hasher.digest128()
+}
+
+/// One bucket of a histogram stream (the bucket's index: bounds must not change mid-stream,
+/// as the OTLP data model requires of cumulative points).
+fn bucket_stream(stream: u128, bucket: i64) -> u128 {
+    let mut hasher = Xxh3::new();
+    hasher.update(&stream.to_le_bytes());
+    hasher.update(&bucket.to_le_bytes());
     hasher.digest128()
 }
 
@@ -724,6 +746,20 @@ fn map_point(
                 key,
                 aggregation: meter.aggregation,
             }),
+            MeterUpdate::CumulativeBuckets(buckets) => {
+                let stream = with_meter(series, &meter.slug);
+                for (bucket, at, count) in buckets {
+                    cumulative.push(CumulativePoint {
+                        stream: bucket_stream(stream, bucket),
+                        start_ns: shape.start_ns,
+                        time_ns: shape.time_ns,
+                        value: i128::from(count),
+                        kind: StreamKind::CumulativeBucket { at },
+                        key,
+                        aggregation: Aggregation::Distribution,
+                    });
+                }
+            }
             MeterUpdate::TimeWeighted { value } => cumulative.push(CumulativePoint {
                 stream: with_meter(series, &meter.slug),
                 start_ns: 0,
@@ -1377,7 +1413,7 @@ scale = 0
         };
         assert_eq!(
             bucket_values(&explicit, Some(0.5), Some(20.0)).unwrap(),
-            vec![(0.75, 2), (5.5, 3), (20.0, 4)]
+            vec![(0, 0.75, 2), (1, 5.5, 3), (2, 20.0, 4)]
         );
         assert!(bucket_values(
             &Buckets::Explicit {
@@ -1400,9 +1436,9 @@ scale = 0
             negative: None,
         };
         let values = bucket_values(&exponential, None, None).unwrap();
-        assert_eq!(values[0], (0.0, 5));
-        assert!((values[1].0 - 2f64.sqrt()).abs() < 1e-12 && values[1].1 == 1);
-        assert!((values[2].0 - 2f64.powf(2.5)).abs() < 1e-9 && values[2].1 == 2);
+        assert_eq!(values[0], (i64::MIN, 0.0, 5));
+        assert!((values[1].1 - 2f64.sqrt()).abs() < 1e-12 && values[1].2 == 1);
+        assert!((values[2].1 - 2f64.powf(2.5)).abs() < 1e-9 && values[2].2 == 2);
         let negative = ExpBuckets {
             offset: 0,
             bucket_counts: vec![1],
