@@ -11,7 +11,7 @@
 //! decodes and validates CloudEvents with tallyd's own decoder and the default meters, answers
 //! 202, and does nothing else (no dedup, no log, no fsync, no aggregation).
 //!
-//! OTLP: `--otlp-grpc ADDR` sends `ExportMetricsServiceRequest`s of `--batch-size` delta data
+//! OTLP: `--otlp-grpc ADDR` (or `--otlp-http URL`, protobuf) sends `ExportMetricsServiceRequest`s of `--batch-size` delta data
 //! points of the counter `http.server.requests` (Zipf tenants and routes, each point its own
 //! timestamp, `--dup-pct` of them repeats) to an OTLP/gRPC endpoint;
 //! `--otlp-baseline-server ADDR` runs the comparison point: tonic's generated MetricsService with
@@ -84,6 +84,9 @@ struct Args {
     /// OTLP mode: send metrics export requests to this OTLP/gRPC address (host:port).
     #[arg(long)]
     otlp_grpc: Option<String>,
+    /// OTLP/HTTP mode: POST the same requests (protobuf) to this base URL's `/v1/metrics`.
+    #[arg(long)]
+    otlp_http: Option<String>,
     /// Run the decode-and-discard OTLP/gRPC baseline server on this address instead.
     #[arg(long)]
     otlp_baseline_server: Option<std::net::SocketAddr>,
@@ -454,6 +457,10 @@ enum Target {
             tonic::transport::Channel,
         >,
     ),
+    OtlpHttp {
+        client: reqwest::Client,
+        url: String,
+    },
 }
 
 /// One request's payload.
@@ -469,7 +476,9 @@ impl Target {
                 let (body, events) = generator.batch();
                 (Payload::Http(body), events)
             }
-            Target::OtlpGrpc(_) => (Payload::Otlp(generator.otlp_request()), generator.args.batch_size),
+            Target::OtlpGrpc(_) | Target::OtlpHttp { .. } => {
+                (Payload::Otlp(generator.otlp_request()), generator.args.batch_size)
+            }
         }
     }
 }
@@ -496,6 +505,15 @@ async fn send(
             Ok(response) => response.into_inner().partial_success.is_none(),
             Err(_) => false,
         },
+        (Target::OtlpHttp { client, url }, Payload::Otlp(request)) => {
+            let result = client
+                .post(url.as_str())
+                .header("content-type", "application/x-protobuf")
+                .body(prost::Message::encode_to_vec(&request))
+                .send()
+                .await;
+            matches!(&result, Ok(response) if response.status() == 200)
+        }
         _ => unreachable!("invariant: payloads match their target"),
     };
     let micros = started.elapsed().as_micros() as u64;
@@ -523,7 +541,20 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = args.otlp_baseline_server {
         return otlp_baseline_server(addr).await;
     }
+    let http_client = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(args.concurrency)
+            .timeout(Duration::from_secs(30))
+            .build()
+    };
     let target = match &args.otlp_grpc {
+        None if args.otlp_http.is_some() => Target::OtlpHttp {
+            client: http_client()?,
+            url: format!(
+                "{}/v1/metrics",
+                args.otlp_http.as_deref().unwrap_or_default().trim_end_matches('/')
+            ),
+        },
         Some(addr) => Target::OtlpGrpc(
             opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient::connect(
                 format!("http://{addr}"),
@@ -532,10 +563,7 @@ async fn main() -> anyhow::Result<()> {
             .max_decoding_message_size(64 << 20),
         ),
         None => Target::Http {
-            client: reqwest::Client::builder()
-                .pool_max_idle_per_host(args.concurrency)
-                .timeout(Duration::from_secs(30))
-                .build()?,
+            client: http_client()?,
             url: format!("{}/api/v1/events", args.url.trim_end_matches('/')),
         },
     };
@@ -584,7 +612,11 @@ async fn main() -> anyhow::Result<()> {
     let latency = latency.lock();
     let events = totals.events.load(Ordering::Relaxed);
     let summary = json!({
-        "url": args.otlp_grpc.as_ref().map_or(args.url.clone(), |addr| format!("otlp-grpc://{addr}")),
+        "url": match (&args.otlp_grpc, &args.otlp_http) {
+            (Some(addr), _) => format!("otlp-grpc://{addr}"),
+            (None, Some(url)) => format!("{url} (otlp/http)"),
+            (None, None) => args.url.clone(),
+        },
         "mode": if args.rate == 0 { "closed" } else { "open" },
         "target_events_per_sec": args.rate,
         "batch_size": args.batch_size,
