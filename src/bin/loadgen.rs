@@ -217,6 +217,22 @@ struct Generator {
 }
 
 impl Generator {
+    /// The next item's id (`--dup-pct` of the time an earlier one's) and the RNG everything
+    /// else about it derives from: a duplicate repeats the whole item.
+    fn next_item(&mut self) -> (u64, SmallRng) {
+        let duplicate = self.next_id > 0 && self.rng.gen_bool((self.args.dup_pct / 100.0).clamp(0.0, 1.0));
+        let id = if duplicate {
+            self.rng.gen_range(0..self.next_id)
+        } else {
+            self.next_id += 1;
+            self.next_id - 1
+        };
+        (
+            id,
+            SmallRng::seed_from_u64(self.args.seed ^ (id << 8) ^ self.worker as u64),
+        )
+    }
+
     /// One OTLP export request of `batch_size` delta points (a duplicate repeats an earlier
     /// point exactly: same stream, start and time).
     fn otlp_request(
@@ -237,15 +253,7 @@ impl Generator {
         let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
         let mut by_tenant: std::collections::BTreeMap<usize, Vec<NumberDataPoint>> = Default::default();
         for _ in 0..self.args.batch_size {
-            let duplicate =
-                self.next_id > 0 && self.rng.gen_bool((self.args.dup_pct / 100.0).clamp(0.0, 1.0));
-            let id = if duplicate {
-                self.rng.gen_range(0..self.next_id)
-            } else {
-                self.next_id += 1;
-                self.next_id - 1
-            };
-            let mut point_rng = SmallRng::seed_from_u64(self.args.seed ^ (id << 8) ^ self.worker as u64);
+            let (id, mut point_rng) = self.next_item();
             let tenant = self.tenants.sample(&mut point_rng);
             let route = self.dims.sample(&mut point_rng);
             // Distinct (start, time) per point of a stream; a duplicate repeats its original's.
@@ -296,16 +304,7 @@ impl Generator {
         let now = chrono::Utc::now();
         let mut events = Vec::with_capacity(self.args.batch_size);
         for _ in 0..self.args.batch_size {
-            let duplicate =
-                self.next_id > 0 && self.rng.gen_bool((self.args.dup_pct / 100.0).clamp(0.0, 1.0));
-            let id = if duplicate {
-                self.rng.gen_range(0..self.next_id)
-            } else {
-                self.next_id += 1;
-                self.next_id - 1
-            };
-            // A duplicate must repeat the whole event: derive everything from the id.
-            let mut event_rng = SmallRng::seed_from_u64(self.args.seed ^ (id << 8) ^ self.worker as u64);
+            let (id, mut event_rng) = self.next_item();
             let tenant = self.tenants.sample(&mut event_rng);
             let dim = self.dims.sample(&mut event_rng);
             let late = event_rng.gen_bool((self.args.late_pct / 100.0).clamp(0.0, 1.0));
