@@ -612,15 +612,15 @@ fn with_meter(series: u128, slug: &str) -> u128 {
 
 /// A delta point's identity for dedup: the same point re-sent by a retrying collector has the
 /// same stream, start and time; two different points of one stream never do.
-/// Hashed with its own prefix and layout, apart from CloudEvents and log-record ids.
-fn point_dedup_key(tenant: &str, series: u128, start_ns: u64, time_ns: u64) -> u128 {
-    let mut hasher = Xxh3::new();
-    hasher.update(b"otlp.metric.point");
-    hash_str(&mut hasher, tenant);
-    hasher.update(&series.to_le_bytes());
-    hasher.update(&start_ns.to_le_bytes());
-    hasher.update(&time_ns.to_le_bytes());
-    hasher.digest128()
+/// `series` already names the tenant. One-shot over a fixed layout with its own seed, apart from
+/// CloudEvents and log-record ids (it runs once per point).
+fn point_dedup_key(series: u128, start_ns: u64, time_ns: u64) -> u128 {
+    const POINT_KEY_SEED: u64 = 0x6f74_6c70_2e70_6f69; // "otlp.poi"
+    let mut bytes = [0u8; 32];
+    bytes[..16].copy_from_slice(&series.to_le_bytes());
+    bytes[16..24].copy_from_slice(&start_ns.to_le_bytes());
+    bytes[24..].copy_from_slice(&time_ns.to_le_bytes());
+    xxhash_rust::xxh3::xxh3_128_with_seed(&bytes, POINT_KEY_SEED)
 }
 
 /// Maps a metrics export request.
@@ -632,6 +632,11 @@ pub fn map_metrics(request: &ExportMetricsServiceRequest, context: &MapContext<'
             .as_ref()
             .map_or(&[], |resource| &resource.attributes);
         let tenant = tenant_of(resource, context);
+        // Interned once per resource, not per point.
+        let tenant_id = tenant
+            .as_ref()
+            .ok()
+            .map(|tenant| context.names.tenants.intern(tenant));
         let mut resource_hasher = Xxh3::new();
         hash_attributes(&mut resource_hasher, resource);
         let resource_hash = resource_hasher.digest128();
@@ -682,7 +687,7 @@ pub fn map_metrics(request: &ExportMetricsServiceRequest, context: &MapContext<'
                     match map_point(
                         &shape,
                         &meters,
-                        tenant,
+                        (tenant, tenant_id.unwrap_or_default()),
                         scope_hash,
                         &metric.name,
                         resource,
@@ -703,7 +708,7 @@ pub fn map_metrics(request: &ExportMetricsServiceRequest, context: &MapContext<'
 fn map_point(
     shape: &PointShape<'_>,
     meters: &[&Meter],
-    tenant: &str,
+    (tenant, tenant_id): (&str, crate::model::TenantId),
     scope_hash: u128,
     metric: &str,
     resource: &[KeyValue],
@@ -712,7 +717,6 @@ fn map_point(
 ) -> Result<(), (RefusalReason, String)> {
     let ts_ms = point_time(shape.time_ns, context)?;
     let invalid = |message: String| (RefusalReason::Invalid, message);
-    let tenant_id = context.names.tenants.intern(tenant);
     let series = series_hash(tenant, scope_hash, metric, shape.attributes);
     let mut point = MappedPoint {
         dedup_key: None,
@@ -733,7 +737,7 @@ fn map_point(
         };
         match meter_update(meter, shape, ts_ms).map_err(invalid)? {
             MeterUpdate::Add(state) => {
-                point.dedup_key = Some(point_dedup_key(tenant, series, shape.start_ns, shape.time_ns));
+                point.dedup_key = Some(point_dedup_key(series, shape.start_ns, shape.time_ns));
                 point.updates.push((key, state));
             }
             MeterUpdate::Level(state) => point.updates.push((key, state)),
