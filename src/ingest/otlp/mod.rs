@@ -161,11 +161,21 @@ impl Outcome {
         match (signal, encoding) {
             (Signal::Metrics, Encoding::Protobuf) => Ok(self.metrics_response().encode_to_vec()),
             (Signal::Logs, Encoding::Protobuf) => Ok(self.logs_response().encode_to_vec()),
-            (Signal::Metrics, Encoding::Json) => serde_json::to_vec(&self.metrics_response()),
-            (Signal::Logs, Encoding::Json) => serde_json::to_vec(&self.logs_response()),
+            // Proto3 JSON omits unset fields: a full success is `{}`.
+            (Signal::Metrics, Encoding::Json) => {
+                serde_json::to_value(self.metrics_response()).map(without_nulls)
+            }
+            (Signal::Logs, Encoding::Json) => serde_json::to_value(self.logs_response()).map(without_nulls),
         }
         .unwrap_or_else(|error| unreachable!("invariant: responses serialize: {error}"))
     }
+}
+
+fn without_nulls(mut value: serde_json::Value) -> Vec<u8> {
+    if let serde_json::Value::Object(fields) = &mut value {
+        fields.retain(|_, field| !field.is_null());
+    }
+    serde_json::to_vec(&value).expect("invariant: JSON values serialize")
 }
 
 /// A decoded export request.
