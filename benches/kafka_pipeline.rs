@@ -96,11 +96,7 @@ fn pipeline(c: &mut Criterion) {
     });
     // tallyd's own decoder (envelope, validation, meters, dims), one thread, nothing else.
     group.bench_function("tallyd_decode_only", |b| {
-        let acceptance = tallyd::ingest::decode::Acceptance {
-            allowed_lateness_secs: shared.config.allowed_lateness_secs,
-            max_lateness_secs: shared.config.max_lateness_secs,
-            max_future_secs: shared.config.max_future_secs,
-        };
+        let acceptance = shared.config.acceptance();
         b.iter_custom(|iterations| {
             let mut elapsed = Duration::ZERO;
             for _ in 0..iterations {

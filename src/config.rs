@@ -418,6 +418,15 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 impl Config {
+    /// The acceptance window every ingest edge judges event times by.
+    pub fn acceptance(&self) -> crate::ingest::decode::Acceptance {
+        crate::ingest::decode::Acceptance {
+            allowed_lateness_secs: self.allowed_lateness_secs,
+            max_lateness_secs: self.max_lateness_secs,
+            max_future_secs: self.max_future_secs,
+        }
+    }
+
     /// Parses `text`, applies `TALLYD__SECTION__KEY` overrides from `env`, validates everything.
     pub fn load(text: &str, env: &HashMap<String, String>) -> Result<Config, ConfigErrors> {
         let mut document: toml::Table =

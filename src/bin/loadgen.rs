@@ -136,13 +136,9 @@ async fn baseline_server(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     let config = tallyd::Config::load(tallyd::config::DEFAULT_CONFIG, &Default::default())
         .map_err(|errors| anyhow::anyhow!("{errors}"))?;
     let names = tallyd::model::Names::default();
+    let acceptance = config.acceptance();
     let meters = tallyd::meter::Meters::new(config.meters, &names);
     let state = Arc::new(Baseline { meters, names });
-    let acceptance = decode::Acceptance {
-        allowed_lateness_secs: config.allowed_lateness_secs,
-        max_lateness_secs: config.max_lateness_secs,
-        max_future_secs: config.max_future_secs,
-    };
     let ingest = move |axum::extract::State(state): axum::extract::State<Arc<Baseline>>,
                        headers: HeaderMap,
                        body: axum::body::Bytes| async move {

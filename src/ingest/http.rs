@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use crate::aggregate::PreAggregated;
 use crate::api::AppState;
 use crate::cluster::Cluster;
-use crate::ingest::decode::{self, Acceptance, FieldError, Refusal};
+use crate::ingest::decode::{self, FieldError, Refusal};
 use crate::model::{now_ms, rfc3339_ms};
 use crate::pipeline::commit::CommitRequest;
 use crate::pipeline::Shared;
@@ -260,11 +260,7 @@ fn check_for_forwarding(
 ) -> Result<Forwardable, (Vec<FieldError>, usize)> {
     let raw = decode::split_body(body, kind).map_err(|error| (vec![error], 1))?;
     let config = &shared.config;
-    let acceptance = Acceptance {
-        allowed_lateness_secs: config.allowed_lateness_secs,
-        max_lateness_secs: config.max_lateness_secs,
-        max_future_secs: config.max_future_secs,
-    };
+    let acceptance = config.acceptance();
     let decoded = decode::decode_events(&raw, &shared.meters, &shared.names, now_ms(), acceptance)
         .map_err(|errors| (errors, raw.len()))?;
     #[derive(serde::Deserialize)]
@@ -300,11 +296,7 @@ fn prepare(shared: &Shared, body: &[u8], kind: decode::BodyKind) -> Result<Prepa
     };
     let config = &shared.config;
     let now = now_ms();
-    let acceptance = Acceptance {
-        allowed_lateness_secs: config.allowed_lateness_secs,
-        max_lateness_secs: config.max_lateness_secs,
-        max_future_secs: config.max_future_secs,
-    };
+    let acceptance = config.acceptance();
     let decoded = match decode::decode_events(&raw, &shared.meters, &shared.names, now, acceptance) {
         Ok(decoded) => decoded,
         Err(errors) => return Ok(Prepared::Invalid(errors, raw.len())),

@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 
 use super::{position_name, SOURCE};
 use crate::aggregate::{PreAggregated, Writer};
-use crate::ingest::decode::{self, Acceptance, BodyKind, EventContext};
+use crate::ingest::decode::{self, BodyKind, EventContext};
 use crate::model::now_ms;
 use crate::pipeline::Shared;
 use crate::telemetry;
@@ -144,11 +144,7 @@ impl Folder {
     /// Decode → dead letters → dedup → pre-aggregate per partition (applies nothing yet).
     pub fn fold(&self, messages: &[KafkaMessage]) -> FoldedBatch {
         let shared = &self.shared;
-        let acceptance = Acceptance {
-            allowed_lateness_secs: shared.config.allowed_lateness_secs,
-            max_lateness_secs: shared.config.max_lateness_secs,
-            max_future_secs: shared.config.max_future_secs,
-        };
+        let acceptance = shared.config.acceptance();
         let mut outcome = BatchOutcome::default();
         let mut dead_letters = Vec::new();
         // Every message's events, flattened; `owner[i]` is the message of event i.

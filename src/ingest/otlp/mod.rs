@@ -34,7 +34,6 @@ use tokio::sync::oneshot;
 
 use crate::aggregate::PreAggregated;
 use crate::api::AppState;
-use crate::ingest::decode::Acceptance;
 use crate::model::{now_ms, rfc3339_ms};
 use crate::pipeline::commit::CommitRequest;
 use crate::pipeline::Shared;
@@ -392,11 +391,7 @@ fn prepare(
         tenant_attribute: &config.otlp.tenant_attribute,
         key_tenant,
         now_ms: now,
-        acceptance: Acceptance {
-            allowed_lateness_secs: config.allowed_lateness_secs,
-            max_lateness_secs: config.max_lateness_secs,
-            max_future_secs: config.max_future_secs,
-        },
+        acceptance: config.acceptance(),
     };
     let mapped: Mapped = match &request {
         Request::Metrics(request) => map::map_metrics(request, &context),
