@@ -211,7 +211,14 @@ fn checkpoint_benches(c: &mut Criterion) {
                     },
                     |snapshot| {
                         let prepared = store
-                            .prepare_checkpoint(&snapshot, &names, &catalog, now_secs, 60)
+                            .prepare_checkpoint(
+                                &snapshot,
+                                &names,
+                                &catalog,
+                                now_secs,
+                                60,
+                                &Default::default(),
+                            )
                             .unwrap();
                         black_box(store.commit_checkpoint(prepared).unwrap());
                     },

@@ -289,6 +289,126 @@ impl Default for RawAggregate {
 pub struct RawEmit {
     #[serde(default)]
     pub file: RawEmitFile,
+    /// Rated records to a Kafka topic (absent: off).
+    #[serde(default)]
+    pub kafka: Option<RawEmitKafka>,
+    /// Rated records POSTed in batches to an HTTP endpoint (absent: off).
+    #[serde(default)]
+    pub webhook: Option<RawEmitWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmitKafka {
+    /// Default: `[kafka] brokers`.
+    #[serde(default)]
+    pub brokers: Option<String>,
+    #[serde(default = "default_rated_topic")]
+    pub topic: String,
+    /// Which outbox records go out: "rated" (default) and/or "window".
+    #[serde(default = "default_emit_kinds")]
+    pub kinds: Vec<String>,
+    /// Passed through to librdkafka (SASL, SSL, linger...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmitWebhook {
+    pub url: String,
+    /// HMAC-SHA256 key for the `x-tallyd-signature` header (absent: unsigned).
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default = "default_webhook_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_emit_kinds")]
+    pub kinds: Vec<String>,
+}
+
+fn default_rated_topic() -> String {
+    "tallyd.rated".into()
+}
+
+fn default_emit_kinds() -> Vec<String> {
+    vec!["rated".into()]
+}
+
+fn default_webhook_batch() -> usize {
+    500
+}
+
+fn default_webhook_timeout_ms() -> u64 {
+    10_000
+}
+
+/// `[emit.kafka]`, validated.
+#[derive(Clone, Debug)]
+pub struct EmitKafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub kinds: Vec<String>,
+    /// Without `brokers`: `[kafka]`'s properties (SASL, SSL) first, then these.
+    pub properties: Vec<(String, String)>,
+}
+
+/// `[emit.webhook]`, validated.
+#[derive(Clone, Debug)]
+pub struct EmitWebhookConfig {
+    pub url: String,
+    pub secret: Option<String>,
+    pub batch_size: usize,
+    pub timeout_ms: u64,
+    pub kinds: Vec<String>,
+}
+
+/// librdkafka properties from TOML scalars; `reserved` ones are tallyd's own.
+fn kafka_properties(
+    raw: BTreeMap<String, toml::Value>,
+    at: &str,
+    reserved: &[&str],
+    errors: &mut Vec<String>,
+) -> Vec<(String, String)> {
+    let mut properties = Vec::new();
+    for (key, value) in raw {
+        if reserved.contains(&key.as_str()) {
+            errors.push(format!(
+                "{at}.{key}: set by tallyd itself (exactly-once depends on it); use the section's keys"
+            ));
+            continue;
+        }
+        let value = match value {
+            toml::Value::String(text) => text,
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            other => {
+                errors.push(format!(
+                    "{at}.{key}: must be a string, number or boolean, got {}",
+                    other.type_str()
+                ));
+                continue;
+            }
+        };
+        properties.push((key, value));
+    }
+    properties
+}
+
+/// Properties the rated-record producer sets itself (idempotence is its delivery contract).
+const EMIT_KAFKA_RESERVED: &[&str] = &["enable.idempotence", "acks", "bootstrap.servers"];
+
+fn validate_kinds(kinds: &[String], at: &str, errors: &mut Vec<String>) {
+    if kinds.is_empty() {
+        errors.push(format!("{at}: must list at least one of \"rated\", \"window\""));
+    }
+    for kind in kinds {
+        if kind != "rated" && kind != "window" {
+            errors.push(format!("{at}: `{kind}` is not one of \"rated\", \"window\""));
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -391,12 +511,16 @@ pub struct Config {
     pub max_future_secs: i64,
     pub dedup_horizon_secs: i64,
     pub emit_file_path: PathBuf,
+    pub emit_kafka: Option<EmitKafkaConfig>,
+    pub emit_webhook: Option<EmitWebhookConfig>,
     pub dead_letter_path: PathBuf,
     pub meters: Vec<Meter>,
     pub kafka: Option<KafkaConfig>,
     /// Some only in `[cluster] mode = "kafka"`.
     pub cluster: Option<ClusterConfig>,
     pub plans: crate::rate::plan::Plans,
+    /// The file this config was read from (None: the embedded default); plans reload from it.
+    pub source_path: Option<PathBuf>,
 }
 
 /// Every problem found, one per line.
@@ -781,29 +905,7 @@ fn validate_kafka(raw: RawKafka, errors: &mut Vec<String>) -> KafkaConfig {
     if raw.max_pending_series == 0 {
         errors.push("kafka.max_pending_series: must be positive".into());
     }
-    let mut properties = Vec::new();
-    for (key, value) in raw.properties {
-        if KAFKA_RESERVED.contains(&key.as_str()) {
-            errors.push(format!(
-                "kafka.properties.{key}: set by tallyd itself (exactly-once depends on it); use the kafka section's keys"
-            ));
-            continue;
-        }
-        let value = match value {
-            toml::Value::String(text) => text,
-            toml::Value::Integer(n) => n.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            other => {
-                errors.push(format!(
-                    "kafka.properties.{key}: must be a string, number or boolean, got {}",
-                    other.type_str()
-                ));
-                continue;
-            }
-        };
-        properties.push((key, value));
-    }
+    let properties = kafka_properties(raw.properties, "kafka.properties", &KAFKA_RESERVED, errors);
     KafkaConfig {
         brokers: raw.brokers,
         topics: raw.topics,
@@ -1038,6 +1140,69 @@ impl RawConfig {
             .and_then(|raw| validate_cluster(raw, kafka.as_ref(), &mut errors));
         let slugs: Vec<&str> = meters.iter().map(|meter| meter.slug.as_str()).collect();
         let plans = crate::rate::plan::validate(self.plans, self.tenants, self.rating, &slugs, &mut errors);
+        for (p, plan) in plans.plans.iter().enumerate() {
+            for charge in &plan.charges {
+                let distribution = meters.iter().any(|meter| {
+                    meter.slug == charge.meter
+                        && meter.aggregation == crate::aggregate::Aggregation::Distribution
+                });
+                if distribution {
+                    errors.push(format!(
+                        "plans[{p}] (`{}` v{}): meter `{}` is a DISTRIBUTION; percentiles cannot be priced",
+                        plan.id, plan.version, charge.meter
+                    ));
+                }
+            }
+        }
+        let emit_kafka = self.emit.kafka.map(|raw| {
+            validate_kinds(&raw.kinds, "emit.kafka.kinds", &mut errors);
+            if raw.topic.trim().is_empty() {
+                errors.push("emit.kafka.topic: must not be empty".into());
+            }
+            let own = kafka_properties(
+                raw.properties,
+                "emit.kafka.properties",
+                EMIT_KAFKA_RESERVED,
+                &mut errors,
+            );
+            let (brokers, mut properties) = match (raw.brokers, kafka.as_ref()) {
+                (Some(brokers), _) => (brokers, Vec::new()),
+                (None, Some(kafka)) => (kafka.brokers.clone(), kafka.properties.clone()),
+                (None, None) => {
+                    errors.push("emit.kafka.brokers: required without a [kafka] section".into());
+                    (String::new(), Vec::new())
+                }
+            };
+            properties.extend(own);
+            EmitKafkaConfig {
+                brokers,
+                topic: raw.topic,
+                kinds: raw.kinds,
+                properties,
+            }
+        });
+        let emit_webhook = self.emit.webhook.map(|raw| {
+            validate_kinds(&raw.kinds, "emit.webhook.kinds", &mut errors);
+            if !(raw.url.starts_with("http://") || raw.url.starts_with("https://")) {
+                errors.push(format!("emit.webhook.url: `{}` is not an http(s) URL", raw.url));
+            }
+            if raw.url.starts_with("https://") {
+                errors.push("emit.webhook.url: https is not built in; terminate TLS in a local proxy".into());
+            }
+            if !(1..=10_000).contains(&raw.batch_size) {
+                errors.push("emit.webhook.batch_size: must be 1-10000".into());
+            }
+            if raw.secret.as_ref().is_some_and(|secret| secret.len() < 16) {
+                errors.push("emit.webhook.secret: must be at least 16 bytes".into());
+            }
+            EmitWebhookConfig {
+                url: raw.url,
+                secret: raw.secret,
+                batch_size: raw.batch_size,
+                timeout_ms: raw.timeout_ms.max(1),
+                kinds: raw.kinds,
+            }
+        });
 
         let (Some(http_addr), true) = (http_addr, errors.is_empty()) else {
             return Err(ConfigErrors(errors));
@@ -1055,6 +1220,8 @@ impl RawConfig {
                 .file
                 .path
                 .unwrap_or_else(|| data_dir.join("usage.jsonl")),
+            emit_kafka,
+            emit_webhook,
             dead_letter_path: self
                 .dead_letter
                 .path
@@ -1072,6 +1239,7 @@ impl RawConfig {
             kafka,
             cluster,
             plans,
+            source_path: None,
         })
     }
 }

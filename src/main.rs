@@ -50,7 +50,9 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config, String> {
         None => DEFAULT_CONFIG.to_string(),
     };
     let env: HashMap<String, String> = std::env::vars().collect();
-    Config::load(&text, &env).map_err(|errors| errors.to_string())
+    let mut config = Config::load(&text, &env).map_err(|errors| errors.to_string())?;
+    config.source_path = path.cloned();
+    Ok(config)
 }
 
 fn main() -> ExitCode {

@@ -38,6 +38,13 @@ pub const CHECKPOINT_LAG: &str = "tallyd_checkpoint_lag_seconds";
 pub const EMIT_RECORDS: &str = "tallyd_emit_records_total";
 /// `{output}`.
 pub const EMIT_FAILURES: &str = "tallyd_emit_failures_total";
+/// Outbox lines an emitter has not delivered yet, by output.
+pub const EMIT_BACKLOG: &str = "tallyd_emit_backlog_records";
+/// Rated records produced by checkpoints, and windows that could not be rated (overflow).
+pub const RATED_RECORDS: &str = "tallyd_rating_records_total";
+pub const RATING_FAILURES: &str = "tallyd_rating_failures_total";
+pub const PLAN_RELOADS: &str = "tallyd_rating_plan_reloads_total";
+pub const PLAN_RELOAD_FAILURES: &str = "tallyd_rating_plan_reload_failures_total";
 pub const STORE_LIVE_BYTES: &str = "tallyd_store_live_bytes";
 /// `{topic, partition}`: messages behind the high watermark, for partitions this replica owns.
 pub const KAFKA_LAG: &str = "tallyd_kafka_consumer_lag";
@@ -153,6 +160,17 @@ fn describe() {
     );
     describe_counter!(EMIT_RECORDS, "records written downstream, by output and kind");
     describe_counter!(EMIT_FAILURES, "failed attempts to write downstream, by output");
+    describe_gauge!(EMIT_BACKLOG, "outbox records not yet delivered, by output");
+    describe_counter!(PLAN_RELOADS, "plan sets swapped in by a reload");
+    describe_counter!(
+        PLAN_RELOAD_FAILURES,
+        "reloads refused (invalid config), the running plans kept"
+    );
+    describe_counter!(RATED_RECORDS, "rated usage records produced by checkpoints");
+    describe_counter!(
+        RATING_FAILURES,
+        "windows that could not be rated (decimal overflow)"
+    );
     describe_gauge!(STORE_LIVE_BYTES, Unit::Bytes, "RocksDB live SST bytes");
     describe_gauge!(KAFKA_LAG, "consumer lag per owned partition, in messages");
     describe_counter!(KAFKA_MESSAGES, "Kafka messages consumed");

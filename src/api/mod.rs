@@ -51,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/meters/{slug}", get(query::get_meter))
         .route("/api/v1/meters/{slug}/query", get(query::query_meter))
         .route("/api/v1/tenants/{tenant}/usage", get(usage::tenant_usage))
+        .route("/api/v1/rated", get(usage::list_rated))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

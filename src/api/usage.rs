@@ -1,3 +1,4 @@
+//! Rating's API. `GET /api/v1/rated`: rated records (`list_rated`).
 //! `GET /api/v1/tenants/{tenant}/usage?from&to`: the current bill preview — per charged meter,
 //! the tenant's quantity so far in the billing period and what it costs under the tenant's plan
 //! (rounded per charge as `rate` states), and the total.
@@ -20,17 +21,7 @@ use super::{error_response, AppState};
 use crate::model::{now_ms, parse_rfc3339_ms, rfc3339, rfc3339_ms_compact};
 use crate::pipeline::Shared;
 use crate::rate::plan::{Plan, Plans};
-use crate::rate::ChargeModel;
-
-fn model_name(model: &ChargeModel) -> &'static str {
-    match model {
-        ChargeModel::Flat { .. } => "flat",
-        ChargeModel::PerUnit { .. } => "per_unit",
-        ChargeModel::Package { .. } => "package",
-        ChargeModel::Graduated { .. } => "graduated",
-        ChargeModel::Volume { .. } => "volume",
-    }
-}
+use crate::rate::record::{model_name, money};
 
 /// `from`/`to` (RFC 3339), every problem named.
 fn parse_range(raw: &str) -> Result<(Option<i64>, Option<i64>), Vec<String>> {
@@ -64,15 +55,10 @@ pub async fn tenant_usage(
 ) -> Response {
     let (from, to) = match parse_range(raw.as_deref().unwrap_or("")) {
         Ok(range) => range,
-        Err(errors) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(json!({"error": "invalid_request", "message": errors.join("; "), "errors": errors})),
-            )
-                .into_response()
-        }
+        Err(errors) => return bad_request(errors),
     };
-    let Some((plan, discount)) = app.shared.config.plans.for_tenant(&tenant) else {
+    let plans = app.shared.plans.read().clone();
+    let Some((plan, discount)) = plans.for_tenant(&tenant) else {
         return error_response(
             StatusCode::NOT_FOUND,
             "no_plan",
@@ -89,8 +75,10 @@ pub async fn tenant_usage(
             return response;
         }
     }
-    let (plan, shared) = (plan.clone(), app.shared.clone());
-    match tokio::task::spawn_blocking(move || preview(&shared, &tenant, &plan, discount, from, to)).await {
+    let (plan, zone, shared) = (plan.clone(), plans.timezone(&tenant), app.shared.clone());
+    match tokio::task::spawn_blocking(move || preview(&shared, &tenant, &plan, discount, zone, from, to))
+        .await
+    {
         Ok(Ok(body)) => Json(body).into_response(),
         Ok(Err(message)) => {
             tracing::error!(%message, "usage preview failed");
@@ -105,6 +93,106 @@ pub async fn tenant_usage(
             )
         }
     }
+}
+
+/// `GET /api/v1/rated?tenant&from&to&meter&limit`: the latest revision of every rated record
+/// whose window starts in `[from, to)` (default: all retained), of one tenant or all, optionally
+/// one meter; at most `limit` (default 1000, at most 10000), `truncated` saying whether more
+/// matched. `totals` sums the listed amounts per currency.
+pub async fn list_rated(State(app): State<AppState>, RawQuery(raw): RawQuery) -> Response {
+    let pairs: Vec<(String, String)> = match serde_urlencoded::from_str(raw.as_deref().unwrap_or("")) {
+        Ok(pairs) => pairs,
+        Err(error) => return bad_request(vec![format!("query string: {error}")]),
+    };
+    let (mut tenant, mut meter, mut from, mut to, mut limit) = (None, None, i64::MIN, i64::MAX, 1000usize);
+    let mut errors = Vec::new();
+    for (key, value) in pairs {
+        match key.as_str() {
+            "tenant" => tenant = Some(value),
+            "meter" => meter = Some(value),
+            "from" | "to" => match parse_rfc3339_ms(&value) {
+                // Window starts are whole seconds: `from` rounds up, `to` (exclusive) rounds up.
+                Some(ms) if key == "from" => from = (ms + 999).div_euclid(1000),
+                Some(ms) => to = (ms + 999).div_euclid(1000),
+                None => errors.push(format!("{key}: `{value}` is not an RFC 3339 timestamp")),
+            },
+            "limit" => match value.parse::<usize>() {
+                Ok(n) if (1..=10_000).contains(&n) => limit = n,
+                _ => errors.push(format!("limit: `{value}` must be an integer from 1 to 10000")),
+            },
+            other => errors.push(format!(
+                "{other}: unknown parameter (tenant, meter, from, to, limit)"
+            )),
+        }
+    }
+    if from > to {
+        errors.push("from: must not be after to".into());
+    }
+    let meters: Vec<String> = match &meter {
+        Some(slug) if !app.shared.catalog.contains_key(slug) => {
+            errors.push(format!("meter: no meter `{slug}`"));
+            Vec::new()
+        }
+        Some(slug) => vec![slug.clone()],
+        None => {
+            let mut all: Vec<String> = app.shared.catalog.keys().cloned().collect();
+            all.sort();
+            all
+        }
+    };
+    if !errors.is_empty() {
+        return bad_request(errors);
+    }
+    if let (Some(cluster), Some(tenant)) = (&app.cluster, &tenant) {
+        let path = match &raw {
+            Some(query) => format!("/api/v1/rated?{query}"),
+            None => "/api/v1/rated".to_string(),
+        };
+        if let Some(response) = route_to_owner(cluster, std::slice::from_ref(tenant), &path) {
+            return response;
+        }
+    }
+    let shared = app.shared.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        shared
+            .store
+            .rated_records(&meters, tenant.as_deref(), from, to, limit)
+    })
+    .await;
+    match listed {
+        Ok(Ok((records, truncated))) => {
+            let mut totals: std::collections::BTreeMap<String, Decimal> = Default::default();
+            for record in &records {
+                if let Ok(amount) = Decimal::from_str(&record.amount) {
+                    *totals.entry(record.currency.clone()).or_default() += amount;
+                }
+            }
+            let totals: serde_json::Map<String, Value> = totals
+                .into_iter()
+                .map(|(currency, amount)| {
+                    let minor = crate::rate::minor_unit_exponent(&currency).unwrap_or(2);
+                    (currency, Value::String(money(amount, minor)))
+                })
+                .collect();
+            Json(json!({"data": records, "truncated": truncated, "totals": totals})).into_response()
+        }
+        Ok(Err(error)) => {
+            tracing::error!(%error, "listing rated records failed");
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", error.to_string())
+        }
+        Err(error) => {
+            tracing::error!(%error, "listing rated records panicked");
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "listing failed")
+        }
+    }
+}
+
+fn bad_request(errors: Vec<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": "invalid_request", "message": errors.join("; "), "errors": errors})),
+    )
+        .into_response()
 }
 
 /// A tenant id as one URL path segment (percent-encoding all but RFC 3986 unreserved bytes).
@@ -126,15 +214,15 @@ fn preview(
     tenant: &str,
     plan: &Plan,
     discount: Decimal,
+    zone: Option<chrono_tz::Tz>,
     from: Option<i64>,
     to: Option<i64>,
 ) -> Result<Value, String> {
-    let (period_start, period_end) = plan.period.containing(now_ms().div_euclid(1000));
+    let (period_start, period_end) = plan.period.containing_in(now_ms().div_euclid(1000), zone);
     let from_ms = from.unwrap_or(period_start * 1000);
     let to_ms = to.unwrap_or(period_end * 1000);
-    let minor_units = crate::rate::minor_unit_exponent(&plan.currency).unwrap_or(2) as usize;
-    // Money with exactly the currency's minor units: "16.65", "1.50", "0" for JPY.
-    let money = |amount: Decimal| format!("{amount:.minor_units$}");
+    let minor_units = crate::rate::minor_unit_exponent(&plan.currency).unwrap_or(2);
+    let money = |amount: Decimal| money(amount, minor_units);
     let mut meters = Vec::new();
     let mut total = Decimal::ZERO;
     for charge in Plans::charges_for(plan, discount) {

@@ -1,6 +1,6 @@
-//! Append-only JSONL files: the embedded default output for window records, and the dead-letter
-//! file for refused events. Lines are whole (one `write_all` each, newline-terminated) and the
-//! file is fsynced before a caller treats them as delivered.
+//! Append-only JSONL files: the embedded default output for window and rated records, and the
+//! dead-letter file for refused events. Lines are whole (one `write_all` each, newline-terminated)
+//! and the file is fsynced before a caller treats them as delivered.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -44,6 +44,50 @@ impl JsonlFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// The file emitter: the outbox from its cursor to a JSONL file (both record kinds), run by the
+/// checkpoint thread after each checkpoint. A crash between the fsync and the cursor update
+/// re-appends the same lines on restart: consumers upsert by `(record_id, revision)`.
+pub struct FileEmitter {
+    file: JsonlFile,
+    cursor: u64,
+}
+
+pub const FILE_EMITTER: &str = "file";
+
+impl FileEmitter {
+    pub fn open(
+        path: &Path,
+        store: &crate::store::RocksStore,
+    ) -> Result<FileEmitter, crate::store::StoreError> {
+        let file = JsonlFile::open(path)?;
+        let cursor = store.register_emitter(FILE_EMITTER)?;
+        Ok(FileEmitter { file, cursor })
+    }
+
+    /// Appends everything pending; returns how many lines.
+    pub fn deliver(&mut self, store: &crate::store::RocksStore) -> Result<usize, crate::store::StoreError> {
+        let mut total = 0;
+        loop {
+            let pending = store.outbox_from(self.cursor, 10_000)?;
+            let Some((last, _)) = pending.last() else {
+                return Ok(total);
+            };
+            let last = *last;
+            let count = self
+                .file
+                .append_durably(pending.iter().map(|(_, line)| line.as_slice()))?;
+            for (_, line) in &pending {
+                metrics::counter!(crate::telemetry::EMIT_RECORDS, "output" => FILE_EMITTER,
+                    "kind" => super::line_kind(line))
+                .increment(1);
+            }
+            self.cursor = last + 1;
+            store.advance_emitter(FILE_EMITTER, self.cursor)?;
+            total += count;
+        }
     }
 }
 

@@ -1,5 +1,187 @@
-//! Outputs downstream of aggregation. Today: JSONL files (closed-window records, dead letters).
-//! Kafka and webhook emitters join here; each consumes the store's outbox, so emission never
-//! blocks ingest and survives restarts.
+//! Outputs downstream of the checkpoint. Every checkpoint appends its window and rated records
+//! to the store's outbox in the same WriteBatch as the aggregates; each emitter delivers the
+//! outbox from its own persisted cursor, and a line is trimmed once every emitter delivered it.
+//! So emission never blocks ingest (a slow or dead output only grows the outbox on disk), nothing
+//! is lost across restarts, and the contract downstream is at-least-once with deterministic
+//! `record_id`s and increasing `revision`s: consumers upsert and keep the highest revision.
+//!
+//! - `file`: JSONL, fsynced, on the checkpoint thread (the embedded default; both kinds).
+//! - `kafka`: an idempotent producer (acks=all) to a topic keyed by `record_id`.
+//! - `webhook`: batched HTTP POSTs signed with HMAC-SHA256, retried with backoff.
 
 pub mod file;
+pub mod kafka;
+pub mod webhook;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::pipeline::Shared;
+use crate::telemetry;
+
+/// Names of the emitters `config` enables besides the file (their cursors hold the outbox).
+pub fn configured(config: &crate::config::Config) -> Vec<&'static str> {
+    let mut names = Vec::new();
+    if config.emit_kafka.is_some() {
+        names.push(kafka::KAFKA_EMITTER);
+    }
+    if config.emit_webhook.is_some() {
+        names.push(webhook::WEBHOOK_EMITTER);
+    }
+    names
+}
+
+/// Running remote emitters; `stop` lets them finish what is pending (bounded by the caller).
+pub struct Emitters {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Emitters {
+    pub fn start(shared: &Arc<Shared>) -> anyhow::Result<Emitters> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let config = &shared.config;
+        if let Some(kafka) = &config.emit_kafka {
+            let sink = kafka::KafkaSink::new(kafka)?;
+            tracing::info!(topic = %kafka.topic, brokers = %kafka.brokers, "emitting to kafka");
+            threads.push(
+                EmitLoop {
+                    shared: shared.clone(),
+                    sink: Box::new(sink),
+                    kinds: kafka.kinds.clone(),
+                    batch: 1000,
+                    stop: stop.clone(),
+                }
+                .spawn()?,
+            );
+        }
+        if let Some(webhook) = &config.emit_webhook {
+            let sink = webhook::WebhookSink::new(webhook)?;
+            tracing::info!(url = %webhook.url, signed = webhook.secret.is_some(), "emitting to webhook");
+            threads.push(
+                EmitLoop {
+                    shared: shared.clone(),
+                    sink: Box::new(sink),
+                    kinds: webhook.kinds.clone(),
+                    batch: webhook.batch_size,
+                    stop: stop.clone(),
+                }
+                .spawn()?,
+            );
+        }
+        Ok(Emitters { stop, threads })
+    }
+
+    /// Asks every emitter to deliver what is pending and stop (blocking until they do).
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        for thread in self.threads {
+            if thread.join().is_err() {
+                tracing::error!("an emitter panicked; its records stay in the outbox");
+            }
+        }
+    }
+}
+
+/// The `kind` of an outbox line (`"window"` or `"rated"`): serde writes it first.
+pub fn line_kind(line: &[u8]) -> &'static str {
+    if line.starts_with(br#"{"kind":"rated""#) {
+        "rated"
+    } else {
+        "window"
+    }
+}
+
+/// A remote output: delivers a batch of lines (newline-free JSON) or says why not.
+pub trait Sink: Send + 'static {
+    /// The emitter's name: its cursor key and its `output` metric label.
+    fn name(&self) -> &'static str;
+    fn deliver(&mut self, lines: &[&[u8]]) -> Result<(), String>;
+}
+
+/// Runs a sink on its own thread: reads the outbox from the sink's cursor in bounded chunks,
+/// delivers the kinds it wants, retries with capped exponential backoff, advances the cursor.
+pub struct EmitLoop {
+    pub shared: Arc<Shared>,
+    pub sink: Box<dyn Sink>,
+    pub kinds: Vec<String>,
+    pub batch: usize,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl EmitLoop {
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("tallyd-emit-{}", self.sink.name()))
+            .spawn(move || self.run())
+    }
+
+    fn run(mut self) {
+        let name = self.sink.name();
+        let mut cursor = match self.shared.store.register_emitter(name) {
+            Ok(cursor) => cursor,
+            Err(error) => {
+                tracing::error!(%error, output = name, "emitter cannot read its cursor; not started");
+                return;
+            }
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let pending = match self.shared.store.outbox_from(cursor, self.batch) {
+                Ok(pending) => pending,
+                Err(error) => {
+                    tracing::error!(%error, output = name, "cannot read the outbox");
+                    Vec::new()
+                }
+            };
+            metrics::gauge!(telemetry::EMIT_BACKLOG, "output" => name)
+                .set(self.shared.store.emitter_backlog(name) as f64);
+            let Some((last, _)) = pending.last() else {
+                // Caught up: stop now if asked (the final checkpoint is written before).
+                if self.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            };
+            let last = *last;
+            let wanted: Vec<&[u8]> = pending
+                .iter()
+                .map(|(_, line)| line.strip_suffix(b"\n").unwrap_or(line))
+                .filter(|line| self.kinds.iter().any(|kind| kind == line_kind(line)))
+                .collect();
+            let delivered = wanted.is_empty() || {
+                match self.sink.deliver(&wanted) {
+                    Ok(()) => true,
+                    Err(error) => {
+                        metrics::counter!(telemetry::EMIT_FAILURES, "output" => name).increment(1);
+                        tracing::warn!(%error, output = name, records = wanted.len(),
+                            retry_in_ms = backoff.as_millis() as u64, "delivery failed; retrying");
+                        false
+                    }
+                }
+            };
+            if !delivered {
+                if self.stop.load(Ordering::Acquire) {
+                    // Undelivered lines stay in the outbox for the next start.
+                    return;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+            backoff = Duration::from_millis(100);
+            for line in &wanted {
+                metrics::counter!(telemetry::EMIT_RECORDS, "output" => name, "kind" => line_kind(line))
+                    .increment(1);
+            }
+            cursor = last + 1;
+            if let Err(error) = self.shared.store.advance_emitter(name, cursor) {
+                // Redelivered after a restart; consumers upsert.
+                tracing::warn!(%error, output = name, "cannot store the emit cursor");
+            }
+        }
+    }
+}

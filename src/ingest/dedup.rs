@@ -111,7 +111,14 @@ mod tests {
             ..Default::default()
         };
         let prepared = store
-            .prepare_checkpoint(&snapshot, &Default::default(), &Default::default(), 1_000, 60)
+            .prepare_checkpoint(
+                &snapshot,
+                &Default::default(),
+                &Default::default(),
+                1_000,
+                60,
+                &Default::default(),
+            )
             .unwrap();
         store.commit_checkpoint(prepared).unwrap();
         assert!(index.reserve(2));

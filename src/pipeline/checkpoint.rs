@@ -1,6 +1,7 @@
 //! The checkpoint stage, one dedicated thread: writes each snapshot in one WriteBatch, then
 //! releases what that batch made durable (in-memory dedup keys, ingest-log segments) and
-//! delivers the window records it queued to the file emitter.
+//! delivers the window and rated records it queued to the file emitter (the other emitters
+//! follow the outbox on their own threads).
 //!
 //! A failed checkpoint is retried with the same snapshot until it succeeds; meanwhile the commit
 //! stage keeps accumulating (no new snapshot is cut while one is in flight), so nothing is lost.
@@ -11,16 +12,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Shared;
-use crate::emit::file::JsonlFile;
+use crate::emit::file::FileEmitter;
 use crate::model::now_ms;
 use crate::store::checkpoint::Snapshot;
-use crate::store::{RocksStore, StoreError, INGEST_LOG_SOURCE};
+use crate::store::{StoreError, INGEST_LOG_SOURCE};
 use crate::telemetry;
 
 pub struct CheckpointLoop {
     pub shared: Arc<Shared>,
     pub snapshots: Receiver<Arc<Snapshot>>,
-    pub usage_file: JsonlFile,
+    pub usage_file: FileEmitter,
 }
 
 impl CheckpointLoop {
@@ -56,6 +57,7 @@ impl CheckpointLoop {
             &shared.catalog,
             now_secs,
             shared.config.allowed_lateness_secs,
+            &shared.plans.read().clone(),
         )?;
         if !prepared.changelog.is_empty() {
             // The changelog must never be behind a store: publish first, commit after.
@@ -109,6 +111,7 @@ impl CheckpointLoop {
         metrics::histogram!(telemetry::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
         metrics::counter!(telemetry::CHECKPOINT_BYTES).increment(stats.bytes as u64);
         metrics::counter!(telemetry::CHECKPOINT_SERIES).increment(stats.series as u64);
+        metrics::counter!(telemetry::RATED_RECORDS).increment(stats.rated as u64);
         metrics::gauge!(telemetry::CHECKPOINT_LAST_SUCCESS).set(now_secs as f64);
         shared.last_checkpoint_ms.store(now_ms(), Ordering::Release);
         metrics::gauge!(telemetry::DEDUP_PENDING).set(shared.dedup.len() as f64);
@@ -117,6 +120,7 @@ impl CheckpointLoop {
                 series = stats.series,
                 dedup_keys = stats.dedup_keys,
                 records = stats.records,
+                rated = stats.rated,
                 amended = stats.amended,
                 bytes = stats.bytes,
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -124,25 +128,10 @@ impl CheckpointLoop {
             );
         }
         // Delivery failures are retried on the next checkpoint: the outbox keeps the lines.
-        if let Err(error) = deliver_outbox(&shared.store, &mut self.usage_file) {
+        if let Err(error) = self.usage_file.deliver(&shared.store) {
             metrics::counter!(telemetry::EMIT_FAILURES, "output" => "file").increment(1);
             tracing::warn!(%error, "window records not yet delivered to the usage file");
         }
         Ok(())
     }
-}
-
-/// Appends every pending outbox line to the usage file, then forgets them. A crash between the
-/// two re-appends the same lines on restart: consumers upsert by `(record_id, revision)`.
-pub fn deliver_outbox(store: &RocksStore, file: &mut JsonlFile) -> Result<usize, StoreError> {
-    let pending = store.pending_outbox()?;
-    let Some((last_seq, _)) = pending.last() else {
-        return Ok(0);
-    };
-    let last_seq = *last_seq;
-    let count = file.append_durably(pending.iter().map(|(_, line)| line.as_slice()))?;
-    store.clear_outbox(last_seq)?;
-    metrics::counter!(telemetry::EMIT_RECORDS, "output" => "file", "kind" => "window")
-        .increment(count as u64);
-    Ok(count)
 }

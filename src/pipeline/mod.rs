@@ -16,6 +16,7 @@
 
 pub mod checkpoint;
 pub mod commit;
+pub mod reload;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::Aggregator;
 use crate::config::Config;
-use crate::emit::file::JsonlFile;
+use crate::emit::file::{FileEmitter, JsonlFile};
 use crate::ingest::dedup::DedupIndex;
 use crate::meter::Meters;
 use crate::model::Names;
@@ -68,6 +69,8 @@ pub struct Shared {
     /// Where checkpoints publish replicated sources' state before committing (the Kafka
     /// changelog); set by the Kafka source when it starts.
     pub changelog: std::sync::OnceLock<Arc<dyn ChangelogSink>>,
+    /// Plans in force: `config.plans` at start, swapped by a reload (SIGHUP or file change).
+    pub plans: RwLock<Arc<crate::rate::plan::Plans>>,
 }
 
 /// Publishes changelog chunks durably (blocking until the broker acknowledges all of them).
@@ -182,6 +185,7 @@ struct Recovered {
     /// Cumulative streams as of the end of the replayed log.
     streams: crate::aggregate::streams::Streams,
     replayed: usize,
+    usage_file: FileEmitter,
 }
 
 fn recover(config: Config) -> anyhow::Result<Recovered> {
@@ -196,9 +200,14 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
     let names = Names::default();
     let meters = Meters::new(config.meters.clone(), &names);
     let catalog = store.guard_meters(meters.all())?;
-    let mut usage_file = JsonlFile::open(&config.emit_file_path)
+    // Every configured emitter registers before the file emitter trims what it delivered, so
+    // a line stays until each of them has it.
+    for name in crate::emit::configured(&config) {
+        store.register_emitter(name)?;
+    }
+    let mut usage_file = FileEmitter::open(&config.emit_file_path, &store)
         .with_context(|| format!("cannot open {}", config.emit_file_path.display()))?;
-    let redelivered = checkpoint::deliver_outbox(&store, &mut usage_file)?;
+    let redelivered = usage_file.deliver(&store)?;
     if redelivered > 0 {
         tracing::info!(
             records = redelivered,
@@ -212,7 +221,9 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         config.ingest_log_segment_bytes,
         position,
     )?;
+    let plans = RwLock::new(Arc::new(config.plans.clone()));
     let shared = Arc::new(Shared {
+        plans,
         engine: Aggregator::new(),
         config,
         names,
@@ -257,6 +268,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         writer,
         streams,
         replayed,
+        usage_file,
     })
 }
 
@@ -276,13 +288,13 @@ impl Stages {
     /// Opens the store, recovers (replays the ingest log) and starts the threads (blocking).
     pub fn start(config: Config) -> anyhow::Result<Stages> {
         let dead_letter_path = config.dead_letter_path.clone();
-        let usage_path = config.emit_file_path.clone();
         let Recovered {
             shared,
             log,
             writer,
             streams,
             replayed,
+            usage_file,
         } = recover(config)?;
         tracing::info!(
             replayed_log_records = replayed,
@@ -293,7 +305,7 @@ impl Stages {
         let checkpoint_stage = checkpoint::CheckpointLoop {
             shared: shared.clone(),
             snapshots: snapshot_rx,
-            usage_file: JsonlFile::open(&usage_path)?,
+            usage_file,
         };
         let checkpoint_thread = std::thread::Builder::new()
             .name("tallyd-checkpoint".into())
@@ -429,6 +441,10 @@ pub async fn run(
         None => None,
     };
 
+    let emitters = crate::emit::Emitters::start(&shared).context("cannot start the emitters")?;
+    if let Some(path) = shared.config.source_path.clone() {
+        reload::spawn(shared.clone(), path, shutdown.clone());
+    }
     let mut state = crate::api::AppState::new(shared.clone(), requests);
     state.cluster = cluster.clone();
     let otlp_servers = start_otlp(&shared, &state, &shutdown).await?;
@@ -470,6 +486,8 @@ pub async fn run(
     let drain = tokio::task::spawn_blocking(move || {
         let commit = commit_thread.join().is_ok();
         let checkpoint = checkpoint_thread.join().is_ok();
+        // After the final checkpoint: the emitters deliver what it queued, then stop.
+        emitters.stop();
         commit && checkpoint
     });
     match tokio::time::timeout(grace, drain).await {

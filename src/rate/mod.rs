@@ -13,13 +13,15 @@
 //! tiers and packages count billable units. A flat fee is owed for the period whatever the usage,
 //! so it is part of the first increment.
 //!
-//! Not here yet (they need more than a period total): percentage of a monetary amount with
-//! per-event min/max, minimum spend true-up and prepaid commitments (period-end settlements).
+//! Not here (they need more than a period total): a percentage's per-event minimum/maximum (the
+//! aggregates keep no events); minimum spend and prepaid commitments are period settlements
+//! across charges (`plan::Plan::settle`), shown by the bill preview.
 
 pub mod currency;
 pub mod ledger;
 pub mod period;
 pub mod plan;
+pub mod record;
 
 use rust_decimal::{Decimal, RoundingStrategy};
 
@@ -47,6 +49,9 @@ pub enum ChargeModel {
     Graduated { tiers: Vec<Tier> },
     /// All units at the price of the tier the total falls in, plus that tier's flat price.
     Volume { tiers: Vec<Tier> },
+    /// A percentage (`rate`, e.g. 2.9 for 2.9 %) of a monetary quantity (a SUM meter of
+    /// amounts, such as payment volume): cost pass-through and transaction fees.
+    Percentage { rate: Decimal },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,6 +139,7 @@ impl Charge {
         let exact = match &self.model {
             ChargeModel::Flat { amount } => *amount,
             ChargeModel::PerUnit { unit_price } => mul(billable, *unit_price)?,
+            ChargeModel::Percentage { rate } => mul(billable, *rate)? / Decimal::ONE_HUNDRED,
             ChargeModel::Package { size, price } => {
                 let packages = (billable / *size).ceil();
                 mul(packages, *price)?
@@ -278,6 +284,20 @@ mod tests {
         assert_eq!(users.price(d("7")).unwrap().rounded, d("35"));
         let nodes = charge(ChargeModel::PerUnit { unit_price: d("20") });
         assert_eq!(nodes.price(d("12")).unwrap().rounded, d("240"));
+    }
+
+    #[test]
+    fn percentage_of_a_monetary_quantity() {
+        // Cost pass-through at 2.9 % of payment volume; 0.029 × 1234.56 = 35.80224 → 35.80.
+        let fees = charge(ChargeModel::Percentage { rate: d("2.9") });
+        assert_eq!(fees.price(d("1234.56")).unwrap().rounded, d("35.80"));
+        assert_eq!(fees.price(d("0")).unwrap().rounded, d("0"));
+        // A free allowance of 100 (currency units) before the fee applies.
+        let with_free = Charge {
+            free_units: d("100"),
+            ..fees
+        };
+        assert_eq!(with_free.price(d("150")).unwrap().rounded, d("1.45"));
     }
 
     #[test]
@@ -448,7 +468,7 @@ mod tests {
         #[test]
         fn increments_sum_to_the_rounded_period_price(
             tiers in arb_tiers(),
-            model_kind in 0u8..4,
+            model_kind in 0u8..5,
             windows in proptest::collection::vec(0u32..400_000, 1..30),
             free in 0u32..500,
             discount in 0u32..50,
@@ -457,6 +477,7 @@ mod tests {
                 0 => ChargeModel::Graduated { tiers },
                 1 => ChargeModel::Volume { tiers },
                 2 => ChargeModel::Package { size: Decimal::from(7), price: d("0.35") },
+                3 => ChargeModel::Percentage { rate: d("2.9") },
                 _ => ChargeModel::PerUnit { unit_price: d("0.00123") },
             };
             let charge = Charge {

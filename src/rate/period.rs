@@ -1,9 +1,11 @@
-//! Billing periods: calendar months (optionally anchored to a billing day) or days, in UTC.
+//! Billing periods: calendar months (optionally anchored to a billing day) or days, in UTC or
+//! in a tenant's IANA time zone.
 //!
 //! An anchor day past the end of a short month falls on that month's last day (a tenant billed
 //! on the 31st is billed on 28/29 February and 30 April), as Lago and Stripe do.
 
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use chrono_tz::Tz;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BillingPeriod {
@@ -51,7 +53,36 @@ impl BillingPeriod {
         }
     }
 
-    /// The period `[start, end)` (unix seconds) containing `unix_secs`.
+    /// The period `[start, end)` (unix seconds) containing `unix_secs`, with period boundaries
+    /// at local midnight in `zone` (UTC when `None`). A boundary that falls in a DST gap moves
+    /// to the first local instant after it.
+    pub fn containing_in(&self, unix_secs: i64, zone: Option<Tz>) -> (i64, i64) {
+        let Some(zone) = zone else {
+            return self.containing(unix_secs);
+        };
+        let Some(utc) = DateTime::from_timestamp(unix_secs, 0) else {
+            return self.containing(unix_secs);
+        };
+        // Run the UTC arithmetic on local wall-clock time, then map the bounds back.
+        let local = utc.with_timezone(&zone).naive_local();
+        let (start, end) = self.containing(local.and_utc().timestamp());
+        let to_utc = |naive_secs: i64| -> i64 {
+            let naive = DateTime::from_timestamp(naive_secs, 0)
+                .unwrap_or_default()
+                .naive_utc();
+            // Gaps last at most a few hours; step forward to the first existing local time.
+            for minutes in 0..=24 * 60 {
+                let candidate = naive + chrono::Duration::minutes(minutes);
+                if let Some(time) = zone.from_local_datetime(&candidate).earliest() {
+                    return time.timestamp();
+                }
+            }
+            naive_secs
+        };
+        (to_utc(start), to_utc(end))
+    }
+
+    /// The period `[start, end)` (unix seconds, UTC boundaries) containing `unix_secs`.
     pub fn containing(&self, unix_secs: i64) -> (i64, i64) {
         match *self {
             BillingPeriod::Day => {
@@ -125,7 +156,42 @@ mod tests {
         assert!(BillingPeriod::parse("DAY", Some(3)).is_err());
     }
 
+    #[test]
+    fn periods_follow_the_tenants_time_zone_across_dst() {
+        let month = BillingPeriod::parse("MONTH", None).unwrap();
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        // November in Berlin (UTC+1) starts at 23:00 UTC on 31 October; the period before
+        // spans the end of summer time (UTC+2 → UTC+1).
+        assert_eq!(
+            month.containing_in(at("2026-11-22T04:21:15Z"), Some(berlin)),
+            (at("2026-10-31T23:00:00Z"), at("2026-11-30T23:00:00Z"))
+        );
+        assert_eq!(
+            month.containing_in(at("2026-10-31T22:30:00Z"), Some(berlin)),
+            (at("2026-09-30T22:00:00Z"), at("2026-10-31T23:00:00Z"))
+        );
+        let day = BillingPeriod::parse("DAY", None).unwrap();
+        let tokyo: Tz = "Asia/Tokyo".parse().unwrap();
+        assert_eq!(
+            day.containing_in(at("2026-11-22T16:00:00Z"), Some(tokyo)),
+            (at("2026-11-22T15:00:00Z"), at("2026-11-23T15:00:00Z"))
+        );
+        assert_eq!(day.containing_in(12345, None), day.containing(12345));
+    }
+
     proptest! {
+        /// Local periods tile time too, DST transitions included.
+        #[test]
+        fn local_periods_tile_time(ts in 0i64..4_000_000_000, zone in 0usize..4, monthly in any::<bool>()) {
+            let zones = ["Europe/Berlin", "America/Santiago", "Australia/Lord_Howe", "Asia/Kolkata"];
+            let zone: Tz = zones[zone].parse().unwrap();
+            let period = if monthly { BillingPeriod::Month { anchor_day: 1 } } else { BillingPeriod::Day };
+            let (start, end) = period.containing_in(ts, Some(zone));
+            prop_assert!(start <= ts && ts < end, "{} not in [{}, {})", ts, start, end);
+            prop_assert_eq!(period.containing_in(end, Some(zone)).0, end);
+            prop_assert_eq!(period.containing_in(start, Some(zone)), (start, end));
+        }
+
         /// Periods tile time: each instant is in exactly one, and the next period starts where
         /// this one ends.
         #[test]

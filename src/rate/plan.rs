@@ -58,6 +58,14 @@ pub struct RawCharge {
     pub package_price: Option<toml::Value>,
     #[serde(default)]
     pub tiers: Vec<RawTier>,
+    /// `percentage`: the percent of the (monetary) quantity, e.g. "2.9".
+    #[serde(default)]
+    pub rate: Option<toml::Value>,
+    /// `percentage`: refused with the reason (the aggregates keep no individual events).
+    #[serde(default)]
+    pub per_event_min: Option<toml::Value>,
+    #[serde(default)]
+    pub per_event_max: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +85,9 @@ pub struct RawTenant {
     pub plan: String,
     #[serde(default)]
     pub discount_percent: Option<toml::Value>,
+    /// IANA time zone of the tenant's billing periods (default UTC), e.g. "Europe/Berlin".
+    #[serde(default)]
+    pub timezone: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -135,6 +146,7 @@ impl Plan {
 pub struct TenantPlan {
     pub plan: String,
     pub discount_percent: Decimal,
+    pub timezone: Option<chrono_tz::Tz>,
 }
 
 /// Every plan version, the tenants' assignments and the default.
@@ -167,6 +179,30 @@ impl Plans {
                 .and_then(|id| self.current(id))
                 .map(|plan| (plan, Decimal::ZERO)),
         }
+    }
+
+    /// A specific version (kept after a reload for periods already rated with it).
+    pub fn version(&self, id: &str, version: u32) -> Option<&Plan> {
+        self.plans
+            .iter()
+            .find(|plan| plan.id == id && plan.version == version)
+    }
+
+    /// The time zone of a tenant's billing periods (`None`: UTC).
+    pub fn timezone(&self, tenant: &str) -> Option<chrono_tz::Tz> {
+        self.tenants.get(tenant).and_then(|assigned| assigned.timezone)
+    }
+
+    /// After a reload: plan versions the new config no longer lists are kept, so periods
+    /// already rated with them are finished with them.
+    pub fn keep_versions_of(&mut self, previous: &Plans) {
+        for plan in &previous.plans {
+            if self.version(&plan.id, plan.version).is_none() {
+                self.plans.push(plan.clone());
+            }
+        }
+        self.plans
+            .sort_by(|a, b| (a.id.as_str(), a.version).cmp(&(b.id.as_str(), b.version)));
     }
 
     /// The plan's charges with the tenant's discount applied.
@@ -293,10 +329,17 @@ fn charge(
             tiers: tiers(errors)?,
         },
         "percentage" => {
-            errors.push(format!(
-                "{at}.model: `percentage` is not supported yet (it prices a monetary quantity per event)"
-            ));
-            return None;
+            if raw.per_event_min.is_some() || raw.per_event_max.is_some() {
+                errors.push(format!(
+                    "{at}: per_event_min/per_event_max are not supported: tallyd prices aggregated \
+                     usage and keeps no individual events (use a meter of per-event fees instead)"
+                ));
+            }
+            let rate = required(&raw.rate, &format!("{at}.rate"), model_name, errors)?;
+            if rate > Decimal::ONE_HUNDRED {
+                errors.push(format!("{at}.rate: {rate} is a percent and must be at most 100"));
+            }
+            ChargeModel::Percentage { rate }
         }
         other => {
             errors.push(format!(
@@ -394,9 +437,22 @@ pub fn validate(
         if discount_percent > Decimal::ONE_HUNDRED {
             errors.push(format!("{at}.discount_percent: must be at most 100"));
         }
+        let timezone = match &raw.timezone {
+            Some(name) => match name.parse::<chrono_tz::Tz>() {
+                Ok(zone) => Some(zone),
+                Err(_) => {
+                    errors.push(format!(
+                        "{at}.timezone: `{name}` is not an IANA time zone (e.g. \"Europe/Berlin\")"
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
         let assigned = TenantPlan {
             plan: raw.plan,
             discount_percent,
+            timezone,
         };
         if tenants.insert(raw.id.clone(), assigned).is_some() {
             errors.push(format!("{at}.id: tenant `{}` is listed twice", raw.id));
@@ -558,10 +614,12 @@ tiers = [ { unit_price = "1" }, { up_to = "10", unit_price = "2" } ]
 [[plans.charges]]
 meter = "nodes"
 model = "percentage"
+per_event_max = "5"
 [[tenants]]
 id = "acme"
 plan = "gold"
 discount_percent = "150"
+timezone = "Mars/Olympus"
 [rating]
 default_plan = "silver"
 "#;
@@ -573,9 +631,11 @@ default_plan = "silver"
             "plans[2].charges[0].unit_price: 0.002 is a TOML float",
             "plans[2].charges[1].package_price: required by model `package`",
             "plans[2].charges[2].tiers: tier 0: only the last tier may omit up_to",
-            "plans[2].charges[3].model: `percentage` is not supported yet",
+            "plans[2].charges[3]: per_event_min/per_event_max are not supported",
+            "plans[2].charges[3].rate: required by model `percentage`",
             "tenants[0].plan: no plan `gold`",
             "tenants[0].discount_percent: must be at most 100",
+            "tenants[0].timezone: `Mars/Olympus` is not an IANA time zone",
             "rating.default_plan: no plan `silver`",
         ] {
             assert!(errors.contains(expected), "missing `{expected}` in:\n{errors}");

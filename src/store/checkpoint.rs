@@ -1,7 +1,8 @@
 //! One checkpoint = one RocksDB WriteBatch holding, atomically:
 //! the changed series (merge operands), the new dedup keys, the ingest-log position they reflect,
 //! the close index for still-open windows, and the window records of windows that closed (or were
-//! amended by late events) with their revisions, queued in the outbox for the file emitter.
+//! amended by late events) with their revisions and their rated records (`rated`), queued in
+//! the outbox for the emitters.
 //!
 //! A crash before the batch commits loses nothing (the ingest log is replayed from the previous
 //! position); after it commits, the log up to the position may be deleted.
@@ -73,6 +74,8 @@ pub struct CheckpointStats {
     pub series: usize,
     pub dedup_keys: usize,
     pub records: usize,
+    /// Rated records among `records`' windows (tenants with a plan charging the meter).
+    pub rated: usize,
     pub amended: usize,
     pub bytes: usize,
 }
@@ -98,8 +101,10 @@ impl RocksStore {
         catalog: &MeterCatalog,
         now_secs: i64,
         allowed_lateness_secs: i64,
+        plans: &crate::rate::plan::Plans,
     ) -> Result<Prepared, StoreError> {
         let mut batch = WriteBatch::default();
+        let mut rating = super::rated::RatingBatch::new(plans, now_secs);
         let closed_before_old = self.closed_before.load(Ordering::Acquire);
         let closed_before_new = closed_before_old.max(now_secs - allowed_lateness_secs);
         let mut stats = CheckpointStats::default();
@@ -239,8 +244,26 @@ impl RocksStore {
             batch.put(keys::outbox_key(outbox_next), &line);
             records += 1;
             outbox_next += 1;
+            if let Some(shape) = shape {
+                let rated = self.rate_window(
+                    &mut rating,
+                    &mut batch,
+                    &name,
+                    &suffix,
+                    &total,
+                    delta,
+                    revision,
+                    shape,
+                )?;
+                if let Some(line) = rated {
+                    batch.put(keys::outbox_key(outbox_next), &line);
+                    stats.rated += 1;
+                    outbox_next += 1;
+                }
+            }
         }
         stats.records = records;
+        rating.finish(&mut batch);
 
         let mut dedup_keys = snapshot.dedup_keys.clone();
         dedup_keys.sort_unstable();

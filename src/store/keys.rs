@@ -12,6 +12,8 @@
 //! O | u64 BE                                    → JSON line waiting for the file emitter (outbox)
 //! M | name                                      → metadata (close watermark, meter guards, ...)
 //! S | u128 BE                                   → StreamState: a cumulative OTLP stream's last point
+//! Q | meter | tenant | window_start | dims      → the window's latest rated record (JSON)
+//! L | meter | tenant | period_start             → PeriodEntry: a billing period's rating ledger
 //! ```
 //! Times are unix seconds, stored sign-flipped big-endian so that byte order is time order.
 
@@ -25,6 +27,8 @@ pub const POSITION: u8 = b'P';
 pub const OUTBOX: u8 = b'O';
 pub const META: u8 = b'M';
 pub const STREAM: u8 = b'S';
+pub const RATED: u8 = b'Q';
+pub const LEDGER: u8 = b'L';
 
 pub fn time_bytes(unix_secs: i64) -> [u8; 8] {
     ((unix_secs as u64) ^ (1 << 63)).to_be_bytes()
@@ -134,6 +138,11 @@ pub fn open_window_key(window_end: i64, window_prefix: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&time_bytes(window_end));
     out.extend_from_slice(window_prefix);
     out
+}
+
+/// A (tenant, meter) billing period's ledger; same layout as a window prefix.
+pub fn ledger_key(meter: &str, tenant: &str, period_start: i64) -> Vec<u8> {
+    with_kind(LEDGER, &window_prefix(meter, tenant, period_start))
 }
 
 pub fn dedup_key(key: u128) -> [u8; 17] {

@@ -11,6 +11,7 @@ pub mod changelog;
 pub mod checkpoint;
 pub mod keys;
 pub mod log;
+pub mod rated;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -75,6 +76,8 @@ pub struct RocksStore {
     /// Close-index (`W`) keys known to be in the store, so checkpoints write each once.
     /// Process-local: after a restart they are rewritten once (puts are idempotent).
     indexed_windows: parking_lot::Mutex<rustc_hash::FxHashSet<Vec<u8>>>,
+    /// Registered emitters' cursors (next outbox sequence each must deliver).
+    emitters: parking_lot::Mutex<HashMap<String, u64>>,
 }
 
 /// Position name of the local ingest log (HTTP and, later, OTLP batches).
@@ -128,12 +131,13 @@ impl RocksStore {
                 use rocksdb::compaction_filter::Decision;
                 let now = unix_now_secs();
                 match key.first() {
-                    Some(&keys::AGGREGATE) | Some(&keys::REVISION) => {
-                        match keys::suffix_window_start(&key[1..]) {
-                            Some(start) if start < now - retention_secs => Decision::Remove,
-                            _ => Decision::Keep,
-                        }
-                    }
+                    Some(&keys::AGGREGATE)
+                    | Some(&keys::REVISION)
+                    | Some(&keys::RATED)
+                    | Some(&keys::LEDGER) => match keys::suffix_window_start(&key[1..]) {
+                        Some(start) if start < now - retention_secs => Decision::Remove,
+                        _ => Decision::Keep,
+                    },
                     Some(&keys::DEDUP) => match value.try_into().map(u64::from_be_bytes) {
                         Ok(first_seen) if (first_seen as i64) < now - dedup_horizon_secs => Decision::Remove,
                         _ => Decision::Keep,
@@ -174,6 +178,7 @@ impl RocksStore {
             outbox_next: AtomicU64::new(outbox_next),
             closed_before: AtomicI64::new(closed_before),
             indexed_windows: Default::default(),
+            emitters: Default::default(),
         })
     }
 
@@ -318,13 +323,21 @@ impl RocksStore {
         Ok(out)
     }
 
-    /// Lines written by checkpoints that the file emitter has not yet confirmed, in order.
+    /// Every outbox line still stored, in order.
     pub fn pending_outbox(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.outbox_from(0, usize::MAX)
+    }
+
+    /// Outbox lines with a sequence of at least `from`, in order, at most `limit`.
+    pub fn outbox_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
         for item in self
             .db
-            .iterator(IteratorMode::From(&[keys::OUTBOX], Direction::Forward))
+            .iterator(IteratorMode::From(&keys::outbox_key(from), Direction::Forward))
         {
+            if out.len() >= limit {
+                break;
+            }
             let (key, value) = item?;
             if key.first() != Some(&keys::OUTBOX) {
                 break;
@@ -338,7 +351,48 @@ impl RocksStore {
         Ok(out)
     }
 
-    /// Forgets outbox lines up to and including `last_seq` (they are durable in the file).
+    /// The sequence the next outbox line will get.
+    pub fn outbox_next(&self) -> u64 {
+        self.outbox_next.load(Ordering::Acquire)
+    }
+
+    /// Registers an emitter and returns its cursor (the next outbox sequence it must deliver).
+    /// A new emitter starts at the oldest line still stored; lines are trimmed only once every
+    /// registered emitter has delivered them.
+    pub fn register_emitter(&self, name: &str) -> Result<u64, StoreError> {
+        let stored = read_u64(&self.db, &keys::meta_key(&format!("emit/{name}")))?;
+        let cursor = match stored {
+            Some(cursor) => cursor,
+            None => match self.outbox_from(0, 1)?.first() {
+                Some((seq, _)) => *seq,
+                None => self.outbox_next(),
+            },
+        };
+        self.emitters.lock().insert(name.to_string(), cursor);
+        Ok(cursor)
+    }
+
+    /// Records that `name` delivered everything below `next`, and forgets the lines every
+    /// registered emitter has delivered.
+    pub fn advance_emitter(&self, name: &str, next: u64) -> Result<(), StoreError> {
+        let low = {
+            let mut emitters = self.emitters.lock();
+            emitters.insert(name.to_string(), next);
+            emitters.values().copied().min().unwrap_or(next)
+        };
+        let mut batch = WriteBatch::default();
+        batch.put(keys::meta_key(&format!("emit/{name}")), next.to_be_bytes());
+        batch.delete_range(keys::outbox_key(0), keys::outbox_key(low));
+        self.write(batch, false)
+    }
+
+    /// Lines not yet delivered by `name` (for the backlog gauge).
+    pub fn emitter_backlog(&self, name: &str) -> u64 {
+        let cursor = self.emitters.lock().get(name).copied().unwrap_or(0);
+        self.outbox_next().saturating_sub(cursor)
+    }
+
+    /// Forgets outbox lines up to and including `last_seq` (tests).
     pub fn clear_outbox(&self, last_seq: u64) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         batch.delete_range(keys::outbox_key(0), keys::outbox_key(last_seq + 1));
@@ -468,7 +522,7 @@ mod tests {
 
     fn checkpoint(store: &RocksStore, names: &Names, catalog: &MeterCatalog, snapshot: Snapshot, now: i64) {
         let prepared = store
-            .prepare_checkpoint(&snapshot, names, catalog, now, 60)
+            .prepare_checkpoint(&snapshot, names, catalog, now, 60, &Default::default())
             .unwrap();
         store.commit_checkpoint(prepared).unwrap();
     }
@@ -679,7 +733,7 @@ mod tests {
                 streams: Vec::new(),
             };
             let prepared = origin
-                .prepare_checkpoint(&snapshot, &names, &catalog, NOW + round, 60)
+                .prepare_checkpoint(&snapshot, &names, &catalog, NOW + round, 60, &Default::default())
                 .unwrap();
             published.extend(prepared.changelog.clone());
             origin.commit_checkpoint(prepared).unwrap();

@@ -74,9 +74,9 @@ struct Batcher {
 }
 
 /// Counts failed deliveries of a producer (dead letters, changelog).
-struct DeliveryContext {
-    failures: AtomicU64,
-    what: &'static str,
+pub(crate) struct DeliveryContext {
+    pub(crate) failures: AtomicU64,
+    pub(crate) what: &'static str,
 }
 
 impl ClientContext for DeliveryContext {
@@ -586,7 +586,7 @@ pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
-fn is_consumer_only(key: &str) -> bool {
+pub(crate) fn is_consumer_only(key: &str) -> bool {
     key.starts_with("fetch.")
         || key.starts_with("queued.")
         || matches!(

@@ -1,0 +1,111 @@
+//! Rated records to a Kafka topic (`tallyd.rated` by default): key = `record_id`, value = the
+//! JSON record, headers `tallyd-kind` and `tallyd-revision`.
+//!
+//! Delivery contract: at-least-once with deterministic ids, not transactions. The producer is
+//! idempotent (acks=all), so librdkafka's own retries never duplicate or reorder a partition's
+//! records; a crash between the broker's acknowledgement and the cursor update resends the last
+//! batch, which a consumer absorbs by upserting on `record_id` and keeping the highest
+//! `revision` (the topic can also be compacted on `record_id`). Why not a transactional
+//! producer: the records' source of truth is the RocksDB checkpoint, not Kafka, so a
+//! transaction could not cover both the store and the topic anyway (tansu, the broker in our
+//! tests, has no transactions either); the outbox makes the store→topic step replayable instead.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+use crate::config::EmitKafkaConfig;
+use crate::ingest::kafka::DeliveryContext;
+
+pub const KAFKA_EMITTER: &str = "kafka";
+
+pub struct KafkaSink {
+    producer: BaseProducer<DeliveryContext>,
+    topic: String,
+    timeout: Duration,
+}
+
+impl KafkaSink {
+    pub fn new(config: &EmitKafkaConfig) -> anyhow::Result<KafkaSink> {
+        let mut client = rdkafka::config::ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("linger.ms", "5")
+            .set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
+        for (key, value) in &config.properties {
+            if !crate::ingest::kafka::is_consumer_only(key) {
+                client.set(key, value);
+            }
+        }
+        // The delivery contract depends on these whatever the pass-through says.
+        client.set("enable.idempotence", "true").set("acks", "all");
+        let producer = client.create_with_context(DeliveryContext {
+            failures: AtomicU64::new(0),
+            what: "rated records",
+        })?;
+        Ok(KafkaSink {
+            producer,
+            topic: config.topic.clone(),
+            timeout: Duration::from_secs(30),
+        })
+    }
+}
+
+/// `record_id` and `revision` of a JSON record line, for the key and headers.
+fn id_and_revision(line: &[u8]) -> (String, String) {
+    #[derive(serde::Deserialize)]
+    struct Ids {
+        record_id: String,
+        revision: u32,
+    }
+    match serde_json::from_slice::<Ids>(line) {
+        Ok(ids) => (ids.record_id, ids.revision.to_string()),
+        Err(_) => (String::new(), String::new()),
+    }
+}
+
+impl super::Sink for KafkaSink {
+    fn name(&self) -> &'static str {
+        KAFKA_EMITTER
+    }
+
+    fn deliver(&mut self, lines: &[&[u8]]) -> Result<(), String> {
+        let failures_before = self.producer.context().failures.load(Ordering::Acquire);
+        for line in lines {
+            let (record_id, revision) = id_and_revision(line);
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "tallyd-kind",
+                    value: Some(super::line_kind(line)),
+                })
+                .insert(Header {
+                    key: "tallyd-revision",
+                    value: Some(revision.as_str()),
+                });
+            let mut record = BaseRecord::<str, [u8]>::to(&self.topic)
+                .key(record_id.as_str())
+                .payload(line)
+                .headers(headers);
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        self.producer.poll(Duration::from_millis(20));
+                    }
+                    Err((error, _)) => return Err(format!("{}: {error}", self.topic)),
+                }
+            }
+        }
+        self.producer
+            .flush(self.timeout)
+            .map_err(|error| format!("{}: {error}", self.topic))?;
+        if self.producer.context().failures.load(Ordering::Acquire) != failures_before {
+            return Err(format!("{}: some records were not acknowledged", self.topic));
+        }
+        Ok(())
+    }
+}
