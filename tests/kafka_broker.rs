@@ -182,3 +182,50 @@ async fn a_new_replica_restores_from_compacted_changelog_bases() {
     assert_no_offset_gaps(&client, &c).await;
     c.stop();
 }
+
+/// Rated records through the real broker, with a `kill -9` right after they are rated: the
+/// restarted daemon resends what was not acknowledged, and the topic's latest revision per record
+/// id equals the usage file's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rated_records_reach_the_real_broker_across_a_kill() {
+    use common::rated::*;
+    let Some(brokers) = real_broker() else { return };
+    let topic = unique_topic("rated");
+    create_topic(&brokers, &topic, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("{PLANS}\n[emit.kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\n"),
+    );
+    let daemon = Daemon::start(&config);
+    let client = client();
+    for batch in closed_window_usage().chunks(500) {
+        let (status, body) = post_batch(&client, &daemon, batch).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let usage = dir.path().join("data/usage.jsonl");
+    let expected = eventually("15 rated records", async || {
+        let latest = latest_rated(&read_jsonl(&usage));
+        (latest.len() == 15).then_some(latest)
+    })
+    .await;
+    daemon.kill();
+    let daemon = Daemon::start(&config);
+    let reader = (brokers.clone(), topic.clone());
+    let records = eventually("the topic holds every rated record", async || {
+        let reader = reader.clone();
+        let messages = tokio::task::spawn_blocking(move || {
+            read_topic(&reader.0, &reader.1, 2, 15, Duration::from_secs(5))
+        })
+        .await
+        .unwrap();
+        let records: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| serde_json::from_str(&m.payload).unwrap())
+            .collect();
+        (latest_rated(&records).len() == 15).then_some(records)
+    })
+    .await;
+    assert_eq!(latest_rated(&records), expected);
+    daemon.stop();
+}

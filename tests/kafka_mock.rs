@@ -158,3 +158,49 @@ async fn mock_cluster_counts_exactly_once_and_dead_letters_poison() {
     );
     daemon.stop();
 }
+
+/// Rated records to a Kafka topic: keyed by record id, with kind and revision headers; what the
+/// topic holds (latest revision per key) is what the usage file holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rated_records_are_produced_to_the_rated_topic() {
+    use common::rated::*;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("tallyd.rated", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("{PLANS}\n[emit.kafka]\nbrokers = \"{brokers}\"\n"),
+    );
+    let daemon = Daemon::start(&config);
+    let client = client();
+    for batch in closed_window_usage().chunks(500) {
+        let (status, body) = post_batch(&client, &daemon, batch).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let usage = dir.path().join("data/usage.jsonl");
+    let expected = eventually("15 rated records", async || {
+        let latest = latest_rated(&read_jsonl(&usage));
+        (latest.len() == 15).then_some(latest)
+    })
+    .await;
+    let brokers_for_read = brokers.clone();
+    let messages = tokio::task::spawn_blocking(move || {
+        read_topic(&brokers_for_read, "tallyd.rated", 1, 15, Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    let records: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| serde_json::from_str(&m.payload).unwrap())
+        .collect();
+    assert_eq!(latest_rated(&records), expected);
+    for (message, record) in messages.iter().zip(&records) {
+        assert_eq!(message.header("tallyd-kind"), Some("rated"));
+        assert_eq!(
+            message.header("tallyd-revision"),
+            Some(record["revision"].to_string().as_str())
+        );
+    }
+    daemon.stop();
+}

@@ -3,10 +3,9 @@
 
 mod common;
 
+use common::rated::*;
 use common::*;
 use serde_json::{json, Value};
-
-const PLANS: &str = include_str!("../config/plans.example.toml");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bill_preview_prices_counted_usage_with_the_tenants_plan() {
@@ -154,118 +153,6 @@ fn urlencode(text: &str) -> String {
     text.replace(':', "%3A").replace('+', "%2B")
 }
 
-/// The latest revision of every rated record (what a billing system upserting by `record_id`
-/// holds), from the usage file's lines.
-fn latest_rated(lines: &[Value]) -> std::collections::BTreeMap<String, Value> {
-    let mut latest = std::collections::BTreeMap::<String, Value>::new();
-    for line in lines.iter().filter(|line| line["kind"] == "rated") {
-        let id = line["record_id"].as_str().unwrap().to_string();
-        let newer = latest
-            .get(&id)
-            .is_none_or(|held| held["revision"].as_u64() < line["revision"].as_u64());
-        if newer {
-            latest.insert(id, line.clone());
-        }
-    }
-    latest
-}
-
-fn cents(text: &Value) -> i64 {
-    let text = text
-        .as_str()
-        .unwrap_or_else(|| panic!("not a decimal string: {text}"));
-    let (units, fraction) = text.split_once('.').unwrap_or((text, "00"));
-    assert_eq!(fraction.len(), 2, "USD amounts have 2 decimals: {text}");
-    units.parse::<i64>().unwrap() * 100
-        + units.chars().next().map_or(1, |c| if c == '-' { -1 } else { 1 }) * fraction.parse::<i64>().unwrap()
-}
-
-/// Sum of latest amounts per meter, in cents.
-fn amounts_by_meter(
-    latest: &std::collections::BTreeMap<String, Value>,
-) -> std::collections::BTreeMap<String, i64> {
-    let mut out = std::collections::BTreeMap::new();
-    for record in latest.values() {
-        *out.entry(record["meter"].as_str().unwrap().to_string())
-            .or_insert(0) += cents(&record["amount"]);
-    }
-    out
-}
-
-async fn bill(client: &reqwest::Client, daemon: &Daemon, tenant: &str, from: &str, to: &str) -> Value {
-    let url = daemon.url(&format!(
-        "/api/v1/tenants/{tenant}/usage?from={}&to={}",
-        urlencode(from),
-        urlencode(to)
-    ));
-    let response = client.get(url).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
-}
-
-fn bill_by_meter(bill: &Value) -> std::collections::BTreeMap<String, i64> {
-    bill["meters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|line| cents(&line["amount"]) != 0 || line["quantity"] != "0")
-        .map(|line| {
-            (
-                line["meter"].as_str().unwrap().to_string(),
-                cents(&line["amount"]),
-            )
-        })
-        .collect()
-}
-
-/// Usage in three closed windows (two hours ago), so every window closes at the first checkpoint.
-fn closed_window_usage() -> Vec<Value> {
-    let mut events = Vec::new();
-    for window in 0..3 {
-        let at = ago(7200 + 60 * window);
-        for (i, model) in ["m0", "m1"].iter().enumerate() {
-            events.push(event(
-                &format!("tok-{window}-{i}"),
-                "llm.prompt",
-                "acme",
-                &at,
-                json!({"tokens": 1500 + 100 * window, "model": model}),
-            ));
-        }
-        for i in 0..900 {
-            events.push(event(
-                &format!("call-{window}-{i}"),
-                "api.request",
-                "acme",
-                &at,
-                json!({"route": "/v1/chat"}),
-            ));
-        }
-        let users: &[&str] = match window {
-            0 => &["ann", "bob"],
-            1 => &["bob", "cy"],
-            _ => &["ann", "dee", "eve", "fay", "gus"],
-        };
-        for user in users {
-            events.push(event(
-                &format!("user-{window}-{user}"),
-                "user.active",
-                "acme",
-                &at,
-                json!({"user_id": user}),
-            ));
-        }
-        events.push(event(
-            &format!("gb-{window}"),
-            "data.ingested",
-            "acme",
-            &at,
-            json!({"gb": "1.15"}),
-        ));
-    }
-    events
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rated_records_sum_to_the_period_price_through_late_events_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
@@ -391,5 +278,266 @@ async fn rated_records_sum_to_the_period_price_through_late_events_and_restarts(
     let lines = read_jsonl(&usage);
     assert_eq!(lines.len(), lines_before, "no record emitted twice or anew");
     assert_eq!(latest_rated(&lines), revised);
+    daemon.stop();
+}
+
+/// A webhook receiver: refuses while `down`, checks the HMAC signature of every request and
+/// keeps the records of those it accepts.
+#[derive(Clone, Default)]
+struct Receiver {
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    bad_signatures: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    batches: std::sync::Arc<std::sync::Mutex<Vec<Vec<Value>>>>,
+}
+
+const SECRET: &str = "webhook-secret-0123456789";
+
+async fn receive(
+    axum::extract::State(receiver): axum::extract::State<Receiver>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::http::StatusCode {
+    use hmac::{Hmac, Mac};
+    use std::sync::atomic::Ordering;
+    if receiver.down.load(Ordering::Acquire) {
+        receiver.refused.fetch_add(1, Ordering::AcqRel);
+        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(format!("{}.", header("x-tallyd-timestamp")).as_bytes());
+    mac.update(&body);
+    let expected: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let stamped: i64 = header("x-tallyd-timestamp").parse().unwrap_or(0);
+    let fresh = (chrono_now() - stamped).abs() < 300;
+    if header("x-tallyd-signature") != format!("sha256={expected}") || !fresh {
+        receiver.bad_signatures.fetch_add(1, Ordering::AcqRel);
+        return axum::http::StatusCode::UNAUTHORIZED;
+    }
+    let parsed: Value = serde_json::from_slice(&body).unwrap();
+    receiver
+        .batches
+        .lock()
+        .unwrap()
+        .push(parsed["records"].as_array().unwrap().clone());
+    axum::http::StatusCode::NO_CONTENT
+}
+
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_gets_signed_batches_with_retries_and_resumes_after_a_restart() {
+    use std::sync::atomic::Ordering;
+    let receiver = Receiver::default();
+    receiver.down.store(true, Ordering::Release);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(receive))
+        .with_state(receiver.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "{PLANS}\n[emit.webhook]\nurl = \"http://{hook}/hook\"\nsecret = \"{SECRET}\"\nbatch_size = 4\n"
+        ),
+    );
+    let usage = dir.path().join("data/usage.jsonl");
+    let daemon = Daemon::start(&config);
+    let client = client();
+    for batch in closed_window_usage().chunks(500) {
+        let (status, body) = post_batch(&client, &daemon, batch).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    // The receiver is down: records wait in the outbox (ingest is not held up), retried.
+    eventually("retries", async || {
+        (receiver.refused.load(Ordering::Acquire) >= 3).then_some(())
+    })
+    .await;
+    let (status, _) = post_batch(
+        &client,
+        &daemon,
+        &[event(
+            "more",
+            "llm.prompt",
+            "acme",
+            &ago(7300),
+            json!({"tokens": 7, "model": "m9"}),
+        )],
+    )
+    .await;
+    assert_eq!(status, 202, "ingest goes on while the webhook is down");
+    let expected = eventually("16 rated records in the file", async || {
+        let latest = latest_rated(&read_jsonl(&usage));
+        (latest.len() == 16).then_some(latest)
+    })
+    .await;
+    // Stopped while the receiver is still down: the records stay in the outbox...
+    daemon.stop();
+    receiver.down.store(false, Ordering::Release);
+    // ...and go out after the restart, in batches of at most 4, every signature valid.
+    let daemon = Daemon::start(&config);
+    let delivered = eventually("webhook delivery", async || {
+        let batches = receiver.batches.lock().unwrap().clone();
+        let records: Vec<Value> = batches.iter().flatten().cloned().collect();
+        let latest = latest_rated(&records);
+        (latest.len() == 16).then_some((batches, latest))
+    })
+    .await;
+    let (batches, latest) = delivered;
+    assert_eq!(latest, expected, "the webhook holds what the file holds");
+    assert!(batches.iter().all(|batch| batch.len() <= 4 && !batch.is_empty()));
+    assert!(
+        batches.iter().flatten().all(|record| record["kind"] == "rated"),
+        "window records are not sent by default"
+    );
+    assert_eq!(receiver.bad_signatures.load(Ordering::Acquire), 0);
+    let metrics = metrics_text(&client, &daemon).await;
+    assert!(
+        metrics.contains("tallyd_emit_records_total{output=\"webhook\",kind=\"rated\"}"),
+        "{metrics}"
+    );
+    daemon.stop();
+}
+
+fn daily_plan(version: u32, unit_price: &str) -> String {
+    format!(
+        r#"
+[[plans]]
+id = "daily"
+version = {version}
+currency = "USD"
+billing_period = "DAY"
+[[plans.charges]]
+meter = "api_calls"
+model = "per_unit"
+unit_price = "{unit_price}"
+[[tenants]]
+id = "acme"
+plan = "daily"
+timezone = "Asia/Tokyo"
+"#
+    )
+}
+
+fn calls(prefix: &str, n: usize, at: &str) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            event(
+                &format!("{prefix}-{i}"),
+                "api.request",
+                "acme",
+                at,
+                json!({"route": "/x"}),
+            )
+        })
+        .collect()
+}
+
+/// SIGHUP reloads plans: a period already rated keeps its plan version, the next period gets the
+/// new one; an invalid file changes nothing. Periods follow the tenant's time zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_reload_applies_from_the_next_period_and_old_periods_keep_their_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &daily_plan(1, "0.001"));
+    let usage = dir.path().join("data/usage.jsonl");
+    let daemon = Daemon::start(&config);
+    let client = client();
+    let (older, newer) = (ago(2 * 86_400 + 600), ago(86_400 + 600));
+    let (status, _) = post_batch(&client, &daemon, &calls("a", 1000, &older)).await;
+    assert_eq!(status, 202);
+    let first = eventually("the first rated record", async || {
+        latest_rated(&read_jsonl(&usage)).into_values().next()
+    })
+    .await;
+    assert_eq!(
+        (first["amount"].as_str(), first["plan_version"].as_u64()),
+        (Some("1.00"), Some(1))
+    );
+    // Tokyo days start at 15:00 UTC.
+    assert!(
+        first["period_start"].as_str().unwrap().ends_with("T15:00:00Z"),
+        "{first}"
+    );
+
+    // An invalid file is refused whole; the running plans stay.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("unit_price = \"0.001\"", "unit_price = 0.002"),
+    )
+    .unwrap();
+    let pid = daemon.pid().to_string();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    eventually("the refusal", async || {
+        daemon.logs().contains("config not reloaded").then_some(())
+    })
+    .await;
+    // Version 2 only (version 1 dropped from the file: it is kept for the rated period).
+    std::fs::write(
+        &config,
+        text.replace(&daily_plan(1, "0.001"), &daily_plan(2, "0.002")),
+    )
+    .unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    eventually("the reload", async || {
+        daemon.logs().contains("plans reloaded").then_some(())
+    })
+    .await;
+
+    // Late usage in the already-rated period: still version 1. A new period: version 2.
+    let (status, _) = post_batch(&client, &daemon, &calls("b", 500, &older)).await;
+    assert_eq!(status, 202);
+    let (status, _) = post_batch(&client, &daemon, &calls("c", 500, &newer)).await;
+    assert_eq!(status, 202);
+    let latest = eventually("two periods rated", async || {
+        let latest = latest_rated(&read_jsonl(&usage));
+        let revised = latest.values().any(|r| r["revision"] == 2);
+        (latest.len() == 2 && revised).then_some(latest)
+    })
+    .await;
+    let by_version: std::collections::BTreeMap<u64, &Value> = latest
+        .values()
+        .map(|r| (r["plan_version"].as_u64().unwrap(), r))
+        .collect();
+    assert_eq!(by_version[&1]["amount"], "1.50", "{latest:?}");
+    assert_eq!(by_version[&1]["increment"], "0.50");
+    assert_eq!(by_version[&2]["amount"], "1.00", "{latest:?}");
+    // The preview of the old period prices it with the version it was rated with.
+    let old_period = (
+        by_version[&1]["period_start"].as_str().unwrap().to_string(),
+        by_version[&1]["period_end"].as_str().unwrap().to_string(),
+    );
+    let preview = bill(&client, &daemon, "acme", &old_period.0, &old_period.1).await;
+    assert_eq!(
+        (preview["plan_version"].as_u64(), preview["total"].as_str()),
+        (Some(1), Some("1.50")),
+        "{preview}"
+    );
     daemon.stop();
 }

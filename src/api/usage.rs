@@ -76,9 +76,31 @@ pub async fn tenant_usage(
         }
     }
     let (plan, zone, shared) = (plan.clone(), plans.timezone(&tenant), app.shared.clone());
-    match tokio::task::spawn_blocking(move || preview(&shared, &tenant, &plan, discount, zone, from, to))
-        .await
-    {
+    let blocking = move || {
+        // A period already rated keeps the plan version it started with (a reload applies from
+        // the next period): price it with that one when the range lies in one period.
+        let (start, end) = plan
+            .period
+            .containing_in(from.unwrap_or_else(now_ms).div_euclid(1000), zone);
+        let within = to.is_none_or(|to| to <= end * 1000);
+        let meters: Vec<String> = plan.charges.iter().map(|charge| charge.meter.clone()).collect();
+        let pinned = match within {
+            true => shared
+                .store
+                .pinned_plan(&tenant, &meters, start)
+                .map_err(|e| e.to_string())?,
+            false => None,
+        };
+        let (plan, discount) = match pinned {
+            Some((id, version, pinned_discount)) => match shared.plans.read().version(&id, version) {
+                Some(old) => (old.clone(), pinned_discount.parse().unwrap_or(discount)),
+                None => (plan, discount),
+            },
+            None => (plan, discount),
+        };
+        preview(&shared, &tenant, &plan, discount, zone, from, to)
+    };
+    match tokio::task::spawn_blocking(blocking).await {
         Ok(Ok(body)) => Json(body).into_response(),
         Ok(Err(message)) => {
             tracing::error!(%message, "usage preview failed");

@@ -118,6 +118,14 @@ impl EmitLoop {
             .spawn(move || self.run())
     }
 
+    /// Backoff that a shutdown interrupts (the daemon must not wait 30 s for a dead output).
+    fn sleep_unless_stopped(&self, total: Duration) {
+        let deadline = std::time::Instant::now() + total;
+        while !self.stop.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn run(mut self) {
         let name = self.sink.name();
         let mut cursor = match self.shared.store.register_emitter(name) {
@@ -168,7 +176,7 @@ impl EmitLoop {
                     // Undelivered lines stay in the outbox for the next start.
                     return;
                 }
-                std::thread::sleep(backoff);
+                self.sleep_unless_stopped(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 continue;
             }

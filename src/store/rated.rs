@@ -181,6 +181,26 @@ impl RocksStore {
         Ok(Some(line))
     }
 
+    /// The plan version (id, version, discount) a (tenant, period) was first rated with, from
+    /// any of `meters`' ledgers: the bill preview prices the period as its records were.
+    pub fn pinned_plan(
+        &self,
+        tenant: &str,
+        meters: &[String],
+        period_start: i64,
+    ) -> Result<Option<(String, u32, String)>, StoreError> {
+        for meter in meters {
+            if let Some(bytes) = self.get(&keys::ledger_key(meter, tenant, period_start))? {
+                let entry = PeriodEntry::decode(&bytes).map_err(|error| StoreError::Corrupt {
+                    what: "period ledger",
+                    detail: error.to_string(),
+                })?;
+                return Ok(Some((entry.plan_id, entry.plan_version, entry.discount_percent)));
+            }
+        }
+        Ok(None)
+    }
+
     /// Latest rated records of `[from, to)` (window start, unix seconds), for `meters`, of one
     /// tenant or all, at most `limit` (and whether more matched).
     pub fn rated_records(

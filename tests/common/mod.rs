@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub mod kafka;
+pub mod rated;
 
 /// Meters used by the black-box tests: one per aggregation, from the seed pricing.
 pub const METERS: &str = r#"
@@ -160,6 +161,10 @@ impl Daemon {
             logs,
             config_path: config_path.to_path_buf(),
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn url(&self, path: &str) -> String {
