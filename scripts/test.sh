@@ -13,6 +13,11 @@ if ! python3 -c 'import opentelemetry.exporter.otlp.proto.grpc, opentelemetry.ex
   echo "test: installing the OpenTelemetry Python SDK (tests/otlp/requirements.txt)" >&2
   python3 -m pip install -q --disable-pip-version-check -r tests/otlp/requirements.txt >&2
 fi
+# The protobuf schema test compiles proto/ with protoc from grpcio-tools.
+if ! python3 -c 'import grpc_tools.protoc' 2>/dev/null; then
+  echo "test: installing grpcio-tools (tests/otlp/requirements.txt)" >&2
+  python3 -m pip install -q --disable-pip-version-check -r tests/otlp/requirements.txt >&2
+fi
 broker=$(scripts/broker.sh start)
 trap 'scripts/broker.sh stop' EXIT
 echo "test: tansu broker at $broker" >&2

@@ -308,9 +308,16 @@ pub struct RawEmitKafka {
     /// Which outbox records go out: "rated" (default) and/or "window".
     #[serde(default = "default_emit_kinds")]
     pub kinds: Vec<String>,
+    /// `json` (default; the JSONL file's lines) or `protobuf` (proto/tallyd/rated/v1).
+    #[serde(default = "default_emit_format")]
+    pub format: String,
     /// Passed through to librdkafka (SASL, SSL, linger...).
     #[serde(default)]
     pub properties: BTreeMap<String, toml::Value>,
+}
+
+fn default_emit_format() -> String {
+    "json".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -350,6 +357,8 @@ pub struct EmitKafkaConfig {
     pub brokers: String,
     pub topic: String,
     pub kinds: Vec<String>,
+    /// Values as protobuf `tallyd.rated.v1.RatedRecord` instead of JSON.
+    pub protobuf: bool,
     /// Without `brokers`: `[kafka]`'s properties (SASL, SSL) first, then these.
     pub properties: Vec<(String, String)>,
 }
@@ -1174,10 +1183,24 @@ impl RawConfig {
                 }
             };
             properties.extend(own);
+            let protobuf = match raw.format.as_str() {
+                "json" => false,
+                "protobuf" => true,
+                other => {
+                    errors.push(format!(
+                        "emit.kafka.format: `{other}` is not one of json | protobuf"
+                    ));
+                    false
+                }
+            };
+            if protobuf && raw.kinds.iter().any(|kind| kind != "rated") {
+                errors.push("emit.kafka.kinds: the protobuf format carries rated records only".into());
+            }
             EmitKafkaConfig {
                 brokers,
                 topic: raw.topic,
                 kinds: raw.kinds,
+                protobuf,
                 properties,
             }
         });

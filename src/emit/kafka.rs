@@ -1,5 +1,6 @@
 //! Rated records to a Kafka topic (`tallyd.rated` by default): key = `record_id`, value = the
-//! JSON record, headers `tallyd-kind` and `tallyd-revision`.
+//! JSON record (or protobuf, `format = "protobuf"`), headers `content-type`, `tallyd-kind` and
+//! `tallyd-revision`.
 //!
 //! Delivery contract: at-least-once with deterministic ids, not transactions. The producer is
 //! idempotent (acks=all), so librdkafka's own retries never duplicate or reorder a partition's
@@ -26,6 +27,7 @@ pub struct KafkaSink {
     producer: BaseProducer<DeliveryContext>,
     topic: String,
     timeout: Duration,
+    protobuf: bool,
 }
 
 impl KafkaSink {
@@ -50,6 +52,7 @@ impl KafkaSink {
             producer,
             topic: config.topic.clone(),
             timeout: Duration::from_secs(30),
+            protobuf: config.protobuf,
         })
     }
 }
@@ -76,7 +79,29 @@ impl super::Sink for KafkaSink {
         let failures_before = self.producer.context().failures.load(Ordering::Acquire);
         for line in lines {
             let (record_id, revision) = id_and_revision(line);
+            let encoded;
+            let payload: &[u8] = if self.protobuf {
+                encoded = super::proto::encode_line(line).ok_or_else(|| {
+                    format!(
+                        "{}: not a rated record: {}",
+                        self.topic,
+                        String::from_utf8_lossy(line)
+                    )
+                })?;
+                &encoded
+            } else {
+                line
+            };
+            let content_type = if self.protobuf {
+                "application/x-protobuf; messageType=tallyd.rated.v1.RatedRecord"
+            } else {
+                "application/json"
+            };
             let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "content-type",
+                    value: Some(content_type),
+                })
                 .insert(Header {
                     key: "tallyd-kind",
                     value: Some(super::line_kind(line)),
@@ -87,7 +112,7 @@ impl super::Sink for KafkaSink {
                 });
             let mut record = BaseRecord::<str, [u8]>::to(&self.topic)
                 .key(record_id.as_str())
-                .payload(line)
+                .payload(payload)
                 .headers(headers);
             loop {
                 match self.producer.send(record) {

@@ -11,6 +11,7 @@
 
 pub mod file;
 pub mod kafka;
+pub mod proto;
 pub mod webhook;
 
 use std::sync::atomic::{AtomicBool, Ordering};
