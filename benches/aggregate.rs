@@ -228,6 +228,87 @@ fn checkpoint_benches(c: &mut Criterion) {
         );
     }
     group.finish();
+
+    // Rating: a checkpoint in which `closing` series' windows close, with every tenant on a
+    // graduated plan for every meter vs no plan: the difference is the cost of rating (ledger
+    // reads and writes, rated records in the outbox) per record.
+    let graduated = tallyd::rate::ChargeModel::Graduated {
+        tiers: vec![
+            tallyd::rate::Tier {
+                up_to: Some(1000.into()),
+                unit_price: "0.002".parse().unwrap(),
+                flat_price: 0.into(),
+            },
+            tallyd::rate::Tier {
+                up_to: None,
+                unit_price: "0.001".parse().unwrap(),
+                flat_price: 1.into(),
+            },
+        ],
+    };
+    let rated = tallyd::rate::plan::Plans {
+        plans: vec![tallyd::rate::plan::Plan {
+            id: "bench".into(),
+            version: 1,
+            currency: "USD".into(),
+            period: tallyd::rate::period::BillingPeriod::Month { anchor_day: 1 },
+            charges: (0..4)
+                .map(|meter| tallyd::rate::Charge {
+                    meter: format!("meter-{meter}"),
+                    model: graduated.clone(),
+                    free_units: 100.into(),
+                    discount_percent: 0.into(),
+                    minor_units: 2,
+                })
+                .collect(),
+            minimum_spend: 0.into(),
+            prepaid_commitment: 0.into(),
+        }],
+        tenants: HashMap::new(),
+        default_plan: Some("bench".into()),
+    };
+    let unrated = tallyd::rate::plan::Plans::default();
+    let mut group = c.benchmark_group("rating");
+    group.sample_size(10);
+    let mut window = 0i64;
+    for closing in [1_000usize, 10_000] {
+        group.throughput(Throughput::Elements(closing as u64));
+        for (label, plans) in [("rated", &rated), ("unrated", &unrated)] {
+            group.bench_with_input(BenchmarkId::new(label, closing), &closing, |b, &closing| {
+                b.iter_batched(
+                    || {
+                        // A fresh past window each time: it closes in this checkpoint.
+                        window += 1;
+                        Snapshot {
+                            positions: vec![("ingest-log".into(), window as u64)],
+                            generation: window as u64,
+                            deltas: (0..closing)
+                                .map(|i| {
+                                    let mut key = key_of(i);
+                                    key.window_start = now_secs - 30 * 86_400 + window * 60;
+                                    (
+                                        key,
+                                        tallyd::aggregate::AggState::Sum((i as i128 * 1_000_000).into()),
+                                    )
+                                })
+                                .collect(),
+                            dedup_keys: Vec::new(),
+                            sources: Vec::new(),
+                            streams: Vec::new(),
+                        }
+                    },
+                    |snapshot| {
+                        let prepared = store
+                            .prepare_checkpoint(&snapshot, &names, &catalog, now_secs, 60, plans)
+                            .unwrap();
+                        black_box(store.commit_checkpoint(prepared).unwrap());
+                    },
+                    BatchSize::LargeInput,
+                )
+            });
+        }
+    }
+    group.finish();
 }
 
 criterion_group!(benches, engine_benches, checkpoint_benches);

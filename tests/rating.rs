@@ -541,3 +541,88 @@ async fn a_plan_reload_applies_from_the_next_period_and_old_periods_keep_their_v
     );
     daemon.stop();
 }
+
+/// A plan with a minimum spend and a prepaid commitment: usage records split their amounts into
+/// the commitment's drawdown and overage, and when the period closes a settlement record trues it
+/// up to the minimum (revised when late usage changes it); every sum equals the bill preview's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minimum_spend_is_settled_and_the_prepaid_commitment_draws_down() {
+    let plan = r#"
+[[plans]]
+id = "floor"
+currency = "USD"
+billing_period = "DAY"
+minimum_spend = "5"
+prepaid_commitment = "0.75"
+[[plans.charges]]
+meter = "api_calls"
+model = "per_unit"
+unit_price = "0.001"
+[[tenants]]
+id = "acme"
+plan = "floor"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let usage = dir.path().join("data/usage.jsonl");
+    let daemon = Daemon::start(&write_config(dir.path(), plan));
+    let client = client();
+    let at = ago(2 * 86_400);
+    let (status, _) = post_batch(&client, &daemon, &calls("a", 1000, &at)).await;
+    assert_eq!(status, 202);
+    let fields = |r: &Value| {
+        [
+            &r["revision"],
+            &r["amount"],
+            &r["increment"],
+            &r["prepaid"],
+            &r["overage"],
+        ]
+        .map(|v| v.to_string().trim_matches('"').to_string())
+        .join(" ")
+    };
+    let find = |latest: &std::collections::BTreeMap<String, Value>, model: &str| {
+        latest.values().find(|r| r["model"] == model).cloned()
+    };
+    let latest = eventually("usage and settlement records", async || {
+        let latest = latest_rated(&read_jsonl(&usage));
+        (latest.len() == 2).then_some(latest)
+    })
+    .await;
+    let calls_record = find(&latest, "per_unit").unwrap();
+    let settlement = find(&latest, "minimum_spend").unwrap();
+    assert_eq!(fields(&calls_record), "1 1.00 1.00 0.75 0.25");
+    assert_eq!(fields(&settlement), "1 4.00 4.00 0.00 4.00");
+    assert_eq!(settlement["period_amount"], "5.00");
+
+    // Late usage after the period closed: the window's revision, and the true-up shrinks.
+    let (status, _) = post_batch(&client, &daemon, &calls("b", 500, &at)).await;
+    assert_eq!(status, 202);
+    let latest = eventually("revisions", async || {
+        let latest = latest_rated(&read_jsonl(&usage));
+        let settled = find(&latest, "minimum_spend")?;
+        (settled["revision"] == 2).then_some(latest)
+    })
+    .await;
+    assert_eq!(
+        fields(&find(&latest, "per_unit").unwrap()),
+        "2 1.50 0.50 0.75 0.75"
+    );
+    assert_eq!(
+        fields(&find(&latest, "minimum_spend").unwrap()),
+        "2 3.50 -0.50 0.00 3.50"
+    );
+    let period = find(&latest, "per_unit").unwrap();
+    let preview = bill(
+        &client,
+        &daemon,
+        "acme",
+        period["period_start"].as_str().unwrap(),
+        period["period_end"].as_str().unwrap(),
+    )
+    .await;
+    let sum = |field: &str| latest.values().map(|r| cents(&r[field])).sum::<i64>();
+    assert_eq!(sum("amount"), cents(&preview["total"]), "{preview}");
+    assert_eq!(sum("prepaid"), cents(&preview["prepaid_used"]));
+    assert_eq!(sum("overage"), cents(&preview["overage"]));
+    daemon.stop();
+}

@@ -52,6 +52,10 @@ pub struct RatedRecord {
     pub event_time_to: String,
     /// Ingest-time bound: every event counted here was durable before this instant.
     pub rated_at: String,
+    /// The part of `amount` the plan's prepaid commitment covers, and the rest (billed as
+    /// overage); they sum to `amount`. Without a commitment, `prepaid` is 0.
+    pub prepaid: String,
+    pub overage: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -86,6 +90,60 @@ impl PeriodEntry {
     pub fn decode(bytes: &[u8]) -> Result<PeriodEntry, postcard::Error> {
         postcard::from_bytes(bytes)
     }
+}
+
+/// A tenant's billing period across all its charges, persisted under a `C` key: what has been
+/// billed (the sum of the charges' rounded amounts), for the prepaid commitment's drawdown and
+/// the minimum-spend settlement emitted when the period closes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TenantPeriod {
+    pub plan_id: String,
+    pub plan_version: u32,
+    pub period_end: i64,
+    /// Sum of every rated record's amount in the period (the subtotal), exact decimal string.
+    pub billed: String,
+    /// Set once the period closed under a plan with a minimum spend: the true-up last emitted.
+    pub settlement: Option<Settled>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Settled {
+    pub revision: u32,
+    pub true_up: String,
+    /// The settlement record's cumulative prepaid and overage shares.
+    pub prepaid: String,
+    pub overage: String,
+}
+
+impl TenantPeriod {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("invariant: tenant periods serialize")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<TenantPeriod, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+
+    /// The period's price so far: the subtotal plus any settled true-up.
+    pub fn total(&self) -> Decimal {
+        let billed: Decimal = self.billed.parse().unwrap_or_default();
+        let true_up: Decimal = self
+            .settlement
+            .as_ref()
+            .and_then(|settled| settled.true_up.parse().ok())
+            .unwrap_or_default();
+        billed + true_up
+    }
+}
+
+/// How a change of the period's price from `before` to `after` splits between the prepaid
+/// commitment and overage: the commitment covers the first `commitment` of the period's price,
+/// so each record's share is `covered(after) − covered(before)` (and the rest is overage) —
+/// the shares of a period's records sum to `min(price, commitment)` and `price − that`.
+pub fn split_prepaid(commitment: Decimal, before: Decimal, after: Decimal) -> (Decimal, Decimal) {
+    let covered = |price: Decimal| price.max(Decimal::ZERO).min(commitment);
+    let prepaid = covered(after) - covered(before);
+    (prepaid, (after - before) - prepaid)
 }
 
 pub fn model_name(model: &ChargeModel) -> &'static str {
@@ -226,6 +284,28 @@ mod tests {
     }
 
     proptest! {
+        /// However a period's price moves (volume credits included), the records' prepaid
+        /// shares sum to the commitment's drawdown and their overage to the rest.
+        #[test]
+        fn prepaid_shares_sum_to_the_drawdown(
+            moves in proptest::collection::vec(-500i64..2_000, 1..30),
+            commitment in 0i64..10_000,
+        ) {
+            let commitment = Decimal::new(commitment, 2);
+            let (mut price, mut prepaid, mut overage) = (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO);
+            for step in moves {
+                // The period price never goes below zero.
+                let after = (price + Decimal::new(step, 2)).max(Decimal::ZERO);
+                let (p, o) = split_prepaid(commitment, price, after);
+                prop_assert_eq!(p + o, after - price);
+                prepaid += p;
+                overage += o;
+                price = after;
+            }
+            prop_assert_eq!(prepaid, price.min(commitment));
+            prop_assert_eq!(overage, price - price.min(commitment));
+        }
+
         /// SUM meters: however changes (first sightings and amendments) are split and ordered,
         /// the per-window amounts sum to the price of the period total.
         #[test]

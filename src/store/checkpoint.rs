@@ -255,7 +255,7 @@ impl RocksStore {
                     revision,
                     shape,
                 )?;
-                if let Some(line) = rated {
+                for line in rated {
                     batch.put(keys::outbox_key(outbox_next), &line);
                     stats.rated += 1;
                     outbox_next += 1;
@@ -263,6 +263,11 @@ impl RocksStore {
             }
         }
         stats.records = records;
+        for line in self.settle_closed_periods(&mut rating, &mut batch, allowed_lateness_secs)? {
+            batch.put(keys::outbox_key(outbox_next), &line);
+            stats.rated += 1;
+            outbox_next += 1;
+        }
         rating.finish(&mut batch);
 
         let mut dedup_keys = snapshot.dedup_keys.clone();

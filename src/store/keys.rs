@@ -14,6 +14,8 @@
 //! S | u128 BE                                   → StreamState: a cumulative OTLP stream's last point
 //! Q | meter | tenant | window_start | dims      → the window's latest rated record (JSON)
 //! L | meter | tenant | period_start             → PeriodEntry: a billing period's rating ledger
+//! C | tenant | period_start                     → TenantPeriod: a tenant's period across charges
+//! T | period_end | tenant | period_start        → ()  a tenant period not yet settled (close index)
 //! ```
 //! Times are unix seconds, stored sign-flipped big-endian so that byte order is time order.
 
@@ -29,6 +31,8 @@ pub const META: u8 = b'M';
 pub const STREAM: u8 = b'S';
 pub const RATED: u8 = b'Q';
 pub const LEDGER: u8 = b'L';
+pub const TENANT_PERIOD: u8 = b'C';
+pub const PERIOD_CLOSE: u8 = b'T';
 
 pub fn time_bytes(unix_secs: i64) -> [u8; 8] {
     ((unix_secs as u64) ^ (1 << 63)).to_be_bytes()
@@ -143,6 +147,32 @@ pub fn open_window_key(window_end: i64, window_prefix: &[u8]) -> Vec<u8> {
 /// A (tenant, meter) billing period's ledger; same layout as a window prefix.
 pub fn ledger_key(meter: &str, tenant: &str, period_start: i64) -> Vec<u8> {
     with_kind(LEDGER, &window_prefix(meter, tenant, period_start))
+}
+
+/// A tenant's billing period across its charges.
+pub fn tenant_period_key(tenant: &str, period_start: i64) -> Vec<u8> {
+    let mut out = vec![TENANT_PERIOD];
+    push_str(&mut out, tenant);
+    out.extend_from_slice(&time_bytes(period_start));
+    out
+}
+
+/// The close-index entry of a tenant period (sorted by period end).
+pub fn period_close_key(period_end: i64, tenant: &str, period_start: i64) -> Vec<u8> {
+    let mut out = vec![PERIOD_CLOSE];
+    out.extend_from_slice(&time_bytes(period_end));
+    push_str(&mut out, tenant);
+    out.extend_from_slice(&time_bytes(period_start));
+    out
+}
+
+/// (period_end, tenant, period_start) of a close-index key.
+pub fn decode_period_close_key(key: &[u8]) -> Option<(i64, String, i64)> {
+    let period_end = time_from_bytes(key.get(1..)?)?;
+    let mut pos = 9;
+    let tenant = read_str(key, &mut pos)?.to_string();
+    let period_start = time_from_bytes(key.get(pos..)?)?;
+    (pos + 8 == key.len()).then_some((period_end, tenant, period_start))
 }
 
 pub fn dedup_key(key: u128) -> [u8; 17] {

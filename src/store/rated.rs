@@ -12,14 +12,19 @@ use super::keys::{self, SeriesName};
 use super::{MeterShape, RocksStore, StoreError};
 use crate::aggregate::{AggState, Aggregation};
 use crate::model::rfc3339;
+use crate::rate::plan::Plan;
 use crate::rate::plan::Plans;
-use crate::rate::record::{model_name, money, rate_change, PeriodEntry, RatedRecord};
+use crate::rate::record::{
+    model_name, money, rate_change, split_prepaid, PeriodEntry, RatedRecord, Settled, TenantPeriod,
+};
 
 /// One checkpoint's rating work: period entries read once and written back once.
 pub struct RatingBatch<'a> {
     plans: &'a Plans,
     entries: FxHashMap<Vec<u8>, PeriodEntry>,
+    periods: FxHashMap<Vec<u8>, TenantPeriod>,
     rated_at: String,
+    now_secs: i64,
 }
 
 impl<'a> RatingBatch<'a> {
@@ -27,7 +32,9 @@ impl<'a> RatingBatch<'a> {
         RatingBatch {
             plans,
             entries: FxHashMap::default(),
+            periods: FxHashMap::default(),
             rated_at: rfc3339(now_secs),
+            now_secs,
         }
     }
 
@@ -38,7 +45,26 @@ impl<'a> RatingBatch<'a> {
         for (key, entry) in entries {
             batch.put(key, entry.encode());
         }
+        let mut periods: Vec<_> = self.periods.into_iter().collect();
+        periods.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, period) in periods {
+            batch.put(key, period.encode());
+        }
     }
+}
+
+fn decimal(text: &str, what: &'static str) -> Result<Decimal, StoreError> {
+    text.parse().map_err(|_| StoreError::Corrupt {
+        what,
+        detail: text.to_string(),
+    })
+}
+
+/// The `record_id` of a tenant period's minimum-spend settlement.
+fn settlement_record_id(tenant: &str, period_start: i64) -> String {
+    let mut input = b"minimum\0".to_vec();
+    input.extend_from_slice(&keys::tenant_period_key(tenant, period_start));
+    super::checkpoint::record_id(&input)
 }
 
 /// The `record_id` of a window's rated record: distinct from its window record's id, so one file
@@ -51,9 +77,10 @@ pub fn rated_record_id(suffix: &[u8]) -> String {
 
 impl RocksStore {
     /// Rates one emitted window: `total` is its state now, `delta` what this checkpoint added.
-    /// Returns the rated record's JSON line, or `None` when the tenant's plan has no charge
-    /// for the meter (or the meter cannot be priced). Rating errors are logged and counted, never
-    /// fatal to the checkpoint: the window record still goes out.
+    /// Returns the outbox lines: the rated record (none when the tenant's plan has no charge for
+    /// the meter, or the meter cannot be priced) and, when the window amends a period already
+    /// settled, the settlement's new revision. Rating errors are logged and counted, never fatal
+    /// to the checkpoint: the window record still goes out.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn rate_window(
         &self,
@@ -65,16 +92,16 @@ impl RocksStore {
         delta: Option<&AggState>,
         revision: u32,
         shape: &MeterShape,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
         let Some(aggregation) = Aggregation::parse(&shape.aggregation) else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         if aggregation == Aggregation::Distribution {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let plans = rating.plans;
         let Some((current, current_discount)) = plans.for_tenant(&name.tenant) else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         let zone = plans.timezone(&name.tenant);
         let (period_start, period_end) = current.period.containing_in(name.window_start, zone);
@@ -109,7 +136,7 @@ impl RocksStore {
             }
         };
         let Some(charge) = plan.charges.iter().find(|charge| charge.meter == name.meter) else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         let mut charge = charge.clone();
         charge.discount_percent = entry.discount_percent.parse().unwrap_or(current_discount);
@@ -132,16 +159,42 @@ impl RocksStore {
             Err(error) => {
                 metrics::counter!(crate::telemetry::RATING_FAILURES).increment(1);
                 tracing::error!(%error, tenant = %name.tenant, meter = %name.meter, "cannot rate window");
-                return Ok(None);
+                return Ok(Vec::new());
             }
         };
-        let before: Decimal = match &previous {
-            Some(record) => record.amount.parse().map_err(|_| StoreError::Corrupt {
-                what: "rated record amount",
-                detail: record.amount.clone(),
-            })?,
-            None => Decimal::ZERO,
+        let (before, prepaid_before, overage_before) = match &previous {
+            Some(record) => (
+                decimal(&record.amount, "rated record amount")?,
+                decimal(&record.prepaid, "rated record prepaid")?,
+                decimal(&record.overage, "rated record overage")?,
+            ),
+            None => (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO),
         };
+        // The tenant's period across charges: the commitment draws down in rating order.
+        let period_key = keys::tenant_period_key(&name.tenant, period_start);
+        let mut period = self.tenant_period(
+            rating,
+            batch,
+            &period_key,
+            plan,
+            &name.tenant,
+            period_start,
+            period_end,
+        )?;
+        let total_before = period.total();
+        period.billed = (decimal(&period.billed, "tenant period billed")? + rated.increment)
+            .normalize()
+            .to_string();
+        let (prepaid_share, overage_share) = split_prepaid(
+            plan.prepaid_commitment,
+            total_before,
+            total_before + rated.increment,
+        );
+        let mut lines = Vec::new();
+        // A period already settled (closed under a minimum spend): its true-up moves too.
+        if period.settlement.is_some() {
+            lines.extend(self.settle(rating, &mut period, plan, &name.tenant, period_start)?);
+        }
         let minor = charge.minor_units;
         let window_end = name.window_start + shape.window_secs;
         let record = RatedRecord {
@@ -173,12 +226,169 @@ impl RocksStore {
             event_time_from: rfc3339(name.window_start),
             event_time_to: rfc3339(window_end),
             rated_at: rating.rated_at.clone(),
+            prepaid: money(prepaid_before + prepaid_share, minor),
+            overage: money(overage_before + overage_share, minor),
         };
         let mut line = serde_json::to_vec(&record).expect("invariant: rated records serialize");
         batch.put(&rated_key, &line);
         rating.entries.insert(ledger_key, updated);
+        rating.periods.insert(period_key, period);
+        line.push(b'\n');
+        lines.insert(0, line);
+        Ok(lines)
+    }
+
+    /// A tenant period from this checkpoint's cache or the store, or a new one (indexed to be
+    /// settled when it closes).
+    #[allow(clippy::too_many_arguments)]
+    fn tenant_period(
+        &self,
+        rating: &mut RatingBatch<'_>,
+        batch: &mut WriteBatch,
+        key: &[u8],
+        plan: &Plan,
+        tenant: &str,
+        period_start: i64,
+        period_end: i64,
+    ) -> Result<TenantPeriod, StoreError> {
+        if let Some(period) = rating.periods.get(key) {
+            return Ok(period.clone());
+        }
+        if let Some(bytes) = self.get(key)? {
+            return TenantPeriod::decode(&bytes).map_err(|error| StoreError::Corrupt {
+                what: "tenant period",
+                detail: error.to_string(),
+            });
+        }
+        batch.put(keys::period_close_key(period_end, tenant, period_start), b"");
+        Ok(TenantPeriod {
+            plan_id: plan.id.clone(),
+            plan_version: plan.version,
+            period_end,
+            billed: "0".into(),
+            settlement: None,
+        })
+    }
+
+    /// (Re)computes a closed period's minimum-spend true-up; a new revision of its settlement
+    /// record when it changed (or the first one).
+    fn settle(
+        &self,
+        rating: &RatingBatch<'_>,
+        period: &mut TenantPeriod,
+        plan: &Plan,
+        tenant: &str,
+        period_start: i64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let billed = decimal(&period.billed, "tenant period billed")?;
+        let true_up = (plan.minimum_spend - billed).max(Decimal::ZERO);
+        let total_before = period.total();
+        let (revision, true_up_before) = match &period.settlement {
+            Some(settled) => (settled.revision, decimal(&settled.true_up, "settled true-up")?),
+            None => (0, Decimal::ZERO),
+        };
+        if revision > 0 && true_up == true_up_before {
+            return Ok(None);
+        }
+        let id = settlement_record_id(tenant, period_start);
+        let (prepaid_before, overage_before) = match &period.settlement {
+            Some(settled) => (
+                decimal(&settled.prepaid, "settlement prepaid")?,
+                decimal(&settled.overage, "settlement overage")?,
+            ),
+            None => (Decimal::ZERO, Decimal::ZERO),
+        };
+        let minor = crate::rate::minor_unit_exponent(&plan.currency).unwrap_or(2);
+        let total_after = total_before - true_up_before + true_up;
+        let (prepaid_share, overage_share) =
+            split_prepaid(plan.prepaid_commitment, total_before, total_after);
+        let (prepaid, overage) = (prepaid_before + prepaid_share, overage_before + overage_share);
+        period.settlement = Some(Settled {
+            revision: revision + 1,
+            true_up: true_up.normalize().to_string(),
+            prepaid: prepaid.normalize().to_string(),
+            overage: overage.normalize().to_string(),
+        });
+        let record = RatedRecord {
+            kind: "rated".into(),
+            record_id: id,
+            revision: revision + 1,
+            tenant: tenant.to_string(),
+            meter: String::new(),
+            dims: Default::default(),
+            window_start: rfc3339(period_start),
+            window_end: rfc3339(period.period_end),
+            period_start: rfc3339(period_start),
+            period_end: rfc3339(period.period_end),
+            quantity: money(billed, minor),
+            amount: money(true_up, minor),
+            increment: money(true_up - true_up_before, minor),
+            currency: plan.currency.clone(),
+            plan_id: plan.id.clone(),
+            plan_version: plan.version,
+            model: "minimum_spend".into(),
+            discount_percent: "0".into(),
+            period_quantity: money(billed, minor),
+            period_amount: money(period.total(), minor),
+            tiers: Vec::new(),
+            event_time_from: rfc3339(period_start),
+            event_time_to: rfc3339(period.period_end),
+            rated_at: rating.rated_at.clone(),
+            prepaid: money(prepaid, minor),
+            overage: money(overage, minor),
+        };
+        // The usage file and the emitters carry it like any rated record (meter "").
+        let mut line = serde_json::to_vec(&record).expect("invariant: rated records serialize");
         line.push(b'\n');
         Ok(Some(line))
+    }
+
+    /// Settles the tenant periods that closed (period end + `allowed_lateness` has passed) under
+    /// a plan with a minimum spend, and drops their close-index entries. Returns outbox lines.
+    pub(super) fn settle_closed_periods(
+        &self,
+        rating: &mut RatingBatch<'_>,
+        batch: &mut WriteBatch,
+        allowed_lateness_secs: i64,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let watermark = rating.now_secs - allowed_lateness_secs;
+        let due = self.scan_keys(&[keys::PERIOD_CLOSE], |key| {
+            key.first() == Some(&keys::PERIOD_CLOSE)
+                && keys::time_from_bytes(&key[1..]).is_some_and(|end| end <= watermark)
+        })?;
+        let mut lines = Vec::new();
+        for close_key in due {
+            batch.delete(&close_key);
+            let Some((_, tenant, period_start)) = keys::decode_period_close_key(&close_key) else {
+                continue;
+            };
+            let key = keys::tenant_period_key(&tenant, period_start);
+            let mut period = match rating.periods.get(&key) {
+                Some(period) => period.clone(),
+                None => match self.get(&key)? {
+                    Some(bytes) => TenantPeriod::decode(&bytes).map_err(|error| StoreError::Corrupt {
+                        what: "tenant period",
+                        detail: error.to_string(),
+                    })?,
+                    None => continue,
+                },
+            };
+            let plans = rating.plans;
+            let Some(plan) = plans
+                .version(&period.plan_id, period.plan_version)
+                .or_else(|| plans.current(&period.plan_id))
+            else {
+                continue;
+            };
+            if plan.minimum_spend.is_zero() {
+                continue;
+            }
+            if let Some(line) = self.settle(rating, &mut period, plan, &tenant, period_start)? {
+                lines.push(line);
+            }
+            rating.periods.insert(key, period);
+        }
+        Ok(lines)
     }
 
     /// The plan version (id, version, discount) a (tenant, period) was first rated with, from
