@@ -474,6 +474,47 @@ pub struct RawMeter {
     /// TIME_WEIGHTED: a stream silent for longer is not integrated over the gap (default 900).
     #[serde(default)]
     pub max_gap_secs: Option<u64>,
+    /// SUM meters of monetary values: count `clamp(value × percent / 100, min, max)` per event.
+    #[serde(default)]
+    pub per_event_fee: Option<RawPerEventFee>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPerEventFee {
+    pub percent: toml::Value,
+    #[serde(default)]
+    pub min: Option<toml::Value>,
+    #[serde(default)]
+    pub max: Option<toml::Value>,
+}
+
+/// A decimal string (or integer) from config at `scale`, named on error.
+fn fixed_point(value: &toml::Value, scale: u32, at: &str, errors: &mut Vec<String>) -> Option<i128> {
+    let text = match value {
+        toml::Value::String(text) => text.clone(),
+        toml::Value::Integer(n) => n.to_string(),
+        toml::Value::Float(f) => {
+            errors.push(format!(
+                "{at}: {f} is a TOML float (inexact); write it as a string, e.g. \"{f}\""
+            ));
+            return None;
+        }
+        other => {
+            errors.push(format!(
+                "{at}: must be a decimal string, got {}",
+                other.type_str()
+            ));
+            return None;
+        }
+    };
+    match crate::model::parse_decimal(&text, scale) {
+        Ok(value) => Some(value),
+        Err(error) => {
+            errors.push(format!("{at}: `{text}` {error}"));
+            None
+        }
+    }
 }
 
 /// TIME_WEIGHTED: SDKs export every 10–60 s; 15 silent minutes mean the stream stopped.
@@ -1119,6 +1160,36 @@ impl RawConfig {
             if raw.unique_exact_limit == 0 {
                 errors.push(format!("{at}.unique_exact_limit: must be positive"));
             }
+            let per_event_fee = raw.per_event_fee.as_ref().and_then(|fee| {
+                let fee_at = format!("{at}.per_event_fee");
+                if aggregation != Some(Aggregation::Sum)
+                    || raw.value_property.is_none() && raw.value_attribute.is_none()
+                {
+                    errors.push(format!(
+                        "{fee_at}: needs a SUM meter with a value (value_property or value_attribute)"
+                    ));
+                }
+                // The percent at up to 6 decimals (2.9 → 2.900000).
+                let percent = fixed_point(&fee.percent, 6, &format!("{fee_at}.percent"), &mut errors)?;
+                let percent = rust_decimal::Decimal::from_i128_with_scale(percent, 6).normalize();
+                if percent <= rust_decimal::Decimal::ZERO || percent > rust_decimal::Decimal::ONE_HUNDRED {
+                    errors.push(format!("{fee_at}.percent: must be above 0 and at most 100"));
+                }
+                let min = fee
+                    .min
+                    .as_ref()
+                    .and_then(|v| fixed_point(v, raw.scale, &format!("{fee_at}.min"), &mut errors));
+                let max = fee
+                    .max
+                    .as_ref()
+                    .and_then(|v| fixed_point(v, raw.scale, &format!("{fee_at}.max"), &mut errors));
+                if let (Some(min), Some(max)) = (min, max) {
+                    if min > max {
+                        errors.push(format!("{fee_at}: min must not exceed max"));
+                    }
+                }
+                Some(crate::meter::PerEventFee { percent, min, max })
+            });
             if let (Some(aggregation), Some(source)) = (aggregation, source) {
                 meters.push(Meter {
                     id: 0,
@@ -1139,6 +1210,7 @@ impl RawConfig {
                     unique_exact_limit: raw.unique_exact_limit,
                     allow_negative: raw.allow_negative,
                     max_gap_secs: raw.max_gap_secs.unwrap_or(DEFAULT_MAX_GAP_SECS) as i64,
+                    per_event_fee,
                 });
             }
         }

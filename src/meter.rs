@@ -298,6 +298,39 @@ pub struct Meter {
     pub allow_negative: bool,
     /// TIME_WEIGHTED: intervals between a stream's points longer than this are not integrated.
     pub max_gap_secs: i64,
+    /// Each event counts a fee on its value instead of the value itself (transaction fees).
+    pub per_event_fee: Option<PerEventFee>,
+}
+
+/// `fee = clamp(value × percent / 100, min, max)` per event, rounded half away from zero to the
+/// meter's scale: a percentage with a per-event minimum and maximum, which a charge on the
+/// aggregate cannot express (the aggregate keeps no events). Charge the meter `per_unit` at 1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PerEventFee {
+    pub percent: rust_decimal::Decimal,
+    /// Fixed-point at the meter's scale.
+    pub min: Option<i128>,
+    pub max: Option<i128>,
+}
+
+impl PerEventFee {
+    pub fn apply(&self, value: i128, scale: u32) -> Result<i128, String> {
+        use rust_decimal::prelude::ToPrimitive;
+        let amount = rust_decimal::Decimal::try_from_i128_with_scale(value, scale)
+            .map_err(|_| "is too large for fee arithmetic".to_string())?;
+        let fee = (amount * self.percent / rust_decimal::Decimal::ONE_HUNDRED)
+            .round_dp_with_strategy(scale, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+        let mut fixed = (fee * rust_decimal::Decimal::from(10i128.pow(scale)))
+            .to_i128()
+            .ok_or_else(|| "fee overflows".to_string())?;
+        if let Some(min) = self.min {
+            fixed = fixed.max(min);
+        }
+        if let Some(max) = self.max {
+            fixed = fixed.min(max);
+        }
+        Ok(fixed)
+    }
 }
 
 /// Why an event's data cannot feed a meter (the request gets 400 naming `field`).
@@ -372,7 +405,16 @@ impl Meter {
                 ),
             });
         }
-        Ok(Observation::Value(value))
+        match &self.per_event_fee {
+            Some(fee) => fee
+                .apply(value, self.scale)
+                .map(Observation::Value)
+                .map_err(|reason| ExtractError {
+                    field: field(),
+                    reason: format!("`{text}` {reason}"),
+                }),
+            None => Ok(Observation::Value(value)),
+        }
     }
 
     /// The event's group-by dimensions (sorted by name). Absent or null values are left out.
@@ -491,6 +533,27 @@ impl Meters {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn per_event_fees_clamp_each_event() {
+        // 2.9 % per payment, at least $0.30 and at most $5.00 (amounts at scale 2).
+        let fee = PerEventFee {
+            percent: "2.9".parse().unwrap(),
+            min: Some(30),
+            max: Some(500),
+        };
+        assert_eq!(fee.apply(100, 2), Ok(30), "$1.00 → 0.029 → the minimum");
+        assert_eq!(fee.apply(10_000, 2), Ok(290), "$100.00 → 2.90");
+        assert_eq!(fee.apply(5_050, 2), Ok(146), "$50.50 → 1.4645 → 1.46");
+        assert_eq!(fee.apply(5_000, 2), Ok(145), "$50.00 → 1.45 exactly");
+        assert_eq!(fee.apply(100_000, 2), Ok(500), "$1000 → the maximum");
+        let uncapped = PerEventFee {
+            min: None,
+            max: None,
+            ..fee
+        };
+        assert_eq!(uncapped.apply(1_725, 2), Ok(50), "17.25 → 0.50025 → 0.50");
+    }
+
     use super::*;
     use serde_json::json;
 
@@ -510,6 +573,7 @@ mod tests {
             unique_exact_limit: 100,
             allow_negative: false,
             max_gap_secs: 900,
+            per_event_fee: None,
         }
     }
 

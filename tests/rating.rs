@@ -626,3 +626,60 @@ plan = "floor"
     assert_eq!(sum("overage"), cents(&preview["overage"]));
     daemon.stop();
 }
+
+/// A transaction fee with a per-event minimum and maximum: the meter counts each payment's
+/// clamped fee (the aggregate could not: it keeps no events), a per_unit charge at 1 bills it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_event_fees_are_clamped_per_payment_and_rated() {
+    let extra = r#"
+[[meters]]
+slug = "payment_fees"
+event_type = "payment.captured"
+aggregation = "SUM"
+value_property = "$.amount"
+scale = 2
+per_event_fee = { percent = "2.9", min = "0.30", max = "5.00" }
+[[plans]]
+id = "fees"
+currency = "USD"
+billing_period = "DAY"
+[[plans.charges]]
+meter = "payment_fees"
+model = "per_unit"
+unit_price = "1"
+[[tenants]]
+id = "shop"
+plan = "fees"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let usage = dir.path().join("data/usage.jsonl");
+    let daemon = Daemon::start(&write_config(dir.path(), extra));
+    let client = client();
+    let at = ago(7200);
+    let payments: Vec<Value> = ["1.00", "100.00", "50.50", "1000.00"]
+        .iter()
+        .enumerate()
+        .map(|(i, amount)| {
+            event(
+                &format!("p{i}"),
+                "payment.captured",
+                "shop",
+                &at,
+                json!({"amount": amount}),
+            )
+        })
+        .collect();
+    let (status, body) = post_batch(&client, &daemon, &payments).await;
+    assert_eq!(status, 202, "{body}");
+    // 0.30 (minimum) + 2.90 + 1.46 (1.4645) + 5.00 (maximum).
+    let record = eventually("the fee record", async || {
+        latest_rated(&read_jsonl(&usage)).into_values().next()
+    })
+    .await;
+    assert_eq!(
+        (record["quantity"].as_str(), record["amount"].as_str()),
+        (Some("9.66"), Some("9.66")),
+        "{record}"
+    );
+    daemon.stop();
+}

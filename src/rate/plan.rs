@@ -331,8 +331,9 @@ fn charge(
         "percentage" => {
             if raw.per_event_min.is_some() || raw.per_event_max.is_some() {
                 errors.push(format!(
-                    "{at}: per_event_min/per_event_max are not supported: tallyd prices aggregated \
-                     usage and keeps no individual events (use a meter of per-event fees instead)"
+                    "{at}: per_event_min/per_event_max are not supported on a charge: it prices aggregated \
+                     usage, which keeps no individual events; give the meter \
+                     `per_event_fee = {{ percent, min, max }}` and charge it per_unit at 1"
                 ));
             }
             let rate = required(&raw.rate, &format!("{at}.rate"), model_name, errors)?;

@@ -508,6 +508,7 @@ mod tests {
             unique_exact_limit: 10,
             allow_negative: false,
             max_gap_secs: 900,
+            per_event_fee: None,
         }
     }
 

@@ -1062,7 +1062,13 @@ fn record_observation(meter: &Meter, attribute: &str, value: &AnyValue) -> Resul
             meter.slug
         ));
     }
-    Ok(Observation::Value(value))
+    match &meter.per_event_fee {
+        Some(fee) => fee
+            .apply(value, meter.scale)
+            .map(Observation::Value)
+            .map_err(|reason| format!("attribute `{attribute}` {reason}")),
+        None => Ok(Observation::Value(value)),
+    }
 }
 
 #[cfg(test)]
