@@ -193,22 +193,8 @@ async fn rated_records_reach_the_real_broker_across_a_kill() {
     let topic = unique_topic("rated");
     create_topic(&brokers, &topic, 2).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!("{PLANS}\n[emit.kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\n"),
-    );
-    let daemon = Daemon::start(&config);
-    let client = client();
-    for batch in closed_window_usage().chunks(500) {
-        let (status, body) = post_batch(&client, &daemon, batch).await;
-        assert_eq!(status, 202, "{body}");
-    }
-    let usage = dir.path().join("data/usage.jsonl");
-    let expected = eventually("15 rated records", async || {
-        let latest = latest_rated(&read_jsonl(&usage));
-        (latest.len() == 15).then_some(latest)
-    })
-    .await;
+    let extra = format!("{PLANS}\n[emit.kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\n");
+    let (daemon, config, expected) = rate_closed_windows(dir.path(), &extra).await;
     daemon.kill();
     let daemon = Daemon::start(&config);
     let reader = (brokers.clone(), topic.clone());

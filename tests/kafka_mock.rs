@@ -168,22 +168,8 @@ async fn rated_records_are_produced_to_the_rated_topic() {
     cluster.create_topic("tallyd.rated", 1, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!("{PLANS}\n[emit.kafka]\nbrokers = \"{brokers}\"\n"),
-    );
-    let daemon = Daemon::start(&config);
-    let client = client();
-    for batch in closed_window_usage().chunks(500) {
-        let (status, body) = post_batch(&client, &daemon, batch).await;
-        assert_eq!(status, 202, "{body}");
-    }
-    let usage = dir.path().join("data/usage.jsonl");
-    let expected = eventually("15 rated records", async || {
-        let latest = latest_rated(&read_jsonl(&usage));
-        (latest.len() == 15).then_some(latest)
-    })
-    .await;
+    let extra = format!("{PLANS}\n[emit.kafka]\nbrokers = \"{brokers}\"\n");
+    let (daemon, _, expected) = rate_closed_windows(dir.path(), &extra).await;
     let brokers_for_read = brokers.clone();
     let messages = tokio::task::spawn_blocking(move || {
         read_topic(&brokers_for_read, "tallyd.rated", 1, 15, Duration::from_secs(20))

@@ -68,6 +68,10 @@ pub struct RatedRecordProto {
     pub event_time_to: String,
     #[prost(string, tag = "24")]
     pub rated_at: String,
+    #[prost(string, tag = "25")]
+    pub prepaid: String,
+    #[prost(string, tag = "26")]
+    pub overage: String,
 }
 
 impl From<&RatedRecord> for RatedRecordProto {
@@ -111,6 +115,8 @@ impl From<&RatedRecord> for RatedRecordProto {
             event_time_from: record.event_time_from.clone(),
             event_time_to: record.event_time_to.clone(),
             rated_at: record.rated_at.clone(),
+            prepaid: record.prepaid.clone(),
+            overage: record.overage.clone(),
         }
     }
 }

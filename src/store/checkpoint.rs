@@ -65,6 +65,13 @@ pub struct WindowRecord<'a> {
     pub closed_at: String,
 }
 
+/// A series' dimensions as the JSON object records carry.
+pub fn dims_object(dims: &[(String, String)]) -> serde_json::Map<String, serde_json::Value> {
+    dims.iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect()
+}
+
 pub fn record_id(suffix: &[u8]) -> String {
     format!("{:032x}", xxh3_128(suffix))
 }
@@ -408,11 +415,7 @@ fn window_record_line(
         revision,
         tenant: &name.tenant,
         meter: &name.meter,
-        dims: name
-            .dims
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect(),
+        dims: dims_object(&name.dims),
         window_start: rfc3339(name.window_start),
         window_end: rfc3339(name.window_start + window_secs),
         aggregation: aggregation.map_or(total.kind(), |aggregation| aggregation.as_str()),

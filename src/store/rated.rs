@@ -203,11 +203,7 @@ impl RocksStore {
             revision,
             tenant: name.tenant.clone(),
             meter: name.meter.clone(),
-            dims: name
-                .dims
-                .iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                .collect(),
+            dims: super::checkpoint::dims_object(&name.dims),
             window_start: rfc3339(name.window_start),
             window_end: rfc3339(window_end),
             period_start: rfc3339(period_start),

@@ -119,3 +119,25 @@ pub fn closed_window_usage() -> Vec<Value> {
     }
     events
 }
+
+/// Starts tallyd with `extra` config (plans, emitters), posts `closed_window_usage` and waits for
+/// its 15 rated records in the usage file; returns the daemon and what the file holds.
+pub async fn rate_closed_windows(
+    dir: &std::path::Path,
+    extra: &str,
+) -> (Daemon, std::path::PathBuf, BTreeMap<String, Value>) {
+    let config = write_config(dir, extra);
+    let daemon = Daemon::start(&config);
+    let client = client();
+    for batch in closed_window_usage().chunks(500) {
+        let (status, body) = post_batch(&client, &daemon, batch).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let usage = dir.join("data/usage.jsonl");
+    let expected = eventually("15 rated records", async || {
+        let latest = latest_rated(&read_jsonl(&usage));
+        (latest.len() == 15).then_some(latest)
+    })
+    .await;
+    (daemon, config, expected)
+}
