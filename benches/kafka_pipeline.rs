@@ -47,6 +47,7 @@ fn messages(round: u64, topic: &Arc<str>) -> Vec<KafkaMessage> {
                 key: Some(format!("tenant-{tenant}").into_bytes()),
                 payload: Some(payload.into_bytes()),
                 header_id: None,
+                forwarded: false,
             }
         })
         .collect()

@@ -205,3 +205,150 @@ async fn two_replicas_forward_count_once_and_route_queries_to_the_owner() {
     );
     a.stop();
 }
+
+const OTLP_METER: &str = r#"
+[[meters]]
+slug = "requests"
+source = "otlp_metric"
+metric_name = "http.server.requests"
+aggregation = "SUM"
+group_by = { route = "http.route" }
+"#;
+
+/// One OTLP/HTTP protobuf export of one `http.server.requests` sum point for `tenant`.
+fn otlp_sum(tenant: &str, value: i64, start_ns: u64, time_ns: u64, cumulative: bool) -> Vec<u8> {
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::metrics::v1::{
+        metric, number_data_point, AggregationTemporality, Metric, NumberDataPoint, ResourceMetrics,
+        ScopeMetrics, Sum,
+    };
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    let attribute = |key: &str, value: &str| KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+        ..Default::default()
+    };
+    let temporality = if cumulative {
+        AggregationTemporality::Cumulative
+    } else {
+        AggregationTemporality::Delta
+    };
+    let request = ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![attribute("tenant.id", tenant)],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: "http.server.requests".into(),
+                    data: Some(metric::Data::Sum(Sum {
+                        data_points: vec![NumberDataPoint {
+                            attributes: vec![attribute("http.route", "/checkout")],
+                            start_time_unix_nano: start_ns,
+                            time_unix_nano: time_ns,
+                            value: Some(number_data_point::Value::AsInt(value)),
+                            ..Default::default()
+                        }],
+                        aggregation_temporality: temporality as i32,
+                        is_monotonic: true,
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    prost::Message::encode_to_vec(&request)
+}
+
+/// OTLP in cluster mode: an edge maps the export and produces its points to the ingest topic;
+/// each tenant's owner counts them, a retried export counts once, and cumulative points (whose
+/// stream state is not replicated) are refused in partial success with the fix named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_exports_are_forwarded_to_each_tenants_owner() {
+    let Some(brokers) = real_broker() else { return };
+    let topic = unique_topic("otlp-cluster");
+    create_topic(&brokers, &topic, PARTITIONS).await;
+    let extra = format!("{}\n{OTLP_METER}", cluster_config(&brokers, &topic));
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let a = Daemon::start(&write_config(dirs[0].path(), &extra));
+    let b = Daemon::start(&write_config(dirs[1].path(), &extra));
+    let client = client();
+    wait_for_split(&client, &[&a, &b]).await;
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let tenants: Vec<String> = (0..12).map(|i| format!("otel-{i}")).collect();
+    let mut expected = BTreeMap::new();
+    for (i, tenant) in tenants.iter().enumerate() {
+        let value = i as i64 * 10 + 1;
+        expected.insert(tenant.clone(), value);
+        let body = otlp_sum(tenant, value, now_ns - 60_000_000_000, now_ns - i as u64, false);
+        // Through either edge, and every export twice (an exporter retry).
+        for edge in [&a, &b] {
+            let url = format!("http://{}/v1/metrics", edge.otlp_http.as_ref().unwrap());
+            let response = client
+                .post(url)
+                .header("content-type", "application/x-protobuf")
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+        }
+    }
+    let cumulative = otlp_sum("otel-0", 5, now_ns - 60_000_000_000, now_ns, true);
+    let url = format!("http://{}/v1/metrics", a.otlp_http.as_ref().unwrap());
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(
+            serde_json::to_vec(
+                &<opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest as prost::Message>::decode(
+                    cumulative.as_slice(),
+                )
+                .unwrap(),
+            )
+            .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let reply: Value = response.json().await.unwrap();
+    assert_eq!(reply["partialSuccess"]["rejectedDataPoints"], 1, "{reply}");
+    assert!(
+        reply["partialSuccess"]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("cumulativetodelta"),
+        "{reply}"
+    );
+
+    // Each tenant counted once, by its owner, whichever edge the client asks.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut got = BTreeMap::new();
+        for tenant in &tenants {
+            let body = query(&client, &b, "requests", &format!("subject={tenant}")).await;
+            got.insert(tenant.clone(), sum_rows(&body));
+        }
+        if got == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "totals {got:?} never reached {expected:?}\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    a.stop();
+    b.stop();
+}

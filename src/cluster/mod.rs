@@ -205,11 +205,28 @@ impl Cluster {
         &self,
         events: impl Iterator<Item = (&'a str, &'a [u8])>,
     ) -> Result<usize, String> {
+        self.forward_as(events, None).await
+    }
+
+    /// `forward` with a `content-type` header on every record (forwarded OTLP usage).
+    pub async fn forward_as<'a>(
+        &self,
+        events: impl Iterator<Item = (&'a str, &'a [u8])>,
+        content_type: Option<&str>,
+    ) -> Result<usize, String> {
         let mut deliveries = Vec::new();
         for (tenant, payload) in events {
-            let record = FutureRecord::to(&self.config.ingest_topic)
+            let mut record = FutureRecord::to(&self.config.ingest_topic)
                 .key(tenant)
                 .payload(payload);
+            if let Some(content_type) = content_type {
+                record = record.headers(rdkafka::message::OwnedHeaders::new().insert(
+                    rdkafka::message::Header {
+                        key: "content-type",
+                        value: Some(content_type),
+                    },
+                ));
+            }
             match self.producer.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((error, _)) => {

@@ -343,8 +343,8 @@ impl Stages {
     }
 }
 
-/// Binds and starts the OTLP edges that are configured (not in cluster mode: OTLP points are
-/// not forwarded to the ingest topic yet).
+/// Binds and starts the OTLP edges that are configured (in cluster mode they forward to the
+/// ingest topic, `ingest::otlp::forward`).
 async fn start_otlp(
     shared: &Arc<Shared>,
     state: &crate::api::AppState,
@@ -352,14 +352,6 @@ async fn start_otlp(
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<Result<(), String>>>> {
     let config = &shared.config;
     let mut servers = Vec::new();
-    if config.cluster.is_some() {
-        if config.otlp_grpc_addr.is_some() || config.otlp_http_addr.is_some() {
-            tracing::warn!(
-                "otlp ingest is off in cluster mode (points are not forwarded to the ingest topic yet)"
-            );
-        }
-        return Ok(servers);
-    }
     let ingest = crate::ingest::otlp::OtlpIngest { app: state.clone() };
     let tls = match &config.otlp.tls {
         Some(tls) => Some(crate::ingest::otlp::TlsIdentity::load(tls).context("cannot read otlp.tls")?),

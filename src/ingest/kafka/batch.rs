@@ -27,6 +27,8 @@ pub struct KafkaMessage {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub header_id: Option<String>,
+    /// Forwarded OTLP usage (`otlp::forward`), not CloudEvents.
+    pub forwarded: bool,
 }
 
 /// A dead-letter record: the refused event (or the whole message when it is not JSON).
@@ -150,7 +152,23 @@ impl Folder {
         // Every message's events, flattened; `owner[i]` is the message of event i.
         let mut raws: Vec<&str> = Vec::with_capacity(messages.len());
         let mut owner: Vec<usize> = Vec::with_capacity(messages.len());
+        // Forwarded OTLP usage: (message, dedup key, updates) per point.
+        let mut forwarded: Vec<(usize, crate::ingest::otlp::forward::PointUpdates)> = Vec::new();
         for (position, message) in messages.iter().enumerate() {
+            if message.forwarded {
+                let payload = message.payload.as_deref().unwrap_or_default();
+                let decoded = crate::ingest::otlp::forward::ForwardedUsage::decode(payload)
+                    .map_err(|error| format!("forwarded usage does not decode: {error}"))
+                    .and_then(|usage| usage.intern(&shared.names, &shared.meters));
+                match decoded {
+                    Ok(points) => forwarded.extend(points.into_iter().map(|point| (position, point))),
+                    Err(error) => {
+                        outcome.invalid += 1;
+                        dead_letters.push(dead_letter_of(message, None, payload, "invalid", error));
+                    }
+                }
+                continue;
+            }
             let Some(payload) = message.payload.as_deref() else {
                 outcome.invalid += 1;
                 dead_letters.push(dead_letter_of(
@@ -227,8 +245,14 @@ impl Folder {
         }
         outcome.unmetered = decoded.unmetered;
 
-        // Dedup exactly as HTTP ingest does (`DedupIndex::claim`).
-        let keys: Vec<u128> = decoded.metered.iter().map(|event| event.dedup_key).collect();
+        // Dedup exactly as HTTP ingest does (`DedupIndex::claim`); forwarded points with a key
+        // after the events.
+        let keys: Vec<u128> = decoded
+            .metered
+            .iter()
+            .map(|event| event.dedup_key)
+            .chain(forwarded.iter().filter_map(|(_, (key, _))| *key))
+            .collect();
         let now_secs = now_ms().div_euclid(1000);
         let fresh = loop {
             match shared
@@ -245,7 +269,9 @@ impl Folder {
         };
         // Per partition: its pre-aggregated batch and the dedup keys of the events in it.
         let mut parts: FxHashMap<(Arc<str>, i32), (PreAggregated, Vec<u128>)> = FxHashMap::default();
-        for (event, fresh) in decoded.metered.iter().zip(fresh) {
+        let mut fresh = fresh.into_iter();
+        let mut forwarded_duplicates = 0;
+        for (event, fresh) in decoded.metered.iter().zip(fresh.by_ref()) {
             if !fresh {
                 continue;
             }
@@ -264,6 +290,25 @@ impl Folder {
             }
         }
         outcome.duplicates = decoded.metered.len() - outcome.accepted;
+        for (position, (key, updates)) in forwarded {
+            if key.is_some() && fresh.next() != Some(true) {
+                forwarded_duplicates += 1;
+                continue;
+            }
+            outcome.accepted += 1;
+            let message = &messages[position];
+            let (batch, fresh_keys) = parts
+                .entry((message.topic.clone(), message.partition))
+                .or_insert_with(|| (PreAggregated::with_capacity(64), Vec::new()));
+            fresh_keys.extend(key);
+            for (series, state) in &updates {
+                if let Err(error) = batch.merge_state(*series, state) {
+                    tracing::error!(%error, "aggregate overflow in forwarded usage");
+                    shared.ready.store(false, Ordering::Release);
+                }
+            }
+        }
+        outcome.duplicates += forwarded_duplicates;
 
         // Every partition in the batch advances (also those whose messages counted nothing).
         let mut next: FxHashMap<(Arc<str>, i32), u64> = FxHashMap::default();
@@ -410,6 +455,7 @@ mod tests {
                     key: None,
                     payload: Some(payload),
                     header_id: None,
+                    forwarded: false,
                 }
             })
             .collect()

@@ -778,7 +778,13 @@ fn copy_message(message: &BorrowedMessage<'_>, topics: &mut Vec<Arc<str>>, id_he
             .and_then(|v| std::str::from_utf8(v).ok())
             .map(str::to_owned)
     });
+    let forwarded = message.headers().is_some_and(|headers| {
+        headers.iter().any(|h| {
+            h.key == "content-type" && h.value == Some(crate::ingest::otlp::forward::CONTENT_TYPE.as_bytes())
+        })
+    });
     KafkaMessage {
+        forwarded,
         topic,
         partition: message.partition(),
         offset: message.offset(),

@@ -12,6 +12,7 @@
 //!
 //! Must not: block the executor (decoding and mapping run in `spawn_blocking`).
 
+pub mod forward;
 pub mod grpc;
 pub mod map;
 
@@ -225,6 +226,79 @@ struct Prepared {
 }
 
 impl OtlpIngest {
+    /// Cluster mode: map here, produce the accepted points to the ingest topic (the owner of
+    /// each tenant counts and dedups them) and answer once Kafka acknowledged them all.
+    async fn forward(
+        &self,
+        cluster: &crate::cluster::Cluster,
+        signal: Signal,
+        encoding: Encoding,
+        body: Bytes,
+        key_tenant: Option<String>,
+    ) -> Result<Outcome, IngestError> {
+        let shared = self.app.shared.clone();
+        let mapped = tokio::task::spawn_blocking(move || {
+            let request = decode(signal, encoding, &body)?;
+            let now = now_ms();
+            let context = MapContext {
+                meters: &shared.meters,
+                names: &shared.names,
+                tenant_attribute: &shared.config.otlp.tenant_attribute,
+                key_tenant: key_tenant.as_deref(),
+                now_ms: now,
+                acceptance: shared.config.acceptance(),
+            };
+            let mut mapped: Mapped = match &request {
+                Request::Metrics(request) => map::map_metrics(request, &context),
+                Request::Logs(request) => map::map_logs(request, &context),
+            };
+            forward::refuse_stateful(&mut mapped, &shared.names);
+            let messages = forward::messages(&mapped, &shared.names);
+            let (dead_letters, refusals, outcome) = report(&mapped, signal, now);
+            Ok::<_, IngestError>((
+                mapped.accepted(),
+                mapped.unmetered,
+                messages,
+                dead_letters,
+                refusals,
+                outcome,
+            ))
+        })
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "otlp mapping panicked");
+            IngestError::Unavailable("internal error".into())
+        })??;
+        let (accepted, unmetered, messages, dead_letters, refusals, outcome) = mapped;
+        cluster
+            .forward_as(
+                messages
+                    .iter()
+                    .map(|(tenant, payload)| (tenant.as_str(), payload.as_slice())),
+                Some(forward::CONTENT_TYPE),
+            )
+            .await
+            .map_err(|error| IngestError::Unavailable(format!("{error}; retry (duplicates are dropped)")))?;
+        if !dead_letters.is_empty() {
+            // Refused points go to this replica's dead-letter file, as for a local export.
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let request = CommitRequest {
+                payload: Vec::new(),
+                batch: PreAggregated::with_capacity(0),
+                dedup_keys: Vec::new(),
+                cumulative: Vec::new(),
+                dead_letters,
+                reply: reply_tx,
+            };
+            if self.app.commits.send(request).is_ok() {
+                let _ = reply_rx.await;
+            }
+        }
+        count_outcome(accepted, 0, unmetered, 0, &refusals);
+        metrics::counter!(telemetry::INGEST_REQUESTS, "source" => SOURCE, "code" => "ok").increment(1);
+        Ok(outcome)
+    }
+
     /// The tenant an API key stands for; `None` when keys are off.
     pub fn authenticate(
         &self,
@@ -299,10 +373,8 @@ impl OtlpIngest {
                 "not ready (starting, shutting down or storage failure)".into(),
             ));
         }
-        if self.app.cluster.is_some() {
-            return Err(IngestError::Unavailable(
-                "OTLP ingest is not forwarded in cluster mode yet; export to a single-mode replica".into(),
-            ));
+        if let Some(cluster) = self.app.cluster.clone() {
+            return self.forward(&cluster, signal, encoding, body, key_tenant).await;
         }
         let shared = self.app.shared.clone();
         let started = std::time::Instant::now();
@@ -350,27 +422,83 @@ impl OtlpIngest {
             metrics::histogram!(telemetry::INGEST_STAGE_SECONDS, "source" => SOURCE, "stage" => "commit")
                 .record(started.elapsed().as_secs_f64());
         }
-        let count = |outcome: &'static str, n: usize| {
-            if n > 0 {
-                metrics::counter!(telemetry::INGEST_EVENTS, "source" => SOURCE, "outcome" => outcome)
-                    .increment(n as u64);
-            }
-        };
-        count("accepted", accepted + unmetered);
-        count("duplicate", duplicates);
-        for (reason, n) in refusals {
-            count("refused", n);
-            metrics::counter!(telemetry::INGEST_REFUSED, "source" => SOURCE, "reason" => reason.as_str())
-                .increment(n as u64);
-        }
-        if unmetered > 0 {
-            metrics::counter!(telemetry::INGEST_UNMETERED, "source" => SOURCE).increment(unmetered as u64);
-        }
-        if late > 0 {
-            metrics::counter!(telemetry::INGEST_LATE, "source" => SOURCE).increment(late as u64);
-        }
+        count_outcome(accepted, duplicates, unmetered, late, &refusals);
         metrics::counter!(telemetry::INGEST_REQUESTS, "source" => SOURCE, "code" => "ok").increment(1);
         Ok(outcome)
+    }
+}
+
+/// What a mapped request tells its sender and the dead-letter file: one line per refused point,
+/// counts per reason (metrics), the partial-success outcome.
+fn report(
+    mapped: &Mapped,
+    signal: Signal,
+    now: i64,
+) -> (Vec<Vec<u8>>, Vec<(map::RefusalReason, usize)>, Outcome) {
+    let received_at = rfc3339_ms(now);
+    let dead_letters: Vec<Vec<u8>> = mapped
+        .refused
+        .iter()
+        .map(|refusal| {
+            let mut line = serde_json::to_vec(&json!({
+                "received_at": received_at,
+                "source": SOURCE,
+                "signal": signal.as_str(),
+                "reason": refusal.reason.as_str(),
+                "message": refusal.message,
+                "name": refusal.name,
+                "tenant": refusal.tenant,
+                "time_unix_nano": refusal.time_unix_nano.to_string(),
+            }))
+            .expect("invariant: dead letters serialize");
+            line.push(b'\n');
+            line
+        })
+        .collect();
+    let mut refusals: Vec<(map::RefusalReason, usize)> = Vec::new();
+    for refusal in &mapped.refused {
+        match refusals.iter_mut().find(|(reason, _)| *reason == refusal.reason) {
+            Some((_, n)) => *n += 1,
+            None => refusals.push((refusal.reason, 1)),
+        }
+    }
+    let outcome = Outcome {
+        rejected: mapped.refused.len() as i64,
+        message: if mapped.refused.is_empty() {
+            String::new()
+        } else {
+            mapped.refusal_summary(signal.noun())
+        },
+    };
+    (dead_letters, refusals, outcome)
+}
+
+/// The request's outcome in the ingest metrics.
+fn count_outcome(
+    accepted: usize,
+    duplicates: usize,
+    unmetered: usize,
+    late: usize,
+    refusals: &[(map::RefusalReason, usize)],
+) {
+    let count = |outcome: &'static str, n: usize| {
+        if n > 0 {
+            metrics::counter!(telemetry::INGEST_EVENTS, "source" => SOURCE, "outcome" => outcome)
+                .increment(n as u64);
+        }
+    };
+    count("accepted", accepted + unmetered);
+    count("duplicate", duplicates);
+    for &(reason, n) in refusals {
+        count("refused", n);
+        metrics::counter!(telemetry::INGEST_REFUSED, "source" => SOURCE, "reason" => reason.as_str())
+            .increment(n as u64);
+    }
+    if unmetered > 0 {
+        metrics::counter!(telemetry::INGEST_UNMETERED, "source" => SOURCE).increment(unmetered as u64);
+    }
+    if late > 0 {
+        metrics::counter!(telemetry::INGEST_LATE, "source" => SOURCE).increment(late as u64);
     }
 }
 
@@ -436,41 +564,7 @@ fn prepare(
     // Cumulative points are never "duplicates" here: the commit stage drops stale ones.
     let accepted = mapped.accepted() - duplicates;
 
-    let received_at = rfc3339_ms(now);
-    let dead_letters: Vec<Vec<u8>> = mapped
-        .refused
-        .iter()
-        .map(|refusal| {
-            let mut line = serde_json::to_vec(&json!({
-                "received_at": received_at,
-                "source": SOURCE,
-                "signal": signal.as_str(),
-                "reason": refusal.reason.as_str(),
-                "message": refusal.message,
-                "name": refusal.name,
-                "tenant": refusal.tenant,
-                "time_unix_nano": refusal.time_unix_nano.to_string(),
-            }))
-            .expect("invariant: dead letters serialize");
-            line.push(b'\n');
-            line
-        })
-        .collect();
-    let mut refusals: Vec<(map::RefusalReason, usize)> = Vec::new();
-    for refusal in &mapped.refused {
-        match refusals.iter_mut().find(|(reason, _)| *reason == refusal.reason) {
-            Some((_, n)) => *n += 1,
-            None => refusals.push((refusal.reason, 1)),
-        }
-    }
-    let outcome = Outcome {
-        rejected: mapped.refused.len() as i64,
-        message: if mapped.refused.is_empty() {
-            String::new()
-        } else {
-            mapped.refusal_summary(signal.noun())
-        },
-    };
+    let (dead_letters, refusals, outcome) = report(&mapped, signal, now);
     let nothing = batch.is_empty() && fresh_keys.is_empty() && mapped.cumulative.is_empty();
     let (request, reply) = if nothing && dead_letters.is_empty() {
         (None, None)
