@@ -877,6 +877,64 @@ async fn histograms_feed_distributions_with_percentiles() {
     near("p10", 0.055);
     near("p50", 0.3);
     near("p90", 0.75);
+
+    // Cumulative exponential histograms, with the SDK halving the resolution between points
+    // (scale 5 → 4: bucket pairs merge): counts stay exact, percentiles within a canonical
+    // bucket (±9 %).
+    let exponential = |time: u64, scale: i32, offset: i32, counts: Vec<u64>| {
+        use opentelemetry_proto::tonic::metrics::v1::{
+            exponential_histogram_data_point::Buckets, ExponentialHistogram, ExponentialHistogramDataPoint,
+        };
+        let mut request = histogram(time, vec![]);
+        let resource = &mut request.resource_metrics[0];
+        resource.resource.as_mut().unwrap().attributes = vec![string_attribute("tenant.id", "expdist-co")];
+        resource.scope_metrics[0].metrics[0].data =
+            Some(metric::Data::ExponentialHistogram(ExponentialHistogram {
+                data_points: vec![ExponentialHistogramDataPoint {
+                    start_time_unix_nano: now - 60_000_000_000,
+                    time_unix_nano: time,
+                    count: counts.iter().sum(),
+                    scale,
+                    positive: Some(Buckets {
+                        offset,
+                        bucket_counts: counts,
+                    }),
+                    ..Default::default()
+                }],
+                aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            }));
+        request
+    };
+    // Scale 5: base 2^(1/32); index 32 is [2, 2.04), index 64 is [4, 4.09). 10 values near 2.
+    grpc.export(exponential(now - 2_000_000_000, 5, 32, vec![10]))
+        .await
+        .unwrap();
+    // Then 20 near 4 arrive and the SDK rescales to 4 (index 16 = [2, 2.09), 32 = [4, 4.18)).
+    let mut counts = vec![0u64; 17];
+    counts[0] = 10;
+    counts[16] = 20;
+    let response = grpc
+        .export(exponential(now - 1_000_000_000, 4, 16, counts))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.partial_success.is_none(), "{response:?}");
+    let result = query(
+        &client(),
+        &daemon,
+        "latency",
+        "subject=expdist-co&percentiles=20,90",
+    )
+    .await;
+    let row = &result["data"][0];
+    assert_eq!(row["value"], 30, "{result}");
+    for (name, expected) in [("p20", 2.0), ("p90", 4.0)] {
+        let actual = row["percentiles"][name].as_f64().unwrap();
+        assert!(
+            (actual - expected).abs() / expected < 0.1,
+            "{name}: {actual} vs {expected}: {result}"
+        );
+    }
     // Bad percentiles are named.
     let response = client()
         .get(daemon.url("/api/v1/meters/latency/query?percentiles=0,150"))

@@ -424,6 +424,59 @@ fn bucket_values(
     Ok(out)
 }
 
+/// The scale cumulative exponential histograms are tracked at (base 2^(1/4): a bucket's
+/// geometric midpoint is within ±9 % of any value in it).
+pub const CANONICAL_SCALE: i32 = 2;
+
+/// A cumulative exponential histogram point's positive buckets folded to `CANONICAL_SCALE`:
+/// `(canonical index, representative value, count)`, the zero bucket as `i64::MIN`. SDKs only
+/// ever lower a histogram's scale by merging adjacent bucket pairs (index `i` at scale `s`
+/// becomes `i >> 1` at `s − 1`), and the canonical index of `i` at `s` is `i >> (s − C)`: so the
+/// same observations give the same canonical buckets before and after a rescale, and each
+/// canonical bucket's count stays a cumulative (monotonic) stream. Points coarser than the
+/// canonical scale cannot be split and are refused.
+fn canonical_buckets(
+    scale: i32,
+    zero_count: u64,
+    positive: Option<&opentelemetry_proto::tonic::metrics::v1::exponential_histogram_data_point::Buckets>,
+    min: Option<f64>,
+    max: Option<f64>,
+) -> Result<Vec<(i64, f64, u64)>, String> {
+    if scale < CANONICAL_SCALE {
+        return Err(format!(
+            "a cumulative exponential histogram at scale {scale} is coarser than tallyd's scale \
+             {CANONICAL_SCALE} for DISTRIBUTION; export DELTA temporality or keep max_scale ≥ {CANONICAL_SCALE}"
+        ));
+    }
+    let shift = (scale - CANONICAL_SCALE).min(63) as u32;
+    let mut folded: std::collections::BTreeMap<i64, u64> = std::collections::BTreeMap::new();
+    if let Some(positive) = positive {
+        for (k, count) in positive.bucket_counts.iter().enumerate() {
+            if *count > 0 {
+                let index = i64::from(positive.offset) + k as i64;
+                *folded.entry(index >> shift).or_default() += count;
+            }
+        }
+    }
+    let clamp = |value: f64| {
+        let value = min.map_or(value, |min| value.max(min));
+        max.map_or(value, |max| value.min(max))
+    };
+    let base = 2f64.powf(2f64.powi(-CANONICAL_SCALE));
+    let mut out = Vec::with_capacity(folded.len() + 1);
+    if zero_count > 0 {
+        out.push((i64::MIN, 0.0, zero_count));
+    }
+    for (index, count) in folded {
+        let value = clamp(base.powf(index as f64 + 0.5));
+        if !value.is_finite() {
+            return Err("bucket value out of range".into());
+        }
+        out.push((index, value, count));
+    }
+    Ok(out)
+}
+
 /// What one meter takes from one point.
 enum MeterUpdate {
     /// Added to the series (deduplicated per point).
@@ -483,15 +536,26 @@ fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) -> Result<Met
             },
             Aggregation::Distribution,
         ) => {
-            let exponential = matches!(buckets, Buckets::Exponential { .. });
-            if !shape.delta && exponential {
-                // Their scale may shrink between points, which renames every bucket.
-                return Err(format!(
-                    "a cumulative exponential histogram cannot feed DISTRIBUTION meter `{slug}`; export it with DELTA temporality"
-                ));
-            }
+            let values = match buckets {
+                // A cumulative exponential histogram's scale may shrink between points, which
+                // renames its buckets: its streams are kept at one canonical scale instead.
+                Buckets::Exponential {
+                    scale,
+                    zero_count,
+                    positive,
+                    negative,
+                } if !shape.delta => {
+                    if negative.is_some_and(|negative| negative.bucket_counts.iter().any(|count| *count > 0))
+                    {
+                        return Err("negative buckets: DISTRIBUTION meters take no negative values".into());
+                    }
+                    canonical_buckets(*scale, *zero_count, *positive, *min, *max)
+                        .map_err(|reason| format!("{reason} (meter `{slug}`)"))?
+                }
+                _ => bucket_values(buckets, *min, *max)?,
+            };
             let mut observed = Vec::new();
-            for (bucket, value, count) in bucket_values(buckets, *min, *max)? {
+            for (bucket, value, count) in values {
                 let value =
                     decimal_from_f64(value, meter.scale).map_err(|error| quantity_error("bucket", error))?;
                 let value = u64::try_from(value)
@@ -1577,6 +1641,41 @@ scale = 0
                 value: Some(value),
                 ..Default::default()
             })
+    }
+
+    proptest! {
+        /// An SDK halving a cumulative exponential histogram's resolution (merging bucket pairs)
+        /// leaves its canonical buckets unchanged, so every canonical stream stays monotonic.
+        #[test]
+        fn rescaling_keeps_canonical_buckets(
+            scale in CANONICAL_SCALE + 1..12,
+            offset in -200i32..200,
+            counts in proptest::collection::vec(0u64..50, 1..40),
+            zero in 0u64..5,
+        ) {
+            use opentelemetry_proto::tonic::metrics::v1::exponential_histogram_data_point::Buckets as ExpBuckets;
+            let fine = ExpBuckets { offset, bucket_counts: counts.clone() };
+            // Downscale by one: index i → i >> 1 (floor), as SDKs do.
+            let coarse_offset = offset >> 1;
+            let mut coarse_counts = Vec::new();
+            for (k, count) in counts.iter().enumerate() {
+                let target = ((offset + k as i32) >> 1) - coarse_offset;
+                if coarse_counts.len() <= target as usize {
+                    coarse_counts.resize(target as usize + 1, 0);
+                }
+                coarse_counts[target as usize] += count;
+            }
+            let coarse = ExpBuckets { offset: coarse_offset, bucket_counts: coarse_counts };
+            let before = canonical_buckets(scale, zero, Some(&fine), None, None).unwrap();
+            let after = canonical_buckets(scale - 1, zero, Some(&coarse), None, None).unwrap();
+            prop_assert_eq!(before, after);
+        }
+    }
+
+    #[test]
+    fn coarse_cumulative_exponential_histograms_are_refused() {
+        let error = canonical_buckets(CANONICAL_SCALE - 1, 0, None, None, None).unwrap_err();
+        assert!(error.contains("DELTA"), "{error}");
     }
 
     fn any_metric() -> impl Strategy<Value = Metric> {
