@@ -75,7 +75,8 @@ pub async fn tenant_usage(
             return response;
         }
     }
-    let (plan, zone, shared) = (plan.clone(), plans.timezone(&tenant), app.shared.clone());
+    let (mut plan, zone, shared) = (plan.clone(), plans.timezone(&tenant), app.shared.clone());
+    plan.period = plans.period_of(&tenant, &plan);
     let blocking = move || {
         // A period already rated keeps the plan version it started with (a reload applies from
         // the next period): price it with that one when the range lies in one period.
@@ -92,10 +93,17 @@ pub async fn tenant_usage(
             false => None,
         };
         let (plan, discount) = match pinned {
-            Some((id, version, pinned_discount)) => match shared.plans.read().version(&id, version) {
-                Some(old) => (old.clone(), pinned_discount.parse().unwrap_or(discount)),
-                None => (plan, discount),
-            },
+            Some((id, version, pinned_discount)) => {
+                let plans = shared.plans.read().clone();
+                match plans.version(&id, version) {
+                    Some(old) => {
+                        let mut old = old.clone();
+                        old.period = plans.period_of(&tenant, &old);
+                        (old, pinned_discount.parse().unwrap_or(discount))
+                    }
+                    None => (plan, discount),
+                }
+            }
             None => (plan, discount),
         };
         preview(&shared, &tenant, &plan, discount, zone, from, to)

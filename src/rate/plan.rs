@@ -88,6 +88,9 @@ pub struct RawTenant {
     /// IANA time zone of the tenant's billing periods (default UTC), e.g. "Europe/Berlin".
     #[serde(default)]
     pub timezone: Option<String>,
+    /// The tenant's billing day (1-31) for MONTH plans, overriding the plan's `anchor_day`.
+    #[serde(default)]
+    pub anchor_day: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,6 +150,7 @@ pub struct TenantPlan {
     pub plan: String,
     pub discount_percent: Decimal,
     pub timezone: Option<chrono_tz::Tz>,
+    pub anchor_day: Option<u32>,
 }
 
 /// Every plan version, the tenants' assignments and the default.
@@ -191,6 +195,18 @@ impl Plans {
     /// The time zone of a tenant's billing periods (`None`: UTC).
     pub fn timezone(&self, tenant: &str) -> Option<chrono_tz::Tz> {
         self.tenants.get(tenant).and_then(|assigned| assigned.timezone)
+    }
+
+    /// A tenant's billing period under `plan`: the plan's, with the tenant's billing day when it
+    /// has one and the plan bills monthly.
+    pub fn period_of(&self, tenant: &str, plan: &Plan) -> BillingPeriod {
+        match (
+            plan.period,
+            self.tenants.get(tenant).and_then(|assigned| assigned.anchor_day),
+        ) {
+            (BillingPeriod::Month { .. }, Some(anchor_day)) => BillingPeriod::Month { anchor_day },
+            (period, _) => period,
+        }
     }
 
     /// After a reload: plan versions the new config no longer lists are kept, so periods
@@ -450,10 +466,26 @@ pub fn validate(
             },
             None => None,
         };
+        if let Some(day) = raw.anchor_day {
+            if !(1..=31).contains(&day) {
+                errors.push(format!("{at}.anchor_day: {day} must be between 1 and 31"));
+            }
+            let monthly = plans
+                .iter()
+                .filter(|plan| plan.id == raw.plan)
+                .all(|plan| matches!(plan.period, BillingPeriod::Month { .. }));
+            if !monthly {
+                errors.push(format!(
+                    "{at}.anchor_day: plan `{}` does not bill monthly",
+                    raw.plan
+                ));
+            }
+        }
         let assigned = TenantPlan {
             plan: raw.plan,
             discount_percent,
             timezone,
+            anchor_day: raw.anchor_day,
         };
         if tenants.insert(raw.id.clone(), assigned).is_some() {
             errors.push(format!("{at}.id: tenant `{}` is listed twice", raw.id));
@@ -539,6 +571,27 @@ mod tests {
         let plans = load(PRO).unwrap();
         assert!(plans.for_tenant("acme").is_some());
         assert!(plans.for_tenant("globex").is_none());
+    }
+
+    #[test]
+    fn a_tenants_billing_day_overrides_the_plans() {
+        let text = format!("{PRO}\n[[tenants]]\nid = \"globex\"\nplan = \"pro\"\nanchor_day = 15\n");
+        let plans = load(&text).unwrap();
+        let plan = plans.current("pro").unwrap();
+        assert_eq!(
+            plans.period_of("globex", plan),
+            BillingPeriod::Month { anchor_day: 15 }
+        );
+        assert_eq!(plans.period_of("acme", plan), plan.period);
+        let errors = load(&format!(
+            "{PRO}\n[[tenants]]\nid = \"x\"\nplan = \"pro\"\nanchor_day = 32\n"
+        ))
+        .unwrap_err()
+        .join("\n");
+        assert!(
+            errors.contains("tenants[1].anchor_day: 32 must be between 1 and 31"),
+            "{errors}"
+        );
     }
 
     #[test]

@@ -104,7 +104,9 @@ impl RocksStore {
             return Ok(Vec::new());
         };
         let zone = plans.timezone(&name.tenant);
-        let (period_start, period_end) = current.period.containing_in(name.window_start, zone);
+        let (period_start, period_end) = plans
+            .period_of(&name.tenant, current)
+            .containing_in(name.window_start, zone);
         let ledger_key = keys::ledger_key(&name.meter, &name.tenant, period_start);
         let entry = match rating.entries.get(&ledger_key) {
             Some(entry) => entry.clone(),
