@@ -41,6 +41,14 @@ impl Aggregation {
         }
     }
 
+    /// The `AggState::kind` this aggregation's states have (TIME_WEIGHTED integrals are sums).
+    pub fn state_kind(self) -> &'static str {
+        match self {
+            Aggregation::TimeWeighted => "SUM",
+            other => other.as_str(),
+        }
+    }
+
     /// The config/API spelling back to the aggregation.
     pub fn parse(name: &str) -> Option<Aggregation> {
         [

@@ -136,6 +136,13 @@ pub fn aggregate_prefix(meter: &str, tenant: Option<&str>) -> Vec<u8> {
     out
 }
 
+/// Prefix of all `Q` (rated record) keys of a meter, or of one tenant's.
+pub fn rated_prefix(meter: &str, tenant: Option<&str>) -> Vec<u8> {
+    let mut out = aggregate_prefix(meter, tenant);
+    out[0] = RATED;
+    out
+}
+
 pub fn open_window_key(window_end: i64, window_prefix: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(9 + window_prefix.len());
     out.push(OPEN_WINDOW);

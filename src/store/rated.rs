@@ -421,8 +421,7 @@ impl RocksStore {
     ) -> Result<(Vec<RatedRecord>, bool), StoreError> {
         let mut out = Vec::new();
         for meter in meters {
-            let mut prefix = keys::aggregate_prefix(meter, tenant);
-            prefix[0] = keys::RATED;
+            let prefix = keys::rated_prefix(meter, tenant);
             for item in self
                 .db
                 .iterator(rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward))

@@ -68,13 +68,7 @@ impl ForwardedUsage {
                     update.meter
                 ));
             };
-            let expected = AggState::from_observation(
-                meter.aggregation,
-                crate::aggregate::Observation::Value(0),
-                0,
-                meter.unique_exact_limit,
-            );
-            if expected.kind() != update.state.kind() {
+            if meter.aggregation.state_kind() != update.state.kind() {
                 return Err(format!(
                     "meter `{}` is {} here, the update is {}",
                     update.meter,
