@@ -2,7 +2,7 @@
 # Runs every benchmark and rewrites the generated section of BENCHMARKS.md (between the
 # `bench.sh:begin` / `bench.sh:end` markers) with the machine, commit, commands and figures,
 # each beside the baseline measured in the same run. The hand-written analysis around it stays.
-#   scripts/bench.sh            full run (about 30 minutes on 2 cores)
+#   scripts/bench.sh            full run (about 40 minutes on 2 cores)
 #   QUICK=1 scripts/bench.sh    short runs, to check the tooling (figures are marked QUICK)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,10 @@ log "Kafka end to end vs a bare consumer, $kafka_events events (scripts/bench-ka
 scripts/bench-kafka.sh "$kafka_events" >"$out/kafka.txt" 2>&1
 log "rating overhead (scripts/bench-rating.sh)"
 DURATION=$duration ROUNDS=$rounds scripts/bench-rating.sh >"$out/rating.txt" 2>&1
+log "event-to-queryable latency at half the peak (scripts/bench-latency.sh)"
+DURATION=$duration PEAK_DURATION=$((duration / 2)) scripts/bench-latency.sh >"$out/latency.txt" 2>&1
+log "recovery after SIGKILL (scripts/bench-recovery.sh)"
+scripts/bench-recovery.sh "${sizes[@]}" >"$out/recovery.txt" 2>&1
 
 python3 - "$out" "$CARGO_TARGET_DIR/criterion" "$quick" <<'PY'
 import glob, json, os, platform, re, subprocess, sys
@@ -103,6 +107,14 @@ rated = re.search(r"# events/s rated:\s+([\d ]+)", read("rating.txt"))
 unrated = re.search(r"# events/s unrated:\s+([\d ]+)", read("rating.txt"))
 if rating and rated and unrated:
     row("rating overhead (HTTP, 5 % late)", f"{float(rated.group(1).split()[0])/1e3:.0f} k/s rated", f"{float(unrated.group(1).split()[0])/1e3:.0f} k/s unrated", rating.group(1), "scripts/bench-rating.sh")
+for m in re.finditer(r"# event-to-queryable (\w+): p50 ([\d.]+) ms, p99 ([\d.]+) ms.*? at (\d+)/s = 50 % of peak (\d+)/s.*?flush interval (\d+) ms", read("latency.txt")):
+    protocol, p50, p99, rate, peak, flush = m.groups()
+    row(f"event-to-queryable p50 / p99, {protocol} at 50 % of peak ({int(rate)/1e3:.0f} k/s)", f"{float(p50):.1f} / {float(p99):.1f} ms",
+        f"2 × flush interval = {2*int(flush)} ms", f"{float(p99)/(2*int(flush)):.0%}", "scripts/bench-latency.sh")
+for m in re.finditer(r"# recovery after SIGKILL: (\d+) series: ([\d.]+) s to ready \(empty data dir: ([\d.]+) s\).*?replayed (\S+) log records", read("recovery.txt"), re.S):
+    series, secs, empty, replayed = m.groups()
+    row(f"recovery after SIGKILL, {int(series)/1e6:g} M series ({replayed} log batches replayed)", f"{float(secs):.1f} s to ready",
+        f"{float(empty):.2f} s (empty data dir)", f"{float(secs)/(int(series)/1e6):.1f} s per 1 M", "scripts/bench-recovery.sh")
 
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()

@@ -16,6 +16,13 @@
 //! timestamp, `--dup-pct` of them repeats) to an OTLP/gRPC endpoint;
 //! `--otlp-baseline-server ADDR` runs the comparison point: tonic's generated MetricsService with
 //! prost decoding, which discards every request.
+//!
+//! `--probe-interval-ms N` measures event-to-queryable latency beside the load: every N ms one
+//! probe event (tenant `probe-<seed>-<start ms>`, over the same protocol as the load: an
+//! `api.request` CloudEvent, or one OTLP delta point of `http.server.requests`) is sent, then
+//! `--url`'s query API is polled until the probe tenant's total includes it; the time from
+//! sending to seeing it goes into a second histogram. `--stop-after-events N` ends a closed-loop
+//! run once N events were acknowledged (to fill a store with a known amount of usage).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -90,6 +97,13 @@ struct Args {
     /// Run the decode-and-discard OTLP/gRPC baseline server on this address instead.
     #[arg(long)]
     otlp_baseline_server: Option<std::net::SocketAddr>,
+    /// Every N ms, send one probe event and time until the query API (`--url`) shows it
+    /// (event-to-queryable latency); 0 = no probes.
+    #[arg(long, default_value_t = 0)]
+    probe_interval_ms: u64,
+    /// Closed loop: stop once this many events were acknowledged (0 = run for the duration).
+    #[arg(long, default_value_t = 0)]
+    stop_after_events: u64,
 }
 
 /// Decode-and-discard OTLP/gRPC baseline: tonic + prost decode, then an empty response.
@@ -567,6 +581,10 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.duration_secs);
     let started = Instant::now();
 
+    let probes = (args.probe_interval_ms > 0).then(|| {
+        let (target, args) = (target.clone(), args.clone());
+        tokio::spawn(async move { probe(target, args, deadline).await })
+    });
     let mut workers = Vec::new();
     if args.rate == 0 {
         for worker in 0..args.concurrency {
@@ -574,7 +592,8 @@ async fn main() -> anyhow::Result<()> {
                 (target.clone(), totals.clone(), latency.clone(), args.clone());
             workers.push(tokio::spawn(async move {
                 let mut generator = generator(&args, worker);
-                while Instant::now() < deadline {
+                let limit = if args.stop_after_events == 0 { u64::MAX } else { args.stop_after_events };
+                while Instant::now() < deadline && totals.events.load(Ordering::Relaxed) < limit {
                     let (payload, events) = target.payload(&mut generator);
                     send(&mut target, payload, events, &totals, &latency).await;
                 }
@@ -604,9 +623,13 @@ async fn main() -> anyhow::Result<()> {
         worker.await?;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let probe_summary = match probes {
+        Some(probes) => probes.await??.summary(),
+        None => serde_json::Value::Null,
+    };
     let latency = latency.lock();
     let events = totals.events.load(Ordering::Relaxed);
-    let summary = json!({
+    let mut summary = json!({
         "url": match (&args.otlp_grpc, &args.otlp_http) {
             (Some(addr), _) => format!("otlp-grpc://{addr}"),
             (None, Some(url)) => format!("{url} (otlp/http)"),
@@ -629,11 +652,155 @@ async fn main() -> anyhow::Result<()> {
             "max": latency.max() as f64 / 1000.0,
         },
     });
+    if !probe_summary.is_null() {
+        summary["event_to_queryable"] = probe_summary;
+    }
     println!("{}", serde_json::to_string_pretty(&summary)?);
     if let Some(path) = &args.json_out {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;
     }
     Ok(())
+}
+
+/// Event-to-queryable figures of one run.
+struct Probes {
+    latency: Histogram<u64>,
+    sent: u64,
+    timeouts: u64,
+    errors: u64,
+}
+
+impl Probes {
+    fn summary(&self) -> serde_json::Value {
+        let ms = |quantile: f64| self.latency.value_at_quantile(quantile) as f64 / 1000.0;
+        json!({
+            "probes": self.sent,
+            "seen": self.latency.len(),
+            "timeouts": self.timeouts,
+            "errors": self.errors,
+            "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": self.latency.max() as f64 / 1000.0},
+        })
+    }
+}
+
+/// Sends one probe event every `--probe-interval-ms` over the load's protocol and polls the
+/// query API until the probe tenant's total counts it (each probe adds exactly 1, so the k-th
+/// probe is visible once the total reaches k). A probe not visible within 10 s is a timeout,
+/// and the next one waits for the total to catch up first, so one lost probe cannot make every
+/// later one look instant.
+async fn probe(mut target: Target, args: Args, deadline: Instant) -> anyhow::Result<Probes> {
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::metrics::v1::{
+        metric, number_data_point, AggregationTemporality, Metric, NumberDataPoint, ResourceMetrics,
+        ScopeMetrics, Sum,
+    };
+    let tenant = format!("probe-{}-{}", args.seed, chrono::Utc::now().timestamp_millis());
+    let meter = match target {
+        Target::Http { .. } => "api_calls",
+        Target::OtlpGrpc(_) | Target::OtlpHttp { .. } => "requests",
+    };
+    let query = format!(
+        "{}/api/v1/meters/{meter}/query?subject={tenant}",
+        args.url.trim_end_matches('/')
+    );
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let total = |client: reqwest::Client, query: String| async move {
+        let body: serde_json::Value = client.get(&query).send().await?.error_for_status()?.json().await?;
+        let rows = body["data"].as_array().cloned().unwrap_or_default();
+        anyhow::Ok(rows.iter().map(|row| match &row["value"] {
+            serde_json::Value::Number(n) => n.as_f64().unwrap_or(0.0),
+            serde_json::Value::String(s) => s.parse().unwrap_or(0.0),
+            _ => 0.0,
+        }).sum::<f64>().round() as u64)
+    };
+    let text = |key: &str, value: &str| KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+        ..Default::default()
+    };
+    let mut probes = Probes {
+        latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        sent: 0,
+        timeouts: 0,
+        errors: 0,
+    };
+    let mut interval = tokio::time::interval(Duration::from_millis(args.probe_interval_ms));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
+    while Instant::now() < deadline {
+        interval.tick().await;
+        let want = probes.sent + 1;
+        let now_ns = (chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64).max(last_ns + 1);
+        let payload = match target {
+            Target::Http { .. } => Payload::Http(serde_json::to_vec(&json!([{
+                "specversion": "1.0",
+                "id": format!("{tenant}-{want}"),
+                "source": "tallyd-loadgen-probe",
+                "type": "api.request",
+                "subject": tenant,
+                "time": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+                "data": {"route": "/probe", "method": "GET"},
+            }]))?),
+            Target::OtlpGrpc(_) | Target::OtlpHttp { .. } => Payload::Otlp(ExportMetricsServiceRequest {
+                resource_metrics: vec![ResourceMetrics {
+                    resource: Some(opentelemetry_proto::tonic::resource::v1::Resource {
+                        attributes: vec![text("tenant.id", &tenant)],
+                        ..Default::default()
+                    }),
+                    scope_metrics: vec![ScopeMetrics {
+                        metrics: vec![Metric {
+                            name: "http.server.requests".into(),
+                            data: Some(metric::Data::Sum(Sum {
+                                data_points: vec![NumberDataPoint {
+                                    attributes: vec![text("http.route", "/probe")],
+                                    start_time_unix_nano: last_ns,
+                                    time_unix_nano: now_ns,
+                                    value: Some(number_data_point::Value::AsInt(1)),
+                                    ..Default::default()
+                                }],
+                                aggregation_temporality: AggregationTemporality::Delta as i32,
+                                is_monotonic: true,
+                            })),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            }),
+        };
+        last_ns = now_ns;
+        let scratch = Totals::default();
+        let request_latency = Mutex::new(Histogram::<u64>::new(3)?);
+        let started = Instant::now();
+        send(&mut target, payload, 1, &scratch, &request_latency).await;
+        if scratch.events.load(Ordering::Relaxed) != 1 {
+            // Refused (overload, shutdown): not counted, so the total will not include it.
+            probes.errors += 1;
+            continue;
+        }
+        probes.sent = want;
+        let give_up = started + Duration::from_secs(10);
+        loop {
+            match total(client.clone(), query.clone()).await {
+                Ok(seen) if seen >= want => {
+                    probes.latency.record((started.elapsed().as_micros() as u64).max(1)).ok();
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => probes.errors += 1,
+            }
+            if Instant::now() > give_up {
+                probes.timeouts += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    Ok(probes)
 }
 
 fn generator(args: &Args, worker: usize) -> Generator {
