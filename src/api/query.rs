@@ -369,7 +369,9 @@ pub fn run_query(
     };
     let mut unflushed = shared.engine.collect(in_range);
     drop(guard);
-    for snapshot in &pending {
+    // A snapshot whose batch committed after `flushing` was read is already in the store.
+    let committed = shared.store.checkpoint_generation(&snapshot)?;
+    for snapshot in pending.iter().filter(|pending| pending.generation > committed) {
         unflushed.extend(snapshot.deltas.iter().filter(|(key, _)| in_range(key)).cloned());
     }
 
@@ -508,4 +510,169 @@ pub fn run_query(
         "windowSize": params.window_size.map(|size| size.as_str()),
         "data": data,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::kafka::{Folder, KafkaMessage};
+    use crate::pipeline::{SnapshotCut, Stages};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Duration;
+
+    /// The daemon's stages on the embedded config, checkpointing only when a test cuts one.
+    fn stages(dir: &std::path::Path) -> Stages {
+        let env = [("TALLYD__STORAGE__DATA_DIR".to_string(), dir.display().to_string())]
+            .into_iter()
+            .collect();
+        let mut config = crate::Config::load(crate::config::DEFAULT_CONFIG, &env).unwrap();
+        config.emit_file_path = dir.join("usage.jsonl");
+        config.dead_letter_path = dir.join("dead-letter.jsonl");
+        config.flush_interval_ms = 3_600_000;
+        Stages::start(config).unwrap()
+    }
+
+    /// `count` CloudEvents of 1 token each (7 tenants × 3 models), offsets from `first`.
+    fn messages(first: i64, count: i64) -> Vec<KafkaMessage> {
+        let time = crate::model::rfc3339_ms(crate::model::now_ms() - 5_000);
+        (first..first + count)
+            .map(|i| KafkaMessage {
+                topic: "usage".into(),
+                partition: 0,
+                offset: i,
+                timestamp_ms: crate::model::now_ms(),
+                key: None,
+                payload: Some(
+                    format!(
+                        r#"{{"specversion":"1.0","id":"e{i}","source":"t","type":"llm.prompt","subject":"tenant-{}","time":"{time}","data":{{"tokens":1,"model":"m{}"}}}}"#,
+                        i % 7,
+                        i % 3
+                    )
+                    .into_bytes(),
+                ),
+                header_id: None,
+                forwarded: false,
+            })
+            .collect()
+    }
+
+    fn tokens(shared: &Arc<Shared>) -> u64 {
+        let answer = run_query(shared, "tokens", &QueryParams::default()).unwrap();
+        answer["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row["value"].as_u64().unwrap())
+            .sum()
+    }
+
+    /// The window a checkpoint opens by committing without holding `flushing`: its batch is in
+    /// the store while its snapshot is still listed. Queries then count it once, from the store.
+    #[test]
+    fn a_committed_snapshot_still_listed_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let stages = stages(dir.path());
+        let shared = stages.shared.clone();
+        let mut folder = Folder::new(shared.clone(), false);
+        folder.apply(folder.fold(&messages(0, 40)));
+        // Cut a snapshot but keep it from the checkpoint thread: it stays in `flushing`.
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        assert!(matches!(shared.try_snapshot(&sender), SnapshotCut::Cut(_)));
+        let snapshot = receiver.recv().unwrap();
+        assert_eq!(tokens(&shared), 40, "in flight: counted from `flushing`");
+        let prepared = shared
+            .store
+            .prepare_checkpoint(
+                &snapshot,
+                &shared.names,
+                &shared.catalog,
+                crate::model::now_ms() / 1000,
+                shared.config.allowed_lateness_secs,
+                &shared.plans.read().clone(),
+            )
+            .unwrap();
+        shared.store.commit_checkpoint(prepared).unwrap();
+        assert_eq!(tokens(&shared), 40, "committed and still listed: counted once");
+        shared
+            .flushing
+            .write()
+            .retain(|pending| !Arc::ptr_eq(pending, &snapshot));
+        // What the checkpoint stage does after a commit (it did not see this snapshot).
+        shared.generations.lock().durable = snapshot.generation;
+        shared.checkpoint_busy.store(false, Ordering::Release);
+        assert_eq!(tokens(&shared), 40, "committed: counted from the store");
+        // The next generation is not mistaken for the committed one.
+        folder.apply(folder.fold(&messages(40, 10)));
+        assert!(matches!(shared.try_snapshot(&sender), SnapshotCut::Cut(_)));
+        let next = receiver.recv().unwrap();
+        assert!(next.generation > snapshot.generation);
+        assert_eq!(tokens(&shared), 50);
+        stages.checkpoints.send(next).unwrap();
+        while !shared.flushing.read().is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(tokens(&shared), 50);
+        drop((folder, shared));
+        assert!(stages.drain());
+
+        // After a restart generations continue from the store's: a snapshot in flight is not
+        // taken for one the store already holds.
+        let stages = self::stages(dir.path());
+        let shared = stages.shared.clone();
+        let mut folder = Folder::new(shared.clone(), false);
+        folder.apply(folder.fold(&messages(50, 5)));
+        assert!(matches!(shared.try_snapshot(&sender), SnapshotCut::Cut(_)));
+        let pending = receiver.recv().unwrap();
+        assert_eq!(tokens(&shared), 55);
+        stages.checkpoints.send(pending).unwrap();
+        while !shared.flushing.read().is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(tokens(&shared), 55);
+        drop((folder, shared));
+        assert!(stages.drain());
+    }
+
+    /// The same under real concurrency: queries beside checkpoints committed by the checkpoint
+    /// thread see every applied event exactly once.
+    #[test]
+    fn queries_beside_checkpoints_count_each_event_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let stages = stages(dir.path());
+        let shared = stages.shared.clone();
+        // Events whose application started / finished: a query's total must lie between the
+        // finished count before it and the started count after it.
+        let (started, finished) = (AtomicU64::new(0), AtomicU64::new(0));
+        let (stop, queries) = (AtomicBool::new(false), AtomicU64::new(0));
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Acquire) {
+                    let low = finished.load(Ordering::Acquire);
+                    let total = tokens(&shared);
+                    let high = started.load(Ordering::Acquire);
+                    assert!(
+                        (low..=high).contains(&total),
+                        "query saw {total} tokens, applied between {low} and {high}"
+                    );
+                    queries.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            let mut folder = Folder::new(shared.clone(), false);
+            for round in 0..60i64 {
+                started.fetch_add(50, Ordering::AcqRel);
+                let folded = folder.fold(&messages(round * 50, 50));
+                assert!(folded.dead_letters.is_empty());
+                folder.apply(folded);
+                finished.fetch_add(50, Ordering::AcqRel);
+                if round % 3 != 2 {
+                    assert!(shared.checkpoint_now(&stages.checkpoints, Duration::from_secs(30)));
+                }
+            }
+            stop.store(true, Ordering::Release);
+        });
+        assert!(queries.load(Ordering::Relaxed) > 0);
+        assert_eq!(tokens(&shared), 3000);
+        drop(shared);
+        assert!(stages.drain());
+    }
 }

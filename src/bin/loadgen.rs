@@ -592,7 +592,11 @@ async fn main() -> anyhow::Result<()> {
                 (target.clone(), totals.clone(), latency.clone(), args.clone());
             workers.push(tokio::spawn(async move {
                 let mut generator = generator(&args, worker);
-                let limit = if args.stop_after_events == 0 { u64::MAX } else { args.stop_after_events };
+                let limit = if args.stop_after_events == 0 {
+                    u64::MAX
+                } else {
+                    args.stop_after_events
+                };
                 while Instant::now() < deadline && totals.events.load(Ordering::Relaxed) < limit {
                     let (payload, events) = target.payload(&mut generator);
                     send(&mut target, payload, events, &totals, &latency).await;
@@ -704,15 +708,28 @@ async fn probe(mut target: Target, args: Args, deadline: Instant) -> anyhow::Res
         "{}/api/v1/meters/{meter}/query?subject={tenant}",
         args.url.trim_end_matches('/')
     );
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
     let total = |client: reqwest::Client, query: String| async move {
-        let body: serde_json::Value = client.get(&query).send().await?.error_for_status()?.json().await?;
+        let body: serde_json::Value = client
+            .get(&query)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
         let rows = body["data"].as_array().cloned().unwrap_or_default();
-        anyhow::Ok(rows.iter().map(|row| match &row["value"] {
-            serde_json::Value::Number(n) => n.as_f64().unwrap_or(0.0),
-            serde_json::Value::String(s) => s.parse().unwrap_or(0.0),
-            _ => 0.0,
-        }).sum::<f64>().round() as u64)
+        anyhow::Ok(
+            rows.iter()
+                .map(|row| match &row["value"] {
+                    serde_json::Value::Number(n) => n.as_f64().unwrap_or(0.0),
+                    serde_json::Value::String(s) => s.parse().unwrap_or(0.0),
+                    _ => 0.0,
+                })
+                .sum::<f64>()
+                .round() as u64,
+        )
     };
     let text = |key: &str, value: &str| KeyValue {
         key: key.into(),
@@ -787,7 +804,10 @@ async fn probe(mut target: Target, args: Args, deadline: Instant) -> anyhow::Res
         loop {
             match total(client.clone(), query.clone()).await {
                 Ok(seen) if seen >= want => {
-                    probes.latency.record((started.elapsed().as_micros() as u64).max(1)).ok();
+                    probes
+                        .latency
+                        .record((started.elapsed().as_micros() as u64).max(1))
+                        .ok();
                     break;
                 }
                 Ok(_) => {}

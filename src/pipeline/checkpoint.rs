@@ -85,14 +85,14 @@ impl CheckpointLoop {
                 "changelog published"
             );
         }
-        let stats = {
-            // Queries hold the read side while they combine store + unflushed deltas, so they
-            // never see this snapshot both in the store and in `flushing`, nor in neither.
-            let mut flushing = shared.flushing.write();
-            let stats = shared.store.commit_checkpoint(prepared)?;
-            flushing.retain(|pending| !Arc::ptr_eq(pending, snapshot));
-            stats
-        };
+        // Written without holding `flushing`: a query that sees this batch in its store snapshot
+        // also sees its generation there and skips the snapshot while it is still listed, so it
+        // never counts it twice nor misses it, and queries do not stall behind the fsync.
+        let stats = shared.store.commit_checkpoint(prepared)?;
+        shared
+            .flushing
+            .write()
+            .retain(|pending| !Arc::ptr_eq(pending, snapshot));
         shared.dedup.remove_all(&snapshot.dedup_keys);
         if let Some(next) = snapshot.position(INGEST_LOG_SOURCE) {
             shared.durable_log_seq.store(next, Ordering::Release);

@@ -222,6 +222,8 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         position,
     )?;
     let plans = RwLock::new(Arc::new(config.plans.clone()));
+    // Generations continue from the last committed one: queries compare them with the store's.
+    let generation = store.checkpoint_generation(&store.snapshot())?;
     let shared = Arc::new(Shared {
         plans,
         engine: Aggregator::new(),
@@ -236,7 +238,10 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         durable_log_seq: AtomicU64::new(position),
         ready: AtomicBool::new(false),
         last_checkpoint_ms: std::sync::atomic::AtomicI64::new(crate::model::now_ms()),
-        generations: Mutex::new(Generations::default()),
+        generations: Mutex::new(Generations {
+            cut: generation,
+            durable: generation,
+        }),
         generation_durable: Condvar::new(),
         durable_positions: Mutex::new(Vec::new()),
         changelog: std::sync::OnceLock::new(),

@@ -19,7 +19,7 @@ use xxhash_rust::xxh3::xxh3_128;
 
 use super::changelog::{chunk_flush, ChangelogChunk, SeriesEntry};
 use super::keys::{self, SeriesName};
-use super::{MeterCatalog, RocksStore, StoreError, META_CLOSED_BEFORE, META_OUTBOX_NEXT};
+use super::{MeterCatalog, RocksStore, StoreError, META_CLOSED_BEFORE, META_GENERATION, META_OUTBOX_NEXT};
 use crate::aggregate::{AggState, SourceCut};
 use crate::model::{rfc3339, Names, SeriesKey};
 
@@ -296,6 +296,7 @@ impl RocksStore {
             (closed_before_new as u64).to_be_bytes(),
         );
         batch.put(keys::meta_key(META_OUTBOX_NEXT), outbox_next.to_be_bytes());
+        batch.put(keys::meta_key(META_GENERATION), snapshot.generation.to_be_bytes());
         stats.bytes = batch.size_in_bytes();
         let mut changelog = Vec::new();
         for source in &snapshot.sources {

@@ -84,6 +84,9 @@ pub struct RocksStore {
 pub const INGEST_LOG_SOURCE: &str = "ingest-log";
 const META_CLOSED_BEFORE: &str = "closed_before";
 const META_OUTBOX_NEXT: &str = "outbox_next";
+/// The generation of the last committed checkpoint: queries combine a store snapshot with the
+/// snapshots still in flight, and this says which of those the store snapshot already holds.
+const META_GENERATION: &str = "checkpoint_generation";
 
 fn merge_aggregates(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
     let mut state: Option<AggState> = match existing {
@@ -233,6 +236,23 @@ impl RocksStore {
         }
         self.write(batch, true)?;
         Ok(catalog)
+    }
+
+    /// The generation of the last checkpoint committed as of `snapshot` (0 before any).
+    pub fn checkpoint_generation(
+        &self,
+        snapshot: &SnapshotWithThreadMode<'_, DB>,
+    ) -> Result<u64, StoreError> {
+        let key = keys::meta_key(META_GENERATION);
+        match snapshot.get(&key)? {
+            None => Ok(0),
+            Some(bytes) => <[u8; 8]>::try_from(bytes.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    what: "u64 value",
+                    detail: META_GENERATION.into(),
+                }),
+        }
     }
 
     /// The checkpointed ingest-log position: every record with a lower sequence is in the store.
