@@ -270,6 +270,9 @@ pub struct RawAggregate {
     pub max_lateness_secs: u64,
     pub max_future_secs: u64,
     pub dedup_horizon_secs: u64,
+    /// Unflushed series above which the push edges refuse requests (retryable) until a
+    /// checkpoint catches up.
+    pub max_pending_series: u64,
 }
 
 impl Default for RawAggregate {
@@ -280,6 +283,7 @@ impl Default for RawAggregate {
             max_lateness_secs: 86_400,
             max_future_secs: 300,
             dedup_horizon_secs: 3_024_000,
+            max_pending_series: 2_000_000,
         }
     }
 }
@@ -560,6 +564,8 @@ pub struct Config {
     pub max_lateness_secs: i64,
     pub max_future_secs: i64,
     pub dedup_horizon_secs: i64,
+    /// `aggregate.max_pending_series`: the push edges' bound on unflushed series.
+    pub max_pending_series: usize,
     pub emit_file_path: PathBuf,
     pub emit_kafka: Option<EmitKafkaConfig>,
     pub emit_webhook: Option<EmitWebhookConfig>,
@@ -1036,6 +1042,9 @@ impl RawConfig {
         if aggregate.flush_interval_ms == 0 {
             errors.push("aggregate.flush_interval_ms: must be positive".into());
         }
+        if aggregate.max_pending_series == 0 {
+            errors.push("aggregate.max_pending_series: must be positive".into());
+        }
         if aggregate.allowed_lateness_secs > aggregate.max_lateness_secs {
             errors
                 .push("aggregate.allowed_lateness_secs: must not exceed aggregate.max_lateness_secs".into());
@@ -1330,6 +1339,7 @@ impl RawConfig {
             max_lateness_secs: aggregate.max_lateness_secs as i64,
             max_future_secs: aggregate.max_future_secs as i64,
             dedup_horizon_secs: aggregate.dedup_horizon_secs as i64,
+            max_pending_series: usize::try_from(aggregate.max_pending_series).unwrap_or(usize::MAX),
             meters,
             kafka,
             cluster,

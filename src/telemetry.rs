@@ -17,6 +17,8 @@ pub const INGEST_UNMETERED: &str = "tallyd_ingest_unmetered_events_total";
 /// `{source, code}`: requests by HTTP status.
 pub const INGEST_REQUESTS: &str = "tallyd_ingest_requests_total";
 pub const INGEST_LOG_BYTES: &str = "tallyd_ingest_log_bytes_total";
+/// Push requests refused because checkpoints are behind (`aggregate.max_pending_series`).
+pub const INGEST_BACKPRESSURE: &str = "tallyd_ingest_backpressure_total";
 /// Requests per group commit (one fsync each).
 pub const INGEST_COMMIT_GROUP: &str = "tallyd_ingest_commit_group_requests";
 /// `{source, stage}`: seconds a push request spends per stage (stage ∈ prepare | commit):
@@ -136,6 +138,10 @@ fn describe() {
     describe_counter!(INGEST_UNMETERED, "accepted events whose type matches no meter");
     describe_counter!(INGEST_REQUESTS, "ingest requests by status code");
     describe_counter!(INGEST_LOG_BYTES, Unit::Bytes, "bytes appended to the ingest log");
+    describe_counter!(
+        INGEST_BACKPRESSURE,
+        "push requests refused (retryable) because checkpoints are behind, by source"
+    );
     describe_histogram!(INGEST_COMMIT_GROUP, "requests made durable by one group commit");
     describe_histogram!(
         INGEST_STAGE_SECONDS,

@@ -572,3 +572,76 @@ async fn coarser_windows_and_ranges_are_merges_of_base_windows() {
     assert_eq!(ranged["data"][0]["windowStart"], minute(stamps[1]));
     daemon.stop();
 }
+
+/// When checkpoints fall behind (more unflushed series than `aggregate.max_pending_series`),
+/// ingest answers 503 + Retry-After and counts nothing from the refused request; once a
+/// checkpoint catches up the retry is accepted, and the totals count it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_behind_means_retryable_503_and_nothing_counted_twice() {
+    let (_dir, path) = config("");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "flush_interval_ms = 100",
+        "flush_interval_ms = 1500\nmax_pending_series = 5",
+    );
+    std::fs::write(&path, text).unwrap();
+    let daemon = Daemon::start(&path);
+    let client = client();
+    let t = ago(30);
+    let batch = |first: i64| -> Vec<Value> {
+        (first..first + 8)
+            .map(|i| {
+                event(
+                    &format!("e{i}"),
+                    "llm.prompt",
+                    &format!("tenant-{i}"),
+                    &t,
+                    json!({"tokens": 10, "model": "m"}),
+                )
+            })
+            .collect()
+    };
+    // Right after a checkpoint the engine is empty and the next one is 1.5 s away: the first 8
+    // series are taken, the next request finds them unflushed.
+    let checkpoints = async || {
+        let text = metrics_text(&client, &daemon).await;
+        text.lines()
+            .find_map(|line| line.strip_prefix("tallyd_flush_duration_seconds_count "))
+            .map_or(0, |count| count.trim().parse::<u64>().unwrap())
+    };
+    let before = checkpoints().await;
+    eventually("a checkpoint", async || {
+        (checkpoints().await > before).then_some(())
+    })
+    .await;
+    let (status, body) = post_batch(&client, &daemon, &batch(0)).await;
+    assert_eq!((status, body["accepted"].clone()), (202, json!(8)));
+    let response = client
+        .post(daemon.url("/api/v1/events"))
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(serde_json::to_vec(&batch(8)).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("max_pending_series"),
+        "{body}"
+    );
+    assert!(metrics_text(&client, &daemon)
+        .await
+        .contains("tallyd_ingest_backpressure_total{source=\"http\"} 1"));
+    // The producer retries after the delay until a checkpoint drained the engine.
+    let accepted = eventually("the retry to be accepted", async || {
+        let (status, body) = post_batch(&client, &daemon, &batch(8)).await;
+        (status == 202).then_some(body)
+    })
+    .await;
+    assert_eq!(
+        (accepted["accepted"].clone(), accepted["duplicates"].clone()),
+        (json!(8), json!(0))
+    );
+    assert_eq!(sum_rows(&query(&client, &daemon, "tokens", "").await), 160);
+    daemon.stop();
+}

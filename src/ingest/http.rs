@@ -143,6 +143,10 @@ pub async fn post_events(State(app): State<AppState>, headers: HeaderMap, body: 
     if let Some(cluster) = app.cluster.clone() {
         return forward(&app, &cluster, bytes, kind).await;
     }
+    if app.shared.checkpoints_behind() {
+        metrics::counter!(crate::telemetry::INGEST_BACKPRESSURE, "source" => "http").increment(1);
+        return unavailable("checkpoints are behind (aggregate.max_pending_series); retry after the delay");
+    }
 
     let shared = app.shared.clone();
     let prepared = match tokio::task::spawn_blocking(move || prepare(&shared, &bytes, kind)).await {

@@ -97,6 +97,15 @@ pub struct Generations {
 }
 
 impl Shared {
+    /// Whether the push edges should refuse new requests because checkpoints are behind: the
+    /// engine holds more unflushed series than `aggregate.max_pending_series`. This bounds the
+    /// daemon's memory and the ingest-log tail a restart replays when ingest outruns the
+    /// checkpoint (e.g. every event a new series on 2 saturated cores); the producer retries.
+    /// (The Kafka source pauses its partitions on its own bound, `kafka.max_pending_series`.)
+    pub fn checkpoints_behind(&self) -> bool {
+        self.engine.len() > self.config.max_pending_series
+    }
+
     /// Cuts a snapshot of every engine writer (deltas, dedup keys and positions at one cut) and
     /// hands it to the checkpoint stage, unless a checkpoint is still in flight.
     pub fn try_snapshot(&self, checkpoints: &SyncSender<Arc<Snapshot>>) -> SnapshotCut {

@@ -376,6 +376,12 @@ impl OtlpIngest {
         if let Some(cluster) = self.app.cluster.clone() {
             return self.forward(&cluster, signal, encoding, body, key_tenant).await;
         }
+        if self.app.shared.checkpoints_behind() {
+            metrics::counter!(crate::telemetry::INGEST_BACKPRESSURE, "source" => "otlp").increment(1);
+            return Err(IngestError::Unavailable(
+                "checkpoints are behind (aggregate.max_pending_series); retry after the delay".into(),
+            ));
+        }
         let shared = self.app.shared.clone();
         let started = std::time::Instant::now();
         let prepared = tokio::task::spawn_blocking(move || {
