@@ -2,10 +2,13 @@
 # Recovery time after SIGKILL (performance issue, item 8). For each SERIES count given:
 #   1. a fresh tallyd takes SERIES events over HTTP, each its own series (1 M tenants × 1 000
 #      dimension values, uniform, no duplicates, no late events; per-minute windows);
-#   2. load continues and tallyd is killed with SIGKILL in the middle of it (so the ingest log
-#      has an unCheckpointed tail and a checkpoint may be in flight);
-#   3. tallyd restarts on the same data; the figure is the time from exec to /readyz answering
-#      (RocksDB open + WAL recovery, ingest-log replay, outbox redelivery).
+#   2. "behind": load continues and tallyd is killed with SIGKILL one second into it, while the
+#      checkpoint still trails the fill (on 2 saturated cores it does: every event is a new
+#      series), so the ingest log holds a long tail;
+#   3. "settled": restarted, it is left to checkpoint until a cut finds almost nothing pending,
+#      then killed one second into load again (the steady state: a tail of about a second);
+# and after each kill the figure is the time from exec to /readyz answering (RocksDB open +
+# WAL recovery, ingest-log replay, outbox redelivery), with the replayed tail.
 # Baseline in the same run: the same restart on an empty data directory.
 # Usage: scripts/bench-recovery.sh [SERIES...]   (default 1000000; PORT)
 source "$(dirname "$0")/bench-lib.sh"
@@ -18,10 +21,33 @@ load=(--url "http://127.0.0.1:$port" --batch-size 500 --concurrency 8 --tenants 
 # restart DATA: starts tallyd on DATA; sets $seconds to the time until /readyz answers.
 # (Not a command substitution: the daemon would inherit its pipe and hold it open.)
 restart() {
+  : >"$dir/tallyd.log"
   local started=$(date +%s.%N)
   LOG_LEVEL=info start_tallyd "$1" "$port"
   wait_ready "$port" 6000
   seconds=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$started" "$(date +%s.%N)")
+  local line=$(grep -m1 ' recovered' "$dir/tallyd.log")
+  field() { grep -o "$1=[0-9]*" <<<"$line" | cut -d= -f2; }
+  replayed=$(field replayed_log_records)
+  steps="store open $(field store_open_ms) ms, outbox $(field outbox_ms) ms, log open $(field log_open_ms) ms, replay $(field replay_ms) ms"
+}
+
+# crash SERIES DATA STATE: one second into more load, SIGKILL; then restart and report.
+crash() {
+  local series=$1 data=$2 state=$3
+  "$bin/tallyd-loadgen" "${load[@]}" --duration-secs 3 --seed $RANDOM >/dev/null 2>&1 &
+  local loader=$!
+  sleep 1
+  local written=$(metric tallyd_checkpoint_series_total "$port")
+  local accepted=$(metric tallyd_ingest_events_total "$port")
+  local refused=$(metric tallyd_ingest_backpressure_total "$port")
+  kill -9 "$pid"; wait "$pid" 2>/dev/null || true
+  wait "$loader" 2>/dev/null || true
+  local size=$(du -sm "$data/rocksdb" | cut -f1) log_mb=$(du -sm "$data/ingest-log" | cut -f1)
+  restart "$data"
+  echo "# recovery after SIGKILL ($state): $series series: ${seconds} s to ready (empty data dir: ${empty} s);" \
+    "replayed ${replayed:-?} log batches ($steps); this process: ${written} series checkpointed, ${accepted} events" \
+    "accepted, ${refused} requests refused as checkpoints were behind; RocksDB ${size} MB, ingest log ${log_mb} MB"
 }
 
 restart "$dir/empty"
@@ -33,24 +59,17 @@ for series in "${sizes[@]}"; do
   wait_ready "$port"
   echo "## $series series: filling" >&2
   "$bin/tallyd-loadgen" "${load[@]}" --stop-after-events "$series" --seed "$series" >/dev/null
-  # Kill in the middle of continued load: one second in, the loadgen still sending.
-  "$bin/tallyd-loadgen" "${load[@]}" --duration-secs 3 --seed 7 >/dev/null 2>&1 &
-  loader=$!
-  sleep 1
-  written=$(metric tallyd_checkpoint_series_total "$port")
-  accepted=$(metric tallyd_ingest_events_total "$port")
-  flushes=$(metric tallyd_flush_duration_seconds_count "$port")
-  flush_secs=$(metric tallyd_flush_duration_seconds_sum "$port")
-  kill -9 "$pid"; wait "$pid" 2>/dev/null || true
-  wait "$loader" 2>/dev/null || true
-  size=$(du -sm "$data/rocksdb" | cut -f1)
-  log_mb=$(du -sm "$data/ingest-log" | cut -f1)
-  : >"$dir/tallyd.log"
-  restart "$data"
-  replayed=$(grep -o 'replayed_log_records=[0-9]*' "$dir/tallyd.log" | head -1 | cut -d= -f2)
+  crash "$series" "$data" behind
+  echo "## $series series: settling" >&2
+  # Settled: two checkpoints done since the restart (the first one takes the replayed tail) and
+  # the latest cut held fewer than 1 000 series.
+  for _ in $(seq 1 600); do
+    flushes=$(metric tallyd_flush_duration_seconds_count "$port")
+    pending=$(metric tallyd_aggregate_active_series "$port")
+    [[ $flushes -ge 2 && $pending -lt 1000 ]] && break
+    sleep 1
+  done
+  crash "$series" "$data" settled
   kill "$pid"; wait "$pid" 2>/dev/null || true
-  echo "# recovery after SIGKILL: $series series: ${seconds} s to ready (empty data dir: ${empty} s); " \
-    "series written by checkpoints ${written}, events accepted ${accepted}, RocksDB ${size} MB, " \
-    "ingest log ${log_mb} MB, replayed ${replayed:-?} log records; ${flushes} checkpoints took ${flush_secs} s in all"
   rm -rf "$data"
 done

@@ -520,16 +520,9 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::Duration;
 
-    /// The daemon's stages on the embedded config, checkpointing only when a test cuts one.
+    /// The daemon's stages, checkpointing only when a test cuts one.
     fn stages(dir: &std::path::Path) -> Stages {
-        let env = [("TALLYD__STORAGE__DATA_DIR".to_string(), dir.display().to_string())]
-            .into_iter()
-            .collect();
-        let mut config = crate::Config::load(crate::config::DEFAULT_CONFIG, &env).unwrap();
-        config.emit_file_path = dir.join("usage.jsonl");
-        config.dead_letter_path = dir.join("dead-letter.jsonl");
-        config.flush_interval_ms = 3_600_000;
-        Stages::start(config).unwrap()
+        Stages::for_tests(dir, 3_600_000)
     }
 
     /// `count` CloudEvents of 1 token each (7 tenants × 3 models), offsets from `first`.

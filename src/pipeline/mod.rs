@@ -195,17 +195,34 @@ struct Recovered {
     streams: crate::aggregate::streams::Streams,
     replayed: usize,
     usage_file: FileEmitter,
+    /// Where recovery spent its time (logged: restart time is an operator's question).
+    timings: RecoveryTimings,
+}
+
+#[derive(Debug, Default)]
+struct RecoveryTimings {
+    store_open: Duration,
+    outbox: Duration,
+    log_open: Duration,
+    replay: Duration,
 }
 
 fn recover(config: Config) -> anyhow::Result<Recovered> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    let mut timings = RecoveryTimings::default();
+    let mut step = std::time::Instant::now();
+    let mut lap = |into: &mut Duration| {
+        *into = step.elapsed();
+        step = std::time::Instant::now();
+    };
     let store = RocksStore::open(
         &config.data_dir.join("rocksdb"),
         config.retention_secs,
         config.dedup_horizon_secs,
     )
     .context("cannot open the store")?;
+    lap(&mut timings.store_open);
     let names = Names::default();
     let meters = Meters::new(config.meters.clone(), &names);
     let catalog = store.guard_meters(meters.all())?;
@@ -223,6 +240,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
             "delivered window records left in the outbox"
         );
     }
+    lap(&mut timings.outbox);
     let position = store.ingest_log_position()?;
     let (log, replay) = IngestLog::open(
         &config.data_dir.join("ingest-log"),
@@ -230,6 +248,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         config.ingest_log_segment_bytes,
         position,
     )?;
+    lap(&mut timings.log_open);
     let plans = RwLock::new(Arc::new(config.plans.clone()));
     // Generations continue from the last committed one: queries compare them with the store's.
     let generation = store.checkpoint_generation(&store.snapshot())?;
@@ -276,6 +295,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
             Some((INGEST_LOG_SOURCE.to_string(), record.seq + 1)),
         )?;
     }
+    lap(&mut timings.replay);
     Ok(Recovered {
         shared,
         log,
@@ -283,6 +303,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         streams,
         replayed,
         usage_file,
+        timings,
     })
 }
 
@@ -299,6 +320,19 @@ pub struct Stages {
 }
 
 impl Stages {
+    /// For tests: the stages on the embedded config with everything under `dir`.
+    #[cfg(test)]
+    pub fn for_tests(dir: &std::path::Path, flush_interval_ms: u64) -> Stages {
+        let env = [("TALLYD__STORAGE__DATA_DIR".to_string(), dir.display().to_string())]
+            .into_iter()
+            .collect();
+        let mut config = crate::Config::load(crate::config::DEFAULT_CONFIG, &env).unwrap();
+        config.emit_file_path = dir.join("usage.jsonl");
+        config.dead_letter_path = dir.join("dead-letter.jsonl");
+        config.flush_interval_ms = flush_interval_ms;
+        Stages::start(config).unwrap()
+    }
+
     /// Opens the store, recovers (replays the ingest log) and starts the threads (blocking).
     pub fn start(config: Config) -> anyhow::Result<Stages> {
         let dead_letter_path = config.dead_letter_path.clone();
@@ -309,10 +343,15 @@ impl Stages {
             streams,
             replayed,
             usage_file,
+            timings,
         } = recover(config)?;
         tracing::info!(
             replayed_log_records = replayed,
             position = shared.durable_log_seq.load(Ordering::Relaxed),
+            store_open_ms = timings.store_open.as_millis() as u64,
+            outbox_ms = timings.outbox.as_millis() as u64,
+            log_open_ms = timings.log_open.as_millis() as u64,
+            replay_ms = timings.replay.as_millis() as u64,
             "recovered"
         );
         let (snapshot_tx, snapshot_rx) = std::sync::mpsc::sync_channel(1);

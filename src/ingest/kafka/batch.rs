@@ -414,18 +414,8 @@ fn record(outcome: &BatchOutcome, messages: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, DEFAULT_CONFIG};
-    use crate::pipeline::Stages;
 
-    fn stages(dir: &std::path::Path) -> Stages {
-        let env = [("TALLYD__STORAGE__DATA_DIR".to_string(), dir.display().to_string())]
-            .into_iter()
-            .collect();
-        let mut config = Config::load(DEFAULT_CONFIG, &env).unwrap();
-        config.emit_file_path = dir.join("usage.jsonl");
-        config.dead_letter_path = dir.join("dead-letter.jsonl");
-        Stages::start(config).unwrap()
-    }
+    use crate::pipeline::Stages;
 
     fn messages() -> Vec<KafkaMessage> {
         let topic: Arc<str> = "usage".into();
@@ -468,7 +458,7 @@ mod tests {
         let mut results = Vec::new();
         for threads in [1, 3] {
             let dir = tempfile::tempdir().unwrap();
-            let stages = stages(dir.path());
+            let stages = Stages::for_tests(dir.path(), 1000);
             let folder = Folder::new(stages.shared.clone(), false);
             let folded = folder.fold_parallel(&batch, threads);
             // Series by name, not by interned id: threads intern tenants in racing order.
