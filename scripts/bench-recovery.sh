@@ -2,11 +2,11 @@
 # Recovery time after SIGKILL (performance issue, item 8). For each SERIES count given:
 #   1. a fresh tallyd takes SERIES events over HTTP, each its own series (1 M tenants × 1 000
 #      dimension values, uniform, no duplicates, no late events; per-minute windows);
-#   2. "behind": load continues and tallyd is killed with SIGKILL one second into it, while the
+#   2. "behind": load continues and tallyd is killed with SIGKILL a second into it, while the
 #      checkpoint still trails the fill (on 2 saturated cores it does: every event is a new
 #      series), so the ingest log holds a long tail;
 #   3. "settled": restarted, it is left to checkpoint until a cut finds almost nothing pending,
-#      then killed one second into load again (the steady state: a tail of about a second);
+#      then killed a second into load again (the steady state: a tail of about a second);
 # and after each kill the figure is the time from exec to /readyz answering (RocksDB open +
 # WAL recovery, ingest-log replay, outbox redelivery), with the replayed tail.
 # Baseline in the same run: the same restart on an empty data directory.
@@ -32,12 +32,13 @@ restart() {
   steps="store open $(field store_open_ms) ms, outbox $(field outbox_ms) ms, log open $(field log_open_ms) ms, replay $(field replay_ms) ms"
 }
 
-# crash SERIES DATA STATE: one second into more load, SIGKILL; then restart and report.
+# crash SERIES DATA STATE: about a second into more load, SIGKILL; then restart and report.
 crash() {
   local series=$1 data=$2 state=$3
-  "$bin/tallyd-loadgen" "${load[@]}" --duration-secs 3 --seed $RANDOM >/dev/null 2>&1 &
+  "$bin/tallyd-loadgen" "${load[@]}" --duration-secs 5 --seed $RANDOM >/dev/null 2>&1 &
   local loader=$!
-  sleep 1
+  # The generator needs about a second to build its samplers (8 × 1 M tenants) before it sends.
+  sleep 2.5
   local written=$(metric tallyd_checkpoint_series_total "$port")
   local accepted=$(metric tallyd_ingest_events_total "$port")
   local refused=$(metric tallyd_ingest_backpressure_total "$port")

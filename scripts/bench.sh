@@ -111,9 +111,9 @@ for m in re.finditer(r"# event-to-queryable (\w+): p50 ([\d.]+) ms, p99 ([\d.]+)
     protocol, p50, p99, rate, peak, flush = m.groups()
     row(f"event-to-queryable p50 / p99, {protocol} at 50 % of peak ({int(rate)/1e3:.0f} k/s)", f"{float(p50):.1f} / {float(p99):.1f} ms",
         f"2 × flush interval = {2*int(flush)} ms", f"{float(p99)/(2*int(flush)):.0%}", "scripts/bench-latency.sh")
-for m in re.finditer(r"# recovery after SIGKILL: (\d+) series: ([\d.]+) s to ready \(empty data dir: ([\d.]+) s\).*?replayed (\S+) log records", read("recovery.txt"), re.S):
-    series, secs, empty, replayed = m.groups()
-    row(f"recovery after SIGKILL, {int(series)/1e6:g} M series ({replayed} log batches replayed)", f"{float(secs):.1f} s to ready",
+for m in re.finditer(r"# recovery after SIGKILL \((\w+)\): (\d+) series: ([\d.]+) s to ready \(empty data dir: ([\d.]+) s\); replayed (\S+) log batches", read("recovery.txt")):
+    state, series, secs, empty, replayed = m.groups()
+    row(f"recovery after SIGKILL, {int(series)/1e6:g} M series, {state} ({replayed} log batches replayed)", f"{float(secs):.1f} s to ready",
         f"{float(empty):.2f} s (empty data dir)", f"{float(secs)/(int(series)/1e6):.1f} s per 1 M", "scripts/bench-recovery.sh")
 
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
