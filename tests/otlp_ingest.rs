@@ -473,6 +473,58 @@ async fn overloaded_ingest_answers_unavailable_and_retries_lose_nothing() {
     daemon.stop();
 }
 
+/// Checkpoints behind (`aggregate.max_pending_series` unflushed series): an Export gets
+/// UNAVAILABLE with RetryInfo, nothing of it counted; once a checkpoint drains the engine the
+/// retry is accepted and counted once.
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoints_behind_answer_unavailable_with_retry_info() {
+    use tonic_types::StatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), OTLP_METERS);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "flush_interval_ms = 100",
+        "flush_interval_ms = 1500\nmax_pending_series = 3",
+    );
+    std::fs::write(&config, text).unwrap();
+    let daemon = Daemon::start(&config);
+    let mut grpc = grpc_metrics(&daemon).await;
+    let now = now_ns();
+    let request = |first: u64| ExportMetricsServiceRequest {
+        resource_metrics: vec![sum_resource(
+            Some("lagging"),
+            AggregationTemporality::Delta,
+            (first..first + 5)
+                .map(|i| point(&format!("/r{i}"), now - 2_000 - i, now - 1_000 - i, int(7)))
+                .collect(),
+        )],
+    };
+    // Start right after a checkpoint, so the next one is 1.5 s away.
+    let checkpoints = async || {
+        let text = common::metrics_text(&client(), &daemon).await;
+        text.lines()
+            .find_map(|line| line.strip_prefix("tallyd_flush_duration_seconds_count "))
+            .map_or(0, |count| count.trim().parse::<u64>().unwrap())
+    };
+    let before = checkpoints().await;
+    common::eventually("a checkpoint", async || {
+        (checkpoints().await > before).then_some(())
+    })
+    .await;
+    let response = grpc.export(request(0)).await.unwrap().into_inner();
+    assert!(response.partial_success.is_none());
+    let status = grpc.export(request(5)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("max_pending_series"), "{status:?}");
+    let retry = status.get_details_retry_info().expect("RetryInfo detail");
+    assert!(retry.retry_delay.is_some_and(|delay| delay > Duration::ZERO));
+    common::eventually("the retry to be accepted", async || {
+        grpc.clone().export(request(5)).await.ok().map(|_| ())
+    })
+    .await;
+    assert_eq!(total(&daemon, "requests", "lagging").await, 70);
+    daemon.stop();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_requests_are_invalid_argument_and_400() {
     let (_dir, daemon) = start("");
