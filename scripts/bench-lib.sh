@@ -21,8 +21,8 @@ wait_ready() {
   return 1
 }
 
-# start_tallyd DATA_DIR HTTP_PORT [OTLP_GRPC_PORT]: the embedded config on loopback, data in
-# DATA_DIR, extra settings from the caller's TALLYD__* environment; sets $pid.
+# start_tallyd DATA_DIR HTTP_PORT [OTLP_GRPC_PORT]: the embedded config (or $CONFIG) on
+# loopback, data in DATA_DIR, extra settings from the caller's TALLYD__* environment; sets $pid.
 start_tallyd() {
   local data=$1 port=$2 grpc=${3:-}
   TALLYD__SERVER__HTTP_ADDR=127.0.0.1:$port \
@@ -31,7 +31,7 @@ start_tallyd() {
   TALLYD__STORAGE__DATA_DIR="$data" \
   TALLYD__EMIT__FILE__PATH="$data/usage.jsonl" \
   TALLYD__DEAD_LETTER__PATH="$data/dead-letter.jsonl" \
-    "$bin/tallyd" run --config config/tallyd.toml --log-level "${LOG_LEVEL:-warn}" 2>>"$dir/tallyd.log" &
+    "$bin/tallyd" run --config "${CONFIG:-config/tallyd.toml}" --log-level "${LOG_LEVEL:-warn}" 2>>"$dir/tallyd.log" &
   pid=$!
   pids+=("$pid")
 }

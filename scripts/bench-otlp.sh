@@ -5,18 +5,10 @@
 #   2. tallyd: decode → map → dedup → pre-aggregate → durable ack (ingest log, fsync) → checkpoint
 # Same load generator flags for both (default: batches of 1,000 delta points), against loopback.
 # Usage: scripts/bench-otlp.sh [loadgen flags...]   (DURATION=secs, PORT=port, SYNC=fsync|none)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-scripts/setup.sh
-source scripts/env.sh
-cargo build --release --locked --bins >&2
-bin="$CARGO_TARGET_DIR/release"
-dir=$(mktemp -d)
+source "$(dirname "$0")/bench-lib.sh"
 port=${PORT:-18090}
 grpc_port=$((port + 1))
 baseline_port=$((port + 2))
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"' EXIT
 
 wait_port() {
   for _ in $(seq 1 100); do
@@ -35,17 +27,8 @@ echo "## decode-only baseline" >&2
   --json-out "$dir/baseline.json" "$@"
 kill "${pids[0]}"
 
-TALLYD__SERVER__HTTP_ADDR=127.0.0.1:$port \
-TALLYD__SERVER__OTLP_GRPC_ADDR=127.0.0.1:$grpc_port \
-TALLYD__SERVER__OTLP_HTTP_ADDR= \
-TALLYD__STORAGE__DATA_DIR="$dir/data" \
-TALLYD__STORAGE__INGEST_LOG_SYNC="${SYNC:-fsync}" \
-TALLYD__EMIT__FILE__PATH="$dir/data/usage.jsonl" \
-TALLYD__DEAD_LETTER__PATH="$dir/data/dead-letter.jsonl" \
-  "$bin/tallyd" run --config config/tallyd.toml --log-level warn &
-pid=$!
-pids+=($pid)
-wait_port "$grpc_port"
+TALLYD__STORAGE__INGEST_LOG_SYNC="${SYNC:-fsync}" start_tallyd "$dir/data" "$port" "$grpc_port"
+wait_ready "$port"
 echo "## tallyd" >&2
 "$bin/tallyd-loadgen" --otlp-grpc "127.0.0.1:$grpc_port" --batch-size 1000 --duration-secs "${DURATION:-20}" \
   --json-out "$dir/tallyd.json" "$@"

@@ -5,32 +5,17 @@
 # Windows close during the run (allowed_lateness 60 s) and `--late-pct` events land in closed
 # windows (2-4 minutes old), so every checkpoint rates closing windows and amendments.
 # Usage: scripts/bench-rating.sh [loadgen flags...]   (DURATION=secs, ROUNDS=n, PORT=port)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-scripts/setup.sh
-source scripts/env.sh
-cargo build --release --locked --bins >&2
-bin="$CARGO_TARGET_DIR/release"
-dir=$(mktemp -d)
+source "$(dirname "$0")/bench-lib.sh"
 port=${PORT:-18085}
-pid=
-trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"' EXIT
 grep -v '^default_plan' config/tallyd.toml >"$dir/unrated.toml"
 cp config/tallyd.toml "$dir/rated.toml"
 
 run() { # $1 = rated|unrated, $2 = round, then loadgen flags
   local kind=$1 round=$2
   shift 2
-  local data="$dir/data-$kind-$round"
-  TALLYD__SERVER__HTTP_ADDR=127.0.0.1:$port \
-  TALLYD__SERVER__OTLP_GRPC_ADDR= TALLYD__SERVER__OTLP_HTTP_ADDR= \
-  TALLYD__STORAGE__DATA_DIR="$data" \
-  TALLYD__AGGREGATE__ALLOWED_LATENESS_SECS=60 \
-  TALLYD__EMIT__FILE__PATH="$data/usage.jsonl" \
-  TALLYD__DEAD_LETTER__PATH="$data/dead-letter.jsonl" \
-    "$bin/tallyd" run --config "$dir/$kind.toml" --log-level warn &
-  pid=$!
-  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+  CONFIG="$dir/$kind.toml" TALLYD__AGGREGATE__ALLOWED_LATENESS_SECS=60 \
+    start_tallyd "$dir/data-$kind-$round" "$port"
+  wait_ready "$port"
   echo "## $kind (round $round)" >&2
   "$bin/tallyd-loadgen" --url "http://127.0.0.1:$port" --duration-secs "${DURATION:-30}" \
     --late-pct 5 --json-out "$dir/$kind-$round.json" "$@" >&2
