@@ -248,18 +248,7 @@ impl Generator {
     fn otlp_request(
         &mut self,
     ) -> opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
-        use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-        use opentelemetry_proto::tonic::metrics::v1::{
-            metric, number_data_point, AggregationTemporality, Metric, NumberDataPoint, ResourceMetrics,
-            ScopeMetrics, Sum,
-        };
-        let text = |key: &str, value: String| KeyValue {
-            key: key.into(),
-            value: Some(AnyValue {
-                value: Some(any_value::Value::StringValue(value)),
-            }),
-            ..Default::default()
-        };
+        use opentelemetry_proto::tonic::metrics::v1::{number_data_point, NumberDataPoint};
         let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
         let mut by_tenant: std::collections::BTreeMap<usize, Vec<NumberDataPoint>> = Default::default();
         for _ in 0..self.args.batch_size {
@@ -269,37 +258,18 @@ impl Generator {
             // Distinct (start, time) per point of a stream; a duplicate repeats its original's.
             let time = self.started_ns + id * 1000 + self.worker as u64;
             by_tenant.entry(tenant).or_default().push(NumberDataPoint {
-                attributes: vec![text("http.route", format!("/v1/r{route}"))],
+                attributes: vec![text_attribute("http.route", &format!("/v1/r{route}"))],
                 start_time_unix_nano: time - 1,
                 time_unix_nano: time.min(now_ns),
                 value: Some(number_data_point::Value::AsInt(point_rng.gen_range(1..100))),
                 ..Default::default()
             });
         }
-        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
-            resource_metrics: by_tenant
+        delta_requests(
+            by_tenant
                 .into_iter()
-                .map(|(tenant, points)| ResourceMetrics {
-                    resource: Some(opentelemetry_proto::tonic::resource::v1::Resource {
-                        attributes: vec![text("tenant.id", format!("tenant-{tenant}"))],
-                        ..Default::default()
-                    }),
-                    scope_metrics: vec![ScopeMetrics {
-                        metrics: vec![Metric {
-                            name: "http.server.requests".into(),
-                            data: Some(metric::Data::Sum(Sum {
-                                data_points: points,
-                                aggregation_temporality: AggregationTemporality::Delta as i32,
-                                is_monotonic: true,
-                            })),
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                })
-                .collect(),
-        }
+                .map(|(tenant, points)| (format!("tenant-{tenant}"), points)),
+        )
     }
 
     fn batch(&mut self) -> (Vec<u8>, usize) {
@@ -349,6 +319,55 @@ impl Generator {
             }));
         }
         events
+    }
+}
+
+fn text_attribute(key: &str, value: &str) -> opentelemetry_proto::tonic::common::v1::KeyValue {
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// An export request of monotonic delta `http.server.requests` points, one resource per tenant.
+fn delta_requests(
+    tenants: impl IntoIterator<
+        Item = (
+            String,
+            Vec<opentelemetry_proto::tonic::metrics::v1::NumberDataPoint>,
+        ),
+    >,
+) -> opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
+    use opentelemetry_proto::tonic::metrics::v1::{
+        metric, AggregationTemporality, Metric, ResourceMetrics, ScopeMetrics, Sum,
+    };
+    opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
+        resource_metrics: tenants
+            .into_iter()
+            .map(|(tenant, points)| ResourceMetrics {
+                resource: Some(opentelemetry_proto::tonic::resource::v1::Resource {
+                    attributes: vec![text_attribute("tenant.id", &tenant)],
+                    ..Default::default()
+                }),
+                scope_metrics: vec![ScopeMetrics {
+                    metrics: vec![Metric {
+                        name: "http.server.requests".into(),
+                        data: Some(metric::Data::Sum(Sum {
+                            data_points: points,
+                            aggregation_temporality: AggregationTemporality::Delta as i32,
+                            is_monotonic: true,
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect(),
     }
 }
 
@@ -693,12 +712,7 @@ impl Probes {
 /// and the next one waits for the total to catch up first, so one lost probe cannot make every
 /// later one look instant.
 async fn probe(mut target: Target, args: Args, deadline: Instant) -> anyhow::Result<Probes> {
-    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-    use opentelemetry_proto::tonic::metrics::v1::{
-        metric, number_data_point, AggregationTemporality, Metric, NumberDataPoint, ResourceMetrics,
-        ScopeMetrics, Sum,
-    };
+    use opentelemetry_proto::tonic::metrics::v1::{number_data_point, NumberDataPoint};
     let tenant = format!("probe-{}-{}", args.seed, chrono::Utc::now().timestamp_millis());
     let meter = match target {
         Target::Http { .. } => "api_calls",
@@ -731,13 +745,6 @@ async fn probe(mut target: Target, args: Args, deadline: Instant) -> anyhow::Res
                 .round() as u64,
         )
     };
-    let text = |key: &str, value: &str| KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
-        ..Default::default()
-    };
     let mut probes = Probes {
         latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         sent: 0,
@@ -761,33 +768,16 @@ async fn probe(mut target: Target, args: Args, deadline: Instant) -> anyhow::Res
                 "time": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
                 "data": {"route": "/probe", "method": "GET"},
             }]))?),
-            Target::OtlpGrpc(_) | Target::OtlpHttp { .. } => Payload::Otlp(ExportMetricsServiceRequest {
-                resource_metrics: vec![ResourceMetrics {
-                    resource: Some(opentelemetry_proto::tonic::resource::v1::Resource {
-                        attributes: vec![text("tenant.id", &tenant)],
-                        ..Default::default()
-                    }),
-                    scope_metrics: vec![ScopeMetrics {
-                        metrics: vec![Metric {
-                            name: "http.server.requests".into(),
-                            data: Some(metric::Data::Sum(Sum {
-                                data_points: vec![NumberDataPoint {
-                                    attributes: vec![text("http.route", "/probe")],
-                                    start_time_unix_nano: last_ns,
-                                    time_unix_nano: now_ns,
-                                    value: Some(number_data_point::Value::AsInt(1)),
-                                    ..Default::default()
-                                }],
-                                aggregation_temporality: AggregationTemporality::Delta as i32,
-                                is_monotonic: true,
-                            })),
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }],
+            Target::OtlpGrpc(_) | Target::OtlpHttp { .. } => Payload::Otlp(delta_requests([(
+                tenant.clone(),
+                vec![NumberDataPoint {
+                    attributes: vec![text_attribute("http.route", "/probe")],
+                    start_time_unix_nano: last_ns,
+                    time_unix_nano: now_ns,
+                    value: Some(number_data_point::Value::AsInt(1)),
                     ..Default::default()
                 }],
-            }),
+            )])),
         };
         last_ns = now_ns;
         let scratch = Totals::default();
