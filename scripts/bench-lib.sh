@@ -9,7 +9,7 @@ cargo build --release --locked --bins >&2
 bin="$CARGO_TARGET_DIR/release"
 dir=$(mktemp -d)
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"' EXIT
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EXIT
 
 # wait_ready PORT [TRIES]: until tallyd (or a baseline server) on PORT answers /readyz.
 wait_ready() {
