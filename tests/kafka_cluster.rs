@@ -217,51 +217,20 @@ group_by = { route = "http.route" }
 
 /// One OTLP/HTTP protobuf export of one `http.server.requests` sum point for `tenant`.
 fn otlp_sum(tenant: &str, value: i64, start_ns: u64, time_ns: u64, cumulative: bool) -> Vec<u8> {
+    use common::otlp::{int, point, sum_resource};
     use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-    use opentelemetry_proto::tonic::metrics::v1::{
-        metric, number_data_point, AggregationTemporality, Metric, NumberDataPoint, ResourceMetrics,
-        ScopeMetrics, Sum,
-    };
-    use opentelemetry_proto::tonic::resource::v1::Resource;
-    let attribute = |key: &str, value: &str| KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
-        ..Default::default()
-    };
+    use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
     let temporality = if cumulative {
         AggregationTemporality::Cumulative
     } else {
         AggregationTemporality::Delta
     };
     let request = ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            resource: Some(Resource {
-                attributes: vec![attribute("tenant.id", tenant)],
-                ..Default::default()
-            }),
-            scope_metrics: vec![ScopeMetrics {
-                metrics: vec![Metric {
-                    name: "http.server.requests".into(),
-                    data: Some(metric::Data::Sum(Sum {
-                        data_points: vec![NumberDataPoint {
-                            attributes: vec![attribute("http.route", "/checkout")],
-                            start_time_unix_nano: start_ns,
-                            time_unix_nano: time_ns,
-                            value: Some(number_data_point::Value::AsInt(value)),
-                            ..Default::default()
-                        }],
-                        aggregation_temporality: temporality as i32,
-                        is_monotonic: true,
-                    })),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
+        resource_metrics: vec![sum_resource(
+            Some(tenant),
+            temporality,
+            vec![point("/checkout", start_ns, time_ns, int(value))],
+        )],
     };
     prost::Message::encode_to_vec(&request)
 }

@@ -559,6 +559,15 @@ mod tests {
             .sum()
     }
 
+    /// Hands a snapshot the test held back to the checkpoint stage and waits until it left
+    /// `flushing` (committed).
+    fn commit_held(stages: &Stages, snapshot: Arc<crate::store::checkpoint::Snapshot>) {
+        stages.checkpoints.send(snapshot).unwrap();
+        while !stages.shared.flushing.read().is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The window a checkpoint opens by committing without holding `flushing`: its batch is in
     /// the store while its snapshot is still listed. Queries then count it once, from the store.
     #[test]
@@ -600,10 +609,7 @@ mod tests {
         let next = receiver.recv().unwrap();
         assert!(next.generation > snapshot.generation);
         assert_eq!(tokens(&shared), 50);
-        stages.checkpoints.send(next).unwrap();
-        while !shared.flushing.read().is_empty() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        commit_held(&stages, next);
         assert_eq!(tokens(&shared), 50);
         drop((folder, shared));
         assert!(stages.drain());
@@ -617,10 +623,7 @@ mod tests {
         assert!(matches!(shared.try_snapshot(&sender), SnapshotCut::Cut(_)));
         let pending = receiver.recv().unwrap();
         assert_eq!(tokens(&shared), 55);
-        stages.checkpoints.send(pending).unwrap();
-        while !shared.flushing.read().is_empty() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        commit_held(&stages, pending);
         assert_eq!(tokens(&shared), 55);
         drop((folder, shared));
         assert!(stages.drain());

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub mod kafka;
+pub mod otlp;
 pub mod rated;
 
 /// Meters used by the black-box tests: one per aggregation, from the seed pricing.
