@@ -149,7 +149,10 @@ fn describe() {
         "seconds a push request spends preparing (decode, map, dedup) and waiting for its durable commit"
     );
     describe_gauge!(ACTIVE_SERIES, "series with usage not yet checkpointed");
-    describe_gauge!(DEDUP_PENDING, "dedup keys not yet checkpointed");
+    describe_gauge!(
+        DEDUP_PENDING,
+        "dedup keys held in memory: in flight, or checkpointed and staged until the store ingests them"
+    );
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "checkpoint duration");
     describe_counter!(CHECKPOINT_BYTES, Unit::Bytes, "bytes written by checkpoints");
     describe_counter!(CHECKPOINT_SERIES, "series deltas written by checkpoints");

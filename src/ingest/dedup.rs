@@ -121,6 +121,8 @@ mod tests {
             )
             .unwrap();
         store.commit_checkpoint(prepared).unwrap();
+        // (In the daemon, memory holds a committed key until the store ingests it.)
+        assert_eq!(store.ingest_staged_dedup().unwrap(), [1]);
         assert!(index.reserve(2));
         let fresh = index.claim(&store, &[1, 2, 3, 3, 4], 1_000, 86_400).unwrap();
         assert_eq!(fresh, [false, false, true, false, true]);

@@ -1,5 +1,6 @@
 //! The checkpoint stage, one dedicated thread: writes each snapshot in one WriteBatch, then
-//! releases what that batch made durable (in-memory dedup keys, ingest-log segments) and
+//! releases what that batch made durable (ingest-log segments, in-memory dedup keys once the
+//! store ingested them) and
 //! delivers the window and rated records it queued to the file emitter (the other emitters
 //! follow the outbox on their own threads).
 //!
@@ -43,6 +44,11 @@ impl CheckpointLoop {
             let mut generations = self.shared.generations.lock();
             generations.durable = generations.durable.max(snapshot.generation);
             self.shared.generation_durable.notify_all();
+        }
+        // Not needed for correctness (startup ingests committed runs), only for a quick start.
+        match self.shared.store.ingest_staged_dedup() {
+            Ok(keys) => self.shared.dedup.remove_all(&keys),
+            Err(error) => tracing::warn!(%error, "staged dedup keys left to the next start"),
         }
         tracing::debug!("checkpoint stage stopped");
     }
@@ -88,12 +94,13 @@ impl CheckpointLoop {
         // Written without holding `flushing`: a query that sees this batch in its store snapshot
         // also sees its generation there and skips the snapshot while it is still listed, so it
         // never counts it twice nor misses it, and queries do not stall behind the fsync.
-        let stats = shared.store.commit_checkpoint(prepared)?;
+        let (stats, ingested_dedup) = shared.store.commit_checkpoint(prepared)?;
         shared
             .flushing
             .write()
             .retain(|pending| !Arc::ptr_eq(pending, snapshot));
-        shared.dedup.remove_all(&snapshot.dedup_keys);
+        // Committed dedup keys stay reserved in memory until the store has them in bulk.
+        shared.dedup.remove_all(&ingested_dedup);
         if let Some(next) = snapshot.position(INGEST_LOG_SOURCE) {
             shared.durable_log_seq.store(next, Ordering::Release);
         }

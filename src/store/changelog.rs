@@ -297,6 +297,7 @@ impl RocksStore {
         };
         let closed_before = self.closed_before();
         let mut batch = WriteBatch::default();
+        let dedup_cf = self.dedup_cf()?;
         for chunk in flushes.iter().flatten() {
             for entry in &chunk.series {
                 let name = keys::decode_series_suffix(&entry.suffix).ok_or_else(|| StoreError::Corrupt {
@@ -323,10 +324,14 @@ impl RocksStore {
                 }
             }
             for key in &chunk.dedup_keys {
-                batch.put(keys::dedup_key(*key), (chunk.seen_secs as u64).to_be_bytes());
+                batch.put_cf(
+                    dedup_cf,
+                    keys::dedup_key(*key),
+                    (chunk.seen_secs as u64).to_be_bytes(),
+                );
             }
             for (key, seen_secs) in &chunk.dedup_seen {
-                batch.put(keys::dedup_key(*key), (*seen_secs as u64).to_be_bytes());
+                batch.put_cf(dedup_cf, keys::dedup_key(*key), (*seen_secs as u64).to_be_bytes());
             }
         }
         batch.put(keys::position_key(source), position.to_be_bytes());

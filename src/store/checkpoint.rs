@@ -1,8 +1,10 @@
 //! One checkpoint = one RocksDB WriteBatch holding, atomically:
-//! the changed series (merge operands), the new dedup keys, the ingest-log position they reflect,
+//! the changed series (merge operands), the ingest-log position they reflect, its generation,
 //! the close index for still-open windows, and the window records of windows that closed (or were
 //! amended by late events) with their revisions and their rated records (`rated`), queued in
 //! the outbox for the emitters.
+//!
+//! Its new dedup keys are written as a run file just before the batch (`dedup`).
 //!
 //! A crash before the batch commits loses nothing (the ingest log is replayed from the previous
 //! position); after it commits, the log up to the position may be deleted.
@@ -89,6 +91,10 @@ pub struct CheckpointStats {
 
 pub struct Prepared {
     batch: WriteBatch,
+    generation: u64,
+    /// The snapshot's dedup keys, sorted.
+    dedup_run: Vec<u128>,
+    seen_secs: i64,
     /// Close-index keys this batch writes, remembered once it commits.
     new_index: FxHashSet<Vec<u8>>,
     closed_before: i64,
@@ -277,12 +283,10 @@ impl RocksStore {
         }
         rating.finish(&mut batch);
 
-        let mut dedup_keys = snapshot.dedup_keys.clone();
-        dedup_keys.sort_unstable();
-        for dedup_key in &dedup_keys {
-            batch.put(keys::dedup_key(*dedup_key), (now_secs as u64).to_be_bytes());
-        }
-        stats.dedup_keys = snapshot.dedup_keys.len();
+        // Dedup keys go to the store as a run ingested after the batch (`store::dedup`).
+        let mut dedup_run = snapshot.dedup_keys.clone();
+        dedup_run.sort_unstable();
+        stats.dedup_keys = dedup_run.len();
         let mut streams: Vec<_> = snapshot.streams.iter().collect();
         streams.sort_unstable_by_key(|(stream, _)| *stream);
         for (stream, state) in streams {
@@ -310,6 +314,9 @@ impl RocksStore {
         }
         Ok(Prepared {
             batch,
+            generation: snapshot.generation,
+            dedup_run,
+            seen_secs: now_secs,
             new_index,
             closed_before: closed_before_new,
             outbox_next,
@@ -382,9 +389,24 @@ impl RocksStore {
         ))
     }
 
-    /// Commits a prepared checkpoint durably (synced WAL).
-    pub fn commit_checkpoint(&self, prepared: Prepared) -> Result<CheckpointStats, StoreError> {
+    /// Commits a prepared checkpoint durably: its dedup run file, then its batch (synced WAL);
+    /// then stages the run (`store::dedup`). An error means the batch did not commit. Returns
+    /// the dedup keys that moved into the store's column family with this call, which memory
+    /// may now forget (none, usually: they move in bulk).
+    pub fn commit_checkpoint(&self, prepared: Prepared) -> Result<(CheckpointStats, Vec<u128>), StoreError> {
+        let stats = prepared.stats;
+        // A run left by a failed batch is rewritten by the retry (same generation) or discarded
+        // at startup (uncommitted generation).
+        self.write_dedup_run(prepared.generation, &prepared.dedup_run, prepared.seen_secs)?;
         self.write(prepared.batch, true)?;
+        let ingested = self
+            .stage_dedup_run(prepared.generation, prepared.dedup_run, prepared.seen_secs, false)
+            .unwrap_or_else(|error| {
+                // The keys stay staged (in memory and in their run files); the next checkpoint
+                // tries again.
+                tracing::error!(%error, "dedup keys not ingested yet");
+                Vec::new()
+            });
         let mut indexed = self.indexed_windows.lock();
         indexed.extend(prepared.new_index);
         // Closed windows' index keys were deleted by this batch; forget them here too.
@@ -394,7 +416,7 @@ impl RocksStore {
         self.closed_before
             .store(prepared.closed_before, Ordering::Release);
         self.outbox_next.store(prepared.outbox_next, Ordering::Release);
-        Ok(prepared.stats)
+        Ok((stats, ingested))
     }
 }
 

@@ -7,7 +7,8 @@
 //! W | window_end | meter | tenant | window_start        → ()  a tenant's window of a meter not yet
 //!                                                          closed (close index; its series are the
 //!                                                          A keys with that prefix)
-//! D | u128 BE                                   → u64 BE first-seen unix secs (dedup key)
+//! D | u128 BE                                   → u64 BE first-seen unix secs (dedup key; in
+//!                                                  the `dedup` column family, see `dedup.rs`)
 //! P | source name                               → u64 BE next position (e.g. ingest log sequence)
 //! O | u64 BE                                    → JSON line waiting for the file emitter (outbox)
 //! M | name                                      → metadata (close watermark, meter guards, ...)

@@ -5,16 +5,18 @@
 //! horizon. Callers must run every method off the async executor (they block on disk).
 //!
 //! Invariant: a source position is only ever written in the same WriteBatch as the aggregates
-//! and dedup keys that it reflects (see `checkpoint`).
+//! that it reflects (see `checkpoint`); the dedup keys of that batch are durable before it and
+//! reach the dedup column family after it (see `dedup`).
 
 pub mod changelog;
 pub mod checkpoint;
+mod dedup;
 pub mod keys;
 pub mod log;
 pub mod rated;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use rocksdb::{
@@ -78,7 +80,16 @@ pub struct RocksStore {
     indexed_windows: parking_lot::Mutex<rustc_hash::FxHashSet<Vec<u8>>>,
     /// Registered emitters' cursors (next outbox sequence each must deliver).
     emitters: parking_lot::Mutex<HashMap<String, u64>>,
+    /// Options of the dedup column family, which its ingested runs must be written with.
+    dedup_options: Options,
+    /// Where checkpoints write their runs of dedup keys (see `dedup`).
+    dedup_dir: PathBuf,
+    staged: parking_lot::Mutex<dedup::Staged>,
 }
+
+/// Column family of the dedup keys (`D` keys): written as ingested sorted files, not through
+/// the memtable (see `dedup`).
+const DEDUP_CF: &str = "dedup";
 
 /// Position name of the local ingest log (HTTP and, later, OTLP batches).
 pub const INGEST_LOG_SOURCE: &str = "ingest-log";
@@ -108,29 +119,46 @@ fn unix_now_secs() -> i64 {
     crate::model::now_ms().div_euclid(1000)
 }
 
+/// The dedup column family: random 16-byte keys that do not compress, looked up in batches that
+/// mostly miss (a bloom filter per file answers those from memory), dropped by compaction once
+/// past the horizon. Its files arrive ingested (`dedup`).
+fn dedup_cf_options(cache: &rocksdb::Cache, dedup_horizon_secs: i64) -> Options {
+    let mut options = Options::default();
+    options.set_compression_type(DBCompressionType::None);
+    options.set_compaction_filter(
+        "tallyd_dedup_horizon_v1",
+        move |_level: u32, _key: &[u8], value: &[u8]| {
+            use rocksdb::compaction_filter::Decision;
+            match value.try_into().map(u64::from_be_bytes) {
+                Ok(first_seen) if (first_seen as i64) < unix_now_secs() - dedup_horizon_secs => {
+                    Decision::Remove
+                }
+                _ => Decision::Keep,
+            }
+        },
+    );
+    let mut table = BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_block_cache(cache);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    options.set_block_based_table_factory(&table);
+    options
+}
+
 impl RocksStore {
     pub fn open(path: &Path, retention_secs: i64, dedup_horizon_secs: i64) -> Result<RocksStore, StoreError> {
         let mut options = Options::default();
         options.create_if_missing(true);
+        options.create_missing_column_families(true);
         options.set_compression_type(DBCompressionType::Lz4);
-        // Dedup keys (one per event, random 16 bytes) dominate what is written and do not
-        // compress: the first two levels, rewritten most often by compaction, stay plain, and
-        // larger memtables mean fewer L0 files to compact (Kafka pipeline bench: 306–357 k →
-        // 371–397 k events/s, BENCHMARKS.md §5).
-        options.set_compression_per_level(&[
-            DBCompressionType::None,
-            DBCompressionType::None,
-            DBCompressionType::Lz4,
-            DBCompressionType::Lz4,
-            DBCompressionType::Lz4,
-            DBCompressionType::Lz4,
-            DBCompressionType::Lz4,
-        ]);
-        options.set_write_buffer_size(128 << 20);
+        // What the memtables hold is replayed from the WAL after a crash; RocksDB's default
+        // size keeps that replay short (dedup keys, the bulk of all writes, bypass it).
+        options.set_write_buffer_size(64 << 20);
         options.set_merge_operator_associative("tallyd_aggregate_v1", merge_aggregates);
         options.set_compaction_filter(
             "tallyd_retention_v1",
-            move |_level: u32, key: &[u8], value: &[u8]| {
+            move |_level: u32, key: &[u8], _value: &[u8]| {
                 use rocksdb::compaction_filter::Decision;
                 let now = unix_now_secs();
                 match key.first() {
@@ -141,48 +169,44 @@ impl RocksStore {
                         Some(start) if start < now - retention_secs => Decision::Remove,
                         _ => Decision::Keep,
                     },
-                    Some(&keys::DEDUP) => match value.try_into().map(u64::from_be_bytes) {
-                        Ok(first_seen) if (first_seen as i64) < now - dedup_horizon_secs => Decision::Remove,
-                        _ => Decision::Keep,
-                    },
                     _ => Decision::Keep,
                 }
             },
         );
+        // Filters and index blocks must stay cached: with the crate's 8 MB default, millions of
+        // dedup keys' filters were evicted and re-read (and checksummed) on every lookup batch,
+        // 53 % of a Kafka consumer's CPU. L0 filters (the newest keys, the most looked up) are
+        // pinned. One cache serves both column families.
+        let cache = rocksdb::Cache::new_lru_cache(256 << 20);
         let mut table = BlockBasedOptions::default();
-        // Dedup lookups are point reads that mostly miss: a bloom filter answers them from memory.
         table.set_bloom_filter(10.0, false);
         table.set_cache_index_and_filter_blocks(true);
-        // Filters must stay cached: with the crate's 8 MB default, millions of dedup keys'
-        // filters were evicted and re-read (and checksummed) on every lookup batch, 53 % of a
-        // Kafka consumer's CPU. L0 filters (the newest keys, the most looked up) are pinned.
-        table.set_block_cache(&rocksdb::Cache::new_lru_cache(256 << 20));
+        table.set_block_cache(&cache);
         table.set_pin_l0_filter_and_index_blocks_in_cache(true);
         options.set_block_based_table_factory(&table);
-        // Most dedup lookups miss, and most of those hit the memtable first: a memtable bloom
-        // filter answers them without walking the skiplist (that walk was ~19 % of the daemon's
-        // CPU under HTTP load).
-        options.set_memtable_prefix_bloom_ratio(0.1);
-        options.set_memtable_whole_key_filtering(true);
         options.increase_parallelism(2);
 
-        // The default column family is opened by name so that its handle exists for the
-        // sorted batched lookups (`dedup_seen`).
-        // (Its descriptor must carry the same options: merge operator, filter, compaction.)
+        let dedup_options = dedup_cf_options(&cache, dedup_horizon_secs);
         let default_cf =
             rocksdb::ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, options.clone());
-        let db = DB::open_cf_descriptors(&options, path, [default_cf])?;
+        let dedup_cf = rocksdb::ColumnFamilyDescriptor::new(DEDUP_CF, dedup_options.clone());
+        let db = DB::open_cf_descriptors(&options, path, [default_cf, dedup_cf])?;
         let outbox_next = read_u64(&db, &keys::meta_key(META_OUTBOX_NEXT))?.unwrap_or(0);
         let closed_before = read_u64(&db, &keys::meta_key(META_CLOSED_BEFORE))?
             .map(|v| v as i64)
             .unwrap_or(i64::MIN);
-        Ok(RocksStore {
+        let store = RocksStore {
             db,
             outbox_next: AtomicU64::new(outbox_next),
             closed_before: AtomicI64::new(closed_before),
             indexed_windows: Default::default(),
             emitters: Default::default(),
-        })
+            dedup_options,
+            dedup_dir: path.join("dedup-runs"),
+            staged: Default::default(),
+        };
+        store.recover_dedup_runs()?;
+        Ok(store)
     }
 
     /// Records each configured meter's shape, refusing a change that would reinterpret stored
@@ -263,38 +287,6 @@ impl RocksStore {
     /// A source's checkpointed next position, if it ever had one.
     pub fn position(&self, source: &str) -> Result<Option<u64>, StoreError> {
         read_u64(&self.db, &keys::position_key(source))
-    }
-
-    /// For each dedup key, whether it was checkpointed within the horizon.
-    pub fn dedup_seen(
-        &self,
-        dedup_keys: &[u128],
-        now_secs: i64,
-        horizon_secs: i64,
-    ) -> Result<Vec<bool>, StoreError> {
-        // Sorted lookups let RocksDB skip its own sort and walk each file once (the sort was
-        // ~9 % of a Kafka consumer's CPU); answers go back in the caller's order.
-        let mut order: Vec<usize> = (0..dedup_keys.len()).collect();
-        order.sort_unstable_by_key(|i| dedup_keys[*i]);
-        let lookups: Vec<[u8; 17]> = order.iter().map(|i| keys::dedup_key(dedup_keys[*i])).collect();
-        let Some(cf) = self.db.cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME) else {
-            return Err(StoreError::Corrupt {
-                what: "column family",
-                detail: "default column family missing".into(),
-            });
-        };
-        let mut out = vec![false; dedup_keys.len()];
-        for (slot, result) in order.iter().zip(self.db.batched_multi_get_cf(cf, &lookups, true)) {
-            out[*slot] = match result? {
-                // Expired keys may linger until compaction; they no longer count.
-                Some(value) => match <[u8; 8]>::try_from(&*value) {
-                    Ok(bytes) => (u64::from_be_bytes(bytes) as i64) >= now_secs - horizon_secs,
-                    Err(_) => true,
-                },
-                None => false,
-            };
-        }
-        Ok(out)
     }
 
     pub fn snapshot(&self) -> SnapshotWithThreadMode<'_, DB> {
@@ -477,6 +469,9 @@ impl RocksStore {
     /// Compacts the whole key space now (applies retention immediately; used by tests and ops).
     pub fn compact_all(&self) {
         self.db.compact_range::<&[u8], &[u8]>(None, None);
+        if let Ok(cf) = self.dedup_cf() {
+            self.db.compact_range_cf::<&[u8], &[u8]>(cf, None, None);
+        }
     }
 
     /// Approximate on-disk size, for metrics.
@@ -589,6 +584,9 @@ mod tests {
         checkpoint(&store, &names, &catalog, snapshot, NOW + 30);
         assert!(lines(&store).is_empty());
         assert_eq!(store.ingest_log_position().unwrap(), 5);
+        // Staged (the daemon's memory answers for it) until the store ingests it in bulk.
+        assert_eq!(store.dedup_seen(&[42], NOW + 30, 86_400).unwrap(), vec![false]);
+        assert_eq!(store.ingest_staged_dedup().unwrap(), [42]);
         assert_eq!(
             store.dedup_seen(&[42, 43], NOW + 30, 86_400).unwrap(),
             vec![true, false]
@@ -668,9 +666,11 @@ mod tests {
         let mut batch = WriteBatch::default();
         batch.put(&old, AggState::Sum(1.into()).encode());
         batch.put(&fresh, AggState::Sum(2.into()).encode());
-        batch.put(keys::dedup_key(1), ((now - 200) as u64).to_be_bytes());
-        batch.put(keys::dedup_key(2), (now as u64).to_be_bytes());
         store.write(batch, true).unwrap();
+        for (key, seen) in [(1, now - 200), (2, now)] {
+            store.write_dedup_run(0, &[key], seen).unwrap();
+            assert_eq!(store.stage_dedup_run(0, vec![key], seen, true).unwrap(), [key]);
+        }
         // Expired dedup keys stop counting before compaction removes them.
         assert_eq!(store.dedup_seen(&[1, 2], now, 100).unwrap(), vec![false, true]);
         store.compact_all();
@@ -679,11 +679,12 @@ mod tests {
             "window past retention is dropped"
         );
         assert!(store.get(&fresh).unwrap().is_some());
+        let dedup_cf = store.dedup_cf().unwrap();
         assert!(
-            store.get(&keys::dedup_key(1)).unwrap().is_none(),
+            store.db.get_cf(dedup_cf, keys::dedup_key(1)).unwrap().is_none(),
             "dedup key past horizon is dropped"
         );
-        assert!(store.get(&keys::dedup_key(2)).unwrap().is_some());
+        assert!(store.db.get_cf(dedup_cf, keys::dedup_key(2)).unwrap().is_some());
     }
 
     #[test]
@@ -766,6 +767,7 @@ mod tests {
             Some(400)
         );
         assert_eq!(replica.position(&source).unwrap(), Some(400));
+        assert_eq!(origin.ingest_staged_dedup().unwrap().len(), 4);
         for store in [&origin, &replica] {
             let snapshot = store.snapshot();
             let rows = store
