@@ -100,7 +100,15 @@ impl CheckpointLoop {
             .write()
             .retain(|pending| !Arc::ptr_eq(pending, snapshot));
         // Committed dedup keys stay reserved in memory until the store has them in bulk.
+        let forget_started = Instant::now();
         shared.dedup.remove_all(&ingested_dedup);
+        if !ingested_dedup.is_empty() {
+            tracing::debug!(
+                keys = ingested_dedup.len(),
+                elapsed_ms = forget_started.elapsed().as_millis() as u64,
+                "dedup keys forgotten in memory"
+            );
+        }
         if let Some(next) = snapshot.position(INGEST_LOG_SOURCE) {
             shared.durable_log_seq.store(next, Ordering::Release);
         }

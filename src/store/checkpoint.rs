@@ -1,10 +1,9 @@
 //! One checkpoint = one RocksDB WriteBatch holding, atomically:
-//! the changed series (merge operands), the ingest-log position they reflect, its generation,
+//! the changed series (merge operands), their new dedup keys (one value, see `dedup`), the
+//! ingest-log position they reflect, the checkpoint generation,
 //! the close index for still-open windows, and the window records of windows that closed (or were
 //! amended by late events) with their revisions and their rated records (`rated`), queued in
 //! the outbox for the emitters.
-//!
-//! Its new dedup keys are written as a run file just before the batch (`dedup`).
 //!
 //! A crash before the batch commits loses nothing (the ingest log is replayed from the previous
 //! position); after it commits, the log up to the position may be deleted.
@@ -283,10 +282,16 @@ impl RocksStore {
         }
         rating.finish(&mut batch);
 
-        // Dedup keys go to the store as a run ingested after the batch (`store::dedup`).
+        // The dedup keys travel as one value, staged and ingested in bulk later (`dedup`).
         let mut dedup_run = snapshot.dedup_keys.clone();
         dedup_run.sort_unstable();
         stats.dedup_keys = dedup_run.len();
+        if !dedup_run.is_empty() {
+            batch.put(
+                keys::dedup_run_key(snapshot.generation),
+                super::dedup::encode_run(&dedup_run, now_secs),
+            );
+        }
         let mut streams: Vec<_> = snapshot.streams.iter().collect();
         streams.sort_unstable_by_key(|(stream, _)| *stream);
         for (stream, state) in streams {
@@ -389,20 +394,17 @@ impl RocksStore {
         ))
     }
 
-    /// Commits a prepared checkpoint durably: its dedup run file, then its batch (synced WAL);
-    /// then stages the run (`store::dedup`). An error means the batch did not commit. Returns
+    /// Commits a prepared checkpoint durably (synced WAL), then stages its dedup run
+    /// (`store::dedup`). An error means the batch did not commit. Returns
     /// the dedup keys that moved into the store's column family with this call, which memory
     /// may now forget (none, usually: they move in bulk).
     pub fn commit_checkpoint(&self, prepared: Prepared) -> Result<(CheckpointStats, Vec<u128>), StoreError> {
         let stats = prepared.stats;
-        // A run left by a failed batch is rewritten by the retry (same generation) or discarded
-        // at startup (uncommitted generation).
-        self.write_dedup_run(prepared.generation, &prepared.dedup_run, prepared.seen_secs)?;
         self.write(prepared.batch, true)?;
         let ingested = self
             .stage_dedup_run(prepared.generation, prepared.dedup_run, prepared.seen_secs, false)
             .unwrap_or_else(|error| {
-                // The keys stay staged (in memory and in their run files); the next checkpoint
+                // The keys stay staged (in memory and in their `d` values); the next checkpoint
                 // tries again.
                 tracing::error!(%error, "dedup keys not ingested yet");
                 Vec::new()

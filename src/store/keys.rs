@@ -9,6 +9,8 @@
 //!                                                          A keys with that prefix)
 //! D | u128 BE                                   → u64 BE first-seen unix secs (dedup key; in
 //!                                                  the `dedup` column family, see `dedup.rs`)
+//! d | generation u64 BE                        → u64 BE first-seen secs, then u128 BE keys:
+//!                                                  a checkpoint's dedup keys, until ingested
 //! P | source name                               → u64 BE next position (e.g. ingest log sequence)
 //! O | u64 BE                                    → JSON line waiting for the file emitter (outbox)
 //! M | name                                      → metadata (close watermark, meter guards, ...)
@@ -26,6 +28,7 @@ pub const AGGREGATE: u8 = b'A';
 pub const REVISION: u8 = b'R';
 pub const OPEN_WINDOW: u8 = b'W';
 pub const DEDUP: u8 = b'D';
+pub const DEDUP_RUN: u8 = b'd';
 pub const POSITION: u8 = b'P';
 pub const OUTBOX: u8 = b'O';
 pub const META: u8 = b'M';
@@ -187,6 +190,13 @@ pub fn dedup_key(key: u128) -> [u8; 17] {
     let mut out = [0u8; 17];
     out[0] = DEDUP;
     out[1..].copy_from_slice(&key.to_be_bytes());
+    out
+}
+
+pub fn dedup_run_key(generation: u64) -> [u8; 9] {
+    let mut out = [0u8; 9];
+    out[0] = DEDUP_RUN;
+    out[1..].copy_from_slice(&generation.to_be_bytes());
     out
 }
 

@@ -5,8 +5,8 @@
 //! horizon. Callers must run every method off the async executor (they block on disk).
 //!
 //! Invariant: a source position is only ever written in the same WriteBatch as the aggregates
-//! that it reflects (see `checkpoint`); the dedup keys of that batch are durable before it and
-//! reach the dedup column family after it (see `dedup`).
+//! and dedup keys that it reflects (see `checkpoint`; the keys reach their column family later,
+//! see `dedup`).
 
 pub mod changelog;
 pub mod checkpoint;
@@ -82,7 +82,7 @@ pub struct RocksStore {
     emitters: parking_lot::Mutex<HashMap<String, u64>>,
     /// Options of the dedup column family, which its ingested runs must be written with.
     dedup_options: Options,
-    /// Where checkpoints write their runs of dedup keys (see `dedup`).
+    /// Where dedup keys' SST files are built before ingestion (see `dedup`).
     dedup_dir: PathBuf,
     staged: parking_lot::Mutex<dedup::Staged>,
 }
@@ -202,7 +202,7 @@ impl RocksStore {
             indexed_windows: Default::default(),
             emitters: Default::default(),
             dedup_options,
-            dedup_dir: path.join("dedup-runs"),
+            dedup_dir: path.join("dedup-ingest"),
             staged: Default::default(),
         };
         store.recover_dedup_runs()?;
@@ -668,7 +668,6 @@ mod tests {
         batch.put(&fresh, AggState::Sum(2.into()).encode());
         store.write(batch, true).unwrap();
         for (key, seen) in [(1, now - 200), (2, now)] {
-            store.write_dedup_run(0, &[key], seen).unwrap();
             assert_eq!(store.stage_dedup_run(0, vec![key], seen, true).unwrap(), [key]);
         }
         // Expired dedup keys stop counting before compaction removes them.
