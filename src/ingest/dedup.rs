@@ -106,21 +106,7 @@ mod tests {
         let store = crate::store::RocksStore::open(dir.path(), 86_400, 86_400).unwrap();
         let index = DedupIndex::default();
         // Key 1 is durable (checkpointed), key 2 is in flight elsewhere, 3 repeats in the batch.
-        let snapshot = crate::store::checkpoint::Snapshot {
-            dedup_keys: vec![1],
-            ..Default::default()
-        };
-        let prepared = store
-            .prepare_checkpoint(
-                &snapshot,
-                &Default::default(),
-                &Default::default(),
-                1_000,
-                60,
-                &Default::default(),
-            )
-            .unwrap();
-        store.commit_checkpoint(prepared).unwrap();
+        store.commit_dedup_keys_for_tests(0, vec![1], 1_000);
         // (In the daemon, memory holds a committed key until the store ingests it.)
         assert_eq!(store.ingest_staged_dedup().unwrap(), [1]);
         assert!(index.reserve(2));

@@ -40,6 +40,9 @@ pub(super) struct Staged {
     since: Option<Instant>,
 }
 
+/// A RocksDB (key, value) pair as its iterators yield it.
+type Entry = (Box<[u8]>, Box<[u8]>);
+
 /// A checkpoint's run as its `d` value: first-seen seconds, then the sorted keys.
 pub(super) fn encode_run(sorted: &[u128], seen_secs: i64) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(8 + sorted.len() * 16);
@@ -149,6 +152,32 @@ impl RocksStore {
         self.stage_dedup_run(0, Vec::new(), 0, true)
     }
 
+    /// A checkpoint of nothing but `dedup_keys`; returns the keys it moved into the store.
+    #[cfg(test)]
+    pub(crate) fn commit_dedup_keys_for_tests(
+        &self,
+        generation: u64,
+        dedup_keys: Vec<u128>,
+        now_secs: i64,
+    ) -> Vec<u128> {
+        let snapshot = super::checkpoint::Snapshot {
+            generation,
+            dedup_keys,
+            ..Default::default()
+        };
+        let prepared = self
+            .prepare_checkpoint(
+                &snapshot,
+                &Default::default(),
+                &Default::default(),
+                now_secs,
+                60,
+                &Default::default(),
+            )
+            .expect("prepare");
+        self.commit_checkpoint(prepared).expect("commit").1
+    }
+
     /// Builds one SST file of `keys` (sorted here; a key staged twice keeps its first sighting)
     /// and ingests it.
     fn ingest_keys(&self, keys: &mut Vec<(u128, i64)>) -> Result<(), StoreError> {
@@ -185,17 +214,10 @@ impl RocksStore {
     /// every checkpoint's run not ingested before the stop.
     pub(super) fn recover_dedup_runs(&self) -> Result<(), StoreError> {
         self.migrate_default_cf_dedup_keys()?;
-        let start = [keys::DEDUP_RUN];
         let mut keys = Vec::new();
         let mut last = None;
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&start, rocksdb::Direction::Forward))
-        {
+        for item in self.entries_of_kind(keys::DEDUP_RUN) {
             let (key, value) = item?;
-            if key.first() != Some(&keys::DEDUP_RUN) {
-                break;
-            }
             let generation = key
                 .get(1..)
                 .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
@@ -219,20 +241,20 @@ impl RocksStore {
         Ok(())
     }
 
+    /// Every default-CF entry whose key starts with `kind`.
+    fn entries_of_kind(&self, kind: u8) -> impl Iterator<Item = Result<Entry, rocksdb::Error>> + '_ {
+        self.db
+            .iterator(IteratorMode::From(&[kind], rocksdb::Direction::Forward))
+            .take_while(move |item| item.as_ref().map_or(true, |(key, _)| key.first() == Some(&kind)))
+    }
+
     /// Stores written before the dedup column family kept `D` keys in the default one.
     fn migrate_default_cf_dedup_keys(&self) -> Result<(), StoreError> {
         let dedup_cf = self.dedup_cf()?;
-        let start = [keys::DEDUP];
         let mut batch = WriteBatch::default();
         let mut moved = 0usize;
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&start, rocksdb::Direction::Forward))
-        {
+        for item in self.entries_of_kind(keys::DEDUP) {
             let (key, value) = item?;
-            if key.first() != Some(&keys::DEDUP) {
-                break;
-            }
             batch.put_cf(dedup_cf, &key, &value);
             batch.delete(&key);
             moved += 1;
@@ -262,37 +284,15 @@ fn write_sst(options: &rocksdb::Options, path: &Path, sorted: &[(u128, i64)]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::checkpoint::Snapshot;
 
     const NOW: i64 = 1_700_000_000;
 
     fn commit(store: &RocksStore, generation: u64, dedup_keys: Vec<u128>) -> Vec<u128> {
-        let snapshot = Snapshot {
-            generation,
-            dedup_keys,
-            ..Default::default()
-        };
-        let prepared = store
-            .prepare_checkpoint(
-                &snapshot,
-                &Default::default(),
-                &Default::default(),
-                NOW,
-                60,
-                &Default::default(),
-            )
-            .unwrap();
-        store.commit_checkpoint(prepared).unwrap().1
+        store.commit_dedup_keys_for_tests(generation, dedup_keys, NOW)
     }
 
     fn runs_left(store: &RocksStore) -> usize {
-        let start = [keys::DEDUP_RUN];
-        store
-            .db
-            .iterator(IteratorMode::From(&start, rocksdb::Direction::Forward))
-            .map(|item| item.unwrap().0)
-            .take_while(|key| key.first() == Some(&keys::DEDUP_RUN))
-            .count()
+        store.entries_of_kind(keys::DEDUP_RUN).count()
     }
 
     #[test]
