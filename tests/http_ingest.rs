@@ -579,11 +579,11 @@ async fn coarser_windows_and_ranges_are_merges_of_base_windows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_behind_means_retryable_503_and_nothing_counted_twice() {
     let (_dir, path) = config("");
-    let text = std::fs::read_to_string(&path).unwrap().replace(
+    edit_config(
+        &path,
         "flush_interval_ms = 100",
         "flush_interval_ms = 1500\nmax_pending_series = 5",
     );
-    std::fs::write(&path, text).unwrap();
     let daemon = Daemon::start(&path);
     let client = client();
     let t = ago(30);

@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use common::otlp::{int, point, string_attribute, sum_resource};
-use common::{client, query, read_jsonl, sum_rows, write_config, Daemon};
+use common::{client, edit_config, query, read_jsonl, sum_rows, write_config, Daemon};
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
@@ -363,11 +363,11 @@ async fn overloaded_ingest_answers_unavailable_and_retries_lose_nothing() {
     // A budget of one request in flight: concurrent exporters get UNAVAILABLE and retry.
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), OTLP_METERS);
-    let text = std::fs::read_to_string(&config).unwrap().replace(
+    edit_config(
+        &config,
         "otlp_http_addr = \"127.0.0.1:0\"",
         "otlp_http_addr = \"127.0.0.1:0\"\nmax_body_bytes = 4096\ningest_budget_bytes = 4096",
     );
-    std::fs::write(&config, text).unwrap();
     let daemon = Daemon::start(&config);
     let address = format!("http://{}", daemon.otlp_grpc.as_ref().unwrap());
     let now = now_ns();
@@ -427,11 +427,11 @@ async fn checkpoints_behind_answer_unavailable_with_retry_info() {
     use tonic_types::StatusExt;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), OTLP_METERS);
-    let text = std::fs::read_to_string(&config).unwrap().replace(
+    edit_config(
+        &config,
         "flush_interval_ms = 100",
         "flush_interval_ms = 1500\nmax_pending_series = 3",
     );
-    std::fs::write(&config, text).unwrap();
     let daemon = Daemon::start(&config);
     let mut grpc = grpc_metrics(&daemon).await;
     let now = now_ns();

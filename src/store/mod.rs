@@ -137,13 +137,19 @@ fn dedup_cf_options(cache: &rocksdb::Cache, dedup_horizon_secs: i64) -> Options 
             }
         },
     );
+    options.set_block_based_table_factory(&table_options(cache));
+    options
+}
+
+/// Both column families: bloom filters (point lookups mostly miss), index and filter blocks in
+/// the shared cache, L0's pinned.
+fn table_options(cache: &rocksdb::Cache) -> BlockBasedOptions {
     let mut table = BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);
     table.set_cache_index_and_filter_blocks(true);
     table.set_block_cache(cache);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
-    options.set_block_based_table_factory(&table);
-    options
+    table
 }
 
 impl RocksStore {
@@ -178,12 +184,7 @@ impl RocksStore {
         // 53 % of a Kafka consumer's CPU. L0 filters (the newest keys, the most looked up) are
         // pinned. One cache serves both column families.
         let cache = rocksdb::Cache::new_lru_cache(256 << 20);
-        let mut table = BlockBasedOptions::default();
-        table.set_bloom_filter(10.0, false);
-        table.set_cache_index_and_filter_blocks(true);
-        table.set_block_cache(&cache);
-        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
-        options.set_block_based_table_factory(&table);
+        options.set_block_based_table_factory(&table_options(&cache));
         options.increase_parallelism(2);
 
         let dedup_options = dedup_cf_options(&cache, dedup_horizon_secs);

@@ -74,6 +74,13 @@ pub struct Daemon {
     pub config_path: PathBuf,
 }
 
+/// Replaces one line of a written config (e.g. a default of `write_config`) in place.
+pub fn edit_config(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "config has no `{from}`");
+    std::fs::write(path, text.replace(from, to)).unwrap();
+}
+
 pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     let data_dir = dir.join("data");
     let text = format!(
