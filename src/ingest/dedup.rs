@@ -1,9 +1,10 @@
-//! In-memory half of dedup: keys reserved by in-flight requests or applied since the last
-//! checkpoint. The other half is RocksDB (`D` keys, written by the checkpoint).
+//! In-memory half of dedup: keys reserved by in-flight requests, or counted and not yet in the
+//! store's `dedup` column family (checkpoints stage them, the dedup stage moves them there in
+//! bulk and then forgets them here). The other half is that column family.
 //!
 //! Protocol, race-free without a global lock: a request first *reserves* a key here (an atomic
-//! insert-if-absent), then checks the store. The checkpoint writes keys to the store *before*
-//! removing them from here, so a key is always in at least one of the two places.
+//! insert-if-absent), then checks the store. A key leaves here only once the store has it, so
+//! it is always in at least one of the two places.
 
 use parking_lot::Mutex;
 use rustc_hash::FxHashSet;
@@ -35,10 +36,28 @@ impl DedupIndex {
         self.shard(key).lock().remove(&key);
     }
 
-    /// Forgets keys that the store now holds.
+    /// Releases the keys of a request that was not counted.
     pub fn remove_all(&self, keys: &[u128]) {
         for key in keys {
             self.release(*key);
+        }
+    }
+
+    /// Forgets keys that the store now holds: a million at a time, grouped by shard, and each
+    /// shard locked for a slice of them only, so reservations are never held up for long.
+    pub fn forget(&self, keys: &[u128]) {
+        const SLICE: usize = 4096;
+        let mut by_shard: Vec<Vec<u128>> = vec![Vec::new(); self.shards.len()];
+        for key in keys {
+            by_shard[(*key as usize) & (self.shards.len() - 1)].push(*key);
+        }
+        for (shard, keys) in self.shards.iter().zip(by_shard) {
+            for slice in keys.chunks(SLICE) {
+                let mut set = shard.lock();
+                for key in slice {
+                    set.remove(key);
+                }
+            }
         }
     }
 
@@ -120,6 +139,29 @@ mod tests {
             .collect();
         held.sort_unstable();
         assert_eq!(held, [2, 3, 4]);
+    }
+
+    #[test]
+    fn forget_drops_exactly_the_keys_given() {
+        let index = DedupIndex::default();
+        // Enough keys that every shard is locked for several slices.
+        let keys: Vec<u128> = (0..300_000u128)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        for key in &keys {
+            assert!(index.reserve(*key));
+        }
+        let (gone, kept) = keys.split_at(200_000);
+        index.forget(gone);
+        assert_eq!(index.len(), kept.len());
+        assert!(
+            kept.iter().all(|key| !index.reserve(*key)),
+            "kept keys stay reserved"
+        );
+        assert!(
+            gone.iter().all(|key| index.reserve(*key)),
+            "forgotten keys are free again"
+        );
     }
 
     #[test]

@@ -1,14 +1,13 @@
 //! The checkpoint stage, one dedicated thread: writes each snapshot in one WriteBatch, then
-//! releases what that batch made durable (ingest-log segments, in-memory dedup keys once the
-//! store ingested them) and
-//! delivers the window and rated records it queued to the file emitter (the other emitters
-//! follow the outbox on their own threads).
+//! releases what that batch made durable (ingest-log segments), wakes the dedup stage when
+//! enough dedup keys are staged (`pipeline::dedup`), and delivers the window and rated records
+//! it queued to the file emitter (the other emitters follow the outbox on their own threads).
 //!
 //! A failed checkpoint is retried with the same snapshot until it succeeds; meanwhile the commit
 //! stage keeps accumulating (no new snapshot is cut while one is in flight), so nothing is lost.
 
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +22,11 @@ pub struct CheckpointLoop {
     pub shared: Arc<Shared>,
     pub snapshots: Receiver<Arc<Snapshot>>,
     pub usage_file: FileEmitter,
+    /// Tells the dedup stage that staged keys are due; dropped at the stop, which makes it
+    /// ingest what is left after the final checkpoint.
+    pub dedup_wake: Option<SyncSender<()>>,
+    /// Joined at the stop: the store must not close under its ingestion.
+    pub dedup_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl CheckpointLoop {
@@ -45,10 +49,11 @@ impl CheckpointLoop {
             generations.durable = generations.durable.max(snapshot.generation);
             self.shared.generation_durable.notify_all();
         }
-        // Not needed for correctness (startup ingests committed runs), only for a quick start.
-        match self.shared.store.ingest_staged_dedup() {
-            Ok(keys) => self.shared.dedup.remove_all(&keys),
-            Err(error) => tracing::warn!(%error, "staged dedup keys left to the next start"),
+        drop(self.dedup_wake.take());
+        if let Some(thread) = self.dedup_thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("dedup stage panicked; the next start ingests its keys");
+            }
         }
         tracing::debug!("checkpoint stage stopped");
     }
@@ -94,20 +99,18 @@ impl CheckpointLoop {
         // Written without holding `flushing`: a query that sees this batch in its store snapshot
         // also sees its generation there and skips the snapshot while it is still listed, so it
         // never counts it twice nor misses it, and queries do not stall behind the fsync.
-        let (stats, ingested_dedup) = shared.store.commit_checkpoint(prepared)?;
+        let stats = shared.store.commit_checkpoint(prepared)?;
         shared
             .flushing
             .write()
             .retain(|pending| !Arc::ptr_eq(pending, snapshot));
-        // Committed dedup keys stay reserved in memory until the store has them in bulk.
-        let forget_started = Instant::now();
-        shared.dedup.remove_all(&ingested_dedup);
-        if !ingested_dedup.is_empty() {
-            tracing::debug!(
-                keys = ingested_dedup.len(),
-                elapsed_ms = forget_started.elapsed().as_millis() as u64,
-                "dedup keys forgotten in memory"
-            );
+        // Committed dedup keys stay reserved in memory until the dedup stage moved them.
+        if shared.store.dedup_ingest_due() {
+            if let Some(Err(TrySendError::Disconnected(()))) =
+                self.dedup_wake.as_ref().map(|wake| wake.try_send(()))
+            {
+                tracing::error!("dedup stage gone; staged keys wait for the next start");
+            }
         }
         if let Some(next) = snapshot.position(INGEST_LOG_SOURCE) {
             shared.durable_log_seq.store(next, Ordering::Release);

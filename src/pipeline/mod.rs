@@ -16,6 +16,7 @@
 
 pub mod checkpoint;
 pub mod commit;
+pub mod dedup;
 pub mod reload;
 
 use std::net::SocketAddr;
@@ -354,11 +355,21 @@ impl Stages {
             replay_ms = timings.replay.as_millis() as u64,
             "recovered"
         );
+        let (wake_tx, wake_rx) = std::sync::mpsc::sync_channel(1);
+        let dedup_stage = dedup::DedupLoop {
+            shared: shared.clone(),
+            wake: wake_rx,
+        };
+        let dedup_thread = std::thread::Builder::new()
+            .name("tallyd-dedup".into())
+            .spawn(move || dedup_stage.run())?;
         let (snapshot_tx, snapshot_rx) = std::sync::mpsc::sync_channel(1);
         let checkpoint_stage = checkpoint::CheckpointLoop {
             shared: shared.clone(),
             snapshots: snapshot_rx,
             usage_file,
+            dedup_wake: Some(wake_tx),
+            dedup_thread: Some(dedup_thread),
         };
         let checkpoint_thread = std::thread::Builder::new()
             .name("tallyd-checkpoint".into())

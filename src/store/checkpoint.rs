@@ -395,20 +395,12 @@ impl RocksStore {
     }
 
     /// Commits a prepared checkpoint durably (synced WAL), then stages its dedup run
-    /// (`store::dedup`). An error means the batch did not commit. Returns
-    /// the dedup keys that moved into the store's column family with this call, which memory
-    /// may now forget (none, usually: they move in bulk).
-    pub fn commit_checkpoint(&self, prepared: Prepared) -> Result<(CheckpointStats, Vec<u128>), StoreError> {
+    /// (`store::dedup`; `dedup_ingest_due` tells when to ingest the staged keys). An error means
+    /// the batch did not commit.
+    pub fn commit_checkpoint(&self, prepared: Prepared) -> Result<CheckpointStats, StoreError> {
         let stats = prepared.stats;
         self.write(prepared.batch, true)?;
-        let ingested = self
-            .stage_dedup_run(prepared.generation, prepared.dedup_run, prepared.seen_secs, false)
-            .unwrap_or_else(|error| {
-                // The keys stay staged (in memory and in their `d` values); the next checkpoint
-                // tries again.
-                tracing::error!(%error, "dedup keys not ingested yet");
-                Vec::new()
-            });
+        self.stage_dedup_run(prepared.generation, prepared.dedup_run, prepared.seen_secs);
         let mut indexed = self.indexed_windows.lock();
         indexed.extend(prepared.new_index);
         // Closed windows' index keys were deleted by this batch; forget them here too.
@@ -418,7 +410,7 @@ impl RocksStore {
         self.closed_before
             .store(prepared.closed_before, Ordering::Release);
         self.outbox_next.store(prepared.outbox_next, Ordering::Release);
-        Ok((stats, ingested))
+        Ok(stats)
     }
 }
 

@@ -7,9 +7,10 @@
 //! Instead a checkpoint's batch carries all its keys, sorted, as *one* value (`d | generation`,
 //! 16 bytes a key): atomic with the aggregates and positions they belong to, one memtable
 //! entry. The keys stay in the in-memory `DedupIndex`, which already answers for them; once
-//! `STAGE_MAX_KEYS` are staged (or they are `STAGE_MAX_SECS` old), one SST file is built from
-//! them and ingested into the `dedup` column family (RocksDB links it into the tree, no
-//! memtable, no WAL), and only then do the keys leave memory and their `d` values get deleted.
+//! `STAGE_MAX_KEYS` are staged (or they are `STAGE_MAX_SECS` old), the dedup stage (its own
+//! thread, `pipeline::dedup`) builds one SST file from them and ingests it into
+//! the `dedup` column family (RocksDB links it into the tree, no memtable, no WAL), and only
+//! then do the keys leave memory and their `d` values get deleted.
 //!
 //! So every key of a committed checkpoint is at all times in memory and its `d` value, or in
 //! the column family. At startup every `d` value left (all committed: they are written by the
@@ -29,7 +30,7 @@ pub const STAGE_MAX_KEYS: usize = 1_000_000;
 /// ... or their age: a quiet daemon does not keep keys in memory for long.
 const STAGE_MAX_SECS: u64 = 60;
 
-/// Committed runs not yet ingested (the checkpoint thread's, behind the store's mutex).
+/// Committed runs not yet ingested: the checkpoint stage adds them, the dedup stage takes them.
 #[derive(Default)]
 pub(super) struct Staged {
     /// Each committed run: (first seen, its sorted keys).
@@ -38,6 +39,27 @@ pub(super) struct Staged {
     /// The latest generation staged: its `d` value and every earlier one go once ingested.
     generation: u64,
     since: Option<Instant>,
+}
+
+impl Staged {
+    fn due(&self) -> bool {
+        self.keys >= STAGE_MAX_KEYS
+            || self
+                .since
+                .is_some_and(|since| since.elapsed().as_secs() >= STAGE_MAX_SECS)
+    }
+
+    /// Runs taken for an ingestion that failed go back in front of those staged since.
+    fn put_back(&mut self, mut taken: Staged) {
+        taken.runs.append(&mut self.runs);
+        self.runs = taken.runs;
+        self.keys += taken.keys;
+        self.generation = self.generation.max(taken.generation);
+        self.since = match (taken.since, self.since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 /// A RocksDB (key, value) pair as its iterators yield it.
@@ -101,16 +123,8 @@ impl RocksStore {
         Ok(out)
     }
 
-    /// After the batch of `generation` committed: stages its run's keys, and ingests every
-    /// staged key when there are enough of them, or they are old enough, or `force`. Returns
-    /// the keys now in the column family (the caller forgets them in memory).
-    pub(super) fn stage_dedup_run(
-        &self,
-        generation: u64,
-        sorted: Vec<u128>,
-        seen_secs: i64,
-        force: bool,
-    ) -> Result<Vec<u128>, StoreError> {
+    /// After the batch of `generation` committed: stages its run's keys for the dedup stage.
+    pub(super) fn stage_dedup_run(&self, generation: u64, sorted: Vec<u128>, seen_secs: i64) {
         let mut staged = self.staged.lock();
         if !sorted.is_empty() {
             staged.keys += sorted.len();
@@ -118,24 +132,35 @@ impl RocksStore {
             staged.generation = staged.generation.max(generation);
             staged.since.get_or_insert_with(Instant::now);
         }
-        let due = staged.keys >= STAGE_MAX_KEYS
-            || staged
-                .since
-                .is_some_and(|since| since.elapsed().as_secs() >= STAGE_MAX_SECS);
-        if staged.keys == 0 || !(due || force) {
+    }
+
+    /// Whether enough keys are staged, or they are old enough, to ingest them.
+    pub fn dedup_ingest_due(&self) -> bool {
+        self.staged.lock().due()
+    }
+
+    /// Ingests every key staged now into the column family and deletes their `d` values;
+    /// returns them (the caller forgets them in memory). Checkpoints go on staging meanwhile:
+    /// the staged runs are taken out under the lock and put back if the ingestion fails.
+    pub fn ingest_staged_dedup(&self) -> Result<Vec<u128>, StoreError> {
+        // One ingestion at a time: each deletes the `d` values up to its own generation, which
+        // must not include runs another one has taken and not yet ingested.
+        let _ingesting = self.ingesting.lock();
+        let taken = std::mem::take(&mut *self.staged.lock());
+        if taken.keys == 0 {
             return Ok(Vec::new());
         }
         let started = Instant::now();
-        let mut keys: Vec<(u128, i64)> = Vec::with_capacity(staged.keys);
-        for (seen_secs, run) in &staged.runs {
+        let mut keys: Vec<(u128, i64)> = Vec::with_capacity(taken.keys);
+        for (seen_secs, run) in &taken.runs {
             keys.extend(run.iter().map(|key| (*key, *seen_secs)));
         }
-        // On error the runs stay staged for the next checkpoint to try again.
-        self.ingest_keys(&mut keys)?;
-        let generation = staged.generation;
-        *staged = Staged::default();
-        drop(staged);
-        if let Err(error) = self.delete_runs_up_to(generation) {
+        if let Err(error) = self.ingest_keys(&mut keys) {
+            self.staged.lock().put_back(taken);
+            return Err(error);
+        }
+        // Every run up to this generation was taken here: runs staged since are later ones.
+        if let Err(error) = self.delete_runs_up_to(taken.generation) {
             // Harmless: the next start ingests them again.
             tracing::warn!(%error, "ingested dedup runs not deleted");
         }
@@ -147,19 +172,9 @@ impl RocksStore {
         Ok(keys.into_iter().map(|(key, _)| key).collect())
     }
 
-    /// Ingests every staged key now (shutdown: the next start has no runs to read back).
-    pub fn ingest_staged_dedup(&self) -> Result<Vec<u128>, StoreError> {
-        self.stage_dedup_run(0, Vec::new(), 0, true)
-    }
-
-    /// A checkpoint of nothing but `dedup_keys`; returns the keys it moved into the store.
+    /// A checkpoint of nothing but `dedup_keys` (staged, not yet ingested).
     #[cfg(test)]
-    pub(crate) fn commit_dedup_keys_for_tests(
-        &self,
-        generation: u64,
-        dedup_keys: Vec<u128>,
-        now_secs: i64,
-    ) -> Vec<u128> {
+    pub(crate) fn commit_dedup_keys_for_tests(&self, generation: u64, dedup_keys: Vec<u128>, now_secs: i64) {
         let snapshot = super::checkpoint::Snapshot {
             generation,
             dedup_keys,
@@ -175,16 +190,16 @@ impl RocksStore {
                 &Default::default(),
             )
             .expect("prepare");
-        self.commit_checkpoint(prepared).expect("commit").1
+        self.commit_checkpoint(prepared).expect("commit");
     }
 
     /// Builds one SST file of `keys` (sorted here; a key staged twice keeps its first sighting)
     /// and ingests it.
     fn ingest_keys(&self, keys: &mut Vec<(u128, i64)>) -> Result<(), StoreError> {
-        keys.sort_unstable();
-        keys.dedup_by_key(|(key, _)| *key);
         std::fs::create_dir_all(&self.dedup_dir)?;
         let path = self.dedup_dir.join("ingest.sst");
+        keys.sort_unstable();
+        keys.dedup_by_key(|(key, _)| *key);
         let result = write_sst(&self.dedup_options, &path, keys).and_then(|()| {
             let mut options = IngestExternalFileOptions::default();
             // Linked, not copied; RocksDB removes our link once the file is part of the tree.
@@ -287,7 +302,7 @@ mod tests {
 
     const NOW: i64 = 1_700_000_000;
 
-    fn commit(store: &RocksStore, generation: u64, dedup_keys: Vec<u128>) -> Vec<u128> {
+    fn commit(store: &RocksStore, generation: u64, dedup_keys: Vec<u128>) {
         store.commit_dedup_keys_for_tests(generation, dedup_keys, NOW)
     }
 
@@ -300,8 +315,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(dir.path(), 86_400, 86_400).unwrap();
         // Committed, staged: memory answers for these keys, the column family does not yet.
-        assert!(commit(&store, 1, vec![1, 2]).is_empty());
-        assert!(commit(&store, 2, vec![3]).is_empty());
+        commit(&store, 1, vec![1, 2]);
+        commit(&store, 2, vec![3]);
         assert_eq!(store.dedup_seen(&[1, 2, 3], NOW, 86_400).unwrap(), [false; 3]);
         assert_eq!(runs_left(&store), 2);
         // A crash: memory is gone, the runs in the batches are not.
@@ -323,30 +338,53 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(dir.path(), 86_400, 86_400).unwrap();
         let first: Vec<u128> = (0..STAGE_MAX_KEYS as u128 - 1).map(|i| i * 7919).collect();
-        assert!(commit(&store, 1, first).is_empty(), "below the threshold");
-        // The run that reaches the threshold moves everything staged, in one file.
-        let moved = commit(&store, 2, vec![7919, u128::MAX]);
+        commit(&store, 1, first);
+        assert!(!store.dedup_ingest_due(), "below the threshold");
+        // The run that reaches the threshold makes everything staged due, for one file.
+        commit(&store, 2, vec![7919, u128::MAX]);
+        assert!(store.dedup_ingest_due());
+        let moved = store.ingest_staged_dedup().unwrap();
         assert_eq!(
             moved.len(),
             STAGE_MAX_KEYS,
             "7919 was staged twice and moves once"
         );
+        assert!(!store.dedup_ingest_due());
         assert_eq!(runs_left(&store), 0);
         let probe = [0, 7919, u128::MAX, 5];
         assert_eq!(
             store.dedup_seen(&probe, NOW, 86_400).unwrap(),
             [true, true, true, false]
         );
-        // An empty stage has nothing to move, forced or not.
+        // An empty stage has nothing to move.
         assert!(store.ingest_staged_dedup().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_failed_ingestion_keeps_every_key_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), 86_400, 86_400).unwrap();
+        commit(&store, 1, vec![1, 2]);
+        // A file where the SST is built: the ingestion fails before anything moved.
+        std::fs::write(&store.dedup_dir, b"in the way").unwrap();
+        assert!(store.ingest_staged_dedup().is_err());
+        commit(&store, 2, vec![3]);
+        assert_eq!(runs_left(&store), 2, "no run deleted");
+        std::fs::remove_file(&store.dedup_dir).unwrap();
+        let mut moved = store.ingest_staged_dedup().unwrap();
+        moved.sort_unstable();
+        assert_eq!(moved, [1, 2, 3], "the failed run was put back");
+        assert_eq!(runs_left(&store), 0);
+        assert_eq!(store.dedup_seen(&[1, 2, 3], NOW, 86_400).unwrap(), [true; 3]);
     }
 
     #[test]
     fn a_key_staged_twice_keeps_its_first_sighting() {
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(dir.path(), 86_400, 100).unwrap();
-        store.stage_dedup_run(1, vec![9], NOW - 500, false).unwrap();
-        assert_eq!(store.stage_dedup_run(2, vec![9], NOW, true).unwrap(), [9]);
+        store.stage_dedup_run(1, vec![9], NOW - 500);
+        store.stage_dedup_run(2, vec![9], NOW);
+        assert_eq!(store.ingest_staged_dedup().unwrap(), [9]);
         // Seen 500 s ago, the horizon is 100 s: expired, though seen again since.
         assert_eq!(store.dedup_seen(&[9], NOW, 100).unwrap(), [false]);
         assert_eq!(store.dedup_seen(&[9], NOW, 1_000).unwrap(), [true]);

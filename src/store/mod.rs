@@ -85,6 +85,8 @@ pub struct RocksStore {
     /// Where dedup keys' SST files are built before ingestion (see `dedup`).
     dedup_dir: PathBuf,
     staged: parking_lot::Mutex<dedup::Staged>,
+    /// Held through one ingestion of staged dedup keys (`dedup`).
+    ingesting: parking_lot::Mutex<()>,
 }
 
 /// Column family of the dedup keys (`D` keys): written as ingested sorted files, not through
@@ -205,6 +207,7 @@ impl RocksStore {
             dedup_options,
             dedup_dir: path.join("dedup-ingest"),
             staged: Default::default(),
+            ingesting: Default::default(),
         };
         store.recover_dedup_runs()?;
         Ok(store)
@@ -669,7 +672,8 @@ mod tests {
         batch.put(&fresh, AggState::Sum(2.into()).encode());
         store.write(batch, true).unwrap();
         for (key, seen) in [(1, now - 200), (2, now)] {
-            assert_eq!(store.stage_dedup_run(0, vec![key], seen, true).unwrap(), [key]);
+            store.stage_dedup_run(0, vec![key], seen);
+            assert_eq!(store.ingest_staged_dedup().unwrap(), [key]);
         }
         // Expired dedup keys stop counting before compaction removes them.
         assert_eq!(store.dedup_seen(&[1, 2], now, 100).unwrap(), vec![false, true]);

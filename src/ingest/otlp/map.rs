@@ -26,7 +26,7 @@ use crate::aggregate::streams::{CumulativePoint, StreamKind};
 use crate::aggregate::{AggState, Aggregation, Observation};
 use crate::ingest::decode::{dedup_key, Acceptance, MAX_ATTRIBUTE_BYTES};
 use crate::meter::{Meter, MeterSource, Meters, MAX_DIMENSION_VALUE_BYTES};
-use crate::model::{decimal_from_f64, parse_decimal, Dims, Names, QuantityError, SeriesKey};
+use crate::model::{decimal_from_f64, parse_decimal, Dims, DimsId, Names, QuantityError, SeriesKey};
 
 /// What the mapping needs besides the request.
 pub struct MapContext<'a> {
@@ -155,12 +155,23 @@ fn find<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
 
 /// Hashes attributes independently of their order (SDKs need not sort them).
 fn hash_attributes(hasher: &mut Xxh3, attributes: &[KeyValue]) {
-    let mut sorted: Vec<&KeyValue> = attributes.iter().collect();
-    sorted.sort_by(|a, b| a.key.cmp(&b.key));
-    hasher.update(&(sorted.len() as u32).to_le_bytes());
-    for kv in sorted {
+    hasher.update(&(attributes.len() as u32).to_le_bytes());
+    let hash_one = |hasher: &mut Xxh3, kv: &KeyValue| {
         hash_str(hasher, &kv.key);
         hash_value(hasher, kv.value.as_ref().and_then(|value| value.value.as_ref()));
+    };
+    // Most points carry a few attributes, already sorted: no copy to sort them (the sort is
+    // stable, so both ways hash equal keys in the same order).
+    if attributes.windows(2).all(|pair| pair[0].key <= pair[1].key) {
+        for kv in attributes {
+            hash_one(hasher, kv);
+        }
+    } else {
+        let mut sorted: Vec<&KeyValue> = attributes.iter().collect();
+        sorted.sort_by(|a, b| a.key.cmp(&b.key));
+        for kv in sorted {
+            hash_one(hasher, kv);
+        }
     }
 }
 
@@ -265,6 +276,43 @@ fn dimensions(meter: &Meter, point: &[KeyValue], resource: &[KeyValue]) -> Resul
         dims.push((name.clone(), text));
     }
     Ok(dims)
+}
+
+/// Dimension sets this request already interned, by a fingerprint of the attribute values they
+/// come from. The points of one request share a few sets (the same routes, models, regions);
+/// building one (three allocations) and looking it up in the shared interner cost more than the
+/// rest of mapping the point.
+#[derive(Default)]
+struct DimsCache(rustc_hash::FxHashMap<u128, DimsId>);
+
+impl DimsCache {
+    /// The interned id of `meter`'s dimensions for a point, or why they cannot be read.
+    fn intern(
+        &mut self,
+        meter: &Meter,
+        point: &[KeyValue],
+        resource: &[KeyValue],
+        names: &Names,
+    ) -> Result<DimsId, String> {
+        // Each value hashes self-delimited (type tag, length), so the sequence is unambiguous; a
+        // 128-bit xxh3 collision, the bar dedup keys already set, is the only way two sets meet.
+        let mut hasher = Xxh3::new();
+        hasher.update(&meter.id.to_le_bytes());
+        for (_, attribute) in &meter.group_by_attributes {
+            match find(point, attribute).or_else(|| find(resource, attribute)) {
+                None => hasher.update(&[0xff]),
+                Some(value) => hash_value(&mut hasher, value.value.as_ref()),
+            }
+        }
+        let fingerprint = hasher.digest128();
+        if let Some(id) = self.0.get(&fingerprint) {
+            return Ok(*id);
+        }
+        // Refusals are not cached: they are rare, and each needs its message.
+        let id = names.dims.intern(&dimensions(meter, point, resource)?);
+        self.0.insert(fingerprint, id);
+        Ok(id)
+    }
 }
 
 /// The point's time in unix ms, refused when absent or outside the acceptance window.
@@ -690,6 +738,7 @@ fn point_dedup_key(series: u128, start_ns: u64, time_ns: u64) -> u128 {
 /// Maps a metrics export request.
 pub fn map_metrics(request: &ExportMetricsServiceRequest, context: &MapContext<'_>) -> Mapped {
     let mut mapped = Mapped::default();
+    let mut dims = DimsCache::default();
     for resource_metrics in &request.resource_metrics {
         let resource: &[KeyValue] = resource_metrics
             .resource
@@ -756,6 +805,7 @@ pub fn map_metrics(request: &ExportMetricsServiceRequest, context: &MapContext<'
                         &metric.name,
                         resource,
                         context,
+                        &mut dims,
                         &mut mapped,
                     ) {
                         Ok(()) => {}
@@ -777,6 +827,7 @@ fn map_point(
     metric: &str,
     resource: &[KeyValue],
     context: &MapContext<'_>,
+    dims: &mut DimsCache,
     mapped: &mut Mapped,
 ) -> Result<(), (RefusalReason, String)> {
     let ts_ms = point_time(shape.time_ns, context)?;
@@ -789,14 +840,16 @@ fn map_point(
     };
     let mut cumulative = Vec::new();
     for meter in meters {
-        let dims = dimensions(meter, shape.attributes, resource).map_err(invalid)?;
+        let dims = dims
+            .intern(meter, shape.attributes, resource, context.names)
+            .map_err(invalid)?;
         let window_start = meter.window_size.start_of(ts_ms);
         let window_end = window_start + meter.window_size.seconds();
         point.late |= (window_end + context.acceptance.allowed_lateness_secs) * 1000 <= context.now_ms;
         let key = SeriesKey {
             meter: meter.id,
             tenant: tenant_id,
-            dims: context.names.dims.intern(&dims),
+            dims,
             window_start,
         };
         match meter_update(meter, shape, ts_ms).map_err(invalid)? {
@@ -983,12 +1036,16 @@ fn event_name(record: &opentelemetry_proto::tonic::logs::v1::LogRecord) -> Optio
 /// Maps a logs export request: each record of a metered event name is one event.
 pub fn map_logs(request: &ExportLogsServiceRequest, context: &MapContext<'_>) -> Mapped {
     let mut mapped = Mapped::default();
+    let mut dims = DimsCache::default();
     for resource_logs in &request.resource_logs {
         let resource: &[KeyValue] = resource_logs
             .resource
             .as_ref()
             .map_or(&[], |resource| &resource.attributes);
-        let tenant = tenant_of(resource, context);
+        let tenant = tenant_of(resource, context).map(|tenant| {
+            let id = context.names.tenants.intern(&tenant);
+            (tenant, id)
+        });
         // Like a CloudEvents `source`: ids are unique per emitting service.
         let source = find(resource, "service.name")
             .and_then(attribute_text)
@@ -1011,7 +1068,15 @@ pub fn map_logs(request: &ExportLogsServiceRequest, context: &MapContext<'_>) ->
                     record.observed_time_unix_nano
                 };
                 let outcome = match &tenant {
-                    Ok(tenant) => map_record(record, time_ns, &meters, tenant, &source, resource, context),
+                    Ok(tenant) => map_record(
+                        record,
+                        time_ns,
+                        &meters,
+                        (&tenant.0, tenant.1),
+                        (&source, resource),
+                        context,
+                        &mut dims,
+                    ),
                     Err(refusal) => Err(refusal.clone()),
                 };
                 match outcome {
@@ -1020,7 +1085,7 @@ pub fn map_logs(request: &ExportLogsServiceRequest, context: &MapContext<'_>) ->
                         reason,
                         message,
                         name: name.to_string(),
-                        tenant: tenant.as_ref().ok().cloned(),
+                        tenant: tenant.as_ref().ok().map(|(tenant, _)| tenant.clone()),
                         time_unix_nano: time_ns,
                     }),
                 }
@@ -1034,14 +1099,13 @@ fn map_record(
     record: &opentelemetry_proto::tonic::logs::v1::LogRecord,
     time_ns: u64,
     meters: &[&Meter],
-    tenant: &str,
-    source: &str,
-    resource: &[KeyValue],
+    (tenant, tenant_id): (&str, crate::model::TenantId),
+    (source, resource): (&str, &[KeyValue]),
     context: &MapContext<'_>,
+    dims: &mut DimsCache,
 ) -> Result<MappedPoint, (RefusalReason, String)> {
     let ts_ms = point_time(time_ns, context)?;
     let invalid = |message: String| (RefusalReason::Invalid, message);
-    let tenant_id = context.names.tenants.intern(tenant);
     let attribute = |key: &str| find(&record.attributes, key).or_else(|| find(resource, key));
     let mut point = MappedPoint {
         dedup_key: None,
@@ -1081,14 +1145,16 @@ fn map_record(
                 record_observation(meter, value_attribute, value).map_err(invalid)?
             }
         };
-        let dims = dimensions(meter, &record.attributes, resource).map_err(invalid)?;
+        let dims = dims
+            .intern(meter, &record.attributes, resource, context.names)
+            .map_err(invalid)?;
         let window_start = meter.window_size.start_of(ts_ms);
         let window_end = window_start + meter.window_size.seconds();
         point.late |= (window_end + context.acceptance.allowed_lateness_secs) * 1000 <= context.now_ms;
         let key = SeriesKey {
             meter: meter.id,
             tenant: tenant_id,
-            dims: context.names.dims.intern(&dims),
+            dims,
             window_start,
         };
         point.updates.push((
@@ -1326,6 +1392,84 @@ scale = 0
             &context(&meters, &names, None),
         );
         assert_ne!(other.points[0].dedup_key, point.dedup_key);
+    }
+
+    #[test]
+    fn points_sharing_a_request_get_their_own_dimensions() {
+        let names = Names::default();
+        let meters = meters(&names);
+        let int_attribute = |key: &str, value: i64| KeyValue {
+            key: key.into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::IntValue(value)),
+            }),
+            ..Default::default()
+        };
+        // (attributes, expected `requests` dims); the resource says region "eu".
+        type Case = (Vec<KeyValue>, Vec<(&'static str, &'static str)>);
+        let cases: Vec<Case> = vec![
+            (
+                vec![text("http.route", "/a")],
+                vec![("region", "eu"), ("route", "/a")],
+            ),
+            (
+                vec![text("http.route", "/b")],
+                vec![("region", "eu"), ("route", "/b")],
+            ),
+            (
+                vec![text("http.route", "/a")],
+                vec![("region", "eu"), ("route", "/a")],
+            ),
+            (vec![], vec![("region", "eu")]),
+            (
+                vec![text("http.route", "")],
+                vec![("region", "eu"), ("route", "")],
+            ),
+            (
+                vec![int_attribute("http.route", 7)],
+                vec![("region", "eu"), ("route", "7")],
+            ),
+            (
+                vec![text("http.route", "7")],
+                vec![("region", "eu"), ("route", "7")],
+            ),
+            (
+                vec![text("cloud.region", "us"), text("http.route", "/a")],
+                vec![("region", "us"), ("route", "/a")],
+            ),
+        ];
+        let points = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (attributes, _))| number(int(1), attributes.clone(), NOW_NS + i as u64))
+            .collect();
+        let metric = sum(
+            "http.server.requests",
+            AggregationTemporality::Delta,
+            true,
+            points,
+        );
+        let mapped = map_metrics(
+            &request(Some("acme"), vec![metric]),
+            &context(&meters, &names, None),
+        );
+        assert_eq!(mapped.points.len(), cases.len());
+        let requests = names.meters.get("requests").unwrap();
+        for (point, (_, expected)) in mapped.points.iter().zip(&cases) {
+            let (key, _) = point
+                .updates
+                .iter()
+                .find(|(key, _)| key.meter == requests)
+                .unwrap();
+            let mut expected: Dims = expected
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            expected.sort();
+            let mut got = names.dims.resolve(key.dims).to_vec();
+            got.sort();
+            assert_eq!(got, expected);
+        }
     }
 
     #[test]

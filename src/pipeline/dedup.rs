@@ -1,0 +1,62 @@
+//! The dedup stage, one low-priority thread: moves the dedup keys that checkpoints staged into
+//! the store's `dedup` column family in bulk (`store::dedup`), then forgets them in memory.
+//!
+//! Building and ingesting the file of a million keys is a burst of about half a second (sort,
+//! SST file, ingestion) and forgetting them another 100 ms: on the checkpoint thread it held
+//! back the checkpoints behind it, and with them the freshness of queries and the pending-series
+//! bound that pushes back on producers. Here nothing waits for it: until it is done the keys are
+//! answered from memory. (Renicing this thread was tried and dropped: it takes the index's shard
+//! locks, RocksDB's and the allocator's, and a preempted holder stalls every request behind it.)
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Shared;
+
+/// How often the stage looks whether staged keys became old enough to move.
+const POLL: Duration = Duration::from_secs(1);
+
+pub struct DedupLoop {
+    pub shared: Arc<Shared>,
+    /// A checkpoint found an ingestion due; closed when the checkpoint stage stops.
+    pub wake: Receiver<()>,
+}
+
+impl DedupLoop {
+    pub fn run(self) {
+        loop {
+            let last = match self.wake.recv_timeout(POLL) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => true,
+            };
+            // At the stop everything goes (not needed for correctness, the next start ingests
+            // what is left, only for a quick start).
+            if last || self.shared.store.dedup_ingest_due() {
+                self.ingest();
+            }
+            if last {
+                break;
+            }
+        }
+        tracing::debug!("dedup stage stopped");
+    }
+
+    fn ingest(&self) {
+        match self.shared.store.ingest_staged_dedup() {
+            Ok(keys) if keys.is_empty() => {}
+            Ok(keys) => {
+                let started = Instant::now();
+                self.shared.dedup.forget(&keys);
+                tracing::debug!(
+                    keys = keys.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "dedup keys forgotten in memory"
+                );
+                metrics::gauge!(crate::telemetry::DEDUP_PENDING).set(self.shared.dedup.len() as f64);
+            }
+            // The keys stay staged and in memory; the next checkpoint's wake retries.
+            Err(error) => tracing::error!(%error, "staged dedup keys not ingested yet"),
+        }
+    }
+}
