@@ -16,6 +16,9 @@ loadgen="$bin/tallyd-loadgen"
 proto=${PROTO:---otlp-grpc}
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 port=${PORT:-18600}
+# A build just before leaves hundreds of MB of dirty pages; their writeback ~30 s later stalled
+# the ingest log's fsyncs in whichever run it hit (p99 87-156 ms in round 1, four times).
+sync
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for side in old new; do
     if [ "$side" = old ]; then bin=$old_dir; else bin=$new_dir; fi

@@ -91,7 +91,7 @@ pub struct CheckpointStats {
 pub struct Prepared {
     batch: WriteBatch,
     generation: u64,
-    /// The snapshot's dedup keys, sorted.
+    /// The snapshot's dedup keys, in arrival order.
     dedup_run: Vec<u128>,
     seen_secs: i64,
     /// Close-index keys this batch writes, remembered once it commits.
@@ -282,9 +282,10 @@ impl RocksStore {
         }
         rating.finish(&mut batch);
 
-        // The dedup keys travel as one value, staged and ingested in bulk later (`dedup`).
-        let mut dedup_run = snapshot.dedup_keys.clone();
-        dedup_run.sort_unstable();
+        // The dedup keys travel as one value, staged and ingested in bulk later (`dedup`), in
+        // arrival order: the ingestion sorts them all at once (sorting here was ~3 % of the
+        // daemon's CPU under OTLP load, on the checkpoint's critical path).
+        let dedup_run = snapshot.dedup_keys.clone();
         stats.dedup_keys = dedup_run.len();
         if !dedup_run.is_empty() {
             batch.put(

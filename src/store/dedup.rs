@@ -4,7 +4,7 @@
 //! A dedup key per event is most of what tallyd writes. Put one by one through a WriteBatch,
 //! each key cost a WAL append and a skiplist insert among millions of random keys, then a flush
 //! and the compactions after it: about a third of the daemon's CPU under load (BENCHMARKS.md §5).
-//! Instead a checkpoint's batch carries all its keys, sorted, as *one* value (`d | generation`,
+//! Instead a checkpoint's batch carries all its keys as *one* value (`d | generation`,
 //! 16 bytes a key): atomic with the aggregates and positions they belong to, one memtable
 //! entry. The keys stay in the in-memory `DedupIndex`, which already answers for them; once
 //! `STAGE_MAX_KEYS` are staged (or they are `STAGE_MAX_SECS` old), the dedup stage (its own
@@ -33,7 +33,7 @@ const STAGE_MAX_SECS: u64 = 60;
 /// Committed runs not yet ingested: the checkpoint stage adds them, the dedup stage takes them.
 #[derive(Default)]
 pub(super) struct Staged {
-    /// Each committed run: (first seen, its sorted keys).
+    /// Each committed run: (first seen, its keys).
     runs: Vec<(i64, Vec<u128>)>,
     keys: usize,
     /// The latest generation staged: its `d` value and every earlier one go once ingested.
@@ -65,11 +65,11 @@ impl Staged {
 /// A RocksDB (key, value) pair as its iterators yield it.
 type Entry = (Box<[u8]>, Box<[u8]>);
 
-/// A checkpoint's run as its `d` value: first-seen seconds, then the sorted keys.
-pub(super) fn encode_run(sorted: &[u128], seen_secs: i64) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(8 + sorted.len() * 16);
+/// A checkpoint's run as its `d` value: first-seen seconds, then the keys (any order).
+pub(super) fn encode_run(keys: &[u128], seen_secs: i64) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(8 + keys.len() * 16);
     bytes.extend_from_slice(&seen_secs.to_be_bytes());
-    for key in sorted {
+    for key in keys {
         bytes.extend_from_slice(&key.to_be_bytes());
     }
     bytes
@@ -124,11 +124,11 @@ impl RocksStore {
     }
 
     /// After the batch of `generation` committed: stages its run's keys for the dedup stage.
-    pub(super) fn stage_dedup_run(&self, generation: u64, sorted: Vec<u128>, seen_secs: i64) {
+    pub(super) fn stage_dedup_run(&self, generation: u64, run: Vec<u128>, seen_secs: i64) {
         let mut staged = self.staged.lock();
-        if !sorted.is_empty() {
-            staged.keys += sorted.len();
-            staged.runs.push((seen_secs, sorted));
+        if !run.is_empty() {
+            staged.keys += run.len();
+            staged.runs.push((seen_secs, run));
             staged.generation = staged.generation.max(generation);
             staged.since.get_or_insert_with(Instant::now);
         }

@@ -1394,6 +1394,20 @@ scale = 0
         assert_ne!(other.points[0].dedup_key, point.dedup_key);
     }
 
+    /// Tenant `acme`'s monotonic `http.server.requests` points, mapped.
+    fn map_requests(
+        meters: &Meters,
+        names: &Names,
+        temporality: AggregationTemporality,
+        points: Vec<NumberDataPoint>,
+    ) -> Mapped {
+        let metric = sum("http.server.requests", temporality, true, points);
+        map_metrics(
+            &request(Some("acme"), vec![metric]),
+            &context(meters, names, None),
+        )
+    }
+
     #[test]
     fn points_sharing_a_request_get_their_own_dimensions() {
         let names = Names::default();
@@ -1443,16 +1457,7 @@ scale = 0
             .enumerate()
             .map(|(i, (attributes, _))| number(int(1), attributes.clone(), NOW_NS + i as u64))
             .collect();
-        let metric = sum(
-            "http.server.requests",
-            AggregationTemporality::Delta,
-            true,
-            points,
-        );
-        let mapped = map_metrics(
-            &request(Some("acme"), vec![metric]),
-            &context(&meters, &names, None),
-        );
+        let mapped = map_requests(&meters, &names, AggregationTemporality::Delta, points);
         assert_eq!(mapped.points.len(), cases.len());
         let requests = names.meters.get("requests").unwrap();
         for (point, (_, expected)) in mapped.points.iter().zip(&cases) {
@@ -1477,16 +1482,7 @@ scale = 0
         let names = Names::default();
         let meters = meters(&names);
         let points = vec![number(int(40), vec![text("http.route", "/a")], NOW_NS)];
-        let metric = sum(
-            "http.server.requests",
-            AggregationTemporality::Cumulative,
-            true,
-            points,
-        );
-        let mapped = map_metrics(
-            &request(Some("acme"), vec![metric]),
-            &context(&meters, &names, None),
-        );
+        let mapped = map_requests(&meters, &names, AggregationTemporality::Cumulative, points);
         assert_eq!(mapped.cumulative.len(), 1);
         let point = &mapped.cumulative[0];
         assert_eq!(
