@@ -28,6 +28,9 @@ pub const INGEST_STAGE_SECONDS: &str = "tallyd_ingest_stage_seconds";
 pub const ACTIVE_SERIES: &str = "tallyd_aggregate_active_series";
 /// Dedup keys reserved or applied but not yet checkpointed.
 pub const DEDUP_PENDING: &str = "tallyd_dedup_pending_keys";
+/// Bulk moves of staged dedup keys into the store (`pipeline::dedup`), by outcome (ok, error).
+pub const DEDUP_INGESTIONS: &str = "tallyd_dedup_ingestions_total";
+pub const DEDUP_INGEST_DURATION: &str = "tallyd_dedup_ingest_seconds";
 pub const FLUSH_DURATION: &str = "tallyd_flush_duration_seconds";
 pub const CHECKPOINT_BYTES: &str = "tallyd_checkpoint_bytes_total";
 pub const CHECKPOINT_SERIES: &str = "tallyd_checkpoint_series_total";
@@ -152,6 +155,15 @@ fn describe() {
     describe_gauge!(
         DEDUP_PENDING,
         "dedup keys held in memory: in flight, or checkpointed and staged until the store ingests them"
+    );
+    describe_counter!(
+        DEDUP_INGESTIONS,
+        "bulk moves of staged dedup keys into the store, by outcome (an error keeps them staged and retries)"
+    );
+    describe_histogram!(
+        DEDUP_INGEST_DURATION,
+        Unit::Seconds,
+        "one bulk move of staged dedup keys: sort, SST file, ingestion, forgetting them in memory"
     );
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "checkpoint duration");
     describe_counter!(CHECKPOINT_BYTES, Unit::Bytes, "bytes written by checkpoints");

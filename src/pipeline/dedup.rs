@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Shared;
+use crate::telemetry;
 
 /// How often the stage looks whether staged keys became old enough to move.
 const POLL: Duration = Duration::from_secs(1);
@@ -43,20 +44,26 @@ impl DedupLoop {
     }
 
     fn ingest(&self) {
+        let started = Instant::now();
         match self.shared.store.ingest_staged_dedup() {
             Ok(keys) if keys.is_empty() => {}
             Ok(keys) => {
-                let started = Instant::now();
+                let forget_started = Instant::now();
                 self.shared.dedup.forget(&keys);
                 tracing::debug!(
                     keys = keys.len(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    elapsed_ms = forget_started.elapsed().as_millis() as u64,
                     "dedup keys forgotten in memory"
                 );
-                metrics::gauge!(crate::telemetry::DEDUP_PENDING).set(self.shared.dedup.len() as f64);
+                metrics::counter!(telemetry::DEDUP_INGESTIONS, "outcome" => "ok").increment(1);
+                metrics::histogram!(telemetry::DEDUP_INGEST_DURATION).record(started.elapsed().as_secs_f64());
+                metrics::gauge!(telemetry::DEDUP_PENDING).set(self.shared.dedup.len() as f64);
             }
             // The keys stay staged and in memory; the next checkpoint's wake retries.
-            Err(error) => tracing::error!(%error, "staged dedup keys not ingested yet"),
+            Err(error) => {
+                metrics::counter!(telemetry::DEDUP_INGESTIONS, "outcome" => "error").increment(1);
+                tracing::error!(%error, "staged dedup keys not ingested yet");
+            }
         }
     }
 }

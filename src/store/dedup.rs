@@ -334,6 +334,29 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_between_ingestion_and_deleting_the_runs_is_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), 86_400, 86_400).unwrap();
+        commit(&store, 1, vec![5, 6]);
+        // The file is in the column family, the process dies before the `d` value goes.
+        let mut keys = vec![(5, NOW), (6, NOW)];
+        store.ingest_keys(&mut keys).unwrap();
+        assert_eq!(runs_left(&store), 1);
+        drop(store);
+        // The next start ingests the run again: the same keys twice, still found once each.
+        let store = RocksStore::open(dir.path(), 86_400, 86_400).unwrap();
+        assert_eq!(runs_left(&store), 0);
+        assert_eq!(
+            store.dedup_seen(&[5, 6, 7], NOW, 86_400).unwrap(),
+            [true, true, false]
+        );
+        assert!(
+            store.ingest_staged_dedup().unwrap().is_empty(),
+            "nothing staged after a start"
+        );
+    }
+
+    #[test]
     fn staged_keys_move_into_the_store_in_bulk() {
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(dir.path(), 86_400, 86_400).unwrap();
