@@ -1,4 +1,4 @@
-//! The dedup stage, one low-priority thread: moves the dedup keys that checkpoints staged into
+//! The dedup stage, its own thread: moves the dedup keys that checkpoints staged into
 //! the store's `dedup` column family in bulk (`store::dedup`), then forgets them in memory.
 //!
 //! Building and ingesting the file of a million keys is a burst of about half a second (sort,
