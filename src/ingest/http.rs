@@ -180,7 +180,6 @@ pub async fn post_events(State(app): State<AppState>, headers: HeaderMap, body: 
     }) = request
     {
         let (reply_tx, reply_rx) = oneshot::channel();
-        let keys_for_release = dedup_keys.clone();
         let request = CommitRequest {
             payload,
             batch,
@@ -189,8 +188,9 @@ pub async fn post_events(State(app): State<AppState>, headers: HeaderMap, body: 
             dead_letters,
             reply: reply_tx,
         };
-        if app.commits.send(request).is_err() {
-            app.shared.dedup.remove_all(&keys_for_release);
+        // A refused send hands the request back: its keys are released, not copied beforehand.
+        if let Err(std::sync::mpsc::SendError(request)) = app.commits.send(request) {
+            app.shared.dedup.remove_all(&request.dedup_keys);
             return unavailable("shutting down");
         }
         match reply_rx.await {

@@ -406,9 +406,9 @@ impl OtlpIngest {
             .record(started.elapsed().as_secs_f64());
         let started = std::time::Instant::now();
         if let (Some(request), Some(reply)) = (request, reply) {
-            let keys = request.dedup_keys.clone();
-            if self.app.commits.send(request).is_err() {
-                self.app.shared.dedup.remove_all(&keys);
+            // A refused send hands the request back: its keys are released, not copied beforehand.
+            if let Err(std::sync::mpsc::SendError(request)) = self.app.commits.send(request) {
+                self.app.shared.dedup.remove_all(&request.dedup_keys);
                 return Err(IngestError::Unavailable("shutting down".into()));
             }
             match reply.await {
