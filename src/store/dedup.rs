@@ -25,7 +25,7 @@ use rocksdb::{ColumnFamily, IngestExternalFileOptions, IteratorMode, SstFileWrit
 use super::{keys, RocksStore, StoreError, DEDUP_CF};
 
 /// Staged keys that trigger an ingestion: ≈ 50 bytes of memory each (the index entry and the
-/// staged copy); an ingested file of ≈ 6 MB.
+/// staged copy); an ingested file of ≈ 35 MB (measured: 34 981 024 bytes for 1 M keys).
 pub const STAGE_MAX_KEYS: usize = 1_000_000;
 /// ... or their age: a quiet daemon does not keep keys in memory for long.
 const STAGE_MAX_SECS: u64 = 60;
