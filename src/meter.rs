@@ -125,6 +125,34 @@ impl fmt::Display for JsonPath {
     }
 }
 
+/// A JSON string, borrowed from the input unless it holds escapes. serde's own `Cow<str>` only
+/// borrows as a struct field marked `borrow`; inside an `Option` or as a map key it always
+/// allocates (six allocations per CloudEvent envelope, measured).
+#[derive(Debug)]
+pub struct JsonStr<'a>(pub Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for JsonStr<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Text<'a> {
+            type Value = JsonStr<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, text: &'de str) -> Result<JsonStr<'a>, E> {
+                Ok(JsonStr(Cow::Borrowed(text)))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<JsonStr<'a>, E> {
+                Ok(JsonStr(Cow::Owned(text.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<JsonStr<'a>, E> {
+                Ok(JsonStr(Cow::Owned(text)))
+            }
+        }
+        deserializer.deserialize_str(Text(std::marker::PhantomData))
+    }
+}
+
 /// A JSON object's members as raw text, split once (duplicate names: the last wins, as in
 /// `serde_json::Value`).
 #[derive(Debug, Default)]
@@ -137,6 +165,15 @@ impl<'a> RawObject<'a> {
             return None;
         }
         serde_json::from_str(raw.get()).ok()
+    }
+
+    /// Each member's name and whether it borrows from the input (tests).
+    #[cfg(test)]
+    pub fn member_names(&self) -> Vec<(&str, bool)> {
+        self.0
+            .iter()
+            .map(|(name, _)| (name.as_ref(), matches!(name, Cow::Borrowed(_))))
+            .collect()
     }
 
     fn get(&self, key: &str) -> Option<&'a RawValue> {
@@ -158,8 +195,8 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for RawObject<'a> {
             }
             fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<RawObject<'a>, M::Error> {
                 let mut members = Vec::with_capacity(map.size_hint().unwrap_or(4));
-                while let Some(member) = map.next_entry::<Cow<'a, str>, &'a RawValue>()? {
-                    members.push(member);
+                while let Some((name, value)) = map.next_entry::<JsonStr<'a>, &'a RawValue>()? {
+                    members.push((name.0, value));
                 }
                 Ok(RawObject(members))
             }
@@ -218,9 +255,8 @@ impl<'v> Node<'v> {
             Node::Raw(raw) => {
                 let text = raw.get();
                 match text.as_bytes().first() {
-                    Some(b'"') => {
-                        serde_json::from_str::<Cow<'v, str>>(text).map_or(Leaf::Composite, Leaf::String)
-                    }
+                    Some(b'"') => serde_json::from_str::<JsonStr<'v>>(text)
+                        .map_or(Leaf::Composite, |text| Leaf::String(text.0)),
                     Some(b'n') => Leaf::Null,
                     Some(b't') => Leaf::Bool(true),
                     Some(b'f') => Leaf::Bool(false),
@@ -423,6 +459,33 @@ impl Meter {
     }
 
     /// `dimensions` on either representation of the data.
+    /// A fingerprint of the set `dimensions_in` builds (`model::DimsCache`), without building it:
+    /// each value hashes as its dimension text, length-prefixed, an absent one as `0xff`. None
+    /// when `dimensions_in` would refuse the set (it then says why).
+    pub fn dimensions_fingerprint(&self, data: Option<Node<'_>>) -> Option<u128> {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(&self.id.to_le_bytes());
+        for (_, path) in &self.group_by {
+            let leaf = data.and_then(|data| path.select_node(data)).map(Node::leaf);
+            let text = match leaf {
+                None | Some(Leaf::Null) => {
+                    hasher.update(&[0xff]);
+                    continue;
+                }
+                Some(Leaf::String(text) | Leaf::Number(text)) => text,
+                Some(Leaf::Bool(flag)) => Cow::Borrowed(if flag { "true" } else { "false" }),
+                Some(Leaf::Composite) => return None,
+            };
+            if text.len() > MAX_DIMENSION_VALUE_BYTES {
+                return None;
+            }
+            hasher.update(&[0x01]);
+            hasher.update(&(text.len() as u32).to_le_bytes());
+            hasher.update(text.as_bytes());
+        }
+        Some(hasher.digest128())
+    }
+
     pub fn dimensions_in(&self, data: Option<Node<'_>>) -> Result<Dims, ExtractError> {
         let mut dims = Vec::with_capacity(self.group_by.len());
         let Some(data) = data else {
@@ -656,7 +719,72 @@ mod tests {
         ]
     }
 
+    /// Two JSON spellings of each value class (empty: the member is absent).
+    const SPELLINGS: [[&str; 2]; 7] = [
+        ["1", "\"1\""],
+        ["true", "\"true\""],
+        ["null", ""],
+        ["\"m1\"", "\"m\\u0031\""],
+        ["\"\"", "\"\""],
+        ["{\"x\":1}", "{\"x\":\"1\"}"],
+        ["[1]", "{\"x\":[1]}"],
+    ];
+
     proptest::proptest! {
+        /// The fingerprint a batch caches dimension sets under names exactly one set: equal
+        /// fingerprints iff equal sets (values chosen to meet: `1` and `"1"`, `true` and
+        /// `"true"`, an escaped and a plain spelling, absent and null), and none iff refused.
+        #[test]
+        fn dimension_fingerprints_match_exactly_when_the_sets_do(
+            classes in proptest::collection::vec(0usize..SPELLINGS.len(), 3),
+            spellings in proptest::collection::vec(proptest::collection::vec(0usize..2, 3), 2),
+            changed in proptest::option::of((0usize..3, 0usize..SPELLINGS.len())),
+        ) {
+            // Per key (`a`, `model`, `other`): a value class and one of its two spellings; the
+            // second object has the same classes, or one key's class changed, so sets that are
+            // equal and sets that differ in one value are both common.
+            let pair: Vec<Vec<(&str, &str)>> = (0..2)
+                .map(|side| {
+                    let mut classes = classes.clone();
+                    if let (1, Some((key, class))) = (side, changed) {
+                        classes[key] = class;
+                    }
+                    ["a", "model", "other"]
+                        .iter()
+                        .zip(&classes)
+                        .zip(&spellings[side])
+                        .filter_map(|((key, class), spelling)| {
+                            let text = SPELLINGS[*class][*spelling];
+                            (!text.is_empty()).then_some((*key, text))
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut m = meter(Aggregation::Sum, Some("$.tokens"));
+            m.group_by = vec![
+                ("a".into(), JsonPath::parse("$.a").unwrap()),
+                ("model".into(), JsonPath::parse("$.model").unwrap()),
+                ("x".into(), JsonPath::parse("$.a.x").unwrap()),
+            ];
+            let read = |members: &Vec<(&str, &str)>| {
+                let text = format!(
+                    "{{{}}}",
+                    members.iter().map(|(key, value)| format!("\"{key}\":{value}")).collect::<Vec<_>>().join(",")
+                );
+                let raw: Box<RawValue> = serde_json::from_str(&text).unwrap();
+                let object = RawObject::parse(&raw).unwrap();
+                let data = Some(Node::Object(&object));
+                (m.dimensions_fingerprint(data), m.dimensions_in(data))
+            };
+            let (first, second) = (read(&pair[0]), read(&pair[1]));
+            for (fingerprint, dims) in [&first, &second] {
+                proptest::prop_assert_eq!(fingerprint.is_some(), dims.is_ok());
+            }
+            if let ((Some(f1), Ok(d1)), (Some(f2), Ok(d2))) = (&first, &second) {
+                proptest::prop_assert_eq!(f1 == f2, d1 == d2, "{:?} vs {:?}", d1, d2);
+            }
+        }
+
         /// Reading raw text (the ingest fast path) and reading a parsed `Value` give the same
         /// observation and dimensions, or the same error, for any data and path.
         #[test]

@@ -74,28 +74,35 @@ pub fn parse_decimal(text: &str, scale: u32) -> Result<i128, QuantityError> {
     if !int_part.bytes().all(|b| b.is_ascii_digit()) || !frac_part.bytes().all(|b| b.is_ascii_digit()) {
         return Err(QuantityError::NotANumber);
     }
-    // digits * 10^(exponent - frac_len) is the exact value; shift it to `scale` places.
-    let digits = format!("{int_part}{frac_part}");
-    let digits = digits.trim_start_matches('0');
+    // digits * 10^(exponent - frac_len) is the exact value; shift it to `scale` places. The
+    // digits are read in place (every event's value passes here: no allocation).
+    let digits = || int_part.bytes().chain(frac_part.bytes());
+    let leading_zeros = digits().take_while(|b| *b == b'0').count();
+    let mut significant = int_part.len() + frac_part.len() - leading_zeros;
     let mut shift = exponent as i64 - frac_part.len() as i64 + scale as i64;
-    let mut digits = digits.to_string();
     if shift < 0 {
         // Dropping places is only allowed when they are zeros.
-        let drop = (-shift) as usize;
-        let keep = digits.len().saturating_sub(drop);
-        if digits[keep..].bytes().any(|b| b != b'0') {
+        let drop = ((-shift) as u64).min(significant as u64) as usize;
+        if digits()
+            .skip(leading_zeros + significant - drop)
+            .any(|b| b != b'0')
+        {
             return Err(QuantityError::TooPrecise { scale });
         }
-        digits.truncate(keep);
+        significant -= drop;
         shift = 0;
     }
-    if digits.is_empty() {
+    if significant == 0 {
         return Ok(0);
     }
-    if digits.len() as i64 + shift > 38 {
+    if significant as i64 + shift > 38 {
         return Err(QuantityError::OutOfRange);
     }
-    let mut value: i128 = digits.parse().map_err(|_| QuantityError::OutOfRange)?;
+    // At most 38 digits: below i128::MAX (≈ 1.7 × 10^38), so the sum cannot overflow.
+    let mut value = digits()
+        .skip(leading_zeros)
+        .take(significant)
+        .fold(0i128, |value, b| value * 10 + i128::from(b - b'0'));
     for _ in 0..shift {
         value = value.checked_mul(10).ok_or(QuantityError::OutOfRange)?;
     }
@@ -268,6 +275,36 @@ impl Interner<[(String, String)]> {
     }
 }
 
+/// Dimension sets a request or batch already interned, by a 128-bit fingerprint of the values
+/// they are built from. The events of one batch share a few sets (the same routes, models,
+/// regions); building one (a vector and a string per dimension) and looking it up in the shared
+/// interner cost more than the rest of metering the event. Each source fingerprints its values
+/// self-delimited (type or presence tag, length), so a 128-bit xxh3 collision, the bar dedup keys
+/// already set, is the only way two different sets meet.
+#[derive(Default)]
+pub struct DimsCache(rustc_hash::FxHashMap<u128, DimsId>);
+
+impl DimsCache {
+    /// The id cached under `fingerprint`, else `build`'s set interned (and cached). No
+    /// fingerprint, or a refusal from `build`, is not cached: refusals are rare and each needs
+    /// its message.
+    pub fn get_or_intern<E>(
+        &mut self,
+        fingerprint: Option<u128>,
+        names: &Names,
+        build: impl FnOnce() -> Result<Dims, E>,
+    ) -> Result<DimsId, E> {
+        if let Some(id) = fingerprint.and_then(|fingerprint| self.0.get(&fingerprint)) {
+            return Ok(*id);
+        }
+        let id = names.dims.intern(&build()?);
+        if let Some(fingerprint) = fingerprint {
+            self.0.insert(fingerprint, id);
+        }
+        Ok(id)
+    }
+}
+
 /// All process-local id tables. Dimension set `0` is always the empty set.
 pub struct Names {
     pub tenants: Interner<str>,
@@ -405,7 +442,73 @@ mod tests {
         assert_eq!(WindowSize::Minute.start_of(-1), -60);
     }
 
+    /// The allocating implementation `parse_decimal` replaced, kept as its oracle.
+    fn parse_decimal_reference(text: &str, scale: u32) -> Result<i128, QuantityError> {
+        let text = text.trim();
+        let (negative, rest) = match text.as_bytes().first() {
+            Some(b'-') => (true, &text[1..]),
+            Some(b'+') => (false, &text[1..]),
+            _ => (false, text),
+        };
+        let (mantissa, exponent) = match rest.find(['e', 'E']) {
+            Some(pos) => {
+                let exp: i32 = rest[pos + 1..].parse().map_err(|_| QuantityError::NotANumber)?;
+                (&rest[..pos], exp)
+            }
+            None => (rest, 0),
+        };
+        let (int_part, frac_part) = match mantissa.find('.') {
+            Some(pos) => (&mantissa[..pos], &mantissa[pos + 1..]),
+            None => (mantissa, ""),
+        };
+        if int_part.is_empty() && frac_part.is_empty() {
+            return Err(QuantityError::NotANumber);
+        }
+        if !int_part.bytes().all(|b| b.is_ascii_digit()) || !frac_part.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(QuantityError::NotANumber);
+        }
+        // digits * 10^(exponent - frac_len) is the exact value; shift it to `scale` places.
+        let digits = format!("{int_part}{frac_part}");
+        let digits = digits.trim_start_matches('0');
+        let mut shift = exponent as i64 - frac_part.len() as i64 + scale as i64;
+        let mut digits = digits.to_string();
+        if shift < 0 {
+            // Dropping places is only allowed when they are zeros.
+            let drop = (-shift) as usize;
+            let keep = digits.len().saturating_sub(drop);
+            if digits[keep..].bytes().any(|b| b != b'0') {
+                return Err(QuantityError::TooPrecise { scale });
+            }
+            digits.truncate(keep);
+            shift = 0;
+        }
+        if digits.is_empty() {
+            return Ok(0);
+        }
+        if digits.len() as i64 + shift > 38 {
+            return Err(QuantityError::OutOfRange);
+        }
+        let mut value: i128 = digits.parse().map_err(|_| QuantityError::OutOfRange)?;
+        for _ in 0..shift {
+            value = value.checked_mul(10).ok_or(QuantityError::OutOfRange)?;
+        }
+        Ok(if negative { -value } else { value })
+    }
+
     proptest! {
+        #[test]
+        fn parse_decimal_agrees_with_its_allocating_reference(
+            text in r"[ ]?[+-]?0{0,3}[0-9]{0,40}(\.[0-9]{0,40}0{0,5})?([eE][+-]?[0-9]{1,3})?[ ]?",
+            scale in 0u32..=MAX_SCALE,
+        ) {
+            prop_assert_eq!(parse_decimal(&text, scale), parse_decimal_reference(&text, scale), "{}", text);
+        }
+
+        #[test]
+        fn parse_decimal_agrees_with_its_reference_on_any_text(text in ".{0,12}", scale in 0u32..=MAX_SCALE) {
+            prop_assert_eq!(parse_decimal(&text, scale), parse_decimal_reference(&text, scale));
+        }
+
         #[test]
         fn format_then_parse_round_trips(value in any::<i64>(), scale in 0u32..=MAX_SCALE) {
             let value = value as i128;

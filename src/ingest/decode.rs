@@ -13,8 +13,8 @@ use serde_json::Value;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::aggregate::{Aggregation, Observation};
-use crate::meter::{Meters, Node, RawObject};
-use crate::model::{parse_rfc3339_ms, Names, SeriesKey, TenantId};
+use crate::meter::{JsonStr, Meters, Node, RawObject};
+use crate::model::{parse_rfc3339_ms, DimsCache, Names, SeriesKey, TenantId};
 
 /// Longest `id`, `source`, `type` or `subject` accepted.
 pub const MAX_ATTRIBUTE_BYTES: usize = 256;
@@ -252,23 +252,23 @@ struct Envelope<'a> {
 #[derive(serde::Deserialize)]
 struct WireEvent<'a> {
     #[serde(borrow, default)]
-    specversion: Option<Cow<'a, str>>,
+    specversion: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
-    id: Option<Cow<'a, str>>,
+    id: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
-    source: Option<Cow<'a, str>>,
+    source: Option<JsonStr<'a>>,
     #[serde(borrow, default, rename = "type")]
-    event_type: Option<Cow<'a, str>>,
+    event_type: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
-    subject: Option<Cow<'a, str>>,
+    subject: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
-    time: Option<Cow<'a, str>>,
+    time: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
 }
 
-fn text_attribute(value: Option<Cow<'_, str>>) -> Attribute<'_> {
-    value.map_or(Attribute::Absent, Attribute::Text)
+fn text_attribute(value: Option<JsonStr<'_>>) -> Attribute<'_> {
+    value.map_or(Attribute::Absent, |text| Attribute::Text(text.0))
 }
 
 fn data_from(value: Option<Value>) -> Data<'static> {
@@ -411,6 +411,7 @@ pub fn decode_each<'c, E: EventText>(
 ) -> (Decoded, Vec<FieldError>) {
     let mut errors = Vec::new();
     let mut decoded = Decoded::default();
+    let mut dims_cache = DimsCache::default();
     for (index, raw) in raw_events.iter().enumerate() {
         let EventContext {
             now_ms,
@@ -503,7 +504,10 @@ pub fn decode_each<'c, E: EventText>(
         let mut late = false;
         for meter in matched {
             // Both extractions run so that a value and a dimension problem are reported together.
-            let (observation, dims) = match (meter.observation_in(data), meter.dimensions_in(data)) {
+            let dims = dims_cache.get_or_intern(meter.dimensions_fingerprint(data), names, || {
+                meter.dimensions_in(data)
+            });
+            let (observation, dims) = match (meter.observation_in(data), dims) {
                 (Ok(observation), Ok(dims)) => (observation, dims),
                 (observation, dims) => {
                     let problems = observation.err().into_iter().chain(dims.err());
@@ -522,7 +526,7 @@ pub fn decode_each<'c, E: EventText>(
                 key: SeriesKey {
                     meter: meter.id,
                     tenant,
-                    dims: names.dims.intern(&dims),
+                    dims,
                     window_start,
                 },
                 aggregation: meter.aggregation,
@@ -596,6 +600,27 @@ mod tests {
         let meters = meters(&names);
         let raw = split_body(body.as_bytes(), kind).map_err(|e| vec![e])?;
         decode_events(&raw, &meters, &names, NOW, ACCEPT)
+    }
+
+    #[test]
+    fn envelope_strings_borrow_from_the_body_unless_escaped() {
+        let raw = r#"{"id":"a\u0042c","source":"s","type":"t","subject":"acme","time":"2026-11-22T04:20:00Z","data":{"k\"ey":1,"model":"m"}}"#;
+        let envelope = envelope(raw, true).unwrap();
+        assert!(matches!(&envelope.source, Attribute::Text(Cow::Borrowed("s"))));
+        assert!(matches!(
+            &envelope.subject,
+            Attribute::Text(Cow::Borrowed("acme"))
+        ));
+        assert!(
+            matches!(&envelope.id, Attribute::Text(Cow::Owned(id)) if id == "aBc"),
+            "an escaped string is unescaped into an owned copy: {:?}",
+            envelope.id
+        );
+        let Data::Object(data) = &envelope.data else {
+            panic!("data is an object")
+        };
+        let object = RawObject::parse(data.get()).unwrap();
+        assert_eq!(object.member_names(), vec![("k\"ey", false), ("model", true)]);
     }
 
     #[test]

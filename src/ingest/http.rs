@@ -270,7 +270,7 @@ fn check_for_forwarding(
     #[derive(serde::Deserialize)]
     struct Subject<'a> {
         #[serde(borrow)]
-        subject: Option<std::borrow::Cow<'a, str>>,
+        subject: Option<crate::meter::JsonStr<'a>>,
     }
     let events = raw
         .iter()
@@ -278,8 +278,9 @@ fn check_for_forwarding(
             let subject = serde_json::from_str::<Subject<'_>>(event.get())
                 .ok()
                 .and_then(|s| s.subject)
+                .map(|subject| subject.0.into_owned())
                 .unwrap_or_default();
-            (subject.into_owned(), event.get().as_bytes().to_vec())
+            (subject, event.get().as_bytes().to_vec())
         })
         .collect();
     let summary = IngestSummary {

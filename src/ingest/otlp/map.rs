@@ -26,7 +26,9 @@ use crate::aggregate::streams::{CumulativePoint, StreamKind};
 use crate::aggregate::{AggState, Aggregation, Observation};
 use crate::ingest::decode::{dedup_key, Acceptance, MAX_ATTRIBUTE_BYTES};
 use crate::meter::{Meter, MeterSource, Meters, MAX_DIMENSION_VALUE_BYTES};
-use crate::model::{decimal_from_f64, parse_decimal, Dims, DimsId, Names, QuantityError, SeriesKey};
+use crate::model::{
+    decimal_from_f64, parse_decimal, Dims, DimsCache, DimsId, Names, QuantityError, SeriesKey,
+};
 
 /// What the mapping needs besides the request.
 pub struct MapContext<'a> {
@@ -278,41 +280,31 @@ fn dimensions(meter: &Meter, point: &[KeyValue], resource: &[KeyValue]) -> Resul
     Ok(dims)
 }
 
-/// Dimension sets this request already interned, by a fingerprint of the attribute values they
-/// come from. The points of one request share a few sets (the same routes, models, regions);
-/// building one (three allocations) and looking it up in the shared interner cost more than the
-/// rest of mapping the point.
-#[derive(Default)]
-struct DimsCache(rustc_hash::FxHashMap<u128, DimsId>);
-
-impl DimsCache {
-    /// The interned id of `meter`'s dimensions for a point, or why they cannot be read.
-    fn intern(
-        &mut self,
-        meter: &Meter,
-        point: &[KeyValue],
-        resource: &[KeyValue],
-        names: &Names,
-    ) -> Result<DimsId, String> {
-        // Each value hashes self-delimited (type tag, length), so the sequence is unambiguous; a
-        // 128-bit xxh3 collision, the bar dedup keys already set, is the only way two sets meet.
-        let mut hasher = Xxh3::new();
-        hasher.update(&meter.id.to_le_bytes());
-        for (_, attribute) in &meter.group_by_attributes {
-            match find(point, attribute).or_else(|| find(resource, attribute)) {
-                None => hasher.update(&[0xff]),
-                Some(value) => hash_value(&mut hasher, value.value.as_ref()),
-            }
+/// A fingerprint of `meter`'s dimension values for a point (`model::DimsCache`): each value
+/// hashes self-delimited (type tag, length), an absent one as `0xff`.
+fn dims_fingerprint(meter: &Meter, point: &[KeyValue], resource: &[KeyValue]) -> u128 {
+    let mut hasher = Xxh3::new();
+    hasher.update(&meter.id.to_le_bytes());
+    for (_, attribute) in &meter.group_by_attributes {
+        match find(point, attribute).or_else(|| find(resource, attribute)) {
+            None => hasher.update(&[0xff]),
+            Some(value) => hash_value(&mut hasher, value.value.as_ref()),
         }
-        let fingerprint = hasher.digest128();
-        if let Some(id) = self.0.get(&fingerprint) {
-            return Ok(*id);
-        }
-        // Refusals are not cached: they are rare, and each needs its message.
-        let id = names.dims.intern(&dimensions(meter, point, resource)?);
-        self.0.insert(fingerprint, id);
-        Ok(id)
     }
+    hasher.digest128()
+}
+
+/// The interned id of `meter`'s dimensions for a point, or why they cannot be read.
+fn intern_dims(
+    cache: &mut DimsCache,
+    meter: &Meter,
+    point: &[KeyValue],
+    resource: &[KeyValue],
+    names: &Names,
+) -> Result<DimsId, String> {
+    cache.get_or_intern(Some(dims_fingerprint(meter, point, resource)), names, || {
+        dimensions(meter, point, resource)
+    })
 }
 
 /// The point's time in unix ms, refused when absent or outside the acceptance window.
@@ -840,9 +832,7 @@ fn map_point(
     };
     let mut cumulative = Vec::new();
     for meter in meters {
-        let dims = dims
-            .intern(meter, shape.attributes, resource, context.names)
-            .map_err(invalid)?;
+        let dims = intern_dims(dims, meter, shape.attributes, resource, context.names).map_err(invalid)?;
         let window_start = meter.window_size.start_of(ts_ms);
         let window_end = window_start + meter.window_size.seconds();
         point.late |= (window_end + context.acceptance.allowed_lateness_secs) * 1000 <= context.now_ms;
@@ -1145,9 +1135,7 @@ fn map_record(
                 record_observation(meter, value_attribute, value).map_err(invalid)?
             }
         };
-        let dims = dims
-            .intern(meter, &record.attributes, resource, context.names)
-            .map_err(invalid)?;
+        let dims = intern_dims(dims, meter, &record.attributes, resource, context.names).map_err(invalid)?;
         let window_start = meter.window_size.start_of(ts_ms);
         let window_end = window_start + meter.window_size.seconds();
         point.late |= (window_end + context.acceptance.allowed_lateness_secs) * 1000 <= context.now_ms;
