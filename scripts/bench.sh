@@ -28,7 +28,9 @@ cargo bench --locked --bench memory -- "${sizes[@]}" >"$out/memory.txt" 2>&1
 log "HTTP end to end vs decode-only (scripts/bench-http.sh)"
 DURATION=$duration scripts/bench-http.sh >"$out/http.txt" 2>&1
 log "OTLP/gRPC end to end vs decode-and-discard (scripts/bench-otlp.sh)"
-DURATION=$duration scripts/bench-otlp.sh >"$out/otlp.txt" 2>&1
+# 16 in flight: the OTLP path's peak needs more requests in flight than the loadgen's default 8
+# (≈ 224 k vs ≈ 310-335 k points/s, BENCHMARKS §12-13); both servers get the same flags.
+DURATION=$duration scripts/bench-otlp.sh --concurrency 16 >"$out/otlp.txt" 2>&1
 log "Kafka end to end vs a bare consumer, $kafka_events events (scripts/bench-kafka.sh)"
 scripts/bench-kafka.sh "$kafka_events" >"$out/kafka.txt" 2>&1
 log "rating overhead (scripts/bench-rating.sh)"
@@ -91,7 +93,7 @@ for line in read("memory.txt").splitlines():
 def ratio_line(text):
     m = re.search(r"# ratio tallyd / [^:]+: ([\d.]+%) \(([\d.]+) vs ([\d.]+)", text)
     return m.groups() if m else None
-for name, script in (("http.txt", "scripts/bench-http.sh"), ("otlp.txt", "scripts/bench-otlp.sh")):
+for name, script in (("http.txt", "scripts/bench-http.sh"), ("otlp.txt", "scripts/bench-otlp.sh --concurrency 16")):
     got = ratio_line(read(name))
     what = "HTTP end to end (batches of 500)" if name == "http.txt" else "OTLP/gRPC end to end (1 000 points/request)"
     if got:
