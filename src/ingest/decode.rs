@@ -145,7 +145,8 @@ pub struct MeteredEvent {
     pub ts_ms: i64,
     /// The event lands in a window that had already closed when it arrived (it amends it).
     pub late: bool,
-    pub updates: Vec<Update>,
+    /// Inline for the usual single meter: no allocation per event.
+    pub updates: smallvec::SmallVec<[Update; 1]>,
 }
 
 impl MeteredEvent {
@@ -500,7 +501,7 @@ pub fn decode_each<'c, E: EventText>(
             continue;
         }
         let tenant = names.tenants.intern(&subject);
-        let mut updates = Vec::new();
+        let mut updates = smallvec::SmallVec::new();
         let mut late = false;
         for meter in matched {
             // Both extractions run so that a value and a dimension problem are reported together.
