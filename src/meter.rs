@@ -465,57 +465,58 @@ impl Meter {
     pub fn dimensions_fingerprint(&self, data: Option<Node<'_>>) -> Option<u128> {
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         hasher.update(&self.id.to_le_bytes());
-        for (_, path) in &self.group_by {
-            let leaf = data.and_then(|data| path.select_node(data)).map(Node::leaf);
-            let text = match leaf {
-                None | Some(Leaf::Null) => {
-                    hasher.update(&[0xff]);
-                    continue;
+        for (name, path) in &self.group_by {
+            match dimension_text(name, path, data).ok()? {
+                None => hasher.update(&[0xff]),
+                Some(text) => {
+                    hasher.update(&[0x01]);
+                    hasher.update(&(text.len() as u32).to_le_bytes());
+                    hasher.update(text.as_bytes());
                 }
-                Some(Leaf::String(text) | Leaf::Number(text)) => text,
-                Some(Leaf::Bool(flag)) => Cow::Borrowed(if flag { "true" } else { "false" }),
-                Some(Leaf::Composite) => return None,
-            };
-            if text.len() > MAX_DIMENSION_VALUE_BYTES {
-                return None;
             }
-            hasher.update(&[0x01]);
-            hasher.update(&(text.len() as u32).to_le_bytes());
-            hasher.update(text.as_bytes());
         }
         Some(hasher.digest128())
     }
 
     pub fn dimensions_in(&self, data: Option<Node<'_>>) -> Result<Dims, ExtractError> {
         let mut dims = Vec::with_capacity(self.group_by.len());
-        let Some(data) = data else {
-            return Ok(dims);
-        };
         for (name, path) in &self.group_by {
-            let text = match path.select_node(data).map(Node::leaf) {
-                None | Some(Leaf::Null) => continue,
-                Some(Leaf::String(text) | Leaf::Number(text)) => text.into_owned(),
-                Some(Leaf::Bool(flag)) => flag.to_string(),
-                Some(Leaf::Composite) => {
-                    return Err(ExtractError {
-                        field: path.field_name(),
-                        reason: format!("group_by `{name}` must be a string, number or boolean"),
-                    })
-                }
-            };
-            if text.len() > MAX_DIMENSION_VALUE_BYTES {
-                return Err(ExtractError {
-                    field: path.field_name(),
-                    reason: format!(
-                        "group_by `{name}` value is {} bytes, more than {MAX_DIMENSION_VALUE_BYTES}",
-                        text.len()
-                    ),
-                });
+            if let Some(text) = dimension_text(name, path, data)? {
+                dims.push((name.clone(), text.into_owned()));
             }
-            dims.push((name.clone(), text));
         }
         Ok(dims)
     }
+}
+
+/// One group-by dimension's text in `data` (None: absent or null), or why it is refused. The
+/// one rendering both `dimensions_in` and `dimensions_fingerprint` use, so they cannot drift.
+fn dimension_text<'v>(
+    name: &str,
+    path: &JsonPath,
+    data: Option<Node<'v>>,
+) -> Result<Option<Cow<'v, str>>, ExtractError> {
+    let text = match data.and_then(|data| path.select_node(data)).map(Node::leaf) {
+        None | Some(Leaf::Null) => return Ok(None),
+        Some(Leaf::String(text) | Leaf::Number(text)) => text,
+        Some(Leaf::Bool(flag)) => Cow::Borrowed(if flag { "true" } else { "false" }),
+        Some(Leaf::Composite) => {
+            return Err(ExtractError {
+                field: path.field_name(),
+                reason: format!("group_by `{name}` must be a string, number or boolean"),
+            })
+        }
+    };
+    if text.len() > MAX_DIMENSION_VALUE_BYTES {
+        return Err(ExtractError {
+            field: path.field_name(),
+            reason: format!(
+                "group_by `{name}` value is {} bytes, more than {MAX_DIMENSION_VALUE_BYTES}",
+                text.len()
+            ),
+        });
+    }
+    Ok(Some(text))
 }
 
 /// All meters, indexed for matching.
