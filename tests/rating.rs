@@ -411,11 +411,14 @@ async fn the_webhook_gets_signed_batches_with_retries_and_resumes_after_a_restar
         "window records are not sent by default"
     );
     assert_eq!(receiver.bad_signatures.load(Ordering::Acquire), 0);
-    let metrics = metrics_text(&client, &daemon).await;
-    assert!(
-        metrics.contains("tallyd_emit_records_total{output=\"webhook\",kind=\"rated\"}"),
-        "{metrics}"
-    );
+    // The daemon counts a batch once its response is back, just after the receiver has it.
+    eventually("the webhook's emitted-records counter", async || {
+        let metrics = metrics_text(&client, &daemon).await;
+        metrics
+            .contains("tallyd_emit_records_total{output=\"webhook\",kind=\"rated\"}")
+            .then_some(())
+    })
+    .await;
     daemon.stop();
 }
 
