@@ -55,12 +55,14 @@ fn messages(round: u64, topic: &Arc<str>) -> Vec<KafkaMessage> {
 
 fn pipeline(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let env = [(
-        "TALLYD__STORAGE__DATA_DIR".to_string(),
-        dir.path().display().to_string(),
-    )]
-    .into_iter()
-    .collect();
+    // The process's own `TALLYD__…` settings apply too (A/B runs of one binary).
+    let env = std::env::vars()
+        .filter(|(name, _)| name.starts_with("TALLYD__"))
+        .chain([(
+            "TALLYD__STORAGE__DATA_DIR".to_string(),
+            dir.path().display().to_string(),
+        )])
+        .collect();
     let mut config = Config::load(DEFAULT_CONFIG, &env).unwrap();
     config.emit_file_path = dir.path().join("usage.jsonl");
     // Checkpoints overlap folding as in a running consumer; the synced checkpoint that ends each

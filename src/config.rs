@@ -249,6 +249,8 @@ pub struct RawStorage {
     pub ingest_log_sync: String,
     pub ingest_log_segment_bytes: u64,
     pub retention_days: u64,
+    /// Memory cap of the in-memory filter over stored dedup keys (0: off).
+    pub dedup_filter_max_mib: u64,
 }
 
 impl Default for RawStorage {
@@ -258,6 +260,7 @@ impl Default for RawStorage {
             ingest_log_sync: "fsync".into(),
             ingest_log_segment_bytes: 64 << 20,
             retention_days: 400,
+            dedup_filter_max_mib: 512,
         }
     }
 }
@@ -558,6 +561,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub ingest_log_sync: LogSync,
     pub ingest_log_segment_bytes: u64,
+    /// `storage.dedup_filter_max_mib` in bytes (0: every stored-key lookup reads RocksDB).
+    pub dedup_filter_max_bytes: u64,
     pub retention_secs: i64,
     pub flush_interval_ms: u64,
     pub allowed_lateness_secs: i64,
@@ -1038,6 +1043,9 @@ impl RawConfig {
         if self.storage.retention_days == 0 {
             errors.push("storage.retention_days: must be positive".into());
         }
+        if self.storage.dedup_filter_max_mib > 1 << 20 {
+            errors.push("storage.dedup_filter_max_mib: must be at most 1048576 (1 TiB)".into());
+        }
         let aggregate = &self.aggregate;
         if aggregate.flush_interval_ms == 0 {
             errors.push("aggregate.flush_interval_ms: must be positive".into());
@@ -1333,6 +1341,7 @@ impl RawConfig {
             data_dir,
             ingest_log_sync,
             ingest_log_segment_bytes: self.storage.ingest_log_segment_bytes,
+            dedup_filter_max_bytes: self.storage.dedup_filter_max_mib << 20,
             retention_secs: (self.storage.retention_days * 86_400) as i64,
             flush_interval_ms: aggregate.flush_interval_ms,
             allowed_lateness_secs: aggregate.allowed_lateness_secs as i64,

@@ -31,6 +31,15 @@ pub const DEDUP_PENDING: &str = "tallyd_dedup_pending_keys";
 /// Bulk moves of staged dedup keys into the store (`pipeline::dedup`), by outcome (ok, error).
 pub const DEDUP_INGESTIONS: &str = "tallyd_dedup_ingestions_total";
 pub const DEDUP_INGEST_DURATION: &str = "tallyd_dedup_ingest_seconds";
+/// `{answer}`: dedup keys looked up past memory, answered by the filter (never stored) or by
+/// the store's column family.
+pub const DEDUP_LOOKUPS: &str = "tallyd_dedup_lookups_total";
+/// Bytes of the current dedup filter (0: not built yet, or off).
+pub const DEDUP_FILTER_BYTES: &str = "tallyd_dedup_filter_bytes";
+/// Keys in the current dedup filter when it was built, plus those added since.
+pub const DEDUP_FILTER_KEYS: &str = "tallyd_dedup_filter_keys";
+/// `{outcome}`: builds of the dedup filter (ok, error).
+pub const DEDUP_FILTER_BUILDS: &str = "tallyd_dedup_filter_builds_total";
 pub const FLUSH_DURATION: &str = "tallyd_flush_duration_seconds";
 pub const CHECKPOINT_BYTES: &str = "tallyd_checkpoint_bytes_total";
 pub const CHECKPOINT_SERIES: &str = "tallyd_checkpoint_series_total";
@@ -164,6 +173,23 @@ fn describe() {
         DEDUP_INGEST_DURATION,
         Unit::Seconds,
         "one bulk move of staged dedup keys: sort, SST file, ingestion, forgetting them in memory"
+    );
+    describe_counter!(
+        DEDUP_LOOKUPS,
+        "dedup keys looked up past memory, by answer: filter (never stored, no disk read) or store"
+    );
+    describe_gauge!(
+        DEDUP_FILTER_BYTES,
+        Unit::Bytes,
+        "memory of the in-memory dedup key filter"
+    );
+    describe_gauge!(
+        DEDUP_FILTER_KEYS,
+        "keys the dedup filter holds (expired ones until the next build)"
+    );
+    describe_counter!(
+        DEDUP_FILTER_BUILDS,
+        "builds of the dedup filter from the store, by outcome"
     );
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "checkpoint duration");
     describe_counter!(CHECKPOINT_BYTES, Unit::Bytes, "bytes written by checkpoints");

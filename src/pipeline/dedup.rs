@@ -8,6 +8,7 @@
 //! answered from memory. (Renicing this thread was tried and dropped: it takes the index's shard
 //! locks, RocksDB's and the allocator's, and a preempted holder stalls every request behind it.)
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +18,10 @@ use crate::telemetry;
 
 /// How often the stage looks whether staged keys became old enough to move.
 const POLL: Duration = Duration::from_secs(1);
+/// How often the filter thread looks whether a build is due without being woken.
+const FILTER_POLL: Duration = Duration::from_secs(60);
+/// After a failed build, the wait before the next try.
+const FILTER_RETRY: Duration = Duration::from_secs(10);
 
 pub struct DedupLoop {
     pub shared: Arc<Shared>,
@@ -26,6 +31,19 @@ pub struct DedupLoop {
 
 impl DedupLoop {
     pub fn run(self) {
+        // The filter over stored keys is built (and rebuilt) on its own thread: a scan of the
+        // column family takes seconds per hundred million keys, and ingestions must not wait.
+        let (filter_wake, filter_rx) = std::sync::mpsc::sync_channel(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let builder = {
+            let (shared, stop) = (self.shared.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("tallyd-dedup-filter".into())
+                .spawn(move || build_filters(&shared, &filter_rx, &stop))
+        };
+        if let Err(error) = &builder {
+            tracing::error!(%error, "dedup filter thread not started; lookups read the store");
+        }
         loop {
             let last = match self.wake.recv_timeout(POLL) {
                 Ok(()) | Err(RecvTimeoutError::Timeout) => false,
@@ -35,10 +53,17 @@ impl DedupLoop {
             // what is left, only for a quick start).
             if last || self.shared.store.dedup_ingest_due() {
                 self.ingest();
+                // Full, the filter answers "maybe" more often: a new build is looked at.
+                let _ = filter_wake.try_send(());
             }
             if last {
                 break;
             }
+        }
+        stop.store(true, Ordering::Relaxed);
+        drop(filter_wake);
+        if let Ok(builder) = builder {
+            let _ = builder.join();
         }
         tracing::debug!("dedup stage stopped");
     }
@@ -64,6 +89,43 @@ impl DedupLoop {
                 metrics::counter!(telemetry::DEDUP_INGESTIONS, "outcome" => "error").increment(1);
                 tracing::error!(%error, "staged dedup keys not ingested yet");
             }
+        }
+    }
+}
+
+/// The filter thread: the first build at start, then a rebuild whenever one is due
+/// (`store::dedup_filter`), until the stage stops.
+fn build_filters(shared: &Shared, wake: &Receiver<()>, stop: &AtomicBool) {
+    loop {
+        if shared.store.dedup_filter_build_due() {
+            let started = Instant::now();
+            match shared.store.build_dedup_filter(stop) {
+                Ok(Some(built)) => {
+                    tracing::info!(
+                        keys = built.keys,
+                        bytes = built.bytes,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "dedup filter built"
+                    );
+                    metrics::counter!(telemetry::DEDUP_FILTER_BUILDS, "outcome" => "ok").increment(1);
+                    metrics::gauge!(telemetry::DEDUP_FILTER_BYTES).set(built.bytes as f64);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    metrics::counter!(telemetry::DEDUP_FILTER_BUILDS, "outcome" => "error").increment(1);
+                    tracing::error!(%error, "dedup filter not built; lookups read the store meanwhile");
+                    if let Err(RecvTimeoutError::Disconnected) = wake.recv_timeout(FILTER_RETRY) {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        if let Some(keys) = shared.store.dedup_filter_keys() {
+            metrics::gauge!(telemetry::DEDUP_FILTER_KEYS).set(keys as f64);
+        }
+        if let Err(RecvTimeoutError::Disconnected) = wake.recv_timeout(FILTER_POLL) {
+            return;
         }
     }
 }

@@ -223,6 +223,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         config.dedup_horizon_secs,
     )
     .context("cannot open the store")?;
+    store.set_dedup_filter_max_bytes(config.dedup_filter_max_bytes);
     lap(&mut timings.store_open);
     let names = Names::default();
     let meters = Meters::new(config.meters.clone(), &names);

@@ -335,7 +335,10 @@ impl RocksStore {
             }
         }
         batch.put(keys::position_key(source), position.to_be_bytes());
-        self.write(batch, true)?;
+        let dedup_keys = flushes.iter().flatten().flat_map(|chunk| {
+            (chunk.dedup_keys.iter().copied()).chain(chunk.dedup_seen.iter().map(|(key, _)| *key))
+        });
+        self.filters.noting(dedup_keys, || self.write(batch, true))?;
         Ok(Some(position))
     }
 }

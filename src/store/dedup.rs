@@ -18,11 +18,15 @@
 //! harmless.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use rocksdb::{ColumnFamily, IngestExternalFileOptions, IteratorMode, SstFileWriter, WriteBatch};
+use rocksdb::{
+    ColumnFamily, IngestExternalFileOptions, IteratorMode, ReadOptions, SstFileWriter, WriteBatch,
+};
 
-use super::{keys, RocksStore, StoreError, DEDUP_CF};
+use super::dedup_filter::FilterBuilt;
+use super::{keys, unix_now_secs, RocksStore, StoreError, DEDUP_CF};
 
 /// Staged keys that trigger an ingestion: ≈ 50 bytes of memory each (the index entry and the
 /// staged copy); an ingested file of ≈ 35 MB (measured: 34 981 024 bytes for 1 M keys).
@@ -103,13 +107,25 @@ impl RocksStore {
         now_secs: i64,
         horizon_secs: i64,
     ) -> Result<Vec<bool>, StoreError> {
+        let mut out = vec![false; dedup_keys.len()];
+        // Keys the filter never saw were never stored (`dedup_filter`): only the rest are read.
+        let mut order: Vec<usize> = match self.filters.current() {
+            Some(filter) => (0..dedup_keys.len())
+                .filter(|i| filter.may_contain(dedup_keys[*i]))
+                .collect(),
+            None => (0..dedup_keys.len()).collect(),
+        };
+        let filtered = (dedup_keys.len() - order.len()) as u64;
+        metrics::counter!(crate::telemetry::DEDUP_LOOKUPS, "answer" => "filter").increment(filtered);
+        metrics::counter!(crate::telemetry::DEDUP_LOOKUPS, "answer" => "store").increment(order.len() as u64);
+        if order.is_empty() {
+            return Ok(out);
+        }
         // Sorted lookups let RocksDB skip its own sort and walk each file once (the sort was
         // ~9 % of a Kafka consumer's CPU); answers go back in the caller's order.
-        let mut order: Vec<usize> = (0..dedup_keys.len()).collect();
         order.sort_unstable_by_key(|i| dedup_keys[*i]);
         let lookups: Vec<[u8; 17]> = order.iter().map(|i| keys::dedup_key(dedup_keys[*i])).collect();
         let cf = self.dedup_cf()?;
-        let mut out = vec![false; dedup_keys.len()];
         for (slot, result) in order.iter().zip(self.db.batched_multi_get_cf(cf, &lookups, true)) {
             out[*slot] = match result? {
                 // Expired keys may linger until compaction; they no longer count.
@@ -121,6 +137,82 @@ impl RocksStore {
             };
         }
         Ok(out)
+    }
+
+    /// Caps the dedup filter's memory (0 turns it off: every lookup reads the column family).
+    /// Takes effect at the next build.
+    pub fn set_dedup_filter_max_bytes(&self, bytes: u64) {
+        self.filters.set_max_bytes(bytes);
+    }
+
+    /// Keys in the current dedup filter (None: not built, or off).
+    pub fn dedup_filter_keys(&self) -> Option<u64> {
+        self.filters.current().map(|filter| filter.inserted())
+    }
+
+    /// Whether the dedup filter should be built (again): see `dedup_filter`.
+    pub fn dedup_filter_build_due(&self) -> bool {
+        self.filters.build_due()
+    }
+
+    /// Builds the dedup filter afresh from the column family (`dedup_filter`) and makes lookups
+    /// use it. None when the filter is off or `stop` was set during the scan.
+    pub fn build_dedup_filter(&self, stop: &AtomicBool) -> Result<Option<FilterBuilt>, StoreError> {
+        self.build_dedup_filter_with(stop, || {})
+    }
+
+    /// `after_iterator` runs once the scan's view of the column family is fixed (tests write
+    /// there what only the writers' side of the protocol can put in the new filter).
+    fn build_dedup_filter_with(
+        &self,
+        stop: &AtomicBool,
+        after_iterator: impl FnOnce(),
+    ) -> Result<Option<FilterBuilt>, StoreError> {
+        let cf = self.dedup_cf()?;
+        let estimate = self
+            .db
+            .property_int_value_cf(cf, "rocksdb.estimate-num-keys")?
+            .unwrap_or(0);
+        // Registered before the iterator exists: a key stored after this is added by its writer.
+        let Some(filter) = self.filters.begin(estimate) else {
+            return Ok(None);
+        };
+        let mut read = ReadOptions::default();
+        read.fill_cache(false);
+        read.set_readahead_size(4 << 20);
+        let mut iterator = self.db.raw_iterator_cf_opt(cf, read);
+        after_iterator();
+        iterator.seek_to_first();
+        // Keys well past the horizon (a day of slack for callers' clocks) are never seen again.
+        let oldest = unix_now_secs() - self.dedup_horizon_secs - 86_400;
+        let mut batch = Vec::with_capacity(4096);
+        let mut complete = true;
+        while iterator.valid() {
+            if let (Some(key), Some(value)) = (iterator.key(), iterator.value()) {
+                let key = key.get(1..).and_then(|bytes| <[u8; 16]>::try_from(bytes).ok());
+                let seen = <[u8; 8]>::try_from(value).map(|bytes| u64::from_be_bytes(bytes) as i64);
+                // An unreadable value counts as seen in lookups: keep it.
+                if let Some(key) = key.filter(|_| seen.is_err() || seen.is_ok_and(|s| s >= oldest)) {
+                    batch.push(u128::from_be_bytes(key));
+                }
+            }
+            if batch.len() == batch.capacity() {
+                filter.insert_all(batch.drain(..));
+                if stop.load(Ordering::Relaxed) {
+                    complete = false;
+                    break;
+                }
+            }
+            iterator.next();
+        }
+        filter.insert_all(batch.drain(..));
+        let status = iterator.status();
+        if !complete || status.is_err() {
+            self.filters.abandon(&filter);
+            status?;
+            return Ok(None);
+        }
+        Ok(Some(self.filters.finish(&filter)))
     }
 
     /// After the batch of `generation` committed: stages its run's keys for the dedup stage.
@@ -204,9 +296,13 @@ impl RocksStore {
             let mut options = IngestExternalFileOptions::default();
             // Linked, not copied; RocksDB removes our link once the file is part of the tree.
             options.set_move_files(true);
-            self.db
-                .ingest_external_file_cf_opts(self.dedup_cf()?, &options, vec![&path])
-                .map_err(StoreError::from)
+            // In the filter first (`dedup_filter`'s rule), then in the column family.
+            let cf = self.dedup_cf()?;
+            self.filters.noting(keys.iter().map(|(key, _)| *key), || {
+                self.db
+                    .ingest_external_file_cf_opts(cf, &options, vec![&path])
+                    .map_err(StoreError::from)
+            })
         });
         if result.is_err() {
             let _ = std::fs::remove_file(&path);
@@ -263,7 +359,8 @@ impl RocksStore {
             .take_while(move |item| item.as_ref().map_or(true, |(key, _)| key.first() == Some(&kind)))
     }
 
-    /// Stores written before the dedup column family kept `D` keys in the default one.
+    /// Stores written before the dedup column family kept `D` keys in the default one. (Only
+    /// at open, before any dedup filter is built: the first build's scan finds them.)
     fn migrate_default_cf_dedup_keys(&self) -> Result<(), StoreError> {
         let dedup_cf = self.dedup_cf()?;
         let mut batch = WriteBatch::default();
@@ -411,6 +508,118 @@ mod tests {
         // Seen 500 s ago, the horizon is 100 s: expired, though seen again since.
         assert_eq!(store.dedup_seen(&[9], NOW, 100).unwrap(), [false]);
         assert_eq!(store.dedup_seen(&[9], NOW, 1_000).unwrap(), [true]);
+    }
+
+    fn build(store: &RocksStore) -> FilterBuilt {
+        store
+            .build_dedup_filter(&AtomicBool::new(false))
+            .unwrap()
+            .expect("filter on")
+    }
+
+    #[test]
+    fn keys_stored_while_the_filter_is_built_are_found() {
+        let now = unix_now_secs();
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), 86_400, 86_400).unwrap();
+        store.stage_dedup_run(1, vec![1], now);
+        store.ingest_staged_dedup().unwrap();
+        // Key 2 is ingested after the scan's view is fixed: only its writer can add it.
+        let built = store
+            .build_dedup_filter_with(&AtomicBool::new(false), || {
+                store.stage_dedup_run(2, vec![2], now);
+                store.ingest_staged_dedup().unwrap();
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(built.keys, 2, "one key scanned, one added by its writer");
+        let filter = store.filters.current().unwrap();
+        assert!(filter.may_contain(1) && filter.may_contain(2));
+        assert_eq!(
+            store.dedup_seen(&[1, 2, 3], now, 86_400).unwrap(),
+            [true, true, false]
+        );
+        // And after it, straight into the current filter.
+        store.stage_dedup_run(3, vec![3], now);
+        store.ingest_staged_dedup().unwrap();
+        assert_eq!(store.dedup_seen(&[3], now, 86_400).unwrap(), [true]);
+        assert_eq!(store.dedup_filter_keys(), Some(3));
+    }
+
+    #[test]
+    fn a_stopped_build_leaves_lookups_on_the_store() {
+        let now = unix_now_secs();
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), 86_400, 86_400).unwrap();
+        store.stage_dedup_run(1, (0..10_000).collect(), now);
+        store.ingest_staged_dedup().unwrap();
+        assert!(store
+            .build_dedup_filter(&AtomicBool::new(true))
+            .unwrap()
+            .is_none());
+        assert!(store.filters.current().is_none() && store.dedup_filter_build_due());
+        assert_eq!(
+            store.dedup_seen(&[5, 10_000], now, 86_400).unwrap(),
+            [true, false]
+        );
+    }
+
+    #[test]
+    fn a_build_skips_keys_long_expired() {
+        let now = unix_now_secs();
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), 86_400, 100).unwrap();
+        // Beyond the horizon and its day of slack; within the slack; fresh.
+        store.stage_dedup_run(1, vec![1], now - 100 - 86_401);
+        store.stage_dedup_run(2, vec![2], now - 100 - 86_399);
+        store.stage_dedup_run(3, vec![3], now);
+        store.ingest_staged_dedup().unwrap();
+        assert_eq!(build(&store).keys, 2);
+        let filter = store.filters.current().unwrap();
+        assert!(!filter.may_contain(1) && filter.may_contain(2) && filter.may_contain(3));
+        assert_eq!(
+            store.dedup_seen(&[1, 2, 3], now, 100).unwrap(),
+            [false, false, true]
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// The filter only ever saves reads: with it, every answer is the store's own.
+        #[test]
+        fn lookups_answer_the_same_with_the_filter_as_without(
+            stored in proptest::collection::vec((0u128..400, 0i64..300), 0..200),
+            probes in proptest::collection::vec(0u128..500, 1..200),
+            built_after in 0usize..200,
+            horizon in 50i64..250,
+        ) {
+            let now = unix_now_secs();
+            let dir = tempfile::tempdir().unwrap();
+            let with = RocksStore::open(&dir.path().join("with"), 86_400, 86_400).unwrap();
+            let without = RocksStore::open(&dir.path().join("without"), 86_400, 86_400).unwrap();
+            without.set_dedup_filter_max_bytes(0);
+            // Spread keys so they fill different filter blocks; some stored before the build,
+            // the rest after it.
+            let spread = |key: u128| key.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+            for (i, (key, age)) in stored.iter().enumerate() {
+                if i == built_after {
+                    build(&with);
+                }
+                for store in [&with, &without] {
+                    store.stage_dedup_run(i as u64, vec![spread(*key)], now - age);
+                    store.ingest_staged_dedup().unwrap();
+                }
+            }
+            if built_after >= stored.len() {
+                build(&with);
+            }
+            let probes: Vec<u128> = probes.into_iter().map(spread).collect();
+            proptest::prop_assert_eq!(
+                with.dedup_seen(&probes, now, horizon).unwrap(),
+                without.dedup_seen(&probes, now, horizon).unwrap()
+            );
+            proptest::prop_assert!(without.filters.current().is_none());
+        }
     }
 
     #[test]

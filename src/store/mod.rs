@@ -11,6 +11,7 @@
 pub mod changelog;
 pub mod checkpoint;
 mod dedup;
+pub mod dedup_filter;
 pub mod keys;
 pub mod log;
 pub mod rated;
@@ -87,6 +88,9 @@ pub struct RocksStore {
     staged: parking_lot::Mutex<dedup::Staged>,
     /// Held through one ingestion of staged dedup keys (`dedup`).
     ingesting: parking_lot::Mutex<()>,
+    /// The in-memory filter over the dedup column family's keys (`dedup_filter`).
+    filters: dedup_filter::Filters,
+    dedup_horizon_secs: i64,
 }
 
 /// Column family of the dedup keys (`D` keys): written as ingested sorted files, not through
@@ -208,6 +212,8 @@ impl RocksStore {
             dedup_dir: path.join("dedup-ingest"),
             staged: Default::default(),
             ingesting: Default::default(),
+            filters: Default::default(),
+            dedup_horizon_secs,
         };
         store.recover_dedup_runs()?;
         Ok(store)
@@ -726,6 +732,12 @@ mod tests {
         let replica = RocksStore::open(dir_b.path(), 400 * 86_400, 86_400).unwrap();
         let catalog = origin.guard_meters(&meters).unwrap();
         replica.guard_meters(&meters).unwrap();
+        // With dedup filters built before anything is stored, the restored and ingested keys
+        // reach lookups only through the writers' side of the filter protocol.
+        for store in [&origin, &replica] {
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            assert_eq!(store.build_dedup_filter(&stop).unwrap().unwrap().keys, 0);
+        }
         let source = "kafka/usage/3".to_string();
         let mut published = Vec::new();
         let mut expected: std::collections::BTreeMap<i64, i128> = Default::default();
