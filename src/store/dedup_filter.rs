@@ -166,16 +166,18 @@ pub struct FilterBuilt {
 }
 
 impl Filters {
+    /// The filter lookups consult (None: not built yet, or off).
     pub fn current(&self) -> Option<Arc<KeyFilter>> {
+        if self.max_bytes.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         self.current.read().clone()
     }
 
+    /// Off (0) only hides the filter from lookups: writers go on adding to it, so turning it
+    /// on again can never expose a filter that missed a key.
     pub fn set_max_bytes(&self, bytes: u64) {
         self.max_bytes.store(bytes, Ordering::Relaxed);
-        if bytes == 0 {
-            *self.current.write() = None;
-            self.writing.write().clear();
-        }
     }
 
     fn max_keys(&self) -> u64 {
