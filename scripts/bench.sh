@@ -85,8 +85,8 @@ for closing in ("1000", "10000"):
         pass
 kp = "cargo bench --bench kafka_pipeline"
 # criterion turns the '/' of a function name into '_'.
-pair("kafka_pipeline", "decode_aggregate_checkpoint_fold_threads=1", "decode_only_baseline", "Kafka pipeline, in-memory batches (vs serde_json parse)", kp)
-pair("kafka_pipeline", "decode_aggregate_checkpoint_fold_threads=1", "tallyd_decode_only", "Kafka pipeline, in-memory batches (vs tallyd's decoder)", kp)
+pair("kafka_pipeline", "decode_aggregate_checkpoint_fold_threads=2", "decode_only_baseline", "Kafka pipeline, in-memory batches (vs serde_json parse)", kp)
+pair("kafka_pipeline", "decode_aggregate_checkpoint_fold_threads=2", "tallyd_decode_only", "Kafka pipeline, in-memory batches (vs tallyd's decoder)", kp)
 for line in read("memory.txt").splitlines():
     if "series" in line and "bytes" in line:
         row("memory", line.strip(), command="cargo bench --bench memory")

@@ -510,6 +510,11 @@ mod tests {
         assert_eq!(store.dedup_seen(&[9], NOW, 1_000).unwrap(), [true]);
     }
 
+    /// Small numbers made uniform, as real (xxh3) keys are (the filter relies on it).
+    fn key(n: u128) -> u128 {
+        xxhash_rust::xxh3::xxh3_128(&n.to_le_bytes())
+    }
+
     fn build(store: &RocksStore) -> FilterBuilt {
         store
             .build_dedup_filter(&AtomicBool::new(false))
@@ -522,27 +527,27 @@ mod tests {
         let now = unix_now_secs();
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(dir.path(), 86_400, 86_400).unwrap();
-        store.stage_dedup_run(1, vec![1], now);
+        store.stage_dedup_run(1, vec![key(1)], now);
         store.ingest_staged_dedup().unwrap();
         // Key 2 is ingested after the scan's view is fixed: only its writer can add it.
         let built = store
             .build_dedup_filter_with(&AtomicBool::new(false), || {
-                store.stage_dedup_run(2, vec![2], now);
+                store.stage_dedup_run(2, vec![key(2)], now);
                 store.ingest_staged_dedup().unwrap();
             })
             .unwrap()
             .unwrap();
         assert_eq!(built.keys, 2, "one key scanned, one added by its writer");
         let filter = store.filters.current().unwrap();
-        assert!(filter.may_contain(1) && filter.may_contain(2));
+        assert!(filter.may_contain(key(1)) && filter.may_contain(key(2)));
         assert_eq!(
-            store.dedup_seen(&[1, 2, 3], now, 86_400).unwrap(),
+            store.dedup_seen(&[key(1), key(2), key(3)], now, 86_400).unwrap(),
             [true, true, false]
         );
         // And after it, straight into the current filter.
-        store.stage_dedup_run(3, vec![3], now);
+        store.stage_dedup_run(3, vec![key(3)], now);
         store.ingest_staged_dedup().unwrap();
-        assert_eq!(store.dedup_seen(&[3], now, 86_400).unwrap(), [true]);
+        assert_eq!(store.dedup_seen(&[key(3)], now, 86_400).unwrap(), [true]);
         assert_eq!(store.dedup_filter_keys(), Some(3));
     }
 
@@ -570,15 +575,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(dir.path(), 86_400, 100).unwrap();
         // Beyond the horizon and its day of slack; within the slack; fresh.
-        store.stage_dedup_run(1, vec![1], now - 100 - 86_401);
-        store.stage_dedup_run(2, vec![2], now - 100 - 86_399);
-        store.stage_dedup_run(3, vec![3], now);
+        store.stage_dedup_run(1, vec![key(1)], now - 100 - 86_401);
+        store.stage_dedup_run(2, vec![key(2)], now - 100 - 86_399);
+        store.stage_dedup_run(3, vec![key(3)], now);
         store.ingest_staged_dedup().unwrap();
         assert_eq!(build(&store).keys, 2);
         let filter = store.filters.current().unwrap();
-        assert!(!filter.may_contain(1) && filter.may_contain(2) && filter.may_contain(3));
+        assert!(!filter.may_contain(key(1)) && filter.may_contain(key(2)) && filter.may_contain(key(3)));
         assert_eq!(
-            store.dedup_seen(&[1, 2, 3], now, 100).unwrap(),
+            store.dedup_seen(&[key(1), key(2), key(3)], now, 100).unwrap(),
             [false, false, true]
         );
     }
@@ -598,9 +603,9 @@ mod tests {
             let with = RocksStore::open(&dir.path().join("with"), 86_400, 86_400).unwrap();
             let without = RocksStore::open(&dir.path().join("without"), 86_400, 86_400).unwrap();
             without.set_dedup_filter_max_bytes(0);
-            // Spread keys so they fill different filter blocks; some stored before the build,
-            // the rest after it.
-            let spread = |key: u128| key.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+            // Uniform keys fill different filter blocks; some stored before the build, the rest
+            // after it.
+            let spread = key;
             for (i, (key, age)) in stored.iter().enumerate() {
                 if i == built_after {
                     build(&with);
