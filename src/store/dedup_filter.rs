@@ -19,7 +19,7 @@
 //! A bloom filter cannot delete: expired keys stay until the next build, which scans the column
 //! family again (skipping keys well past the horizon) into a filter sized for twice the keys
 //! found. Builds happen when the filter holds more keys than it was sized for, so their cost is
-//! one scanned key per inserted key at most; at the memory cap (`storage.dedup_filter_max_mib`)
+//! at most two scanned keys per inserted key; at the memory cap (`storage.dedup_filter_max_mib`)
 //! a filter that is full again after a build is rebuilt at most hourly, and its false-positive
 //! rate rises: lookups degrade gracefully towards RocksDB, never to a wrong answer.
 
