@@ -192,7 +192,7 @@ impl RocksStore {
                 let key = key.get(1..).and_then(|bytes| <[u8; 16]>::try_from(bytes).ok());
                 let seen = <[u8; 8]>::try_from(value).map(|bytes| u64::from_be_bytes(bytes) as i64);
                 // An unreadable value counts as seen in lookups: keep it.
-                if let Some(key) = key.filter(|_| seen.is_err() || seen.is_ok_and(|s| s >= oldest)) {
+                if let Some(key) = key.filter(|_| !matches!(seen, Ok(s) if s < oldest)) {
                     batch.push(u128::from_be_bytes(key));
                 }
             }
