@@ -273,6 +273,11 @@ impl AggState {
         postcard::to_stdvec(self).expect("invariant: aggregation states always serialize")
     }
 
+    /// `encode` appended to `out`.
+    pub fn encode_into(&self, out: Vec<u8>) -> Vec<u8> {
+        postcard::to_extend(self, out).expect("invariant: aggregation states always serialize")
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<AggState, postcard::Error> {
         postcard::from_bytes(bytes)
     }

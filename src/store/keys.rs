@@ -76,13 +76,27 @@ pub fn window_prefix_len(meter: &str, tenant: &str) -> usize {
 
 /// The series identity shared by `A` and `R` keys: `window_prefix` then the dimensions.
 pub fn series_suffix(meter: &str, tenant: &str, window_start: i64, dims: &[(String, String)]) -> Vec<u8> {
-    let mut out = window_prefix(meter, tenant, window_start);
+    let mut out = Vec::with_capacity(32 + meter.len() + tenant.len());
+    push_series_suffix(&mut out, meter, tenant, window_start, dims);
+    out
+}
+
+/// `series_suffix` appended to `out` (a checkpoint writes all its keys into one buffer).
+pub fn push_series_suffix(
+    out: &mut Vec<u8>,
+    meter: &str,
+    tenant: &str,
+    window_start: i64,
+    dims: &[(String, String)],
+) {
+    push_str(out, meter);
+    push_str(out, tenant);
+    out.extend_from_slice(&time_bytes(window_start));
     out.push(u8::try_from(dims.len()).expect("invariant: group_by has fewer than 256 keys"));
     for (name, value) in dims {
-        push_str(&mut out, name);
-        push_str(&mut out, value);
+        push_str(out, name);
+        push_str(out, value);
     }
-    out
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,10 +163,15 @@ pub fn rated_prefix(meter: &str, tenant: Option<&str>) -> Vec<u8> {
 
 pub fn open_window_key(window_end: i64, window_prefix: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(9 + window_prefix.len());
+    push_open_window_key(&mut out, window_end, window_prefix);
+    out
+}
+
+/// `open_window_key` appended to `out`.
+pub fn push_open_window_key(out: &mut Vec<u8>, window_end: i64, window_prefix: &[u8]) {
     out.push(OPEN_WINDOW);
     out.extend_from_slice(&time_bytes(window_end));
     out.extend_from_slice(window_prefix);
-    out
 }
 
 /// A (tenant, meter) billing period's ledger; same layout as a window prefix.

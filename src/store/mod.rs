@@ -78,7 +78,7 @@ pub struct RocksStore {
     closed_before: AtomicI64,
     /// Close-index (`W`) keys known to be in the store, so checkpoints write each once.
     /// Process-local: after a restart they are rewritten once (puts are idempotent).
-    indexed_windows: parking_lot::Mutex<rustc_hash::FxHashSet<Vec<u8>>>,
+    indexed_windows: parking_lot::Mutex<rustc_hash::FxHashSet<checkpoint::IndexedWindow>>,
     /// Registered emitters' cursors (next outbox sequence each must deliver).
     emitters: parking_lot::Mutex<HashMap<String, u64>>,
     /// Options of the dedup column family, which its ingested runs must be written with.
@@ -648,6 +648,93 @@ mod tests {
             (amended[0]["revision"].clone(), amended[0]["quantity"].clone()),
             (2.into(), "22".into())
         );
+    }
+
+    #[test]
+    fn every_window_closes_whichever_checkpoint_first_changed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), 400 * 86_400, 86_400).unwrap();
+        let names = Names::default();
+        let catalog = store
+            .guard_meters(&[meter("tokens", Aggregation::Sum, 0)])
+            .unwrap();
+        let tokens = names.meters.intern("tokens");
+        let delta = |tenant: &str, window_start: i64, v: i128| {
+            (
+                SeriesKey {
+                    meter: tokens,
+                    tenant: names.tenants.intern(tenant),
+                    dims: 0,
+                    window_start,
+                },
+                AggState::from_observation(Aggregation::Sum, Observation::Value(v), 0, 0),
+            )
+        };
+        let snapshot = |generation: u64, deltas| Snapshot {
+            generation,
+            positions: vec![(INGEST_LOG_SOURCE.into(), generation)],
+            deltas,
+            ..Snapshot::default()
+        };
+        let open_windows = || {
+            store
+                .scan_keys(&[keys::OPEN_WINDOW], |key| {
+                    key.first() == Some(&keys::OPEN_WINDOW)
+                })
+                .unwrap()
+                .len()
+        };
+        // `a` is indexed by the first checkpoint, `b` (same window) by the second, `c` (the
+        // next window) by the third; `a` changes again in between.
+        checkpoint(
+            &store,
+            &names,
+            &catalog,
+            snapshot(1, vec![delta("a", NOW, 1)]),
+            NOW + 10,
+        );
+        checkpoint(
+            &store,
+            &names,
+            &catalog,
+            snapshot(2, vec![delta("b", NOW, 2), delta("a", NOW, 3)]),
+            NOW + 20,
+        );
+        checkpoint(
+            &store,
+            &names,
+            &catalog,
+            snapshot(3, vec![delta("c", NOW + 60, 4)]),
+            NOW + 70,
+        );
+        assert_eq!(open_windows(), 3, "one close-index key per tenant window");
+        assert!(lines(&store).is_empty());
+
+        let closed = |now| {
+            checkpoint(&store, &names, &catalog, idle(3), now);
+            let mut closed: Vec<(String, String)> = lines(&store)
+                .iter()
+                .map(|line| {
+                    (
+                        line["tenant"].as_str().unwrap().into(),
+                        line["quantity"].as_str().unwrap().into(),
+                    )
+                })
+                .collect();
+            closed.sort();
+            store.clear_outbox(u64::MAX - 1).unwrap();
+            closed
+        };
+        let owned = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(t, q)| (t.to_string(), q.to_string()))
+                .collect()
+        };
+        assert_eq!(closed(NOW + 120), owned(&[("a", "4"), ("b", "2")]));
+        assert_eq!(open_windows(), 1);
+        assert_eq!(closed(NOW + 180), owned(&[("c", "4")]));
+        assert_eq!(open_windows(), 0);
     }
 
     #[test]
