@@ -561,14 +561,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn windows_close_once_and_late_deltas_emit_revisions() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RocksStore::open(dir.path(), 400 * 86_400, 86_400).unwrap();
-        let names = Names::default();
+    /// A store with one SUM meter, `tokens`, and the names its tests intern.
+    fn tokens_store(path: &Path) -> (RocksStore, Names, MeterCatalog) {
+        let store = RocksStore::open(path, 400 * 86_400, 86_400).unwrap();
         let catalog = store
             .guard_meters(&[meter("tokens", Aggregation::Sum, 0)])
             .unwrap();
+        (store, Names::default(), catalog)
+    }
+
+    #[test]
+    fn windows_close_once_and_late_deltas_emit_revisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, names, catalog) = tokens_store(dir.path());
         let key = SeriesKey {
             meter: names.meters.intern("tokens"),
             tenant: names.tenants.intern("acme"),
@@ -653,11 +658,7 @@ mod tests {
     #[test]
     fn every_window_closes_whichever_checkpoint_first_changed_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RocksStore::open(dir.path(), 400 * 86_400, 86_400).unwrap();
-        let names = Names::default();
-        let catalog = store
-            .guard_meters(&[meter("tokens", Aggregation::Sum, 0)])
-            .unwrap();
+        let (store, names, catalog) = tokens_store(dir.path());
         let tokens = names.meters.intern("tokens");
         let delta = |tenant: &str, window_start: i64, v: i128| {
             (
