@@ -40,11 +40,16 @@ crash() {
   local loader=$!
   # The generator first builds its samplers (8 × 1 M tenants), 1-4 s depending on the machine:
   # wait until its events flow, then a second more (a fixed 2.5 s once killed before any came).
-  local before=$(metric tallyd_ingest_events_total "$port")
+  local before=$(metric tallyd_ingest_events_total "$port") flowing=0
   for _ in $(seq 1 300); do
-    [[ $(metric tallyd_ingest_events_total "$port") -gt $((before + 20000)) ]] && break
+    [[ $(metric tallyd_ingest_events_total "$port") -gt $((before + 20000)) ]] && { flowing=1; break; }
     sleep 0.1
   done
+  if [[ $flowing == 0 ]]; then
+    echo "bench-recovery: the crash load never flowed; loadgen said:" >&2
+    cat "$dir/loadgen.log" >&2
+    exit 1
+  fi
   sleep 1
   local written=$(metric tallyd_checkpoint_series_total "$port")
   local accepted=$(metric tallyd_ingest_events_total "$port")
