@@ -8,6 +8,12 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tallyd::config::{Config, DEFAULT_CONFIG};
 
+// jemalloc, not glibc malloc: decoding a 1,000-point OTLP request grows its Vec<NumberDataPoint>
+// by doubling, and glibc's large reallocs copied and consolidated (malloc ≈ 25 % of the daemon's
+// samples under OTLP load; BENCHMARKS.md §16).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for a bad configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
