@@ -5,6 +5,10 @@
 use tallyd::aggregate::{Aggregation, Aggregator, Observation};
 use tallyd::model::SeriesKey;
 
+// The daemon's allocator (src/main.rs), so the figure is the daemon's.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
