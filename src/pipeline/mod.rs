@@ -461,6 +461,10 @@ pub async fn run(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
+    // The recorder goes in before any stage starts: until then the metrics crate drops every
+    // increment (an emitter delivering the outbox at start-up counted nothing, and the webhook
+    // test saw no records counter about one run in three).
+    crate::telemetry::prometheus();
     let Stages {
         shared,
         checkpoints,
