@@ -224,6 +224,7 @@ struct Generator {
     worker: usize,
     /// OTLP point times count up from here (1 µs apart), so every point is its own.
     started_ns: u64,
+    otlp: OtlpGenerator,
 }
 
 impl Generator {
@@ -244,82 +245,102 @@ impl Generator {
     }
 
     /// One OTLP export request of `batch_size` delta points (a duplicate repeats an earlier
-    /// point exactly: same stream, start and time).
-    fn otlp_request(
-        &mut self,
-    ) -> opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
-        use opentelemetry_proto::tonic::metrics::v1::{number_data_point, NumberDataPoint};
+    /// point exactly: same stream, start and time), encoded. The points are the generated
+    /// `NumberDataPoint` type, one reused template per route; only the envelope is written
+    /// field by field (`DeltaRequestEncoder`), so the generator spends its CPU on the load's
+    /// bytes instead of on building and freeing a message tree per request (the daemon under
+    /// test shares these two cores with it).
+    fn otlp_request(&mut self) -> Vec<u8> {
         let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
-        let mut by_tenant: std::collections::BTreeMap<usize, Vec<NumberDataPoint>> = Default::default();
         for _ in 0..self.args.batch_size {
             let (id, mut point_rng) = self.next_item();
             let tenant = self.tenants.sample(&mut point_rng);
             let route = self.dims.sample(&mut point_rng);
             // Distinct (start, time) per point of a stream; a duplicate repeats its original's.
             let time = self.started_ns + id * 1000 + self.worker as u64;
-            by_tenant.entry(tenant).or_default().push(NumberDataPoint {
-                attributes: vec![text_attribute("http.route", &format!("/v1/r{route}"))],
-                start_time_unix_nano: time - 1,
-                time_unix_nano: time.min(now_ns),
-                value: Some(number_data_point::Value::AsInt(point_rng.gen_range(1..100))),
-                ..Default::default()
-            });
+            let point = &mut self.otlp.route_points[route];
+            point.start_time_unix_nano = time - 1;
+            point.time_unix_nano = time.min(now_ns);
+            point.value = Some(
+                opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(
+                    point_rng.gen_range(1..100),
+                ),
+            );
+            self.otlp.encoder.push_point(tenant, point);
         }
-        delta_requests(
-            by_tenant
-                .into_iter()
-                .map(|(tenant, points)| (format!("tenant-{tenant}"), points)),
-        )
+        self.otlp.encoder.finish(|tenant| format!("tenant-{tenant}"))
     }
 
+    /// A JSON array of `batch_size` CloudEvents.
     fn batch(&mut self) -> (Vec<u8>, usize) {
-        let events = self.events();
-        (
-            serde_json::to_vec(&events).expect("events serialize"),
-            events.len(),
-        )
+        let now = chrono::Utc::now();
+        let now_text = event_time(now);
+        let mut body = Vec::with_capacity(self.args.batch_size * 224);
+        body.push(b'[');
+        for n in 0..self.args.batch_size {
+            if n > 0 {
+                body.push(b',');
+            }
+            self.write_event(now, &now_text, &mut body);
+        }
+        body.push(b']');
+        (body, self.args.batch_size)
     }
 
-    fn events(&mut self) -> Vec<serde_json::Value> {
-        let now = chrono::Utc::now();
-        let mut events = Vec::with_capacity(self.args.batch_size);
-        for _ in 0..self.args.batch_size {
-            let (id, mut event_rng) = self.next_item();
-            let tenant = self.tenants.sample(&mut event_rng);
-            let dim = self.dims.sample(&mut event_rng);
-            let late = event_rng.gen_bool((self.args.late_pct / 100.0).clamp(0.0, 1.0));
-            let time = if late {
-                now - chrono::Duration::seconds(event_rng.gen_range(120..240))
-            } else {
-                now
-            };
-            let time = time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
-            let (event_type, data) = match event_rng.gen_range(0..10) {
-                0..=5 => (
-                    "llm.prompt",
-                    json!({"tokens": event_rng.gen_range(1..4000), "model": format!("model-{dim}")}),
-                ),
-                6..=8 => (
-                    "api.request",
-                    json!({"route": format!("/v1/r{dim}"), "method": "GET"}),
-                ),
-                _ => (
-                    "user.active",
-                    json!({"user_id": format!("user-{}", event_rng.gen_range(0..100_000))}),
-                ),
-            };
-            events.push(json!({
-                "specversion": "1.0",
-                "id": format!("lg-{}-{}-{id}", self.args.seed, self.worker),
-                "source": "tallyd-loadgen",
-                "type": event_type,
-                "subject": format!("tenant-{tenant}"),
-                "time": time,
-                "data": data,
-            }));
+    /// Appends one CloudEvent as JSON and returns its tenant. Written as text, not through a
+    /// `serde_json::Value` per event: every string here is plain ASCII that needs no escaping,
+    /// and the generator's CPU is taken from the daemon it measures (same two cores).
+    fn write_event(
+        &mut self,
+        now: chrono::DateTime<chrono::Utc>,
+        now_text: &str,
+        out: &mut Vec<u8>,
+    ) -> usize {
+        use std::io::Write;
+        let (id, mut event_rng) = self.next_item();
+        let tenant = self.tenants.sample(&mut event_rng);
+        let dim = self.dims.sample(&mut event_rng);
+        let late = event_rng.gen_bool((self.args.late_pct / 100.0).clamp(0.0, 1.0));
+        let late_text;
+        let time = if late {
+            late_text = event_time(now - chrono::Duration::seconds(event_rng.gen_range(120..240)));
+            late_text.as_str()
+        } else {
+            now_text
+        };
+        let kind = event_rng.gen_range(0..10);
+        let event_type = match kind {
+            0..=5 => "llm.prompt",
+            6..=8 => "api.request",
+            _ => "user.active",
+        };
+        let (seed, worker) = (self.args.seed, self.worker);
+        write!(
+            out,
+            r#"{{"specversion":"1.0","id":"lg-{seed}-{worker}-{id}","source":"tallyd-loadgen","type":"{event_type}","subject":"tenant-{tenant}","time":"{time}","data":"#
+        )
+        .expect("invariant: writing to a Vec cannot fail");
+        match kind {
+            0..=5 => write!(
+                out,
+                r#"{{"tokens":{},"model":"model-{dim}"}}}}"#,
+                event_rng.gen_range(1..4000)
+            ),
+            6..=8 => write!(out, r#"{{"route":"/v1/r{dim}","method":"GET"}}}}"#),
+            _ => write!(
+                out,
+                r#"{{"user_id":"user-{}"}}}}"#,
+                event_rng.gen_range(0..100_000)
+            ),
         }
-        events
+        .expect("invariant: writing to a Vec cannot fail");
+        tenant
     }
+}
+
+/// A CloudEvent `time`: RFC 3339 UTC with milliseconds.
+fn event_time(time: chrono::DateTime<chrono::Utc>) -> String {
+    time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
 fn text_attribute(key: &str, value: &str) -> opentelemetry_proto::tonic::common::v1::KeyValue {
@@ -371,6 +392,124 @@ fn delta_requests(
     }
 }
 
+/// Field numbers of the OTLP messages that wrap the points (opentelemetry/proto/metrics/v1 and
+/// collector/metrics/v1); a test checks the bytes against the generated types' encoding.
+mod otlp_fields {
+    pub const REQUEST_RESOURCE_METRICS: u32 = 1;
+    pub const RESOURCE_METRICS_RESOURCE: u32 = 1;
+    pub const RESOURCE_METRICS_SCOPE_METRICS: u32 = 2;
+    pub const SCOPE_METRICS_METRICS: u32 = 2;
+    pub const METRIC_NAME: u32 = 1;
+    pub const METRIC_SUM: u32 = 7;
+    pub const SUM_DATA_POINTS: u32 = 1;
+    pub const SUM_AGGREGATION_TEMPORALITY: u32 = 2;
+    pub const SUM_IS_MONOTONIC: u32 = 3;
+}
+
+/// Writes an export request of monotonic delta `http.server.requests` points, one resource per
+/// tenant (the bytes `delta_requests` encodes to), from points pushed one at a time.
+#[derive(Default)]
+struct DeltaRequestEncoder {
+    /// Encoded `Sum.data_points` fields per tenant index; emptied by `finish`, capacity kept.
+    points: Vec<Vec<u8>>,
+    /// Tenants with points in the request being built.
+    touched: Vec<usize>,
+}
+
+impl DeltaRequestEncoder {
+    fn push_point(
+        &mut self,
+        tenant: usize,
+        point: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint,
+    ) {
+        if self.points.len() <= tenant {
+            self.points.resize_with(tenant + 1, Vec::new);
+        }
+        let buffer = &mut self.points[tenant];
+        if buffer.is_empty() {
+            self.touched.push(tenant);
+        }
+        prost::encoding::message::encode(otlp_fields::SUM_DATA_POINTS, point, buffer);
+    }
+
+    /// The request holding every point pushed since the last call, tenants in ascending order.
+    fn finish(&mut self, tenant_name: impl Fn(usize) -> String) -> Vec<u8> {
+        use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
+        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+        use prost::Message;
+        const NAME: &str = "http.server.requests";
+        let field_len = |len: usize| 1 + encoded_len_varint(len as u64) + len;
+        let put_header = |field: u32, len: usize, out: &mut Vec<u8>| {
+            encode_key(field, WireType::LengthDelimited, out);
+            encode_varint(len as u64, out);
+        };
+        self.touched.sort_unstable();
+        let total: usize = self
+            .touched
+            .iter()
+            .map(|tenant| self.points[*tenant].len() + 128)
+            .sum();
+        let mut out = Vec::with_capacity(total);
+        for tenant in self.touched.drain(..) {
+            let points = &mut self.points[tenant];
+            let resource = opentelemetry_proto::tonic::resource::v1::Resource {
+                attributes: vec![text_attribute("tenant.id", &tenant_name(tenant))],
+                ..Default::default()
+            }
+            .encode_to_vec();
+            // Two one-byte varint fields follow the points: temporality and is_monotonic.
+            let sum_len = points.len() + 4;
+            let metric_len = field_len(NAME.len()) + field_len(sum_len);
+            let scope_len = field_len(metric_len);
+            let resource_metrics_len = field_len(resource.len()) + field_len(scope_len);
+            put_header(
+                otlp_fields::REQUEST_RESOURCE_METRICS,
+                resource_metrics_len,
+                &mut out,
+            );
+            put_header(otlp_fields::RESOURCE_METRICS_RESOURCE, resource.len(), &mut out);
+            out.extend_from_slice(&resource);
+            put_header(otlp_fields::RESOURCE_METRICS_SCOPE_METRICS, scope_len, &mut out);
+            put_header(otlp_fields::SCOPE_METRICS_METRICS, metric_len, &mut out);
+            put_header(otlp_fields::METRIC_NAME, NAME.len(), &mut out);
+            out.extend_from_slice(NAME.as_bytes());
+            put_header(otlp_fields::METRIC_SUM, sum_len, &mut out);
+            out.extend_from_slice(points);
+            encode_key(
+                otlp_fields::SUM_AGGREGATION_TEMPORALITY,
+                WireType::Varint,
+                &mut out,
+            );
+            encode_varint(AggregationTemporality::Delta as u64, &mut out);
+            encode_key(otlp_fields::SUM_IS_MONOTONIC, WireType::Varint, &mut out);
+            encode_varint(1, &mut out);
+            points.clear();
+        }
+        out
+    }
+}
+
+/// Per-worker state of the OTLP generator.
+struct OtlpGenerator {
+    /// One point per route with its `http.route` attribute set; times and value change per use.
+    route_points: Vec<opentelemetry_proto::tonic::metrics::v1::NumberDataPoint>,
+    encoder: DeltaRequestEncoder,
+}
+
+impl OtlpGenerator {
+    fn new(routes: usize) -> OtlpGenerator {
+        OtlpGenerator {
+            route_points: (0..routes)
+                .map(|route| opentelemetry_proto::tonic::metrics::v1::NumberDataPoint {
+                    attributes: vec![text_attribute("http.route", &format!("/v1/r{route}"))],
+                    ..Default::default()
+                })
+                .collect(),
+            encoder: DeltaRequestEncoder::default(),
+        }
+    }
+}
+
 /// Produces `args.events` events, one per message, keyed by tenant (one record per batch:
 /// tansu 0.6 cannot fetch from inside a batch, see ARCHITECTURE.md).
 fn kafka_produce(args: &Args, brokers: &str) -> anyhow::Result<()> {
@@ -389,17 +528,21 @@ fn kafka_produce(args: &Args, brokers: &str) -> anyhow::Result<()> {
         next_id: 0,
         worker: 0,
         started_ns: 0,
+        otlp: OtlpGenerator::new(0),
     };
     let started = Instant::now();
     let mut produced = 0u64;
     let mut bytes = 0u64;
+    let mut payload = Vec::with_capacity(256);
     while produced < args.events {
-        for event in generator.events() {
+        let now = chrono::Utc::now();
+        let now_text = event_time(now);
+        for _ in 0..args.batch_size {
             if produced == args.events {
                 break;
             }
-            let key = event["subject"].as_str().unwrap_or_default().to_string();
-            let payload = serde_json::to_vec(&event)?;
+            payload.clear();
+            let key = format!("tenant-{}", generator.write_event(now, &now_text, &mut payload));
             bytes += payload.len() as u64;
             let mut record = BaseRecord::<str, [u8]>::to(&args.kafka_topic)
                 .key(&key)
@@ -480,11 +623,8 @@ enum Target {
         client: reqwest::Client,
         url: String,
     },
-    OtlpGrpc(
-        opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient<
-            tonic::transport::Channel,
-        >,
-    ),
+    /// Requests go out as the bytes the generator encoded (`RawCodec`), as a collector's do.
+    OtlpGrpc(tonic::client::Grpc<tonic::transport::Channel>),
     OtlpHttp {
         client: reqwest::Client,
         url: String,
@@ -494,7 +634,8 @@ enum Target {
 /// One request's payload.
 enum Payload {
     Http(Vec<u8>),
-    Otlp(opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest),
+    /// An encoded `ExportMetricsServiceRequest`.
+    Otlp(Vec<u8>),
 }
 
 impl Target {
@@ -529,15 +670,12 @@ async fn send(
                 .await;
             matches!(&result, Ok(response) if response.status() == 202)
         }
-        (Target::OtlpGrpc(client), Payload::Otlp(request)) => match client.export(request).await {
-            Ok(response) => response.into_inner().partial_success.is_none(),
-            Err(_) => false,
-        },
+        (Target::OtlpGrpc(client), Payload::Otlp(body)) => otlp_grpc_export(client, body).await,
         (Target::OtlpHttp { client, url }, Payload::Otlp(request)) => {
             let result = client
                 .post(url.as_str())
                 .header("content-type", "application/x-protobuf")
-                .body(prost::Message::encode_to_vec(&request))
+                .body(request)
                 .send()
                 .await;
             matches!(&result, Ok(response) if response.status() == 200)
@@ -551,6 +689,29 @@ async fn send(
         totals.events.fetch_add(events as u64, Ordering::Relaxed);
     } else {
         totals.errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One unary `MetricsService/Export` call with an encoded request; true when every point was
+/// accepted (no partial success).
+async fn otlp_grpc_export(
+    client: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    body: Vec<u8>,
+) -> bool {
+    use prost::Message;
+    use tallyd::ingest::otlp::grpc::{Metrics, RawCodec, SignalService};
+    if client.ready().await.is_err() {
+        return false;
+    }
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(Metrics::PATH);
+    match client.unary(tonic::Request::new(body), path, RawCodec).await {
+        Ok(response) => {
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse::decode(
+                response.into_inner(),
+            )
+            .is_ok_and(|response| response.partial_success.is_none())
+        }
+        Err(_) => false,
     }
 }
 
@@ -580,14 +741,18 @@ async fn main() -> anyhow::Result<()> {
             client: http_client()?,
             url: format!(
                 "{}/v1/metrics",
-                args.otlp_http.as_deref().unwrap_or_default().trim_end_matches('/')
+                args.otlp_http
+                    .as_deref()
+                    .unwrap_or_default()
+                    .trim_end_matches('/')
             ),
         },
         Some(addr) => Target::OtlpGrpc(
-            opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient::connect(
-                format!("http://{addr}"),
+            tonic::client::Grpc::new(
+                tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+                    .connect()
+                    .await?,
             )
-            .await?
             .max_decoding_message_size(64 << 20),
         ),
         None => Target::Http {
@@ -768,16 +933,18 @@ async fn probe(mut target: Target, args: Args, deadline: Instant) -> anyhow::Res
                 "time": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
                 "data": {"route": "/probe", "method": "GET"},
             }]))?),
-            Target::OtlpGrpc(_) | Target::OtlpHttp { .. } => Payload::Otlp(delta_requests([(
-                tenant.clone(),
-                vec![NumberDataPoint {
-                    attributes: vec![text_attribute("http.route", "/probe")],
-                    start_time_unix_nano: last_ns,
-                    time_unix_nano: now_ns,
-                    value: Some(number_data_point::Value::AsInt(1)),
-                    ..Default::default()
-                }],
-            )])),
+            Target::OtlpGrpc(_) | Target::OtlpHttp { .. } => {
+                Payload::Otlp(prost::Message::encode_to_vec(&delta_requests([(
+                    tenant.clone(),
+                    vec![NumberDataPoint {
+                        attributes: vec![text_attribute("http.route", "/probe")],
+                        start_time_unix_nano: last_ns,
+                        time_unix_nano: now_ns,
+                        value: Some(number_data_point::Value::AsInt(1)),
+                        ..Default::default()
+                    }],
+                )])))
+            }
         };
         last_ns = now_ns;
         let scratch = Totals::default();
@@ -824,5 +991,164 @@ fn generator(args: &Args, worker: usize) -> Generator {
         // Behind now, so that points never look like they come from the future.
         started_ns: (chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64)
             .saturating_sub(args.duration_secs * 2_000_000_000),
+        otlp: OtlpGenerator::new(args.dim_cardinality.max(1)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::metrics::v1::{number_data_point, NumberDataPoint};
+    use prost::Message;
+
+    fn args() -> Args {
+        Args::parse_from([
+            "tallyd-loadgen",
+            "--batch-size",
+            "300",
+            "--late-pct",
+            "20",
+            "--dup-pct",
+            "10",
+        ])
+    }
+
+    fn point(route: &str, time: u64, value: i64) -> NumberDataPoint {
+        NumberDataPoint {
+            attributes: vec![text_attribute("http.route", route)],
+            start_time_unix_nano: time - 1,
+            time_unix_nano: time,
+            value: Some(number_data_point::Value::AsInt(value)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_request_encoder_writes_what_the_generated_types_encode() {
+        let mut encoder = DeltaRequestEncoder::default();
+        let pushed = [
+            (7, point("/a", 10, 1)),
+            (2, point("/b", 20, 2)),
+            (7, point("/c", 30, 3)),
+        ];
+        for _ in 0..2 {
+            // Twice: `finish` leaves the encoder empty for the next request.
+            for (tenant, point) in &pushed {
+                encoder.push_point(*tenant, point);
+            }
+            let bytes = encoder.finish(|tenant| format!("tenant-{tenant}"));
+            let expected = delta_requests([
+                ("tenant-2".to_string(), vec![pushed[1].1.clone()]),
+                (
+                    "tenant-7".to_string(),
+                    vec![pushed[0].1.clone(), pushed[2].1.clone()],
+                ),
+            ]);
+            assert_eq!(
+                ExportMetricsServiceRequest::decode(bytes.as_slice()).unwrap(),
+                expected
+            );
+            assert_eq!(bytes, expected.encode_to_vec());
+        }
+        assert!(encoder.finish(|tenant| format!("tenant-{tenant}")).is_empty());
+    }
+
+    #[test]
+    fn an_otlp_request_holds_batch_size_points_with_repeats_of_earlier_ones() {
+        let mut generator = generator(&args(), 1);
+        let mut seen = std::collections::HashSet::new();
+        let (mut points, mut repeats) = (0, 0);
+        for _ in 0..10 {
+            let request = ExportMetricsServiceRequest::decode(generator.otlp_request().as_slice()).unwrap();
+            for resource in &request.resource_metrics {
+                let tenant = format!("{:?}", resource.resource.as_ref().unwrap().attributes);
+                let sum = match &resource.scope_metrics[0].metrics[0].data {
+                    Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Sum(sum)) => sum,
+                    other => panic!("not a sum: {other:?}"),
+                };
+                for point in &sum.data_points {
+                    points += 1;
+                    if !seen.insert((
+                        tenant.clone(),
+                        format!("{:?}", point.attributes),
+                        point.time_unix_nano,
+                    )) {
+                        repeats += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(points, 3000);
+        // --dup-pct 10: about 300 exact repeats (same tenant, route and time).
+        assert!((200..400).contains(&repeats), "{repeats} repeats");
+    }
+
+    /// The events as the generator built them before it wrote text: one `serde_json::Value`
+    /// per event, from the same random draws in the same order.
+    fn value_events(generator: &mut Generator, now: chrono::DateTime<chrono::Utc>) -> Vec<serde_json::Value> {
+        (0..generator.args.batch_size)
+            .map(|_| {
+                let (id, mut rng) = generator.next_item();
+                let tenant = generator.tenants.sample(&mut rng);
+                let dim = generator.dims.sample(&mut rng);
+                let time = if rng.gen_bool((generator.args.late_pct / 100.0).clamp(0.0, 1.0)) {
+                    now - chrono::Duration::seconds(rng.gen_range(120..240))
+                } else {
+                    now
+                };
+                let (event_type, data) = match rng.gen_range(0..10) {
+                    0..=5 => (
+                        "llm.prompt",
+                        json!({"tokens": rng.gen_range(1..4000), "model": format!("model-{dim}")}),
+                    ),
+                    6..=8 => (
+                        "api.request",
+                        json!({"route": format!("/v1/r{dim}"), "method": "GET"}),
+                    ),
+                    _ => (
+                        "user.active",
+                        json!({"user_id": format!("user-{}", rng.gen_range(0..100_000))}),
+                    ),
+                };
+                json!({
+                    "specversion": "1.0",
+                    "id": format!("lg-{}-{}-{id}", generator.args.seed, generator.worker),
+                    "source": "tallyd-loadgen",
+                    "type": event_type,
+                    "subject": format!("tenant-{tenant}"),
+                    "time": event_time(time),
+                    "data": data,
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_written_as_text_are_the_events_of_the_value_builder() {
+        let (mut written, mut built) = (generator(&args(), 3), generator(&args(), 3));
+        let now = chrono::Utc::now();
+        let now_text = event_time(now);
+        let mut body = Vec::new();
+        let mut tenants = Vec::new();
+        body.push(b'[');
+        for n in 0..written.args.batch_size {
+            if n > 0 {
+                body.push(b',');
+            }
+            tenants.push(written.write_event(now, &now_text, &mut body));
+        }
+        body.push(b']');
+        let parsed: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+        let expected = value_events(&mut built, now);
+        assert_eq!(parsed, expected);
+        for (event, tenant) in parsed.iter().zip(tenants) {
+            assert_eq!(event["subject"], format!("tenant-{tenant}"));
+        }
+        // Every kind of event and some late ones were drawn (the comparison covers each shape).
+        for kind in ["llm.prompt", "api.request", "user.active"] {
+            assert!(parsed.iter().any(|event| event["type"] == kind), "no {kind}");
+        }
+        assert!(parsed.iter().any(|event| event["time"] != now_text.as_str()));
     }
 }

@@ -139,9 +139,9 @@ impl<S: SignalService> UnaryService<Bytes> for Unary<S> {
 }
 
 /// Passes message bytes through: requests are decoded by `OtlpIngest`, responses arrive
-/// encoded.
+/// encoded. The load generator uses it as a client codec too (requests it encoded itself).
 #[derive(Clone, Copy, Default)]
-struct RawCodec;
+pub struct RawCodec;
 
 impl Codec for RawCodec {
     type Encode = Vec<u8>;
