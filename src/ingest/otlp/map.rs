@@ -20,7 +20,6 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, AggregationTemporality};
 use prost::Message;
-use xxhash_rust::xxh3::Xxh3;
 
 use crate::aggregate::streams::{CumulativePoint, StreamKind};
 use crate::aggregate::{AggState, Aggregation, Observation};
@@ -84,7 +83,8 @@ pub struct MappedPoint {
     /// Set when the point adds (delta sums, counts, log records with an id): counted once per
     /// key. Idempotent updates (MAX, MIN, LATEST) need none.
     pub dedup_key: Option<u128>,
-    pub updates: Vec<(SeriesKey, AggState)>,
+    /// Inline for one meter (the usual case): no allocation per point.
+    pub updates: smallvec::SmallVec<[(SeriesKey, AggState); 1]>,
     /// Lands in a window that had already closed (it amends it).
     pub late: bool,
 }
@@ -155,10 +155,27 @@ fn find<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
         .and_then(|kv| kv.value.as_ref())
 }
 
+/// The bytes an identity hash is taken over, gathered and then hashed in one call. The digest
+/// is the one a streaming `Xxh3` fed the same bytes gives (the hashes are stored: dedup keys,
+/// stream states), but a point's identity is a few short pieces, and streaming set up a
+/// 600-byte hasher and copied each piece into its buffer: most of the mapping's hashing time.
+#[derive(Default)]
+struct HashInput(smallvec::SmallVec<[u8; 256]>);
+
+impl HashInput {
+    fn update(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+
+    fn digest128(&self) -> u128 {
+        xxhash_rust::xxh3::xxh3_128(&self.0)
+    }
+}
+
 /// Hashes attributes independently of their order (SDKs need not sort them).
-fn hash_attributes(hasher: &mut Xxh3, attributes: &[KeyValue]) {
+fn hash_attributes(hasher: &mut HashInput, attributes: &[KeyValue]) {
     hasher.update(&(attributes.len() as u32).to_le_bytes());
-    let hash_one = |hasher: &mut Xxh3, kv: &KeyValue| {
+    let hash_one = |hasher: &mut HashInput, kv: &KeyValue| {
         hash_str(hasher, &kv.key);
         hash_value(hasher, kv.value.as_ref().and_then(|value| value.value.as_ref()));
     };
@@ -178,7 +195,7 @@ fn hash_attributes(hasher: &mut Xxh3, attributes: &[KeyValue]) {
 }
 
 /// A type tag, then the value: `"1"` and `1` are different attributes.
-fn hash_value(hasher: &mut Xxh3, value: Option<&any_value::Value>) {
+fn hash_value(hasher: &mut HashInput, value: Option<&any_value::Value>) {
     match value {
         None => hasher.update(&[0]),
         Some(any_value::Value::StringValue(text)) => {
@@ -207,7 +224,7 @@ fn hash_value(hasher: &mut Xxh3, value: Option<&any_value::Value>) {
     }
 }
 
-fn hash_str(hasher: &mut Xxh3, text: &str) {
+fn hash_str(hasher: &mut HashInput, text: &str) {
     hasher.update(&(text.len() as u32).to_le_bytes());
     hasher.update(text.as_bytes());
 }
@@ -283,7 +300,7 @@ fn dimensions(meter: &Meter, point: &[KeyValue], resource: &[KeyValue]) -> Resul
 /// A fingerprint of `meter`'s dimension values for a point (`model::DimsCache`): each value
 /// hashes self-delimited (type tag, length), an absent one as `0xff`.
 fn dims_fingerprint(meter: &Meter, point: &[KeyValue], resource: &[KeyValue]) -> u128 {
-    let mut hasher = Xxh3::new();
+    let mut hasher = HashInput::default();
     hasher.update(&meter.id.to_le_bytes());
     for (_, attribute) in &meter.group_by_attributes {
         match find(point, attribute).or_else(|| find(resource, attribute)) {
@@ -690,7 +707,7 @@ fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) -> Result<Met
 /// Identity of a point's stream without the meter: tenant (it may come from an API key, not
 /// the resource), resource, scope, metric, attributes.
 fn series_hash(tenant: &str, scope_hash: u128, metric: &str, attributes: &[KeyValue]) -> u128 {
-    let mut hasher = Xxh3::new();
+    let mut hasher = HashInput::default();
     hash_str(&mut hasher, tenant);
     hasher.update(&scope_hash.to_le_bytes());
     hash_str(&mut hasher, metric);
@@ -698,17 +715,29 @@ fn series_hash(tenant: &str, scope_hash: u128, metric: &str, attributes: &[KeyVa
     hasher.digest128()
 }
 
+/// A scope's part of its points' identity: the resource's attributes, the scope's name and
+/// version.
+fn scope_hash(resource_hash: u128, scope: Option<(&str, &str)>) -> u128 {
+    let mut hasher = HashInput::default();
+    hasher.update(&resource_hash.to_le_bytes());
+    if let Some((name, version)) = scope {
+        hash_str(&mut hasher, name);
+        hash_str(&mut hasher, version);
+    }
+    hasher.digest128()
+}
+
 /// One bucket of a histogram stream (the bucket's index: bounds must not change mid-stream,
 /// as the OTLP data model requires of cumulative points).
 fn bucket_stream(stream: u128, bucket: i64) -> u128 {
-    let mut hasher = Xxh3::new();
+    let mut hasher = HashInput::default();
     hasher.update(&stream.to_le_bytes());
     hasher.update(&bucket.to_le_bytes());
     hasher.digest128()
 }
 
 fn with_meter(series: u128, slug: &str) -> u128 {
-    let mut hasher = Xxh3::new();
+    let mut hasher = HashInput::default();
     hasher.update(&series.to_le_bytes());
     hash_str(&mut hasher, slug);
     hasher.digest128()
@@ -742,17 +771,17 @@ pub fn map_metrics(request: &ExportMetricsServiceRequest, context: &MapContext<'
             .as_ref()
             .ok()
             .map(|tenant| context.names.tenants.intern(tenant));
-        let mut resource_hasher = Xxh3::new();
+        let mut resource_hasher = HashInput::default();
         hash_attributes(&mut resource_hasher, resource);
         let resource_hash = resource_hasher.digest128();
         for scope_metrics in &resource_metrics.scope_metrics {
-            let mut scope_hasher = Xxh3::new();
-            scope_hasher.update(&resource_hash.to_le_bytes());
-            if let Some(scope) = &scope_metrics.scope {
-                hash_str(&mut scope_hasher, &scope.name);
-                hash_str(&mut scope_hasher, &scope.version);
-            }
-            let scope_hash = scope_hasher.digest128();
+            let scope_hash = scope_hash(
+                resource_hash,
+                scope_metrics
+                    .scope
+                    .as_ref()
+                    .map(|scope| (scope.name.as_str(), scope.version.as_str())),
+            );
             for metric in &scope_metrics.metrics {
                 let shapes = point_shapes(metric);
                 mapped.total += shapes.len();
@@ -827,7 +856,7 @@ fn map_point(
     let series = series_hash(tenant, scope_hash, metric, shape.attributes);
     let mut point = MappedPoint {
         dedup_key: None,
-        updates: Vec::with_capacity(meters.len()),
+        updates: smallvec::SmallVec::with_capacity(meters.len()),
         late: false,
     };
     let mut cumulative = Vec::new();
@@ -1099,7 +1128,7 @@ fn map_record(
     let attribute = |key: &str| find(&record.attributes, key).or_else(|| find(resource, key));
     let mut point = MappedPoint {
         dedup_key: None,
-        updates: Vec::with_capacity(meters.len()),
+        updates: smallvec::SmallVec::with_capacity(meters.len()),
         late: false,
     };
     for meter in meters {
@@ -1729,6 +1758,55 @@ scale = 0
             .any(|r| r.message.contains("`steps` is not a finite decimal number")));
     }
 
+    /// Identities are stored (dedup keys in RocksDB and the ingest log, stream states), so a
+    /// new version must compute exactly the old values or retries after an upgrade would count
+    /// twice and cumulative streams restart. These values come from the first implementation.
+    #[test]
+    fn stored_identities_keep_their_values() {
+        let attributes = vec![
+            text("http.route", "/v1/r3"),
+            KeyValue {
+                key: "code".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::IntValue(200)),
+                }),
+                ..Default::default()
+            },
+            KeyValue {
+                key: "list".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::ArrayValue(
+                        opentelemetry_proto::tonic::common::v1::ArrayValue {
+                            values: vec![AnyValue {
+                                value: Some(any_value::Value::BoolValue(true)),
+                            }],
+                        },
+                    )),
+                }),
+                ..Default::default()
+            },
+        ];
+        let series = series_hash(
+            "acme",
+            0x1234_5678_9abc_def0_0fed_cba9_8765_4321,
+            "http.server.requests",
+            &attributes,
+        );
+        assert_eq!(series, 0xf53bbd772eb3aceadbebac1abc194bfa);
+        assert_eq!(point_dedup_key(series, 1, 2), 0x2ce8729e1823db89dcc42e3af2334f17);
+        assert_eq!(with_meter(series, "requests"), 0x4f6761613286748eccd85c0dcb6de958);
+        assert_eq!(bucket_stream(series, -3), 0xe18fac28c7b14e112446703032aba5b2);
+        let mut hasher = HashInput::default();
+        hash_attributes(&mut hasher, &attributes);
+        assert_eq!(hasher.digest128(), 0x8b277837f25d68ac1e8137ebb85708d2);
+        let mut resource = HashInput::default();
+        hash_attributes(&mut resource, &attributes[..2]);
+        assert_eq!(
+            scope_hash(resource.digest128(), Some(("io.opentelemetry.sdk", "1.2.3"))),
+            0x906ffc736d06a3b34fe91f57c13880cb
+        );
+    }
+
     fn any_double() -> impl Strategy<Value = f64> {
         prop_oneof![
             Just(f64::NAN),
@@ -1976,6 +2054,19 @@ scale = 0
             }
             let mut streams = crate::aggregate::streams::Streams::default();
             let _ = streams.fold(&mapped.cumulative, &mut batch, &mut Default::default());
+        }
+
+        /// Gathering the bytes and hashing them at once gives what streaming them gives, for
+        /// any split into pieces (the identities were first computed with a streaming hasher).
+        #[test]
+        fn gathered_input_hashes_as_streamed(pieces in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..8)) {
+            let mut streamed = xxhash_rust::xxh3::Xxh3::new();
+            let mut gathered = HashInput::default();
+            for piece in &pieces {
+                streamed.update(piece);
+                gathered.update(piece);
+            }
+            prop_assert_eq!(gathered.digest128(), streamed.digest128());
         }
 
         /// SDKs need not order attributes: a point's identity (dedup key, stream) ignores order.
