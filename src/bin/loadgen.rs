@@ -127,7 +127,10 @@ async fn otlp_baseline_server(addr: std::net::SocketAddr) -> anyhow::Result<()> 
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     eprintln!("otlp decode-only baseline listening on {addr}");
+    // The daemon's HTTP/2 windows, so both servers receive alike.
     tonic::transport::Server::builder()
+        .initial_connection_window_size(Some(tallyd::ingest::otlp::grpc::H2_CONNECTION_WINDOW_BYTES))
+        .initial_stream_window_size(Some(tallyd::ingest::otlp::grpc::H2_STREAM_WINDOW_BYTES))
         .add_service(
             MetricsServiceServer::new(Discard)
                 .accept_compressed(tonic::codec::CompressionEncoding::Gzip)

@@ -177,6 +177,17 @@ impl Decoder for RawCodec {
     }
 }
 
+/// HTTP/2 flow-control windows the server grants (h2's default is 64 KiB for the connection and
+/// each stream). An exporter multiplexes its concurrent exports over one connection, and a
+/// 1,000-point export is ≈ 70 kB: with 64 KiB for the whole connection every request waited
+/// for window updates, which the server sends from its async workers, and those share the two
+/// cores with the decoding threads. So the connection stalled behind whichever update was late,
+/// and tallyd sat half idle at 16 exports in flight (BENCHMARKS.md §17). These windows let a
+/// few dozen whole requests travel at once; memory stays bounded by `ingest_budget_bytes` and
+/// `max_body_bytes`, which are checked once a request has arrived.
+pub const H2_CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+pub const H2_STREAM_WINDOW_BYTES: u32 = 4 << 20;
+
 /// Serves both export services on `listener` until `shutdown`, over TLS when `tls` is set.
 pub async fn serve(
     ingest: OtlpIngest,
@@ -184,7 +195,9 @@ pub async fn serve(
     shutdown: tokio_util::sync::CancellationToken,
     tls: Option<&super::TlsIdentity>,
 ) -> Result<(), tonic::transport::Error> {
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .initial_connection_window_size(Some(H2_CONNECTION_WINDOW_BYTES))
+        .initial_stream_window_size(Some(H2_STREAM_WINDOW_BYTES));
     if let Some(tls) = tls {
         builder = builder.tls_config(
             tonic::transport::ServerTlsConfig::new()

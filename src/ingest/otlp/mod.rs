@@ -830,7 +830,13 @@ pub async fn serve_http(
                 Err(_) => return,
             };
             let service = hyper_util::service::TowerToHyperService::new(router);
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            // HTTP/2 (by ALPN): the gRPC listener's windows, for the same reason (`grpc`).
+            builder
+                .http2()
+                .initial_connection_window_size(grpc::H2_CONNECTION_WINDOW_BYTES)
+                .initial_stream_window_size(grpc::H2_STREAM_WINDOW_BYTES);
             let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {
