@@ -183,8 +183,8 @@ impl Decoder for RawCodec {
 /// for window updates, which the server sends from its async workers, and those share the two
 /// cores with the decoding threads. So the connection stalled behind whichever update was late,
 /// and tallyd sat half idle at 16 exports in flight (BENCHMARKS.md §17). These windows let a
-/// few dozen whole requests travel at once; memory stays bounded by `ingest_budget_bytes` and
-/// `max_body_bytes`, which are checked once a request has arrived.
+/// few dozen whole requests travel at once. Cost: up to 16 MiB per connection of received data
+/// not yet read (tonic reads bodies as they arrive); a body is still capped by `max_body_bytes`.
 pub const H2_CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 pub const H2_STREAM_WINDOW_BYTES: u32 = 4 << 20;
 
