@@ -94,6 +94,10 @@ struct Args {
     /// OTLP/HTTP mode: POST the same requests (protobuf) to this base URL's `/v1/metrics`.
     #[arg(long)]
     otlp_http: Option<String>,
+    /// OTLP/gRPC connections the requests are spread over (1: all on one, as one exporter of
+    /// an OpenTelemetry Collector sends them).
+    #[arg(long, default_value_t = 1)]
+    grpc_connections: usize,
     /// Run the decode-and-discard OTLP/gRPC baseline server on this address instead.
     #[arg(long)]
     otlp_baseline_server: Option<std::net::SocketAddr>,
@@ -763,6 +767,20 @@ async fn main() -> anyhow::Result<()> {
             url: format!("{}/api/v1/events", args.url.trim_end_matches('/')),
         },
     };
+    // More gRPC connections: each worker (or open-loop request) takes one in turn.
+    let mut targets = vec![target.clone()];
+    if let Some(addr) = &args.otlp_grpc {
+        for _ in 1..args.grpc_connections.max(1) {
+            targets.push(Target::OtlpGrpc(
+                tonic::client::Grpc::new(
+                    tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+                        .connect()
+                        .await?,
+                )
+                .max_decoding_message_size(64 << 20),
+            ));
+        }
+    }
     let totals = Arc::new(Totals::default());
     let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
     let deadline = Instant::now() + Duration::from_secs(args.duration_secs);
@@ -775,8 +793,12 @@ async fn main() -> anyhow::Result<()> {
     let mut workers = Vec::new();
     if args.rate == 0 {
         for worker in 0..args.concurrency {
-            let (mut target, totals, latency, args) =
-                (target.clone(), totals.clone(), latency.clone(), args.clone());
+            let (mut target, totals, latency, args) = (
+                targets[worker % targets.len()].clone(),
+                totals.clone(),
+                latency.clone(),
+                args.clone(),
+            );
             workers.push(tokio::spawn(async move {
                 let mut generator = generator(&args, worker);
                 let limit = if args.stop_after_events == 0 {
@@ -803,7 +825,11 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             };
             let (payload, events) = target.payload(&mut generator);
-            let (mut target, totals, latency) = (target.clone(), totals.clone(), latency.clone());
+            let (mut target, totals, latency) = (
+                targets[workers.len() % targets.len()].clone(),
+                totals.clone(),
+                latency.clone(),
+            );
             workers.push(tokio::spawn(async move {
                 send(&mut target, payload, events, &totals, &latency).await;
                 drop(permit);
