@@ -13,7 +13,8 @@
 //!
 //! OTLP: `--otlp-grpc ADDR` (or `--otlp-http URL`, protobuf) sends `ExportMetricsServiceRequest`s of `--batch-size` delta data
 //! points of the counter `http.server.requests` (Zipf tenants and routes, each point its own
-//! timestamp, `--dup-pct` of them repeats) to an OTLP/gRPC endpoint;
+//! timestamp, `--dup-pct` of them repeats) to an OTLP/gRPC endpoint, over one connection as
+//! one exporter does (`--grpc-connections N` spreads them over N);
 //! `--otlp-baseline-server ADDR` runs the comparison point: tonic's generated MetricsService with
 //! prost decoding, which discards every request.
 //!
