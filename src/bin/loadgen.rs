@@ -422,6 +422,8 @@ struct DeltaRequestEncoder {
     points: Vec<Vec<u8>>,
     /// Tenants with points in the request being built.
     touched: Vec<usize>,
+    /// Each tenant's encoded `Resource`, made on its first request.
+    resources: Vec<Option<Vec<u8>>>,
 }
 
 impl DeltaRequestEncoder {
@@ -432,6 +434,7 @@ impl DeltaRequestEncoder {
     ) {
         if self.points.len() <= tenant {
             self.points.resize_with(tenant + 1, Vec::new);
+            self.resources.resize_with(tenant + 1, || None);
         }
         let buffer = &mut self.points[tenant];
         if buffer.is_empty() {
@@ -441,6 +444,7 @@ impl DeltaRequestEncoder {
     }
 
     /// The request holding every point pushed since the last call, tenants in ascending order.
+    /// `tenant_name` must name a tenant the same way every call (its resource is encoded once).
     fn finish(&mut self, tenant_name: impl Fn(usize) -> String) -> Vec<u8> {
         use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
         use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
@@ -460,11 +464,13 @@ impl DeltaRequestEncoder {
         let mut out = Vec::with_capacity(total);
         for tenant in self.touched.drain(..) {
             let points = &mut self.points[tenant];
-            let resource = opentelemetry_proto::tonic::resource::v1::Resource {
-                attributes: vec![text_attribute("tenant.id", &tenant_name(tenant))],
-                ..Default::default()
-            }
-            .encode_to_vec();
+            let resource = self.resources[tenant].get_or_insert_with(|| {
+                opentelemetry_proto::tonic::resource::v1::Resource {
+                    attributes: vec![text_attribute("tenant.id", &tenant_name(tenant))],
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            });
             // Two one-byte varint fields follow the points: temporality and is_monotonic.
             let sum_len = points.len() + 4;
             let metric_len = field_len(NAME.len()) + field_len(sum_len);
@@ -476,7 +482,7 @@ impl DeltaRequestEncoder {
                 &mut out,
             );
             put_header(otlp_fields::RESOURCE_METRICS_RESOURCE, resource.len(), &mut out);
-            out.extend_from_slice(&resource);
+            out.extend_from_slice(resource);
             put_header(otlp_fields::RESOURCE_METRICS_SCOPE_METRICS, scope_len, &mut out);
             put_header(otlp_fields::SCOPE_METRICS_METRICS, metric_len, &mut out);
             put_header(otlp_fields::METRIC_NAME, NAME.len(), &mut out);
@@ -700,6 +706,16 @@ async fn send(
     }
 }
 
+/// A new OTLP/gRPC connection to `addr`.
+async fn otlp_grpc_target(addr: &str) -> anyhow::Result<Target> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    Ok(Target::OtlpGrpc(
+        tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20),
+    ))
+}
+
 /// One unary `MetricsService/Export` call with an encoded request; true when every point was
 /// accepted (no partial success).
 async fn otlp_grpc_export(
@@ -755,14 +771,7 @@ async fn main() -> anyhow::Result<()> {
                     .trim_end_matches('/')
             ),
         },
-        Some(addr) => Target::OtlpGrpc(
-            tonic::client::Grpc::new(
-                tonic::transport::Channel::from_shared(format!("http://{addr}"))?
-                    .connect()
-                    .await?,
-            )
-            .max_decoding_message_size(64 << 20),
-        ),
+        Some(addr) => otlp_grpc_target(addr).await?,
         None => Target::Http {
             client: http_client()?,
             url: format!("{}/api/v1/events", args.url.trim_end_matches('/')),
@@ -772,14 +781,7 @@ async fn main() -> anyhow::Result<()> {
     let mut targets = vec![target.clone()];
     if let Some(addr) = &args.otlp_grpc {
         for _ in 1..args.grpc_connections.max(1) {
-            targets.push(Target::OtlpGrpc(
-                tonic::client::Grpc::new(
-                    tonic::transport::Channel::from_shared(format!("http://{addr}"))?
-                        .connect()
-                        .await?,
-                )
-                .max_decoding_message_size(64 << 20),
-            ));
+            targets.push(otlp_grpc_target(addr).await?);
         }
     }
     let totals = Arc::new(Totals::default());

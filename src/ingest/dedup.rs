@@ -35,17 +35,18 @@ impl DedupIndex {
     /// Each shard is locked once for all of the batch's keys in it instead of once per key: a
     /// shard's mutex is a cache line the other threads also write, and per-key locking was a
     /// third of the reservation's cost (BENCHMARKS.md §17). When a batch holds a key twice, its
-    /// first occurrence wins (the grouping is a stable sort).
+    /// first occurrence wins (within a shard, keys go in their batch order).
     pub fn reserve_all(&self, keys: &[u128]) -> Vec<bool> {
-        let mut order: Vec<u32> = (0..keys.len() as u32).collect();
-        order.sort_by_key(|index| self.shard_index(keys[*index as usize]));
+        // (shard, position): sorting the pairs groups by shard and keeps positions in order.
+        let mut order: Vec<(u32, u32)> = (0..keys.len())
+            .map(|index| (self.shard_index(keys[index]) as u32, index as u32))
+            .collect();
+        order.sort_unstable();
         let mut fresh = vec![false; keys.len()];
-        for run in
-            order.chunk_by(|a, b| self.shard_index(keys[*a as usize]) == self.shard_index(keys[*b as usize]))
-        {
-            let mut set = self.shard(keys[run[0] as usize]).lock();
-            for index in run {
-                fresh[*index as usize] = set.insert(keys[*index as usize]);
+        for run in order.chunk_by(|a, b| a.0 == b.0) {
+            let mut set = self.shards[run[0].0 as usize].lock();
+            for &(_, index) in run {
+                fresh[index as usize] = set.insert(keys[index as usize]);
             }
         }
         fresh
