@@ -39,7 +39,10 @@ impl DedupLoop {
             let (shared, stop) = (self.shared.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("tallyd-dedup-filter".into())
-                .spawn(move || build_filters(&shared, &filter_rx, &stop))
+                .spawn(move || {
+                    super::background_priority();
+                    build_filters(&shared, &filter_rx, &stop)
+                })
         };
         if let Err(error) = &builder {
             tracing::error!(%error, "dedup filter thread not started; lookups read the store");

@@ -39,6 +39,25 @@ use crate::store::checkpoint::Snapshot;
 use crate::store::log::{IngestLog, LogBatch};
 use crate::store::{MeterCatalog, RocksStore, INGEST_LOG_SOURCE};
 
+/// The nice value of the stages no request waits on directly: checkpoints, dedup-key
+/// ingestion, dedup filter builds, changelog compaction. They run in bursts (a checkpoint
+/// every flush interval, a 35 MB dedup file every million keys) and, at equal priority, took
+/// the CPU from the request path for tens of milliseconds at a time: the tail of request
+/// latency. At 5 the scheduler still gives them about a quarter of a busy core's share, so
+/// they keep up at peak load; and when they do fall behind, ingest answers UNAVAILABLE
+/// (`aggregate.max_pending_series`), which gives them the CPU back (BENCHMARKS.md §18).
+pub const BACKGROUND_NICE: i32 = 5;
+
+/// Lowers the calling thread's CPU priority to `BACKGROUND_NICE` (Linux: nice is per thread).
+/// Best effort: a refusal leaves the thread at normal priority.
+pub fn background_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), BACKGROUND_NICE)
+    {
+        tracing::debug!(%error, "background thread keeps its priority");
+    }
+}
+
 /// State shared by the stages and the API.
 pub struct Shared {
     pub config: Config,
@@ -363,7 +382,10 @@ impl Stages {
         };
         let dedup_thread = std::thread::Builder::new()
             .name("tallyd-dedup".into())
-            .spawn(move || dedup_stage.run())?;
+            .spawn(move || {
+                background_priority();
+                dedup_stage.run()
+            })?;
         let (snapshot_tx, snapshot_rx) = std::sync::mpsc::sync_channel(1);
         let checkpoint_stage = checkpoint::CheckpointLoop {
             shared: shared.clone(),
@@ -374,7 +396,10 @@ impl Stages {
         };
         let checkpoint_thread = std::thread::Builder::new()
             .name("tallyd-checkpoint".into())
-            .spawn(move || checkpoint_stage.run())?;
+            .spawn(move || {
+                background_priority();
+                checkpoint_stage.run()
+            })?;
         let (request_tx, request_rx) = std::sync::mpsc::channel();
         let commit_stage = commit::CommitLoop {
             shared: shared.clone(),

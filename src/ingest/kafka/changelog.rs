@@ -172,6 +172,7 @@ impl ChangelogSink for ChangelogProducer {
             let spawned = std::thread::Builder::new()
                 .name("tallyd-compact".into())
                 .spawn(move || {
+                    crate::pipeline::background_priority();
                     worker.compact(&source);
                     worker.compacting.lock().remove(&source);
                 });
