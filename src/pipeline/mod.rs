@@ -592,3 +592,31 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    fn own_nice() -> i32 {
+        rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap()
+    }
+
+    /// Only the calling thread is lowered: a process-wide nice would slow the request path too.
+    #[test]
+    fn background_priority_lowers_only_the_calling_thread() {
+        let before = own_nice();
+        let lowered = std::thread::spawn(|| {
+            let start = own_nice();
+            background_priority();
+            (start, own_nice())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(own_nice(), before, "the spawning thread keeps its priority");
+        match lowered {
+            // Already nicer than that (a niced test run): raising priority needs privileges.
+            (start, _) if start > BACKGROUND_NICE => {}
+            (_, after) => assert_eq!(after, BACKGROUND_NICE),
+        }
+    }
+}
