@@ -1094,3 +1094,54 @@ async fn tls_listeners_serve_the_python_sdk_over_grpc_and_https() {
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
     daemon.stop();
 }
+
+/// An exporter sends its concurrent exports (≈ 70 kB per 1,000 points) over one HTTP/2
+/// connection; with h2's default 64 KiB windows they queued behind window updates and the
+/// daemon sat half idle (BENCHMARKS.md §17). A raw h2 client checks what the listener grants:
+/// two streams each get the whole per-stream window at once, which a 64 KiB connection
+/// window would not allow.
+#[tokio::test(flavor = "multi_thread")]
+async fn otlp_grpc_grants_large_http2_windows() {
+    use tallyd::ingest::otlp::grpc::{H2_CONNECTION_WINDOW_BYTES, H2_STREAM_WINDOW_BYTES};
+    let (_dir, daemon) = start("");
+    let address = daemon.otlp_grpc.clone().unwrap();
+    let tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .max_send_buffer_size(2 * H2_CONNECTION_WINDOW_BYTES as usize)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let want = H2_STREAM_WINDOW_BYTES as usize;
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let request = http::Request::post(format!(
+            "http://{address}/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+        let mut ready = client.clone().ready().await.unwrap();
+        let (_response, mut stream) = ready.send_request(request, false).unwrap();
+        stream.reserve_capacity(want);
+        streams.push(stream);
+    }
+    for stream in &mut streams {
+        // Capacity grows as the server's SETTINGS and WINDOW_UPDATE frames arrive.
+        let granted = tokio::time::timeout(Duration::from_secs(10), async {
+            while stream.capacity() < want {
+                if std::future::poll_fn(|cx| stream.poll_capacity(cx))
+                    .await
+                    .is_none()
+                {
+                    break;
+                }
+            }
+            stream.capacity()
+        })
+        .await
+        .unwrap_or_else(|_| stream.capacity());
+        assert_eq!(granted, want, "send capacity granted by the OTLP/gRPC listener");
+    }
+}
