@@ -1102,7 +1102,10 @@ async fn tls_listeners_serve_the_python_sdk_over_grpc_and_https() {
 /// window would not allow.
 #[tokio::test(flavor = "multi_thread")]
 async fn otlp_grpc_grants_large_http2_windows() {
-    use tallyd::ingest::otlp::grpc::{H2_CONNECTION_WINDOW_BYTES, H2_STREAM_WINDOW_BYTES};
+    use tallyd::ingest::otlp::grpc::{
+        Metrics, SignalService, H2_CONNECTION_WINDOW_BYTES, H2_STREAM_WINDOW_BYTES,
+    };
+    use tonic::codegen::http;
     let (_dir, daemon) = start("");
     let address = daemon.otlp_grpc.clone().unwrap();
     let tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
@@ -1115,13 +1118,11 @@ async fn otlp_grpc_grants_large_http2_windows() {
     let want = H2_STREAM_WINDOW_BYTES as usize;
     let mut streams = Vec::new();
     for _ in 0..2 {
-        let request = http::Request::post(format!(
-            "http://{address}/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
+        let request = http::Request::post(format!("http://{address}{}", Metrics::PATH))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
         let mut ready = client.clone().ready().await.unwrap();
         let (_response, mut stream) = ready.send_request(request, false).unwrap();
         stream.reserve_capacity(want);

@@ -43,7 +43,7 @@ use crate::store::{MeterCatalog, RocksStore, INGEST_LOG_SOURCE};
 /// ingestion, dedup filter builds, changelog compaction. They run in bursts (a checkpoint
 /// every flush interval, a 35 MB dedup file every million keys) and, at equal priority, took
 /// the CPU from the request path for tens of milliseconds at a time: the tail of request
-/// latency. At 5 the scheduler still gives them about a quarter of a busy core's share, so
+/// latency. At 5 each still weighs about a third of a normal thread with the scheduler, so
 /// they keep up at peak load; and when they do fall behind, ingest answers UNAVAILABLE
 /// (`aggregate.max_pending_series`), which gives them the CPU back (BENCHMARKS.md §18).
 pub const BACKGROUND_NICE: i32 = 5;

@@ -403,12 +403,8 @@ fn write_sst(options: &rocksdb::Options, path: &Path, sorted: &[(u128, i64)]) ->
 /// file is linked into the tree, so the cached pages are the tree's. Best effort: a failure
 /// only costs those disk reads later.
 fn warm_page_cache(path: &Path) {
-    use std::io::Read;
-    let mut buffer = vec![0u8; 1 << 20];
-    let warmed = std::fs::File::open(path).and_then(|mut file| {
-        while file.read(&mut buffer)? > 0 {}
-        Ok(())
-    });
+    let warmed =
+        std::fs::File::open(path).and_then(|mut file| std::io::copy(&mut file, &mut std::io::sink()));
     if let Err(error) = warmed {
         tracing::debug!(%error, path = %path.display(), "dedup file not read back into the page cache");
     }
