@@ -29,7 +29,7 @@ log "HTTP end to end vs decode-only (scripts/bench-http.sh)"
 DURATION=$duration scripts/bench-http.sh >"$out/http.txt" 2>&1
 log "OTLP/gRPC end to end vs decode-and-discard (scripts/bench-otlp.sh)"
 # 16 in flight: the OTLP path's peak needs more requests in flight than the loadgen's default 8
-# (≈ 224 k vs ≈ 310-335 k points/s, BENCHMARKS §12-13); both servers get the same flags.
+# (≈ 224 k vs ≈ 310-335 k points/s, BENCHMARKS.md, "OTLP ingest"); both servers get the same flags.
 DURATION=$duration scripts/bench-otlp.sh --concurrency 16 >"$out/otlp.txt" 2>&1
 log "Kafka end to end vs a bare consumer, $kafka_events events (scripts/bench-kafka.sh)"
 scripts/bench-kafka.sh "$kafka_events" >"$out/kafka.txt" 2>&1

@@ -28,11 +28,14 @@ pub mod cluster;
 pub mod config;
 pub mod emit;
 pub mod ingest;
+pub mod kafka;
 pub mod meter;
 pub mod model;
 pub mod pipeline;
+pub mod query;
 pub mod rate;
 pub mod shutdown;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 

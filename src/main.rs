@@ -10,7 +10,7 @@ use tallyd::config::{Config, DEFAULT_CONFIG};
 
 // jemalloc, not glibc malloc: decoding a 1,000-point OTLP request grows its Vec<NumberDataPoint>
 // by doubling, and glibc's large reallocs copied and consolidated (malloc ≈ 25 % of the daemon's
-// samples under OTLP load; BENCHMARKS.md §16).
+// samples under OTLP load; BENCHMARKS.md, "OTLP ingest").
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -22,6 +22,20 @@ pub type DimsId = u32;
 /// Largest `scale` a meter may declare: i128 keeps 38 digits, leaving 20 integer digits at scale 18.
 pub const MAX_SCALE: u32 = 18;
 
+/// Longest tenant, CloudEvents `id`, `source`, `type` or `subject` (and OTLP tenant or record
+/// id) accepted, in bytes.
+pub const MAX_ATTRIBUTE_BYTES: usize = 256;
+
+/// Which event times are accepted, relative to the time of arrival, in seconds: a window
+/// accepts events until its end + `allowed_lateness_secs` (later ones amend it as late
+/// events), nothing older than `max_lateness_secs` nor newer than `max_future_secs`.
+#[derive(Debug, Clone, Copy)]
+pub struct Acceptance {
+    pub allowed_lateness_secs: i64,
+    pub max_lateness_secs: i64,
+    pub max_future_secs: i64,
+}
+
 /// Sorted `(key, value)` dimension pairs kept for a meter's `group_by` keys.
 pub type Dims = Vec<(String, String)>;
 

@@ -1097,7 +1097,7 @@ async fn tls_listeners_serve_the_python_sdk_over_grpc_and_https() {
 
 /// An exporter sends its concurrent exports (≈ 70 kB per 1,000 points) over one HTTP/2
 /// connection; with h2's default 64 KiB windows they queued behind window updates and the
-/// daemon sat half idle (BENCHMARKS.md §17). A raw h2 client checks what the listener grants:
+/// daemon sat half idle (BENCHMARKS.md, "OTLP ingest"). A raw h2 client checks what the listener grants:
 /// two streams each get the whole per-stream window at once, which a 64 KiB connection
 /// window would not allow.
 #[tokio::test(flavor = "multi_thread")]

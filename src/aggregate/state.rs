@@ -391,7 +391,7 @@ mod tests {
 
     #[test]
     fn common_states_stay_small() {
-        // Memory per active series is dominated by this size (see BENCHMARKS.md).
+        // Memory per active series is dominated by this size (BENCHMARKS.md, "Memory per active series").
         assert_eq!(std::mem::size_of::<AggState>(), 24);
     }
 

@@ -1,5 +1,5 @@
 //! The HTTP surface: routes, shared handler state, health, readiness and `/metrics`.
-//! Ingest handlers live in `ingest::http`; usage queries in `query`.
+//! The ingest route is `ingest::http`'s (merged here); usage queries in `query`.
 
 pub mod query;
 pub mod usage;
@@ -10,43 +10,37 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
-use tokio::sync::Semaphore;
 
-use crate::pipeline::commit::CommitRequest;
-use crate::pipeline::Shared;
+use crate::ingest::admission::Admission;
+use crate::state::Shared;
 use crate::telemetry;
 
+/// What the query, usage and health handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub shared: Arc<Shared>,
-    pub commits: std::sync::mpsc::Sender<CommitRequest>,
-    /// Request bytes in flight; exhausted → 503 (the push-source backpressure).
-    pub budget: Arc<Semaphore>,
     pub prometheus: PrometheusHandle,
-    /// Cluster mode: edges forward to the ingest topic, queries are answered by the owner.
+    /// Cluster mode: queries are answered by the owner of the tenant's partition.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl AppState {
-    pub fn new(shared: Arc<Shared>, commits: std::sync::mpsc::Sender<CommitRequest>) -> AppState {
-        let permits = shared.config.ingest_budget_bytes.min(Semaphore::MAX_PERMITS);
+    pub fn new(shared: Arc<Shared>, cluster: Option<Arc<crate::cluster::Cluster>>) -> AppState {
         AppState {
             shared,
-            commits,
-            budget: Arc::new(Semaphore::new(permits)),
             prometheus: telemetry::prometheus(),
-            cluster: None,
+            cluster,
         }
     }
 }
 
-pub fn router(state: AppState) -> Router {
+/// The API's routes, with the CloudEvents ingest route of `admission`'s edge.
+pub fn router(state: AppState, admission: Admission) -> Router {
     Router::new()
-        .route("/api/v1/events", post(crate::ingest::http::post_events))
         .route("/api/v1/meters", get(query::list_meters))
         .route("/api/v1/meters/{slug}", get(query::get_meter))
         .route("/api/v1/meters/{slug}/query", get(query::query_meter))
@@ -56,8 +50,9 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         // Bodies are size-checked by the handlers themselves, with a 400 naming the limit.
-        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
+        .merge(crate::ingest::http::router(admission))
+        .layer(axum::extract::DefaultBodyLimit::disable())
 }
 
 async fn healthz() -> Response {

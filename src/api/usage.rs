@@ -16,12 +16,13 @@ use axum::Json;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
-use super::query::{route_to_owner, run_query, QueryParams};
+use super::query::route_to_owner;
 use super::{error_response, AppState};
 use crate::model::{now_ms, parse_rfc3339_ms, rfc3339, rfc3339_ms_compact};
-use crate::pipeline::Shared;
+use crate::query::{run_query, QueryParams};
 use crate::rate::plan::{Plan, Plans};
 use crate::rate::record::{model_name, money};
+use crate::state::Shared;
 
 /// `from`/`to` (RFC 3339), every problem named.
 fn parse_range(raw: &str) -> Result<(Option<i64>, Option<i64>), Vec<String>> {

@@ -13,8 +13,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::config::KafkaConfig;
-use crate::ingest::kafka::changelog::create_topics;
-use crate::ingest::kafka::client_config;
+use crate::kafka::{client_config, create_topics};
 
 /// One replica's claim: the record value (key = `url`); an empty payload is a tombstone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,7 +38,7 @@ pub fn newest_claim<'a>(
 }
 
 /// One partition, compacted: only each replica's latest claim matters.
-pub async fn provision(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<()> {
+pub async fn provision(kafka: &KafkaConfig, topic: &str) -> Result<(), crate::kafka::KafkaSetupError> {
     let wanted = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
     create_topics(kafka, &[wanted]).await
 }

@@ -14,6 +14,7 @@
 //!   DescribeGroups without assignments). The newest entry naming a partition wins, so a replica
 //!   that died without saying goodbye is superseded by the partition's next owner.
 
+pub mod forward;
 mod members;
 
 use std::collections::{BTreeSet, HashMap};
@@ -22,11 +23,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::config::{ClusterConfig, KafkaConfig};
-use crate::ingest::kafka::{client_config, producer_config};
+use crate::kafka::{producer_config, topic_partitions, KafkaSetupError};
 use crate::telemetry;
 
 pub use members::Member;
@@ -97,6 +97,21 @@ pub struct Cluster {
     reader: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+/// Why forwarded events may not all be in the ingest topic (the client retries; the owner's
+/// dedup drops what was written twice).
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("cannot produce to `{topic}`: {error}")]
+    Produce {
+        topic: String,
+        error: rdkafka::error::KafkaError,
+    },
+    #[error("kafka did not acknowledge an event: {0}")]
+    NotAcknowledged(rdkafka::error::KafkaError),
+    #[error("kafka producer shut down")]
+    ProducerGone,
+}
+
 impl Cluster {
     /// Reads the ingest topic's partition count, provisions the members topic and starts
     /// following it.
@@ -107,15 +122,12 @@ impl Cluster {
     ) -> anyhow::Result<Arc<Cluster>> {
         let probe_config = kafka.clone();
         let topic = config.ingest_topic.clone();
-        let partitions = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
-            let probe: BaseConsumer = client_config(&probe_config).create()?;
-            let metadata = probe.fetch_metadata(Some(&topic), Duration::from_secs(30))?;
-            metadata
-                .topics()
-                .iter()
-                .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-                .map(|t| t.partitions().len() as i32)
-                .ok_or_else(|| anyhow::anyhow!("kafka topic `{topic}` does not exist; create it first"))
+        let partitions = tokio::task::spawn_blocking(move || -> Result<i32, KafkaSetupError> {
+            topic_partitions(&probe_config, Duration::from_secs(30))?
+                .into_iter()
+                .find(|(name, partitions)| *name == topic && *partitions > 0)
+                .map(|(_, partitions)| partitions)
+                .ok_or(KafkaSetupError::TopicMissing(topic))
         })
         .await??;
         members::provision(kafka, &config.members_topic).await?;
@@ -204,7 +216,7 @@ impl Cluster {
     pub async fn forward<'a>(
         &self,
         events: impl Iterator<Item = (&'a str, &'a [u8])>,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, ForwardError> {
         self.forward_as(events, None).await
     }
 
@@ -213,7 +225,7 @@ impl Cluster {
         &self,
         events: impl Iterator<Item = (&'a str, &'a [u8])>,
         content_type: Option<&str>,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, ForwardError> {
         let mut deliveries = Vec::new();
         for (tenant, payload) in events {
             let mut record = FutureRecord::to(&self.config.ingest_topic)
@@ -231,10 +243,10 @@ impl Cluster {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((error, _)) => {
                     metrics::counter!(telemetry::CLUSTER_FORWARD_FAILURES).increment(1);
-                    return Err(format!(
-                        "cannot produce to `{}`: {error}",
-                        self.config.ingest_topic
-                    ));
+                    return Err(ForwardError::Produce {
+                        topic: self.config.ingest_topic.clone(),
+                        error,
+                    });
                 }
             }
         }
@@ -244,11 +256,11 @@ impl Cluster {
                 Ok(Ok(_)) => {}
                 Ok(Err((error, _))) => {
                     metrics::counter!(telemetry::CLUSTER_FORWARD_FAILURES).increment(1);
-                    return Err(format!("kafka did not acknowledge an event: {error}"));
+                    return Err(ForwardError::NotAcknowledged(error));
                 }
                 Err(_) => {
                     metrics::counter!(telemetry::CLUSTER_FORWARD_FAILURES).increment(1);
-                    return Err("kafka producer shut down".into());
+                    return Err(ForwardError::ProducerGone);
                 }
             }
         }

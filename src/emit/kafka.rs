@@ -11,15 +11,16 @@
 //! transaction could not cover both the store and the topic anyway (tansu, the broker in our
 //! tests, has no transactions either); the outbox makes the store→topic step replayable instead.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
+use super::DeliveryError;
 use crate::config::EmitKafkaConfig;
-use crate::ingest::kafka::DeliveryContext;
+use crate::kafka::DeliveryContext;
 
 pub const KAFKA_EMITTER: &str = "kafka";
 
@@ -37,17 +38,9 @@ impl KafkaSink {
             .set("bootstrap.servers", &config.brokers)
             .set("linger.ms", "5")
             .set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
-        for (key, value) in &config.properties {
-            if !crate::ingest::kafka::is_consumer_only(key) {
-                client.set(key, value);
-            }
-        }
-        // The delivery contract depends on these whatever the pass-through says.
-        client.set("enable.idempotence", "true").set("acks", "all");
-        let producer = client.create_with_context(DeliveryContext {
-            failures: AtomicU64::new(0),
-            what: "rated records",
-        })?;
+        // The delivery contract (idempotent, acks=all) is set after the pass-through.
+        crate::kafka::pass_through_producer(&mut client, &config.properties);
+        let producer = client.create_with_context(DeliveryContext::new("rated records"))?;
         Ok(KafkaSink {
             producer,
             topic: config.topic.clone(),
@@ -75,18 +68,19 @@ impl super::Sink for KafkaSink {
         KAFKA_EMITTER
     }
 
-    fn deliver(&mut self, lines: &[&[u8]]) -> Result<(), String> {
+    fn deliver(&mut self, lines: &[&[u8]]) -> Result<(), DeliveryError> {
+        let unreachable = |detail: String| DeliveryError::Unreachable {
+            output: self.topic.clone(),
+            detail,
+        };
         let failures_before = self.producer.context().failures.load(Ordering::Acquire);
         for line in lines {
             let (record_id, revision) = id_and_revision(line);
             let encoded;
             let payload: &[u8] = if self.protobuf {
-                encoded = super::proto::encode_line(line).ok_or_else(|| {
-                    format!(
-                        "{}: not a rated record: {}",
-                        self.topic,
-                        String::from_utf8_lossy(line)
-                    )
+                encoded = super::proto::encode_line(line).ok_or_else(|| DeliveryError::Encoding {
+                    output: self.topic.clone(),
+                    detail: format!("not a rated record: {}", String::from_utf8_lossy(line)),
                 })?;
                 &encoded
             } else {
@@ -121,15 +115,15 @@ impl super::Sink for KafkaSink {
                         record = back;
                         self.producer.poll(Duration::from_millis(20));
                     }
-                    Err((error, _)) => return Err(format!("{}: {error}", self.topic)),
+                    Err((error, _)) => return Err(unreachable(error.to_string())),
                 }
             }
         }
         self.producer
             .flush(self.timeout)
-            .map_err(|error| format!("{}: {error}", self.topic))?;
+            .map_err(|error| unreachable(error.to_string()))?;
         if self.producer.context().failures.load(Ordering::Acquire) != failures_before {
-            return Err(format!("{}: some records were not acknowledged", self.topic));
+            return Err(unreachable("some records were not acknowledged".into()));
         }
         Ok(())
     }

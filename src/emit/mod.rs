@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::pipeline::Shared;
+use crate::state::Shared;
 use crate::telemetry;
 
 /// Names of the emitters `config` enables besides the file (their cursors hold the outbox).
@@ -99,7 +99,21 @@ pub fn line_kind(line: &[u8]) -> &'static str {
 pub trait Sink: Send + 'static {
     /// The emitter's name: its cursor key and its `output` metric label.
     fn name(&self) -> &'static str;
-    fn deliver(&mut self, lines: &[&[u8]]) -> Result<(), String>;
+    fn deliver(&mut self, lines: &[&[u8]]) -> Result<(), DeliveryError>;
+}
+
+/// Why a batch was not delivered (the emitter retries it with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The output could not be reached or did not acknowledge in time.
+    #[error("{output}: {detail}")]
+    Unreachable { output: String, detail: String },
+    /// The output answered and refused the batch.
+    #[error("{output}: refused: {detail}")]
+    Refused { output: String, detail: String },
+    /// A line this output cannot carry (e.g. not a rated record for the protobuf format).
+    #[error("{output}: cannot encode: {detail}")]
+    Encoding { output: String, detail: String },
 }
 
 /// Runs a sink on its own thread: reads the outbox from the sink's cursor in bounded chunks,

@@ -60,7 +60,7 @@ impl super::Sink for WebhookSink {
         WEBHOOK_EMITTER
     }
 
-    fn deliver(&mut self, lines: &[&[u8]]) -> Result<(), String> {
+    fn deliver(&mut self, lines: &[&[u8]]) -> Result<(), super::DeliveryError> {
         let mut body = Vec::with_capacity(lines.iter().map(|line| line.len() + 1).sum::<usize>() + 16);
         body.extend_from_slice(br#"{"records":["#);
         for (index, line) in lines.iter().enumerate() {
@@ -84,15 +84,25 @@ impl super::Sink for WebhookSink {
                 );
         }
         let request = request.body(body);
+        let output = self.url.clone();
         self.runtime.block_on(async move {
-            let response = request.send().await.map_err(|error| error.to_string())?;
+            let response = request
+                .send()
+                .await
+                .map_err(|error| super::DeliveryError::Unreachable {
+                    output: output.clone(),
+                    detail: error.to_string(),
+                })?;
             let status = response.status();
             if status.is_success() {
                 return Ok(());
             }
             let text = response.text().await.unwrap_or_default();
             let text: String = text.chars().take(200).collect();
-            Err(format!("HTTP {status}: {text}"))
+            Err(super::DeliveryError::Refused {
+                output,
+                detail: format!("HTTP {status}: {text}"),
+            })
         })
     }
 }

@@ -12,12 +12,13 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use xxhash_rust::xxh3::Xxh3;
 
+use super::admission::Countable;
+use super::error::{FieldError, RefusalReason};
 use crate::aggregate::{Aggregation, Observation};
 use crate::meter::{JsonStr, Meters, Node, RawObject};
-use crate::model::{parse_rfc3339_ms, DimsCache, Names, SeriesKey, TenantId};
-
-/// Longest `id`, `source`, `type` or `subject` accepted.
-pub const MAX_ATTRIBUTE_BYTES: usize = 256;
+use crate::model::{
+    parse_rfc3339_ms, Acceptance, DimsCache, Names, SeriesKey, TenantId, MAX_ATTRIBUTE_BYTES,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BodyKind {
@@ -27,41 +28,6 @@ pub enum BodyKind {
     Batch,
     /// `application/json`: an event object or an array of them.
     Either,
-}
-
-/// A problem that makes the request invalid; `index` is the event's position in the body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FieldError {
-    pub index: Option<usize>,
-    pub field: String,
-    pub reason: String,
-}
-
-impl FieldError {
-    fn body(reason: impl Into<String>) -> FieldError {
-        FieldError {
-            index: None,
-            field: "body".into(),
-            reason: reason.into(),
-        }
-    }
-}
-
-/// Why a valid event is not counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RefusalReason {
-    TooLate,
-    TooFarInFuture,
-}
-
-impl RefusalReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RefusalReason::TooLate => "too_late",
-            RefusalReason::TooFarInFuture => "too_far_in_future",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -168,20 +134,29 @@ impl MeteredEvent {
     }
 }
 
+impl Countable for MeteredEvent {
+    fn dedup_key(&self) -> Option<u128> {
+        Some(self.dedup_key)
+    }
+
+    fn is_late(&self) -> bool {
+        self.late
+    }
+
+    fn fold_into(
+        &self,
+        batch: &mut crate::aggregate::PreAggregated,
+    ) -> Result<(), crate::aggregate::MergeError> {
+        MeteredEvent::fold_into(self, batch)
+    }
+}
+
 /// The outcome of decoding one request that had no invalid event.
 #[derive(Debug, Default)]
 pub struct Decoded {
     pub metered: Vec<MeteredEvent>,
     pub refused: Vec<Refusal>,
     pub unmetered: usize,
-}
-
-/// Acceptance window and lateness, in seconds.
-#[derive(Debug, Clone, Copy)]
-pub struct Acceptance {
-    pub allowed_lateness_secs: i64,
-    pub max_lateness_secs: i64,
-    pub max_future_secs: i64,
 }
 
 /// Identity of an event for dedup: tenant, CloudEvents source and id, length-prefixed so that

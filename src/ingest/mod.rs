@@ -1,12 +1,13 @@
-//! Ingest edges: transports in, `PreAggregated` batches out to the engine.
-//! `decode` is pure (CloudEvents JSON → metered events); `http` is the axum edge (batches go
-//! through the commit stage's ingest log); `kafka` is the consumer-group source (Kafka is its
-//! log: batches go straight to its own engine writer with their offsets); `dedup` is the
-//! in-memory half of event deduplication shared by both; `otlp` is the OpenTelemetry edge
-//! (gRPC + HTTP; through the same ingest log as `http`).
+//! Ingest edges: transports in, counted usage out. `admission` is the one admission-and-commit
+//! path every edge calls (budget, readiness, dedup claim, dead letters, commit, metrics by
+//! source); `error` the one map from refusals to HTTP statuses and gRPC codes. The edges keep
+//! only their protocol: `http` (CloudEvents over HTTP, decoded by the pure `decode`), `otlp`
+//! (gRPC + HTTP; `otlp::map` is the pure point mapping) and `kafka` (the consumer-group source,
+//! whose log is Kafka: batches go straight to its own engine writers with their offsets).
 
+pub mod admission;
 pub mod decode;
-pub mod dedup;
+pub mod error;
 pub mod http;
 pub mod kafka;
 pub mod otlp;

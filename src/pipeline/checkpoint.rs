@@ -79,9 +79,9 @@ impl CheckpointLoop {
                 });
             };
             sink.publish(&mut prepared.changelog)
-                .map_err(|detail| StoreError::Unavailable {
+                .map_err(|error| StoreError::Unavailable {
                     what: "changelog",
-                    detail,
+                    detail: error.to_string(),
                 })?;
             metrics::counter!(telemetry::CHANGELOG_CHUNKS).increment(prepared.changelog.len() as u64);
             tracing::debug!(
@@ -119,7 +119,7 @@ impl CheckpointLoop {
         let acknowledge: Vec<_> = snapshot
             .positions
             .iter()
-            .filter(|(source, _)| source.starts_with(crate::ingest::kafka::POSITION_PREFIX))
+            .filter(|(source, _)| source.starts_with(crate::kafka::POSITION_PREFIX))
             .map(|(source, next)| (source.clone(), *next, committed_ms))
             .collect();
         if !acknowledge.is_empty() {

@@ -10,35 +10,14 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
-
-use super::Shared;
 use crate::aggregate::streams::{CumulativePoint, Streams};
 use crate::aggregate::{MergeError, PreAggregated, Writer};
 use crate::emit::file::JsonlFile;
+use crate::state::{CommitError, CommitRequest, Shared, SnapshotCut};
 use crate::store::checkpoint::Snapshot;
 use crate::store::log::IngestLog;
 use crate::store::INGEST_LOG_SOURCE;
 use crate::telemetry;
-
-/// One request's worth of accepted usage, decoded and deduplicated by the edge.
-pub struct CommitRequest {
-    /// Encoded `LogBatch`; empty when nothing in the request is counted.
-    pub payload: Vec<u8>,
-    pub batch: PreAggregated,
-    pub dedup_keys: Vec<u128>,
-    /// Cumulative points (OTLP) to turn into deltas in log order (`aggregate::streams`).
-    pub cumulative: Vec<CumulativePoint>,
-    /// Dead-letter lines, durable before the acknowledgement.
-    pub dead_letters: Vec<Vec<u8>>,
-    pub reply: oneshot::Sender<Result<(), CommitError>>,
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CommitError {
-    #[error("ingest log unavailable: {0}")]
-    Storage(String),
-}
 
 /// Requests folded into one fsync at most.
 const MAX_GROUP: usize = 512;
@@ -103,7 +82,7 @@ impl CommitLoop {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             if Instant::now() >= next_tick {
-                if self.shared.try_snapshot(&self.checkpoints) != super::SnapshotCut::Busy {
+                if self.shared.try_snapshot(&self.checkpoints) != SnapshotCut::Busy {
                     next_tick = Instant::now() + interval;
                 } else {
                     // The previous checkpoint is still running: look again shortly.

@@ -40,7 +40,7 @@ impl DedupLoop {
             std::thread::Builder::new()
                 .name("tallyd-dedup-filter".into())
                 .spawn(move || {
-                    super::background_priority();
+                    crate::state::background_priority();
                     build_filters(&shared, &filter_rx, &stop)
                 })
         };

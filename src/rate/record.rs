@@ -14,6 +14,37 @@ use serde::{Deserialize, Serialize};
 use super::{Charge, ChargeModel, RateError};
 use crate::aggregate::{AggState, Aggregation};
 
+/// A closed window's aggregate, one JSON line in the usage file. `record_id` is deterministic
+/// from (meter, tenant, window, dims); a later `revision` replaces an earlier one (upsert).
+#[derive(Debug, Serialize)]
+pub struct WindowRecord<'a> {
+    pub kind: &'static str,
+    pub record_id: String,
+    pub revision: u32,
+    pub tenant: &'a str,
+    pub meter: &'a str,
+    pub dims: serde_json::Map<String, serde_json::Value>,
+    pub window_start: String,
+    pub window_end: String,
+    pub aggregation: &'a str,
+    /// Exact decimal string.
+    pub quantity: String,
+    pub closed_at: String,
+}
+
+/// A series' dimensions as the JSON object records carry.
+pub fn dims_object(dims: &[(String, String)]) -> serde_json::Map<String, serde_json::Value> {
+    dims.iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect()
+}
+
+/// A record's id: the hex xxh3-128 of its identity bytes (stable across versions: consumers
+/// upsert by it).
+pub fn record_id(suffix: &[u8]) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(suffix))
+}
+
 /// One line of the rated output (JSONL file, Kafka topic, webhook batch, `GET /api/v1/rated`).
 /// Field names are a contract; decimals are strings (exact).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

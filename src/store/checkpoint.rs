@@ -15,7 +15,6 @@ use rocksdb::WriteBatch;
 use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
-use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::changelog::{chunk_flush, ChangelogChunk, SeriesEntry};
@@ -23,6 +22,7 @@ use super::keys::{self, SeriesName};
 use super::{MeterCatalog, RocksStore, StoreError, META_CLOSED_BEFORE, META_GENERATION, META_OUTBOX_NEXT};
 use crate::aggregate::{AggState, SourceCut};
 use crate::model::{rfc3339, Names, SeriesKey};
+use crate::rate::record::{dims_object, record_id, WindowRecord};
 
 /// What the engine hands to a checkpoint: every delta since the previous one.
 #[derive(Debug, Default)]
@@ -46,35 +46,6 @@ impl Snapshot {
             .iter()
             .find_map(|(name, next)| (name == source).then_some(*next))
     }
-}
-
-/// A closed window's aggregate, one JSON line in the usage file. `record_id` is deterministic
-/// from (meter, tenant, window, dims); a later `revision` replaces an earlier one (upsert).
-#[derive(Debug, Serialize)]
-pub struct WindowRecord<'a> {
-    pub kind: &'static str,
-    pub record_id: String,
-    pub revision: u32,
-    pub tenant: &'a str,
-    pub meter: &'a str,
-    pub dims: serde_json::Map<String, serde_json::Value>,
-    pub window_start: String,
-    pub window_end: String,
-    pub aggregation: &'a str,
-    /// Exact decimal string.
-    pub quantity: String,
-    pub closed_at: String,
-}
-
-/// A series' dimensions as the JSON object records carry.
-pub fn dims_object(dims: &[(String, String)]) -> serde_json::Map<String, serde_json::Value> {
-    dims.iter()
-        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-        .collect()
-}
-
-pub fn record_id(suffix: &[u8]) -> String {
-    format!("{:032x}", xxh3_128(suffix))
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -427,6 +398,30 @@ impl RocksStore {
             .store(prepared.closed_before, Ordering::Release);
         self.outbox_next.store(prepared.outbox_next, Ordering::Release);
         Ok(stats)
+    }
+}
+
+#[cfg(test)]
+impl RocksStore {
+    /// A checkpoint of nothing but `dedup_keys` (staged, not yet ingested).
+    #[cfg(test)]
+    pub(crate) fn commit_dedup_keys_for_tests(&self, generation: u64, dedup_keys: Vec<u128>, now_secs: i64) {
+        let snapshot = Snapshot {
+            generation,
+            dedup_keys,
+            ..Default::default()
+        };
+        let prepared = self
+            .prepare_checkpoint(
+                &snapshot,
+                &Default::default(),
+                &Default::default(),
+                now_secs,
+                60,
+                &Default::default(),
+            )
+            .expect("prepare");
+        self.commit_checkpoint(prepared).expect("commit");
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! A dedup key per event is most of what tallyd writes. Put one by one through a WriteBatch,
 //! each key cost a WAL append and a skiplist insert among millions of random keys, then a flush
-//! and the compactions after it: about a third of the daemon's CPU under load (BENCHMARKS.md §5).
+//! and the compactions after it: about a third of the daemon's CPU under load (BENCHMARKS.md, "Dedup keys and the dedup filter").
 //! Instead a checkpoint's batch carries all its keys as *one* value (`d | generation`,
 //! 16 bytes a key): atomic with the aggregates and positions they belong to, one memtable
 //! entry. The keys stay in the in-memory `DedupIndex`, which already answers for them; once
@@ -264,27 +264,6 @@ impl RocksStore {
         Ok(keys.into_iter().map(|(key, _)| key).collect())
     }
 
-    /// A checkpoint of nothing but `dedup_keys` (staged, not yet ingested).
-    #[cfg(test)]
-    pub(crate) fn commit_dedup_keys_for_tests(&self, generation: u64, dedup_keys: Vec<u128>, now_secs: i64) {
-        let snapshot = super::checkpoint::Snapshot {
-            generation,
-            dedup_keys,
-            ..Default::default()
-        };
-        let prepared = self
-            .prepare_checkpoint(
-                &snapshot,
-                &Default::default(),
-                &Default::default(),
-                now_secs,
-                60,
-                &Default::default(),
-            )
-            .expect("prepare");
-        self.commit_checkpoint(prepared).expect("commit");
-    }
-
     /// Builds one SST file of `keys` (sorted here; a key staged twice keeps its first sighting)
     /// and ingests it.
     fn ingest_keys(&self, keys: &mut Vec<(u128, i64)>) -> Result<(), StoreError> {
@@ -398,7 +377,7 @@ fn write_sst(options: &rocksdb::Options, path: &Path, sorted: &[(u128, i64)]) ->
 /// drops every page it writes (`invalidate_page_cache`, which its C API cannot turn off), so
 /// the first lookups of a true duplicate in a new file each waited for a random disk read on
 /// the request path (≈ 66 µs here, ≈ 10 per 1,000-point OTLP export with 1 % retried points:
-/// 0.6 ms of its median latency; BENCHMARKS.md §18). One sequential read in the dedup stage
+/// 0.6 ms of its median latency; BENCHMARKS.md, "Dedup keys and the dedup filter"). One sequential read in the dedup stage
 /// (≈ 35 ms per million keys) keeps recent keys where the kernel would have kept them; the
 /// file is linked into the tree, so the cached pages are the tree's. Best effort: a failure
 /// only costs those disk reads later.

@@ -12,6 +12,7 @@ pub mod changelog;
 pub mod checkpoint;
 mod dedup;
 pub mod dedup_filter;
+pub mod format;
 pub mod keys;
 pub mod log;
 pub mod rated;
@@ -41,6 +42,9 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("{what} unavailable: {detail}")]
     Unavailable { what: &'static str, detail: String },
+    /// The data directory's stored formats are not this build's (`format`).
+    #[error("cannot open the data directory: {0}")]
+    Format(String),
 }
 
 /// What the store must know of a meter to interpret its stored states, kept in `M` keys so that
@@ -198,6 +202,8 @@ impl RocksStore {
             rocksdb::ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, options.clone());
         let dedup_cf = rocksdb::ColumnFamilyDescriptor::new(DEDUP_CF, dedup_options.clone());
         let db = DB::open_cf_descriptors(&options, path, [default_cf, dedup_cf])?;
+        // Before anything is read: a store from another version is refused, never misread.
+        format::check(&db)?;
         let outbox_next = read_u64(&db, &keys::meta_key(META_OUTBOX_NEXT))?.unwrap_or(0);
         let closed_before = read_u64(&db, &keys::meta_key(META_CLOSED_BEFORE))?
             .map(|v| v as i64)

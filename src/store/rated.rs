@@ -64,7 +64,7 @@ fn decimal(text: &str, what: &'static str) -> Result<Decimal, StoreError> {
 fn settlement_record_id(tenant: &str, period_start: i64) -> String {
     let mut input = b"minimum\0".to_vec();
     input.extend_from_slice(&keys::tenant_period_key(tenant, period_start));
-    super::checkpoint::record_id(&input)
+    crate::rate::record::record_id(&input)
 }
 
 /// The `record_id` of a window's rated record: distinct from its window record's id, so one file
@@ -72,7 +72,7 @@ fn settlement_record_id(tenant: &str, period_start: i64) -> String {
 pub fn rated_record_id(suffix: &[u8]) -> String {
     let mut input = b"rated\0".to_vec();
     input.extend_from_slice(suffix);
-    super::checkpoint::record_id(&input)
+    crate::rate::record::record_id(&input)
 }
 
 impl RocksStore {
@@ -205,7 +205,7 @@ impl RocksStore {
             revision,
             tenant: name.tenant.clone(),
             meter: name.meter.clone(),
-            dims: super::checkpoint::dims_object(&name.dims),
+            dims: crate::rate::record::dims_object(&name.dims),
             window_start: rfc3339(name.window_start),
             window_end: rfc3339(window_end),
             period_start: rfc3339(period_start),

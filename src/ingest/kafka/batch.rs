@@ -11,11 +11,15 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 use serde_json::value::RawValue;
 
-use super::{position_name, SOURCE};
-use crate::aggregate::{PreAggregated, Writer};
+use super::dead_letter::DeadLetter;
+use super::SOURCE;
+use crate::aggregate::{MergeError, PreAggregated, Writer};
+use crate::cluster::forward::{ForwardedUnit, ForwardedUsage};
+use crate::ingest::admission::{claim_and_fold, Countable, RefusalReason, Tally};
 use crate::ingest::decode::{self, BodyKind, EventContext};
+use crate::kafka::position_name;
 use crate::model::now_ms;
-use crate::pipeline::Shared;
+use crate::state::Shared;
 use crate::telemetry;
 
 /// One consumed message, copied out of librdkafka's buffer.
@@ -27,31 +31,8 @@ pub struct KafkaMessage {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub header_id: Option<String>,
-    /// Forwarded OTLP usage (`otlp::forward`), not CloudEvents.
+    /// Forwarded OTLP usage (`cluster::forward`), not CloudEvents.
     pub forwarded: bool,
-}
-
-/// A dead-letter record: the refused event (or the whole message when it is not JSON).
-pub struct DeadLetter {
-    pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
-    pub reason: &'static str,
-    pub error: String,
-    pub topic: Arc<str>,
-    pub partition: i32,
-    pub offset: i64,
-    pub index: Option<usize>,
-}
-
-/// Totals a batch adds to the metrics.
-#[derive(Default)]
-pub struct BatchOutcome {
-    pub accepted: usize,
-    pub duplicates: usize,
-    pub unmetered: usize,
-    pub late: usize,
-    pub invalid: usize,
-    pub refused: Vec<&'static str>,
 }
 
 /// A folded batch waiting for its dead letters to be delivered.
@@ -60,7 +41,8 @@ pub struct FoldedBatch {
     parts: FxHashMap<(Arc<str>, i32), (PreAggregated, Vec<u128>)>,
     pub next: FxHashMap<(Arc<str>, i32), u64>,
     pub first: FxHashMap<(Arc<str>, i32), i64>,
-    pub outcome: BatchOutcome,
+    /// What the batch adds to the ingest metrics.
+    pub outcome: Tally,
     messages: usize,
 }
 
@@ -86,14 +68,28 @@ impl FoldedBatch {
             let entry = self.first.entry(key).or_insert(i64::MAX);
             *entry = (*entry).min(first);
         }
-        let (ours, theirs) = (&mut self.outcome, other.outcome);
-        ours.accepted += theirs.accepted;
-        ours.duplicates += theirs.duplicates;
-        ours.unmetered += theirs.unmetered;
-        ours.late += theirs.late;
-        ours.invalid += theirs.invalid;
-        ours.refused.extend(theirs.refused);
+        self.outcome.absorb(other.outcome);
         self.messages += other.messages;
+    }
+}
+
+/// A unit of a Kafka batch (an event, or a forwarded point) in its partition's group.
+struct InPartition<'a> {
+    group: usize,
+    unit: &'a dyn Countable,
+}
+
+impl Countable for InPartition<'_> {
+    fn dedup_key(&self) -> Option<u128> {
+        self.unit.dedup_key()
+    }
+
+    fn is_late(&self) -> bool {
+        self.unit.is_late()
+    }
+
+    fn fold_into(&self, batch: &mut PreAggregated) -> Result<(), MergeError> {
+        self.unit.fold_into(batch)
     }
 }
 
@@ -118,7 +114,7 @@ impl Folder {
     /// merged. Correct for any split: dedup claims are race-free across threads, states merge
     /// commutatively, offsets take the maximum. (Which copy of a duplicate wins may change; on
     /// a topic keyed by tenant, as required, all copies sit on the same partition.) Decoding is most of the cost and the consumer
-    /// thread was the bottleneck with the checkpoint thread half idle (BENCHMARKS.md §5).
+    /// thread was the bottleneck with the checkpoint thread half idle (BENCHMARKS.md, "Kafka pipeline").
     pub fn fold_parallel(&self, messages: &[KafkaMessage], threads: usize) -> FoldedBatch {
         let threads = threads.clamp(1, 8);
         if threads == 1 || messages.len() < 2 * 256 {
@@ -147,19 +143,23 @@ impl Folder {
     pub fn fold(&self, messages: &[KafkaMessage]) -> FoldedBatch {
         let shared = &self.shared;
         let acceptance = shared.config.acceptance();
-        let mut outcome = BatchOutcome::default();
+        let mut outcome = Tally::default();
         let mut dead_letters = Vec::new();
         // Every message's events, flattened; `owner[i]` is the message of event i.
         let mut raws: Vec<&str> = Vec::with_capacity(messages.len());
         let mut owner: Vec<usize> = Vec::with_capacity(messages.len());
-        // Forwarded OTLP usage: (message, dedup key, updates) per point.
-        let mut forwarded: Vec<(usize, crate::ingest::otlp::forward::PointUpdates)> = Vec::new();
+        // Forwarded OTLP usage: (message, point) per point.
+        let mut forwarded: Vec<(usize, ForwardedUnit)> = Vec::new();
         for (position, message) in messages.iter().enumerate() {
             if message.forwarded {
                 let payload = message.payload.as_deref().unwrap_or_default();
-                let decoded = crate::ingest::otlp::forward::ForwardedUsage::decode(payload)
+                let decoded = ForwardedUsage::decode(payload)
                     .map_err(|error| format!("forwarded usage does not decode: {error}"))
-                    .and_then(|usage| usage.intern(&shared.names, &shared.meters));
+                    .and_then(|usage| {
+                        usage
+                            .intern(&shared.names, &shared.meters)
+                            .map_err(|error| error.to_string())
+                    });
                 match decoded {
                     Ok(points) => forwarded.extend(points.into_iter().map(|point| (position, point))),
                     Err(error) => {
@@ -221,45 +221,52 @@ impl Folder {
                 text.push_str(&format!("; {}: {}", next.field, next.reason));
             }
             outcome.invalid += 1;
-            let message = &messages[owner[index]];
-            let event_index = index - owner.partition_point(|m| *m < owner[index]);
-            dead_letters.push(dead_letter_of(
-                message,
-                Some(event_index),
-                raws[index].as_bytes(),
-                "invalid",
-                text,
-            ));
+            dead_letters.push(self.event_dead_letter(messages, &owner, &raws, index, "invalid", text));
         }
         for refusal in &decoded.refused {
-            let message = &messages[owner[refusal.index]];
-            let event_index = refusal.index - owner.partition_point(|m| *m < owner[refusal.index]);
-            outcome.refused.push(refusal.reason.as_str());
-            dead_letters.push(dead_letter_of(
-                message,
-                Some(event_index),
-                raws[refusal.index].as_bytes(),
+            outcome.refuse(refusal.reason);
+            dead_letters.push(self.event_dead_letter(
+                messages,
+                &owner,
+                &raws,
+                refusal.index,
                 refusal.reason.as_str(),
                 refusal.message.clone(),
             ));
         }
         outcome.unmetered = decoded.unmetered;
 
-        // Dedup exactly as HTTP ingest does (`DedupIndex::claim`); forwarded points with a key
-        // after the events.
-        let keys: Vec<u128> = decoded
+        // Claim and pre-aggregate exactly as the push edges do, one group per partition;
+        // forwarded points with a key after the events.
+        let mut partitions: Vec<(Arc<str>, i32)> = Vec::new();
+        let mut group_of_message: Vec<usize> = Vec::with_capacity(messages.len());
+        for message in messages {
+            let key = (message.topic.clone(), message.partition);
+            let group = match partitions.iter().position(|known| *known == key) {
+                Some(group) => group,
+                None => {
+                    partitions.push(key);
+                    partitions.len() - 1
+                }
+            };
+            group_of_message.push(group);
+        }
+        let units: Vec<InPartition<'_>> = decoded
             .metered
             .iter()
-            .map(|event| event.dedup_key)
-            .chain(forwarded.iter().filter_map(|(_, (key, _))| *key))
+            .map(|event| InPartition {
+                group: group_of_message[owner[event.index]],
+                unit: event as &dyn Countable,
+            })
+            .chain(forwarded.iter().map(|(position, point)| InPartition {
+                group: group_of_message[*position],
+                unit: point as &dyn Countable,
+            }))
             .collect();
-        let now_secs = now_ms().div_euclid(1000);
-        let fresh = loop {
-            match shared
-                .dedup
-                .claim(&shared.store, &keys, now_secs, shared.config.dedup_horizon_secs)
-            {
-                Ok(fresh) => break fresh,
+        let now = now_ms();
+        let claimed = loop {
+            match claim_and_fold(shared, now, &units, partitions.len(), |i| units[i].group) {
+                Ok(claimed) => break claimed,
                 Err(error) => {
                     // Without the store we cannot tell duplicates apart: wait, never guess.
                     tracing::error!(%error, "dedup lookup failed; retrying");
@@ -267,48 +274,35 @@ impl Folder {
                 }
             }
         };
-        // Per partition: its pre-aggregated batch and the dedup keys of the events in it.
-        let mut parts: FxHashMap<(Arc<str>, i32), (PreAggregated, Vec<u128>)> = FxHashMap::default();
-        let mut fresh = fresh.into_iter();
-        let mut forwarded_duplicates = 0;
-        for (event, fresh) in decoded.metered.iter().zip(fresh.by_ref()) {
-            if !fresh {
-                continue;
-            }
-            outcome.accepted += 1;
-            let message = &messages[owner[event.index]];
-            let (batch, fresh_keys) = parts
-                .entry((message.topic.clone(), message.partition))
-                .or_insert_with(|| (PreAggregated::with_capacity(64), Vec::new()));
-            fresh_keys.push(event.dedup_key);
-            outcome.late += usize::from(event.late);
-            if let Err(error) = event.fold_into(batch) {
-                // An i128 overflow (totals beyond 10^38 units): unreachable with real usage;
-                // logged loudly and readiness dropped rather than crashing the partition.
-                tracing::error!(%error, index = event.index, "aggregate overflow in a Kafka batch");
-                shared.ready.store(false, Ordering::Release);
-            }
-        }
-        outcome.duplicates = decoded.metered.len() - outcome.accepted;
-        for (position, (key, updates)) in forwarded {
-            if key.is_some() && fresh.next() != Some(true) {
-                forwarded_duplicates += 1;
-                continue;
-            }
-            outcome.accepted += 1;
-            let message = &messages[position];
-            let (batch, fresh_keys) = parts
-                .entry((message.topic.clone(), message.partition))
-                .or_insert_with(|| (PreAggregated::with_capacity(64), Vec::new()));
-            fresh_keys.extend(key);
-            for (series, state) in &updates {
-                if let Err(error) = batch.merge_state(*series, state) {
-                    tracing::error!(%error, "aggregate overflow in forwarded usage");
-                    shared.ready.store(false, Ordering::Release);
+        outcome.accepted = claimed.accepted;
+        outcome.duplicates = claimed.duplicates;
+        outcome.late = claimed.late;
+        for &index in &claimed.overflowed {
+            outcome.refuse(RefusalReason::Overflow);
+            let message = "its usage overflows the series (totals are exact up to 38 digits)".to_string();
+            match decoded.metered.get(index) {
+                Some(event) => dead_letters.push(self.event_dead_letter(
+                    messages,
+                    &owner,
+                    &raws,
+                    event.index,
+                    RefusalReason::Overflow.as_str(),
+                    message,
+                )),
+                None => {
+                    let (position, _) = &forwarded[index - decoded.metered.len()];
+                    let message_bytes = messages[*position].payload.as_deref().unwrap_or_default();
+                    dead_letters.push(dead_letter_of(
+                        &messages[*position],
+                        None,
+                        message_bytes,
+                        RefusalReason::Overflow.as_str(),
+                        message,
+                    ));
                 }
             }
         }
-        outcome.duplicates += forwarded_duplicates;
+        let parts = partitions.into_iter().zip(claimed.groups).collect();
 
         // Every partition in the batch advances (also those whose messages counted nothing).
         let mut next: FxHashMap<(Arc<str>, i32), u64> = FxHashMap::default();
@@ -330,6 +324,22 @@ impl Folder {
         }
     }
 
+    /// The dead letter of event `index` of the flattened batch.
+    fn event_dead_letter(
+        &self,
+        messages: &[KafkaMessage],
+        owner: &[usize],
+        raws: &[&str],
+        index: usize,
+        reason: &'static str,
+        error: String,
+    ) -> DeadLetter {
+        let message = &messages[owner[index]];
+        // The event's position inside its message (arrays carry several).
+        let event_index = index - owner.partition_point(|m| *m < owner[index]);
+        dead_letter_of(message, Some(event_index), raws[index].as_bytes(), reason, error)
+    }
+
     /// Folds a batch into the partitions' engine writers with their next offsets.
     pub fn apply(&mut self, mut folded: FoldedBatch) {
         for ((topic, partition), next) in std::mem::take(&mut folded.next) {
@@ -344,7 +354,8 @@ impl Folder {
                 self.shared.ready.store(false, Ordering::Release);
             }
         }
-        record(&folded.outcome, folded.messages);
+        metrics::counter!(telemetry::KAFKA_MESSAGES).increment(folded.messages as u64);
+        folded.outcome.record(SOURCE);
     }
 
     fn writer_for(&mut self, topic: &Arc<str>, partition: i32) -> &Writer {
@@ -380,34 +391,6 @@ fn dead_letter_of(
         partition: message.partition,
         offset: message.offset,
         index,
-    }
-}
-
-fn record(outcome: &BatchOutcome, messages: usize) {
-    let count = |what: &'static str, n: usize| {
-        if n > 0 {
-            metrics::counter!(telemetry::INGEST_EVENTS, "source" => SOURCE, "outcome" => what)
-                .increment(n as u64);
-        }
-    };
-    metrics::counter!(telemetry::KAFKA_MESSAGES).increment(messages as u64);
-    count("accepted", outcome.accepted + outcome.unmetered);
-    count("duplicate", outcome.duplicates);
-    count("invalid", outcome.invalid);
-    count("refused", outcome.refused.len());
-    for reason in &outcome.refused {
-        metrics::counter!(telemetry::INGEST_REFUSED, "source" => SOURCE, "reason" => *reason).increment(1);
-    }
-    if outcome.invalid > 0 {
-        metrics::counter!(telemetry::INGEST_REFUSED, "source" => SOURCE, "reason" => "invalid")
-            .increment(outcome.invalid as u64);
-    }
-    if outcome.unmetered > 0 {
-        metrics::counter!(telemetry::INGEST_UNMETERED, "source" => SOURCE)
-            .increment(outcome.unmetered as u64);
-    }
-    if outcome.late > 0 {
-        metrics::counter!(telemetry::INGEST_LATE, "source" => SOURCE).increment(outcome.late as u64);
     }
 }
 

@@ -2,30 +2,55 @@
 //! producer checkpoints publish through, the reader a new owner restores from, and topic
 //! provisioning at startup.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::admin::{NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{client_config, parse_position_name, producer_config, DeliveryContext};
 use crate::config::KafkaConfig;
-use crate::pipeline::ChangelogSink;
+use crate::kafka::{
+    client_config, create_topics, parse_position_name, producer_config, topic_partitions, DeliveryContext,
+    KafkaSetupError,
+};
+use crate::state::{ChangelogSink, PublishError};
 use crate::store::changelog::{chunk_base, fold, restore_plan, ChangelogChunk};
+use crate::store::format;
 use crate::store::{MeterCatalog, RocksStore};
 use crate::telemetry;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the changelog could not be published, read or compacted.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangelogError {
+    #[error("changelog: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Setup(#[from] KafkaSetupError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("`{0}` is not a Kafka partition")]
+    NotAPartition(String),
+    /// Publishing: the broker did not take every chunk.
+    #[error("changelog {topic}: {detail}")]
+    Publish { topic: String, detail: String },
+    /// Reading: a gap, a message that is not a chunk, or one this build cannot read.
+    #[error("changelog {topic}/{partition}: {detail}")]
+    Read {
+        topic: String,
+        partition: i32,
+        detail: String,
+    },
+}
 
 /// Publishes checkpoint flushes (partition = the input partition the flush belongs to) and
 /// compacts each source's changelog now and then (see `store::changelog`).
@@ -60,17 +85,14 @@ pub struct Compaction {
 fn changelog_producer(
     config: &KafkaConfig,
     what: &'static str,
-) -> anyhow::Result<BaseProducer<DeliveryContext>> {
+) -> Result<BaseProducer<DeliveryContext>, ChangelogError> {
     Ok(producer_config(config)
         // Flushes can approach the chunk limit; allow them whatever the defaults.
         .set("message.max.bytes", "2000000")
         // One chunk per record batch: every chunk's offset can be fetched directly (some
         // brokers, tansu 0.6 among them, cannot fetch from inside a batch).
         .set("batch.num.messages", "1")
-        .create_with_context(DeliveryContext {
-            failures: AtomicU64::new(0),
-            what,
-        })?)
+        .create_with_context(DeliveryContext::new(what))?)
 }
 
 impl ChangelogProducer {
@@ -78,7 +100,7 @@ impl ChangelogProducer {
         config: &KafkaConfig,
         topic: String,
         compaction: Compaction,
-    ) -> anyhow::Result<ChangelogProducer> {
+    ) -> Result<ChangelogProducer, ChangelogError> {
         Ok(ChangelogProducer {
             inner: Arc::new(Inner {
                 producer: changelog_producer(config, "changelog")?,
@@ -105,19 +127,28 @@ fn send_all(
     producer: &BaseProducer<DeliveryContext>,
     topic: &str,
     chunks: &[ChangelogChunk],
-) -> Result<u64, String> {
+) -> Result<u64, ChangelogError> {
+    let publish = |detail: String| ChangelogError::Publish {
+        topic: topic.to_string(),
+        detail,
+    };
     let failures_before = producer.context().failures.load(Ordering::Acquire);
     let mut bytes = 0;
+    let chunk_version = format::version("changelog_chunk").to_string();
     for chunk in chunks {
         let Some((_, partition)) = parse_position_name(&chunk.source) else {
-            return Err(format!("`{}` is not a Kafka partition", chunk.source));
+            return Err(ChangelogError::NotAPartition(chunk.source.clone()));
         };
         let payload = chunk.encode();
         bytes += payload.len() as u64;
         let mut record = BaseRecord::<str, [u8]>::to(topic)
             .partition(partition)
             .key(chunk.source.as_str())
-            .payload(payload.as_slice());
+            .payload(payload.as_slice())
+            .headers(OwnedHeaders::new().insert(Header {
+                key: format::FORMAT_HEADER,
+                value: Some(&chunk_version),
+            }));
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -125,21 +156,21 @@ fn send_all(
                     record = back;
                     producer.poll(Duration::from_millis(20));
                 }
-                Err((error, _)) => return Err(format!("changelog {topic}: {error}")),
+                Err((error, _)) => return Err(publish(error.to_string())),
             }
         }
     }
     producer
         .flush(TIMEOUT)
-        .map_err(|error| format!("changelog {topic}: {error}"))?;
+        .map_err(|error| publish(error.to_string()))?;
     if producer.context().failures.load(Ordering::Acquire) != failures_before {
-        return Err(format!("changelog {topic}: some chunks were not delivered"));
+        return Err(publish("some chunks were not delivered".into()));
     }
     Ok(bytes)
 }
 
 impl ChangelogSink for ChangelogProducer {
-    fn publish(&self, chunks: &mut [ChangelogChunk]) -> Result<(), String> {
+    fn publish(&self, chunks: &mut [ChangelogChunk]) -> Result<(), PublishError> {
         let inner = &self.inner;
         {
             let pointers = inner.restore_from.lock();
@@ -147,7 +178,7 @@ impl ChangelogSink for ChangelogProducer {
                 chunk.restore_from = pointers.get(&chunk.source).copied().unwrap_or(0);
             }
         }
-        send_all(&inner.producer, &inner.topic, chunks)?;
+        send_all(&inner.producer, &inner.topic, chunks).map_err(|error| PublishError(Box::new(error)))?;
         let mut due = Vec::new();
         {
             let mut since_base = inner.since_base.lock();
@@ -172,7 +203,7 @@ impl ChangelogSink for ChangelogProducer {
             let spawned = std::thread::Builder::new()
                 .name("tallyd-compact".into())
                 .spawn(move || {
-                    crate::pipeline::background_priority();
+                    crate::state::background_priority();
                     worker.compact(&source);
                     worker.compacting.lock().remove(&source);
                 });
@@ -214,9 +245,9 @@ impl Inner {
         }
     }
 
-    fn try_compact(&self, source: &str) -> anyhow::Result<Option<(usize, usize, u64)>> {
+    fn try_compact(&self, source: &str) -> Result<Option<(usize, usize, u64)>, ChangelogError> {
         let Some((_, partition)) = parse_position_name(source) else {
-            anyhow::bail!("`{source}` is not a Kafka partition");
+            return Err(ChangelogError::NotAPartition(source.to_string()));
         };
         let pointer = self.restore_from.lock().get(source).copied().unwrap_or(0);
         let reader = reader(&self.config, "compact")?;
@@ -258,7 +289,7 @@ impl Inner {
             chunk.restore_from = pointer;
         }
         let producer = changelog_producer(&self.config, "changelog base")?;
-        send_all(&producer, &self.topic, &base).map_err(|error| anyhow::anyhow!(error))?;
+        send_all(&producer, &self.topic, &base)?;
         let next = (folded_through + 1) as u64;
         let mut pointers = self.restore_from.lock();
         let current = pointers.entry(source.to_string()).or_insert(0);
@@ -272,7 +303,7 @@ impl Inner {
 }
 
 /// A consumer that only reads with `assign` (the group id is required, never joined).
-fn reader(config: &KafkaConfig, purpose: &str) -> anyhow::Result<BaseConsumer> {
+fn reader(config: &KafkaConfig, purpose: &str) -> Result<BaseConsumer, ChangelogError> {
     Ok(client_config(config)
         .set("group.id", format!("{}.{purpose}", config.group_id))
         .set("enable.auto.commit", "false")
@@ -282,13 +313,18 @@ fn reader(config: &KafkaConfig, purpose: &str) -> anyhow::Result<BaseConsumer> {
 
 /// Where to start reading a source's changelog: its restore point, which retention must not
 /// have deleted (that would lose state: refuse, the operator raises `retention.ms`).
-fn start_offset(topic: &str, partition: i32, restore_from: u64, low: i64) -> anyhow::Result<i64> {
+fn start_offset(topic: &str, partition: i32, restore_from: u64, low: i64) -> Result<i64, ChangelogError> {
     let start = restore_from as i64;
-    anyhow::ensure!(
-        start >= low,
-        "changelog {topic}/{partition}: offsets from {start} are needed but retention deleted everything before {low}; \
-         the topic's retention.ms must exceed kafka.changelog_compact_interval_secs"
-    );
+    if start < low {
+        return Err(ChangelogError::Read {
+            topic: topic.to_string(),
+            partition,
+            detail: format!(
+                "offsets from {start} are needed but retention deleted everything before {low}; \
+                 the topic's retention.ms must exceed kafka.changelog_compact_interval_secs"
+            ),
+        });
+    }
     Ok(start)
 }
 
@@ -301,7 +337,7 @@ pub fn restore_partition(
     catalog: &MeterCatalog,
     source: &str,
     partition: i32,
-) -> anyhow::Result<(bool, u64)> {
+) -> Result<(bool, u64), ChangelogError> {
     let reader = reader(config, "restore")?;
     let (low, high) = reader.fetch_watermarks(changelog_topic, partition, TIMEOUT)?;
     if high <= low {
@@ -368,7 +404,7 @@ fn read_source(
     from: i64,
     to: i64,
     source: &str,
-) -> anyhow::Result<Vec<(i64, ChangelogChunk)>> {
+) -> Result<Vec<(i64, ChangelogChunk)>, ChangelogError> {
     Ok(
         read_range(reader, topic, partition, from, to, Duration::from_secs(300))?
             .into_iter()
@@ -385,31 +421,51 @@ fn read_range(
     from: i64,
     to: i64,
     patience: Duration,
-) -> anyhow::Result<Vec<(i64, ChangelogChunk)>> {
+) -> Result<Vec<(i64, ChangelogChunk)>, ChangelogError> {
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(topic, partition, Offset::Offset(from))?;
     reader.assign(&assignment)?;
     let mut out = Vec::new();
     let mut next = from;
     let deadline = Instant::now() + patience;
+    let read_error = |detail: String| ChangelogError::Read {
+        topic: topic.to_string(),
+        partition,
+        detail,
+    };
     while next < to {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "changelog {topic}/{partition}: stuck at offset {next} of {to}"
-        );
+        if Instant::now() >= deadline {
+            return Err(read_error(format!("stuck at offset {next} of {to}")));
+        }
         match reader.poll(Duration::from_millis(200)) {
             Some(Ok(message)) => {
                 next = message.offset() + 1;
+                // Messages from before versions were stamped are version 1.
+                let version = message
+                    .headers()
+                    .and_then(|headers| headers.iter().find(|h| h.key == format::FORMAT_HEADER))
+                    .and_then(|header| header.value)
+                    .map_or(Some(1), |value| {
+                        std::str::from_utf8(value).ok()?.parse::<u8>().ok()
+                    });
+                if !version.is_some_and(|version| format::readable("changelog_chunk", version)) {
+                    return Err(read_error(format!(
+                        "offset {}: a changelog message of a format this build cannot read ({version:?}); run the version that wrote it",
+                        message.offset()
+                    )));
+                }
                 let payload = message.payload().unwrap_or_default();
                 match ChangelogChunk::decode(payload) {
                     Ok(chunk) => out.push((message.offset(), chunk)),
-                    Err(error) => anyhow::bail!(
-                        "changelog {topic}/{partition} offset {}: not a tallyd changelog message: {error}",
-                        message.offset()
-                    ),
+                    Err(error) => {
+                        return Err(read_error(format!(
+                            "offset {}: not a tallyd changelog message: {error}",
+                            message.offset()
+                        )))
+                    }
                 }
             }
-            Some(Err(error)) => anyhow::bail!("changelog {topic}/{partition}: {error}"),
+            Some(Err(error)) => return Err(read_error(error.to_string())),
             None => {}
         }
     }
@@ -418,25 +474,17 @@ fn read_range(
 
 /// Creates the dead-letter and changelog topics when missing (the changelog with as many
 /// partitions as the widest input topic: flushes go to the partition of their input).
-pub async fn provision_topics(config: &KafkaConfig) -> anyhow::Result<()> {
+pub async fn provision_topics(config: &KafkaConfig) -> Result<(), KafkaSetupError> {
     let probe_config = config.clone();
-    let partitions = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, i32)>> {
-        let probe: BaseConsumer = client_config(&probe_config).create()?;
-        let metadata = probe.fetch_metadata(None, TIMEOUT)?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .filter(|topic| topic.error().is_none())
-            .map(|topic| (topic.name().to_string(), topic.partitions().len() as i32))
-            .collect())
-    })
-    .await??;
+    let partitions = tokio::task::spawn_blocking(move || topic_partitions(&probe_config, TIMEOUT))
+        .await
+        .map_err(|error| KafkaSetupError::Task(error.to_string()))??;
     let count = |name: &str| partitions.iter().find(|(n, _)| n == name).map(|(_, p)| *p);
     let mut widest = 0;
     for topic in &config.topics {
         match count(topic) {
             Some(n) => widest = widest.max(n),
-            None => anyhow::bail!("kafka topic `{topic}` does not exist; create it (keyed by tenant) first"),
+            None => return Err(KafkaSetupError::TopicMissing(topic.clone())),
         }
     }
     let mut wanted = Vec::new();
@@ -449,43 +497,16 @@ pub async fn provision_topics(config: &KafkaConfig) -> anyhow::Result<()> {
     }
     if let Some(changelog) = &config.changelog_topic {
         match count(changelog) {
-            Some(n) if n < widest => anyhow::bail!(
-                "changelog topic `{changelog}` has {n} partitions; it needs at least {widest} (one per input partition)"
-            ),
+            Some(n) if n < widest => {
+                return Err(KafkaSetupError::TooFewPartitions {
+                    topic: changelog.clone(),
+                    partitions: n,
+                    needed: widest,
+                })
+            }
             Some(_) => {}
             None => wanted.push(NewTopic::new(changelog, widest, TopicReplication::Fixed(-1))),
         }
     }
     create_topics(config, &wanted).await
-}
-
-/// Creates `wanted` topics, tolerating ones that already exist, within a bounded wait.
-pub async fn create_topics(config: &KafkaConfig, wanted: &[NewTopic<'_>]) -> anyhow::Result<()> {
-    if wanted.is_empty() {
-        return Ok(());
-    }
-    let mut admin_config: ClientConfig = client_config(config);
-    let admin: AdminClient<DefaultClientContext> = admin_config.set("client.id", "tallyd-admin").create()?;
-    let names: Vec<&str> = wanted.iter().map(|topic| topic.name).collect();
-    let request = admin.create_topics(
-        wanted,
-        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-    );
-    let results = match tokio::time::timeout(Duration::from_secs(15), request).await {
-        Ok(results) => results?,
-        Err(_) => {
-            // Some brokers (librdkafka's mock cluster) never answer CreateTopics. Go on: a
-            // missing topic shows up as failing, retried publishes.
-            tracing::warn!(topics = ?names, "no answer to CreateTopics; create these topics yourself");
-            return Ok(());
-        }
-    };
-    for result in results {
-        match result {
-            Ok(topic) => tracing::info!(topic, "created kafka topic"),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, error)) => anyhow::bail!("cannot create kafka topic `{topic}`: {error}"),
-        }
-    }
-    Ok(())
 }

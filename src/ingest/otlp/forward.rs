@@ -1,8 +1,8 @@
 //! OTLP in cluster mode: the edge maps a request as usual, then produces its accepted points to
-//! the ingest topic, keyed by tenant, as `ForwardedUsage` messages (postcard, header
-//! `content-type: application/x-tallyd-usage; v=1`); the partition's owner folds them with its
-//! Kafka batch (dedup by the point's key, exactly as for a local export) and the client is
-//! answered only once Kafka acknowledged every message.
+//! the ingest topic, keyed by tenant, as `ForwardedUsage` messages (`cluster::forward`: the
+//! wire format); the partition's owner folds them with its Kafka batch (dedup by the point's
+//! key, exactly as for a local export) and the client is answered only once Kafka acknowledged
+//! every message.
 //!
 //! What is forwarded is the point's *updates* (series and state), so any point that maps to
 //! stateless updates travels: delta sums, histograms' count and sum (and DISTRIBUTION from delta
@@ -11,95 +11,14 @@
 //! partition's owner and is not replicated yet: in cluster mode they are refused per point with
 //! a reason naming the fix (delta temporality; the Collector's `cumulativetodelta` processor).
 
-use serde::{Deserialize, Serialize};
+use crate::cluster::forward::{ForwardedPoint, ForwardedUpdate, ForwardedUsage};
+use crate::ingest::admission::RefusalReason;
+use crate::model::Names;
 
-use crate::aggregate::AggState;
-use crate::model::{Names, SeriesKey};
-
-use super::map::{Mapped, PointRefusal, RefusalReason};
-
-/// Header value marking a forwarded-usage message on the ingest topic.
-pub const CONTENT_TYPE: &str = "application/x-tallyd-usage; v=1";
+use super::map::{Mapped, PointRefusal};
 
 /// Points per message: keeps messages far below broker limits.
 const POINTS_PER_MESSAGE: usize = 500;
-
-/// One forwarded point, interned: its dedup key and its series updates.
-pub type PointUpdates = (Option<u128>, Vec<(SeriesKey, AggState)>);
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct ForwardedUsage {
-    pub tenant: String,
-    pub points: Vec<ForwardedPoint>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct ForwardedPoint {
-    /// Counted once per key (None: idempotent updates).
-    pub dedup_key: Option<u128>,
-    pub updates: Vec<ForwardedUpdate>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct ForwardedUpdate {
-    pub meter: String,
-    pub window_start: i64,
-    pub dims: Vec<(String, String)>,
-    pub state: AggState,
-}
-
-impl ForwardedUsage {
-    pub fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).expect("invariant: forwarded usage serializes")
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<ForwardedUsage, postcard::Error> {
-        postcard::from_bytes(bytes)
-    }
-
-    /// The points' updates with ids interned locally, or why not: every meter must be one this
-    /// replica has with the same state kind (replicas share a config, but a rolling change may
-    /// not have reached this one yet).
-    pub fn intern(&self, names: &Names, meters: &crate::meter::Meters) -> Result<Vec<PointUpdates>, String> {
-        for update in self.points.iter().flat_map(|point| &point.updates) {
-            let Some(meter) = meters.by_slug(&update.meter) else {
-                return Err(format!(
-                    "meter `{}` is not configured on this replica",
-                    update.meter
-                ));
-            };
-            if meter.aggregation.state_kind() != update.state.kind() {
-                return Err(format!(
-                    "meter `{}` is {} here, the update is {}",
-                    update.meter,
-                    meter.aggregation.as_str(),
-                    update.state.kind()
-                ));
-            }
-        }
-        let tenant = names.tenants.intern(&self.tenant);
-        Ok(self
-            .points
-            .iter()
-            .map(|point| {
-                let updates = point
-                    .updates
-                    .iter()
-                    .map(|update| {
-                        let key = SeriesKey {
-                            meter: names.meters.intern(&update.meter),
-                            tenant,
-                            dims: names.dims.intern(&update.dims),
-                            window_start: update.window_start,
-                        };
-                        (key, update.state.clone())
-                    })
-                    .collect();
-                (point.dedup_key, updates)
-            })
-            .collect())
-    }
-}
 
 /// Moves the points that need stream state into the refusals (cluster mode).
 pub fn refuse_stateful(mapped: &mut Mapped, names: &Names) {
@@ -158,56 +77,4 @@ pub fn messages(mapped: &Mapped, names: &Names) -> Vec<(String, Vec<u8>)> {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::aggregate::{Aggregation, Observation};
-
-    #[test]
-    fn forwarded_usage_round_trips_and_interns_locally() {
-        let names = Names::default();
-        let state = AggState::from_observation(Aggregation::Sum, Observation::Value(42), 0, 0);
-        let message = ForwardedUsage {
-            tenant: "acme".into(),
-            points: vec![ForwardedPoint {
-                dedup_key: Some(7),
-                updates: vec![ForwardedUpdate {
-                    meter: "requests".into(),
-                    window_start: 120,
-                    dims: vec![("route".into(), "/x".into())],
-                    state: state.clone(),
-                }],
-            }],
-        };
-        let decoded = ForwardedUsage::decode(&message.encode()).unwrap();
-        assert_eq!(decoded, message);
-        let config = crate::config::Config::load(crate::config::DEFAULT_CONFIG, &Default::default()).unwrap();
-        let meters = crate::meter::Meters::new(config.meters.clone(), &names);
-        let interned = decoded.intern(&names, &meters).unwrap();
-        let (key, got) = &interned[0].1[0];
-        assert_eq!(interned[0].0, Some(7));
-        assert_eq!(&*names.tenants.resolve(key.tenant), "acme");
-        assert_eq!(&*names.meters.resolve(key.meter), "requests");
-        assert_eq!(key.window_start, 120);
-        assert_eq!(got, &state);
-        assert!(ForwardedUsage::decode(b"\xff\xff").is_err());
-        let unknown = ForwardedUsage {
-            tenant: "acme".into(),
-            points: vec![ForwardedPoint {
-                dedup_key: None,
-                updates: vec![ForwardedUpdate {
-                    meter: "nope".into(),
-                    window_start: 0,
-                    dims: vec![],
-                    state,
-                }],
-            }],
-        };
-        assert!(unknown
-            .intern(&names, &meters)
-            .unwrap_err()
-            .contains("not configured"));
-    }
 }

@@ -63,7 +63,7 @@ impl<S> Clone for ExportService<S> {
 
 impl<S: SignalService> ExportService<S> {
     pub fn new(ingest: OtlpIngest) -> Self {
-        let max_message_bytes = ingest.app.shared.config.max_body_bytes;
+        let max_message_bytes = ingest.admission.shared.config.max_body_bytes;
         ExportService {
             ingest,
             max_message_bytes,
@@ -182,7 +182,7 @@ impl Decoder for RawCodec {
 /// 1,000-point export is ≈ 70 kB: with 64 KiB for the whole connection every request waited
 /// for window updates, which the server sends from its async workers, and those share the two
 /// cores with the decoding threads. So the connection stalled behind whichever update was late,
-/// and tallyd sat half idle at 16 exports in flight (BENCHMARKS.md §17). These windows let a
+/// and tallyd sat half idle at 16 exports in flight (BENCHMARKS.md, "OTLP ingest"). These windows let a
 /// few dozen whole requests travel at once. Cost: up to 16 MiB per connection of received data
 /// not yet read (tonic reads bodies as they arrive); a body is still capped by `max_body_bytes`.
 pub const H2_CONNECTION_WINDOW_BYTES: u32 = 16 << 20;

@@ -34,7 +34,7 @@ impl DedupIndex {
     /// `reserve` for a whole batch, per key in order: true where the caller now owns the key.
     /// Each shard is locked once for all of the batch's keys in it instead of once per key: a
     /// shard's mutex is a cache line the other threads also write, and per-key locking was a
-    /// third of the reservation's cost (BENCHMARKS.md §17). When a batch holds a key twice, its
+    /// third of the reservation's cost (BENCHMARKS.md, "Dedup keys and the dedup filter"). When a batch holds a key twice, its
     /// first occurrence wins (within a shard, keys go in their batch order).
     pub fn reserve_all(&self, keys: &[u128]) -> Vec<bool> {
         // (shard, position): sorting the pairs groups by shard and keeps positions in order.

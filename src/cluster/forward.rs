@@ -1,0 +1,164 @@
+//! Forwarded usage, the cluster's own record on the ingest topic: an edge that maps OTLP
+//! points produces their series updates here (keyed by tenant), and the partition's owner folds
+//! them with its Kafka batch. Format: postcard, header `content-type: application/x-tallyd-usage;
+//! v=1` (the version is in the header: a record of another version is dead-lettered, never
+//! misread).
+//!
+//! Must not: trust what it decodes beyond its shape; the owner checks every meter and state kind
+//! against its own config (`intern`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::AggState;
+use crate::meter::Meters;
+use crate::model::{Names, SeriesKey};
+
+/// Header value marking a forwarded-usage message on the ingest topic.
+pub const CONTENT_TYPE: &str = "application/x-tallyd-usage; v=1";
+
+/// One forwarded point, interned: its dedup key and its series updates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardedUnit {
+    /// Counted once per key (None: idempotent updates).
+    pub dedup_key: Option<u128>,
+    pub updates: Vec<(SeriesKey, AggState)>,
+}
+
+/// Why forwarded usage cannot be counted on this replica.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InternError {
+    #[error("meter `{0}` is not configured on this replica")]
+    UnknownMeter(String),
+    #[error("meter `{meter}` is {here} here, the update is {update}")]
+    OtherKind {
+        meter: String,
+        here: &'static str,
+        update: &'static str,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ForwardedUsage {
+    pub tenant: String,
+    pub points: Vec<ForwardedPoint>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ForwardedPoint {
+    /// Counted once per key (None: idempotent updates).
+    pub dedup_key: Option<u128>,
+    pub updates: Vec<ForwardedUpdate>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ForwardedUpdate {
+    pub meter: String,
+    pub window_start: i64,
+    pub dims: Vec<(String, String)>,
+    pub state: AggState,
+}
+
+impl ForwardedUsage {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("invariant: forwarded usage serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<ForwardedUsage, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+
+    /// The points' updates with ids interned locally, or why not: every meter must be one this
+    /// replica has with the same state kind (replicas share a config, but a rolling change may
+    /// not have reached this one yet).
+    pub fn intern(&self, names: &Names, meters: &Meters) -> Result<Vec<ForwardedUnit>, InternError> {
+        for update in self.points.iter().flat_map(|point| &point.updates) {
+            let Some(meter) = meters.by_slug(&update.meter) else {
+                return Err(InternError::UnknownMeter(update.meter.clone()));
+            };
+            if meter.aggregation.state_kind() != update.state.kind() {
+                return Err(InternError::OtherKind {
+                    meter: update.meter.clone(),
+                    here: meter.aggregation.as_str(),
+                    update: update.state.kind(),
+                });
+            }
+        }
+        let tenant = names.tenants.intern(&self.tenant);
+        Ok(self
+            .points
+            .iter()
+            .map(|point| {
+                let updates = point
+                    .updates
+                    .iter()
+                    .map(|update| {
+                        let key = SeriesKey {
+                            meter: names.meters.intern(&update.meter),
+                            tenant,
+                            dims: names.dims.intern(&update.dims),
+                            window_start: update.window_start,
+                        };
+                        (key, update.state.clone())
+                    })
+                    .collect();
+                ForwardedUnit {
+                    dedup_key: point.dedup_key,
+                    updates,
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::{Aggregation, Observation};
+
+    #[test]
+    fn forwarded_usage_round_trips_and_interns_locally() {
+        let names = Names::default();
+        let state = AggState::from_observation(Aggregation::Sum, Observation::Value(42), 0, 0);
+        let message = ForwardedUsage {
+            tenant: "acme".into(),
+            points: vec![ForwardedPoint {
+                dedup_key: Some(7),
+                updates: vec![ForwardedUpdate {
+                    meter: "requests".into(),
+                    window_start: 120,
+                    dims: vec![("route".into(), "/x".into())],
+                    state: state.clone(),
+                }],
+            }],
+        };
+        let decoded = ForwardedUsage::decode(&message.encode()).unwrap();
+        assert_eq!(decoded, message);
+        let config = crate::config::Config::load(crate::config::DEFAULT_CONFIG, &Default::default()).unwrap();
+        let meters = crate::meter::Meters::new(config.meters.clone(), &names);
+        let interned = decoded.intern(&names, &meters).unwrap();
+        let (key, got) = &interned[0].updates[0];
+        assert_eq!(interned[0].dedup_key, Some(7));
+        assert_eq!(&*names.tenants.resolve(key.tenant), "acme");
+        assert_eq!(&*names.meters.resolve(key.meter), "requests");
+        assert_eq!(key.window_start, 120);
+        assert_eq!(got, &state);
+        assert!(ForwardedUsage::decode(b"\xff\xff").is_err());
+        let unknown = ForwardedUsage {
+            tenant: "acme".into(),
+            points: vec![ForwardedPoint {
+                dedup_key: None,
+                updates: vec![ForwardedUpdate {
+                    meter: "nope".into(),
+                    window_start: 0,
+                    dims: vec![],
+                    state,
+                }],
+            }],
+        };
+        assert!(unknown
+            .intern(&names, &meters)
+            .unwrap_err()
+            .to_string()
+            .contains("not configured"));
+    }
+}

@@ -1,0 +1,240 @@
+//! Configuration: TOML file + `TALLYD__SECTION__KEY` environment overrides → validated `Config`.
+//!
+//! `raw` is the file's shape (serde: unknown keys and wrong types are errors there); `env`
+//! layers the environment over it; then each section validates itself (`server`, `storage`,
+//! `meters`, `kafka`, `emit`; plans in `rate::plan`) into the one `Config`, and every problem
+//! is reported at once so that `tallyd validate` lists them all.
+
+mod emit;
+mod env;
+mod kafka;
+mod meters;
+pub mod raw;
+mod server;
+mod storage;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::meter::Meter;
+pub use emit::{EmitKafkaConfig, EmitWebhookConfig};
+pub use kafka::{ClusterConfig, KafkaConfig};
+pub use raw::{RawConfig, RawTls};
+pub use server::OtlpConfig;
+pub use storage::LogSync;
+
+/// The embedded default config (also `config/tallyd.toml`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/tallyd.toml");
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub http_addr: SocketAddr,
+    /// None: that OTLP transport is off.
+    pub otlp_grpc_addr: Option<SocketAddr>,
+    pub otlp_http_addr: Option<SocketAddr>,
+    pub otlp: OtlpConfig,
+    pub max_body_bytes: usize,
+    pub ingest_budget_bytes: usize,
+    pub data_dir: PathBuf,
+    pub ingest_log_sync: LogSync,
+    pub ingest_log_segment_bytes: u64,
+    /// `storage.dedup_filter_max_mib` in bytes (0: every stored-key lookup reads RocksDB).
+    pub dedup_filter_max_bytes: u64,
+    pub retention_secs: i64,
+    pub flush_interval_ms: u64,
+    pub allowed_lateness_secs: i64,
+    pub max_lateness_secs: i64,
+    pub max_future_secs: i64,
+    pub dedup_horizon_secs: i64,
+    /// `aggregate.max_pending_series`: the push edges' bound on unflushed series.
+    pub max_pending_series: usize,
+    pub emit_file_path: PathBuf,
+    pub emit_kafka: Option<EmitKafkaConfig>,
+    pub emit_webhook: Option<EmitWebhookConfig>,
+    pub dead_letter_path: PathBuf,
+    pub meters: Vec<Meter>,
+    pub kafka: Option<KafkaConfig>,
+    /// Some only in `[cluster] mode = "kafka"`.
+    pub cluster: Option<ClusterConfig>,
+    pub plans: crate::rate::plan::Plans,
+    /// The file this config was read from (None: the embedded default); plans reload from it.
+    pub source_path: Option<PathBuf>,
+}
+
+/// Every problem found, one per line.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// The acceptance window every ingest edge judges event times by.
+    pub fn acceptance(&self) -> crate::model::Acceptance {
+        crate::model::Acceptance {
+            allowed_lateness_secs: self.allowed_lateness_secs,
+            max_lateness_secs: self.max_lateness_secs,
+            max_future_secs: self.max_future_secs,
+        }
+    }
+
+    /// Parses `text`, applies `TALLYD__SECTION__KEY` overrides from `env`, validates everything.
+    pub fn load(text: &str, env: &HashMap<String, String>) -> Result<Config, ConfigErrors> {
+        let mut document: toml::Table =
+            toml::from_str(text).map_err(|error| ConfigErrors(vec![format!("toml: {error}")]))?;
+        env::apply_env_overrides(&mut document, env)?;
+        let raw = RawConfig::deserialize(toml::Value::Table(document))
+            .map_err(|error| ConfigErrors(vec![format!("config: {error}")]))?;
+        raw.validate()
+    }
+
+    /// The effective config for the startup log (no secrets exist yet; redact them here when they do).
+    pub fn summary(&self) -> String {
+        format!(
+            "http_addr={} otlp_grpc_addr={} otlp_http_addr={} otlp={{tenant_attribute={} api_keys={} tls={}}} \
+             data_dir={} ingest_log_sync={:?} flush_interval_ms={} allowed_lateness_secs={} \
+             max_lateness_secs={} max_future_secs={} dedup_horizon_secs={} meters=[{}] kafka={} cluster={}",
+            self.http_addr,
+            self.otlp_grpc_addr
+                .map_or("off".to_string(), |addr| addr.to_string()),
+            self.otlp_http_addr
+                .map_or("off".to_string(), |addr| addr.to_string()),
+            self.otlp.tenant_attribute,
+            // Keys are secrets: only how many there are.
+            self.otlp.api_keys.len(),
+            if self.otlp.tls.is_some() { "on" } else { "off" },
+            self.data_dir.display(),
+            self.ingest_log_sync,
+            self.flush_interval_ms,
+            self.allowed_lateness_secs,
+            self.max_lateness_secs,
+            self.max_future_secs,
+            self.dedup_horizon_secs,
+            self.meters
+                .iter()
+                .map(|m| m.slug.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            // Property values may hold credentials: only their keys are shown.
+            self.kafka.as_ref().map_or("off".to_string(), |kafka| format!(
+                "{{brokers={} topics={} group_id={} dlq_topic={} changelog_topic={} properties=[{}]}}",
+                kafka.brokers,
+                kafka.topics.join(","),
+                kafka.group_id,
+                kafka.dlq_topic,
+                kafka.changelog_topic.as_deref().unwrap_or("off"),
+                kafka
+                    .properties
+                    .iter()
+                    .map(|(key, _)| key.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )),
+            self.cluster
+                .as_ref()
+                .map_or("single".to_string(), |cluster| format!(
+                    "{{mode=kafka ingest_topic={} members_topic={} advertise_url={}}}",
+                    cluster.ingest_topic,
+                    cluster.members_topic,
+                    cluster.advertise_url.as_deref().unwrap_or("(bound address)")
+                ))
+        )
+    }
+}
+
+impl RawConfig {
+    /// Every section's checks; every problem reported at once.
+    pub fn validate(self) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let listeners = server::validate_server(&self.server, &mut errors);
+        let otlp = server::validate_otlp(self.otlp, &mut errors);
+        let ingest_log_sync = storage::validate_storage(&self.storage, &self.aggregate, &mut errors);
+        let aggregate = &self.aggregate;
+        let meters = meters::validate_meters(self.meters, &mut errors);
+        let kafka = self.kafka.map(|raw| kafka::validate_kafka(raw, &mut errors));
+        let cluster = self
+            .cluster
+            .and_then(|raw| kafka::validate_cluster(raw, kafka.as_ref(), &mut errors));
+        let slugs: Vec<&str> = meters.iter().map(|meter| meter.slug.as_str()).collect();
+        let plans = crate::rate::plan::validate(self.plans, self.tenants, self.rating, &slugs, &mut errors);
+        for (p, plan) in plans.plans.iter().enumerate() {
+            for charge in &plan.charges {
+                let distribution = meters.iter().any(|meter| {
+                    meter.slug == charge.meter
+                        && meter.aggregation == crate::aggregate::Aggregation::Distribution
+                });
+                if distribution {
+                    errors.push(format!(
+                        "plans[{p}] (`{}` v{}): meter `{}` is a DISTRIBUTION; percentiles cannot be priced",
+                        plan.id, plan.version, charge.meter
+                    ));
+                }
+            }
+        }
+        let emit_kafka = self
+            .emit
+            .kafka
+            .map(|raw| emit::validate_kafka(raw, kafka.as_ref(), &mut errors));
+        let emit_webhook = self
+            .emit
+            .webhook
+            .map(|raw| emit::validate_webhook(raw, &mut errors));
+
+        let (Some(http_addr), true) = (listeners.http_addr, errors.is_empty()) else {
+            return Err(ConfigErrors(errors));
+        };
+        let data_dir = self.storage.data_dir;
+        Ok(Config {
+            http_addr,
+            otlp_grpc_addr: listeners.otlp_grpc_addr,
+            otlp_http_addr: listeners.otlp_http_addr,
+            otlp,
+            max_body_bytes: self.server.max_body_bytes as usize,
+            ingest_budget_bytes: self.server.ingest_budget_bytes as usize,
+            emit_file_path: self
+                .emit
+                .file
+                .path
+                .unwrap_or_else(|| data_dir.join("usage.jsonl")),
+            emit_kafka,
+            emit_webhook,
+            dead_letter_path: self
+                .dead_letter
+                .path
+                .unwrap_or_else(|| data_dir.join("dead-letter.jsonl")),
+            data_dir,
+            ingest_log_sync,
+            ingest_log_segment_bytes: self.storage.ingest_log_segment_bytes,
+            dedup_filter_max_bytes: self.storage.dedup_filter_max_mib << 20,
+            retention_secs: (self.storage.retention_days * 86_400) as i64,
+            flush_interval_ms: aggregate.flush_interval_ms,
+            allowed_lateness_secs: aggregate.allowed_lateness_secs as i64,
+            max_lateness_secs: aggregate.max_lateness_secs as i64,
+            max_future_secs: aggregate.max_future_secs as i64,
+            dedup_horizon_secs: aggregate.dedup_horizon_secs as i64,
+            max_pending_series: usize::try_from(aggregate.max_pending_series).unwrap_or(usize::MAX),
+            meters,
+            kafka,
+            cluster,
+            plans,
+            source_path: None,
+        })
+    }
+}

@@ -1,0 +1,385 @@
+//! The config file's shape, as serde reads it: one struct per section, defaults included.
+//! Unknown keys are errors (`deny_unknown_fields`); values are checked in the section modules.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub storage: RawStorage,
+    #[serde(default)]
+    pub aggregate: RawAggregate,
+    #[serde(default)]
+    pub emit: RawEmit,
+    #[serde(default)]
+    pub dead_letter: RawDeadLetter,
+    #[serde(default)]
+    pub otlp: RawOtlp,
+    #[serde(default)]
+    pub meters: Vec<RawMeter>,
+    /// Absent: no Kafka source (the embedded default).
+    #[serde(default)]
+    pub kafka: Option<RawKafka>,
+    /// Absent or `mode = "single"`: one replica serves everything.
+    #[serde(default)]
+    pub cluster: Option<RawCluster>,
+    /// Pricing (`rate::plan`): plan versions, tenants' plans, the default plan.
+    #[serde(default)]
+    pub plans: Vec<crate::rate::plan::RawPlan>,
+    #[serde(default)]
+    pub tenants: Vec<crate::rate::plan::RawTenant>,
+    #[serde(default)]
+    pub rating: crate::rate::plan::RawRating,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// `single` (default) or `kafka`: edges produce to the ingest topic, replicas share its
+    /// partitions, queries are answered by the owner.
+    #[serde(default = "default_cluster_mode")]
+    pub mode: String,
+    /// The base URL other replicas and clients reach this replica's HTTP API at.
+    /// Default: `http://<bound http address>`.
+    #[serde(default)]
+    pub advertise_url: Option<String>,
+    /// Compacted topic where replicas publish which ingest partitions they own.
+    /// Default: `<group_id>.members`.
+    #[serde(default)]
+    pub members_topic: Option<String>,
+}
+
+fn default_cluster_mode() -> String {
+    "single".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Default: `<first topic>.dlq`.
+    #[serde(default)]
+    pub dlq_topic: Option<String>,
+    /// Header carrying the event id when the JSON has none (CloudEvents Kafka binding: `ce_id`).
+    #[serde(default = "default_id_header")]
+    pub id_header: String,
+    /// Messages folded into one pre-aggregated batch at most.
+    #[serde(default = "default_max_batch_messages")]
+    pub max_batch_messages: usize,
+    /// Unflushed series in the engine above which consumption pauses until a checkpoint lands.
+    #[serde(default = "default_max_pending_series")]
+    pub max_pending_series: usize,
+    /// Threads that decode and fold each batch (1-8; default 2).
+    #[serde(default = "default_fold_threads")]
+    pub fold_threads: usize,
+    /// Publish each partition's state to a changelog topic so that another replica can take
+    /// the partition over (see ARCHITECTURE.md). Off: partitions must stay with one replica.
+    #[serde(default = "default_true")]
+    pub changelog: bool,
+    /// Default: `<group_id>.changelog`.
+    #[serde(default)]
+    pub changelog_topic: Option<String>,
+    /// Fold a partition's changelog into a new base after this many bytes of flushes
+    /// (0: only by time). Restores read from the newest base.
+    #[serde(default = "default_changelog_compact_bytes")]
+    pub changelog_compact_bytes: u64,
+    /// ... or after this long. The changelog topic's `retention.ms` must exceed it.
+    #[serde(default = "default_changelog_compact_interval_secs")]
+    pub changelog_compact_interval_secs: u64,
+    /// Passed to librdkafka as is (SASL, SSL, fetch sizes, ...), for consumer and producers.
+    #[serde(default)]
+    pub properties: BTreeMap<String, toml::Value>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_group_id() -> String {
+    "tallyd".into()
+}
+fn default_id_header() -> String {
+    "ce_id".into()
+}
+fn default_max_batch_messages() -> usize {
+    10_000
+}
+fn default_fold_threads() -> usize {
+    // Measured on 2 cores: while every dedup key was a RocksDB lookup a second folding thread
+    // only competed with it (BENCHMARKS.md, "Kafka pipeline"); with the dedup filter the consumer thread is
+    // the bottleneck again and two fold 33 % more (BENCHMARKS.md, "Kafka pipeline": 417 k → 555 k events/s).
+    2
+}
+fn default_changelog_compact_bytes() -> u64 {
+    64 << 20
+}
+fn default_changelog_compact_interval_secs() -> u64 {
+    3600
+}
+fn default_max_pending_series() -> usize {
+    2_000_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub http_addr: String,
+    /// OTLP/gRPC (`MetricsService`, `LogsService`); `""` turns it off.
+    pub otlp_grpc_addr: String,
+    /// OTLP/HTTP (`POST /v1/metrics`, `/v1/logs`); `""` turns it off.
+    pub otlp_http_addr: String,
+    pub max_body_bytes: u64,
+    pub ingest_budget_bytes: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            http_addr: "127.0.0.1:8080".into(),
+            otlp_grpc_addr: "0.0.0.0:4317".into(),
+            otlp_http_addr: "0.0.0.0:4318".into(),
+            max_body_bytes: 8 << 20,
+            ingest_budget_bytes: 256 << 20,
+        }
+    }
+}
+
+/// How OTLP data maps to tenants (`[otlp]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOtlp {
+    /// Resource attribute naming the tenant.
+    pub tenant_attribute: String,
+    /// API key → tenant. Non-empty: every OTLP request must carry a known key
+    /// (`authorization: Bearer <key>` or `x-api-key: <key>`), and its points belong to that
+    /// key's tenant only.
+    pub api_keys: BTreeMap<String, String>,
+    /// TLS for both OTLP listeners (absent: plain TCP).
+    pub tls: Option<RawTls>,
+}
+
+impl Default for RawOtlp {
+    fn default() -> Self {
+        RawOtlp {
+            tenant_attribute: "tenant.id".into(),
+            api_keys: BTreeMap::new(),
+            tls: None,
+        }
+    }
+}
+
+/// `[otlp.tls]`: PEM files, read at startup.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// The certificate chain, leaf first.
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStorage {
+    pub data_dir: PathBuf,
+    pub ingest_log_sync: String,
+    pub ingest_log_segment_bytes: u64,
+    pub retention_days: u64,
+    /// Memory cap of the in-memory filter over stored dedup keys (0: off).
+    pub dedup_filter_max_mib: u64,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        RawStorage {
+            data_dir: PathBuf::from("./data"),
+            ingest_log_sync: "fsync".into(),
+            ingest_log_segment_bytes: 64 << 20,
+            retention_days: 400,
+            dedup_filter_max_mib: 512,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAggregate {
+    pub flush_interval_ms: u64,
+    pub allowed_lateness_secs: u64,
+    pub max_lateness_secs: u64,
+    pub max_future_secs: u64,
+    pub dedup_horizon_secs: u64,
+    /// Unflushed series above which the push edges refuse requests (retryable) until a
+    /// checkpoint catches up.
+    pub max_pending_series: u64,
+}
+
+impl Default for RawAggregate {
+    fn default() -> Self {
+        RawAggregate {
+            flush_interval_ms: 1000,
+            allowed_lateness_secs: 300,
+            max_lateness_secs: 86_400,
+            max_future_secs: 300,
+            dedup_horizon_secs: 3_024_000,
+            max_pending_series: 2_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmit {
+    #[serde(default)]
+    pub file: RawEmitFile,
+    /// Rated records to a Kafka topic (absent: off).
+    #[serde(default)]
+    pub kafka: Option<RawEmitKafka>,
+    /// Rated records POSTed in batches to an HTTP endpoint (absent: off).
+    #[serde(default)]
+    pub webhook: Option<RawEmitWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmitKafka {
+    /// Default: `[kafka] brokers`.
+    #[serde(default)]
+    pub brokers: Option<String>,
+    #[serde(default = "default_rated_topic")]
+    pub topic: String,
+    /// Which outbox records go out: "rated" (default) and/or "window".
+    #[serde(default = "default_emit_kinds")]
+    pub kinds: Vec<String>,
+    /// `json` (default; the JSONL file's lines) or `protobuf` (proto/tallyd/rated/v1).
+    #[serde(default = "default_emit_format")]
+    pub format: String,
+    /// Passed through to librdkafka (SASL, SSL, linger...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, toml::Value>,
+}
+
+fn default_emit_format() -> String {
+    "json".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmitWebhook {
+    pub url: String,
+    /// HMAC-SHA256 key for the `x-tallyd-signature` header (absent: unsigned).
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default = "default_webhook_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_emit_kinds")]
+    pub kinds: Vec<String>,
+}
+
+fn default_rated_topic() -> String {
+    "tallyd.rated".into()
+}
+
+fn default_emit_kinds() -> Vec<String> {
+    vec!["rated".into()]
+}
+
+fn default_webhook_batch() -> usize {
+    500
+}
+
+fn default_webhook_timeout_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmitFile {
+    /// Default: `<data_dir>/usage.jsonl`.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeadLetter {
+    /// Default: `<data_dir>/dead-letter.jsonl`.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMeter {
+    pub slug: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// `cloudevents` (default), `otlp_metric` or `otlp_log`.
+    #[serde(default = "default_meter_source")]
+    pub source: String,
+    /// CloudEvents meters: the event `type` they count.
+    #[serde(default)]
+    pub event_type: String,
+    /// `otlp_metric` meters: the metric name they count.
+    #[serde(default)]
+    pub metric_name: Option<String>,
+    /// `otlp_log` meters: the `event.name` of the records they count.
+    #[serde(default)]
+    pub event_name: Option<String>,
+    /// `otlp_log` meters: the record attribute holding the quantity (absent: 1 per record).
+    #[serde(default)]
+    pub value_attribute: Option<String>,
+    /// `otlp_log` meters: the record attribute holding the event id used for dedup.
+    #[serde(default)]
+    pub id_attribute: Option<String>,
+    pub aggregation: String,
+    #[serde(default)]
+    pub value_property: Option<String>,
+    #[serde(default)]
+    pub group_by: BTreeMap<String, String>,
+    #[serde(default = "default_window_size")]
+    pub window_size: String,
+    #[serde(default = "default_scale")]
+    pub scale: u32,
+    #[serde(default = "default_unique_exact_limit")]
+    pub unique_exact_limit: u32,
+    #[serde(default)]
+    pub allow_negative: bool,
+    /// TIME_WEIGHTED: a stream silent for longer is not integrated over the gap (default 900).
+    #[serde(default)]
+    pub max_gap_secs: Option<u64>,
+    /// SUM meters of monetary values: count `clamp(value × percent / 100, min, max)` per event.
+    #[serde(default)]
+    pub per_event_fee: Option<RawPerEventFee>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPerEventFee {
+    pub percent: toml::Value,
+    #[serde(default)]
+    pub min: Option<toml::Value>,
+    #[serde(default)]
+    pub max: Option<toml::Value>,
+}
+
+fn default_meter_source() -> String {
+    "cloudevents".into()
+}
+fn default_window_size() -> String {
+    "MINUTE".into()
+}
+fn default_scale() -> u32 {
+    6
+}
+fn default_unique_exact_limit() -> u32 {
+    100_000
+}

@@ -1,0 +1,91 @@
+//! `[server]` (listeners and request limits) and `[otlp]` (tenancy, keys, TLS of the OTLP
+//! listeners).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use super::raw::{RawOtlp, RawServer, RawTls};
+
+/// Validated `[otlp]`.
+#[derive(Clone, Debug)]
+pub struct OtlpConfig {
+    pub tenant_attribute: String,
+    pub api_keys: HashMap<String, String>,
+    pub tls: Option<RawTls>,
+}
+
+/// The listeners' addresses (`""`: off) and request limits.
+pub(super) struct Listeners {
+    pub http_addr: Option<SocketAddr>,
+    pub otlp_grpc_addr: Option<SocketAddr>,
+    pub otlp_http_addr: Option<SocketAddr>,
+}
+
+pub(super) fn validate_server(raw: &RawServer, errors: &mut Vec<String>) -> Listeners {
+    let http_addr = match raw.http_addr.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            errors.push(format!(
+                "server.http_addr: `{}` is not an address like 127.0.0.1:8080",
+                raw.http_addr
+            ));
+            None
+        }
+    };
+    let mut optional_addr = |key: &str, text: &str| -> Option<SocketAddr> {
+        if text.is_empty() {
+            return None;
+        }
+        text.parse::<SocketAddr>().map_or_else(
+            |_| {
+                errors.push(format!(
+                    "server.{key}: `{text}` is not an address like 0.0.0.0:4317 (or \"\" for off)"
+                ));
+                None
+            },
+            Some,
+        )
+    };
+    let otlp_grpc_addr = optional_addr("otlp_grpc_addr", &raw.otlp_grpc_addr);
+    let otlp_http_addr = optional_addr("otlp_http_addr", &raw.otlp_http_addr);
+    if raw.max_body_bytes == 0 {
+        errors.push("server.max_body_bytes: must be positive".into());
+    }
+    if raw.ingest_budget_bytes < raw.max_body_bytes {
+        errors.push("server.ingest_budget_bytes: must be at least server.max_body_bytes".into());
+    }
+    Listeners {
+        http_addr,
+        otlp_grpc_addr,
+        otlp_http_addr,
+    }
+}
+
+pub(super) fn validate_otlp(raw: RawOtlp, errors: &mut Vec<String>) -> OtlpConfig {
+    if raw.tenant_attribute.is_empty() {
+        errors.push("otlp.tenant_attribute: must not be empty".into());
+    }
+    for (key, tenant) in &raw.api_keys {
+        // Keys are secrets: name the tenant, never the key.
+        if key.len() < 16 {
+            errors.push(format!(
+                "otlp.api_keys: the key of tenant `{tenant}` is shorter than 16 characters"
+            ));
+        }
+        if tenant.is_empty() || tenant.len() > crate::model::MAX_ATTRIBUTE_BYTES {
+            errors.push("otlp.api_keys: tenants must be 1-256 bytes".into());
+        }
+    }
+    if let Some(tls) = &raw.tls {
+        for (key, path) in [("cert_path", &tls.cert_path), ("key_path", &tls.key_path)] {
+            if let Err(error) = std::fs::metadata(path) {
+                errors.push(format!("otlp.tls.{key}: {}: {error}", path.display()));
+            }
+        }
+    }
+    OtlpConfig {
+        tenant_attribute: raw.tenant_attribute,
+        api_keys: raw.api_keys.into_iter().collect(),
+        tls: raw.tls,
+    }
+}

@@ -1,0 +1,586 @@
+//! The one admission-and-commit path every ingest edge calls; each edge keeps only its protocol
+//! (reading bodies, decoding, mapping, rendering answers).
+//!
+//! ```text
+//! edge: read body ─► Admission::commit(source, bytes, prepare)
+//!                      admit: byte budget (503 when spent), readiness, checkpoint backpressure
+//!                      spawned task (finishes whatever the client does):
+//!                        blocking pool: prepare (edge: decode + map → units, refusals)
+//!                                       claim_and_fold (dedup claim, pre-aggregate)
+//!                                       log record
+//!                        commit stage: log append + fsync, dead letters, apply ─► ack
+//!                      Tally::record (the metrics, by source)
+//! ```
+//! In cluster mode `Admission::forward` replaces the local commit: the edge's messages go to the
+//! ingest topic and the partition owner counts them. The Kafka source folds its batches with the
+//! same `claim_and_fold` and `Tally` (its log is Kafka, its commit the partition writer).
+//!
+//! Why the task is spawned: an edge's dedup keys are claimed before the request is durable. If
+//! the handler were dropped in between (a client timeout, a closed connection), the claims
+//! would stay while nothing was counted, and the retry would be told "duplicate". Once a
+//! request has passed admission, it is committed (or its claims released) to the end.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::error::IngestError;
+pub use super::error::RefusalReason;
+use crate::aggregate::streams::CumulativePoint;
+use crate::aggregate::{MergeError, PreAggregated};
+use crate::cluster::forward::ForwardedUnit;
+use crate::cluster::Cluster;
+use crate::model::{now_ms, rfc3339_ms};
+use crate::state::{CommitRequest, Shared};
+use crate::store::log::LogBatch;
+use crate::store::StoreError;
+use crate::telemetry;
+
+/// Where usage comes from: the `source` label of the ingest metrics and dead letters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Http,
+    Otlp,
+    Kafka,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Http => "http",
+            Source::Otlp => "otlp",
+            Source::Kafka => "kafka",
+        }
+    }
+}
+
+/// A unit of usage after decoding: counted once by its dedup key (when it has one), then folded.
+pub trait Countable {
+    /// None: its updates are idempotent (MAX, MIN, LATEST) and need no claim.
+    fn dedup_key(&self) -> Option<u128>;
+    /// It amends a window that had already closed.
+    fn is_late(&self) -> bool;
+    fn fold_into(&self, batch: &mut PreAggregated) -> Result<(), MergeError>;
+}
+
+impl Countable for ForwardedUnit {
+    fn dedup_key(&self) -> Option<u128> {
+        self.dedup_key
+    }
+
+    fn is_late(&self) -> bool {
+        false
+    }
+
+    fn fold_into(&self, batch: &mut PreAggregated) -> Result<(), MergeError> {
+        self.updates
+            .iter()
+            .try_for_each(|(key, state)| batch.merge_state(*key, state))
+    }
+}
+
+/// What one request (or Kafka batch) adds to the ingest metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tally {
+    /// Units counted now (the edge sets the candidates; duplicates are taken off).
+    pub accepted: usize,
+    /// Units already counted earlier (same dedup key within the horizon).
+    pub duplicates: usize,
+    /// Valid units no meter reads (accepted, counted in a metric only).
+    pub unmetered: usize,
+    /// Accepted units that amended a closed window.
+    pub late: usize,
+    /// Invalid units (a whole CloudEvents request, or dead-lettered Kafka messages).
+    pub invalid: usize,
+    /// Refused units by reason (dead-lettered).
+    pub refused: Vec<(RefusalReason, usize)>,
+}
+
+impl Tally {
+    pub fn refuse(&mut self, reason: RefusalReason) {
+        self.refuse_many(reason, 1);
+    }
+
+    pub fn refuse_many(&mut self, reason: RefusalReason, n: usize) {
+        if n == 0 {
+            return;
+        }
+        match self.refused.iter_mut().find(|(known, _)| *known == reason) {
+            Some((_, count)) => *count += n,
+            None => self.refused.push((reason, n)),
+        }
+    }
+
+    pub fn refused_total(&self) -> usize {
+        self.refused.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Adds another share of the same batch.
+    pub fn absorb(&mut self, other: Tally) {
+        self.accepted += other.accepted;
+        self.duplicates += other.duplicates;
+        self.unmetered += other.unmetered;
+        self.late += other.late;
+        self.invalid += other.invalid;
+        for (reason, n) in other.refused {
+            self.refuse_many(reason, n);
+        }
+    }
+
+    /// The metrics of `tallyd_ingest_*` for this tally. Invalid units a source dead-letters
+    /// (Kafka cannot answer 400 to a message) are also refusals with reason `invalid`.
+    pub fn record(&self, source: Source) {
+        let label = source.as_str();
+        let count = |outcome: &'static str, n: usize| {
+            if n > 0 {
+                metrics::counter!(telemetry::INGEST_EVENTS, "source" => label, "outcome" => outcome)
+                    .increment(n as u64);
+            }
+        };
+        count("accepted", self.accepted + self.unmetered);
+        count("duplicate", self.duplicates);
+        count("invalid", self.invalid);
+        count("refused", self.refused_total());
+        for &(reason, n) in &self.refused {
+            metrics::counter!(telemetry::INGEST_REFUSED, "source" => label, "reason" => reason.as_str())
+                .increment(n as u64);
+        }
+        if source == Source::Kafka && self.invalid > 0 {
+            metrics::counter!(telemetry::INGEST_REFUSED, "source" => label, "reason" => "invalid")
+                .increment(self.invalid as u64);
+        }
+        if self.unmetered > 0 {
+            metrics::counter!(telemetry::INGEST_UNMETERED, "source" => label)
+                .increment(self.unmetered as u64);
+        }
+        if self.late > 0 {
+            metrics::counter!(telemetry::INGEST_LATE, "source" => label).increment(self.late as u64);
+        }
+    }
+}
+
+/// One dead-letter line (JSONL): when, from where, why, then the edge's own fields.
+pub fn dead_letter_line(
+    received_at: &str,
+    source: Source,
+    reason: RefusalReason,
+    message: &str,
+    fields: serde_json::Value,
+) -> Vec<u8> {
+    let mut line = serde_json::json!({
+        "received_at": received_at,
+        "source": source.as_str(),
+        "reason": reason.as_str(),
+        "message": message,
+    });
+    if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), fields) {
+        line.extend(fields);
+    }
+    let mut bytes = serde_json::to_vec(&line).expect("invariant: dead letters serialize");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// `received_at` of a dead letter written at `now_ms`.
+pub fn received_at(now_ms: i64) -> String {
+    rfc3339_ms(now_ms)
+}
+
+/// What an edge's `prepare` hands to the commit path.
+pub struct Prepared<U, T> {
+    /// Units that count unless they are duplicates.
+    pub units: Vec<U>,
+    /// Cumulative points (OTLP): the commit stage turns them into deltas in log order.
+    pub cumulative: Vec<CumulativePoint>,
+    /// One line per refused unit, durable before the answer.
+    pub dead_letters: Vec<Vec<u8>>,
+    /// `accepted` = units (and cumulative points) that count unless duplicates; the rest as
+    /// the edge decoded it.
+    pub tally: Tally,
+    /// What the edge needs to answer besides the tally (its refusal list, a partial success).
+    pub answer: T,
+}
+
+/// What an edge's `prepare` hands to the forwarding path (cluster mode).
+pub struct Forward<T> {
+    /// `(tenant, payload)`: produced keyed by tenant, so the tenant's owner counts it.
+    pub messages: Vec<(String, Vec<u8>)>,
+    /// `content-type` header of every message (None: CloudEvents JSON).
+    pub content_type: Option<&'static str>,
+    /// Refusals made at the edge, written to this replica's dead-letter file.
+    pub dead_letters: Vec<Vec<u8>>,
+    pub tally: Tally,
+    pub answer: T,
+}
+
+/// A request's accepted outcome.
+#[derive(Debug)]
+pub struct Admitted<T> {
+    pub tally: Tally,
+    pub answer: T,
+}
+
+/// A batch of units, claimed and pre-aggregated per group (one group for a request; one per
+/// partition for a Kafka batch).
+pub struct Claimed {
+    /// Per group: its pre-aggregated usage and the dedup keys it now owns.
+    pub groups: Vec<(PreAggregated, Vec<u128>)>,
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub late: usize,
+    /// Units whose updates overflow what a series can hold (their keys are released).
+    pub overflowed: Vec<usize>,
+}
+
+impl Claimed {
+    /// Every dedup key the batch owns.
+    pub fn keys(&self) -> impl Iterator<Item = &u128> {
+        self.groups.iter().flat_map(|(_, keys)| keys)
+    }
+}
+
+/// The dedup claim and pre-aggregation of a batch: reserve each unit's key, look the reserved
+/// ones up in the store (`DedupIndex::claim`: reserve first, then the store, race-free), fold
+/// the fresh units into their group's batch. On a store error nothing stays reserved.
+pub fn claim_and_fold<U: Countable>(
+    shared: &Shared,
+    now_ms: i64,
+    units: &[U],
+    groups: usize,
+    group_of: impl Fn(usize) -> usize,
+) -> Result<Claimed, StoreError> {
+    let keys: Vec<u128> = units.iter().filter_map(Countable::dedup_key).collect();
+    let fresh = shared.dedup.claim(
+        &shared.store,
+        &keys,
+        now_ms.div_euclid(1000),
+        shared.config.dedup_horizon_secs,
+    )?;
+    let mut fresh = fresh.into_iter();
+    let mut claimed = Claimed {
+        groups: (0..groups)
+            .map(|_| {
+                (
+                    PreAggregated::with_capacity(units.len() / groups.max(1)),
+                    Vec::new(),
+                )
+            })
+            .collect(),
+        accepted: 0,
+        duplicates: 0,
+        late: 0,
+        overflowed: Vec::new(),
+    };
+    for (index, unit) in units.iter().enumerate() {
+        let key = unit.dedup_key();
+        if key.is_some() && fresh.next() != Some(true) {
+            claimed.duplicates += 1;
+            continue;
+        }
+        let (batch, group_keys) = &mut claimed.groups[group_of(index)];
+        if let Err(error) = unit.fold_into(batch) {
+            // Totals beyond 10^38 units: unreachable with real usage, refused all the same.
+            tracing::error!(%error, index, "usage overflows a series");
+            if let Some(key) = key {
+                shared.dedup.release(key);
+            }
+            claimed.overflowed.push(index);
+            continue;
+        }
+        group_keys.extend(key);
+        claimed.accepted += 1;
+        claimed.late += usize::from(unit.is_late());
+    }
+    Ok(claimed)
+}
+
+/// The push edges' handle on the pipeline: the shared state, the commit stage's input, the
+/// byte budget and, in cluster mode, the ingest topic.
+#[derive(Clone)]
+pub struct Admission {
+    pub shared: Arc<Shared>,
+    commits: std::sync::mpsc::Sender<CommitRequest>,
+    /// Request bytes in flight; exhausted → 503 / UNAVAILABLE (the push-source backpressure).
+    budget: Arc<Semaphore>,
+    /// Cluster mode: edges forward to the ingest topic.
+    pub cluster: Option<Arc<Cluster>>,
+}
+
+impl Admission {
+    pub fn new(
+        shared: Arc<Shared>,
+        commits: std::sync::mpsc::Sender<CommitRequest>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Admission {
+        let permits = shared.config.ingest_budget_bytes.min(Semaphore::MAX_PERMITS);
+        Admission {
+            shared,
+            commits,
+            budget: Arc::new(Semaphore::new(permits)),
+            cluster,
+        }
+    }
+
+    /// The first checks, before any work on a request of `bytes`: a share of the byte budget
+    /// (held until the answer) and readiness. Push sources fail fast when the pipeline is full:
+    /// the client retries, nothing is lost.
+    pub fn admit(&self, bytes: usize) -> Result<OwnedSemaphorePermit, IngestError> {
+        let permits = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX);
+        let Ok(permit) = self.budget.clone().try_acquire_many_owned(permits) else {
+            return Err(IngestError::Unavailable(
+                "ingest is overloaded; retry after the delay".into(),
+            ));
+        };
+        if !self.shared.ready.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(IngestError::Unavailable(
+                "not ready (starting, shutting down or storage failure)".into(),
+            ));
+        }
+        Ok(permit)
+    }
+
+    /// Counts a request locally: `prepare` decodes and maps it on the blocking pool (given the
+    /// shared state and the arrival time); then the claim, the ingest log and the commit stage.
+    /// Answers once the accepted units and the dead letters are durable.
+    pub async fn commit<U, T, P>(
+        &self,
+        source: Source,
+        permit: OwnedSemaphorePermit,
+        prepare: P,
+    ) -> Result<Admitted<T>, IngestError>
+    where
+        U: Countable + Send + 'static,
+        T: Send + 'static,
+        P: FnOnce(&Shared, i64) -> Result<Prepared<U, T>, IngestError> + Send + 'static,
+    {
+        if self.shared.checkpoints_behind() {
+            metrics::counter!(telemetry::INGEST_BACKPRESSURE, "source" => source.as_str()).increment(1);
+            return Err(IngestError::Unavailable(
+                "checkpoints are behind (aggregate.max_pending_series); retry after the delay".into(),
+            ));
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let result = this.commit_to_the_end(source, prepare).await;
+            drop(permit);
+            result
+        })
+        .await
+        .unwrap_or_else(|error| {
+            tracing::error!(%error, source = source.as_str(), "ingest task panicked");
+            Err(IngestError::Unavailable("internal error".into()))
+        })
+    }
+
+    async fn commit_to_the_end<U, T, P>(&self, source: Source, prepare: P) -> Result<Admitted<T>, IngestError>
+    where
+        U: Countable + Send + 'static,
+        T: Send + 'static,
+        P: FnOnce(&Shared, i64) -> Result<Prepared<U, T>, IngestError> + Send + 'static,
+    {
+        let started = Instant::now();
+        let shared = self.shared.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            let now = now_ms();
+            let prepared = prepare(&shared, now)?;
+            claim_for_commit(&shared, now, prepared)
+        })
+        .await
+        .unwrap_or_else(|error| {
+            tracing::error!(%error, source = source.as_str(), "ingest preparation panicked");
+            Err(IngestError::Unavailable("internal error".into()))
+        })?;
+        let label = source.as_str();
+        metrics::histogram!(telemetry::INGEST_STAGE_SECONDS, "source" => label, "stage" => "prepare")
+            .record(started.elapsed().as_secs_f64());
+        let (request, tally, answer) = prepared;
+        if let Some(request) = request {
+            let started = Instant::now();
+            self.send_commit(request).await?;
+            metrics::histogram!(telemetry::INGEST_STAGE_SECONDS, "source" => label, "stage" => "commit")
+                .record(started.elapsed().as_secs_f64());
+        }
+        tally.record(source);
+        Ok(Admitted { tally, answer })
+    }
+
+    /// Hands a request to the commit stage and waits for its acknowledgement.
+    async fn send_commit(&self, (request, reply): (CommitRequest, ReplyReceiver)) -> Result<(), IngestError> {
+        // A refused send hands the request back: its keys are released, not copied beforehand.
+        if let Err(std::sync::mpsc::SendError(request)) = self.commits.send(request) {
+            self.shared.dedup.remove_all(&request.dedup_keys);
+            return Err(IngestError::Unavailable("shutting down".into()));
+        }
+        match reply.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => {
+                tracing::error!(%error, "ingest batch not committed");
+                Err(IngestError::Unavailable(
+                    "storage unavailable; nothing from this request was counted".into(),
+                ))
+            }
+            Err(_) => Err(IngestError::Unavailable(
+                "shutting down; nothing from this request was counted".into(),
+            )),
+        }
+    }
+
+    /// Cluster mode: `prepare` validates and maps the request exactly as a single replica would
+    /// (off the executor), then its messages go to the ingest topic keyed by tenant; answers
+    /// once Kafka acknowledged them all and the edge's dead letters are durable.
+    pub async fn forward<T, P>(
+        &self,
+        source: Source,
+        cluster: &Cluster,
+        permit: OwnedSemaphorePermit,
+        prepare: P,
+    ) -> Result<Admitted<T>, IngestError>
+    where
+        T: Send + 'static,
+        P: FnOnce(&Shared, i64) -> Result<Forward<T>, IngestError> + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        let forward = tokio::task::spawn_blocking(move || prepare(&shared, now_ms()))
+            .await
+            .unwrap_or_else(|error| {
+                tracing::error!(%error, source = source.as_str(), "ingest validation panicked");
+                Err(IngestError::Unavailable("internal error".into()))
+            })?;
+        let Forward {
+            messages,
+            content_type,
+            dead_letters,
+            tally,
+            answer,
+        } = forward;
+        let messages = messages
+            .iter()
+            .map(|(tenant, payload)| (tenant.as_str(), payload.as_slice()));
+        if let Err(error) = cluster.forward_as(messages, content_type).await {
+            tracing::warn!(%error, "forwarding to the ingest topic failed");
+            return Err(IngestError::Unavailable(format!(
+                "the ingest topic did not acknowledge every event ({error}); retry (duplicates are dropped)"
+            )));
+        }
+        if !dead_letters.is_empty() {
+            // Refusals made here go to this replica's dead-letter file, as for a local request.
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let request = CommitRequest {
+                payload: Vec::new(),
+                batch: PreAggregated::with_capacity(0),
+                dedup_keys: Vec::new(),
+                cumulative: Vec::new(),
+                dead_letters,
+                reply: reply_tx,
+            };
+            self.send_commit((request, reply_rx)).await?;
+        }
+        drop(permit);
+        tally.record(source);
+        Ok(Admitted { tally, answer })
+    }
+}
+
+type ReplyReceiver = oneshot::Receiver<Result<(), crate::state::CommitError>>;
+
+/// A prepared request, claimed: the commit request (None when nothing is to be logged or
+/// dead-lettered), the tally and the edge's answer.
+type ClaimedRequest<T> = (Option<(CommitRequest, ReplyReceiver)>, Tally, T);
+
+/// Claim, fold, log record (blocking: the claim reads the store).
+fn claim_for_commit<U: Countable, T>(
+    shared: &Shared,
+    now: i64,
+    prepared: Prepared<U, T>,
+) -> Result<ClaimedRequest<T>, IngestError> {
+    let Prepared {
+        units,
+        cumulative,
+        dead_letters,
+        mut tally,
+        answer,
+    } = prepared;
+    let claimed = claim_and_fold(shared, now, &units, 1, |_| 0).map_err(|error| {
+        tracing::error!(%error, "dedup lookup failed");
+        IngestError::Unavailable("storage unavailable".into())
+    })?;
+    if let Some(&first) = claimed.overflowed.first() {
+        let keys: Vec<u128> = claimed.keys().copied().collect();
+        shared.dedup.remove_all(&keys);
+        return Err(IngestError::invalid(format!(
+            "unit {first} would overflow its series (totals are exact up to 38 digits); nothing was counted"
+        )));
+    }
+    tally.duplicates = claimed.duplicates;
+    tally.accepted = tally.accepted.saturating_sub(claimed.duplicates);
+    tally.late += claimed.late;
+    let (batch, keys) = claimed
+        .groups
+        .into_iter()
+        .next()
+        .expect("invariant: one group per request");
+    let counts_nothing = batch.is_empty() && keys.is_empty() && cumulative.is_empty();
+    if counts_nothing && dead_letters.is_empty() {
+        return Ok((None, tally, answer));
+    }
+    let payload = if counts_nothing {
+        Vec::new()
+    } else {
+        LogBatch::from_parts(&batch, &keys, &cumulative, &shared.names).encode()
+    };
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let request = CommitRequest {
+        payload,
+        batch,
+        dedup_keys: keys,
+        cumulative,
+        dead_letters,
+        reply: reply_tx,
+    };
+    Ok((Some((request, reply_rx)), tally, answer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tallies_merge_refusals_by_reason() {
+        let mut a = Tally {
+            accepted: 3,
+            ..Tally::default()
+        };
+        a.refuse(RefusalReason::TooLate);
+        let mut b = Tally {
+            accepted: 2,
+            duplicates: 1,
+            ..Tally::default()
+        };
+        b.refuse_many(RefusalReason::TooLate, 2);
+        b.refuse(RefusalReason::NoTenant);
+        a.absorb(b);
+        assert_eq!((a.accepted, a.duplicates, a.refused_total()), (5, 1, 4));
+        assert_eq!(
+            a.refused,
+            vec![(RefusalReason::TooLate, 3), (RefusalReason::NoTenant, 1)]
+        );
+    }
+
+    #[test]
+    fn dead_letter_lines_carry_the_common_fields_then_the_edges() {
+        let line = dead_letter_line(
+            "2026-01-01T00:00:00.000Z",
+            Source::Otlp,
+            RefusalReason::WrongTenant,
+            "tenant `b` is not the key's",
+            serde_json::json!({"name": "requests"}),
+        );
+        assert_eq!(line.last(), Some(&b'\n'));
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(value["source"], "otlp");
+        assert_eq!(value["reason"], "wrong_tenant");
+        assert_eq!(value["name"], "requests");
+        assert_eq!(value["received_at"], "2026-01-01T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,229 @@
+//! Why a whole ingest request is not accepted, and the one map from that to HTTP statuses and
+//! gRPC codes (every edge answers through it, so a condition reads the same on every protocol).
+//!
+//! Retry rules follow the OTLP specification: UNAVAILABLE (503) is retryable and carries a
+//! delay (RetryInfo / Retry-After); INVALID_ARGUMENT (400), UNAUTHENTICATED (401) and a request
+//! too large (413 / RESOURCE_EXHAUSTED without RetryInfo) are not: the same bytes cannot succeed.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde::Serialize;
+
+/// How long a client should wait before retrying an UNAVAILABLE answer.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// A problem that makes a request invalid; `index` is the event's position in the body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub index: Option<usize>,
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    /// A problem with the request body as a whole.
+    pub fn body(reason: impl Into<String>) -> FieldError {
+        FieldError {
+            index: None,
+            field: "body".into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Why a valid unit (event, point, record) is not counted. A closed set: it is the `reason`
+/// label of `tallyd_ingest_refused_total` and the dead letters' `reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    /// No tenant (OTLP: the attribute is missing or not a string).
+    NoTenant,
+    /// The resource names a tenant other than the API key's.
+    WrongTenant,
+    /// A value, timestamp, attribute or shape problem in a unit the protocol refuses alone
+    /// (OTLP points, Kafka messages); CloudEvents over HTTP fail the whole request instead.
+    Invalid,
+    /// Older than `max_lateness_secs`.
+    TooLate,
+    /// Newer than `max_future_secs`.
+    TooFarInFuture,
+    /// Its usage would take a series past what it can hold exactly (38 significant digits).
+    Overflow,
+}
+
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::NoTenant => "no_tenant",
+            RefusalReason::WrongTenant => "wrong_tenant",
+            RefusalReason::Invalid => "invalid",
+            RefusalReason::TooLate => "too_late",
+            RefusalReason::TooFarInFuture => "too_far_in_future",
+            RefusalReason::Overflow => "overflow",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    /// Missing or unknown API key.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Malformed: nothing counted; retrying the same bytes cannot help. `errors` names each
+    /// problem where the protocol can say which event and field it is (CloudEvents).
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        errors: Vec<FieldError>,
+    },
+    /// A body in an encoding or media type the edge does not read.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// Larger than `max_body_bytes` (a protocol that reports it as invalid uses `Invalid`).
+    #[error("{0}")]
+    TooLarge(String),
+    /// Overloaded, not ready, shutting down or storage trouble: nothing counted; retry after
+    /// the delay.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl IngestError {
+    /// An invalid request with one message and no per-field list.
+    pub fn invalid(message: impl Into<String>) -> IngestError {
+        IngestError::Invalid {
+            message: message.into(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// An invalid request listing every problem (the message summarises them).
+    pub fn fields(errors: Vec<FieldError>) -> IngestError {
+        let events = errors
+            .iter()
+            .filter_map(|e| e.index)
+            .collect::<std::collections::BTreeSet<_>>();
+        let message = match errors.first() {
+            Some(first) if errors.len() == 1 => format!("{}: {}", first.field, first.reason),
+            _ => format!(
+                "{} problems in {} event(s); nothing was counted",
+                errors.len(),
+                events.len()
+            ),
+        };
+        IngestError::Invalid { message, errors }
+    }
+
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            IngestError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            IngestError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self {
+            IngestError::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            IngestError::Invalid { .. } | IngestError::UnsupportedMediaType(_) => {
+                tonic::Code::InvalidArgument
+            }
+            IngestError::TooLarge(_) => tonic::Code::ResourceExhausted,
+            IngestError::Unavailable(_) => tonic::Code::Unavailable,
+        }
+    }
+
+    /// The retry delay to send with the answer (`Retry-After`, RetryInfo); none: do not retry.
+    pub fn retry_after(&self) -> Option<Duration> {
+        matches!(self, IngestError::Unavailable(_)).then_some(RETRY_AFTER)
+    }
+
+    pub fn grpc_status(&self) -> tonic::Status {
+        use tonic_types::{ErrorDetails, StatusExt};
+        let message = self.to_string();
+        match self.retry_after() {
+            // Retryable per the OTLP spec; RetryInfo tells the exporter how long to wait.
+            Some(delay) => tonic::Status::with_error_details(
+                self.grpc_code(),
+                message,
+                ErrorDetails::with_retry_info(Some(delay)),
+            ),
+            None => tonic::Status::new(self.grpc_code(), message),
+        }
+    }
+
+    /// The `outcome` label of a request refused as a whole.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            IngestError::Unauthenticated(_) => "unauthenticated",
+            IngestError::Invalid { .. } | IngestError::UnsupportedMediaType(_) | IngestError::TooLarge(_) => {
+                "invalid"
+            }
+            IngestError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One condition, one answer on every protocol; only UNAVAILABLE invites a retry.
+    #[test]
+    fn each_error_maps_to_one_http_status_and_grpc_code() {
+        let cases = [
+            (
+                IngestError::Unauthenticated("k".into()),
+                401,
+                tonic::Code::Unauthenticated,
+                false,
+            ),
+            (
+                IngestError::invalid("bad"),
+                400,
+                tonic::Code::InvalidArgument,
+                false,
+            ),
+            (
+                IngestError::UnsupportedMediaType("text".into()),
+                415,
+                tonic::Code::InvalidArgument,
+                false,
+            ),
+            (
+                IngestError::TooLarge("big".into()),
+                413,
+                tonic::Code::ResourceExhausted,
+                false,
+            ),
+            (
+                IngestError::Unavailable("busy".into()),
+                503,
+                tonic::Code::Unavailable,
+                true,
+            ),
+        ];
+        for (error, http, grpc, retry) in cases {
+            assert_eq!(error.http_status().as_u16(), http, "{error:?}");
+            assert_eq!(error.grpc_code(), grpc, "{error:?}");
+            assert_eq!(error.grpc_status().code(), grpc, "{error:?}");
+            assert_eq!(error.retry_after().is_some(), retry, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn a_list_of_problems_is_summarised() {
+        let one = IngestError::fields(vec![FieldError::body("empty body")]);
+        assert_eq!(one.to_string(), "body: empty body");
+        let field = |index| FieldError {
+            index: Some(index),
+            field: "time".into(),
+            reason: "not RFC 3339".into(),
+        };
+        let many = IngestError::fields(vec![field(0), field(0), field(3)]);
+        assert_eq!(many.to_string(), "3 problems in 2 event(s); nothing was counted");
+    }
+}

@@ -1,0 +1,205 @@
+//! OTLP/HTTP: `POST /v1/metrics` and `POST /v1/logs`, protobuf or JSON, optionally gzip, over
+//! plain TCP or TLS (`tls`). The protocol only: reading and inflating the body, content types,
+//! the `google.rpc.Status` error body; the rest is `OtlpIngest::accept`.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use prost::Message;
+use serde_json::json;
+
+use super::{grpc, Encoding, IngestError, OtlpIngest, Signal};
+
+/// Routes `POST /v1/metrics` and `POST /v1/logs`.
+pub fn http_router(ingest: OtlpIngest) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/metrics", axum::routing::post(post_metrics))
+        .route("/v1/logs", axum::routing::post(post_logs))
+        .with_state(ingest)
+}
+
+async fn post_metrics(State(ingest): State<OtlpIngest>, headers: HeaderMap, body: Body) -> Response {
+    post(ingest, Signal::Metrics, headers, body).await
+}
+
+async fn post_logs(State(ingest): State<OtlpIngest>, headers: HeaderMap, body: Body) -> Response {
+    post(ingest, Signal::Logs, headers, body).await
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+const PROTOBUF: &str = "application/x-protobuf";
+
+async fn post(ingest: OtlpIngest, signal: Signal, headers: HeaderMap, body: Body) -> Response {
+    let content_type = header_str(&headers, header::CONTENT_TYPE.as_str())
+        .map(|value| value.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    let encoding = match content_type.as_deref() {
+        Some("application/x-protobuf" | "application/protobuf") => Encoding::Protobuf,
+        Some("application/json") => Encoding::Json,
+        other => {
+            let message = format!(
+                "content-type `{}` is not application/x-protobuf or application/json",
+                other.unwrap_or("(missing)")
+            );
+            return http_error(Encoding::Json, &IngestError::UnsupportedMediaType(message));
+        }
+    };
+    let limit = ingest.admission.shared.config.max_body_bytes;
+    let result = async {
+        let key_tenant = ingest.authenticate(
+            header_str(&headers, header::AUTHORIZATION.as_str()),
+            header_str(&headers, "x-api-key"),
+        )?;
+        let bytes = axum::body::to_bytes(body, limit).await.map_err(|error| {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>())
+                || error.to_string().contains("length limit");
+            if too_large {
+                IngestError::TooLarge(format!(
+                    "body larger than max_body_bytes ({limit}); export smaller batches"
+                ))
+            } else {
+                IngestError::invalid(format!("body could not be read: {error}"))
+            }
+        })?;
+        let bytes = match header_str(&headers, header::CONTENT_ENCODING.as_str()).map(str::trim) {
+            None | Some("identity") => bytes,
+            Some("gzip") => gunzip(&bytes, limit)?,
+            Some(other) => {
+                return Err(IngestError::invalid(format!(
+                    "content-encoding `{other}` is not supported (use gzip or none)"
+                )))
+            }
+        };
+        ingest.accept(signal, encoding, bytes, key_tenant).await
+    }
+    .await;
+    match result {
+        Ok(outcome) => {
+            let content_type = match encoding {
+                Encoding::Protobuf => PROTOBUF,
+                Encoding::Json => "application/json",
+            };
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, content_type)],
+                outcome.encode(signal, encoding),
+            )
+                .into_response()
+        }
+        Err(error) => http_error(encoding, &error),
+    }
+}
+
+/// Inflates a gzip body, refusing one that inflates past `limit` (a zip bomb is a bad request).
+fn gunzip(bytes: &[u8], limit: usize) -> Result<Bytes, IngestError> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(bytes.len() * 4);
+    let mut decoder = flate2::read::GzDecoder::new(bytes).take(limit as u64 + 1);
+    decoder
+        .read_to_end(&mut out)
+        .map_err(|error| IngestError::invalid(format!("gzip body does not inflate: {error}")))?;
+    if out.len() > limit {
+        return Err(IngestError::TooLarge(format!(
+            "body inflates past max_body_bytes ({limit}); export smaller batches"
+        )));
+    }
+    Ok(Bytes::from(out))
+}
+
+/// An error body as the OTLP spec asks: a `google.rpc.Status`, encoded like the request; the
+/// status and retry delay from the one map (`IngestError`).
+fn http_error(encoding: Encoding, error: &IngestError) -> Response {
+    let grpc_code = error.grpc_code() as i32;
+    let message = error.to_string();
+    let (content_type, body) = match encoding {
+        Encoding::Protobuf => (
+            PROTOBUF,
+            tonic_types::pb::Status {
+                code: grpc_code,
+                message,
+                details: Vec::new(),
+            }
+            .encode_to_vec(),
+        ),
+        Encoding::Json => (
+            "application/json",
+            serde_json::to_vec(&json!({"code": grpc_code, "message": message}))
+                .expect("invariant: errors serialize"),
+        ),
+    };
+    let mut response = (error.http_status(), [(header::CONTENT_TYPE, content_type)], body).into_response();
+    if let Some(delay) = error.retry_after() {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(delay.as_secs().max(1)));
+    }
+    response
+}
+
+/// Serves OTLP/HTTP on `listener` until `shutdown`, over TLS when `tls` is set.
+pub async fn serve_http(
+    ingest: OtlpIngest,
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+    tls: Option<tokio_rustls::rustls::ServerConfig>,
+) -> std::io::Result<()> {
+    let router = http_router(ingest);
+    let Some(tls) = tls else {
+        return axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    };
+    // axum::serve has no TLS: accept, handshake, then hand each connection to hyper.
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "otlp http accept failed");
+                    continue;
+                }
+            },
+        };
+        let (acceptor, router, shutdown) = (acceptor.clone(), router.clone(), shutdown.clone());
+        connections.spawn(async move {
+            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "otlp http tls handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            // HTTP/2 (by ALPN): the gRPC listener's windows, for the same reason (`grpc`).
+            builder
+                .http2()
+                .initial_connection_window_size(grpc::H2_CONNECTION_WINDOW_BYTES)
+                .initial_stream_window_size(grpc::H2_STREAM_WINDOW_BYTES);
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    // In-flight requests finish; the client is told to go away.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
