@@ -131,6 +131,13 @@ mod tests {
                 }],
             }],
         };
+        // Golden bytes (version 1 of `forwarded_usage`, see `store::format`): replicas of
+        // different builds exchange these records, so the encoding must not drift.
+        let hex: String = message.encode().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "0461636d6501010701087265717565737473f0010105726f757465022f780054"
+        );
         let decoded = ForwardedUsage::decode(&message.encode()).unwrap();
         assert_eq!(decoded, message);
         let config = crate::config::Config::load(crate::config::DEFAULT_CONFIG, &Default::default()).unwrap();

@@ -239,4 +239,231 @@ mod tests {
         let stored: FormatRecord = serde_json::from_slice(&db.get(meta_key()).unwrap().unwrap()).unwrap();
         assert_eq!(stored.kinds, FormatRecord::current().kinds);
     }
+
+    /// Golden bytes: today's encoding of every stored kind, pinned. A failure here means an
+    /// encoding changed: bump the kind's version in `KINDS`, keep a reader for the old bytes and
+    /// migrate (see the module doc) — do not just update the expected bytes.
+    mod golden {
+        use crate::aggregate::streams::{StreamKind, StreamState};
+        use crate::aggregate::{AggState, Aggregation, Observation};
+        use crate::rate::record::{PeriodEntry, Settled, TenantPeriod};
+        use crate::store::changelog::{ChangelogChunk, SeriesEntry};
+        use crate::store::log::{LogBatch, LogCumulative, LogSeries};
+
+        /// The bytes in hex; long ones (a HyperLogLog sketch) as their length and digest.
+        fn hex(bytes: &[u8]) -> String {
+            if bytes.len() > 256 {
+                return format!(
+                    "{} bytes, xxh3 {:032x}",
+                    bytes.len(),
+                    xxhash_rust::xxh3::xxh3_128(bytes)
+                );
+            }
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+
+        fn pinned(kind: &str, bytes: &[u8], expected: &str) {
+            assert_eq!(
+                hex(bytes),
+                expected,
+                "{kind}: its encoding changed (see the comment above)"
+            );
+        }
+
+        fn unique(hashes: &[u64], limit: u32) -> AggState {
+            let mut state = AggState::from_observation(
+                Aggregation::UniqueCount,
+                Observation::Unique(hashes[0]),
+                0,
+                limit,
+            );
+            for hash in &hashes[1..] {
+                let more = AggState::from_observation(
+                    Aggregation::UniqueCount,
+                    Observation::Unique(*hash),
+                    0,
+                    limit,
+                );
+                state.merge(&more).unwrap();
+            }
+            state
+        }
+
+        fn states() -> Vec<(&'static str, AggState)> {
+            let value = |aggregation, value: i128, ts| {
+                AggState::from_observation(aggregation, Observation::Value(value), ts, 100)
+            };
+            let mut distribution = value(Aggregation::Distribution, 1_500, 0);
+            distribution
+                .merge(&value(Aggregation::Distribution, 250_000, 0))
+                .unwrap();
+            vec![
+                ("sum", value(Aggregation::Sum, 1_234_567_890_123_456_789, 0)),
+                ("negative sum", value(Aggregation::Sum, -42, 0)),
+                ("count", AggState::Count(300)),
+                ("max", value(Aggregation::Max, 7, 0)),
+                ("min", value(Aggregation::Min, -3, 0)),
+                ("latest", value(Aggregation::Latest, 125, 1_765_000_000_123)),
+                ("unique exact", unique(&[3, 1, 2, 1], 100)),
+                (
+                    "unique sketch",
+                    unique(
+                        &(1..=5).map(|i| i * 0x9e37_79b9_7f4a_7c15).collect::<Vec<u64>>(),
+                        2,
+                    ),
+                ),
+                ("distribution", distribution),
+            ]
+        }
+
+        #[test]
+        fn agg_states_keep_their_encoding() {
+            let expected = [
+                ("sum", "00aa84ccde8fbd88a222"),
+                ("negative sum", "0053"),
+                ("count", "01ac02"),
+                ("max", "020e"),
+                ("min", "0305"),
+                ("latest", "04f6c995a3de66fa01"),
+                ("unique exact", "05006403010203"),
+                (
+                    "unique sketch",
+                    "16389 bytes, xxh3 11aca7848fa9c3031fd9606264d90935",
+                ),
+                ("distribution", "0602df0b01ffa70f01"),
+            ];
+            for ((name, state), (expected_name, bytes)) in states().into_iter().zip(expected) {
+                assert_eq!(name, expected_name);
+                pinned(&format!("agg_state ({name})"), &state.encode(), bytes);
+                assert_eq!(AggState::decode(&state.encode()).unwrap(), state);
+            }
+        }
+
+        #[test]
+        fn stream_states_keep_their_encoding() {
+            let state = StreamState {
+                start_ns: 1_765_000_000_000_000_000,
+                time_ns: 1_765_000_060_000_000_000,
+                value: 25_000_000,
+            };
+            pinned(
+                "stream_state",
+                &state.encode(),
+                "8080c2e4e0c4a2bf1880b0dfa6c0c6a2bf1880e1eb17",
+            );
+        }
+
+        fn log_batch() -> LogBatch {
+            LogBatch {
+                meters: vec!["tokens".into(), "requests".into()],
+                tenants: vec!["acme".into()],
+                dims: vec![vec![("model".into(), "gpt-4".into())], vec![]],
+                series: vec![LogSeries {
+                    meter: 0,
+                    tenant: 0,
+                    dims: 0,
+                    window_start: 1_765_000_020,
+                    state: AggState::Sum(1200.into()),
+                }],
+                dedup_keys: vec![0x0123_4567_89ab_cdef_0011_2233_4455_6677],
+                cumulative: vec![LogCumulative {
+                    stream: 99,
+                    start_ns: 1_000,
+                    time_ns: 2_000,
+                    value: 40,
+                    kind: StreamKind::Cumulative { monotonic: true },
+                    meter: 1,
+                    tenant: 0,
+                    dims: 1,
+                    window_start: 1_765_000_020,
+                    aggregation: Aggregation::Sum,
+                }],
+            }
+        }
+
+        #[test]
+        fn log_batches_keep_their_encoding() {
+            let batch = log_batch();
+            pinned("log_batch", &batch.encode(), "0206746f6b656e73087265717565737473010461636d650201056d6f64656c056770742d340001000000a88d9e930d00e01201f7ccd5a2b4c6c88880deb7de9af1d9a2a3020163e807d00f500001010001a88d9e930d00");
+            assert_eq!(LogBatch::decode(&batch.encode()).unwrap(), batch);
+        }
+
+        #[test]
+        fn ledgers_keep_their_encoding() {
+            let entry = PeriodEntry {
+                plan_id: "payg".into(),
+                plan_version: 2,
+                discount_percent: "10".into(),
+                period_end: 1_767_225_600,
+                state: Some(AggState::Sum(2_300.into())),
+                rated_quantity: Some("2300".into()),
+            };
+            pinned(
+                "period_entry",
+                &entry.encode(),
+                "04706179670202313080e4ad950d0100f823010432333030",
+            );
+            let period = TenantPeriod {
+                plan_id: "growth".into(),
+                plan_version: 1,
+                period_end: 1_767_225_600,
+                billed: "140.13".into(),
+                settlement: Some(Settled {
+                    revision: 1,
+                    true_up: "9.87".into(),
+                    prepaid: "100.00".into(),
+                    overage: "50.00".into(),
+                }),
+            };
+            pinned(
+                "tenant_period",
+                &period.encode(),
+                "0667726f7774680180e4ad950d063134302e3133010104392e3837063130302e30300535302e3030",
+            );
+        }
+
+        #[test]
+        fn dedup_runs_keep_their_encoding() {
+            let run = crate::store::dedup::encode_run(&[1, u128::MAX], 1_765_000_000);
+            pinned(
+                "dedup_run",
+                &run,
+                "000000006933c34000000000000000000000000000000001ffffffffffffffffffffffffffffffff",
+            );
+        }
+
+        #[test]
+        fn changelog_chunks_keep_their_encoding() {
+            let chunk = ChangelogChunk {
+                source: "kafka/usage/3".into(),
+                flush_id: 77,
+                chunk: 0,
+                chunks: 1,
+                position: 1_000,
+                seen_secs: 1_765_000_000,
+                series: vec![SeriesEntry {
+                    suffix: vec![0, 6, b't', b'o', b'k', b'e', b'n', b's'],
+                    state: AggState::Count(4).encode(),
+                    revision: 2,
+                }],
+                dedup_keys: vec![5],
+                base: false,
+                folded_through: -1,
+                dedup_seen: vec![(6, 1_765_000_001)],
+                restore_from: 900,
+            };
+            pinned("changelog_chunk", &chunk.encode(), "0d6b61666b612f75736167652f334d0001e807808d9e930d01080006746f6b656e7302010402010500010106828d9e930d8407");
+            assert_eq!(ChangelogChunk::decode(&chunk.encode()).unwrap(), chunk);
+        }
+
+        #[test]
+        fn meter_shapes_keep_their_encoding() {
+            let shape = crate::store::MeterShape {
+                aggregation: "UNIQUE_COUNT".into(),
+                scale: 6,
+                window_secs: 60,
+            };
+            assert_eq!(shape.encode(), "UNIQUE_COUNT/6/60");
+        }
+    }
 }

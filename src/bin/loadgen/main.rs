@@ -351,10 +351,10 @@ async fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::Rng;
     use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
     use opentelemetry_proto::tonic::metrics::v1::{number_data_point, NumberDataPoint};
     use prost::Message;
+    use rand::Rng;
 
     fn args() -> Args {
         Args::parse_from([
