@@ -1,25 +1,29 @@
 //! tallyd: a streaming usage aggregator. Usage events come in (OTLP metrics and logs over gRPC
-//! and HTTP, CloudEvents over HTTP and from Kafka topics), are counted exactly once per tenant and meter in UTC windows, are
-//! checkpointed to RocksDB atomically with their source positions and dedup keys, and come out
-//! as queryable usage, closed-window records (JSONL) and priced bill previews.
+//! and HTTP, CloudEvents over HTTP and from Kafka topics), are counted exactly once per tenant
+//! and meter in UTC windows, checkpointed to RocksDB atomically with their source positions and
+//! dedup keys, priced with each tenant's plan, and come out as queryable usage, bill previews
+//! and rated usage records (JSONL file, Kafka topic, webhook).
 //!
 //! # Layout
-//! Data path order:
-//! - [`config`]: TOML + env → validated `Config` (every error at once).
-//! - [`model`]: shared nouns: ids, exact fixed-point quantities, windows, series keys, interning.
-//! - [`meter`]: meter definitions; which meters an event feeds and with what value and dims.
-//! - [`ingest`]: edges: `decode` (pure CloudEvents decoding/validation), `http` (axum), `dedup`,
-//!   `kafka` (consumer group), `otlp` (gRPC + HTTP; `otlp::map` is the pure point mapping).
-//! - [`aggregate`]: mergeable states, the engine (share-nothing writer maps of deltas) and
-//!   cumulative streams → deltas (`aggregate::streams`). No I/O.
-//! - [`rate`]: pure pricing: charge models, rounding, incremental rating, plans from config
-//!   (the bill preview uses them; rated-record emission is not wired in yet).
-//! - [`store`]: RocksDB layout, merge operator, retention, checkpoints; the ingest log.
-//! - [`pipeline`]: the wiring: recovery, commit stage, checkpoint stage, shutdown order.
-//! - [`emit`]: outputs: JSONL files (window records, dead letters).
-//! - [`api`]: routes, usage queries, health, readiness, metrics.
+//! Layers, top to bottom (a module imports only from the layers below it; ARCHITECTURE.md,
+//! "Module layers", and `tests/architecture.rs`):
+//! - [`pipeline`]: the wiring: recovery, the commit, checkpoint and dedup stages, plan reload,
+//!   shutdown order.
+//! - [`api`]: HTTP routes: usage queries, the bill preview, rated records, health, `/metrics`.
+//! - [`ingest`]: the edges, over one admission-and-commit path (`ingest::admission`): CloudEvents
+//!   over HTTP (`http`, decoded by the pure `decode`), OTLP (`otlp`, mapped by the pure
+//!   `otlp::map`), the Kafka consumer-group source (`kafka`).
+//! - [`emit`]: the outbox's consumers: JSONL file, Kafka topic, signed webhook.
+//! - [`query`]: the usage query engine (store + pending snapshots + live deltas).
 //! - [`cluster`]: cluster mode: edges forward to the ingest topic, queries go to the owner.
-//! - [`telemetry`], [`shutdown`]: logs, metric catalogue, signals.
+//! - [`kafka`]: librdkafka client setup shared by every Kafka user.
+//! - [`state`]: what stages and edges share: `Shared`, commit requests, the dedup index.
+//! - [`store`]: RocksDB layout, merge operator, retention, checkpoints, the ingest log, dedup
+//!   keys, rating ledgers, versioned stored formats.
+//! - [`config`]: TOML + env → validated `Config` (every error at once).
+//! - [`meter`], [`rate`]: pure domain: which meters an event feeds (JSONPath); pricing.
+//! - [`aggregate`]: mergeable states, share-nothing writer maps, cumulative streams. No I/O.
+//! - [`model`], [`telemetry`], [`shutdown`]: shared nouns; the metric catalogue; signals.
 #![forbid(unsafe_code)]
 
 pub mod aggregate;

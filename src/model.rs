@@ -1,7 +1,8 @@
 //! The shared nouns of the data path: ids, exact quantities, windows and series keys.
 //!
-//! Owns: fixed-point decimal parsing/formatting (`Quantity`), UTC window arithmetic,
-//! string interning for tenants, meters and dimension sets, and `SeriesKey`.
+//! Owns: fixed-point decimal parsing and formatting (`parse_decimal`, `format_decimal`: `i128`
+//! at a meter's scale), UTC window arithmetic, string interning for tenants, meters and
+//! dimension sets, `SeriesKey`, and the acceptance window every edge judges event times by.
 //! Must not: know about transports, storage or configuration files.
 
 use std::collections::HashMap;

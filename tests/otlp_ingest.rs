@@ -592,6 +592,56 @@ async fn otlp_http_takes_json_and_gzip() {
     daemon.stop();
 }
 
+/// Inflation is capped by `max_body_bytes`: a small gzip body that inflates past it (a zip bomb)
+/// is refused as too large after reading no more than the cap; a corrupt gzip body and an
+/// encoding tallyd does not read are bad requests; the daemon keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn otlp_http_refuses_zip_bombs_corrupt_gzip_and_unknown_encodings() {
+    let (_dir, daemon) = start("");
+    let http = client();
+    let url = format!("http://{}/v1/metrics", daemon.otlp_http.as_ref().unwrap());
+    let gzip = |bytes: &[u8]| {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut encoder, bytes).unwrap();
+        encoder.finish().unwrap()
+    };
+    // 64 MiB of zeros in ≈ 64 KiB: eight times the 8 MiB default cap.
+    let bomb = gzip(&vec![0u8; 64 << 20]);
+    assert!(bomb.len() < 128 << 10, "{}", bomb.len());
+    let post = |body: Vec<u8>, encoding: &'static str| {
+        http.post(&url)
+            .header("content-type", "application/x-protobuf")
+            .header("content-encoding", encoding)
+            .body(body)
+            .send()
+    };
+    let response = post(bomb, "gzip").await.unwrap();
+    assert_eq!(response.status(), 413);
+    let status = tonic_types::pb::Status::decode(response.bytes().await.unwrap()).unwrap();
+    assert!(status.message.contains("max_body_bytes"), "{status:?}");
+    let response = post(b"\x1f\x8b\x08\x00not gzip at all".to_vec(), "gzip")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let response = post(b"anything".to_vec(), "br").await.unwrap();
+    assert_eq!(response.status(), 400);
+    let status = tonic_types::pb::Status::decode(response.bytes().await.unwrap()).unwrap();
+    assert!(status.message.contains("content-encoding `br`"), "{status:?}");
+    // Still serving: a valid gzip export counts.
+    let now = now_ns();
+    let request = ExportMetricsServiceRequest {
+        resource_metrics: vec![sum_resource(
+            Some("after-bomb"),
+            AggregationTemporality::Delta,
+            vec![point("/g", now - 1, now, int(3))],
+        )],
+    };
+    let response = post(gzip(&request.encode_to_vec()), "gzip").await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(total(&daemon, "requests", "after-bomb").await, 3);
+    daemon.stop();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn api_keys_bind_points_to_their_tenant() {
     let (_dir, daemon) = start("[otlp.api_keys]\n\"acme-key-0123456789abcdef\" = \"acme\"\n");

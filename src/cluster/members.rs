@@ -50,7 +50,7 @@ pub fn follow(
     topic: &str,
     directory: Arc<RwLock<HashMap<String, Member>>>,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
+) -> Result<std::thread::JoinHandle<()>, crate::kafka::KafkaSetupError> {
     // Every replica reads the whole topic with `assign` (no group membership, nothing
     // committed); librdkafka still wants a group id to create the consumer.
     let consumer: BaseConsumer = client_config(kafka)

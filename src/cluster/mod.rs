@@ -119,7 +119,7 @@ impl Cluster {
         kafka: &KafkaConfig,
         config: &ClusterConfig,
         url: String,
-    ) -> anyhow::Result<Arc<Cluster>> {
+    ) -> Result<Arc<Cluster>, KafkaSetupError> {
         let probe_config = kafka.clone();
         let topic = config.ingest_topic.clone();
         let partitions = tokio::task::spawn_blocking(move || -> Result<i32, KafkaSetupError> {
@@ -129,7 +129,8 @@ impl Cluster {
                 .map(|(_, partitions)| partitions)
                 .ok_or(KafkaSetupError::TopicMissing(topic))
         })
-        .await??;
+        .await
+        .map_err(|error| KafkaSetupError::Task(error.to_string()))??;
         members::provision(kafka, &config.members_topic).await?;
         let producer: FutureProducer = producer_config(kafka)
             .set("partitioner", "murmur2_random")

@@ -32,7 +32,7 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    pub fn new(config: &EmitKafkaConfig) -> anyhow::Result<KafkaSink> {
+    pub fn new(config: &EmitKafkaConfig) -> Result<KafkaSink, super::EmitError> {
         let mut client = rdkafka::config::ClientConfig::new();
         client
             .set("bootstrap.servers", &config.brokers)

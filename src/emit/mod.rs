@@ -40,7 +40,7 @@ pub struct Emitters {
 }
 
 impl Emitters {
-    pub fn start(shared: &Arc<Shared>) -> anyhow::Result<Emitters> {
+    pub fn start(shared: &Arc<Shared>) -> Result<Emitters, EmitError> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let config = &shared.config;
@@ -93,6 +93,17 @@ pub fn line_kind(line: &[u8]) -> &'static str {
     } else {
         "window"
     }
+}
+
+/// Why an emitter could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EmitError {
+    #[error("kafka emitter: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("webhook emitter: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("emitter: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// A remote output: delivers a batch of lines (newline-free JSON) or says why not.

@@ -1,78 +1,17 @@
 //! Rated records as protobuf (`proto/tallyd/rated/v1/rated.proto`), for Kafka consumers who
-//! want it. Hand-derived prost messages mirror the .proto field by field (no protoc at build
-//! time); `tests/proto_schema.rs` checks them against protoc's reading of the file.
+//! want it. The messages are generated from the .proto at build time (protox + prost-build, no
+//! protoc); `tests/proto_schema.rs` also decodes the bytes with protoc's reading of the file.
 
 use crate::rate::record::RatedRecord;
 
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct TierAmountProto {
-    #[prost(uint32, tag = "1")]
-    pub tier: u32,
-    #[prost(string, tag = "2")]
-    pub units: String,
-    #[prost(string, tag = "3")]
-    pub unit_price: String,
-    #[prost(string, tag = "4")]
-    pub flat_price: String,
-    #[prost(string, tag = "5")]
-    pub amount: String,
+/// `tallyd.rated.v1`, generated from `proto/tallyd/rated/v1/rated.proto` at build time
+/// (`build.rs`: protox + prost-build).
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/tallyd.rated.v1.rs"));
 }
 
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RatedRecordProto {
-    #[prost(string, tag = "1")]
-    pub kind: String,
-    #[prost(string, tag = "2")]
-    pub record_id: String,
-    #[prost(uint32, tag = "3")]
-    pub revision: u32,
-    #[prost(string, tag = "4")]
-    pub tenant: String,
-    #[prost(string, tag = "5")]
-    pub meter: String,
-    #[prost(btree_map = "string, string", tag = "6")]
-    pub dims: std::collections::BTreeMap<String, String>,
-    #[prost(string, tag = "7")]
-    pub window_start: String,
-    #[prost(string, tag = "8")]
-    pub window_end: String,
-    #[prost(string, tag = "9")]
-    pub period_start: String,
-    #[prost(string, tag = "10")]
-    pub period_end: String,
-    #[prost(string, tag = "11")]
-    pub quantity: String,
-    #[prost(string, tag = "12")]
-    pub amount: String,
-    #[prost(string, tag = "13")]
-    pub increment: String,
-    #[prost(string, tag = "14")]
-    pub currency: String,
-    #[prost(string, tag = "15")]
-    pub plan_id: String,
-    #[prost(uint32, tag = "16")]
-    pub plan_version: u32,
-    #[prost(string, tag = "17")]
-    pub model: String,
-    #[prost(string, tag = "18")]
-    pub discount_percent: String,
-    #[prost(string, tag = "19")]
-    pub period_quantity: String,
-    #[prost(string, tag = "20")]
-    pub period_amount: String,
-    #[prost(message, repeated, tag = "21")]
-    pub tiers: Vec<TierAmountProto>,
-    #[prost(string, tag = "22")]
-    pub event_time_from: String,
-    #[prost(string, tag = "23")]
-    pub event_time_to: String,
-    #[prost(string, tag = "24")]
-    pub rated_at: String,
-    #[prost(string, tag = "25")]
-    pub prepaid: String,
-    #[prost(string, tag = "26")]
-    pub overage: String,
-}
+pub use v1::{RatedRecord as RatedRecordProto, TierAmount as TierAmountProto};
 
 impl From<&RatedRecord> for RatedRecordProto {
     fn from(record: &RatedRecord) -> RatedRecordProto {

@@ -39,7 +39,7 @@ pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
 }
 
 impl WebhookSink {
-    pub fn new(config: &EmitWebhookConfig) -> anyhow::Result<WebhookSink> {
+    pub fn new(config: &EmitWebhookConfig) -> Result<WebhookSink, super::EmitError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

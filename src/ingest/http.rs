@@ -142,13 +142,14 @@ fn invalid(errors: Vec<FieldError>, events: usize) -> IngestError {
     IngestError::fields(errors)
 }
 
-/// Decode and validate; the events that count (blocking pool).
-fn prepare(
+/// The body's events (raw) and what they decode to, or every problem (the whole request is
+/// invalid: nothing counts).
+fn decode_body<'b>(
     shared: &Shared,
-    body: &[u8],
+    body: &'b [u8],
     kind: BodyKind,
     now: i64,
-) -> Result<Prepared<MeteredEvent, Vec<Refusal>>, IngestError> {
+) -> Result<(Vec<&'b serde_json::value::RawValue>, decode::Decoded), IngestError> {
     let raw = decode::split_body(body, kind).map_err(|error| invalid(vec![error], 1))?;
     let decoded = decode::decode_events(
         &raw,
@@ -158,6 +159,17 @@ fn prepare(
         shared.config.acceptance(),
     )
     .map_err(|errors| invalid(errors, raw.len()))?;
+    Ok((raw, decoded))
+}
+
+/// Decode and validate; the events that count (blocking pool).
+fn prepare(
+    shared: &Shared,
+    body: &[u8],
+    kind: BodyKind,
+    now: i64,
+) -> Result<Prepared<MeteredEvent, Vec<Refusal>>, IngestError> {
+    let (raw, decoded) = decode_body(shared, body, kind, now)?;
     let received_at = received_at(now);
     let dead_letters = decoded
         .refused
@@ -200,15 +212,7 @@ fn forwardable(
     kind: BodyKind,
     now: i64,
 ) -> Result<Forward<IngestSummary>, IngestError> {
-    let raw = decode::split_body(body, kind).map_err(|error| invalid(vec![error], 1))?;
-    let decoded = decode::decode_events(
-        &raw,
-        &shared.meters,
-        &shared.names,
-        now,
-        shared.config.acceptance(),
-    )
-    .map_err(|errors| invalid(errors, raw.len()))?;
+    let (raw, decoded) = decode_body(shared, body, kind, now)?;
     #[derive(serde::Deserialize)]
     struct Subject<'a> {
         #[serde(borrow)]

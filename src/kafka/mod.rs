@@ -51,6 +51,10 @@ pub enum KafkaSetupError {
     CreateTopic { topic: String, error: RDKafkaErrorCode },
     #[error("kafka setup task failed: {0}")]
     Task(String),
+    #[error("cannot start a kafka thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error("{0} is already installed")]
+    AlreadyInstalled(&'static str),
 }
 
 /// Settings every client shares: the brokers, statistics for the lag gauges, log level.

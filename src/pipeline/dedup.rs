@@ -5,8 +5,10 @@
 //! SST file, ingestion) and forgetting them another 100 ms: on the checkpoint thread it held
 //! back the checkpoints behind it, and with them the freshness of queries and the pending-series
 //! bound that pushes back on producers. Here nothing waits for it: until it is done the keys are
-//! answered from memory. (Renicing this thread was tried and dropped: it takes the index's shard
-//! locks, RocksDB's and the allocator's, and a preempted holder stalls every request behind it.)
+//! answered from memory. It runs at the background stages' lower priority
+//! (`state::background_priority`); renicing it alone, further, was tried and dropped: it takes the
+//! index's shard locks, RocksDB's and the allocator's, and a preempted holder stalls every request
+//! behind it (ARCHITECTURE.md, "Known limits").
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};

@@ -32,6 +32,58 @@ pub struct WindowRecord<'a> {
     pub closed_at: String,
 }
 
+/// A closed window, as its record reads it.
+pub struct ClosedWindow<'a> {
+    pub tenant: &'a str,
+    pub meter: &'a str,
+    pub dims: &'a [(String, String)],
+    pub window_start: i64,
+    pub window_secs: i64,
+    /// The meter's aggregation decides how a state reads (TIME_WEIGHTED: value × hours); None:
+    /// the meter is no longer configured and its state reads as its own kind.
+    pub aggregation: Option<Aggregation>,
+    pub scale: u32,
+}
+
+impl WindowRecord<'_> {
+    /// The JSONL line of `window`'s record: `total` at `revision`, deterministic `record_id`
+    /// from the series' key suffix.
+    pub fn line_of(
+        window: &ClosedWindow<'_>,
+        suffix: &[u8],
+        total: &AggState,
+        revision: u32,
+        closed_at: &str,
+    ) -> Vec<u8> {
+        let record = WindowRecord {
+            kind: "window",
+            record_id: record_id(suffix),
+            revision,
+            tenant: window.tenant,
+            meter: window.meter,
+            dims: dims_object(window.dims),
+            window_start: crate::model::rfc3339(window.window_start),
+            window_end: crate::model::rfc3339(window.window_start + window.window_secs),
+            aggregation: window
+                .aggregation
+                .map_or(total.kind(), |aggregation| aggregation.as_str()),
+            quantity: window.aggregation.map_or_else(
+                || total.value_string(window.scale),
+                |aggregation| total.quantity_string(aggregation, window.scale),
+            ),
+            closed_at: closed_at.to_string(),
+        };
+        jsonl(&record)
+    }
+}
+
+/// One JSONL line of a record (window or rated).
+pub fn jsonl(record: &impl Serialize) -> Vec<u8> {
+    let mut line = serde_json::to_vec(record).expect("invariant: records serialize");
+    line.push(b'\n');
+    line
+}
+
 /// A series' dimensions as the JSON object records carry.
 pub fn dims_object(dims: &[(String, String)]) -> serde_json::Map<String, serde_json::Value> {
     dims.iter()

@@ -18,11 +18,11 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::changelog::{chunk_flush, ChangelogChunk, SeriesEntry};
-use super::keys::{self, SeriesName};
+use super::keys;
 use super::{MeterCatalog, RocksStore, StoreError, META_CLOSED_BEFORE, META_GENERATION, META_OUTBOX_NEXT};
 use crate::aggregate::{AggState, SourceCut};
 use crate::model::{rfc3339, Names, SeriesKey};
-use crate::rate::record::{dims_object, record_id, WindowRecord};
+use crate::rate::record::{ClosedWindow, WindowRecord};
 
 /// What the engine hands to a checkpoint: every delta since the previous one.
 #[derive(Debug, Default)]
@@ -235,7 +235,16 @@ impl RocksStore {
                 None => 1,
             };
             let shape = catalog.get(&name.meter);
-            let line = window_record_line(&name, &suffix, &total, revision, shape, &closed_at);
+            let window = ClosedWindow {
+                tenant: &name.tenant,
+                meter: &name.meter,
+                dims: &name.dims,
+                window_start: name.window_start,
+                window_secs: shape.map_or(60, |s| s.window_secs),
+                aggregation: shape.and_then(|s| crate::aggregate::Aggregation::parse(&s.aggregation)),
+                scale: shape.map_or(0, |s| s.scale),
+            };
+            let line = WindowRecord::line_of(&window, &suffix, &total, revision, &closed_at);
             batch.put(revision_key, revision.to_be_bytes());
             if replicated {
                 emitted_revisions.insert(suffix.clone(), revision);
@@ -423,37 +432,4 @@ impl RocksStore {
             .expect("prepare");
         self.commit_checkpoint(prepared).expect("commit");
     }
-}
-
-fn window_record_line(
-    name: &SeriesName,
-    suffix: &[u8],
-    total: &AggState,
-    revision: u32,
-    shape: Option<&super::MeterShape>,
-    closed_at: &str,
-) -> Vec<u8> {
-    let scale = shape.map_or(0, |s| s.scale);
-    let window_secs = shape.map_or(60, |s| s.window_secs);
-    // The meter's aggregation decides how a state reads (TIME_WEIGHTED: value × hours).
-    let aggregation = shape.and_then(|s| crate::aggregate::Aggregation::parse(&s.aggregation));
-    let record = WindowRecord {
-        kind: "window",
-        record_id: record_id(suffix),
-        revision,
-        tenant: &name.tenant,
-        meter: &name.meter,
-        dims: dims_object(&name.dims),
-        window_start: rfc3339(name.window_start),
-        window_end: rfc3339(name.window_start + window_secs),
-        aggregation: aggregation.map_or(total.kind(), |aggregation| aggregation.as_str()),
-        quantity: aggregation.map_or_else(
-            || total.value_string(scale),
-            |aggregation| total.quantity_string(aggregation, scale),
-        ),
-        closed_at: closed_at.to_string(),
-    };
-    let mut line = serde_json::to_vec(&record).expect("invariant: window records serialize");
-    line.push(b'\n');
-    line
 }

@@ -1,4 +1,4 @@
-//! The ingest log: push sources (HTTP today, OTLP next) append each accepted batch here and
+//! The ingest log: the push sources (HTTP CloudEvents, OTLP) append each accepted batch here and
 //! acknowledge only after the append is durable. Recovery replays every record at or after the
 //! checkpointed position, so a crash between acknowledgement and checkpoint loses nothing.
 //!
@@ -7,8 +7,9 @@
 //! tail of the last segment (a crash mid-write, never acknowledged) is cut off on open; a bad
 //! record anywhere else is corruption and refuses startup rather than silently losing usage.
 //!
-//! Payloads are `LogBatch`es: series deltas already deduplicated and pre-aggregated, with
-//! strings instead of process-local ids, plus the dedup keys they consumed. Replaying them is
+//! Payloads are `LogBatch`es (`store::format` kind `log_batch`, v2; v1 records still replay):
+//! series deltas already deduplicated and pre-aggregated, with strings instead of process-local
+//! ids, plus the dedup keys they consumed and OTLP's raw cumulative points. Replaying them is
 //! deterministic: dedup decisions are part of the log, not re-made.
 
 use std::fs::{self, File, OpenOptions};

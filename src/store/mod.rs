@@ -101,7 +101,7 @@ pub struct RocksStore {
 /// the memtable (see `dedup`).
 const DEDUP_CF: &str = "dedup";
 
-/// Position name of the local ingest log (HTTP and, later, OTLP batches).
+/// Position name of the local ingest log (HTTP CloudEvents and OTLP batches).
 pub const INGEST_LOG_SOURCE: &str = "ingest-log";
 const META_CLOSED_BEFORE: &str = "closed_before";
 const META_OUTBOX_NEXT: &str = "outbox_next";

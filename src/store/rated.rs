@@ -336,9 +336,7 @@ impl RocksStore {
             overage: money(overage, minor),
         };
         // The usage file and the emitters carry it like any rated record (meter "").
-        let mut line = serde_json::to_vec(&record).expect("invariant: rated records serialize");
-        line.push(b'\n');
-        Ok(Some(line))
+        Ok(Some(crate::rate::record::jsonl(&record)))
     }
 
     /// Settles the tenant periods that closed (period end + `allowed_lateness` has passed) under

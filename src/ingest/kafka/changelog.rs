@@ -85,7 +85,7 @@ pub struct Compaction {
 fn changelog_producer(
     config: &KafkaConfig,
     what: &'static str,
-) -> Result<BaseProducer<DeliveryContext>, ChangelogError> {
+) -> Result<BaseProducer<DeliveryContext>, KafkaSetupError> {
     Ok(producer_config(config)
         // Flushes can approach the chunk limit; allow them whatever the defaults.
         .set("message.max.bytes", "2000000")
@@ -100,7 +100,7 @@ impl ChangelogProducer {
         config: &KafkaConfig,
         topic: String,
         compaction: Compaction,
-    ) -> Result<ChangelogProducer, ChangelogError> {
+    ) -> Result<ChangelogProducer, KafkaSetupError> {
         Ok(ChangelogProducer {
             inner: Arc::new(Inner {
                 producer: changelog_producer(config, "changelog")?,

@@ -41,7 +41,7 @@ use dead_letter::DeadLetterProducer;
 
 use crate::cluster::Cluster;
 use crate::config::KafkaConfig;
-use crate::kafka::{consumer_config, log_librdkafka, parse_position_name};
+use crate::kafka::{consumer_config, log_librdkafka, parse_position_name, KafkaSetupError};
 use crate::model::now_ms;
 use crate::state::Shared;
 use crate::store::checkpoint::Snapshot;
@@ -225,7 +225,7 @@ impl KafkaSource {
         config: KafkaConfig,
         checkpoints: SyncSender<Arc<Snapshot>>,
         cluster: Option<Arc<Cluster>>,
-    ) -> anyhow::Result<KafkaSource> {
+    ) -> Result<KafkaSource, KafkaSetupError> {
         changelog::provision_topics(&config).await?;
         let changelog = match &config.changelog_topic {
             Some(topic) => {
@@ -241,7 +241,7 @@ impl KafkaSource {
                     compaction,
                 )?);
                 if shared.changelog.set(sink.clone()).is_err() {
-                    anyhow::bail!("a changelog sink is already installed");
+                    return Err(KafkaSetupError::AlreadyInstalled("a changelog sink"));
                 }
                 Some(sink)
             }
