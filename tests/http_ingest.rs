@@ -645,3 +645,50 @@ async fn checkpoints_behind_means_retryable_503_and_nothing_counted_twice() {
     assert_eq!(sum_rows(&query(&client, &daemon, "tokens", "").await), 160);
     daemon.stop();
 }
+
+/// A client that gives up after sending its batch (a closed connection mid-request) does not
+/// change what is counted: once the events are claimed the daemon commits them anyway, and the
+/// retry learns they were counted. Before the edges ran the commit to its end, the claims
+/// stayed while the handler was dropped: the retry was told "duplicates" and nothing counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_request_loses_nothing_and_its_retry_is_told_the_truth() {
+    use std::io::Write;
+    let (_dir, path) = config("");
+    edit_config(&path, "[server]\n", "[server]\nmax_body_bytes = 67108864\n");
+    let daemon = Daemon::start(&path);
+    let client = client();
+    let t = ago(30);
+    let batch: Vec<Value> = (0..50_000)
+        .map(|i| {
+            event(
+                &format!("hangup-{i}"),
+                "llm.prompt",
+                "hangup",
+                &t,
+                json!({"tokens": 1, "model": "m"}),
+            )
+        })
+        .collect();
+    let body = serde_json::to_vec(&batch).unwrap();
+    let mut stream = std::net::TcpStream::connect(daemon.addr.as_str()).unwrap();
+    write!(
+        stream,
+        "POST /api/v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/cloudevents-batch+json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(&body).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    drop(stream);
+    // The retry: whatever it is told, the batch counts once.
+    let (status, answer) = post_batch(&client, &daemon, &batch).await;
+    assert_eq!(status, 202, "{answer}");
+    let told = answer["accepted"].as_i64().unwrap() + answer["duplicates"].as_i64().unwrap();
+    assert_eq!(told, 50_000, "{answer}");
+    assert_eq!(tenant_tokens(&client, &daemon, "hangup").await, 50_000);
+    // And once more: now certainly all duplicates, still 50,000.
+    let (_, answer) = post_batch(&client, &daemon, &batch).await;
+    assert_eq!(answer["duplicates"], json!(50_000), "{answer}");
+    assert_eq!(tenant_tokens(&client, &daemon, "hangup").await, 50_000);
+    daemon.stop();
+}

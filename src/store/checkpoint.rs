@@ -65,7 +65,8 @@ pub struct CheckpointStats {
 /// unclosed, as unlikely as a dedup-key collision.
 pub(super) type IndexedWindow = (i64, u128);
 
-pub struct Prepared {
+/// A checkpoint built but not yet written: its WriteBatch and what committing it changes.
+pub struct CheckpointBatch {
     batch: WriteBatch,
     generation: u64,
     /// The snapshot's dedup keys, in arrival order.
@@ -91,7 +92,7 @@ impl RocksStore {
         now_secs: i64,
         allowed_lateness_secs: i64,
         plans: &crate::rate::plan::Plans,
-    ) -> Result<Prepared, StoreError> {
+    ) -> Result<CheckpointBatch, StoreError> {
         let mut batch = WriteBatch::default();
         let mut rating = super::rated::RatingBatch::new(plans, now_secs);
         let closed_before_old = self.closed_before.load(Ordering::Acquire);
@@ -314,7 +315,7 @@ impl RocksStore {
                 now_secs,
             )?);
         }
-        Ok(Prepared {
+        Ok(CheckpointBatch {
             batch,
             generation: snapshot.generation,
             dedup_run,
@@ -394,7 +395,7 @@ impl RocksStore {
     /// Commits a prepared checkpoint durably (synced WAL), then stages its dedup run
     /// (`store::dedup`; `dedup_ingest_due` tells when to ingest the staged keys). An error means
     /// the batch did not commit.
-    pub fn commit_checkpoint(&self, prepared: Prepared) -> Result<CheckpointStats, StoreError> {
+    pub fn commit_checkpoint(&self, prepared: CheckpointBatch) -> Result<CheckpointStats, StoreError> {
         let stats = prepared.stats;
         self.write(prepared.batch, true)?;
         self.stage_dedup_run(prepared.generation, prepared.dedup_run, prepared.seen_secs);

@@ -15,6 +15,8 @@ pub mod dedup_filter;
 pub mod format;
 pub mod keys;
 pub mod log;
+mod meters;
+mod outbox;
 pub mod rated;
 
 use std::collections::HashMap;
@@ -27,8 +29,8 @@ use rocksdb::{
 };
 
 use crate::aggregate::AggState;
-use crate::meter::Meter;
 use keys::SeriesName;
+pub use meters::{MeterCatalog, MeterShape};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -46,33 +48,6 @@ pub enum StoreError {
     #[error("cannot open the data directory: {0}")]
     Format(String),
 }
-
-/// What the store must know of a meter to interpret its stored states, kept in `M` keys so that
-/// a meter removed from config can still be read, and an incompatible change is refused.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MeterShape {
-    pub aggregation: String,
-    pub scale: u32,
-    pub window_secs: i64,
-}
-
-impl MeterShape {
-    fn encode(&self) -> String {
-        format!("{}/{}/{}", self.aggregation, self.scale, self.window_secs)
-    }
-
-    fn decode(text: &str) -> Option<MeterShape> {
-        let mut parts = text.split('/');
-        let shape = MeterShape {
-            aggregation: parts.next()?.to_string(),
-            scale: parts.next()?.parse().ok()?,
-            window_secs: parts.next()?.parse().ok()?,
-        };
-        parts.next().is_none().then_some(shape)
-    }
-}
-
-pub type MeterCatalog = HashMap<String, MeterShape>;
 
 pub struct RocksStore {
     db: DB,
@@ -225,59 +200,6 @@ impl RocksStore {
         Ok(store)
     }
 
-    /// Records each configured meter's shape, refusing a change that would reinterpret stored
-    /// states (aggregation, scale or window size of an existing slug). Returns every known shape,
-    /// including meters no longer configured.
-    pub fn guard_meters(&self, meters: &[Meter]) -> Result<MeterCatalog, StoreError> {
-        let mut catalog = MeterCatalog::new();
-        let prefix = keys::meta_key("meter/");
-        for item in self.db.iterator(IteratorMode::From(&prefix, Direction::Forward)) {
-            let (key, value) = item?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            let slug = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-            let shape = std::str::from_utf8(&value)
-                .ok()
-                .and_then(MeterShape::decode)
-                .ok_or_else(|| StoreError::Corrupt {
-                    what: "meter shape",
-                    detail: slug.clone(),
-                })?;
-            catalog.insert(slug, shape);
-        }
-        let mut problems = Vec::new();
-        let mut batch = WriteBatch::default();
-        for meter in meters {
-            let shape = MeterShape {
-                aggregation: meter.aggregation.as_str().to_string(),
-                scale: meter.scale,
-                window_secs: meter.window_size.seconds(),
-            };
-            match catalog.get(&meter.slug) {
-                Some(stored) if *stored != shape => problems.push(format!(
-                    "meter `{}` was {} (stored data depends on it) and is now {}; keep it or use a new slug",
-                    meter.slug,
-                    stored.encode(),
-                    shape.encode()
-                )),
-                Some(_) => {}
-                None => {
-                    batch.put(
-                        keys::meta_key(&format!("meter/{}", meter.slug)),
-                        shape.encode().as_bytes(),
-                    );
-                    catalog.insert(meter.slug.clone(), shape);
-                }
-            }
-        }
-        if !problems.is_empty() {
-            return Err(StoreError::MeterChanged(problems.join("; ")));
-        }
-        self.write(batch, true)?;
-        Ok(catalog)
-    }
-
     /// The generation of the last checkpoint committed as of `snapshot` (0 before any).
     pub fn checkpoint_generation(
         &self,
@@ -349,82 +271,6 @@ impl RocksStore {
             out.push((name, state));
         }
         Ok(out)
-    }
-
-    /// Every outbox line still stored, in order.
-    pub fn pending_outbox(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.outbox_from(0, usize::MAX)
-    }
-
-    /// Outbox lines with a sequence of at least `from`, in order, at most `limit`.
-    pub fn outbox_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&keys::outbox_key(from), Direction::Forward))
-        {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, value) = item?;
-            if key.first() != Some(&keys::OUTBOX) {
-                break;
-            }
-            let seq = u64::from_be_bytes(key[1..9].try_into().map_err(|_| StoreError::Corrupt {
-                what: "outbox key",
-                detail: format!("{key:?}"),
-            })?);
-            out.push((seq, value.to_vec()));
-        }
-        Ok(out)
-    }
-
-    /// The sequence the next outbox line will get.
-    pub fn outbox_next(&self) -> u64 {
-        self.outbox_next.load(Ordering::Acquire)
-    }
-
-    /// Registers an emitter and returns its cursor (the next outbox sequence it must deliver).
-    /// A new emitter starts at the oldest line still stored; lines are trimmed only once every
-    /// registered emitter has delivered them.
-    pub fn register_emitter(&self, name: &str) -> Result<u64, StoreError> {
-        let stored = read_u64(&self.db, &keys::meta_key(&format!("emit/{name}")))?;
-        let cursor = match stored {
-            Some(cursor) => cursor,
-            None => match self.outbox_from(0, 1)?.first() {
-                Some((seq, _)) => *seq,
-                None => self.outbox_next(),
-            },
-        };
-        self.emitters.lock().insert(name.to_string(), cursor);
-        Ok(cursor)
-    }
-
-    /// Records that `name` delivered everything below `next`, and forgets the lines every
-    /// registered emitter has delivered.
-    pub fn advance_emitter(&self, name: &str, next: u64) -> Result<(), StoreError> {
-        let low = {
-            let mut emitters = self.emitters.lock();
-            emitters.insert(name.to_string(), next);
-            emitters.values().copied().min().unwrap_or(next)
-        };
-        let mut batch = WriteBatch::default();
-        batch.put(keys::meta_key(&format!("emit/{name}")), next.to_be_bytes());
-        batch.delete_range(keys::outbox_key(0), keys::outbox_key(low));
-        self.write(batch, false)
-    }
-
-    /// Lines not yet delivered by `name` (for the backlog gauge).
-    pub fn emitter_backlog(&self, name: &str) -> u64 {
-        let cursor = self.emitters.lock().get(name).copied().unwrap_or(0);
-        self.outbox_next().saturating_sub(cursor)
-    }
-
-    /// Forgets outbox lines up to and including `last_seq` (tests).
-    pub fn clear_outbox(&self, last_seq: u64) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        batch.delete_range(keys::outbox_key(0), keys::outbox_key(last_seq + 1));
-        self.write(batch, false)
     }
 
     pub fn closed_before(&self) -> i64 {
