@@ -20,8 +20,18 @@ pub type MeterId = u32;
 /// Interned dimension set id (sorted `(key, value)` pairs); `0` is the empty set.
 pub type DimsId = u32;
 
-/// Largest `scale` a meter may declare: i128 keeps 38 digits, leaving 20 integer digits at scale 18.
+/// Largest `scale` a meter may declare (an event then carries less than 10^6 units: the value
+/// keeps `MAX_QUANTITY_DIGITS` digits in all).
 pub const MAX_SCALE: u32 = 18;
+
+/// The largest quantity one event (point, record) may carry, in the meter's fixed-point units:
+/// fewer than 24 significant digits at the meter's scale (scale 6: below 10^18 units; scale 0:
+/// below 10^24). Why this bound makes every sum exact: a sum of `n` values stays below
+/// `n × 10^24`, and i128 holds 1.7 × 10^38, so no series, window, period or query total can
+/// overflow before 10^14 events have been counted into it — three years at a million events a
+/// second, into one sum. Larger values are refused at admission (reason `overflow`), never
+/// acknowledged and then failed.
+pub const MAX_QUANTITY_DIGITS: u32 = 24;
 
 /// Longest tenant, CloudEvents `id`, `source`, `type` or `subject` (and OTLP tenant or record
 /// id) accepted, in bytes.
@@ -59,7 +69,7 @@ pub enum QuantityError {
     NotANumber,
     #[error("has more than {scale} decimal places (the meter's scale); values are never rounded")]
     TooPrecise { scale: u32 },
-    #[error("out of range")]
+    #[error("is out of range (at most 24 significant digits at the meter's scale)")]
     OutOfRange,
 }
 
@@ -110,10 +120,10 @@ pub fn parse_decimal(text: &str, scale: u32) -> Result<i128, QuantityError> {
     if significant == 0 {
         return Ok(0);
     }
-    if significant as i64 + shift > 38 {
+    if significant as i64 + shift > i64::from(MAX_QUANTITY_DIGITS) {
         return Err(QuantityError::OutOfRange);
     }
-    // At most 38 digits: below i128::MAX (≈ 1.7 × 10^38), so the sum cannot overflow.
+    // At most MAX_QUANTITY_DIGITS digits: far below i128::MAX, see the constant.
     let mut value = digits()
         .skip(leading_zeros)
         .take(significant)
@@ -143,7 +153,11 @@ pub fn decimal_from_f64(value: f64, scale: u32) -> Result<i128, QuantityError> {
     };
     let mut magnitude = parse_decimal(&format!("{int_part}.{kept}0"), scale)?;
     if dropped.as_bytes().first().is_some_and(|digit| *digit >= b'5') {
-        magnitude = magnitude.checked_add(1).ok_or(QuantityError::OutOfRange)?;
+        magnitude += 1;
+        // Rounding 99…9.5 up can reach the bound itself.
+        if magnitude >= 10i128.pow(MAX_QUANTITY_DIGITS) {
+            return Err(QuantityError::OutOfRange);
+        }
     }
     Ok(if value.is_sign_negative() {
         -magnitude
@@ -396,6 +410,7 @@ mod tests {
         assert_eq!(decimal_from_f64(2.4999, 0), Ok(2));
         assert_eq!(decimal_from_f64(12.25, 2), Ok(1225));
         assert_eq!(decimal_from_f64(1e21, 0), Ok(1_000_000_000_000_000_000_000));
+        assert_eq!(decimal_from_f64(1e24, 0), Err(QuantityError::OutOfRange));
         assert_eq!(decimal_from_f64(5e-7, 6), Ok(1));
         assert_eq!(decimal_from_f64(f64::NAN, 6), Err(QuantityError::NotANumber));
         assert_eq!(decimal_from_f64(f64::INFINITY, 6), Err(QuantityError::NotANumber));
@@ -437,6 +452,24 @@ mod tests {
             assert_eq!(parse_decimal(bad, 6), Err(QuantityError::NotANumber), "{bad}");
         }
         assert_eq!(parse_decimal("1e40", 0), Err(QuantityError::OutOfRange));
+        // The documented range: fewer than 24 significant digits at the meter's scale.
+        assert_eq!(
+            parse_decimal("999999999999999999999999", 0),
+            Ok(10i128.pow(24) - 1)
+        );
+        assert_eq!(parse_decimal("1e24", 0), Err(QuantityError::OutOfRange));
+        assert_eq!(
+            parse_decimal("999999999999999999.999999", 6),
+            Ok(10i128.pow(24) - 1)
+        );
+        assert_eq!(
+            parse_decimal("1000000000000000000", 6),
+            Err(QuantityError::OutOfRange)
+        );
+        assert_eq!(
+            decimal_from_f64(999_999_999_999_999_999.9, 6),
+            Err(QuantityError::OutOfRange)
+        );
         assert_eq!(
             parse_decimal("999999999999999999999999999999999", 6),
             Err(QuantityError::OutOfRange)
@@ -506,7 +539,7 @@ mod tests {
         if digits.is_empty() {
             return Ok(0);
         }
-        if digits.len() as i64 + shift > 38 {
+        if digits.len() as i64 + shift > i64::from(MAX_QUANTITY_DIGITS) {
             return Err(QuantityError::OutOfRange);
         }
         let mut value: i128 = digits.parse().map_err(|_| QuantityError::OutOfRange)?;

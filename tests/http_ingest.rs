@@ -692,3 +692,66 @@ async fn a_client_that_hangs_up_mid_request_loses_nothing_and_its_retry_is_told_
     assert_eq!(tenant_tokens(&client, &daemon, "hangup").await, 50_000);
     daemon.stop();
 }
+
+/// A CloudEvent whose value is beyond the representable range (here a 32-digit token count at
+/// scale 0) is refused alone, reason `overflow`, listed in the 202 and dead-lettered; the rest of
+/// the batch counts and the series stays queryable. Before the range, two such events were both
+/// accepted and the series' merge in RocksDB then failed ("Corruption: Merge operator failed").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_beyond_the_range_are_refused_as_overflow_not_acknowledged() {
+    let (dir, path) = config("");
+    let daemon = Daemon::start(&path);
+    let client = client();
+    let t = ago(30);
+    let huge = "99999999999999999999999999999999";
+    let batch = vec![
+        event(
+            "of-1",
+            "llm.prompt",
+            "overflow-co",
+            &t,
+            json!({"tokens": huge, "model": "m"}),
+        ),
+        event(
+            "of-2",
+            "llm.prompt",
+            "overflow-co",
+            &t,
+            json!({"tokens": huge.parse::<f64>().unwrap(), "model": "m"}),
+        ),
+        event(
+            "of-3",
+            "llm.prompt",
+            "overflow-co",
+            &t,
+            json!({"tokens": 5, "model": "m"}),
+        ),
+    ];
+    let (status, body) = post_batch(&client, &daemon, &batch).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"], json!(1), "{body}");
+    let refused = body["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 2, "{body}");
+    assert!(refused.iter().all(|r| r["reason"] == "overflow"), "{body}");
+    assert_eq!(refused[0]["index"], json!(0));
+    // The largest value in range counts exactly.
+    let (_, body) = post_batch(
+        &client,
+        &daemon,
+        &[event(
+            "of-4",
+            "llm.prompt",
+            "overflow-co",
+            &t,
+            json!({"tokens": "999999999999999999999999", "model": "m"}),
+        )],
+    )
+    .await;
+    assert_eq!(body["accepted"], json!(1), "{body}");
+    let result = query(&client, &daemon, "tokens", "subject=overflow-co").await;
+    assert_eq!(single_value(&result), "1000000000000000000000004");
+    let dead = read_jsonl(&dir.path().join("data/dead-letter.jsonl"));
+    assert_eq!(dead.len(), 2);
+    assert!(dead.iter().all(|line| line["reason"] == "overflow"));
+    daemon.stop();
+}

@@ -598,7 +598,12 @@ async fn otlp_http_takes_json_and_gzip() {
 #[tokio::test(flavor = "multi_thread")]
 async fn otlp_http_refuses_zip_bombs_corrupt_gzip_and_unknown_encodings() {
     let (_dir, daemon) = start("");
-    let http = client();
+    // A fresh connection per request: the server answers a refused body before reading all of
+    // it and then closes that connection (as HTTP allows), which a pooled client would reuse.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let url = format!("http://{}/v1/metrics", daemon.otlp_http.as_ref().unwrap());
     let gzip = |bytes: &[u8]| {
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
@@ -1195,4 +1200,61 @@ async fn otlp_grpc_grants_large_http2_windows() {
         .unwrap_or_else(|_| stream.capacity());
         assert_eq!(granted, want, "send capacity granted by the OTLP/gRPC listener");
     }
+}
+
+/// A value beyond the representable range (24 significant digits at the meter's scale) is
+/// refused per point with reason `overflow`, before it is acknowledged, and nothing fails
+/// later: checkpoints keep succeeding and other points count. Before the range, two DELTA sums
+/// of 9.9e37 were both accepted and every later checkpoint failed for every tenant.
+#[tokio::test(flavor = "multi_thread")]
+async fn values_beyond_the_range_are_refused_as_overflow_and_checkpoints_go_on() {
+    let (dir, daemon) = start("");
+    let mut grpc = grpc_metrics(&daemon).await;
+    let now = now_ns();
+    let huge = number_data_point::Value::AsDouble(9.9e37);
+    let request = ExportMetricsServiceRequest {
+        resource_metrics: vec![sum_resource(
+            Some("big"),
+            AggregationTemporality::Delta,
+            vec![
+                point("/huge", now - 2_000_000, now - 1_000_000, huge),
+                point("/huge", now - 1_000_000, now, huge),
+                point(
+                    "/int",
+                    now - 3_000_000,
+                    now - 2_000_000,
+                    int(1_000_000_000_000_000_000),
+                ),
+                point("/ok", now - 5_000_000, now - 4_000_000, int(11)),
+            ],
+        )],
+    };
+    let response = grpc.export(request).await.unwrap().into_inner();
+    let partial = response.partial_success.expect("partial success");
+    assert_eq!(partial.rejected_data_points, 2, "{}", partial.error_message);
+    assert!(
+        partial.error_message.contains("out of range"),
+        "{}",
+        partial.error_message
+    );
+    // 10^18 at scale 0 has 19 digits: in range, counted.
+    assert_eq!(total(&daemon, "requests", "big").await, 1_000_000_000_000_000_011);
+    let dead = read_jsonl(&dir.path().join("data/dead-letter.jsonl"));
+    assert_eq!(dead.len(), 2);
+    assert!(dead.iter().all(|line| line["reason"] == "overflow"), "{dead:?}");
+    // Checkpoints still succeed (every flush would have failed with the sum in the engine).
+    let client = client();
+    let metrics = common::eventually("a checkpoint after the refusal", async || {
+        let text = common::metrics_text(&client, &daemon).await;
+        text.contains("tallyd_checkpoint_series_total").then_some(text)
+    })
+    .await;
+    assert!(!metrics.contains("tallyd_checkpoint_failures_total"), "{metrics}");
+    assert!(
+        metrics.contains(r#"tallyd_ingest_refused_total{source="otlp",reason="overflow"} 2"#),
+        "{metrics}"
+    );
+    let ready = client.get(daemon.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    daemon.stop();
 }

@@ -55,8 +55,16 @@ pub fn router(state: AppState, admission: Admission) -> Router {
         .layer(axum::extract::DefaultBodyLimit::disable())
 }
 
-async fn healthz() -> Response {
-    (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+/// Liveness: 503 once a stage died (the daemon is stopping; a supervisor should restart it).
+async fn healthz(State(app): State<AppState>) -> Response {
+    match app.shared.failure.lock().clone() {
+        None => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Some(failure) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "failed", "failure": failure})),
+        )
+            .into_response(),
+    }
 }
 
 async fn readyz(State(app): State<AppState>) -> Response {

@@ -195,7 +195,18 @@ pub async fn list_rated(State(app): State<AppState>, RawQuery(raw): RawQuery) ->
             let mut totals: std::collections::BTreeMap<String, Decimal> = Default::default();
             for record in &records {
                 if let Ok(amount) = Decimal::from_str(&record.amount) {
-                    *totals.entry(record.currency.clone()).or_default() += amount;
+                    let total = totals.entry(record.currency.clone()).or_default();
+                    let Ok(sum) = crate::rate::add(*total, amount) else {
+                        return error_response(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "overflow",
+                            format!(
+                                "the {} total of these records overflows; narrow the query",
+                                record.currency
+                            ),
+                        );
+                    };
+                    *total = sum;
                 }
             }
             let totals: serde_json::Map<String, Value> = totals
@@ -273,7 +284,8 @@ fn preview(
         let priced = charge
             .price(quantity)
             .map_err(|error| format!("pricing `{}`: {error}", charge.meter))?;
-        total += priced.rounded;
+        total = crate::rate::add(total, priced.rounded)
+            .map_err(|error| format!("the bill's subtotal: {error}"))?;
         let tiers: Vec<Value> = priced
             .tiers
             .iter()
@@ -296,7 +308,9 @@ fn preview(
             "tiers": tiers,
         }));
     }
-    let settled = plan.settle(total);
+    let settled = plan
+        .settle(total)
+        .map_err(|error| format!("the bill's settlement: {error}"))?;
     Ok(json!({
         "tenant": tenant,
         "plan_id": plan.id,

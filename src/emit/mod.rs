@@ -139,9 +139,10 @@ pub struct EmitLoop {
 
 impl EmitLoop {
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name(format!("tallyd-emit-{}", self.sink.name()))
-            .spawn(move || self.run())
+        let shared = self.shared.clone();
+        crate::state::spawn_stage(&format!("tallyd-emit-{}", self.sink.name()), shared, move || {
+            self.run()
+        })
     }
 
     /// Backoff that a shutdown interrupts (the daemon must not wait 30 s for a dead output).

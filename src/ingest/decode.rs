@@ -478,6 +478,8 @@ pub fn decode_each<'c, E: EventText>(
         let tenant = names.tenants.intern(&subject);
         let mut updates = smallvec::SmallVec::new();
         let mut late = false;
+        // A well-formed value beyond the representable range: the event is refused alone.
+        let mut overflow: Option<String> = None;
         for meter in matched {
             // Both extractions run so that a value and a dimension problem are reported together.
             let dims = dims_cache.get_or_intern(meter.dimensions_fingerprint(data), names, || {
@@ -485,6 +487,10 @@ pub fn decode_each<'c, E: EventText>(
             });
             let (observation, dims) = match (meter.observation_in(data), dims) {
                 (Ok(observation), Ok(dims)) => (observation, dims),
+                (Err(error), Ok(_)) if error.overflow => {
+                    overflow = Some(format!("{}: {}", error.field, error.reason));
+                    continue;
+                }
                 (observation, dims) => {
                     let problems = observation.err().into_iter().chain(dims.err());
                     errors.extend(problems.map(|error| FieldError {
@@ -513,7 +519,9 @@ pub fn decode_each<'c, E: EventText>(
         if errors.len() != before {
             continue;
         }
-        let refusal = if ts_ms < now_ms - acceptance.max_lateness_secs * 1000 {
+        let refusal = if let Some(message) = overflow {
+            Some((RefusalReason::Overflow, message))
+        } else if ts_ms < now_ms - acceptance.max_lateness_secs * 1000 {
             Some((
                 RefusalReason::TooLate,
                 format!(

@@ -109,11 +109,14 @@ impl PerEventFee {
     }
 }
 
-/// Why an event's data cannot feed a meter (the request gets 400 naming `field`).
+/// Why an event's data cannot feed a meter (the request gets 400 naming `field`; a value out
+/// of the representable range is refused alone instead, reason `overflow`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtractError {
     pub field: String,
     pub reason: String,
+    /// The value is well-formed but beyond `model::MAX_QUANTITY_DIGITS`.
+    pub overflow: bool,
 }
 
 impl Meter {
@@ -140,6 +143,7 @@ impl Meter {
         let selected = data
             .and_then(|data| path.select_node(data))
             .ok_or_else(|| ExtractError {
+                overflow: false,
                 field: field(),
                 reason: format!("missing (meter `{}` reads its value there)", self.slug),
             })?;
@@ -149,6 +153,7 @@ impl Meter {
                 Leaf::Bool(flag) => Cow::Borrowed(if flag { "true" } else { "false" }),
                 Leaf::Null | Leaf::Composite => {
                     return Err(ExtractError {
+                        overflow: false,
                         field: field(),
                         reason: "must be a string, number or boolean".to_string(),
                     })
@@ -160,6 +165,7 @@ impl Meter {
             Leaf::Number(text) | Leaf::String(text) => text,
             _ => {
                 return Err(ExtractError {
+                    overflow: false,
                     field: field(),
                     reason: "must be a number or a decimal string".to_string(),
                 })
@@ -167,6 +173,7 @@ impl Meter {
         };
         let value = parse_decimal(&text, self.scale).map_err(|error| ExtractError {
             field: field(),
+            overflow: error == QuantityError::OutOfRange,
             reason: match error {
                 QuantityError::NotANumber => format!("`{text}` is not a decimal number"),
                 other => format!("`{text}` {other}"),
@@ -174,6 +181,7 @@ impl Meter {
         })?;
         if value < 0 && !self.allow_negative {
             return Err(ExtractError {
+                overflow: false,
                 field: field(),
                 reason: format!(
                     "`{text}` is negative and meter `{}` does not allow_negative",
@@ -186,6 +194,7 @@ impl Meter {
                 .apply(value, self.scale)
                 .map(Observation::Value)
                 .map_err(|reason| ExtractError {
+                    overflow: false,
                     field: field(),
                     reason: format!("`{text}` {reason}"),
                 }),
@@ -242,6 +251,7 @@ fn dimension_text<'v>(
         Some(Leaf::Bool(flag)) => Cow::Borrowed(if flag { "true" } else { "false" }),
         Some(Leaf::Composite) => {
             return Err(ExtractError {
+                overflow: false,
                 field: path.field_name(),
                 reason: format!("group_by `{name}` must be a string, number or boolean"),
             })
@@ -249,6 +259,7 @@ fn dimension_text<'v>(
     };
     if text.len() > MAX_DIMENSION_VALUE_BYTES {
         return Err(ExtractError {
+            overflow: false,
             field: path.field_name(),
             reason: format!(
                 "group_by `{name}` value is {} bytes, more than {MAX_DIMENSION_VALUE_BYTES}",

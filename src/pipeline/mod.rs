@@ -36,7 +36,7 @@ use crate::emit::file::{FileEmitter, JsonlFile};
 use crate::ingest::admission::Admission;
 use crate::meter::Meters;
 use crate::model::Names;
-use crate::state::{background_priority, CommitRequest, DedupIndex, Generations, Shared};
+use crate::state::{background_priority, spawn_stage, CommitRequest, DedupIndex, Generations, Shared};
 use crate::store::checkpoint::Snapshot;
 use crate::store::log::{IngestLog, LogBatch};
 use crate::store::{RocksStore, INGEST_LOG_SOURCE};
@@ -130,6 +130,8 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         generation_durable: Condvar::new(),
         durable_positions: Mutex::new(Vec::new()),
         changelog: std::sync::OnceLock::new(),
+        fatal: CancellationToken::new(),
+        failure: Mutex::new(None),
     });
     let writer = shared.engine.writer();
     let mut streams = crate::aggregate::streams::Streams::new(shared.store.stream_states()?);
@@ -216,12 +218,10 @@ impl Stages {
             shared: shared.clone(),
             wake: wake_rx,
         };
-        let dedup_thread = std::thread::Builder::new()
-            .name("tallyd-dedup".into())
-            .spawn(move || {
-                background_priority();
-                dedup_stage.run()
-            })?;
+        let dedup_thread = spawn_stage("tallyd-dedup", shared.clone(), move || {
+            background_priority();
+            dedup_stage.run()
+        })?;
         let (snapshot_tx, snapshot_rx) = std::sync::mpsc::sync_channel(1);
         let checkpoint_stage = checkpoint::CheckpointLoop {
             shared: shared.clone(),
@@ -230,12 +230,10 @@ impl Stages {
             dedup_wake: Some(wake_tx),
             dedup_thread: Some(dedup_thread),
         };
-        let checkpoint_thread = std::thread::Builder::new()
-            .name("tallyd-checkpoint".into())
-            .spawn(move || {
-                background_priority();
-                checkpoint_stage.run()
-            })?;
+        let checkpoint_thread = spawn_stage("tallyd-checkpoint", shared.clone(), move || {
+            background_priority();
+            checkpoint_stage.run()
+        })?;
         let (request_tx, request_rx) = std::sync::mpsc::channel();
         let commit_stage = commit::CommitLoop {
             shared: shared.clone(),
@@ -247,9 +245,7 @@ impl Stages {
             writer,
             streams,
         };
-        let commit_thread = std::thread::Builder::new()
-            .name("tallyd-commit".into())
-            .spawn(move || commit_stage.run())?;
+        let commit_thread = spawn_stage("tallyd-commit", shared.clone(), move || commit_stage.run())?;
         Ok(Stages {
             shared,
             checkpoints: snapshot_tx,
@@ -259,13 +255,13 @@ impl Stages {
         })
     }
 
-    /// Closes the inputs and waits for the final checkpoint (blocking). False if a stage panicked.
+    /// Closes the inputs and waits for the final checkpoint (blocking). False if a stage died.
     pub fn drain(self) -> bool {
         drop(self.requests);
         drop(self.checkpoints);
         let commit = self.commit_thread.join().is_ok();
         let checkpoint = self.checkpoint_thread.join().is_ok();
-        commit && checkpoint
+        commit && checkpoint && self.shared.failure.lock().is_none()
     }
 }
 
@@ -335,6 +331,14 @@ pub async fn run(
         checkpoint_thread,
     } = tokio::task::spawn_blocking(move || Stages::start(config)).await??;
 
+    // A stage that dies stops the daemon (below, the exit is an error for its supervisor).
+    {
+        let (fatal, shutdown) = (shared.fatal.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            fatal.cancelled().await;
+            shutdown.cancel();
+        });
+    }
     let local: SocketAddr = listener.local_addr()?;
     let cluster = match (&shared.config.cluster, &shared.config.kafka) {
         (Some(cluster), Some(kafka)) => {
@@ -412,7 +416,14 @@ pub async fn run(
         emitters.stop();
         commit && checkpoint
     });
-    match tokio::time::timeout(grace, drain).await {
+    let drained = tokio::time::timeout(grace, drain).await;
+    if let Some(failure) = shared.failure.lock().clone() {
+        anyhow::bail!(
+            "stage failed ({failure}); stopped so that a supervisor restarts tallyd: the ingest log \
+             and the sources replay what was not checkpointed"
+        );
+    }
+    match drained {
         Ok(Ok(true)) => {
             tracing::info!("final checkpoint written; bye");
             Ok(())
@@ -426,5 +437,32 @@ pub async fn run(
                 grace
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stage that panics (a broken invariant) does not leave a zombie: readiness drops, the
+    /// failure is recorded for /healthz, and the fatal token stops the daemon.
+    #[test]
+    fn a_dying_stage_stops_the_daemon_instead_of_lingering() {
+        let dir = tempfile::tempdir().unwrap();
+        let stages = Stages::for_tests(dir.path(), 3_600_000);
+        let shared = stages.shared.clone();
+        shared.ready.store(true, Ordering::Release);
+        let thread = spawn_stage("tallyd-test-stage", shared.clone(), || {
+            panic!("invariant: broken on purpose");
+        })
+        .unwrap();
+        assert!(thread.join().is_ok(), "the panic is caught");
+        assert!(!shared.ready.load(Ordering::Acquire));
+        assert!(shared.fatal.is_cancelled());
+        assert_eq!(
+            shared.failure.lock().as_deref(),
+            Some("tallyd-test-stage: invariant: broken on purpose")
+        );
+        assert!(!stages.drain(), "a drain after a dead stage reports the failure");
     }
 }

@@ -120,11 +120,17 @@ pub fn validate_tiers(tiers: &[Tier]) -> Result<(), String> {
     Ok(())
 }
 
-fn add(a: Decimal, b: Decimal) -> Result<Decimal, RateError> {
+/// Checked decimal arithmetic: amounts derive from usage, and rust_decimal's operators panic
+/// past 96 bits; every step on them is checked and an overflow is a `RateError` instead.
+pub fn add(a: Decimal, b: Decimal) -> Result<Decimal, RateError> {
     a.checked_add(b).ok_or(RateError::Overflow)
 }
 
-fn mul(a: Decimal, b: Decimal) -> Result<Decimal, RateError> {
+pub fn sub(a: Decimal, b: Decimal) -> Result<Decimal, RateError> {
+    a.checked_sub(b).ok_or(RateError::Overflow)
+}
+
+pub fn mul(a: Decimal, b: Decimal) -> Result<Decimal, RateError> {
     a.checked_mul(b).ok_or(RateError::Overflow)
 }
 
@@ -134,7 +140,7 @@ impl Charge {
         if quantity.is_sign_negative() && !quantity.is_zero() {
             return Err(RateError::NegativeQuantity);
         }
-        let billable = (quantity - self.free_units).max(Decimal::ZERO);
+        let billable = sub(quantity, self.free_units)?.max(Decimal::ZERO);
         let mut tiers = Vec::new();
         let exact = match &self.model {
             ChargeModel::Flat { amount } => *amount,
@@ -152,7 +158,7 @@ impl Charge {
                         break;
                     }
                     let upper = tier.up_to.map_or(billable, |bound| bound.min(billable));
-                    let units = upper - lower;
+                    let units = sub(upper, lower)?;
                     let amount = add(mul(units, tier.unit_price)?, tier.flat_price)?;
                     total = add(total, amount)?;
                     tiers.push(TierLine {
@@ -207,7 +213,7 @@ impl Charge {
             Some(before) => self.price(before)?.rounded,
             None => Decimal::ZERO,
         };
-        Ok(self.price(after)?.rounded - billed)
+        sub(self.price(after)?.rounded, billed)
     }
 }
 

@@ -131,17 +131,17 @@ pub struct Settlement {
 
 impl Plan {
     /// Minimum first (it is part of the price), then the prepaid commitment draws the price down.
-    pub fn settle(&self, subtotal: Decimal) -> Settlement {
-        let minimum_true_up = (self.minimum_spend - subtotal).max(Decimal::ZERO);
-        let total = subtotal + minimum_true_up;
+    pub fn settle(&self, subtotal: Decimal) -> Result<Settlement, super::RateError> {
+        let minimum_true_up = super::sub(self.minimum_spend, subtotal)?.max(Decimal::ZERO);
+        let total = super::add(subtotal, minimum_true_up)?;
         let prepaid_used = total.min(self.prepaid_commitment);
-        Settlement {
+        Ok(Settlement {
             subtotal,
             minimum_true_up,
             total,
             prepaid_used,
-            overage: total - prepaid_used,
-        }
+            overage: super::sub(total, prepaid_used)?,
+        })
     }
 }
 
@@ -612,7 +612,7 @@ mod tests {
         );
         let plans = load(&text).unwrap();
         let plan = plans.current("pro").unwrap();
-        let settle = |subtotal: &str| plan.settle(d(subtotal));
+        let settle = |subtotal: &str| plan.settle(d(subtotal)).unwrap();
         // Below the minimum: trued up to 50, all of it prepaid.
         let low = settle("31.73");
         assert_eq!(
@@ -633,7 +633,8 @@ mod tests {
             .iter()
             .find(|p| p.version == 1)
             .unwrap()
-            .settle(d("12.34"));
+            .settle(d("12.34"))
+            .unwrap();
         assert_eq!(
             (plain.total, plain.prepaid_used, plain.overage),
             (d("12.34"), d("0"), d("12.34"))

@@ -208,14 +208,14 @@ impl TenantPeriod {
     }
 
     /// The period's price so far: the subtotal plus any settled true-up.
-    pub fn total(&self) -> Decimal {
+    pub fn total(&self) -> Result<Decimal, RateError> {
         let billed: Decimal = self.billed.parse().unwrap_or_default();
         let true_up: Decimal = self
             .settlement
             .as_ref()
             .and_then(|settled| settled.true_up.parse().ok())
             .unwrap_or_default();
-        billed + true_up
+        super::add(billed, true_up)
     }
 }
 
@@ -223,10 +223,14 @@ impl TenantPeriod {
 /// commitment and overage: the commitment covers the first `commitment` of the period's price,
 /// so each record's share is `covered(after) − covered(before)` (and the rest is overage) —
 /// the shares of a period's records sum to `min(price, commitment)` and `price − that`.
-pub fn split_prepaid(commitment: Decimal, before: Decimal, after: Decimal) -> (Decimal, Decimal) {
+pub fn split_prepaid(
+    commitment: Decimal,
+    before: Decimal,
+    after: Decimal,
+) -> Result<(Decimal, Decimal), RateError> {
     let covered = |price: Decimal| price.max(Decimal::ZERO).min(commitment);
-    let prepaid = covered(after) - covered(before);
-    (prepaid, (after - before) - prepaid)
+    let prepaid = super::sub(covered(after), covered(before))?;
+    Ok((prepaid, super::sub(super::sub(after, before)?, prepaid)?))
 }
 
 pub fn model_name(model: &ChargeModel) -> &'static str {
@@ -379,7 +383,7 @@ mod tests {
             for step in moves {
                 // The period price never goes below zero.
                 let after = (price + Decimal::new(step, 2)).max(Decimal::ZERO);
-                let (p, o) = split_prepaid(commitment, price, after);
+                let (p, o) = split_prepaid(commitment, price, after).unwrap();
                 prop_assert_eq!(p + o, after - price);
                 prepaid += p;
                 overage += o;

@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::Aggregator;
 use crate::config::Config;
@@ -35,6 +36,27 @@ pub use dedup::DedupIndex;
 /// they keep up at peak load; and when they do fall behind, ingest answers UNAVAILABLE
 /// (`aggregate.max_pending_series`), which gives them the CPU back (BENCHMARKS.md, "Request latency and background priority").
 pub const BACKGROUND_NICE: i32 = 5;
+
+/// Starts a stage on its own thread. A panic in it (a broken invariant: input errors are
+/// handled, not panicked on) is caught and makes the daemon stop with an error
+/// (`Shared::stage_died`) rather than leave it running without the stage.
+pub fn spawn_stage(
+    name: &str,
+    shared: Arc<Shared>,
+    stage: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let stage_name = name.to_string();
+    std::thread::Builder::new().name(name.to_string()).spawn(move || {
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(stage)) {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|text| text.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panicked".to_string());
+            shared.stage_died(&stage_name, &why);
+        }
+    })
+}
 
 /// Lowers the calling thread's CPU priority to `BACKGROUND_NICE` (Linux: nice is per thread).
 /// Best effort: a refusal leaves the thread at normal priority.
@@ -79,6 +101,11 @@ pub struct Shared {
     pub changelog: OnceLock<Arc<dyn ChangelogSink>>,
     /// Plans in force: `config.plans` at start, swapped by a reload (SIGHUP or file change).
     pub plans: RwLock<Arc<Plans>>,
+    /// Cancelled when a stage died (`spawn_stage`): the daemon stops and exits non-zero for its
+    /// supervisor instead of lingering as a zombie that answers 200.
+    pub fatal: CancellationToken,
+    /// Which stage died, and why.
+    pub failure: Mutex<Option<String>>,
 }
 
 /// Publishes changelog chunks durably (blocking until the broker acknowledges all of them).
@@ -110,6 +137,16 @@ pub struct Generations {
 }
 
 impl Shared {
+    /// A stage cannot go on: readiness and liveness drop, and the daemon shuts down.
+    pub fn stage_died(&self, stage: &str, why: &str) {
+        tracing::error!(stage, why, "stage died; stopping the daemon");
+        self.ready.store(false, Ordering::Release);
+        self.failure
+            .lock()
+            .get_or_insert_with(|| format!("{stage}: {why}"));
+        self.fatal.cancel();
+    }
+
     /// Whether the push edges should refuse new requests because checkpoints are behind: the
     /// engine holds more unflushed series than `aggregate.max_pending_series`. This bounds the
     /// daemon's memory and the ingest-log tail a restart replays when ingest outruns the

@@ -17,6 +17,7 @@ use crate::rate::plan::Plans;
 use crate::rate::record::{
     model_name, money, rate_change, split_prepaid, PeriodEntry, RatedRecord, Settled, TenantPeriod,
 };
+use crate::rate::{add, sub, RateError};
 
 /// One checkpoint's rating work: period entries read once and written back once.
 pub struct RatingBatch<'a> {
@@ -58,6 +59,13 @@ fn decimal(text: &str, what: &'static str) -> Result<Decimal, StoreError> {
         what,
         detail: text.to_string(),
     })
+}
+
+/// A settlement whose amounts overflow: counted and logged, the period stays as it was.
+fn settlement_failed(tenant: &str, error: RateError) -> Option<Vec<u8>> {
+    metrics::counter!(crate::telemetry::RATING_FAILURES).increment(1);
+    tracing::error!(%error, tenant, "cannot settle the period's minimum spend");
+    None
 }
 
 /// The `record_id` of a tenant period's minimum-spend settlement.
@@ -183,15 +191,32 @@ impl RocksStore {
             period_start,
             period_end,
         )?;
-        let total_before = period.total();
-        period.billed = (decimal(&period.billed, "tenant period billed")? + rated.increment)
-            .normalize()
-            .to_string();
-        let (prepaid_share, overage_share) = split_prepaid(
-            plan.prepaid_commitment,
-            total_before,
-            total_before + rated.increment,
-        );
+        let billed_before = decimal(&period.billed, "tenant period billed")?;
+        // Checked: amounts derive from usage. An amount past rust_decimal's 96 bits leaves the
+        // window unrated (counted and logged) instead of failing the checkpoint for everyone.
+        let sums = (|| {
+            let total_before = period.total()?;
+            let (prepaid_share, overage_share) = split_prepaid(
+                plan.prepaid_commitment,
+                total_before,
+                add(total_before, rated.increment)?,
+            )?;
+            Ok::<_, RateError>((
+                add(billed_before, rated.increment)?,
+                add(before, rated.increment)?,
+                add(prepaid_before, prepaid_share)?,
+                add(overage_before, overage_share)?,
+            ))
+        })();
+        let (billed, amount, prepaid, overage) = match sums {
+            Ok(sums) => sums,
+            Err(error) => {
+                metrics::counter!(crate::telemetry::RATING_FAILURES).increment(1);
+                tracing::error!(%error, tenant = %name.tenant, meter = %name.meter, "cannot rate window");
+                return Ok(Vec::new());
+            }
+        };
+        period.billed = billed.normalize().to_string();
         let mut lines = Vec::new();
         // A period already settled (closed under a minimum spend): its true-up moves too.
         if period.settlement.is_some() {
@@ -211,7 +236,7 @@ impl RocksStore {
             period_start: rfc3339(period_start),
             period_end: rfc3339(updated.period_end),
             quantity: total.quantity_string(aggregation, shape.scale),
-            amount: money(before + rated.increment, minor),
+            amount: money(amount, minor),
             increment: money(rated.increment, minor),
             currency: plan.currency.clone(),
             plan_id: plan.id.clone(),
@@ -224,8 +249,8 @@ impl RocksStore {
             event_time_from: rfc3339(name.window_start),
             event_time_to: rfc3339(window_end),
             rated_at: rating.rated_at.clone(),
-            prepaid: money(prepaid_before + prepaid_share, minor),
-            overage: money(overage_before + overage_share, minor),
+            prepaid: money(prepaid, minor),
+            overage: money(overage, minor),
         };
         let mut line = serde_json::to_vec(&record).expect("invariant: rated records serialize");
         batch.put(&rated_key, &line);
@@ -279,8 +304,13 @@ impl RocksStore {
         period_start: i64,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let billed = decimal(&period.billed, "tenant period billed")?;
-        let true_up = (plan.minimum_spend - billed).max(Decimal::ZERO);
-        let total_before = period.total();
+        let Ok(true_up) = sub(plan.minimum_spend, billed).map(|gap| gap.max(Decimal::ZERO)) else {
+            return Ok(settlement_failed(tenant, RateError::Overflow));
+        };
+        let total_before = match period.total() {
+            Ok(total) => total,
+            Err(error) => return Ok(settlement_failed(tenant, error)),
+        };
         let (revision, true_up_before) = match &period.settlement {
             Some(settled) => (settled.revision, decimal(&settled.true_up, "settled true-up")?),
             None => (0, Decimal::ZERO),
@@ -297,10 +327,21 @@ impl RocksStore {
             None => (Decimal::ZERO, Decimal::ZERO),
         };
         let minor = crate::rate::minor_unit_exponent(&plan.currency).unwrap_or(2);
-        let total_after = total_before - true_up_before + true_up;
-        let (prepaid_share, overage_share) =
-            split_prepaid(plan.prepaid_commitment, total_before, total_after);
-        let (prepaid, overage) = (prepaid_before + prepaid_share, overage_before + overage_share);
+        let sums = (|| {
+            let total_after = add(sub(total_before, true_up_before)?, true_up)?;
+            let (prepaid_share, overage_share) =
+                split_prepaid(plan.prepaid_commitment, total_before, total_after)?;
+            Ok::<_, RateError>((
+                add(prepaid_before, prepaid_share)?,
+                add(overage_before, overage_share)?,
+                sub(true_up, true_up_before)?,
+                total_after,
+            ))
+        })();
+        let (prepaid, overage, increment, total_after) = match sums {
+            Ok(sums) => sums,
+            Err(error) => return Ok(settlement_failed(tenant, error)),
+        };
         period.settlement = Some(Settled {
             revision: revision + 1,
             true_up: true_up.normalize().to_string(),
@@ -320,14 +361,14 @@ impl RocksStore {
             period_end: rfc3339(period.period_end),
             quantity: money(billed, minor),
             amount: money(true_up, minor),
-            increment: money(true_up - true_up_before, minor),
+            increment: money(increment, minor),
             currency: plan.currency.clone(),
             plan_id: plan.id.clone(),
             plan_version: plan.version,
             model: "minimum_spend".into(),
             discount_percent: "0".into(),
             period_quantity: money(billed, minor),
-            period_amount: money(period.total(), minor),
+            period_amount: money(total_after, minor),
             tiers: Vec::new(),
             event_time_from: rfc3339(period_start),
             event_time_to: rfc3339(period.period_end),

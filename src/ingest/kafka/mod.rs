@@ -253,7 +253,7 @@ impl KafkaSource {
                 pending: Vec::with_capacity(config.max_batch_messages),
                 folder: Folder::new(shared.clone(), config.changelog_topic.is_some()),
             }),
-            shared,
+            shared: shared.clone(),
             checkpoints,
             dlq,
             owned: Mutex::new(BTreeSet::new()),
@@ -276,9 +276,7 @@ impl KafkaSource {
         consumer.subscribe(&topics)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("tallyd-kafka".into())
-            .spawn(move || run(consumer, thread_stop))?;
+        let thread = crate::state::spawn_stage("tallyd-kafka", shared, move || run(consumer, thread_stop))?;
         Ok(KafkaSource { stop, thread })
     }
 

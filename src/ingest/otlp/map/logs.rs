@@ -134,7 +134,8 @@ pub(super) fn map_record(
                         meter.slug
                     ))
                 })?;
-                record_observation(meter, value_attribute, value).map_err(invalid)?
+                record_observation(meter, value_attribute, value)
+                    .map_err(|error| (error.reason, error.message))?
             }
         };
         let dims = intern_dims(dims, meter, &record.attributes, resource, context.names).map_err(invalid)?;
@@ -160,7 +161,7 @@ pub(super) fn record_observation(
     meter: &Meter,
     attribute: &str,
     value: &AnyValue,
-) -> Result<Observation, String> {
+) -> Result<Observation, PointError> {
     if meter.aggregation == Aggregation::UniqueCount {
         let text = attribute_text(value)
             .ok_or_else(|| format!("attribute `{attribute}` must be a string, number or boolean"))?;
@@ -171,26 +172,28 @@ pub(super) fn record_observation(
         Some(any_value::Value::DoubleValue(double)) => decimal_from_f64(*double, meter.scale),
         Some(any_value::Value::StringValue(text)) => parse_decimal(text, meter.scale),
         _ => {
-            return Err(format!(
+            return Err(PointError::from(format!(
                 "attribute `{attribute}` must be a number or a decimal string"
-            ))
+            )))
         }
     };
     let value = parsed.map_err(|error| match error {
-        QuantityError::NotANumber => format!("attribute `{attribute}` is not a finite decimal number"),
-        other => format!("attribute `{attribute}` {other}"),
+        QuantityError::NotANumber => {
+            PointError::from(format!("attribute `{attribute}` is not a finite decimal number"))
+        }
+        other => super::metrics::quantity_error(&format!("attribute `{attribute}`"), other),
     })?;
     if value < 0 && !meter.allow_negative {
-        return Err(format!(
+        return Err(PointError::from(format!(
             "attribute `{attribute}` is negative and meter `{}` does not allow_negative",
             meter.slug
-        ));
+        )));
     }
     match &meter.per_event_fee {
         Some(fee) => fee
             .apply(value, meter.scale)
             .map(Observation::Value)
-            .map_err(|reason| format!("attribute `{attribute}` {reason}")),
+            .map_err(|reason| PointError::from(format!("attribute `{attribute}` {reason}"))),
         None => Ok(Observation::Value(value)),
     }
 }

@@ -14,17 +14,25 @@ use crate::model::{decimal_from_f64, parse_decimal, DimsCache, QuantityError, Se
 use super::histograms::*;
 use super::*;
 
-pub(super) fn quantity_error(what: &str, error: QuantityError) -> String {
+/// A value that cannot be read at the meter's scale: NaN and infinities are invalid, a value
+/// beyond the representable range is refused as `overflow`.
+pub(super) fn quantity_error(what: &str, error: QuantityError) -> PointError {
     match error {
-        QuantityError::NotANumber => format!("{what} is NaN or infinite"),
-        other => format!("{what} {other}"),
+        QuantityError::NotANumber => PointError::from(format!("{what} is NaN or infinite")),
+        QuantityError::OutOfRange => PointError {
+            reason: RefusalReason::Overflow,
+            message: format!("{what} {}", QuantityError::OutOfRange),
+        },
+        other => PointError::from(format!("{what} {other}")),
     }
 }
 
 /// A number data point's value at `scale`.
-pub(super) fn number_value(value: Option<&number_data_point::Value>, scale: u32) -> Result<i128, String> {
+pub(super) fn number_value(value: Option<&number_data_point::Value>, scale: u32) -> Result<i128, PointError> {
     match value {
-        None => Err("value missing (neither as_int nor as_double)".into()),
+        None => Err(PointError::from(
+            "value missing (neither as_int nor as_double)".to_string(),
+        )),
         Some(number_data_point::Value::AsInt(int)) => {
             parse_decimal(&int.to_string(), scale).map_err(|error| quantity_error("value", error))
         }
@@ -74,14 +82,18 @@ pub(super) enum MeterUpdate {
     CumulativeBuckets(Vec<(i64, u64, u64)>),
 }
 
-pub(super) fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) -> Result<MeterUpdate, String> {
+pub(super) fn meter_update(
+    meter: &Meter,
+    shape: &PointShape<'_>,
+    ts_ms: i64,
+) -> Result<MeterUpdate, PointError> {
     let slug = &meter.slug;
     let aggregation = meter.aggregation;
-    let non_negative = |value: i128, what: &str| -> Result<i128, String> {
+    let non_negative = |value: i128, what: &str| -> Result<i128, PointError> {
         if value < 0 && !meter.allow_negative {
-            Err(format!(
+            Err(PointError::from(format!(
                 "{what} is negative and meter `{slug}` does not allow_negative"
-            ))
+            )))
         } else {
             Ok(value)
         }
@@ -95,9 +107,9 @@ pub(super) fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) ->
         ))
     };
     match (&shape.values, aggregation) {
-        (_, Aggregation::UniqueCount) => Err(format!(
+        (_, Aggregation::UniqueCount) => Err(PointError::from(format!(
             "meter `{slug}` is UNIQUE_COUNT, which metric points cannot feed"
-        )),
+        ))),
         (PointValues::Number(_), Aggregation::Count) => Ok(MeterUpdate::Add(AggState::Count(1))),
         (PointValues::Number(value), Aggregation::TimeWeighted) => {
             let value = non_negative(number_value(*value, meter.scale)?, "value")?;
@@ -129,7 +141,9 @@ pub(super) fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) ->
                 } if !shape.delta => {
                     if negative.is_some_and(|negative| negative.bucket_counts.iter().any(|count| *count > 0))
                     {
-                        return Err("negative buckets: DISTRIBUTION meters take no negative values".into());
+                        return Err(PointError::from(
+                            "negative buckets: DISTRIBUTION meters take no negative values".to_string(),
+                        ));
                     }
                     canonical_buckets(*scale, *zero_count, *positive, *min, *max)
                         .map_err(|reason| format!("{reason} (meter `{slug}`)"))?
@@ -154,30 +168,30 @@ pub(super) fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) ->
             }
             Ok(MeterUpdate::Add(AggState::Distribution(Box::new(distribution))))
         }
-        (PointValues::Distribution { .. }, Aggregation::TimeWeighted) => Err(format!(
+        (PointValues::Distribution { .. }, Aggregation::TimeWeighted) => Err(PointError::from(format!(
             "a {} has no level to integrate (meter `{slug}` is TIME_WEIGHTED); use a gauge",
             shape.kind
-        )),
+        ))),
         (PointValues::Number(value), Aggregation::Max | Aggregation::Min | Aggregation::Latest) => {
             let value = non_negative(number_value(*value, meter.scale)?, "value")?;
             Ok(level(value))
         }
-        (PointValues::Number(_), Aggregation::Sum) if shape.kind == "gauge" => Err(format!(
-            "a gauge is not additive (meter `{slug}` is SUM); use MAX, MIN or LATEST"
+        (PointValues::Number(_), Aggregation::Sum) if shape.kind == "gauge" => Err(PointError::from(
+            format!("a gauge is not additive (meter `{slug}` is SUM); use MAX, MIN or LATEST"),
         )),
         (PointValues::Number(value), Aggregation::Sum) => {
             let value = number_value(*value, meter.scale)?;
             if shape.monotonic && value < 0 {
-                return Err("negative value on a monotonic sum".into());
+                return Err(PointError::from("negative value on a monotonic sum".to_string()));
             }
             if shape.delta {
                 let value = non_negative(value, "value")?;
                 return Ok(MeterUpdate::Add(AggState::Sum(value.into())));
             }
             if !shape.monotonic && !meter.allow_negative {
-                return Err(format!(
+                return Err(PointError::from(format!(
                     "a non-monotonic cumulative sum can decrease; meter `{slug}` needs allow_negative (or use LATEST)"
-                ));
+                )));
             }
             Ok(MeterUpdate::Cumulative {
                 value,
@@ -196,7 +210,10 @@ pub(super) fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) ->
         }
         (PointValues::Distribution { sum, .. }, Aggregation::Sum) => {
             let Some(sum) = sum else {
-                return Err(format!("{} point has no sum (meter `{slug}` is SUM)", shape.kind));
+                return Err(PointError::from(format!(
+                    "{} point has no sum (meter `{slug}` is SUM)",
+                    shape.kind
+                )));
             };
             let sum = decimal_from_f64(*sum, meter.scale).map_err(|error| quantity_error("sum", error))?;
             let sum = non_negative(sum, "sum")?;
@@ -217,15 +234,18 @@ pub(super) fn meter_update(meter: &Meter, shape: &PointShape<'_>, ts_ms: i64) ->
                 ("min", min)
             };
             let Some(bound) = bound else {
-                return Err(format!("{} point has no {what} (meter `{slug}`)", shape.kind));
+                return Err(PointError::from(format!(
+                    "{} point has no {what} (meter `{slug}`)",
+                    shape.kind
+                )));
             };
             let value = decimal_from_f64(*bound, meter.scale).map_err(|error| quantity_error(what, error))?;
             Ok(level(non_negative(value, what)?))
         }
-        (PointValues::Distribution { .. }, Aggregation::Latest) => Err(format!(
+        (PointValues::Distribution { .. }, Aggregation::Latest) => Err(PointError::from(format!(
             "a {} has no single value (meter `{slug}` is LATEST); use COUNT, SUM, MAX or MIN",
             shape.kind
-        )),
+        ))),
     }
 }
 
@@ -344,7 +364,7 @@ pub(super) fn map_point(
             dims,
             window_start,
         };
-        match meter_update(meter, shape, ts_ms).map_err(invalid)? {
+        match meter_update(meter, shape, ts_ms).map_err(|error| (error.reason, error.message))? {
             MeterUpdate::Add(state) => {
                 point.dedup_key = Some(point_dedup_key(series, shape.start_ns, shape.time_ns));
                 point.updates.push((key, state));

@@ -45,6 +45,23 @@ pub struct MapContext<'a> {
     pub acceptance: Acceptance,
 }
 
+/// Why one point or record is refused (most problems are `Invalid`; a value beyond the
+/// representable range is `Overflow`).
+#[derive(Debug)]
+pub(super) struct PointError {
+    pub reason: RefusalReason,
+    pub message: String,
+}
+
+impl From<String> for PointError {
+    fn from(message: String) -> PointError {
+        PointError {
+            reason: RefusalReason::Invalid,
+            message,
+        }
+    }
+}
+
 /// A refused point or record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PointRefusal {
