@@ -48,6 +48,7 @@ fn messages(round: u64, topic: &Arc<str>) -> Vec<KafkaMessage> {
                 payload: Some(payload.into_bytes()),
                 header_id: None,
                 forwarded: false,
+                signature: None,
             }
         })
         .collect()

@@ -340,6 +340,7 @@ mod tests {
                 ),
                 header_id: None,
                 forwarded: false,
+                signature: None,
             })
             .collect()
     }

@@ -19,7 +19,7 @@ fn cluster_config(brokers: &str, topic: &str) -> String {
     kafka_section(brokers, topic, topic).replace(
         "[kafka.properties]",
         &format!(
-            "dlq_topic = \"{topic}.dlq\"\n[cluster]\nmode = \"kafka\"\n[kafka.properties]\n\
+            "dlq_topic = \"{topic}.dlq\"\n[cluster]\nmode = \"kafka\"\nsecret = \"test-cluster-secret-0123456789abcdef\"\n[kafka.properties]\n\
              # tansu 0.6 cannot fetch from inside a record batch: one record per batch.\n\
              \"batch.num.messages\" = \"1\""
         ),

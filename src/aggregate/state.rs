@@ -278,14 +278,42 @@ impl AggState {
         postcard::to_extend(self, out).expect("invariant: aggregation states always serialize")
     }
 
+    /// Decodes and checks a state: one this build could not have made (a malformed sketch from
+    /// a forged or damaged record) is an error here, never a panic in a later merge.
     pub fn decode(bytes: &[u8]) -> Result<AggState, postcard::Error> {
-        postcard::from_bytes(bytes)
+        let state: AggState = postcard::from_bytes(bytes)?;
+        if state.is_valid() {
+            Ok(state)
+        } else {
+            Err(postcard::Error::DeserializeBadEncoding)
+        }
+    }
+
+    /// Whether this is a state the engine can make (see `UniqueState::is_valid`): what any
+    /// decoder of untrusted bytes must check before a state reaches a merge.
+    pub fn is_valid(&self) -> bool {
+        match self {
+            AggState::Unique(unique) => unique.is_valid(),
+            _ => true,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A state no merge could make is refused at decoding: an empty HyperLogLog sketch (bytes
+    /// [Unique, Sketch, 0 registers]) once reached RocksDB's merge callback and aborted.
+    #[test]
+    fn malformed_states_are_refused_at_decoding() {
+        assert!(AggState::decode(&[5, 1, 0]).is_err());
+        let mut sketch = vec![5, 1, 0x80, 0x80, 0x01];
+        sketch.extend(std::iter::repeat_n(52u8, 1 << 14));
+        assert!(AggState::decode(&sketch).is_err(), "a rank no hash can have");
+        let valid = AggState::from_observation(Aggregation::UniqueCount, Observation::Unique(7), 0, 100);
+        assert_eq!(AggState::decode(&valid.encode()).unwrap(), valid);
+    }
     use proptest::prelude::*;
 
     fn arb_state() -> impl Strategy<Value = AggState> {

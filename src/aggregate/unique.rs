@@ -102,6 +102,17 @@ impl UniqueState {
     pub fn is_exact(&self) -> bool {
         matches!(self, UniqueState::Exact { .. })
     }
+
+    /// Whether a decoded state is one this module can make: a sketch of exactly 2^14
+    /// registers each at most the largest rank, an exact set within its positive limit. States
+    /// arrive from the store, the ingest log, the changelog and other replicas; one that is not
+    /// valid must be refused at decoding, never reach a merge (which would index out of bounds).
+    pub fn is_valid(&self) -> bool {
+        match self {
+            UniqueState::Exact { limit, hashes } => *limit > 0 && hashes.len() <= *limit as usize,
+            UniqueState::Sketch(hll) => hll.is_valid(),
+        }
+    }
 }
 
 /// HyperLogLog with 2^14 one-byte registers (16 KiB).
@@ -119,6 +130,15 @@ impl Default for Hll {
 }
 
 impl Hll {
+    /// 2^14 registers, each at most 51 (`insert`'s largest rank).
+    pub fn is_valid(&self) -> bool {
+        self.registers.len() == REGISTERS
+            && self
+                .registers
+                .iter()
+                .all(|rank| *rank <= 64 - PRECISION as u8 + 1)
+    }
+
     pub fn insert(&mut self, hash: u64) {
         let index = (hash >> (64 - PRECISION)) as usize;
         // Rank of the first set bit in the remaining 50 bits (1-based); a guard bit caps it at 51.

@@ -16,6 +16,41 @@ use crate::model::{Names, SeriesKey};
 /// Header value marking a forwarded-usage message on the ingest topic.
 pub const CONTENT_TYPE: &str = "application/x-tallyd-usage; v=1";
 
+/// Header carrying the hex HMAC-SHA256 of the payload with `[cluster] secret`.
+pub const SIGNATURE_HEADER: &str = "tallyd-signature";
+
+/// The signature of a forwarded-usage payload.
+pub fn sign(secret: &[u8], payload: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("invariant: HMAC takes any key length");
+    mac.update(payload);
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Whether `signature` (hex) is the payload's signature with `secret`, compared in constant time.
+pub fn verify(secret: &[u8], payload: &[u8], signature: &[u8]) -> bool {
+    use hmac::{Hmac, Mac};
+    let Some(bytes) = decode_hex(signature) else {
+        return false;
+    };
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("invariant: HMAC takes any key length");
+    mac.update(payload);
+    mac.verify_slice(&bytes).is_ok()
+}
+
+fn decode_hex(text: &[u8]) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    text.chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect()
+}
+
 /// One forwarded point, interned: its dedup key and its series updates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ForwardedUnit {
@@ -29,6 +64,8 @@ pub struct ForwardedUnit {
 pub enum InternError {
     #[error("meter `{0}` is not configured on this replica")]
     UnknownMeter(String),
+    #[error("meter `{0}`: not a state tallyd makes (malformed)")]
+    InvalidState(String),
     #[error("meter `{meter}` is {here} here, the update is {update}")]
     OtherKind {
         meter: String,
@@ -72,6 +109,9 @@ impl ForwardedUsage {
     /// not have reached this one yet).
     pub fn intern(&self, names: &Names, meters: &Meters) -> Result<Vec<ForwardedUnit>, InternError> {
         for update in self.points.iter().flat_map(|point| &point.updates) {
+            if !update.state.is_valid() {
+                return Err(InternError::InvalidState(update.meter.clone()));
+            }
             let Some(meter) = meters.by_slug(&update.meter) else {
                 return Err(InternError::UnknownMeter(update.meter.clone()));
             };

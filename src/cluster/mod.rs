@@ -233,12 +233,19 @@ impl Cluster {
                 .key(tenant)
                 .payload(payload);
             if let Some(content_type) = content_type {
-                record = record.headers(rdkafka::message::OwnedHeaders::new().insert(
-                    rdkafka::message::Header {
-                        key: "content-type",
-                        value: Some(content_type),
-                    },
-                ));
+                let mut headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                    key: "content-type",
+                    value: Some(content_type),
+                });
+                // Forwarded usage is signed: the owner takes it only from a replica.
+                if content_type == forward::CONTENT_TYPE {
+                    let signature = forward::sign(self.config.secret.as_bytes(), payload);
+                    headers = headers.insert(rdkafka::message::Header {
+                        key: forward::SIGNATURE_HEADER,
+                        value: Some(signature.as_str()),
+                    });
+                }
+                record = record.headers(headers);
             }
             match self.producer.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),

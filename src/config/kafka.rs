@@ -12,6 +12,8 @@ pub struct ClusterConfig {
     pub members_topic: String,
     /// The topic edges produce to and queries route by: `kafka.topics[0]`.
     pub ingest_topic: String,
+    /// Signs forwarded usage (HMAC-SHA256); a secret, never logged.
+    pub secret: String,
 }
 
 /// librdkafka properties tallyd sets itself: exactly-once depends on them.
@@ -129,10 +131,19 @@ pub(super) fn validate_cluster(
             "cluster.members_topic: must differ from the ingest, dead-letter and changelog topics".into(),
         );
     }
+    let secret = raw.secret.unwrap_or_default();
+    if secret.len() < 32 {
+        errors.push(
+            "cluster.secret: required in cluster mode, at least 32 bytes, the same on every replica \
+             (it signs the usage replicas forward to each other; e.g. `openssl rand -hex 32`)"
+                .into(),
+        );
+    }
     Some(ClusterConfig {
         advertise_url: raw.advertise_url.map(|url| url.trim_end_matches('/').to_string()),
         members_topic,
         ingest_topic: kafka.topics[0].clone(),
+        secret,
     })
 }
 

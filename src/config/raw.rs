@@ -53,6 +53,10 @@ pub struct RawCluster {
     /// Default: `<group_id>.members`.
     #[serde(default)]
     pub members_topic: Option<String>,
+    /// Shared by the replicas (at least 32 bytes): signs the usage they forward to each other
+    /// on the ingest topic, so that no producer can inject it.
+    #[serde(default)]
+    pub secret: Option<String>,
 }
 
 fn default_cluster_mode() -> String {

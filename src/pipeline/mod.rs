@@ -182,6 +182,16 @@ impl Stages {
     /// For tests: the stages on the embedded config with everything under `dir`.
     #[cfg(test)]
     pub fn for_tests(dir: &std::path::Path, flush_interval_ms: u64) -> Stages {
+        Stages::for_tests_with(dir, flush_interval_ms, |_| {})
+    }
+
+    /// `for_tests`, with `edit` applied to the config first.
+    #[cfg(test)]
+    pub fn for_tests_with(
+        dir: &std::path::Path,
+        flush_interval_ms: u64,
+        edit: impl FnOnce(&mut Config),
+    ) -> Stages {
         let env = [("TALLYD__STORAGE__DATA_DIR".to_string(), dir.display().to_string())]
             .into_iter()
             .collect();
@@ -189,6 +199,7 @@ impl Stages {
         config.emit_file_path = dir.join("usage.jsonl");
         config.dead_letter_path = dir.join("dead-letter.jsonl");
         config.flush_interval_ms = flush_interval_ms;
+        edit(&mut config);
         Stages::start(config).unwrap()
     }
 

@@ -84,7 +84,20 @@ const META_OUTBOX_NEXT: &str = "outbox_next";
 /// snapshots still in flight, and this says which of those the store snapshot already holds.
 const META_GENERATION: &str = "checkpoint_generation";
 
-fn merge_aggregates(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+/// RocksDB's merge callback. It runs inside RocksDB's C++ code, where a panic would abort the
+/// process: states are checked at decoding, and any panic left is caught and reported as a
+/// failed merge (RocksDB then answers that key with a corruption error).
+fn merge_aggregates(key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        merge_operands(existing, operands)
+    }))
+    .unwrap_or_else(|_| {
+        tracing::error!(key = ?key, "merging aggregate states panicked; the key reads as corrupt");
+        None
+    })
+}
+
+fn merge_operands(existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
     let mut state: Option<AggState> = match existing {
         Some(bytes) => Some(AggState::decode(bytes).ok()?),
         None => None,

@@ -33,6 +33,9 @@ pub struct KafkaMessage {
     pub header_id: Option<String>,
     /// Forwarded OTLP usage (`cluster::forward`), not CloudEvents.
     pub forwarded: bool,
+    /// Forwarded usage's `tallyd-signature` header: HMAC-SHA256 of the payload with the
+    /// cluster secret (anything else is not from a replica and is dead-lettered).
+    pub signature: Option<Vec<u8>>,
 }
 
 /// A folded batch waiting for its dead letters to be delivered.
@@ -153,13 +156,29 @@ impl Folder {
         for (position, message) in messages.iter().enumerate() {
             if message.forwarded {
                 let payload = message.payload.as_deref().unwrap_or_default();
-                let decoded = ForwardedUsage::decode(payload)
-                    .map_err(|error| format!("forwarded usage does not decode: {error}"))
-                    .and_then(|usage| {
-                        usage
-                            .intern(&shared.names, &shared.meters)
-                            .map_err(|error| error.to_string())
-                    });
+                // Only replicas forward usage: it must carry the cluster's signature, or a
+                // producer could inject raw aggregate states and other tenants' dedup keys.
+                let authentic = match &shared.config.cluster {
+                    Some(cluster) => message.signature.as_deref().is_some_and(|signature| {
+                        crate::cluster::forward::verify(cluster.secret.as_bytes(), payload, signature)
+                    }),
+                    None => false,
+                };
+                let decoded = if authentic {
+                    ForwardedUsage::decode(payload)
+                        .map_err(|error| format!("forwarded usage does not decode: {error}"))
+                        .and_then(|usage| {
+                            usage
+                                .intern(&shared.names, &shared.meters)
+                                .map_err(|error| error.to_string())
+                        })
+                } else {
+                    Err(
+                        "forwarded usage without a valid cluster signature (only replicas in cluster mode \
+                         forward usage; refused)"
+                            .to_string(),
+                    )
+                };
                 match decoded {
                     Ok(points) => forwarded.extend(points.into_iter().map(|point| (position, point))),
                     Err(error) => {
@@ -429,6 +448,7 @@ mod tests {
                     payload: Some(payload),
                     header_id: None,
                     forwarded: false,
+                    signature: None,
                 }
             })
             .collect()
@@ -504,5 +524,99 @@ mod tests {
             .collect();
         assert_eq!(sequential.3.len(), parallel.3.len(), "series count");
         assert!(differing.is_empty(), "series states differ: {differing:?}");
+    }
+
+    /// Forwarded usage is taken only from a replica: signed with the cluster secret. Unsigned,
+    /// wrongly signed, or arriving at a replica not in cluster mode, it is dead-lettered; and a
+    /// signed record whose state is malformed (an empty HyperLogLog sketch, which once aborted
+    /// the process inside RocksDB's merge) is refused at decoding.
+    #[test]
+    fn forwarded_usage_needs_the_cluster_signature_and_valid_states() {
+        use crate::cluster::forward::{sign, ForwardedPoint, ForwardedUpdate, ForwardedUsage};
+        const SECRET: &str = "test-cluster-secret-0123456789abcdef";
+        let usage = |count: u64| ForwardedUsage {
+            tenant: "acme".into(),
+            points: vec![ForwardedPoint {
+                dedup_key: Some(u128::from(count)),
+                updates: vec![ForwardedUpdate {
+                    meter: "api_calls".into(),
+                    window_start: now_ms().div_euclid(60_000) * 60,
+                    dims: vec![("method".into(), "GET".into()), ("route".into(), "/".into())],
+                    state: crate::aggregate::AggState::Count(count),
+                }],
+            }],
+        };
+        let message = |offset: i64, payload: Vec<u8>, signature: Option<String>| KafkaMessage {
+            topic: "usage".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: now_ms(),
+            key: Some(b"acme".to_vec()),
+            payload: Some(payload),
+            header_id: None,
+            forwarded: true,
+            signature: signature.map(String::into_bytes),
+        };
+        let signed = usage(3).encode();
+        let forged = usage(4).encode();
+        // The state is the record's last field: Count(7) is [1, 7]; [5, 1, 0] is Unique(Sketch
+        // with no registers).
+        let mut malformed = usage(7).encode();
+        assert_eq!(malformed[malformed.len() - 2..], [1, 7]);
+        malformed.truncate(malformed.len() - 2);
+        malformed.extend([5, 1, 0]);
+        let batch = vec![
+            message(0, signed.clone(), Some(sign(SECRET.as_bytes(), &signed))),
+            message(1, forged.clone(), None),
+            message(
+                2,
+                forged.clone(),
+                Some(sign(b"another-secret-0123456789abcdef", &forged)),
+            ),
+            message(3, malformed.clone(), Some(sign(SECRET.as_bytes(), &malformed))),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let stages = Stages::for_tests_with(dir.path(), 3_600_000, |config| {
+            config.cluster = Some(crate::config::ClusterConfig {
+                advertise_url: None,
+                members_topic: "m".into(),
+                ingest_topic: "usage".into(),
+                secret: SECRET.into(),
+            });
+        });
+        let folded = Folder::new(stages.shared.clone(), false).fold(&batch);
+        assert_eq!((folded.outcome.accepted, folded.outcome.invalid), (1, 3));
+        let offsets: Vec<i64> = folded.dead_letters.iter().map(|letter| letter.offset).collect();
+        assert_eq!(offsets, [1, 2, 3]);
+        assert!(
+            folded.dead_letters[0].error.contains("signature"),
+            "{}",
+            folded.dead_letters[0].error
+        );
+        assert!(
+            folded.dead_letters[2].error.contains("malformed"),
+            "{}",
+            folded.dead_letters[2].error
+        );
+        let counted: Vec<u64> = folded
+            .parts
+            .values()
+            .flat_map(|(part, _)| part.series.values())
+            .map(|state| match state {
+                crate::aggregate::AggState::Count(count) => *count,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(counted, [3]);
+        drop(folded);
+        assert!(stages.drain());
+
+        // A replica not in cluster mode takes no forwarded usage, signed or not.
+        let dir = tempfile::tempdir().unwrap();
+        let stages = Stages::for_tests(dir.path(), 3_600_000);
+        let folded = Folder::new(stages.shared.clone(), false).fold(&batch[..1]);
+        assert_eq!((folded.outcome.accepted, folded.outcome.invalid), (0, 1));
+        drop(folded);
+        assert!(stages.drain());
     }
 }

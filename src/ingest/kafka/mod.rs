@@ -385,8 +385,20 @@ fn copy_message(message: &BorrowedMessage<'_>, topics: &mut Vec<Arc<str>>, id_he
             h.key == "content-type" && h.value == Some(crate::cluster::forward::CONTENT_TYPE.as_bytes())
         })
     });
+    let signature = forwarded
+        .then(|| {
+            message.headers().and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|h| h.key == crate::cluster::forward::SIGNATURE_HEADER)
+                    .and_then(|h| h.value)
+                    .map(<[u8]>::to_vec)
+            })
+        })
+        .flatten();
     KafkaMessage {
         forwarded,
+        signature,
         topic,
         partition: message.partition(),
         offset: message.offset(),
