@@ -38,6 +38,11 @@ struct Cli {
     /// How long shutdown may take to drain and write the final checkpoint.
     #[arg(long, global = true, default_value_t = 30)]
     shutdown_grace_secs: u64,
+    /// Start even though ingest-log records are damaged (not a torn tail): replay the intact
+    /// ones, skip the damaged ones (their usage is lost and logged) and keep the damaged segment
+    /// as `.corrupt`. Without it tallyd refuses to start and says why.
+    #[arg(long, global = true)]
+    salvage_ingest_log: bool,
 }
 
 #[derive(Subcommand)]
@@ -63,7 +68,7 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match load_config(cli.config.as_ref()) {
+    let mut config = match load_config(cli.config.as_ref()) {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("invalid configuration:");
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
+    config.salvage_ingest_log = cli.salvage_ingest_log;
     tallyd::telemetry::init_tracing(&cli.log_level, cli.log_json);
     tracing::info!(config = %config.summary(), "starting tallyd {}", env!("CARGO_PKG_VERSION"));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

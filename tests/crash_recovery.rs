@@ -166,3 +166,64 @@ async fn graceful_restart_keeps_totals_and_window_records_are_not_duplicated() {
         .sum();
     assert_eq!(emitted, total);
 }
+
+/// The reproduction: 1,000 events acknowledged with checkpoints far apart, SIGKILL,
+/// one byte flipped at 40 % of the last ingest-log segment. Not a torn tail (acknowledged
+/// records follow the damage): tallyd refuses to start and names the way out, instead of
+/// cutting off the 600 acknowledged events behind the byte; with `--salvage-ingest-log` it
+/// replays every intact record and loses only the damaged one's usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_ingest_log_refuses_to_start_and_a_salvage_loses_only_the_damaged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "");
+    edit_config(&path, "flush_interval_ms = 100", "flush_interval_ms = 600000");
+    let daemon = Daemon::start(&path);
+    let client = client();
+    let time = ago(30);
+    for i in 0..100 {
+        let events: Vec<Value> = (0..10)
+            .map(|e| {
+                event(
+                    &format!("c{i}-{e}"),
+                    "llm.prompt",
+                    "corrupt-co",
+                    &time,
+                    json!({"tokens": 1, "model": "m"}),
+                )
+            })
+            .collect();
+        let (status, body) = post_batch(&client, &daemon, &events).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    daemon.kill();
+    let log_dir = dir.path().join("data/ingest-log");
+    let segment = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| std::fs::metadata(path).unwrap().len() > 0)
+        .max()
+        .unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let at = bytes.len() * 2 / 5;
+    bytes[at] ^= 0x01;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("ingest log corrupt") && said.contains("--salvage-ingest-log"),
+        "{said}"
+    );
+
+    let daemon = Daemon::start_with(&path, &["--salvage-ingest-log"]);
+    // One record (one request of 10 events) is damaged; the other 990 events are replayed.
+    let total = tenant_tokens(&client, &daemon, "corrupt-co").await;
+    assert_eq!(total, 990, "{}", daemon.logs());
+    assert!(daemon.logs().contains("salvaging the ingest log"));
+    daemon.stop();
+}

@@ -65,6 +65,10 @@ pub struct Config {
     pub plans: crate::rate::plan::Plans,
     /// The file this config was read from (None: the embedded default); plans reload from it.
     pub source_path: Option<PathBuf>,
+    /// `tallyd run --salvage-ingest-log`: skip damaged ingest-log records that intact ones
+    /// follow (their usage is lost and logged) instead of refusing to start. A flag, not a
+    /// config key: it is a decision for one start.
+    pub salvage_ingest_log: bool,
 }
 
 /// Every problem found, one per line.
@@ -235,6 +239,7 @@ impl RawConfig {
             cluster,
             plans,
             source_path: None,
+            salvage_ingest_log: false,
         })
     }
 }

@@ -99,11 +99,16 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
     }
     lap(&mut timings.outbox);
     let position = store.ingest_log_position()?;
-    let (log, replay) = IngestLog::open(
+    let (log, replay) = IngestLog::open_with(
         &config.data_dir.join("ingest-log"),
         config.ingest_log_sync,
         config.ingest_log_segment_bytes,
         position,
+        if config.salvage_ingest_log {
+            crate::store::log::Recovery::Salvage
+        } else {
+            crate::store::log::Recovery::Strict
+        },
     )?;
     lap(&mut timings.log_open);
     let plans = RwLock::new(Arc::new(config.plans.clone()));

@@ -31,12 +31,29 @@ const MAX_RECORD_BYTES: usize = 256 << 20;
 pub enum LogError {
     #[error("ingest log io at {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("ingest log corrupt in {path} at byte {offset}: {detail}")]
+    #[error(
+        "ingest log corrupt in {path} at byte {offset}: {detail}; acknowledged records follow the \
+         damage, so it is not an unfinished write and nothing was truncated. To replay every \
+         record that is still intact and skip the damaged ones (their usage is lost, and logged), \
+         start once with `tallyd run --salvage-ingest-log`; the damaged segment is kept beside \
+         the log as `.corrupt`"
+    )]
     Corrupt {
         path: PathBuf,
         offset: u64,
         detail: String,
     },
+}
+
+/// What `IngestLog::open` does with a damaged record that intact records follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Recovery {
+    /// Refuse to open: an operator decides (the default).
+    #[default]
+    Strict,
+    /// Skip the damaged records, replay the rest, keep the damaged segment as `.corrupt` and
+    /// rewrite it without them (`tallyd run --salvage-ingest-log`).
+    Salvage,
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
@@ -267,11 +284,27 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
 
 impl IngestLog {
     /// Opens (or creates) the log and returns the records with `seq >= from_seq` to replay.
+    ///
+    /// A damaged frame is a torn tail only when it is the end of the last segment: no intact
+    /// record follows it (an unfinished write, never acknowledged: cut off). A damaged frame
+    /// that intact records follow is corruption of written data: refused (`Recovery::Strict`),
+    /// or skipped with every lost sequence number logged (`Recovery::Salvage`).
     pub fn open(
         dir: &Path,
         sync: LogSync,
         segment_bytes: u64,
         from_seq: u64,
+    ) -> Result<(IngestLog, Vec<Replayed>), LogError> {
+        IngestLog::open_with(dir, sync, segment_bytes, from_seq, Recovery::Strict)
+    }
+
+    /// `open`, deciding what a damaged record that intact records follow means.
+    pub fn open_with(
+        dir: &Path,
+        sync: LogSync,
+        segment_bytes: u64,
+        from_seq: u64,
+        recovery: Recovery,
     ) -> Result<(IngestLog, Vec<Replayed>), LogError> {
         fs::create_dir_all(dir).map_err(io_error(dir))?;
         let mut segments: Vec<(u64, PathBuf)> = Vec::new();
@@ -299,6 +332,9 @@ impl IngestLog {
                 .and_then(|mut file| file.read_to_end(&mut bytes))
                 .map_err(io_error(path))?;
             let mut offset = 0usize;
+            // Intact frames of this segment, as (offset, length), for a salvage's rewrite.
+            let mut intact: Vec<(usize, usize)> = Vec::new();
+            let mut salvaged = false;
             while offset < bytes.len() {
                 match parse_frame(&bytes[offset..]) {
                     Ok((seq, payload, frame_len)) => {
@@ -309,27 +345,51 @@ impl IngestLog {
                             });
                         }
                         last_seq = Some(seq);
+                        intact.push((offset, frame_len));
                         offset += frame_len;
                     }
-                    Err(detail) if is_last => {
-                        // A torn tail: this write never completed, so it was never acknowledged.
-                        tracing::warn!(path = %path.display(), offset, %detail, "truncating torn ingest log tail");
-                        let file = OpenOptions::new()
-                            .write(true)
-                            .open(path)
-                            .map_err(io_error(path))?;
-                        file.set_len(offset as u64).map_err(io_error(path))?;
-                        file.sync_all().map_err(io_error(path))?;
-                        break;
-                    }
                     Err(detail) => {
-                        return Err(LogError::Corrupt {
-                            path: path.clone(),
-                            offset: offset as u64,
-                            detail,
-                        })
+                        let next = next_intact_frame(&bytes, offset + 1, last_seq);
+                        match (next, is_last, recovery) {
+                            // A torn tail: this write never completed, so it was never acknowledged.
+                            (None, true, _) => {
+                                tracing::warn!(path = %path.display(), offset, %detail, "truncating torn ingest log tail");
+                                let file = OpenOptions::new()
+                                    .write(true)
+                                    .open(path)
+                                    .map_err(io_error(path))?;
+                                file.set_len(offset as u64).map_err(io_error(path))?;
+                                file.sync_all().map_err(io_error(path))?;
+                                break;
+                            }
+                            (next, _, Recovery::Salvage) => {
+                                let resume = next.map_or(bytes.len(), |(at, _)| at);
+                                let lost = match (last_seq, next) {
+                                    (Some(before), Some((_, after))) => format!("{}..{}", before + 1, after),
+                                    (None, Some((_, after))) => format!("..{after}"),
+                                    (Some(before), None) => format!("{}..", before + 1),
+                                    (None, None) => "all".into(),
+                                };
+                                tracing::error!(
+                                    path = %path.display(), offset, skipped_bytes = resume - offset, lost_seqs = %lost,
+                                    %detail, "salvaging the ingest log: damaged records skipped, their usage is lost"
+                                );
+                                salvaged = true;
+                                offset = resume;
+                            }
+                            (_, _, Recovery::Strict) => {
+                                return Err(LogError::Corrupt {
+                                    path: path.clone(),
+                                    offset: offset as u64,
+                                    detail,
+                                })
+                            }
+                        }
                     }
                 }
+            }
+            if salvaged {
+                rewrite_salvaged(path, &bytes, &intact)?;
             }
         }
 
@@ -428,6 +488,32 @@ impl IngestLog {
     pub fn segment_count(&self) -> usize {
         self.closed.len() + 1
     }
+}
+
+/// The first intact frame at or after `from` with a sequence number after `last_seq`, as
+/// (offset, seq): proof that what precedes it was written in full, not torn.
+fn next_intact_frame(bytes: &[u8], from: usize, last_seq: Option<u64>) -> Option<(usize, u64)> {
+    (from..bytes.len().saturating_sub(HEADER_BYTES - 1)).find_map(|at| match parse_frame(&bytes[at..]) {
+        Ok((seq, _, _)) if last_seq.is_none_or(|last| seq > last) => Some((at, seq)),
+        _ => None,
+    })
+}
+
+/// Keeps a salvaged segment as `<name>.corrupt` and writes its intact frames back under its
+/// own name, so that a later start reads the log cleanly.
+fn rewrite_salvaged(path: &Path, bytes: &[u8], intact: &[(usize, usize)]) -> Result<(), LogError> {
+    let mut kept = path.as_os_str().to_owned();
+    kept.push(".corrupt");
+    let kept = PathBuf::from(kept);
+    fs::rename(path, &kept).map_err(io_error(path))?;
+    let mut clean = Vec::with_capacity(bytes.len());
+    for (offset, len) in intact {
+        clean.extend_from_slice(&bytes[*offset..offset + len]);
+    }
+    let mut file = File::create(path).map_err(io_error(path))?;
+    file.write_all(&clean).map_err(io_error(path))?;
+    file.sync_all().map_err(io_error(path))?;
+    Ok(())
 }
 
 fn parse_frame(bytes: &[u8]) -> Result<(u64, &[u8], usize), String> {
@@ -649,5 +735,70 @@ mod tests {
         let (log, replay) = IngestLog::open(dir.path(), LogSync::None, 1 << 20, 4).unwrap();
         assert!(replay.is_empty());
         assert_eq!(log.next_seq(), 4);
+    }
+
+    /// 1,000 acknowledged records, one byte flipped at 40 % of the segment (SIGKILL keeps the
+    /// page cache: every record was written in full). Not a torn tail: intact records follow the
+    /// damage, so the log refuses to open rather than cut off 600 acknowledged records, and a
+    /// salvage replays every intact record and keeps the damaged segment.
+    #[test]
+    fn corruption_with_intact_records_after_it_is_refused_then_salvaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = open(dir.path(), 0);
+        for i in 0..1_000u32 {
+            log.append(&i.to_le_bytes().repeat(8)).unwrap();
+        }
+        log.commit().unwrap();
+        drop(log);
+        let segment = segment_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&segment).unwrap();
+        let at = bytes.len() * 2 / 5;
+        bytes[at] ^= 0x5a;
+        std::fs::write(&segment, &bytes).unwrap();
+
+        let refused = IngestLog::open(dir.path(), LogSync::None, 1 << 20, 0);
+        let Err(error) = refused else {
+            panic!("a corrupt log opened")
+        };
+        assert!(matches!(error, LogError::Corrupt { .. }), "{error}");
+        assert!(error.to_string().contains("--salvage-ingest-log"), "{error}");
+        assert_eq!(std::fs::read(&segment).unwrap(), bytes, "nothing was truncated");
+
+        let (_, replay) =
+            IngestLog::open_with(dir.path(), LogSync::None, 1 << 20, 0, Recovery::Salvage).unwrap();
+        assert_eq!(replay.len(), 999, "only the damaged record is lost");
+        let seqs: Vec<u64> = replay.iter().map(|record| record.seq).collect();
+        let lost: Vec<u64> = (0..1_000).filter(|seq| !seqs.contains(seq)).collect();
+        assert_eq!(lost.len(), 1);
+        let kept = dir.path().join("00000000000000000000.log.corrupt");
+        assert_eq!(
+            std::fs::read(kept).unwrap(),
+            bytes,
+            "the damaged segment is kept as it was"
+        );
+        // The rewritten segment opens cleanly (no salvage needed again).
+        let (_, replay) = open(dir.path(), 0);
+        assert_eq!(replay.len(), 999);
+    }
+
+    /// A crash mid-write that leaves zeros (a file extended before its data reached the disk) is
+    /// a torn tail: nothing intact follows it, so it is cut off and the rest replays.
+    #[test]
+    fn a_zero_filled_tail_is_a_torn_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = open(dir.path(), 0);
+        for i in 0..10u8 {
+            log.append(&[i; 100]).unwrap();
+        }
+        log.commit().unwrap();
+        drop(log);
+        let segment = segment_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&segment).unwrap();
+        let intact = bytes.len();
+        bytes.extend(std::iter::repeat_n(0u8, 4096));
+        std::fs::write(&segment, &bytes).unwrap();
+        let (_, replay) = open(dir.path(), 0);
+        assert_eq!(replay.len(), 10);
+        assert_eq!(std::fs::metadata(&segment).unwrap().len() as usize, intact);
     }
 }

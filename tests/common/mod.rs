@@ -114,10 +114,16 @@ path = "{data}/dead-letter.jsonl"
 impl Daemon {
     /// Starts tallyd with `config_path` and waits until it listens.
     pub fn start(config_path: &Path) -> Daemon {
+        Daemon::start_with(config_path, &[])
+    }
+
+    /// `start` with extra command-line flags.
+    pub fn start_with(config_path: &Path, flags: &[&str]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .args(["run", "--config"])
             .arg(config_path)
             .args(["--log-level", "info,tallyd=debug"])
+            .args(flags)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
