@@ -227,3 +227,97 @@ async fn a_corrupt_ingest_log_refuses_to_start_and_a_salvage_loses_only_the_dama
     assert!(daemon.logs().contains("salvaging the ingest log"));
     daemon.stop();
 }
+
+/// A full disk is an ordinary event: while the data directory's filesystem is full, ingest
+/// answers 503 (nothing acknowledged) and `/readyz` says why; once space is back, ingest resumes
+/// by itself, without a restart, and every acknowledged event counts once. (Reproduced before:
+/// the commit stage latched its first write failure and answered 503 until restarted.)
+/// Needs root, to mount a 64 MB tmpfs as the data directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_pushes_back_and_ingest_resumes_by_itself_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "this test mounts a tmpfs: run it as root");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(data.clone());
+    let path = write_config(dir.path(), "");
+    let daemon = Daemon::start(&path);
+    let client = client();
+    let time = ago(30);
+    let batch = |i: usize| -> Vec<Value> {
+        (0..20)
+            .map(|e| {
+                event(
+                    &format!("full-{i}-{e}"),
+                    "llm.prompt",
+                    "full-co",
+                    &time,
+                    json!({"tokens": 1, "model": "m"}),
+                )
+            })
+            .collect()
+    };
+    let (status, _) = post_batch(&client, &daemon, &batch(0)).await;
+    assert_eq!(status, 202);
+    // Fill the filesystem.
+    let filler = data.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=64"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let mut acknowledged = 20;
+    let mut refused = 0;
+    for i in 1..=20 {
+        let (status, body) = post_batch(&client, &daemon, &batch(i)).await;
+        match status {
+            202 => acknowledged += 20,
+            503 => refused += 1,
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(refused > 0, "a full disk refuses ingest");
+    let ready = client.get(daemon.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let faults: Value = ready.json().await.unwrap();
+    assert!(faults["faults"]["ingest-log"].is_string(), "{faults}");
+    // Space returns: ingest resumes on its own.
+    std::fs::remove_file(&filler).unwrap();
+    let resumed = eventually("ingest to resume", async || {
+        let (status, _) = post_batch(&client, &daemon, &batch(100)).await;
+        (status == 202).then_some(())
+    })
+    .await;
+    let _ = resumed;
+    acknowledged += 20;
+    let ready = client.get(daemon.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    // Refused batches were never counted; retried now, they count once.
+    for i in 1..=20 {
+        let (status, _) = post_batch(&client, &daemon, &batch(i)).await;
+        assert_eq!(status, 202);
+    }
+    let expected = 20 * 22;
+    assert!(acknowledged <= expected);
+    let total = eventually("exact totals", async || {
+        let total = tenant_tokens(&client, &daemon, "full-co").await;
+        (total == expected as i64).then_some(total)
+    })
+    .await;
+    assert_eq!(total, expected as i64);
+    daemon.stop();
+}

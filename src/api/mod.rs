@@ -68,12 +68,13 @@ async fn healthz(State(app): State<AppState>) -> Response {
 }
 
 async fn readyz(State(app): State<AppState>) -> Response {
-    if app.shared.ready.load(Ordering::Acquire) {
+    if app.shared.is_ready() {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {
+        let faults = app.shared.faults.lock().clone();
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready"})),
+            Json(json!({"status": "not ready", "faults": faults})),
         )
             .into_response()
     }

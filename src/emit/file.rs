@@ -9,17 +9,35 @@ use std::path::{Path, PathBuf};
 pub struct JsonlFile {
     path: PathBuf,
     file: File,
+    /// The length up to the last whole, fsynced line: a failed append is cut back to it, so a
+    /// re-sent batch never starts glued to a fragment.
+    len: u64,
+    /// A failed append could not be cut back yet (the next append does it first).
+    dirty: bool,
 }
 
 impl JsonlFile {
+    /// Opens for appending; a partial last line (a crash mid-write: never delivered) is cut off.
     pub fn open(path: &Path) -> io::Result<JsonlFile> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             fs::create_dir_all(parent)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        let len = whole_lines_len(&file)?;
+        if len < file.metadata()?.len() {
+            tracing::warn!(path = %path.display(), keep = len, "cutting a partial last line (an unfinished write)");
+            file.set_len(len)?;
+            file.sync_data()?;
+        }
         Ok(JsonlFile {
             path: path.to_path_buf(),
             file,
+            len,
+            dirty: false,
         })
     }
 
@@ -37,14 +55,41 @@ impl JsonlFile {
         if count == 0 {
             return Ok(0);
         }
-        self.file.write_all(&buffer)?;
-        self.file.sync_data()?;
+        if self.dirty {
+            self.file.set_len(self.len)?;
+            self.dirty = false;
+        }
+        let written = self.file.write_all(&buffer).and_then(|()| self.file.sync_data());
+        if let Err(error) = written {
+            // Whatever part reached the file goes: the caller re-sends the whole batch.
+            self.dirty = self.file.set_len(self.len).is_err();
+            return Err(error);
+        }
+        self.len += buffer.len() as u64;
         Ok(count)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// The length of `file` up to and including its last newline.
+fn whole_lines_len(file: &File) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut chunk = vec![0u8; 64 << 10];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let part = &mut chunk[..(end - start) as usize];
+        file.read_exact_at(part, start)?;
+        if let Some(newline) = part.iter().rposition(|byte| *byte == b'\n') {
+            return Ok(start + newline as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 /// The file emitter: the outbox from its cursor to a JSONL file (both record kinds), run by the
@@ -112,5 +157,17 @@ mod tests {
             fs::read_to_string(&path).unwrap(),
             "{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n"
         );
+    }
+
+    /// A partial last line (a crash mid-write) is cut off at open, so the re-sent batch starts
+    /// on a line of its own instead of being glued to the fragment.
+    #[test]
+    fn a_partial_last_line_is_cut_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        std::fs::write(&path, b"{\"a\":1}\n{\"b\":").unwrap();
+        let mut file = JsonlFile::open(&path).unwrap();
+        file.append_durably([b"{\"b\":2}".as_slice()]).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
     }
 }

@@ -332,7 +332,7 @@ impl Admission {
                 "ingest is overloaded; retry after the delay".into(),
             ));
         };
-        if !self.shared.ready.load(std::sync::atomic::Ordering::Acquire) {
+        if !self.shared.is_ready() {
             return Err(IngestError::Unavailable(
                 "not ready (starting, shutting down or storage failure)".into(),
             ));

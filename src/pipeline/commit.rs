@@ -55,8 +55,29 @@ impl CommitLoop {
         let interval = Duration::from_millis(self.shared.config.flush_interval_ms);
         let mut next_tick = Instant::now() + interval;
         let mut failed: Option<String> = None;
+        let mut next_recovery = Instant::now();
         loop {
+            if failed.is_some() && Instant::now() >= next_recovery {
+                // A full disk or an I/O error is an ordinary event: once the log can be rolled
+                // back to its last acknowledged record, ingest resumes by itself.
+                match self.log.recover() {
+                    Ok(()) => {
+                        tracing::info!("ingest log writable again; accepting ingest");
+                        self.shared.clear_fault("ingest-log");
+                        failed = None;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "ingest log still not writable");
+                        next_recovery = Instant::now() + Duration::from_secs(1);
+                    }
+                }
+            }
             let timeout = next_tick.saturating_duration_since(Instant::now());
+            let timeout = if failed.is_some() {
+                timeout.min(Duration::from_millis(200))
+            } else {
+                timeout
+            };
             match self.requests.recv_timeout(timeout) {
                 Ok(first) => {
                     let mut group = vec![first];
@@ -67,15 +88,16 @@ impl CommitLoop {
                         }
                     }
                     if let Some(reason) = &failed {
-                        // After a log write failure the log tail is suspect: refuse, don't risk it.
+                        // Until the log is rolled back to its last acknowledged record: refuse.
                         for request in group {
                             self.shared.dedup.remove_all(&request.dedup_keys);
                             let _ = request.reply.send(Err(CommitError::Storage(reason.clone())));
                         }
                     } else if let Err(reason) = self.commit_group(group) {
-                        tracing::error!(%reason, "ingest log write failed; refusing further ingest");
-                        self.shared.ready.store(false, Ordering::Release);
+                        tracing::error!(%reason, "ingest log write failed; refusing ingest until it recovers");
+                        self.shared.fault("ingest-log", reason.clone());
                         failed = Some(reason);
+                        next_recovery = Instant::now();
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}

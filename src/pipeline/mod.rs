@@ -137,6 +137,8 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         changelog: std::sync::OnceLock::new(),
         fatal: CancellationToken::new(),
         failure: Mutex::new(None),
+        faults: Mutex::new(Default::default()),
+        faulted: AtomicBool::new(false),
     });
     let writer = shared.engine.writer();
     let mut streams = crate::aggregate::streams::Streams::new(shared.store.stream_states()?);
@@ -473,7 +475,7 @@ mod tests {
         })
         .unwrap();
         assert!(thread.join().is_ok(), "the panic is caught");
-        assert!(!shared.ready.load(Ordering::Acquire));
+        assert!(!shared.is_ready());
         assert!(shared.fatal.is_cancelled());
         assert_eq!(
             shared.failure.lock().as_deref(),

@@ -106,6 +106,11 @@ pub struct Shared {
     pub fatal: CancellationToken,
     /// Which stage died, and why.
     pub failure: Mutex<Option<String>>,
+    /// Conditions that make the daemon unready while they last (a full disk under the ingest
+    /// log, a partition whose restore failed...), by component; each clears its own.
+    pub faults: Mutex<std::collections::BTreeMap<&'static str, String>>,
+    /// `!faults.is_empty()`, readable on every request without the lock.
+    pub faulted: AtomicBool,
 }
 
 /// Publishes changelog chunks durably (blocking until the broker acknowledges all of them).
@@ -137,10 +142,31 @@ pub struct Generations {
 }
 
 impl Shared {
+    /// Ready for ingest: started, not stopping, and no fault.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.faulted.load(Ordering::Acquire)
+    }
+
+    /// `component` cannot do its part until it says otherwise (`clear_fault`): the daemon is
+    /// unready meanwhile, and says why on `/readyz`.
+    pub fn fault(&self, component: &'static str, why: impl Into<String>) {
+        let mut faults = self.faults.lock();
+        faults.insert(component, why.into());
+        self.faulted.store(true, Ordering::Release);
+    }
+
+    pub fn clear_fault(&self, component: &'static str) {
+        let mut faults = self.faults.lock();
+        if faults.remove(component).is_some() {
+            tracing::info!(component, "recovered");
+        }
+        self.faulted.store(!faults.is_empty(), Ordering::Release);
+    }
+
     /// A stage cannot go on: readiness and liveness drop, and the daemon shuts down.
     pub fn stage_died(&self, stage: &str, why: &str) {
         tracing::error!(stage, why, "stage died; stopping the daemon");
-        self.ready.store(false, Ordering::Release);
+        self.fault("stage", format!("{stage} died"));
         self.failure
             .lock()
             .get_or_insert_with(|| format!("{stage}: {why}"));
@@ -170,7 +196,10 @@ impl Shared {
                     // An i128 overflow merging two writers' deltas: no position moves, so the
                     // sources (ingest log, Kafka offsets) replay this usage after a restart.
                     tracing::error!(%error, "cannot merge engine deltas; restart to replay");
-                    self.ready.store(false, Ordering::Release);
+                    self.fault(
+                        "engine",
+                        format!("cannot merge engine deltas: {error}; restart to replay"),
+                    );
                     self.checkpoint_busy.store(false, Ordering::Release);
                     return SnapshotCut::Failed;
                 }
@@ -196,7 +225,7 @@ impl Shared {
         if checkpoints.send(snapshot).is_err() {
             // Nothing is lost: sources replay from the last durable positions on restart.
             tracing::error!("checkpoint thread is gone; usage is replayed from the sources on restart");
-            self.ready.store(false, Ordering::Release);
+            self.fault("checkpoint", "the checkpoint stage is gone");
             return SnapshotCut::Failed;
         }
         SnapshotCut::Cut(generation)

@@ -24,6 +24,8 @@ use crate::config::LogSync;
 use crate::model::{Dims, Names, SeriesKey};
 
 const HEADER_BYTES: usize = 16;
+/// What `recover` writes (and removes) to see that the disk takes writes again.
+const PROBE_BYTES: usize = 256 << 10;
 /// Upper bound on one record; larger frames are treated as corruption.
 const MAX_RECORD_BYTES: usize = 256 << 20;
 
@@ -270,6 +272,10 @@ pub struct IngestLog {
     current_first_seq: u64,
     current_len: u64,
     next_seq: u64,
+    /// The current segment's length and the next sequence as of the last successful `commit`:
+    /// what `recover` rolls back to after a failed write (ENOSPC, EIO).
+    committed_len: u64,
+    committed_next_seq: u64,
 }
 
 /// A record to replay.
@@ -414,6 +420,8 @@ impl IngestLog {
             current_first_seq: next_seq,
             current_len,
             next_seq,
+            committed_len: current_len,
+            committed_next_seq: next_seq,
         };
         Ok((log, replay))
     }
@@ -444,7 +452,39 @@ impl IngestLog {
         if self.sync == LogSync::Fsync {
             self.current.get_ref().sync_data().map_err(io_error(path))?;
         }
+        self.committed_len = self.current_len;
+        self.committed_next_seq = self.next_seq;
         Ok(())
+    }
+
+    /// After a failed `append` or `commit` (a full disk, an I/O error): drops what was not
+    /// committed — the buffered bytes, the part of it that reached the file, the sequence numbers
+    /// it took — so that the log ends exactly where the last acknowledged record does, and
+    /// appends can go on once the disk can take them. Fails while the file cannot be truncated.
+    pub fn recover(&mut self) -> Result<(), LogError> {
+        let path = self.current_path.clone();
+        let replacement = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        // `into_parts` hands back the unwritten bytes instead of flushing them on drop.
+        let (_, _unwritten) =
+            std::mem::replace(&mut self.current, BufWriter::with_capacity(1 << 20, replacement)).into_parts();
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        file.set_len(self.committed_len).map_err(io_error(&path))?;
+        file.sync_data().map_err(io_error(&path))?;
+        self.current_len = self.committed_len;
+        self.next_seq = self.committed_next_seq;
+        // Truncating frees what the failed write took, so it succeeds on a still-full disk:
+        // only a write that reaches the disk says that ingest can go on.
+        let probe = self.dir.join(".probe");
+        let written = File::create(&probe)
+            .and_then(|mut file| file.write_all(&[0u8; PROBE_BYTES]).and_then(|()| file.sync_data()));
+        let _ = fs::remove_file(&probe);
+        written.map_err(io_error(&probe))
     }
 
     /// The sequence the next append gets; every record below it has been appended.
@@ -467,6 +507,7 @@ impl IngestLog {
             let old_first = std::mem::replace(&mut self.current_first_seq, self.next_seq);
             self.current = BufWriter::with_capacity(1 << 20, file);
             self.current_len = 0;
+            self.committed_len = 0;
             self.closed.push((old_first, old_path));
             sync_dir(&self.dir)?;
         }
@@ -800,5 +841,42 @@ mod tests {
         let (_, replay) = open(dir.path(), 0);
         assert_eq!(replay.len(), 10);
         assert_eq!(std::fs::metadata(&segment).unwrap().len() as usize, intact);
+    }
+
+    /// After a failed write (here: records appended but never committed, part of them already
+    /// through the buffer into the file), `recover` rolls the log back to its last commit: the
+    /// file ends at the last acknowledged record, sequence numbers are reused, and the next
+    /// commit replays as if the failure never happened.
+    #[test]
+    fn recover_rolls_back_to_the_last_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = open(dir.path(), 0);
+        for i in 0..3u8 {
+            log.append(&[i; 10]).unwrap();
+        }
+        log.commit().unwrap();
+        let committed = std::fs::metadata(segment_path(dir.path(), 0)).unwrap().len();
+        // 3 MB of uncommitted records: more than the 1 MB buffer, so some reach the file.
+        log.append(&vec![7u8; 1_500_000]).unwrap();
+        log.append(&vec![8u8; 1_500_000]).unwrap();
+        assert!(std::fs::metadata(segment_path(dir.path(), 0)).unwrap().len() > committed);
+        log.recover().unwrap();
+        assert_eq!(
+            std::fs::metadata(segment_path(dir.path(), 0)).unwrap().len(),
+            committed
+        );
+        assert_eq!(
+            log.append(&[9u8; 10]).unwrap(),
+            3,
+            "the failed records' numbers are reused"
+        );
+        log.commit().unwrap();
+        drop(log);
+        let (_, replay) = open(dir.path(), 0);
+        let payloads: Vec<Vec<u8>> = replay.into_iter().map(|record| record.payload).collect();
+        assert_eq!(
+            payloads,
+            vec![vec![0u8; 10], vec![1u8; 10], vec![2u8; 10], vec![9u8; 10]]
+        );
     }
 }

@@ -4,7 +4,6 @@
 //! to the partition's writer together with its next offset. The consumer delivers the dead
 //! letters between `fold` and `apply`; benchmarks drive `Folder` directly.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,7 +57,10 @@ impl FoldedBatch {
             for (series, state) in &batch.series {
                 if let Err(error) = into.merge_state(*series, state) {
                     tracing::error!(%error, "aggregate overflow merging a Kafka batch");
-                    shared.ready.store(false, Ordering::Release);
+                    shared.fault(
+                        "engine",
+                        format!("aggregate overflow merging a Kafka batch: {error}"),
+                    );
                 }
             }
             into_keys.extend(keys);
@@ -370,7 +372,10 @@ impl Folder {
             let position = [(position_name(&topic, partition), next)];
             if let Err(error) = writer.commit(&mut batch, &mut keys, position) {
                 tracing::error!(%error, "aggregate overflow applying a Kafka batch");
-                self.shared.ready.store(false, Ordering::Release);
+                self.shared.fault(
+                    "engine",
+                    format!("aggregate overflow applying a Kafka batch: {error}"),
+                );
             }
         }
         metrics::counter!(telemetry::KAFKA_MESSAGES).increment(folded.messages as u64);

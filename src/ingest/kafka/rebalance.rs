@@ -138,7 +138,7 @@ impl SourceContext {
                     Err(error) => {
                         // Resuming without the restore could count twice: hold the partition back.
                         tracing::error!(%error, source, "cannot restore from the changelog; not consuming it");
-                        shared.ready.store(false, Ordering::Release);
+                        shared.fault("kafka-restore", format!("{source}: {error}"));
                         self.blocked.lock().insert((topic.clone(), partition));
                         self.any_blocked.store(true, Ordering::Release);
                         continue;
@@ -188,6 +188,9 @@ impl SourceContext {
             let mut blocked = self.blocked.lock();
             blocked.remove(&(topic.to_string(), partition));
             self.any_blocked.store(!blocked.is_empty(), Ordering::Release);
+            if blocked.is_empty() {
+                self.shared.clear_fault("kafka-restore");
+            }
             drop(blocked);
             metrics::gauge!(telemetry::KAFKA_LAG, "topic" => topic.to_string(), "partition" => partition.to_string())
                 .set(0.0);
