@@ -297,12 +297,11 @@ async fn a_full_disk_pushes_back_and_ingest_resumes_by_itself_when_space_returns
     assert!(faults["faults"]["ingest-log"].is_string(), "{faults}");
     // Space returns: ingest resumes on its own.
     std::fs::remove_file(&filler).unwrap();
-    let resumed = eventually("ingest to resume", async || {
+    eventually("ingest to resume", async || {
         let (status, _) = post_batch(&client, &daemon, &batch(100)).await;
         (status == 202).then_some(())
     })
     .await;
-    let _ = resumed;
     acknowledged += 20;
     let ready = client.get(daemon.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);

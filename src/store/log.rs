@@ -481,8 +481,10 @@ impl IngestLog {
         // Truncating frees what the failed write took, so it succeeds on a still-full disk:
         // only a write that reaches the disk says that ingest can go on.
         let probe = self.dir.join(".probe");
-        let written = File::create(&probe)
-            .and_then(|mut file| file.write_all(&[0u8; PROBE_BYTES]).and_then(|()| file.sync_data()));
+        let written = File::create(&probe).and_then(|mut file| {
+            file.write_all(&[0u8; PROBE_BYTES])
+                .and_then(|()| file.sync_data())
+        });
         let _ = fs::remove_file(&probe);
         written.map_err(io_error(&probe))
     }
