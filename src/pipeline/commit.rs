@@ -179,8 +179,15 @@ impl CommitLoop {
                 &request.cumulative,
                 position,
             ) {
-                // Only an i128 overflow can get here; the log holds the batch for forensics.
-                tracing::error!(%error, "failed to apply a logged batch");
+                // A broken invariant (no sum overflows within the quantity range): the request
+                // is not acknowledged, no later checkpoint passes it, and the daemon stops so
+                // that a restart replays the log.
+                self.shared
+                    .engine_failed(&format!("cannot apply a logged batch: {error}"));
+                let _ = request
+                    .reply
+                    .send(Err(CommitError::Storage(format!("not applied: {error}"))));
+                continue;
             }
             let _ = request.reply.send(Ok(()));
         }

@@ -139,6 +139,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         failure: Mutex::new(None),
         faults: Mutex::new(Default::default()),
         faulted: AtomicBool::new(false),
+        engine_failed: AtomicBool::new(false),
     });
     let writer = shared.engine.writer();
     let mut streams = crate::aggregate::streams::Streams::new(shared.store.stream_states()?);
@@ -482,5 +483,52 @@ mod tests {
             Some("tallyd-test-stage: invariant: broken on purpose")
         );
         assert!(!stages.drain(), "a drain after a dead stage reports the failure");
+    }
+}
+
+#[cfg(test)]
+mod engine_failure_tests {
+    use super::*;
+    use crate::aggregate::{AggState, PreAggregated};
+    use crate::model::SeriesKey;
+    use crate::state::SnapshotCut;
+
+    /// A take that cannot merge the writers' deltas has drained their positions with them: no
+    /// later snapshot may be cut (a checkpoint would store a position past the lost usage), and
+    /// the daemon stops so that a restart replays from the last checkpoint.
+    #[test]
+    fn a_failed_take_stops_every_later_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let stages = Stages::for_tests(dir.path(), 3_600_000);
+        let shared = stages.shared.clone();
+        let key = SeriesKey {
+            meter: 0,
+            tenant: 0,
+            dims: 0,
+            window_start: 60,
+        };
+        let half = AggState::Sum((i128::MAX / 2 + 1).into());
+        for (writer, position) in [(shared.engine.writer(), 5), (shared.engine.writer(), 9)] {
+            let mut batch = PreAggregated::default();
+            batch.merge_state(key, &half).unwrap();
+            writer
+                .commit(&mut batch, &mut vec![], [("kafka/usage/0".to_string(), position)])
+                .unwrap();
+        }
+        assert_eq!(shared.try_snapshot(&stages.checkpoints), SnapshotCut::Failed);
+        assert!(shared.fatal.is_cancelled() && !shared.is_ready());
+        // Later usage and positions are never checkpointed past the lost cut.
+        let writer = shared.engine.writer();
+        writer
+            .commit(
+                &mut PreAggregated::default(),
+                &mut vec![],
+                [("kafka/usage/0".to_string(), 12)],
+            )
+            .unwrap();
+        assert_eq!(shared.try_snapshot(&stages.checkpoints), SnapshotCut::Failed);
+        assert!(!shared.checkpoint_now(&stages.checkpoints, Duration::from_millis(200)));
+        assert_eq!(shared.store.position("kafka/usage/0").unwrap(), None);
+        assert!(!stages.drain());
     }
 }

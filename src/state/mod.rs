@@ -111,6 +111,10 @@ pub struct Shared {
     pub faults: Mutex<std::collections::BTreeMap<&'static str, String>>,
     /// `!faults.is_empty()`, readable on every request without the lock.
     pub faulted: AtomicBool,
+    /// The engine lost deltas it had taken or applied only in part (a broken invariant: no
+    /// sum can overflow within the quantity range). From then on no snapshot is cut, so no
+    /// checkpoint stores a position past the lost usage: the sources replay it after a restart.
+    pub engine_failed: AtomicBool,
 }
 
 /// Publishes changelog chunks durably (blocking until the broker acknowledges all of them).
@@ -163,6 +167,13 @@ impl Shared {
         self.faulted.store(!faults.is_empty(), Ordering::Release);
     }
 
+    /// The engine's deltas can no longer be trusted (`engine_failed`): stop cutting snapshots
+    /// and stop the daemon, so that it restarts from the last checkpoint and replays.
+    pub fn engine_failed(&self, why: &str) {
+        self.engine_failed.store(true, Ordering::Release);
+        self.stage_died("engine", why);
+    }
+
     /// A stage cannot go on: readiness and liveness drop, and the daemon shuts down.
     pub fn stage_died(&self, stage: &str, why: &str) {
         tracing::error!(stage, why, "stage died; stopping the daemon");
@@ -185,6 +196,9 @@ impl Shared {
     /// Cuts a snapshot of every engine writer (deltas, dedup keys and positions at one cut) and
     /// hands it to the checkpoint stage, unless a checkpoint is still in flight.
     pub fn try_snapshot(&self, checkpoints: &SyncSender<Arc<Snapshot>>) -> SnapshotCut {
+        if self.engine_failed.load(Ordering::Acquire) {
+            return SnapshotCut::Failed;
+        }
         if self.checkpoint_busy.swap(true, Ordering::AcqRel) {
             return SnapshotCut::Busy;
         }
@@ -193,13 +207,9 @@ impl Shared {
             let cut = match self.engine.take() {
                 Ok(cut) => cut,
                 Err(error) => {
-                    // An i128 overflow merging two writers' deltas: no position moves, so the
-                    // sources (ingest log, Kafka offsets) replay this usage after a restart.
-                    tracing::error!(%error, "cannot merge engine deltas; restart to replay");
-                    self.fault(
-                        "engine",
-                        format!("cannot merge engine deltas: {error}; restart to replay"),
-                    );
+                    // The taken deltas (and the positions and dedup keys drained with them)
+                    // are gone from memory: no later cut may store a position past them.
+                    self.engine_failed(&format!("cannot merge engine deltas: {error}; restart to replay"));
                     self.checkpoint_busy.store(false, Ordering::Release);
                     return SnapshotCut::Failed;
                 }

@@ -56,11 +56,7 @@ impl FoldedBatch {
             let (into, into_keys) = self.parts.entry(key).or_default();
             for (series, state) in &batch.series {
                 if let Err(error) = into.merge_state(*series, state) {
-                    tracing::error!(%error, "aggregate overflow merging a Kafka batch");
-                    shared.fault(
-                        "engine",
-                        format!("aggregate overflow merging a Kafka batch: {error}"),
-                    );
+                    shared.engine_failed(&format!("cannot merge a Kafka batch's shares: {error}"));
                 }
             }
             into_keys.extend(keys);
@@ -371,11 +367,10 @@ impl Folder {
             let writer = self.writer_for(&topic, partition);
             let position = [(position_name(&topic, partition), next)];
             if let Err(error) = writer.commit(&mut batch, &mut keys, position) {
-                tracing::error!(%error, "aggregate overflow applying a Kafka batch");
-                self.shared.fault(
-                    "engine",
-                    format!("aggregate overflow applying a Kafka batch: {error}"),
-                );
+                // Applied in part: no later checkpoint may store this partition's offsets, and
+                // the daemon stops so that the partition replays from its last checkpoint.
+                self.shared
+                    .engine_failed(&format!("cannot apply a Kafka batch: {error}"));
             }
         }
         metrics::counter!(telemetry::KAFKA_MESSAGES).increment(folded.messages as u64);
