@@ -54,6 +54,10 @@ pub const EMIT_RECORDS: &str = "tallyd_emit_records_total";
 pub const EMIT_FAILURES: &str = "tallyd_emit_failures_total";
 /// Outbox lines an emitter has not delivered yet, by output.
 pub const EMIT_BACKLOG: &str = "tallyd_emit_backlog_records";
+/// `{output}`: records an output refused again and again (HTTP 4xx, a line it cannot encode),
+/// set aside in `<data_dir>/parked/<output>.jsonl` so that the records behind them flow; sent
+/// again by `POST /api/v1/outputs/{output}/replay`.
+pub const EMIT_PARKED: &str = "tallyd_emit_parked_records_total";
 /// Rated records produced by checkpoints, and windows that could not be rated (overflow).
 pub const RATED_RECORDS: &str = "tallyd_rating_records_total";
 pub const RATING_FAILURES: &str = "tallyd_rating_failures_total";
@@ -208,6 +212,10 @@ fn describe() {
     describe_counter!(EMIT_RECORDS, "records written downstream, by output and kind");
     describe_counter!(EMIT_FAILURES, "failed attempts to write downstream, by output");
     describe_gauge!(EMIT_BACKLOG, "outbox records not yet delivered, by output");
+    describe_counter!(
+        EMIT_PARKED,
+        "records an output kept refusing, set aside (parked) for a replay, by output"
+    );
     describe_counter!(PLAN_RELOADS, "plan sets swapped in by a reload");
     describe_counter!(
         PLAN_RELOAD_FAILURES,

@@ -686,3 +686,130 @@ plan = "fees"
     );
     daemon.stop();
 }
+
+/// A receiver that redirects or keeps rejecting a batch cannot lose records nor hold back
+/// every record behind them: a redirect is never followed (reqwest would turn the POST into a
+/// GET, and its 2xx counted as delivered); a batch answered 4xx again and again is parked in
+/// `<data_dir>/parked/webhook.jsonl` (counted), the records behind it flow, and
+/// `POST /api/v1/outputs/webhook/replay` sends the parked ones once the receiver takes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_redirects_or_rejects_parks_records_for_a_replay() {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::{Arc, Mutex};
+    // 0: redirect every POST; 1: reject (400) batches holding an `api_calls` record; 2: take all.
+    let mode = Arc::new(AtomicU8::new(0));
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let gets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = listener.local_addr().unwrap();
+    let app = {
+        let (mode, got, gets) = (mode.clone(), got.clone(), gets.clone());
+        axum::Router::new()
+            .route(
+                "/hook",
+                axum::routing::post(move |body: axum::body::Bytes| {
+                    let (mode, got) = (mode.clone(), got.clone());
+                    async move {
+                        use axum::response::IntoResponse;
+                        let parsed: Value = serde_json::from_slice(&body).unwrap();
+                        let records = parsed["records"].as_array().unwrap().clone();
+                        match mode.load(Ordering::Acquire) {
+                            0 => {
+                                (axum::http::StatusCode::FOUND, [("location", "/elsewhere")]).into_response()
+                            }
+                            1 if records.iter().any(|r| r["meter"] == "api_calls") => {
+                                axum::http::StatusCode::BAD_REQUEST.into_response()
+                            }
+                            _ => {
+                                got.lock().unwrap().extend(records);
+                                axum::http::StatusCode::NO_CONTENT.into_response()
+                            }
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/elsewhere",
+                axum::routing::get(move || {
+                    let gets = gets.clone();
+                    async move {
+                        gets.fetch_add(1, Ordering::AcqRel);
+                        axum::http::StatusCode::OK
+                    }
+                }),
+            )
+    };
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("{PLANS}\n[emit.webhook]\nurl = \"http://{hook}/hook\"\nbatch_size = 1\n"),
+    );
+    let usage = dir.path().join("data/usage.jsonl");
+    let daemon = Daemon::start(&config);
+    let client = client();
+    for batch in closed_window_usage().chunks(500) {
+        let (status, body) = post_batch(&client, &daemon, batch).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let expected = eventually("15 rated records in the file", async || {
+        let latest = latest_rated(&read_jsonl(&usage));
+        (latest.len() == 15).then_some(latest)
+    })
+    .await;
+    // Redirected: never followed, nothing counted as delivered.
+    eventually("failed attempts", async || {
+        metrics_text(&client, &daemon)
+            .await
+            .contains("tallyd_emit_failures_total{output=\"webhook\"}")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        gets.load(Ordering::Acquire),
+        0,
+        "the redirect was followed as a GET"
+    );
+    assert!(got.lock().unwrap().is_empty());
+    // Rejected: the api_calls records are parked after a few attempts; the others flow.
+    mode.store(1, Ordering::Release);
+    let rejected = expected.values().filter(|r| r["meter"] == "api_calls").count();
+    assert!(rejected > 0 && rejected < expected.len());
+    eventually("the other tenants' records delivered", async || {
+        let latest = latest_rated(&got.lock().unwrap());
+        (latest.len() == expected.len() - rejected).then_some(())
+    })
+    .await;
+    let parked = eventually("every rejected record parked", async || {
+        let parked = read_jsonl(&dir.path().join("data/parked/webhook.jsonl"));
+        (latest_rated(&parked).len() == rejected).then_some(parked)
+    })
+    .await;
+    assert!(metrics_text(&client, &daemon)
+        .await
+        .contains("tallyd_emit_parked_records_total{output=\"webhook\"}"));
+    // Fixed receiver, replay: everything delivered, the parked file emptied.
+    mode.store(2, Ordering::Release);
+    let response = client
+        .post(daemon.url("/api/v1/outputs/webhook/replay"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["parked"].as_u64().unwrap() as usize, parked.len());
+    let latest = eventually("every record delivered", async || {
+        let latest = latest_rated(&got.lock().unwrap());
+        (latest.len() == expected.len()).then_some(latest)
+    })
+    .await;
+    assert_eq!(latest, expected);
+    assert!(read_jsonl(&dir.path().join("data/parked/webhook.jsonl")).is_empty());
+    let unknown = client
+        .post(daemon.url("/api/v1/outputs/nope/replay"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    daemon.stop();
+}

@@ -46,6 +46,10 @@ pub fn router(state: AppState, admission: Admission) -> Router {
         .route("/api/v1/meters/{slug}/query", get(query::query_meter))
         .route("/api/v1/tenants/{tenant}/usage", get(usage::tenant_usage))
         .route("/api/v1/rated", get(usage::list_rated))
+        .route(
+            "/api/v1/outputs/{output}/replay",
+            axum::routing::post(replay_parked),
+        )
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -88,6 +92,31 @@ async fn metrics_text(State(app): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.prometheus.render(),
+    )
+        .into_response()
+}
+
+/// `POST /api/v1/outputs/{output}/replay`: the output sends its parked records again (once its
+/// receiver is fixed). 202 with how many are parked; 404 for an output that is not configured.
+async fn replay_parked(
+    State(app): State<AppState>,
+    axum::extract::Path(output): axum::extract::Path<String>,
+) -> Response {
+    if !crate::emit::configured(&app.shared.config).contains(&output.as_str()) || output == "file" {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no remote output `{output}`"),
+        );
+    }
+    let path = crate::emit::parked_path(&app.shared, &output);
+    let parked = std::fs::read(&path)
+        .map(|text| text.iter().filter(|byte| **byte == b'\n').count())
+        .unwrap_or(0);
+    app.shared.replays.lock().insert(output.clone());
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"output": output, "parked": parked, "path": path.display().to_string()})),
     )
         .into_response()
 }

@@ -86,6 +86,15 @@ impl Emitters {
     }
 }
 
+/// Replaces a parked file's lines (durably: a temporary file renamed over it).
+fn rewrite(path: &std::path::Path, lines: &[&[u8]]) -> std::io::Result<()> {
+    let temporary = path.with_extension("jsonl.tmp");
+    let _ = std::fs::remove_file(&temporary);
+    let mut file = file::JsonlFile::open(&temporary)?;
+    file.append_durably(lines.iter().copied())?;
+    std::fs::rename(&temporary, path)
+}
+
 /// The `kind` of an outbox line (`"window"` or `"rated"`): serde writes it first.
 pub fn line_kind(line: &[u8]) -> &'static str {
     if line.starts_with(br#"{"kind":"rated""#) {
@@ -119,16 +128,47 @@ pub enum DeliveryError {
     /// The output could not be reached or did not acknowledge in time.
     #[error("{output}: {detail}")]
     Unreachable { output: String, detail: String },
-    /// The output answered and refused the batch.
+    /// The output answered and refused the batch, in a way a retry may change (5xx, 408, 429).
     #[error("{output}: refused: {detail}")]
     Refused { output: String, detail: String },
+    /// The output answered that this batch is wrong (4xx): retrying the same bytes cannot help.
+    #[error("{output}: rejected ({status}): {detail}")]
+    Rejected {
+        output: String,
+        status: u16,
+        detail: String,
+    },
     /// A line this output cannot carry (e.g. not a rated record for the protobuf format).
     #[error("{output}: cannot encode: {detail}")]
     Encoding { output: String, detail: String },
 }
 
+impl DeliveryError {
+    /// The same batch will never be taken (so it is parked after a few attempts).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            DeliveryError::Rejected { .. } | DeliveryError::Encoding { .. }
+        )
+    }
+}
+
+/// Attempts of one batch an output answers with a permanent refusal before it is parked.
+const PARK_AFTER: u32 = 5;
+
+/// Where an output's parked records wait for a replay.
+pub fn parked_path(shared: &Shared, output: &str) -> std::path::PathBuf {
+    shared
+        .config
+        .data_dir
+        .join("parked")
+        .join(format!("{output}.jsonl"))
+}
+
 /// Runs a sink on its own thread: reads the outbox from the sink's cursor in bounded chunks,
 /// delivers the kinds it wants, retries with capped exponential backoff, advances the cursor.
+/// A batch the output keeps rejecting (4xx) is parked after `PARK_AFTER` attempts, so that one
+/// bad batch cannot hold back every record behind it.
 pub struct EmitLoop {
     pub shared: Arc<Shared>,
     pub sink: Box<dyn Sink>,
@@ -138,6 +178,63 @@ pub struct EmitLoop {
 }
 
 impl EmitLoop {
+    /// Sets `lines` aside in the output's parked file (durably) and counts them; true once they
+    /// are (the cursor may then move past them). A parked file that cannot be written keeps the
+    /// batch in the outbox: nothing is dropped.
+    fn park(&self, lines: &[&[u8]], error: &DeliveryError) -> bool {
+        let name = self.sink.name();
+        let path = parked_path(&self.shared, name);
+        let parked =
+            file::JsonlFile::open(&path).and_then(|mut file| file.append_durably(lines.iter().copied()));
+        match parked {
+            Ok(count) => {
+                metrics::counter!(telemetry::EMIT_PARKED, "output" => name).increment(count as u64);
+                tracing::error!(%error, output = name, records = count, path = %path.display(),
+                    "output keeps rejecting these records; parked them (replay: POST /api/v1/outputs/{name}/replay)");
+                true
+            }
+            Err(park_error) => {
+                tracing::error!(%error, %park_error, output = name, "cannot park rejected records; retrying them");
+                false
+            }
+        }
+    }
+
+    /// Sends the parked records again when an operator asked (`POST /api/v1/outputs/{output}/replay`):
+    /// in outbox-sized batches; the file is emptied once all of them were taken. A batch still
+    /// rejected stays parked (with the rest), and the replay ends.
+    fn replay_parked_if_asked(&mut self) {
+        let name = self.sink.name();
+        if !self.shared.replays.lock().remove(name) {
+            return;
+        }
+        let path = parked_path(&self.shared, name);
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
+            Err(error) => {
+                tracing::error!(%error, output = name, "cannot read parked records");
+                return;
+            }
+        };
+        let lines: Vec<&[u8]> = text
+            .split(|byte| *byte == b'\n')
+            .filter(|line| !line.is_empty())
+            .collect();
+        for (index, chunk) in lines.chunks(self.batch.max(1)).enumerate() {
+            if let Err(error) = self.sink.deliver(chunk) {
+                tracing::warn!(%error, output = name, "replaying parked records failed; they stay parked");
+                let rest: Vec<&[u8]> = lines[index * self.batch.max(1)..].to_vec();
+                let _ = rewrite(&path, &rest);
+                return;
+            }
+        }
+        if let Err(error) = rewrite(&path, &[]) {
+            tracing::error!(%error, output = name, "parked records replayed but not cleared; they may be sent again");
+        }
+        tracing::info!(output = name, records = lines.len(), "parked records replayed");
+    }
+
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
         let shared = self.shared.clone();
         crate::state::spawn_stage(&format!("tallyd-emit-{}", self.sink.name()), shared, move || {
@@ -163,7 +260,10 @@ impl EmitLoop {
             }
         };
         let mut backoff = Duration::from_millis(100);
+        // Consecutive permanent refusals of the batch at the cursor.
+        let mut rejections = 0u32;
         loop {
+            self.replay_parked_if_asked();
             let pending = match self.shared.store.outbox_from(cursor, self.batch) {
                 Ok(pending) => pending,
                 Err(error) => {
@@ -189,8 +289,16 @@ impl EmitLoop {
                 .collect();
             let delivered = wanted.is_empty() || {
                 match self.sink.deliver(&wanted) {
-                    Ok(()) => true,
+                    Ok(()) => {
+                        rejections = 0;
+                        true
+                    }
+                    Err(error) if error.is_permanent() && rejections + 1 >= PARK_AFTER => {
+                        rejections = 0;
+                        self.park(&wanted, &error)
+                    }
                     Err(error) => {
+                        rejections = if error.is_permanent() { rejections + 1 } else { 0 };
                         metrics::counter!(telemetry::EMIT_FAILURES, "output" => name).increment(1);
                         tracing::warn!(%error, output = name, records = wanted.len(),
                             retry_in_ms = backoff.as_millis() as u64, "delivery failed; retrying");

@@ -45,6 +45,9 @@ impl WebhookSink {
             .build()?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms))
+            // A redirect turns the POST into a GET that a 2xx would count as delivered: a 3xx
+            // is a refusal to retry (the URL is the operator's to fix), never followed.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(WebhookSink {
             runtime,
@@ -99,9 +102,19 @@ impl super::Sink for WebhookSink {
             }
             let text = response.text().await.unwrap_or_default();
             let text: String = text.chars().take(200).collect();
-            Err(super::DeliveryError::Refused {
-                output,
-                detail: format!("HTTP {status}: {text}"),
+            let detail = format!("HTTP {status}: {text}");
+            // 4xx says the batch itself is wrong (except a timeout or a rate limit).
+            let permanent = status.is_client_error()
+                && status != reqwest::StatusCode::REQUEST_TIMEOUT
+                && status != reqwest::StatusCode::TOO_MANY_REQUESTS;
+            Err(if permanent {
+                super::DeliveryError::Rejected {
+                    output,
+                    status: status.as_u16(),
+                    detail,
+                }
+            } else {
+                super::DeliveryError::Refused { output, detail }
             })
         })
     }

@@ -140,6 +140,7 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         faults: Mutex::new(Default::default()),
         faulted: AtomicBool::new(false),
         engine_failed: AtomicBool::new(false),
+        replays: Mutex::new(Default::default()),
     });
     let writer = shared.engine.writer();
     let mut streams = crate::aggregate::streams::Streams::new(shared.store.stream_states()?);

@@ -115,6 +115,8 @@ pub struct Shared {
     /// sum can overflow within the quantity range). From then on no snapshot is cut, so no
     /// checkpoint stores a position past the lost usage: the sources replay it after a restart.
     pub engine_failed: AtomicBool,
+    /// Outputs an operator asked to send their parked records again (`emit`).
+    pub replays: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Publishes changelog chunks durably (blocking until the broker acknowledges all of them).
