@@ -31,6 +31,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod emit;
+pub mod fuzzing;
 pub mod ingest;
 pub mod kafka;
 pub mod meter;

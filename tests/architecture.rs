@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 /// Top to bottom; a module may import only from layers below its own.
 const LAYERS: &[&[&str]] = &[
+    &["fuzzing"],
     &["pipeline"],
     &["api"],
     &["ingest", "emit", "query"],

@@ -49,6 +49,11 @@ pub struct FoldedBatch {
 }
 
 impl FoldedBatch {
+    /// The dedup keys the batch claimed (owned until applied, or released).
+    pub fn dedup_keys(&self) -> impl Iterator<Item = u128> + '_ {
+        self.parts.values().flat_map(|(_, keys)| keys.iter().copied())
+    }
+
     /// Adds another share of the same batch.
     fn absorb(&mut self, other: FoldedBatch, shared: &Shared) {
         self.dead_letters.extend(other.dead_letters);

@@ -1,0 +1,3 @@
+#![no_main]
+//! `tallyd::fuzzing::otlp_protobuf` (see there for what the input is).
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tallyd::fuzzing::otlp_protobuf(data));
