@@ -755,3 +755,83 @@ async fn values_beyond_the_range_are_refused_as_overflow_not_acknowledged() {
     assert!(dead.iter().all(|line| line["reason"] == "overflow"));
     daemon.stop();
 }
+
+/// The hostile-input catalogue for CloudEvents over HTTP: each input gets a clear answer naming
+/// what is wrong (never a panic, never a hang), nothing of it counts, and the daemon keeps
+/// serving the next well-formed request exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_inputs_get_clear_answers_and_the_daemon_keeps_serving() {
+    let (dir, path) = config("");
+    let daemon = Daemon::start(&path);
+    let client = client();
+    let t = ago(30);
+    let send = |content_type: &'static str, body: Vec<u8>| {
+        let (client, url) = (client.clone(), daemon.url("/api/v1/events"));
+        async move {
+            let response = client
+                .post(url)
+                .header("content-type", content_type)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let one = |data: Value, time: &str, subject: &str| {
+        serde_json::to_vec(&event("h-1", "llm.prompt", subject, time, data)).unwrap()
+    };
+    let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes();
+    let megabyte = "x".repeat(1 << 20);
+    let cases: Vec<(&str, &'static str, Vec<u8>, u16, &str)> = vec![
+        ("deep nesting", "application/json", deep, 400, "recursion limit"),
+        ("deep data", "application/cloudevents+json",
+            format!(r#"{{"specversion":"1.0","id":"d","source":"s","type":"llm.prompt","subject":"a","data":{{"tokens":1,"model":{}1{}}}}}"#,
+                "[".repeat(10_000), "]".repeat(10_000)).into_bytes(), 400, ""),
+        ("1 MB subject", "application/cloudevents+json", one(json!({"tokens": 1, "model": "m"}), &t, &megabyte), 400, "subject"),
+        ("1 MB dimension value", "application/cloudevents+json", one(json!({"tokens": 1, "model": megabyte}), &t, "acme"), 400, "model"),
+        ("NaN as a string", "application/cloudevents+json", one(json!({"tokens": "NaN", "model": "m"}), &t, "acme"), 400, "tokens"),
+        ("negative count", "application/cloudevents+json", one(json!({"tokens": -5, "model": "m"}), &t, "acme"), 400, "tokens"),
+        ("year 1970", "application/cloudevents+json", one(json!({"tokens": 1, "model": "m"}), "1970-01-01T00:00:00Z", "acme"), 202, "too_late"),
+        ("year 2300", "application/cloudevents+json", one(json!({"tokens": 1, "model": "m"}), "2300-01-01T00:00:00Z", "acme"), 202, "too_far_in_future"),
+        ("not a time", "application/cloudevents+json", one(json!({"tokens": 1, "model": "m"}), "yesterday", "acme"), 400, "time"),
+        ("invalid UTF-8", "application/cloudevents+json", vec![b'{', 0xff, 0xfe, b'}'], 400, "body"),
+        ("wrong content type", "text/plain", b"{}".to_vec(), 400, "content-type"),
+        ("empty body", "application/json", Vec::new(), 400, "body"),
+        ("empty batch", "application/cloudevents-batch+json", b"[]".to_vec(), 400, "body"),
+        ("1e999", "application/cloudevents+json",
+            br#"{"specversion":"1.0","id":"inf","source":"s","type":"llm.prompt","subject":"acme","data":{"tokens":1e999,"model":"m"}}"#.to_vec(),
+            202, "overflow"),
+    ];
+    for (what, content_type, body, status, named) in cases {
+        let (got, answer) = send(content_type, body).await;
+        assert_eq!(got, status, "{what}: {answer}");
+        assert!(
+            answer.to_string().contains(named),
+            "{what}: the answer names `{named}`: {answer}"
+        );
+        if status == 202 {
+            assert_eq!(answer["accepted"], json!(0), "{what}: {answer}");
+        }
+    }
+    // Still serving, and nothing of the above counted.
+    let (status, body) = post_batch(
+        &client,
+        &daemon,
+        &[event(
+            "fine",
+            "llm.prompt",
+            "acme",
+            &t,
+            json!({"tokens": 7, "model": "m"}),
+        )],
+    )
+    .await;
+    assert_eq!((status, body["accepted"].clone()), (202, json!(1)), "{body}");
+    assert_eq!(tenant_tokens(&client, &daemon, "acme").await, 7);
+    let dead = read_jsonl(&dir.path().join("data/dead-letter.jsonl"));
+    let reasons: Vec<&str> = dead.iter().map(|line| line["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["too_late", "too_far_in_future", "overflow"]);
+    daemon.stop();
+}

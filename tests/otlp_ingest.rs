@@ -1258,3 +1258,55 @@ async fn values_beyond_the_range_are_refused_as_overflow_and_checkpoints_go_on()
     assert_eq!(ready.status(), 200);
     daemon.stop();
 }
+
+/// The hostile-input catalogue for OTLP points: infinities, 1 MB attribute values, times in
+/// 1970 and 2300 are each refused alone with a reason in the partial success (dead-lettered),
+/// the point beside them counts, and the daemon keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_points_are_refused_one_by_one_and_the_rest_counts() {
+    let (_dir, daemon) = start("");
+    let mut grpc = grpc_metrics(&daemon).await;
+    let now = now_ns();
+    let year_2300 = 10_413_792_000u64 * 1_000_000_000;
+    let request = ExportMetricsServiceRequest {
+        resource_metrics: vec![sum_resource(
+            Some("hostile"),
+            AggregationTemporality::Delta,
+            vec![
+                point(
+                    "/inf",
+                    now - 2_000,
+                    now - 1_000,
+                    number_data_point::Value::AsDouble(f64::INFINITY),
+                ),
+                point(
+                    "/-inf",
+                    now - 4_000,
+                    now - 3_000,
+                    number_data_point::Value::AsDouble(f64::NEG_INFINITY),
+                ),
+                point(&"y".repeat(1 << 20), now - 6_000, now - 5_000, int(1)),
+                point("/1970", 1_000_000_000, 2_000_000_000, int(1)),
+                point("/2300", year_2300 - 1, year_2300, int(1)),
+                point("/ok", now - 8_000, now - 7_000, int(4)),
+            ],
+        )],
+    };
+    let response = grpc.export(request).await.unwrap().into_inner();
+    let partial = response.partial_success.expect("partial success");
+    assert_eq!(partial.rejected_data_points, 5, "{}", partial.error_message);
+    for reason in [
+        "NaN or infinite",
+        "more than 256",
+        "max_lateness_secs",
+        "max_future_secs",
+    ] {
+        assert!(
+            partial.error_message.contains(reason),
+            "{reason}: {}",
+            partial.error_message
+        );
+    }
+    assert_eq!(total(&daemon, "requests", "hostile").await, 4);
+    daemon.stop();
+}
