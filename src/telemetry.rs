@@ -80,7 +80,8 @@ pub const KAFKA_PAUSES: &str = "tallyd_kafka_pauses_total";
 pub const KAFKA_OFFSET_GAPS: &str = "tallyd_kafka_offset_gaps_total";
 /// Changelog messages published (one flush per partition per checkpoint, split in chunks).
 pub const CHANGELOG_CHUNKS: &str = "tallyd_changelog_chunks_total";
-/// `{outcome}`: outcome ∈ restored | skipped (local store already current).
+/// `{outcome}`: outcome ∈ restored | skipped (local store already current) | own_flush (ahead only by
+/// this store's own flush, published before a crash cut its local commit: the input is replayed).
 pub const CHANGELOG_RESTORES: &str = "tallyd_changelog_restores_total";
 /// `{outcome}`: outcome ∈ ok | failed. A base folded from a partition's changelog.
 pub const CHANGELOG_COMPACTIONS: &str = "tallyd_changelog_compactions_total";

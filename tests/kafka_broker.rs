@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::kafka::*;
 use common::*;
+use serde_json::json;
 
 fn section(brokers: &str, topic: &str, group: &str) -> String {
     kafka_section(brokers, topic, group).replace(
@@ -213,5 +214,60 @@ async fn rated_records_reach_the_real_broker_across_a_kill() {
     })
     .await;
     assert_eq!(latest_rated(&records), expected);
+    daemon.stop();
+}
+
+/// Single mode feeds a tenant's series from Kafka and from HTTP. A crash lands between a
+/// checkpoint's changelog flush (acknowledged by the broker) and its local commit, so the
+/// changelog is ahead of the store. The restart must replay that input, not restore: restoring
+/// would overwrite the series with the partition's older absolute states and lose the HTTP
+/// usage checkpointed since (the crash campaign lost 65 % of some tenants' usage this way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_changelog_flush_replays_and_keeps_local_usage() {
+    let Some(brokers) = real_broker() else { return };
+    let topic = unique_topic("usage-own-flush");
+    create_topic(&brokers, &topic, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &section(&brokers, &topic, &topic));
+    let producer = producer(&brokers);
+    let client = client();
+    let at = ago(30);
+    let tokens = |id: &str, tenant: &str, n: i64| {
+        event(id, "llm.prompt", tenant, &at, json!({"tokens": n, "model": "m"}))
+    };
+
+    // The series (tokens, acme, window, m) from the partition, then from HTTP, checkpointed.
+    let daemon = Daemon::start(&config);
+    produce_all(
+        &producer,
+        &topic,
+        &[Record::json("acme", &tokens("k-1", "acme", 5))],
+    );
+    wait_for_totals(&client, &daemon, &BTreeMap::from([("acme".to_string(), 5)])).await;
+    let (status, _) = post_batch(&client, &daemon, &[tokens("h-1", "acme", 7)]).await;
+    assert_eq!(status, 202);
+    daemon.stop();
+
+    // A partition event for another tenant: its flush reaches the broker, then the crash.
+    let daemon = Daemon::start_env(&config, &[], &[("TALLYD_CRASH_AT", "after-changelog-publish")]);
+    produce_all(
+        &producer,
+        &topic,
+        &[Record::json("umbrella", &tokens("k-2", "umbrella", 11))],
+    );
+    let status = daemon.wait_exit();
+    assert!(!status.success(), "crashed at the point: {status}");
+
+    let daemon = Daemon::start(&config);
+    let expected = BTreeMap::from([("acme".to_string(), 12), ("umbrella".to_string(), 11)]);
+    wait_for_totals(&client, &daemon, &expected).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(totals(&client, &daemon, &expected).await, expected);
+    let metrics = metrics_text(&client, &daemon).await;
+    assert!(
+        metrics.contains(r#"tallyd_changelog_restores_total{outcome="own_flush"} 1"#),
+        "{}",
+        daemon.logs()
+    );
     daemon.stop();
 }

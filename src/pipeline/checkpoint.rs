@@ -84,6 +84,7 @@ impl CheckpointLoop {
                     detail: error.to_string(),
                 })?;
             metrics::counter!(telemetry::CHANGELOG_CHUNKS).increment(prepared.changelog.len() as u64);
+            crate::state::crash_point::pass(crate::state::crash_point::AFTER_CHANGELOG_PUBLISH);
             tracing::debug!(
                 flushes = %prepared
                     .changelog

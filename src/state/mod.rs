@@ -7,6 +7,7 @@
 //! Nothing here speaks a protocol.
 
 pub mod commit;
+pub mod crash_point;
 pub mod dedup;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};

@@ -49,7 +49,8 @@ pub struct SeriesEntry {
 pub struct ChangelogChunk {
     /// The replicated source, e.g. `kafka/usage/3`.
     pub source: String,
-    /// Unique per flush attempt (a retried or replayed flush gets a new id).
+    /// Unique per flush attempt (a retried or replayed flush gets a new id): the writing
+    /// store's id in the high 32 bits, random low bits (`flush_id`).
     pub flush_id: u64,
     pub chunk: u32,
     pub chunks: u32,
@@ -80,6 +81,18 @@ impl ChangelogChunk {
     pub fn is_last(&self) -> bool {
         self.chunk + 1 == self.chunks
     }
+
+    /// The id of the store that wrote this chunk (`RocksStore::writer`).
+    pub fn writer(&self) -> u32 {
+        (self.flush_id >> 32) as u32
+    }
+}
+
+/// A new flush id for a flush `writer` publishes. The writer lets a restore tell a flush this
+/// store published but crashed before committing locally (it replays that input itself) from
+/// one another replica wrote (its state must be restored).
+pub fn flush_id(writer: u32) -> u64 {
+    (u64::from(writer) << 32) | u64::from(rand::random::<u32>())
 }
 
 /// Splits one source's flush into chunks that fit a Kafka message.

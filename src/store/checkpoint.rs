@@ -17,7 +17,7 @@ use std::sync::Arc;
 use rustc_hash::{FxHashMap, FxHashSet};
 use xxhash_rust::xxh3::xxh3_128;
 
-use super::changelog::{chunk_flush, ChangelogChunk, SeriesEntry};
+use super::changelog::{chunk_flush, flush_id, ChangelogChunk, SeriesEntry};
 use super::keys;
 use super::{MeterCatalog, RocksStore, StoreError, META_CLOSED_BEFORE, META_GENERATION, META_OUTBOX_NEXT};
 use crate::aggregate::{AggState, SourceCut};
@@ -384,7 +384,7 @@ impl RocksStore {
         }
         Ok(chunk_flush(
             &source.source,
-            rand::random(),
+            flush_id(self.writer()),
             position,
             now_secs,
             series,

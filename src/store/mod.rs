@@ -70,6 +70,7 @@ pub struct RocksStore {
     /// The in-memory filter over the dedup column family's keys (`dedup_filter`).
     filters: dedup_filter::Filters,
     dedup_horizon_secs: i64,
+    writer: u32,
 }
 
 /// Column family of the dedup keys (`D` keys): written as ingested sorted files, not through
@@ -80,6 +81,9 @@ const DEDUP_CF: &str = "dedup";
 pub const INGEST_LOG_SOURCE: &str = "ingest-log";
 const META_CLOSED_BEFORE: &str = "closed_before";
 const META_OUTBOX_NEXT: &str = "outbox_next";
+/// This store's random id: the high half of every changelog flush id it writes, so that a
+/// restore can tell its own unacknowledged flushes from another replica's (`store::changelog`).
+const META_WRITER: &str = "writer";
 /// The generation of the last committed checkpoint: queries combine a store snapshot with the
 /// snapshots still in flight, and this says which of those the store snapshot already holds.
 const META_GENERATION: &str = "checkpoint_generation";
@@ -196,6 +200,16 @@ impl RocksStore {
         let closed_before = read_u64(&db, &keys::meta_key(META_CLOSED_BEFORE))?
             .map(|v| v as i64)
             .unwrap_or(i64::MIN);
+        let writer = match read_u64(&db, &keys::meta_key(META_WRITER))? {
+            Some(id) => id as u32,
+            None => {
+                let id = rand::random::<u32>();
+                let mut options = rocksdb::WriteOptions::default();
+                options.set_sync(true);
+                db.put_opt(keys::meta_key(META_WRITER), u64::from(id).to_be_bytes(), &options)?;
+                id
+            }
+        };
         let store = RocksStore {
             db,
             outbox_next: AtomicU64::new(outbox_next),
@@ -208,6 +222,7 @@ impl RocksStore {
             ingesting: Default::default(),
             filters: Default::default(),
             dedup_horizon_secs,
+            writer,
         };
         store.recover_dedup_runs()?;
         Ok(store)
@@ -233,6 +248,11 @@ impl RocksStore {
     /// The checkpointed ingest-log position: every record with a lower sequence is in the store.
     pub fn ingest_log_position(&self) -> Result<u64, StoreError> {
         Ok(self.position(INGEST_LOG_SOURCE)?.unwrap_or(0))
+    }
+
+    /// This store's id in changelog flush ids (`store::changelog::flush_id`).
+    pub fn writer(&self) -> u32 {
+        self.writer
     }
 
     /// A source's checkpointed next position, if it ever had one.

@@ -119,11 +119,17 @@ impl Daemon {
 
     /// `start` with extra command-line flags.
     pub fn start_with(config_path: &Path, flags: &[&str]) -> Daemon {
+        Daemon::start_env(config_path, flags, &[])
+    }
+
+    /// `start_with` and environment variables (e.g. `TALLYD_CRASH_AT`).
+    pub fn start_env(config_path: &Path, flags: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .args(["run", "--config"])
             .arg(config_path)
             .args(["--log-level", "info,tallyd=debug"])
             .args(flags)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -196,6 +202,18 @@ impl Daemon {
                 return;
             }
             assert!(Instant::now() < deadline, "tallyd did not stop:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (30 s) for the daemon to exit by itself (a crash point, a fatal fault).
+    pub fn wait_exit(mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "tallyd did not exit:\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(20));
         }
     }

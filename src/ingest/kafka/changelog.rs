@@ -22,7 +22,7 @@ use crate::kafka::{
     KafkaSetupError,
 };
 use crate::state::{ChangelogSink, PublishError};
-use crate::store::changelog::{chunk_base, fold, restore_plan, ChangelogChunk};
+use crate::store::changelog::{chunk_base, flush_id, fold, restore_plan, ChangelogChunk};
 use crate::store::format;
 use crate::store::{MeterCatalog, RocksStore};
 use crate::telemetry;
@@ -63,6 +63,8 @@ struct Inner {
     config: KafkaConfig,
     producer: BaseProducer<DeliveryContext>,
     compaction: Compaction,
+    /// The local store's id, stamped on bases as on flushes (`store::changelog::flush_id`).
+    writer: u32,
     /// Per source: where a restore may start (stamped on every chunk published).
     restore_from: Mutex<FxHashMap<String, u64>>,
     /// Per source: bytes published and when the last base was (or publishing began).
@@ -100,6 +102,7 @@ impl ChangelogProducer {
         config: &KafkaConfig,
         topic: String,
         compaction: Compaction,
+        writer: u32,
     ) -> Result<ChangelogProducer, KafkaSetupError> {
         Ok(ChangelogProducer {
             inner: Arc::new(Inner {
@@ -107,6 +110,7 @@ impl ChangelogProducer {
                 topic,
                 config: config.clone(),
                 compaction,
+                writer,
                 restore_from: Mutex::new(FxHashMap::default()),
                 since_base: Mutex::new(FxHashMap::default()),
                 compacting: Mutex::new(FxHashSet::default()),
@@ -281,10 +285,7 @@ impl Inner {
             now - self.compaction.retention_secs,
         );
         let (series, keys) = (folded.series.len(), folded.dedup_seen.len());
-        let flush_id = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let mut base = chunk_base(source, flush_id, folded, folded_through);
+        let mut base = chunk_base(source, flush_id(self.writer), folded, folded_through);
         for chunk in &mut base {
             chunk.restore_from = pointer;
         }
@@ -379,6 +380,26 @@ pub fn restore_partition(
     if local.is_some_and(|local| local >= position) {
         metrics::counter!(telemetry::CHANGELOG_RESTORES, "outcome" => "skipped").increment(1);
         return Ok((false, restore_from));
+    }
+    // Ahead only by flushes this store published and then crashed before committing: its own
+    // sources (this partition from `local`, the ingest log) replay that input. Restoring would
+    // overwrite series that HTTP and OTLP usage also feeds in single mode with states that
+    // predate the local checkpoint, losing that usage.
+    if let Some(local) = local {
+        let mut ahead = plan
+            .iter()
+            .filter(|flush| flush.last().is_some_and(|chunk| chunk.position > local))
+            .peekable();
+        if ahead.peek().is_some() && ahead.all(|flush| flush[0].writer() == store.writer()) {
+            metrics::counter!(telemetry::CHANGELOG_RESTORES, "outcome" => "own_flush").increment(1);
+            tracing::info!(
+                source,
+                local,
+                changelog = position,
+                "the changelog is ahead by this store's own unacknowledged flush; replaying the input instead"
+            );
+            return Ok((false, restore_from));
+        }
     }
     store.restore_source(source, &plan, catalog)?;
     metrics::counter!(telemetry::CHANGELOG_RESTORES, "outcome" => "restored").increment(1);

@@ -239,6 +239,7 @@ impl KafkaSource {
                     &config,
                     topic.clone(),
                     compaction,
+                    shared.store.writer(),
                 )?);
                 if shared.changelog.set(sink.clone()).is_err() {
                     return Err(KafkaSetupError::AlreadyInstalled("a changelog sink"));
