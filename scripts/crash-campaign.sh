@@ -19,6 +19,9 @@ else
   trap 'scripts/broker.sh stop' EXIT
 fi
 scale=${SCALE:-1}
-python3 tests/campaign/crash.py --tallyd "$CARGO_TARGET_DIR/release/tallyd" --broker "$broker" \
+# A copy: a rebuild during the campaign must not swap the binary between two restarts.
+bin_dir=$(mktemp -d)
+cp "$CARGO_TARGET_DIR/release/tallyd" "$bin_dir/tallyd"
+python3 tests/campaign/crash.py --tallyd "$bin_dir/tallyd" --broker "$broker" \
   --kills "${KILLS:-20}" --duration "${DURATION:-90}" \
   --http-batches $((600 * scale)) --otlp-requests $((600 * scale)) --kafka-messages $((6000 * scale))

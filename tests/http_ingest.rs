@@ -835,3 +835,72 @@ async fn hostile_inputs_get_clear_answers_and_the_daemon_keeps_serving() {
     assert_eq!(reasons, ["too_late", "too_far_in_future", "overflow"]);
     daemon.stop();
 }
+
+/// A trickling upload takes its share of the ingest budget before its body is read (its
+/// declared size, or all of `max_body_bytes` when chunked), so bodies in flight cannot exceed
+/// `ingest_budget_bytes`; and it cannot keep that share: after `body_timeout_secs` it gets 408
+/// and the budget serves the next client. Before, bodies were read first and counted after:
+/// any number of slow clients each held up to `max_body_bytes` unaccounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_upload_holds_the_budget_only_until_its_timeout() {
+    use std::io::{Read, Write};
+    let (_dir, path) = config("");
+    edit_config(
+        &path,
+        "[server]\n",
+        "[server]\nmax_body_bytes = 65536\ningest_budget_bytes = 65536\nbody_timeout_secs = 2\n",
+    );
+    let daemon = Daemon::start(&path);
+    let client = client();
+    let batch = [event(
+        "slow-1",
+        "llm.prompt",
+        "slow",
+        &ago(30),
+        json!({"tokens": 3, "model": "m"}),
+    )];
+
+    // Chunked, and only the first bytes: the whole budget is held while it trickles.
+    let mut slow = std::net::TcpStream::connect(daemon.addr.as_str()).unwrap();
+    write!(
+        slow,
+        "POST /api/v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/cloudevents-batch+json\r\ntransfer-encoding: chunked\r\n\r\n1\r\n[\r\n"
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (status, answer) = post_batch(&client, &daemon, &batch).await;
+    assert_eq!(status, 503, "the budget is held by the trickling body: {answer}");
+
+    // Its timeout frees it: 408 naming the setting, then the next client is served.
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let read = slow.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout_secs"), "{answer}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "not before the timeout"
+    );
+    let (status, answer) = post_batch(&client, &daemon, &batch).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(tenant_tokens(&client, &daemon, "slow").await, 3);
+
+    // A declared size over the limit is refused before a byte of it is read.
+    let mut big = std::net::TcpStream::connect(daemon.addr.as_str()).unwrap();
+    write!(
+        big,
+        "POST /api/v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/cloudevents-batch+json\r\ncontent-length: 100000000\r\n\r\n"
+    )
+    .unwrap();
+    big.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let read = big.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("max_body_bytes"), "{answer}");
+    daemon.stop();
+}

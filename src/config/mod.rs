@@ -41,6 +41,7 @@ pub struct Config {
     pub otlp: OtlpConfig,
     pub max_body_bytes: usize,
     pub ingest_budget_bytes: usize,
+    pub body_timeout: std::time::Duration,
     pub data_dir: PathBuf,
     pub ingest_log_sync: LogSync,
     pub ingest_log_segment_bytes: u64,
@@ -212,6 +213,7 @@ impl RawConfig {
             otlp,
             max_body_bytes: self.server.max_body_bytes as usize,
             ingest_budget_bytes: self.server.ingest_budget_bytes as usize,
+            body_timeout: std::time::Duration::from_secs(self.server.body_timeout_secs),
             emit_file_path: self
                 .emit
                 .file

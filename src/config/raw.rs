@@ -143,6 +143,9 @@ pub struct RawServer {
     pub otlp_http_addr: String,
     pub max_body_bytes: u64,
     pub ingest_budget_bytes: u64,
+    /// A request body not received in full within this many seconds is refused (408): its
+    /// share of the budget is taken before it is read, so a trickling client cannot hold it.
+    pub body_timeout_secs: u64,
 }
 
 impl Default for RawServer {
@@ -153,6 +156,7 @@ impl Default for RawServer {
             otlp_http_addr: "0.0.0.0:4318".into(),
             max_body_bytes: 8 << 20,
             ingest_budget_bytes: 256 << 20,
+            body_timeout_secs: 30,
         }
     }
 }

@@ -54,6 +54,9 @@ pub(super) fn validate_server(raw: &RawServer, errors: &mut Vec<String>) -> List
     if raw.ingest_budget_bytes < raw.max_body_bytes {
         errors.push("server.ingest_budget_bytes: must be at least server.max_body_bytes".into());
     }
+    if !(1..=3600).contains(&raw.body_timeout_secs) {
+        errors.push("server.body_timeout_secs: must be between 1 and 3600".into());
+    }
     Listeners {
         http_addr,
         otlp_grpc_addr,

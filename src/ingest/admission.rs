@@ -307,6 +307,19 @@ pub struct Admission {
     pub cluster: Option<Arc<Cluster>>,
 }
 
+/// Why a request body was not read (`Admission::read_body`); each edge words it for its protocol.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Overloaded or not ready: refused before reading.
+    Refused(IngestError),
+    /// Declared or found larger than `max_body_bytes` (the limit).
+    TooLarge(usize),
+    /// Not received in full within `body_timeout_secs`.
+    TimedOut(std::time::Duration),
+    /// The connection failed or the body could not be inflated.
+    Unreadable(String),
+}
+
 impl Admission {
     pub fn new(
         shared: Arc<Shared>,
@@ -319,6 +332,44 @@ impl Admission {
             commits,
             budget: Arc::new(Semaphore::new(permits)),
             cluster,
+        }
+    }
+
+    /// Takes the request's share of the byte budget, then reads its body (inflated by the
+    /// decompression layer, if any) within `max_body_bytes` and `body_timeout`. The share is
+    /// taken before the body is read: a slow or large upload holds it meanwhile, so memory in
+    /// flight stays under `ingest_budget_bytes`. It is the declared `content-length` (more than
+    /// the limit is refused unread) or, for a chunked or inflated body, the whole limit.
+    pub async fn read_body(
+        &self,
+        headers: &axum::http::HeaderMap,
+        body: axum::body::Body,
+    ) -> Result<(OwnedSemaphorePermit, bytes::Bytes), BodyError> {
+        let limit = self.shared.config.max_body_bytes;
+        let declared = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        let share = match declared {
+            Some(bytes) if bytes > limit as u64 => return Err(BodyError::TooLarge(limit)),
+            Some(bytes) => bytes as usize,
+            None => limit,
+        };
+        let permit = self.admit(share).map_err(BodyError::Refused)?;
+        let timeout = self.shared.config.body_timeout;
+        match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+            Ok(Ok(bytes)) => Ok((permit, bytes)),
+            Ok(Err(error)) => {
+                let too_large = std::error::Error::source(&error)
+                    .is_some_and(|source| source.is::<http_body_util::LengthLimitError>())
+                    || error.to_string().contains("length limit");
+                Err(if too_large {
+                    BodyError::TooLarge(limit)
+                } else {
+                    BodyError::Unreadable(error.to_string())
+                })
+            }
+            Err(_) => Err(BodyError::TimedOut(timeout)),
         }
     }
 

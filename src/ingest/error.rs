@@ -83,6 +83,9 @@ pub enum IngestError {
     /// Larger than `max_body_bytes` (a protocol that reports it as invalid uses `Invalid`).
     #[error("{0}")]
     TooLarge(String),
+    /// The body did not arrive within `server.body_timeout_secs`.
+    #[error("{0}")]
+    TimedOut(String),
     /// Overloaded, not ready, shutting down or storage trouble: nothing counted; retry after
     /// the delay.
     #[error("{0}")]
@@ -121,6 +124,7 @@ impl IngestError {
             IngestError::Invalid { .. } => StatusCode::BAD_REQUEST,
             IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::TimedOut(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -132,6 +136,7 @@ impl IngestError {
                 tonic::Code::InvalidArgument
             }
             IngestError::TooLarge(_) => tonic::Code::ResourceExhausted,
+            IngestError::TimedOut(_) => tonic::Code::DeadlineExceeded,
             IngestError::Unavailable(_) => tonic::Code::Unavailable,
         }
     }
@@ -162,6 +167,7 @@ impl IngestError {
             IngestError::Invalid { .. } | IngestError::UnsupportedMediaType(_) | IngestError::TooLarge(_) => {
                 "invalid"
             }
+            IngestError::TimedOut(_) => "timeout",
             IngestError::Unavailable(_) => "unavailable",
         }
     }
@@ -197,6 +203,12 @@ mod tests {
                 IngestError::TooLarge("big".into()),
                 413,
                 tonic::Code::ResourceExhausted,
+                false,
+            ),
+            (
+                IngestError::TimedOut("slow".into()),
+                408,
+                tonic::Code::DeadlineExceeded,
                 false,
             ),
             (

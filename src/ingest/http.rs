@@ -7,7 +7,7 @@
 //! policy (dead-lettered); 503 + Retry-After when the ingest byte budget is exhausted or the
 //! daemon is shutting down (nothing counted, retry).
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::admission::{
-    dead_letter_line, received_at, Admission, Admitted, Forward, Prepared, Source, Tally,
+    dead_letter_line, received_at, Admission, Admitted, BodyError, Forward, Prepared, Source, Tally,
 };
 use super::decode::{self, BodyKind, MeteredEvent, Refusal};
 use super::error::{FieldError, IngestError};
@@ -100,19 +100,20 @@ async fn accept(
 ) -> Result<IngestSummary, IngestError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let kind = decode::body_kind(content_type).map_err(|error| IngestError::fields(vec![error]))?;
-    let limit = admission.shared.config.max_body_bytes;
-    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|error| {
-        let too_large = std::error::Error::source(&error)
-            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>())
-            || error.to_string().contains("length limit");
-        let reason = if too_large {
-            format!("larger than max_body_bytes ({limit}); split the batch")
-        } else {
-            format!("could not be read: {error}")
+    let (permit, bytes) = admission.read_body(headers, body).await.map_err(|error| {
+        let reason = match error {
+            BodyError::Refused(error) => return error,
+            BodyError::TooLarge(limit) => format!("larger than max_body_bytes ({limit}); split the batch"),
+            BodyError::TimedOut(timeout) => {
+                return IngestError::TimedOut(format!(
+                    "body: not received within {}s (server.body_timeout_secs)",
+                    timeout.as_secs()
+                ))
+            }
+            BodyError::Unreadable(error) => format!("could not be read: {error}"),
         };
         IngestError::fields(vec![FieldError::body(reason)])
     })?;
-    let permit = admission.admit(bytes.len())?;
     if let Some(cluster) = admission.cluster.clone() {
         let Admitted { tally, answer } = admission
             .forward(SOURCE, &cluster, permit, move |shared, now| {

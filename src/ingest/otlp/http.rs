@@ -12,6 +12,7 @@ use prost::Message;
 use serde_json::json;
 
 use super::{grpc, Encoding, IngestError, OtlpIngest, Signal};
+use crate::ingest::admission::BodyError;
 
 /// Routes `POST /v1/metrics` and `POST /v1/logs`. A gzip body is inflated as it is read
 /// (tower-http), so `max_body_bytes` caps the inflated size and a zip bomb costs no more than
@@ -56,7 +57,6 @@ async fn post(ingest: OtlpIngest, signal: Signal, headers: HeaderMap, body: Body
             return http_error(Encoding::Json, &IngestError::UnsupportedMediaType(message));
         }
     };
-    let limit = ingest.admission.shared.config.max_body_bytes;
     let result = async {
         // The key first: nothing is read or inflated for a request without one.
         let key_tenant = ingest.authenticate(
@@ -72,19 +72,27 @@ async fn post(ingest: OtlpIngest, signal: Signal, headers: HeaderMap, body: Body
                 "content-encoding `{other}` is not supported (use gzip or none)"
             )));
         }
-        let bytes = axum::body::to_bytes(body, limit).await.map_err(|error| {
-            let too_large = std::error::Error::source(&error)
-                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>())
-                || error.to_string().contains("length limit");
-            if too_large {
-                IngestError::TooLarge(format!(
-                    "body (inflated) larger than max_body_bytes ({limit}); export smaller batches"
-                ))
-            } else {
-                IngestError::invalid(format!("body could not be read or inflated: {error}"))
-            }
-        })?;
-        ingest.accept(signal, encoding, bytes, key_tenant).await
+        let (permit, bytes) =
+            ingest
+                .admission
+                .read_body(&headers, body)
+                .await
+                .map_err(|error| match error {
+                    BodyError::Refused(error) => error,
+                    BodyError::TooLarge(limit) => IngestError::TooLarge(format!(
+                        "body (inflated) larger than max_body_bytes ({limit}); export smaller batches"
+                    )),
+                    BodyError::TimedOut(timeout) => IngestError::TimedOut(format!(
+                        "body not received within {}s (server.body_timeout_secs)",
+                        timeout.as_secs()
+                    )),
+                    BodyError::Unreadable(error) => {
+                        IngestError::invalid(format!("body could not be read or inflated: {error}"))
+                    }
+                })?;
+        ingest
+            .accept_admitted(signal, encoding, bytes, key_tenant, Some(permit))
+            .await
     }
     .await;
     match result {

@@ -208,7 +208,22 @@ impl OtlpIngest {
         body: Bytes,
         key_tenant: Option<String>,
     ) -> Result<Outcome, IngestError> {
-        let result = self.accept_inner(signal, encoding, body, key_tenant).await;
+        self.accept_admitted(signal, encoding, body, key_tenant, None)
+            .await
+    }
+
+    /// `accept` for a body whose budget was taken before it was read (OTLP/HTTP).
+    pub async fn accept_admitted(
+        &self,
+        signal: Signal,
+        encoding: Encoding,
+        body: Bytes,
+        key_tenant: Option<String>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<Outcome, IngestError> {
+        let result = self
+            .accept_inner(signal, encoding, body, key_tenant, permit)
+            .await;
         let code = match &result {
             Ok(_) => "ok",
             Err(error) => error.outcome(),
@@ -224,6 +239,7 @@ impl OtlpIngest {
         encoding: Encoding,
         body: Bytes,
         key_tenant: Option<String>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<Outcome, IngestError> {
         let limit = self.admission.shared.config.max_body_bytes;
         if body.len() > limit {
@@ -232,7 +248,10 @@ impl OtlpIngest {
                 body.len()
             )));
         }
-        let permit = self.admission.admit(body.len())?;
+        let permit = match permit {
+            Some(permit) => permit,
+            None => self.admission.admit(body.len())?,
+        };
         let Admitted { answer, .. } = match self.admission.cluster.clone() {
             Some(cluster) => {
                 self.admission
