@@ -5,6 +5,9 @@
 //! dimension sets, `SeriesKey`, and the acceptance window every edge judges event times by.
 //! Must not: know about transports, storage or configuration files.
 
+pub mod cardinality;
+pub use cardinality::{DimsRef, SeriesGuard, SeriesLimit};
+
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
@@ -36,6 +39,10 @@ pub const MAX_QUANTITY_DIGITS: u32 = 24;
 /// Longest tenant, CloudEvents `id`, `source`, `type` or `subject` (and OTLP tenant or record
 /// id) accepted, in bytes.
 pub const MAX_ATTRIBUTE_BYTES: usize = 256;
+/// Attributes an OTLP resource, scope, data point or log record may carry. Lookups scan them
+/// for every point and meter, so the cap keeps a request's mapping cost linear in its size: one
+/// 8 MiB export with a 200,000-attribute resource would otherwise cost minutes of CPU.
+pub const MAX_ATTRIBUTES: usize = 128;
 
 /// Which event times are accepted, relative to the time of arrival, in seconds: a window
 /// accepts events until its end + `allowed_lateness_secs` (later ones amend it as late
@@ -311,26 +318,82 @@ impl Interner<[(String, String)]> {
 /// self-delimited (type or presence tag, length), so a 128-bit xxh3 collision, the bar dedup keys
 /// already set, is the only way two different sets meet.
 #[derive(Default)]
-pub struct DimsCache(rustc_hash::FxHashMap<u128, DimsId>);
+pub struct DimsCache {
+    ids: rustc_hash::FxHashMap<u128, DimsId>,
+    /// Series this request or batch already admitted (`Names::admit_series` takes a lock).
+    admitted: rustc_hash::FxHashSet<(MeterId, TenantId, DimsId)>,
+}
 
 impl DimsCache {
     /// The id cached under `fingerprint`, else `build`'s set interned (and cached). No
     /// fingerprint, or a refusal from `build`, is not cached: refusals are rare and each needs
-    /// its message.
+    /// its message. For trusted input (replayed or forwarded usage was admitted before).
     pub fn get_or_intern<E>(
         &mut self,
         fingerprint: Option<u128>,
         names: &Names,
         build: impl FnOnce() -> Result<Dims, E>,
     ) -> Result<DimsId, E> {
-        if let Some(id) = fingerprint.and_then(|fingerprint| self.0.get(&fingerprint)) {
-            return Ok(*id);
+        match self.lookup(fingerprint, names, build)? {
+            DimsRef::Interned(id) => Ok(id),
+            DimsRef::New(dims, fingerprint) => {
+                let id = names.dims.intern(&dims);
+                if let Some(fingerprint) = fingerprint {
+                    self.ids.insert(fingerprint, id);
+                }
+                Ok(id)
+            }
         }
-        let id = names.dims.intern(&build()?);
+    }
+
+    /// The set's id if it has one, else the set built, not interned (see `admit`).
+    pub fn lookup<E>(
+        &mut self,
+        fingerprint: Option<u128>,
+        names: &Names,
+        build: impl FnOnce() -> Result<Dims, E>,
+    ) -> Result<DimsRef, E> {
+        if let Some(id) = fingerprint.and_then(|fingerprint| self.ids.get(&fingerprint)) {
+            return Ok(DimsRef::Interned(*id));
+        }
+        let dims = build()?;
+        match names.dims.get(&dims) {
+            Some(id) => {
+                if let Some(fingerprint) = fingerprint {
+                    self.ids.insert(fingerprint, id);
+                }
+                Ok(DimsRef::Interned(id))
+            }
+            None => Ok(DimsRef::New(dims, fingerprint)),
+        }
+    }
+
+    /// Admits series (meter, tenant, dims) under the cardinality caps (`Names::admit_series`),
+    /// once per request or batch; sets `tenant_id` when the tenant gets its id.
+    pub fn admit(
+        &mut self,
+        names: &Names,
+        meter: MeterId,
+        (tenant, tenant_id): (&str, &mut Option<TenantId>),
+        dims: DimsRef,
+        now_ms: i64,
+    ) -> Result<(TenantId, DimsId), SeriesLimit> {
+        if let (Some(tenant), DimsRef::Interned(dims)) = (*tenant_id, &dims) {
+            if self.admitted.contains(&(meter, tenant, *dims)) {
+                return Ok((tenant, *dims));
+            }
+        }
+        let fingerprint = match &dims {
+            DimsRef::New(_, fingerprint) => *fingerprint,
+            DimsRef::Interned(_) => None,
+        };
+        let (tenant, dims) = names.admit_series(meter, tenant, *tenant_id, dims, now_ms)?;
+        *tenant_id = Some(tenant);
+        self.admitted.insert((meter, tenant, dims));
         if let Some(fingerprint) = fingerprint {
-            self.0.insert(fingerprint, id);
+            self.ids.insert(fingerprint, dims);
         }
-        Ok(id)
+        Ok((tenant, dims))
     }
 }
 
@@ -339,6 +402,8 @@ pub struct Names {
     pub tenants: Interner<str>,
     pub meters: Interner<str>,
     pub dims: Interner<[(String, String)]>,
+    /// What ingest may add to `tenants` and `dims` (`cardinality`).
+    pub series: SeriesGuard,
 }
 
 impl Default for Names {
@@ -347,6 +412,7 @@ impl Default for Names {
             tenants: Interner::default(),
             meters: Interner::default(),
             dims: Interner::default(),
+            series: SeriesGuard::default(),
         };
         let empty = names.dims.intern(&[]);
         debug_assert_eq!(empty, 0);

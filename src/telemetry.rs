@@ -78,6 +78,12 @@ pub const KAFKA_ERRORS: &str = "tallyd_kafka_consumer_errors_total";
 pub const KAFKA_PAUSES: &str = "tallyd_kafka_pauses_total";
 /// `{}`: offsets a partition skipped between batches (see `SourceContext::check_gaps`).
 pub const KAFKA_OFFSET_GAPS: &str = "tallyd_kafka_offset_gaps_total";
+/// Distinct series (meter, tenant, dimension set) active in the current UTC day, counted
+/// against `aggregate.max_series` (`model::cardinality`).
+pub const SERIES_ACTIVE_TODAY: &str = "tallyd_series_active_today";
+/// `{table}`: table ∈ tenants | dims. Values in the process's id tables (they only grow, by at
+/// most `aggregate.max_series` a day; a restart starts them empty).
+pub const INTERNED_VALUES: &str = "tallyd_interned_values";
 /// Changelog messages published (one flush per partition per checkpoint, split in chunks).
 pub const CHANGELOG_CHUNKS: &str = "tallyd_changelog_chunks_total";
 /// `{outcome}`: outcome ∈ restored | skipped (local store already current) | own_flush (ahead only by
@@ -153,6 +159,11 @@ fn describe() {
         "accepted events that amended an already closed window"
     );
     describe_counter!(INGEST_UNMETERED, "accepted events whose type matches no meter");
+    describe_gauge!(
+        SERIES_ACTIVE_TODAY,
+        "distinct series active in the current UTC day (aggregate.max_series caps them)"
+    );
+    describe_gauge!(INTERNED_VALUES, "values in the process's id tables, by table");
     describe_counter!(INGEST_REQUESTS, "ingest requests by status code");
     describe_counter!(INGEST_LOG_BYTES, Unit::Bytes, "bytes appended to the ingest log");
     describe_counter!(

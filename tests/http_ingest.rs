@@ -904,3 +904,100 @@ async fn a_trickling_upload_holds_the_budget_only_until_its_timeout() {
     assert!(answer.contains("max_body_bytes"), "{answer}");
     daemon.stop();
 }
+
+/// A tenant that floods distinct dimension values (here routes) starts new series only up to
+/// `max_series_per_tenant` a day: the rest are refused one by one with reason
+/// `cardinality_limit` (listed in the 202, dead-lettered, counted in the metric), its existing
+/// series keep counting, other tenants keep their own allowance up to `max_series`, and the
+/// refused values are never interned (the id table does not grow with the flood).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_new_series_is_refused_past_the_cap_and_existing_series_keep_counting() {
+    let (dir, path) = config("");
+    edit_config(
+        &path,
+        "[aggregate]\n",
+        "[aggregate]\nmax_series_per_tenant = 3\nmax_series = 5\n",
+    );
+    let daemon = Daemon::start(&path);
+    let client = client();
+    let t = ago(30);
+    let call = |id: String, tenant: &str, route: String| {
+        event(&id, "api.request", tenant, &t, json!({"route": route}))
+    };
+
+    let flood: Vec<Value> = (0..10_000)
+        .map(|i| call(format!("flood-{i}"), "flooder", format!("/r{i}")))
+        .collect();
+    let (status, answer) = post_batch(&client, &daemon, &flood).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["accepted"], json!(3), "{answer}");
+    let refused = answer["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 9_997);
+    assert!(
+        refused.iter().all(|r| r["reason"] == "cardinality_limit"),
+        "{}",
+        refused[0]
+    );
+    assert!(
+        refused[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_series_per_tenant"),
+        "{}",
+        refused[0]
+    );
+
+    // Its existing series keep counting; a new one is still refused.
+    let more = [
+        call("more-1".into(), "flooder", "/r0".into()),
+        call("more-2".into(), "flooder", "/r1".into()),
+        call("more-3".into(), "flooder", "/new".into()),
+    ];
+    let (_, answer) = post_batch(&client, &daemon, &more).await;
+    assert_eq!(answer["accepted"], json!(2), "{answer}");
+    assert_eq!(answer["refused"][0]["index"], json!(2), "{answer}");
+
+    // Another tenant has its own allowance, up to the total (5 = 3 + 2).
+    let other: Vec<Value> = (0..3)
+        .map(|i| call(format!("other-{i}"), "other", format!("/o{i}")))
+        .collect();
+    let (_, answer) = post_batch(&client, &daemon, &other).await;
+    assert_eq!(answer["accepted"], json!(2), "{answer}");
+    assert!(
+        answer["refused"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("aggregate.max_series"),
+        "{answer}"
+    );
+
+    let total = |tenant: &'static str| {
+        let client = client.clone();
+        let url = daemon.url(&format!("/api/v1/meters/api_calls/query?subject={tenant}"));
+        async move {
+            let answer: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+            sum_rows(&answer)
+        }
+    };
+    assert_eq!(total("flooder").await, 5);
+    assert_eq!(total("other").await, 2);
+    let metrics = metrics_text(&client, &daemon).await;
+    assert!(
+        metrics.contains(r#"tallyd_ingest_refused_total{source="http",reason="cardinality_limit"} 9999"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tallyd_series_active_today 5"), "{metrics}");
+    // The empty set plus the five admitted routes: none of the 9,999 refused ones.
+    assert!(
+        metrics.contains(r#"tallyd_interned_values{table="dims"} 6"#),
+        "{metrics}"
+    );
+    let dead = read_jsonl(&dir.path().join("data/dead-letter.jsonl"));
+    assert_eq!(
+        dead.iter()
+            .filter(|line| line["reason"] == "cardinality_limit")
+            .count(),
+        9_999
+    );
+    daemon.stop();
+}

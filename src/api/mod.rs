@@ -86,6 +86,10 @@ async fn readyz(State(app): State<AppState>) -> Response {
 
 async fn metrics_text(State(app): State<AppState>) -> Response {
     metrics::gauge!(telemetry::DEDUP_PENDING).set(app.shared.dedup.len() as f64);
+    metrics::gauge!(telemetry::SERIES_ACTIVE_TODAY).set(app.shared.names.series.active() as f64);
+    metrics::gauge!(telemetry::INTERNED_VALUES, "table" => "tenants")
+        .set(app.shared.names.tenants.len() as f64);
+    metrics::gauge!(telemetry::INTERNED_VALUES, "table" => "dims").set(app.shared.names.dims.len() as f64);
     metrics::gauge!(telemetry::STORE_LIVE_BYTES).set(app.shared.store.live_data_bytes() as f64);
     let since_checkpoint_ms = crate::model::now_ms() - app.shared.last_checkpoint_ms.load(Ordering::Acquire);
     metrics::gauge!(telemetry::CHECKPOINT_LAG).set(since_checkpoint_ms.max(0) as f64 / 1000.0);

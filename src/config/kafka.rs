@@ -32,6 +32,8 @@ pub struct KafkaConfig {
     pub group_id: String,
     pub dlq_topic: String,
     pub id_header: String,
+    /// `kafka.create_time_tolerance_secs`, in milliseconds.
+    pub create_time_tolerance_ms: i64,
     pub max_batch_messages: usize,
     pub max_pending_series: usize,
     pub fold_threads: usize,
@@ -209,6 +211,10 @@ pub(super) fn validate_kafka(raw: RawKafka, errors: &mut Vec<String>) -> KafkaCo
         group_id: raw.group_id,
         dlq_topic,
         id_header: raw.id_header,
+        create_time_tolerance_ms: raw
+            .create_time_tolerance_secs
+            .saturating_mul(1000)
+            .min(i64::MAX as u64) as i64,
         max_batch_messages: raw.max_batch_messages,
         max_pending_series: raw.max_pending_series,
         fold_threads: raw.fold_threads,

@@ -55,6 +55,9 @@ pub struct Config {
     pub dedup_horizon_secs: i64,
     /// `aggregate.max_pending_series`: the push edges' bound on unflushed series.
     pub max_pending_series: usize,
+    /// `aggregate.max_series_per_tenant` and `max_series` (`model::cardinality`).
+    pub max_series_per_tenant: usize,
+    pub max_series: usize,
     pub emit_file_path: PathBuf,
     pub emit_kafka: Option<EmitKafkaConfig>,
     pub emit_webhook: Option<EmitWebhookConfig>,
@@ -174,6 +177,19 @@ impl RawConfig {
         let aggregate = &self.aggregate;
         let meters = meters::validate_meters(self.meters, &mut errors);
         let kafka = self.kafka.map(|raw| kafka::validate_kafka(raw, &mut errors));
+        if let Some(kafka) = &kafka {
+            // Judged time may lag the clock by the tolerance (`ingest::kafka::judged_time_ms`):
+            // a resend must still find its key until it is refused as too late.
+            let needed = aggregate.max_lateness_secs
+                + aggregate.max_future_secs
+                + (kafka.create_time_tolerance_ms / 1000) as u64;
+            if aggregate.dedup_horizon_secs < needed {
+                errors.push(format!(
+                    "aggregate.dedup_horizon_secs: must be at least max_lateness_secs + max_future_secs + \
+                     kafka.create_time_tolerance_secs ({needed}) with a Kafka source"
+                ));
+            }
+        }
         let cluster = self
             .cluster
             .and_then(|raw| kafka::validate_cluster(raw, kafka.as_ref(), &mut errors));
@@ -236,6 +252,8 @@ impl RawConfig {
             max_future_secs: aggregate.max_future_secs as i64,
             dedup_horizon_secs: aggregate.dedup_horizon_secs as i64,
             max_pending_series: usize::try_from(aggregate.max_pending_series).unwrap_or(usize::MAX),
+            max_series_per_tenant: usize::try_from(aggregate.max_series_per_tenant).unwrap_or(usize::MAX),
+            max_series: usize::try_from(aggregate.max_series).unwrap_or(usize::MAX),
             meters,
             kafka,
             cluster,

@@ -76,6 +76,12 @@ pub struct RawKafka {
     /// Header carrying the event id when the JSON has none (CloudEvents Kafka binding: `ce_id`).
     #[serde(default = "default_id_header")]
     pub id_header: String,
+    /// How far a message's producer-set CreateTime may lie behind the consumer's clock before
+    /// lateness is judged against `now - create_time_tolerance_secs` instead (ARCHITECTURE.md,
+    /// "Kafka lateness"). Topics with `message.timestamp.type=LogAppendTime` are judged by the
+    /// broker's time.
+    #[serde(default = "default_create_time_tolerance_secs")]
+    pub create_time_tolerance_secs: u64,
     /// Messages folded into one pre-aggregated batch at most.
     #[serde(default = "default_max_batch_messages")]
     pub max_batch_messages: usize,
@@ -110,6 +116,9 @@ fn default_true() -> bool {
 
 fn default_group_id() -> String {
     "tallyd".into()
+}
+fn default_create_time_tolerance_secs() -> u64 {
+    3600
 }
 fn default_id_header() -> String {
     "ce_id".into()
@@ -228,6 +237,11 @@ pub struct RawAggregate {
     /// Unflushed series above which the push edges refuse requests (retryable) until a
     /// checkpoint catches up.
     pub max_pending_series: u64,
+    /// Distinct series (meter, dimension set) a tenant may have active in a UTC day; a new
+    /// one beyond is refused (`cardinality_limit`), existing ones keep counting.
+    pub max_series_per_tenant: u64,
+    /// ... and all tenants together.
+    pub max_series: u64,
 }
 
 impl Default for RawAggregate {
@@ -239,6 +253,8 @@ impl Default for RawAggregate {
             max_future_secs: 300,
             dedup_horizon_secs: 3_024_000,
             max_pending_series: 2_000_000,
+            max_series_per_tenant: 100_000,
+            max_series: 5_000_000,
         }
     }
 }

@@ -40,6 +40,12 @@ pub(super) fn validate_storage(
     if aggregate.flush_interval_ms == 0 {
         errors.push("aggregate.flush_interval_ms: must be positive".into());
     }
+    if aggregate.max_series_per_tenant == 0 || aggregate.max_series == 0 {
+        errors.push("aggregate.max_series_per_tenant and aggregate.max_series: must be positive".into());
+    }
+    if aggregate.max_series_per_tenant > aggregate.max_series {
+        errors.push("aggregate.max_series_per_tenant: must not exceed aggregate.max_series".into());
+    }
     if aggregate.max_pending_series == 0 {
         errors.push("aggregate.max_pending_series: must be positive".into());
     }

@@ -475,14 +475,15 @@ pub fn decode_each<'c, E: EventText>(
             decoded.unmetered += 1;
             continue;
         }
-        let tenant = names.tenants.intern(&subject);
-        let mut updates = smallvec::SmallVec::new();
+        // Nothing is interned before the event is known to count (`model::cardinality`).
+        let mut tenant_id = names.tenants.get(&subject);
+        let mut pending: smallvec::SmallVec<[_; 2]> = smallvec::SmallVec::new();
         let mut late = false;
         // A well-formed value beyond the representable range: the event is refused alone.
         let mut overflow: Option<String> = None;
         for meter in matched {
             // Both extractions run so that a value and a dimension problem are reported together.
-            let dims = dims_cache.get_or_intern(meter.dimensions_fingerprint(data), names, || {
+            let dims = dims_cache.lookup(meter.dimensions_fingerprint(data), names, || {
                 meter.dimensions_in(data)
             });
             let (observation, dims) = match (meter.observation_in(data), dims) {
@@ -504,22 +505,12 @@ pub fn decode_each<'c, E: EventText>(
             let window_start = meter.window_size.start_of(ts_ms);
             let window_end = window_start + meter.window_size.seconds();
             late |= (window_end + acceptance.allowed_lateness_secs) * 1000 <= now_ms;
-            updates.push(Update {
-                key: SeriesKey {
-                    meter: meter.id,
-                    tenant,
-                    dims,
-                    window_start,
-                },
-                aggregation: meter.aggregation,
-                observation,
-                unique_limit: meter.unique_exact_limit,
-            });
+            pending.push((meter, dims, observation, window_start));
         }
         if errors.len() != before {
             continue;
         }
-        let refusal = if let Some(message) = overflow {
+        let mut refusal = if let Some(message) = overflow {
             Some((RefusalReason::Overflow, message))
         } else if ts_ms < now_ms - acceptance.max_lateness_secs * 1000 {
             Some((
@@ -540,14 +531,41 @@ pub fn decode_each<'c, E: EventText>(
         } else {
             None
         };
-        if let Some((reason, message)) = refusal {
-            decoded.refused.push(Refusal {
-                index,
-                reason,
-                message,
-            });
-            continue;
+        let mut updates = smallvec::SmallVec::new();
+        if refusal.is_none() {
+            for (meter, dims, observation, window_start) in pending {
+                match dims_cache.admit(names, meter.id, (&subject, &mut tenant_id), dims, now_ms) {
+                    Ok((tenant, dims)) => updates.push(Update {
+                        key: SeriesKey {
+                            meter: meter.id,
+                            tenant,
+                            dims,
+                            window_start,
+                        },
+                        aggregation: meter.aggregation,
+                        observation,
+                        unique_limit: meter.unique_exact_limit,
+                    }),
+                    Err(limit) => {
+                        refusal = Some((RefusalReason::CardinalityLimit, limit.to_string()));
+                        break;
+                    }
+                }
+            }
         }
+        let tenant = match (refusal, tenant_id) {
+            (None, Some(tenant)) => tenant,
+            (refusal, _) => {
+                let (reason, message) =
+                    refusal.unwrap_or((RefusalReason::Invalid, "no meter took the event".to_string()));
+                decoded.refused.push(Refusal {
+                    index,
+                    reason,
+                    message,
+                });
+                continue;
+            }
+        };
         decoded.metered.push(MeteredEvent {
             index,
             tenant,

@@ -50,6 +50,8 @@ pub enum RefusalReason {
     TooFarInFuture,
     /// Its usage would take a series past what it can hold exactly (38 significant digits).
     Overflow,
+    /// It would start a new series beyond `aggregate.max_series_per_tenant` or `max_series`.
+    CardinalityLimit,
 }
 
 impl RefusalReason {
@@ -61,6 +63,7 @@ impl RefusalReason {
             RefusalReason::TooLate => "too_late",
             RefusalReason::TooFarInFuture => "too_far_in_future",
             RefusalReason::Overflow => "overflow",
+            RefusalReason::CardinalityLimit => "cardinality_limit",
         }
     }
 }

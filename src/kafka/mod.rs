@@ -243,6 +243,7 @@ mod tests {
             group_id: "g".into(),
             dlq_topic: "usage.dlq".into(),
             id_header: "ce_id".into(),
+            create_time_tolerance_ms: 3_600_000,
             max_batch_messages: 10,
             max_pending_series: 10,
             fold_threads: 2,

@@ -81,6 +81,9 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
     store.set_dedup_filter_max_bytes(config.dedup_filter_max_bytes);
     lap(&mut timings.store_open);
     let names = Names::default();
+    names
+        .series
+        .set_limits(config.max_series_per_tenant, config.max_series);
     let meters = Meters::new(config.meters.clone(), &names);
     let catalog = store.guard_meters(meters.all())?;
     // Every configured emitter registers before the file emitter trims what it delivered, so

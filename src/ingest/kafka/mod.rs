@@ -304,7 +304,7 @@ fn run(consumer: BaseConsumer<SourceContext>, stop: Arc<AtomicBool>) {
                     if context.is_blocked(message.topic(), message.partition()) {
                         continue;
                     }
-                    let pending = copy_message(&message, &mut topics, &context.config.id_header);
+                    let pending = copy_message(&message, &mut topics, &context.config);
                     context.batcher.lock().pending.push(pending);
                 }
                 Some(Err(error)) => {
@@ -351,7 +351,7 @@ fn backpressure(consumer: &BaseConsumer<SourceContext>, context: &SourceContext,
         // Messages fetched before the pause still arrive; they are kept, in order.
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) {
             if !context.is_blocked(message.topic(), message.partition()) {
-                let pending = copy_message(&message, &mut topics, &context.config.id_header);
+                let pending = copy_message(&message, &mut topics, &context.config);
                 context.batcher.lock().pending.push(pending);
             }
         }
@@ -363,7 +363,28 @@ fn backpressure(consumer: &BaseConsumer<SourceContext>, context: &SourceContext,
     let _ = consumer.resume(&assignment);
 }
 
-fn copy_message(message: &BorrowedMessage<'_>, topics: &mut Vec<Arc<str>>, id_header: &str) -> KafkaMessage {
+/// The time a message's events are judged against (lateness, the future bound): the broker's
+/// append time where the topic records it; a producer-set CreateTime only within
+/// `tolerance_ms` behind the consumer's clock and never ahead of it, so a producer cannot
+/// make a months-old event look fresh (and amend an invoiced period) by stamping it old.
+/// Replays judge the same message the same way as long as the consumer's lag stays within the
+/// tolerance.
+pub fn judged_time_ms(timestamp: rdkafka::Timestamp, wall_ms: i64, tolerance_ms: i64) -> i64 {
+    match timestamp {
+        rdkafka::Timestamp::LogAppendTime(broker_ms) => broker_ms,
+        rdkafka::Timestamp::CreateTime(producer_ms) => {
+            producer_ms.clamp(wall_ms.saturating_sub(tolerance_ms), wall_ms)
+        }
+        rdkafka::Timestamp::NotAvailable => wall_ms,
+    }
+}
+
+fn copy_message(
+    message: &BorrowedMessage<'_>,
+    topics: &mut Vec<Arc<str>>,
+    config: &KafkaConfig,
+) -> KafkaMessage {
+    let id_header = config.id_header.as_str();
     // Topic names are interned so a batch does not allocate one per message.
     let topic = match topics.iter().find(|t| ***t == *message.topic()) {
         Some(topic) => topic.clone(),
@@ -403,9 +424,35 @@ fn copy_message(message: &BorrowedMessage<'_>, topics: &mut Vec<Arc<str>>, id_he
         topic,
         partition: message.partition(),
         offset: message.offset(),
-        timestamp_ms: message.timestamp().to_millis().unwrap_or_else(now_ms),
+        timestamp_ms: judged_time_ms(message.timestamp(), now_ms(), config.create_time_tolerance_ms),
         key: message.key().map(<[u8]>::to_vec),
         payload: message.payload().map(<[u8]>::to_vec),
         header_id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::judged_time_ms;
+    use rdkafka::Timestamp;
+
+    const NOW: i64 = 1_800_000_000_000;
+    const HOUR: i64 = 3_600_000;
+
+    /// A producer stamping a message 40 days old cannot make a 40-day-old event look on time:
+    /// its CreateTime counts only within the tolerance, and never from the future; the
+    /// broker's append time is trusted as it is.
+    #[test]
+    fn producer_timestamps_count_only_within_the_tolerance() {
+        let judged = |timestamp| judged_time_ms(timestamp, NOW, HOUR);
+        assert_eq!(judged(Timestamp::CreateTime(NOW - 10_000)), NOW - 10_000);
+        assert_eq!(judged(Timestamp::CreateTime(NOW - 40 * 24 * HOUR)), NOW - HOUR);
+        assert_eq!(judged(Timestamp::CreateTime(NOW + 24 * HOUR)), NOW);
+        assert_eq!(judged(Timestamp::CreateTime(i64::MIN)), NOW - HOUR);
+        assert_eq!(
+            judged(Timestamp::LogAppendTime(NOW - 40 * 24 * HOUR)),
+            NOW - 40 * 24 * HOUR
+        );
+        assert_eq!(judged(Timestamp::NotAvailable), NOW);
     }
 }

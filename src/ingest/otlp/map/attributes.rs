@@ -7,7 +7,7 @@ use prost::Message;
 
 pub use crate::ingest::error::RefusalReason;
 use crate::meter::{Meter, MAX_DIMENSION_VALUE_BYTES};
-use crate::model::{Dims, DimsCache, DimsId, Names, MAX_ATTRIBUTE_BYTES};
+use crate::model::{Dims, DimsCache, DimsRef, Names, MAX_ATTRIBUTES, MAX_ATTRIBUTE_BYTES};
 
 use super::*;
 
@@ -104,10 +104,28 @@ pub(super) fn hash_str(hasher: &mut HashInput, text: &str) {
 }
 
 /// The tenant of a resource, or why there is none.
+/// A resource, scope, point or record with more than `MAX_ATTRIBUTES` attributes is refused.
+pub(super) fn too_many_attributes(
+    what: &str,
+    attributes: &[KeyValue],
+) -> Result<(), (RefusalReason, String)> {
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err((
+            RefusalReason::Invalid,
+            format!(
+                "the {what} has {} attributes; at most {MAX_ATTRIBUTES}",
+                attributes.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn tenant_of(
     resource: &[KeyValue],
     context: &MapContext<'_>,
 ) -> Result<String, (RefusalReason, String)> {
+    too_many_attributes("resource", resource)?;
     let named = find(resource, context.tenant_attribute);
     let named = match named {
         None => None,
@@ -189,14 +207,14 @@ pub(super) fn dims_fingerprint(meter: &Meter, point: &[KeyValue], resource: &[Ke
 }
 
 /// The interned id of `meter`'s dimensions for a point, or why they cannot be read.
-pub(super) fn intern_dims(
+pub(super) fn lookup_dims(
     cache: &mut DimsCache,
     meter: &Meter,
     point: &[KeyValue],
     resource: &[KeyValue],
     names: &Names,
-) -> Result<DimsId, String> {
-    cache.get_or_intern(Some(dims_fingerprint(meter, point, resource)), names, || {
+) -> Result<DimsRef, String> {
+    cache.lookup(Some(dims_fingerprint(meter, point, resource)), names, || {
         dimensions(meter, point, resource)
     })
 }

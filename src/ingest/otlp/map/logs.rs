@@ -34,8 +34,9 @@ pub fn map_logs(request: &ExportLogsServiceRequest, context: &MapContext<'_>) ->
             .resource
             .as_ref()
             .map_or(&[], |resource| &resource.attributes);
-        let tenant = tenant_of(resource, context).map(|tenant| {
-            let id = context.names.tenants.intern(&tenant);
+        // Looked up once per resource, interned once a series of it is admitted.
+        let mut tenant = tenant_of(resource, context).map(|tenant| {
+            let id = context.names.tenants.get(&tenant);
             (tenant, id)
         });
         // Like a CloudEvents `source`: ids are unique per emitting service.
@@ -43,6 +44,9 @@ pub fn map_logs(request: &ExportLogsServiceRequest, context: &MapContext<'_>) ->
             .and_then(attribute_text)
             .unwrap_or_default();
         for scope_logs in &resource_logs.scope_logs {
+            let scope_attributes: &[KeyValue] =
+                scope_logs.scope.as_ref().map_or(&[], |scope| &scope.attributes);
+            let scope_refusal = too_many_attributes("scope", scope_attributes).err();
             for record in &scope_logs.log_records {
                 mapped.total += 1;
                 let Some(name) = event_name(record) else {
@@ -59,17 +63,18 @@ pub fn map_logs(request: &ExportLogsServiceRequest, context: &MapContext<'_>) ->
                 } else {
                     record.observed_time_unix_nano
                 };
-                let outcome = match &tenant {
-                    Ok(tenant) => map_record(
+                let outcome = match (&mut tenant, &scope_refusal) {
+                    (_, Some(refusal)) => Err(refusal.clone()),
+                    (Ok((tenant, tenant_id)), None) => map_record(
                         record,
                         time_ns,
                         &meters,
-                        (&tenant.0, tenant.1),
+                        (tenant, tenant_id),
                         (&source, resource),
                         context,
                         &mut dims,
                     ),
-                    Err(refusal) => Err(refusal.clone()),
+                    (Err(refusal), None) => Err(refusal.clone()),
                 };
                 match outcome {
                     Ok(point) => mapped.points.push(point),
@@ -91,12 +96,13 @@ pub(super) fn map_record(
     record: &opentelemetry_proto::tonic::logs::v1::LogRecord,
     time_ns: u64,
     meters: &[&Meter],
-    (tenant, tenant_id): (&str, crate::model::TenantId),
+    (tenant, tenant_id): (&str, &mut Option<crate::model::TenantId>),
     (source, resource): (&str, &[KeyValue]),
     context: &MapContext<'_>,
     dims: &mut DimsCache,
 ) -> Result<MappedPoint, (RefusalReason, String)> {
     let ts_ms = point_time(time_ns, context)?;
+    too_many_attributes("log record", &record.attributes)?;
     let invalid = |message: String| (RefusalReason::Invalid, message);
     let attribute = |key: &str| find(&record.attributes, key).or_else(|| find(resource, key));
     let mut point = MappedPoint {
@@ -104,6 +110,8 @@ pub(super) fn map_record(
         updates: smallvec::SmallVec::with_capacity(meters.len()),
         late: false,
     };
+    // Every meter's reading first: a record refused for its value starts no series.
+    let mut readings = smallvec::SmallVec::<[_; 2]>::new();
     for meter in meters {
         let MeterSource::OtlpLog {
             value_attribute,
@@ -138,13 +146,25 @@ pub(super) fn map_record(
                     .map_err(|error| (error.reason, error.message))?
             }
         };
-        let dims = intern_dims(dims, meter, &record.attributes, resource, context.names).map_err(invalid)?;
+        let dims = lookup_dims(dims, meter, &record.attributes, resource, context.names).map_err(invalid)?;
+        readings.push((meter, dims, observation));
+    }
+    for (meter, dims_ref, observation) in readings {
+        let (tenant, dims) = dims
+            .admit(
+                context.names,
+                meter.id,
+                (tenant, tenant_id),
+                dims_ref,
+                context.now_ms,
+            )
+            .map_err(|limit| (RefusalReason::CardinalityLimit, limit.to_string()))?;
         let window_start = meter.window_size.start_of(ts_ms);
         let window_end = window_start + meter.window_size.seconds();
         point.late |= (window_end + context.acceptance.allowed_lateness_secs) * 1000 <= context.now_ms;
         let key = SeriesKey {
             meter: meter.id,
-            tenant: tenant_id,
+            tenant,
             dims,
             window_start,
         };

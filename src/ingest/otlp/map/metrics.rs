@@ -259,15 +259,20 @@ pub fn map_metrics(request: &ExportMetricsServiceRequest, context: &MapContext<'
             .as_ref()
             .map_or(&[], |resource| &resource.attributes);
         let tenant = tenant_of(resource, context);
-        // Interned once per resource, not per point.
-        let tenant_id = tenant
+        // Looked up once per resource, interned once a series of it is admitted.
+        let mut tenant_id = tenant
             .as_ref()
             .ok()
-            .map(|tenant| context.names.tenants.intern(tenant));
+            .and_then(|tenant| context.names.tenants.get(tenant));
         let mut resource_hasher = HashInput::default();
         hash_attributes(&mut resource_hasher, resource);
         let resource_hash = resource_hasher.digest128();
         for scope_metrics in &resource_metrics.scope_metrics {
+            let scope_attributes: &[KeyValue] = scope_metrics
+                .scope
+                .as_ref()
+                .map_or(&[], |scope| &scope.attributes);
+            let scope_refusal = too_many_attributes("scope", scope_attributes).err();
             let scope_hash = scope_hash(
                 resource_hash,
                 scope_metrics
@@ -304,9 +309,9 @@ pub fn map_metrics(request: &ExportMetricsServiceRequest, context: &MapContext<'
                         tenant: tenant.as_ref().ok().cloned(),
                         time_unix_nano: shape.time_ns,
                     };
-                    let tenant = match &tenant {
-                        Ok(tenant) => tenant,
-                        Err((reason, message)) => {
+                    let tenant = match (&tenant, &scope_refusal) {
+                        (Ok(tenant), None) => tenant,
+                        (Err((reason, message)), _) | (_, Some((reason, message))) => {
                             mapped.refused.push(refuse(*reason, message.clone()));
                             continue;
                         }
@@ -314,7 +319,7 @@ pub fn map_metrics(request: &ExportMetricsServiceRequest, context: &MapContext<'
                     match map_point(
                         &shape,
                         &meters,
-                        (tenant, tenant_id.unwrap_or_default()),
+                        (tenant, &mut tenant_id),
                         scope_hash,
                         &metric.name,
                         resource,
@@ -336,7 +341,7 @@ pub fn map_metrics(request: &ExportMetricsServiceRequest, context: &MapContext<'
 pub(super) fn map_point(
     shape: &PointShape<'_>,
     meters: &[&Meter],
-    (tenant, tenant_id): (&str, crate::model::TenantId),
+    (tenant, tenant_id): (&str, &mut Option<crate::model::TenantId>),
     scope_hash: u128,
     metric: &str,
     resource: &[KeyValue],
@@ -345,6 +350,7 @@ pub(super) fn map_point(
     mapped: &mut Mapped,
 ) -> Result<(), (RefusalReason, String)> {
     let ts_ms = point_time(shape.time_ns, context)?;
+    too_many_attributes("data point", shape.attributes)?;
     let invalid = |message: String| (RefusalReason::Invalid, message);
     let series = series_hash(tenant, scope_hash, metric, shape.attributes);
     let mut point = MappedPoint {
@@ -353,18 +359,33 @@ pub(super) fn map_point(
         late: false,
     };
     let mut cumulative = Vec::new();
+    // Every meter's reading first: a point refused for its value starts no series.
+    let mut readings = smallvec::SmallVec::<[_; 2]>::new();
     for meter in meters {
-        let dims = intern_dims(dims, meter, shape.attributes, resource, context.names).map_err(invalid)?;
+        let dims = lookup_dims(dims, meter, shape.attributes, resource, context.names).map_err(invalid)?;
+        let update = meter_update(meter, shape, ts_ms).map_err(|error| (error.reason, error.message))?;
+        readings.push((meter, dims, update));
+    }
+    for (meter, dims_ref, update) in readings {
+        let (tenant, dims) = dims
+            .admit(
+                context.names,
+                meter.id,
+                (tenant, tenant_id),
+                dims_ref,
+                context.now_ms,
+            )
+            .map_err(|limit| (RefusalReason::CardinalityLimit, limit.to_string()))?;
         let window_start = meter.window_size.start_of(ts_ms);
         let window_end = window_start + meter.window_size.seconds();
         point.late |= (window_end + context.acceptance.allowed_lateness_secs) * 1000 <= context.now_ms;
         let key = SeriesKey {
             meter: meter.id,
-            tenant: tenant_id,
+            tenant,
             dims,
             window_start,
         };
-        match meter_update(meter, shape, ts_ms).map_err(|error| (error.reason, error.message))? {
+        match update {
             MeterUpdate::Add(state) => {
                 point.dedup_key = Some(point_dedup_key(series, shape.start_ns, shape.time_ns));
                 point.updates.push((key, state));

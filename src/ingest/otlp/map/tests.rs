@@ -2,7 +2,7 @@
 
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, AggregationTemporality};
 
 use crate::aggregate::streams::StreamKind;
@@ -887,4 +887,107 @@ proptest! {
         prop_assert_eq!(first.points[0].dedup_key, second.points[0].dedup_key);
         prop_assert_eq!(first_cumulative.cumulative[0].stream, second_cumulative.cumulative[0].stream);
     }
+}
+
+/// Points that would start series past the tenant's cap are refused alone (reason
+/// `cardinality_limit`), after their readings were checked and before anything of theirs is
+/// interned; a point of an existing series still maps.
+#[test]
+fn points_past_the_series_cap_are_refused_and_nothing_of_them_is_interned() {
+    let names = Names::default();
+    names.series.set_limits(4, 100);
+    let meters = meters(&names);
+    // Each point is a `request_points` series (shared) and a `requests` series per route.
+    let points = (0..5)
+        .map(|i| number(int(1), vec![text("http.route", &format!("/r{i}"))], NOW_NS))
+        .collect();
+    let mapped = map_requests(&meters, &names, AggregationTemporality::Delta, points);
+    assert_eq!((mapped.accepted(), mapped.refused.len()), (3, 2));
+    assert!(mapped
+        .refused
+        .iter()
+        .all(|refusal| refusal.reason == RefusalReason::CardinalityLimit));
+    let route = |value: &str| {
+        vec![
+            ("region".to_string(), "eu".to_string()),
+            ("route".to_string(), value.to_string()),
+        ]
+    };
+    assert!(names.dims.get(&route("/r2")).is_some());
+    assert_eq!(names.dims.get(&route("/r3")), None);
+    let again = map_requests(
+        &meters,
+        &names,
+        AggregationTemporality::Delta,
+        vec![number(int(1), vec![text("http.route", "/r0")], NOW_NS + 1)],
+    );
+    assert_eq!((again.accepted(), again.refused.len()), (1, 0));
+}
+
+/// Attribute lookups scan a point's and its resource's attributes for every meter, so more
+/// than `MAX_ATTRIBUTES` on a resource, scope or point is refused (reason `invalid`, naming
+/// the cap): a request's mapping cost stays linear in its size.
+#[test]
+fn resources_scopes_and_points_with_too_many_attributes_are_refused() {
+    use crate::model::MAX_ATTRIBUTES;
+    let names = Names::default();
+    let meters = meters(&names);
+    let many = |prefix: &str| -> Vec<KeyValue> {
+        (0..=MAX_ATTRIBUTES)
+            .map(|i| text(&format!("{prefix}.{i}"), "v"))
+            .collect()
+    };
+    let points = || vec![number(int(1), vec![text("http.route", "/a")], NOW_NS)];
+    let metric = || {
+        sum(
+            "http.server.requests",
+            AggregationTemporality::Delta,
+            true,
+            points(),
+        )
+    };
+
+    let mut wide_resource = request(Some("acme"), vec![metric()]);
+    let resource = wide_resource.resource_metrics[0].resource.as_mut().unwrap();
+    resource.attributes.extend(many("r"));
+    let mut wide_scope = request(Some("acme"), vec![metric()]);
+    wide_scope.resource_metrics[0].scope_metrics[0].scope = Some(InstrumentationScope {
+        attributes: many("s"),
+        ..Default::default()
+    });
+    let mut attributes = many("p");
+    attributes.push(text("http.route", "/a"));
+    let wide_point = request(
+        Some("acme"),
+        vec![sum(
+            "http.server.requests",
+            AggregationTemporality::Delta,
+            true,
+            vec![number(int(1), attributes, NOW_NS)],
+        )],
+    );
+    for (what, request) in [
+        ("resource", wide_resource),
+        ("scope", wide_scope),
+        ("data point", wide_point),
+    ] {
+        let mapped = map_metrics(&request, &context(&meters, &names, None));
+        assert_eq!((mapped.accepted(), mapped.refused.len()), (0, 1), "{what}");
+        let refusal = &mapped.refused[0];
+        assert_eq!(refusal.reason, RefusalReason::Invalid, "{what}");
+        assert!(
+            refusal.message.starts_with(&format!("the {what} has "))
+                && refusal.message.ends_with(" attributes; at most 128"),
+            "{}",
+            refusal.message
+        );
+    }
+    // At the cap, it maps.
+    let mut at_cap = request(Some("acme"), vec![metric()]);
+    let resource = at_cap.resource_metrics[0].resource.as_mut().unwrap();
+    resource
+        .attributes
+        .extend(many("r").into_iter().take(MAX_ATTRIBUTES - 2));
+    let mapped = map_metrics(&at_cap, &context(&meters, &names, None));
+    assert_eq!((mapped.accepted(), mapped.refused.len()), (1, 0));
 }
