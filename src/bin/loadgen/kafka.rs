@@ -33,6 +33,14 @@ pub(crate) fn kafka_produce(args: &Args, brokers: &str) -> anyhow::Result<()> {
     let mut bytes = 0u64;
     let mut payload = Vec::with_capacity(256);
     while produced < args.events {
+        // `--rate`: paced to that many events/s (for a soak), else as fast as the broker takes.
+        if args.rate > 0 {
+            let due = started + Duration::from_secs_f64(produced as f64 / args.rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                producer.poll(Duration::ZERO);
+                std::thread::sleep(wait);
+            }
+        }
         let now = chrono::Utc::now();
         let now_text = event_time(now);
         for _ in 0..args.batch_size {

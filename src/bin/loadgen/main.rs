@@ -119,6 +119,12 @@ pub(crate) struct Args {
     /// Closed loop: stop once this many events were acknowledged (0 = run for the duration).
     #[arg(long, default_value_t = 0)]
     pub(crate) stop_after_events: u64,
+    /// Soak: every `--interval-secs`, append one JSON line to this file with that interval's
+    /// events, errors and request latency (p50/p99/max), so latency can be plotted over time.
+    #[arg(long)]
+    pub(crate) intervals_out: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 5)]
+    pub(crate) interval_secs: u64,
 }
 
 #[derive(Default)]
@@ -127,6 +133,8 @@ pub(crate) struct Totals {
     pub(crate) events: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) missed: AtomicU64,
+    /// The current interval's latencies (`--intervals-out`), swapped out by the reporter.
+    pub(crate) interval: Mutex<Option<Histogram<u64>>>,
 }
 
 /// Where load goes.
@@ -197,12 +205,57 @@ pub(crate) async fn send(
     };
     let micros = started.elapsed().as_micros() as u64;
     latency.lock().record(micros.max(1)).ok();
+    if let Some(interval) = totals.interval.lock().as_mut() {
+        interval.record(micros.max(1)).ok();
+    }
     totals.requests.fetch_add(1, Ordering::Relaxed);
     if ok {
         totals.events.fetch_add(events as u64, Ordering::Relaxed);
     } else {
         totals.errors.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Appends one JSON line per interval until `deadline`: seconds since start, the interval's
+/// acknowledged events and errors, and its request latency quantiles in ms.
+async fn report_intervals(
+    path: std::path::PathBuf,
+    every_secs: u64,
+    totals: Arc<Totals>,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(every_secs));
+    ticker.tick().await;
+    let (mut events, mut errors) = (0, 0);
+    while Instant::now() < deadline {
+        ticker.tick().await;
+        let fresh = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+        let Some(window) = totals.interval.lock().replace(fresh) else {
+            break;
+        };
+        let (now_events, now_errors) = (
+            totals.events.load(Ordering::Relaxed),
+            totals.errors.load(Ordering::Relaxed),
+        );
+        let line = json!({
+            "t_secs": started.elapsed().as_secs_f64().round(),
+            "events": now_events - events,
+            "errors": now_errors - errors,
+            "requests": window.len(),
+            "p50_ms": window.value_at_quantile(0.50) as f64 / 1000.0,
+            "p99_ms": window.value_at_quantile(0.99) as f64 / 1000.0,
+            "max_ms": window.max() as f64 / 1000.0,
+        });
+        (events, errors) = (now_events, now_errors);
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -255,6 +308,15 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.duration_secs);
     let started = Instant::now();
 
+    let reporter = args.intervals_out.clone().map(|path| {
+        *totals.interval.lock() = Histogram::new_with_bounds(1, 60_000_000, 3).ok();
+        tokio::spawn(report_intervals(
+            path,
+            args.interval_secs.max(1),
+            totals.clone(),
+            deadline,
+        ))
+    });
     let probes = (args.probe_interval_ms > 0).then(|| {
         let (target, args) = (target.clone(), args.clone());
         tokio::spawn(async move { probe(target, args, deadline).await })
@@ -307,6 +369,9 @@ async fn main() -> anyhow::Result<()> {
     }
     for worker in workers {
         worker.await?;
+    }
+    if let Some(reporter) = reporter {
+        reporter.await??;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let probe_summary = match probes {

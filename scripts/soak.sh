@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The soak (RELIABILITY.md): HTTP, OTLP/gRPC and Kafka at once for DURATION seconds (default
+# 600) at half the machine's measured peak; tallyd's RSS, each source's request p99 and the
+# Kafka lag sampled every 5 s, plotted to OUT/soak.png with the samples in OUT/soak.json
+# (OUT default: benchmarks/soak). KAFKA_RATE (default 2000) events/s on the topic.
+#   scripts/soak.sh                  the full run (about 11 minutes)
+#   DURATION=60 scripts/soak.sh      a quick look
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+source scripts/env.sh
+cargo build --release --locked --bin tallyd --bin tallyd-loadgen >&2
+python3 -c 'import confluent_kafka, matplotlib' 2>/dev/null \
+  || python3 -m pip install -q --disable-pip-version-check -r tests/campaign/requirements.txt >&2
+if [ -n "${TALLYD_TEST_BROKER:-}" ]; then
+  broker=$TALLYD_TEST_BROKER
+else
+  broker=$(scripts/broker.sh start)
+  trap 'scripts/broker.sh stop' EXIT
+fi
+# Copies: a rebuild during the soak must not swap the binaries.
+bin_dir=$(mktemp -d)
+cp "$CARGO_TARGET_DIR/release/tallyd" "$CARGO_TARGET_DIR/release/tallyd-loadgen" "$bin_dir/"
+python3 tests/campaign/soak.py --bin-dir "$bin_dir" --broker "$broker" --duration "${DURATION:-600}" \
+  --kafka-rate "${KAFKA_RATE:-2000}" --out "${OUT:-benchmarks/soak}"
