@@ -71,6 +71,12 @@ pub const KAFKA_MESSAGES: &str = "tallyd_kafka_messages_total";
 /// `{kind}`: kind ∈ assign | revoke.
 pub const KAFKA_REBALANCES: &str = "tallyd_kafka_rebalances_total";
 pub const KAFKA_DEAD_LETTERS: &str = "tallyd_kafka_dead_letters_total";
+/// Dead-letter file rotations (`dead_letter.max_file_bytes`).
+pub const FILE_ROTATIONS: &str = "tallyd_dead_letter_rotations_total";
+/// `{listener}`: open connections; `{listener, reason}`: connections closed before a request,
+/// reason ∈ max_connections | header_timeout (`ingest::listen`).
+pub const CONNECTIONS_OPEN: &str = "tallyd_connections_open";
+pub const CONNECTIONS_REFUSED: &str = "tallyd_connections_refused_total";
 /// Seconds from a checkpoint making offsets durable to their commit to Kafka.
 pub const KAFKA_COMMIT_DELAY: &str = "tallyd_kafka_commit_delay_seconds";
 pub const KAFKA_ERRORS: &str = "tallyd_kafka_consumer_errors_total";
@@ -248,6 +254,15 @@ fn describe() {
     describe_counter!(
         KAFKA_DEAD_LETTERS,
         "records written to the Kafka dead-letter topic"
+    );
+    describe_counter!(
+        FILE_ROTATIONS,
+        "dead-letter file rotations (the file before the previous one is gone)"
+    );
+    describe_gauge!(CONNECTIONS_OPEN, "open connections per listener");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "connections closed before a request, by listener and reason (max_connections, header_timeout)"
     );
     describe_histogram!(
         KAFKA_COMMIT_DELAY,

@@ -1001,3 +1001,138 @@ async fn a_flood_of_new_series_is_refused_past_the_cap_and_existing_series_keep_
     );
     daemon.stop();
 }
+
+/// Reads from `stream` until the server closes it (EOF or reset), returning how long that took
+/// and what it sent; panics if it stays open past `limit`.
+fn wait_closed(
+    stream: &mut std::net::TcpStream,
+    limit: std::time::Duration,
+) -> (std::time::Duration, String) {
+    use std::io::Read;
+    let started = std::time::Instant::now();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => received.extend_from_slice(&buffer[..read]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(error) => panic!("still open after {:?}: {error}", started.elapsed()),
+        }
+    }
+    (started.elapsed(), String::from_utf8_lossy(&received).into_owned())
+}
+
+/// Connections are a resource an attacker can take without sending a request: each listener
+/// keeps at most `max_connections` (one more is closed at once), and a connection that stays
+/// silent, sends half its headers, or idles after its answer is closed after
+/// `header_read_timeout_secs`. Before, a connection that sent nothing was held forever on
+/// every listener, so enough of them exhausted the file descriptors and nobody was served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_surplus_connections_are_closed_and_every_listener_keeps_serving() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::time::Duration;
+    let (_dir, path) = config("");
+    edit_config(
+        &path,
+        "[server]\n",
+        "[server]\nmax_connections = 3\nheader_read_timeout_secs = 1\n",
+    );
+    let daemon = Daemon::start(&path);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+
+    // Three silent connections take every slot of the HTTP listener; a fourth is closed at once.
+    let opened = std::time::Instant::now();
+    let mut silent: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(daemon.addr.as_str()).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut surplus = TcpStream::connect(daemon.addr.as_str()).unwrap();
+    let (took, _) = wait_closed(&mut surplus, Duration::from_secs(5));
+    assert!(
+        took < Duration::from_millis(500),
+        "the surplus connection waited {took:?}"
+    );
+
+    // The silent ones are closed after the timeout, not before; then the listener serves again.
+    for stream in &mut silent {
+        let (_, answer) = wait_closed(stream, Duration::from_secs(5));
+        let took = opened.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+            "{took:?}"
+        );
+        assert_eq!(answer, "", "nothing is sent to a silent connection");
+    }
+    let health = client.get(daemon.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    // Half a request's headers, then silence: closed by the header timer.
+    let mut partial = TcpStream::connect(daemon.addr.as_str()).unwrap();
+    write!(partial, "GET /healthz HTTP/1.1\r\nhost: x\r\n").unwrap();
+    let (took, _) = wait_closed(&mut partial, Duration::from_secs(5));
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+
+    // A keep-alive connection answered once and then idle is closed after the timeout too.
+    let mut idle = TcpStream::connect(daemon.addr.as_str()).unwrap();
+    write!(idle, "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let (took, answer) = wait_closed(&mut idle, Duration::from_secs(5));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+
+    // The OTLP listeners hold silent connections no longer either.
+    for addr in [
+        daemon.otlp_grpc.clone().unwrap(),
+        daemon.otlp_http.clone().unwrap(),
+    ] {
+        let mut stream = TcpStream::connect(addr.as_str()).unwrap();
+        let (took, _) = wait_closed(&mut stream, Duration::from_secs(5));
+        assert!(took >= Duration::from_millis(500), "{addr}: {took:?}");
+    }
+
+    // Still serving: an event is counted; the refusals are counted by listener and reason.
+    let batch = [event(
+        "conn-1",
+        "llm.prompt",
+        "conn",
+        &ago(30),
+        json!({"tokens": 4, "model": "m"}),
+    )];
+    let (status, answer) = post_batch(&client, &daemon, &batch).await;
+    assert_eq!(status, 202, "{answer}");
+    let metrics = metrics_text(&client, &daemon).await;
+    let count = |labels: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|line| line.starts_with(&format!("tallyd_connections_refused_total{{{labels}}}")))
+            .and_then(|line| line.rsplit(' ').next())
+            .map_or(0.0, |value| value.parse().unwrap())
+    };
+    assert_eq!(
+        count(r#"listener="http",reason="max_connections""#),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        count(r#"listener="http",reason="header_timeout""#),
+        3.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        count(r#"listener="otlp_grpc",reason="header_timeout""#),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        count(r#"listener="otlp_http",reason="header_timeout""#),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(tenant_tokens(&client, &daemon, "conn").await, 4);
+    daemon.stop();
+}

@@ -271,3 +271,86 @@ async fn a_crash_after_the_changelog_flush_replays_and_keeps_local_usage() {
     );
     daemon.stop();
 }
+
+/// The broker goes away mid-consumption for longer than the group's session timeout, then
+/// returns with its log intact (a partition, or a broker restart): meanwhile tallyd keeps
+/// serving HTTP ingest and queries; afterwards it rejoins the group and resumes, and every
+/// event is counted exactly once, none skipped, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_mid_consumption_loses_and_doubles_nothing() {
+    let Some(broker) = SwitchableBroker::start() else {
+        return;
+    };
+    let brokers = broker.addr.clone();
+    let topic = unique_topic("usage-outage");
+    create_topic(&brokers, &topic, 4).await;
+    let (records, expected) = usage_records(100_000, 50, 21);
+    produce_all(&producer(&brokers), &topic, &records);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &section(&brokers, &topic, &topic));
+    let daemon = Daemon::start(&path);
+    let client = client();
+    wait_mid_way(&client, &daemon, &expected).await;
+    broker.cut();
+    // Out of the group by now (session.timeout.ms = 6000); HTTP is served all along.
+    for second in 0..8 {
+        let event = event(
+            &format!("outage-{second}"),
+            "llm.prompt",
+            "outage-http",
+            &ago(30),
+            json!({"tokens": 1, "model": "m"}),
+        );
+        let (status, answer) = post_batch(&client, &daemon, &[event]).await;
+        assert_eq!(status, 202, "HTTP ingest during the outage: {answer}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let during = total(&client, &daemon, &expected).await;
+    broker.restore();
+
+    wait_for_totals(&client, &daemon, &expected).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(totals(&client, &daemon, &expected).await, expected);
+    assert_eq!(tenant_tokens(&client, &daemon, "outage-http").await, 8);
+    assert!(
+        during < expected.values().sum::<i64>(),
+        "the outage interrupted consumption"
+    );
+    assert_no_offset_gaps(&client, &daemon).await;
+    daemon.stop();
+}
+
+/// The rated-record output's broker is down from the start: tallyd starts anyway, rates, keeps
+/// the records in its outbox (the usage file has them), and delivers every one once the broker
+/// is reachable; the topic's latest revision per record equals the file's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rated_records_wait_out_a_kafka_output_outage() {
+    use common::rated::*;
+    let Some(broker) = SwitchableBroker::start() else {
+        return;
+    };
+    let brokers = broker.addr.clone();
+    let topic = unique_topic("rated-outage");
+    create_topic(&brokers, &topic, 2).await;
+    broker.cut();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("{PLANS}\n[emit.kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\n");
+    let (daemon, _config, expected) = rate_closed_windows(dir.path(), &extra).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.restore();
+    let read = |brokers: String, topic: String| {
+        tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, 2, 15, Duration::from_secs(5)))
+    };
+    let records = eventually("the topic holds every rated record", async || {
+        let messages = read(brokers.clone(), topic.clone()).await.unwrap();
+        let records: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| serde_json::from_str(&m.payload).unwrap())
+            .collect();
+        (latest_rated(&records).len() == 15).then_some(records)
+    })
+    .await;
+    assert_eq!(latest_rated(&records), expected);
+    daemon.stop();
+}

@@ -26,7 +26,7 @@ use crate::meter::Meter;
 pub use emit::{EmitKafkaConfig, EmitWebhookConfig};
 pub use kafka::{ClusterConfig, KafkaConfig};
 pub use raw::{RawConfig, RawTls};
-pub use server::OtlpConfig;
+pub use server::{ConnectionLimits, OtlpConfig};
 pub use storage::LogSync;
 
 /// The embedded default config (also `config/tallyd.toml`).
@@ -42,6 +42,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub ingest_budget_bytes: usize,
     pub body_timeout: std::time::Duration,
+    /// `server.max_connections` and `server.header_read_timeout_secs`, per listener.
+    pub connections: ConnectionLimits,
     pub data_dir: PathBuf,
     pub ingest_log_sync: LogSync,
     pub ingest_log_segment_bytes: u64,
@@ -62,6 +64,8 @@ pub struct Config {
     pub emit_kafka: Option<EmitKafkaConfig>,
     pub emit_webhook: Option<EmitWebhookConfig>,
     pub dead_letter_path: PathBuf,
+    /// `dead_letter.max_file_bytes` (None: 0, never rotated).
+    pub dead_letter_max_bytes: Option<u64>,
     pub meters: Vec<Meter>,
     pub kafka: Option<KafkaConfig>,
     /// Some only in `[cluster] mode = "kafka"`.
@@ -230,6 +234,10 @@ impl RawConfig {
             max_body_bytes: self.server.max_body_bytes as usize,
             ingest_budget_bytes: self.server.ingest_budget_bytes as usize,
             body_timeout: std::time::Duration::from_secs(self.server.body_timeout_secs),
+            connections: ConnectionLimits {
+                max_connections: self.server.max_connections as usize,
+                header_read_timeout: std::time::Duration::from_secs(self.server.header_read_timeout_secs),
+            },
             emit_file_path: self
                 .emit
                 .file
@@ -241,6 +249,7 @@ impl RawConfig {
                 .dead_letter
                 .path
                 .unwrap_or_else(|| data_dir.join("dead-letter.jsonl")),
+            dead_letter_max_bytes: Some(self.dead_letter.max_file_bytes).filter(|max| *max > 0),
             data_dir,
             ingest_log_sync,
             ingest_log_segment_bytes: self.storage.ingest_log_segment_bytes,

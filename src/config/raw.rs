@@ -155,6 +155,12 @@ pub struct RawServer {
     /// A request body not received in full within this many seconds is refused (408): its
     /// share of the budget is taken before it is read, so a trickling client cannot hold it.
     pub body_timeout_secs: u64,
+    /// Open connections per listener (HTTP API, OTLP/gRPC, OTLP/HTTP); one more is closed at
+    /// once and counted (`tallyd_connections_refused_total`).
+    pub max_connections: u64,
+    /// A connection must send a request's headers within this many seconds (its first byte
+    /// too: a silent connection is closed); idle keep-alive HTTP/1 connections close after it.
+    pub header_read_timeout_secs: u64,
 }
 
 impl Default for RawServer {
@@ -166,6 +172,8 @@ impl Default for RawServer {
             max_body_bytes: 8 << 20,
             ingest_budget_bytes: 256 << 20,
             body_timeout_secs: 30,
+            max_connections: 4096,
+            header_read_timeout_secs: 10,
         }
     }
 }
@@ -333,11 +341,23 @@ pub struct RawEmitFile {
     pub path: Option<PathBuf>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawDeadLetter {
     /// Default: `<data_dir>/dead-letter.jsonl`.
     pub path: Option<PathBuf>,
+    /// The file is rotated to `<path>.1` past this size (the one before is dropped), so
+    /// refused events cannot fill the disk: at most about twice this. 0: never rotated.
+    pub max_file_bytes: u64,
+}
+
+impl Default for RawDeadLetter {
+    fn default() -> Self {
+        RawDeadLetter {
+            path: None,
+            max_file_bytes: 1 << 30,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

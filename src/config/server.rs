@@ -57,11 +57,24 @@ pub(super) fn validate_server(raw: &RawServer, errors: &mut Vec<String>) -> List
     if !(1..=3600).contains(&raw.body_timeout_secs) {
         errors.push("server.body_timeout_secs: must be between 1 and 3600".into());
     }
+    if !(1..=1_000_000).contains(&raw.max_connections) {
+        errors.push("server.max_connections: must be between 1 and 1000000".into());
+    }
+    if !(1..=3600).contains(&raw.header_read_timeout_secs) {
+        errors.push("server.header_read_timeout_secs: must be between 1 and 3600".into());
+    }
     Listeners {
         http_addr,
         otlp_grpc_addr,
         otlp_http_addr,
     }
+}
+
+/// How each listener admits connections (`ingest::listen`).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: std::time::Duration,
 }
 
 pub(super) fn validate_otlp(raw: RawOtlp, errors: &mut Vec<String>) -> OtlpConfig {

@@ -14,6 +14,9 @@ pub struct JsonlFile {
     len: u64,
     /// A failed append could not be cut back yet (the next append does it first).
     dirty: bool,
+    /// Some: a file that would grow past this many bytes is renamed to `<path>.1` (replacing
+    /// the one before) and started anew, so it takes at most about twice this on disk.
+    rotate_at: Option<u64>,
 }
 
 impl JsonlFile {
@@ -38,7 +41,39 @@ impl JsonlFile {
             file,
             len,
             dirty: false,
+            rotate_at: None,
         })
+    }
+
+    /// `open`, rotated at `max_bytes` (see `rotate_at`). For the dead-letter file: a producer
+    /// sending nothing but refused events must not fill the disk that holds the counts. Never
+    /// for the rated output, whose every line a billing system needs.
+    pub fn open_rotating(path: &Path, max_bytes: u64) -> io::Result<JsonlFile> {
+        let mut file = JsonlFile::open(path)?;
+        file.rotate_at = Some(max_bytes);
+        Ok(file)
+    }
+
+    /// `<path>.1`: where the previous file goes at rotation.
+    pub fn rotated_path(&self) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".1");
+        PathBuf::from(name)
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let rotated = self.rotated_path();
+        fs::rename(&self.path, &rotated)?;
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent)?.sync_all()?;
+        }
+        tracing::warn!(path = %self.path.display(), rotated = %rotated.display(), bytes = self.len,
+            "file rotated; the one before it is gone");
+        metrics::counter!(crate::telemetry::FILE_ROTATIONS).increment(1);
+        let rotate_at = self.rotate_at;
+        *self = JsonlFile::open(&self.path)?;
+        self.rotate_at = rotate_at;
+        Ok(())
     }
 
     /// Appends newline-terminated lines and fsyncs them.
@@ -58,6 +93,12 @@ impl JsonlFile {
         if self.dirty {
             self.file.set_len(self.len)?;
             self.dirty = false;
+        }
+        if self
+            .rotate_at
+            .is_some_and(|max| self.len > 0 && self.len + buffer.len() as u64 > max)
+        {
+            self.rotate()?;
         }
         let written = self.file.write_all(&buffer).and_then(|()| self.file.sync_data());
         if let Err(error) = written {
@@ -169,5 +210,39 @@ mod tests {
         let mut file = JsonlFile::open(&path).unwrap();
         file.append_durably([b"{\"b\":2}".as_slice()]).unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
+    }
+
+    /// A rotating file never holds much more than its bound on disk, however much is written:
+    /// the newest lines are in the file, the batch before the rotation in `.1`, older ones gone.
+    #[test]
+    fn a_rotating_file_stays_within_twice_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dead-letter.jsonl");
+        let mut file = JsonlFile::open_rotating(&path, 100).unwrap();
+        for i in 0..50 {
+            let line = format!("{{\"event\":{i:04}}}"); // 15 bytes with its newline
+            file.append_durably([line.as_bytes()]).unwrap();
+            let on_disk =
+                fs::metadata(&path).unwrap().len() + fs::metadata(file.rotated_path()).map_or(0, |m| m.len());
+            assert!(on_disk <= 200, "{on_disk} bytes after line {i}");
+        }
+        let current = fs::read_to_string(&path).unwrap();
+        let rotated = fs::read_to_string(file.rotated_path()).unwrap();
+        assert!(current.ends_with("{\"event\":0049}\n"), "{current}");
+        assert_eq!(current.lines().count(), 50 % 6, "{current}");
+        assert_eq!(rotated.lines().count(), 6, "{rotated}");
+        assert!(rotated.ends_with("{\"event\":0047}\n"), "{rotated}");
+        // One batch larger than the bound still goes in whole (a file of its own).
+        let big = "x".repeat(300);
+        file.append_durably([big.as_bytes()]).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), format!("{big}\n"));
+        // Reopened, it keeps its place.
+        drop(file);
+        let mut file = JsonlFile::open_rotating(&path, 100).unwrap();
+        file.append_durably([b"{}".as_slice()]).unwrap();
+        assert_eq!(
+            fs::read_to_string(file.rotated_path()).unwrap(),
+            format!("{big}\n")
+        );
     }
 }

@@ -10,4 +10,5 @@ pub mod decode;
 pub mod error;
 pub mod http;
 pub mod kafka;
+pub mod listen;
 pub mod otlp;

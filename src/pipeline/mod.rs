@@ -217,7 +217,8 @@ impl Stages {
 
     /// Opens the store, recovers (replays the ingest log) and starts the threads (blocking).
     pub fn start(config: Config) -> anyhow::Result<Stages> {
-        let dead_letter_path = config.dead_letter_path.clone();
+        let (dead_letter_path, dead_letter_max) =
+            (config.dead_letter_path.clone(), config.dead_letter_max_bytes);
         let Recovered {
             shared,
             log,
@@ -261,8 +262,11 @@ impl Stages {
         let commit_stage = commit::CommitLoop {
             shared: shared.clone(),
             log,
-            dead_letter: JsonlFile::open(&dead_letter_path)
-                .with_context(|| format!("cannot open {}", dead_letter_path.display()))?,
+            dead_letter: match dead_letter_max {
+                Some(max) => JsonlFile::open_rotating(&dead_letter_path, max),
+                None => JsonlFile::open(&dead_letter_path),
+            }
+            .with_context(|| format!("cannot open {}", dead_letter_path.display()))?,
             requests: request_rx,
             checkpoints: snapshot_tx.clone(),
             writer,
@@ -401,10 +405,8 @@ pub async fn run(
     shared.ready.store(true, Ordering::Release);
     tracing::info!(addr = %local, "http listening");
     let serve_shutdown = shutdown.clone();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })
-        .await
-        .context("http server failed");
+    let limits = shared.config.connections;
+    crate::ingest::listen::serve_http(listener, "http", limits, app, None, None, serve_shutdown).await;
     // Whatever stopped the HTTP server stops the OTLP edges too; they hold commit senders, so
     // the commit stage drains only after they finished their in-flight requests.
     shutdown.cancel();
@@ -413,7 +415,6 @@ pub async fn run(
             tracing::error!(%error, "otlp server failed");
         }
     }
-    served?;
     shared.ready.store(false, Ordering::Release);
     tracing::info!("ingest stopped; draining");
     if let Some(source) = kafka_source {

@@ -238,3 +238,101 @@ pub fn unique_topic(prefix: &str) -> String {
         .as_nanos();
     format!("{prefix}-{}-{nanos}", std::process::id())
 }
+
+/// A broker of the test's own behind a switchable TCP proxy, for outages: tansu listens on one
+/// port and advertises the proxy's, so every client (tallyd's consumer and producers, the
+/// test's) reaches it only through the proxy. `cut` closes every proxied connection and
+/// refuses new ones, as a broker that went away would; `restore` lets them through again,
+/// with the broker's topics and offsets intact (tansu keeps them in memory meanwhile).
+pub struct SwitchableBroker {
+    tansu: std::process::Child,
+    pub addr: String,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    live: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl SwitchableBroker {
+    /// None (the test skips) when no tansu binary is installed and the test script did not
+    /// require the broker tests (as `real_broker`).
+    pub fn start() -> Option<SwitchableBroker> {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::Ordering;
+        real_broker()?;
+        let tansu = std::env::var("TALLYD_TANSU").unwrap_or_else(|_| {
+            let home = std::env::var("CARGO_HOME")
+                .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap()));
+            format!("{home}/bin/tansu")
+        });
+        let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = proxy.local_addr().unwrap().to_string();
+        let backend = {
+            let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().to_string()
+        };
+        let child = std::process::Command::new(&tansu)
+            .args(["broker", "--listener-url", &format!("tcp://{backend}")])
+            .args(["--advertised-listener-url", &format!("tcp://{addr}")])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {tansu}: {error}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(&backend).is_err() {
+            assert!(std::time::Instant::now() < deadline, "tansu did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let broker = SwitchableBroker {
+            tansu: child,
+            addr,
+            up: Default::default(),
+            live: Default::default(),
+        };
+        broker.up.store(true, Ordering::SeqCst);
+        let (up, live) = (broker.up.clone(), broker.live.clone());
+        std::thread::spawn(move || {
+            for client in proxy.incoming() {
+                let Ok(client) = client else { continue };
+                if !up.load(Ordering::SeqCst) {
+                    continue; // dropped: refused while cut
+                }
+                let Ok(server) = TcpStream::connect(&backend) else {
+                    continue;
+                };
+                let mut live = live.lock().unwrap();
+                live.push(client.try_clone().unwrap());
+                live.push(server.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Some(broker)
+    }
+
+    /// The broker goes away: open connections are cut, new ones refused.
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for stream in self.live.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for SwitchableBroker {
+    fn drop(&mut self) {
+        self.cut();
+        let _ = self.tansu.kill();
+        let _ = self.tansu.wait();
+    }
+}

@@ -32,7 +32,10 @@ pub(crate) fn kafka_produce(args: &Args, brokers: &str) -> anyhow::Result<()> {
     let mut produced = 0u64;
     let mut bytes = 0u64;
     let mut payload = Vec::with_capacity(256);
-    while produced < args.events {
+    // With `--rate`, `--duration-secs` also ends the run: a soak's producer must stop with the
+    // other sources even when a busy machine could not keep its pace.
+    let deadline = (args.rate > 0).then(|| started + Duration::from_secs(args.duration_secs));
+    while produced < args.events && deadline.is_none_or(|deadline| Instant::now() < deadline) {
         // `--rate`: paced to that many events/s (for a soak), else as fast as the broker takes.
         if args.rate > 0 {
             let due = started + Duration::from_secs_f64(produced as f64 / args.rate as f64);

@@ -195,7 +195,11 @@ pub async fn serve(
     shutdown: tokio_util::sync::CancellationToken,
     tls: Option<&super::TlsIdentity>,
 ) -> Result<(), tonic::transport::Error> {
+    use crate::ingest::listen;
+    let limits = ingest.admission.shared.config.connections;
     let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(listen::H2_PING_INTERVAL))
+        .http2_keepalive_timeout(Some(listen::H2_PING_TIMEOUT))
         .initial_connection_window_size(Some(H2_CONNECTION_WINDOW_BYTES))
         .initial_stream_window_size(Some(H2_STREAM_WINDOW_BYTES));
     if let Some(tls) = tls {
@@ -208,7 +212,7 @@ pub async fn serve(
         .add_service(ExportService::<Metrics>::new(ingest.clone()))
         .add_service(ExportService::<Logs>::new(ingest))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            listen::accept(listener, "otlp_grpc", limits, shutdown.clone()),
             async move { shutdown.cancelled().await },
         )
         .await

@@ -2,8 +2,6 @@
 //! plain TCP or TLS (`tls`). The protocol only: reading and inflating the body, content types,
 //! the `google.rpc.Status` error body; the rest is `OtlpIngest::accept`.
 
-use std::time::Duration;
-
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -149,57 +147,20 @@ pub async fn serve_http(
     shutdown: tokio_util::sync::CancellationToken,
     tls: Option<tokio_rustls::rustls::ServerConfig>,
 ) -> std::io::Result<()> {
+    let limits = ingest.admission.shared.config.connections;
     let router = http_router(ingest);
-    let Some(tls) = tls else {
-        return axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-    };
-    // axum::serve has no TLS: accept, handshake, then hand each connection to hyper.
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
-    let connections = tokio_util::task::TaskTracker::new();
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "otlp http accept failed");
-                    continue;
-                }
-            },
-        };
-        let (acceptor, router, shutdown) = (acceptor.clone(), router.clone(), shutdown.clone());
-        connections.spawn(async move {
-            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, "otlp http tls handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = hyper_util::service::TowerToHyperService::new(router);
-            let mut builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            // HTTP/2 (by ALPN): the gRPC listener's windows, for the same reason (`grpc`).
-            builder
-                .http2()
-                .initial_connection_window_size(grpc::H2_CONNECTION_WINDOW_BYTES)
-                .initial_stream_window_size(grpc::H2_STREAM_WINDOW_BYTES);
-            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    // In-flight requests finish; the client is told to go away.
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
-            }
-        });
-    }
-    connections.close();
-    connections.wait().await;
+    let tls = tls.map(|tls| tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls)));
+    // HTTP/2 (h2c, or by ALPN): the gRPC listener's windows, for the same reason (`grpc`).
+    let windows = (grpc::H2_CONNECTION_WINDOW_BYTES, grpc::H2_STREAM_WINDOW_BYTES);
+    crate::ingest::listen::serve_http(
+        listener,
+        "otlp_http",
+        limits,
+        router,
+        tls,
+        Some(windows),
+        shutdown,
+    )
+    .await;
     Ok(())
 }
