@@ -139,7 +139,16 @@ fn dedup_cf_options(cache: &rocksdb::Cache, dedup_horizon_secs: i64) -> Options 
             }
         },
     );
-    options.set_block_based_table_factory(&table_options(cache));
+    let mut table = table_options(cache);
+    // Partitioned filters: a lookup loads one 4 KiB filter partition, not a file's whole
+    // filter. A compacted dedup file holds millions of keys (a 5-20 MB filter); whole filters
+    // did not stay in the shared cache, and the soak found request threads spending a fifth
+    // of their time re-reading and checksumming them (BENCHMARKS.md, "Soak").
+    table.set_partition_filters(true);
+    table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+    table.set_metadata_block_size(4096);
+    table.set_pin_top_level_index_and_filter(true);
+    options.set_block_based_table_factory(&table);
     options
 }
 

@@ -128,6 +128,7 @@ def main():
                             os.path.join(work, "otlp-soak.json")),
             "kafka": loadgen(args.bin_dir, ["--kafka-produce", args.broker, "--kafka-topic", topic, "--rate",
                                             str(rates["kafka"]), "--events", str(rates["kafka"] * args.duration),
+                                            "--duration-secs", str(args.duration),
                                             "--batch-size", "100", "--seed", "9"]),
         }
         samples = []
