@@ -85,6 +85,16 @@ fn main() -> ExitCode {
 
     config.salvage_ingest_log = cli.salvage_ingest_log;
     tallyd::telemetry::init_tracing(&cli.log_level, cli.log_json);
+    if let Some(offset) = std::env::var("TALLYD_CLOCK_OFFSET_MS")
+        .ok()
+        .and_then(|text| text.parse::<i64>().ok())
+    {
+        tracing::warn!(
+            offset_ms = offset,
+            "fault injection: the wall clock is shifted (TALLYD_CLOCK_OFFSET_MS)"
+        );
+        tallyd::model::set_clock_offset_ms(offset);
+    }
     tracing::info!(config = %config.summary(), "starting tallyd {}", env!("CARGO_PKG_VERSION"));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

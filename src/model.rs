@@ -52,6 +52,9 @@ pub struct Acceptance {
     pub allowed_lateness_secs: i64,
     pub max_lateness_secs: i64,
     pub max_future_secs: i64,
+    /// Events stamped before this (unix ms) are refused as too late whatever `now` says: far in
+    /// the past, unless the wall clock went back after a jump forward (`store::clock`).
+    pub not_before_ms: i64,
 }
 
 /// Sorted `(key, value)` dimension pairs kept for a meter's `group_by` keys.
@@ -453,15 +456,24 @@ pub fn parse_rfc3339_ms(text: &str) -> Option<i64> {
         .map(|time| time.timestamp_millis())
 }
 
+/// Fault injection: `TALLYD_CLOCK_OFFSET_MS` (set once by `main`) shifts the daemon's wall
+/// clock, as an NTP step would, so that tests can make it jump across a restart.
+static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+pub fn set_clock_offset_ms(offset_ms: i64) {
+    CLOCK_OFFSET_MS.store(offset_ms, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Wall-clock now in unix milliseconds.
 pub fn now_ms() -> i64 {
     // Straight from the system clock: chrono's `Utc::now()` builds a calendar date first, which
     // was 1 % of a Kafka pipeline's samples (the dedup horizon's compaction filter asks per key).
     use std::time::{SystemTime, UNIX_EPOCH};
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
+    let wall = match SystemTime::now().duration_since(UNIX_EPOCH) {
         Ok(since) => since.as_millis() as i64,
         Err(before) => -(before.duration().as_millis() as i64),
-    }
+    };
+    wall + CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(test)]

@@ -320,3 +320,84 @@ async fn a_full_disk_pushes_back_and_ingest_resumes_by_itself_when_space_returns
     assert_eq!(total, expected as i64);
     daemon.stop();
 }
+
+/// The wall clock is stepped 40 days forward (past the 35-day dedup horizon) for a few
+/// restarts and then corrected. By the wall clock, the first event's dedup key expired while
+/// the clock was ahead and compaction dropped it; after the correction that event is within
+/// `max_lateness_secs` again, and its retry was counted a second time. Expiry now runs on its
+/// own clock (`store::clock`: the wall clock, but never faster than twice real time), so the
+/// key is still there and the retry is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_stepped_forward_and_back_counts_no_retry_twice() {
+    const FORTY_DAYS_MS: i64 = 40 * 86_400_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "");
+    let client = client();
+    let first = event(
+        "clock-1",
+        "llm.prompt",
+        "clock",
+        &ago(30),
+        json!({"tokens": 5, "model": "m"}),
+    );
+
+    // 200 events a round: their keys span the key space, so each round's dedup file
+    // overlaps the others and lands in L0, where compaction picks it up (a file of one key
+    // would be ingested straight into the last level and never compacted here).
+    let round_of = |round: usize, time: &str| -> Vec<Value> {
+        (0..200)
+            .map(|i| {
+                event(
+                    &format!("r{round}-{i}"),
+                    "llm.prompt",
+                    "clock-later",
+                    time,
+                    json!({"tokens": 1, "model": "m"}),
+                )
+            })
+            .collect()
+    };
+    let daemon = Daemon::start(&path);
+    let mut batch = round_of(99, &ago(30));
+    batch.push(first.clone());
+    let (status, body) = post_batch(&client, &daemon, &batch).await;
+    assert_eq!((status, body["accepted"].clone()), (202, json!(201)), "{body}");
+    daemon.stop();
+
+    // Ahead by 40 days, over several restarts: each start ingests the previous run's dedup
+    // keys as a new file, so compaction runs (and drops keys expired by that clock).
+    let shifted = FORTY_DAYS_MS.to_string();
+    for round in 0..6 {
+        let daemon = Daemon::start_env(&path, &[], &[("TALLYD_CLOCK_OFFSET_MS", &shifted)]);
+        let time = (chrono::Utc::now() + chrono::Duration::milliseconds(FORTY_DAYS_MS - 30_000))
+            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            .to_string();
+        let (status, body) = post_batch(&client, &daemon, &round_of(round, &time)).await;
+        assert_eq!((status, body["accepted"].clone()), (202, json!(200)), "{body}");
+        // The retry now is 40 days old: refused by max_lateness_secs (10 days).
+        let (_, body) = post_batch(&client, &daemon, std::slice::from_ref(&first)).await;
+        assert_eq!(body["refused"][0]["reason"], "too_late", "{body}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        daemon.stop();
+    }
+
+    // Corrected: the first event is 30 s old again. Its retry is a duplicate.
+    let daemon = Daemon::start(&path);
+    let (status, body) = post_batch(&client, &daemon, std::slice::from_ref(&first)).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"], 0, "the retry was counted a second time: {body}");
+    assert_eq!(body["duplicates"], 1, "{body}");
+    assert_eq!(tenant_tokens(&client, &daemon, "clock").await, 5);
+    // Events of today are accepted as ever.
+    let fresh = event(
+        "clock-2",
+        "llm.prompt",
+        "clock",
+        &ago(5),
+        json!({"tokens": 2, "model": "m"}),
+    );
+    let (_, body) = post_batch(&client, &daemon, &[fresh]).await;
+    assert_eq!(body["accepted"], 1, "{body}");
+    assert_eq!(tenant_tokens(&client, &daemon, "clock").await, 7);
+    daemon.stop();
+}

@@ -104,6 +104,7 @@ impl Config {
             allowed_lateness_secs: self.allowed_lateness_secs,
             max_lateness_secs: self.max_lateness_secs,
             max_future_secs: self.max_future_secs,
+            not_before_ms: i64::MIN,
         }
     }
 

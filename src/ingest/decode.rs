@@ -20,6 +20,11 @@ use crate::model::{
     parse_rfc3339_ms, Acceptance, DimsCache, Names, SeriesKey, TenantId, MAX_ATTRIBUTE_BYTES,
 };
 
+/// Why an event older than `Acceptance::not_before_ms` is refused (`store::clock`).
+pub const CLOCK_WENT_BACK: &str =
+    "time is older than the dedup horizon allows since the daemon's clock went back \
+     (an earlier, later clock may have expired this event's dedup key)";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BodyKind {
     /// `application/cloudevents+json`: one event object.
@@ -520,6 +525,8 @@ pub fn decode_each<'c, E: EventText>(
                     acceptance.max_lateness_secs
                 ),
             ))
+        } else if ts_ms < acceptance.not_before_ms {
+            Some((RefusalReason::TooLate, CLOCK_WENT_BACK.to_string()))
         } else if ts_ms > now_ms + acceptance.max_future_secs * 1000 {
             Some((
                 RefusalReason::TooFarInFuture,
@@ -590,6 +597,7 @@ mod tests {
         allowed_lateness_secs: 300,
         max_lateness_secs: 86_400,
         max_future_secs: 300,
+        not_before_ms: i64::MIN,
     };
 
     fn meters(names: &Names) -> Meters {

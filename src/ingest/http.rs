@@ -152,14 +152,8 @@ fn decode_body<'b>(
     now: i64,
 ) -> Result<(Vec<&'b serde_json::value::RawValue>, decode::Decoded), IngestError> {
     let raw = decode::split_body(body, kind).map_err(|error| invalid(vec![error], 1))?;
-    let decoded = decode::decode_events(
-        &raw,
-        &shared.meters,
-        &shared.names,
-        now,
-        shared.config.acceptance(),
-    )
-    .map_err(|errors| invalid(errors, raw.len()))?;
+    let decoded = decode::decode_events(&raw, &shared.meters, &shared.names, now, shared.acceptance())
+        .map_err(|errors| invalid(errors, raw.len()))?;
     Ok((raw, decoded))
 }
 

@@ -149,6 +149,16 @@ pub struct Generations {
 }
 
 impl Shared {
+    /// The acceptance window now: the config's, bounded by the store's expiry clock.
+    pub fn acceptance(&self) -> crate::model::Acceptance {
+        let mut acceptance = self.config.acceptance();
+        acceptance.not_before_ms = self
+            .store
+            .expiry_clock()
+            .not_before_ms(self.config.dedup_horizon_secs, self.config.max_future_secs);
+        acceptance
+    }
+
     /// Ready for ingest: started, not stopping, and no fault.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.faulted.load(Ordering::Acquire)

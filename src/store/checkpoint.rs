@@ -304,6 +304,11 @@ impl RocksStore {
         );
         batch.put(keys::meta_key(META_OUTBOX_NEXT), outbox_next.to_be_bytes());
         batch.put(keys::meta_key(META_GENERATION), snapshot.generation.to_be_bytes());
+        let clock_mark = self.expiry.record();
+        batch.put(
+            keys::meta_key(super::clock::META_CLOCK),
+            (clock_mark as u64).to_be_bytes(),
+        );
         stats.bytes = batch.size_in_bytes();
         let mut changelog = Vec::new();
         for source in &snapshot.sources {

@@ -26,7 +26,7 @@ use rocksdb::{
 };
 
 use super::dedup_filter::FilterBuilt;
-use super::{keys, unix_now_secs, RocksStore, StoreError, DEDUP_CF};
+use super::{keys, RocksStore, StoreError, DEDUP_CF};
 
 /// Staged keys that trigger an ingestion: ≈ 50 bytes of memory each (the index entry and the
 /// staged copy); an ingested file of ≈ 35 MB (measured: 34 981 024 bytes for 1 M keys).
@@ -108,6 +108,8 @@ impl RocksStore {
         horizon_secs: i64,
     ) -> Result<Vec<bool>, StoreError> {
         let mut out = vec![false; dedup_keys.len()];
+        // Never expire by a later time than compaction may (`clock`).
+        let now_secs = now_secs.min(self.expiry.now_secs());
         // Keys the filter never saw were never stored (`dedup_filter`): only the rest are read.
         let mut order: Vec<usize> = match self.filters.current() {
             Some(filter) => (0..dedup_keys.len())
@@ -184,7 +186,7 @@ impl RocksStore {
         after_iterator();
         iterator.seek_to_first();
         // Keys well past the horizon (a day of slack for callers' clocks) are never seen again.
-        let oldest = unix_now_secs() - self.dedup_horizon_secs - 86_400;
+        let oldest = self.expiry.now_secs() - self.dedup_horizon_secs - 86_400;
         let mut batch = Vec::with_capacity(4096);
         let mut complete = true;
         while iterator.valid() {
@@ -392,6 +394,7 @@ fn warm_page_cache(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::unix_now_secs;
 
     const NOW: i64 = 1_700_000_000;
 

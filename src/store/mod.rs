@@ -10,6 +10,7 @@
 
 pub mod changelog;
 pub mod checkpoint;
+pub mod clock;
 mod dedup;
 pub mod dedup_filter;
 pub mod format;
@@ -71,6 +72,8 @@ pub struct RocksStore {
     filters: dedup_filter::Filters,
     dedup_horizon_secs: i64,
     writer: u32,
+    /// What expiry takes for now (`clock`): shared with the dedup compaction filter.
+    expiry: clock::ExpiryClock,
 }
 
 /// Column family of the dedup keys (`D` keys): written as ingested sorted files, not through
@@ -124,7 +127,7 @@ fn unix_now_secs() -> i64 {
 /// The dedup column family: random 16-byte keys that do not compress, looked up in batches that
 /// mostly miss (a bloom filter per file answers those from memory), dropped by compaction once
 /// past the horizon. Its files arrive ingested (`dedup`).
-fn dedup_cf_options(cache: &rocksdb::Cache, dedup_horizon_secs: i64) -> Options {
+fn dedup_cf_options(cache: &rocksdb::Cache, dedup_horizon_secs: i64, expiry: clock::ExpiryClock) -> Options {
     let mut options = Options::default();
     options.set_compression_type(DBCompressionType::None);
     options.set_compaction_filter(
@@ -132,7 +135,7 @@ fn dedup_cf_options(cache: &rocksdb::Cache, dedup_horizon_secs: i64) -> Options 
         move |_level: u32, _key: &[u8], value: &[u8]| {
             use rocksdb::compaction_filter::Decision;
             match value.try_into().map(u64::from_be_bytes) {
-                Ok(first_seen) if (first_seen as i64) < unix_now_secs() - dedup_horizon_secs => {
+                Ok(first_seen) if (first_seen as i64) < expiry.now_secs() - dedup_horizon_secs => {
                     Decision::Remove
                 }
                 _ => Decision::Keep,
@@ -173,11 +176,14 @@ impl RocksStore {
         // size keeps that replay short (dedup keys, the bulk of all writes, bypass it).
         options.set_write_buffer_size(64 << 20);
         options.set_merge_operator_associative("tallyd_aggregate_v1", merge_aggregates);
+        // Nothing expires until the stored mark is read (compactions may start at open).
+        let expiry = clock::ExpiryClock::new();
+        let retention_clock = expiry.clone();
         options.set_compaction_filter(
             "tallyd_retention_v1",
             move |_level: u32, key: &[u8], _value: &[u8]| {
                 use rocksdb::compaction_filter::Decision;
-                let now = unix_now_secs();
+                let now = retention_clock.now_secs();
                 match key.first() {
                     Some(&keys::AGGREGATE)
                     | Some(&keys::REVISION)
@@ -198,7 +204,7 @@ impl RocksStore {
         options.set_block_based_table_factory(&table_options(&cache));
         options.increase_parallelism(2);
 
-        let dedup_options = dedup_cf_options(&cache, dedup_horizon_secs);
+        let dedup_options = dedup_cf_options(&cache, dedup_horizon_secs, expiry.clone());
         let default_cf =
             rocksdb::ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, options.clone());
         let dedup_cf = rocksdb::ColumnFamilyDescriptor::new(DEDUP_CF, dedup_options.clone());
@@ -209,6 +215,8 @@ impl RocksStore {
         let closed_before = read_u64(&db, &keys::meta_key(META_CLOSED_BEFORE))?
             .map(|v| v as i64)
             .unwrap_or(i64::MIN);
+        let stored_clock = read_u64(&db, &keys::meta_key(clock::META_CLOCK))?.map(|secs| secs as i64);
+        expiry.start(stored_clock);
         let writer = match read_u64(&db, &keys::meta_key(META_WRITER))? {
             Some(id) => id as u32,
             None => {
@@ -232,6 +240,7 @@ impl RocksStore {
             filters: Default::default(),
             dedup_horizon_secs,
             writer,
+            expiry,
         };
         store.recover_dedup_runs()?;
         Ok(store)
@@ -252,6 +261,11 @@ impl RocksStore {
                     detail: META_GENERATION.into(),
                 }),
         }
+    }
+
+    /// What expiry takes for now (`clock`).
+    pub fn expiry_clock(&self) -> &clock::ExpiryClock {
+        &self.expiry
     }
 
     /// The checkpointed ingest-log position: every record with a lower sequence is in the store.

@@ -148,7 +148,7 @@ impl Folder {
     /// Decode → dead letters → dedup → pre-aggregate per partition (applies nothing yet).
     pub fn fold(&self, messages: &[KafkaMessage]) -> FoldedBatch {
         let shared = &self.shared;
-        let acceptance = shared.config.acceptance();
+        let acceptance = shared.acceptance();
         let mut outcome = Tally::default();
         let mut dead_letters = Vec::new();
         // Every message's events, flattened; `owner[i]` is the message of event i.

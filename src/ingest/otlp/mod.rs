@@ -288,7 +288,7 @@ fn map_request(
         tenant_attribute: &shared.config.otlp.tenant_attribute,
         key_tenant,
         now_ms: now,
-        acceptance: shared.config.acceptance(),
+        acceptance: shared.acceptance(),
     };
     Ok(match &request {
         Request::Metrics(request) => map::map_metrics(request, &context),

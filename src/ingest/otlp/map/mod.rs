@@ -152,6 +152,12 @@ pub(super) fn point_time(
             ),
         ));
     }
+    if ts_ms < acceptance.not_before_ms {
+        return Err((
+            RefusalReason::TooLate,
+            crate::ingest::decode::CLOCK_WENT_BACK.into(),
+        ));
+    }
     if ts_ms > context.now_ms + acceptance.max_future_secs * 1000 {
         return Err((
             RefusalReason::TooFarInFuture,

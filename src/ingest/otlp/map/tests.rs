@@ -89,6 +89,7 @@ fn context<'a>(meters: &'a Meters, names: &'a Names, key_tenant: Option<&'a str>
             allowed_lateness_secs: 60,
             max_lateness_secs: 86_400,
             max_future_secs: 300,
+            not_before_ms: i64::MIN,
         },
     }
 }
