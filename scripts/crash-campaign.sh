@@ -5,6 +5,7 @@
 # workload. Prints a JSON report (kills, events, mismatches — must be 0 —, recovery p50/p99).
 #   scripts/crash-campaign.sh                     the full run (about 2-3 minutes)
 #   KILLS=3 DURATION=15 scripts/crash-campaign.sh  the short form CI runs
+#   MEMBERS=2 scripts/crash-campaign.sh           cluster mode: two members, each kill moves partitions
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -23,5 +24,5 @@ scale=${SCALE:-1}
 bin_dir=$(mktemp -d)
 cp "$CARGO_TARGET_DIR/release/tallyd" "$bin_dir/tallyd"
 python3 tests/campaign/crash.py --tallyd "$bin_dir/tallyd" --broker "$broker" \
-  --kills "${KILLS:-20}" --duration "${DURATION:-90}" \
+  --kills "${KILLS:-20}" --duration "${DURATION:-90}" --members "${MEMBERS:-1}" \
   --http-batches $((600 * scale)) --otlp-requests $((600 * scale)) --kafka-messages $((6000 * scale))

@@ -141,7 +141,8 @@ class Daemon:
         self.process = None
 
     def start(self):
-        self.process = subprocess.Popen([self.binary, "run", "--config", self.config, "--log-level", "warn"],
+        self.process = subprocess.Popen([self.binary, "run", "--config", self.config, "--log-level",
+                                         os.environ.get("TALLYD_CAMPAIGN_LOG", "warn")],
                                         env=self.env, stdout=subprocess.DEVNULL, stderr=self.log)
         started = time.monotonic()
         while time.monotonic() - started < 120:
@@ -165,9 +166,13 @@ class Daemon:
         self.process.wait(timeout=60)
 
 
-def post_until_acknowledged(url, body, content_type, stop):
+def post_until_acknowledged(urls, body, content_type, stop):
+    """POSTs to one of `urls` (the members' edges), the next one after each failure."""
     data = json.dumps(body).encode()
+    attempt = random.randrange(len(urls))
     while not stop.is_set():
+        url = urls[attempt % len(urls)]
+        attempt += 1
         request = urllib.request.Request(url, data=data, method="POST", headers={"content-type": content_type})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
@@ -186,14 +191,21 @@ def get_json(url):
         return json.loads(response.read())
 
 
-def totals(http_addr):
-    """(meter, tenant) -> total, from the query API."""
+def totals(http_addrs):
+    """(meter, tenant) -> total, from the query API. In cluster mode a query that names no
+    subject answers the rows of the member's own partitions: the members' answers are joined,
+    and a tenant answered by two members (a rebalance in flight) means: ask again."""
     out = {}
     for meter in ["tokens", "api_calls", "mau", "requests", "workflow_runs"]:
-        answer = get_json(f"http://{http_addr}/api/v1/meters/{meter}/query")
-        for row in answer["data"]:
-            if row["subject"].startswith("crash-"):
-                out[(meter, row["subject"])] = out.get((meter, row["subject"]), 0) + int(Decimal(str(row["value"])))
+        answered_by = {}
+        for member, http_addr in enumerate(http_addrs):
+            answer = get_json(f"http://{http_addr}/api/v1/meters/{meter}/query")
+            for row in answer["data"]:
+                if row["subject"].startswith("crash-"):
+                    key = (meter, row["subject"])
+                    if answered_by.setdefault(key, member) != member:
+                        raise ConnectionError(f"{key} answered by two members")
+                    out[key] = out.get(key, 0) + int(Decimal(str(row["value"])))
     return out
 
 
@@ -210,13 +222,21 @@ def price(meter, quantity):
     return exact.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
 
 
-def rated_amounts(http_addr):
-    answer = get_json(f"http://{http_addr}/api/v1/rated?limit=10000")
+def rated_amounts(http_addrs):
+    """(meter, tenant) -> amount: the latest revision of each rated record over every member
+    (a record's windows may have been rated by the member that owned its tenant then)."""
+    latest = {}
+    for http_addr in http_addrs:
+        answer = get_json(f"http://{http_addr}/api/v1/rated?limit=10000")
+        for record in answer["data"]:
+            if record["tenant"].startswith("crash-") and record["meter"]:
+                known = latest.get(record["record_id"])
+                if known is None or record["revision"] > known["revision"]:
+                    latest[record["record_id"]] = record
     out = {}
-    for record in answer["data"]:
-        if record["tenant"].startswith("crash-") and record["meter"]:
-            key = (record["meter"], record["tenant"])
-            out[key] = out.get(key, Decimal(0)) + Decimal(record["amount"])
+    for record in latest.values():
+        key = (record["meter"], record["tenant"])
+        out[key] = out.get(key, Decimal(0)) + Decimal(record["amount"])
     return out
 
 
@@ -230,6 +250,9 @@ def main():
     parser.add_argument("--otlp-requests", type=int, default=600)
     parser.add_argument("--kafka-messages", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--members", type=int, default=1,
+                        help="1: single mode; more: cluster mode (members share the topic, edges forward, "
+                             "each kill moves partitions)")
     args = parser.parse_args()
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
@@ -241,7 +264,6 @@ def main():
     for future in admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)]).values():
         future.result(30)
     work = tempfile.mkdtemp(prefix="tallyd-crash-")
-    http, otlp = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     config = os.path.join(work, "tallyd.toml")
     with open("config/tallyd.toml") as default, open(config, "w") as out:
         text = default.read()
@@ -249,17 +271,26 @@ def main():
         text = text.replace("flush_interval_ms = 1000", "flush_interval_ms = 200")
         text = text.replace("ingest_log_segment_bytes = 67108864", "ingest_log_segment_bytes = 1048576")
         out.write(text)
-        out.write(f'\n[kafka]\nbrokers = "{args.broker}"\ntopics = ["{topic}"]\ngroup_id = "{topic}"\n'
-                  # A killed member's partitions move once its session times out: 6 s, not 45.
-                  '[kafka.properties]\n"batch.num.messages" = "1"\n"session.timeout.ms" = "6000"\n'
+        out.write(f'\n[kafka]\nbrokers = "{args.broker}"\ntopics = ["{topic}"]\ngroup_id = "{topic}"\n')
+        if args.members > 1:
+            out.write(f'dlq_topic = "{topic}.dlq"\n[cluster]\nmode = "kafka"\n'
+                      'secret = "crash-campaign-cluster-secret-0123456789"\n')
+        # A killed member's partitions move once its session times out: 6 s, not 45.
+        out.write('[kafka.properties]\n"batch.num.messages" = "1"\n"session.timeout.ms" = "6000"\n'
                   '"heartbeat.interval.ms" = "1000"\n')
-    env = dict(os.environ, TALLYD__SERVER__HTTP_ADDR=http, TALLYD__SERVER__OTLP_HTTP_ADDR=otlp,
-               TALLYD__SERVER__OTLP_GRPC_ADDR="", TALLYD__STORAGE__DATA_DIR=os.path.join(work, "data"),
-               TALLYD__EMIT__FILE__PATH=os.path.join(work, "data/usage.jsonl"),
-               TALLYD__DEAD_LETTER__PATH=os.path.join(work, "data/dead-letter.jsonl"))
-    log = open(os.path.join(work, "tallyd.log"), "ab")
-    daemon = Daemon(args.tallyd, config, env, log)
-    recoveries = [daemon.start()]
+    daemons = []
+    for member in range(args.members):
+        data = os.path.join(work, f"data-{member}")
+        env = dict(os.environ, TALLYD__SERVER__HTTP_ADDR=f"127.0.0.1:{free_port()}",
+                   TALLYD__SERVER__OTLP_HTTP_ADDR=f"127.0.0.1:{free_port()}",
+                   TALLYD__SERVER__OTLP_GRPC_ADDR="", TALLYD__STORAGE__DATA_DIR=data,
+                   TALLYD__EMIT__FILE__PATH=os.path.join(data, "usage.jsonl"),
+                   TALLYD__DEAD_LETTER__PATH=os.path.join(data, "dead-letter.jsonl"))
+        daemons.append(Daemon(args.tallyd, config, env, open(os.path.join(work, f"tallyd-{member}.log"), "ab")))
+    https = [d.env["TALLYD__SERVER__HTTP_ADDR"] for d in daemons]
+    otlps = [d.env["TALLYD__SERVER__OTLP_HTTP_ADDR"] for d in daemons]
+    http = https[0]
+    recoveries = [d.start() for d in daemons]
     stop = threading.Event()
     errors = []
 
@@ -281,9 +312,9 @@ def main():
 
     senders = [
         threading.Thread(target=paced, args=(workload.http, lambda batch: post_until_acknowledged(
-            f"http://{http}/api/v1/events", batch, "application/cloudevents-batch+json", stop))),
+            [f"http://{h}/api/v1/events" for h in https], batch, "application/cloudevents-batch+json", stop))),
         threading.Thread(target=paced, args=(workload.otlp, lambda request: post_until_acknowledged(
-            f"http://{otlp}/v1/{request[0]}", request[1], "application/json", stop))),
+            [f"http://{o}/v1/{request[0]}" for o in otlps], request[1], "application/json", stop))),
         threading.Thread(target=paced, args=(workload.kafka, produce)),
     ]
     for sender in senders:
@@ -292,6 +323,7 @@ def main():
     kills = 0
     while kills < args.kills:
         time.sleep(rng.uniform(0.2, 2 * args.duration / args.kills))
+        daemon = rng.choice(daemons)
         daemon.kill()
         kills += 1
         recoveries.append(daemon.start())
@@ -302,7 +334,10 @@ def main():
     deadline = time.monotonic() + 180
     mismatches = []
     while True:
-        got = totals(http)
+        try:
+            got = totals(https)
+        except (urllib.error.URLError, ConnectionError, OSError):
+            got = {}  # 503 while a member restores moved partitions: ask again
         mismatches = [(key, want, got.get(key, 0)) for key, want in sorted(workload.reference.items())
                       if got.get(key, 0) != want]
         extra = [key for key in got if key not in workload.reference]
@@ -312,7 +347,7 @@ def main():
         time.sleep(1)
     rated_mismatches = []
     while True:
-        rated = rated_amounts(http)
+        rated = rated_amounts(https)
         rated_mismatches = []
         for (meter, tenant), quantity in sorted(workload.reference.items()):
             want = price(meter, quantity)
@@ -330,9 +365,11 @@ def main():
                             "tallyd_changelog_restores_total")):
             name, value = line.rsplit(" ", 1)
             counters[name] = value
-    daemon.stop()
-    restarts = sorted(recoveries[1:]) or [0]
+    for daemon in daemons:
+        daemon.stop()
+    restarts = sorted(recoveries[args.members:]) or [0]
     report = {
+        "members": args.members,
         "kills": kills,
         "events_sent": workload.sent_events,
         "events_unique": workload.unique_events,
