@@ -146,7 +146,8 @@ fn dedup_cf_options(cache: &rocksdb::Cache, dedup_horizon_secs: i64, expiry: clo
     // Partitioned filters: a lookup loads one 4 KiB filter partition, not a file's whole
     // filter. A compacted dedup file holds millions of keys (a 5-20 MB filter); whole filters
     // did not stay in the shared cache, and the soak found request threads spending a fifth
-    // of their time re-reading and checksumming them (BENCHMARKS.md, "Soak").
+    // of their time re-reading and checksumming them (RELIABILITY.md, "Soak"; BENCHMARKS.md,
+    // "Dedup keys and the dedup filter").
     table.set_partition_filters(true);
     table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
     table.set_metadata_block_size(4096);

@@ -386,7 +386,7 @@ def main():
         "work_dir": work,
     }
     if mismatches or rated_mismatches:
-        report["mismatch_examples"] = [str(m) for m in (mismatches + rated_mismatches)[:10]]
+        report["mismatch_examples"] = [str(m) for m in (mismatches + rated_mismatches)[:40]]
     print(json.dumps(report, indent=1))
     sys.exit(0 if not mismatches and not rated_mismatches and not errors else 1)
 
