@@ -11,14 +11,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
 cargo build --release --locked --bin tallyd >&2
-python3 -c 'import confluent_kafka' 2>/dev/null \
-  || python3 -m pip install -q --disable-pip-version-check -r tests/campaign/requirements.txt >&2
-if [ -n "${TALLYD_TEST_BROKER:-}" ]; then
-  broker=$TALLYD_TEST_BROKER
-else
-  broker=$(scripts/broker.sh start)
-  trap 'scripts/broker.sh stop' EXIT
-fi
+source scripts/campaign-env.sh
 scale=${SCALE:-1}
 # A copy: a rebuild during the campaign must not swap the binary between two restarts.
 bin_dir=$(mktemp -d)

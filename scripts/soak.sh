@@ -10,14 +10,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
 cargo build --release --locked --bin tallyd --bin tallyd-loadgen >&2
-python3 -c 'import confluent_kafka, matplotlib' 2>/dev/null \
-  || python3 -m pip install -q --disable-pip-version-check -r tests/campaign/requirements.txt >&2
-if [ -n "${TALLYD_TEST_BROKER:-}" ]; then
-  broker=$TALLYD_TEST_BROKER
-else
-  broker=$(scripts/broker.sh start)
-  trap 'scripts/broker.sh stop' EXIT
-fi
+source scripts/campaign-env.sh
 # Copies: a rebuild during the soak must not swap the binaries.
 bin_dir=$(mktemp -d)
 cp "$CARGO_TARGET_DIR/release/tallyd" "$CARGO_TARGET_DIR/release/tallyd-loadgen" "$bin_dir/"

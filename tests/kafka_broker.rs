@@ -198,8 +198,15 @@ async fn rated_records_reach_the_real_broker_across_a_kill() {
     let (daemon, config, expected) = rate_closed_windows(dir.path(), &extra).await;
     daemon.kill();
     let daemon = Daemon::start(&config);
-    let reader = (brokers.clone(), topic.clone());
-    let records = eventually("the topic holds every rated record", async || {
+    let records = all_rated_on_topic(&brokers, &topic).await;
+    assert_eq!(latest_rated(&records), expected);
+    daemon.stop();
+}
+
+/// The rated records on `topic` (2 partitions) once the latest revisions of all 15 are there.
+async fn all_rated_on_topic(brokers: &str, topic: &str) -> Vec<serde_json::Value> {
+    let reader = (brokers.to_string(), topic.to_string());
+    eventually("the topic holds every rated record", async || {
         let reader = reader.clone();
         let messages = tokio::task::spawn_blocking(move || {
             read_topic(&reader.0, &reader.1, 2, 15, Duration::from_secs(5))
@@ -210,11 +217,9 @@ async fn rated_records_reach_the_real_broker_across_a_kill() {
             .iter()
             .map(|m| serde_json::from_str(&m.payload).unwrap())
             .collect();
-        (latest_rated(&records).len() == 15).then_some(records)
+        (common::rated::latest_rated(&records).len() == 15).then_some(records)
     })
-    .await;
-    assert_eq!(latest_rated(&records), expected);
-    daemon.stop();
+    .await
 }
 
 /// Single mode feeds a tenant's series from Kafka and from HTTP. A crash lands between a
@@ -339,18 +344,7 @@ async fn rated_records_wait_out_a_kafka_output_outage() {
     let (daemon, _config, expected) = rate_closed_windows(dir.path(), &extra).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     broker.restore();
-    let read = |brokers: String, topic: String| {
-        tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, 2, 15, Duration::from_secs(5)))
-    };
-    let records = eventually("the topic holds every rated record", async || {
-        let messages = read(brokers.clone(), topic.clone()).await.unwrap();
-        let records: Vec<serde_json::Value> = messages
-            .iter()
-            .map(|m| serde_json::from_str(&m.payload).unwrap())
-            .collect();
-        (latest_rated(&records).len() == 15).then_some(records)
-    })
-    .await;
+    let records = all_rated_on_topic(&brokers, &topic).await;
     assert_eq!(latest_rated(&records), expected);
     daemon.stop();
 }
