@@ -71,6 +71,8 @@ pub const KAFKA_MESSAGES: &str = "tallyd_kafka_messages_total";
 /// `{kind}`: kind ∈ assign | revoke.
 pub const KAFKA_REBALANCES: &str = "tallyd_kafka_rebalances_total";
 pub const KAFKA_DEAD_LETTERS: &str = "tallyd_kafka_dead_letters_total";
+/// Times the Kafka source rejoined its group because partitions had no live consumer.
+pub const KAFKA_ORPHAN_REJOINS: &str = "tallyd_kafka_orphan_rejoins_total";
 /// Dead-letter file rotations (`dead_letter.max_file_bytes`).
 pub const FILE_ROTATIONS: &str = "tallyd_dead_letter_rotations_total";
 /// `{listener}`: open connections; `{listener, reason}`: connections closed before a request,
@@ -254,6 +256,10 @@ fn describe() {
     describe_counter!(
         KAFKA_DEAD_LETTERS,
         "records written to the Kafka dead-letter topic"
+    );
+    describe_counter!(
+        KAFKA_ORPHAN_REJOINS,
+        "times the Kafka source rejoined its group: partitions with waiting messages had no live consumer"
     );
     describe_counter!(
         FILE_ROTATIONS,

@@ -34,6 +34,7 @@ use rustc_hash::FxHashMap;
 pub mod batch;
 pub mod changelog;
 mod dead_letter;
+mod orphans;
 mod rebalance;
 
 pub use batch::{Folder, KafkaMessage};
@@ -292,6 +293,7 @@ fn run(consumer: BaseConsumer<SourceContext>, stop: Arc<AtomicBool>) {
     let context = consumer.context().clone();
     let max_batch = context.config.max_batch_messages;
     let mut topics: Vec<Arc<str>> = Vec::new();
+    let mut orphans = orphans::OrphanWatch::new(session_timeout(&context.config));
     while !stop.load(Ordering::Acquire) {
         // Block briefly for the first message, then drain what is already fetched.
         let mut timeout = Duration::from_millis(100);
@@ -320,6 +322,16 @@ fn run(consumer: BaseConsumer<SourceContext>, stop: Arc<AtomicBool>) {
         if context.shared.engine.len() > context.config.max_pending_series {
             backpressure(&consumer, &context, &stop);
         }
+        if orphans.should_rejoin(&consumer, &context.config.topics) {
+            // Leaving runs the revoke callback (checkpoint, commit); joining again asks for
+            // a rebalance that hands out the orphaned partitions.
+            consumer.unsubscribe();
+            let names: Vec<&str> = context.config.topics.iter().map(String::as_str).collect();
+            if let Err(error) = consumer.subscribe(&names) {
+                tracing::error!(%error, "cannot subscribe again after leaving the group");
+                context.shared.fault("kafka-subscribe", error.to_string());
+            }
+        }
     }
     context.process_pending();
     if !context
@@ -332,6 +344,17 @@ fn run(consumer: BaseConsumer<SourceContext>, stop: Arc<AtomicBool>) {
     // Dropping the consumer leaves the group; the revoke callback commits what is durable.
     drop(consumer);
     tracing::info!("kafka source stopped");
+}
+
+/// The group's session timeout (`session.timeout.ms`, librdkafka's default 45 s).
+fn session_timeout(config: &KafkaConfig) -> Duration {
+    let millis = config
+        .properties
+        .iter()
+        .find(|(key, _)| key == "session.timeout.ms")
+        .and_then(|(_, value)| value.parse::<u64>().ok())
+        .unwrap_or(45_000);
+    Duration::from_millis(millis)
 }
 
 /// Pauses every assigned partition until a checkpoint drains the engine below half the limit
