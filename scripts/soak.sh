@@ -5,6 +5,7 @@
 # (OUT default: benchmarks/soak). KAFKA_RATE (default 2000) events/s on the topic.
 #   scripts/soak.sh                  the full run (about 11 minutes)
 #   DURATION=60 scripts/soak.sh      a quick look
+# The daemon's data dir (5-8 GB after ten minutes) is deleted at the end unless TALLYD_SOAK_KEEP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
