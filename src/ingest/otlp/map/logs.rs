@@ -8,9 +8,7 @@ use crate::aggregate::{AggState, Aggregation, Observation};
 use crate::ingest::decode::dedup_key;
 pub use crate::ingest::error::RefusalReason;
 use crate::meter::{Meter, MeterSource};
-use crate::model::{
-    decimal_from_f64, parse_decimal, DimsCache, QuantityError, SeriesKey, MAX_ATTRIBUTE_BYTES,
-};
+use crate::model::{decimal_from_f64, parse_decimal, DimsCache, QuantityError, MAX_ATTRIBUTE_BYTES};
 
 use super::*;
 
@@ -150,24 +148,15 @@ pub(super) fn map_record(
         readings.push((meter, dims, observation));
     }
     for (meter, dims_ref, observation) in readings {
-        let (tenant, dims) = dims
-            .admit(
-                context.names,
-                meter.id,
-                (tenant, tenant_id),
-                dims_ref,
-                context.now_ms,
-            )
-            .map_err(|limit| (RefusalReason::CardinalityLimit, limit.to_string()))?;
-        let window_start = meter.window_size.start_of(ts_ms);
-        let window_end = window_start + meter.window_size.seconds();
-        point.late |= (window_end + context.acceptance.allowed_lateness_secs) * 1000 <= context.now_ms;
-        let key = SeriesKey {
-            meter: meter.id,
-            tenant,
+        let key = series_key(
+            context,
             dims,
-            window_start,
-        };
+            meter,
+            (tenant, &mut *tenant_id),
+            dims_ref,
+            ts_ms,
+            &mut point.late,
+        )?;
         point.updates.push((
             key,
             AggState::from_observation(meter.aggregation, observation, ts_ms, meter.unique_exact_limit),

@@ -9,7 +9,7 @@ use crate::aggregate::streams::{CumulativePoint, StreamKind};
 use crate::aggregate::{AggState, Aggregation, Observation};
 pub use crate::ingest::error::RefusalReason;
 use crate::meter::Meter;
-use crate::model::{decimal_from_f64, parse_decimal, DimsCache, QuantityError, SeriesKey};
+use crate::model::{decimal_from_f64, parse_decimal, DimsCache, QuantityError};
 
 use super::histograms::*;
 use super::*;
@@ -367,24 +367,15 @@ pub(super) fn map_point(
         readings.push((meter, dims, update));
     }
     for (meter, dims_ref, update) in readings {
-        let (tenant, dims) = dims
-            .admit(
-                context.names,
-                meter.id,
-                (tenant, tenant_id),
-                dims_ref,
-                context.now_ms,
-            )
-            .map_err(|limit| (RefusalReason::CardinalityLimit, limit.to_string()))?;
-        let window_start = meter.window_size.start_of(ts_ms);
-        let window_end = window_start + meter.window_size.seconds();
-        point.late |= (window_end + context.acceptance.allowed_lateness_secs) * 1000 <= context.now_ms;
-        let key = SeriesKey {
-            meter: meter.id,
-            tenant,
+        let key = series_key(
+            context,
             dims,
-            window_start,
-        };
+            meter,
+            (tenant, &mut *tenant_id),
+            dims_ref,
+            ts_ms,
+            &mut point.late,
+        )?;
         match update {
             MeterUpdate::Add(state) => {
                 point.dedup_key = Some(point_dedup_key(series, shape.start_ns, shape.time_ns));

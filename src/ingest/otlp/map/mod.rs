@@ -133,6 +133,31 @@ impl Mapped {
     }
 }
 
+/// A reading's series key: a new series admitted by the cardinality guard (refused past it),
+/// the meter's window of `ts_ms`, and `late` set when that window already closed.
+pub(super) fn series_key(
+    context: &MapContext<'_>,
+    dims: &mut crate::model::DimsCache,
+    meter: &crate::meter::Meter,
+    tenant: (&str, &mut Option<crate::model::TenantId>),
+    dims_ref: crate::model::DimsRef,
+    ts_ms: i64,
+    late: &mut bool,
+) -> Result<SeriesKey, (RefusalReason, String)> {
+    let (tenant, dims) = dims
+        .admit(context.names, meter.id, tenant, dims_ref, context.now_ms)
+        .map_err(|limit| (RefusalReason::CardinalityLimit, limit.to_string()))?;
+    let window_start = meter.window_size.start_of(ts_ms);
+    let window_end = window_start + meter.window_size.seconds();
+    *late |= (window_end + context.acceptance.allowed_lateness_secs) * 1000 <= context.now_ms;
+    Ok(SeriesKey {
+        meter: meter.id,
+        tenant,
+        dims,
+        window_start,
+    })
+}
+
 /// The point's time in unix ms, refused when absent or outside the acceptance window.
 pub(super) fn point_time(
     time_unix_nano: u64,
