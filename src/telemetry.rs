@@ -92,6 +92,9 @@ pub const SERIES_ACTIVE_TODAY: &str = "tallyd_series_active_today";
 /// `{table}`: table ∈ tenants | dims. Values in the process's id tables (they only grow, by at
 /// most `aggregate.max_series` a day; a restart starts them empty).
 pub const INTERNED_VALUES: &str = "tallyd_interned_values";
+/// Cumulative OTLP streams held (one state each), and those forgotten after two silent horizons.
+pub const STREAMS: &str = "tallyd_otlp_streams";
+pub const STREAMS_FORGOTTEN: &str = "tallyd_otlp_streams_forgotten_total";
 /// Changelog messages published (one flush per partition per checkpoint, split in chunks).
 pub const CHANGELOG_CHUNKS: &str = "tallyd_changelog_chunks_total";
 /// `{outcome}`: outcome ∈ restored | skipped (local store already current) | own_flush (ahead only by
@@ -172,6 +175,11 @@ fn describe() {
         "distinct series active in the current UTC day (aggregate.max_series caps them)"
     );
     describe_gauge!(INTERNED_VALUES, "values in the process's id tables, by table");
+    describe_gauge!(STREAMS, "cumulative OTLP streams whose last point is held");
+    describe_counter!(
+        STREAMS_FORGOTTEN,
+        "cumulative OTLP streams forgotten after two horizons of silence"
+    );
     describe_counter!(INGEST_REQUESTS, "ingest requests by status code");
     describe_counter!(INGEST_LOG_BYTES, Unit::Bytes, "bytes appended to the ingest log");
     describe_counter!(

@@ -321,6 +321,100 @@ async fn a_full_disk_pushes_back_and_ingest_resumes_by_itself_when_space_returns
     daemon.stop();
 }
 
+/// EIO, which no filesystem makes on demand: failpoints (`TALLYD_FAILPOINTS_FILE`) break the
+/// store's writes and the ingest log's under a running daemon. A store that cannot write fails
+/// checkpoints (retried; `/readyz` 503 names it) and ingest is refused until it heals (the log
+/// past the last checkpoint stays bounded); a log that cannot write refuses ingest too; both
+/// resume by themselves. A SIGKILL while the store is broken loses nothing acknowledged and
+/// counts nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_errors_in_the_store_and_the_log_lose_nothing_and_heal_by_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "");
+    let failpoints = dir.path().join("failpoints");
+    let env = [("TALLYD_FAILPOINTS_FILE", failpoints.to_str().unwrap())];
+    let arm = |points: &[&str]| std::fs::write(&failpoints, points.join("\n")).unwrap();
+    let client = client();
+    let time = ago(30);
+    let batch = |i: usize| -> Vec<Value> {
+        (0..10)
+            .map(|e| {
+                event(
+                    &format!("eio-{i}-{e}"),
+                    "llm.prompt",
+                    "eio-co",
+                    &time,
+                    json!({"tokens": 1, "model": "m"}),
+                )
+            })
+            .collect()
+    };
+    let ready = async |daemon: &Daemon| -> (u16, Value) {
+        let answer = client.get(daemon.url("/readyz")).send().await.unwrap();
+        (answer.status().as_u16(), answer.json().await.unwrap())
+    };
+    let daemon = Daemon::start_env(&path, &[], &env);
+    assert_eq!(post_batch(&client, &daemon, &batch(0)).await.0, 202);
+
+    // The store fails every write: checkpoints fail, readiness drops, ingest is refused.
+    arm(&["store-write"]);
+    let faults = eventually("the checkpoint fault on /readyz", async || {
+        let (status, body) = ready(&daemon).await;
+        (status == 503 && body["faults"]["checkpoint"].is_string()).then_some(body)
+    })
+    .await;
+    assert!(faults.to_string().contains("os error 5"), "{faults}");
+    let (status, body) = post_batch(&client, &daemon, &batch(1)).await;
+    assert_eq!(status, 503, "{body}");
+    // The store heals: the pending checkpoint goes through, readiness and ingest return.
+    arm(&[]);
+    eventually("ready again", async || {
+        (ready(&daemon).await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(post_batch(&client, &daemon, &batch(1)).await.0, 202);
+    // The log fails: refused; it heals: ingest resumes by itself.
+    arm(&["ingest-log-write"]);
+    let (status, body) = post_batch(&client, &daemon, &batch(2)).await;
+    assert_eq!(status, 503, "{body}");
+    let (_, faults) = ready(&daemon).await;
+    assert!(faults["faults"]["ingest-log"].is_string(), "{faults}");
+    arm(&[]);
+    eventually("ingest to resume", async || {
+        (post_batch(&client, &daemon, &batch(2)).await.0 == 202).then_some(())
+    })
+    .await;
+    assert_eq!(tenant_tokens(&client, &daemon, "eio-co").await, 30);
+
+    // The store breaks again, and the process is killed mid-fault, with what was acknowledged
+    // since the last good checkpoint only in the log.
+    let mut acknowledged = 3;
+    arm(&["store-write"]);
+    for i in 3..6 {
+        if post_batch(&client, &daemon, &batch(i)).await.0 == 202 {
+            acknowledged += 1;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    daemon.kill();
+    arm(&[]);
+    let daemon = Daemon::start_env(&path, &[], &env);
+    // Every batch retried: only those never acknowledged count now.
+    let mut accepted = 0;
+    for i in 0..6 {
+        let (status, body) = post_batch(&client, &daemon, &batch(i)).await;
+        assert_eq!(status, 202, "{body}");
+        accepted += body["accepted"].as_i64().unwrap();
+    }
+    assert_eq!(
+        accepted,
+        (6 - acknowledged) * 10,
+        "acknowledged before the kill: {acknowledged}"
+    );
+    assert_eq!(tenant_tokens(&client, &daemon, "eio-co").await, 60);
+    daemon.stop();
+}
+
 /// The wall clock is stepped 40 days forward (past the 35-day dedup horizon) for a few
 /// restarts and then corrected. By the wall clock, the first event's dedup key expired while
 /// the clock was ahead and compaction dropped it; after the correction that event is within

@@ -113,9 +113,9 @@ struct WriterMap {
     dedup_keys: Vec<u128>,
     /// Source name (e.g. `ingest-log`, `kafka/usage/3`) → next position to read.
     positions: FxHashMap<String, u64>,
-    /// Cumulative streams moved by the deltas above (newest state per stream): durable with
-    /// the same positions.
-    streams: FxHashMap<u128, streams::StreamState>,
+    /// Cumulative streams moved by the deltas above, or forgotten (newest change per stream):
+    /// durable with the same positions.
+    streams: streams::StreamChanges,
     /// A writer dedicated to one replicated source (a Kafka partition whose state has a
     /// changelog): the take reports which series and dedup keys came from it.
     tag: Option<String>,
@@ -129,8 +129,8 @@ pub struct Cut {
     /// The newest position each source reached within the cut (sources that made no progress
     /// since the previous take are absent).
     pub positions: Vec<(String, u64)>,
-    /// Cumulative stream states the deltas reflect.
-    pub streams: Vec<(u128, streams::StreamState)>,
+    /// Cumulative stream states the deltas reflect (`None`: forgotten).
+    pub streams: Vec<(u128, Option<streams::StreamState>)>,
     /// Per tagged writer: what it contributed to this cut.
     pub sources: Vec<SourceCut>,
 }
@@ -176,7 +176,7 @@ impl Writer {
         &self,
         batch: &mut PreAggregated,
         keys: &mut Vec<u128>,
-        streams: &mut FxHashMap<u128, streams::StreamState>,
+        streams: &mut streams::StreamChanges,
         positions: impl IntoIterator<Item = (String, u64)>,
     ) -> Result<(), MergeError> {
         let mut map = self.map.lock();

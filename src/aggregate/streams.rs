@@ -25,6 +25,17 @@
 //! not newer than the stream's last one adds nothing (a retry, or an out-of-order point: it
 //! cannot be inserted into an interval already integrated).
 //!
+//! Forgetting (bounded memory): a stream silent for longer than the horizon (`dedup_horizon_secs`)
+//! is treated as unknown: its next point follows the first-point rule, whether its state is
+//! still held or not. A first point whose start lies more than the horizon before its time is a
+//! baseline (nothing counts; later points count their deltas): usage that old is refused for
+//! events too, and it is what a forgotten stream resuming looks like. `expire` may then drop
+//! any state older than two horizons (every acceptable point lies more than one horizon after
+//! it, see `expire`), and dropping it changes no count: not when it happens, and not on replay
+//! after a crash, whichever checkpoint the drop reached. A start time of 0 (unknown) is older
+//! than any horizon: such a stream's first point is a baseline (as the OpenTelemetry data model
+//! asks for cumulative streams without a known start).
+//!
 //! Must not: do I/O or depend on arrival order beyond the log order it is given.
 
 use rustc_hash::FxHashMap;
@@ -81,18 +92,58 @@ pub struct CumulativePoint {
     pub aggregation: Aggregation,
 }
 
-/// Every stream's last point (all streams stay in memory: one entry per live time series of
-/// an exporter, far fewer than usage series).
-#[derive(Debug, Default)]
+/// Streams moved (or forgotten: `None`) since the last take, newest per stream.
+pub type StreamChanges = FxHashMap<u128, Option<StreamState>>;
+
+/// Every live stream's last point (one entry per time series an exporter sent within two
+/// horizons; older ones are forgotten by `expire`).
+#[derive(Debug)]
 pub struct Streams {
     states: FxHashMap<u128, StreamState>,
+    /// How long a stream may stay silent and still continue from its state (ns).
+    horizon_ns: u64,
 }
 
+impl Default for Streams {
+    fn default() -> Streams {
+        Streams::new([], DEFAULT_HORIZON_SECS)
+    }
+}
+
+/// The default `dedup_horizon_secs` (35 days), for tests and tools.
+pub const DEFAULT_HORIZON_SECS: i64 = 3_024_000;
+
 impl Streams {
-    pub fn new(states: impl IntoIterator<Item = (u128, StreamState)>) -> Streams {
+    pub fn new(states: impl IntoIterator<Item = (u128, StreamState)>, horizon_secs: i64) -> Streams {
         Streams {
             states: states.into_iter().collect(),
+            horizon_ns: u64::try_from(horizon_secs)
+                .unwrap_or(0)
+                .saturating_mul(1_000_000_000),
         }
+    }
+
+    /// Forgets every stream whose last point is older than `now − 2 × horizon` and records
+    /// each as `None` in `changed` (so the checkpoint deletes it). `now_secs` is the expiry
+    /// clock (`store::clock`): admission refuses points older than `high water − horizon`, and
+    /// the high water is at least that clock, so every point still acceptable lies more than a
+    /// horizon after a dropped state, where the state no longer counts (module rules).
+    pub fn expire(&mut self, now_secs: i64, changed: &mut StreamChanges) -> usize {
+        let horizon_secs = (self.horizon_ns / 1_000_000_000) as i64;
+        let cutoff_secs = now_secs.saturating_sub(horizon_secs.saturating_mul(2));
+        if cutoff_secs <= 0 {
+            return 0;
+        }
+        let cutoff_ns = (cutoff_secs as u64).saturating_mul(1_000_000_000);
+        let before = self.states.len();
+        self.states.retain(|stream, state| {
+            let keep = state.time_ns >= cutoff_ns;
+            if !keep {
+                changed.insert(*stream, None);
+            }
+            keep
+        });
+        before - self.states.len()
     }
 
     pub fn len(&self) -> usize {
@@ -107,10 +158,21 @@ impl Streams {
         self.states.get(&stream).copied()
     }
 
+    /// The stream's state as `point` sees it: none when the point comes more than a horizon
+    /// after it (the stream is treated as unknown, exactly as once `expire` dropped it).
+    fn previous(&self, point: &CumulativePoint) -> Option<StreamState> {
+        self.states
+            .get(&point.stream)
+            .copied()
+            .filter(|state| point.time_ns.saturating_sub(state.time_ns) <= self.horizon_ns)
+    }
+
     /// The usage a point adds, given the stream's previous point (pure: see the module rules).
-    pub fn delta(previous: Option<StreamState>, point: &CumulativePoint) -> Option<i128> {
+    pub fn delta(previous: Option<StreamState>, point: &CumulativePoint, horizon_ns: u64) -> Option<i128> {
         let Some(previous) = previous else {
-            return Some(point.value);
+            // A first point counts its usage since its start, unless that start is older than
+            // the horizon: then it is a baseline.
+            return (point.time_ns.saturating_sub(point.start_ns) <= horizon_ns).then_some(point.value);
         };
         if (point.start_ns, point.time_ns) <= (previous.start_ns, previous.time_ns) {
             return None;
@@ -168,10 +230,10 @@ impl Streams {
         &mut self,
         points: &[CumulativePoint],
         batch: &mut PreAggregated,
-        changed: &mut FxHashMap<u128, StreamState>,
+        changed: &mut StreamChanges,
     ) -> Result<(), MergeError> {
         for point in points {
-            let previous = self.states.get(&point.stream).copied();
+            let previous = self.previous(point);
             let newer = previous.is_none_or(|previous| {
                 (point.start_ns, point.time_ns) > (previous.start_ns, previous.time_ns)
             });
@@ -192,7 +254,7 @@ impl Streams {
                         batch.observe(key, Aggregation::TimeWeighted, Observation::Value(area), ts_ms, 0)?;
                     }
                 }
-                StreamKind::CumulativeBucket { at } => match Self::delta(previous, point) {
+                StreamKind::CumulativeBucket { at } => match Self::delta(previous, point, self.horizon_ns) {
                     Some(delta) if delta > 0 => {
                         let mut distribution = super::distribution::Distribution::default();
                         distribution.record(at, u64::try_from(delta).unwrap_or(0));
@@ -200,17 +262,18 @@ impl Streams {
                     }
                     _ => {}
                 },
-                StreamKind::Cumulative { .. } => match (Self::delta(previous, point), point.aggregation) {
-                    (None | Some(0), _) => {}
-                    // A COUNT meter fed by a histogram's cumulative count adds the count's delta
-                    // (counts are monotonic, so the reset rule never yields a negative one).
-                    (Some(delta), Aggregation::Count) => {
-                        batch.merge_state(point.key, &AggState::Count(u64::try_from(delta).unwrap_or(0)))?
+                StreamKind::Cumulative { .. } => {
+                    match (Self::delta(previous, point, self.horizon_ns), point.aggregation) {
+                        (None | Some(0), _) => {}
+                        // A COUNT meter fed by a histogram's cumulative count adds the count's delta
+                        // (counts are monotonic, so the reset rule never yields a negative one).
+                        (Some(delta), Aggregation::Count) => batch
+                            .merge_state(point.key, &AggState::Count(u64::try_from(delta).unwrap_or(0)))?,
+                        (Some(delta), aggregation) => {
+                            batch.observe(point.key, aggregation, Observation::Value(delta), ts_ms, 0)?
+                        }
                     }
-                    (Some(delta), aggregation) => {
-                        batch.observe(point.key, aggregation, Observation::Value(delta), ts_ms, 0)?
-                    }
-                },
+                }
             }
             let state = StreamState {
                 start_ns: point.start_ns,
@@ -218,7 +281,7 @@ impl Streams {
                 value: point.value,
             };
             self.states.insert(point.stream, state);
-            changed.insert(point.stream, state);
+            changed.insert(point.stream, Some(state));
         }
         Ok(())
     }
@@ -359,6 +422,101 @@ mod tests {
         assert_eq!(windows, vec![(0, 300_000), (60, 300_000 + 200_000), (360, 7_000)]);
     }
 
+    const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_stream_silent_past_the_horizon_continues_from_a_baseline() {
+        let mut streams = Streams::new([], 100);
+        assert_eq!(
+            total(&mut streams, &[point(SEC, 10 * SEC, 5), point(SEC, 20 * SEC, 8)]),
+            8
+        );
+        // 101 s of silence: unknown again; started 120 s before its time, so a baseline.
+        assert_eq!(total(&mut streams, &[point(SEC, 121 * SEC, 50)]), 0);
+        assert_eq!(total(&mut streams, &[point(SEC, 130 * SEC, 60)]), 10);
+        // A restart after the silence counts whole: its start is recent.
+        assert_eq!(total(&mut streams, &[point(300 * SEC, 310 * SEC, 7)]), 7);
+    }
+
+    #[test]
+    fn a_first_point_with_an_old_or_unknown_start_is_a_baseline() {
+        let mut streams = Streams::new([], 100);
+        assert_eq!(
+            total(&mut streams, &[point(0, 500 * SEC, 40)]),
+            0,
+            "start unknown (0)"
+        );
+        assert_eq!(total(&mut streams, &[point(0, 510 * SEC, 45)]), 5);
+        let mut streams = Streams::new([], 100);
+        assert_eq!(
+            total(&mut streams, &[point(400 * SEC, 500 * SEC, 40)]),
+            40,
+            "start within the horizon"
+        );
+    }
+
+    #[test]
+    fn expiry_forgets_only_states_older_than_two_horizons_and_records_the_deletion() {
+        let mut streams = Streams::new([], 100);
+        let mut old = point(SEC, 10 * SEC, 5);
+        old.stream = 1;
+        let mut recent = point(SEC, 150 * SEC, 5);
+        recent.stream = 2;
+        total(&mut streams, &[old, recent]);
+        let mut changed = StreamChanges::default();
+        assert_eq!(
+            streams.expire(210, &mut changed),
+            0,
+            "10 s is not older than 210 − 200"
+        );
+        assert_eq!(streams.expire(211, &mut changed), 1);
+        assert_eq!(changed.get(&1), Some(&None));
+        assert!(streams.get(1).is_none() && streams.get(2).is_some());
+    }
+
+    proptest! {
+        /// Forgetting a stream never changes a count: with points admitted as the edge admits
+        /// them (none older than the expiry clock's now minus a horizon), folding with expiry
+        /// runs at any moments gives the totals of folding with every state kept.
+        #[test]
+        fn forgetting_silent_streams_changes_no_count(
+            steps in proptest::collection::vec((0u128..3, 0u64..260, 0i128..50, 0u8..10), 1..60),
+            expiries in proptest::collection::vec(0usize..60, 0..6),
+        ) {
+            const HORIZON: u64 = 100;
+            let mut time = 1_000u64;
+            let mut points = Vec::new();
+            let mut values = [0i128; 3];
+            let mut starts = [1u64; 3];
+            for (stream, gap, increment, shape) in steps {
+                time += gap;
+                let i = stream as usize;
+                match shape {
+                    0 => { starts[i] = time - 1; values[i] = 0 } // a restart
+                    1 => starts[i] = 0,                          // start unknown
+                    _ => {}
+                }
+                values[i] += increment;
+                let mut p = point(starts[i] * SEC, time * SEC, values[i]);
+                p.stream = stream;
+                points.push(p);
+            }
+            let mut kept = Streams::new([], HORIZON as i64);
+            let mut forgetting = Streams::new([], HORIZON as i64);
+            let (mut a, mut b) = (0, 0);
+            for (index, p) in points.iter().enumerate() {
+                if expiries.contains(&index) {
+                    // The latest "now" at which every later point is still admitted.
+                    let earliest_later = points[index..].iter().map(|p| p.time_ns / SEC).min().unwrap();
+                    forgetting.expire((earliest_later + HORIZON) as i64, &mut StreamChanges::default());
+                }
+                a += total(&mut kept, std::slice::from_ref(p));
+                b += total(&mut forgetting, std::slice::from_ref(p));
+            }
+            prop_assert_eq!(a, b);
+        }
+    }
+
     proptest! {
         /// However a collector retries and reorders exports of one cumulative stream, the
         /// usage counted is the stream's final value (no reset in between).
@@ -386,7 +544,7 @@ mod tests {
             let split = split.min(arrivals.len());
             let mut streams = Streams::default();
             let first = total(&mut streams, &arrivals[..split]);
-            let mut restored = Streams::new(streams.states.clone());
+            let mut restored = Streams::new(streams.states.clone(), DEFAULT_HORIZON_SECS);
             let second = total(&mut restored, &arrivals[split..]);
             prop_assert_eq!(first + second, value);
         }

@@ -181,6 +181,16 @@ impl RawConfig {
         let ingest_log_sync = storage::validate_storage(&self.storage, &self.aggregate, &mut errors);
         let aggregate = &self.aggregate;
         let meters = meters::validate_meters(self.meters, &mut errors);
+        for meter in &meters {
+            // A stream silent for longer than the horizon continues from a baseline
+            // (`aggregate::streams`): a longer gap could never be integrated.
+            if meter.max_gap_secs > aggregate.dedup_horizon_secs as i64 {
+                errors.push(format!(
+                    "meters ({}).max_gap_secs: must not exceed aggregate.dedup_horizon_secs ({})",
+                    meter.slug, aggregate.dedup_horizon_secs
+                ));
+            }
+        }
         let kafka = self.kafka.map(|raw| kafka::validate_kafka(raw, &mut errors));
         if let Some(kafka) = &kafka {
             // Judged time may lag the clock by the tolerance (`ingest::kafka::judged_time_ms`):

@@ -152,3 +152,25 @@ fn dedup_horizon_must_cover_acceptance_range() {
     let all = Config::load(text, &no_env()).unwrap_err().to_string();
     assert!(all.contains("dedup_horizon_secs"), "{all}");
 }
+
+#[test]
+fn a_time_weighted_gap_longer_than_the_horizon_is_refused() {
+    let text = r#"
+[aggregate]
+dedup_horizon_secs = 200000
+max_lateness_secs = 86400
+[[meters]]
+slug = "gb_hours"
+source = "otlp_metric"
+metric_name = "storage.used"
+aggregation = "TIME_WEIGHTED"
+max_gap_secs = 200001
+"#;
+    let all = Config::load(text, &no_env()).unwrap_err().to_string();
+    assert!(
+        all.contains("meters (gb_hours).max_gap_secs: must not exceed aggregate.dedup_horizon_secs (200000)"),
+        "{all}"
+    );
+    let fits = text.replace("200001", "200000");
+    Config::load(&fits, &no_env()).unwrap();
+}

@@ -33,10 +33,20 @@ impl CheckpointLoop {
     pub fn run(mut self) {
         while let Ok(snapshot) = self.snapshots.recv() {
             let mut backoff = Duration::from_millis(100);
+            let mut failed = false;
             loop {
                 match self.checkpoint(&snapshot) {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        if failed {
+                            self.shared.clear_fault("checkpoint");
+                        }
+                        break;
+                    }
                     Err(error) => {
+                        // Ingest goes on into the log (durable) until the unflushed-series cap
+                        // pushes back; readiness says so, to move traffic to a healthy replica.
+                        failed = true;
+                        self.shared.fault("checkpoint", error.to_string());
                         metrics::counter!(telemetry::CHECKPOINT_FAILURES).increment(1);
                         tracing::error!(%error, retry_in_ms = backoff.as_millis() as u64, "checkpoint failed");
                         std::thread::sleep(backoff);

@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::aggregate::streams::{CumulativePoint, Streams};
+use crate::aggregate::streams::{CumulativePoint, StreamChanges, Streams};
 use crate::aggregate::{MergeError, PreAggregated, Writer};
 use crate::emit::file::JsonlFile;
 use crate::state::{CommitError, CommitRequest, Shared, SnapshotCut};
@@ -21,6 +21,8 @@ use crate::telemetry;
 
 /// Requests folded into one fsync at most.
 const MAX_GROUP: usize = 512;
+/// How often silent streams are looked for (`Streams::expire`).
+const STREAM_EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
 
 pub struct CommitLoop {
     pub shared: Arc<Shared>,
@@ -45,7 +47,7 @@ pub fn apply_logged(
     cumulative: &[CumulativePoint],
     position: Option<(String, u64)>,
 ) -> Result<(), MergeError> {
-    let mut changed = rustc_hash::FxHashMap::default();
+    let mut changed = StreamChanges::default();
     streams.fold(cumulative, batch, &mut changed)?;
     writer.commit_with_streams(batch, dedup_keys, &mut changed, position)
 }
@@ -56,6 +58,7 @@ impl CommitLoop {
         let mut next_tick = Instant::now() + interval;
         let mut failed: Option<String> = None;
         let mut next_recovery = Instant::now();
+        let mut next_stream_expiry = Instant::now();
         loop {
             if failed.is_some() && Instant::now() >= next_recovery {
                 // A full disk or an I/O error is an ordinary event: once the log can be rolled
@@ -114,6 +117,10 @@ impl CommitLoop {
                 if let Err(error) = self.log.maintain(durable) {
                     tracing::warn!(%error, "ingest log maintenance failed");
                 }
+                if Instant::now() >= next_stream_expiry {
+                    next_stream_expiry = Instant::now() + STREAM_EXPIRY_INTERVAL;
+                    self.expire_streams();
+                }
             }
         }
         // Input closed: every accepted batch is applied; hand over the final snapshot.
@@ -124,6 +131,27 @@ impl CommitLoop {
             tracing::error!("final checkpoint not written; the sources replay on restart");
         }
         tracing::debug!("commit stage stopped");
+    }
+
+    /// Forgets streams silent for two horizons; the next checkpoint deletes their states. No
+    /// count depends on it (`aggregate::streams`), so it needs no log record.
+    fn expire_streams(&mut self) {
+        let mut changed = StreamChanges::default();
+        let now_secs = self.shared.store.expiry_clock().now_secs();
+        let forgotten = self.streams.expire(now_secs, &mut changed);
+        if forgotten > 0 {
+            tracing::debug!(forgotten, "forgot silent cumulative streams");
+            metrics::counter!(telemetry::STREAMS_FORGOTTEN).increment(forgotten as u64);
+            if let Err(error) = self.writer.commit_with_streams(
+                &mut PreAggregated::default(),
+                &mut Vec::new(),
+                &mut changed,
+                [],
+            ) {
+                tracing::warn!(%error, "forgotten streams not recorded");
+            }
+        }
+        metrics::gauge!(telemetry::STREAMS).set(self.streams.len() as f64);
     }
 
     fn commit_group(&mut self, group: Vec<CommitRequest>) -> Result<(), String> {

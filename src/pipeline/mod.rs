@@ -146,7 +146,10 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         replays: Mutex::new(Default::default()),
     });
     let writer = shared.engine.writer();
-    let mut streams = crate::aggregate::streams::Streams::new(shared.store.stream_states()?);
+    let mut streams = crate::aggregate::streams::Streams::new(
+        shared.store.stream_states()?,
+        shared.config.dedup_horizon_secs,
+    );
     let replayed = replay.len();
     for record in replay {
         let batch = LogBatch::decode(&record.payload)

@@ -34,8 +34,9 @@ pub struct Snapshot {
     pub positions: Vec<(String, u64)>,
     pub deltas: Vec<(SeriesKey, AggState)>,
     pub dedup_keys: Vec<u128>,
-    /// Cumulative stream states the deltas were derived with (OTLP), durable with `positions`.
-    pub streams: Vec<(u128, crate::aggregate::streams::StreamState)>,
+    /// Cumulative stream states the deltas were derived with (OTLP), durable with `positions`;
+    /// `None`: the stream was forgotten (`Streams::expire`).
+    pub streams: Vec<(u128, Option<crate::aggregate::streams::StreamState>)>,
     /// What each replicated source (Kafka partition with a changelog) contributed.
     pub sources: Vec<SourceCut>,
 }
@@ -293,7 +294,10 @@ impl RocksStore {
         let mut streams: Vec<_> = snapshot.streams.iter().collect();
         streams.sort_unstable_by_key(|(stream, _)| *stream);
         for (stream, state) in streams {
-            batch.put(keys::stream_key(*stream), state.encode());
+            match state {
+                Some(state) => batch.put(keys::stream_key(*stream), state.encode()),
+                None => batch.delete(keys::stream_key(*stream)),
+            }
         }
         for (source, next) in &snapshot.positions {
             batch.put(keys::position_key(source), next.to_be_bytes());

@@ -437,6 +437,7 @@ impl IngestLog {
         header[4..8].copy_from_slice(&hasher.finalize().to_le_bytes());
         header[8..16].copy_from_slice(&seq.to_le_bytes());
         let path = &self.current_path;
+        super::failpoint::check(super::failpoint::INGEST_LOG_WRITE).map_err(io_error(path))?;
         self.current.write_all(&header).map_err(io_error(path))?;
         self.current.write_all(payload).map_err(io_error(path))?;
         self.current_len += (HEADER_BYTES + payload.len()) as u64;
@@ -448,6 +449,7 @@ impl IngestLog {
     /// of requests).
     pub fn commit(&mut self) -> Result<(), LogError> {
         let path = &self.current_path;
+        super::failpoint::check(super::failpoint::INGEST_LOG_WRITE).map_err(io_error(path))?;
         self.current.flush().map_err(io_error(path))?;
         if self.sync == LogSync::Fsync {
             self.current.get_ref().sync_data().map_err(io_error(path))?;
@@ -481,10 +483,12 @@ impl IngestLog {
         // Truncating frees what the failed write took, so it succeeds on a still-full disk:
         // only a write that reaches the disk says that ingest can go on.
         let probe = self.dir.join(".probe");
-        let written = File::create(&probe).and_then(|mut file| {
-            file.write_all(&[0u8; PROBE_BYTES])
-                .and_then(|()| file.sync_data())
-        });
+        let written = super::failpoint::check(super::failpoint::INGEST_LOG_WRITE)
+            .and_then(|()| File::create(&probe))
+            .and_then(|mut file| {
+                file.write_all(&[0u8; PROBE_BYTES])
+                    .and_then(|()| file.sync_data())
+            });
         let _ = fs::remove_file(&probe);
         written.map_err(io_error(&probe))
     }

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod clock;
 mod dedup;
 pub mod dedup_filter;
+pub mod failpoint;
 pub mod format;
 pub mod keys;
 pub mod log;
@@ -335,6 +336,7 @@ impl RocksStore {
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
+        failpoint::check(failpoint::STORE_WRITE)?;
         let mut options = WriteOptions::default();
         options.set_sync(sync);
         self.db.write_opt(batch, &options)?;
@@ -645,6 +647,34 @@ mod tests {
         assert_eq!(open_windows(), 1);
         assert_eq!(closed(NOW + 180), owned(&[("c", "4")]));
         assert_eq!(open_windows(), 0);
+    }
+
+    #[test]
+    fn forgotten_streams_are_deleted_with_the_checkpoint() {
+        use crate::aggregate::streams::StreamState;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, names, catalog) = tokens_store(dir.path());
+        let state = StreamState {
+            start_ns: 1,
+            time_ns: 2,
+            value: 3,
+        };
+        let with_streams = |generation, streams| Snapshot {
+            generation,
+            positions: vec![(INGEST_LOG_SOURCE.into(), generation)],
+            streams,
+            ..Snapshot::default()
+        };
+        checkpoint(
+            &store,
+            &names,
+            &catalog,
+            with_streams(1, vec![(7, Some(state)), (8, Some(state))]),
+            NOW,
+        );
+        assert_eq!(store.stream_states().unwrap().len(), 2);
+        checkpoint(&store, &names, &catalog, with_streams(2, vec![(7, None)]), NOW);
+        assert_eq!(store.stream_states().unwrap(), vec![(8, state)]);
     }
 
     #[test]
