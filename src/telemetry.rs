@@ -109,6 +109,8 @@ pub const CLUSTER_FORWARDED: &str = "tallyd_cluster_forwarded_events_total";
 pub const CLUSTER_FORWARD_FAILURES: &str = "tallyd_cluster_forward_failures_total";
 /// Queries answered with the owning replica's address instead of data (cluster mode).
 pub const CLUSTER_QUERY_REDIRECTS: &str = "tallyd_cluster_query_redirects_total";
+/// A tenant's usage found on a second partition (`store::tenants`).
+pub const CLUSTER_TENANT_PARTITION_CONFLICTS: &str = "tallyd_cluster_tenant_partition_conflicts_total";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -298,6 +300,10 @@ fn describe() {
         "forwarding attempts Kafka did not acknowledge (client got 503)"
     );
     describe_counter!(CLUSTER_QUERY_REDIRECTS, "queries sent to the owning replica");
+    describe_counter!(
+        CLUSTER_TENANT_PARTITION_CONFLICTS,
+        "tenants found on a second partition: no single owner holds their whole total"
+    );
 }
 
 /// Initialises structured logs on stderr. `filter` uses `RUST_LOG` syntax.

@@ -321,3 +321,73 @@ async fn otlp_exports_are_forwarded_to_each_tenants_owner() {
     a.stop();
     b.stop();
 }
+
+/// A producer that breaks the partitioning contract (here: explicit partitions; in the field,
+/// librdkafka's CRC32 default or null keys) puts one tenant on two partitions. The replica
+/// learns where each tenant's usage is from the data and names the conflict: a metric and a
+/// warning with the tenant and both partitions. A tenant on one partition is no conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_on_two_partitions_is_detected_and_named() {
+    let Some(brokers) = real_broker() else { return };
+    let topic = unique_topic("usage-split");
+    create_topic(&brokers, &topic, PARTITIONS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&write_config(dir.path(), &cluster_config(&brokers, &topic)));
+    let client = client();
+    let home = tallyd::cluster::partition_for("split-co", PARTITIONS);
+    let stray = (home + 1) % PARTITIONS;
+    let record = |id: &str, tenant: &str, partition: i32| Record {
+        partition: Some(partition),
+        ..Record::json(
+            tenant,
+            &event(
+                id,
+                "llm.prompt",
+                tenant,
+                &ago(5),
+                json!({"tokens": 3, "model": "m"}),
+            ),
+        )
+    };
+    let producer = producer(&brokers);
+    let steady = tallyd::cluster::partition_for("steady-co", PARTITIONS);
+    produce_all(
+        &producer,
+        &topic,
+        &[
+            record("s1", "split-co", home),
+            record("t1", "steady-co", steady),
+            record("t2", "steady-co", steady),
+        ],
+    );
+    let conflicts = |text: &str| -> Option<f64> {
+        text.lines()
+            .find(|line| line.starts_with("tallyd_cluster_tenant_partition_conflicts_total"))
+            .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+    };
+    eventually("the first events counted", async || {
+        (tenant_tokens(&client, &daemon, "steady-co").await == 6).then_some(())
+    })
+    .await;
+    assert_eq!(
+        conflicts(&metrics_text(&client, &daemon).await).unwrap_or(0.0),
+        0.0
+    );
+    produce_all(&producer, &topic, &[record("s2", "split-co", stray)]);
+    eventually("the conflict counted", async || {
+        (conflicts(&metrics_text(&client, &daemon).await) == Some(1.0)).then_some(())
+    })
+    .await;
+    let logs = daemon.logs();
+    let warning = logs
+        .lines()
+        .find(|line| line.contains("more than one partition"))
+        .unwrap_or_else(|| panic!("no warning in:\n{logs}"));
+    assert!(warning.contains("split-co"), "{warning}");
+    assert!(
+        warning.contains(&format!("kafka/{topic}/{home}"))
+            && warning.contains(&format!("kafka/{topic}/{stray}")),
+        "{warning}"
+    );
+    daemon.stop();
+}

@@ -311,12 +311,17 @@ impl RocksStore {
         let closed_before = self.closed_before();
         let mut batch = WriteBatch::default();
         let dedup_cf = self.dedup_cf()?;
+        // The tenants whose series the restore copies: this replica now knows where they are.
+        let mut tenants: Vec<String> = Vec::new();
         for chunk in flushes.iter().flatten() {
             for entry in &chunk.series {
                 let name = keys::decode_series_suffix(&entry.suffix).ok_or_else(|| StoreError::Corrupt {
                     what: "changelog series key",
                     detail: format!("{:?}", entry.suffix),
                 })?;
+                if tenants.last() != Some(&name.tenant) {
+                    tenants.push(name.tenant.clone());
+                }
                 batch.put(keys::with_kind(keys::AGGREGATE, &entry.suffix), &entry.state);
                 if entry.revision > 0 {
                     batch.put(
@@ -348,10 +353,16 @@ impl RocksStore {
             }
         }
         batch.put(keys::position_key(source), position.to_be_bytes());
+        let learned = self.tenant_sources.learn(
+            tenants.iter().map(|tenant| (tenant.as_str(), source)),
+            &mut batch,
+            super::unix_now_secs(),
+        );
         let dedup_keys = flushes.iter().flatten().flat_map(|chunk| {
             (chunk.dedup_keys.iter().copied()).chain(chunk.dedup_seen.iter().map(|(key, _)| *key))
         });
         self.filters.noting(dedup_keys, || self.write(batch, true))?;
+        self.tenant_sources.apply(learned);
         Ok(Some(position))
     }
 }

@@ -80,6 +80,8 @@ pub struct CheckpointBatch {
     pub stats: CheckpointStats,
     /// To publish (and have acknowledged) before the batch commits.
     pub changelog: Vec<ChangelogChunk>,
+    /// (tenant, source) pairs this batch records (`store::tenants`).
+    tenant_sources: super::tenants::NewPairs,
 }
 
 impl RocksStore {
@@ -314,6 +316,27 @@ impl RocksStore {
             (clock_mark as u64).to_be_bytes(),
         );
         stats.bytes = batch.size_in_bytes();
+        // Where each tenant's usage came from, learned from this cut's replicated sources.
+        let mut pairs: Vec<(Arc<str>, &str)> = Vec::new();
+        for source in &snapshot.sources {
+            let mut last = None;
+            for key in &source.series {
+                if last == Some(key.tenant) {
+                    continue;
+                }
+                last = Some(key.tenant);
+                let tenant = tenants
+                    .entry(key.tenant)
+                    .or_insert_with(|| names.tenants.resolve(key.tenant))
+                    .clone();
+                pairs.push((tenant, source.source.as_str()));
+            }
+        }
+        let tenant_sources = self.tenant_sources.learn(
+            pairs.iter().map(|(tenant, source)| (&**tenant, *source)),
+            &mut batch,
+            now_secs,
+        );
         let mut changelog = Vec::new();
         for source in &snapshot.sources {
             changelog.extend(self.changelog_flush(
@@ -334,6 +357,7 @@ impl RocksStore {
             outbox_next,
             stats,
             changelog,
+            tenant_sources,
         })
     }
 
@@ -416,6 +440,7 @@ impl RocksStore {
         self.closed_before
             .store(prepared.closed_before, Ordering::Release);
         self.outbox_next.store(prepared.outbox_next, Ordering::Release);
+        self.tenant_sources.apply(prepared.tenant_sources);
         Ok(stats)
     }
 }

@@ -49,6 +49,8 @@ pub const KINDS: &[(&str, u8)] = &[
     ("record_json", 1),
     // `M meter/<slug>` values: `aggregation/scale/window_secs`.
     ("meter_shape", 1),
+    // `N` values: u64 BE first-seen unix secs.
+    ("tenant_source", 1),
 ];
 
 /// The oldest version of each kind this build still reads.

@@ -19,6 +19,8 @@
 //! L | meter | tenant | period_start             → PeriodEntry: a billing period's rating ledger
 //! C | tenant | period_start                     → TenantPeriod: a tenant's period across charges
 //! T | period_end | tenant | period_start        → ()  a tenant period not yet settled (close index)
+//! N | tenant | source                           → u64 BE first-seen unix secs: a replicated
+//!                                                  source fed the tenant (`tenants.rs`)
 //! ```
 //! Times are unix seconds, stored sign-flipped big-endian so that byte order is time order.
 
@@ -37,6 +39,7 @@ pub const RATED: u8 = b'Q';
 pub const LEDGER: u8 = b'L';
 pub const TENANT_PERIOD: u8 = b'C';
 pub const PERIOD_CLOSE: u8 = b'T';
+pub const TENANT_SOURCE: u8 = b'N';
 
 pub fn time_bytes(unix_secs: i64) -> [u8; 8] {
     ((unix_secs as u64) ^ (1 << 63)).to_be_bytes()
@@ -205,6 +208,22 @@ pub fn decode_period_close_key(key: &[u8]) -> Option<(i64, String, i64)> {
     (pos + 8 == key.len()).then_some((period_end, tenant, period_start))
 }
 
+/// A (tenant, source) pair: the source fed the tenant's usage.
+pub fn tenant_source_key(tenant: &str, source: &str) -> Vec<u8> {
+    let mut out = vec![TENANT_SOURCE];
+    push_str(&mut out, tenant);
+    push_str(&mut out, source);
+    out
+}
+
+/// (tenant, source) of a `tenant_source_key`.
+pub fn decode_tenant_source_key(key: &[u8]) -> Option<(String, String)> {
+    let mut pos = 1;
+    let tenant = read_str(key, &mut pos)?.to_string();
+    let source = read_str(key, &mut pos)?.to_string();
+    (key.first() == Some(&TENANT_SOURCE) && pos == key.len()).then_some((tenant, source))
+}
+
 pub fn dedup_key(key: u128) -> [u8; 17] {
     let mut out = [0u8; 17];
     out[0] = DEDUP;
@@ -261,6 +280,18 @@ mod tests {
         assert_eq!(prefix.len(), window_prefix_len("tokens", "acme"));
         assert!(late.starts_with(&prefix));
         assert!(decode_series_suffix(&late[..late.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn tenant_source_keys_keep_their_layout() {
+        let key = tenant_source_key("acme", "kafka/usage/3");
+        assert_eq!(key, b"N\x00\x04acme\x00\x0dkafka/usage/3");
+        assert_eq!(
+            decode_tenant_source_key(&key),
+            Some(("acme".to_string(), "kafka/usage/3".to_string()))
+        );
+        assert_eq!(decode_tenant_source_key(&key[..key.len() - 1]), None);
+        assert_eq!(decode_tenant_source_key(&with_kind(LEDGER, &key[1..])), None);
     }
 
     #[test]

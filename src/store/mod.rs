@@ -20,6 +20,7 @@ pub mod log;
 mod meters;
 mod outbox;
 pub mod rated;
+pub mod tenants;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -75,6 +76,8 @@ pub struct RocksStore {
     writer: u32,
     /// What expiry takes for now (`clock`): shared with the dedup compaction filter.
     expiry: clock::ExpiryClock,
+    /// Which replicated sources have fed each tenant (`tenants`).
+    pub tenant_sources: tenants::TenantSources,
 }
 
 /// Column family of the dedup keys (`D` keys): written as ingested sorted files, not through
@@ -229,8 +232,10 @@ impl RocksStore {
                 id
             }
         };
+        let tenant_sources = tenants::TenantSources::load(&db)?;
         let store = RocksStore {
             db,
+            tenant_sources,
             outbox_next: AtomicU64::new(outbox_next),
             closed_before: AtomicI64::new(closed_before),
             indexed_windows: Default::default(),
@@ -826,5 +831,58 @@ mod tests {
                 [true, true, false]
             );
         }
+        // The replica that took the partition over knows where acme's usage is.
+        assert_eq!(replica.tenant_sources.sources_of("acme"), [source.as_str()]);
+    }
+
+    /// Tenants are learned from the sources that fed them, kept across a restart, and a tenant
+    /// on a second source is a conflict (the metric and the warning are its signal).
+    #[test]
+    fn tenant_sources_are_learned_kept_and_conflicts_found() {
+        use crate::aggregate::SourceCut;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, names, catalog) = tokens_store(dir.path());
+        let key = |tenant: &str| SeriesKey {
+            meter: names.meters.intern("tokens"),
+            tenant: names.tenants.intern(tenant),
+            dims: 0,
+            window_start: NOW,
+        };
+        let cut = |generation: u64, pairs: &[(&str, &str)]| Snapshot {
+            generation,
+            positions: pairs
+                .iter()
+                .map(|(_, source)| (source.to_string(), generation))
+                .collect(),
+            sources: pairs
+                .iter()
+                .map(|(tenant, source)| SourceCut {
+                    source: source.to_string(),
+                    series: vec![key(tenant)],
+                    dedup_keys: Vec::new(),
+                })
+                .collect(),
+            ..Snapshot::default()
+        };
+        checkpoint(
+            &store,
+            &names,
+            &catalog,
+            cut(1, &[("acme", "kafka/u/0"), ("beta", "kafka/u/1")]),
+            NOW,
+        );
+        checkpoint(&store, &names, &catalog, cut(2, &[("acme", "kafka/u/0")]), NOW);
+        assert!(store.tenant_sources.conflicts().is_empty());
+        // acme's events now also arrive on partition 2 (another partitioner, a null key).
+        checkpoint(&store, &names, &catalog, cut(3, &[("acme", "kafka/u/2")]), NOW);
+        let conflicts = vec![(
+            "acme".to_string(),
+            vec!["kafka/u/0".to_string(), "kafka/u/2".to_string()],
+        )];
+        assert_eq!(store.tenant_sources.conflicts(), conflicts);
+        drop(store);
+        let store = RocksStore::open(dir.path(), 400 * 86_400, 86_400).unwrap();
+        assert_eq!(store.tenant_sources.conflicts(), conflicts);
+        assert_eq!(store.tenant_sources.sources_of("beta"), ["kafka/u/1"]);
     }
 }

@@ -1,0 +1,139 @@
+//! Where each tenant's usage is: the replicated sources (Kafka partitions, cluster mode) that
+//! have fed it, learned from the data rather than computed from a hash of the tenant.
+//!
+//! Every checkpoint records the (tenant, source) pairs of its source cuts that the store did
+//! not know (`N` keys, in the checkpoint's WriteBatch), and a changelog restore records the
+//! pairs of the series it copies, so a replica that takes a partition over inherits them. A
+//! tenant on a second source is a *partition conflict*: its usage lives with two owners (a
+//! producer with another partitioner, null keys, a key other than the subject), so no single
+//! owner holds its whole total. The conflict is counted
+//! (`tallyd_cluster_tenant_partition_conflicts_total`) and logged once per new pair, naming the
+//! tenant and its sources.
+//!
+//! Must not: forget a pair (sources are never un-learned; a tenant that moved keeps its history
+//! on the old partition too).
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rocksdb::{IteratorMode, WriteBatch, DB};
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use super::{keys, StoreError};
+use crate::telemetry;
+
+/// Every known (tenant, source) pair, by tenant (sources in the order learned).
+#[derive(Debug, Default)]
+pub struct TenantSources {
+    known: Mutex<FxHashMap<Arc<str>, Vec<Arc<str>>>>,
+}
+
+/// Pairs a batch writes, applied to memory once it committed.
+#[derive(Debug, Default)]
+pub struct NewPairs(Vec<(Arc<str>, Arc<str>)>);
+
+impl NewPairs {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl TenantSources {
+    /// Every `N` key of the store.
+    pub(super) fn load(db: &DB) -> Result<TenantSources, StoreError> {
+        let mut known: FxHashMap<Arc<str>, Vec<Arc<str>>> = FxHashMap::default();
+        let prefix = [keys::TENANT_SOURCE];
+        let iter = db.iterator(IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        for item in iter {
+            let (key, _) = item?;
+            if key.first() != Some(&keys::TENANT_SOURCE) {
+                break;
+            }
+            let (tenant, source) =
+                keys::decode_tenant_source_key(&key).ok_or_else(|| StoreError::Corrupt {
+                    what: "tenant source key",
+                    detail: format!("{key:?}"),
+                })?;
+            known.entry(tenant.into()).or_default().push(source.into());
+        }
+        Ok(TenantSources {
+            known: Mutex::new(known),
+        })
+    }
+
+    /// Adds to `batch` the pairs of `pairs` not known yet (each once), with `now_secs` as
+    /// first seen; `apply` makes them known once the batch committed.
+    pub fn learn<'a>(
+        &self,
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+        batch: &mut WriteBatch,
+        now_secs: i64,
+    ) -> NewPairs {
+        let known = self.known.lock();
+        let mut seen: FxHashSet<(&str, &str)> = FxHashSet::default();
+        let mut new = Vec::new();
+        for (tenant, source) in pairs {
+            let is_known = known
+                .get(tenant)
+                .is_some_and(|sources| sources.iter().any(|known| &**known == source));
+            if is_known || !seen.insert((tenant, source)) {
+                continue;
+            }
+            batch.put(
+                keys::tenant_source_key(tenant, source),
+                (now_secs as u64).to_be_bytes(),
+            );
+            new.push((Arc::from(tenant), Arc::from(source)));
+        }
+        NewPairs(new)
+    }
+
+    /// Makes committed pairs known; a tenant's second source is a conflict (counted, logged).
+    pub fn apply(&self, new: NewPairs) {
+        let mut known = self.known.lock();
+        for (tenant, source) in new.0 {
+            let sources = known.entry(tenant.clone()).or_default();
+            if sources.contains(&source) {
+                continue;
+            }
+            sources.push(source);
+            if sources.len() > 1 {
+                metrics::counter!(telemetry::CLUSTER_TENANT_PARTITION_CONFLICTS).increment(1);
+                tracing::warn!(
+                    tenant = %tenant,
+                    sources = %sources.iter().map(|s| &**s).collect::<Vec<_>>().join(","),
+                    "a tenant's usage arrives on more than one partition: no single owner holds its \
+                     whole total (produce keyed by subject with the murmur2 partitioner; README, \
+                     cluster mode)"
+                );
+            }
+        }
+    }
+
+    /// The sources that have fed `tenant`, in the order learned.
+    pub fn sources_of(&self, tenant: &str) -> Vec<String> {
+        self.known
+            .lock()
+            .get(tenant)
+            .map(|sources| sources.iter().map(|s| s.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Tenants fed by more than one source, with their sources (sorted by tenant).
+    pub fn conflicts(&self) -> Vec<(String, Vec<String>)> {
+        let mut out: Vec<_> = self
+            .known
+            .lock()
+            .iter()
+            .filter(|(_, sources)| sources.len() > 1)
+            .map(|(tenant, sources)| {
+                (
+                    tenant.to_string(),
+                    sources.iter().map(|s| s.to_string()).collect(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
