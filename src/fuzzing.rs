@@ -127,10 +127,12 @@ pub fn stored_formats(data: &[u8]) {
     if let Ok(batch) = LogBatch::decode(data) {
         let _ = batch.into_parts(&fixture.names);
     }
-    if let Ok(chunk) = ChangelogChunk::decode(data) {
-        for entry in &chunk.series {
-            let _ = crate::store::keys::decode_series_suffix(&entry.suffix);
-            let _ = AggState::decode(&entry.state);
+    for version in [1, 2] {
+        if let Ok(chunk) = ChangelogChunk::decode_version(data, version) {
+            for entry in &chunk.series {
+                let _ = crate::store::keys::decode_series_suffix(&entry.suffix);
+                let _ = AggState::decode(&entry.state);
+            }
         }
     }
     if let Ok(usage) = crate::cluster::forward::ForwardedUsage::decode(data) {

@@ -145,6 +145,10 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         engine_failed: AtomicBool::new(false),
         replays: Mutex::new(Default::default()),
     });
+    if shared.config.cluster.is_some() {
+        // Cluster mode: no partition's tenant is emitted here before the partition is assigned.
+        shared.store.tenant_sources.set_owned(Some(Default::default()));
+    }
     let writer = shared.engine.writer();
     let mut streams = crate::aggregate::streams::Streams::new(
         shared.store.stream_states()?,

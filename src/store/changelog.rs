@@ -22,6 +22,14 @@
 //! (`restore_plan`). Everything older may be deleted by the topic's time retention, which must
 //! exceed the compaction interval (ARCHITECTURE.md).
 //!
+//! Emission and rating state travels too (format v2): every key a checkpoint writes for the
+//! partition's tenants' window records and rated records — `W` close index (a window closed
+//! by the owner is not closed again by the next), `R` revisions, `Q` rated windows,
+//! `L` period ledgers, `C` tenant periods, `T` settlement index — goes into the partition's
+//! flush as it is written (`StateEntry`; a flush of only such entries when the partition had no
+//! new usage, e.g. a window closing by time), so the next owner continues the revisions and
+//! the ledgers exactly where this one stopped.
+//!
 //! Limits: absolute states are per series, so a series must be fed by one partition (the topic
 //! is keyed by tenant).
 
@@ -43,6 +51,23 @@ pub struct SeriesEntry {
     /// Last window-record revision emitted for the series (0: none yet).
     pub revision: u32,
 }
+
+/// One emission or rating key as a checkpoint wrote it (`value` None: deleted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateEntry {
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// The key kinds a `StateEntry` may carry: a restore writes nothing else.
+pub const STATE_KINDS: [u8; 6] = [
+    keys::OPEN_WINDOW,
+    keys::REVISION,
+    keys::RATED,
+    keys::LEDGER,
+    keys::TENANT_PERIOD,
+    keys::PERIOD_CLOSE,
+];
 
 /// One message of the changelog.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +92,25 @@ pub struct ChangelogChunk {
     pub dedup_seen: Vec<(u128, i64)>,
     /// Where a restore of this source may start reading (set when published; 0: the log start).
     pub restore_from: u64,
+    /// Emission and rating keys of the partition's tenants (v2; v1 chunks have none).
+    pub state: Vec<StateEntry>,
+}
+
+/// Version 1 of `ChangelogChunk` (before `state`), still read.
+#[derive(Deserialize)]
+struct ChangelogChunkV1 {
+    source: String,
+    flush_id: u64,
+    chunk: u32,
+    chunks: u32,
+    position: u64,
+    seen_secs: i64,
+    series: Vec<SeriesEntry>,
+    dedup_keys: Vec<u128>,
+    base: bool,
+    folded_through: i64,
+    dedup_seen: Vec<(u128, i64)>,
+    restore_from: u64,
 }
 
 impl ChangelogChunk {
@@ -74,8 +118,32 @@ impl ChangelogChunk {
         postcard::to_stdvec(self).expect("invariant: changelog chunks serialize")
     }
 
+    /// A chunk of this build's version (`format::version("changelog_chunk")`).
     pub fn decode(bytes: &[u8]) -> Result<ChangelogChunk, postcard::Error> {
         postcard::from_bytes(bytes)
+    }
+
+    /// A chunk written at `version` (the message's `tallyd-format` header).
+    pub fn decode_version(bytes: &[u8], version: u8) -> Result<ChangelogChunk, postcard::Error> {
+        if version >= 2 {
+            return ChangelogChunk::decode(bytes);
+        }
+        let v1: ChangelogChunkV1 = postcard::from_bytes(bytes)?;
+        Ok(ChangelogChunk {
+            source: v1.source,
+            flush_id: v1.flush_id,
+            chunk: v1.chunk,
+            chunks: v1.chunks,
+            position: v1.position,
+            seen_secs: v1.seen_secs,
+            series: v1.series,
+            dedup_keys: v1.dedup_keys,
+            base: v1.base,
+            folded_through: v1.folded_through,
+            dedup_seen: v1.dedup_seen,
+            restore_from: v1.restore_from,
+            state: Vec::new(),
+        })
     }
 
     pub fn is_last(&self) -> bool {
@@ -104,6 +172,27 @@ pub fn chunk_flush(
     series: Vec<SeriesEntry>,
     dedup_keys: Vec<u128>,
 ) -> Vec<ChangelogChunk> {
+    chunk_flush_with_state(
+        source,
+        flush_id,
+        position,
+        seen_secs,
+        series,
+        dedup_keys,
+        Vec::new(),
+    )
+}
+
+/// `chunk_flush` with the emission and rating keys the checkpoint wrote for the source's tenants.
+pub fn chunk_flush_with_state(
+    source: &str,
+    flush_id: u64,
+    position: u64,
+    seen_secs: i64,
+    series: Vec<SeriesEntry>,
+    dedup_keys: Vec<u128>,
+    state: Vec<StateEntry>,
+) -> Vec<ChangelogChunk> {
     let header = ChangelogChunk {
         source: source.to_string(),
         flush_id,
@@ -117,8 +206,9 @@ pub fn chunk_flush(
         folded_through: -1,
         dedup_seen: Vec::new(),
         restore_from: 0,
+        state: Vec::new(),
     };
-    split(header, series, dedup_keys, Vec::new())
+    split(header, series, dedup_keys, Vec::new(), state)
 }
 
 /// A base: the fold of a source's complete flushes through changelog offset `folded_through`.
@@ -136,8 +226,9 @@ pub fn chunk_base(source: &str, flush_id: u64, folded: Folded, folded_through: i
         folded_through,
         dedup_seen: Vec::new(),
         restore_from: 0,
+        state: Vec::new(),
     };
-    split(header, folded.series, Vec::new(), folded.dedup_seen)
+    split(header, folded.series, Vec::new(), folded.dedup_seen, folded.state)
 }
 
 fn split(
@@ -145,13 +236,16 @@ fn split(
     series: Vec<SeriesEntry>,
     dedup_keys: Vec<u128>,
     dedup_seen: Vec<(u128, i64)>,
+    state: Vec<StateEntry>,
 ) -> Vec<ChangelogChunk> {
     let mut chunks: Vec<ChangelogChunk> = Vec::new();
     let mut current = header.clone();
     let mut bytes = 0;
     let mut room = |size: usize, current: &mut ChangelogChunk, chunks: &mut Vec<ChangelogChunk>| {
-        let nonempty =
-            !current.series.is_empty() || !current.dedup_keys.is_empty() || !current.dedup_seen.is_empty();
+        let nonempty = !current.series.is_empty()
+            || !current.dedup_keys.is_empty()
+            || !current.dedup_seen.is_empty()
+            || !current.state.is_empty();
         if bytes + size > MAX_CHUNK_BYTES && nonempty {
             chunks.push(std::mem::replace(current, header.clone()));
             current.chunk = chunks.len() as u32;
@@ -175,6 +269,14 @@ fn split(
         room(27, &mut current, &mut chunks);
         current.dedup_seen.push(pair);
     }
+    for entry in state {
+        room(
+            entry.key.len() + entry.value.as_ref().map_or(0, Vec::len) + 8,
+            &mut current,
+            &mut chunks,
+        );
+        current.state.push(entry);
+    }
     chunks.push(current);
     let total = chunks.len() as u32;
     for chunk in &mut chunks {
@@ -189,6 +291,8 @@ pub struct Folded {
     pub series: Vec<SeriesEntry>,
     pub dedup_seen: Vec<(u128, i64)>,
     pub position: u64,
+    /// The latest value (or deletion) of each emission and rating key.
+    pub state: Vec<StateEntry>,
 }
 
 /// Folds complete flushes (in log order; a base counts as a flush): later absolute states win;
@@ -197,11 +301,15 @@ pub struct Folded {
 pub fn fold(flushes: &[Vec<ChangelogChunk>], min_seen_secs: i64, min_window_start: i64) -> Folded {
     let mut series: std::collections::BTreeMap<Vec<u8>, SeriesEntry> = std::collections::BTreeMap::new();
     let mut seen: rustc_hash::FxHashMap<u128, i64> = rustc_hash::FxHashMap::default();
+    let mut state: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>> = std::collections::BTreeMap::new();
     let mut position = 0;
     for chunk in flushes.iter().flatten() {
         position = chunk.position;
         for entry in &chunk.series {
             series.insert(entry.suffix.clone(), entry.clone());
+        }
+        for entry in &chunk.state {
+            state.insert(entry.key.clone(), entry.value.clone());
         }
         let keys = chunk
             .dedup_keys
@@ -222,10 +330,27 @@ pub fn fold(flushes: &[Vec<ChangelogChunk>], min_seen_secs: i64, min_window_star
         .collect();
     let mut dedup_seen: Vec<(u128, i64)> = seen.into_iter().filter(|(_, at)| *at >= min_seen_secs).collect();
     dedup_seen.sort_unstable();
+    // Per-window keys past retention go, as the store's compaction filter drops them.
+    let state = state
+        .into_iter()
+        .filter(|(key, _)| match key.first() {
+            Some(&keys::REVISION) | Some(&keys::RATED) | Some(&keys::LEDGER) => {
+                keys::suffix_window_start(&key[1..]).is_none_or(|start| start >= min_window_start)
+            }
+            // Close-index entries, by the end they are sorted by: past retention, a deletion
+            // has nothing left to delete anywhere.
+            Some(&keys::OPEN_WINDOW) | Some(&keys::PERIOD_CLOSE) => {
+                keys::time_from_bytes(&key[1..]).is_none_or(|end| end >= min_window_start)
+            }
+            _ => true,
+        })
+        .map(|(key, value)| StateEntry { key, value })
+        .collect();
     Folded {
         series,
         dedup_seen,
         position,
+        state,
     }
 }
 
@@ -351,6 +476,19 @@ impl RocksStore {
             for (key, seen_secs) in &chunk.dedup_seen {
                 batch.put_cf(dedup_cf, keys::dedup_key(*key), (*seen_secs as u64).to_be_bytes());
             }
+            // After the series: a revision carried here is the one emitted last.
+            for entry in &chunk.state {
+                if !entry.key.first().is_some_and(|kind| STATE_KINDS.contains(kind)) {
+                    return Err(StoreError::Corrupt {
+                        what: "changelog state key",
+                        detail: format!("{:?}", entry.key),
+                    });
+                }
+                match &entry.value {
+                    Some(value) => batch.put(&entry.key, value),
+                    None => batch.delete(&entry.key),
+                }
+            }
         }
         batch.put(keys::position_key(source), position.to_be_bytes());
         let learned = self.tenant_sources.learn(
@@ -418,16 +556,19 @@ mod tests {
         assert_eq!(positions, [100, 180]);
     }
 
-    /// What applying `flushes` in order leaves: series → (state, revision), dedup keys, position.
+    /// What applying `flushes` in order leaves: series → (state, revision), dedup keys,
+    /// position, emission and rating keys (None: deleted).
     type Applied = (
         std::collections::BTreeMap<Vec<u8>, (Vec<u8>, u32)>,
         std::collections::BTreeSet<u128>,
         u64,
+        std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     );
 
     fn apply(flushes: &[Vec<ChangelogChunk>]) -> Applied {
         let mut series = std::collections::BTreeMap::new();
         let mut keys = std::collections::BTreeSet::new();
+        let mut state = std::collections::BTreeMap::new();
         let mut position = 0;
         for chunk in flushes.iter().flatten() {
             position = chunk.position;
@@ -436,8 +577,11 @@ mod tests {
             }
             keys.extend(chunk.dedup_keys.iter().copied());
             keys.extend(chunk.dedup_seen.iter().map(|(key, _)| *key));
+            for entry in &chunk.state {
+                state.insert(entry.key.clone(), entry.value.clone());
+            }
         }
-        (series, keys, position)
+        (series, keys, position, state)
     }
 
     proptest::proptest! {
@@ -460,11 +604,19 @@ mod tests {
                 .into_iter()
                 .enumerate()
                 .map(|(i, (series, keys))| {
+                    // Each series' window also moves an emission key: set, or deleted.
+                    let state = series
+                        .iter()
+                        .map(|(id, value)| StateEntry {
+                            key: vec![keys::RATED, *id],
+                            value: (value % 4 != 0).then(|| vec![*value]),
+                        })
+                        .collect();
                     let series = series
                         .into_iter()
                         .map(|(id, state)| SeriesEntry { suffix: vec![id; 8], state: vec![state], revision: i as u32 })
                         .collect();
-                    chunk_flush(source, i as u64, 10 * (i as u64 + 1), i as i64, series, keys)
+                    chunk_flush_with_state(source, i as u64, 10 * (i as u64 + 1), i as i64, series, keys, state)
                 })
                 .collect();
             let fold_count = fold_count.min(flushes.len());

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use rustc_hash::{FxHashMap, FxHashSet};
 use xxhash_rust::xxh3::xxh3_128;
 
-use super::changelog::{chunk_flush, flush_id, ChangelogChunk, SeriesEntry};
+use super::changelog::{
+    chunk_flush_with_state, flush_id, ChangelogChunk, SeriesEntry, StateEntry, STATE_KINDS,
+};
 use super::keys;
 use super::{MeterCatalog, RocksStore, StoreError, META_CLOSED_BEFORE, META_GENERATION, META_OUTBOX_NEXT};
 use crate::aggregate::{AggState, SourceCut};
@@ -187,6 +189,13 @@ impl RocksStore {
             key.first() == Some(&keys::OPEN_WINDOW) && key.len() >= 9 && key[..9] <= index_end[..9]
         })?;
         for open_key in open_keys {
+            // Another replica owns the tenant's partition now: it closes the window (restored
+            // from the changelog); the key stays here in case the partition comes back.
+            if !keys::prefix_tenant(&open_key[9..])
+                .is_none_or(|tenant| self.tenant_sources.emits_here(tenant))
+            {
+                continue;
+            }
             // Every series of that tenant's window: the aggregate keys under its prefix.
             let prefix = keys::with_kind(keys::AGGREGATE, &open_key[9..]);
             let series = self.scan_keys(&prefix, |key| key.starts_with(&prefix))?;
@@ -337,6 +346,13 @@ impl RocksStore {
             &mut batch,
             now_secs,
         );
+        // The emission and rating keys this batch writes for each owned source's tenants travel
+        // in that source's flush; a source without new usage gets a flush of them alone.
+        let mut state = if self.tenant_sources.tracks_ownership() {
+            self.state_entries(&batch, &tenant_sources)
+        } else {
+            FxHashMap::default()
+        };
         let mut changelog = Vec::new();
         for source in &snapshot.sources {
             changelog.extend(self.changelog_flush(
@@ -344,8 +360,25 @@ impl RocksStore {
                 source,
                 &suffixes,
                 &emitted_revisions,
+                state.remove(&source.source).unwrap_or_default(),
                 now_secs,
             )?);
+        }
+        let mut state_only: Vec<_> = state.into_iter().collect();
+        state_only.sort_by(|a, b| a.0.cmp(&b.0));
+        for (source, entries) in state_only {
+            let Some(position) = snapshot.position(&source).or(self.position(&source)?) else {
+                continue;
+            };
+            changelog.extend(chunk_flush_with_state(
+                &source,
+                flush_id(self.writer()),
+                position,
+                now_secs,
+                Vec::new(),
+                Vec::new(),
+                entries,
+            ));
         }
         Ok(CheckpointBatch {
             batch,
@@ -361,14 +394,61 @@ impl RocksStore {
         })
     }
 
+    /// The emission and rating keys `batch` writes (`changelog::STATE_KINDS`), by the owned
+    /// source whose changelog carries their tenant.
+    fn state_entries(
+        &self,
+        batch: &WriteBatch,
+        new_pairs: &super::tenants::NewPairs,
+    ) -> FxHashMap<String, Vec<StateEntry>> {
+        struct Collect(Vec<StateEntry>);
+        impl rocksdb::WriteBatchIteratorCf for Collect {
+            fn put_cf(&mut self, cf_id: u32, key: &[u8], value: &[u8]) {
+                if cf_id == 0 && key.first().is_some_and(|kind| STATE_KINDS.contains(kind)) {
+                    self.0.push(StateEntry {
+                        key: key.to_vec(),
+                        value: Some(value.to_vec()),
+                    });
+                }
+            }
+            fn delete_cf(&mut self, cf_id: u32, key: &[u8]) {
+                if cf_id == 0 && key.first().is_some_and(|kind| STATE_KINDS.contains(kind)) {
+                    self.0.push(StateEntry {
+                        key: key.to_vec(),
+                        value: None,
+                    });
+                }
+            }
+            fn merge_cf(&mut self, _: u32, _: &[u8], _: &[u8]) {}
+        }
+        let mut collect = Collect(Vec::new());
+        batch.iterate_cf(&mut collect);
+        let mut by_source: FxHashMap<String, Vec<StateEntry>> = FxHashMap::default();
+        let mut carriers: FxHashMap<String, Vec<String>> = FxHashMap::default();
+        for entry in collect.0 {
+            let Some(tenant) = keys::tenant_of_state_key(&entry.key) else {
+                continue;
+            };
+            let sources = carriers
+                .entry(tenant.to_string())
+                .or_insert_with(|| self.tenant_sources.carriers(tenant, new_pairs));
+            for source in sources.iter() {
+                by_source.entry(source.clone()).or_default().push(entry.clone());
+            }
+        }
+        by_source
+    }
+
     /// One source's flush: absolute state (store total + this checkpoint's delta) and revision
-    /// of every series it changed, its new dedup keys, and its position.
+    /// of every series it changed, its new dedup keys, its position, and the emission and rating
+    /// keys of its tenants (`state`).
     fn changelog_flush(
         &self,
         snapshot: &Snapshot,
         source: &SourceCut,
         suffixes: &FxHashMap<SeriesKey, (Vec<u8>, &AggState)>,
         emitted_revisions: &FxHashMap<Vec<u8>, u32>,
+        state: Vec<StateEntry>,
         now_secs: i64,
     ) -> Result<Vec<ChangelogChunk>, StoreError> {
         let Some(position) = snapshot.position(&source.source) else {
@@ -415,13 +495,14 @@ impl RocksStore {
                 revision,
             });
         }
-        Ok(chunk_flush(
+        Ok(chunk_flush_with_state(
             &source.source,
             flush_id(self.writer()),
             position,
             now_secs,
             series,
             source.dedup_keys.clone(),
+            state,
         ))
     }
 

@@ -41,8 +41,8 @@ pub const KINDS: &[(&str, u8)] = &[
     ("tenant_period", 1),
     // `d` values (u64 BE first-seen secs, then u128 BE keys) and `D` values (u64 BE).
     ("dedup_run", 1),
-    // Changelog topic messages (postcard `ChangelogChunk`).
-    ("changelog_chunk", 1),
+    // Changelog topic messages (postcard `ChangelogChunk`; v1 had no `state` and is still read).
+    ("changelog_chunk", 2),
     // Forwarded usage on the ingest topic (postcard `ForwardedUsage`).
     ("forwarded_usage", 1),
     // `O` and `Q` values: JSON window and rated records (their fields are a public contract).
@@ -54,7 +54,7 @@ pub const KINDS: &[(&str, u8)] = &[
 ];
 
 /// The oldest version of each kind this build still reads.
-const OLDEST_READABLE: &[(&str, u8)] = &[("log_batch", 1)];
+const OLDEST_READABLE: &[(&str, u8)] = &[("log_batch", 1), ("changelog_chunk", 1)];
 
 /// The changelog message header carrying `changelog_chunk`'s version.
 pub const FORMAT_HEADER: &str = "tallyd-format";
@@ -249,7 +249,7 @@ mod tests {
         use crate::aggregate::streams::{StreamKind, StreamState};
         use crate::aggregate::{AggState, Aggregation, Observation};
         use crate::rate::record::{PeriodEntry, Settled, TenantPeriod};
-        use crate::store::changelog::{ChangelogChunk, SeriesEntry};
+        use crate::store::changelog::{ChangelogChunk, SeriesEntry, StateEntry};
         use crate::store::log::{LogBatch, LogCumulative, LogSeries};
 
         /// The bytes in hex; long ones (a HyperLogLog sketch) as their length and digest.
@@ -262,6 +262,13 @@ mod tests {
                 );
             }
             bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+
+        fn unhex(text: &str) -> Vec<u8> {
+            (0..text.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+                .collect()
         }
 
         fn pinned(kind: &str, bytes: &[u8], expected: &str) {
@@ -453,9 +460,25 @@ mod tests {
                 folded_through: -1,
                 dedup_seen: vec![(6, 1_765_000_001)],
                 restore_from: 900,
+                state: Vec::new(),
             };
-            pinned("changelog_chunk", &chunk.encode(), "0d6b61666b612f75736167652f334d0001e807808d9e930d01080006746f6b656e7302010402010500010106828d9e930d8407");
+            // Version 1 (no `state`): what older builds published, still read.
+            let v1 = unhex("0d6b61666b612f75736167652f334d0001e807808d9e930d01080006746f6b656e7302010402010500010106828d9e930d8407");
+            assert_eq!(ChangelogChunk::decode_version(&v1, 1).unwrap(), chunk);
+            let mut chunk = chunk;
+            chunk.state = vec![
+                StateEntry {
+                    key: vec![b'R', 1],
+                    value: Some(vec![0, 0, 0, 2]),
+                },
+                StateEntry {
+                    key: vec![b'T', 2],
+                    value: None,
+                },
+            ];
+            pinned("changelog_chunk", &chunk.encode(), "0d6b61666b612f75736167652f334d0001e807808d9e930d01080006746f6b656e7302010402010500010106828d9e930d84070202520101040000000202540200");
             assert_eq!(ChangelogChunk::decode(&chunk.encode()).unwrap(), chunk);
+            assert_eq!(ChangelogChunk::decode_version(&chunk.encode(), 2).unwrap(), chunk);
         }
 
         #[test]

@@ -208,6 +208,31 @@ pub fn decode_period_close_key(key: &[u8]) -> Option<(i64, String, i64)> {
     (pos + 8 == key.len()).then_some((period_end, tenant, period_start))
 }
 
+/// The tenant of a series suffix or window prefix (meter, then tenant).
+pub fn prefix_tenant(prefix: &[u8]) -> Option<&str> {
+    let mut pos = 0;
+    read_str(prefix, &mut pos)?;
+    read_str(prefix, &mut pos)
+}
+
+/// The tenant of an emission or rating key (`W`, `R`, `Q`, `L`, `C`, `T`).
+pub fn tenant_of_state_key(key: &[u8]) -> Option<&str> {
+    let mut pos = 1;
+    match *key.first()? {
+        OPEN_WINDOW => prefix_tenant(key.get(9..)?),
+        REVISION | RATED | LEDGER => {
+            read_str(key, &mut pos)?;
+            read_str(key, &mut pos)
+        }
+        TENANT_PERIOD => read_str(key, &mut pos),
+        PERIOD_CLOSE => {
+            pos = 9;
+            read_str(key, &mut pos)
+        }
+        _ => None,
+    }
+}
+
 /// A (tenant, source) pair: the source fed the tenant's usage.
 pub fn tenant_source_key(tenant: &str, source: &str) -> Vec<u8> {
     let mut out = vec![TENANT_SOURCE];

@@ -835,6 +835,120 @@ mod tests {
         assert_eq!(replica.tenant_sources.sources_of("acme"), [source.as_str()]);
     }
 
+    /// Cluster mode: a window closes and is emitted only by the owner of its tenant's
+    /// partition, and the owner's flushes carry what it emitted (here: a window closing by
+    /// time, with no usage in that checkpoint), so the next owner neither emits it again nor
+    /// restarts its revisions.
+    #[test]
+    fn only_the_owner_emits_and_its_flushes_carry_the_emission_state() {
+        use crate::aggregate::SourceCut;
+        let names = Names::default();
+        let meters = [meter("tokens", Aggregation::Sum, 0)];
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let origin = RocksStore::open(dir_a.path(), 400 * 86_400, 86_400).unwrap();
+        let replica = RocksStore::open(dir_b.path(), 400 * 86_400, 86_400).unwrap();
+        let catalog = origin.guard_meters(&meters).unwrap();
+        replica.guard_meters(&meters).unwrap();
+        let source = "kafka/usage/3".to_string();
+        let owning = |store: &RocksStore, owns: bool| {
+            store
+                .tenant_sources
+                .set_owned(Some(owns.then(|| source.clone()).into_iter().collect()))
+        };
+        owning(&origin, true);
+        owning(&replica, false);
+        let key = SeriesKey {
+            meter: names.meters.intern("tokens"),
+            tenant: names.tenants.intern("acme"),
+            dims: 0,
+            window_start: NOW,
+        };
+        let usage = |generation: u64, position: u64, value: i128| Snapshot {
+            generation,
+            positions: vec![(source.clone(), position)],
+            sources: vec![SourceCut {
+                source: source.clone(),
+                series: vec![key],
+                dedup_keys: Vec::new(),
+            }],
+            deltas: vec![(
+                key,
+                AggState::from_observation(Aggregation::Sum, Observation::Value(value), 0, 0),
+            )],
+            ..Snapshot::default()
+        };
+        let mut published = Vec::new();
+        let run = |store: &RocksStore,
+                   snapshot: Snapshot,
+                   now: i64,
+                   published: &mut Vec<changelog::ChangelogChunk>| {
+            let prepared = store
+                .prepare_checkpoint(&snapshot, &names, &catalog, now, 60, &Default::default())
+                .unwrap();
+            published.extend(prepared.changelog.clone());
+            store.commit_checkpoint(prepared).unwrap();
+        };
+        // Usage in the open window [NOW, NOW+60), then the window closes by time (NOW+120).
+        run(&origin, usage(1, 10, 5), NOW + 30, &mut published);
+        run(
+            &origin,
+            Snapshot {
+                generation: 2,
+                ..Snapshot::default()
+            },
+            NOW + 200,
+            &mut published,
+        );
+        let emitted = lines(&origin);
+        assert_eq!(emitted.len(), 1);
+        assert_eq!(emitted[0]["revision"], 1);
+        let flushes = changelog::complete_flushes(&source, published.clone());
+        assert_eq!(
+            flushes.len(),
+            2,
+            "the closing checkpoint published a flush of its own"
+        );
+        assert!(flushes[1][0].series.is_empty() && !flushes[1][0].state.is_empty());
+
+        // A replica holding acme's series but not the partition emits nothing for it.
+        replica.restore_source(&source, &flushes[..1], &catalog).unwrap();
+        run(
+            &replica,
+            Snapshot {
+                generation: 1,
+                ..Snapshot::default()
+            },
+            NOW + 200,
+            &mut Vec::new(),
+        );
+        assert!(lines(&replica).is_empty(), "{:?}", lines(&replica));
+        // It takes the partition over: the closing is not repeated, and a late delta amends the
+        // window as revision 2 with the whole total.
+        replica.restore_source(&source, &flushes[1..], &catalog).unwrap();
+        owning(&replica, true);
+        run(
+            &replica,
+            Snapshot {
+                generation: 2,
+                ..Snapshot::default()
+            },
+            NOW + 300,
+            &mut Vec::new(),
+        );
+        assert!(lines(&replica).is_empty(), "{:?}", lines(&replica));
+        run(&replica, usage(3, 20, 7), NOW + 400, &mut Vec::new());
+        let amended = lines(&replica);
+        assert_eq!(amended.len(), 1, "{amended:?}");
+        assert_eq!(
+            (
+                amended[0]["revision"].clone(),
+                amended[0]["quantity"].clone(),
+                amended[0]["record_id"].clone()
+            ),
+            (2.into(), "12".into(), emitted[0]["record_id"].clone())
+        );
+    }
+
     /// Tenants are learned from the sources that fed them, kept across a restart, and a tenant
     /// on a second source is a conflict (the metric and the warning are its signal).
     #[test]

@@ -395,10 +395,15 @@ impl RocksStore {
         })?;
         let mut lines = Vec::new();
         for close_key in due {
-            batch.delete(&close_key);
             let Some((_, tenant, period_start)) = keys::decode_period_close_key(&close_key) else {
+                batch.delete(&close_key);
                 continue;
             };
+            // Another replica owns the tenant now: it settles (the key stays for a return).
+            if !self.tenant_sources.emits_here(&tenant) {
+                continue;
+            }
+            batch.delete(&close_key);
             let key = keys::tenant_period_key(&tenant, period_start);
             let mut period = match rating.periods.get(&key) {
                 Some(period) => period.clone(),

@@ -10,6 +10,13 @@
 //! (`tallyd_cluster_tenant_partition_conflicts_total`) and logged once per new pair, naming the
 //! tenant and its sources.
 //!
+//! Ownership: with replicated sources (`set_owned`), only the replica that owns one of a
+//! tenant's sources closes, emits and rates the tenant's windows and settles its periods
+//! (`emits_here`); another replica still holding the tenant's older series (it owned the
+//! partition before) keeps them for queries but emits nothing for them, so no record is ever
+//! emitted twice with different contents. The owner carries that emission and rating state in
+//! the partition's changelog (`store::changelog`, `StateEntry`).
+//!
 //! Must not: forget a pair (sources are never un-learned; a tenant that moved keeps its history
 //! on the old partition too).
 
@@ -26,6 +33,9 @@ use crate::telemetry;
 #[derive(Debug, Default)]
 pub struct TenantSources {
     known: Mutex<FxHashMap<Arc<str>, Vec<Arc<str>>>>,
+    /// The replicated sources this replica owns now; None: no replicated sources (every
+    /// tenant's windows are emitted here).
+    owned: parking_lot::RwLock<Option<FxHashSet<String>>>,
 }
 
 /// Pairs a batch writes, applied to memory once it committed.
@@ -58,6 +68,7 @@ impl TenantSources {
         }
         Ok(TenantSources {
             known: Mutex::new(known),
+            owned: Default::default(),
         })
     }
 
@@ -108,6 +119,59 @@ impl TenantSources {
                 );
             }
         }
+    }
+
+    /// Which replicated sources this replica owns (the consumer's assignment); None: sources
+    /// are not replicated.
+    pub fn set_owned(&self, owned: Option<FxHashSet<String>>) {
+        *self.owned.write() = owned;
+    }
+
+    /// Whether this replica closes, emits and rates `tenant`'s windows: always without
+    /// replicated sources; else when it owns one of the tenant's sources, or none is known (the
+    /// tenant's usage is local, or first seen in the checkpoint being written, from a source
+    /// owned here).
+    pub fn emits_here(&self, tenant: &str) -> bool {
+        let owned = self.owned.read();
+        let Some(owned) = owned.as_ref() else {
+            return true;
+        };
+        match self.known.lock().get(tenant) {
+            None => true,
+            Some(sources) => sources.iter().any(|source| owned.contains(&**source)),
+        }
+    }
+
+    /// The owned sources whose changelog carries `tenant`'s emission and rating state: its
+    /// known sources and `new` (learned by the checkpoint being written), owned here. Empty
+    /// without replicated sources.
+    pub fn carriers(&self, tenant: &str, new: &NewPairs) -> Vec<String> {
+        let owned = self.owned.read();
+        let Some(owned) = owned.as_ref() else {
+            return Vec::new();
+        };
+        let known = self.known.lock();
+        let mut out: Vec<String> = known
+            .get(tenant)
+            .into_iter()
+            .flatten()
+            .map(|source| source.to_string())
+            .chain(
+                new.0
+                    .iter()
+                    .filter(|(t, _)| &**t == tenant)
+                    .map(|(_, source)| source.to_string()),
+            )
+            .filter(|source| owned.contains(source))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Whether sources are replicated (ownership tracked).
+    pub fn tracks_ownership(&self) -> bool {
+        self.owned.read().is_some()
     }
 
     /// The sources that have fed `tenant`, in the order learned.

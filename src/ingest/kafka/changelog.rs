@@ -469,14 +469,15 @@ fn read_range(
                     .map_or(Some(1), |value| {
                         std::str::from_utf8(value).ok()?.parse::<u8>().ok()
                     });
-                if !version.is_some_and(|version| format::readable("changelog_chunk", version)) {
+                let Some(version) = version.filter(|version| format::readable("changelog_chunk", *version))
+                else {
                     return Err(read_error(format!(
                         "offset {}: a changelog message of a format this build cannot read ({version:?}); run the version that wrote it",
                         message.offset()
                     )));
-                }
+                };
                 let payload = message.payload().unwrap_or_default();
-                match ChangelogChunk::decode(payload) {
+                match ChangelogChunk::decode_version(payload, version) {
                     Ok(chunk) => out.push((message.offset(), chunk)),
                     Err(error) => {
                         return Err(read_error(format!(

@@ -92,6 +92,15 @@ fn describe(tpl: &TopicPartitionList) -> String {
 
 impl SourceContext {
     fn announce(&self, owned: &BTreeSet<(String, i32)>) {
+        if self.cluster.is_some() {
+            // Cluster mode: only the owner of a partition emits and rates its tenants' windows.
+            self.shared.store.tenant_sources.set_owned(Some(
+                owned
+                    .iter()
+                    .map(|(topic, partition)| position_name(topic, *partition))
+                    .collect(),
+            ));
+        }
         if let Some(cluster) = &self.cluster {
             cluster.set_owned(
                 owned
