@@ -107,6 +107,8 @@ impl RocksStore {
         // Series whose record must be (re)emitted by this checkpoint, with their unflushed delta.
         let mut to_emit: Vec<(Vec<u8>, Option<&AggState>)> = Vec::new();
         let mut closing_with_delta: HashMap<Vec<u8>, &AggState> = HashMap::new();
+        // Series of `to_emit` that are amendments (late deltas into windows past the watermark).
+        let mut amended: FxHashSet<Vec<u8>> = FxHashSet::default();
         // Close-index keys written by earlier checkpoints of this process need not be rewritten:
         // that halves the keys per changed series in steady state.
         let indexed = self.indexed_windows.lock();
@@ -159,6 +161,7 @@ impl RocksStore {
                 // Late event into a window already emitted: amend it with a new revision.
                 stats.amended += 1;
                 to_emit.push((suffix.to_vec(), Some(delta)));
+                amended.insert(suffix.to_vec());
             } else if window_end <= closed_before_new {
                 closing_with_delta.insert(suffix.to_vec(), delta);
             } else {
@@ -201,6 +204,12 @@ impl RocksStore {
             let series = self.scan_keys(&prefix, |key| key.starts_with(&prefix))?;
             for aggregate_key in series {
                 let suffix = aggregate_key[1..].to_vec();
+                // Already emitted by this checkpoint as an amendment (a window past the
+                // watermark still indexed: restored unemitted, or its owner was elsewhere when it
+                // closed): emitting it twice would repeat its revision and rate it twice.
+                if amended.contains(&suffix) {
+                    continue;
+                }
                 let delta = closing_with_delta.remove(&suffix);
                 to_emit.push((suffix, delta));
             }

@@ -754,16 +754,22 @@ mod tests {
         assert!(store.get(&key).is_err());
     }
 
+    /// Two stores of the `tokens` meter: a partition's owner and the replica that takes it over.
+    fn origin_and_replica() -> ([tempfile::TempDir; 2], RocksStore, RocksStore, MeterCatalog) {
+        let meters = [meter("tokens", Aggregation::Sum, 0)];
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let origin = RocksStore::open(dirs[0].path(), 400 * 86_400, 86_400).unwrap();
+        let replica = RocksStore::open(dirs[1].path(), 400 * 86_400, 86_400).unwrap();
+        let catalog = origin.guard_meters(&meters).unwrap();
+        replica.guard_meters(&meters).unwrap();
+        (dirs, origin, replica, catalog)
+    }
+
     #[test]
     fn changelog_restore_reproduces_the_source_state() {
         use crate::aggregate::SourceCut;
         let names = Names::default();
-        let meters = [meter("tokens", Aggregation::Sum, 0)];
-        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let origin = RocksStore::open(dir_a.path(), 400 * 86_400, 86_400).unwrap();
-        let replica = RocksStore::open(dir_b.path(), 400 * 86_400, 86_400).unwrap();
-        let catalog = origin.guard_meters(&meters).unwrap();
-        replica.guard_meters(&meters).unwrap();
+        let (_dirs, origin, replica, catalog) = origin_and_replica();
         // With dedup filters built before anything is stored, the restored and ingested keys
         // reach lookups only through the writers' side of the filter protocol.
         for store in [&origin, &replica] {
@@ -843,12 +849,7 @@ mod tests {
     fn only_the_owner_emits_and_its_flushes_carry_the_emission_state() {
         use crate::aggregate::SourceCut;
         let names = Names::default();
-        let meters = [meter("tokens", Aggregation::Sum, 0)];
-        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let origin = RocksStore::open(dir_a.path(), 400 * 86_400, 86_400).unwrap();
-        let replica = RocksStore::open(dir_b.path(), 400 * 86_400, 86_400).unwrap();
-        let catalog = origin.guard_meters(&meters).unwrap();
-        replica.guard_meters(&meters).unwrap();
+        let (_dirs, origin, replica, catalog) = origin_and_replica();
         let source = "kafka/usage/3".to_string();
         let owning = |store: &RocksStore, owns: bool| {
             store
@@ -947,6 +948,84 @@ mod tests {
             ),
             (2.into(), "12".into(), emitted[0]["record_id"].clone())
         );
+    }
+
+    /// A window that closed while its partition was owned elsewhere is still indexed when the
+    /// partition comes back; a late delta for it in that same checkpoint emitted it twice at
+    /// revision 1 (once as an amendment, once from the index) and rated it twice (the crash
+    /// campaign's doubled ledgers). It is emitted once, with the whole total.
+    #[test]
+    fn a_window_closed_elsewhere_and_amended_on_return_is_emitted_once() {
+        use crate::aggregate::SourceCut;
+        let names = Names::default();
+        let (_dirs, origin, replica, catalog) = origin_and_replica();
+        let source = "kafka/usage/3".to_string();
+        origin
+            .tenant_sources
+            .set_owned(Some([source.clone()].into_iter().collect()));
+        let key = SeriesKey {
+            meter: names.meters.intern("tokens"),
+            tenant: names.tenants.intern("acme"),
+            dims: 0,
+            window_start: NOW,
+        };
+        let snapshot = Snapshot {
+            generation: 1,
+            positions: vec![(source.clone(), 10)],
+            sources: vec![SourceCut {
+                source: source.clone(),
+                series: vec![key],
+                dedup_keys: Vec::new(),
+            }],
+            deltas: vec![(
+                key,
+                AggState::from_observation(Aggregation::Sum, Observation::Value(5), 0, 0),
+            )],
+            ..Snapshot::default()
+        };
+        let prepared = origin
+            .prepare_checkpoint(&snapshot, &names, &catalog, NOW + 30, 60, &Default::default())
+            .unwrap();
+        let flushes = changelog::complete_flushes(&source, prepared.changelog.clone());
+        // The replica holds the open window but not the partition while the window closes.
+        replica.tenant_sources.set_owned(Some(Default::default()));
+        replica.restore_source(&source, &flushes, &catalog).unwrap();
+        checkpoint(
+            &replica,
+            &names,
+            &catalog,
+            Snapshot {
+                generation: 1,
+                ..Snapshot::default()
+            },
+            NOW + 200,
+        );
+        assert!(lines(&replica).is_empty());
+        // The partition comes back with a late delta for that window.
+        replica
+            .tenant_sources
+            .set_owned(Some([source.clone()].into_iter().collect()));
+        let late = Snapshot {
+            generation: 2,
+            positions: vec![(source.clone(), 11)],
+            deltas: vec![(
+                key,
+                AggState::from_observation(Aggregation::Sum, Observation::Value(7), 0, 0),
+            )],
+            sources: vec![SourceCut {
+                source: source.clone(),
+                series: vec![key],
+                dedup_keys: Vec::new(),
+            }],
+            ..Snapshot::default()
+        };
+        checkpoint(&replica, &names, &catalog, late, NOW + 300);
+        let emitted = lines(&replica);
+        let got: Vec<_> = emitted
+            .iter()
+            .map(|line| (line["revision"].clone(), line["quantity"].clone()))
+            .collect();
+        assert_eq!(got, [(1.into(), "12".into())]);
     }
 
     /// Tenants are learned from the sources that fed them, kept across a restart, and a tenant
