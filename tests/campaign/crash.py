@@ -385,6 +385,9 @@ def main():
         "recovery_p99_s": round(restarts[min(len(restarts) - 1, int(len(restarts) * 0.99))], 3),
         "client_errors": errors,
         "metrics_after_the_last_restart": counters,
+        # Every incarnation's warnings: how often the orphan watch had to rejoin the group.
+        "orphan_rejoins": sum(open(os.path.join(work, name), errors="replace").read().count("rejoining the group")
+                              for name in os.listdir(work) if name.endswith(".log")),
         "work_dir": work,
     }
     if mismatches or rated_mismatches:
