@@ -438,20 +438,7 @@ impl RocksStore {
         let dedup_cf = self.dedup_cf()?;
         // The tenants whose series the restore copies: this replica now knows where they are.
         let mut tenants: Vec<String> = Vec::new();
-        // The newest flush (not a base) may be one whose writer died before committing it, so
-        // its records may never have reached an outbox: its emission keys are not applied, and
-        // its series' windows are indexed, so that this replica emits them (again): the same
-        // revisions and totals from the same earlier state, harmless to a consumer that upserts.
-        let unsure = flushes
-            .last()
-            .and_then(|flush| flush.first())
-            .is_some_and(|chunk| !chunk.base);
-        for (index, chunk) in flushes
-            .iter()
-            .enumerate()
-            .flat_map(|(index, flush)| flush.iter().map(move |chunk| (index, chunk)))
-        {
-            let reemit = unsure && index + 1 == flushes.len();
+        for chunk in flushes.iter().flatten() {
             for entry in &chunk.series {
                 let name = keys::decode_series_suffix(&entry.suffix).ok_or_else(|| StoreError::Corrupt {
                     what: "changelog series key",
@@ -461,7 +448,7 @@ impl RocksStore {
                     tenants.push(name.tenant.clone());
                 }
                 batch.put(keys::with_kind(keys::AGGREGATE, &entry.suffix), &entry.state);
-                if entry.revision > 0 && !reemit {
+                if entry.revision > 0 {
                     batch.put(
                         keys::with_kind(keys::REVISION, &entry.suffix),
                         entry.revision.to_be_bytes(),
@@ -471,7 +458,7 @@ impl RocksStore {
                 // its owner died first) is indexed too so the next checkpoint emits it.
                 let window_secs = catalog.get(&name.meter).map_or(60, |shape| shape.window_secs);
                 let window_end = name.window_start + window_secs;
-                if window_end > closed_before || entry.revision == 0 || reemit {
+                if window_end > closed_before || entry.revision == 0 {
                     let prefix_len = keys::window_prefix_len(&name.meter, &name.tenant);
                     batch.put(
                         keys::open_window_key(window_end, &entry.suffix[..prefix_len]),
@@ -498,7 +485,6 @@ impl RocksStore {
                     });
                 }
                 match &entry.value {
-                    _ if reemit => {}
                     Some(value) => batch.put(&entry.key, value),
                     None => batch.delete(&entry.key),
                 }
