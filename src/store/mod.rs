@@ -913,29 +913,18 @@ mod tests {
 
         // A replica holding acme's series but not the partition emits nothing for it.
         replica.restore_source(&source, &flushes[..1], &catalog).unwrap();
-        run(
-            &replica,
-            Snapshot {
-                generation: 1,
-                ..Snapshot::default()
-            },
-            NOW + 200,
-            &mut Vec::new(),
-        );
+        // A checkpoint with no new usage: windows close by time only.
+        let closing_only = |generation| Snapshot {
+            generation,
+            ..Snapshot::default()
+        };
+        run(&replica, closing_only(1), NOW + 200, &mut Vec::new());
         assert!(lines(&replica).is_empty(), "{:?}", lines(&replica));
         // It takes the partition over: the closing is not repeated, and a late delta amends the
         // window as revision 2 with the whole total.
         replica.restore_source(&source, &flushes[1..], &catalog).unwrap();
         owning(&replica, true);
-        run(
-            &replica,
-            Snapshot {
-                generation: 2,
-                ..Snapshot::default()
-            },
-            NOW + 300,
-            &mut Vec::new(),
-        );
+        run(&replica, closing_only(2), NOW + 300, &mut Vec::new());
         assert!(lines(&replica).is_empty(), "{:?}", lines(&replica));
         run(&replica, usage(3, 20, 7), NOW + 400, &mut Vec::new());
         let amended = lines(&replica);
