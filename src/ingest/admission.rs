@@ -32,9 +32,9 @@ use crate::aggregate::{MergeError, PreAggregated};
 use crate::cluster::forward::ForwardedUnit;
 use crate::cluster::Cluster;
 use crate::model::{now_ms, rfc3339_ms};
+use crate::state::dedup::{ClaimError, Ticket};
 use crate::state::{CommitRequest, Shared};
 use crate::store::log::LogBatch;
-use crate::store::StoreError;
 use crate::telemetry;
 
 /// Where usage comes from: the `source` label of the ingest metrics and dead letters.
@@ -242,20 +242,23 @@ impl Claimed {
 
 /// The dedup claim and pre-aggregation of a batch: reserve each unit's key, look the reserved
 /// ones up in the store (`DedupIndex::claim`: reserve first, then the store, race-free), fold
-/// the fresh units into their group's batch. On a store error nothing stays reserved.
+/// the fresh units into their group's batch, under `ticket` (whoever holds the keys keeps it
+/// open until they are durable or released). On an error nothing stays reserved.
 pub fn claim_and_fold<U: Countable>(
     shared: &Shared,
+    ticket: &Ticket,
     now_ms: i64,
     units: &[U],
     groups: usize,
     group_of: impl Fn(usize) -> usize,
-) -> Result<Claimed, StoreError> {
+) -> Result<Claimed, ClaimError> {
     let keys: Vec<u128> = units.iter().filter_map(Countable::dedup_key).collect();
     let fresh = shared.dedup.claim(
         &shared.store,
         &keys,
         now_ms.div_euclid(1000),
         shared.config.dedup_horizon_secs,
+        ticket,
     )?;
     let mut fresh = fresh.into_iter();
     let mut claimed = Claimed {
@@ -524,6 +527,7 @@ impl Admission {
                 cumulative: Vec::new(),
                 dead_letters,
                 reply: reply_tx,
+                ticket: self.shared.dedup.ticket(),
             };
             self.send_commit((request, reply_rx)).await?;
         }
@@ -552,9 +556,15 @@ fn claim_for_commit<U: Countable, T>(
         mut tally,
         answer,
     } = prepared;
-    let claimed = claim_and_fold(shared, now, &units, 1, |_| 0).map_err(|error| {
-        tracing::error!(%error, "dedup lookup failed");
-        IngestError::Unavailable("storage unavailable".into())
+    let ticket = shared.dedup.ticket();
+    let claimed = claim_and_fold(shared, &ticket, now, &units, 1, |_| 0).map_err(|error| match error {
+        ClaimError::Store(error) => {
+            tracing::error!(%error, "dedup lookup failed");
+            IngestError::Unavailable("storage unavailable".into())
+        }
+        ClaimError::InFlight => IngestError::Unavailable(
+            "another request with some of these events is still committing; retry after the delay".into(),
+        ),
     })?;
     if let Some(&first) = claimed.overflowed.first() {
         let keys: Vec<u128> = claimed.keys().copied().collect();
@@ -573,6 +583,7 @@ fn claim_for_commit<U: Countable, T>(
         .expect("invariant: one group per request");
     let counts_nothing = batch.is_empty() && keys.is_empty() && cumulative.is_empty();
     if counts_nothing && dead_letters.is_empty() {
+        // Holds no key: the ticket closes here.
         return Ok((None, tally, answer));
     }
     let payload = if counts_nothing {
@@ -588,6 +599,7 @@ fn claim_for_commit<U: Countable, T>(
         cumulative,
         dead_letters,
         reply: reply_tx,
+        ticket,
     };
     Ok((Some((request, reply_rx)), tally, answer))
 }

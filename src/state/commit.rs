@@ -17,6 +17,8 @@ pub struct CommitRequest {
     /// Dead-letter lines, durable before the acknowledgement.
     pub dead_letters: Vec<Vec<u8>>,
     pub reply: oneshot::Sender<Result<(), CommitError>>,
+    /// The claim on `dedup_keys`: dropped with the request, after the reply (or the release).
+    pub ticket: super::dedup::Ticket,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

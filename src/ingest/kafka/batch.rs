@@ -18,6 +18,7 @@ use crate::ingest::admission::{claim_and_fold, Countable, RefusalReason, Tally};
 use crate::ingest::decode::{self, BodyKind, EventContext};
 use crate::kafka::position_name;
 use crate::model::now_ms;
+use crate::state::dedup::Ticket;
 use crate::state::Shared;
 use crate::telemetry;
 
@@ -46,6 +47,10 @@ pub struct FoldedBatch {
     /// What the batch adds to the ingest metrics.
     pub outcome: Tally,
     messages: usize,
+    /// The claim on the parts' dedup keys, one for every share of the batch (a key in two
+    /// shares is a duplicate within the batch, not a request to wait for): closed when the
+    /// batch is dropped, after `apply`.
+    ticket: Option<Ticket>,
 }
 
 impl FoldedBatch {
@@ -127,10 +132,12 @@ impl Folder {
             return self.fold(messages);
         }
         let share = messages.len().div_ceil(threads);
+        let ticket = self.shared.dedup.ticket();
         let mut folded = std::thread::scope(|scope| {
+            let ticket = &ticket;
             let handles: Vec<_> = messages
                 .chunks(share)
-                .map(|chunk| scope.spawn(move || self.fold(chunk)))
+                .map(|chunk| scope.spawn(move || self.fold_under(chunk, ticket)))
                 .collect();
             handles
                 .into_iter()
@@ -138,15 +145,24 @@ impl Folder {
                 .collect::<Vec<_>>()
         })
         .into_iter();
-        let mut merged = folded.next().unwrap_or_else(|| self.fold(&[]));
+        let mut merged = folded.next().unwrap_or_else(|| self.fold_under(&[], &ticket));
         for part in folded {
             merged.absorb(part, &self.shared);
         }
+        merged.ticket = Some(ticket);
         merged
     }
 
     /// Decode → dead letters → dedup → pre-aggregate per partition (applies nothing yet).
     pub fn fold(&self, messages: &[KafkaMessage]) -> FoldedBatch {
+        let ticket = self.shared.dedup.ticket();
+        let mut folded = self.fold_under(messages, &ticket);
+        folded.ticket = Some(ticket);
+        folded
+    }
+
+    /// `fold` claiming under `ticket`.
+    fn fold_under(&self, messages: &[KafkaMessage], ticket: &Ticket) -> FoldedBatch {
         let shared = &self.shared;
         let acceptance = shared.acceptance();
         let mut outcome = Tally::default();
@@ -287,7 +303,7 @@ impl Folder {
             .collect();
         let now = now_ms();
         let claimed = loop {
-            match claim_and_fold(shared, now, &units, partitions.len(), |i| units[i].group) {
+            match claim_and_fold(shared, ticket, now, &units, partitions.len(), |i| units[i].group) {
                 Ok(claimed) => break claimed,
                 Err(error) => {
                     // Without the store we cannot tell duplicates apart: wait, never guess.
@@ -343,6 +359,7 @@ impl Folder {
             first,
             outcome,
             messages: messages.len(),
+            ticket: None,
         }
     }
 
