@@ -100,6 +100,9 @@ pub const CHANGELOG_CHUNKS: &str = "tallyd_changelog_chunks_total";
 /// `{outcome}`: outcome ∈ restored | skipped (local store already current) | own_flush (ahead only by
 /// this store's own flush, published before a crash cut its local commit: the input is replayed).
 pub const CHANGELOG_RESTORES: &str = "tallyd_changelog_restores_total";
+/// Records a restore found in the newest flush it applied and a checkpoint then re-emitted (their
+/// owner may have died before its outbox had them; identical lines if it had not).
+pub const CHANGELOG_REEMITTED: &str = "tallyd_changelog_reemitted_records_total";
 /// `{outcome}`: outcome ∈ ok | failed. A base folded from a partition's changelog.
 pub const CHANGELOG_COMPACTIONS: &str = "tallyd_changelog_compactions_total";
 /// Ingest partitions this replica owns (cluster mode).

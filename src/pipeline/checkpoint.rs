@@ -141,16 +141,18 @@ impl CheckpointLoop {
         metrics::counter!(telemetry::CHECKPOINT_BYTES).increment(stats.bytes as u64);
         metrics::counter!(telemetry::CHECKPOINT_SERIES).increment(stats.series as u64);
         metrics::counter!(telemetry::RATED_RECORDS).increment(stats.rated as u64);
+        metrics::counter!(telemetry::CHANGELOG_REEMITTED).increment(stats.reemitted as u64);
         metrics::gauge!(telemetry::CHECKPOINT_LAST_SUCCESS).set(now_secs as f64);
         shared.last_checkpoint_ms.store(now_ms(), Ordering::Release);
         metrics::gauge!(telemetry::DEDUP_PENDING).set(shared.dedup.len() as f64);
-        if stats.series > 0 || stats.records > 0 {
+        if stats.series > 0 || stats.records > 0 || stats.reemitted > 0 {
             tracing::debug!(
                 series = stats.series,
                 dedup_keys = stats.dedup_keys,
                 records = stats.records,
                 rated = stats.rated,
                 amended = stats.amended,
+                reemitted = stats.reemitted,
                 bytes = stats.bytes,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "checkpoint written"

@@ -30,6 +30,15 @@
 //! new usage, e.g. a window closing by time), so the next owner continues the revisions and
 //! the ledgers exactly where this one stopped.
 //!
+//! And the records themselves (format v3): every outbox line the checkpoint writes for those
+//! tenants goes in as an `E` entry (tenant, writer, outbox sequence → line). A flush is
+//! published before its checkpoint commits, so the newest flush's lines may never have reached
+//! the writer's outbox (it died in between). A restore writes the newest applied flush's lines
+//! as `E` keys in its own batch, and the next checkpoint moves them into this replica's outbox:
+//! identical `(record_id, revision)` lines, at worst a duplicate for an upserting consumer,
+//! never a record missing until the window's next amendment. Folding keeps the newest flush's
+//! lines only.
+//!
 //! Limits: absolute states are per series, so a series must be fed by one partition (the topic
 //! is keyed by tenant).
 
@@ -303,23 +312,32 @@ pub fn fold(flushes: &[Vec<ChangelogChunk>], min_seen_secs: i64, min_window_star
     let mut seen: rustc_hash::FxHashMap<u128, i64> = rustc_hash::FxHashMap::default();
     let mut state: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>> = std::collections::BTreeMap::new();
     let mut position = 0;
-    for chunk in flushes.iter().flatten() {
-        position = chunk.position;
-        for entry in &chunk.series {
-            series.insert(entry.suffix.clone(), entry.clone());
-        }
-        for entry in &chunk.state {
-            state.insert(entry.key.clone(), entry.value.clone());
-        }
-        let keys = chunk
-            .dedup_keys
-            .iter()
-            .map(|key| (*key, chunk.seen_secs))
-            .chain(chunk.dedup_seen.iter().copied());
-        for (key, at) in keys {
-            // The first sighting is what the horizon counts from.
-            let first = seen.entry(key).or_insert(at);
-            *first = (*first).min(at);
+    // Lines to re-emit: the newest flush's only (a restore re-emits no others).
+    let mut reemit: Vec<StateEntry> = Vec::new();
+    for flush in flushes {
+        reemit.clear();
+        for chunk in flush {
+            position = chunk.position;
+            for entry in &chunk.series {
+                series.insert(entry.suffix.clone(), entry.clone());
+            }
+            for entry in &chunk.state {
+                if entry.key.first() == Some(&keys::REEMIT) {
+                    reemit.push(entry.clone());
+                } else {
+                    state.insert(entry.key.clone(), entry.value.clone());
+                }
+            }
+            let keys = chunk
+                .dedup_keys
+                .iter()
+                .map(|key| (*key, chunk.seen_secs))
+                .chain(chunk.dedup_seen.iter().copied());
+            for (key, at) in keys {
+                // The first sighting is what the horizon counts from.
+                let first = seen.entry(key).or_insert(at);
+                *first = (*first).min(at);
+            }
         }
     }
     let series = series
@@ -345,6 +363,7 @@ pub fn fold(flushes: &[Vec<ChangelogChunk>], min_seen_secs: i64, min_window_star
             _ => true,
         })
         .map(|(key, value)| StateEntry { key, value })
+        .chain(reemit)
         .collect();
     Folded {
         series,
@@ -438,7 +457,16 @@ impl RocksStore {
         let dedup_cf = self.dedup_cf()?;
         // The tenants whose series the restore copies: this replica now knows where they are.
         let mut tenants: Vec<String> = Vec::new();
-        for chunk in flushes.iter().flatten() {
+        // Only the newest flush's lines are re-emitted: every older flush's writer committed
+        // (and so emitted) them before publishing the next, or the restore that followed it
+        // re-emitted them.
+        let newest = flushes.len() - 1;
+        let mut reemits = 0;
+        for (chunk, index) in flushes
+            .iter()
+            .enumerate()
+            .flat_map(|(index, flush)| flush.iter().map(move |chunk| (chunk, index)))
+        {
             for entry in &chunk.series {
                 let name = keys::decode_series_suffix(&entry.suffix).ok_or_else(|| StoreError::Corrupt {
                     what: "changelog series key",
@@ -478,6 +506,22 @@ impl RocksStore {
             }
             // After the series: a revision carried here is the one emitted last.
             for entry in &chunk.state {
+                if entry.key.first() == Some(&keys::REEMIT) {
+                    match (&entry.value, keys::tenant_of_state_key(&entry.key)) {
+                        (Some(line), Some(_)) if index == newest => {
+                            batch.put(&entry.key, line);
+                            reemits += 1;
+                        }
+                        (Some(_), Some(_)) => {}
+                        _ => {
+                            return Err(StoreError::Corrupt {
+                                what: "changelog line to re-emit",
+                                detail: format!("{:?}", entry.key),
+                            })
+                        }
+                    }
+                    continue;
+                }
                 if !entry.key.first().is_some_and(|kind| STATE_KINDS.contains(kind)) {
                     return Err(StoreError::Corrupt {
                         what: "changelog state key",
@@ -501,6 +545,11 @@ impl RocksStore {
         });
         self.filters.noting(dedup_keys, || self.write(batch, true))?;
         self.tenant_sources.apply(learned);
+        if reemits > 0 {
+            // Written: the next checkpoint moves them to the outbox.
+            self.reemit_restored
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         Ok(Some(position))
     }
 }

@@ -59,6 +59,8 @@ pub struct CheckpointStats {
     /// Rated records among `records`' windows (tenants with a plan charging the meter).
     pub rated: usize,
     pub amended: usize,
+    /// Lines a restore left to re-emit, moved to the outbox.
+    pub reemitted: usize,
     pub bytes: usize,
 }
 
@@ -67,6 +69,23 @@ pub struct CheckpointStats {
 /// series (a tenth of a checkpoint's time); 128 bits make a collision, which would leave a window
 /// unclosed, as unlikely as a dedup-key collision.
 pub(super) type IndexedWindow = (i64, u128);
+
+/// The outbox lines a checkpoint writes, from the next free sequence; `carried` (cluster mode)
+/// keeps each with its tenant for the flushes.
+struct OutboxLines {
+    next: u64,
+    carried: Option<Vec<(String, u64, Vec<u8>)>>,
+}
+
+impl OutboxLines {
+    fn put(&mut self, batch: &mut WriteBatch, tenant: &str, line: Vec<u8>) {
+        batch.put(keys::outbox_key(self.next), &line);
+        if let Some(carried) = &mut self.carried {
+            carried.push((tenant.to_string(), self.next, line));
+        }
+        self.next += 1;
+    }
+}
 
 /// A checkpoint built but not yet written: its WriteBatch and what committing it changes.
 pub struct CheckpointBatch {
@@ -79,6 +98,8 @@ pub struct CheckpointBatch {
     new_index: FxHashSet<IndexedWindow>,
     closed_before: i64,
     outbox_next: u64,
+    /// `reemit_restored` when this batch moved the `E` keys to the outbox.
+    reemit_seen: Option<u64>,
     pub stats: CheckpointStats,
     /// To publish (and have acknowledged) before the batch commits.
     pub changelog: Vec<ChangelogChunk>,
@@ -220,7 +241,26 @@ impl RocksStore {
         remaining.sort_by(|a, b| a.0.cmp(&b.0));
         to_emit.extend(remaining.into_iter().map(|(suffix, delta)| (suffix, Some(delta))));
 
-        let mut outbox_next = self.outbox_next.load(Ordering::Acquire);
+        // In cluster mode every outbox line also travels in its tenant's flush (`E` entries):
+        // a replica that restores a flush this one never committed re-emits its lines.
+        let mut outbox = OutboxLines {
+            next: self.outbox_next.load(Ordering::Acquire),
+            carried: self.tenant_sources.tracks_ownership().then(Vec::new),
+        };
+        // Lines a restore left to re-emit, oldest first: before anything this checkpoint adds.
+        let reemit_restored = self.reemit_restored.load(Ordering::Acquire);
+        let reemit_seen = if reemit_restored != self.reemit_moved.load(Ordering::Acquire) {
+            let pending = self.scan_entries(&[keys::REEMIT], |key| key.first() == Some(&keys::REEMIT))?;
+            for (key, line) in pending {
+                let tenant = keys::tenant_of_state_key(&key).unwrap_or_default().to_string();
+                outbox.put(&mut batch, &tenant, line);
+                batch.delete(&key);
+                stats.reemitted += 1;
+            }
+            Some(reemit_restored)
+        } else {
+            None
+        };
         let mut emitted_revisions: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
         let mut records = 0;
         let closed_at = rfc3339(now_secs);
@@ -271,9 +311,8 @@ impl RocksStore {
             if replicated {
                 emitted_revisions.insert(suffix.clone(), revision);
             }
-            batch.put(keys::outbox_key(outbox_next), &line);
+            outbox.put(&mut batch, &name.tenant, line);
             records += 1;
-            outbox_next += 1;
             if let Some(shape) = shape {
                 let rated = self.rate_window(
                     &mut rating,
@@ -286,17 +325,15 @@ impl RocksStore {
                     shape,
                 )?;
                 for line in rated {
-                    batch.put(keys::outbox_key(outbox_next), &line);
+                    outbox.put(&mut batch, &name.tenant, line);
                     stats.rated += 1;
-                    outbox_next += 1;
                 }
             }
         }
         stats.records = records;
-        for line in self.settle_closed_periods(&mut rating, &mut batch, allowed_lateness_secs)? {
-            batch.put(keys::outbox_key(outbox_next), &line);
+        for (tenant, line) in self.settle_closed_periods(&mut rating, &mut batch, allowed_lateness_secs)? {
+            outbox.put(&mut batch, &tenant, line);
             stats.rated += 1;
-            outbox_next += 1;
         }
         rating.finish(&mut batch);
 
@@ -326,6 +363,7 @@ impl RocksStore {
             keys::meta_key(META_CLOSED_BEFORE),
             (closed_before_new as u64).to_be_bytes(),
         );
+        let outbox_next = outbox.next;
         batch.put(keys::meta_key(META_OUTBOX_NEXT), outbox_next.to_be_bytes());
         batch.put(keys::meta_key(META_GENERATION), snapshot.generation.to_be_bytes());
         let clock_mark = self.expiry.record();
@@ -358,7 +396,7 @@ impl RocksStore {
         // The emission and rating keys this batch writes for each owned source's tenants travel
         // in that source's flush; a source without new usage gets a flush of them alone.
         let mut state = if self.tenant_sources.tracks_ownership() {
-            self.state_entries(&batch, &tenant_sources)
+            self.state_entries(&batch, outbox.carried.unwrap_or_default(), &tenant_sources)
         } else {
             FxHashMap::default()
         };
@@ -397,17 +435,20 @@ impl RocksStore {
             new_index,
             closed_before: closed_before_new,
             outbox_next,
+            reemit_seen,
             stats,
             changelog,
             tenant_sources,
         })
     }
 
-    /// The emission and rating keys `batch` writes (`changelog::STATE_KINDS`), by the owned
-    /// source whose changelog carries their tenant.
+    /// The emission and rating keys `batch` writes (`changelog::STATE_KINDS`) and its outbox
+    /// `lines` (tenant, sequence, line) as `E` entries, by the owned source whose changelog
+    /// carries their tenant.
     fn state_entries(
         &self,
         batch: &WriteBatch,
+        lines: Vec<(String, u64, Vec<u8>)>,
         new_pairs: &super::tenants::NewPairs,
     ) -> FxHashMap<String, Vec<StateEntry>> {
         struct Collect(Vec<StateEntry>);
@@ -432,6 +473,12 @@ impl RocksStore {
         }
         let mut collect = Collect(Vec::new());
         batch.iterate_cf(&mut collect);
+        collect
+            .0
+            .extend(lines.into_iter().map(|(tenant, seq, line)| StateEntry {
+                key: keys::reemit_key(&tenant, self.writer(), seq),
+                value: Some(line),
+            }));
         let mut by_source: FxHashMap<String, Vec<StateEntry>> = FxHashMap::default();
         let mut carriers: FxHashMap<String, Vec<String>> = FxHashMap::default();
         for entry in collect.0 {
@@ -530,6 +577,9 @@ impl RocksStore {
         self.closed_before
             .store(prepared.closed_before, Ordering::Release);
         self.outbox_next.store(prepared.outbox_next, Ordering::Release);
+        if let Some(seen) = prepared.reemit_seen {
+            self.reemit_moved.fetch_max(seen, Ordering::AcqRel);
+        }
         self.tenant_sources.apply(prepared.tenant_sources);
         Ok(stats)
     }

@@ -41,8 +41,9 @@ pub const KINDS: &[(&str, u8)] = &[
     ("tenant_period", 1),
     // `d` values (u64 BE first-seen secs, then u128 BE keys) and `D` values (u64 BE).
     ("dedup_run", 1),
-    // Changelog topic messages (postcard `ChangelogChunk`; v1 had no `state` and is still read).
-    ("changelog_chunk", 2),
+    // Changelog topic messages (postcard `ChangelogChunk`; v1 had no `state` and is still read;
+    // v3's `state` may carry `E` lines to re-emit, which v2 readers refuse as unknown keys).
+    ("changelog_chunk", 3),
     // Forwarded usage on the ingest topic (postcard `ForwardedUsage`).
     ("forwarded_usage", 1),
     // `O` and `Q` values: JSON window and rated records (their fields are a public contract).
@@ -479,6 +480,7 @@ mod tests {
             pinned("changelog_chunk", &chunk.encode(), "0d6b61666b612f75736167652f334d0001e807808d9e930d01080006746f6b656e7302010402010500010106828d9e930d84070202520101040000000202540200");
             assert_eq!(ChangelogChunk::decode(&chunk.encode()).unwrap(), chunk);
             assert_eq!(ChangelogChunk::decode_version(&chunk.encode(), 2).unwrap(), chunk);
+            assert_eq!(ChangelogChunk::decode_version(&chunk.encode(), 3).unwrap(), chunk);
         }
 
         #[test]

@@ -21,6 +21,9 @@
 //! T | period_end | tenant | period_start        → ()  a tenant period not yet settled (close index)
 //! N | tenant | source                           → u64 BE first-seen unix secs: a replicated
 //!                                                  source fed the tenant (`tenants.rs`)
+//! E | tenant | writer u32 BE | seq u64 BE       → JSON line to re-emit: an outbox line of the
+//!                                                  newest flush a restore applied, moved to `O`
+//!                                                  by the next checkpoint (`changelog.rs`)
 //! ```
 //! Times are unix seconds, stored sign-flipped big-endian so that byte order is time order.
 
@@ -40,6 +43,7 @@ pub const LEDGER: u8 = b'L';
 pub const TENANT_PERIOD: u8 = b'C';
 pub const PERIOD_CLOSE: u8 = b'T';
 pub const TENANT_SOURCE: u8 = b'N';
+pub const REEMIT: u8 = b'E';
 
 pub fn time_bytes(unix_secs: i64) -> [u8; 8] {
     ((unix_secs as u64) ^ (1 << 63)).to_be_bytes()
@@ -215,7 +219,7 @@ pub fn prefix_tenant(prefix: &[u8]) -> Option<&str> {
     read_str(prefix, &mut pos)
 }
 
-/// The tenant of an emission or rating key (`W`, `R`, `Q`, `L`, `C`, `T`).
+/// The tenant of an emission or rating key (`W`, `R`, `Q`, `L`, `C`, `T`) or a line to re-emit (`E`).
 pub fn tenant_of_state_key(key: &[u8]) -> Option<&str> {
     let mut pos = 1;
     match *key.first()? {
@@ -224,7 +228,7 @@ pub fn tenant_of_state_key(key: &[u8]) -> Option<&str> {
             read_str(key, &mut pos)?;
             read_str(key, &mut pos)
         }
-        TENANT_PERIOD => read_str(key, &mut pos),
+        TENANT_PERIOD | REEMIT => read_str(key, &mut pos),
         PERIOD_CLOSE => {
             pos = 9;
             read_str(key, &mut pos)
@@ -272,6 +276,15 @@ pub fn stream_key(stream: u128) -> [u8; 17] {
 
 pub fn position_key(source: &str) -> Vec<u8> {
     with_kind(POSITION, source.as_bytes())
+}
+
+/// A line to re-emit: `writer`'s outbox line `seq`, for `tenant`.
+pub fn reemit_key(tenant: &str, writer: u32, seq: u64) -> Vec<u8> {
+    let mut out = vec![REEMIT];
+    push_str(&mut out, tenant);
+    out.extend_from_slice(&writer.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
+    out
 }
 
 pub fn outbox_key(seq: u64) -> [u8; 9] {

@@ -52,10 +52,17 @@ pub enum StoreError {
     Format(String),
 }
 
+/// A stored key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 pub struct RocksStore {
     db: DB,
     /// Next outbox sequence; only the checkpoint thread advances it.
     outbox_next: AtomicU64,
+    /// Restores that wrote lines to re-emit (`E` keys; 1 at open: a crash may have left some),
+    /// and how many of them checkpoints have moved to the outbox: unequal → look for `E` keys.
+    reemit_restored: AtomicU64,
+    reemit_moved: AtomicU64,
     /// Windows ending at or before this unix second have been closed and emitted.
     closed_before: AtomicI64,
     /// Close-index (`W`) keys known to be in the store, so checkpoints write each once.
@@ -237,6 +244,8 @@ impl RocksStore {
             db,
             tenant_sources,
             outbox_next: AtomicU64::new(outbox_next),
+            reemit_restored: AtomicU64::new(1),
+            reemit_moved: AtomicU64::new(0),
             closed_before: AtomicI64::new(closed_before),
             indexed_windows: Default::default(),
             emitters: Default::default(),
@@ -376,6 +385,23 @@ impl RocksStore {
     }
 
     /// Iterates keys of one kind from `start` (inclusive) while `keep` holds.
+    /// Keys and values from `start` while `keep(key)`.
+    pub fn scan_entries(
+        &self,
+        start: &[u8],
+        mut keep: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator(IteratorMode::From(start, Direction::Forward)) {
+            let (key, value) = item?;
+            if !keep(&key) {
+                break;
+            }
+            out.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
     pub fn scan_keys(
         &self,
         start: &[u8],
@@ -920,20 +946,21 @@ mod tests {
         };
         run(&replica, closing_only(1), NOW + 200, &mut Vec::new());
         assert!(lines(&replica).is_empty(), "{:?}", lines(&replica));
-        // It takes the partition over: the closing is not repeated, and a late delta amends the
-        // window as revision 2 with the whole total.
+        // It takes the partition over: the closing is not repeated (the newest flush's line is
+        // re-emitted as it was: its owner might have died before committing it), and a late
+        // delta amends the window as revision 2 with the whole total.
         replica.restore_source(&source, &flushes[1..], &catalog).unwrap();
         owning(&replica, true);
         run(&replica, closing_only(2), NOW + 300, &mut Vec::new());
-        assert!(lines(&replica).is_empty(), "{:?}", lines(&replica));
+        assert_eq!(lines(&replica), emitted, "an identical line, not a new closing");
         run(&replica, usage(3, 20, 7), NOW + 400, &mut Vec::new());
         let amended = lines(&replica);
-        assert_eq!(amended.len(), 1, "{amended:?}");
+        assert_eq!(amended.len(), 2, "{amended:?}");
         assert_eq!(
             (
-                amended[0]["revision"].clone(),
-                amended[0]["quantity"].clone(),
-                amended[0]["record_id"].clone()
+                amended[1]["revision"].clone(),
+                amended[1]["quantity"].clone(),
+                amended[1]["record_id"].clone()
             ),
             (2.into(), "12".into(), emitted[0]["record_id"].clone())
         );
@@ -1015,6 +1042,102 @@ mod tests {
             .map(|line| (line["revision"].clone(), line["quantity"].clone()))
             .collect();
         assert_eq!(got, [(1.into(), "12".into())]);
+    }
+
+    /// The owner publishes a flush and dies before its checkpoint commits: the window record it
+    /// was closing never reached its outbox. The replica that restores that flush re-emits its
+    /// lines (identical record id and revision), also when it restores from a base that folded
+    /// the flush, and continues the revisions from there. Before, the restore applied the
+    /// flush's revision as if the record had gone out: it appeared only with an amendment.
+    #[test]
+    fn a_flush_whose_checkpoint_never_committed_is_emitted_by_the_replica_that_restores_it() {
+        use crate::aggregate::SourceCut;
+        let names = Names::default();
+        let (_dirs, origin, replica, catalog) = origin_and_replica();
+        let source = "kafka/usage/3".to_string();
+        for store in [&origin, &replica] {
+            store
+                .tenant_sources
+                .set_owned(Some([source.clone()].into_iter().collect()));
+        }
+        let key = SeriesKey {
+            meter: names.meters.intern("tokens"),
+            tenant: names.tenants.intern("acme"),
+            dims: 0,
+            window_start: NOW,
+        };
+        let usage = |generation: u64, position: u64, value: i128| Snapshot {
+            generation,
+            positions: vec![(source.clone(), position)],
+            sources: vec![SourceCut {
+                source: source.clone(),
+                series: vec![key],
+                dedup_keys: Vec::new(),
+            }],
+            deltas: vec![(
+                key,
+                AggState::from_observation(Aggregation::Sum, Observation::Value(value), 0, 0),
+            )],
+            ..Snapshot::default()
+        };
+        let mut published = Vec::new();
+        let committed = origin
+            .prepare_checkpoint(
+                &usage(1, 10, 5),
+                &names,
+                &catalog,
+                NOW + 30,
+                60,
+                &Default::default(),
+            )
+            .unwrap();
+        published.extend(committed.changelog.clone());
+        origin.commit_checkpoint(committed).unwrap();
+        // The window closes by time; the flush is published, then the owner dies.
+        let closing = Snapshot {
+            generation: 2,
+            ..Snapshot::default()
+        };
+        let lost = origin
+            .prepare_checkpoint(&closing, &names, &catalog, NOW + 200, 60, &Default::default())
+            .unwrap();
+        published.extend(lost.changelog.clone());
+        drop(lost);
+        assert!(lines(&origin).is_empty());
+        let flushes = changelog::complete_flushes(&source, published);
+        assert_eq!(flushes.len(), 2);
+
+        // A restore of the older flush alone has nothing to re-emit (its window was open).
+        replica.restore_source(&source, &flushes[..1], &catalog).unwrap();
+        checkpoint(&replica, &names, &catalog, Snapshot::default(), NOW + 30);
+        assert!(lines(&replica).is_empty(), "{:?}", lines(&replica));
+        replica.restore_source(&source, &flushes, &catalog).unwrap();
+        checkpoint(&replica, &names, &catalog, Snapshot::default(), NOW + 300);
+        let emitted = lines(&replica);
+        let summary = |lines: &[serde_json::Value]| -> Vec<(serde_json::Value, serde_json::Value)> {
+            lines
+                .iter()
+                .map(|line| (line["revision"].clone(), line["quantity"].clone()))
+                .collect()
+        };
+        assert_eq!(summary(&emitted), [(1.into(), "5".into())]);
+        // Moved once: the next checkpoint emits nothing more.
+        checkpoint(&replica, &names, &catalog, Snapshot::default(), NOW + 310);
+        assert_eq!(lines(&replica).len(), 1);
+        // A late delta amends it as revision 2 with the whole total.
+        checkpoint(&replica, &names, &catalog, usage(3, 11, 7), NOW + 400);
+        let after = lines(&replica);
+        assert_eq!(summary(&after[1..]), [(2.into(), "12".into())]);
+        assert_eq!(after[1]["record_id"], emitted[0]["record_id"]);
+
+        // A third replica restoring from a base that folded both flushes re-emits the same line.
+        let folded = changelog::fold(&flushes, 0, 0);
+        let base = changelog::complete_flushes(&source, changelog::chunk_base(&source, 9, folded, 1));
+        let dir = tempfile::tempdir().unwrap();
+        let (third, _, third_catalog) = tokens_store(dir.path());
+        third.restore_source(&source, &base, &third_catalog).unwrap();
+        checkpoint(&third, &names, &third_catalog, Snapshot::default(), NOW + 300);
+        assert_eq!(lines(&third), emitted);
     }
 
     /// Tenants are learned from the sources that fed them, kept across a restart, and a tenant

@@ -387,7 +387,7 @@ impl RocksStore {
         rating: &mut RatingBatch<'_>,
         batch: &mut WriteBatch,
         allowed_lateness_secs: i64,
-    ) -> Result<Vec<Vec<u8>>, StoreError> {
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let watermark = rating.now_secs - allowed_lateness_secs;
         let due = self.scan_keys(&[keys::PERIOD_CLOSE], |key| {
             key.first() == Some(&keys::PERIOD_CLOSE)
@@ -426,7 +426,7 @@ impl RocksStore {
                 continue;
             }
             if let Some(line) = self.settle(rating, &mut period, plan, &tenant, period_start)? {
-                lines.push(line);
+                lines.push((tenant.clone(), line));
             }
             rating.periods.insert(key, period);
         }
