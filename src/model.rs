@@ -11,6 +11,7 @@ pub use cardinality::{DimsRef, SeriesGuard, SeriesLimit};
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -246,16 +247,36 @@ impl fmt::Display for WindowSize {
     }
 }
 
-/// A thread-safe append-only interner: value → dense `u32` id and back.
+/// A thread-safe interner: value → `u32` id and back, with generations so that values nobody
+/// uses any more are dropped.
 ///
-/// Ids are process-local; everything that outlives the process stores the value itself.
+/// Ids are process-local; everything that outlives the process stores the value itself. Every
+/// lookup stamps the value with the current generation; `rotate` (the checkpoint thread, once
+/// a UTC day, right after a checkpoint committed) starts a new generation and drops the values
+/// not looked up during the last two, so memory is bounded by what ingest admits in three days
+/// (`[aggregate] max_series` a day at most), not by the process's uptime. Safe because no
+/// holder keeps an id that long without looking its value up again: engine deltas live until
+/// the next checkpoint, requests and Kafka batches seconds (one stuck behind a dead-letter topic
+/// that is down for two days would fail its checkpoint on resolve: the daemon exits and the
+/// partition replays from its committed offsets, nothing lost). Ids of dropped values are not
+/// handed out again until the 32-bit counter wraps.
 pub struct Interner<T: ?Sized + Hash + Eq> {
     inner: RwLock<InternerInner<T>>,
+    generation: AtomicU32,
+    /// Ids below this are never dropped (`pin_existing`).
+    pinned: AtomicU32,
 }
 
 struct InternerInner<T: ?Sized> {
-    ids: HashMap<Arc<T>, u32>,
-    values: Vec<Arc<T>>,
+    ids: HashMap<Arc<T>, Slot>,
+    values: rustc_hash::FxHashMap<u32, Arc<T>>,
+    next: u32,
+}
+
+/// An interned value's id and the last generation it was looked up in.
+struct Slot {
+    id: u32,
+    seen: AtomicU32,
 }
 
 impl<T: ?Sized + Hash + Eq> Default for Interner<T> {
@@ -263,15 +284,30 @@ impl<T: ?Sized + Hash + Eq> Default for Interner<T> {
         Interner {
             inner: RwLock::new(InternerInner {
                 ids: HashMap::new(),
-                values: Vec::new(),
+                values: Default::default(),
+                next: 0,
             }),
+            generation: AtomicU32::new(0),
+            pinned: AtomicU32::new(0),
         }
     }
 }
 
 impl<T: ?Sized + Hash + Eq> Interner<T> {
     pub fn get(&self, value: &T) -> Option<u32> {
-        self.inner.read().ids.get(value).copied()
+        let inner = self.inner.read();
+        let slot = inner.ids.get(value)?;
+        self.stamp(slot);
+        Some(slot.id)
+    }
+
+    /// Marks `slot` as used in this generation (a store only when it changes: the line is
+    /// shared by every thread looking the value up).
+    fn stamp(&self, slot: &Slot) {
+        let generation = self.generation.load(Ordering::Relaxed);
+        if slot.seen.load(Ordering::Relaxed) != generation {
+            slot.seen.store(generation, Ordering::Relaxed);
+        }
     }
 
     pub fn intern_with(&self, value: &T, to_owned: impl FnOnce(&T) -> Arc<T>) -> u32 {
@@ -279,18 +315,56 @@ impl<T: ?Sized + Hash + Eq> Interner<T> {
             return id;
         }
         let mut inner = self.inner.write();
-        if let Some(id) = inner.ids.get(value) {
-            return *id;
+        if let Some(slot) = inner.ids.get(value) {
+            self.stamp(slot);
+            return slot.id;
         }
-        let id = u32::try_from(inner.values.len()).expect("invariant: fewer than 2^32 interned values");
+        // Past a wrap of the counter, skip ids still live.
+        let mut id = inner.next;
+        while inner.values.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
+        inner.next = id.wrapping_add(1);
         let owned = to_owned(value);
-        inner.values.push(owned.clone());
-        inner.ids.insert(owned, id);
+        inner.values.insert(id, owned.clone());
+        let seen = AtomicU32::new(self.generation.load(Ordering::Relaxed));
+        inner.ids.insert(owned, Slot { id, seen });
         id
     }
 
+    /// The value of an id handed out by `get` or `intern` within the last two generations.
     pub fn resolve(&self, id: u32) -> Arc<T> {
-        self.inner.read().values[id as usize].clone()
+        self.inner
+            .read()
+            .values
+            .get(&id)
+            .cloned()
+            .expect("invariant: an id is resolved within two generations of its value's last lookup")
+    }
+
+    /// Keeps every value interned so far for good (e.g. the empty dimension set, id 0).
+    pub fn pin_existing(&self) {
+        let next = self.inner.read().next;
+        self.pinned.store(next, Ordering::Relaxed);
+    }
+
+    /// Starts a new generation and drops the values not looked up in the two before it;
+    /// returns how many were dropped.
+    pub fn rotate(&self) -> usize {
+        let mut inner = self.inner.write();
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        let pinned = self.pinned.load(Ordering::Relaxed);
+        let InternerInner { ids, values, .. } = &mut *inner;
+        let before = ids.len();
+        ids.retain(|_, slot| {
+            let idle = generation.wrapping_sub(slot.seen.load(Ordering::Relaxed));
+            let keep = idle <= 2 || slot.id < pinned;
+            if !keep {
+                values.remove(&slot.id);
+            }
+            keep
+        });
+        before - ids.len()
     }
 
     pub fn len(&self) -> usize {
@@ -407,6 +481,8 @@ pub struct Names {
     pub dims: Interner<[(String, String)]>,
     /// What ingest may add to `tenants` and `dims` (`cardinality`).
     pub series: SeriesGuard,
+    /// The UTC day of the last `rotate_if_due` (`i64::MIN`: none yet).
+    rotated_day: AtomicI64,
 }
 
 impl Default for Names {
@@ -416,10 +492,30 @@ impl Default for Names {
             meters: Interner::default(),
             dims: Interner::default(),
             series: SeriesGuard::default(),
+            rotated_day: AtomicI64::new(i64::MIN),
         };
         let empty = names.dims.intern(&[]);
         debug_assert_eq!(empty, 0);
+        names.dims.pin_existing();
         names
+    }
+}
+
+impl Names {
+    /// Once a UTC day, right after a checkpoint committed (so no delta of the engine's last cut
+    /// is still held): drops the tenants and dimension sets nobody looked up in two days
+    /// (`Interner::rotate`). Meters are few and never dropped. Returns (tenants, dims) dropped.
+    pub fn rotate_if_due(&self, now_ms: i64) -> Option<(usize, usize)> {
+        let day = now_ms.div_euclid(86_400_000);
+        let last = self.rotated_day.swap(day, Ordering::Relaxed);
+        if last == i64::MIN || day <= last {
+            // The first call only notes the day; a clock stepping back rotates nothing.
+            if day < last {
+                self.rotated_day.store(last, Ordering::Relaxed);
+            }
+            return None;
+        }
+        Some((self.tenants.rotate(), self.dims.rotate()))
     }
 }
 
@@ -479,6 +575,87 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Values nobody looked up in two generations go; used, recent and pinned ones stay; an id
+    /// is never handed to another value, so a stale id cannot name the wrong tenant.
+    #[test]
+    fn rotation_drops_values_unused_for_two_generations_and_never_reuses_their_ids() {
+        let names = Names::default();
+        let tenants = &names.tenants;
+        let (old, busy) = (tenants.intern("old"), tenants.intern("busy"));
+        assert_eq!(tenants.rotate(), 0, "both seen in the generation that ended");
+        let recent = tenants.intern("recent");
+        assert_eq!(tenants.get("busy"), Some(busy));
+        assert_eq!(tenants.rotate(), 0, "`old` unused for one generation only");
+        assert_eq!(tenants.get("busy"), Some(busy));
+        assert_eq!(tenants.rotate(), 1, "`old` unused for two generations");
+        assert_eq!(tenants.get("old"), None);
+        assert_eq!(
+            (&*tenants.resolve(busy), &*tenants.resolve(recent)),
+            ("busy", "recent")
+        );
+        assert_eq!(tenants.len(), 2);
+        let again = tenants.intern("old");
+        assert!(![old, busy, recent].contains(&again), "a new id");
+        assert_eq!(&*tenants.resolve(again), "old");
+        // The empty dimension set keeps id 0 however long it is unused.
+        for _ in 0..5 {
+            names.dims.rotate();
+        }
+        assert_eq!(names.dims.get(&[]), Some(0));
+    }
+
+    #[test]
+    fn id_tables_rotate_once_a_utc_day_and_not_when_the_clock_steps_back() {
+        const DAY_MS: i64 = 86_400_000;
+        let names = Names::default();
+        names.tenants.intern("gone");
+        assert_eq!(
+            names.rotate_if_due(10 * DAY_MS),
+            None,
+            "the first call notes the day"
+        );
+        assert_eq!(names.rotate_if_due(10 * DAY_MS + 5), None);
+        assert_eq!(names.rotate_if_due(11 * DAY_MS), Some((0, 0)));
+        assert_eq!(names.rotate_if_due(9 * DAY_MS), None, "a step back");
+        assert_eq!(names.rotate_if_due(11 * DAY_MS + 1), None, "still day 11");
+        assert_eq!(names.rotate_if_due(12 * DAY_MS), Some((0, 0)));
+        assert_eq!(names.rotate_if_due(13 * DAY_MS), Some((1, 0)));
+        assert!(names.tenants.is_empty());
+    }
+
+    /// Concurrent lookups and rotations: a lookup racing a rotation stamps the generation the
+    /// value survives in. Each worker holds its ids across at most two rotations (a test lock
+    /// stands in for the checkpoint's daily cadence) and they must all still resolve.
+    #[test]
+    fn ids_looked_up_recently_resolve_across_rotations() {
+        let names = Names::default();
+        let cadence = parking_lot::RwLock::new(());
+        let rotations = AtomicU32::new(0);
+        std::thread::scope(|scope| {
+            for thread in 0..3 {
+                let (names, cadence, rotations) = (&names, &cadence, &rotations);
+                scope.spawn(move || {
+                    for round in 0..2_000 {
+                        let value = format!("t{thread}-{}", round % 50);
+                        let id = names.tenants.intern(&value);
+                        let before = rotations.load(Ordering::SeqCst);
+                        let _held = cadence.read();
+                        if rotations.load(Ordering::SeqCst) <= before + 2 {
+                            assert_eq!(&*names.tenants.resolve(id), value);
+                        }
+                    }
+                });
+            }
+            scope.spawn(|| {
+                for _ in 0..500 {
+                    let _rotating = cadence.write();
+                    names.tenants.rotate();
+                    rotations.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        });
+    }
 
     #[test]
     fn doubles_round_half_away_from_zero_from_their_shortest_digits() {

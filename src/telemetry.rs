@@ -92,6 +92,8 @@ pub const SERIES_ACTIVE_TODAY: &str = "tallyd_series_active_today";
 /// `{table}`: table ∈ tenants | dims. Values in the process's id tables (they only grow, by at
 /// most `aggregate.max_series` a day; a restart starts them empty).
 pub const INTERNED_VALUES: &str = "tallyd_interned_values";
+/// `{table}`: values dropped from an id table after two days unused (`model::Interner::rotate`).
+pub const INTERNED_DROPPED: &str = "tallyd_interned_values_dropped_total";
 /// Cumulative OTLP streams held (one state each), and those forgotten after two silent horizons.
 pub const STREAMS: &str = "tallyd_otlp_streams";
 pub const STREAMS_FORGOTTEN: &str = "tallyd_otlp_streams_forgotten_total";

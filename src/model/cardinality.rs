@@ -7,7 +7,7 @@
 //! `cardinality_limit`; series already active keep counting, so a tenant that floods distinct
 //! dimension values loses only the flood. The guard decides before anything is interned: a
 //! refused tenant or dimension value takes no memory, and the id tables grow by at most
-//! `max_series` values a day (they are process-local and start empty at each restart).
+//! `max_series` values a day; values unused for two days are dropped (`Interner::rotate`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -143,6 +143,12 @@ impl CheckpointLoop {
         metrics::counter!(telemetry::RATED_RECORDS).increment(stats.rated as u64);
         metrics::counter!(telemetry::CHANGELOG_REEMITTED).increment(stats.reemitted as u64);
         metrics::gauge!(telemetry::CHECKPOINT_LAST_SUCCESS).set(now_secs as f64);
+        // Right after a commit: the engine's last cut no longer holds any id.
+        if let Some((tenants, dims)) = shared.names.rotate_if_due(now_ms()) {
+            metrics::counter!(telemetry::INTERNED_DROPPED, "table" => "tenants").increment(tenants as u64);
+            metrics::counter!(telemetry::INTERNED_DROPPED, "table" => "dims").increment(dims as u64);
+            tracing::info!(tenants, dims, "dropped id-table values unused for two days");
+        }
         shared.last_checkpoint_ms.store(now_ms(), Ordering::Release);
         metrics::gauge!(telemetry::DEDUP_PENDING).set(shared.dedup.len() as f64);
         if stats.series > 0 || stats.records > 0 || stats.reemitted > 0 {
