@@ -391,3 +391,227 @@ async fn a_tenant_on_two_partitions_is_detected_and_named() {
     );
     daemon.stop();
 }
+
+/// librdkafka's default partitioner (`consistent_random`): CRC-32 (IEEE) of the key, mod the
+/// partition count; a null key goes to a random partition.
+fn crc32_partition(key: &str, partitions: i32) -> i32 {
+    let mut crc = !0u32;
+    for byte in key.bytes() {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    ((!crc) % partitions as u32) as i32
+}
+
+/// The status and body of a query that follows no redirect.
+async fn raw_query(client: &reqwest::Client, daemon: &Daemon, tenant: &str) -> (u16, Value) {
+    let response = client
+        .get(daemon.url(&format!("/api/v1/meters/tokens/query?subject={tenant}")))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// Issue 26: producers on librdkafka's default partitioner (CRC-32, what confluent-kafka for
+/// Python, Go and .NET use) put tenants on other partitions than murmur2 would. Queries go
+/// where each tenant's usage was counted, learned from the data, so both replicas answer
+/// every total exactly, also after one is SIGKILLed (the other takes over) and rejoins. A
+/// tenant produced with null keys lands on every partition: while different replicas own
+/// them, neither answers it (409 `tenant_split`, naming partitions and owners; left out of
+/// subject-less listings, named in `splitSubjects`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_follow_the_data_whatever_partitioner_producers_use() {
+    let Some(brokers) = real_broker() else { return };
+    let topic = unique_topic("usage-crc32");
+    create_topic(&brokers, &topic, PARTITIONS).await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let a = Daemon::start(&write_config(dirs[0].path(), &cluster_config(&brokers, &topic)));
+    let b = Daemon::start(&write_config(dirs[1].path(), &cluster_config(&brokers, &topic)));
+    let client = client();
+    let raw = no_redirects();
+    let split = wait_for_split(&client, &[&a, &b]).await;
+
+    let tenants: Vec<String> = (0..16).map(|i| format!("crc-{i}")).collect();
+    let moved = tenants
+        .iter()
+        .filter(|t| crc32_partition(t, PARTITIONS) != tallyd::cluster::partition_for(t, PARTITIONS))
+        .count();
+    assert!(
+        moved >= 8,
+        "only {moved} tenants land elsewhere than murmur2 would put them"
+    );
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    let mut records = Vec::new();
+    for i in 0..320 {
+        let tenant = &tenants[i % tenants.len()];
+        let tokens = (i as i64 * 31) % 97 + 1;
+        *expected.entry(tenant.clone()).or_default() += tokens;
+        let event = event(
+            &format!("k{i}"),
+            "llm.prompt",
+            tenant,
+            &ago((i % 60) as i64),
+            json!({"tokens": tokens, "model": "m"}),
+        );
+        // Keyed by subject, partitioned by librdkafka's default (the test producer sets none).
+        records.push(Record::json(tenant, &event));
+    }
+    let mut null_key_total = 0;
+    // Null keys go to a random partition per message (librdkafka's sticky partitioning would
+    // otherwise keep each 10 ms of them on one partition).
+    let null_key: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("enable.idempotence", "true")
+        .set("batch.num.messages", "1")
+        .set("sticky.partitioning.linger.ms", "0")
+        .create()
+        .unwrap();
+    let mut null_records = Vec::new();
+    for i in 0..40 {
+        null_key_total += 2;
+        null_records.push(Record {
+            key: String::new(),
+            ..Record::json(
+                "",
+                &event(
+                    &format!("n{i}"),
+                    "llm.prompt",
+                    "nullkey-co",
+                    &ago(3),
+                    json!({"tokens": 2, "model": "m"}),
+                ),
+            )
+        });
+    }
+    produce_all(&producer(&brokers), &topic, &records);
+    produce_null_keys(&null_key, &topic, &null_records);
+
+    wait_for_totals(&client, &a, &expected).await;
+    wait_for_totals(&client, &b, &expected).await;
+    // Without following redirects: the owner of the CRC-32 partition answers, the other
+    // replica names it and that partition.
+    for tenant in &tenants {
+        let partition = i64::from(crc32_partition(tenant, PARTITIONS));
+        let (status, body) = raw_query(&raw, &a, tenant).await;
+        if split[0].contains(&partition) {
+            assert_eq!(
+                (status, sum_rows(&body)),
+                (200, expected[tenant]),
+                "{tenant}: {body}"
+            );
+        } else {
+            assert_eq!(status, 307, "{tenant}: {body}");
+            assert_eq!(body["owners"][0]["partitions"], json!([partition]), "{body}");
+        }
+    }
+    // The null-key tenant: on partitions of both replicas, answered by neither.
+    let body = eventually("the null-key tenant is known split", async || {
+        let (status, body) = raw_query(&raw, &a, "nullkey-co").await;
+        (status == 409).then_some(body)
+    })
+    .await;
+    assert_eq!(body["error"], "tenant_split", "{body}");
+    let owners: BTreeSet<String> = body["subjects"][0]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|part| part["owner"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        owners,
+        BTreeSet::from([a.url(""), b.url("")].map(|u| u.trim_end_matches('/').to_string())),
+        "{body}"
+    );
+    // b learns a's pairs through the members topic (within a flush interval or so).
+    eventually("b knows the null-key tenant is split", async || {
+        (raw_query(&raw, &b, "nullkey-co").await.0 == 409).then_some(())
+    })
+    .await;
+    for daemon in [&a, &b] {
+        let listing = query(&raw, daemon, "tokens", "").await;
+        assert!(
+            listing["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|row| row["subject"] != "nullkey-co"),
+            "{listing}"
+        );
+        assert_eq!(
+            listing["cluster"]["splitSubjects"],
+            json!(["nullkey-co"]),
+            "{listing}"
+        );
+    }
+
+    // b is SIGKILLed while usage keeps arriving: a takes every partition over (the broker
+    // rebalances when b's session expires, or a's orphan watch rejoins the group because
+    // messages wait on partitions nobody consumes) and answers every tenant whole.
+    b.kill();
+    let more: Vec<Record> = tenants
+        .iter()
+        .enumerate()
+        .map(|(i, tenant)| {
+            *expected.get_mut(tenant).unwrap() += 5;
+            let event = event(
+                &format!("after-kill-{i}"),
+                "llm.prompt",
+                tenant,
+                &ago(2),
+                json!({"tokens": 5, "model": "m"}),
+            );
+            Record::json(tenant, &event)
+        })
+        .collect();
+    produce_all(&producer(&brokers), &topic, &more);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while owned_partitions(&client, &a).await.len() != PARTITIONS as usize {
+        assert!(
+            Instant::now() < deadline,
+            "a never took all partitions\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for_totals(&raw, &a, &expected).await;
+    // Not asserted: the null-key tenant's total on a. Restoring b's partitions overwrites the
+    // series a holds for it with b's part (absolute states per series assume one partition
+    // feeds a series: ARCHITECTURE.md, limits), so a split tenant's total is not whole after
+    // a takeover either; per-partition partial states are the open part of issue 26.
+    let _ = null_key_total;
+
+    // b rejoins: the partitions split again, and every CRC-32 tenant is exact through either.
+    let b = Daemon::start(&write_config(dirs[1].path(), &cluster_config(&brokers, &topic)));
+    wait_for_split(&client, &[&a, &b]).await;
+    wait_for_totals(&client, &a, &expected).await;
+    wait_for_totals(&client, &b, &expected).await;
+    a.stop();
+    b.stop();
+}
+
+/// Produces records with a null key (librdkafka picks a random partition for each).
+fn produce_null_keys(producer: &rdkafka::producer::BaseProducer, topic: &str, records: &[Record]) {
+    use rdkafka::producer::{BaseRecord, Producer};
+    for record in records {
+        let mut base: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).payload(record.payload.as_slice());
+        loop {
+            match producer.send(base) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    base = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(300))
+        .expect("all records acknowledged");
+}

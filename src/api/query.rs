@@ -126,16 +126,34 @@ pub async fn query_meter(
     }
 }
 
-/// Cluster mode: `None` when this replica owns every requested subject (or none was named);
-/// otherwise where to ask: 307 to the one owner, 421 listing several, 503 while unclaimed.
+/// Cluster mode: `None` when this replica holds all the usage of every requested subject (or
+/// none was named); otherwise where to ask: 307 to the one owner, 421 listing several, 503
+/// while a partition is unclaimed, 409 when a subject's usage is split across replicas (no
+/// replica can answer it whole).
 pub(crate) fn route_to_owner(cluster: &Cluster, subjects: &[String], path: &str) -> Option<Response> {
-    let elsewhere: Vec<(&str, i32, Owner)> = subjects
+    let routes: Vec<(&str, Vec<(i32, Owner)>)> = subjects
         .iter()
-        .map(|subject| {
-            let (partition, owner) = cluster.owner(subject);
-            (subject.as_str(), partition, owner)
+        .map(|subject| (subject.as_str(), cluster.route(subject)))
+        .collect();
+    if let Some(response) = split_subjects(cluster, &routes) {
+        return Some(response);
+    }
+    // From here every subject has one owner (all its partitions with one replica).
+    let elsewhere: Vec<(&str, Vec<i32>, Owner)> = routes
+        .iter()
+        .filter(|(_, parts)| parts.iter().any(|(_, owner)| *owner != Owner::Local))
+        .map(|(subject, parts)| {
+            let owner = parts
+                .iter()
+                .map(|(_, owner)| owner.clone())
+                .find(|owner| *owner == Owner::Unknown)
+                .unwrap_or_else(|| parts[0].1.clone());
+            (
+                *subject,
+                parts.iter().map(|(partition, _)| *partition).collect(),
+                owner,
+            )
         })
-        .filter(|(_, _, owner)| *owner != Owner::Local)
         .collect();
     if elsewhere.is_empty() {
         return None;
@@ -143,12 +161,12 @@ pub(crate) fn route_to_owner(cluster: &Cluster, subjects: &[String], path: &str)
     metrics::counter!(telemetry::CLUSTER_QUERY_REDIRECTS).increment(1);
     let owners: Vec<Value> = elsewhere
         .iter()
-        .map(|(subject, partition, owner)| {
+        .map(|(subject, partitions, owner)| {
             let url = match owner {
                 Owner::Remote(url) => Value::String(url.clone()),
                 _ => Value::Null,
             };
-            json!({"subject": subject, "partition": partition, "owner": url})
+            json!({"subject": subject, "partition": partitions[0], "partitions": partitions, "owner": url})
         })
         .collect();
     let remote: std::collections::BTreeSet<&str> = elsewhere
@@ -195,14 +213,78 @@ pub(crate) fn route_to_owner(cluster: &Cluster, subjects: &[String], path: &str)
     Some(response)
 }
 
-/// Cluster mode: rows of tenants this replica owns (its store may still hold tenants of
-/// partitions it owned before), and which partitions those are.
+/// Whether a subject's partitions are owned by more than one replica (an unclaimed partition
+/// is a rebalance, answered 503 by the caller, not a split).
+fn is_split(parts: &[(i32, Owner)]) -> bool {
+    if parts.iter().any(|(_, owner)| *owner == Owner::Unknown) {
+        return false;
+    }
+    let owners: std::collections::BTreeSet<Option<&str>> = parts
+        .iter()
+        .map(|(_, owner)| match owner {
+            Owner::Remote(url) => Some(url.as_str()),
+            _ => None,
+        })
+        .collect();
+    owners.len() > 1
+}
+
+/// 409 `tenant_split` for subjects whose usage was counted on partitions that different
+/// replicas own: each holds part of the total and none may answer it as if it were whole.
+fn split_subjects(cluster: &Cluster, routes: &[(&str, Vec<(i32, Owner)>)]) -> Option<Response> {
+    let split: Vec<Value> = routes
+        .iter()
+        .filter(|(_, parts)| is_split(parts))
+        .map(|(subject, parts)| {
+            let parts: Vec<Value> = parts
+                .iter()
+                .map(|(partition, owner)| {
+                    let url = match owner {
+                        Owner::Remote(url) => url.as_str(),
+                        _ => cluster.url.as_str(),
+                    };
+                    json!({"partition": partition, "owner": url})
+                })
+                .collect();
+            json!({"subject": subject, "partitions": parts})
+        })
+        .collect();
+    if split.is_empty() {
+        return None;
+    }
+    metrics::counter!(telemetry::CLUSTER_SPLIT_ANSWERS).increment(1);
+    Some(
+        (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": "tenant_split",
+                "message": "these subjects' usage was counted on partitions owned by different replicas, \
+                            so no replica holds a whole total; producers must keep each tenant on one \
+                            partition (key = subject; README, cluster mode). Answers resume once one \
+                            replica owns all of a subject's partitions.",
+                "replica": cluster.url,
+                "subjects": split,
+            })),
+        )
+            .into_response(),
+    )
+}
+
+/// Cluster mode: rows of tenants whose whole usage this replica holds (its store may still
+/// hold tenants of partitions it owned before, or part of a split tenant), which partitions it
+/// owns, and the split subjects it left out (`splitSubjects`).
 fn owned_rows_only(cluster: &Cluster, mut body: Value) -> Value {
+    let mut split = std::collections::BTreeSet::new();
     if let Some(Value::Array(rows)) = body.get_mut("data") {
         rows.retain(|row| {
-            row.get("subject")
-                .and_then(Value::as_str)
-                .is_some_and(|subject| cluster.owner(subject).1 == Owner::Local)
+            let Some(subject) = row.get("subject").and_then(Value::as_str) else {
+                return false;
+            };
+            let parts = cluster.route(subject);
+            if is_split(&parts) {
+                split.insert(subject.to_string());
+            }
+            parts.iter().all(|(_, owner)| *owner == Owner::Local)
         });
     }
     if let Value::Object(fields) = &mut body {
@@ -212,6 +294,7 @@ fn owned_rows_only(cluster: &Cluster, mut body: Value) -> Value {
                 "replica": cluster.url,
                 "partitions": cluster.partitions(),
                 "ownedPartitions": cluster.owned(),
+                "splitSubjects": split,
             }),
         );
     }

@@ -191,7 +191,12 @@ pub async fn list_rated(State(app): State<AppState>, RawQuery(raw): RawQuery) ->
     })
     .await;
     match listed {
-        Ok(Ok((records, truncated))) => {
+        Ok(Ok((mut records, truncated))) => {
+            // Cluster mode, all tenants: records of tenants whose whole usage is here only (the
+            // store may keep records of tenants whose partitions moved away, or split ones).
+            if let Some(cluster) = &app.cluster {
+                records.retain(|record| cluster.answers_whole(&record.tenant));
+            }
             let mut totals: std::collections::BTreeMap<String, Decimal> = Default::default();
             for record in &records {
                 if let Ok(amount) = Decimal::from_str(&record.amount) {

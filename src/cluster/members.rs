@@ -1,4 +1,6 @@
-//! The members topic: who owns which ingest partition, as each replica last said.
+//! The members topic: who owns which ingest partition, as each replica last said (key = the
+//! replica's URL), and on which partitions each tenant's usage has been counted (key =
+//! `tenant/<partition>/<tenant>`, one record per pair, so compaction keeps every pair).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +27,26 @@ pub struct Member {
     pub at_ms: i64,
 }
 
+/// A (tenant, partition) pair some replica counted usage for: the record value of key
+/// `tenant/<partition>/<tenant>` (`tenant_key`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantClaim {
+    pub tenant: String,
+    pub topic: String,
+    pub partition: i32,
+    pub at_ms: i64,
+}
+
+/// Where each tenant's usage is: the partitions some replica counted it on.
+pub type TenantDirectory = HashMap<String, std::collections::BTreeSet<i32>>;
+
+/// The members-topic key of a tenant's pair (URLs never start with `tenant/`).
+pub fn tenant_key(tenant: &str, partition: i32) -> String {
+    format!("{TENANT_KEY_PREFIX}{partition}/{tenant}")
+}
+
+const TENANT_KEY_PREFIX: &str = "tenant/";
+
 /// The newest claim naming `partition` of `topic`.
 pub fn newest_claim<'a>(
     directory: &'a HashMap<String, Member>,
@@ -49,6 +71,7 @@ pub fn follow(
     kafka: &KafkaConfig,
     topic: &str,
     directory: Arc<RwLock<HashMap<String, Member>>>,
+    (ingest_topic, tenants): (String, Arc<RwLock<TenantDirectory>>),
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, crate::kafka::KafkaSetupError> {
     // Every replica reads the whole topic with `assign` (no group membership, nothing
@@ -70,6 +93,23 @@ pub fn follow(
                         let Some(Ok(url)) = message.key_view::<str>() else {
                             continue;
                         };
+                        if url.starts_with(TENANT_KEY_PREFIX) {
+                            let claim = message
+                                .payload()
+                                .and_then(|payload| serde_json::from_slice::<TenantClaim>(payload).ok());
+                            match claim {
+                                Some(claim) if claim.topic == ingest_topic => {
+                                    tenants
+                                        .write()
+                                        .entry(claim.tenant)
+                                        .or_default()
+                                        .insert(claim.partition);
+                                }
+                                Some(_) => {}
+                                None => tracing::warn!(key = url, "unreadable tenant partition record"),
+                            }
+                            continue;
+                        }
                         match message.payload().filter(|payload| !payload.is_empty()) {
                             None => {
                                 directory.write().remove(url);

@@ -7,12 +7,19 @@
 //!   `acks=all`, key = subject, Kafka's murmur2 partitioner) and answers 202 only once Kafka has
 //!   acknowledged all of them. Counting, dedup and dead-lettering happen at the owner, exactly as
 //!   for events produced by anyone else: a client retrying after a 503 is deduplicated there.
-//! - **Queries go to the owner.** `partition = murmur2(subject) mod partitions`, the same rule the
-//!   producer used. Owners are learned from a small compacted topic (`<group_id>.members`) where
-//!   each replica publishes its URL and owned partitions on every rebalance (the consumer group
-//!   protocol's own member metadata is not readable on every broker: tansu answers
-//!   DescribeGroups without assignments). The newest entry naming a partition wins, so a replica
-//!   that died without saying goodbye is superseded by the partition's next owner.
+//! - **Queries go to where the tenant's usage is.** Each replica learns from the data on which
+//!   partitions it counted each tenant (`store::tenants`, kept with checkpoints and the
+//!   changelog) and publishes every (tenant, partition) pair to a small compacted topic
+//!   (`<group_id>.members`) that every replica follows; the same topic carries each replica's URL
+//!   and owned partitions, published on every rebalance (the consumer group protocol's own
+//!   member metadata is not readable on every broker: tansu answers DescribeGroups without
+//!   assignments). The newest claim naming a partition wins, so a replica that died without
+//!   saying goodbye is superseded by the partition's next owner. So a query goes to the owner of
+//!   the partitions the tenant's usage was counted on, whatever partitioner its producers used;
+//!   only a tenant nobody has counted yet falls back to `murmur2(subject) mod partitions`, the
+//!   rule tallyd's own edges forward with. A tenant counted on partitions that different
+//!   replicas own (producers breaking the one-tenant-one-partition contract) is answered by
+//!   none of them: 409 `tenant_split` names its partitions and owners (ARCHITECTURE.md).
 
 pub mod forward;
 mod members;
@@ -29,7 +36,7 @@ use crate::config::{ClusterConfig, KafkaConfig};
 use crate::kafka::{producer_config, topic_partitions, KafkaSetupError};
 use crate::telemetry;
 
-pub use members::Member;
+pub use members::{Member, TenantClaim, TenantDirectory};
 
 /// Longest a forwarded request waits for Kafka before the client gets a 503 (and retries).
 const DELIVERY_TIMEOUT_MS: &str = "10000";
@@ -92,6 +99,8 @@ pub struct Cluster {
     partitions: i32,
     owned: RwLock<BTreeSet<i32>>,
     directory: Arc<RwLock<HashMap<String, Member>>>,
+    /// Tenant → the partitions its usage was counted on, as every replica published it.
+    tenants: Arc<RwLock<TenantDirectory>>,
     producer: FutureProducer,
     reader_stop: Arc<AtomicBool>,
     reader: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -137,11 +146,13 @@ impl Cluster {
             .set("message.timeout.ms", DELIVERY_TIMEOUT_MS)
             .create()?;
         let directory = Arc::new(RwLock::new(HashMap::new()));
+        let tenants = Arc::new(RwLock::new(TenantDirectory::new()));
         let reader_stop = Arc::new(AtomicBool::new(false));
         let reader = members::follow(
             kafka,
             &config.members_topic,
             directory.clone(),
+            (config.ingest_topic.clone(), tenants.clone()),
             reader_stop.clone(),
         )?;
         tracing::info!(%url, partitions, members_topic = %config.members_topic, "cluster mode");
@@ -151,6 +162,7 @@ impl Cluster {
             partitions,
             owned: RwLock::new(BTreeSet::new()),
             directory,
+            tenants,
             producer,
             reader_stop,
             reader: Mutex::new(Some(reader)),
@@ -169,17 +181,72 @@ impl Cluster {
         self.owned.read().iter().copied().collect()
     }
 
-    /// The owner of `tenant`'s partition, and the partition.
-    pub fn owner(&self, tenant: &str) -> (i32, Owner) {
-        let partition = self.partition_of(tenant);
+    /// The partitions `tenant`'s usage was counted on (learned; before any: the murmur2
+    /// partition), each with who answers for it.
+    pub fn route(&self, tenant: &str) -> Vec<(i32, Owner)> {
+        let learned: Vec<i32> = self
+            .tenants
+            .read()
+            .get(tenant)
+            .map(|partitions| partitions.iter().copied().collect())
+            .unwrap_or_default();
+        let partitions = if learned.is_empty() {
+            vec![self.partition_of(tenant)]
+        } else {
+            learned
+        };
+        partitions
+            .into_iter()
+            .map(|partition| (partition, self.owner_of_partition(partition)))
+            .collect()
+    }
+
+    /// Whether this replica holds all of `tenant`'s usage (it owns every partition of it).
+    pub fn answers_whole(&self, tenant: &str) -> bool {
+        self.route(tenant).iter().all(|(_, owner)| *owner == Owner::Local)
+    }
+
+    fn owner_of_partition(&self, partition: i32) -> Owner {
         if self.owned.read().contains(&partition) {
-            return (partition, Owner::Local);
+            return Owner::Local;
         }
         let directory = self.directory.read();
-        let owner = members::newest_claim(&directory, &self.config.ingest_topic, partition)
+        members::newest_claim(&directory, &self.config.ingest_topic, partition)
             .filter(|member| member.url != self.url)
-            .map_or(Owner::Unknown, |member| Owner::Remote(member.url.clone()));
-        (partition, owner)
+            .map_or(Owner::Unknown, |member| Owner::Remote(member.url.clone()))
+    }
+
+    /// A store learned that `tenant`'s usage was counted on `source` (or holds the pair when its
+    /// partition is assigned here): known here at once, published for the other replicas.
+    /// Sources other than the ingest topic's partitions are not routed by.
+    pub fn learned(&self, tenant: &str, source: &str) {
+        let Some((topic, partition)) = crate::kafka::parse_position_name(source) else {
+            return;
+        };
+        if topic != self.config.ingest_topic {
+            return;
+        }
+        self.tenants
+            .write()
+            .entry(tenant.to_string())
+            .or_default()
+            .insert(partition);
+        let claim = TenantClaim {
+            tenant: tenant.to_string(),
+            topic: topic.to_string(),
+            partition,
+            at_ms: crate::model::now_ms(),
+        };
+        let payload = serde_json::to_vec(&claim).expect("invariant: tenant claims serialize");
+        let key = members::tenant_key(tenant, partition);
+        let record = FutureRecord::to(&self.config.members_topic)
+            .key(key.as_str())
+            .payload(&payload);
+        // Advisory like the partition claims: a lost pair is published again with the next
+        // assignment of its partition.
+        if let Err((error, _)) = self.producer.send_result(record) {
+            tracing::warn!(%error, tenant, partition, "cannot publish a tenant's partition");
+        }
     }
 
     /// Called by the consumer after each assignment change (partitions of every topic).

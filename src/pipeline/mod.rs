@@ -388,6 +388,16 @@ pub async fn run(
         }
         _ => None,
     };
+    if let Some(cluster) = &cluster {
+        // Every (tenant, partition) pair a checkpoint or a restore learns is routed by.
+        let cluster = cluster.clone();
+        shared
+            .store
+            .tenant_sources
+            .set_listener(Arc::new(move |tenant: &str, source: &str| {
+                cluster.learned(tenant, source)
+            }));
+    }
     let kafka_source = match shared.config.kafka.clone() {
         Some(kafka) => Some(
             crate::ingest::kafka::KafkaSource::start(

@@ -29,13 +29,25 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use super::{keys, StoreError};
 use crate::telemetry;
 
+/// Told each (tenant, source) pair once it is known (cluster mode publishes it).
+pub type PairListener = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 /// Every known (tenant, source) pair, by tenant (sources in the order learned).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct TenantSources {
     known: Mutex<FxHashMap<Arc<str>, Vec<Arc<str>>>>,
     /// The replicated sources this replica owns now; None: no replicated sources (every
     /// tenant's windows are emitted here).
     owned: parking_lot::RwLock<Option<FxHashSet<String>>>,
+    listener: parking_lot::RwLock<Option<PairListener>>,
+}
+
+impl std::fmt::Debug for TenantSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantSources")
+            .field("known", &self.known.lock().len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Pairs a batch writes, applied to memory once it committed.
@@ -69,6 +81,7 @@ impl TenantSources {
         Ok(TenantSources {
             known: Mutex::new(known),
             owned: Default::default(),
+            listener: Default::default(),
         })
     }
 
@@ -99,15 +112,38 @@ impl TenantSources {
         NewPairs(new)
     }
 
+    /// Tells `listener` every pair known from now on (and none known before: see `pairs_in`).
+    pub fn set_listener(&self, listener: PairListener) {
+        *self.listener.write() = Some(listener);
+    }
+
+    /// Every known pair whose source is one of `sources`.
+    pub fn pairs_in(&self, sources: &FxHashSet<String>) -> Vec<(String, String)> {
+        let known = self.known.lock();
+        let mut out: Vec<(String, String)> = known
+            .iter()
+            .flat_map(|(tenant, known_sources)| {
+                known_sources
+                    .iter()
+                    .filter(|source| sources.contains(&***source))
+                    .map(move |source| (tenant.to_string(), source.to_string()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Makes committed pairs known; a tenant's second source is a conflict (counted, logged).
     pub fn apply(&self, new: NewPairs) {
+        let mut fresh: Vec<(Arc<str>, Arc<str>)> = Vec::new();
         let mut known = self.known.lock();
         for (tenant, source) in new.0 {
             let sources = known.entry(tenant.clone()).or_default();
             if sources.contains(&source) {
                 continue;
             }
-            sources.push(source);
+            sources.push(source.clone());
+            fresh.push((tenant.clone(), source));
             if sources.len() > 1 {
                 metrics::counter!(telemetry::CLUSTER_TENANT_PARTITION_CONFLICTS).increment(1);
                 tracing::warn!(
@@ -117,6 +153,12 @@ impl TenantSources {
                      whole total (produce keyed by subject with the murmur2 partitioner; README, \
                      cluster mode)"
                 );
+            }
+        }
+        drop(known);
+        if let Some(listener) = self.listener.read().as_ref() {
+            for (tenant, source) in fresh {
+                listener(&tenant, &source);
             }
         }
     }

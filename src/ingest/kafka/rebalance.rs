@@ -107,6 +107,15 @@ impl SourceContext {
                     .iter()
                     .map(|(topic, partition)| (topic.as_str(), *partition)),
             );
+            // Where the owned partitions' tenants are, again: a pair published before and lost,
+            // or learned by a store that predates publishing, reaches the other replicas now.
+            let sources = owned
+                .iter()
+                .map(|(topic, partition)| position_name(topic, *partition))
+                .collect();
+            for (tenant, source) in self.shared.store.tenant_sources.pairs_in(&sources) {
+                cluster.learned(&tenant, &source);
+            }
         }
     }
 
