@@ -65,17 +65,27 @@ async fn wait_for_split(client: &reqwest::Client, replicas: &[&Daemon]) -> Vec<V
     }
 }
 
+/// A fresh `PARTITIONS`-partition topic and two replicas on it, once they split the
+/// partitions: (topic, their data directories, a, b, each one's partitions).
+async fn two_replicas(
+    brokers: &str,
+    prefix: &str,
+) -> (String, [tempfile::TempDir; 2], Daemon, Daemon, Vec<Vec<i64>>) {
+    let topic = unique_topic(prefix);
+    create_topic(brokers, &topic, PARTITIONS).await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let a = Daemon::start(&write_config(dirs[0].path(), &cluster_config(brokers, &topic)));
+    let b = Daemon::start(&write_config(dirs[1].path(), &cluster_config(brokers, &topic)));
+    let split = wait_for_split(&client(), &[&a, &b]).await;
+    eprintln!("owned partitions: a={:?} b={:?}", split[0], split[1]);
+    (topic, dirs, a, b, split)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_forward_count_once_and_route_queries_to_the_owner() {
     let Some(brokers) = real_broker() else { return };
-    let topic = unique_topic("usage-cluster");
-    create_topic(&brokers, &topic, PARTITIONS).await;
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let a = Daemon::start(&write_config(dirs[0].path(), &cluster_config(&brokers, &topic)));
-    let b = Daemon::start(&write_config(dirs[1].path(), &cluster_config(&brokers, &topic)));
+    let (_topic, _dirs, a, b, split) = two_replicas(&brokers, "usage-cluster").await;
     let client = client();
-    let split = wait_for_split(&client, &[&a, &b]).await;
-    eprintln!("owned partitions: a={:?} b={:?}", split[0], split[1]);
 
     // Tenants on every partition (the same murmur2 rule a Kafka producer uses).
     let tenants: Vec<String> = (0..24).map(|i| format!("acme-{i}")).collect();
@@ -429,14 +439,9 @@ async fn raw_query(client: &reqwest::Client, daemon: &Daemon, tenant: &str) -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_follow_the_data_whatever_partitioner_producers_use() {
     let Some(brokers) = real_broker() else { return };
-    let topic = unique_topic("usage-crc32");
-    create_topic(&brokers, &topic, PARTITIONS).await;
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let a = Daemon::start(&write_config(dirs[0].path(), &cluster_config(&brokers, &topic)));
-    let b = Daemon::start(&write_config(dirs[1].path(), &cluster_config(&brokers, &topic)));
+    let (topic, dirs, a, b, split) = two_replicas(&brokers, "usage-crc32").await;
     let client = client();
     let raw = no_redirects();
-    let split = wait_for_split(&client, &[&a, &b]).await;
 
     let tenants: Vec<String> = (0..16).map(|i| format!("crc-{i}")).collect();
     let moved = tenants
@@ -477,7 +482,7 @@ async fn queries_follow_the_data_whatever_partitioner_producers_use() {
     for i in 0..40 {
         null_key_total += 2;
         null_records.push(Record {
-            key: String::new(),
+            null_key: true,
             ..Record::json(
                 "",
                 &event(
@@ -491,7 +496,7 @@ async fn queries_follow_the_data_whatever_partitioner_producers_use() {
         });
     }
     produce_all(&producer(&brokers), &topic, &records);
-    produce_null_keys(&null_key, &topic, &null_records);
+    produce_all(&null_key, &topic, &null_records);
 
     wait_for_totals(&client, &a, &expected).await;
     wait_for_totals(&client, &b, &expected).await;
@@ -590,28 +595,25 @@ async fn queries_follow_the_data_whatever_partitioner_producers_use() {
     // b rejoins: the partitions split again, and every CRC-32 tenant is exact through either.
     let b = Daemon::start(&write_config(dirs[1].path(), &cluster_config(&brokers, &topic)));
     wait_for_split(&client, &[&a, &b]).await;
+    // a learns b's new claims through the members topic: until then it may still point at
+    // b's old address (a dead replica's last claim), so wait for its redirects to move.
+    eventually("a redirects to the rejoined b", async || {
+        for tenant in &tenants {
+            let response = raw
+                .get(a.url(&format!("/api/v1/meters/tokens/query?subject={tenant}")))
+                .send()
+                .await
+                .ok()?;
+            let location = response.headers().get("location").and_then(|l| l.to_str().ok());
+            if response.status() != 200 && !location.is_some_and(|l| l.starts_with(&b.url(""))) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
     wait_for_totals(&client, &a, &expected).await;
     wait_for_totals(&client, &b, &expected).await;
     a.stop();
     b.stop();
-}
-
-/// Produces records with a null key (librdkafka picks a random partition for each).
-fn produce_null_keys(producer: &rdkafka::producer::BaseProducer, topic: &str, records: &[Record]) {
-    use rdkafka::producer::{BaseRecord, Producer};
-    for record in records {
-        let mut base: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).payload(record.payload.as_slice());
-        loop {
-            match producer.send(base) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    base = back;
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
-    }
-    producer
-        .flush(Duration::from_secs(300))
-        .expect("all records acknowledged");
 }

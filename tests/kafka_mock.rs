@@ -72,6 +72,7 @@ async fn mock_cluster_counts_exactly_once_and_dead_letters_poison() {
     // Poison: not JSON, a missing subject, an event older than max_lateness (10 days).
     records.push(Record {
         key: "acme".into(),
+        null_key: false,
         payload: b"{not json".to_vec(),
         partition: Some(0),
         ce_id: None,

@@ -781,6 +781,34 @@ mod tests {
     }
 
     /// Two stores of the `tokens` meter: a partition's owner and the replica that takes it over.
+    /// acme's `tokens` series in the window starting at NOW.
+    fn acme_tokens(names: &Names) -> SeriesKey {
+        SeriesKey {
+            meter: names.meters.intern("tokens"),
+            tenant: names.tenants.intern("acme"),
+            dims: 0,
+            window_start: NOW,
+        }
+    }
+
+    /// A checkpoint cut of `value` for `key` from replicated `source`, at `position`.
+    fn usage_from(source: &str, key: SeriesKey, generation: u64, position: u64, value: i128) -> Snapshot {
+        Snapshot {
+            generation,
+            positions: vec![(source.to_string(), position)],
+            sources: vec![crate::aggregate::SourceCut {
+                source: source.to_string(),
+                series: vec![key],
+                dedup_keys: Vec::new(),
+            }],
+            deltas: vec![(
+                key,
+                AggState::from_observation(Aggregation::Sum, Observation::Value(value), 0, 0),
+            )],
+            ..Snapshot::default()
+        }
+    }
+
     fn origin_and_replica() -> ([tempfile::TempDir; 2], RocksStore, RocksStore, MeterCatalog) {
         let meters = [meter("tokens", Aggregation::Sum, 0)];
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
@@ -873,7 +901,6 @@ mod tests {
     /// restarts its revisions.
     #[test]
     fn only_the_owner_emits_and_its_flushes_carry_the_emission_state() {
-        use crate::aggregate::SourceCut;
         let names = Names::default();
         let (_dirs, origin, replica, catalog) = origin_and_replica();
         let source = "kafka/usage/3".to_string();
@@ -884,25 +911,9 @@ mod tests {
         };
         owning(&origin, true);
         owning(&replica, false);
-        let key = SeriesKey {
-            meter: names.meters.intern("tokens"),
-            tenant: names.tenants.intern("acme"),
-            dims: 0,
-            window_start: NOW,
-        };
-        let usage = |generation: u64, position: u64, value: i128| Snapshot {
-            generation,
-            positions: vec![(source.clone(), position)],
-            sources: vec![SourceCut {
-                source: source.clone(),
-                series: vec![key],
-                dedup_keys: Vec::new(),
-            }],
-            deltas: vec![(
-                key,
-                AggState::from_observation(Aggregation::Sum, Observation::Value(value), 0, 0),
-            )],
-            ..Snapshot::default()
+        let key = acme_tokens(&names);
+        let usage = |generation: u64, position: u64, value: i128| {
+            usage_from(&source, key, generation, position, value)
         };
         let mut published = Vec::new();
         let run = |store: &RocksStore,
@@ -972,33 +983,14 @@ mod tests {
     /// campaign's doubled ledgers). It is emitted once, with the whole total.
     #[test]
     fn a_window_closed_elsewhere_and_amended_on_return_is_emitted_once() {
-        use crate::aggregate::SourceCut;
         let names = Names::default();
         let (_dirs, origin, replica, catalog) = origin_and_replica();
         let source = "kafka/usage/3".to_string();
         origin
             .tenant_sources
             .set_owned(Some([source.clone()].into_iter().collect()));
-        let key = SeriesKey {
-            meter: names.meters.intern("tokens"),
-            tenant: names.tenants.intern("acme"),
-            dims: 0,
-            window_start: NOW,
-        };
-        let snapshot = Snapshot {
-            generation: 1,
-            positions: vec![(source.clone(), 10)],
-            sources: vec![SourceCut {
-                source: source.clone(),
-                series: vec![key],
-                dedup_keys: Vec::new(),
-            }],
-            deltas: vec![(
-                key,
-                AggState::from_observation(Aggregation::Sum, Observation::Value(5), 0, 0),
-            )],
-            ..Snapshot::default()
-        };
+        let key = acme_tokens(&names);
+        let snapshot = usage_from(&source, key, 1, 10, 5);
         let prepared = origin
             .prepare_checkpoint(&snapshot, &names, &catalog, NOW + 30, 60, &Default::default())
             .unwrap();
@@ -1021,20 +1013,7 @@ mod tests {
         replica
             .tenant_sources
             .set_owned(Some([source.clone()].into_iter().collect()));
-        let late = Snapshot {
-            generation: 2,
-            positions: vec![(source.clone(), 11)],
-            deltas: vec![(
-                key,
-                AggState::from_observation(Aggregation::Sum, Observation::Value(7), 0, 0),
-            )],
-            sources: vec![SourceCut {
-                source: source.clone(),
-                series: vec![key],
-                dedup_keys: Vec::new(),
-            }],
-            ..Snapshot::default()
-        };
+        let late = usage_from(&source, key, 2, 11, 7);
         checkpoint(&replica, &names, &catalog, late, NOW + 300);
         let emitted = lines(&replica);
         let got: Vec<_> = emitted
@@ -1051,7 +1030,6 @@ mod tests {
     /// flush's revision as if the record had gone out: it appeared only with an amendment.
     #[test]
     fn a_flush_whose_checkpoint_never_committed_is_emitted_by_the_replica_that_restores_it() {
-        use crate::aggregate::SourceCut;
         let names = Names::default();
         let (_dirs, origin, replica, catalog) = origin_and_replica();
         let source = "kafka/usage/3".to_string();
@@ -1060,25 +1038,9 @@ mod tests {
                 .tenant_sources
                 .set_owned(Some([source.clone()].into_iter().collect()));
         }
-        let key = SeriesKey {
-            meter: names.meters.intern("tokens"),
-            tenant: names.tenants.intern("acme"),
-            dims: 0,
-            window_start: NOW,
-        };
-        let usage = |generation: u64, position: u64, value: i128| Snapshot {
-            generation,
-            positions: vec![(source.clone(), position)],
-            sources: vec![SourceCut {
-                source: source.clone(),
-                series: vec![key],
-                dedup_keys: Vec::new(),
-            }],
-            deltas: vec![(
-                key,
-                AggState::from_observation(Aggregation::Sum, Observation::Value(value), 0, 0),
-            )],
-            ..Snapshot::default()
+        let key = acme_tokens(&names);
+        let usage = |generation: u64, position: u64, value: i128| {
+            usage_from(&source, key, generation, position, value)
         };
         let mut published = Vec::new();
         let committed = origin

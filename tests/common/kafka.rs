@@ -37,9 +37,11 @@ pub fn producer(brokers: &str) -> BaseProducer {
         .expect("producer")
 }
 
-/// One message: key (the tenant), JSON payload, optional `ce_id` header.
+/// One message: key (the tenant; empty with `null_key`), JSON payload, optional `ce_id` header.
 pub struct Record {
     pub key: String,
+    /// Produce with no key at all (librdkafka then picks a random partition).
+    pub null_key: bool,
     pub payload: Vec<u8>,
     pub partition: Option<i32>,
     pub ce_id: Option<String>,
@@ -49,6 +51,7 @@ impl Record {
     pub fn json(key: &str, event: &Value) -> Record {
         Record {
             key: key.to_string(),
+            null_key: false,
             payload: serde_json::to_vec(event).unwrap(),
             partition: None,
             ce_id: None,
@@ -59,9 +62,10 @@ impl Record {
 /// Produces every record and waits until all are acknowledged.
 pub fn produce_all(producer: &BaseProducer, topic: &str, records: &[Record]) {
     for record in records {
-        let mut base: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic)
-            .key(record.key.as_str())
-            .payload(record.payload.as_slice());
+        let mut base: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).payload(record.payload.as_slice());
+        if !record.null_key {
+            base = base.key(record.key.as_str());
+        }
         if let Some(partition) = record.partition {
             base = base.partition(partition);
         }
@@ -183,6 +187,7 @@ pub fn usage_records(
         .choose_multiple(&mut rng, n / 5)
         .map(|r| Record {
             key: r.key.clone(),
+            null_key: false,
             payload: r.payload.clone(),
             partition: None,
             ce_id: None,
