@@ -65,6 +65,19 @@ async fn wait_for_split(client: &reqwest::Client, replicas: &[&Daemon]) -> Vec<V
     }
 }
 
+/// Waits (60 s) until `daemon` owns every partition.
+async fn wait_to_own_all(client: &reqwest::Client, daemon: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while owned_partitions(client, daemon).await.len() != PARTITIONS as usize {
+        assert!(
+            Instant::now() < deadline,
+            "never took all partitions\n{}",
+            daemon.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A fresh `PARTITIONS`-partition topic and two replicas on it, once they split the
 /// partitions: (topic, their data directories, a, b, each one's partitions).
 async fn two_replicas(
@@ -193,15 +206,7 @@ async fn two_replicas_forward_count_once_and_route_queries_to_the_owner() {
 
     // b leaves: a takes every partition over (changelog restore) and answers for all tenants.
     b.stop();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while owned_partitions(&client, &a).await.len() != PARTITIONS as usize {
-        assert!(
-            Instant::now() < deadline,
-            "a never took all partitions\n{}",
-            a.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_to_own_all(&client, &a).await;
     let all = query(&no_redirects(), &a, "tokens", "").await;
     assert_eq!(sum_rows(&all), expected.values().sum::<i64>());
     for tenant in &tenants {
@@ -576,15 +581,7 @@ async fn queries_follow_the_data_whatever_partitioner_producers_use() {
         })
         .collect();
     produce_all(&producer(&brokers), &topic, &more);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while owned_partitions(&client, &a).await.len() != PARTITIONS as usize {
-        assert!(
-            Instant::now() < deadline,
-            "a never took all partitions\n{}",
-            a.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_to_own_all(&client, &a).await;
     wait_for_totals(&raw, &a, &expected).await;
     // Not asserted: the null-key tenant's total on a. Restoring b's partitions overwrites the
     // series a holds for it with b's part (absolute states per series assume one partition
