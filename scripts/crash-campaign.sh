@@ -6,6 +6,7 @@
 #   scripts/crash-campaign.sh                     the full run (about 2-3 minutes)
 #   KILLS=3 DURATION=15 scripts/crash-campaign.sh  the short form CI runs
 #   MEMBERS=2 scripts/crash-campaign.sh           cluster mode: two members, each kill moves partitions
+#   PARTITIONER=consistent_random MEMBERS=2 ...   Kafka producers on librdkafka's CRC32 default
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -18,4 +19,5 @@ bin_dir=$(mktemp -d)
 cp "$CARGO_TARGET_DIR/release/tallyd" "$bin_dir/tallyd"
 python3 tests/campaign/crash.py --tallyd "$bin_dir/tallyd" --broker "$broker" \
   --kills "${KILLS:-20}" --duration "${DURATION:-90}" --members "${MEMBERS:-1}" \
+  --partitioner "${PARTITIONER:-murmur2_random}" \
   --http-batches $((600 * scale)) --otlp-requests $((600 * scale)) --kafka-messages $((6000 * scale))

@@ -23,6 +23,9 @@ import urllib.request
 from decimal import ROUND_HALF_UP, Decimal
 
 TENANTS = [f"crash-t{i}" for i in range(8)]
+# With --partitioner consistent_random (librdkafka's CRC32 default), Kafka usage goes to tenants
+# of its own: a tenant that also reaches tallyd's edges (murmur2) would be split (issue 26).
+KAFKA_ONLY_TENANTS = [f"crash-k{i}" for i in range(8)]
 
 
 def free_port():
@@ -38,7 +41,7 @@ def rfc3339(secs):
 class Workload:
     """Every request the clients will send, and what they must add up to."""
 
-    def __init__(self, seed, http_batches, otlp_requests, kafka_messages, now):
+    def __init__(self, seed, http_batches, otlp_requests, kafka_messages, now, kafka_only_tenants=False):
         rng = random.Random(seed)
         self.reference = {}  # (meter, tenant) -> total
         self.users = {}  # tenant -> set of users (mau)
@@ -48,10 +51,12 @@ class Workload:
         def count(meter, tenant, value):
             self.reference[(meter, tenant)] = self.reference.get((meter, tenant), 0) + value
 
-        def cloudevent(kind_rng):
+        kafka_ids = []
+
+        def cloudevent(kind_rng, tenants=TENANTS, ids=ids):
             if ids and kind_rng.random() < 0.1:
                 return dict(kind_rng.choice(ids))  # a duplicate (a client's retry, a replay)
-            tenant = kind_rng.choice(TENANTS)
+            tenant = kind_rng.choice(tenants)
             # 5 % late: minutes ago, into windows that already closed (they are amended).
             at = now - (kind_rng.randint(180, 600) if kind_rng.random() < 0.05 else kind_rng.randint(0, 30))
             eid = f"ev-{len(ids)}-{kind_rng.getrandbits(32):08x}"
@@ -90,7 +95,7 @@ class Workload:
             self.http.append(batch)
         self.kafka = []
         for _ in range(kafka_messages):
-            event = cloudevent(rng)
+            event = cloudevent(rng, KAFKA_ONLY_TENANTS, kafka_ids) if kafka_only_tenants else cloudevent(rng)
             account(event)
             self.kafka.append(event)
         # OTLP: delta sums of `requests` per route and workflow.run log records; a tenth of the
@@ -250,6 +255,9 @@ def main():
     parser.add_argument("--otlp-requests", type=int, default=600)
     parser.add_argument("--kafka-messages", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--partitioner", default="murmur2_random",
+                        help="the Kafka producer's partitioner; consistent_random (librdkafka's CRC32 default) "
+                             "sends Kafka usage to Kafka-only tenants")
     parser.add_argument("--members", type=int, default=1,
                         help="1: single mode; more: cluster mode (members share the topic, edges forward, "
                              "each kill moves partitions)")
@@ -258,7 +266,8 @@ def main():
     from confluent_kafka.admin import AdminClient, NewTopic
 
     now = int(time.time())
-    workload = Workload(args.seed, args.http_batches, args.otlp_requests, args.kafka_messages, now)
+    workload = Workload(args.seed, args.http_batches, args.otlp_requests, args.kafka_messages, now,
+                        kafka_only_tenants=args.partitioner != "murmur2_random")
     topic = f"crash-usage-{args.seed}-{now}"
     admin = AdminClient({"bootstrap.servers": args.broker})
     for future in admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)]).values():
@@ -304,9 +313,11 @@ def main():
             errors.append(repr(error))
 
     # murmur2: the partitioner tallyd's own edges use, so each tenant's Kafka and forwarded HTTP
-    # events meet on one partition (librdkafka's default, CRC32, splits a tenant: issue 26).
+    # events meet on one partition (librdkafka's default, CRC32, would split a tenant that also
+    # posts to the edges: with it, Kafka usage has tenants of its own; queries find them by
+    # what the members learned, issue 26).
     producer = Producer({"bootstrap.servers": args.broker, "enable.idempotence": True, "acks": "all",
-                         "batch.num.messages": 1, "linger.ms": 0, "partitioner": "murmur2_random"})
+                         "batch.num.messages": 1, "linger.ms": 0, "partitioner": args.partitioner})
 
     def produce(event):
         producer.produce(topic, key=event["subject"], value=json.dumps(event).encode())
