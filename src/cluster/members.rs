@@ -47,15 +47,27 @@ pub fn tenant_key(tenant: &str, partition: i32) -> String {
 
 const TENANT_KEY_PREFIX: &str = "tenant/";
 
-/// The newest claim naming `partition` of `topic`.
+/// How much older than the newest claim a claim may be and still count. Live members claim
+/// again every 10 s (`Cluster`'s refresher), so a claim older than the newest by more than
+/// this is a member that is gone (killed without a goodbye): its partitions are unclaimed until
+/// their new owner's claim arrives (503, retry) rather than redirected to a dead address.
+pub const STALE_AFTER_MS: i64 = 30_000;
+
+/// The newest claim naming `partition` of `topic`, unless it predates the last rebalance.
 pub fn newest_claim<'a>(
     directory: &'a HashMap<String, Member>,
     topic: &str,
     partition: i32,
 ) -> Option<&'a Member> {
+    let newest = directory
+        .values()
+        .filter(|member| member.topic == topic)
+        .map(|member| member.at_ms)
+        .max()?;
     directory
         .values()
         .filter(|member| member.topic == topic && member.partitions.contains(&partition))
+        .filter(|member| member.at_ms >= newest - STALE_AFTER_MS)
         .max_by(|a, b| a.at_ms.cmp(&b.at_ms).then_with(|| a.url.cmp(&b.url)))
 }
 
@@ -156,5 +168,23 @@ mod tests {
         assert_eq!(newest_claim(&directory, "usage", 2).unwrap().url, "http://b");
         assert!(newest_claim(&directory, "usage", 3).is_none());
         assert!(newest_claim(&directory, "other", 1).is_none());
+    }
+
+    #[test]
+    fn a_claim_from_before_the_last_rebalance_is_not_trusted() {
+        // c was killed; a rebalance later a and b claimed again, and b's claim of 3 (taken
+        // from c) has not arrived yet: partition 3 is unclaimed, not c's.
+        let directory: HashMap<_, _> = [
+            member("http://c", &[3], 1_000),
+            member("http://a", &[0, 1], 1_000 + STALE_AFTER_MS + 1),
+            member("http://b", &[2], 1_000 + STALE_AFTER_MS + 5),
+        ]
+        .into();
+        assert!(newest_claim(&directory, "usage", 3).is_none());
+        assert_eq!(newest_claim(&directory, "usage", 0).unwrap().url, "http://a");
+        // Within the window the claim stands (members claim moments apart).
+        let directory: HashMap<_, _> =
+            [member("http://c", &[3], 1_000), member("http://a", &[0], 1_500)].into();
+        assert_eq!(newest_claim(&directory, "usage", 3).unwrap().url, "http://c");
     }
 }

@@ -38,6 +38,9 @@ use crate::telemetry;
 
 pub use members::{Member, TenantClaim, TenantDirectory};
 
+/// How often a replica claims its partitions again (a third of `members::STALE_AFTER_MS`).
+const CLAIM_REFRESH: Duration = Duration::from_secs(10);
+
 /// Longest a forwarded request waits for Kafka before the client gets a 503 (and retries).
 const DELIVERY_TIMEOUT_MS: &str = "10000";
 
@@ -104,6 +107,7 @@ pub struct Cluster {
     producer: FutureProducer,
     reader_stop: Arc<AtomicBool>,
     reader: Mutex<Option<std::thread::JoinHandle<()>>>,
+    refresher: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// Why forwarded events may not all be in the ingest topic (the client retries; the owner's
@@ -156,7 +160,7 @@ impl Cluster {
             reader_stop.clone(),
         )?;
         tracing::info!(%url, partitions, members_topic = %config.members_topic, "cluster mode");
-        Ok(Arc::new(Cluster {
+        let cluster = Arc::new(Cluster {
             config: config.clone(),
             url,
             partitions,
@@ -166,7 +170,43 @@ impl Cluster {
             producer,
             reader_stop,
             reader: Mutex::new(Some(reader)),
-        }))
+            refresher: Mutex::new(None),
+        });
+        *cluster.refresher.lock() = Some(Cluster::refresh_claims(&cluster)?);
+        Ok(cluster)
+    }
+
+    /// Claims again every `CLAIM_REFRESH` what this replica owns, so that a live member's claim
+    /// is never stale (`members::newest_claim`) whatever the rebalance protocol (a cooperative
+    /// rebalance does not call back members whose assignment did not change).
+    fn refresh_claims(cluster: &Arc<Cluster>) -> Result<std::thread::JoinHandle<()>, KafkaSetupError> {
+        let weak = Arc::downgrade(cluster);
+        let stop = cluster.reader_stop.clone();
+        std::thread::Builder::new()
+            .name("tallyd-claims".into())
+            .spawn(move || {
+                let mut last = std::time::Instant::now();
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if last.elapsed() < CLAIM_REFRESH {
+                        continue;
+                    }
+                    last = std::time::Instant::now();
+                    let Some(cluster) = weak.upgrade() else { break };
+                    cluster.publish(&cluster.claim());
+                }
+            })
+            .map_err(|error| KafkaSetupError::Task(error.to_string()))
+    }
+
+    /// This replica's claim as of now.
+    fn claim(&self) -> Member {
+        Member {
+            url: self.url.clone(),
+            topic: self.config.ingest_topic.clone(),
+            partitions: self.owned.read().iter().copied().collect(),
+            at_ms: crate::model::now_ms(),
+        }
     }
 
     pub fn partitions(&self) -> i32 {
@@ -256,14 +296,8 @@ impl Cluster {
             .map(|(_, partition)| partition)
             .collect();
         metrics::gauge!(telemetry::CLUSTER_OWNED_PARTITIONS).set(partitions.len() as f64);
-        *self.owned.write() = partitions.clone();
-        let member = Member {
-            url: self.url.clone(),
-            topic: self.config.ingest_topic.clone(),
-            partitions: partitions.into_iter().collect(),
-            at_ms: crate::model::now_ms(),
-        };
-        self.publish(&member);
+        *self.owned.write() = partitions;
+        self.publish(&self.claim());
     }
 
     fn publish(&self, member: &Member) {
@@ -352,6 +386,9 @@ impl Cluster {
         self.reader_stop.store(true, Ordering::Release);
         if let Some(reader) = self.reader.lock().take() {
             let _ = reader.join();
+        }
+        if let Some(refresher) = self.refresher.lock().take() {
+            let _ = refresher.join();
         }
     }
 }
