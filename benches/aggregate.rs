@@ -309,6 +309,65 @@ fn checkpoint_benches(c: &mut Criterion) {
         }
     }
     group.finish();
+
+    // Cluster mode: the same rated closing checkpoint from a replicated source (a Kafka
+    // partition this replica owns), which also collects every emission and rating key and
+    // outbox line of the batch into the partition's changelog flush (`state_entries`, `E`
+    // lines), beside the same store work without a source.
+    let cluster_dir = tempfile::tempdir().unwrap();
+    let cluster_store = RocksStore::open(&cluster_dir.path().join("db"), 400 * 86_400, 35 * 86_400).unwrap();
+    let source = "kafka/usage/0".to_string();
+    cluster_store
+        .tenant_sources
+        .set_owned(Some([source.clone()].into_iter().collect()));
+    let mut group = c.benchmark_group("cluster_rating");
+    group.sample_size(10);
+    let closing = 1_000usize;
+    group.throughput(Throughput::Elements(closing as u64));
+    for (label, replicated) in [("single", false), ("cluster", true)] {
+        let target = if replicated { &cluster_store } else { &store };
+        group.bench_function(label, |b| {
+            b.iter_batched(
+                || {
+                    window += 1;
+                    let deltas: Vec<_> = (0..closing)
+                        .map(|i| {
+                            let mut key = key_of(i);
+                            key.window_start = now_secs - 30 * 86_400 + window * 60;
+                            (key, tallyd::aggregate::AggState::Sum((i as i128 * 1_000_000).into()))
+                        })
+                        .collect();
+                    let sources = if replicated {
+                        vec![tallyd::aggregate::SourceCut {
+                            source: source.clone(),
+                            series: deltas.iter().map(|(key, _)| *key).collect(),
+                            dedup_keys: Vec::new(),
+                        }]
+                    } else {
+                        Vec::new()
+                    };
+                    let position = if replicated { source.clone() } else { "ingest-log".into() };
+                    Snapshot {
+                        positions: vec![(position, window as u64)],
+                        generation: window as u64,
+                        deltas,
+                        dedup_keys: Vec::new(),
+                        sources,
+                        streams: Vec::new(),
+                    }
+                },
+                |snapshot| {
+                    let prepared = target
+                        .prepare_checkpoint(&snapshot, &names, &catalog, now_secs, 60, &rated)
+                        .unwrap();
+                    black_box(&prepared.changelog);
+                    black_box(target.commit_checkpoint(prepared).unwrap());
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
 }
 
 criterion_group!(benches, engine_benches, checkpoint_benches);
