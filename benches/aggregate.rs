@@ -334,7 +334,10 @@ fn checkpoint_benches(c: &mut Criterion) {
                         .map(|i| {
                             let mut key = key_of(i);
                             key.window_start = now_secs - 30 * 86_400 + window * 60;
-                            (key, tallyd::aggregate::AggState::Sum((i as i128 * 1_000_000).into()))
+                            (
+                                key,
+                                tallyd::aggregate::AggState::Sum((i as i128 * 1_000_000).into()),
+                            )
                         })
                         .collect();
                     let sources = if replicated {
@@ -346,7 +349,11 @@ fn checkpoint_benches(c: &mut Criterion) {
                     } else {
                         Vec::new()
                     };
-                    let position = if replicated { source.clone() } else { "ingest-log".into() };
+                    let position = if replicated {
+                        source.clone()
+                    } else {
+                        "ingest-log".into()
+                    };
                     Snapshot {
                         positions: vec![(position, window as u64)],
                         generation: window as u64,
