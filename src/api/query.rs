@@ -128,7 +128,7 @@ pub async fn query_meter(
 
 /// Cluster mode: `None` when this replica holds all the usage of every requested subject (or
 /// none was named); otherwise where to ask: 307 to the one owner, 421 listing several, 503
-/// while a partition is unclaimed, 409 when a subject's usage is split across replicas (no
+/// while a partition is unclaimed, 409 when a subject's usage is split over partitions (no
 /// replica can answer it whole).
 pub(crate) fn route_to_owner(cluster: &Cluster, subjects: &[String], path: &str) -> Option<Response> {
     let routes: Vec<(&str, Vec<(i32, Owner)>)> = subjects
@@ -213,24 +213,16 @@ pub(crate) fn route_to_owner(cluster: &Cluster, subjects: &[String], path: &str)
     Some(response)
 }
 
-/// Whether a subject's partitions are owned by more than one replica (an unclaimed partition
-/// is a rebalance, answered 503 by the caller, not a split).
+/// Whether a subject's usage was counted on more than one partition.
 fn is_split(parts: &[(i32, Owner)]) -> bool {
-    if parts.iter().any(|(_, owner)| *owner == Owner::Unknown) {
-        return false;
-    }
-    let owners: std::collections::BTreeSet<Option<&str>> = parts
-        .iter()
-        .map(|(_, owner)| match owner {
-            Owner::Remote(url) => Some(url.as_str()),
-            _ => None,
-        })
-        .collect();
-    owners.len() > 1
+    // Even when one replica owns every part: restoring one partition's changelog overwrites the
+    // series the other partition fed (absolute states per series), so no store's total for a
+    // split tenant can be trusted whole (ARCHITECTURE.md, cluster mode).
+    parts.len() > 1
 }
 
-/// 409 `tenant_split` for subjects whose usage was counted on partitions that different
-/// replicas own: each holds part of the total and none may answer it as if it were whole.
+/// 409 `tenant_split` for subjects whose usage was counted on more than one partition: no
+/// replica may answer them as if its total were whole.
 fn split_subjects(cluster: &Cluster, routes: &[(&str, Vec<(i32, Owner)>)]) -> Option<Response> {
     let split: Vec<Value> = routes
         .iter()
@@ -258,10 +250,9 @@ fn split_subjects(cluster: &Cluster, routes: &[(&str, Vec<(i32, Owner)>)]) -> Op
             StatusCode::CONFLICT,
             Json(json!({
                 "error": "tenant_split",
-                "message": "these subjects' usage was counted on partitions owned by different replicas, \
-                            so no replica holds a whole total; producers must keep each tenant on one \
-                            partition (key = subject; README, cluster mode). Answers resume once one \
-                            replica owns all of a subject's partitions.",
+                "message": "these subjects' usage was counted on more than one partition of the ingest \
+                            topic, so no replica holds a total it can vouch for; producers must keep \
+                            each tenant on one partition (key = subject; README, cluster mode).",
                 "replica": cluster.url,
                 "subjects": split,
             })),
@@ -271,8 +262,8 @@ fn split_subjects(cluster: &Cluster, routes: &[(&str, Vec<(i32, Owner)>)]) -> Op
 }
 
 /// Cluster mode: rows of tenants whose whole usage this replica holds (its store may still
-/// hold tenants of partitions it owned before, or part of a split tenant), which partitions it
-/// owns, and the split subjects it left out (`splitSubjects`).
+/// hold tenants of partitions it owned before, or split tenants), which partitions it owns,
+/// and the split subjects it left out (`splitSubjects`).
 fn owned_rows_only(cluster: &Cluster, mut body: Value) -> Value {
     let mut split = std::collections::BTreeSet::new();
     if let Some(Value::Array(rows)) = body.get_mut("data") {
@@ -280,11 +271,13 @@ fn owned_rows_only(cluster: &Cluster, mut body: Value) -> Value {
             let Some(subject) = row.get("subject").and_then(Value::as_str) else {
                 return false;
             };
-            let parts = cluster.route(subject);
-            if is_split(&parts) {
-                split.insert(subject.to_string());
+            if !cluster.answers_whole(subject) {
+                if is_split(&cluster.route(subject)) {
+                    split.insert(subject.to_string());
+                }
+                return false;
             }
-            parts.iter().all(|(_, owner)| *owner == Owner::Local)
+            true
         });
     }
     if let Value::Object(fields) = &mut body {

@@ -241,9 +241,11 @@ impl Cluster {
             .collect()
     }
 
-    /// Whether this replica holds all of `tenant`'s usage (it owns every partition of it).
+    /// Whether this replica holds all of `tenant`'s usage: the tenant is on one partition, and
+    /// this replica owns it (a tenant on several is never whole: `api::query`, `tenant_split`).
     pub fn answers_whole(&self, tenant: &str) -> bool {
-        self.route(tenant).iter().all(|(_, owner)| *owner == Owner::Local)
+        let route = self.route(tenant);
+        route.len() == 1 && route[0].1 == Owner::Local
     }
 
     fn owner_of_partition(&self, partition: i32) -> Owner {
