@@ -102,8 +102,11 @@ pub struct Cluster {
     partitions: i32,
     owned: RwLock<BTreeSet<i32>>,
     directory: Arc<RwLock<HashMap<String, Member>>>,
-    /// Tenant → the partitions its usage was counted on, as every replica published it.
+    /// Tenant → the partitions its usage was counted on, as read back from the members topic
+    /// (every replica's pairs, this one's included once published).
     tenants: Arc<RwLock<TenantDirectory>>,
+    /// Pairs this replica's store knows, at once (the topic echoes them a moment later).
+    local_tenants: RwLock<TenantDirectory>,
     producer: FutureProducer,
     reader_stop: Arc<AtomicBool>,
     reader: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -167,6 +170,7 @@ impl Cluster {
             owned: RwLock::new(BTreeSet::new()),
             directory,
             tenants,
+            local_tenants: RwLock::new(TenantDirectory::new()),
             producer,
             reader_stop,
             reader: Mutex::new(Some(reader)),
@@ -224,12 +228,11 @@ impl Cluster {
     /// The partitions `tenant`'s usage was counted on (learned; before any: the murmur2
     /// partition), each with who answers for it.
     pub fn route(&self, tenant: &str) -> Vec<(i32, Owner)> {
-        let learned: Vec<i32> = self
-            .tenants
-            .read()
-            .get(tenant)
-            .map(|partitions| partitions.iter().copied().collect())
-            .unwrap_or_default();
+        let mut learned: BTreeSet<i32> = BTreeSet::new();
+        for directory in [&self.tenants, &self.local_tenants] {
+            learned.extend(directory.read().get(tenant).into_iter().flatten().copied());
+        }
+        let learned: Vec<i32> = learned.into_iter().collect();
         let partitions = if learned.is_empty() {
             vec![self.partition_of(tenant)]
         } else {
@@ -259,8 +262,10 @@ impl Cluster {
     }
 
     /// A store learned that `tenant`'s usage was counted on `source` (or holds the pair when its
-    /// partition is assigned here): known here at once, published for the other replicas.
-    /// Sources other than the ingest topic's partitions are not routed by.
+    /// partition is assigned here): known here at once, and published for the other replicas
+    /// unless the members topic already has it (so the pairs of a partition's tenants, offered
+    /// again on every assignment, are only sent when one was lost). Sources other than the
+    /// ingest topic's partitions are not routed by.
     pub fn learned(&self, tenant: &str, source: &str) {
         let Some((topic, partition)) = crate::kafka::parse_position_name(source) else {
             return;
@@ -268,11 +273,19 @@ impl Cluster {
         if topic != self.config.ingest_topic {
             return;
         }
-        self.tenants
+        self.local_tenants
             .write()
             .entry(tenant.to_string())
             .or_default()
             .insert(partition);
+        let published = self
+            .tenants
+            .read()
+            .get(tenant)
+            .is_some_and(|partitions| partitions.contains(&partition));
+        if published {
+            return;
+        }
         let claim = TenantClaim {
             tenant: tenant.to_string(),
             topic: topic.to_string(),
