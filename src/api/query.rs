@@ -267,17 +267,19 @@ fn split_subjects(cluster: &Cluster, routes: &[(&str, Vec<(i32, Owner)>)]) -> Op
 fn owned_rows_only(cluster: &Cluster, mut body: Value) -> Value {
     let mut split = std::collections::BTreeSet::new();
     if let Some(Value::Array(rows)) = body.get_mut("data") {
+        // A subject has a row per window and group: route it once.
+        let mut whole: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
         rows.retain(|row| {
             let Some(subject) = row.get("subject").and_then(Value::as_str) else {
                 return false;
             };
-            if !cluster.answers_whole(subject) {
-                if is_split(&cluster.route(subject)) {
+            *whole.entry(subject.to_string()).or_insert_with(|| {
+                let parts = cluster.route(subject);
+                if is_split(&parts) {
                     split.insert(subject.to_string());
                 }
-                return false;
-            }
-            true
+                crate::cluster::held_whole(&parts)
+            })
         });
     }
     if let Value::Object(fields) = &mut body {

@@ -82,6 +82,11 @@ pub fn partition_for(key: &str, partitions: i32) -> i32 {
     (murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions.max(1)
 }
 
+/// Whether a tenant's `route` is one partition, owned here.
+pub fn held_whole(route: &[(i32, Owner)]) -> bool {
+    matches!(route, [(_, Owner::Local)])
+}
+
 /// Who answers for a tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Owner {
@@ -247,8 +252,7 @@ impl Cluster {
     /// Whether this replica holds all of `tenant`'s usage: the tenant is on one partition, and
     /// this replica owns it (a tenant on several is never whole: `api::query`, `tenant_split`).
     pub fn answers_whole(&self, tenant: &str) -> bool {
-        let route = self.route(tenant);
-        route.len() == 1 && route[0].1 == Owner::Local
+        held_whole(&self.route(tenant))
     }
 
     fn owner_of_partition(&self, partition: i32) -> Owner {

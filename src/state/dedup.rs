@@ -145,7 +145,14 @@ impl DedupIndex {
 
     /// Holds a key counted by a replayed log record. True if it was not present.
     pub fn reserve(&self, key: u128) -> bool {
-        self.reserve_all_as(&[key], COUNTED)[0].is_ok()
+        // One entry, no batch bookkeeping: replay calls this for every logged key.
+        match self.shard(key).lock().entry(slot(key)) {
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                vacant.insert(COUNTED);
+                true
+            }
+            std::collections::hash_map::Entry::Occupied(_) => false,
+        }
     }
 
     pub fn release(&self, key: u128) {
@@ -179,6 +186,10 @@ impl DedupIndex {
 
     /// The keys among `held` still held by a ticket that is open (and is not `mine`).
     fn held_open(&self, held: &[(u128, u32)], mine: u32) -> Vec<(u128, u32)> {
+        // Most batches meet no held key: skip the lock every request would otherwise take.
+        if held.is_empty() {
+            return Vec::new();
+        }
         let open = self.open.lock();
         held.iter()
             .filter(|(_, holder)| *holder != mine && open.contains(holder))
