@@ -105,6 +105,9 @@ pub const CHANGELOG_RESTORES: &str = "tallyd_changelog_restores_total";
 /// Records a restore found in the newest flush it applied and a checkpoint then re-emitted (their
 /// owner may have died before its outbox had them; identical lines if it had not).
 pub const CHANGELOG_REEMITTED: &str = "tallyd_changelog_reemitted_records_total";
+/// Times this replica found another's fence after its own in a partition's changelog: it was
+/// a zombie owner (deposed without hearing of it yet) and stopped emitting for that partition.
+pub const CHANGELOG_DEPOSED: &str = "tallyd_changelog_deposed_total";
 /// `{outcome}`: outcome ∈ ok | failed. A base folded from a partition's changelog.
 pub const CHANGELOG_COMPACTIONS: &str = "tallyd_changelog_compactions_total";
 /// Ingest partitions this replica owns (cluster mode).

@@ -15,7 +15,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryResult, ProducerContext};
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, Message};
 
 use crate::config::KafkaConfig;
 
@@ -149,6 +149,8 @@ pub struct DeliveryContext {
     pub failures: AtomicU64,
     /// What the producer carries, for the log.
     pub what: &'static str,
+    /// `recording`: the (partition, offset) of each delivered record, until taken.
+    delivered: Option<parking_lot::Mutex<Vec<(i32, i64)>>>,
 }
 
 impl DeliveryContext {
@@ -156,7 +158,24 @@ impl DeliveryContext {
         DeliveryContext {
             failures: AtomicU64::new(0),
             what,
+            delivered: None,
         }
+    }
+
+    /// A context that keeps where each record landed (`take_delivered`).
+    pub fn recording(what: &'static str) -> DeliveryContext {
+        DeliveryContext {
+            delivered: Some(parking_lot::Mutex::new(Vec::new())),
+            ..DeliveryContext::new(what)
+        }
+    }
+
+    /// The (partition, offset) of every record delivered since the last call (recording only).
+    pub fn take_delivered(&self) -> Vec<(i32, i64)> {
+        self.delivered
+            .as_ref()
+            .map(|delivered| std::mem::take(&mut *delivered.lock()))
+            .unwrap_or_default()
     }
 }
 
@@ -169,9 +188,16 @@ impl ClientContext for DeliveryContext {
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((error, _)) = result {
-            tracing::error!(%error, output = self.what, "record not delivered; retrying");
-            self.failures.fetch_add(1, Ordering::AcqRel);
+        match result {
+            Ok(message) => {
+                if let Some(delivered) = &self.delivered {
+                    delivered.lock().push((message.partition(), message.offset()));
+                }
+            }
+            Err((error, _)) => {
+                tracing::error!(%error, output = self.what, "record not delivered; retrying");
+                self.failures.fetch_add(1, Ordering::AcqRel);
+            }
         }
     }
 }

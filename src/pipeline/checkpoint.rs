@@ -72,15 +72,18 @@ impl CheckpointLoop {
         let started = Instant::now();
         let shared = &self.shared;
         let now_secs = now_ms().div_euclid(1000);
-        let mut prepared = shared.store.prepare_checkpoint(
-            snapshot,
-            &shared.names,
-            &shared.catalog,
-            now_secs,
-            shared.config.allowed_lateness_secs,
-            &shared.plans.read().clone(),
-        )?;
-        if !prepared.changelog.is_empty() {
+        let prepared = loop {
+            let mut prepared = shared.store.prepare_checkpoint(
+                snapshot,
+                &shared.names,
+                &shared.catalog,
+                now_secs,
+                shared.config.allowed_lateness_secs,
+                &shared.plans.read().clone(),
+            )?;
+            if prepared.changelog.is_empty() {
+                break prepared;
+            }
             // The changelog must never be behind a store: publish first, commit after.
             let Some(sink) = shared.changelog.get() else {
                 return Err(StoreError::Corrupt {
@@ -88,7 +91,8 @@ impl CheckpointLoop {
                     detail: "replicated sources but no changelog sink".into(),
                 });
             };
-            sink.publish(&mut prepared.changelog)
+            let deposed = sink
+                .publish(&mut prepared.changelog)
                 .map_err(|error| StoreError::Unavailable {
                     what: "changelog",
                     detail: error.to_string(),
@@ -106,7 +110,15 @@ impl CheckpointLoop {
                 chunks = prepared.changelog.len(),
                 "changelog published"
             );
-        }
+            if deposed.is_empty() {
+                break prepared;
+            }
+            // Prepared while this replica still emitted for those partitions' tenants: prepare
+            // again without them (each round deposes at least one source, so this ends).
+            for source in &deposed {
+                shared.store.tenant_sources.depose(source);
+            }
+        };
         // Written without holding `flushing`: a query that sees this batch in its store snapshot
         // also sees its generation there and skips the snapshot while it is still listed, so it
         // never counts it twice nor misses it, and queries do not stall behind the fsync.
@@ -127,10 +139,14 @@ impl CheckpointLoop {
             shared.durable_log_seq.store(next, Ordering::Release);
         }
         let committed_ms = now_ms();
+        // A deposed source's offsets are the new owner's to commit.
         let acknowledge: Vec<_> = snapshot
             .positions
             .iter()
-            .filter(|(source, _)| source.starts_with(crate::kafka::POSITION_PREFIX))
+            .filter(|(source, _)| {
+                source.starts_with(crate::kafka::POSITION_PREFIX)
+                    && !shared.store.tenant_sources.is_deposed(source)
+            })
             .map(|(source, next)| (source.clone(), *next, committed_ms))
             .collect();
         if !acknowledge.is_empty() {

@@ -122,8 +122,10 @@ pub struct Shared {
 
 /// Publishes changelog chunks durably (blocking until the broker acknowledges all of them).
 pub trait ChangelogSink: Send + Sync {
-    /// Sets each chunk's `restore_from` and publishes them.
-    fn publish(&self, chunks: &mut [ChangelogChunk]) -> Result<(), PublishError>;
+    /// Sets each chunk's `restore_from` and `epoch` and publishes them. Returns the sources
+    /// another replica turns out to have fenced meanwhile (this one was deposed from them: the
+    /// checkpoint must emit nothing for them).
+    fn publish(&self, chunks: &mut [ChangelogChunk]) -> Result<Vec<String>, PublishError>;
 }
 
 /// The changelog did not take a checkpoint's chunks (the checkpoint is retried).

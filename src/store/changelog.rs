@@ -39,6 +39,17 @@
 //! never a record missing until the window's next amendment. Folding keeps the newest flush's
 //! lines only.
 //!
+//! Fences (format v4): Kafka hands a partition to a new owner without waiting for the old one
+//! to hear of it (a zombie that has not yet polled its revocation keeps checkpointing), and
+//! without broker transactions nothing stops the zombie's flushes from landing after the new
+//! owner restored. So a writer that takes a source first publishes a *fence* (a chunk-less
+//! message), restores everything before it, and stamps every chunk it writes afterwards with
+//! the fence's offset, its `epoch`. A chunk is stale when another fence lies between its epoch
+//! and its own offset (`is_stale`): restores and compactions leave it out. A writer learns it
+//! was deposed when it sees a newer fence among the offsets between its own chunks
+//! (`deposed_by`); it then emits nothing more for the source (the records its deposed flush
+//! carried would repeat a revision with other contents).
+//!
 //! Limits: absolute states are per series, so a series must be fed by one partition (the topic
 //! is keyed by tenant).
 
@@ -103,6 +114,27 @@ pub struct ChangelogChunk {
     pub restore_from: u64,
     /// Emission and rating keys of the partition's tenants (v2; v1 chunks have none).
     pub state: Vec<StateEntry>,
+    /// The changelog offset of the fence its writer published when it took the source (v4;
+    /// -1: unfenced, written before fences existed). See "Fences" above.
+    pub epoch: i64,
+}
+
+/// Versions 2 and 3 of `ChangelogChunk` (before `epoch`), still read.
+#[derive(Deserialize)]
+struct ChangelogChunkV3 {
+    source: String,
+    flush_id: u64,
+    chunk: u32,
+    chunks: u32,
+    position: u64,
+    seen_secs: i64,
+    series: Vec<SeriesEntry>,
+    dedup_keys: Vec<u128>,
+    base: bool,
+    folded_through: i64,
+    dedup_seen: Vec<(u128, i64)>,
+    restore_from: u64,
+    state: Vec<StateEntry>,
 }
 
 /// Version 1 of `ChangelogChunk` (before `state`), still read.
@@ -134,8 +166,27 @@ impl ChangelogChunk {
 
     /// A chunk written at `version` (the message's `tallyd-format` header).
     pub fn decode_version(bytes: &[u8], version: u8) -> Result<ChangelogChunk, postcard::Error> {
-        if version >= 2 {
+        if version >= 4 {
             return ChangelogChunk::decode(bytes);
+        }
+        if version >= 2 {
+            let v3: ChangelogChunkV3 = postcard::from_bytes(bytes)?;
+            return Ok(ChangelogChunk {
+                source: v3.source,
+                flush_id: v3.flush_id,
+                chunk: v3.chunk,
+                chunks: v3.chunks,
+                position: v3.position,
+                seen_secs: v3.seen_secs,
+                series: v3.series,
+                dedup_keys: v3.dedup_keys,
+                base: v3.base,
+                folded_through: v3.folded_through,
+                dedup_seen: v3.dedup_seen,
+                restore_from: v3.restore_from,
+                state: v3.state,
+                epoch: -1,
+            });
         }
         let v1: ChangelogChunkV1 = postcard::from_bytes(bytes)?;
         Ok(ChangelogChunk {
@@ -152,7 +203,33 @@ impl ChangelogChunk {
             dedup_seen: v1.dedup_seen,
             restore_from: v1.restore_from,
             state: Vec::new(),
+            epoch: -1,
         })
+    }
+
+    /// The fence a writer publishes when it takes `source` (a message with no chunks: never
+    /// part of a flush). `restore_from` as on flushes, 0 when the writer does not know it yet.
+    pub fn fence(source: &str, writer: u32, restore_from: u64) -> ChangelogChunk {
+        ChangelogChunk {
+            source: source.to_string(),
+            flush_id: flush_id(writer),
+            chunk: 0,
+            chunks: 0,
+            position: 0,
+            seen_secs: 0,
+            series: Vec::new(),
+            dedup_keys: Vec::new(),
+            base: false,
+            folded_through: -1,
+            dedup_seen: Vec::new(),
+            restore_from,
+            state: Vec::new(),
+            epoch: -1,
+        }
+    }
+
+    pub fn is_fence(&self) -> bool {
+        self.chunks == 0
     }
 
     pub fn is_last(&self) -> bool {
@@ -216,6 +293,7 @@ pub fn chunk_flush_with_state(
         dedup_seen: Vec::new(),
         restore_from: 0,
         state: Vec::new(),
+        epoch: -1,
     };
     split(header, series, dedup_keys, Vec::new(), state)
 }
@@ -236,6 +314,7 @@ pub fn chunk_base(source: &str, flush_id: u64, folded: Folded, folded_through: i
         dedup_seen: Vec::new(),
         restore_from: 0,
         state: Vec::new(),
+        epoch: -1,
     };
     split(header, folded.series, Vec::new(), folded.dedup_seen, folded.state)
 }
@@ -409,16 +488,26 @@ pub fn complete_flushes(
     complete_flushes_at(source, messages.into_iter().map(|chunk| (0, chunk)), &mut offsets)
 }
 
-/// `complete_flushes`, also giving each flush's first offset in `offsets`.
+/// `complete_flushes`, also giving each flush's first offset in `offsets`. Fences and the
+/// chunks of deposed writers (`is_stale`) are left out before flushes are reassembled, so a
+/// deposed writer's chunk interleaved with the holder's flush does not cut it short.
 fn complete_flushes_at(
     source: &str,
     messages: impl IntoIterator<Item = (i64, ChangelogChunk)>,
     offsets: &mut Vec<i64>,
 ) -> Vec<Vec<ChangelogChunk>> {
+    let messages: Vec<(i64, ChangelogChunk)> = messages
+        .into_iter()
+        .filter(|(_, chunk)| chunk.source == source)
+        .collect();
+    let fences = fences_of(&messages);
     let mut flushes = Vec::new();
     let mut current: Vec<ChangelogChunk> = Vec::new();
     let mut first_offset = 0;
-    for (offset, chunk) in messages.into_iter().filter(|(_, c)| c.source == source) {
+    for (offset, chunk) in messages {
+        if chunk.is_fence() || is_stale(&fences, offset, chunk.epoch) {
+            continue;
+        }
         let continues = current
             .last()
             .is_some_and(|last| last.flush_id == chunk.flush_id && last.chunk + 1 == chunk.chunk);
@@ -438,6 +527,39 @@ fn complete_flushes_at(
         }
     }
     flushes
+}
+
+/// The fence offsets one source's messages reveal, sorted: each fence read, and each epoch a
+/// chunk names (its writer's fence, also when that fence lies before what was read).
+fn fences_of(messages: &[(i64, ChangelogChunk)]) -> Vec<i64> {
+    let mut fences: Vec<i64> = messages
+        .iter()
+        .map(|(offset, chunk)| if chunk.is_fence() { *offset } else { chunk.epoch })
+        .filter(|fence| *fence >= 0)
+        .collect();
+    fences.sort_unstable();
+    fences.dedup();
+    fences
+}
+
+/// Whether the chunk at `offset`, written under the fence at `epoch`, comes from a deposed
+/// writer: another writer fenced the source after `epoch` and before the chunk. Its writer
+/// no longer owned the source (a zombie: it had not yet heard of the rebalance), and the new
+/// owner restored without it, so applying it would move state backwards.
+pub fn is_stale(fences: &[i64], offset: i64, epoch: i64) -> bool {
+    let after = fences.partition_point(|fence| *fence <= epoch);
+    fences.get(after).is_some_and(|fence| *fence < offset)
+}
+
+/// The first fence of `source` after `epoch` in `messages` (with offsets, in log order):
+/// a writer that took the source at `epoch` has been deposed by it.
+pub fn deposed_by(source: &str, messages: &[(i64, ChangelogChunk)], epoch: i64) -> Option<i64> {
+    messages
+        .iter()
+        .filter(|(_, chunk)| chunk.source == source)
+        .map(|(offset, chunk)| if chunk.is_fence() { *offset } else { chunk.epoch })
+        .filter(|fence| *fence > epoch)
+        .min()
 }
 
 impl RocksStore {
@@ -603,6 +725,109 @@ mod tests {
         let flushes = complete_flushes("kafka/usage/1", log);
         let positions: Vec<u64> = flushes.iter().map(|f| f[0].position).collect();
         assert_eq!(positions, [100, 180]);
+    }
+
+    /// Stamps `chunks` as a writer under the fence at `epoch` publishes them, from `offset` on.
+    fn at(offset: i64, epoch: i64, chunks: Vec<ChangelogChunk>) -> Vec<(i64, ChangelogChunk)> {
+        chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut chunk)| {
+                chunk.epoch = epoch;
+                (offset + i as i64, chunk)
+            })
+            .collect()
+    }
+
+    /// Run #13's zombie owner: writer 1 (fenced at 0) keeps publishing after writer 2 fenced the
+    /// source at 3 and restored what came before. Restores and folds leave writer 1's later
+    /// flush out (its chunk interleaved inside writer 2's two-chunk flush included), and writer
+    /// 1 learns from the messages between its own chunks that it was deposed.
+    #[test]
+    fn flushes_of_a_deposed_writer_are_left_out_and_it_learns_so() {
+        const SOURCE: &str = "kafka/usage/1";
+        let writer = |w: u32| u64::from(w) << 32;
+        let mut log = vec![(0, ChangelogChunk::fence(SOURCE, 1, 0))];
+        log.extend(at(
+            1,
+            0,
+            chunk_flush(SOURCE, writer(1) | 1, 100, 0, vec![entry(1)], vec![11]),
+        ));
+        log.extend(at(
+            2,
+            0,
+            chunk_flush(SOURCE, writer(1) | 2, 110, 0, vec![entry(2)], vec![12]),
+        ));
+        log.push((3, ChangelogChunk::fence(SOURCE, 2, 0)));
+        // The zombie's next flush lands after the fence: stale.
+        let zombie = at(
+            4,
+            0,
+            chunk_flush(SOURCE, writer(1) | 3, 120, 0, vec![entry(3)], vec![13]),
+        );
+        log.extend(zombie.clone());
+        let big = at(
+            5,
+            3,
+            chunk_flush(
+                SOURCE,
+                writer(2) | 4,
+                130,
+                0,
+                (0..30_000).map(entry).collect(),
+                vec![14],
+            ),
+        );
+        assert!(big.len() > 1);
+        // Another zombie chunk between the new owner's two chunks.
+        let mut later = at(
+            6,
+            0,
+            chunk_flush(SOURCE, writer(1) | 5, 125, 0, vec![entry(4)], vec![15]),
+        );
+        later[0].0 = big[0].0 + 1;
+        let mut big_rest: Vec<(i64, ChangelogChunk)> = big[1..].to_vec();
+        for (i, (offset, _)) in big_rest.iter_mut().enumerate() {
+            *offset = later[0].0 + 1 + i as i64;
+        }
+        log.push(big[0].clone());
+        log.extend(later);
+        log.extend(big_rest);
+        let plan = restore_plan(SOURCE, log.clone());
+        let positions: Vec<u64> = plan.iter().map(|flush| flush[0].position).collect();
+        assert_eq!(positions, [100, 110, 130]);
+        let (_, keys, position, _) = apply(&plan);
+        assert_eq!(position, 130);
+        assert!(!keys.contains(&13) && !keys.contains(&15));
+        // A restore that starts after the fence (its base folded it) still tells the zombie's
+        // chunks by the epoch the new owner's chunks name.
+        let after: Vec<_> = log.iter().filter(|(offset, _)| *offset >= 4).cloned().collect();
+        let positions: Vec<u64> = restore_plan(SOURCE, after)
+            .iter()
+            .map(|f| f[0].position)
+            .collect();
+        assert_eq!(positions, [130]);
+        // What the zombie reads between its own chunks (offsets 3.. before its chunk at 4).
+        assert_eq!(deposed_by(SOURCE, &log[..4], 0), Some(3));
+        assert_eq!(deposed_by(SOURCE, &log[..3], 0), None);
+        assert_eq!(
+            deposed_by(SOURCE, &log, 3),
+            None,
+            "the holder is not deposed by itself"
+        );
+        assert_eq!(deposed_by("kafka/other/1", &log, 0), None);
+    }
+
+    /// Chunks written before fences existed (epoch -1) still restore, up to the first fence.
+    #[test]
+    fn unfenced_flushes_count_until_the_first_fence() {
+        const SOURCE: &str = "kafka/usage/2";
+        let mut log = at(0, -1, chunk_flush(SOURCE, 1, 100, 0, vec![entry(1)], vec![]));
+        log.push((1, ChangelogChunk::fence(SOURCE, 7, 0)));
+        log.extend(at(2, -1, chunk_flush(SOURCE, 2, 90, 0, vec![entry(2)], vec![])));
+        log.extend(at(3, 1, chunk_flush(SOURCE, 3, 110, 0, vec![entry(3)], vec![])));
+        let positions: Vec<u64> = restore_plan(SOURCE, log).iter().map(|f| f[0].position).collect();
+        assert_eq!(positions, [100, 110]);
     }
 
     /// What applying `flushes` in order leaves: series → (state, revision), dedup keys,

@@ -264,11 +264,27 @@ impl RocksStore {
         let mut emitted_revisions: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
         let mut records = 0;
         let closed_at = rfc3339(now_secs);
+        // Late amendments and windows closing with their delta are emitted by the owner only,
+        // like windows closing by time: a deposed owner still folds what it consumed.
+        let silenced = self.deposed_only(snapshot, names);
+        let mut emits: FxHashMap<String, bool> = FxHashMap::default();
         for (suffix, delta) in to_emit {
             let name = keys::decode_series_suffix(&suffix).ok_or_else(|| StoreError::Corrupt {
                 what: "series key",
                 detail: format!("{suffix:?}"),
             })?;
+            let here = match emits.get(&name.tenant) {
+                Some(here) => *here,
+                None => {
+                    let here =
+                        !silenced.contains(&name.tenant) && self.tenant_sources.emits_here(&name.tenant);
+                    emits.insert(name.tenant.clone(), here);
+                    here
+                }
+            };
+            if !here {
+                continue;
+            }
             let mut total = match self.get(&keys::with_kind(keys::AGGREGATE, &suffix))? {
                 Some(bytes) => Some(AggState::decode(&bytes).map_err(|error| StoreError::Corrupt {
                     what: "aggregate state",
@@ -402,6 +418,11 @@ impl RocksStore {
         };
         let mut changelog = Vec::new();
         for source in &snapshot.sources {
+            // A deposed writer's flushes are stale to every restore: publishing them only
+            // costs (and would be found deposed again).
+            if self.tenant_sources.is_deposed(&source.source) {
+                continue;
+            }
             changelog.extend(self.changelog_flush(
                 snapshot,
                 source,
@@ -440,6 +461,29 @@ impl RocksStore {
             changelog,
             tenant_sources,
         })
+    }
+
+    /// Tenants of `snapshot`'s deposed sources that no known source places (first seen there):
+    /// `emits_here` would let this replica emit them, as usage of its own.
+    fn deposed_only(&self, snapshot: &Snapshot, names: &Names) -> FxHashSet<String> {
+        let mut out = FxHashSet::default();
+        for cut in &snapshot.sources {
+            if !self.tenant_sources.is_deposed(&cut.source) {
+                continue;
+            }
+            let mut last = None;
+            for key in &cut.series {
+                if last == Some(key.tenant) {
+                    continue;
+                }
+                last = Some(key.tenant);
+                let tenant = names.tenants.resolve(key.tenant);
+                if self.tenant_sources.sources_of(&tenant).is_empty() {
+                    out.insert(tenant.to_string());
+                }
+            }
+        }
+        out
     }
 
     /// The emission and rating keys `batch` writes (`changelog::STATE_KINDS`) and its outbox

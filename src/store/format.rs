@@ -42,8 +42,9 @@ pub const KINDS: &[(&str, u8)] = &[
     // `d` values (u64 BE first-seen secs, then u128 BE keys) and `D` values (u64 BE).
     ("dedup_run", 1),
     // Changelog topic messages (postcard `ChangelogChunk`; v1 had no `state` and is still read;
-    // v3's `state` may carry `E` lines to re-emit, which v2 readers refuse as unknown keys).
-    ("changelog_chunk", 3),
+    // v3's `state` may carry `E` lines to re-emit, which v2 readers refuse as unknown keys;
+    // v4 adds fences and `epoch`, which v3 readers would ignore: they refuse it instead).
+    ("changelog_chunk", 4),
     // Forwarded usage on the ingest topic (postcard `ForwardedUsage`).
     ("forwarded_usage", 1),
     // `O` and `Q` values: JSON window and rated records (their fields are a public contract).
@@ -462,6 +463,7 @@ mod tests {
                 dedup_seen: vec![(6, 1_765_000_001)],
                 restore_from: 900,
                 state: Vec::new(),
+                epoch: -1,
             };
             // Version 1 (no `state`): what older builds published, still read.
             let v1 = unhex("0d6b61666b612f75736167652f334d0001e807808d9e930d01080006746f6b656e7302010402010500010106828d9e930d8407");
@@ -477,10 +479,14 @@ mod tests {
                     value: None,
                 },
             ];
-            pinned("changelog_chunk", &chunk.encode(), "0d6b61666b612f75736167652f334d0001e807808d9e930d01080006746f6b656e7302010402010500010106828d9e930d84070202520101040000000202540200");
+            // Versions 2 and 3 (no `epoch`), still read.
+            let v3 = unhex("0d6b61666b612f75736167652f334d0001e807808d9e930d01080006746f6b656e7302010402010500010106828d9e930d84070202520101040000000202540200");
+            assert_eq!(ChangelogChunk::decode_version(&v3, 2).unwrap(), chunk);
+            assert_eq!(ChangelogChunk::decode_version(&v3, 3).unwrap(), chunk);
+            chunk.epoch = 1_234;
+            pinned("changelog_chunk", &chunk.encode(), "0d6b61666b612f75736167652f334d0001e807808d9e930d01080006746f6b656e7302010402010500010106828d9e930d84070202520101040000000202540200a413");
             assert_eq!(ChangelogChunk::decode(&chunk.encode()).unwrap(), chunk);
-            assert_eq!(ChangelogChunk::decode_version(&chunk.encode(), 2).unwrap(), chunk);
-            assert_eq!(ChangelogChunk::decode_version(&chunk.encode(), 3).unwrap(), chunk);
+            assert_eq!(ChangelogChunk::decode_version(&chunk.encode(), 4).unwrap(), chunk);
         }
 
         #[test]

@@ -895,6 +895,132 @@ mod tests {
         assert_eq!(replica.tenant_sources.sources_of("acme"), [source.as_str()]);
     }
 
+    /// Cluster run #13's finding (RELIABILITY.md, 6): the group gave a partition to another
+    /// replica before its old owner heard of it, and the old owner (a zombie) emitted a
+    /// revision the new one then emitted with other contents. Against a real Kafka-protocol
+    /// broker (librdkafka's mock cluster): the new owner fences the partition's changelog and
+    /// restores what came before; the zombie's next publish finds the fence between its own
+    /// chunks, so its checkpoint, prepared again, emits and publishes nothing for the
+    /// partition; the new owner emits the window once; a third replica restoring the whole
+    /// changelog gets the new owner's state, not the zombie's late flush.
+    #[test]
+    fn a_zombie_owner_is_fenced_and_emits_nothing_the_new_owner_does_not() {
+        use crate::ingest::kafka::changelog::{restore_partition, ChangelogProducer, Compaction};
+        use crate::state::ChangelogSink;
+        const TOPIC: &str = "usage.changelog";
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 4, 1).unwrap();
+        let config = crate::config::KafkaConfig {
+            brokers: cluster.bootstrap_servers(),
+            topics: vec!["usage".into()],
+            group_id: "fence-test".into(),
+            dlq_topic: "usage.dlq".into(),
+            id_header: "ce_id".into(),
+            create_time_tolerance_ms: 3_600_000,
+            max_batch_messages: 100,
+            max_pending_series: 1000,
+            fold_threads: 1,
+            changelog_topic: Some(TOPIC.into()),
+            changelog_compact_bytes: 0,
+            changelog_compact_interval_secs: 3600,
+            properties: Vec::new(),
+        };
+        let compaction = Compaction {
+            bytes: 0,
+            interval: std::time::Duration::from_secs(3600),
+            dedup_horizon_secs: 86_400,
+            retention_secs: 400 * 86_400,
+        };
+        let names = Names::default();
+        let (_dirs, zombie, owner, catalog) = origin_and_replica();
+        let source = "kafka/usage/3";
+        for store in [&zombie, &owner] {
+            store
+                .tenant_sources
+                .set_owned(Some([source.to_string()].into_iter().collect()));
+        }
+        let sink = |store: &RocksStore| {
+            ChangelogProducer::new(&config, TOPIC.into(), compaction, store.writer()).unwrap()
+        };
+        let (zombie_sink, owner_sink) = (sink(&zombie), sink(&owner));
+        let restore = |store: &RocksStore, fencer: Option<&ChangelogProducer>| {
+            restore_partition(&config, TOPIC, store, &catalog, source, 3, fencer).unwrap()
+        };
+        let key = acme_tokens(&names);
+        let prepare = |store: &RocksStore, snapshot: &Snapshot, now: i64| {
+            store
+                .prepare_checkpoint(snapshot, &names, &catalog, now, 60, &Default::default())
+                .unwrap()
+        };
+        let none: Vec<String> = Vec::new();
+
+        // The zombie-to-be takes the partition and counts 5.
+        assert!(!restore(&zombie, Some(&zombie_sink)).0);
+        let mut first = prepare(&zombie, &usage_from(source, key, 1, 10, 5), NOW + 30);
+        assert_eq!(zombie_sink.publish(&mut first.changelog).unwrap(), none);
+        zombie.commit_checkpoint(first).unwrap();
+        // The group hands the partition to the other replica: it fences and restores.
+        assert!(restore(&owner, Some(&owner_sink)).0);
+        assert_eq!(owner.position(source).unwrap(), Some(10));
+
+        // The owner counts 7 more and emits the closed window as 12.
+        let mut owned = prepare(&owner, &usage_from(source, key, 2, 20, 7), NOW + 200);
+        assert_eq!(owner_sink.publish(&mut owned.changelog).unwrap(), none);
+        owner.commit_checkpoint(owned).unwrap();
+        let emitted = lines(&owner);
+        assert_eq!(emitted.len(), 1);
+        assert_eq!(
+            (&emitted[0]["revision"], &emitted[0]["quantity"]),
+            (&1.into(), &"12".into())
+        );
+
+        // The zombie has not heard: it counted other events (9) and its window closes too.
+        let late = usage_from(source, key, 2, 20, 9);
+        let mut stale = prepare(&zombie, &late, NOW + 200);
+        assert_eq!(
+            stale.stats.records, 1,
+            "prepared while it still believed it owned the partition"
+        );
+        assert_eq!(zombie_sink.publish(&mut stale.changelog).unwrap(), [source]);
+        drop(stale);
+        zombie.tenant_sources.depose(source);
+        assert_eq!(zombie.tenant_sources.take_deposed(), [source]);
+        let again = prepare(&zombie, &late, NOW + 200);
+        assert!(again.changelog.is_empty());
+        assert_eq!(again.stats.records, 0);
+        zombie.commit_checkpoint(again).unwrap();
+        assert!(lines(&zombie).is_empty());
+
+        // The owner goes on (another window); the zombie's chunk it finds between its own is
+        // no fence: it is not deposed.
+        let next = SeriesKey {
+            window_start: NOW + 120,
+            ..key
+        };
+        let mut owned = prepare(&owner, &usage_from(source, next, 3, 30, 1), NOW + 210);
+        assert_eq!(owner_sink.publish(&mut owned.changelog).unwrap(), none);
+        owner.commit_checkpoint(owned).unwrap();
+
+        // A third replica restoring the whole changelog gets the owner's 12, not the zombie's
+        // 14 published after it.
+        let dir = tempfile::tempdir().unwrap();
+        let (third, _, _) = tokens_store(dir.path());
+        assert!(restore(&third, None).0);
+        assert_eq!(third.position(source).unwrap(), Some(30));
+        let rows = third
+            .scan_series(&third.snapshot(), "tokens", Some("acme"), 0, i64::MAX)
+            .unwrap();
+        let totals: Vec<(i64, String)> = rows
+            .iter()
+            .map(|(name, state)| (name.window_start - NOW, state.value_string(0)))
+            .collect();
+        assert_eq!(totals, [(0, "12".to_string()), (120, "1".to_string())]);
+        // Assigned here again, the old zombie fences anew and may own the partition again.
+        restore(&zombie, Some(&zombie_sink));
+        zombie.tenant_sources.reassigned(source);
+        assert!(!zombie.tenant_sources.is_deposed(source));
+    }
+
     /// Cluster mode: a window closes and is emitted only by the owner of its tenant's
     /// partition, and the owner's flushes carry what it emitted (here: a window closing by
     /// time, with no usage in that checkpoint), so the next owner neither emits it again nor

@@ -40,6 +40,11 @@ pub struct TenantSources {
     /// tenant's windows are emitted here).
     owned: parking_lot::RwLock<Option<FxHashSet<String>>>,
     listener: parking_lot::RwLock<Option<PairListener>>,
+    /// Sources another replica fenced while this one still held them (a zombie owner): never
+    /// owned here again until assigned here again (`reassigned`).
+    deposed: Mutex<FxHashSet<String>>,
+    /// `deposed` sources the consumer has not yet stopped reading (`take_deposed`).
+    deposed_news: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for TenantSources {
@@ -80,8 +85,7 @@ impl TenantSources {
         }
         Ok(TenantSources {
             known: Mutex::new(known),
-            owned: Default::default(),
-            listener: Default::default(),
+            ..TenantSources::default()
         })
     }
 
@@ -166,7 +170,39 @@ impl TenantSources {
     /// Which replicated sources this replica owns (the consumer's assignment); None: sources
     /// are not replicated.
     pub fn set_owned(&self, owned: Option<FxHashSet<String>>) {
-        *self.owned.write() = owned;
+        let deposed = self.deposed.lock();
+        *self.owned.write() = owned.map(|owned| {
+            owned
+                .into_iter()
+                .filter(|source| !deposed.contains(source))
+                .collect()
+        });
+    }
+
+    /// Another replica took `source` (its fence is in the changelog) while the consumer here
+    /// still has it assigned: from now on nothing is emitted, rated or published for it here.
+    pub fn depose(&self, source: &str) {
+        let mut deposed = self.deposed.lock();
+        if deposed.insert(source.to_string()) {
+            if let Some(owned) = self.owned.write().as_mut() {
+                owned.remove(source);
+            }
+            self.deposed_news.lock().push(source.to_string());
+        }
+    }
+
+    pub fn is_deposed(&self, source: &str) -> bool {
+        self.deposed.lock().contains(source)
+    }
+
+    /// Sources deposed since the last call (the consumer stops reading them).
+    pub fn take_deposed(&self) -> Vec<String> {
+        std::mem::take(&mut *self.deposed_news.lock())
+    }
+
+    /// `source` is assigned here again (and fenced for this replica): it may be owned again.
+    pub fn reassigned(&self, source: &str) {
+        self.deposed.lock().remove(source);
     }
 
     /// Whether this replica closes, emits and rates `tenant`'s windows: always without

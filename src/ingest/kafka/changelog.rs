@@ -22,7 +22,7 @@ use crate::kafka::{
     KafkaSetupError,
 };
 use crate::state::{ChangelogSink, PublishError};
-use crate::store::changelog::{chunk_base, flush_id, fold, restore_plan, ChangelogChunk};
+use crate::store::changelog::{chunk_base, deposed_by, flush_id, fold, restore_plan, ChangelogChunk};
 use crate::store::format;
 use crate::store::{MeterCatalog, RocksStore};
 use crate::telemetry;
@@ -71,6 +71,14 @@ struct Inner {
     since_base: Mutex<FxHashMap<String, (u64, Instant)>>,
     /// Sources with a compaction running.
     compacting: Mutex<FxHashSet<String>>,
+    /// Per source: the offset of the fence this writer published when it took the source
+    /// (stamped on every chunk as its `epoch`; see `store::changelog`, "Fences").
+    epochs: Mutex<FxHashMap<String, i64>>,
+    /// Per source: the changelog offset through which this writer has looked for newer
+    /// fences (its own chunks, and every other message it read between them).
+    checked: Mutex<FxHashMap<String, i64>>,
+    /// Reads what others wrote between this writer's chunks (kept: one connection).
+    gap_reader: Mutex<Option<BaseConsumer>>,
 }
 
 /// When to fold a source's flushes into a base, and what a base may drop.
@@ -94,7 +102,7 @@ fn changelog_producer(
         // One chunk per record batch: every chunk's offset can be fetched directly (some
         // brokers, tansu 0.6 among them, cannot fetch from inside a batch).
         .set("batch.num.messages", "1")
-        .create_with_context(DeliveryContext::new(what))?)
+        .create_with_context(DeliveryContext::recording(what))?)
 }
 
 impl ChangelogProducer {
@@ -114,8 +122,36 @@ impl ChangelogProducer {
                 restore_from: Mutex::new(FxHashMap::default()),
                 since_base: Mutex::new(FxHashMap::default()),
                 compacting: Mutex::new(FxHashSet::default()),
+                epochs: Mutex::new(FxHashMap::default()),
+                checked: Mutex::new(FxHashMap::default()),
+                gap_reader: Mutex::new(None),
             }),
         })
+    }
+
+    /// Takes `source` for this writer: publishes a fence on its changelog partition and returns
+    /// the fence's offset. Every chunk this writer publishes for the source from now on names
+    /// it (`epoch`); a restore reads up to it; a writer that took the source before is deposed.
+    pub fn fence(&self, source: &str, partition: i32, restore_from: u64) -> Result<i64, ChangelogError> {
+        let inner = &self.inner;
+        let producer = changelog_producer(&inner.config, "changelog fence")?;
+        let fence = ChangelogChunk::fence(source, inner.writer, restore_from);
+        send_all(&producer, &inner.topic, std::slice::from_ref(&fence))?;
+        let Some((_, offset)) = producer
+            .context()
+            .take_delivered()
+            .into_iter()
+            .find(|(delivered, _)| *delivered == partition)
+        else {
+            return Err(ChangelogError::Publish {
+                topic: inner.topic.clone(),
+                detail: format!("no offset reported for the fence of {source}"),
+            });
+        };
+        inner.epochs.lock().insert(source.to_string(), offset);
+        inner.checked.lock().insert(source.to_string(), offset);
+        tracing::debug!(source, epoch = offset, "changelog fenced");
+        Ok(offset)
     }
 
     /// A restore (or the check that skipped it) learned where the source's restores start.
@@ -174,15 +210,22 @@ fn send_all(
 }
 
 impl ChangelogSink for ChangelogProducer {
-    fn publish(&self, chunks: &mut [ChangelogChunk]) -> Result<(), PublishError> {
+    fn publish(&self, chunks: &mut [ChangelogChunk]) -> Result<Vec<String>, PublishError> {
         let inner = &self.inner;
         {
             let pointers = inner.restore_from.lock();
+            let epochs = inner.epochs.lock();
             for chunk in chunks.iter_mut() {
                 chunk.restore_from = pointers.get(&chunk.source).copied().unwrap_or(0);
+                chunk.epoch = epochs.get(&chunk.source).copied().unwrap_or(-1);
             }
         }
+        let _ = inner.producer.context().take_delivered();
         send_all(&inner.producer, &inner.topic, chunks).map_err(|error| PublishError(Box::new(error)))?;
+        let delivered = inner.producer.context().take_delivered();
+        let deposed = inner
+            .deposed(chunks, &delivered)
+            .map_err(|error| PublishError(Box::new(error)))?;
         let mut due = Vec::new();
         {
             let mut since_base = inner.since_base.lock();
@@ -215,11 +258,86 @@ impl ChangelogSink for ChangelogProducer {
                 tracing::warn!(%error, "cannot start changelog compaction");
             }
         }
-        Ok(())
+        Ok(deposed)
     }
 }
 
 impl Inner {
+    /// The sources of `chunks` (just delivered at `delivered`) that another writer fenced
+    /// since this one took them: found among the offsets between this writer's own chunks.
+    /// With one source per changelog partition and no rival, there are none to read.
+    fn deposed(
+        &self,
+        chunks: &[ChangelogChunk],
+        delivered: &[(i32, i64)],
+    ) -> Result<Vec<String>, ChangelogError> {
+        let mut deposed = Vec::new();
+        let mut sources: Vec<&str> = chunks.iter().map(|chunk| chunk.source.as_str()).collect();
+        sources.sort_unstable();
+        sources.dedup();
+        for source in sources {
+            let Some((_, partition)) = parse_position_name(source) else {
+                return Err(ChangelogError::NotAPartition(source.to_string()));
+            };
+            let ours: FxHashSet<i64> = delivered
+                .iter()
+                .filter(|(p, _)| *p == partition)
+                .map(|(_, offset)| *offset)
+                .collect();
+            let Some(&last) = ours.iter().max() else {
+                continue;
+            };
+            // The epoch the chunks were stamped with (a fence may have moved it since).
+            let epoch = chunks
+                .iter()
+                .find(|chunk| chunk.source == source)
+                .map_or(-1, |chunk| chunk.epoch);
+            if epoch < 0 {
+                // Never fenced here (no assignment published one): nothing to be deposed from.
+                continue;
+            }
+            let from = self
+                .checked
+                .lock()
+                .get(source)
+                .map_or(epoch, |checked| (*checked).max(epoch))
+                + 1;
+            let others: Vec<i64> = (from..=last).filter(|offset| !ours.contains(offset)).collect();
+            if let (Some(&first), Some(&end)) = (others.first(), others.last()) {
+                let mut reader = self.gap_reader.lock();
+                if reader.is_none() {
+                    *reader = Some(reader_for(&self.config, "fence-check")?);
+                }
+                let reader = reader.as_ref().expect("invariant: just created");
+                let read = read_range(
+                    reader,
+                    &self.topic,
+                    partition,
+                    first,
+                    end + 1,
+                    Duration::from_secs(30),
+                )?;
+                let between: Vec<(i64, ChangelogChunk)> = read
+                    .into_iter()
+                    .filter(|(offset, _)| !ours.contains(offset))
+                    .collect();
+                if let Some(fence) = deposed_by(source, &between, epoch) {
+                    metrics::counter!(telemetry::CHANGELOG_DEPOSED).increment(1);
+                    tracing::warn!(
+                        source,
+                        epoch,
+                        fence,
+                        "another replica took this partition (its fence is in the changelog); \
+                         emitting nothing more for it until it is assigned here again"
+                    );
+                    deposed.push(source.to_string());
+                }
+            }
+            self.checked.lock().insert(source.to_string(), last);
+        }
+        Ok(deposed)
+    }
+
     /// Folds `source`'s complete flushes since its last base into a new base and, once the
     /// broker has it, moves the source's restore point past what it folded. Failures only
     /// delay compaction: restores stay correct from the old restore point.
@@ -254,10 +372,21 @@ impl Inner {
             return Err(ChangelogError::NotAPartition(source.to_string()));
         };
         let pointer = self.restore_from.lock().get(source).copied().unwrap_or(0);
-        let reader = reader(&self.config, "compact")?;
+        let reader = reader_for(&self.config, "compact")?;
         let (low, high) = reader.fetch_watermarks(&self.topic, partition, TIMEOUT)?;
         let start = start_offset(&self.topic, partition, pointer, low)?;
         let messages = read_source(&reader, &self.topic, partition, start, high, source)?;
+        let epoch = self.epochs.lock().get(source).copied().unwrap_or(-1);
+        if let Some(fence) = deposed_by(source, &messages, epoch) {
+            // Another replica took the source: its restore point is not ours to move.
+            tracing::info!(
+                source,
+                epoch,
+                fence,
+                "not compacting a changelog another replica now writes"
+            );
+            return Ok(None);
+        }
         // Everything through the last complete flush is folded; a flush still being written
         // starts after it and stays outside (restores apply it after the base).
         let Some(folded_through) = messages
@@ -288,6 +417,7 @@ impl Inner {
         let mut base = chunk_base(source, flush_id(self.writer), folded, folded_through);
         for chunk in &mut base {
             chunk.restore_from = pointer;
+            chunk.epoch = epoch;
         }
         let producer = changelog_producer(&self.config, "changelog base")?;
         send_all(&producer, &self.topic, &base)?;
@@ -304,7 +434,7 @@ impl Inner {
 }
 
 /// A consumer that only reads with `assign` (the group id is required, never joined).
-fn reader(config: &KafkaConfig, purpose: &str) -> Result<BaseConsumer, ChangelogError> {
+fn reader_for(config: &KafkaConfig, purpose: &str) -> Result<BaseConsumer, ChangelogError> {
     Ok(client_config(config)
         .set("group.id", format!("{}.{purpose}", config.group_id))
         .set("enable.auto.commit", "false")
@@ -330,7 +460,9 @@ fn start_offset(topic: &str, partition: i32, restore_from: u64, low: i64) -> Res
 }
 
 /// Brings a partition's local state up to its changelog, unless the store is already current.
-/// Returns whether a restore happened, and where the source's restores start (0: log start).
+/// With `fencer` (the replica's changelog producer) the source is first fenced for this writer
+/// and the restore reads everything before the fence. Returns whether a restore happened, and
+/// where the source's restores start (0: log start).
 pub fn restore_partition(
     config: &KafkaConfig,
     changelog_topic: &str,
@@ -338,37 +470,54 @@ pub fn restore_partition(
     catalog: &MeterCatalog,
     source: &str,
     partition: i32,
+    fencer: Option<&ChangelogProducer>,
 ) -> Result<(bool, u64), ChangelogError> {
-    let reader = reader(config, "restore")?;
-    let (low, high) = reader.fetch_watermarks(changelog_topic, partition, TIMEOUT)?;
+    let reader = reader_for(config, "restore")?;
+    let (low, mut high) = reader.fetch_watermarks(changelog_topic, partition, TIMEOUT)?;
+    // The newest message before `high` is where restores start, and whether the store has it.
+    let newest_before = |high: i64| {
+        if high <= low {
+            return None;
+        }
+        read_range(
+            &reader,
+            changelog_topic,
+            partition,
+            high - 1,
+            high,
+            Duration::from_secs(5),
+        )
+        .unwrap_or_default()
+        .pop()
+        .map(|(_, chunk)| chunk)
+        .filter(|chunk| chunk.source == source)
+    };
+    if let Some(fencer) = fencer {
+        let pointer = newest_before(high).map_or(0, |chunk| chunk.restore_from);
+        // Whatever lands after the fence is the deposed writer's: left out, never read here.
+        high = fencer.fence(source, partition, pointer)?;
+    }
     if high <= low {
         return Ok((false, 0));
     }
     let local = store.position(source)?;
-    // The newest message says where restores start, and whether the store already has it.
-    let newest = read_range(
-        &reader,
-        changelog_topic,
-        partition,
-        high - 1,
-        high,
-        Duration::from_secs(5),
-    )
-    .unwrap_or_default()
-    .pop()
-    .map(|(_, chunk)| chunk)
-    .filter(|chunk| chunk.source == source);
+    let newest = newest_before(high);
     let restore_from = newest.as_ref().map_or(0, |chunk| chunk.restore_from);
     if let (Some(local), Some(chunk)) = (local, &newest) {
-        if chunk.is_last() && chunk.position <= local {
+        // Only this store's own last flush proves the store holds everything: another
+        // writer's also carries emission state (revisions) this store may not have.
+        if chunk.is_last() && chunk.writer() == store.writer() && chunk.position <= local {
             metrics::counter!(telemetry::CHANGELOG_RESTORES, "outcome" => "skipped").increment(1);
             return Ok((false, restore_from));
         }
     }
     // Another source wrote last (several input topics share the changelog): read it all.
+    // A fence whose writer did not know the restore point says nothing about it.
     let start = match newest {
-        Some(_) => start_offset(changelog_topic, partition, restore_from, low)?,
-        None => low,
+        Some(chunk) if !(chunk.is_fence() && chunk.restore_from == 0) => {
+            start_offset(changelog_topic, partition, restore_from, low)?
+        }
+        _ => low,
     };
     let started = Instant::now();
     let messages = read_source(&reader, changelog_topic, partition, start, high, source)?;
@@ -377,7 +526,12 @@ pub fn restore_partition(
     let Some(position) = plan.last().and_then(|f| f.last()).map(|c| c.position) else {
         return Ok((false, restore_from));
     };
-    if local.is_some_and(|local| local >= position) {
+    // At the same position, another writer's flush may still carry emission state this store
+    // lacks (windows it closed by time): apply it; its series equal the local ones.
+    let own_last = plan
+        .last()
+        .is_some_and(|flush| flush[0].writer() == store.writer());
+    if local.is_some_and(|local| local > position || (local == position && own_last)) {
         metrics::counter!(telemetry::CHANGELOG_RESTORES, "outcome" => "skipped").increment(1);
         return Ok((false, restore_from));
     }

@@ -318,6 +318,7 @@ fn run(consumer: BaseConsumer<SourceContext>, stop: Arc<AtomicBool>) {
             }
         }
         context.process_pending();
+        context.stop_deposed(&consumer);
         context.commit_durable(&consumer);
         if context.shared.engine.len() > context.config.max_pending_series {
             backpressure(&consumer, &context, &stop);

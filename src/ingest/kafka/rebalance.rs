@@ -135,9 +135,12 @@ impl SourceContext {
             .map(|e| (e.topic().to_string(), e.partition()))
             .collect();
         for (topic, partition) in assigned {
+            // Held back when this replica was deposed from it; assigned again now.
+            self.blocked.lock().remove(&(topic.clone(), partition));
             if let Some(changelog_topic) = &self.config.changelog_topic {
                 // The previous owner published this partition's state before committing it:
-                // catch the store up before deciding where to resume.
+                // fence it for this replica, then catch the store up before deciding where to
+                // resume.
                 let source = position_name(&topic, partition);
                 let shared = &self.shared;
                 match changelog::restore_partition(
@@ -147,11 +150,13 @@ impl SourceContext {
                     &shared.catalog,
                     &source,
                     partition,
+                    self.changelog.as_deref(),
                 ) {
                     Ok((_, restore_from)) => {
                         if let Some(producer) = &self.changelog {
                             producer.set_restore_from(&source, restore_from);
                         }
+                        shared.store.tenant_sources.reassigned(&source);
                     }
                     Err(error) => {
                         // Resuming without the restore could count twice: hold the partition back.
@@ -187,6 +192,37 @@ impl SourceContext {
                 }
             }
         }
+    }
+
+    /// Stops reading the partitions a checkpoint found another replica fenced (this one was a
+    /// zombie owner): they stay assigned until the group tells this consumer, but paused and
+    /// neither counted nor committed here.
+    pub(super) fn stop_deposed(&self, consumer: &BaseConsumer<Self>) {
+        let deposed = self.shared.store.tenant_sources.take_deposed();
+        if deposed.is_empty() {
+            return;
+        }
+        let mut paused = TopicPartitionList::new();
+        let mut owned = self.owned.lock();
+        let mut blocked = self.blocked.lock();
+        for source in &deposed {
+            let Some((topic, partition)) = crate::kafka::parse_position_name(source) else {
+                continue;
+            };
+            let key = (topic.to_string(), partition);
+            if owned.remove(&key) {
+                blocked.insert(key);
+                paused.add_partition(topic, partition);
+            }
+        }
+        self.any_blocked.store(!blocked.is_empty(), Ordering::Release);
+        drop(blocked);
+        if paused.count() > 0 {
+            if let Err(error) = consumer.pause(&paused) {
+                tracing::warn!(%error, "cannot pause partitions another replica took");
+            }
+        }
+        self.announce(&owned);
     }
 
     /// Applies what was consumed, checkpoints it, and commits the revoked partitions' offsets.
