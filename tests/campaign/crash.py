@@ -399,7 +399,8 @@ def main():
     for line in metrics.splitlines():
         if line.startswith(("tallyd_ingest_events_total", "tallyd_kafka_messages_total", "tallyd_kafka_offset_gaps_total",
                             "tallyd_kafka_consumer_lag", "tallyd_ingest_refused_total",
-                            "tallyd_changelog_restores_total", "tallyd_changelog_reemitted_records_total")):
+                            "tallyd_changelog_restores_total", "tallyd_changelog_reemitted_records_total",
+                            "tallyd_changelog_deposed_total")):
             name, value = line.rsplit(" ", 1)
             counters[name] = value
     for daemon in daemons:
