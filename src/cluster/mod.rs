@@ -249,6 +249,15 @@ impl Cluster {
             .collect()
     }
 
+    /// Whether `tenant`'s usage was counted on more than one partition (by any replica).
+    pub fn is_split(&self, tenant: &str) -> bool {
+        let mut learned: BTreeSet<i32> = BTreeSet::new();
+        for directory in [&self.tenants, &self.local_tenants] {
+            learned.extend(directory.read().get(tenant).into_iter().flatten().copied());
+        }
+        learned.len() > 1
+    }
+
     /// Whether this replica holds all of `tenant`'s usage: the tenant is on one partition, and
     /// this replica owns it (a tenant on several is never whole: `api::query`, `tenant_split`).
     pub fn answers_whole(&self, tenant: &str) -> bool {

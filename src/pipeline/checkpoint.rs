@@ -158,6 +158,13 @@ impl CheckpointLoop {
         metrics::counter!(telemetry::CHECKPOINT_SERIES).increment(stats.series as u64);
         metrics::counter!(telemetry::RATED_RECORDS).increment(stats.rated as u64);
         metrics::counter!(telemetry::CHANGELOG_REEMITTED).increment(stats.reemitted as u64);
+        if stats.held > 0 {
+            metrics::counter!(telemetry::CLUSTER_SPLIT_WINDOWS_HELD).increment(stats.held as u64);
+            tracing::warn!(
+                windows = stats.held,
+                "windows of tenants split over partitions closed without records (fix their producers' keys)"
+            );
+        }
         metrics::gauge!(telemetry::CHECKPOINT_LAST_SUCCESS).set(now_secs as f64);
         // Right after a commit: the engine's last cut no longer holds any id.
         if let Some((tenants, dims)) = shared.names.rotate_if_due(now_ms()) {

@@ -390,6 +390,13 @@ pub async fn run(
     };
     if let Some(cluster) = &cluster {
         // Every (tenant, partition) pair a checkpoint or a restore learns is routed by.
+        let weak = Arc::downgrade(cluster);
+        shared
+            .store
+            .tenant_sources
+            .set_split_check(Arc::new(move |tenant: &str| {
+                weak.upgrade().is_some_and(|cluster| cluster.is_split(tenant))
+            }));
         let cluster = cluster.clone();
         shared
             .store

@@ -61,6 +61,8 @@ pub struct CheckpointStats {
     pub amended: usize,
     /// Lines a restore left to re-emit, moved to the outbox.
     pub reemitted: usize,
+    /// Windows of split tenants closed without a record (`TenantSources::is_split`).
+    pub held: usize,
     pub bytes: usize,
 }
 
@@ -213,12 +215,18 @@ impl RocksStore {
             key.first() == Some(&keys::OPEN_WINDOW) && key.len() >= 9 && key[..9] <= index_end[..9]
         })?;
         for open_key in open_keys {
-            // Another replica owns the tenant's partition now: it closes the window (restored
-            // from the changelog); the key stays here in case the partition comes back.
-            if !keys::prefix_tenant(&open_key[9..])
-                .is_none_or(|tenant| self.tenant_sources.emits_here(tenant))
-            {
-                continue;
+            if let Some(tenant) = keys::prefix_tenant(&open_key[9..]) {
+                // A split tenant's window closes with no record (nobody holds its whole total).
+                if self.tenant_sources.is_split(tenant) {
+                    stats.held += 1;
+                    batch.delete(&open_key);
+                    continue;
+                }
+                // Another replica owns the tenant's partition now: it closes the window
+                // (restored from the changelog); the key stays here in case it comes back.
+                if !self.tenant_sources.emits_here(tenant) {
+                    continue;
+                }
             }
             // Every series of that tenant's window: the aggregate keys under its prefix.
             let prefix = keys::with_kind(keys::AGGREGATE, &open_key[9..]);
@@ -283,6 +291,7 @@ impl RocksStore {
                 }
             };
             if !here {
+                stats.held += usize::from(self.tenant_sources.is_split(&name.tenant));
                 continue;
             }
             let mut total = match self.get(&keys::with_kind(keys::AGGREGATE, &suffix))? {

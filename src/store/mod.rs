@@ -1021,6 +1021,80 @@ mod tests {
         assert!(!zombie.tenant_sources.is_deposed(source));
     }
 
+    /// A tenant counted on two partitions (a producer broke the key contract) has no whole
+    /// total anywhere: its windows close with no window or rated record, whether this replica
+    /// saw both partitions or another replica reported the second one (members topic), while a
+    /// tenant on one partition is emitted as always.
+    #[test]
+    fn a_split_tenants_windows_close_without_records() {
+        let names = Names::default();
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, catalog) = tokens_store(dir.path());
+        let sources = ["kafka/usage/0", "kafka/usage/1"];
+        store
+            .tenant_sources
+            .set_owned(Some(sources.iter().map(|s| s.to_string()).collect()));
+        let acme = acme_tokens(&names);
+        let globex = SeriesKey {
+            tenant: names.tenants.intern("globex"),
+            ..acme
+        };
+        let initech = SeriesKey {
+            tenant: names.tenants.intern("initech"),
+            ..acme
+        };
+        // acme on both partitions here; globex on one here, on another per the cluster.
+        let mut both = usage_from(sources[0], acme, 1, 10, 5);
+        let other = usage_from(sources[1], acme, 1, 10, 7);
+        both.positions.extend(other.positions);
+        both.sources.extend(other.sources);
+        both.deltas.extend(other.deltas);
+        for (key, value) in [(globex, 3), (initech, 4)] {
+            let more = usage_from(sources[1], key, 1, 10, value);
+            both.sources[1].series.extend(more.sources[0].series.clone());
+            both.deltas.extend(more.deltas);
+        }
+        store
+            .tenant_sources
+            .set_split_check(std::sync::Arc::new(|tenant: &str| tenant == "globex"));
+        checkpoint(&store, &names, &catalog, both, NOW + 30);
+        assert!(store.tenant_sources.is_split("acme"));
+        let prepared = store
+            .prepare_checkpoint(
+                &Snapshot::default(),
+                &names,
+                &catalog,
+                NOW + 200,
+                60,
+                &Default::default(),
+            )
+            .unwrap();
+        assert_eq!(prepared.stats.held, 2);
+        store.commit_checkpoint(prepared).unwrap();
+        let emitted: Vec<(String, String)> = lines(&store)
+            .iter()
+            .map(|line| {
+                (
+                    line["tenant"].as_str().unwrap().to_string(),
+                    line["quantity"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(emitted, [("initech".to_string(), "4".to_string())]);
+        // Closed once: nothing held again.
+        let again = store
+            .prepare_checkpoint(
+                &Snapshot::default(),
+                &names,
+                &catalog,
+                NOW + 300,
+                60,
+                &Default::default(),
+            )
+            .unwrap();
+        assert_eq!((again.stats.held, again.stats.records), (0, 0));
+    }
+
     /// Cluster mode: a window closes and is emitted only by the owner of its tenant's
     /// partition, and the owner's flushes carry what it emitted (here: a window closing by
     /// time, with no usage in that checkpoint), so the next owner neither emits it again nor

@@ -32,6 +32,10 @@ use crate::telemetry;
 /// Told each (tenant, source) pair once it is known (cluster mode publishes it).
 pub type PairListener = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
+/// Whether the cluster knows `tenant` on more than one partition (pairs other replicas
+/// learned, from the members topic).
+pub type SplitCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Every known (tenant, source) pair, by tenant (sources in the order learned).
 #[derive(Default)]
 pub struct TenantSources {
@@ -45,6 +49,7 @@ pub struct TenantSources {
     deposed: Mutex<FxHashSet<String>>,
     /// `deposed` sources the consumer has not yet stopped reading (`take_deposed`).
     deposed_news: Mutex<Vec<String>>,
+    split_check: parking_lot::RwLock<Option<SplitCheck>>,
 }
 
 impl std::fmt::Debug for TenantSources {
@@ -208,16 +213,44 @@ impl TenantSources {
     /// Whether this replica closes, emits and rates `tenant`'s windows: always without
     /// replicated sources; else when it owns one of the tenant's sources, or none is known (the
     /// tenant's usage is local, or first seen in the checkpoint being written, from a source
-    /// owned here).
+    /// owned here); never for a split tenant (`is_split`).
     pub fn emits_here(&self, tenant: &str) -> bool {
         let owned = self.owned.read();
         let Some(owned) = owned.as_ref() else {
             return true;
         };
-        match self.known.lock().get(tenant) {
+        let here = match self.known.lock().get(tenant) {
             None => true,
             Some(sources) => sources.iter().any(|source| owned.contains(&**source)),
+        };
+        drop(owned);
+        here && !self.is_split(tenant)
+    }
+
+    /// Cluster mode: whether `tenant`'s usage was counted on more than one partition, here or
+    /// (`set_split_check`) by other replicas. No replica holds its whole total, so none emits
+    /// its window and rated records: each would send its part under the same record id.
+    pub fn is_split(&self, tenant: &str) -> bool {
+        if self.owned.read().is_none() {
+            return false;
         }
+        if self
+            .known
+            .lock()
+            .get(tenant)
+            .is_some_and(|sources| sources.len() > 1)
+        {
+            return true;
+        }
+        self.split_check
+            .read()
+            .as_ref()
+            .is_some_and(|check| check(tenant))
+    }
+
+    /// How `is_split` learns what other replicas counted (cluster mode).
+    pub fn set_split_check(&self, check: SplitCheck) {
+        *self.split_check.write() = Some(check);
     }
 
     /// The owned sources whose changelog carries `tenant`'s emission and rating state: its
