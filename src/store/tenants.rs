@@ -215,15 +215,17 @@ impl TenantSources {
     /// tenant's usage is local, or first seen in the checkpoint being written, from a source
     /// owned here); never for a split tenant (`is_split`).
     pub fn emits_here(&self, tenant: &str) -> bool {
-        let owned = self.owned.read();
-        let Some(owned) = owned.as_ref() else {
-            return true;
+        let here = {
+            let owned = self.owned.read();
+            let Some(owned) = owned.as_ref() else {
+                return true;
+            };
+            match self.known.lock().get(tenant) {
+                None => true,
+                Some(sources) => sources.iter().any(|source| owned.contains(&**source)),
+            }
         };
-        let here = match self.known.lock().get(tenant) {
-            None => true,
-            Some(sources) => sources.iter().any(|source| owned.contains(&**source)),
-        };
-        drop(owned);
+        // `is_split` takes the lock again: not while a writer may be queued behind this read.
         here && !self.is_split(tenant)
     }
 
