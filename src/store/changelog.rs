@@ -505,7 +505,7 @@ fn complete_flushes_at(
     let mut current: Vec<ChangelogChunk> = Vec::new();
     let mut first_offset = 0;
     for (offset, chunk) in messages {
-        if chunk.is_fence() || is_stale(&fences, offset, chunk.epoch) {
+        if chunk.is_fence() || is_stale(&fences, offset, chunk.epoch, chunk.writer()) {
             continue;
         }
         let continues = current
@@ -529,34 +529,45 @@ fn complete_flushes_at(
     flushes
 }
 
-/// The fence offsets one source's messages reveal, sorted: each fence read, and each epoch a
-/// chunk names (its writer's fence, also when that fence lies before what was read).
-fn fences_of(messages: &[(i64, ChangelogChunk)]) -> Vec<i64> {
-    let mut fences: Vec<i64> = messages
+/// The fences one source's messages reveal, by offset, with their writers: each fence read,
+/// and each epoch a chunk names (its writer's fence, also when that fence lies before what
+/// was read).
+fn fences_of(messages: &[(i64, ChangelogChunk)]) -> Vec<(i64, u32)> {
+    let mut fences: Vec<(i64, u32)> = messages
         .iter()
-        .map(|(offset, chunk)| if chunk.is_fence() { *offset } else { chunk.epoch })
-        .filter(|fence| *fence >= 0)
+        .map(|(offset, chunk)| {
+            (
+                if chunk.is_fence() { *offset } else { chunk.epoch },
+                chunk.writer(),
+            )
+        })
+        .filter(|(fence, _)| *fence >= 0)
         .collect();
     fences.sort_unstable();
     fences.dedup();
     fences
 }
 
-/// Whether the chunk at `offset`, written under the fence at `epoch`, comes from a deposed
-/// writer: another writer fenced the source after `epoch` and before the chunk. Its writer
-/// no longer owned the source (a zombie: it had not yet heard of the rebalance), and the new
-/// owner restored without it, so applying it would move state backwards.
-pub fn is_stale(fences: &[i64], offset: i64, epoch: i64) -> bool {
-    let after = fences.partition_point(|fence| *fence <= epoch);
-    fences.get(after).is_some_and(|fence| *fence < offset)
+/// Whether the chunk at `offset` that `writer` wrote under its fence at `epoch` comes from a
+/// deposed writer: *another* writer fenced the source after `epoch` and before the chunk. Its
+/// writer no longer owned the source (a zombie: it had not yet heard of the rebalance), and the
+/// new owner restored without it, so applying it would move state backwards. The writer's own
+/// newer fence does not make it stale: a checkpoint in flight while its writer took the
+/// partition again is still that writer's newest state.
+pub fn is_stale(fences: &[(i64, u32)], offset: i64, epoch: i64, writer: u32) -> bool {
+    let after = fences.partition_point(|(fence, _)| *fence <= epoch);
+    fences[after..]
+        .iter()
+        .take_while(|(fence, _)| *fence < offset)
+        .any(|(_, by)| *by != writer)
 }
 
-/// The first fence of `source` after `epoch` in `messages` (with offsets, in log order):
-/// a writer that took the source at `epoch` has been deposed by it.
-pub fn deposed_by(source: &str, messages: &[(i64, ChangelogChunk)], epoch: i64) -> Option<i64> {
+/// The first fence of `source` after `epoch` by a writer other than `writer` in `messages`
+/// (with offsets, in log order): `writer`, which took the source at `epoch`, is deposed.
+pub fn deposed_by(source: &str, messages: &[(i64, ChangelogChunk)], epoch: i64, writer: u32) -> Option<i64> {
     messages
         .iter()
-        .filter(|(_, chunk)| chunk.source == source)
+        .filter(|(_, chunk)| chunk.source == source && chunk.writer() != writer)
         .map(|(offset, chunk)| if chunk.is_fence() { *offset } else { chunk.epoch })
         .filter(|fence| *fence > epoch)
         .min()
@@ -808,14 +819,50 @@ mod tests {
             .collect();
         assert_eq!(positions, [130]);
         // What the zombie reads between its own chunks (offsets 3.. before its chunk at 4).
-        assert_eq!(deposed_by(SOURCE, &log[..4], 0), Some(3));
-        assert_eq!(deposed_by(SOURCE, &log[..3], 0), None);
+        assert_eq!(deposed_by(SOURCE, &log[..4], 0, 1), Some(3));
+        assert_eq!(deposed_by(SOURCE, &log[..3], 0, 1), None);
         assert_eq!(
-            deposed_by(SOURCE, &log, 3),
+            deposed_by(SOURCE, &log, 3, 2),
             None,
             "the holder is not deposed by itself"
         );
-        assert_eq!(deposed_by("kafka/other/1", &log, 0), None);
+        assert_eq!(deposed_by("kafka/other/1", &log, 0, 1), None);
+    }
+
+    /// A writer that takes its source again (a rebalance that revoked and reassigned it)
+    /// fences anew while a checkpoint prepared under its older fence is being published: that
+    /// flush is still its newest state (its dedup keys are in no later flush), not stale.
+    #[test]
+    fn a_writers_own_newer_fence_does_not_make_its_flushes_stale() {
+        const SOURCE: &str = "kafka/usage/4";
+        let writer = |w: u32| u64::from(w) << 32;
+        let mut log = vec![(0, ChangelogChunk::fence(SOURCE, 1, 0))];
+        log.push((1, ChangelogChunk::fence(SOURCE, 1, 0)));
+        log.extend(at(
+            2,
+            0,
+            chunk_flush(SOURCE, writer(1) | 1, 100, 0, vec![entry(1)], vec![21]),
+        ));
+        log.extend(at(
+            3,
+            1,
+            chunk_flush(SOURCE, writer(1) | 2, 110, 0, vec![entry(2)], vec![22]),
+        ));
+        let plan = restore_plan(SOURCE, log.clone());
+        let (_, keys, position, _) = apply(&plan);
+        assert_eq!((position, keys.len()), (110, 2));
+        assert_eq!(deposed_by(SOURCE, &log, 0, 1), None);
+        // Another writer's fence in between does make the older-epoch flush stale.
+        let mut rival = log.clone();
+        rival.insert(2, (2, ChangelogChunk::fence(SOURCE, 2, 0)));
+        for (i, (offset, _)) in rival.iter_mut().enumerate() {
+            *offset = i as i64;
+        }
+        let positions: Vec<u64> = restore_plan(SOURCE, rival)
+            .iter()
+            .map(|f| f[0].position)
+            .collect();
+        assert!(positions.is_empty(), "{positions:?}");
     }
 
     /// Chunks written before fences existed (epoch -1) still restore, up to the first fence.

@@ -321,7 +321,7 @@ impl Inner {
                     .into_iter()
                     .filter(|(offset, _)| !ours.contains(offset))
                     .collect();
-                if let Some(fence) = deposed_by(source, &between, epoch) {
+                if let Some(fence) = deposed_by(source, &between, epoch, self.writer) {
                     metrics::counter!(telemetry::CHANGELOG_DEPOSED).increment(1);
                     tracing::warn!(
                         source,
@@ -377,7 +377,7 @@ impl Inner {
         let start = start_offset(&self.topic, partition, pointer, low)?;
         let messages = read_source(&reader, &self.topic, partition, start, high, source)?;
         let epoch = self.epochs.lock().get(source).copied().unwrap_or(-1);
-        if let Some(fence) = deposed_by(source, &messages, epoch) {
+        if let Some(fence) = deposed_by(source, &messages, epoch, self.writer) {
             // Another replica took the source: its restore point is not ours to move.
             tracing::info!(
                 source,

@@ -248,7 +248,13 @@ impl SourceContext {
             drop(blocked);
             metrics::gauge!(telemetry::KAFKA_LAG, "topic" => topic.to_string(), "partition" => partition.to_string())
                 .set(0.0);
-            if let Ok(Some(next)) = self.shared.store.position(&position_name(topic, partition)) {
+            let source = position_name(topic, partition);
+            // A deposed replica's position may be past what the owner's changelog holds:
+            // committing it would make the next owner skip usage nobody vouches for.
+            if self.shared.store.tenant_sources.is_deposed(&source) {
+                continue;
+            }
+            if let Ok(Some(next)) = self.shared.store.position(&source) {
                 let _ = commit.add_partition_offset(topic, partition, Offset::Offset(next as i64));
             }
         }
