@@ -121,6 +121,7 @@ fn pipeline(c: &mut Criterion) {
                         |_| tallyd::ingest::decode::EventContext {
                             now_ms: chunk[0].timestamp_ms,
                             id: None,
+                            tenant: None,
                         },
                     );
                     assert!(errors.is_empty());

@@ -44,6 +44,7 @@ pub fn cloudevents(data: &[u8]) {
                 &fixture.names,
                 now_ms(),
                 fixture.config.acceptance(),
+                None,
             );
         }
     }

@@ -28,6 +28,7 @@
 
 pub mod aggregate;
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod emit;

@@ -62,6 +62,11 @@ pub const EMIT_PARKED: &str = "tallyd_emit_parked_records_total";
 pub const RATED_RECORDS: &str = "tallyd_rating_records_total";
 pub const RATING_FAILURES: &str = "tallyd_rating_failures_total";
 pub const PLAN_RELOADS: &str = "tallyd_rating_plan_reloads_total";
+/// `{listener, reason}`: listener ∈ http | otlp_grpc | otlp_http; reason ∈ missing_key |
+/// unknown_key | scope | tenant. Requests refused by authentication or authorization.
+pub const AUTH_FAILURES: &str = "tallyd_auth_failures_total";
+/// API key sets swapped in by a config reload.
+pub const AUTH_RELOADS: &str = "tallyd_auth_key_reloads_total";
 pub const PLAN_RELOAD_FAILURES: &str = "tallyd_rating_plan_reload_failures_total";
 pub const STORE_LIVE_BYTES: &str = "tallyd_store_live_bytes";
 /// `{topic, partition}`: messages behind the high watermark, for partitions this replica owns.
@@ -260,6 +265,11 @@ fn describe() {
         "records an output kept refusing, set aside (parked) for a replay, by output"
     );
     describe_counter!(PLAN_RELOADS, "plan sets swapped in by a reload");
+    describe_counter!(
+        AUTH_FAILURES,
+        "requests refused by authentication or authorization"
+    );
+    describe_counter!(AUTH_RELOADS, "API key sets swapped in by a config reload");
     describe_counter!(
         PLAN_RELOAD_FAILURES,
         "reloads refused (invalid config), the running plans kept"

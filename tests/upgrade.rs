@@ -41,11 +41,11 @@ fn config(dir: &Path) -> std::path::PathBuf {
             r#"http_addr = "127.0.0.1:0""#.to_string(),
         ),
         (
-            r#"otlp_grpc_addr = "0.0.0.0:4317""#.into(),
+            r#"otlp_grpc_addr = "127.0.0.1:4317""#.into(),
             r#"otlp_grpc_addr = "127.0.0.1:0""#.into(),
         ),
         (
-            r#"otlp_http_addr = "0.0.0.0:4318""#.into(),
+            r#"otlp_http_addr = "127.0.0.1:4318""#.into(),
             r#"otlp_http_addr = "127.0.0.1:0""#.into(),
         ),
         (r#"data_dir = "./data""#.into(), format!(r#"data_dir = "{data}""#)),

@@ -7,14 +7,16 @@ pub mod usage;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
+use crate::auth::{AuthError, Principal, Scope};
 use crate::ingest::admission::Admission;
 use crate::state::Shared;
 use crate::telemetry;
@@ -38,18 +40,25 @@ impl AppState {
     }
 }
 
-/// The API's routes, with the CloudEvents ingest route of `admission`'s edge.
+/// The API's routes, with the CloudEvents ingest route of `admission`'s edge. Reads need a
+/// `read` key, operator actions an `admin` key (`crate::auth`); health and metrics are open.
 pub fn router(state: AppState, admission: Admission) -> Router {
-    Router::new()
+    let reads = Router::new()
         .route("/api/v1/meters", get(query::list_meters))
         .route("/api/v1/meters/{slug}", get(query::get_meter))
         .route("/api/v1/meters/{slug}/query", get(query::query_meter))
         .route("/api/v1/tenants/{tenant}/usage", get(usage::tenant_usage))
         .route("/api/v1/rated", get(usage::list_rated))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_read));
+    let admin = Router::new()
         .route(
             "/api/v1/outputs/{output}/replay",
             axum::routing::post(replay_parked),
         )
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .merge(reads)
+        .merge(admin)
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -57,6 +66,58 @@ pub fn router(state: AppState, admission: Admission) -> Router {
         .with_state(state)
         .merge(crate::ingest::http::router(admission))
         .layer(axum::extract::DefaultBodyLimit::disable())
+}
+
+async fn require_read(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    authorize(&app, Scope::Read, request, next).await
+}
+
+async fn require_admin(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    authorize(&app, Scope::Admin, request, next).await
+}
+
+/// Authenticates the request for `scope` and hands its `Principal` to the handler (which
+/// scopes it to the key's tenant); 401 / 403 otherwise.
+async fn authorize(app: &AppState, scope: Scope, mut request: Request, next: Next) -> Response {
+    let (authorization, api_key) = crate::auth::credentials(request.headers());
+    match app
+        .shared
+        .keys
+        .current()
+        .authenticate(authorization, api_key, scope)
+    {
+        Ok(principal) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Err(error) => auth_refusal(&error, "http"),
+    }
+}
+
+/// The answer to a refused request: 401 (with `WWW-Authenticate`) or 403, counted and logged.
+pub fn auth_refusal(error: &AuthError, listener: &'static str) -> Response {
+    error.record(listener);
+    if error.is_unauthenticated() {
+        let mut response = error_response(StatusCode::UNAUTHORIZED, "unauthenticated", error.to_string());
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        response
+    } else {
+        error_response(StatusCode::FORBIDDEN, "forbidden", error.to_string())
+    }
+}
+
+/// 403 for a key asking for another tenant's usage (counted like any refusal).
+pub fn other_tenant(principal: &Principal, tenant: &str) -> Response {
+    auth_refusal(
+        &AuthError::Tenant {
+            key_id: principal.key_id.clone().unwrap_or_default(),
+            tenant: tenant.to_string(),
+        },
+        "http",
+    )
 }
 
 /// Liveness: 503 once a stage died (the daemon is stopping; a supervisor should restart it).

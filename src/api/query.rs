@@ -9,11 +9,13 @@ use std::collections::BTreeMap;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{error_response, AppState};
+use super::{error_response, other_tenant, AppState};
+use crate::auth::Principal;
 use crate::cluster::{Cluster, Owner};
 use crate::meter::{Meter, MeterSource};
 use crate::query::{parse_params, run_query};
@@ -84,13 +86,14 @@ pub async fn get_meter(State(app): State<AppState>, Path(slug): Path<String>) ->
 
 pub async fn query_meter(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(slug): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Response {
     let Some(meter) = app.shared.meters.by_slug(&slug) else {
         return error_response(StatusCode::NOT_FOUND, "not_found", format!("no meter `{slug}`"));
     };
-    let params = match parse_params(raw.as_deref().unwrap_or(""), meter) {
+    let mut params = match parse_params(raw.as_deref().unwrap_or(""), meter) {
         Ok(params) => params,
         Err(errors) => {
             return (
@@ -100,6 +103,15 @@ pub async fn query_meter(
                 .into_response()
         }
     };
+    // A tenant's key reads its own usage only: no subject means its own.
+    if let Some(own) = &principal.tenant {
+        if let Some(other) = params.subjects.iter().find(|subject| *subject != own) {
+            return other_tenant(&principal, other);
+        }
+        if params.subjects.is_empty() {
+            params.subjects.push(own.clone());
+        }
+    }
     if let Some(cluster) = &app.cluster {
         let path = match &raw {
             Some(query) => format!("/api/v1/meters/{slug}/query?{query}"),

@@ -12,12 +12,14 @@ use std::sync::Arc;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use super::query::route_to_owner;
-use super::{error_response, AppState};
+use super::{error_response, other_tenant, AppState};
+use crate::auth::Principal;
 use crate::model::{now_ms, parse_rfc3339_ms, rfc3339, rfc3339_ms_compact};
 use crate::query::{run_query, QueryParams};
 use crate::rate::plan::{Plan, Plans};
@@ -51,9 +53,13 @@ fn parse_range(raw: &str) -> Result<(Option<i64>, Option<i64>), Vec<String>> {
 
 pub async fn tenant_usage(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(tenant): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Response {
+    if !principal.covers(&tenant) {
+        return other_tenant(&principal, &tenant);
+    }
     let (from, to) = match parse_range(raw.as_deref().unwrap_or("")) {
         Ok(range) => range,
         Err(errors) => return bad_request(errors),
@@ -130,7 +136,11 @@ pub async fn tenant_usage(
 /// whose window starts in `[from, to)` (default: all retained), of one tenant or all, optionally
 /// one meter; at most `limit` (default 1000, at most 10000), `truncated` saying whether more
 /// matched. `totals` sums the listed amounts per currency.
-pub async fn list_rated(State(app): State<AppState>, RawQuery(raw): RawQuery) -> Response {
+pub async fn list_rated(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    RawQuery(raw): RawQuery,
+) -> Response {
     let pairs: Vec<(String, String)> = match serde_urlencoded::from_str(raw.as_deref().unwrap_or("")) {
         Ok(pairs) => pairs,
         Err(error) => return bad_request(vec![format!("query string: {error}")]),
@@ -173,6 +183,13 @@ pub async fn list_rated(State(app): State<AppState>, RawQuery(raw): RawQuery) ->
     };
     if !errors.is_empty() {
         return bad_request(errors);
+    }
+    // A tenant's key lists its own records only: no tenant means its own.
+    if let Some(own) = &principal.tenant {
+        match &tenant {
+            Some(asked) if asked != own => return other_tenant(&principal, asked),
+            _ => tenant = Some(own.clone()),
+        }
     }
     if let (Some(cluster), Some(tenant)) = (&app.cluster, &tenant) {
         let path = match &raw {

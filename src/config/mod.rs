@@ -5,6 +5,7 @@
 //! `meters`, `kafka`, `emit`; plans in `rate::plan`) into the one `Config`, and every problem
 //! is reported at once so that `tallyd validate` lists them all.
 
+mod auth;
 mod emit;
 mod env;
 mod kafka;
@@ -23,6 +24,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::meter::Meter;
+pub use auth::AuthConfig;
 pub use emit::{EmitKafkaConfig, EmitWebhookConfig};
 pub use kafka::{ClusterConfig, KafkaConfig};
 pub use raw::{RawConfig, RawTls};
@@ -39,6 +41,7 @@ pub struct Config {
     pub otlp_grpc_addr: Option<SocketAddr>,
     pub otlp_http_addr: Option<SocketAddr>,
     pub otlp: OtlpConfig,
+    pub auth: AuthConfig,
     pub max_body_bytes: usize,
     pub ingest_budget_bytes: usize,
     pub body_timeout: std::time::Duration,
@@ -121,7 +124,7 @@ impl Config {
     /// The effective config for the startup log (no secrets exist yet; redact them here when they do).
     pub fn summary(&self) -> String {
         format!(
-            "http_addr={} otlp_grpc_addr={} otlp_http_addr={} otlp={{tenant_attribute={} api_keys={} tls={}}} \
+            "http_addr={} otlp_grpc_addr={} otlp_http_addr={} otlp={{tenant_attribute={} tls={}}} auth={{keys={} allow_unauthenticated={}}} \
              data_dir={} ingest_log_sync={:?} flush_interval_ms={} allowed_lateness_secs={} \
              max_lateness_secs={} max_future_secs={} dedup_horizon_secs={} meters=[{}] kafka={} cluster={}",
             self.http_addr,
@@ -130,9 +133,10 @@ impl Config {
             self.otlp_http_addr
                 .map_or("off".to_string(), |addr| addr.to_string()),
             self.otlp.tenant_attribute,
-            // Keys are secrets: only how many there are.
-            self.otlp.api_keys.len(),
             if self.otlp.tls.is_some() { "on" } else { "off" },
+            // Keys are configured by digest; still, only how many there are.
+            self.auth.keys.len(),
+            self.auth.allow_unauthenticated,
             self.data_dir.display(),
             self.ingest_log_sync,
             self.flush_interval_ms,
@@ -177,6 +181,16 @@ impl RawConfig {
     pub fn validate(self) -> Result<Config, ConfigErrors> {
         let mut errors = Vec::new();
         let listeners = server::validate_server(&self.server, &mut errors);
+        let auth = auth::validate_auth(self.auth, &self.otlp.api_keys, &mut errors);
+        auth::check_exposure(
+            &auth,
+            &[
+                ("http_addr", listeners.http_addr),
+                ("otlp_grpc_addr", listeners.otlp_grpc_addr),
+                ("otlp_http_addr", listeners.otlp_http_addr),
+            ],
+            &mut errors,
+        );
         let otlp = server::validate_otlp(self.otlp, &mut errors);
         let ingest_log_sync = storage::validate_storage(&self.storage, &self.aggregate, &mut errors);
         let aggregate = &self.aggregate;
@@ -242,6 +256,7 @@ impl RawConfig {
             otlp_grpc_addr: listeners.otlp_grpc_addr,
             otlp_http_addr: listeners.otlp_http_addr,
             otlp,
+            auth,
             max_body_bytes: self.server.max_body_bytes as usize,
             ingest_budget_bytes: self.server.ingest_budget_bytes as usize,
             body_timeout: std::time::Duration::from_secs(self.server.body_timeout_secs),

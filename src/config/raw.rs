@@ -22,6 +22,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub otlp: RawOtlp,
     #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
     pub meters: Vec<RawMeter>,
     /// Absent: no Kafka source (the embedded default).
     #[serde(default)]
@@ -166,9 +168,10 @@ pub struct RawServer {
 impl Default for RawServer {
     fn default() -> Self {
         RawServer {
+            // Loopback unless configured: a listener others can reach needs keys (`[auth]`).
             http_addr: "127.0.0.1:8080".into(),
-            otlp_grpc_addr: "0.0.0.0:4317".into(),
-            otlp_http_addr: "0.0.0.0:4318".into(),
+            otlp_grpc_addr: "127.0.0.1:4317".into(),
+            otlp_http_addr: "127.0.0.1:4318".into(),
             max_body_bytes: 8 << 20,
             ingest_budget_bytes: 256 << 20,
             body_timeout_secs: 30,
@@ -184,9 +187,7 @@ impl Default for RawServer {
 pub struct RawOtlp {
     /// Resource attribute naming the tenant.
     pub tenant_attribute: String,
-    /// API key → tenant. Non-empty: every OTLP request must carry a known key
-    /// (`authorization: Bearer <key>` or `x-api-key: <key>`), and its points belong to that
-    /// key's tenant only.
+    /// Deprecated (use `[[auth.keys]]`): API key → tenant, an `ingest` key of that tenant.
     pub api_keys: BTreeMap<String, String>,
     /// TLS for both OTLP listeners (absent: plain TCP).
     pub tls: Option<RawTls>,
@@ -200,6 +201,28 @@ impl Default for RawOtlp {
             tls: None,
         }
     }
+}
+
+/// `[auth]`: API keys for every listener (`crate::auth`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuth {
+    /// Serve a non-loopback listener without keys (a local demo); otherwise tallyd refuses to
+    /// start that way.
+    pub allow_unauthenticated: bool,
+    pub keys: Vec<RawKey>,
+}
+
+/// `[[auth.keys]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    /// Hex SHA-256 of the key (the key itself is never written in the config).
+    pub sha256: String,
+    /// The key's tenant, or `"*"` for an operator key.
+    pub tenant: String,
+    /// `ingest`, `read`, `admin`.
+    pub scopes: Vec<String>,
 }
 
 /// `[otlp.tls]`: PEM files, read at startup.

@@ -1,7 +1,6 @@
 //! `[server]` (listeners and request limits) and `[otlp]` (tenancy, keys, TLS of the OTLP
 //! listeners).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use super::raw::{RawOtlp, RawServer, RawTls};
@@ -10,7 +9,6 @@ use super::raw::{RawOtlp, RawServer, RawTls};
 #[derive(Clone, Debug)]
 pub struct OtlpConfig {
     pub tenant_attribute: String,
-    pub api_keys: HashMap<String, String>,
     pub tls: Option<RawTls>,
 }
 
@@ -78,6 +76,7 @@ pub struct ConnectionLimits {
 }
 
 pub(super) fn validate_otlp(raw: RawOtlp, errors: &mut Vec<String>) -> OtlpConfig {
+    // `api_keys` (deprecated) are folded into `[auth]` (`config::auth`); checked here.
     if raw.tenant_attribute.is_empty() {
         errors.push("otlp.tenant_attribute: must not be empty".into());
     }
@@ -101,7 +100,6 @@ pub(super) fn validate_otlp(raw: RawOtlp, errors: &mut Vec<String>) -> OtlpConfi
     }
     OtlpConfig {
         tenant_attribute: raw.tenant_attribute,
-        api_keys: raw.api_keys.into_iter().collect(),
         tls: raw.tls,
     }
 }

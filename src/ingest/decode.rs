@@ -341,10 +341,12 @@ pub fn decode_events(
     names: &Names,
     now_ms: i64,
     acceptance: Acceptance,
+    tenant: Option<&str>,
 ) -> Result<Decoded, Vec<FieldError>> {
     let (decoded, errors) = decode_each(raw_events, meters, names, acceptance, |_| EventContext {
         now_ms,
         id: None,
+        tenant,
     });
     if errors.is_empty() {
         Ok(decoded)
@@ -379,6 +381,9 @@ pub struct EventContext<'a> {
     pub now_ms: i64,
     /// An id to use when the event has none (e.g. the Kafka `ce_id` header).
     pub id: Option<&'a str>,
+    /// The only subject the sender may report usage for (its API key's tenant); an event for
+    /// another is refused (`wrong_tenant`) before anything of it is interned.
+    pub tenant: Option<&'a str>,
 }
 
 /// Like `decode_events`, but event by event: invalid events are left out of `Decoded` and
@@ -397,6 +402,7 @@ pub fn decode_each<'c, E: EventText>(
         let EventContext {
             now_ms,
             id: fallback_id,
+            tenant: only_tenant,
         } = context(index);
         let mut envelope = match envelope(raw.text(), true) {
             Ok(envelope) => envelope,
@@ -474,6 +480,14 @@ pub fn decode_each<'c, E: EventText>(
         else {
             continue;
         };
+        if let Some(only) = only_tenant.filter(|only| **only != *subject) {
+            decoded.refused.push(Refusal {
+                index,
+                reason: RefusalReason::WrongTenant,
+                message: format!("subject `{subject}`: this API key reports usage for `{only}` only"),
+            });
+            continue;
+        }
 
         let mut matched = meters.matching(&event_type).peekable();
         if matched.peek().is_none() {
@@ -609,7 +623,7 @@ mod tests {
         let names = Names::default();
         let meters = meters(&names);
         let raw = split_body(body.as_bytes(), kind).map_err(|e| vec![e])?;
-        decode_events(&raw, &meters, &names, NOW, ACCEPT)
+        decode_events(&raw, &meters, &names, NOW, ACCEPT, None)
     }
 
     #[test]
@@ -772,7 +786,7 @@ mod tests {
             let names = Names::default();
             let meters = meters(&names);
             if let Ok(raw) = split_body(&body, BodyKind::Either) {
-                let _ = decode_events(&raw, &meters, &names, NOW, ACCEPT);
+                let _ = decode_events(&raw, &meters, &names, NOW, ACCEPT, None);
             }
         }
 
@@ -787,7 +801,7 @@ mod tests {
                 "data": {"tokens": tokens, "model": model}
             }).to_string();
             let raw = split_body(event.as_bytes(), BodyKind::Single).unwrap();
-            let _ = decode_events(&raw, &meters, &names, NOW, ACCEPT);
+            let _ = decode_events(&raw, &meters, &names, NOW, ACCEPT, None);
         }
     }
 }

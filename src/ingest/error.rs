@@ -68,11 +68,24 @@ impl RefusalReason {
     }
 }
 
+impl From<crate::auth::AuthError> for IngestError {
+    fn from(error: crate::auth::AuthError) -> IngestError {
+        if error.is_unauthenticated() {
+            IngestError::Unauthenticated(error.to_string())
+        } else {
+            IngestError::Forbidden(error.to_string())
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IngestError {
     /// Missing or unknown API key.
     #[error("{0}")]
     Unauthenticated(String),
+    /// A known key without the scope (or tenant) the request needs.
+    #[error("{0}")]
+    Forbidden(String),
     /// Malformed: nothing counted; retrying the same bytes cannot help. `errors` names each
     /// problem where the protocol can say which event and field it is (CloudEvents).
     #[error("{message}")]
@@ -124,6 +137,7 @@ impl IngestError {
     pub fn http_status(&self) -> StatusCode {
         match self {
             IngestError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            IngestError::Forbidden(_) => StatusCode::FORBIDDEN,
             IngestError::Invalid { .. } => StatusCode::BAD_REQUEST,
             IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -135,6 +149,7 @@ impl IngestError {
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
             IngestError::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            IngestError::Forbidden(_) => tonic::Code::PermissionDenied,
             IngestError::Invalid { .. } | IngestError::UnsupportedMediaType(_) => {
                 tonic::Code::InvalidArgument
             }
@@ -167,6 +182,7 @@ impl IngestError {
     pub fn outcome(&self) -> &'static str {
         match self {
             IngestError::Unauthenticated(_) => "unauthenticated",
+            IngestError::Forbidden(_) => "forbidden",
             IngestError::Invalid { .. } | IngestError::UnsupportedMediaType(_) | IngestError::TooLarge(_) => {
                 "invalid"
             }
@@ -188,6 +204,12 @@ mod tests {
                 IngestError::Unauthenticated("k".into()),
                 401,
                 tonic::Code::Unauthenticated,
+                false,
+            ),
+            (
+                IngestError::Forbidden("k".into()),
+                403,
+                tonic::Code::PermissionDenied,
                 false,
             ),
             (

@@ -84,7 +84,21 @@ fn count_invalid(events: usize) {
 }
 
 pub async fn post_events(State(admission): State<Admission>, headers: HeaderMap, body: Body) -> Response {
-    match accept(&admission, &headers, body).await {
+    // The key first: nothing of the body is read for a request without one.
+    let (authorization, api_key) = crate::auth::credentials(&headers);
+    let principal = match admission.shared.keys.current().authenticate(
+        authorization,
+        api_key,
+        crate::auth::Scope::Ingest,
+    ) {
+        Ok(principal) => principal,
+        Err(error) => {
+            metrics::counter!(telemetry::INGEST_REQUESTS, "source" => SOURCE.as_str(), "code" => if error.is_unauthenticated() { "401" } else { "403" })
+                .increment(1);
+            return crate::api::auth_refusal(&error, "http");
+        }
+    };
+    match accept(&admission, &headers, body, principal.tenant).await {
         Ok(summary) => respond(
             StatusCode::ACCEPTED,
             serde_json::to_value(&summary).expect("invariant: summaries serialize"),
@@ -97,6 +111,7 @@ async fn accept(
     admission: &Admission,
     headers: &HeaderMap,
     body: Body,
+    tenant: Option<String>,
 ) -> Result<IngestSummary, IngestError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let kind = decode::body_kind(content_type).map_err(|error| IngestError::fields(vec![error]))?;
@@ -117,15 +132,20 @@ async fn accept(
     if let Some(cluster) = admission.cluster.clone() {
         let Admitted { tally, answer } = admission
             .forward(SOURCE, &cluster, permit, move |shared, now| {
-                forwardable(shared, &bytes, kind, now)
+                forwardable(shared, &bytes, kind, now, tenant.as_deref())
             })
             .await?;
-        debug_assert_eq!(tally, Default::default(), "the owner counts forwarded events");
+        // The owner counts what was forwarded; the edge only what it refused itself.
+        debug_assert_eq!(
+            tally.accepted + tally.duplicates,
+            0,
+            "the owner counts forwarded events"
+        );
         return Ok(answer);
     }
     let Admitted { tally, answer } = admission
         .commit(SOURCE, permit, move |shared, now| {
-            prepare(shared, &bytes, kind, now)
+            prepare(shared, &bytes, kind, now, tenant.as_deref())
         })
         .await?;
     Ok(IngestSummary {
@@ -150,10 +170,18 @@ fn decode_body<'b>(
     body: &'b [u8],
     kind: BodyKind,
     now: i64,
+    tenant: Option<&str>,
 ) -> Result<(Vec<&'b serde_json::value::RawValue>, decode::Decoded), IngestError> {
     let raw = decode::split_body(body, kind).map_err(|error| invalid(vec![error], 1))?;
-    let decoded = decode::decode_events(&raw, &shared.meters, &shared.names, now, shared.acceptance())
-        .map_err(|errors| invalid(errors, raw.len()))?;
+    let decoded = decode::decode_events(
+        &raw,
+        &shared.meters,
+        &shared.names,
+        now,
+        shared.acceptance(),
+        tenant,
+    )
+    .map_err(|errors| invalid(errors, raw.len()))?;
     Ok((raw, decoded))
 }
 
@@ -163,8 +191,9 @@ fn prepare(
     body: &[u8],
     kind: BodyKind,
     now: i64,
+    tenant: Option<&str>,
 ) -> Result<Prepared<MeteredEvent, Vec<Refusal>>, IngestError> {
-    let (raw, decoded) = decode_body(shared, body, kind, now)?;
+    let (raw, decoded) = decode_body(shared, body, kind, now, tenant)?;
     let received_at = received_at(now);
     let dead_letters = decoded
         .refused
@@ -206,16 +235,47 @@ fn forwardable(
     body: &[u8],
     kind: BodyKind,
     now: i64,
+    tenant: Option<&str>,
 ) -> Result<Forward<IngestSummary>, IngestError> {
-    let (raw, decoded) = decode_body(shared, body, kind, now)?;
+    let (raw, decoded) = decode_body(shared, body, kind, now, tenant)?;
     #[derive(serde::Deserialize)]
     struct Subject<'a> {
         #[serde(borrow)]
         subject: Option<crate::meter::JsonStr<'a>>,
     }
+    // Events for another tenant than the key's stop here: the owner cannot tell them apart.
+    let foreign: std::collections::BTreeSet<usize> = decoded
+        .refused
+        .iter()
+        .filter(|refusal| refusal.reason == super::error::RefusalReason::WrongTenant)
+        .map(|refusal| refusal.index)
+        .collect();
+    let received_at = received_at(now);
+    let dead_letters = decoded
+        .refused
+        .iter()
+        .filter(|refusal| foreign.contains(&refusal.index))
+        .map(|refusal| {
+            let event = serde_json::from_str::<serde_json::Value>(raw[refusal.index].get())
+                .unwrap_or(serde_json::Value::Null);
+            dead_letter_line(
+                &received_at,
+                SOURCE,
+                refusal.reason,
+                &refusal.message,
+                json!({"index": refusal.index, "event": event}),
+            )
+        })
+        .collect();
+    let mut tally = Tally::default();
+    for _ in &foreign {
+        tally.refuse(super::error::RefusalReason::WrongTenant);
+    }
     let messages = raw
         .iter()
-        .map(|event| {
+        .enumerate()
+        .filter(|(index, _)| !foreign.contains(index))
+        .map(|(_, event)| {
             let subject = serde_json::from_str::<Subject<'_>>(event.get())
                 .ok()
                 .and_then(|s| s.subject)
@@ -225,7 +285,7 @@ fn forwardable(
         })
         .collect();
     // The summary says what the owner will do; the metrics are the owner's to count (its
-    // Kafka source), so the edge's tally stays empty.
+    // Kafka source); the edge tallies only the events it refused for another tenant.
     let summary = IngestSummary {
         accepted: decoded.metered.len(),
         duplicates: 0,
@@ -236,8 +296,8 @@ fn forwardable(
     Ok(Forward {
         messages,
         content_type: None,
-        dead_letters: Vec::new(),
-        tally: Default::default(),
+        dead_letters,
+        tally,
         answer: summary,
     })
 }

@@ -117,8 +117,13 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
     let plans = RwLock::new(Arc::new(config.plans.clone()));
     // Generations continue from the last committed one: queries compare them with the store's.
     let generation = store.checkpoint_generation(&store.snapshot())?;
+    if config.auth.deprecated_otlp_keys {
+        tracing::warn!("otlp.api_keys is deprecated: list the keys' SHA-256 in [[auth.keys]] instead");
+    }
+    let keys = crate::auth::KeyRing::new(config.auth.keys.clone());
     let shared = Arc::new(Shared {
         plans,
+        keys,
         engine: Aggregator::new(),
         config,
         names,

@@ -27,6 +27,8 @@ pub fn reload(shared: &Shared, path: &PathBuf) -> Result<(), String> {
     let text = std::fs::read_to_string(path).map_err(|error| format!("{}: {error}", path.display()))?;
     let env: HashMap<String, String> = std::env::vars().collect();
     let config = Config::load(&text, &env).map_err(|errors| errors.to_string().replace('\n', "; "))?;
+    // Keys rotate without a restart (the file was valid: a public listener keeps keys).
+    shared.keys.replace(config.auth.keys);
     let mut plans = config.plans;
     let mut current = shared.plans.write();
     plans.keep_versions_of(&current);

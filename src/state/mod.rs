@@ -102,6 +102,8 @@ pub struct Shared {
     pub changelog: OnceLock<Arc<dyn ChangelogSink>>,
     /// Plans in force: `config.plans` at start, swapped by a reload (SIGHUP or file change).
     pub plans: RwLock<Arc<Plans>>,
+    /// API keys in force (`[auth]`), swapped by a reload like the plans.
+    pub keys: crate::auth::KeyRing,
     /// Cancelled when a stage died (`spawn_stage`): the daemon stops and exits non-zero for its
     /// supervisor instead of lingering as a zombie that answers 200.
     pub fatal: CancellationToken,

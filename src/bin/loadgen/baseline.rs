@@ -67,7 +67,7 @@ pub(crate) async fn baseline_server(addr: std::net::SocketAddr) -> anyhow::Resul
             let kind = decode::body_kind(content_type.as_deref()).ok()?;
             let raw = decode::split_body(&body, kind).ok()?;
             let now = tallyd::model::now_ms();
-            decode::decode_events(&raw, &state.meters, &state.names, now, acceptance)
+            decode::decode_events(&raw, &state.meters, &state.names, now, acceptance, None)
                 .ok()
                 .map(|decoded| decoded.metered.len())
         })

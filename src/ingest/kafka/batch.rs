@@ -248,6 +248,8 @@ impl Folder {
             EventContext {
                 now_ms: message.timestamp_ms,
                 id: message.header_id.as_deref(),
+                // The topic's producers are trusted (broker ACLs decide who may write).
+                tenant: None,
             }
         });
         // Every problem of one event in one dead letter.

@@ -124,7 +124,7 @@ impl<S: SignalService> UnaryService<Bytes> for Unary<S> {
             let metadata = request.metadata();
             let text = |name: &str| metadata.get(name).and_then(|value| value.to_str().ok());
             let key_tenant = ingest
-                .authenticate(text("authorization"), text("x-api-key"))
+                .authenticate(text("authorization"), text("x-api-key"), "otlp_grpc")
                 .map_err(|error| error.grpc_status())?;
             let body = request.into_inner();
             let outcome = ingest

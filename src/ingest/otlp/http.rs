@@ -60,6 +60,7 @@ async fn post(ingest: OtlpIngest, signal: Signal, headers: HeaderMap, body: Body
         let key_tenant = ingest.authenticate(
             header_str(&headers, header::AUTHORIZATION.as_str()),
             header_str(&headers, "x-api-key"),
+            "otlp_http",
         )?;
         // Gzip was taken off by the decompression layer (with the header); what is left here
         // is an encoding tallyd does not read.

@@ -172,32 +172,24 @@ pub struct OtlpIngest {
 }
 
 impl OtlpIngest {
-    /// The tenant an API key stands for; `None` when keys are off.
+    /// The tenant an `ingest` key stands for (`crate::auth`); `None` for an operator key or
+    /// when no keys are configured (points name their tenant by resource attribute).
     pub fn authenticate(
         &self,
         authorization: Option<&str>,
         api_key: Option<&str>,
+        listener: &'static str,
     ) -> Result<Option<String>, IngestError> {
-        let keys = &self.admission.shared.config.otlp.api_keys;
-        if keys.is_empty() {
-            return Ok(None);
-        }
-        let presented = api_key.or_else(|| {
-            authorization.and_then(|value| {
-                value
-                    .strip_prefix("Bearer ")
-                    .or_else(|| value.strip_prefix("bearer "))
+        self.admission
+            .shared
+            .keys
+            .current()
+            .authenticate(authorization, api_key, crate::auth::Scope::Ingest)
+            .map(|principal| principal.tenant)
+            .map_err(|error| {
+                error.record(listener);
+                IngestError::from(error)
             })
-        });
-        let Some(presented) = presented.map(str::trim) else {
-            return Err(IngestError::Unauthenticated(
-                "API key required: send `authorization: Bearer <key>` or `x-api-key: <key>`".into(),
-            ));
-        };
-        keys.get(presented)
-            .cloned()
-            .map(Some)
-            .ok_or_else(|| IngestError::Unauthenticated("unknown API key".into()))
     }
 
     /// The whole path for one request body; answers once accepted points are durable.

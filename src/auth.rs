@@ -1,0 +1,365 @@
+//! Who may do what: API keys with a tenant and scopes, one scheme for every listener (HTTP API,
+//! OTLP/HTTP, OTLP/gRPC).
+//!
+//! A key is configured by its SHA-256 only (`[[auth.keys]]`), so the config file and the logs
+//! never hold a secret; a request presents the key itself as `authorization: Bearer KEY` or
+//! `x-api-key: KEY`. The presented key is hashed and compared with every configured digest in
+//! constant time (no early exit, no comparison that stops at the first differing byte), so
+//! neither timing nor the order of keys tells an attacker anything. A key belongs to a tenant
+//! (it ingests and reads only that tenant's usage) or to the operator (`tenant = "*"`: every
+//! tenant), and has scopes: `ingest` (post usage), `read` (queries, usage, bills, rated
+//! records), `admin` (operator actions such as replaying parked records).
+//!
+//! Authentication happens before a request's body is read or inflated: an unauthenticated
+//! client costs a header parse, not a buffer. Every refusal is counted
+//! (`tallyd_auth_failures_total{listener,reason}`) and logged with the key's id (the first
+//! 8 hex digits of its digest), never the key.
+//!
+//! Keys reload with the config file (`pipeline::reload`): rotation needs no restart.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::telemetry;
+
+/// What a key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    Ingest,
+    Read,
+    Admin,
+}
+
+impl Scope {
+    pub fn parse(text: &str) -> Option<Scope> {
+        match text {
+            "ingest" => Some(Scope::Ingest),
+            "read" => Some(Scope::Read),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Ingest => "ingest",
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// One configured key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Key {
+    pub digest: [u8; 32],
+    /// None: an operator key (`tenant = "*"`).
+    pub tenant: Option<String>,
+    scopes: u8,
+}
+
+impl Key {
+    pub fn new(digest: [u8; 32], tenant: Option<String>, scopes: &[Scope]) -> Key {
+        Key {
+            digest,
+            tenant,
+            scopes: scopes.iter().fold(0, |bits, scope| bits | scope.bit()),
+        }
+    }
+
+    /// The key's id in logs: the first 8 hex digits of its digest.
+    pub fn id(&self) -> String {
+        key_id(&self.digest)
+    }
+}
+
+fn key_id(digest: &[u8; 32]) -> String {
+    digest[..4].iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// The SHA-256 of a key, as `[[auth.keys]] sha256` holds it (hex).
+pub fn digest_of(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// The configured keys (`Default`: none, every request is allowed as the operator).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Keys {
+    keys: Vec<Key>,
+}
+
+/// Who made a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// None: an operator key, or no keys configured.
+    pub tenant: Option<String>,
+    scopes: u8,
+    /// The key's id (None: no keys configured).
+    pub key_id: Option<String>,
+}
+
+impl Principal {
+    /// The principal of every request when no keys are configured: unrestricted.
+    pub fn open() -> Principal {
+        Principal {
+            tenant: None,
+            scopes: u8::MAX,
+            key_id: None,
+        }
+    }
+
+    pub fn has(&self, scope: Scope) -> bool {
+        self.scopes & scope.bit() != 0
+    }
+
+    /// Whether this principal may act on `tenant`'s usage.
+    pub fn covers(&self, tenant: &str) -> bool {
+        self.tenant.as_deref().is_none_or(|own| own == tenant)
+    }
+}
+
+/// Why a request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// 401 / UNAUTHENTICATED.
+    #[error("API key required: send `authorization: Bearer <key>` or `x-api-key: <key>`")]
+    Missing,
+    /// 401 / UNAUTHENTICATED.
+    #[error("unknown API key")]
+    Unknown,
+    /// 403 / PERMISSION_DENIED.
+    #[error("key {key_id} lacks the `{}` scope", scope.as_str())]
+    Scope { key_id: String, scope: Scope },
+    /// 403 / PERMISSION_DENIED.
+    #[error("key {key_id} is for another tenant than `{tenant}`")]
+    Tenant { key_id: String, tenant: String },
+}
+
+impl AuthError {
+    /// The `reason` label of `tallyd_auth_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_key",
+            AuthError::Unknown => "unknown_key",
+            AuthError::Scope { .. } => "scope",
+            AuthError::Tenant { .. } => "tenant",
+        }
+    }
+
+    /// 401 for who you are, 403 for what you may do.
+    pub fn is_unauthenticated(&self) -> bool {
+        matches!(self, AuthError::Missing | AuthError::Unknown)
+    }
+
+    /// Counts and logs the refusal (the key's id at most, never the key).
+    pub fn record(&self, listener: &'static str) {
+        metrics::counter!(telemetry::AUTH_FAILURES, "listener" => listener, "reason" => self.reason())
+            .increment(1);
+        tracing::info!(listener, reason = self.reason(), "request refused: {self}");
+    }
+}
+
+impl Keys {
+    pub fn new(keys: Vec<Key>) -> Keys {
+        Keys { keys }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The ids of the configured keys (for the audit log of a reload).
+    pub fn ids(&self) -> Vec<String> {
+        self.keys.iter().map(Key::id).collect()
+    }
+
+    /// The principal presenting these headers, with `scope` required.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        api_key: Option<&str>,
+        scope: Scope,
+    ) -> Result<Principal, AuthError> {
+        if self.keys.is_empty() {
+            return Ok(Principal::open());
+        }
+        let presented = api_key.or_else(|| {
+            authorization.and_then(|value| {
+                let (scheme, token) = value.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(token)
+            })
+        });
+        let presented = presented.map(str::trim).filter(|key| !key.is_empty());
+        let Some(presented) = presented else {
+            return Err(AuthError::Missing);
+        };
+        let digest = digest_of(presented);
+        // Every digest is compared, whatever matched: the time taken says nothing.
+        let mut found: Option<&Key> = None;
+        for key in &self.keys {
+            let difference = key
+                .digest
+                .iter()
+                .zip(digest.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            if std::hint::black_box(difference) == 0 && found.is_none() {
+                found = Some(key);
+            }
+        }
+        let key = found.ok_or(AuthError::Unknown)?;
+        if key.scopes & scope.bit() == 0 {
+            return Err(AuthError::Scope {
+                key_id: key.id(),
+                scope,
+            });
+        }
+        Ok(Principal {
+            tenant: key.tenant.clone(),
+            scopes: key.scopes,
+            key_id: Some(key.id()),
+        })
+    }
+}
+
+/// The keys in force, replaced as a whole when the config reloads.
+#[derive(Debug, Default)]
+pub struct KeyRing {
+    current: parking_lot::RwLock<Arc<Keys>>,
+}
+
+impl KeyRing {
+    pub fn new(keys: Keys) -> KeyRing {
+        KeyRing {
+            current: parking_lot::RwLock::new(Arc::new(keys)),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Keys> {
+        self.current.read().clone()
+    }
+
+    /// Swaps the keys; logs which key ids came and went (audit), never the keys. Returns
+    /// whether anything changed.
+    pub fn replace(&self, keys: Keys) -> bool {
+        let mut current = self.current.write();
+        if **current == keys {
+            return false;
+        }
+        let before: std::collections::BTreeSet<String> = current.ids().into_iter().collect();
+        let after: std::collections::BTreeSet<String> = keys.ids().into_iter().collect();
+        let added: Vec<&String> = after.difference(&before).collect();
+        let removed: Vec<&String> = before.difference(&after).collect();
+        tracing::warn!(?added, ?removed, keys = keys.len(), "API keys reloaded");
+        metrics::counter!(telemetry::AUTH_RELOADS).increment(1);
+        *current = Arc::new(keys);
+        true
+    }
+}
+
+/// The credentials of an HTTP request's headers: (`authorization`, `x-api-key`).
+pub fn credentials(headers: &axum::http::HeaderMap) -> (Option<&str>, Option<&str>) {
+    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    (text("authorization"), text("x-api-key"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> Keys {
+        Keys::new(vec![
+            Key::new(
+                digest_of("acme-key-0123456789"),
+                Some("acme".into()),
+                &[Scope::Ingest, Scope::Read],
+            ),
+            Key::new(
+                digest_of("ops-key-0123456789"),
+                None,
+                &[Scope::Read, Scope::Admin],
+            ),
+        ])
+    }
+
+    #[test]
+    fn keys_name_their_tenant_and_scopes() {
+        let keys = ring();
+        let acme = keys
+            .authenticate(Some("Bearer acme-key-0123456789"), None, Scope::Ingest)
+            .unwrap();
+        assert_eq!(acme.tenant.as_deref(), Some("acme"));
+        assert!(acme.covers("acme") && !acme.covers("globex"));
+        assert_eq!(acme.key_id, Some(key_id(&digest_of("acme-key-0123456789"))));
+        // x-api-key wins over authorization; the scheme is case-insensitive.
+        let ops = keys
+            .authenticate(Some("bearer nope"), Some("ops-key-0123456789"), Scope::Admin)
+            .unwrap();
+        assert!(ops.tenant.is_none() && ops.covers("globex"));
+        assert!(keys
+            .authenticate(Some("BEARER ops-key-0123456789"), None, Scope::Read)
+            .is_ok());
+    }
+
+    #[test]
+    fn refusals_say_why_without_the_key() {
+        let keys = ring();
+        assert_eq!(
+            keys.authenticate(None, None, Scope::Read),
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            keys.authenticate(Some("Bearer "), None, Scope::Read),
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            keys.authenticate(Some("Basic acme-key-0123456789"), None, Scope::Read),
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            keys.authenticate(None, Some("acme-key-012345678"), Scope::Read),
+            Err(AuthError::Unknown)
+        );
+        let refused = keys
+            .authenticate(None, Some("acme-key-0123456789"), Scope::Admin)
+            .unwrap_err();
+        assert_eq!(refused.reason(), "scope");
+        assert!(!refused.to_string().contains("acme-key"), "{refused}");
+        assert!(!refused.is_unauthenticated());
+        let ops = keys.authenticate(None, Some("ops-key-0123456789"), Scope::Ingest);
+        assert_eq!(ops.unwrap_err().reason(), "scope");
+    }
+
+    #[test]
+    fn without_keys_everyone_is_the_operator() {
+        let open = Keys::default().authenticate(None, None, Scope::Admin).unwrap();
+        assert!(open.covers("anyone") && open.has(Scope::Admin));
+    }
+
+    #[test]
+    fn a_reload_swaps_the_keys() {
+        let ring_ = KeyRing::new(ring());
+        assert!(!ring_.replace(ring()));
+        assert!(ring_.replace(Keys::new(vec![Key::new(
+            digest_of("acme-key-rotated-000"),
+            Some("acme".into()),
+            &[Scope::Ingest]
+        )])));
+        let keys = ring_.current();
+        assert_eq!(
+            keys.authenticate(None, Some("acme-key-0123456789"), Scope::Ingest),
+            Err(AuthError::Unknown)
+        );
+        assert!(keys
+            .authenticate(None, Some("acme-key-rotated-000"), Scope::Ingest)
+            .is_ok());
+    }
+}

@@ -1,0 +1,116 @@
+//! `[auth]`: API keys (by SHA-256), their tenants and scopes, and the safe-by-default rule for
+//! listeners on non-loopback addresses (`auth`).
+
+use std::net::SocketAddr;
+
+use super::raw::RawAuth;
+use crate::auth::{Key, Keys, Scope};
+
+/// Validated `[auth]` (with `otlp.api_keys`, the deprecated form, folded in).
+#[derive(Clone, Debug, Default)]
+pub struct AuthConfig {
+    pub keys: Keys,
+    pub allow_unauthenticated: bool,
+    /// `otlp.api_keys` was used (a warning at start).
+    pub deprecated_otlp_keys: bool,
+}
+
+pub(super) fn validate_auth(
+    raw: RawAuth,
+    otlp_keys: &std::collections::BTreeMap<String, String>,
+    errors: &mut Vec<String>,
+) -> AuthConfig {
+    let mut keys = Vec::new();
+    for (i, key) in raw.keys.iter().enumerate() {
+        let at = format!("auth.keys[{i}]");
+        let digest = match hex_digest(&key.sha256) {
+            Some(digest) => digest,
+            None => {
+                errors.push(format!(
+                    "{at}.sha256: must be 64 hex digits (the SHA-256 of the key: `printf %s KEY | sha256sum`)"
+                ));
+                continue;
+            }
+        };
+        let tenant = match key.tenant.as_str() {
+            "*" => None,
+            "" => {
+                errors.push(format!(
+                    "{at}.tenant: must be a tenant, or \"*\" for an operator key"
+                ));
+                continue;
+            }
+            tenant if tenant.len() > crate::model::MAX_ATTRIBUTE_BYTES => {
+                errors.push(format!("{at}.tenant: longer than 256 bytes"));
+                continue;
+            }
+            tenant => Some(tenant.to_string()),
+        };
+        let mut scopes = Vec::new();
+        for scope in &key.scopes {
+            match Scope::parse(scope) {
+                Some(scope) => scopes.push(scope),
+                None => errors.push(format!(
+                    "{at}.scopes: `{scope}` is not one of ingest, read, admin"
+                )),
+            }
+        }
+        if key.scopes.is_empty() {
+            errors.push(format!("{at}.scopes: list at least one of ingest, read, admin"));
+        }
+        if tenant.is_some() && scopes.contains(&Scope::Admin) {
+            errors.push(format!(
+                "{at}.scopes: `admin` acts on every tenant; give it to an operator key (tenant = \"*\")"
+            ));
+        }
+        if keys.iter().any(|known: &Key| known.digest == digest) {
+            errors.push(format!("{at}.sha256: the same key is listed twice"));
+            continue;
+        }
+        keys.push(Key::new(digest, tenant, &scopes));
+    }
+    // The deprecated form: key → tenant, for OTLP ingest (it now works on every listener).
+    for (key, tenant) in otlp_keys {
+        let digest = crate::auth::digest_of(key);
+        if !keys.iter().any(|known| known.digest == digest) {
+            keys.push(Key::new(digest, Some(tenant.clone()), &[Scope::Ingest]));
+        }
+    }
+    AuthConfig {
+        keys: Keys::new(keys),
+        allow_unauthenticated: raw.allow_unauthenticated,
+        deprecated_otlp_keys: !otlp_keys.is_empty(),
+    }
+}
+
+fn hex_digest(text: &str) -> Option<[u8; 32]> {
+    let text = text.trim();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    for (i, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(digest)
+}
+
+/// Safe by default: a listener reachable from other machines needs keys, unless the operator
+/// says otherwise in so many words.
+pub(super) fn check_exposure(
+    auth: &AuthConfig,
+    listeners: &[(&str, Option<SocketAddr>)],
+    errors: &mut Vec<String>,
+) {
+    if !auth.keys.is_empty() || auth.allow_unauthenticated {
+        return;
+    }
+    for (key, addr) in listeners {
+        if let Some(addr) = addr.filter(|addr| !addr.ip().is_loopback()) {
+            errors.push(format!(
+                "server.{key}: {addr} is reachable from other machines but no API keys are configured: \
+                 add [[auth.keys]] (or bind 127.0.0.1), or set auth.allow_unauthenticated = true to serve it open"
+            ));
+        }
+    }
+}
