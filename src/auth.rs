@@ -54,6 +54,15 @@ impl Scope {
     }
 }
 
+/// The listeners a key is checked on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Surface {
+    /// The HTTP API (ingest, queries, operator actions).
+    Http,
+    /// OTLP/gRPC and OTLP/HTTP.
+    Otlp,
+}
+
 /// One configured key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Key {
@@ -61,6 +70,8 @@ pub struct Key {
     /// None: an operator key (`tenant = "*"`).
     pub tenant: Option<String>,
     scopes: u8,
+    /// From `otlp.api_keys` (deprecated): checked on OTLP only, as before `[auth]` existed.
+    otlp_only: bool,
 }
 
 impl Key {
@@ -69,7 +80,20 @@ impl Key {
             digest,
             tenant,
             scopes: scopes.iter().fold(0, |bits, scope| bits | scope.bit()),
+            otlp_only: false,
         }
+    }
+
+    /// A key of the deprecated `otlp.api_keys`: OTLP ingest for its tenant, nothing else.
+    pub fn otlp_only(digest: [u8; 32], tenant: String) -> Key {
+        Key {
+            otlp_only: true,
+            ..Key::new(digest, Some(tenant), &[Scope::Ingest])
+        }
+    }
+
+    fn on(&self, surface: Surface) -> bool {
+        surface == Surface::Otlp || !self.otlp_only
     }
 
     /// The key's id in logs: the first 8 hex digits of its digest.
@@ -173,6 +197,11 @@ impl Keys {
         self.keys.is_empty()
     }
 
+    /// Whether `surface` checks keys at all (none configured for it: it is open).
+    pub fn guards(&self, surface: Surface) -> bool {
+        self.keys.iter().any(|key| key.on(surface))
+    }
+
     pub fn len(&self) -> usize {
         self.keys.len()
     }
@@ -182,14 +211,15 @@ impl Keys {
         self.keys.iter().map(Key::id).collect()
     }
 
-    /// The principal presenting these headers, with `scope` required.
+    /// The principal presenting these headers on `surface`, with `scope` required.
     pub fn authenticate(
         &self,
+        surface: Surface,
         authorization: Option<&str>,
         api_key: Option<&str>,
         scope: Scope,
     ) -> Result<Principal, AuthError> {
-        if self.keys.is_empty() {
+        if !self.guards(surface) {
             return Ok(Principal::open());
         }
         let presented = api_key.or_else(|| {
@@ -205,7 +235,7 @@ impl Keys {
         let digest = digest_of(presented);
         // Every digest is compared, whatever matched: the time taken says nothing.
         let mut found: Option<&Key> = None;
-        for key in &self.keys {
+        for key in self.keys.iter().filter(|key| key.on(surface)) {
             let difference = key
                 .digest
                 .iter()
@@ -294,18 +324,33 @@ mod tests {
     fn keys_name_their_tenant_and_scopes() {
         let keys = ring();
         let acme = keys
-            .authenticate(Some("Bearer acme-key-0123456789"), None, Scope::Ingest)
+            .authenticate(
+                Surface::Http,
+                Some("Bearer acme-key-0123456789"),
+                None,
+                Scope::Ingest,
+            )
             .unwrap();
         assert_eq!(acme.tenant.as_deref(), Some("acme"));
         assert!(acme.covers("acme") && !acme.covers("globex"));
         assert_eq!(acme.key_id, Some(key_id(&digest_of("acme-key-0123456789"))));
         // x-api-key wins over authorization; the scheme is case-insensitive.
         let ops = keys
-            .authenticate(Some("bearer nope"), Some("ops-key-0123456789"), Scope::Admin)
+            .authenticate(
+                Surface::Http,
+                Some("bearer nope"),
+                Some("ops-key-0123456789"),
+                Scope::Admin,
+            )
             .unwrap();
         assert!(ops.tenant.is_none() && ops.covers("globex"));
         assert!(keys
-            .authenticate(Some("BEARER ops-key-0123456789"), None, Scope::Read)
+            .authenticate(
+                Surface::Http,
+                Some("BEARER ops-key-0123456789"),
+                None,
+                Scope::Read
+            )
             .is_ok());
     }
 
@@ -313,35 +358,62 @@ mod tests {
     fn refusals_say_why_without_the_key() {
         let keys = ring();
         assert_eq!(
-            keys.authenticate(None, None, Scope::Read),
+            keys.authenticate(Surface::Http, None, None, Scope::Read),
             Err(AuthError::Missing)
         );
         assert_eq!(
-            keys.authenticate(Some("Bearer "), None, Scope::Read),
+            keys.authenticate(Surface::Http, Some("Bearer "), None, Scope::Read),
             Err(AuthError::Missing)
         );
         assert_eq!(
-            keys.authenticate(Some("Basic acme-key-0123456789"), None, Scope::Read),
+            keys.authenticate(
+                Surface::Http,
+                Some("Basic acme-key-0123456789"),
+                None,
+                Scope::Read
+            ),
             Err(AuthError::Missing)
         );
         assert_eq!(
-            keys.authenticate(None, Some("acme-key-012345678"), Scope::Read),
+            keys.authenticate(Surface::Http, None, Some("acme-key-012345678"), Scope::Read),
             Err(AuthError::Unknown)
         );
         let refused = keys
-            .authenticate(None, Some("acme-key-0123456789"), Scope::Admin)
+            .authenticate(Surface::Http, None, Some("acme-key-0123456789"), Scope::Admin)
             .unwrap_err();
         assert_eq!(refused.reason(), "scope");
         assert!(!refused.to_string().contains("acme-key"), "{refused}");
         assert!(!refused.is_unauthenticated());
-        let ops = keys.authenticate(None, Some("ops-key-0123456789"), Scope::Ingest);
+        let ops = keys.authenticate(Surface::Http, None, Some("ops-key-0123456789"), Scope::Ingest);
         assert_eq!(ops.unwrap_err().reason(), "scope");
     }
 
     #[test]
     fn without_keys_everyone_is_the_operator() {
-        let open = Keys::default().authenticate(None, None, Scope::Admin).unwrap();
+        let open = Keys::default()
+            .authenticate(Surface::Http, None, None, Scope::Admin)
+            .unwrap();
         assert!(open.covers("anyone") && open.has(Scope::Admin));
+    }
+
+    /// `otlp.api_keys` (deprecated) keeps meaning what it meant: keys for OTLP ingest, the
+    /// HTTP API as open as before.
+    #[test]
+    fn deprecated_otlp_keys_guard_otlp_only() {
+        let keys = Keys::new(vec![Key::otlp_only(
+            digest_of("old-otlp-key-0123456"),
+            "acme".into(),
+        )]);
+        assert!(keys.guards(Surface::Otlp) && !keys.guards(Surface::Http));
+        assert_eq!(
+            keys.authenticate(Surface::Otlp, None, None, Scope::Ingest),
+            Err(AuthError::Missing)
+        );
+        let acme = keys
+            .authenticate(Surface::Otlp, None, Some("old-otlp-key-0123456"), Scope::Ingest)
+            .unwrap();
+        assert_eq!(acme.tenant.as_deref(), Some("acme"));
+        assert!(keys.authenticate(Surface::Http, None, None, Scope::Read).is_ok());
     }
 
     #[test]
@@ -355,11 +427,11 @@ mod tests {
         )])));
         let keys = ring_.current();
         assert_eq!(
-            keys.authenticate(None, Some("acme-key-0123456789"), Scope::Ingest),
+            keys.authenticate(Surface::Http, None, Some("acme-key-0123456789"), Scope::Ingest),
             Err(AuthError::Unknown)
         );
         assert!(keys
-            .authenticate(None, Some("acme-key-rotated-000"), Scope::Ingest)
+            .authenticate(Surface::Http, None, Some("acme-key-rotated-000"), Scope::Ingest)
             .is_ok());
     }
 }

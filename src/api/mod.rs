@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
-use crate::auth::{AuthError, Principal, Scope};
+use crate::auth::{AuthError, Principal, Scope, Surface};
 use crate::ingest::admission::Admission;
 use crate::state::Shared;
 use crate::telemetry;
@@ -84,7 +84,7 @@ async fn authorize(app: &AppState, scope: Scope, mut request: Request, next: Nex
         .shared
         .keys
         .current()
-        .authenticate(authorization, api_key, scope)
+        .authenticate(Surface::Http, authorization, api_key, scope)
     {
         Ok(principal) => {
             request.extensions_mut().insert(principal);

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use super::raw::RawAuth;
-use crate::auth::{Key, Keys, Scope};
+use crate::auth::{Key, Keys, Scope, Surface};
 
 /// Validated `[auth]` (with `otlp.api_keys`, the deprecated form, folded in).
 #[derive(Clone, Debug, Default)]
@@ -23,15 +23,13 @@ pub(super) fn validate_auth(
     let mut keys = Vec::new();
     for (i, key) in raw.keys.iter().enumerate() {
         let at = format!("auth.keys[{i}]");
-        let digest = match hex_digest(&key.sha256) {
-            Some(digest) => digest,
-            None => {
-                errors.push(format!(
-                    "{at}.sha256: must be 64 hex digits (the SHA-256 of the key: `printf %s KEY | sha256sum`)"
-                ));
-                continue;
-            }
-        };
+        let before = errors.len();
+        let digest = hex_digest(&key.sha256);
+        if digest.is_none() {
+            errors.push(format!(
+                "{at}.sha256: must be 64 hex digits (the SHA-256 of the key: `printf %s KEY | sha256sum`)"
+            ));
+        }
         let tenant = match key.tenant.as_str() {
             "*" => None,
             "" => {
@@ -63,6 +61,9 @@ pub(super) fn validate_auth(
                 "{at}.scopes: `admin` acts on every tenant; give it to an operator key (tenant = \"*\")"
             ));
         }
+        let Some(digest) = digest.filter(|_| errors.len() == before) else {
+            continue;
+        };
         if keys.iter().any(|known: &Key| known.digest == digest) {
             errors.push(format!("{at}.sha256: the same key is listed twice"));
             continue;
@@ -73,7 +74,7 @@ pub(super) fn validate_auth(
     for (key, tenant) in otlp_keys {
         let digest = crate::auth::digest_of(key);
         if !keys.iter().any(|known| known.digest == digest) {
-            keys.push(Key::new(digest, Some(tenant.clone()), &[Scope::Ingest]));
+            keys.push(Key::otlp_only(digest, tenant.clone()));
         }
     }
     AuthConfig {
@@ -102,10 +103,18 @@ pub(super) fn check_exposure(
     listeners: &[(&str, Option<SocketAddr>)],
     errors: &mut Vec<String>,
 ) {
-    if !auth.keys.is_empty() || auth.allow_unauthenticated {
+    if auth.allow_unauthenticated {
         return;
     }
     for (key, addr) in listeners {
+        let surface = if key.starts_with("otlp") {
+            Surface::Otlp
+        } else {
+            Surface::Http
+        };
+        if auth.keys.guards(surface) {
+            continue;
+        }
         if let Some(addr) = addr.filter(|addr| !addr.ip().is_loopback()) {
             errors.push(format!(
                 "server.{key}: {addr} is reachable from other machines but no API keys are configured: \

@@ -87,6 +87,7 @@ pub async fn post_events(State(admission): State<Admission>, headers: HeaderMap,
     // The key first: nothing of the body is read for a request without one.
     let (authorization, api_key) = crate::auth::credentials(&headers);
     let principal = match admission.shared.keys.current().authenticate(
+        crate::auth::Surface::Http,
         authorization,
         api_key,
         crate::auth::Scope::Ingest,

@@ -184,7 +184,12 @@ impl OtlpIngest {
             .shared
             .keys
             .current()
-            .authenticate(authorization, api_key, crate::auth::Scope::Ingest)
+            .authenticate(
+                crate::auth::Surface::Otlp,
+                authorization,
+                api_key,
+                crate::auth::Scope::Ingest,
+            )
             .map(|principal| principal.tenant)
             .map_err(|error| {
                 error.record(listener);
