@@ -97,7 +97,11 @@ async fn keys_confine_every_route_to_their_tenant_and_scopes() {
 
     // No key, an unknown key: 401 with a Bearer challenge, nothing counted.
     let (status, body) = post_with(&daemon, None, &[tokens("a0", "acme", 5)]).await;
-    assert_eq!((status, body["error"].as_str()), (401, Some("unauthenticated")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unauthenticated")),
+        "{body}"
+    );
     let response = client()
         .post(daemon.url("/api/v1/events"))
         .header("content-type", "application/cloudevents-batch+json")
@@ -136,7 +140,11 @@ async fn keys_confine_every_route_to_their_tenant_and_scopes() {
     let (status, _) = post_with(&daemon, Some(ACME_INGEST_ONLY), &[tokens("a4", "acme", 1)]).await;
     assert_eq!(status, 202);
     let (status, body) = post_with(&daemon, Some(OPS), &[tokens("o1", "acme", 1)]).await;
-    assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
 
     // Reads: a tenant's key sees its own usage only, also without naming a subject.
     let query = "/api/v1/meters/tokens/query";
@@ -145,8 +153,17 @@ async fn keys_confine_every_route_to_their_tenant_and_scopes() {
     assert_eq!(subjects(&own), ["acme"]);
     assert_eq!(sum_rows(&own), 121);
     let (status, body) = get_with(&daemon, Some(ACME), &format!("{query}?subject=globex")).await;
-    assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")), "{body}");
-    let (status, _) = get_with(&daemon, Some(ACME), &format!("{query}?subject=acme&subject=globex")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
+    let (status, _) = get_with(
+        &daemon,
+        Some(ACME),
+        &format!("{query}?subject=acme&subject=globex"),
+    )
+    .await;
     assert_eq!(status, 403);
     for path in ["/api/v1/tenants/globex/usage", "/api/v1/rated?tenant=globex"] {
         let (status, body) = get_with(&daemon, Some(ACME), path).await;
@@ -155,7 +172,11 @@ async fn keys_confine_every_route_to_their_tenant_and_scopes() {
     let (status, body) = get_with(&daemon, Some(ACME), "/api/v1/rated").await;
     assert_eq!(status, 200, "{body}");
     assert!(
-        body["data"].as_array().into_iter().flatten().all(|record| record["tenant"] == "acme"),
+        body["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|record| record["tenant"] == "acme"),
         "{body}"
     );
     // The ingest-only key reads nothing; no key reads nothing.
@@ -250,7 +271,11 @@ async fn keys_rotate_with_a_config_reload() {
 fn a_public_listener_without_keys_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), "");
-    edit_config(&path, "otlp_grpc_addr = \"127.0.0.1:0\"", "otlp_grpc_addr = \"0.0.0.0:0\"");
+    edit_config(
+        &path,
+        "otlp_grpc_addr = \"127.0.0.1:0\"",
+        "otlp_grpc_addr = \"0.0.0.0:0\"",
+    );
     let run = |path: &std::path::Path| {
         std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .args(["run", "--config"])
@@ -267,7 +292,11 @@ fn a_public_listener_without_keys_is_refused() {
     );
     // With keys it starts (validate: the same checks, without serving).
     let keyed = write_config(dir.path(), &all_keys());
-    edit_config(&keyed, "otlp_grpc_addr = \"127.0.0.1:0\"", "otlp_grpc_addr = \"0.0.0.0:0\"");
+    edit_config(
+        &keyed,
+        "otlp_grpc_addr = \"127.0.0.1:0\"",
+        "otlp_grpc_addr = \"0.0.0.0:0\"",
+    );
     let validate = |path: &std::path::Path| {
         std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .args(["validate", "--config"])
@@ -288,5 +317,8 @@ fn a_public_listener_without_keys_is_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("auth.keys[0].sha256"), "{stderr}");
-    assert!(stderr.contains("`write` is not one of ingest, read, admin"), "{stderr}");
+    assert!(
+        stderr.contains("`write` is not one of ingest, read, admin"),
+        "{stderr}"
+    );
 }

@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use common::otlp::{int, point, string_attribute, sum_resource};
-use common::{client, edit_config, query, read_jsonl, sum_rows, write_config, Daemon};
+use common::{client, edit_config, metrics_text, query, read_jsonl, sum_rows, write_config, Daemon};
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
@@ -20,7 +20,8 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 use rust_decimal::Decimal;
-use serde_json::Value;
+use serde_json::{json, Value};
+use sha2::Digest;
 
 const OTLP_METERS: &str = r#"
 [[meters]]
@@ -644,6 +645,64 @@ async fn otlp_http_refuses_zip_bombs_corrupt_gzip_and_unknown_encodings() {
     let response = post(gzip(&request.encode_to_vec()), "gzip").await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(total(&daemon, "requests", "after-bomb").await, 3);
+    daemon.stop();
+}
+
+/// The OpenTelemetry Python SDK's own exporters against `[[auth.keys]]`: without a key both
+/// transports fail (401 / UNAUTHENTICATED, not retried), with a tenant's key both succeed and
+/// their points count for that tenant (the data names none).
+#[tokio::test(flavor = "multi_thread")]
+async fn python_sdk_exporters_need_a_key() {
+    const KEY: &str = "sdk-acme-key-0f1e2d3c";
+    let digest: String = sha2::Sha256::digest(KEY.as_bytes())
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    let (_dir, daemon) = start(&format!(
+        "[[auth.keys]]\nsha256 = \"{digest}\"\ntenant = \"acme\"\nscopes = [\"ingest\", \"read\"]\n"
+    ));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp/sdk_keys.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .args(["--grpc", daemon.otlp_grpc.as_ref().unwrap()])
+        .args(["--http", daemon.otlp_http.as_ref().unwrap()])
+        .args(["--key", KEY, "--value", "21"])
+        .output()
+        .expect("python3 runs (scripts/test.sh installs the OpenTelemetry SDK)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        results,
+        json!({"grpc_without_key": "FAILURE", "grpc_with_key": "SUCCESS",
+               "http_without_key": "FAILURE", "http_with_key": "SUCCESS"})
+    );
+    let response = client()
+        .get(daemon.url("/api/v1/meters/requests/query"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(sum_rows(&body), 42, "{body}");
+    assert!(body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|row| row["subject"] == "acme"));
+    let metrics = metrics_text(&client(), &daemon).await;
+    for listener in ["otlp_grpc", "otlp_http"] {
+        assert!(
+            metrics.contains(&format!(
+                "tallyd_auth_failures_total{{listener=\"{listener}\",reason=\"missing_key\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
     daemon.stop();
 }
 
