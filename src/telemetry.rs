@@ -122,6 +122,8 @@ pub const CLUSTER_FORWARDED: &str = "tallyd_cluster_forwarded_events_total";
 pub const CLUSTER_FORWARD_FAILURES: &str = "tallyd_cluster_forward_failures_total";
 /// Queries refused 409 `tenant_split`: a subject's usage is on partitions different replicas own.
 pub const CLUSTER_SPLIT_ANSWERS: &str = "tallyd_cluster_split_tenant_answers_total";
+/// Members-topic records ignored for lacking this cluster's signature (`cluster.secret`).
+pub const CLUSTER_UNSIGNED_RECORDS: &str = "tallyd_cluster_unsigned_records_total";
 /// Windows of split tenants closed without a window or rated record (no replica holds their
 /// whole total; ARCHITECTURE.md, cluster mode).
 pub const CLUSTER_SPLIT_WINDOWS_HELD: &str = "tallyd_cluster_split_tenant_windows_held_total";

@@ -47,6 +47,27 @@ pub fn tenant_key(tenant: &str, partition: i32) -> String {
 
 const TENANT_KEY_PREFIX: &str = "tenant/";
 
+/// The signed bytes of a members-topic record: its key and payload, so a signed payload
+/// cannot be replayed under another key (another URL, another tenant).
+fn signed_bytes(key: &str, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(key.len() + 1 + payload.len());
+    bytes.extend_from_slice(key.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+/// The `tallyd-signature` header value of a members-topic record (HMAC-SHA256 with
+/// `cluster.secret`): only replicas of this cluster can claim partitions or tenants, so a
+/// writer to the topic cannot redirect queries to an address of its choosing.
+pub fn sign(secret: &[u8], key: &str, payload: &[u8]) -> String {
+    super::forward::sign(secret, &signed_bytes(key, payload))
+}
+
+fn verify(secret: &[u8], key: &str, payload: &[u8], signature: Option<&[u8]>) -> bool {
+    signature.is_some_and(|signature| super::forward::verify(secret, &signed_bytes(key, payload), signature))
+}
+
 /// How much older than the newest claim a claim may be and still count. Live members claim
 /// again every 10 s (`Cluster`'s refresher), so a claim older than the newest by more than
 /// this is a member that is gone (killed without a goodbye): its partitions are unclaimed until
@@ -82,6 +103,7 @@ pub async fn provision(kafka: &KafkaConfig, topic: &str) -> Result<(), crate::ka
 pub fn follow(
     kafka: &KafkaConfig,
     topic: &str,
+    secret: Vec<u8>,
     directory: Arc<RwLock<HashMap<String, Member>>>,
     (ingest_topic, tenants): (String, Arc<RwLock<TenantDirectory>>),
     stop: Arc<AtomicBool>,
@@ -105,6 +127,23 @@ pub fn follow(
                         let Some(Ok(url)) = message.key_view::<str>() else {
                             continue;
                         };
+                        let signature = message.headers().and_then(|headers| {
+                            use rdkafka::message::Headers;
+                            headers
+                                .iter()
+                                .find(|header| header.key == super::forward::SIGNATURE_HEADER)
+                                .and_then(|header| header.value)
+                        });
+                        if !verify(&secret, url, message.payload().unwrap_or_default(), signature) {
+                            metrics::counter!(crate::telemetry::CLUSTER_UNSIGNED_RECORDS).increment(1);
+                            tracing::warn!(
+                                key = url,
+                                offset = message.offset(),
+                                "members-topic record without this cluster's signature ignored \
+                                 (another cluster, an older tallyd, or a forgery)"
+                            );
+                            continue;
+                        }
                         if url.starts_with(TENANT_KEY_PREFIX) {
                             let claim = message
                                 .payload()
@@ -156,6 +195,37 @@ mod tests {
                 at_ms,
             },
         )
+    }
+
+    /// A claim counts only with this cluster's signature over its key and payload: another
+    /// secret, a missing header, or a signed payload replayed under another key are ignored.
+    #[test]
+    fn claims_need_the_clusters_signature_over_key_and_payload() {
+        let secret = b"a-cluster-secret-of-32-bytes-or-more";
+        let payload = br#"{"url":"http://a","topic":"usage","partitions":[0],"at_ms":1}"#;
+        let signature = sign(secret, "http://a", payload);
+        assert!(verify(secret, "http://a", payload, Some(signature.as_bytes())));
+        assert!(!verify(
+            secret,
+            "http://evil",
+            payload,
+            Some(signature.as_bytes())
+        ));
+        assert!(!verify(
+            b"another-secret-of-32-bytes-or-more!",
+            "http://a",
+            payload,
+            Some(signature.as_bytes())
+        ));
+        assert!(!verify(secret, "http://a", payload, None));
+        assert!(!verify(secret, "http://a", b"{}", Some(signature.as_bytes())));
+        // Tombstones are signed too.
+        assert!(verify(
+            secret,
+            "http://a",
+            b"",
+            Some(sign(secret, "http://a", b"").as_bytes())
+        ));
     }
 
     #[test]

@@ -163,6 +163,7 @@ impl Cluster {
         let reader = members::follow(
             kafka,
             &config.members_topic,
+            config.secret.as_bytes().to_vec(),
             directory.clone(),
             (config.ingest_topic.clone(), tenants.clone()),
             reader_stop.clone(),
@@ -307,9 +308,11 @@ impl Cluster {
         };
         let payload = serde_json::to_vec(&claim).expect("invariant: tenant claims serialize");
         let key = members::tenant_key(tenant, partition);
+        let signature = members::sign(self.config.secret.as_bytes(), &key, &payload);
         let record = FutureRecord::to(&self.config.members_topic)
             .key(key.as_str())
-            .payload(&payload);
+            .payload(&payload)
+            .headers(signature_header(&signature));
         // Advisory like the partition claims: a lost pair is published again with the next
         // assignment of its partition.
         if let Err((error, _)) = self.producer.send_result(record) {
@@ -330,9 +333,11 @@ impl Cluster {
 
     fn publish(&self, member: &Member) {
         let payload = serde_json::to_vec(member).expect("invariant: members serialize");
+        let signature = members::sign(self.config.secret.as_bytes(), &member.url, &payload);
         let record = FutureRecord::to(&self.config.members_topic)
             .key(member.url.as_str())
-            .payload(&payload);
+            .payload(&payload)
+            .headers(signature_header(&signature));
         // Advisory: a lost entry only delays query routing until the next rebalance, so the
         // delivery is not awaited (this runs inside the rebalance callback).
         if let Err((error, _)) = self.producer.send_result(record) {
@@ -419,6 +424,14 @@ impl Cluster {
             let _ = refresher.join();
         }
     }
+}
+
+/// The `tallyd-signature` header of a members-topic record.
+fn signature_header(signature: &str) -> rdkafka::message::OwnedHeaders {
+    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: forward::SIGNATURE_HEADER,
+        value: Some(signature.as_bytes()),
+    })
 }
 
 #[cfg(test)]
