@@ -186,6 +186,27 @@ impl AuthError {
             .increment(1);
         tracing::info!(listener, reason = self.reason(), "request refused: {self}");
     }
+
+    /// The HTTP answer, recorded: 401 with `WWW-Authenticate: Bearer`, or 403; the API's error
+    /// body `{"error", "message"}`.
+    pub fn http_response(&self, listener: &'static str) -> axum::response::Response {
+        use axum::http::{header, HeaderValue, StatusCode};
+        use axum::response::IntoResponse;
+        self.record(listener);
+        let (status, code) = if self.is_unauthenticated() {
+            (StatusCode::UNAUTHORIZED, "unauthenticated")
+        } else {
+            (StatusCode::FORBIDDEN, "forbidden")
+        };
+        let body = axum::Json(serde_json::json!({"error": code, "message": self.to_string()}));
+        let mut response = (status, body).into_response();
+        if self.is_unauthenticated() {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
 }
 
 impl Keys {

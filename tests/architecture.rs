@@ -18,6 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["state"],
     &["store"],
     &["config"],
+    &["auth"],
     &["meter", "rate"],
     &["aggregate"],
     &["model", "telemetry", "shutdown"],

@@ -90,34 +90,17 @@ async fn authorize(app: &AppState, scope: Scope, mut request: Request, next: Nex
             request.extensions_mut().insert(principal);
             next.run(request).await
         }
-        Err(error) => auth_refusal(&error, "http"),
-    }
-}
-
-/// The answer to a refused request: 401 (with `WWW-Authenticate`) or 403, counted and logged.
-pub fn auth_refusal(error: &AuthError, listener: &'static str) -> Response {
-    error.record(listener);
-    if error.is_unauthenticated() {
-        let mut response = error_response(StatusCode::UNAUTHORIZED, "unauthenticated", error.to_string());
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        response
-    } else {
-        error_response(StatusCode::FORBIDDEN, "forbidden", error.to_string())
+        Err(error) => error.http_response("http"),
     }
 }
 
 /// 403 for a key asking for another tenant's usage (counted like any refusal).
 pub fn other_tenant(principal: &Principal, tenant: &str) -> Response {
-    auth_refusal(
-        &AuthError::Tenant {
-            key_id: principal.key_id.clone().unwrap_or_default(),
-            tenant: tenant.to_string(),
-        },
-        "http",
-    )
+    AuthError::Tenant {
+        key_id: principal.key_id.clone().unwrap_or_default(),
+        tenant: tenant.to_string(),
+    }
+    .http_response("http")
 }
 
 /// Liveness: 503 once a stage died (the daemon is stopping; a supervisor should restart it).

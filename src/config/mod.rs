@@ -42,6 +42,8 @@ pub struct Config {
     pub otlp_http_addr: Option<SocketAddr>,
     pub otlp: OtlpConfig,
     pub auth: AuthConfig,
+    /// `[server.tls]`: TLS on the HTTP API.
+    pub http_tls: Option<RawTls>,
     pub max_body_bytes: usize,
     pub ingest_budget_bytes: usize,
     pub body_timeout: std::time::Duration,
@@ -257,6 +259,7 @@ impl RawConfig {
             otlp_http_addr: listeners.otlp_http_addr,
             otlp,
             auth,
+            http_tls: self.server.tls.clone(),
             max_body_bytes: self.server.max_body_bytes as usize,
             ingest_budget_bytes: self.server.ingest_budget_bytes as usize,
             body_timeout: std::time::Duration::from_secs(self.server.body_timeout_secs),

@@ -163,6 +163,8 @@ pub struct RawServer {
     /// A connection must send a request's headers within this many seconds (its first byte
     /// too: a silent connection is closed); idle keep-alive HTTP/1 connections close after it.
     pub header_read_timeout_secs: u64,
+    /// TLS for the HTTP API (absent: plain TCP).
+    pub tls: Option<RawTls>,
 }
 
 impl Default for RawServer {
@@ -177,6 +179,7 @@ impl Default for RawServer {
             body_timeout_secs: 30,
             max_connections: 4096,
             header_read_timeout_secs: 10,
+            tls: None,
         }
     }
 }
@@ -225,7 +228,7 @@ pub struct RawKey {
     pub scopes: Vec<String>,
 }
 
-/// `[otlp.tls]`: PEM files, read at startup.
+/// `[server.tls]`, `[otlp.tls]`: PEM files (the HTTP listeners reload them when they change).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {

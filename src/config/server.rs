@@ -58,6 +58,13 @@ pub(super) fn validate_server(raw: &RawServer, errors: &mut Vec<String>) -> List
     if !(1..=1_000_000).contains(&raw.max_connections) {
         errors.push("server.max_connections: must be between 1 and 1000000".into());
     }
+    if let Some(tls) = &raw.tls {
+        for (key, path) in [("cert_path", &tls.cert_path), ("key_path", &tls.key_path)] {
+            if let Err(error) = std::fs::metadata(path) {
+                errors.push(format!("server.tls.{key}: {}: {error}", path.display()));
+            }
+        }
+    }
     if !(1..=3600).contains(&raw.header_read_timeout_secs) {
         errors.push("server.header_read_timeout_secs: must be between 1 and 3600".into());
     }

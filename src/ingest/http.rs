@@ -96,7 +96,7 @@ pub async fn post_events(State(admission): State<Admission>, headers: HeaderMap,
         Err(error) => {
             metrics::counter!(telemetry::INGEST_REQUESTS, "source" => SOURCE.as_str(), "code" => if error.is_unauthenticated() { "401" } else { "403" })
                 .increment(1);
-            return crate::api::auth_refusal(&error, "http");
+            return error.http_response("http");
         }
     };
     match accept(&admission, &headers, body, principal.tenant).await {

@@ -12,3 +12,4 @@ pub mod http;
 pub mod kafka;
 pub mod listen;
 pub mod otlp;
+pub mod tls;

@@ -316,7 +316,9 @@ async fn start_otlp(
         admission: admission.clone(),
     };
     let tls = match &config.otlp.tls {
-        Some(tls) => Some(crate::ingest::otlp::TlsIdentity::load(tls).context("cannot read otlp.tls")?),
+        Some(tls) => {
+            Some(crate::ingest::tls::TlsIdentity::load(tls, "otlp.tls").context("cannot read otlp.tls")?)
+        }
         None => None,
     };
     let http_tls = match &tls {
@@ -432,10 +434,20 @@ pub async fn run(
     let otlp_servers = start_otlp(&admission, &shutdown).await?;
     let app = crate::api::router(AppState::new(shared.clone(), cluster.clone()), admission);
     shared.ready.store(true, Ordering::Release);
-    tracing::info!(addr = %local, "http listening");
     let serve_shutdown = shutdown.clone();
     let limits = shared.config.connections;
-    crate::ingest::listen::serve_http(listener, "http", limits, app, None, None, serve_shutdown).await;
+    let http_tls = match &shared.config.http_tls {
+        Some(tls) => {
+            let identity =
+                crate::ingest::tls::TlsIdentity::load(tls, "server.tls").context("cannot read server.tls")?;
+            let config = identity.rustls_config().map_err(|error| anyhow::anyhow!(error))?;
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+        }
+        None => None,
+    };
+    let transport = if http_tls.is_some() { "tls" } else { "plain" };
+    tracing::info!(addr = %local, transport, "http listening");
+    crate::ingest::listen::serve_http(listener, "http", limits, app, http_tls, None, serve_shutdown).await;
     // Whatever stopped the HTTP server stops the OTLP edges too; they hold commit senders, so
     // the commit stage drains only after they finished their in-flight requests.
     shutdown.cancel();

@@ -16,7 +16,6 @@ pub mod forward;
 pub mod grpc;
 pub mod http;
 pub mod map;
-pub mod tls;
 
 use axum::body::Bytes;
 use opentelemetry_proto::tonic::collector::logs::v1::{
@@ -37,8 +36,8 @@ use crate::state::Shared;
 use crate::telemetry;
 use map::{MapContext, Mapped, MappedPoint};
 
+pub use crate::ingest::tls::TlsIdentity;
 pub use http::serve_http;
-pub use tls::TlsIdentity;
 
 const SOURCE: Source = Source::Otlp;
 
