@@ -322,3 +322,77 @@ fn a_public_listener_without_keys_is_refused() {
         "{stderr}"
     );
 }
+
+/// `[server.tls]`: the HTTP API over TLS (a client verifying against the certificate gets its
+/// answer, a plain-HTTP client none), and a renewed certificate written over the files is
+/// served from the next handshake on, without a restart. The client is Python's own TLS stack.
+#[test]
+fn the_http_api_serves_tls_and_picks_up_a_renewed_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let issue = |name: &str| {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.ca.pem")), certified.cert.pem()).unwrap();
+        (certified.cert.pem(), certified.key_pair.serialize_pem())
+    };
+    let (first_cert, first_key) = issue("first");
+    std::fs::write(&cert, &first_cert).unwrap();
+    std::fs::write(&key, &first_key).unwrap();
+    let tls = format!(
+        "[server.tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\n{}",
+        cert.display(),
+        key.display(),
+        all_keys()
+    );
+    let daemon = Daemon::start(&write_config(dir.path(), &tls));
+    let port = daemon.addr.rsplit(':').next().unwrap().to_string();
+    // Prints the status, or the error's class name.
+    let fetch = |scheme: &str, ca: &str| -> String {
+        let script = r#"
+import ssl, sys, urllib.request
+scheme, port, ca, key = sys.argv[1:5]
+request = urllib.request.Request(f"{scheme}://localhost:{port}/api/v1/meters", headers={"x-api-key": key})
+context = ssl.create_default_context(cafile=ca) if scheme == "https" else None
+try:
+    print(urllib.request.urlopen(request, context=context, timeout=5).status)
+except urllib.error.HTTPError as error:
+    print(error.code)
+except Exception as error:
+    print(type(error).__name__)
+"#;
+        let output = std::process::Command::new("python3")
+            .args(["-c", script, scheme, &port])
+            .arg(dir.path().join(format!("{ca}.ca.pem")))
+            .arg(ACME)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    assert_eq!(fetch("https", "first"), "200");
+    assert_ne!(
+        fetch("http", "first"),
+        "200",
+        "plain HTTP is not served on a TLS listener"
+    );
+    // Renewal: new files in place; from the next handshake after the recheck on, the new pair.
+    let (second_cert, second_key) = issue("second");
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&key, &second_key).unwrap();
+    std::fs::write(&cert, &second_cert).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fetch("https", "second") != "200" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate was never served\n{}",
+            daemon.logs()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_ne!(
+        fetch("https", "first"),
+        "200",
+        "the old certificate is no longer served"
+    );
+    assert!(daemon.logs().contains("TLS certificate reloaded"));
+    daemon.stop();
+}
