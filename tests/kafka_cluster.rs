@@ -349,6 +349,8 @@ async fn a_tenant_on_two_partitions_is_detected_and_named() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&write_config(dir.path(), &cluster_config(&brokers, &topic)));
     let client = client();
+    // Until the group assigned the partitions, their tenants' queries answer 503 (retry).
+    wait_to_own_all(&client, &daemon).await;
     let home = tallyd::cluster::partition_for("split-co", PARTITIONS);
     let stray = (home + 1) % PARTITIONS;
     let record = |id: &str, tenant: &str, partition: i32| Record {

@@ -79,6 +79,9 @@ struct Inner {
     checked: Mutex<FxHashMap<String, i64>>,
     /// Reads what others wrote between this writer's chunks (kept: one connection).
     gap_reader: Mutex<Option<BaseConsumer>>,
+    /// Publishes fences (kept: an idempotent producer's setup costs round trips, and a
+    /// rebalance fences every assigned partition in turn while queries wait for it).
+    fencer: Mutex<Option<BaseProducer<DeliveryContext>>>,
 }
 
 /// When to fold a source's flushes into a base, and what a base may drop.
@@ -125,6 +128,7 @@ impl ChangelogProducer {
                 epochs: Mutex::new(FxHashMap::default()),
                 checked: Mutex::new(FxHashMap::default()),
                 gap_reader: Mutex::new(None),
+                fencer: Mutex::new(None),
             }),
         })
     }
@@ -134,9 +138,14 @@ impl ChangelogProducer {
     /// it (`epoch`); a restore reads up to it; a writer that took the source before is deposed.
     pub fn fence(&self, source: &str, partition: i32, restore_from: u64) -> Result<i64, ChangelogError> {
         let inner = &self.inner;
-        let producer = changelog_producer(&inner.config, "changelog fence")?;
+        let mut fencer = inner.fencer.lock();
+        if fencer.is_none() {
+            *fencer = Some(changelog_producer(&inner.config, "changelog fence")?);
+        }
+        let producer = fencer.as_ref().expect("invariant: just created");
+        let _ = producer.context().take_delivered();
         let fence = ChangelogChunk::fence(source, inner.writer, restore_from);
-        send_all(&producer, &inner.topic, std::slice::from_ref(&fence))?;
+        send_all(producer, &inner.topic, std::slice::from_ref(&fence))?;
         let Some((_, offset)) = producer
             .context()
             .take_delivered()
