@@ -445,20 +445,39 @@ async fn raw_query(client: &reqwest::Client, daemon: &Daemon, tenant: &str) -> (
 /// subject-less listings, named in `splitSubjects`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_follow_the_data_whatever_partitioner_producers_use() {
+    follow_the_data("consistent_random").await;
+}
+
+/// The same with producers on `murmur2_random` (the Java client's rule, which tallyd's own
+/// edges use too): the same takeover and rejoin, every total exact through either replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_follow_the_data_of_murmur2_producers_through_a_takeover_and_a_rejoin() {
+    follow_the_data("murmur2_random").await;
+}
+
+/// Keyed usage from a librdkafka producer on `partitioner`, null-key usage of one tenant, a
+/// SIGKILL takeover and a rejoin; totals through both replicas.
+async fn follow_the_data(partitioner: &str) {
     let Some(brokers) = real_broker() else { return };
-    let (topic, dirs, a, b, split) = two_replicas(&brokers, "usage-crc32").await;
+    let (topic, dirs, a, b, split) = two_replicas(&brokers, &format!("usage-{partitioner}")).await;
     let client = client();
     let raw = no_redirects();
 
     let tenants: Vec<String> = (0..16).map(|i| format!("crc-{i}")).collect();
-    let moved = tenants
-        .iter()
-        .filter(|t| crc32_partition(t, PARTITIONS) != tallyd::cluster::partition_for(t, PARTITIONS))
-        .count();
-    assert!(
-        moved >= 8,
-        "only {moved} tenants land elsewhere than murmur2 would put them"
-    );
+    let placed = |tenant: &str| match partitioner {
+        "murmur2_random" => tallyd::cluster::partition_for(tenant, PARTITIONS),
+        _ => crc32_partition(tenant, PARTITIONS),
+    };
+    if partitioner == "consistent_random" {
+        let moved = tenants
+            .iter()
+            .filter(|t| placed(t) != tallyd::cluster::partition_for(t, PARTITIONS))
+            .count();
+        assert!(
+            moved >= 8,
+            "only {moved} tenants land elsewhere than murmur2 would put them"
+        );
+    }
     let mut expected: BTreeMap<String, i64> = BTreeMap::new();
     let mut records = Vec::new();
     for i in 0..320 {
@@ -472,7 +491,7 @@ async fn queries_follow_the_data_whatever_partitioner_producers_use() {
             &ago((i % 60) as i64),
             json!({"tokens": tokens, "model": "m"}),
         );
-        // Keyed by subject, partitioned by librdkafka's default (the test producer sets none).
+        // Keyed by subject, partitioned by `partitioner`.
         records.push(Record::json(tenant, &event));
     }
     // Null keys go to a random partition per message (librdkafka's sticky partitioning would
@@ -500,15 +519,19 @@ async fn queries_follow_the_data_whatever_partitioner_producers_use() {
             )
         });
     }
-    produce_all(&producer(&brokers), &topic, &records);
+    produce_all(
+        &producer_with_partitioner(&brokers, partitioner),
+        &topic,
+        &records,
+    );
     produce_all(&null_key, &topic, &null_records);
 
     wait_for_totals(&client, &a, &expected).await;
     wait_for_totals(&client, &b, &expected).await;
-    // Without following redirects: the owner of the CRC-32 partition answers, the other
+    // Without following redirects: the owner of the tenant's partition answers, the other
     // replica names it and that partition.
     for tenant in &tenants {
-        let partition = i64::from(crc32_partition(tenant, PARTITIONS));
+        let partition = i64::from(placed(tenant));
         let (status, body) = raw_query(&raw, &a, tenant).await;
         if split[0].contains(&partition) {
             assert_eq!(
@@ -577,7 +600,7 @@ async fn queries_follow_the_data_whatever_partitioner_producers_use() {
             Record::json(tenant, &event)
         })
         .collect();
-    produce_all(&producer(&brokers), &topic, &more);
+    produce_all(&producer_with_partitioner(&brokers, partitioner), &topic, &more);
     wait_to_own_all(&client, &a).await;
     wait_for_totals(&raw, &a, &expected).await;
     // The null-key tenant stays unanswered although a owns every partition now: restoring b's
@@ -586,7 +609,7 @@ async fn queries_follow_the_data_whatever_partitioner_producers_use() {
     let (status, body) = raw_query(&raw, &a, "nullkey-co").await;
     assert_eq!((status, &body["error"]), (409, &json!("tenant_split")), "{body}");
 
-    // b rejoins: the partitions split again, and every CRC-32 tenant is exact through either.
+    // b rejoins: the partitions split again, and every keyed tenant is exact through either.
     let b = Daemon::start(&write_config(dirs[1].path(), &cluster_config(&brokers, &topic)));
     wait_for_split(&client, &[&a, &b]).await;
     // a learns b's new claims through the members topic: until then it may still point at

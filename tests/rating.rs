@@ -422,6 +422,105 @@ async fn the_webhook_gets_signed_batches_with_retries_and_resumes_after_a_restar
     daemon.stop();
 }
 
+/// An `https` webhook: the receiver's certificate is verified. Signed by a private CA the
+/// system does not trust, delivery fails (counted; the records wait in the outbox, nothing is
+/// lost); with that CA in `emit.webhook.ca_path`, the same records go out after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_webhook_verifies_the_receivers_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("hook.crt"), dir.path().join("hook.key"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let identity = tallyd::ingest::tls::TlsIdentity::load(
+        &tallyd::config::RawTls {
+            cert_path: cert.clone(),
+            key_path: key.clone(),
+        },
+        "test",
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(identity.rustls_config().unwrap()));
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(receive))
+        .with_state(receiver.clone());
+    let limits = tallyd::config::ConnectionLimits {
+        max_connections: 16,
+        header_read_timeout: std::time::Duration::from_secs(5),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(tallyd::ingest::listen::serve_http(
+        listener,
+        "hook",
+        limits,
+        app,
+        Some(acceptor),
+        None,
+        stop.clone(),
+    ));
+
+    let webhook = format!(
+        "{PLANS}\n[emit.webhook]\nurl = \"https://localhost:{port}/hook\"\nsecret = \"{SECRET}\"\nbatch_size = 4\n"
+    );
+    let config = write_config(dir.path(), &webhook);
+    let usage = dir.path().join("data/usage.jsonl");
+    let daemon = Daemon::start(&config);
+    let client = client();
+    for batch in closed_window_usage().chunks(500) {
+        let (status, body) = post_batch(&client, &daemon, batch).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let expected = eventually("15 rated records in the file", async || {
+        let latest = latest_rated(&read_jsonl(&usage));
+        (latest.len() == 15).then_some(latest)
+    })
+    .await;
+    eventually("a failed delivery (untrusted certificate)", async || {
+        let metrics = metrics_text(&client, &daemon).await;
+        metrics
+            .lines()
+            .any(|line| line.starts_with("tallyd_emit_failures_total{output=\"webhook\"}"))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        receiver.batches.lock().unwrap().is_empty(),
+        "nothing reached an untrusted receiver"
+    );
+    daemon.stop();
+
+    // Trust the receiver's CA: the records kept in the outbox go out.
+    edit_config(
+        &config,
+        "batch_size = 4\n",
+        &format!("batch_size = 4\nca_path = \"{}\"\n", cert.display()),
+    );
+    let daemon = Daemon::start(&config);
+    let latest = eventually("webhook delivery over https", async || {
+        let records: Vec<Value> = receiver
+            .batches
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let latest = latest_rated(&records);
+        (latest.len() == 15).then_some(latest)
+    })
+    .await;
+    assert_eq!(latest, expected);
+    assert_eq!(
+        receiver.bad_signatures.load(std::sync::atomic::Ordering::Acquire),
+        0
+    );
+    daemon.stop();
+    stop.cancel();
+}
+
 fn daily_plan(version: u32, unit_price: &str) -> String {
     format!(
         r#"

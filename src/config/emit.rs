@@ -23,6 +23,8 @@ pub struct EmitWebhookConfig {
     pub batch_size: usize,
     pub timeout_ms: u64,
     pub kinds: Vec<String>,
+    /// Extra trusted CA certificates (PEM) for an `https` URL.
+    pub ca_path: Option<std::path::PathBuf>,
 }
 
 /// Properties the rated-record producer sets itself (idempotence is its delivery contract).
@@ -90,8 +92,13 @@ pub(super) fn validate_webhook(raw: RawEmitWebhook, errors: &mut Vec<String>) ->
     if !(raw.url.starts_with("http://") || raw.url.starts_with("https://")) {
         errors.push(format!("emit.webhook.url: `{}` is not an http(s) URL", raw.url));
     }
-    if raw.url.starts_with("https://") {
-        errors.push("emit.webhook.url: https is not built in; terminate TLS in a local proxy".into());
+    if let Some(path) = &raw.ca_path {
+        if !raw.url.starts_with("https://") {
+            errors.push("emit.webhook.ca_path: only for an https URL".into());
+        }
+        if let Err(error) = std::fs::metadata(path) {
+            errors.push(format!("emit.webhook.ca_path: {}: {error}", path.display()));
+        }
     }
     if !(1..=10_000).contains(&raw.batch_size) {
         errors.push("emit.webhook.batch_size: must be 1-10000".into());
@@ -105,5 +112,6 @@ pub(super) fn validate_webhook(raw: RawEmitWebhook, errors: &mut Vec<String>) ->
         batch_size: raw.batch_size,
         timeout_ms: raw.timeout_ms.max(1),
         kinds: raw.kinds,
+        ca_path: raw.ca_path,
     }
 }

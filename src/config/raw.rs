@@ -342,6 +342,9 @@ pub struct RawEmitWebhook {
     pub timeout_ms: u64,
     #[serde(default = "default_emit_kinds")]
     pub kinds: Vec<String>,
+    /// PEM certificates (a private CA) trusted for an `https` URL besides the system's.
+    #[serde(default)]
+    pub ca_path: Option<PathBuf>,
 }
 
 fn default_rated_topic() -> String {

@@ -43,12 +43,19 @@ impl WebhookSink {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms))
             // A redirect turns the POST into a GET that a 2xx would count as delivered: a 3xx
             // is a refusal to retry (the URL is the operator's to fix), never followed.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+            .redirect(reqwest::redirect::Policy::none());
+        // https: the certificate is verified against the system's CAs and `ca_path`'s.
+        if let Some(path) = &config.ca_path {
+            let pem = std::fs::read(path)?;
+            for certificate in reqwest::Certificate::from_pem_bundle(&pem)? {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let client = builder.build()?;
         Ok(WebhookSink {
             runtime,
             client,

@@ -26,15 +26,27 @@ group_id = "{group}"
 }
 
 pub fn producer(brokers: &str) -> BaseProducer {
-    ClientConfig::new()
+    producer_config(brokers).create().expect("producer")
+}
+
+/// `producer` with librdkafka's `partitioner` set (its default is `consistent_random`, CRC32).
+pub fn producer_with_partitioner(brokers: &str, partitioner: &str) -> BaseProducer {
+    producer_config(brokers)
+        .set("partitioner", partitioner)
+        .create()
+        .expect("producer")
+}
+
+fn producer_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         // One record per batch: tansu 0.6 cannot fetch from an offset inside a record batch
         // (it skips to the next batch), which would make any resume point lose messages.
-        .set("batch.num.messages", "1")
-        .create()
-        .expect("producer")
+        .set("batch.num.messages", "1");
+    config
 }
 
 /// One message: key (the tenant; empty with `null_key`), JSON payload, optional `ce_id` header.
