@@ -13,7 +13,7 @@ case "${1:-start}" in
   start)
     if ! [[ -x "$tansu" ]]; then
       echo "broker: installing tansu (once per machine; about 25-45 minutes)" >&2
-      cargo install tansu --locked --features dynostore \
+      cargo install tansu --version 0.6.0 --locked --features dynostore \
         --target-dir "$HOME/.cache/tansu-target" >&2
     fi
     "$0" stop >/dev/null 2>&1 || true

@@ -148,6 +148,7 @@ async fn metrics_text(State(app): State<AppState>) -> Response {
 /// receiver is fixed). 202 with how many are parked; 404 for an output that is not configured.
 async fn replay_parked(
     State(app): State<AppState>,
+    axum::extract::Extension(principal): axum::extract::Extension<Principal>,
     axum::extract::Path(output): axum::extract::Path<String>,
 ) -> Response {
     if !crate::emit::configured(&app.shared.config).contains(&output.as_str()) || output == "file" {
@@ -162,6 +163,13 @@ async fn replay_parked(
         .map(|text| text.iter().filter(|byte| **byte == b'\n').count())
         .unwrap_or(0);
     app.shared.replays.lock().insert(output.clone());
+    // Audit: operator actions name the key that asked (its id, never the key).
+    tracing::warn!(
+        output,
+        parked,
+        key = principal.key_id.as_deref().unwrap_or("(no keys configured)"),
+        "operator action: replay of parked records requested"
+    );
     (
         StatusCode::ACCEPTED,
         Json(json!({"output": output, "parked": parked, "path": path.display().to_string()})),
