@@ -115,6 +115,47 @@ pub fn digest_of(key: &str) -> [u8; 32] {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Keys {
     keys: Vec<Key>,
+    /// Client certificates (mTLS on the HTTP API) by their subject's common name.
+    certificates: Vec<CertificateRule>,
+}
+
+/// `[[auth.certificates]]`: a client certificate's subject CN and what it stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateRule {
+    pub common_name: String,
+    /// None: an operator certificate (`tenant = "*"`).
+    pub tenant: Option<String>,
+    scopes: u8,
+}
+
+impl CertificateRule {
+    pub fn new(common_name: String, tenant: Option<String>, scopes: &[Scope]) -> CertificateRule {
+        CertificateRule {
+            common_name,
+            tenant,
+            scopes: scopes.iter().fold(0, |bits, scope| bits | scope.bit()),
+        }
+    }
+}
+
+/// The DER of the certificate a client presented in the TLS handshake (verified against
+/// `server.tls.client_ca_path`), as a request extension of every request on that connection.
+#[derive(Clone, Debug)]
+pub struct PeerCertificate(pub std::sync::Arc<Vec<u8>>);
+
+impl PeerCertificate {
+    /// The subject's common name (None: none, or not a certificate this parser reads).
+    pub fn common_name(&self) -> Option<String> {
+        let (_, certificate) = x509_parser::parse_x509_certificate(&self.0).ok()?;
+        let name = certificate
+            .subject()
+            .iter_common_name()
+            .next()?
+            .as_str()
+            .ok()?
+            .to_string();
+        Some(name)
+    }
 }
 
 /// Who made a request.
@@ -211,7 +252,15 @@ impl AuthError {
 
 impl Keys {
     pub fn new(keys: Vec<Key>) -> Keys {
-        Keys { keys }
+        Keys {
+            keys,
+            certificates: Vec::new(),
+        }
+    }
+
+    /// `new` with client-certificate rules.
+    pub fn with_certificates(keys: Vec<Key>, certificates: Vec<CertificateRule>) -> Keys {
+        Keys { keys, certificates }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -221,15 +270,61 @@ impl Keys {
     /// Whether `surface` checks keys at all (none configured for it: it is open).
     pub fn guards(&self, surface: Surface) -> bool {
         self.keys.iter().any(|key| key.on(surface))
+            || (surface == Surface::Http && !self.certificates.is_empty())
+    }
+
+    /// The principal of a request on `surface`: its key when it presents one, else its verified
+    /// client certificate (HTTP API), with `scope` required.
+    pub fn authenticate_request(
+        &self,
+        surface: Surface,
+        headers: &axum::http::HeaderMap,
+        peer: Option<&PeerCertificate>,
+        scope: Scope,
+    ) -> Result<Principal, AuthError> {
+        let (authorization, api_key) = credentials(headers);
+        let presents_key = api_key.is_some() || authorization.is_some();
+        match peer {
+            Some(peer) if !presents_key && surface == Surface::Http && !self.certificates.is_empty() => {
+                self.authenticate_certificate(peer, scope)
+            }
+            _ => self.authenticate(surface, authorization, api_key, scope),
+        }
+    }
+
+    fn authenticate_certificate(&self, peer: &PeerCertificate, scope: Scope) -> Result<Principal, AuthError> {
+        let name = peer.common_name().ok_or(AuthError::Unknown)?;
+        let rule = self
+            .certificates
+            .iter()
+            .find(|rule| rule.common_name == name)
+            .ok_or(AuthError::Unknown)?;
+        let key_id = format!("cn:{name}");
+        if rule.scopes & scope.bit() == 0 {
+            return Err(AuthError::Scope { key_id, scope });
+        }
+        Ok(Principal {
+            tenant: rule.tenant.clone(),
+            scopes: rule.scopes,
+            key_id: Some(key_id),
+        })
     }
 
     pub fn len(&self) -> usize {
         self.keys.len()
     }
 
-    /// The ids of the configured keys (for the audit log of a reload).
+    /// The ids of the configured keys and certificate subjects (for the audit log of a reload).
     pub fn ids(&self) -> Vec<String> {
-        self.keys.iter().map(Key::id).collect()
+        self.keys
+            .iter()
+            .map(Key::id)
+            .chain(
+                self.certificates
+                    .iter()
+                    .map(|rule| format!("cn:{}", rule.common_name)),
+            )
+            .collect()
     }
 
     /// The principal presenting these headers on `surface`, with `scope` required.

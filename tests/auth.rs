@@ -396,3 +396,114 @@ except Exception as error:
     assert!(daemon.logs().contains("TLS certificate reloaded"));
     daemon.stop();
 }
+
+/// mTLS on the HTTP API: a client certificate signed by `server.tls.client_ca_path`'s CA
+/// authenticates as its `[[auth.certificates]]` entry (by subject CN) — its tenant and scopes,
+/// exactly like a key; a certificate whose CN is not listed is 401, one from another CA fails
+/// the handshake, and a client without a certificate still authenticates by key. The client
+/// is Python's TLS stack.
+#[test]
+fn client_certificates_map_to_tenants() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let authority = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let certificate = params.self_signed(&key).unwrap();
+        (certificate, key)
+    };
+    let (ca, ca_key) = authority("tallyd clients");
+    let (rogue, rogue_key) = authority("someone else");
+    let client = |common_name: &str, issuer: &rcgen::Certificate, issuer_key: &KeyPair, file: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let certificate = params.signed_by(&key, issuer, issuer_key).unwrap();
+        write(&format!("{file}.crt"), certificate.pem());
+        write(&format!("{file}.key"), key.serialize_pem());
+    };
+    client("acme-billing", &ca, &ca_key, "acme");
+    client("nobody-listed", &ca, &ca_key, "unlisted");
+    client("acme-billing", &rogue, &rogue_key, "rogue");
+    let client_ca = write("clients-ca.pem", ca.pem());
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let server_cert = write("server.crt", server.cert.pem());
+    let server_key = write("server.key", server.key_pair.serialize_pem());
+    let config = format!(
+        "[server.tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\nclient_ca_path = \"{}\"\n{}\
+         [[auth.certificates]]\ncommon_name = \"acme-billing\"\ntenant = \"acme\"\nscopes = [\"ingest\", \"read\"]\n",
+        server_cert.display(),
+        server_key.display(),
+        client_ca.display(),
+        all_keys()
+    );
+    let daemon = Daemon::start(&write_config(dir.path(), &config));
+    let port = daemon.addr.rsplit(':').next().unwrap().to_string();
+    // POSTs one event for `subject` then queries without a subject; prints both statuses
+    // and the subjects seen, or the TLS error's class.
+    let call = |certificate: Option<&str>, key: Option<&str>, subject: &str| -> String {
+        let script = r#"
+import json, ssl, sys, urllib.request
+port, ca, cert, api_key, subject = sys.argv[1:6]
+context = ssl.create_default_context(cafile=ca)
+if cert != "-":
+    context.load_cert_chain(cert + ".crt", cert + ".key")
+headers = {"content-type": "application/cloudevents+json"}
+if api_key != "-":
+    headers["x-api-key"] = api_key
+event = {"specversion": "1.0", "id": "e-" + cert[-6:] + subject, "source": "mtls", "type": "llm.prompt",
+         "subject": subject, "data": {"tokens": 5, "model": "m"}}
+out = []
+try:
+    for request in [
+        urllib.request.Request(f"https://localhost:{port}/api/v1/events", data=json.dumps(event).encode(), headers=headers),
+        urllib.request.Request(f"https://localhost:{port}/api/v1/meters/tokens/query", headers=headers),
+    ]:
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=5) as response:
+                body = json.load(response)
+                out.append(str(response.status))
+                if "data" in body:
+                    out.append(",".join(sorted({row["subject"] for row in body["data"]})))
+                elif body.get("refused"):
+                    out.append(body["refused"][0]["reason"])
+        except urllib.error.HTTPError as error:
+            out.append(str(error.code))
+except Exception as error:
+    out.append(type(error).__name__)
+print(" ".join(out))
+"#;
+        let cert = certificate.map_or("-".to_string(), |file| {
+            dir.path().join(file).display().to_string()
+        });
+        let output = std::process::Command::new("python3")
+            .args(["-c", script, &port])
+            .arg(&server_cert)
+            .arg(cert)
+            .arg(key.unwrap_or("-"))
+            .arg(subject)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    // acme's certificate: ingests for acme (globex refused), reads acme only.
+    assert_eq!(call(Some("acme"), None, "acme"), "202 200 acme");
+    assert_eq!(call(Some("acme"), None, "globex"), "202 wrong_tenant 200 acme");
+    // Listed nowhere: 401. Another CA: no handshake.
+    assert_eq!(call(Some("unlisted"), None, "acme"), "401 401");
+    let rogue = call(Some("rogue"), None, "acme");
+    assert!(!rogue.starts_with('2') && !rogue.starts_with('4'), "{rogue}");
+    // No certificate: keys as ever (the operator reads everyone).
+    assert_eq!(call(None, None, "acme"), "401 401");
+    assert_eq!(call(None, Some(GLOBEX), "globex"), "202 200 globex");
+    assert_eq!(call(None, Some(OPS), "acme"), "403 200 acme,globex");
+    daemon.stop();
+}

@@ -436,6 +436,7 @@ async fn an_https_webhook_verifies_the_receivers_certificate() {
         &tallyd::config::RawTls {
             cert_path: cert.clone(),
             key_path: key.clone(),
+            client_ca_path: None,
         },
         "test",
     )

@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
-use crate::auth::{AuthError, Principal, Scope, Surface};
+use crate::auth::{AuthError, PeerCertificate, Principal, Scope, Surface};
 use crate::ingest::admission::Admission;
 use crate::state::Shared;
 use crate::telemetry;
@@ -79,13 +79,13 @@ async fn require_admin(State(app): State<AppState>, request: Request, next: Next
 /// Authenticates the request for `scope` and hands its `Principal` to the handler (which
 /// scopes it to the key's tenant); 401 / 403 otherwise.
 async fn authorize(app: &AppState, scope: Scope, mut request: Request, next: Next) -> Response {
-    let (authorization, api_key) = crate::auth::credentials(request.headers());
-    match app
-        .shared
-        .keys
-        .current()
-        .authenticate(Surface::Http, authorization, api_key, scope)
-    {
+    let peer = request.extensions().get::<PeerCertificate>().cloned();
+    match app.shared.keys.current().authenticate_request(
+        Surface::Http,
+        request.headers(),
+        peer.as_ref(),
+        scope,
+    ) {
         Ok(principal) => {
             request.extensions_mut().insert(principal);
             next.run(request).await

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use super::raw::RawAuth;
-use crate::auth::{Key, Keys, Scope, Surface};
+use crate::auth::{CertificateRule, Key, Keys, Scope, Surface};
 
 /// Validated `[auth]` (with `otlp.api_keys`, the deprecated form, folded in).
 #[derive(Clone, Debug, Default)]
@@ -70,6 +70,42 @@ pub(super) fn validate_auth(
         }
         keys.push(Key::new(digest, tenant, &scopes));
     }
+    let mut certificates = Vec::new();
+    for (i, certificate) in raw.certificates.iter().enumerate() {
+        let at = format!("auth.certificates[{i}]");
+        if certificate.common_name.trim().is_empty() {
+            errors.push(format!("{at}.common_name: must not be empty"));
+        }
+        let tenant = match certificate.tenant.as_str() {
+            "*" => None,
+            "" => {
+                errors.push(format!(
+                    "{at}.tenant: must be a tenant, or \"*\" for an operator certificate"
+                ));
+                None
+            }
+            tenant => Some(tenant.to_string()),
+        };
+        let mut scopes = Vec::new();
+        for scope in &certificate.scopes {
+            match Scope::parse(scope) {
+                Some(scope) => scopes.push(scope),
+                None => errors.push(format!(
+                    "{at}.scopes: `{scope}` is not one of ingest, read, admin"
+                )),
+            }
+        }
+        if tenant.is_some() && scopes.contains(&Scope::Admin) {
+            errors.push(format!(
+                "{at}.scopes: `admin` is for operator certificates (tenant = \"*\")"
+            ));
+        }
+        certificates.push(CertificateRule::new(
+            certificate.common_name.clone(),
+            tenant,
+            &scopes,
+        ));
+    }
     // The deprecated form: key → tenant, for OTLP ingest (it now works on every listener).
     for (key, tenant) in otlp_keys {
         let digest = crate::auth::digest_of(key);
@@ -78,7 +114,7 @@ pub(super) fn validate_auth(
         }
     }
     AuthConfig {
-        keys: Keys::new(keys),
+        keys: Keys::with_certificates(keys, certificates),
         allow_unauthenticated: raw.allow_unauthenticated,
         deprecated_otlp_keys: !otlp_keys.is_empty(),
     }

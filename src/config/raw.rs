@@ -214,6 +214,19 @@ pub struct RawAuth {
     /// start that way.
     pub allow_unauthenticated: bool,
     pub keys: Vec<RawKey>,
+    /// Client certificates of `server.tls.client_ca_path`'s CA, by subject common name.
+    pub certificates: Vec<RawCertificate>,
+}
+
+/// `[[auth.certificates]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    /// The certificate subject's common name (CN).
+    pub common_name: String,
+    /// The tenant it stands for, or `"*"`.
+    pub tenant: String,
+    pub scopes: Vec<String>,
 }
 
 /// `[[auth.keys]]`.
@@ -235,6 +248,10 @@ pub struct RawTls {
     /// The certificate chain, leaf first.
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
+    /// `server.tls` only: ask clients for certificates signed by these CAs (PEM); a verified
+    /// one authenticates as its `[[auth.certificates]]` entry (clients without one use keys).
+    #[serde(default)]
+    pub client_ca_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -83,13 +83,17 @@ fn count_invalid(events: usize) {
     }
 }
 
-pub async fn post_events(State(admission): State<Admission>, headers: HeaderMap, body: Body) -> Response {
-    // The key first: nothing of the body is read for a request without one.
-    let (authorization, api_key) = crate::auth::credentials(&headers);
-    let principal = match admission.shared.keys.current().authenticate(
+pub async fn post_events(
+    State(admission): State<Admission>,
+    peer: Option<axum::Extension<crate::auth::PeerCertificate>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // The key (or client certificate) first: nothing of the body is read without one.
+    let principal = match admission.shared.keys.current().authenticate_request(
         crate::auth::Surface::Http,
-        authorization,
-        api_key,
+        &headers,
+        peer.as_ref().map(|peer| &peer.0),
         crate::auth::Scope::Ingest,
     ) {
         Ok(principal) => principal,

@@ -151,7 +151,20 @@ pub async fn serve_http(
                 Some(acceptor) => {
                     let handshake = acceptor.accept(stream);
                     match tokio::time::timeout(limits.header_read_timeout, handshake).await {
-                        Ok(Ok(stream)) => serve_connection(&builder, stream, router, &shutdown).await,
+                        Ok(Ok(stream)) => {
+                            // A verified client certificate (mTLS) goes with every request.
+                            let peer = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .map(|leaf| crate::auth::PeerCertificate(std::sync::Arc::new(leaf.to_vec())));
+                            let router = match peer {
+                                Some(peer) => router.layer(axum::Extension(peer)),
+                                None => router,
+                            };
+                            serve_connection(&builder, stream, router, &shutdown).await
+                        }
                         Ok(Err(error)) => tracing::debug!(%error, listener = name, "tls handshake failed"),
                         Err(_) => refused(name, "header_timeout"),
                     }

@@ -26,6 +26,8 @@ pub struct TlsIdentity {
     pub key_pem: Vec<u8>,
     section: &'static str,
     paths: (PathBuf, PathBuf),
+    /// The CAs client certificates are verified against (PEM; None: none asked for).
+    client_ca_pem: Option<Vec<u8>>,
 }
 
 impl TlsIdentity {
@@ -39,6 +41,7 @@ impl TlsIdentity {
             key_pem: read(&tls.key_path)?,
             section,
             paths: (tls.cert_path.clone(), tls.key_path.clone()),
+            client_ca_pem: tls.client_ca_path.as_deref().map(read).transpose()?,
         })
     }
 
@@ -54,12 +57,32 @@ impl TlsIdentity {
                 checked: Instant::now(),
             }),
         };
-        let mut config =
-            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|error| error.to_string())?
-                .with_no_client_auth()
-                .with_cert_resolver(Arc::new(resolver));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|error| error.to_string())?;
+        let builder = match &self.client_ca_pem {
+            None => builder.with_no_client_auth(),
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for certificate in CertificateDer::pem_slice_iter(pem) {
+                    let certificate =
+                        certificate.map_err(|error| format!("{}.client_ca_path: {error}", self.section))?;
+                    roots
+                        .add(certificate)
+                        .map_err(|error| format!("{}.client_ca_path: {error}", self.section))?;
+                }
+                // A client without a certificate is still served (it authenticates by key);
+                // one with a certificate this CA did not sign fails the handshake.
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .allow_unauthenticated()
+                        .build()
+                        .map_err(|error| format!("{}.client_ca_path: {error}", self.section))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(resolver));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
