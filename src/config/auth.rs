@@ -30,40 +30,13 @@ pub(super) fn validate_auth(
                 "{at}.sha256: must be 64 hex digits (the SHA-256 of the key: `printf %s KEY | sha256sum`)"
             ));
         }
-        let tenant = match key.tenant.as_str() {
-            "*" => None,
-            "" => {
-                errors.push(format!(
-                    "{at}.tenant: must be a tenant, or \"*\" for an operator key"
-                ));
-                continue;
-            }
-            tenant if tenant.len() > crate::model::MAX_ATTRIBUTE_BYTES => {
-                errors.push(format!("{at}.tenant: longer than 256 bytes"));
-                continue;
-            }
-            tenant => Some(tenant.to_string()),
-        };
-        let mut scopes = Vec::new();
-        for scope in &key.scopes {
-            match Scope::parse(scope) {
-                Some(scope) => scopes.push(scope),
-                None => errors.push(format!(
-                    "{at}.scopes: `{scope}` is not one of ingest, read, admin"
-                )),
-            }
-        }
-        if key.scopes.is_empty() {
-            errors.push(format!("{at}.scopes: list at least one of ingest, read, admin"));
-        }
-        if tenant.is_some() && scopes.contains(&Scope::Admin) {
-            errors.push(format!(
-                "{at}.scopes: `admin` acts on every tenant; give it to an operator key (tenant = \"*\")"
-            ));
-        }
-        let Some(digest) = digest.filter(|_| errors.len() == before) else {
+        let grant = validate_grant(&key.tenant, &key.scopes, &at, errors);
+        let (Some(digest), Some((tenant, scopes))) = (digest, grant) else {
             continue;
         };
+        if errors.len() != before {
+            continue;
+        }
         if keys.iter().any(|known: &Key| known.digest == digest) {
             errors.push(format!("{at}.sha256: the same key is listed twice"));
             continue;
@@ -76,35 +49,14 @@ pub(super) fn validate_auth(
         if certificate.common_name.trim().is_empty() {
             errors.push(format!("{at}.common_name: must not be empty"));
         }
-        let tenant = match certificate.tenant.as_str() {
-            "*" => None,
-            "" => {
-                errors.push(format!(
-                    "{at}.tenant: must be a tenant, or \"*\" for an operator certificate"
-                ));
-                None
-            }
-            tenant => Some(tenant.to_string()),
-        };
-        let mut scopes = Vec::new();
-        for scope in &certificate.scopes {
-            match Scope::parse(scope) {
-                Some(scope) => scopes.push(scope),
-                None => errors.push(format!(
-                    "{at}.scopes: `{scope}` is not one of ingest, read, admin"
-                )),
-            }
-        }
-        if tenant.is_some() && scopes.contains(&Scope::Admin) {
-            errors.push(format!(
-                "{at}.scopes: `admin` is for operator certificates (tenant = \"*\")"
+        if let Some((tenant, scopes)) = validate_grant(&certificate.tenant, &certificate.scopes, &at, errors)
+        {
+            certificates.push(CertificateRule::new(
+                certificate.common_name.clone(),
+                tenant,
+                &scopes,
             ));
         }
-        certificates.push(CertificateRule::new(
-            certificate.common_name.clone(),
-            tenant,
-            &scopes,
-        ));
     }
     // The deprecated form: key → tenant, for OTLP ingest (it now works on every listener).
     for (key, tenant) in otlp_keys {
@@ -158,4 +110,47 @@ pub(super) fn check_exposure(
             ));
         }
     }
+}
+
+/// What a key or certificate entry grants: its tenant (None: `"*"`, the operator) and scopes;
+/// None when the entry is unusable (the reasons are in `errors`, at `at`).
+fn validate_grant(
+    tenant: &str,
+    scopes: &[String],
+    at: &str,
+    errors: &mut Vec<String>,
+) -> Option<(Option<String>, Vec<Scope>)> {
+    let before = errors.len();
+    let tenant = match tenant {
+        "*" => None,
+        "" => {
+            errors.push(format!(
+                "{at}.tenant: must be a tenant, or \"*\" for the operator"
+            ));
+            None
+        }
+        tenant if tenant.len() > crate::model::MAX_ATTRIBUTE_BYTES => {
+            errors.push(format!("{at}.tenant: longer than 256 bytes"));
+            None
+        }
+        tenant => Some(tenant.to_string()),
+    };
+    let mut parsed = Vec::new();
+    for scope in scopes {
+        match Scope::parse(scope) {
+            Some(scope) => parsed.push(scope),
+            None => errors.push(format!(
+                "{at}.scopes: `{scope}` is not one of ingest, read, admin"
+            )),
+        }
+    }
+    if scopes.is_empty() {
+        errors.push(format!("{at}.scopes: list at least one of ingest, read, admin"));
+    }
+    if tenant.is_some() && parsed.contains(&Scope::Admin) {
+        errors.push(format!(
+            "{at}.scopes: `admin` acts on every tenant; give it to the operator (tenant = \"*\")"
+        ));
+    }
+    (errors.len() == before).then_some((tenant, parsed))
 }

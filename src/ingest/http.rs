@@ -190,19 +190,14 @@ fn decode_body<'b>(
     Ok((raw, decoded))
 }
 
-/// Decode and validate; the events that count (blocking pool).
-fn prepare(
-    shared: &Shared,
-    body: &[u8],
-    kind: BodyKind,
+/// The dead-letter lines of `refused` events, each with its index and the event as sent.
+fn dead_letters<'r>(
+    raw: &[&serde_json::value::RawValue],
+    refused: impl Iterator<Item = &'r Refusal>,
     now: i64,
-    tenant: Option<&str>,
-) -> Result<Prepared<MeteredEvent, Vec<Refusal>>, IngestError> {
-    let (raw, decoded) = decode_body(shared, body, kind, now, tenant)?;
+) -> Vec<Vec<u8>> {
     let received_at = received_at(now);
-    let dead_letters = decoded
-        .refused
-        .iter()
+    refused
         .map(|refusal| {
             let event = serde_json::from_str::<serde_json::Value>(raw[refusal.index].get())
                 .unwrap_or(serde_json::Value::Null);
@@ -214,7 +209,19 @@ fn prepare(
                 json!({"index": refusal.index, "event": event}),
             )
         })
-        .collect();
+        .collect()
+}
+
+/// Decode and validate; the events that count (blocking pool).
+fn prepare(
+    shared: &Shared,
+    body: &[u8],
+    kind: BodyKind,
+    now: i64,
+    tenant: Option<&str>,
+) -> Result<Prepared<MeteredEvent, Vec<Refusal>>, IngestError> {
+    let (raw, decoded) = decode_body(shared, body, kind, now, tenant)?;
+    let dead_letters = dead_letters(&raw, decoded.refused.iter(), now);
     let mut tally = Tally {
         accepted: decoded.metered.len(),
         unmetered: decoded.unmetered,
@@ -255,23 +262,14 @@ fn forwardable(
         .filter(|refusal| refusal.reason == super::error::RefusalReason::WrongTenant)
         .map(|refusal| refusal.index)
         .collect();
-    let received_at = received_at(now);
-    let dead_letters = decoded
-        .refused
-        .iter()
-        .filter(|refusal| foreign.contains(&refusal.index))
-        .map(|refusal| {
-            let event = serde_json::from_str::<serde_json::Value>(raw[refusal.index].get())
-                .unwrap_or(serde_json::Value::Null);
-            dead_letter_line(
-                &received_at,
-                SOURCE,
-                refusal.reason,
-                &refusal.message,
-                json!({"index": refusal.index, "event": event}),
-            )
-        })
-        .collect();
+    let dead_letters = dead_letters(
+        &raw,
+        decoded
+            .refused
+            .iter()
+            .filter(|refusal| foreign.contains(&refusal.index)),
+        now,
+    );
     let mut tally = Tally::default();
     for _ in &foreign {
         tally.refuse(super::error::RefusalReason::WrongTenant);
