@@ -470,15 +470,7 @@ async fn an_https_webhook_verifies_the_receivers_certificate() {
     let usage = dir.path().join("data/usage.jsonl");
     let daemon = Daemon::start(&config);
     let client = client();
-    for batch in closed_window_usage().chunks(500) {
-        let (status, body) = post_batch(&client, &daemon, batch).await;
-        assert_eq!(status, 202, "{body}");
-    }
-    let expected = eventually("15 rated records in the file", async || {
-        let latest = latest_rated(&read_jsonl(&usage));
-        (latest.len() == 15).then_some(latest)
-    })
-    .await;
+    let expected = rate_closed_windows(&client, &daemon, &usage).await;
     eventually("a failed delivery (untrusted certificate)", async || {
         let metrics = metrics_text(&client, &daemon).await;
         metrics
@@ -520,6 +512,23 @@ async fn an_https_webhook_verifies_the_receivers_certificate() {
     );
     daemon.stop();
     stop.cancel();
+}
+
+/// Posts `closed_window_usage` and waits for its 15 rated records in the usage file.
+async fn rate_closed_windows(
+    client: &reqwest::Client,
+    daemon: &Daemon,
+    usage: &std::path::Path,
+) -> std::collections::BTreeMap<String, Value> {
+    for batch in closed_window_usage().chunks(500) {
+        let (status, body) = post_batch(client, daemon, batch).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    eventually("15 rated records in the file", async || {
+        let latest = latest_rated(&read_jsonl(usage));
+        (latest.len() == 15).then_some(latest)
+    })
+    .await
 }
 
 fn daily_plan(version: u32, unit_price: &str) -> String {
@@ -848,15 +857,7 @@ async fn a_webhook_that_redirects_or_rejects_parks_records_for_a_replay() {
     let usage = dir.path().join("data/usage.jsonl");
     let daemon = Daemon::start(&config);
     let client = client();
-    for batch in closed_window_usage().chunks(500) {
-        let (status, body) = post_batch(&client, &daemon, batch).await;
-        assert_eq!(status, 202, "{body}");
-    }
-    let expected = eventually("15 rated records in the file", async || {
-        let latest = latest_rated(&read_jsonl(&usage));
-        (latest.len() == 15).then_some(latest)
-    })
-    .await;
+    let expected = rate_closed_windows(&client, &daemon, &usage).await;
     // Redirected: never followed, nothing counted as delivered.
     eventually("failed attempts", async || {
         metrics_text(&client, &daemon)
