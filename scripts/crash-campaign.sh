@@ -17,7 +17,12 @@ scale=${SCALE:-1}
 # A copy: a rebuild during the campaign must not swap the binary between two restarts.
 bin_dir=$(mktemp -d)
 cp "$CARGO_TARGET_DIR/release/tallyd" "$bin_dir/tallyd"
+# (about 440 MB with debug info: removed at the end, whatever the outcome)
+rc=0
 python3 tests/campaign/crash.py --tallyd "$bin_dir/tallyd" --broker "$broker" \
   --kills "${KILLS:-20}" --duration "${DURATION:-90}" --members "${MEMBERS:-1}" \
   --partitioner "${PARTITIONER:-murmur2_random}" \
-  --http-batches $((600 * scale)) --otlp-requests $((600 * scale)) --kafka-messages $((6000 * scale))
+  --http-batches $((600 * scale)) --otlp-requests $((600 * scale)) --kafka-messages $((6000 * scale)) \
+  || rc=$?
+rm -rf "$bin_dir"
+exit "$rc"

@@ -15,5 +15,8 @@ source scripts/campaign-env.sh
 # Copies: a rebuild during the soak must not swap the binaries.
 bin_dir=$(mktemp -d)
 cp "$CARGO_TARGET_DIR/release/tallyd" "$CARGO_TARGET_DIR/release/tallyd-loadgen" "$bin_dir/"
+rc=0
 python3 tests/campaign/soak.py --bin-dir "$bin_dir" --broker "$broker" --duration "${DURATION:-600}" \
-  --kafka-rate "${KAFKA_RATE:-2000}" --out "${OUT:-benchmarks/soak}"
+  --kafka-rate "${KAFKA_RATE:-2000}" --out "${OUT:-benchmarks/soak}" || rc=$?
+rm -rf "$bin_dir"
+exit "$rc"
