@@ -634,3 +634,88 @@ async fn follow_the_data(partitioner: &str) {
     a.stop();
     b.stop();
 }
+
+/// Cluster mode with API keys: the edge refuses (and dead-letters) a tenant key's event for
+/// another subject itself, since the owner, reading the topic, cannot tell who sent it; the
+/// key's own events are forwarded and counted by the owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_key_cannot_forward_another_tenants_usage() {
+    use sha2::Digest;
+    let Some(brokers) = real_broker() else { return };
+    let topic = unique_topic("usage-keys");
+    create_topic(&brokers, &topic, PARTITIONS).await;
+    let digest = |key: &str| -> String {
+        sha2::Sha256::digest(key.as_bytes())
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    };
+    const ACME: &str = "cluster-acme-key-771";
+    const OPS: &str = "cluster-ops-key-772";
+    let keys = format!(
+        "[[auth.keys]]\nsha256 = \"{}\"\ntenant = \"acme\"\nscopes = [\"ingest\", \"read\"]\n\
+         [[auth.keys]]\nsha256 = \"{}\"\ntenant = \"*\"\nscopes = [\"read\"]\n",
+        digest(ACME),
+        digest(OPS)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&write_config(
+        dir.path(),
+        &format!("{}\n{keys}", cluster_config(&brokers, &topic)),
+    ));
+    let client = client();
+    let get = |key: &'static str, path: String| {
+        let request = client.get(daemon.url(&path)).header("x-api-key", key);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    eventually("the replica owns every partition", async || {
+        let (_, body) = get(OPS, "/api/v1/meters/tokens/query".into()).await;
+        (body["cluster"]["ownedPartitions"].as_array()?.len() == PARTITIONS as usize).then_some(())
+    })
+    .await;
+    let events = [
+        event(
+            "k1",
+            "llm.prompt",
+            "acme",
+            &ago(5),
+            json!({"tokens": 10, "model": "m"}),
+        ),
+        event(
+            "k2",
+            "llm.prompt",
+            "globex",
+            &ago(5),
+            json!({"tokens": 1000, "model": "m"}),
+        ),
+    ];
+    let response = client
+        .post(daemon.url("/api/v1/events"))
+        .header("content-type", "application/cloudevents-batch+json")
+        .bearer_auth(ACME)
+        .body(serde_json::to_vec(&events).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["forwarded"], 1, "{body}");
+    assert_eq!(body["refused"][0]["reason"], "wrong_tenant", "{body}");
+    eventually("acme's event counted by the owner", async || {
+        let (status, body) = get(ACME, "/api/v1/meters/tokens/query".into()).await;
+        (status == 200 && sum_rows(&body) == 10).then_some(())
+    })
+    .await;
+    let (status, body) = get(OPS, "/api/v1/meters/tokens/query?subject=globex".into()).await;
+    assert_eq!((status, sum_rows(&body)), (200, 0), "{body}");
+    let dead = read_jsonl(&dir.path().join("data/dead-letter.jsonl"));
+    assert!(
+        dead.iter().any(|line| line["reason"] == "wrong_tenant"),
+        "{dead:?}"
+    );
+    daemon.stop();
+}

@@ -294,7 +294,7 @@ fn forwardable(
         duplicates: 0,
         unmetered: decoded.unmetered,
         refused: decoded.refused,
-        forwarded: Some(raw.len()),
+        forwarded: Some(raw.len() - foreign.len()),
     };
     Ok(Forward {
         messages,
