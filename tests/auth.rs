@@ -507,3 +507,43 @@ print(" ".join(out))
     assert_eq!(call(None, Some(OPS), "acme"), "403 200 acme,globex");
     daemon.stop();
 }
+
+/// `server.admin_addr`: health, readiness and metrics on a listener of their own, without keys
+/// while every API route on it does not exist (a scraper gets no access to usage there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_health_and_metrics_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &all_keys());
+    edit_config(
+        &path,
+        "otlp_http_addr = \"127.0.0.1:0\"",
+        "otlp_http_addr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"",
+    );
+    let daemon = Daemon::start(&path);
+    let logs = daemon.logs();
+    let admin = logs
+        .lines()
+        .find(|line| line.contains("admin listening"))
+        .and_then(|line| line.split("addr=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no admin listener in:\n{logs}"))
+        .to_string();
+    let get = |path: &str| {
+        let url = format!("http://{admin}{path}");
+        async move { client().get(url).send().await.unwrap() }
+    };
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(get(path).await.status(), 200, "{path}");
+    }
+    let metrics = get("/metrics").await;
+    assert_eq!(metrics.status(), 200);
+    assert!(metrics.text().await.unwrap().contains("tallyd_"));
+    for path in ["/api/v1/meters", "/api/v1/meters/tokens/query", "/api/v1/rated"] {
+        assert_eq!(
+            get(path).await.status(),
+            404,
+            "{path} is not served on the admin listener"
+        );
+    }
+    daemon.stop();
+}

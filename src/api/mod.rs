@@ -68,6 +68,16 @@ pub fn router(state: AppState, admission: Admission) -> Router {
         .layer(axum::extract::DefaultBodyLimit::disable())
 }
 
+/// Health, readiness and metrics alone, for `server.admin_addr` (no keys: nothing there names
+/// a tenant's usage).
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
 async fn require_read(State(app): State<AppState>, request: Request, next: Next) -> Response {
     authorize(&app, Scope::Read, request, next).await
 }

@@ -40,6 +40,8 @@ pub struct Config {
     /// None: that OTLP transport is off.
     pub otlp_grpc_addr: Option<SocketAddr>,
     pub otlp_http_addr: Option<SocketAddr>,
+    /// `server.admin_addr`: health and metrics alone (None: off).
+    pub admin_addr: Option<SocketAddr>,
     pub otlp: OtlpConfig,
     pub auth: AuthConfig,
     /// `[server.tls]`: TLS on the HTTP API.
@@ -257,6 +259,7 @@ impl RawConfig {
             http_addr,
             otlp_grpc_addr: listeners.otlp_grpc_addr,
             otlp_http_addr: listeners.otlp_http_addr,
+            admin_addr: listeners.admin_addr,
             otlp,
             auth,
             http_tls: self.server.tls.clone(),

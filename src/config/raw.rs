@@ -152,6 +152,9 @@ pub struct RawServer {
     pub otlp_grpc_addr: String,
     /// OTLP/HTTP (`POST /v1/metrics`, `/v1/logs`); `""` turns it off.
     pub otlp_http_addr: String,
+    /// `/metrics`, `/healthz`, `/readyz` on a listener of their own (plain HTTP, no keys), for
+    /// scrapers and probes; `""` (the default): only on `http_addr`.
+    pub admin_addr: String,
     pub max_body_bytes: u64,
     pub ingest_budget_bytes: u64,
     /// A request body not received in full within this many seconds is refused (408): its
@@ -174,6 +177,7 @@ impl Default for RawServer {
             http_addr: "127.0.0.1:8080".into(),
             otlp_grpc_addr: "127.0.0.1:4317".into(),
             otlp_http_addr: "127.0.0.1:4318".into(),
+            admin_addr: String::new(),
             max_body_bytes: 8 << 20,
             ingest_budget_bytes: 256 << 20,
             body_timeout_secs: 30,

@@ -17,6 +17,7 @@ pub(super) struct Listeners {
     pub http_addr: Option<SocketAddr>,
     pub otlp_grpc_addr: Option<SocketAddr>,
     pub otlp_http_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
 }
 
 pub(super) fn validate_server(raw: &RawServer, errors: &mut Vec<String>) -> Listeners {
@@ -46,6 +47,7 @@ pub(super) fn validate_server(raw: &RawServer, errors: &mut Vec<String>) -> List
     };
     let otlp_grpc_addr = optional_addr("otlp_grpc_addr", &raw.otlp_grpc_addr);
     let otlp_http_addr = optional_addr("otlp_http_addr", &raw.otlp_http_addr);
+    let admin_addr = optional_addr("admin_addr", &raw.admin_addr);
     if raw.max_body_bytes == 0 {
         errors.push("server.max_body_bytes: must be positive".into());
     }
@@ -80,6 +82,7 @@ pub(super) fn validate_server(raw: &RawServer, errors: &mut Vec<String>) -> List
         http_addr,
         otlp_grpc_addr,
         otlp_http_addr,
+        admin_addr,
     }
 }
 

@@ -445,12 +445,27 @@ pub async fn run(
         }
         None => None,
     };
+    let mut admin_server = None;
+    if let Some(addr) = shared.config.admin_addr {
+        let admin = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind admin_addr {addr}"))?;
+        tracing::info!(addr = %admin.local_addr()?, "admin listening");
+        let router = crate::api::admin_router(AppState::new(shared.clone(), cluster.clone()));
+        let token = shutdown.clone();
+        admin_server = Some(tokio::spawn(crate::ingest::listen::serve_http(
+            admin, "admin", limits, router, None, None, token,
+        )));
+    }
     let transport = if http_tls.is_some() { "tls" } else { "plain" };
     tracing::info!(addr = %local, transport, "http listening");
     crate::ingest::listen::serve_http(listener, "http", limits, app, http_tls, None, serve_shutdown).await;
     // Whatever stopped the HTTP server stops the OTLP edges too; they hold commit senders, so
     // the commit stage drains only after they finished their in-flight requests.
     shutdown.cancel();
+    if let Some(admin) = admin_server {
+        let _ = admin.await;
+    }
     for server in otlp_servers {
         if let Ok(Err(error)) = server.await {
             tracing::error!(%error, "otlp server failed");
