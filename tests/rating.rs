@@ -905,7 +905,13 @@ async fn a_webhook_that_redirects_or_rejects_parks_records_for_a_replay() {
     })
     .await;
     assert_eq!(latest, expected);
-    assert!(read_jsonl(&dir.path().join("data/parked/webhook.jsonl")).is_empty());
+    // Emptied once the receiver's answer is back: just after the receiver has the records.
+    eventually("the parked file emptied", async || {
+        read_jsonl(&dir.path().join("data/parked/webhook.jsonl"))
+            .is_empty()
+            .then_some(())
+    })
+    .await;
     let unknown = client
         .post(daemon.url("/api/v1/outputs/nope/replay"))
         .send()
