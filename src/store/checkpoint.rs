@@ -224,7 +224,7 @@ impl RocksStore {
                 }
                 // Another replica owns the tenant's partition now: it closes the window
                 // (restored from the changelog); the key stays here in case it comes back.
-                if !self.tenant_sources.emits_here(tenant) {
+                if !self.tenant_sources.owns(tenant) {
                     continue;
                 }
             }

@@ -215,18 +215,20 @@ impl TenantSources {
     /// tenant's usage is local, or first seen in the checkpoint being written, from a source
     /// owned here); never for a split tenant (`is_split`).
     pub fn emits_here(&self, tenant: &str) -> bool {
-        let here = {
-            let owned = self.owned.read();
-            let Some(owned) = owned.as_ref() else {
-                return true;
-            };
-            match self.known.lock().get(tenant) {
-                None => true,
-                Some(sources) => sources.iter().any(|source| owned.contains(&**source)),
-            }
-        };
         // `is_split` takes the lock again: not while a writer may be queued behind this read.
-        here && !self.is_split(tenant)
+        self.owns(tenant) && !self.is_split(tenant)
+    }
+
+    /// `emits_here` without the split check (for a caller that made it already).
+    pub fn owns(&self, tenant: &str) -> bool {
+        let owned = self.owned.read();
+        let Some(owned) = owned.as_ref() else {
+            return true;
+        };
+        match self.known.lock().get(tenant) {
+            None => true,
+            Some(sources) => sources.iter().any(|source| owned.contains(&**source)),
+        }
     }
 
     /// Cluster mode: whether `tenant`'s usage was counted on more than one partition, here or
