@@ -115,7 +115,7 @@ pub fn digest_of(key: &str) -> [u8; 32] {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Keys {
     keys: Vec<Key>,
-    /// Client certificates (mTLS on the HTTP API) by their subject's common name.
+    /// Client certificates (mTLS) by their subject's common name.
     certificates: Vec<CertificateRule>,
 }
 
@@ -138,8 +138,8 @@ impl CertificateRule {
     }
 }
 
-/// The DER of the certificate a client presented in the TLS handshake (verified against
-/// `server.tls.client_ca_path`), as a request extension of every request on that connection.
+/// The DER of the certificate a client presented in the TLS handshake (verified against the
+/// listener's `client_ca_path`), as a request extension of every request on that connection.
 #[derive(Clone, Debug)]
 pub struct PeerCertificate(pub std::sync::Arc<Vec<u8>>);
 
@@ -269,12 +269,11 @@ impl Keys {
 
     /// Whether `surface` checks keys at all (none configured for it: it is open).
     pub fn guards(&self, surface: Surface) -> bool {
-        self.keys.iter().any(|key| key.on(surface))
-            || (surface == Surface::Http && !self.certificates.is_empty())
+        self.keys.iter().any(|key| key.on(surface)) || !self.certificates.is_empty()
     }
 
     /// The principal of a request on `surface`: its key when it presents one, else its verified
-    /// client certificate (HTTP API), with `scope` required.
+    /// client certificate, with `scope` required.
     pub fn authenticate_request(
         &self,
         surface: Surface,
@@ -283,9 +282,21 @@ impl Keys {
         scope: Scope,
     ) -> Result<Principal, AuthError> {
         let (authorization, api_key) = credentials(headers);
+        self.authenticate_presented(surface, authorization, api_key, peer, scope)
+    }
+
+    /// `authenticate_request` for credentials already taken out of their headers (gRPC metadata).
+    pub fn authenticate_presented(
+        &self,
+        surface: Surface,
+        authorization: Option<&str>,
+        api_key: Option<&str>,
+        peer: Option<&PeerCertificate>,
+        scope: Scope,
+    ) -> Result<Principal, AuthError> {
         let presents_key = api_key.is_some() || authorization.is_some();
         match peer {
-            Some(peer) if !presents_key && surface == Surface::Http && !self.certificates.is_empty() => {
+            Some(peer) if !presents_key && !self.certificates.is_empty() => {
                 self.authenticate_certificate(peer, scope)
             }
             _ => self.authenticate(surface, authorization, api_key, scope),

@@ -331,9 +331,9 @@ fn the_http_api_serves_tls_and_picks_up_a_renewed_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     let issue = |name: &str| {
-        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        std::fs::write(dir.path().join(format!("{name}.ca.pem")), certified.cert.pem()).unwrap();
-        (certified.cert.pem(), certified.key_pair.serialize_pem())
+        let (cert, key) = common::pki::server_pair();
+        std::fs::write(dir.path().join(format!("{name}.ca.pem")), &cert).unwrap();
+        (cert, key)
     };
     let (first_cert, first_key) = issue("first");
     std::fs::write(&cert, &first_cert).unwrap();
@@ -404,39 +404,16 @@ except Exception as error:
 /// is Python's TLS stack.
 #[test]
 fn client_certificates_map_to_tenants() {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    use common::pki::{server_pair, write, Authority};
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: String| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    let authority = |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let certificate = params.self_signed(&key).unwrap();
-        (certificate, key)
-    };
-    let (ca, ca_key) = authority("tallyd clients");
-    let (rogue, rogue_key) = authority("someone else");
-    let client = |common_name: &str, issuer: &rcgen::Certificate, issuer_key: &KeyPair, file: &str| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let certificate = params.signed_by(&key, issuer, issuer_key).unwrap();
-        write(&format!("{file}.crt"), certificate.pem());
-        write(&format!("{file}.key"), key.serialize_pem());
-    };
-    client("acme-billing", &ca, &ca_key, "acme");
-    client("nobody-listed", &ca, &ca_key, "unlisted");
-    client("acme-billing", &rogue, &rogue_key, "rogue");
-    let client_ca = write("clients-ca.pem", ca.pem());
-    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let server_cert = write("server.crt", server.cert.pem());
-    let server_key = write("server.key", server.key_pair.serialize_pem());
+    let (ca, rogue) = (Authority::new("tallyd clients"), Authority::new("someone else"));
+    ca.issue_client(dir.path(), "acme-billing", "acme");
+    ca.issue_client(dir.path(), "nobody-listed", "unlisted");
+    rogue.issue_client(dir.path(), "acme-billing", "rogue");
+    let client_ca = write(dir.path(), "clients-ca.pem", &ca.pem());
+    let (cert, key) = server_pair();
+    let server_cert = write(dir.path(), "server.crt", &cert);
+    let server_key = write(dir.path(), "server.key", &key);
     let config = format!(
         "[server.tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\nclient_ca_path = \"{}\"\n{}\
          [[auth.certificates]]\ncommon_name = \"acme-billing\"\ntenant = \"acme\"\nscopes = [\"ingest\", \"read\"]\n",

@@ -1209,6 +1209,100 @@ async fn tls_listeners_serve_the_python_sdk_over_grpc_and_https() {
     daemon.stop();
 }
 
+/// mTLS on both OTLP listeners (`otlp.tls.client_ca_path`), with the OpenTelemetry Python SDK's
+/// exporters: a client certificate listed in `[[auth.certificates]]` names the tenant its points
+/// count for (the data names none), a listed-nowhere certificate and no certificate are
+/// refused (UNAUTHENTICATED / 401, nothing counted). Then the server certificate is renewed on
+/// disk: OTLP/gRPC serves the new one from a later handshake on, without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn otlp_client_certificates_name_the_tenant_and_a_renewed_certificate_is_served() {
+    use common::pki::{server_pair, write, Authority};
+    const OPS: &str = "ops-read-key-5e6f7a8b";
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Authority::new("collectors");
+    ca.issue_client(dir.path(), "acme-collector", "acme");
+    ca.issue_client(dir.path(), "unlisted-collector", "unlisted");
+    let client_ca = write(dir.path(), "collectors-ca.pem", &ca.pem());
+    let (first_cert, first_key) = server_pair();
+    write(dir.path(), "first.ca.pem", &first_cert);
+    let cert = write(dir.path(), "server.crt", &first_cert);
+    let key = write(dir.path(), "server.key", &first_key);
+    let digest: String = sha2::Sha256::digest(OPS.as_bytes())
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    let extra = format!(
+        "[otlp.tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\nclient_ca_path = \"{}\"\n\
+         [[auth.certificates]]\ncommon_name = \"acme-collector\"\ntenant = \"acme\"\nscopes = [\"ingest\"]\n\
+         [[auth.keys]]\nsha256 = \"{digest}\"\ntenant = \"*\"\nscopes = [\"read\"]\n",
+        cert.display(),
+        key.display(),
+        client_ca.display()
+    );
+    let (_config_dir, daemon) = start(&extra);
+    let port = |addr: &Option<String>| addr.as_ref().unwrap().rsplit(':').next().unwrap().to_string();
+    let export = |ca: &str, certificate: Option<&str>, value: i64| -> Value {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp/mtls_export.py");
+        let mut command = Command::new("python3");
+        command
+            .arg(script)
+            .args(["--grpc", &format!("localhost:{}", port(&daemon.otlp_grpc))])
+            .args(["--http", &format!("localhost:{}", port(&daemon.otlp_http))])
+            .arg("--ca")
+            .arg(dir.path().join(format!("{ca}.ca.pem")))
+            .args(["--value", &value.to_string()])
+            .env_remove("REQUESTS_CA_BUNDLE")
+            .env_remove("CURL_CA_BUNDLE");
+        if let Some(name) = certificate {
+            command.arg("--cert").arg(dir.path().join(name));
+        }
+        let output = command.output().expect("python3 runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let acme_total = async || {
+        let response = client()
+            .get(daemon.url("/api/v1/meters/requests/query?subject=acme"))
+            .bearer_auth(OPS)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        sum_rows(&response.json().await.unwrap())
+    };
+    let both = |result: &str| json!({"grpc": result, "http": result});
+    assert_eq!(export("first", Some("acme"), 5), both("SUCCESS"));
+    assert_eq!(export("first", Some("unlisted"), 100), both("FAILURE"));
+    assert_eq!(export("first", None, 1000), both("FAILURE"));
+    assert_eq!(acme_total().await, 10);
+    let metrics = metrics_text(&client(), &daemon).await;
+    for listener in ["otlp_grpc", "otlp_http"] {
+        for reason in ["missing_key", "unknown_key"] {
+            let line = format!("tallyd_auth_failures_total{{listener=\"{listener}\",reason=\"{reason}\"}} 1");
+            assert!(metrics.contains(&line), "{line}\n{metrics}");
+        }
+    }
+    // Renewal: from a handshake after the recheck on, clients trusting only the new pair get in
+    // (the exporter retries a failed handshake within its timeout).
+    let (second_cert, second_key) = server_pair();
+    write(dir.path(), "second.ca.pem", &second_cert);
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&key, &second_key).unwrap();
+    std::fs::write(&cert, &second_cert).unwrap();
+    assert_eq!(export("second", Some("acme"), 7), both("SUCCESS"));
+    assert_eq!(acme_total().await, 24);
+    assert!(
+        daemon.logs().contains("TLS certificate reloaded"),
+        "{}",
+        daemon.logs()
+    );
+    daemon.stop();
+}
+
 /// An exporter sends its concurrent exports (≈ 70 kB per 1,000 points) over one HTTP/2
 /// connection; with h2's default 64 KiB windows they queued behind window updates and the
 /// daemon sat half idle (BENCHMARKS.md, "OTLP ingest"). A raw h2 client checks what the listener grants:

@@ -218,7 +218,7 @@ pub struct RawAuth {
     /// start that way.
     pub allow_unauthenticated: bool,
     pub keys: Vec<RawKey>,
-    /// Client certificates of `server.tls.client_ca_path`'s CA, by subject common name.
+    /// Client certificates of a listener's `client_ca_path` CA, by subject common name.
     pub certificates: Vec<RawCertificate>,
 }
 

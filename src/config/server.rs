@@ -61,19 +61,7 @@ pub(super) fn validate_server(raw: &RawServer, errors: &mut Vec<String>) -> List
         errors.push("server.max_connections: must be between 1 and 1000000".into());
     }
     if let Some(tls) = &raw.tls {
-        let paths = [
-            ("cert_path", Some(&tls.cert_path)),
-            ("key_path", Some(&tls.key_path)),
-            ("client_ca_path", tls.client_ca_path.as_ref()),
-        ];
-        for (key, path) in paths {
-            if let Some(Err(error)) = path.map(std::fs::metadata) {
-                errors.push(format!(
-                    "server.tls.{key}: {}: {error}",
-                    path.map_or(String::new(), |p| p.display().to_string())
-                ));
-            }
-        }
+        check_tls_files("server.tls", tls, errors);
     }
     if !(1..=3600).contains(&raw.header_read_timeout_secs) {
         errors.push("server.header_read_timeout_secs: must be between 1 and 3600".into());
@@ -110,20 +98,24 @@ pub(super) fn validate_otlp(raw: RawOtlp, errors: &mut Vec<String>) -> OtlpConfi
         }
     }
     if let Some(tls) = &raw.tls {
-        for (key, path) in [("cert_path", &tls.cert_path), ("key_path", &tls.key_path)] {
-            if let Err(error) = std::fs::metadata(path) {
-                errors.push(format!("otlp.tls.{key}: {}: {error}", path.display()));
-            }
-        }
-        if tls.client_ca_path.is_some() {
-            errors.push(
-                "otlp.tls.client_ca_path: client certificates are taken on the HTTP API only (server.tls)"
-                    .into(),
-            );
-        }
+        check_tls_files("otlp.tls", tls, errors);
     }
     OtlpConfig {
         tenant_attribute: raw.tenant_attribute,
         tls: raw.tls,
+    }
+}
+
+/// Every file a TLS section names exists (read again when the listener starts).
+fn check_tls_files(section: &str, tls: &RawTls, errors: &mut Vec<String>) {
+    let paths = [
+        ("cert_path", Some(&tls.cert_path)),
+        ("key_path", Some(&tls.key_path)),
+        ("client_ca_path", tls.client_ca_path.as_ref()),
+    ];
+    for (key, path) in paths {
+        if let Some((path, Err(error))) = path.map(|path| (path, std::fs::metadata(path))) {
+            errors.push(format!("{section}.{key}: {}: {error}", path.display()));
+        }
     }
 }

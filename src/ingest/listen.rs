@@ -153,13 +153,7 @@ pub async fn serve_http(
                     match tokio::time::timeout(limits.header_read_timeout, handshake).await {
                         Ok(Ok(stream)) => {
                             // A verified client certificate (mTLS) goes with every request.
-                            let peer = stream
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|chain| chain.first())
-                                .map(|leaf| crate::auth::PeerCertificate(std::sync::Arc::new(leaf.to_vec())));
-                            let router = match peer {
+                            let router = match peer_certificate(&stream) {
                                 Some(peer) => router.layer(axum::Extension(peer)),
                                 None => router,
                             };
@@ -174,6 +168,55 @@ pub async fn serve_http(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// The leaf certificate the client presented, verified by the handshake (mTLS).
+fn peer_certificate(
+    stream: &tokio_rustls::server::TlsStream<Admitted>,
+) -> Option<crate::auth::PeerCertificate> {
+    let leaf = stream.get_ref().1.peer_certificates()?.first()?;
+    Some(crate::auth::PeerCertificate(Arc::new(leaf.to_vec())))
+}
+
+/// An admitted connection after its TLS handshake, for tonic (OTLP/gRPC): tonic hands its
+/// `Connected` info to every request, so the client certificate travels with it.
+pub struct TlsAdmitted {
+    stream: tokio_rustls::server::TlsStream<Admitted>,
+}
+
+/// The connection info of a TLS connection: the peer address and its client certificate.
+#[derive(Clone, Debug)]
+pub struct TlsPeer {
+    pub tcp: tonic::transport::server::TcpConnectInfo,
+    pub certificate: Option<crate::auth::PeerCertificate>,
+}
+
+/// The handshakes of `incoming`'s connections, concurrently (a slow client holds only its
+/// own slot, for at most `header_read_timeout`); the ones that completed, as they complete.
+pub fn handshake(
+    mut incoming: ReceiverStream<io::Result<Admitted>>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    name: &'static str,
+    limits: ConnectionLimits,
+) -> ReceiverStream<io::Result<TlsAdmitted>> {
+    use tokio_stream::StreamExt;
+    let (done, stream) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some(next) = incoming.next().await {
+            let Ok(admitted) = next else { continue };
+            let (acceptor, done) = (acceptor.clone(), done.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(admitted)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = done.send(Ok(TlsAdmitted { stream })).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%error, listener = name, "tls handshake failed"),
+                    Err(_) => refused(name, "header_timeout"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(stream)
 }
 
 async fn serve_connection<T>(
@@ -238,5 +281,52 @@ impl tonic::transport::server::Connected for Admitted {
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for TlsAdmitted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsAdmitted {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for TlsAdmitted {
+    type ConnectInfo = TlsPeer;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        TlsPeer {
+            tcp: self.stream.get_ref().0.stream.connect_info(),
+            certificate: peer_certificate(&self.stream),
+        }
     }
 }

@@ -1,11 +1,9 @@
 //! TLS for the listeners (`[server.tls]` on the HTTP API, `[otlp.tls]` on both OTLP listeners):
-//! PEM files, for tonic's own TLS (OTLP/gRPC) and as a rustls server config (the HTTP API and
-//! OTLP/HTTP, h2 and http/1.1 by ALPN).
+//! PEM files, as a rustls server config (h2 and http/1.1 by ALPN; OTLP/gRPC keeps h2 only).
 //!
-//! The rustls listeners pick their certificate up again when its files change (checked at
-//! most once a second, on a handshake): a renewed certificate needs no restart. A pair that
-//! does not load (half-written, key and certificate not matching) is logged and the previous
-//! one kept. OTLP/gRPC reads its files at start only.
+//! Every listener picks its certificate up again when its files change (checked at most once a
+//! second, on a handshake): a renewed certificate needs no restart. A pair that does not load
+//! (half-written, key and certificate not matching) is logged and the previous one kept.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -331,9 +331,9 @@ async fn start_otlp(
             .await
             .with_context(|| format!("cannot bind otlp_grpc_addr {addr}"))?;
         tracing::info!(addr = %listener.local_addr()?, transport = scheme, "otlp grpc listening");
-        let (ingest, token) = (ingest.clone(), shutdown.clone());
+        let (ingest, token, grpc_tls) = (ingest.clone(), shutdown.clone(), http_tls.clone());
         servers.push(tokio::spawn(async move {
-            crate::ingest::otlp::grpc::serve(ingest, listener, token, tls.as_ref())
+            crate::ingest::otlp::grpc::serve(ingest, listener, token, grpc_tls)
                 .await
                 .map_err(|error| error.to_string())
         }));

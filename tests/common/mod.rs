@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 pub mod kafka;
 pub mod otlp;
+pub mod pki;
 pub mod rated;
 
 /// Meters used by the black-box tests: one per aggregation, from the seed pricing.

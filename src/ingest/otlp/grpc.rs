@@ -123,8 +123,12 @@ impl<S: SignalService> UnaryService<Bytes> for Unary<S> {
         Box::pin(async move {
             let metadata = request.metadata();
             let text = |name: &str| metadata.get(name).and_then(|value| value.to_str().ok());
+            let peer = request
+                .extensions()
+                .get::<crate::ingest::listen::TlsPeer>()
+                .and_then(|peer| peer.certificate.as_ref());
             let key_tenant = ingest
-                .authenticate(text("authorization"), text("x-api-key"), "otlp_grpc")
+                .authenticate(text("authorization"), text("x-api-key"), peer, "otlp_grpc")
                 .map_err(|error| error.grpc_status())?;
             let body = request.into_inner();
             let outcome = ingest
@@ -188,32 +192,33 @@ impl Decoder for RawCodec {
 pub const H2_CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 pub const H2_STREAM_WINDOW_BYTES: u32 = 4 << 20;
 
-/// Serves both export services on `listener` until `shutdown`, over TLS when `tls` is set.
+/// Serves both export services on `listener` until `shutdown`, over TLS when `tls` is set:
+/// rustls with the reloading certificate and optional client certificates, like the other
+/// listeners (tonic's own TLS reads its PEM once and keeps no client certificate at hand).
 pub async fn serve(
     ingest: OtlpIngest,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
-    tls: Option<&super::TlsIdentity>,
+    tls: Option<tokio_rustls::rustls::ServerConfig>,
 ) -> Result<(), tonic::transport::Error> {
     use crate::ingest::listen;
     let limits = ingest.admission.shared.config.connections;
-    let mut builder = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(listen::H2_PING_INTERVAL))
         .http2_keepalive_timeout(Some(listen::H2_PING_TIMEOUT))
         .initial_connection_window_size(Some(H2_CONNECTION_WINDOW_BYTES))
-        .initial_stream_window_size(Some(H2_STREAM_WINDOW_BYTES));
-    if let Some(tls) = tls {
-        builder = builder.tls_config(
-            tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem)),
-        )?;
-    }
-    builder
+        .initial_stream_window_size(Some(H2_STREAM_WINDOW_BYTES))
         .add_service(ExportService::<Metrics>::new(ingest.clone()))
-        .add_service(ExportService::<Logs>::new(ingest))
-        .serve_with_incoming_shutdown(
-            listen::accept(listener, "otlp_grpc", limits, shutdown.clone()),
-            async move { shutdown.cancelled().await },
-        )
-        .await
+        .add_service(ExportService::<Logs>::new(ingest));
+    let incoming = listen::accept(listener, "otlp_grpc", limits, shutdown.clone());
+    let stop = async move { shutdown.cancelled().await };
+    match tls {
+        None => router.serve_with_incoming_shutdown(incoming, stop).await,
+        Some(mut config) => {
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+            let incoming = listen::handshake(incoming, acceptor, "otlp_grpc", limits);
+            router.serve_with_incoming_shutdown(incoming, stop).await
+        }
+    }
 }

@@ -3,13 +3,14 @@
 //! the `google.rpc.Status` error body; the rest is `OtlpIngest::accept`.
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use prost::Message;
 use serde_json::json;
 
 use super::{grpc, Encoding, IngestError, OtlpIngest, Signal};
+use crate::auth::PeerCertificate;
 use crate::ingest::admission::BodyError;
 
 /// Routes `POST /v1/metrics` and `POST /v1/logs`. A gzip body is inflated as it is read
@@ -27,12 +28,22 @@ pub fn http_router(ingest: OtlpIngest) -> axum::Router {
         )
 }
 
-async fn post_metrics(State(ingest): State<OtlpIngest>, headers: HeaderMap, body: Body) -> Response {
-    post(ingest, Signal::Metrics, headers, body).await
+async fn post_metrics(
+    State(ingest): State<OtlpIngest>,
+    peer: Option<Extension<PeerCertificate>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    post(ingest, Signal::Metrics, peer, headers, body).await
 }
 
-async fn post_logs(State(ingest): State<OtlpIngest>, headers: HeaderMap, body: Body) -> Response {
-    post(ingest, Signal::Logs, headers, body).await
+async fn post_logs(
+    State(ingest): State<OtlpIngest>,
+    peer: Option<Extension<PeerCertificate>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    post(ingest, Signal::Logs, peer, headers, body).await
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -41,7 +52,13 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 const PROTOBUF: &str = "application/x-protobuf";
 
-async fn post(ingest: OtlpIngest, signal: Signal, headers: HeaderMap, body: Body) -> Response {
+async fn post(
+    ingest: OtlpIngest,
+    signal: Signal,
+    peer: Option<Extension<PeerCertificate>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let content_type = header_str(&headers, header::CONTENT_TYPE.as_str())
         .map(|value| value.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
     let encoding = match content_type.as_deref() {
@@ -60,6 +77,7 @@ async fn post(ingest: OtlpIngest, signal: Signal, headers: HeaderMap, body: Body
         let key_tenant = ingest.authenticate(
             header_str(&headers, header::AUTHORIZATION.as_str()),
             header_str(&headers, "x-api-key"),
+            peer.as_ref().map(|Extension(peer)| peer),
             "otlp_http",
         )?;
         // Gzip was taken off by the decompression layer (with the header); what is left here

@@ -177,16 +177,18 @@ impl OtlpIngest {
         &self,
         authorization: Option<&str>,
         api_key: Option<&str>,
+        peer: Option<&crate::auth::PeerCertificate>,
         listener: &'static str,
     ) -> Result<Option<String>, IngestError> {
         self.admission
             .shared
             .keys
             .current()
-            .authenticate(
+            .authenticate_presented(
                 crate::auth::Surface::Otlp,
                 authorization,
                 api_key,
+                peer,
                 crate::auth::Scope::Ingest,
             )
             .map(|principal| principal.tenant)
