@@ -263,6 +263,7 @@ fn checkpoint_benches(c: &mut Criterion) {
                 .collect(),
             minimum_spend: 0.into(),
             prepaid_commitment: 0.into(),
+            limits: Vec::new(),
         }],
         tenants: HashMap::new(),
         default_plan: Some("bench".into()),

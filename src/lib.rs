@@ -22,6 +22,7 @@
 //!   keys, rating ledgers, versioned stored formats.
 //! - [`config`]: TOML + env → validated `Config` (every error at once).
 //! - [`meter`], [`rate`]: pure domain: which meters an event feeds (JSONPath); pricing.
+//! - [`limit`]: pure domain: rate limits (GCRA) and quotas as plans state them.
 //! - [`aggregate`]: mergeable states, share-nothing writer maps, cumulative streams. No I/O.
 //! - [`model`], [`telemetry`], [`shutdown`]: shared nouns; the metric catalogue; signals.
 #![forbid(unsafe_code)]
@@ -35,6 +36,7 @@ pub mod emit;
 pub mod fuzzing;
 pub mod ingest;
 pub mod kafka;
+pub mod limit;
 pub mod meter;
 pub mod model;
 pub mod pipeline;

@@ -8,7 +8,6 @@
 //! Blocking (it reads RocksDB): callers run it off the async executor.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
@@ -125,9 +124,37 @@ struct Row {
     last_window_end: i64,
 }
 
+/// A tenant's total of a meter over the windows starting in `[from_secs, to_secs)` (a billing
+/// period), as fixed-point units at the meter's limit scale (`limit::unit_scale`): the same
+/// number the bill preview prices. Blocking: reads the store.
+pub fn period_units(
+    shared: &Shared,
+    slug: &str,
+    tenant: &str,
+    from_secs: i64,
+    to_secs: i64,
+) -> Result<i128, String> {
+    let Some(meter) = shared.meters.by_slug(slug) else {
+        return Ok(0);
+    };
+    let params = QueryParams {
+        subjects: vec![tenant.to_string()],
+        from_ms: Some(from_secs.saturating_mul(1000)),
+        to_ms: Some(to_secs.saturating_mul(1000)),
+        ..QueryParams::default()
+    };
+    let result = run_query(shared, slug, &params).map_err(|error| error.to_string())?;
+    let Some(row) = result["data"].as_array().and_then(|rows| rows.first()) else {
+        return Ok(0);
+    };
+    let scale = crate::limit::unit_scale(meter.aggregation, meter.scale);
+    crate::model::parse_decimal(&row["value"].to_string(), scale)
+        .map_err(|error| format!("meter `{slug}` total {}: {error}", row["value"]))
+}
+
 /// Blocking: reads the store.
 pub fn run_query(
-    shared: &Arc<Shared>,
+    shared: &Shared,
     slug: &str,
     params: &QueryParams,
 ) -> Result<Value, crate::store::StoreError> {

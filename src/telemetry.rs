@@ -67,6 +67,9 @@ pub const PLAN_RELOADS: &str = "tallyd_rating_plan_reloads_total";
 pub const AUTH_FAILURES: &str = "tallyd_auth_failures_total";
 /// API key sets swapped in by a config reload.
 pub const AUTH_RELOADS: &str = "tallyd_auth_key_reloads_total";
+/// `{kind, outcome}`: kind ∈ quota | rate; outcome ∈ allowed | refused | warned (a soft quota
+/// passed). Business decisions, apart from overload (`tallyd_ingest_backpressure_total`, 503).
+pub const LIMIT_DECISIONS: &str = "tallyd_limit_decisions_total";
 pub const PLAN_RELOAD_FAILURES: &str = "tallyd_rating_plan_reload_failures_total";
 pub const STORE_LIVE_BYTES: &str = "tallyd_store_live_bytes";
 /// `{topic, partition}`: messages behind the high watermark, for partitions this replica owns.
@@ -272,6 +275,10 @@ fn describe() {
         "requests refused by authentication or authorization"
     );
     describe_counter!(AUTH_RELOADS, "API key sets swapped in by a config reload");
+    describe_counter!(
+        LIMIT_DECISIONS,
+        "limit decisions at admission, by kind (quota, rate) and outcome (allowed, refused, warned)"
+    );
     describe_counter!(
         PLAN_RELOAD_FAILURES,
         "reloads refused (invalid config), the running plans kept"

@@ -12,7 +12,8 @@ const LAYERS: &[&[&str]] = &[
     &["fuzzing"],
     &["pipeline"],
     &["api"],
-    &["ingest", "emit", "query"],
+    &["ingest", "emit"],
+    &["query"],
     &["cluster"],
     &["kafka"],
     &["state"],
@@ -20,6 +21,7 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     &["auth"],
     &["meter", "rate"],
+    &["limit"],
     &["aggregate"],
     &["model", "telemetry", "shutdown"],
 ];

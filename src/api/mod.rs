@@ -1,6 +1,7 @@
 //! The HTTP surface: routes, shared handler state, health, readiness and `/metrics`.
 //! The ingest route is `ingest::http`'s (merged here); usage queries in `query`.
 
+pub mod limits;
 pub mod query;
 pub mod usage;
 
@@ -48,6 +49,7 @@ pub fn router(state: AppState, admission: Admission) -> Router {
         .route("/api/v1/meters/{slug}", get(query::get_meter))
         .route("/api/v1/meters/{slug}/query", get(query::query_meter))
         .route("/api/v1/tenants/{tenant}/usage", get(usage::tenant_usage))
+        .route("/api/v1/tenants/{tenant}/limits", get(limits::tenant_limits))
         .route("/api/v1/rated", get(usage::list_rated))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_read));
     let admin = Router::new()

@@ -260,7 +260,7 @@ fn bad_request(errors: Vec<String>) -> Response {
 }
 
 /// A tenant id as one URL path segment (percent-encoding all but RFC 3986 unreserved bytes).
-fn path_segment(text: &str) -> String {
+pub(super) fn path_segment(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for byte in text.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {

@@ -226,8 +226,11 @@ impl RawConfig {
         let cluster = self
             .cluster
             .and_then(|raw| kafka::validate_cluster(raw, kafka.as_ref(), &mut errors));
-        let slugs: Vec<&str> = meters.iter().map(|meter| meter.slug.as_str()).collect();
-        let plans = crate::rate::plan::validate(self.plans, self.tenants, self.rating, &slugs, &mut errors);
+        let shapes: Vec<(&str, crate::aggregate::Aggregation, u32)> = meters
+            .iter()
+            .map(|meter| (meter.slug.as_str(), meter.aggregation, meter.scale))
+            .collect();
+        let plans = crate::rate::plan::validate(self.plans, self.tenants, self.rating, &shapes, &mut errors);
         for (p, plan) in plans.plans.iter().enumerate() {
             for charge in &plan.charges {
                 let distribution = meters.iter().any(|meter| {

@@ -32,7 +32,10 @@ use crate::aggregate::{MergeError, PreAggregated};
 use crate::cluster::forward::ForwardedUnit;
 use crate::cluster::Cluster;
 use crate::model::{now_ms, rfc3339_ms};
+use crate::aggregate::AggState;
+use crate::model::SeriesKey;
 use crate::state::dedup::{ClaimError, Ticket};
+use crate::state::limits::{additive, Contributes, Hold, LimitError, RateRefusal};
 use crate::state::{CommitRequest, Shared};
 use crate::store::log::LogBatch;
 use crate::telemetry;
@@ -55,13 +58,35 @@ impl Source {
     }
 }
 
-/// A unit of usage after decoding: counted once by its dedup key (when it has one), then folded.
-pub trait Countable {
+/// A unit of usage after decoding: counted once by its dedup key (when it has one), decided
+/// against the tenant's limits (its additive contributions), then folded.
+pub trait Countable: Contributes {
     /// None: its updates are idempotent (MAX, MIN, LATEST) and need no claim.
     fn dedup_key(&self) -> Option<u128>;
     /// It amends a window that had already closed.
     fn is_late(&self) -> bool;
     fn fold_into(&self, batch: &mut PreAggregated) -> Result<(), MergeError>;
+}
+
+/// The additive part of pre-built states (OTLP points, forwarded usage).
+fn state_contributions(updates: &[(SeriesKey, AggState)], each: &mut dyn FnMut(SeriesKey, i128)) {
+    for (key, state) in updates {
+        if let Some(units) = additive(state) {
+            each(*key, units);
+        }
+    }
+}
+
+impl Contributes for ForwardedUnit {
+    fn contributions(&self, each: &mut dyn FnMut(SeriesKey, i128)) {
+        state_contributions(&self.updates, each);
+    }
+}
+
+impl Contributes for crate::ingest::otlp::map::MappedPoint {
+    fn contributions(&self, each: &mut dyn FnMut(SeriesKey, i128)) {
+        state_contributions(&self.updates, each);
+    }
 }
 
 impl Countable for ForwardedUnit {
@@ -200,7 +225,13 @@ pub struct Prepared<U, T> {
     pub tally: Tally,
     /// What the edge needs to answer besides the tally (its refusal list, a partial success).
     pub answer: T,
+    /// Records a unit refused after the claim (over a hard quota) in the answer and returns
+    /// its dead-letter line. None: the edge's units feed no quota (nothing is refused then).
+    pub refuse: Option<LateRefusal<U, T>>,
 }
+
+/// An edge's way to refuse one of its units after `prepare` (`Prepared::refuse`).
+pub type LateRefusal<U, T> = Box<dyn FnMut(&U, &mut T, RefusalReason, &str) -> Vec<u8> + Send>;
 
 /// What an edge's `prepare` hands to the forwarding path (cluster mode).
 pub struct Forward<T> {
@@ -231,6 +262,10 @@ pub struct Claimed {
     pub late: usize,
     /// Units whose updates overflow what a series can hold (their keys are released).
     pub overflowed: Vec<usize>,
+    /// Units over a hard quota, with the reason (their keys are released).
+    pub over_quota: Vec<(usize, String)>,
+    /// What the admitted units hold of quotas until the batch is applied.
+    pub holds: Vec<Hold>,
 }
 
 impl Claimed {
@@ -240,10 +275,34 @@ impl Claimed {
     }
 }
 
-/// The dedup claim and pre-aggregation of a batch: reserve each unit's key, look the reserved
-/// ones up in the store (`DedupIndex::claim`: reserve first, then the store, race-free), fold
-/// the fresh units into their group's batch, under `ticket` (whoever holds the keys keeps it
-/// open until they are durable or released). On an error nothing stays reserved.
+/// Why a batch was not claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum FoldError {
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    /// A rate limit refuses the request as a whole (push edges only).
+    #[error("over the rate limit of `{}` for tenant `{}`", .0.meter, .0.tenant)]
+    Rate(RateRefusal),
+    /// A quota's period total could not be read from the store.
+    #[error("quota usage unreadable: {0}")]
+    Load(String),
+}
+
+/// Which limits a source's batches are decided against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limited {
+    /// Rate limits and quotas (push edges: a refusal reaches the producer at once).
+    All,
+    /// Quotas only: a log (Kafka) cannot refuse what it already holds for being too fast.
+    Quotas,
+}
+
+/// The dedup claim, the limits and the pre-aggregation of a batch: reserve each unit's key, look
+/// the reserved ones up in the store (`DedupIndex::claim`: reserve first, then the store,
+/// race-free), decide the fresh units against the tenants' limits (`state::limits`; a unit
+/// over a hard quota is refused, its key released), fold the admitted ones into their group's
+/// batch, under `ticket` (whoever holds the keys keeps it open until they are durable or
+/// released). On an error nothing stays reserved or held.
 pub fn claim_and_fold<U: Countable>(
     shared: &Shared,
     ticket: &Ticket,
@@ -251,16 +310,50 @@ pub fn claim_and_fold<U: Countable>(
     units: &[U],
     groups: usize,
     group_of: impl Fn(usize) -> usize,
-) -> Result<Claimed, ClaimError> {
+    limited: Limited,
+) -> Result<Claimed, FoldError> {
     let keys: Vec<u128> = units.iter().filter_map(Countable::dedup_key).collect();
-    let fresh = shared.dedup.claim(
+    let claimed_keys = shared.dedup.claim(
         &shared.store,
         &keys,
         now_ms.div_euclid(1000),
         shared.config.dedup_horizon_secs,
         ticket,
     )?;
-    let mut fresh = fresh.into_iter();
+    let mut claimed_keys = claimed_keys.into_iter();
+    let fresh: Vec<bool> = units
+        .iter()
+        .map(|unit| unit.dedup_key().is_none() || claimed_keys.next() == Some(true))
+        .collect();
+    let verdict = if shared.limits.is_active() {
+        let load = |tenant: &str, meter: &str, from: i64, to: i64| {
+            crate::query::period_units(shared, meter, tenant, from, to)
+        };
+        let decided = shared.limits.decide(
+            &shared.names,
+            &shared.meters,
+            units,
+            &fresh,
+            limited == Limited::All,
+            &load,
+        );
+        match decided {
+            Ok(verdict) => Some(verdict),
+            Err(error) => {
+                for (unit, _) in units.iter().zip(&fresh).filter(|(_, fresh)| **fresh) {
+                    if let Some(key) = unit.dedup_key() {
+                        shared.dedup.release(key);
+                    }
+                }
+                return Err(match error {
+                    LimitError::Rate(refusal) => FoldError::Rate(refusal),
+                    LimitError::Load(message) => FoldError::Load(message),
+                });
+            }
+        }
+    } else {
+        None
+    };
     let mut claimed = Claimed {
         groups: (0..groups)
             .map(|_| {
@@ -274,11 +367,22 @@ pub fn claim_and_fold<U: Countable>(
         duplicates: 0,
         late: 0,
         overflowed: Vec::new(),
+        over_quota: Vec::new(),
+        holds: Vec::new(),
     };
+    let mut refused = verdict.as_ref().map(|verdict| verdict.refused.iter());
     for (index, unit) in units.iter().enumerate() {
         let key = unit.dedup_key();
-        if key.is_some() && fresh.next() != Some(true) {
+        let over = refused.as_mut().and_then(|refused| refused.next().cloned().flatten());
+        if !fresh[index] {
             claimed.duplicates += 1;
+            continue;
+        }
+        if let Some(message) = over {
+            if let Some(key) = key {
+                shared.dedup.release(key);
+            }
+            claimed.over_quota.push((index, message));
             continue;
         }
         let (batch, group_keys) = &mut claimed.groups[group_of(index)];
@@ -294,6 +398,9 @@ pub fn claim_and_fold<U: Countable>(
         group_keys.extend(key);
         claimed.accepted += 1;
         claimed.late += usize::from(unit.is_late());
+    }
+    if let Some(verdict) = verdict {
+        claimed.holds = verdict.holds;
     }
     Ok(claimed)
 }
@@ -464,6 +571,7 @@ impl Admission {
         // A refused send hands the request back: its keys are released, not copied beforehand.
         if let Err(std::sync::mpsc::SendError(request)) = self.commits.send(request) {
             self.shared.dedup.remove_all(&request.dedup_keys);
+            self.shared.limits.release(&request.holds);
             return Err(IngestError::Unavailable("shutting down".into()));
         }
         match reply.await {
@@ -528,6 +636,7 @@ impl Admission {
                 dead_letters,
                 reply: reply_tx,
                 ticket: self.shared.dedup.ticket(),
+                holds: Vec::new(),
             };
             self.send_commit((request, reply_rx)).await?;
         }
@@ -543,7 +652,7 @@ type ReplyReceiver = oneshot::Receiver<Result<(), crate::state::CommitError>>;
 /// dead-lettered), the tally and the edge's answer.
 type ClaimedRequest<T> = (Option<(CommitRequest, ReplyReceiver)>, Tally, T);
 
-/// Claim, fold, log record (blocking: the claim reads the store).
+/// Claim, limits, fold, log record (blocking: the claim reads the store).
 fn claim_for_commit<U: Countable, T>(
     shared: &Shared,
     now: i64,
@@ -552,30 +661,47 @@ fn claim_for_commit<U: Countable, T>(
     let Prepared {
         units,
         cumulative,
-        dead_letters,
+        mut dead_letters,
         mut tally,
-        answer,
+        mut answer,
+        refuse,
     } = prepared;
     let ticket = shared.dedup.ticket();
-    let claimed = claim_and_fold(shared, &ticket, now, &units, 1, |_| 0).map_err(|error| match error {
-        ClaimError::Store(error) => {
+    let claimed = claim_and_fold(shared, &ticket, now, &units, 1, |_| 0, Limited::All).map_err(|error| match error {
+        FoldError::Claim(ClaimError::Store(error)) => {
             tracing::error!(%error, "dedup lookup failed");
             IngestError::Unavailable("storage unavailable".into())
         }
-        ClaimError::InFlight => IngestError::Unavailable(
+        FoldError::Claim(ClaimError::InFlight) => IngestError::Unavailable(
             "another request with some of these events is still committing; retry after the delay".into(),
         ),
+        FoldError::Load(message) => {
+            tracing::error!(%message, "quota usage unreadable");
+            IngestError::Unavailable("storage unavailable".into())
+        }
+        FoldError::Rate(refusal) => rate_limited(&refusal),
     })?;
     if let Some(&first) = claimed.overflowed.first() {
         let keys: Vec<u128> = claimed.keys().copied().collect();
         shared.dedup.remove_all(&keys);
+        shared.limits.release(&claimed.holds);
         return Err(IngestError::invalid(format!(
             "unit {first} would overflow its series (totals are exact up to 38 digits); nothing was counted"
         )));
     }
+    if !claimed.over_quota.is_empty() {
+        let mut refuse = refuse.expect("invariant: an edge whose units feed quotas can refuse them");
+        for (index, message) in &claimed.over_quota {
+            dead_letters.push(refuse(&units[*index], &mut answer, RefusalReason::QuotaExceeded, message));
+        }
+        tally.refuse_many(RefusalReason::QuotaExceeded, claimed.over_quota.len());
+    }
     tally.duplicates = claimed.duplicates;
-    tally.accepted = tally.accepted.saturating_sub(claimed.duplicates);
+    tally.accepted = tally
+        .accepted
+        .saturating_sub(claimed.duplicates + claimed.over_quota.len());
     tally.late += claimed.late;
+    let holds = claimed.holds;
     let (batch, keys) = claimed
         .groups
         .into_iter()
@@ -584,6 +710,7 @@ fn claim_for_commit<U: Countable, T>(
     let counts_nothing = batch.is_empty() && keys.is_empty() && cumulative.is_empty();
     if counts_nothing && dead_letters.is_empty() {
         // Holds no key: the ticket closes here.
+        shared.limits.release(&holds);
         return Ok((None, tally, answer));
     }
     let payload = if counts_nothing {
@@ -600,8 +727,44 @@ fn claim_for_commit<U: Countable, T>(
         dead_letters,
         reply: reply_tx,
         ticket,
+        holds,
     };
     Ok((Some((request, reply_rx)), tally, answer))
+}
+
+/// A rate limit's refusal as the edges answer it: 429 / RESOURCE_EXHAUSTED, retry after the
+/// exact wait (whole seconds, rounded up), with the IETF draft-10 `RateLimit-Policy` and
+/// `RateLimit` values.
+pub fn rate_limited(refusal: &RateRefusal) -> IngestError {
+    let spec = refusal.limit.rate.expect("invariant: a rate refusal has its rate");
+    let window_secs = spec.per_ns / 1_000_000_000;
+    let wait_ns = refusal.decision.retry_after_ns;
+    let retry_secs = wait_ns.map_or(window_secs, |ns| (ns + 999_999_999) / 1_000_000_000).max(1);
+    let reset_secs = ((refusal.decision.reset_ns + 999_999_999) / 1_000_000_000).max(1);
+    let limit = refusal.limit.format(spec.limit);
+    let message = match wait_ns {
+        Some(_) => format!(
+            "tenant `{}` is over its rate limit of {limit} `{}` per {window_secs}s; retry after {retry_secs}s (nothing was counted)",
+            refusal.tenant, refusal.meter
+        ),
+        None => format!(
+            "this request's `{}` usage is larger than the burst of {} the rate limit of tenant `{}` allows at once; \
+             send it in smaller requests (nothing was counted)",
+            refusal.meter,
+            refusal.limit.format(spec.burst),
+            refusal.tenant
+        ),
+    };
+    let name = &refusal.meter;
+    IngestError::RateLimited {
+        message,
+        retry_after: std::time::Duration::from_secs(retry_secs as u64),
+        policy: format!("\"{name}\";q={};w={window_secs}", refusal.limit.format(spec.burst)),
+        state: format!(
+            "\"{name}\";r={};t={reset_secs}",
+            refusal.limit.format(refusal.decision.remaining.max(0))
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -139,6 +139,18 @@ impl MeteredEvent {
     }
 }
 
+impl crate::state::limits::Contributes for MeteredEvent {
+    fn contributions(&self, each: &mut dyn FnMut(SeriesKey, i128)) {
+        for update in &self.updates {
+            match (update.aggregation, &update.observation) {
+                (Aggregation::Sum, Observation::Value(value)) => each(update.key, *value),
+                (Aggregation::Count, _) => each(update.key, 1),
+                _ => {}
+            }
+        }
+    }
+}
+
 impl Countable for MeteredEvent {
     fn dedup_key(&self) -> Option<u128> {
         Some(self.dedup_key)

@@ -4,6 +4,8 @@
 //! Retry rules follow the OTLP specification: UNAVAILABLE (503) is retryable and carries a
 //! delay (RetryInfo / Retry-After); INVALID_ARGUMENT (400), UNAUTHENTICATED (401) and a request
 //! too large (413 / RESOURCE_EXHAUSTED without RetryInfo) are not: the same bytes cannot succeed.
+//! A rate limit (429 / RESOURCE_EXHAUSTED *with* RetryInfo) is retryable after its delay: the
+//! collector retries RESOURCE_EXHAUSTED only when RetryInfo is present.
 
 use std::time::Duration;
 
@@ -52,6 +54,9 @@ pub enum RefusalReason {
     Overflow,
     /// It would start a new series beyond `aggregate.max_series_per_tenant` or `max_series`.
     CardinalityLimit,
+    /// It would take the tenant past a hard quota of its plan (`limit`); never counted against
+    /// any limit.
+    QuotaExceeded,
 }
 
 impl RefusalReason {
@@ -64,6 +69,7 @@ impl RefusalReason {
             RefusalReason::TooFarInFuture => "too_far_in_future",
             RefusalReason::Overflow => "overflow",
             RefusalReason::CardinalityLimit => "cardinality_limit",
+            RefusalReason::QuotaExceeded => "quota_exceeded",
         }
     }
 }
@@ -106,6 +112,16 @@ pub enum IngestError {
     /// the delay.
     #[error("{0}")]
     Unavailable(String),
+    /// Over a rate limit of the tenant's plan: a business decision, not overload. Retry
+    /// after `retry_after` (429 / RESOURCE_EXHAUSTED with RetryInfo); nothing was counted.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: Duration,
+        /// `RateLimit-Policy` and `RateLimit` (IETF draft-10) values.
+        policy: String,
+        state: String,
+    },
 }
 
 impl IngestError {
@@ -143,6 +159,7 @@ impl IngestError {
             IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::TimedOut(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -156,12 +173,33 @@ impl IngestError {
             IngestError::TooLarge(_) => tonic::Code::ResourceExhausted,
             IngestError::TimedOut(_) => tonic::Code::DeadlineExceeded,
             IngestError::Unavailable(_) => tonic::Code::Unavailable,
+            IngestError::RateLimited { .. } => tonic::Code::ResourceExhausted,
         }
     }
 
     /// The retry delay to send with the answer (`Retry-After`, RetryInfo); none: do not retry.
     pub fn retry_after(&self) -> Option<Duration> {
-        matches!(self, IngestError::Unavailable(_)).then_some(RETRY_AFTER)
+        match self {
+            IngestError::Unavailable(_) => Some(RETRY_AFTER),
+            IngestError::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// The HTTP headers of this answer: `Retry-After` (whole seconds) when it is retryable, and
+    /// a rate limit's `RateLimit-Policy` / `RateLimit` (IETF draft-10).
+    pub fn insert_headers(&self, headers: &mut axum::http::HeaderMap) {
+        use axum::http::{header, HeaderValue};
+        if let Some(delay) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(delay.as_secs().max(1)));
+        }
+        if let IngestError::RateLimited { policy, state, .. } = self {
+            for (name, value) in [("ratelimit-policy", policy), ("ratelimit", state)] {
+                if let Ok(value) = HeaderValue::from_str(value) {
+                    headers.insert(name, value);
+                }
+            }
+        }
     }
 
     pub fn grpc_status(&self) -> tonic::Status {
@@ -188,6 +226,7 @@ impl IngestError {
             }
             IngestError::TimedOut(_) => "timeout",
             IngestError::Unavailable(_) => "unavailable",
+            IngestError::RateLimited { .. } => "rate_limited",
         }
     }
 }
@@ -240,6 +279,17 @@ mod tests {
                 IngestError::Unavailable("busy".into()),
                 503,
                 tonic::Code::Unavailable,
+                true,
+            ),
+            (
+                IngestError::RateLimited {
+                    message: "over".into(),
+                    retry_after: Duration::from_secs(3),
+                    policy: String::new(),
+                    state: String::new(),
+                },
+                429,
+                tonic::Code::ResourceExhausted,
                 true,
             ),
         ];

@@ -9,7 +9,7 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -17,7 +17,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::admission::{
-    dead_letter_line, received_at, Admission, Admitted, BodyError, Forward, Prepared, Source, Tally,
+    dead_letter_line, received_at, Admission, Admitted, BodyError, Forward, LateRefusal, Prepared, Source,
+    Tally,
 };
 use super::decode::{self, BodyKind, MeteredEvent, Refusal};
 use super::error::{FieldError, IngestError};
@@ -67,11 +68,7 @@ fn error_response(error: &IngestError) -> Response {
         other => json!({"error": other.outcome(), "message": other.to_string()}),
     };
     let mut response = respond(status, body);
-    if let Some(delay) = error.retry_after() {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(delay.as_secs().max(1)));
-    }
+    error.insert_headers(response.headers_mut());
     response
 }
 
@@ -215,7 +212,7 @@ fn dead_letters<'r>(
 /// Decode and validate; the events that count (blocking pool).
 fn prepare(
     shared: &Shared,
-    body: &[u8],
+    body: &bytes::Bytes,
     kind: BodyKind,
     now: i64,
     tenant: Option<&str>,
@@ -236,6 +233,45 @@ fn prepare(
         dead_letters,
         tally,
         answer: decoded.refused,
+        refuse: Some(late_refusal(body, kind, now)),
+    })
+}
+
+/// Refuses an event after the claim (over a hard quota): listed in the answer's `refused`,
+/// dead-lettered with the event as sent. The body is split again on the first refusal only.
+fn late_refusal(body: &bytes::Bytes, kind: BodyKind, now: i64) -> LateRefusal<MeteredEvent, Vec<Refusal>> {
+    let body = body.clone();
+    let mut spans: Option<Vec<(usize, usize)>> = None;
+    Box::new(move |event: &MeteredEvent, refused: &mut Vec<Refusal>, reason, message: &str| {
+        let spans = spans.get_or_insert_with(|| {
+            decode::split_body(&body, kind)
+                .map(|raw| {
+                    raw.iter()
+                        .map(|event| {
+                            let start = event.get().as_ptr() as usize - body.as_ptr() as usize;
+                            (start, start + event.get().len())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        let event_json = spans
+            .get(event.index)
+            .and_then(|&(start, end)| serde_json::from_slice::<serde_json::Value>(&body[start..end]).ok())
+            .unwrap_or(serde_json::Value::Null);
+        refused.push(Refusal {
+            index: event.index,
+            reason,
+            message: message.to_string(),
+        });
+        refused.sort_by_key(|refusal| refusal.index);
+        dead_letter_line(
+            &received_at(now),
+            SOURCE,
+            reason,
+            message,
+            json!({"index": event.index, "event": event_json}),
+        )
     })
 }
 

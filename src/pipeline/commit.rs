@@ -46,9 +46,15 @@ pub fn apply_logged(
     dedup_keys: &mut Vec<u128>,
     cumulative: &[CumulativePoint],
     position: Option<(String, u64)>,
+    limits: Option<(&mut crate::state::limits::Inner, &[crate::state::limits::Hold])>,
 ) -> Result<(), MergeError> {
     let mut changed = StreamChanges::default();
     streams.fold(cumulative, batch, &mut changed)?;
+    // The deltas the quotas move by, before the writer takes the batch (cumulative points'
+    // deltas included: they are in the batch now).
+    if let Some((gate, holds)) = limits {
+        gate.applied(batch, holds);
+    }
     writer.commit_with_streams(batch, dedup_keys, &mut changed, position)
 }
 
@@ -94,6 +100,7 @@ impl CommitLoop {
                         // Until the log is rolled back to its last acknowledged record: refuse.
                         for request in group {
                             self.shared.dedup.remove_all(&request.dedup_keys);
+                            self.shared.limits.release(&request.holds);
                             let _ = request.reply.send(Err(CommitError::Storage(reason.clone())));
                         }
                     } else if let Err(reason) = self.commit_group(group) {
@@ -191,22 +198,30 @@ impl CommitLoop {
         if let Some(reason) = error {
             for request in group {
                 self.shared.dedup.remove_all(&request.dedup_keys);
+                self.shared.limits.release(&request.holds);
                 let _ = request.reply.send(Err(CommitError::Storage(reason.clone())));
             }
             return Err(reason);
         }
         metrics::counter!(telemetry::INGEST_LOG_BYTES).increment(log_bytes);
         metrics::histogram!(telemetry::INGEST_COMMIT_GROUP).record(group.len() as f64);
+        let limited = self.shared.limits.is_active();
         for (mut request, position) in group.into_iter().zip(positions) {
             let position = position.map(|next| (INGEST_LOG_SOURCE.to_string(), next));
-            if let Err(error) = apply_logged(
+            // With limits, the quotas' `used` moves with the engine, under the gate's lock.
+            let mut gate = limited.then(|| self.shared.limits.lock());
+            let applied = apply_logged(
                 &self.writer,
                 &mut self.streams,
                 &mut request.batch,
                 &mut request.dedup_keys,
                 &request.cumulative,
                 position,
-            ) {
+                gate.as_deref_mut().map(|gate| (gate, request.holds.as_slice())),
+            );
+            drop(gate);
+            if let Err(error) = applied {
+                self.shared.limits.release(&request.holds);
                 // A broken invariant (no sum overflows within the quantity range): the request
                 // is not acknowledged, no later checkpoint passes it, and the daemon stops so
                 // that a restart replays the log.

@@ -149,7 +149,9 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
         faulted: AtomicBool::new(false),
         engine_failed: AtomicBool::new(false),
         replays: Mutex::new(Default::default()),
+        limits: crate::state::limits::Limits::new(),
     });
+    shared.limits.set_plans(&shared.plans.read());
     if shared.config.cluster.is_some() {
         // Cluster mode: no partition's tenant is emitted here before the partition is assigned.
         shared.store.tenant_sources.set_owned(Some(Default::default()));
@@ -176,6 +178,8 @@ fn recover(config: Config) -> anyhow::Result<Recovered> {
             &mut parts.dedup_keys,
             &parts.cumulative,
             Some((INGEST_LOG_SOURCE.to_string(), record.seq + 1)),
+            // Nothing tracks a quota yet: each reads its total once replay is done.
+            None,
         )?;
     }
     lap(&mut timings.replay);

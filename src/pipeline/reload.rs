@@ -41,6 +41,7 @@ pub fn reload(shared: &Shared, path: &PathBuf) -> Result<(), String> {
         .map(|plan| format!("{}@{}", plan.id, plan.version))
         .collect();
     *current = Arc::new(plans);
+    shared.limits.set_plans(&current);
     metrics::counter!(crate::telemetry::PLAN_RELOADS).increment(1);
     tracing::info!(plans = %versions.join(","), "plans reloaded");
     Ok(())

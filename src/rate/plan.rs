@@ -9,6 +9,8 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 
 use super::period::BillingPeriod;
+use crate::aggregate::Aggregation;
+use crate::limit::{Limit, RawLimit};
 use super::{minor_unit_exponent, validate_tiers, Charge, ChargeModel, Tier};
 
 #[derive(Debug, Deserialize)]
@@ -30,6 +32,9 @@ pub struct RawPlan {
     pub prepaid_commitment: Option<toml::Value>,
     #[serde(default)]
     pub charges: Vec<RawCharge>,
+    /// Rate limits and period quotas (`crate::limit`).
+    #[serde(default)]
+    pub limits: Vec<RawLimit>,
 }
 
 fn one() -> u32 {
@@ -91,6 +96,9 @@ pub struct RawTenant {
     /// The tenant's billing day (1-31) for MONTH plans, overriding the plan's `anchor_day`.
     #[serde(default)]
     pub anchor_day: Option<u32>,
+    /// Overrides the plan's limit of the same meter and kind.
+    #[serde(default)]
+    pub limits: Vec<RawLimit>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +120,8 @@ pub struct Plan {
     pub charges: Vec<Charge>,
     pub minimum_spend: Decimal,
     pub prepaid_commitment: Decimal,
+    /// Its rate limits and quotas.
+    pub limits: Vec<Limit>,
 }
 
 /// A period's usage price settled against the plan's minimum and prepaid commitment.
@@ -151,6 +161,8 @@ pub struct TenantPlan {
     pub discount_percent: Decimal,
     pub timezone: Option<chrono_tz::Tz>,
     pub anchor_day: Option<u32>,
+    /// Overrides of the plan's limits.
+    pub limits: Vec<Limit>,
 }
 
 /// Every plan version, the tenants' assignments and the default.
@@ -219,6 +231,21 @@ impl Plans {
         }
         self.plans
             .sort_by(|a, b| (a.id.as_str(), a.version).cmp(&(b.id.as_str(), b.version)));
+    }
+
+    /// A tenant's limits: its plan's, with its own overrides (none without a plan).
+    pub fn limits_for(&self, tenant: &str) -> Vec<Limit> {
+        let Some((plan, _)) = self.for_tenant(tenant) else {
+            return Vec::new();
+        };
+        let own = self.tenants.get(tenant).map_or(&[][..], |assigned| &assigned.limits);
+        crate::limit::merge(&plan.limits, own)
+    }
+
+    /// Whether any plan or tenant has a limit (when none does, admission skips limits).
+    pub fn any_limits(&self) -> bool {
+        self.plans.iter().any(|plan| !plan.limits.is_empty())
+            || self.tenants.values().any(|tenant| !tenant.limits.is_empty())
     }
 
     /// The plan's charges with the tenant's discount applied.
@@ -379,9 +406,33 @@ pub fn validate(
     raw_plans: Vec<RawPlan>,
     raw_tenants: Vec<RawTenant>,
     rating: RawRating,
-    meters: &[&str],
+    meters: &[(&str, Aggregation, u32)],
     errors: &mut Vec<String>,
 ) -> Plans {
+    let slugs: Vec<&str> = meters.iter().map(|(slug, _, _)| *slug).collect();
+    let shape = |slug: &str| {
+        meters
+            .iter()
+            .find(|(known, _, _)| *known == slug)
+            .map(|(_, aggregation, scale)| (*aggregation, *scale))
+    };
+    let limits = |raw: &[RawLimit], at: &str, errors: &mut Vec<String>| {
+        let mut limits: Vec<Limit> = Vec::new();
+        for (l, one) in raw.iter().enumerate() {
+            let limit_at = format!("{at}.limits[{l}]");
+            if raw[..l]
+                .iter()
+                .any(|earlier| earlier.meter == one.meter && earlier.kind == one.kind)
+            {
+                errors.push(format!(
+                    "{limit_at}: meter `{}` already has a {} limit here",
+                    one.meter, one.kind
+                ));
+            }
+            limits.extend(crate::limit::validate(one, &limit_at, shape(&one.meter), errors));
+        }
+        limits
+    };
     let mut plans: Vec<Plan> = Vec::new();
     for (index, raw) in raw_plans.iter().enumerate() {
         let at = format!("plans[{index}]");
@@ -420,7 +471,7 @@ pub fn validate(
                     raw_charge.meter
                 ));
             }
-            if let Some(charge) = charge(raw_charge, &charge_at, minor_units, meters, errors) {
+            if let Some(charge) = charge(raw_charge, &charge_at, minor_units, &slugs, errors) {
                 charges.push(charge);
             }
         }
@@ -430,6 +481,7 @@ pub fn validate(
         };
         let minimum_spend = money(&raw.minimum_spend, "minimum_spend");
         let prepaid_commitment = money(&raw.prepaid_commitment, "prepaid_commitment");
+        let limits = limits(&raw.limits, &at, errors);
         plans.push(Plan {
             id: raw.id.clone(),
             version: raw.version,
@@ -438,6 +490,7 @@ pub fn validate(
             charges,
             minimum_spend,
             prepaid_commitment,
+            limits,
         });
     }
     plans.sort_by(|a, b| (a.id.as_str(), a.version).cmp(&(b.id.as_str(), b.version)));
@@ -481,11 +534,13 @@ pub fn validate(
                 ));
             }
         }
+        let limits = limits(&raw.limits, &at, errors);
         let assigned = TenantPlan {
             plan: raw.plan,
             discount_percent,
             timezone,
             anchor_day: raw.anchor_day,
+            limits,
         };
         if tenants.insert(raw.id.clone(), assigned).is_some() {
             errors.push(format!("{at}.id: tenant `{}` is listed twice", raw.id));
@@ -521,7 +576,11 @@ mod tests {
         }
         let doc: Doc = toml::from_str(text).map_err(|error| vec![error.to_string()])?;
         let mut errors = Vec::new();
-        let plans = validate(doc.plans, doc.tenants, doc.rating, &METERS, &mut errors);
+        let meters: Vec<(&str, Aggregation, u32)> = METERS
+            .iter()
+            .map(|slug| (*slug, Aggregation::Sum, 0))
+            .collect();
+        let plans = validate(doc.plans, doc.tenants, doc.rating, &meters, &mut errors);
         if errors.is_empty() {
             Ok(plans)
         } else {

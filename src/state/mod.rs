@@ -9,6 +9,7 @@
 pub mod commit;
 pub mod crash_point;
 pub mod dedup;
+pub mod limits;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
@@ -104,6 +105,8 @@ pub struct Shared {
     pub plans: RwLock<Arc<Plans>>,
     /// API keys in force (`[auth]`), swapped by a reload like the plans.
     pub keys: crate::auth::KeyRing,
+    /// Rate limits and quotas of the plans in force, decided at admission.
+    pub limits: limits::Limits,
     /// Cancelled when a stage died (`spawn_stage`): the daemon stops and exits non-zero for its
     /// supervisor instead of lingering as a zombie that answers 200.
     pub fatal: CancellationToken,

@@ -14,11 +14,12 @@ use super::dead_letter::DeadLetter;
 use super::SOURCE;
 use crate::aggregate::{MergeError, PreAggregated, Writer};
 use crate::cluster::forward::{ForwardedUnit, ForwardedUsage};
-use crate::ingest::admission::{claim_and_fold, Countable, RefusalReason, Tally};
+use crate::ingest::admission::{claim_and_fold, Countable, FoldError, Limited, RefusalReason, Tally};
 use crate::ingest::decode::{self, BodyKind, EventContext};
 use crate::kafka::position_name;
 use crate::model::now_ms;
 use crate::state::dedup::Ticket;
+use crate::state::limits::{Contributes, Hold};
 use crate::state::Shared;
 use crate::telemetry;
 
@@ -51,6 +52,8 @@ pub struct FoldedBatch {
     /// shares is a duplicate within the batch, not a request to wait for): closed when the
     /// batch is dropped, after `apply`.
     ticket: Option<Ticket>,
+    /// What its units hold of quotas until `apply`.
+    holds: Vec<Hold>,
 }
 
 impl FoldedBatch {
@@ -81,6 +84,7 @@ impl FoldedBatch {
         }
         self.outcome.absorb(other.outcome);
         self.messages += other.messages;
+        self.holds.extend(other.holds);
     }
 }
 
@@ -88,6 +92,12 @@ impl FoldedBatch {
 struct InPartition<'a> {
     group: usize,
     unit: &'a dyn Countable,
+}
+
+impl Contributes for InPartition<'_> {
+    fn contributions(&self, each: &mut dyn FnMut(crate::model::SeriesKey, i128)) {
+        self.unit.contributions(each);
+    }
 }
 
 impl Countable for InPartition<'_> {
@@ -305,8 +315,19 @@ impl Folder {
             .collect();
         let now = now_ms();
         let claimed = loop {
-            match claim_and_fold(shared, ticket, now, &units, partitions.len(), |i| units[i].group) {
+            // Quotas only: rate limits cannot refuse what the log already holds.
+            let claimed = claim_and_fold(
+                shared,
+                ticket,
+                now,
+                &units,
+                partitions.len(),
+                |i| units[i].group,
+                Limited::Quotas,
+            );
+            match claimed {
                 Ok(claimed) => break claimed,
+                Err(FoldError::Rate(_)) => unreachable!("invariant: Kafka batches are not rate limited"),
                 Err(error) => {
                     // Without the store we cannot tell duplicates apart: wait, never guess.
                     tracing::error!(%error, "dedup lookup failed; retrying");
@@ -317,16 +338,31 @@ impl Folder {
         outcome.accepted = claimed.accepted;
         outcome.duplicates = claimed.duplicates;
         outcome.late = claimed.late;
-        for &index in &claimed.overflowed {
-            outcome.refuse(RefusalReason::Overflow);
-            let message = "its usage overflows the series (totals are exact up to 38 digits)".to_string();
+        let refusals = claimed
+            .overflowed
+            .iter()
+            .map(|&index| {
+                (
+                    index,
+                    RefusalReason::Overflow,
+                    "its usage overflows the series (totals are exact up to 38 digits)".to_string(),
+                )
+            })
+            .chain(
+                claimed
+                    .over_quota
+                    .iter()
+                    .map(|(index, message)| (*index, RefusalReason::QuotaExceeded, message.clone())),
+            );
+        for (index, reason, message) in refusals {
+            outcome.refuse(reason);
             match decoded.metered.get(index) {
                 Some(event) => dead_letters.push(self.event_dead_letter(
                     messages,
                     &owner,
                     &raws,
                     event.index,
-                    RefusalReason::Overflow.as_str(),
+                    reason.as_str(),
                     message,
                 )),
                 None => {
@@ -336,12 +372,13 @@ impl Folder {
                         &messages[*position],
                         None,
                         message_bytes,
-                        RefusalReason::Overflow.as_str(),
+                        reason.as_str(),
                         message,
                     ));
                 }
             }
         }
+        let holds = claimed.holds;
         let parts = partitions.into_iter().zip(claimed.groups).collect();
 
         // Every partition in the batch advances (also those whose messages counted nothing).
@@ -362,6 +399,7 @@ impl Folder {
             outcome,
             messages: messages.len(),
             ticket: None,
+            holds,
         }
     }
 
@@ -383,11 +421,19 @@ impl Folder {
 
     /// Folds a batch into the partitions' engine writers with their next offsets.
     pub fn apply(&mut self, mut folded: FoldedBatch) {
+        let shared = self.shared.clone();
+        // With limits, the quotas' `used` moves with the engine, under the gate's lock; the
+        // batch's holds are given back as its usage lands.
+        let mut gate = shared.limits.is_active().then(|| shared.limits.lock());
+        let mut holds = std::mem::take(&mut folded.holds);
         for ((topic, partition), next) in std::mem::take(&mut folded.next) {
             let (mut batch, mut keys) = folded
                 .parts
                 .remove(&(topic.clone(), partition))
                 .unwrap_or_default();
+            if let Some(gate) = gate.as_deref_mut() {
+                gate.applied(&batch, &std::mem::take(&mut holds));
+            }
             let writer = self.writer_for(&topic, partition);
             let position = [(position_name(&topic, partition), next)];
             if let Err(error) = writer.commit(&mut batch, &mut keys, position) {
@@ -397,6 +443,8 @@ impl Folder {
                     .engine_failed(&format!("cannot apply a Kafka batch: {error}"));
             }
         }
+        drop(gate);
+        shared.limits.release(&holds);
         metrics::counter!(telemetry::KAFKA_MESSAGES).increment(folded.messages as u64);
         folded.outcome.record(SOURCE);
     }

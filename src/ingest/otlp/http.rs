@@ -4,7 +4,7 @@
 
 use axum::body::Body;
 use axum::extract::{Extension, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use prost::Message;
 use serde_json::json;
@@ -151,11 +151,7 @@ fn http_error(encoding: Encoding, error: &IngestError) -> Response {
         ),
     };
     let mut response = (error.http_status(), [(header::CONTENT_TYPE, content_type)], body).into_response();
-    if let Some(delay) = error.retry_after() {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(delay.as_secs().max(1)));
-    }
+    error.insert_headers(response.headers_mut());
     response
 }
 

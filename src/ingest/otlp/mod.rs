@@ -354,6 +354,34 @@ fn prepare(
         dead_letters,
         tally,
         answer: outcome,
+        refuse: Some(late_refusal(signal, now)),
+    })
+}
+
+/// Rejects a point after the claim (over a hard quota): counted in `partial_success` with the
+/// reason, which names the tenant, the meter and when the quota resets. No RetryInfo: the
+/// collector must not retry for days; the point is dead-lettered.
+fn late_refusal(signal: Signal, now: i64) -> super::admission::LateRefusal<MappedPoint, Outcome> {
+    Box::new(move |point: &MappedPoint, outcome: &mut Outcome, reason, message: &str| {
+        outcome.rejected += 1;
+        let note = format!("{}: {message}", reason.as_str());
+        if outcome.message.is_empty() {
+            outcome.message = format!("{} rejected: {note}", signal.noun());
+        } else if !outcome.message.contains(reason.as_str()) {
+            outcome.message.push_str(&format!("; {note}"));
+        }
+        let series: Vec<serde_json::Value> = point
+            .updates
+            .iter()
+            .map(|(key, _)| json!({"meter_id": key.meter, "window_start": key.window_start}))
+            .collect();
+        dead_letter_line(
+            &received_at(now),
+            SOURCE,
+            reason,
+            message,
+            json!({"signal": signal.as_str(), "series": series}),
+        )
     })
 }
 

@@ -1,0 +1,210 @@
+//! GCRA (the generic cell rate algorithm): an exact rate limiter whose whole state per key is
+//! one number, the theoretical arrival time (TAT). `limit` units per `per_ns`, `burst` units at
+//! once: a request of `q` units at `now` is allowed when `max(tat, now) + q·T − now ≤ τ`, with
+//! the emission interval `T = per / limit` and the tolerance `τ = burst · T`.
+//!
+//! No floating point and no rounding: times are kept multiplied by `limit` ("scaled"), so
+//! `T = per_ns` and `τ = burst · per_ns` are integers and fractional units (a meter's scale)
+//! cost exactly their share. A key whose TAT is in the past holds nothing (a fresh key is the
+//! same): callers forget it, so state is O(1) per active key.
+
+/// A rate limit: `limit` units per `per_ns`, at most `burst` at once (units at the meter's
+/// scale).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateSpec {
+    pub limit: i128,
+    pub per_ns: i128,
+    pub burst: i128,
+}
+
+/// The largest rate limit or burst GCRA takes (10^18 units): with times up to 10^17 ns
+/// (three years of a process's uptime) every scaled time stays under 10^36 < i128::MAX.
+pub const MAX_RATE_UNITS: i128 = 1_000_000_000_000_000_000;
+
+/// One key's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gcra {
+    /// Scaled TAT (ns × limit); `i128::MIN`: never used.
+    tat: i128,
+}
+
+impl Default for Gcra {
+    fn default() -> Gcra {
+        Gcra { tat: i128::MIN }
+    }
+}
+
+/// The answer to one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateDecision {
+    pub allowed: bool,
+    /// Units that would still be allowed at once after this decision.
+    pub remaining: i128,
+    /// Refused: nanoseconds until the same request would be allowed (None: never, it is
+    /// larger than the burst).
+    pub retry_after_ns: Option<i128>,
+    /// Nanoseconds until the key is back to its full burst.
+    pub reset_ns: i128,
+}
+
+fn ceil_div(a: i128, b: i128) -> i128 {
+    if a <= 0 {
+        0
+    } else {
+        (a + b - 1) / b
+    }
+}
+
+impl Gcra {
+    fn scaled(now_ns: i128, spec: &RateSpec) -> i128 {
+        now_ns.saturating_mul(spec.limit)
+    }
+
+    /// Decides a request of `units` at `now_ns`; an allowed one is taken from the key.
+    pub fn check(&mut self, now_ns: i128, units: i128, spec: &RateSpec) -> RateDecision {
+        let now = Gcra::scaled(now_ns, spec);
+        let tau = spec.burst.saturating_mul(spec.per_ns);
+        let tat = self.tat.max(now);
+        let new_tat = units
+            .checked_mul(spec.per_ns)
+            .and_then(|cost| tat.checked_add(cost));
+        match new_tat {
+            Some(new_tat) if units <= spec.burst && new_tat - now <= tau => {
+                self.tat = new_tat;
+                RateDecision {
+                    allowed: true,
+                    remaining: (tau - (new_tat - now)) / spec.per_ns,
+                    retry_after_ns: None,
+                    reset_ns: ceil_div(new_tat - now, spec.limit),
+                }
+            }
+            _ => RateDecision {
+                allowed: false,
+                remaining: (tau - (tat - now)) / spec.per_ns,
+                retry_after_ns: match new_tat {
+                    Some(new_tat) if units <= spec.burst => Some(ceil_div(new_tat - tau - now, spec.limit)),
+                    _ => None,
+                },
+                reset_ns: ceil_div(tat - now, spec.limit),
+            },
+        }
+    }
+
+    /// The key's state at `now_ns` without taking anything: (remaining units, ns until full).
+    pub fn peek(&self, now_ns: i128, spec: &RateSpec) -> (i128, i128) {
+        let now = Gcra::scaled(now_ns, spec);
+        let tau = spec.burst.saturating_mul(spec.per_ns);
+        let tat = self.tat.max(now);
+        ((tau - (tat - now)) / spec.per_ns, ceil_div(tat - now, spec.limit))
+    }
+
+    /// Holds nothing any more at `now_ns` (the key can be forgotten).
+    pub fn is_idle(&self, now_ns: i128, spec: &RateSpec) -> bool {
+        self.tat <= Gcra::scaled(now_ns, spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SECOND: i128 = 1_000_000_000;
+
+    #[test]
+    fn twenty_a_minute_then_429_then_one_more_every_three_seconds() {
+        let spec = RateSpec {
+            limit: 20,
+            per_ns: 60 * SECOND,
+            burst: 20,
+        };
+        let mut key = Gcra::default();
+        let start = 1_000 * SECOND;
+        for n in 0..20 {
+            let decision = key.check(start, 1, &spec);
+            assert!(decision.allowed, "call {n}");
+            assert_eq!(decision.remaining, 19 - n);
+        }
+        let refused = key.check(start, 1, &spec);
+        assert!(!refused.allowed);
+        assert_eq!(refused.retry_after_ns, Some(3 * SECOND));
+        assert_eq!(refused.reset_ns, 60 * SECOND);
+        assert!(!key.check(start + 3 * SECOND - 1, 1, &spec).allowed);
+        assert!(key.check(start + 3 * SECOND, 1, &spec).allowed);
+        // Larger than the burst: never allowed, and retrying does not help.
+        assert_eq!(key.check(start + 3600 * SECOND, 21, &spec).retry_after_ns, None);
+        assert!(key.is_idle(start + 3600 * SECOND, &spec));
+    }
+
+    #[test]
+    fn fractional_units_cost_exactly_their_share() {
+        // 1.5 GB a second at scale 9, burst 3 GB: six 0.5 GB requests at once, then one per third of a second.
+        let spec = RateSpec {
+            limit: 1_500_000_000,
+            per_ns: SECOND,
+            burst: 3_000_000_000,
+        };
+        let mut key = Gcra::default();
+        for _ in 0..6 {
+            assert!(key.check(0, 500_000_000, &spec).allowed);
+        }
+        let refused = key.check(0, 500_000_000, &spec);
+        assert_eq!(refused.retry_after_ns, Some(SECOND / 3 + 1));
+        assert!(key.check(SECOND / 3 + 1, 500_000_000, &spec).allowed);
+    }
+
+    proptest! {
+        /// The GCRA bound: in any interval [t_i, t_j] the allowed units are at most
+        /// burst + limit × (t_j − t_i) / per, whatever the sizes and spacing of requests.
+        #[test]
+        fn allowed_units_never_exceed_burst_plus_rate_over_any_interval(
+            limit in 1i128..1_000,
+            per_s in 1i128..100,
+            burst_extra in 0i128..1_000,
+            requests in prop::collection::vec((0i128..3 * SECOND, 1i128..500), 1..200),
+        ) {
+            let spec = RateSpec { limit, per_ns: per_s * SECOND, burst: limit + burst_extra };
+            let mut key = Gcra::default();
+            let mut now = 0;
+            let mut allowed = Vec::new();
+            for (gap, units) in requests {
+                now += gap;
+                if key.check(now, units, &spec).allowed {
+                    allowed.push((now, units));
+                }
+            }
+            for i in 0..allowed.len() {
+                let mut sum = 0;
+                for j in i..allowed.len() {
+                    sum += allowed[j].1;
+                    let span = allowed[j].0 - allowed[i].0;
+                    prop_assert!(sum * spec.per_ns <= spec.burst * spec.per_ns + spec.limit * span,
+                        "{sum} units in {span} ns");
+                }
+            }
+        }
+
+        /// Exactness: a refused request is allowed at exactly `retry_after` later (not a
+        /// nanosecond before), and allowing it keeps the bound.
+        #[test]
+        fn retry_after_is_exact(
+            limit in 1i128..1_000,
+            per_s in 1i128..100,
+            first in 1i128..1_000,
+            second in 1i128..1_000,
+        ) {
+            let spec = RateSpec { limit, per_ns: per_s * SECOND, burst: limit };
+            let mut key = Gcra::default();
+            let _ = key.check(0, first.min(limit), &spec);
+            let decision = key.check(0, second, &spec);
+            if let Some(wait) = decision.retry_after_ns {
+                prop_assert!(!decision.allowed);
+                let mut early = key;
+                prop_assert!(wait == 0 || !early.check(wait - 1, second, &spec).allowed);
+                prop_assert!(key.check(wait, second, &spec).allowed);
+            } else {
+                prop_assert!(decision.allowed || second > spec.burst);
+            }
+        }
+    }
+}

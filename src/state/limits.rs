@@ -1,0 +1,590 @@
+//! The limits gate every edge shares: rate limits (GCRA per tenant and meter) and period quotas
+//! decided at admission, from the very totals rating bills.
+//!
+//! A quota's `used` is the tenant's period quantity of the meter, the number
+//! `GET /api/v1/tenants/{t}/usage` shows: read once from the store and the engine (the caller's
+//! `load`, the query engine) when a (tenant, meter, period) is first needed, then moved by
+//! every batch applied to the engine (`applied`, called by whoever applies, under `lock`, so a
+//! load never sees a batch that `applied` also adds). Units admitted but not yet applied are
+//! `held`: a hard quota refuses a unit when `used + held + units > limit`, so the sum accepted
+//! in a period never exceeds the limit whatever the concurrency; a request that fails gives
+//! its holds back. Refused units hold nothing and never count.
+//!
+//! Decisions are made at admission and what was admitted is what the log holds: replaying the
+//! log after a crash applies exactly the admitted units (it decides nothing again), and a
+//! restart reads `used` back from the store, so it never resets.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::aggregate::{AggState, PreAggregated};
+use crate::limit::{self, Gcra, Kind, Limit, Mode, RateDecision, RateSpec, State};
+use crate::model::{MeterId, SeriesKey, TenantId};
+use crate::rate::plan::Plans;
+
+/// Entries (quota periods, rate keys) untouched this long are forgotten (read again when
+/// needed): memory stays proportional to the active tenants.
+const IDLE: Duration = Duration::from_secs(600);
+
+/// A (tenant, meter, billing period) whose quota is tracked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QuotaKey {
+    pub tenant: TenantId,
+    pub meter: MeterId,
+    pub period_start: i64,
+}
+
+/// Units a request was admitted with and has not applied yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hold {
+    pub key: QuotaKey,
+    pub units: i128,
+}
+
+#[derive(Debug)]
+struct QuotaEntry {
+    period_end: i64,
+    used: i128,
+    held: i128,
+    touched: Instant,
+}
+
+/// A tenant's limits, by meter id, with its billing period.
+#[derive(Debug)]
+struct TenantTable {
+    limits: Vec<(MeterId, Limit)>,
+    period: crate::rate::period::BillingPeriod,
+    zone: Option<chrono_tz::Tz>,
+    /// The last period computed: most units fall in it.
+    last_period: (i64, i64),
+}
+
+impl TenantTable {
+    fn period_of(&mut self, unix_secs: i64) -> (i64, i64) {
+        let (start, end) = self.last_period;
+        if start <= unix_secs && unix_secs < end {
+            return self.last_period;
+        }
+        self.last_period = self.period.containing_in(unix_secs, self.zone);
+        self.last_period
+    }
+
+    fn limit(&self, meter: MeterId, kind: Kind) -> Option<&Limit> {
+        self.limits
+            .iter()
+            .find(|(id, limit)| *id == meter && limit.kind == kind)
+            .map(|(_, limit)| limit)
+    }
+}
+
+#[derive(Default)]
+pub struct Inner {
+    /// The plans the tables were built from (rebuilt when a reload swaps them).
+    plans: Option<Arc<Plans>>,
+    tables: HashMap<TenantId, Option<TenantTable>>,
+    rates: HashMap<(TenantId, MeterId), (Gcra, Instant)>,
+    quotas: HashMap<QuotaKey, QuotaEntry>,
+    decisions: u64,
+}
+
+/// Why a request was refused as a whole: a rate limit it would pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateRefusal {
+    pub tenant: String,
+    pub meter: String,
+    pub limit: Limit,
+    pub decision: RateDecision,
+}
+
+/// The gate's answer for one batch of units.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// Per unit: why it is refused (over a hard quota), or None.
+    pub refused: Vec<Option<String>>,
+    /// What the admitted units hold until applied.
+    pub holds: Vec<Hold>,
+}
+
+/// Decisions of one batch by kind and outcome, recorded once (`tallyd_limit_decisions_total`).
+#[derive(Default)]
+struct Counts([[u64; 3]; 2]);
+
+const OUTCOMES: [&str; 3] = ["allowed", "refused", "warned"];
+
+impl Counts {
+    fn add(&mut self, kind: Kind, outcome: &'static str) {
+        let o = OUTCOMES.iter().position(|known| *known == outcome).unwrap_or(0);
+        self.0[kind as usize][o] += 1;
+    }
+
+    fn record(&self) {
+        for kind in [Kind::Quota, Kind::Rate] {
+            for (o, outcome) in OUTCOMES.iter().enumerate() {
+                let n = self.0[kind as usize][o];
+                if n > 0 {
+                    metrics::counter!(crate::telemetry::LIMIT_DECISIONS, "kind" => kind.as_str(), "outcome" => *outcome)
+                        .increment(n);
+                }
+            }
+        }
+    }
+}
+
+/// A limit's standing, for `GET /api/v1/tenants/{t}/limits` and signals.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Standing {
+    pub limit: Limit,
+    pub used: i128,
+    pub remaining: i128,
+    pub state: State,
+    /// Quotas: the billing period; rates: now and when the burst is whole again.
+    pub period: (i64, i64),
+    /// Unix ms when the limit resets (quota: period end; rate: burst whole again).
+    pub resets_at_ms: i64,
+}
+
+/// Reads a (tenant, meter) period total `[from, to)` (unix seconds) at the limit's scale.
+pub type Load<'a> = &'a dyn Fn(&str, &str, i64, i64) -> Result<i128, String>;
+
+pub struct Limits {
+    epoch: Instant,
+    /// Whether any plan has limits: the fast path skips the lock when none does.
+    active: AtomicBool,
+    inner: Mutex<Inner>,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits::new()
+    }
+}
+
+/// Additive contributions of one unit: (series, units at the meter's limit scale).
+pub trait Contributes {
+    fn contributions(&self, each: &mut dyn FnMut(SeriesKey, i128));
+}
+
+/// The additive part of an aggregation state (SUM, COUNT); None for the others.
+pub fn additive(state: &AggState) -> Option<i128> {
+    match state {
+        AggState::Sum(value) => Some(value.get()),
+        AggState::Count(n) => Some(i128::from(*n)),
+        _ => None,
+    }
+}
+
+impl Limits {
+    pub fn new() -> Limits {
+        Limits {
+            epoch: Instant::now(),
+            active: AtomicBool::new(false),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// Nanoseconds on the gate's monotonic clock.
+    pub fn now_ns(&self) -> i128 {
+        self.epoch.elapsed().as_nanos() as i128
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// The plans in force changed (start, reload): tables are rebuilt from them on next use.
+    pub fn set_plans(&self, plans: &Arc<Plans>) {
+        self.active.store(plans.any_limits(), Ordering::Relaxed);
+        let mut inner = self.inner.lock();
+        inner.plans = Some(plans.clone());
+        inner.tables.clear();
+    }
+
+    /// The lock `applied` needs; an applier holds it across the engine apply.
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock()
+    }
+
+    /// Decides a batch of units: rate limits over the fresh units as a whole (all or nothing:
+    /// `Err` refuses the request and takes nothing), then each fresh unit against its quotas in
+    /// order. `fresh[i]`: unit i counts (not a duplicate).
+    pub fn decide<U: Contributes>(
+        &self,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        units: &[U],
+        fresh: &[bool],
+        rates: bool,
+        load: Load<'_>,
+    ) -> Result<Verdict, LimitError> {
+        let mut verdict = Verdict {
+            refused: vec![None; units.len()],
+            ..Verdict::default()
+        };
+        if !self.is_active() {
+            return Ok(verdict);
+        }
+        let now_ns = self.now_ns();
+        let mut counts = Counts::default();
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        inner.decisions += 1;
+        if inner.decisions % 4096 == 0 {
+            inner.sweep(now_ns);
+        }
+        // Rate limits: the request's demand per (tenant, meter), all allowed or none taken.
+        let mut demand: Vec<((TenantId, MeterId), i128, RateSpec)> = Vec::new();
+        for (unit, _) in units.iter().zip(fresh).filter(|(_, fresh)| rates && **fresh) {
+            unit.contributions(&mut |key, units| {
+                let Some(spec) = inner
+                    .table(key.tenant, names, meters)
+                    .and_then(|table| table.limit(key.meter, Kind::Rate))
+                    .and_then(|limit| limit.rate)
+                else {
+                    return;
+                };
+                match demand.iter_mut().find(|(id, _, _)| *id == (key.tenant, key.meter)) {
+                    Some((_, total, _)) => *total = total.saturating_add(units),
+                    None => demand.push(((key.tenant, key.meter), units, spec)),
+                }
+            });
+        }
+        let mut taken: Vec<((TenantId, MeterId), Gcra)> = Vec::with_capacity(demand.len());
+        for &((tenant, meter), units, spec) in &demand {
+            let mut state = inner
+                .rates
+                .get(&(tenant, meter))
+                .map(|(gcra, _)| *gcra)
+                .unwrap_or_default();
+            let decision = state.check(now_ns, units, &spec);
+            if !decision.allowed {
+                counts.add(Kind::Rate, "refused");
+                drop(guard);
+                counts.record();
+                let limit = self
+                    .limit_of(tenant, meter, Kind::Rate)
+                    .expect("invariant: a demand has its rate limit");
+                return Err(LimitError::Rate(RateRefusal {
+                    tenant: names.tenants.resolve(tenant).to_string(),
+                    meter: limit.meter.clone(),
+                    limit,
+                    decision,
+                }));
+            }
+            taken.push(((tenant, meter), state));
+        }
+        let now = Instant::now();
+        for (key, state) in taken {
+            inner.rates.insert(key, (state, now));
+            counts.add(Kind::Rate, "allowed");
+        }
+        // Quotas, unit by unit in order: (period, units, mode, limit, scale).
+        let mut wants: Vec<(QuotaKey, i128, Mode, i128, u32)> = Vec::new();
+        for (index, unit) in units.iter().enumerate() {
+            if !fresh[index] {
+                continue;
+            }
+            wants.clear();
+            unit.contributions(&mut |key, units| {
+                let Some(table) = inner.table_mut(key.tenant, names, meters) else {
+                    return;
+                };
+                let Some((mode, limit, scale)) = table
+                    .limit(key.meter, Kind::Quota)
+                    .map(|limit| (limit.mode, limit.limit, limit.scale))
+                else {
+                    return;
+                };
+                let (period_start, _) = table.period_of(key.window_start);
+                let quota_key = QuotaKey {
+                    tenant: key.tenant,
+                    meter: key.meter,
+                    period_start,
+                };
+                match wants.iter_mut().find(|want| want.0 == quota_key) {
+                    Some(want) => want.1 = want.1.saturating_add(units),
+                    None => wants.push((quota_key, units, mode, limit, scale)),
+                }
+            });
+            if wants.is_empty() {
+                continue;
+            }
+            let mut over: Option<String> = None;
+            for &(key, units, mode, limit, scale) in &wants {
+                let entry = inner.entry(key, names, meters, load)?;
+                let taken = entry.used.saturating_add(entry.held);
+                if mode == Mode::Hard && taken.saturating_add(units) > limit {
+                    let format = |units: i128| crate::model::format_decimal(units, scale);
+                    over = Some(format!(
+                        "tenant `{}` is over its quota of `{}`: {} of {} used this period, the event needs {}; \
+                         the quota resets at {}",
+                        names.tenants.resolve(key.tenant),
+                        meters.by_id(key.meter).map_or("?", |meter| meter.slug.as_str()),
+                        format(taken),
+                        format(limit),
+                        format(units),
+                        crate::model::rfc3339(entry.period_end),
+                    ));
+                    break;
+                }
+            }
+            match over {
+                Some(message) => {
+                    verdict.refused[index] = Some(message);
+                    counts.add(Kind::Quota, "refused");
+                }
+                None => {
+                    let mut warned = false;
+                    for &(key, units, _, limit, _) in &wants {
+                        let entry = inner.quotas.get_mut(&key).expect("invariant: entry made above");
+                        entry.held = entry.held.saturating_add(units);
+                        warned |= entry.used.saturating_add(entry.held) > limit;
+                        verdict.holds.push(Hold { key, units });
+                    }
+                    counts.add(Kind::Quota, if warned { "warned" } else { "allowed" });
+                }
+            }
+        }
+        drop(guard);
+        counts.record();
+        Ok(verdict)
+    }
+
+    fn limit_of(&self, tenant: TenantId, meter: MeterId, kind: Kind) -> Option<Limit> {
+        let inner = self.inner.lock();
+        inner
+            .tables
+            .get(&tenant)
+            .and_then(Option::as_ref)
+            .and_then(|table| table.limit(meter, kind))
+            .cloned()
+    }
+
+    /// Gives back the holds of a request that was not applied.
+    pub fn release(&self, holds: &[Hold]) {
+        if holds.is_empty() {
+            return;
+        }
+        let mut inner = self.inner.lock();
+        for hold in holds {
+            if let Some(entry) = inner.quotas.get_mut(&hold.key) {
+                entry.held = entry.held.saturating_sub(hold.units);
+            }
+        }
+    }
+
+    /// The standing of every limit of `tenant` now (loading quota periods not tracked yet).
+    pub fn standing(
+        &self,
+        tenant: &str,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        now_secs: i64,
+        load: Load<'_>,
+    ) -> Result<Vec<Standing>, LimitError> {
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        let plans = inner.plans.clone().unwrap_or_default();
+        let limits = plans.limits_for(tenant);
+        let tenant_id = names.tenants.get(tenant);
+        let now_ns = self.now_ns();
+        let now_ms = crate::model::now_ms();
+        let mut out = Vec::new();
+        for limit in limits {
+            let meter = meters.by_slug(&limit.meter).map(|meter| meter.id);
+            match limit.kind {
+                Kind::Quota => {
+                    let (period, zone) = match plans.for_tenant(tenant) {
+                        Some((plan, _)) => (plans.period_of(tenant, plan), plans.timezone(tenant)),
+                        None => continue,
+                    };
+                    let (start, end) = period.containing_in(now_secs, zone);
+                    let used = match (tenant_id, meter) {
+                        (Some(tenant_id), Some(meter)) => {
+                            let key = QuotaKey {
+                                tenant: tenant_id,
+                                meter,
+                                period_start: start,
+                            };
+                            inner.entry(key, names, meters, load)?.used
+                        }
+                        // Never seen: nothing used.
+                        _ => 0,
+                    };
+                    out.push(Standing {
+                        used,
+                        remaining: (limit.limit - used).max(0),
+                        state: limit::quota_state(used, &limit),
+                        period: (start, end),
+                        resets_at_ms: end * 1000,
+                        limit,
+                    });
+                }
+                Kind::Rate => {
+                    let spec = limit.rate.expect("invariant: rate limits have a spec");
+                    let gcra = match (tenant_id, meter) {
+                        (Some(tenant_id), Some(meter)) => inner
+                            .rates
+                            .get(&(tenant_id, meter))
+                            .map(|(gcra, _)| *gcra)
+                            .unwrap_or_default(),
+                        _ => Gcra::default(),
+                    };
+                    let (remaining, reset_ns) = gcra.peek(now_ns, &spec);
+                    let used = spec.burst - remaining;
+                    let resets_at_ms = now_ms + (reset_ns / 1_000_000) as i64;
+                    out.push(Standing {
+                        used,
+                        remaining,
+                        state: if remaining <= 0 { State::Exceeded } else { State::Ok },
+                        period: (now_ms.div_euclid(1000), resets_at_ms.div_euclid(1000)),
+                        resets_at_ms,
+                        limit,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Why a batch could not be decided.
+#[derive(Debug)]
+pub enum LimitError {
+    /// A rate limit refuses the request as a whole.
+    Rate(RateRefusal),
+    /// A quota's period total could not be read.
+    Load(String),
+}
+
+impl Inner {
+    fn ensure_tables(&mut self) {
+        if self.plans.is_none() {
+            self.plans = Some(Arc::new(Plans::default()));
+        }
+    }
+
+    fn build(&self, tenant: TenantId, names: &crate::model::Names, meters: &crate::meter::Meters) -> Option<TenantTable> {
+        let plans = self.plans.as_ref()?;
+        let name = names.tenants.resolve(tenant);
+        let (plan, _) = plans.for_tenant(&name)?;
+        let limits: Vec<(MeterId, Limit)> = plans
+            .limits_for(&name)
+            .into_iter()
+            .filter_map(|limit| meters.by_slug(&limit.meter).map(|meter| (meter.id, limit)))
+            .collect();
+        if limits.is_empty() {
+            return None;
+        }
+        Some(TenantTable {
+            limits,
+            period: plans.period_of(&name, plan),
+            zone: plans.timezone(&name),
+            last_period: (0, 0),
+        })
+    }
+
+    fn table(&mut self, tenant: TenantId, names: &crate::model::Names, meters: &crate::meter::Meters) -> Option<&TenantTable> {
+        self.table_mut(tenant, names, meters).map(|table| &*table)
+    }
+
+    fn table_mut(
+        &mut self,
+        tenant: TenantId,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+    ) -> Option<&mut TenantTable> {
+        self.ensure_tables();
+        if !self.tables.contains_key(&tenant) {
+            let table = self.build(tenant, names, meters);
+            self.tables.insert(tenant, table);
+        }
+        self.tables.get_mut(&tenant).and_then(Option::as_mut)
+    }
+
+    /// The tracked quota period, read from the store and engine the first time.
+    fn entry(
+        &mut self,
+        key: QuotaKey,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        load: Load<'_>,
+    ) -> Result<&mut QuotaEntry, LimitError> {
+        if !self.quotas.contains_key(&key) {
+            let tenant = names.tenants.resolve(key.tenant);
+            let meter = meters
+                .by_id(key.meter)
+                .map(|meter| meter.slug.clone())
+                .unwrap_or_default();
+            let period_end = self
+                .table_mut(key.tenant, names, meters)
+                .map_or(key.period_start, |table| table.period_of(key.period_start).1);
+            let used = load(&tenant, &meter, key.period_start, period_end).map_err(LimitError::Load)?;
+            self.quotas.insert(
+                key,
+                QuotaEntry {
+                    period_end,
+                    used,
+                    held: 0,
+                    touched: Instant::now(),
+                },
+            );
+        }
+        let entry = self.quotas.get_mut(&key).expect("invariant: inserted above");
+        entry.touched = Instant::now();
+        Ok(entry)
+    }
+
+    /// A batch was applied to the engine (with the lock held across the apply): tracked quota
+    /// periods move by its additive states, and the request's holds are given back (its
+    /// units are now in `used`).
+    pub fn applied(&mut self, batch: &PreAggregated, holds: &[Hold]) {
+        for hold in holds {
+            if let Some(entry) = self.quotas.get_mut(&hold.key) {
+                entry.held = entry.held.saturating_sub(hold.units);
+            }
+        }
+        if self.quotas.is_empty() {
+            return;
+        }
+        for (key, state) in &batch.series {
+            let Some(units) = additive(state) else { continue };
+            let Some(Some(table)) = self.tables.get_mut(&key.tenant) else {
+                continue;
+            };
+            if table.limit(key.meter, Kind::Quota).is_none() {
+                continue;
+            }
+            let (period_start, _) = table.period_of(key.window_start);
+            let quota_key = QuotaKey {
+                tenant: key.tenant,
+                meter: key.meter,
+                period_start,
+            };
+            if let Some(entry) = self.quotas.get_mut(&quota_key) {
+                entry.used = entry.used.saturating_add(units);
+            }
+        }
+    }
+
+    /// Forgets idle rate keys (their buckets are full) and quota periods nobody touched lately.
+    fn sweep(&mut self, now_ns: i128) {
+        let tables = &self.tables;
+        self.rates.retain(|(tenant, meter), (gcra, touched)| {
+            let spec = tables
+                .get(tenant)
+                .and_then(Option::as_ref)
+                .and_then(|table| table.limit(*meter, Kind::Rate))
+                .and_then(|limit| limit.rate);
+            match spec {
+                Some(spec) => !gcra.is_idle(now_ns, &spec) || touched.elapsed() < Duration::from_secs(1),
+                None => false,
+            }
+        });
+        self.quotas
+            .retain(|_, entry| entry.held != 0 || entry.touched.elapsed() < IDLE);
+    }
+}
