@@ -340,6 +340,7 @@ mod tests {
     use crate::pipeline::Stages;
     use crate::state::SnapshotCut;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
     /// The daemon's stages, checkpointing only when a test cuts one.

@@ -85,7 +85,11 @@ fn render(standing: &Standing) -> Value {
         "state": standing.state.as_str(),
         "period_start": rfc3339(standing.period.0),
         "period_end": rfc3339(standing.period.1),
-        "resets_at": rfc3339_ms(standing.resets_at_ms),
+        // Whole seconds as the period bounds are written; a rate's reset to the millisecond.
+        "resets_at": match standing.resets_at_ms.rem_euclid(1000) {
+            0 => rfc3339(standing.resets_at_ms.div_euclid(1000)),
+            _ => rfc3339_ms(standing.resets_at_ms),
+        },
         "thresholds": limit.thresholds,
     })
 }

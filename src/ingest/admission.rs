@@ -31,11 +31,10 @@ use crate::aggregate::streams::CumulativePoint;
 use crate::aggregate::{MergeError, PreAggregated};
 use crate::cluster::forward::ForwardedUnit;
 use crate::cluster::Cluster;
-use crate::model::{now_ms, rfc3339_ms};
-use crate::aggregate::AggState;
 use crate::model::SeriesKey;
+use crate::model::{now_ms, rfc3339_ms};
 use crate::state::dedup::{ClaimError, Ticket};
-use crate::state::limits::{additive, Contributes, Hold, LimitError, RateRefusal};
+use crate::state::limits::{state_contributions, Contributes, Hold, LimitError, RateRefusal};
 use crate::state::{CommitRequest, Shared};
 use crate::store::log::LogBatch;
 use crate::telemetry;
@@ -68,22 +67,7 @@ pub trait Countable: Contributes {
     fn fold_into(&self, batch: &mut PreAggregated) -> Result<(), MergeError>;
 }
 
-/// The additive part of pre-built states (OTLP points, forwarded usage).
-fn state_contributions(updates: &[(SeriesKey, AggState)], each: &mut dyn FnMut(SeriesKey, i128)) {
-    for (key, state) in updates {
-        if let Some(units) = additive(state) {
-            each(*key, units);
-        }
-    }
-}
-
 impl Contributes for ForwardedUnit {
-    fn contributions(&self, each: &mut dyn FnMut(SeriesKey, i128)) {
-        state_contributions(&self.updates, each);
-    }
-}
-
-impl Contributes for crate::ingest::otlp::map::MappedPoint {
     fn contributions(&self, each: &mut dyn FnMut(SeriesKey, i128)) {
         state_contributions(&self.updates, each);
     }
@@ -282,7 +266,7 @@ pub enum FoldError {
     Claim(#[from] ClaimError),
     /// A rate limit refuses the request as a whole (push edges only).
     #[error("over the rate limit of `{}` for tenant `{}`", .0.meter, .0.tenant)]
-    Rate(RateRefusal),
+    Rate(Box<RateRefusal>),
     /// A quota's period total could not be read from the store.
     #[error("quota usage unreadable: {0}")]
     Load(String),
@@ -373,7 +357,9 @@ pub fn claim_and_fold<U: Countable>(
     let mut refused = verdict.as_ref().map(|verdict| verdict.refused.iter());
     for (index, unit) in units.iter().enumerate() {
         let key = unit.dedup_key();
-        let over = refused.as_mut().and_then(|refused| refused.next().cloned().flatten());
+        let over = refused
+            .as_mut()
+            .and_then(|refused| refused.next().cloned().flatten());
         if !fresh[index] {
             claimed.duplicates += 1;
             continue;
@@ -667,20 +653,24 @@ fn claim_for_commit<U: Countable, T>(
         refuse,
     } = prepared;
     let ticket = shared.dedup.ticket();
-    let claimed = claim_and_fold(shared, &ticket, now, &units, 1, |_| 0, Limited::All).map_err(|error| match error {
-        FoldError::Claim(ClaimError::Store(error)) => {
-            tracing::error!(%error, "dedup lookup failed");
-            IngestError::Unavailable("storage unavailable".into())
-        }
-        FoldError::Claim(ClaimError::InFlight) => IngestError::Unavailable(
-            "another request with some of these events is still committing; retry after the delay".into(),
-        ),
-        FoldError::Load(message) => {
-            tracing::error!(%message, "quota usage unreadable");
-            IngestError::Unavailable("storage unavailable".into())
-        }
-        FoldError::Rate(refusal) => rate_limited(&refusal),
-    })?;
+    let claimed =
+        claim_and_fold(shared, &ticket, now, &units, 1, |_| 0, Limited::All).map_err(
+            |error| match error {
+                FoldError::Claim(ClaimError::Store(error)) => {
+                    tracing::error!(%error, "dedup lookup failed");
+                    IngestError::Unavailable("storage unavailable".into())
+                }
+                FoldError::Claim(ClaimError::InFlight) => IngestError::Unavailable(
+                    "another request with some of these events is still committing; retry after the delay"
+                        .into(),
+                ),
+                FoldError::Load(message) => {
+                    tracing::error!(%message, "quota usage unreadable");
+                    IngestError::Unavailable("storage unavailable".into())
+                }
+                FoldError::Rate(refusal) => rate_limited(&refusal),
+            },
+        )?;
     if let Some(&first) = claimed.overflowed.first() {
         let keys: Vec<u128> = claimed.keys().copied().collect();
         shared.dedup.remove_all(&keys);
@@ -692,7 +682,12 @@ fn claim_for_commit<U: Countable, T>(
     if !claimed.over_quota.is_empty() {
         let mut refuse = refuse.expect("invariant: an edge whose units feed quotas can refuse them");
         for (index, message) in &claimed.over_quota {
-            dead_letters.push(refuse(&units[*index], &mut answer, RefusalReason::QuotaExceeded, message));
+            dead_letters.push(refuse(
+                &units[*index],
+                &mut answer,
+                RefusalReason::QuotaExceeded,
+                message,
+            ));
         }
         tally.refuse_many(RefusalReason::QuotaExceeded, claimed.over_quota.len());
     }
@@ -736,10 +731,15 @@ fn claim_for_commit<U: Countable, T>(
 /// exact wait (whole seconds, rounded up), with the IETF draft-10 `RateLimit-Policy` and
 /// `RateLimit` values.
 pub fn rate_limited(refusal: &RateRefusal) -> IngestError {
-    let spec = refusal.limit.rate.expect("invariant: a rate refusal has its rate");
+    let spec = refusal
+        .limit
+        .rate
+        .expect("invariant: a rate refusal has its rate");
     let window_secs = spec.per_ns / 1_000_000_000;
     let wait_ns = refusal.decision.retry_after_ns;
-    let retry_secs = wait_ns.map_or(window_secs, |ns| (ns + 999_999_999) / 1_000_000_000).max(1);
+    let retry_secs = wait_ns
+        .map_or(window_secs, |ns| (ns + 999_999_999) / 1_000_000_000)
+        .max(1);
     let reset_secs = ((refusal.decision.reset_ns + 999_999_999) / 1_000_000_000).max(1);
     let limit = refusal.limit.format(spec.limit);
     let message = match wait_ns {
@@ -759,7 +759,7 @@ pub fn rate_limited(refusal: &RateRefusal) -> IngestError {
     IngestError::RateLimited {
         message,
         retry_after: std::time::Duration::from_secs(retry_secs as u64),
-        policy: format!("\"{name}\";q={};w={window_secs}", refusal.limit.format(spec.burst)),
+        policy: format!("\"{name}\";q={limit};w={window_secs}"),
         state: format!(
             "\"{name}\";r={};t={reset_secs}",
             refusal.limit.format(refusal.decision.remaining.max(0))

@@ -242,37 +242,39 @@ fn prepare(
 fn late_refusal(body: &bytes::Bytes, kind: BodyKind, now: i64) -> LateRefusal<MeteredEvent, Vec<Refusal>> {
     let body = body.clone();
     let mut spans: Option<Vec<(usize, usize)>> = None;
-    Box::new(move |event: &MeteredEvent, refused: &mut Vec<Refusal>, reason, message: &str| {
-        let spans = spans.get_or_insert_with(|| {
-            decode::split_body(&body, kind)
-                .map(|raw| {
-                    raw.iter()
-                        .map(|event| {
-                            let start = event.get().as_ptr() as usize - body.as_ptr() as usize;
-                            (start, start + event.get().len())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        });
-        let event_json = spans
-            .get(event.index)
-            .and_then(|&(start, end)| serde_json::from_slice::<serde_json::Value>(&body[start..end]).ok())
-            .unwrap_or(serde_json::Value::Null);
-        refused.push(Refusal {
-            index: event.index,
-            reason,
-            message: message.to_string(),
-        });
-        refused.sort_by_key(|refusal| refusal.index);
-        dead_letter_line(
-            &received_at(now),
-            SOURCE,
-            reason,
-            message,
-            json!({"index": event.index, "event": event_json}),
-        )
-    })
+    Box::new(
+        move |event: &MeteredEvent, refused: &mut Vec<Refusal>, reason, message: &str| {
+            let spans = spans.get_or_insert_with(|| {
+                decode::split_body(&body, kind)
+                    .map(|raw| {
+                        raw.iter()
+                            .map(|event| {
+                                let start = event.get().as_ptr() as usize - body.as_ptr() as usize;
+                                (start, start + event.get().len())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            });
+            let event_json = spans
+                .get(event.index)
+                .and_then(|&(start, end)| serde_json::from_slice::<serde_json::Value>(&body[start..end]).ok())
+                .unwrap_or(serde_json::Value::Null);
+            refused.push(Refusal {
+                index: event.index,
+                reason,
+                message: message.to_string(),
+            });
+            refused.sort_by_key(|refusal| refusal.index);
+            dead_letter_line(
+                &received_at(now),
+                SOURCE,
+                reason,
+                message,
+                json!({"index": event.index, "event": event_json}),
+            )
+        },
+    )
 }
 
 /// Cluster mode: validate exactly as a single replica would (a 400 names every problem), then

@@ -126,7 +126,10 @@ fn amount(value: &toml::Value, scale: u32, at: &str, errors: &mut Vec<String>) -
             return None;
         }
         other => {
-            errors.push(format!("{at}: must be a decimal string, got {}", other.type_str()));
+            errors.push(format!(
+                "{at}: must be a decimal string, got {}",
+                other.type_str()
+            ));
             return None;
         }
     };
@@ -178,7 +181,9 @@ pub fn validate(
         }
         (Kind::Rate, None) => Mode::Hard,
         (Kind::Rate, Some(_)) => {
-            errors.push(format!("{at}.mode: applies to quotas only (a rate limit always refuses)"));
+            errors.push(format!(
+                "{at}.mode: applies to quotas only (a rate limit always refuses)"
+            ));
             Mode::Hard
         }
     };
@@ -191,7 +196,9 @@ pub fn validate(
     }
     let mut thresholds = raw.thresholds.clone().unwrap_or_else(|| vec![80, 100]);
     if let Some(bad) = thresholds.iter().find(|percent| !(1..=1000).contains(*percent)) {
-        errors.push(format!("{at}.thresholds: {bad} must be between 1 and 1000 (percent)"));
+        errors.push(format!(
+            "{at}.thresholds: {bad} must be between 1 and 1000 (percent)"
+        ));
     }
     thresholds.sort_unstable();
     thresholds.dedup();
@@ -211,11 +218,15 @@ pub fn validate(
                 Some("hour") => Some(3600),
                 Some("day") => Some(86_400),
                 Some(other) => {
-                    errors.push(format!("{at}.per: `{other}` is not one of second | minute | hour | day"));
+                    errors.push(format!(
+                        "{at}.per: `{other}` is not one of second | minute | hour | day"
+                    ));
                     None
                 }
                 None => {
-                    errors.push(format!("{at}.per: a rate limit needs one of second | minute | hour | day"));
+                    errors.push(format!(
+                        "{at}.per: a rate limit needs one of second | minute | hour | day"
+                    ));
                     None
                 }
             };
@@ -341,7 +352,10 @@ mod tests {
             Some((Aggregation::Sum, 9)),
         )
         .unwrap();
-        assert_eq!((quota.limit, quota.mode, quota.thresholds.clone()), (500_000_000, Mode::Soft, vec![80, 100]));
+        assert_eq!(
+            (quota.limit, quota.mode, quota.thresholds.clone()),
+            (500_000_000, Mode::Soft, vec![80, 100])
+        );
         assert_eq!(quota.format(quota.limit), "0.5");
         let rate = check(
             "meter = \"api_calls\"\nkind = \"rate\"\nlimit = 20\nper = \"minute\"",
@@ -382,7 +396,10 @@ mod tests {
         )
         .unwrap_err();
         let text = errors.join("\n");
-        assert!(text.contains("limit: `0.001` has more than 0 decimal places"), "{text}");
+        assert!(
+            text.contains("limit: `0.001` has more than 0 decimal places"),
+            "{text}"
+        );
         assert!(text.contains("burst: must be more than 0"), "{text}");
         assert!(text.contains("per: a rate limit needs one of"), "{text}");
     }
@@ -398,9 +415,16 @@ mod tests {
             thresholds: vec![100],
             rate: None,
         };
-        let plan = [limit("a", Kind::Quota, 10), limit("a", Kind::Rate, 5), limit("b", Kind::Quota, 1)];
+        let plan = [
+            limit("a", Kind::Quota, 10),
+            limit("a", Kind::Rate, 5),
+            limit("b", Kind::Quota, 1),
+        ];
         let merged = merge(&plan, &[limit("a", Kind::Quota, 99)]);
-        let units: Vec<(String, Kind, i128)> = merged.iter().map(|l| (l.meter.clone(), l.kind, l.limit)).collect();
+        let units: Vec<(String, Kind, i128)> = merged
+            .iter()
+            .map(|l| (l.meter.clone(), l.kind, l.limit))
+            .collect();
         assert_eq!(
             units,
             vec![

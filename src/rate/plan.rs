@@ -9,9 +9,9 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 
 use super::period::BillingPeriod;
+use super::{minor_unit_exponent, validate_tiers, Charge, ChargeModel, Tier};
 use crate::aggregate::Aggregation;
 use crate::limit::{Limit, RawLimit};
-use super::{minor_unit_exponent, validate_tiers, Charge, ChargeModel, Tier};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -238,7 +238,10 @@ impl Plans {
         let Some((plan, _)) = self.for_tenant(tenant) else {
             return Vec::new();
         };
-        let own = self.tenants.get(tenant).map_or(&[][..], |assigned| &assigned.limits);
+        let own = self
+            .tenants
+            .get(tenant)
+            .map_or(&[][..], |assigned| &assigned.limits);
         crate::limit::merge(&plan.limits, own)
     }
 
@@ -576,10 +579,8 @@ mod tests {
         }
         let doc: Doc = toml::from_str(text).map_err(|error| vec![error.to_string()])?;
         let mut errors = Vec::new();
-        let meters: Vec<(&str, Aggregation, u32)> = METERS
-            .iter()
-            .map(|slug| (*slug, Aggregation::Sum, 0))
-            .collect();
+        let meters: Vec<(&str, Aggregation, u32)> =
+            METERS.iter().map(|slug| (*slug, Aggregation::Sum, 0)).collect();
         let plans = validate(doc.plans, doc.tenants, doc.rating, &meters, &mut errors);
         if errors.is_empty() {
             Ok(plans)

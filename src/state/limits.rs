@@ -177,6 +177,15 @@ pub fn additive(state: &AggState) -> Option<i128> {
     }
 }
 
+/// The additive contributions of pre-built states (OTLP points, forwarded usage).
+pub fn state_contributions(updates: &[(SeriesKey, AggState)], each: &mut dyn FnMut(SeriesKey, i128)) {
+    for (key, state) in updates {
+        if let Some(units) = additive(state) {
+            each(*key, units);
+        }
+    }
+}
+
 impl Limits {
     pub fn new() -> Limits {
         Limits {
@@ -246,7 +255,10 @@ impl Limits {
                 else {
                     return;
                 };
-                match demand.iter_mut().find(|(id, _, _)| *id == (key.tenant, key.meter)) {
+                match demand
+                    .iter_mut()
+                    .find(|(id, _, _)| *id == (key.tenant, key.meter))
+                {
                     Some((_, total, _)) => *total = total.saturating_add(units),
                     None => demand.push(((key.tenant, key.meter), units, spec)),
                 }
@@ -267,12 +279,12 @@ impl Limits {
                 let limit = self
                     .limit_of(tenant, meter, Kind::Rate)
                     .expect("invariant: a demand has its rate limit");
-                return Err(LimitError::Rate(RateRefusal {
+                return Err(LimitError::Rate(Box::new(RateRefusal {
                     tenant: names.tenants.resolve(tenant).to_string(),
                     meter: limit.meter.clone(),
                     limit,
                     decision,
-                }));
+                })));
             }
             taken.push(((tenant, meter), state));
         }
@@ -439,7 +451,11 @@ impl Limits {
                     out.push(Standing {
                         used,
                         remaining,
-                        state: if remaining <= 0 { State::Exceeded } else { State::Ok },
+                        state: if remaining <= 0 {
+                            State::Exceeded
+                        } else {
+                            State::Ok
+                        },
                         period: (now_ms.div_euclid(1000), resets_at_ms.div_euclid(1000)),
                         resets_at_ms,
                         limit,
@@ -455,7 +471,7 @@ impl Limits {
 #[derive(Debug)]
 pub enum LimitError {
     /// A rate limit refuses the request as a whole.
-    Rate(RateRefusal),
+    Rate(Box<RateRefusal>),
     /// A quota's period total could not be read.
     Load(String),
 }
@@ -467,7 +483,12 @@ impl Inner {
         }
     }
 
-    fn build(&self, tenant: TenantId, names: &crate::model::Names, meters: &crate::meter::Meters) -> Option<TenantTable> {
+    fn build(
+        &self,
+        tenant: TenantId,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+    ) -> Option<TenantTable> {
         let plans = self.plans.as_ref()?;
         let name = names.tenants.resolve(tenant);
         let (plan, _) = plans.for_tenant(&name)?;
@@ -487,7 +508,12 @@ impl Inner {
         })
     }
 
-    fn table(&mut self, tenant: TenantId, names: &crate::model::Names, meters: &crate::meter::Meters) -> Option<&TenantTable> {
+    fn table(
+        &mut self,
+        tenant: TenantId,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+    ) -> Option<&TenantTable> {
         self.table_mut(tenant, names, meters).map(|table| &*table)
     }
 

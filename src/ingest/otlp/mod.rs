@@ -148,6 +148,12 @@ fn decode(signal: Signal, encoding: Encoding, body: &[u8]) -> Result<Request, In
     }
 }
 
+impl crate::state::limits::Contributes for MappedPoint {
+    fn contributions(&self, each: &mut dyn FnMut(crate::model::SeriesKey, i128)) {
+        crate::state::limits::state_contributions(&self.updates, each);
+    }
+}
+
 impl Countable for MappedPoint {
     fn dedup_key(&self) -> Option<u128> {
         self.dedup_key
@@ -362,27 +368,29 @@ fn prepare(
 /// reason, which names the tenant, the meter and when the quota resets. No RetryInfo: the
 /// collector must not retry for days; the point is dead-lettered.
 fn late_refusal(signal: Signal, now: i64) -> super::admission::LateRefusal<MappedPoint, Outcome> {
-    Box::new(move |point: &MappedPoint, outcome: &mut Outcome, reason, message: &str| {
-        outcome.rejected += 1;
-        let note = format!("{}: {message}", reason.as_str());
-        if outcome.message.is_empty() {
-            outcome.message = format!("{} rejected: {note}", signal.noun());
-        } else if !outcome.message.contains(reason.as_str()) {
-            outcome.message.push_str(&format!("; {note}"));
-        }
-        let series: Vec<serde_json::Value> = point
-            .updates
-            .iter()
-            .map(|(key, _)| json!({"meter_id": key.meter, "window_start": key.window_start}))
-            .collect();
-        dead_letter_line(
-            &received_at(now),
-            SOURCE,
-            reason,
-            message,
-            json!({"signal": signal.as_str(), "series": series}),
-        )
-    })
+    Box::new(
+        move |point: &MappedPoint, outcome: &mut Outcome, reason, message: &str| {
+            outcome.rejected += 1;
+            let note = format!("{}: {message}", reason.as_str());
+            if outcome.message.is_empty() {
+                outcome.message = format!("{} rejected: {note}", signal.noun());
+            } else if !outcome.message.contains(reason.as_str()) {
+                outcome.message.push_str(&format!("; {note}"));
+            }
+            let series: Vec<serde_json::Value> = point
+                .updates
+                .iter()
+                .map(|(key, _)| json!({"meter_id": key.meter, "window_start": key.window_start}))
+                .collect();
+            dead_letter_line(
+                &received_at(now),
+                SOURCE,
+                reason,
+                message,
+                json!({"signal": signal.as_str(), "series": series}),
+            )
+        },
+    )
 }
 
 /// Cluster mode: map here (refusing points that need stream state), produce the accepted

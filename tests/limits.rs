@@ -1,0 +1,416 @@
+//! Limits end to end (black box, a real HTTP client): rate limits answer 429 with the draft-10
+//! headers and count nothing; hard quotas refuse exactly what would go over, whatever the
+//! concurrency, and a kill -9 does not reset them; soft quotas keep accepting and bill the
+//! overage; a DAY quota resets at the period boundary (shifted clock).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const PLANS: &str = r#"
+[[plans]]
+id = "free"
+currency = "USD"
+billing_period = "MONTH"
+[[plans.charges]]
+meter = "tokens"
+model = "per_unit"
+unit_price = "0.01"
+[[plans.charges]]
+meter = "api_calls"
+model = "per_unit"
+unit_price = "0.001"
+[[plans.limits]]
+meter = "api_calls"
+kind = "rate"
+limit = 1
+per = "second"
+burst = 5
+[[plans.limits]]
+meter = "tokens"
+kind = "quota"
+limit = "100"
+mode = "hard"
+thresholds = [80, 100]
+
+[[plans]]
+id = "growth"
+currency = "USD"
+billing_period = "MONTH"
+[[plans.charges]]
+meter = "api_calls"
+model = "per_unit"
+unit_price = "0.001"
+[[plans.limits]]
+meter = "api_calls"
+kind = "quota"
+limit = 3
+mode = "soft"
+
+[[tenants]]
+id = "acme"
+plan = "free"
+[[tenants]]
+id = "globex"
+plan = "growth"
+"#;
+
+fn call(id: &str, tenant: &str) -> Value {
+    event(id, "api.request", tenant, &ago(0), json!({"route": "/v1/x"}))
+}
+
+fn tokens(id: &str, tenant: &str, n: i64) -> Value {
+    event(
+        id,
+        "llm.prompt",
+        tenant,
+        &ago(0),
+        json!({"tokens": n, "model": "m"}),
+    )
+}
+
+async fn post_raw(daemon: &Daemon, events: &[Value]) -> reqwest::Response {
+    client()
+        .post(daemon.url("/api/v1/events"))
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(serde_json::to_vec(events).unwrap())
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn limits_of(daemon: &Daemon, tenant: &str) -> Value {
+    let response = client()
+        .get(daemon.url(&format!("/api/v1/tenants/{tenant}/limits")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+fn limit<'a>(limits: &'a Value, meter: &str, kind: &str) -> &'a Value {
+    limits["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|limit| limit["meter"] == meter && limit["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} limit on {meter} in {limits}"))
+}
+
+fn metric(metrics: &str, line_start: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(line_start))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// 1 call a second with a burst of 5: five at once are 202, the sixth is 429 with
+/// `Retry-After` and the draft-10 headers and counts nothing; after `Retry-After` it is 202.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_answers_429_with_its_headers_then_202_after_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&write_config(dir.path(), PLANS));
+    for n in 0..5 {
+        let response = post_raw(&daemon, &[call(&format!("c{n}"), "acme")]).await;
+        assert_eq!(response.status(), 202, "call {n}");
+    }
+    let refused = post_raw(&daemon, &[call("c5", "acme")]).await;
+    assert_eq!(refused.status(), 429);
+    let header = |name: &str| {
+        refused
+            .headers()
+            .get(name)
+            .map(|value| value.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(header("retry-after"), "1");
+    assert_eq!(header("ratelimit-policy"), "\"api_calls\";q=1;w=1");
+    assert!(
+        header("ratelimit").starts_with("\"api_calls\";r=0;t="),
+        "{}",
+        header("ratelimit")
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("tenant `acme`"),
+        "{body}"
+    );
+    // Nothing of the refused request counted; another tenant is not limited by acme's rate.
+    let counted = query(&client(), &daemon, "api_calls", "subject=acme").await;
+    assert_eq!(sum_rows(&counted), 5);
+    assert_eq!(post_raw(&daemon, &[call("g0", "globex")]).await.status(), 202);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(post_raw(&daemon, &[call("c5", "acme")]).await.status(), 202);
+    assert_eq!(
+        sum_rows(&query(&client(), &daemon, "api_calls", "subject=acme").await),
+        6
+    );
+    // A request larger than the burst can never pass: 429 naming the burst.
+    let batch: Vec<Value> = (0..6).map(|n| call(&format!("big{n}"), "acme")).collect();
+    let too_big = post_raw(&daemon, &batch).await;
+    assert_eq!(too_big.status(), 429);
+    let body: Value = too_big.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than the burst of 5"),
+        "{body}"
+    );
+    let metrics = metrics_text(&client(), &daemon).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tallyd_limit_decisions_total{kind=\"rate\",outcome=\"refused\"}"
+        ),
+        2
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tallyd_limit_decisions_total{kind=\"rate\",outcome=\"allowed\"}"
+        ),
+        6
+    );
+    daemon.stop();
+}
+
+/// A hard quota of 100 tokens, 30 concurrent requests of 10: exactly 10 are counted, 20 are
+/// refused `quota_exceeded` (listed in the 202, dead-lettered), `used` is the billed quantity,
+/// a retry of a counted event is a duplicate (not a refusal), and kill -9 then restart keeps
+/// `used` at 100: the next event is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_quota_accepts_exactly_up_to_its_limit_under_concurrency_and_across_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), PLANS);
+    let daemon = Daemon::start(&config);
+    let tasks: Vec<_> = (0..30)
+        .map(|n| {
+            let url = daemon.url("/api/v1/events");
+            tokio::spawn(async move {
+                let response = client()
+                    .post(url)
+                    .header("content-type", "application/cloudevents+json")
+                    .body(serde_json::to_vec(&tokens(&format!("t{n}"), "acme", 10)).unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 202);
+                response.json::<Value>().await.unwrap()
+            })
+        })
+        .collect();
+    let (mut accepted, mut refused) = (0, 0);
+    for task in tasks {
+        let body = task.await.unwrap();
+        accepted += body["accepted"].as_u64().unwrap();
+        for refusal in body["refused"].as_array().unwrap() {
+            assert_eq!(refusal["reason"], "quota_exceeded", "{body}");
+            assert!(
+                refusal["message"].as_str().unwrap().contains("resets at"),
+                "{body}"
+            );
+            refused += 1;
+        }
+    }
+    assert_eq!((accepted, refused), (10, 20));
+    let billed = tenant_tokens(&client(), &daemon, "acme").await;
+    assert_eq!(billed, 100);
+    let usage: Value = client()
+        .get(daemon.url("/api/v1/tenants/acme/usage"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let quota = limit(&limits_of(&daemon, "acme").await, "tokens", "quota").clone();
+    let tokens_line = usage["meters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|meter| meter["meter"] == "tokens")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        quota["used"], tokens_line["quantity"],
+        "used is what rating bills"
+    );
+    assert_eq!(
+        (
+            quota["used"].as_str(),
+            quota["remaining"].as_str(),
+            quota["state"].as_str(),
+            quota["mode"].as_str()
+        ),
+        (Some("100"), Some("0"), Some("exceeded"), Some("hard"))
+    );
+    assert_eq!(quota["resets_at"], quota["period_end"]);
+    // A resend of a counted event is a duplicate; a refused one is refused again.
+    let (status, body) = post_batch(&client(), &daemon, &[tokens("t0", "acme", 10)]).await;
+    let duplicate_or_refused = (
+        body["duplicates"].as_u64(),
+        body["refused"].as_array().map(Vec::len),
+    );
+    assert_eq!(status, 202);
+    assert!(
+        duplicate_or_refused == (Some(1), Some(0)) || duplicate_or_refused == (Some(0), Some(1)),
+        "{body}"
+    );
+    let dead = read_jsonl(&dir.path().join("data/dead-letter.jsonl"));
+    let over: Vec<&Value> = dead
+        .iter()
+        .filter(|line| line["reason"] == "quota_exceeded")
+        .collect();
+    assert!(over.len() >= 20, "{dead:?}");
+    assert_eq!(over[0]["event"]["data"]["tokens"], 10);
+    let metrics = metrics_text(&client(), &daemon).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tallyd_limit_decisions_total{kind=\"quota\",outcome=\"allowed\"}"
+        ),
+        10
+    );
+    assert!(
+        metric(
+            &metrics,
+            "tallyd_limit_decisions_total{kind=\"quota\",outcome=\"refused\"}"
+        ) >= 20
+    );
+    assert!(
+        metric(
+            &metrics,
+            "tallyd_ingest_refused_total{source=\"http\",reason=\"quota_exceeded\"}"
+        ) >= 20
+    );
+    // kill -9: the next daemon reads `used` back from what was counted.
+    daemon.kill();
+    let daemon = Daemon::start(&config);
+    let quota = limit(&limits_of(&daemon, "acme").await, "tokens", "quota").clone();
+    assert_eq!(quota["used"], "100");
+    let (_, body) = post_batch(&client(), &daemon, &[tokens("after-crash", "acme", 1)]).await;
+    assert_eq!(body["refused"][0]["reason"], "quota_exceeded", "{body}");
+    assert_eq!(tenant_tokens(&client(), &daemon, "acme").await, 100);
+    daemon.stop();
+}
+
+/// A soft quota of 3 calls keeps accepting past it: everything counts and is billed (the
+/// overage), the state says exceeded, and the decisions past the limit are `warned`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_quota_keeps_accepting_and_bills_the_overage() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&write_config(dir.path(), PLANS));
+    for n in 0..5 {
+        let (status, body) = post_batch(&client(), &daemon, &[call(&format!("s{n}"), "globex")]).await;
+        assert_eq!((status, body["accepted"].as_u64()), (202, Some(1)), "{body}");
+    }
+    let quota = limit(&limits_of(&daemon, "globex").await, "api_calls", "quota").clone();
+    assert_eq!(
+        (
+            quota["used"].as_str(),
+            quota["remaining"].as_str(),
+            quota["state"].as_str(),
+            quota["mode"].as_str()
+        ),
+        (Some("5"), Some("0"), Some("exceeded"), Some("soft"))
+    );
+    let usage: Value = client()
+        .get(daemon.url("/api/v1/tenants/globex/usage"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        usage["meters"][0]["quantity"], "5",
+        "the overage is billed: {usage}"
+    );
+    let metrics = metrics_text(&client(), &daemon).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tallyd_limit_decisions_total{kind=\"quota\",outcome=\"warned\"}"
+        ),
+        2
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tallyd_limit_decisions_total{kind=\"quota\",outcome=\"allowed\"}"
+        ),
+        3
+    );
+    daemon.stop();
+}
+
+/// A DAY quota resets at the tenant's period boundary, not at the first hit: the daemon's
+/// clock is shifted to 3 s before UTC midnight; the quota fills, refuses, and after midnight
+/// the same tenant is accepted again in the new period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_quota_resets_at_the_period_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let plans = r#"
+[[plans]]
+id = "daily"
+currency = "USD"
+billing_period = "DAY"
+[[plans.limits]]
+meter = "tokens"
+kind = "quota"
+limit = "10"
+[rating]
+default_plan = "daily"
+"#;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let next_midnight = (now_ms.div_euclid(86_400_000) + 1) * 86_400_000;
+    // Started (≈1 s) and filled before midnight on the daemon's clock.
+    let offset = next_midnight - 4_000 - now_ms;
+    let daemon = Daemon::start_env(
+        &write_config(dir.path(), plans),
+        &[],
+        &[("TALLYD_CLOCK_OFFSET_MS", &offset.to_string())],
+    );
+    // Events carry no time: they count at the daemon's (shifted) receive time.
+    let untimed = |id: &str, n: i64| {
+        json!({"specversion": "1.0", "id": id, "source": "t", "type": "llm.prompt",
+               "subject": "initech", "data": {"tokens": n, "model": "m"}})
+    };
+    let (_, body) = post_batch(&client(), &daemon, &[untimed("d1", 10)]).await;
+    assert_eq!(body["accepted"], 1, "{body}");
+    let (_, body) = post_batch(&client(), &daemon, &[untimed("d2", 1)]).await;
+    assert_eq!(body["refused"][0]["reason"], "quota_exceeded", "{body}");
+    let before = limit(&limits_of(&daemon, "initech").await, "tokens", "quota").clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (_, body) = post_batch(&client(), &daemon, &[untimed(&format!("d3-{}", body_id()), 1)]).await;
+        if body["accepted"] == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never reset: {body}");
+    }
+    let after = limit(&limits_of(&daemon, "initech").await, "tokens", "quota").clone();
+    assert_eq!(before["period_end"], after["period_start"], "{before} {after}");
+    assert_eq!(after["used"], "1");
+    assert_eq!(after["state"], "ok");
+    daemon.stop();
+}
+
+fn body_id() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
