@@ -1303,6 +1303,106 @@ async fn otlp_client_certificates_name_the_tenant_and_a_renewed_certificate_is_s
     daemon.stop();
 }
 
+/// Limits on OTLP. Over a rate limit the OpenTelemetry Python SDK's exporters get
+/// RESOURCE_EXHAUSTED with RetryInfo (gRPC) / 429 with Retry-After (HTTP), wait, retry and
+/// succeed: everything counts once. Over a hard quota, points are rejected in
+/// `partial_success` with a message naming the tenant, the meter and when the quota resets;
+/// the call itself succeeds (no RetryInfo: a collector must not retry for days).
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_answer_otlp_exporters_with_retry_info_or_partial_success() {
+    let plans = r#"
+[[plans]]
+id = "metered"
+currency = "USD"
+[[plans.limits]]
+meter = "requests"
+kind = "rate"
+limit = 10
+per = "second"
+[[plans]]
+id = "capped"
+currency = "USD"
+[[plans.limits]]
+meter = "requests"
+kind = "quota"
+limit = 20
+[[tenants]]
+id = "acme"
+plan = "metered"
+[[tenants]]
+id = "capped"
+plan = "capped"
+"#;
+    let (_dir, daemon) = start(plans);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp/sdk_limits.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .args(["--grpc", daemon.otlp_grpc.as_ref().unwrap()])
+        .args(["--http", daemon.otlp_http.as_ref().unwrap()])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: Value = serde_json::from_slice(&output.stdout).unwrap();
+    for transport in ["grpc", "http"] {
+        let result = &results[transport];
+        assert_eq!(
+            (result["first"].as_str(), result["second"].as_str()),
+            (Some("SUCCESS"), Some("SUCCESS")),
+            "{results}"
+        );
+        // The second export waited for the RetryInfo / Retry-After delay (1 s) and retried.
+        assert!(result["second_secs"].as_f64().unwrap() >= 0.9, "{results}");
+    }
+    assert_eq!(total(&daemon, "requests", "acme").await, 30);
+    let metrics = metrics_text(&client(), &daemon).await;
+    assert!(
+        metrics.contains("tallyd_limit_decisions_total{kind=\"rate\",outcome=\"refused\"} 2"),
+        "{metrics}"
+    );
+    // What the exporters were told: RESOURCE_EXHAUSTED with RetryInfo both in the status
+    // details and as the `google.rpc.retryinfo-bin` trailer.
+    let mut grpc = grpc_metrics(&daemon).await;
+    let now = now_ns();
+    let export_for = |tenant: &str, value: i64, offset: u64| ExportMetricsServiceRequest {
+        resource_metrics: vec![sum_resource(
+            Some(tenant),
+            AggregationTemporality::Delta,
+            vec![point("/q", now - offset - 1, now - offset, int(value))],
+        )],
+    };
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    grpc.export(export_for("acme", 10, 4)).await.unwrap();
+    let status = grpc.export(export_for("acme", 5, 3)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    use tonic_types::StatusExt;
+    let retry = status.get_details_retry_info().expect("RetryInfo in the details");
+    assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));
+    assert!(status.metadata().get_bin("google.rpc.retryinfo-bin").is_some());
+    assert_eq!(total(&daemon, "requests", "acme").await, 40);
+    // The quota: 15 fit, the next 10 do not.
+    let export = |value: i64, offset: u64| export_for("capped", value, offset);
+    let first = grpc.export(export(15, 2)).await.unwrap().into_inner();
+    assert!(first.partial_success.is_none(), "{first:?}");
+    let second = grpc.export(export(10, 1)).await.unwrap().into_inner();
+    let partial = second
+        .partial_success
+        .expect("the point over the quota is rejected");
+    assert_eq!(partial.rejected_data_points, 1);
+    for expected in ["quota_exceeded", "tenant `capped`", "`requests`", "resets at"] {
+        assert!(
+            partial.error_message.contains(expected),
+            "{expected}: {}",
+            partial.error_message
+        );
+    }
+    assert_eq!(total(&daemon, "requests", "capped").await, 15);
+    daemon.stop();
+}
+
 /// An exporter sends its concurrent exports (≈ 70 kB per 1,000 points) over one HTTP/2
 /// connection; with h2's default 64 KiB windows they queued behind window updates and the
 /// daemon sat half idle (BENCHMARKS.md, "OTLP ingest"). A raw h2 client checks what the listener grants:

@@ -203,20 +203,35 @@ impl IngestError {
     }
 
     pub fn grpc_status(&self) -> tonic::Status {
+        use prost::Message;
         use tonic_types::{ErrorDetails, StatusExt};
         let message = self.to_string();
         match self.retry_after() {
-            // Retryable per the OTLP spec; RetryInfo tells the exporter how long to wait.
-            Some(delay) => tonic::Status::with_error_details(
-                self.grpc_code(),
-                message,
-                ErrorDetails::with_retry_info(Some(delay)),
-            ),
+            // Retryable per the OTLP spec; RetryInfo tells the exporter how long to wait: in
+            // the status details (the collector reads them) and as the
+            // `google.rpc.retryinfo-bin` trailer (the Python SDK reads that).
+            Some(delay) => {
+                let mut status = tonic::Status::with_error_details(
+                    self.grpc_code(),
+                    message,
+                    ErrorDetails::with_retry_info(Some(delay)),
+                );
+                let info = tonic_types::pb::RetryInfo {
+                    retry_delay: Some(prost_types::Duration {
+                        seconds: delay.as_secs() as i64,
+                        nanos: delay.subsec_nanos() as i32,
+                    }),
+                };
+                status.metadata_mut().insert_bin(
+                    "google.rpc.retryinfo-bin",
+                    tonic::metadata::MetadataValue::from_bytes(&info.encode_to_vec()),
+                );
+                status
+            }
             None => tonic::Status::new(self.grpc_code(), message),
         }
     }
 
-    /// The `outcome` label of a request refused as a whole.
     pub fn outcome(&self) -> &'static str {
         match self {
             IngestError::Unauthenticated(_) => "unauthenticated",

@@ -614,3 +614,199 @@ impl Inner {
             .retain(|_, entry| entry.held != 0 || entry.touched.elapsed() < IDLE);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::model::Names;
+    use proptest::prelude::*;
+
+    const CONFIG: &str = r#"
+[[meters]]
+slug = "tokens"
+event_type = "llm.prompt"
+aggregation = "SUM"
+value_property = "$.tokens"
+scale = 0
+
+[[plans]]
+id = "free"
+currency = "USD"
+[[plans.limits]]
+meter = "tokens"
+kind = "quota"
+limit = "100"
+
+[[tenants]]
+id = "acme"
+plan = "free"
+"#;
+
+    struct Unit(SeriesKey, i128);
+
+    impl Contributes for Unit {
+        fn contributions(&self, each: &mut dyn FnMut(SeriesKey, i128)) {
+            each(self.0, self.1);
+        }
+    }
+
+    struct Fixture {
+        names: Names,
+        meters: crate::meter::Meters,
+        limits: Limits,
+        key: SeriesKey,
+    }
+
+    fn fixture() -> Fixture {
+        let config = Config::load(CONFIG, &Default::default()).unwrap();
+        let names = Names::default();
+        let meters = crate::meter::Meters::new(config.meters.clone(), &names);
+        let limits = Limits::new();
+        limits.set_plans(&Arc::new(config.plans));
+        let key = SeriesKey {
+            meter: meters.by_slug("tokens").unwrap().id,
+            tenant: names.tenants.intern("acme"),
+            dims: 0,
+            window_start: crate::model::now_ms().div_euclid(1000),
+        };
+        Fixture {
+            names,
+            meters,
+            limits,
+            key,
+        }
+    }
+
+    /// Applies `units` as the commit stage would: the batch's deltas and its holds, under the lock.
+    fn apply(fixture: &Fixture, units: &[(i128, bool)], holds: &[Hold]) {
+        let mut batch = PreAggregated::default();
+        for &(units, admitted) in units {
+            if admitted {
+                batch
+                    .merge_state(fixture.key, &AggState::Sum(units.into()))
+                    .unwrap();
+            }
+        }
+        fixture.limits.lock().applied(&batch, holds);
+    }
+
+    fn used(fixture: &Fixture, base: i128) -> i128 {
+        let load = move |_: &str, _: &str, _: i64, _: i64| Ok(base);
+        let standing = fixture
+            .limits
+            .standing(
+                "acme",
+                &fixture.names,
+                &fixture.meters,
+                fixture.key.window_start,
+                &load,
+            )
+            .unwrap();
+        standing[0].used
+    }
+
+    proptest! {
+        /// Requests decided in one order, applied (or failed) in another: the units admitted
+        /// and applied never exceed the limit, a unit is refused only when it did not fit
+        /// beside what was used and held at its decision, and `used` ends as the base plus
+        /// exactly what was applied.
+        #[test]
+        fn admitted_units_never_exceed_a_hard_quota_whatever_the_interleaving(
+            base in 0i128..120,
+            requests in prop::collection::vec(
+                (prop::collection::vec(1i128..40, 1..5), any::<bool>(), any::<u8>()),
+                1..40,
+            ),
+        ) {
+            let fixture = fixture();
+            let load = move |_: &str, _: &str, _: i64, _: i64| Ok(base);
+            let mut in_flight: Vec<(Vec<(i128, bool)>, Vec<Hold>, bool)> = Vec::new();
+            let (mut applied, mut held) = (0i128, 0i128);
+            for (sizes, fails, order) in requests {
+                let units: Vec<Unit> = sizes.iter().map(|&n| Unit(fixture.key, n)).collect();
+                let fresh = vec![true; units.len()];
+                let verdict = fixture
+                    .limits
+                    .decide(&fixture.names, &fixture.meters, &units, &fresh, true, &load)
+                    .unwrap();
+                let mut decided = Vec::new();
+                for (&n, refused) in sizes.iter().zip(&verdict.refused) {
+                    let fits = base + applied + held + n <= 100;
+                    prop_assert_eq!(refused.is_none(), fits, "unit of {} beside {} used, {} held", n, base + applied, held);
+                    if fits {
+                        held += n;
+                    }
+                    decided.push((n, fits));
+                }
+                in_flight.push((decided, verdict.holds, fails));
+                // Apply (or fail) one of the requests in flight, in an arbitrary order.
+                if order % 2 == 0 {
+                    let (decided, holds, fails) = in_flight.remove(order as usize % in_flight.len());
+                    let units: i128 = decided.iter().filter(|(_, ok)| *ok).map(|(n, _)| n).sum();
+                    held -= units;
+                    if fails {
+                        fixture.limits.release(&holds);
+                    } else {
+                        apply(&fixture, &decided, &holds);
+                        applied += units;
+                    }
+                }
+            }
+            for (decided, holds, _) in in_flight {
+                held -= decided.iter().filter(|(_, ok)| *ok).map(|(n, _)| n).sum::<i128>();
+                apply(&fixture, &decided, &holds);
+                applied += decided.iter().filter(|(_, ok)| *ok).map(|(n, _)| n).sum::<i128>();
+            }
+            prop_assert_eq!(held, 0);
+            prop_assert!(applied <= (100 - base).max(0));
+            prop_assert_eq!(used(&fixture, base), base + applied);
+        }
+
+        /// Replaying the same requests from the same stored total makes the same decisions:
+        /// a gate's decisions depend on nothing but the total it read and the order of units
+        /// (a restart reads the total back and the log replays only what was admitted).
+        #[test]
+        fn the_same_total_and_order_give_the_same_decisions(
+            base in 0i128..100,
+            sizes in prop::collection::vec(1i128..30, 1..30),
+        ) {
+            let decide_all = || {
+                let fixture = fixture();
+                let load = move |_: &str, _: &str, _: i64, _: i64| Ok(base);
+                sizes
+                    .iter()
+                    .map(|&n| {
+                        let verdict = fixture
+                            .limits
+                            .decide(&fixture.names, &fixture.meters, &[Unit(fixture.key, n)], &[true], true, &load)
+                            .unwrap();
+                        apply(&fixture, &[(n, verdict.refused[0].is_none())], &verdict.holds);
+                        verdict.refused[0].is_none()
+                    })
+                    .collect::<Vec<bool>>()
+            };
+            prop_assert_eq!(decide_all(), decide_all());
+        }
+    }
+
+    #[test]
+    fn a_duplicate_is_not_decided_and_holds_nothing() {
+        let fixture = fixture();
+        let load = |_: &str, _: &str, _: i64, _: i64| Ok(95);
+        let units = [Unit(fixture.key, 10), Unit(fixture.key, 5)];
+        let verdict = fixture
+            .limits
+            .decide(
+                &fixture.names,
+                &fixture.meters,
+                &units,
+                &[false, true],
+                true,
+                &load,
+            )
+            .unwrap();
+        assert_eq!(verdict.refused, vec![None, None]);
+        assert_eq!(verdict.holds.iter().map(|hold| hold.units).sum::<i128>(), 5);
+    }
+}
