@@ -721,7 +721,9 @@ plan = "free"
         ) {
             let fixture = fixture();
             let load = move |_: &str, _: &str, _: i64, _: i64| Ok(base);
-            let mut in_flight: Vec<(Vec<(i128, bool)>, Vec<Hold>, bool)> = Vec::new();
+            // Per request in flight: its (units, admitted), its holds, whether it will fail.
+            type InFlight = (Vec<(i128, bool)>, Vec<Hold>, bool);
+            let mut in_flight: Vec<InFlight> = Vec::new();
             let (mut applied, mut held) = (0i128, 0i128);
             for (sizes, fails, order) in requests {
                 let units: Vec<Unit> = sizes.iter().map(|&n| Unit(fixture.key, n)).collect();
