@@ -26,11 +26,12 @@ ENV TALLYD__STORAGE__DATA_DIR=/var/lib/tallyd/data \
     TALLYD__DEAD_LETTER__PATH=/var/lib/tallyd/data/dead-letter.jsonl \
     TALLYD__SERVER__HTTP_ADDR=0.0.0.0:8080 \
     TALLYD__SERVER__OTLP_GRPC_ADDR=0.0.0.0:4317 \
-    TALLYD__SERVER__OTLP_HTTP_ADDR=0.0.0.0:4318
+    TALLYD__SERVER__OTLP_HTTP_ADDR=0.0.0.0:4318 \
+    TALLYD__LIMITS__GRPC_ADDR=0.0.0.0:8081
 # Listeners reachable from outside the container: tallyd refuses to start without API keys
 # ([[auth.keys]] in a mounted config) unless TALLYD__AUTH__ALLOW_UNAUTHENTICATED=true.
 VOLUME ["/var/lib/tallyd"]
-EXPOSE 8080 4317 4318
+EXPOSE 8080 4317 4318 8081
 HEALTHCHECK --interval=10s --timeout=2s CMD ["curl", "-fsS", "http://127.0.0.1:8080/readyz"]
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/tallyd"]
 CMD ["run", "--config", "/etc/tallyd/tallyd.toml", "--log-json"]

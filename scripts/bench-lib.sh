@@ -28,6 +28,7 @@ start_tallyd() {
   TALLYD__SERVER__HTTP_ADDR=127.0.0.1:$port \
   TALLYD__SERVER__OTLP_GRPC_ADDR=${grpc:+127.0.0.1:$grpc} \
   TALLYD__SERVER__OTLP_HTTP_ADDR= \
+  TALLYD__LIMITS__GRPC_ADDR=${LIMITS_GRPC:+127.0.0.1:$LIMITS_GRPC} \
   TALLYD__STORAGE__DATA_DIR="$data" \
   TALLYD__EMIT__FILE__PATH="$data/usage.jsonl" \
   TALLYD__DEAD_LETTER__PATH="$data/dead-letter.jsonl" \

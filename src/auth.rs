@@ -61,6 +61,8 @@ pub enum Surface {
     Http,
     /// OTLP/gRPC and OTLP/HTTP.
     Otlp,
+    /// The limits listener (Envoy RLS/RLQS, `tallyd.quota.v1`).
+    Limits,
 }
 
 /// One configured key.

@@ -70,6 +70,12 @@ pub const AUTH_RELOADS: &str = "tallyd_auth_key_reloads_total";
 /// `{kind, outcome}`: kind ∈ quota | rate; outcome ∈ allowed | refused | warned (a soft quota
 /// passed). Business decisions, apart from overload (`tallyd_ingest_backpressure_total`, 503).
 pub const LIMIT_DECISIONS: &str = "tallyd_limit_decisions_total";
+/// `{channel}`: limit states sent to listeners; channel ∈ watch | kafka | webhook.
+pub const LIMIT_SIGNALS: &str = "tallyd_limit_signals_total";
+/// `{service, code}`: calls on the limits listener; service ∈ rls | check | watch.
+pub const LIMITS_REQUESTS: &str = "tallyd_limits_requests_total";
+/// `{service}`: their latency, from the request to the answer.
+pub const LIMITS_REQUEST_SECONDS: &str = "tallyd_limits_request_seconds";
 pub const PLAN_RELOAD_FAILURES: &str = "tallyd_rating_plan_reload_failures_total";
 pub const STORE_LIVE_BYTES: &str = "tallyd_store_live_bytes";
 /// `{topic, partition}`: messages behind the high watermark, for partitions this replica owns.
@@ -275,6 +281,16 @@ fn describe() {
         "requests refused by authentication or authorization"
     );
     describe_counter!(AUTH_RELOADS, "API key sets swapped in by a config reload");
+    describe_counter!(LIMIT_SIGNALS, "limit states sent to listeners, by channel");
+    describe_counter!(
+        LIMITS_REQUESTS,
+        "calls on the limits listener, by service (rls, check, watch) and code"
+    );
+    describe_histogram!(
+        LIMITS_REQUEST_SECONDS,
+        Unit::Seconds,
+        "latency of calls on the limits listener, by service"
+    );
     describe_counter!(
         LIMIT_DECISIONS,
         "limit decisions at admission, by kind (quota, rate) and outcome (allowed, refused, warned)"

@@ -48,6 +48,10 @@ fn config(dir: &Path) -> std::path::PathBuf {
             r#"otlp_http_addr = "127.0.0.1:4318""#.into(),
             r#"otlp_http_addr = "127.0.0.1:0""#.into(),
         ),
+        (
+            r#"grpc_addr = "127.0.0.1:8081""#.into(),
+            r#"grpc_addr = "127.0.0.1:0""#.into(),
+        ),
         (r#"data_dir = "./data""#.into(), format!(r#"data_dir = "{data}""#)),
         (
             r#"path = "./data/usage.jsonl""#.into(),

@@ -95,8 +95,10 @@ pub(super) fn check_exposure(
         return;
     }
     for (key, addr) in listeners {
-        let surface = if key.starts_with("otlp") {
+        let surface = if key.starts_with("server.otlp") {
             Surface::Otlp
+        } else if key.starts_with("limits.") {
+            Surface::Limits
         } else {
             Surface::Http
         };
@@ -105,7 +107,7 @@ pub(super) fn check_exposure(
         }
         if let Some(addr) = addr.filter(|addr| !addr.ip().is_loopback()) {
             errors.push(format!(
-                "server.{key}: {addr} is reachable from other machines but no API keys are configured: \
+                "{key}: {addr} is reachable from other machines but no API keys are configured: \
                  add [[auth.keys]] (or bind 127.0.0.1), or set auth.allow_unauthenticated = true to serve it open"
             ));
         }

@@ -9,6 +9,7 @@ mod auth;
 mod emit;
 mod env;
 mod kafka;
+pub mod limits;
 mod meters;
 pub mod raw;
 mod server;
@@ -44,6 +45,8 @@ pub struct Config {
     pub admin_addr: Option<SocketAddr>,
     pub otlp: OtlpConfig,
     pub auth: AuthConfig,
+    /// The limits listener (`[limits]`).
+    pub limits: limits::LimitsConfig,
     /// `[server.tls]`: TLS on the HTTP API.
     pub http_tls: Option<RawTls>,
     pub max_body_bytes: usize,
@@ -186,12 +189,14 @@ impl RawConfig {
         let mut errors = Vec::new();
         let listeners = server::validate_server(&self.server, &mut errors);
         let auth = auth::validate_auth(self.auth, &self.otlp.api_keys, &mut errors);
+        let limits = limits::validate_limits(self.limits, &mut errors);
         auth::check_exposure(
             &auth,
             &[
-                ("http_addr", listeners.http_addr),
-                ("otlp_grpc_addr", listeners.otlp_grpc_addr),
-                ("otlp_http_addr", listeners.otlp_http_addr),
+                ("server.http_addr", listeners.http_addr),
+                ("server.otlp_grpc_addr", listeners.otlp_grpc_addr),
+                ("server.otlp_http_addr", listeners.otlp_http_addr),
+                ("limits.grpc_addr", limits.grpc_addr),
             ],
             &mut errors,
         );
@@ -265,6 +270,7 @@ impl RawConfig {
             admin_addr: listeners.admin_addr,
             otlp,
             auth,
+            limits,
             http_tls: self.server.tls.clone(),
             max_body_bytes: self.server.max_body_bytes as usize,
             ingest_budget_bytes: self.server.ingest_budget_bytes as usize,

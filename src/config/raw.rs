@@ -23,6 +23,9 @@ pub struct RawConfig {
     pub otlp: RawOtlp,
     #[serde(default)]
     pub auth: RawAuth,
+    /// The limits listener and Envoy's descriptor keys (`config::limits`).
+    #[serde(default)]
+    pub limits: super::limits::RawLimits,
     #[serde(default)]
     pub meters: Vec<RawMeter>,
     /// Absent: no Kafka source (the embedded default).

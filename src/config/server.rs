@@ -31,23 +31,9 @@ pub(super) fn validate_server(raw: &RawServer, errors: &mut Vec<String>) -> List
             None
         }
     };
-    let mut optional_addr = |key: &str, text: &str| -> Option<SocketAddr> {
-        if text.is_empty() {
-            return None;
-        }
-        text.parse::<SocketAddr>().map_or_else(
-            |_| {
-                errors.push(format!(
-                    "server.{key}: `{text}` is not an address like 0.0.0.0:4317 (or \"\" for off)"
-                ));
-                None
-            },
-            Some,
-        )
-    };
-    let otlp_grpc_addr = optional_addr("otlp_grpc_addr", &raw.otlp_grpc_addr);
-    let otlp_http_addr = optional_addr("otlp_http_addr", &raw.otlp_http_addr);
-    let admin_addr = optional_addr("admin_addr", &raw.admin_addr);
+    let otlp_grpc_addr = optional_addr("server.otlp_grpc_addr", &raw.otlp_grpc_addr, errors);
+    let otlp_http_addr = optional_addr("server.otlp_http_addr", &raw.otlp_http_addr, errors);
+    let admin_addr = optional_addr("server.admin_addr", &raw.admin_addr, errors);
     if raw.max_body_bytes == 0 {
         errors.push("server.max_body_bytes: must be positive".into());
     }
@@ -118,4 +104,20 @@ fn check_tls_files(section: &str, tls: &RawTls, errors: &mut Vec<String>) {
             errors.push(format!("{section}.{key}: {}: {error}", path.display()));
         }
     }
+}
+
+/// A listener's address, `""` for off.
+pub(super) fn optional_addr(key: &str, text: &str, errors: &mut Vec<String>) -> Option<SocketAddr> {
+    if text.is_empty() {
+        return None;
+    }
+    text.parse::<SocketAddr>().map_or_else(
+        |_| {
+            errors.push(format!(
+                "{key}: `{text}` is not an address like 0.0.0.0:4317 (or \"\" for off)"
+            ));
+            None
+        },
+        Some,
+    )
 }

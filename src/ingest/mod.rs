@@ -10,6 +10,7 @@ pub mod decode;
 pub mod error;
 pub mod http;
 pub mod kafka;
+pub mod limits;
 pub mod listen;
 pub mod otlp;
 pub mod tls;

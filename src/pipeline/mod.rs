@@ -435,7 +435,20 @@ pub async fn run(
         reload::spawn(shared.clone(), path, shutdown.clone());
     }
     let admission = Admission::new(shared.clone(), requests, cluster.clone());
-    let otlp_servers = start_otlp(&admission, &shutdown).await?;
+    let mut otlp_servers = start_otlp(&admission, &shutdown).await?;
+    if let Some(addr) = shared.config.limits.grpc_addr {
+        // Envoy RLS and tallyd.quota.v1 (the edge is `ingest::limits`).
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind limits.grpc_addr {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "limits grpc listening");
+        let (shared, token) = (shared.clone(), shutdown.clone());
+        otlp_servers.push(tokio::spawn(async move {
+            crate::ingest::limits::serve(shared, listener, token)
+                .await
+                .map_err(|error| error.to_string())
+        }));
+    }
     let app = crate::api::router(AppState::new(shared.clone(), cluster.clone()), admission);
     shared.ready.store(true, Ordering::Release);
     let serve_shutdown = shutdown.clone();
@@ -472,7 +485,7 @@ pub async fn run(
     }
     for server in otlp_servers {
         if let Ok(Err(error)) = server.await {
-            tracing::error!(%error, "otlp server failed");
+            tracing::error!(%error, "otlp or limits server failed");
         }
     }
     shared.ready.store(false, Ordering::Release);

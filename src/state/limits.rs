@@ -56,6 +56,7 @@ struct QuotaEntry {
 /// A tenant's limits, by meter id, with its billing period.
 #[derive(Debug)]
 struct TenantTable {
+    name: Arc<str>,
     limits: Vec<(MeterId, Limit)>,
     period: crate::rate::period::BillingPeriod,
     zone: Option<chrono_tz::Tz>,
@@ -81,15 +82,40 @@ impl TenantTable {
     }
 }
 
-#[derive(Default)]
 pub struct Inner {
     /// The plans the tables were built from (rebuilt when a reload swaps them).
     plans: Option<Arc<Plans>>,
     tables: HashMap<TenantId, Option<TenantTable>>,
-    rates: HashMap<(TenantId, MeterId), (Gcra, Instant)>,
+    rates: HashMap<(TenantId, MeterId), RateKey>,
     quotas: HashMap<QuotaKey, QuotaEntry>,
     decisions: u64,
+    /// State changes, to whoever listens (Watch streams, the signal topic, webhooks).
+    signals: tokio::sync::broadcast::Sender<Signal>,
 }
+
+/// One rate limit key's state.
+#[derive(Clone, Copy, Debug, Default)]
+struct RateKey {
+    gcra: Gcra,
+    touched: Option<Instant>,
+    /// Its last decision refused (signalled once when it starts and once when it stops).
+    refusing: bool,
+}
+
+/// A limit's state after a change: a quota's state or threshold crossing, a rate limit
+/// starting or stopping to refuse, a quota period first tracked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signal {
+    pub tenant: Arc<str>,
+    pub standing: Standing,
+    /// Thresholds (percent) crossed upwards by this change.
+    pub crossed: Vec<u32>,
+    pub at_ms: i64,
+}
+
+/// How many signals a slow listener may fall behind before it misses some (it is told, and
+/// resynchronises from the current states).
+const SIGNAL_BACKLOG: usize = 4096;
 
 /// Why a request was refused as a whole: a rate limit it would pass.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +158,28 @@ impl Counts {
             }
         }
     }
+}
+
+/// One question to `Limits::ask`: `units` of `meter` for `tenant`.
+#[derive(Clone, Copy, Debug)]
+pub struct Ask<'a> {
+    pub tenant: &'a str,
+    pub meter: &'a str,
+    pub units: i128,
+}
+
+/// `Limits::ask`'s answer to one ask.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub allowed: bool,
+    /// The meter's limits for the tenant, as they stand after the decision.
+    pub limits: Vec<Standing>,
+    /// The limit that decided (the one refusing, else the one with the least left).
+    pub deciding: Option<usize>,
+    /// Refused by a rate limit: ns until the same units would pass (None: not by waiting).
+    pub retry_after_ns: Option<i128>,
+    /// The tenant has a plan and the meter exists.
+    pub known: bool,
 }
 
 /// A limit's standing, for `GET /api/v1/tenants/{t}/limits` and signals.
@@ -188,11 +236,24 @@ pub fn state_contributions(updates: &[(SeriesKey, AggState)], each: &mut dyn FnM
 
 impl Limits {
     pub fn new() -> Limits {
+        let (signals, _) = tokio::sync::broadcast::channel(SIGNAL_BACKLOG);
         Limits {
             epoch: Instant::now(),
             active: AtomicBool::new(false),
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                plans: None,
+                tables: HashMap::new(),
+                rates: HashMap::new(),
+                quotas: HashMap::new(),
+                decisions: 0,
+                signals,
+            }),
         }
+    }
+
+    /// Every state change from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Signal> {
+        self.inner.lock().signals.subscribe()
     }
 
     /// Nanoseconds on the gate's monotonic clock.
@@ -269,11 +330,12 @@ impl Limits {
             let mut state = inner
                 .rates
                 .get(&(tenant, meter))
-                .map(|(gcra, _)| *gcra)
+                .map(|key| key.gcra)
                 .unwrap_or_default();
             let decision = state.check(now_ns, units, &spec);
             if !decision.allowed {
                 counts.add(Kind::Rate, "refused");
+                inner.rate_refused(tenant, meter, decision, now_ns);
                 drop(guard);
                 counts.record();
                 let limit = self
@@ -288,9 +350,8 @@ impl Limits {
             }
             taken.push(((tenant, meter), state));
         }
-        let now = Instant::now();
-        for (key, state) in taken {
-            inner.rates.insert(key, (state, now));
+        for ((tenant, meter), state) in taken {
+            inner.rate_allowed(tenant, meter, state, now_ns);
             counts.add(Kind::Rate, "allowed");
         }
         // Quotas, unit by unit in order: (period, units, mode, limit, scale).
@@ -375,6 +436,119 @@ impl Limits {
             .cloned()
     }
 
+    /// Asks (Envoy RLS descriptors, `Check`): would each tenant's `units` of a meter be allowed
+    /// now? A quota is peeked (the units are not usage: only what is counted uses a quota); with
+    /// `consume`, rate limits take the units when *every* ask is allowed, and nothing when one
+    /// is refused (refused hits never count).
+    pub fn ask(
+        &self,
+        asks: &[Ask<'_>],
+        consume: bool,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        load: Load<'_>,
+    ) -> Result<Vec<Answer>, LimitError> {
+        let now_ns = self.now_ns();
+        let now_ms = crate::model::now_ms();
+        let mut counts = Counts::default();
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        let plans = inner.plans.clone().unwrap_or_default();
+        let mut answers = Vec::with_capacity(asks.len());
+        let mut trials: Vec<(TenantId, MeterId, Gcra, RateDecision)> = Vec::new();
+        for ask in asks {
+            let mut answer = Answer {
+                allowed: true,
+                limits: Vec::new(),
+                deciding: None,
+                retry_after_ns: None,
+                known: false,
+            };
+            let meter = meters.by_slug(ask.meter).map(|meter| meter.id);
+            // Only tenants with limits are interned (a key holder cannot grow the tables).
+            let limited = meter.is_some() && !plans.limits_for(ask.tenant).is_empty();
+            let (Some(meter), true) = (meter, limited) else {
+                answer.known = meter.is_some() && plans.for_tenant(ask.tenant).is_some();
+                answers.push(answer);
+                continue;
+            };
+            answer.known = true;
+            let tenant = names.tenants.intern(ask.tenant);
+            let Some(table) = inner.table_mut(tenant, names, meters) else {
+                answers.push(answer);
+                continue;
+            };
+            let rate = table.limit(meter, Kind::Rate).cloned();
+            let quota = table.limit(meter, Kind::Quota).cloned();
+            let (period_start, _) = table.period_of(now_ms.div_euclid(1000));
+            if let Some(limit) = rate {
+                let spec = limit.rate.expect("invariant: rate limits have a spec");
+                let mut gcra = inner
+                    .rates
+                    .get(&(tenant, meter))
+                    .map(|key| key.gcra)
+                    .unwrap_or_default();
+                let decision = gcra.check(now_ns, ask.units, &spec);
+                if !decision.allowed {
+                    answer.allowed = false;
+                    answer.retry_after_ns = decision.retry_after_ns;
+                    answer.deciding = Some(answer.limits.len());
+                }
+                answer
+                    .limits
+                    .push(rate_standing(limit, &gcra, now_ns, now_ms, Some(decision)));
+                trials.push((tenant, meter, gcra, decision));
+            }
+            if let Some(limit) = quota {
+                let key = QuotaKey {
+                    tenant,
+                    meter,
+                    period_start,
+                };
+                let entry = inner.entry(key, names, meters, load)?;
+                let taken = entry.used.saturating_add(entry.held);
+                if limit.mode == Mode::Hard && taken.saturating_add(ask.units) > limit.limit {
+                    answer.allowed = false;
+                    answer.deciding.get_or_insert(answer.limits.len());
+                }
+                let (_, standing) = inner.quota_standing(&key).expect("invariant: tracked above");
+                answer.limits.push(standing);
+            }
+            if answer.deciding.is_none() && !answer.limits.is_empty() {
+                // Allowed: the limit with the least left is the one to show.
+                let tightest = (0..answer.limits.len())
+                    .min_by_key(|&i| answer.limits[i].remaining * 100 / answer.limits[i].limit.limit.max(1))
+                    .expect("invariant: not empty");
+                answer.deciding = Some(tightest);
+            }
+            answers.push(answer);
+        }
+        if consume {
+            let all = answers.iter().all(|answer| answer.allowed);
+            for (tenant, meter, gcra, decision) in trials {
+                if all {
+                    inner.rate_allowed(tenant, meter, gcra, now_ns);
+                    counts.add(Kind::Rate, "allowed");
+                } else if !decision.allowed {
+                    inner.rate_refused(tenant, meter, decision, now_ns);
+                    counts.add(Kind::Rate, "refused");
+                }
+            }
+            for answer in &answers {
+                let over_quota = !answer.allowed
+                    && answer
+                        .deciding
+                        .is_some_and(|i| answer.limits[i].limit.kind == Kind::Quota);
+                if over_quota {
+                    counts.add(Kind::Quota, "refused");
+                }
+            }
+        }
+        drop(guard);
+        counts.record();
+        Ok(answers)
+    }
+
     /// Gives back the holds of a request that was not applied.
     pub fn release(&self, holds: &[Hold]) {
         if holds.is_empty() {
@@ -436,34 +610,48 @@ impl Limits {
                     });
                 }
                 Kind::Rate => {
-                    let spec = limit.rate.expect("invariant: rate limits have a spec");
                     let gcra = match (tenant_id, meter) {
                         (Some(tenant_id), Some(meter)) => inner
                             .rates
                             .get(&(tenant_id, meter))
-                            .map(|(gcra, _)| *gcra)
+                            .map(|key| key.gcra)
                             .unwrap_or_default(),
                         _ => Gcra::default(),
                     };
-                    let (remaining, reset_ns) = gcra.peek(now_ns, &spec);
-                    let used = spec.burst - remaining;
-                    let resets_at_ms = now_ms + (reset_ns / 1_000_000) as i64;
-                    out.push(Standing {
-                        used,
-                        remaining,
-                        state: if remaining <= 0 {
-                            State::Exceeded
-                        } else {
-                            State::Ok
-                        },
-                        period: (now_ms.div_euclid(1000), resets_at_ms.div_euclid(1000)),
-                        resets_at_ms,
-                        limit,
-                    });
+                    out.push(rate_standing(limit, &gcra, now_ns, now_ms, None));
                 }
             }
         }
         Ok(out)
+    }
+}
+
+/// A rate limit's standing at `now_ns` (with `decision` when one was just made).
+fn rate_standing(
+    limit: Limit,
+    gcra: &Gcra,
+    now_ns: i128,
+    now_ms: i64,
+    decision: Option<RateDecision>,
+) -> Standing {
+    let spec = limit.rate.expect("invariant: rate limits have a spec");
+    let (remaining, reset_ns) = match decision {
+        Some(decision) => (decision.remaining, decision.reset_ns),
+        None => gcra.peek(now_ns, &spec),
+    };
+    let refusing = decision.is_some_and(|decision| !decision.allowed);
+    let resets_at_ms = now_ms + (reset_ns / 1_000_000) as i64;
+    Standing {
+        used: spec.burst - remaining.max(0),
+        remaining: remaining.max(0),
+        state: if refusing || remaining <= 0 {
+            State::Exceeded
+        } else {
+            State::Ok
+        },
+        period: (now_ms.div_euclid(1000), resets_at_ms.div_euclid(1000)),
+        resets_at_ms,
+        limit,
     }
 }
 
@@ -477,6 +665,69 @@ pub enum LimitError {
 }
 
 impl Inner {
+    fn signal(&self, tenant: Arc<str>, standing: Standing, crossed: Vec<u32>) {
+        // No listener: nothing to do (send fails only then).
+        let _ = self.signals.send(Signal {
+            tenant,
+            standing,
+            crossed,
+            at_ms: crate::model::now_ms(),
+        });
+    }
+
+    fn rate_limit(&self, tenant: TenantId, meter: MeterId) -> Option<(Arc<str>, Limit)> {
+        let table = self.tables.get(&tenant)?.as_ref()?;
+        Some((table.name.clone(), table.limit(meter, Kind::Rate)?.clone()))
+    }
+
+    fn rate_refused(&mut self, tenant: TenantId, meter: MeterId, decision: RateDecision, now_ns: i128) {
+        let key = self.rates.entry((tenant, meter)).or_default();
+        let started = !key.refusing;
+        key.refusing = true;
+        key.touched = Some(Instant::now());
+        let gcra = key.gcra;
+        if started {
+            if let Some((name, limit)) = self.rate_limit(tenant, meter) {
+                let standing = rate_standing(limit, &gcra, now_ns, crate::model::now_ms(), Some(decision));
+                self.signal(name, standing, Vec::new());
+            }
+        }
+    }
+
+    fn rate_allowed(&mut self, tenant: TenantId, meter: MeterId, gcra: Gcra, now_ns: i128) {
+        let key = self.rates.entry((tenant, meter)).or_default();
+        let stopped = key.refusing;
+        *key = RateKey {
+            gcra,
+            touched: Some(Instant::now()),
+            refusing: false,
+        };
+        if stopped {
+            if let Some((name, limit)) = self.rate_limit(tenant, meter) {
+                let standing = rate_standing(limit, &gcra, now_ns, crate::model::now_ms(), None);
+                self.signal(name, standing, Vec::new());
+            }
+        }
+    }
+
+    /// A tracked quota period's standing (its `used`, as applied).
+    fn quota_standing(&self, key: &QuotaKey) -> Option<(Arc<str>, Standing)> {
+        let table = self.tables.get(&key.tenant)?.as_ref()?;
+        let limit = table.limit(key.meter, Kind::Quota)?.clone();
+        let entry = self.quotas.get(key)?;
+        Some((
+            table.name.clone(),
+            Standing {
+                used: entry.used,
+                remaining: (limit.limit - entry.used).max(0),
+                state: limit::quota_state(entry.used, &limit),
+                period: (key.period_start, entry.period_end),
+                resets_at_ms: entry.period_end * 1000,
+                limit,
+            },
+        ))
+    }
+
     fn ensure_tables(&mut self) {
         if self.plans.is_none() {
             self.plans = Some(Arc::new(Plans::default()));
@@ -501,6 +752,7 @@ impl Inner {
             return None;
         }
         Some(TenantTable {
+            name: name.clone(),
             limits,
             period: plans.period_of(&name, plan),
             zone: plans.timezone(&name),
@@ -558,6 +810,10 @@ impl Inner {
                     touched: Instant::now(),
                 },
             );
+            // A period first tracked (a new period, or after a restart): its state, once.
+            if let Some((name, standing)) = self.quota_standing(&key) {
+                self.signal(name, standing, Vec::new());
+            }
         }
         let entry = self.quotas.get_mut(&key).expect("invariant: inserted above");
         entry.touched = Instant::now();
@@ -590,8 +846,20 @@ impl Inner {
                 meter: key.meter,
                 period_start,
             };
-            if let Some(entry) = self.quotas.get_mut(&quota_key) {
-                entry.used = entry.used.saturating_add(units);
+            let Some(entry) = self.quotas.get_mut(&quota_key) else {
+                continue;
+            };
+            let before = entry.used;
+            entry.used = entry.used.saturating_add(units);
+            let after = entry.used;
+            let limit = table
+                .limit(key.meter, Kind::Quota)
+                .expect("invariant: checked above");
+            let crossed = limit::crossed(before, after, limit);
+            if !crossed.is_empty() || limit::quota_state(before, limit) != limit::quota_state(after, limit) {
+                if let Some((name, standing)) = self.quota_standing(&quota_key) {
+                    self.signal(name, standing, crossed);
+                }
             }
         }
     }
@@ -599,14 +867,17 @@ impl Inner {
     /// Forgets idle rate keys (their buckets are full) and quota periods nobody touched lately.
     fn sweep(&mut self, now_ns: i128) {
         let tables = &self.tables;
-        self.rates.retain(|(tenant, meter), (gcra, touched)| {
+        self.rates.retain(|(tenant, meter), key| {
             let spec = tables
                 .get(tenant)
                 .and_then(Option::as_ref)
                 .and_then(|table| table.limit(*meter, Kind::Rate))
                 .and_then(|limit| limit.rate);
+            let recent = key
+                .touched
+                .is_some_and(|touched| touched.elapsed() < Duration::from_secs(1));
             match spec {
-                Some(spec) => !gcra.is_idle(now_ns, &spec) || touched.elapsed() < Duration::from_secs(1),
+                Some(spec) => !key.gcra.is_idle(now_ns, &spec) || recent || key.refusing,
                 None => false,
             }
         });

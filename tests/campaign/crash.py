@@ -316,7 +316,8 @@ def main():
         data = os.path.join(work, f"data-{member}")
         env = dict(os.environ, TALLYD__SERVER__HTTP_ADDR=f"127.0.0.1:{free_port()}",
                    TALLYD__SERVER__OTLP_HTTP_ADDR=f"127.0.0.1:{free_port()}",
-                   TALLYD__SERVER__OTLP_GRPC_ADDR="", TALLYD__STORAGE__DATA_DIR=data,
+                   TALLYD__SERVER__OTLP_GRPC_ADDR="", TALLYD__LIMITS__GRPC_ADDR="",
+                   TALLYD__STORAGE__DATA_DIR=data,
                    TALLYD__EMIT__FILE__PATH=os.path.join(data, "usage.jsonl"),
                    TALLYD__DEAD_LETTER__PATH=os.path.join(data, "dead-letter.jsonl"))
         daemons.append(Daemon(args.tallyd, config, env, open(os.path.join(work, f"tallyd-{member}.log"), "ab")))

@@ -96,7 +96,8 @@ def main():
         out.write(f'\n[kafka]\nbrokers = "{args.broker}"\ntopics = ["{topic}"]\ngroup_id = "{topic}"\n'
                   '[kafka.properties]\n"session.timeout.ms" = "6000"\n')
     env = dict(os.environ, TALLYD__SERVER__HTTP_ADDR=http, TALLYD__SERVER__OTLP_GRPC_ADDR=grpc,
-               TALLYD__SERVER__OTLP_HTTP_ADDR="", TALLYD__STORAGE__DATA_DIR=os.path.join(work, "data"),
+               TALLYD__SERVER__OTLP_HTTP_ADDR="", TALLYD__LIMITS__GRPC_ADDR="",
+               TALLYD__STORAGE__DATA_DIR=os.path.join(work, "data"),
                TALLYD__EMIT__FILE__PATH=os.path.join(work, "data/usage.jsonl"),
                TALLYD__DEAD_LETTER__PATH=os.path.join(work, "data/dead-letter.jsonl"))
     log = open(os.path.join(work, "tallyd.log"), "wb")

@@ -71,6 +71,8 @@ pub struct Daemon {
     /// OTLP/gRPC and OTLP/HTTP addresses, when those edges run.
     pub otlp_grpc: Option<String>,
     pub otlp_http: Option<String>,
+    /// The limits listener (Envoy RLS, tallyd.quota.v1), when it runs.
+    pub limits_grpc: Option<String>,
     pub logs: Arc<Mutex<Vec<String>>>,
     pub config_path: PathBuf,
 }
@@ -102,10 +104,17 @@ dedup_horizon_secs = 3024000
 path = "{data}/usage.jsonl"
 [dead_letter]
 path = "{data}/dead-letter.jsonl"
+{limits}
 {extra}
 {METERS}
 "#,
-        data = data_dir.display()
+        data = data_dir.display(),
+        // The limits listener on a free port, unless the test configures it.
+        limits = if extra.contains("[limits]") {
+            ""
+        } else {
+            "[limits]\ngrpc_addr = \"127.0.0.1:0\""
+        },
     );
     let path = dir.join("tallyd.toml");
     std::fs::write(&path, text).unwrap();
@@ -147,7 +156,9 @@ impl Daemon {
                     .nth(1)
                     .map(|addr| addr.split_whitespace().next().unwrap_or("").to_string());
                 // The OTLP edges log before the main HTTP server, which comes last.
-                let kind = if line.contains("otlp grpc listening") {
+                let kind = if line.contains("limits grpc listening") {
+                    Some("limits")
+                } else if line.contains("otlp grpc listening") {
                     Some("grpc")
                 } else if line.contains("otlp http listening") {
                     Some("otlp_http")
@@ -162,11 +173,12 @@ impl Daemon {
                 sink.lock().unwrap().push(line);
             }
         });
-        let (mut otlp_grpc, mut otlp_http) = (None, None);
+        let (mut otlp_grpc, mut otlp_http, mut limits_grpc) = (None, None, None);
         let addr = loop {
             match addr_rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(("http", addr)) => break addr,
                 Ok(("grpc", addr)) => otlp_grpc = Some(addr),
+                Ok(("limits", addr)) => limits_grpc = Some(addr),
                 Ok((_, addr)) => otlp_http = Some(addr),
                 Err(_) => {
                     let _ = child.kill();
@@ -179,6 +191,7 @@ impl Daemon {
             addr,
             otlp_grpc,
             otlp_http,
+            limits_grpc,
             logs,
             config_path: config_path.to_path_buf(),
         }
