@@ -4,34 +4,7 @@
 
 use std::net::SocketAddr;
 
-use serde::Deserialize;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawLimits {
-    /// `""` turns the listener off.
-    pub grpc_addr: String,
-    /// RLS/RLQS requests for another domain get an error.
-    pub envoy_domain: String,
-    /// The descriptor entry / RLQS bucket_id key that names the tenant.
-    pub tenant_key: String,
-    /// ... and the meter.
-    pub meter_key: String,
-    /// Compacted Kafka topic of limit states (when `[kafka]` is configured).
-    pub signal_topic: String,
-}
-
-impl Default for RawLimits {
-    fn default() -> RawLimits {
-        RawLimits {
-            grpc_addr: "127.0.0.1:8081".into(),
-            envoy_domain: "tallyd".into(),
-            tenant_key: "tenant".into(),
-            meter_key: "meter".into(),
-            signal_topic: "tallyd.signals".into(),
-        }
-    }
-}
+use super::raw::RawLimits;
 
 /// Validated `[limits]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
