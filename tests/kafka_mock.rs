@@ -191,3 +191,119 @@ async fn rated_records_are_produced_to_the_rated_topic() {
     }
     daemon.stop();
 }
+
+/// Limits on the Kafka source: a hard quota of 100 tokens; 12 events of 10 are consumed in
+/// offset order, the first 10 count and the last 2 go to the dead-letter topic with reason
+/// `quota_exceeded` (a log cannot refuse what it holds, but it never counts it). Every state
+/// change goes to the compacted signal topic keyed `tenant/meter/kind`: the period's first
+/// state, warning at 80 %, exceeded at 100 %.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_quota_dead_letters_kafka_events_and_signals_its_states() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 1, 1).unwrap();
+    cluster.create_topic(DLQ, 1, 1).unwrap();
+    cluster.create_topic("tallyd-quota.changelog", 1, 1).unwrap();
+    cluster.create_topic("tallyd.signals", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let plans = r#"
+[[plans]]
+id = "capped"
+currency = "USD"
+[[plans.limits]]
+meter = "tokens"
+kind = "quota"
+limit = "100"
+thresholds = [80, 100]
+[[tenants]]
+id = "acme"
+plan = "capped"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = kafka_section(&brokers, TOPIC, "tallyd-quota").replace(
+        "group_id = \"tallyd-quota\"\n",
+        &format!("group_id = \"tallyd-quota\"\ndlq_topic = \"{DLQ}\"\n"),
+    );
+    let config = write_config(dir.path(), &format!("{kafka}\n{plans}"));
+    let daemon = Daemon::start(&config);
+    let producer = producer(&brokers);
+    let records: Vec<Record> = (0..12)
+        .map(|n| {
+            Record::json(
+                "acme",
+                &event(
+                    &format!("q{n}"),
+                    "llm.prompt",
+                    "acme",
+                    &ago(0),
+                    json!({"tokens": 10, "model": "m"}),
+                ),
+            )
+        })
+        .collect();
+    produce_all(&producer, TOPIC, &records);
+    wait_for_totals(&client(), &daemon, &BTreeMap::from([("acme".to_string(), 100)])).await;
+    let (brokers_dlq, brokers_signals) = (brokers.clone(), brokers.clone());
+    let dead =
+        tokio::task::spawn_blocking(move || read_topic(&brokers_dlq, DLQ, 1, 2, Duration::from_secs(20)))
+            .await
+            .unwrap();
+    assert_eq!(dead.len(), 2);
+    for letter in &dead {
+        assert_eq!(
+            letter.header("tallyd.reason"),
+            Some("quota_exceeded"),
+            "{:?}",
+            letter.headers
+        );
+    }
+    let signals = tokio::task::spawn_blocking(move || {
+        read_topic(&brokers_signals, "tallyd.signals", 1, 3, Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    let states: Vec<(Option<String>, serde_json::Value)> = signals
+        .iter()
+        .map(|message| {
+            (
+                message.key.clone(),
+                serde_json::from_str(&message.payload).unwrap(),
+            )
+        })
+        .collect();
+    assert!(states.len() >= 3, "{states:?}");
+    for (key, value) in &states {
+        assert_eq!(key.as_deref(), Some("acme/tokens/quota"));
+        for field in [
+            "tenant",
+            "meter",
+            "kind",
+            "state",
+            "used",
+            "limit",
+            "remaining",
+            "period_start",
+            "period_end",
+            "resets_at",
+            "at",
+        ] {
+            assert!(value.get(field).is_some(), "{field} in {value}");
+        }
+    }
+    let seen: Vec<(&str, &str)> = states
+        .iter()
+        .map(|(_, value)| (value["state"].as_str().unwrap(), value["used"].as_str().unwrap()))
+        .collect();
+    let warned = seen
+        .iter()
+        .position(|(state, _)| *state == "warning")
+        .expect("a warning");
+    let exceeded = seen
+        .iter()
+        .position(|(state, _)| *state == "exceeded")
+        .expect("exceeded");
+    assert!(warned < exceeded, "{seen:?}");
+    assert_eq!(states[warned].1["crossed"], json!([80]));
+    assert_eq!(seen[exceeded], ("exceeded", "100"));
+    assert_eq!(states[exceeded].1["remaining"], "0");
+    daemon.stop();
+}

@@ -8,10 +8,13 @@
 //! - `file`: JSONL, fsynced, on the checkpoint thread (the embedded default; both kinds).
 //! - `kafka`: an idempotent producer (acks=all) to a topic keyed by `record_id`.
 //! - `webhook`: batched HTTP POSTs signed with HMAC-SHA256, retried with backoff.
+//!
+//! Beside the outbox, `signals` publishes limit state changes to the signal topic.
 
 pub mod file;
 pub mod kafka;
 pub mod proto;
+pub mod signals;
 pub mod webhook;
 
 use std::sync::atomic::{AtomicBool, Ordering};

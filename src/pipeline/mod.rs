@@ -436,6 +436,7 @@ pub async fn run(
     }
     let admission = Admission::new(shared.clone(), requests, cluster.clone());
     let mut otlp_servers = start_otlp(&admission, &shutdown).await?;
+    let signals = tokio::spawn(crate::emit::signals::run(shared.clone(), shutdown.clone()));
     if let Some(addr) = shared.config.limits.grpc_addr {
         // Envoy RLS and tallyd.quota.v1 (the edge is `ingest::limits`).
         let listener = tokio::net::TcpListener::bind(addr)
@@ -488,6 +489,7 @@ pub async fn run(
             tracing::error!(%error, "otlp or limits server failed");
         }
     }
+    let _ = signals.await;
     shared.ready.store(false, Ordering::Release);
     tracing::info!("ingest stopped; draining");
     if let Some(source) = kafka_source {

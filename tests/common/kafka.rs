@@ -109,6 +109,7 @@ pub fn produce_all(producer: &BaseProducer, topic: &str, records: &[Record]) {
 /// A dead letter as the daemon wrote it: payload and `tallyd.*` headers.
 #[derive(Debug)]
 pub struct DeadLetter {
+    pub key: Option<String>,
     pub payload: String,
     pub headers: Vec<(String, String)>,
 }
@@ -161,6 +162,7 @@ pub fn read_topic(
                 })
                 .unwrap_or_default();
             out.push(DeadLetter {
+                key: message.key().map(|key| String::from_utf8_lossy(key).into_owned()),
                 payload: String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
                 headers,
             });

@@ -1,0 +1,98 @@
+//! The signal topic (`[limits] signal_topic`, when `[kafka]` is configured): every limit state
+//! change the gate signals (`state::limits::Signal`) as a record keyed `tenant/meter/kind` —
+//! a compacted topic, so a new reader finds each limit's latest state — with the JSON value
+//! `{tenant, meter, kind, mode, state, used, limit, remaining, period_start, period_end,
+//! resets_at, at, crossed}`. Amounts are exact decimal strings in the meter's units.
+//!
+//! Best effort by nature: a state is superseded by the next one, so a record that cannot be
+//! delivered (librdkafka retries it, idempotently) is counted and logged, never replayed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{NewTopic, TopicReplication};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::kafka::{create_topics, producer_config, DeliveryContext};
+use crate::model::{rfc3339, rfc3339_ms};
+use crate::state::limits::Signal;
+use crate::state::Shared;
+use crate::telemetry;
+
+/// A signal as the topic carries it: (key, JSON value).
+pub fn record(signal: &Signal) -> (String, Vec<u8>) {
+    let standing = &signal.standing;
+    let limit = &standing.limit;
+    let key = format!("{}/{}/{}", signal.tenant, limit.meter, limit.kind.as_str());
+    let resets_at = match standing.resets_at_ms.rem_euclid(1000) {
+        0 => rfc3339(standing.resets_at_ms.div_euclid(1000)),
+        _ => rfc3339_ms(standing.resets_at_ms),
+    };
+    let value = json!({
+        "tenant": &*signal.tenant,
+        "meter": limit.meter,
+        "kind": limit.kind.as_str(),
+        "mode": limit.mode.as_str(),
+        "state": standing.state.as_str(),
+        "used": limit.format(standing.used),
+        "limit": limit.format(limit.limit),
+        "remaining": limit.format(standing.remaining),
+        "period_start": rfc3339(standing.period.0),
+        "period_end": rfc3339(standing.period.1),
+        "resets_at": resets_at,
+        "at": rfc3339_ms(signal.at_ms),
+        "crossed": signal.crossed,
+    });
+    (
+        key,
+        serde_json::to_vec(&value).expect("invariant: signals serialize"),
+    )
+}
+
+/// Publishes the gate's signals to the signal topic until `shutdown` (then flushes).
+pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let Some(kafka) = shared.config.kafka.clone() else {
+        return;
+    };
+    // Subscribed first: states signalled while the topic is set up wait in the channel.
+    let mut signals = shared.limits.subscribe();
+    let topic = shared.config.limits.signal_topic.clone();
+    let wanted = NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact");
+    if let Err(error) = create_topics(&kafka, &[wanted]).await {
+        tracing::warn!(%error, topic, "signal topic not created; create it yourself (compacted)");
+    }
+    let producer: BaseProducer<DeliveryContext> =
+        match producer_config(&kafka).create_with_context(DeliveryContext::new("signals")) {
+            Ok(producer) => producer,
+            Err(error) => {
+                tracing::error!(%error, "no signal topic producer; limit states are not published");
+                return;
+            }
+        };
+    tracing::info!(topic, "publishing limit states");
+    loop {
+        let signal = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            received = signals.recv() => match received {
+                Ok(signal) => signal,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "signal topic fell behind; later states supersede the missed ones");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+        };
+        let (key, value) = record(&signal);
+        match producer.send(BaseRecord::to(&topic).key(&key).payload(&value)) {
+            Ok(()) => metrics::counter!(telemetry::LIMIT_SIGNALS, "channel" => "kafka").increment(1),
+            Err((error, _)) => {
+                tracing::warn!(%error, key, "limit state not queued for the signal topic");
+                metrics::counter!(telemetry::EMIT_FAILURES, "output" => "signals").increment(1);
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+}
