@@ -465,15 +465,22 @@ impl Limits {
                 known: false,
             };
             let meter = meters.by_slug(ask.meter).map(|meter| meter.id);
-            // Only tenants with limits are interned (a key holder cannot grow the tables).
-            let limited = meter.is_some() && !plans.limits_for(ask.tenant).is_empty();
-            let (Some(meter), true) = (meter, limited) else {
+            // A tenant seen before is looked up; a new one is interned only when it has limits
+            // (a key holder cannot grow the tables with names).
+            let tenant = match (meter, names.tenants.get(ask.tenant)) {
+                (None, _) => None,
+                (Some(_), Some(id)) => Some(id),
+                (Some(_), None) if !plans.limits_for(ask.tenant).is_empty() => {
+                    Some(names.tenants.intern(ask.tenant))
+                }
+                (Some(_), None) => None,
+            };
+            let (Some(meter), Some(tenant)) = (meter, tenant) else {
                 answer.known = meter.is_some() && plans.for_tenant(ask.tenant).is_some();
                 answers.push(answer);
                 continue;
             };
             answer.known = true;
-            let tenant = names.tenants.intern(ask.tenant);
             let Some(table) = inner.table_mut(tenant, names, meters) else {
                 answers.push(answer);
                 continue;
