@@ -95,7 +95,12 @@ fn gate() -> Gate {
 }
 
 /// Runs `iters` decisions split over `threads` threads on a shared limiter; the wall time.
-fn run_threads(iters: u64, threads: usize, sequence: &Arc<Vec<usize>>, decide: Arc<dyn Fn(usize) -> bool + Send + Sync>) -> Duration {
+fn run_threads(
+    iters: u64,
+    threads: usize,
+    sequence: &Arc<Vec<usize>>,
+    decide: Arc<dyn Fn(usize) -> bool + Send + Sync>,
+) -> Duration {
     let per_thread = iters / threads as u64;
     let started = Instant::now();
     std::thread::scope(|scope| {
@@ -126,7 +131,14 @@ fn decisions(c: &mut Criterion) {
         let gate = tallyd.clone();
         Arc::new(move |key| {
             gate.limits
-                .decide(&gate.names, &gate.meters, &[Unit(gate.keys[key])], &[true], true, &load)
+                .decide(
+                    &gate.names,
+                    &gate.meters,
+                    &[Unit(gate.keys[key])],
+                    &[true],
+                    true,
+                    &load,
+                )
                 .is_ok()
         })
     };
@@ -170,7 +182,9 @@ fn decisions(c: &mut Criterion) {
             ("limitador", decide_limitador.clone()),
         ] {
             group.bench_function(format!("{name}/{threads}_threads"), |b| {
-                b.iter_custom(|iters| run_threads(iters.max(threads as u64), threads, &sequence, decide.clone()))
+                b.iter_custom(|iters| {
+                    run_threads(iters.max(threads as u64), threads, &sequence, decide.clone())
+                })
             });
         }
     }

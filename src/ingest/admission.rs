@@ -265,7 +265,7 @@ pub enum FoldError {
     #[error(transparent)]
     Claim(#[from] ClaimError),
     /// A rate limit refuses the request as a whole (push edges only).
-    #[error("over the rate limit of `{}` for tenant `{}`", .0.meter, .0.tenant)]
+    #[error("over the rate limit of `{}` for tenant `{}`", .0.limit.meter, .0.tenant)]
     Rate(Box<RateRefusal>),
     /// A quota's period total could not be read from the store.
     #[error("quota usage unreadable: {0}")]
@@ -354,12 +354,13 @@ pub fn claim_and_fold<U: Countable>(
         over_quota: Vec::new(),
         holds: Vec::new(),
     };
-    let mut refused = verdict.as_ref().map(|verdict| verdict.refused.iter());
+    let mut refused = verdict.as_ref().map(|verdict| verdict.refused.iter().peekable());
     for (index, unit) in units.iter().enumerate() {
         let key = unit.dedup_key();
         let over = refused
             .as_mut()
-            .and_then(|refused| refused.next().cloned().flatten());
+            .and_then(|refused| refused.next_if(|(at, _)| *at == index))
+            .map(|(_, message)| message.clone());
         if !fresh[index] {
             claimed.duplicates += 1;
             continue;
@@ -745,17 +746,17 @@ pub fn rate_limited(refusal: &RateRefusal) -> IngestError {
     let message = match wait_ns {
         Some(_) => format!(
             "tenant `{}` is over its rate limit of {limit} `{}` per {window_secs}s; retry after {retry_secs}s (nothing was counted)",
-            refusal.tenant, refusal.meter
+            refusal.tenant, refusal.limit.meter
         ),
         None => format!(
             "this request's `{}` usage is larger than the burst of {} the rate limit of tenant `{}` allows at once; \
              send it in smaller requests (nothing was counted)",
-            refusal.meter,
+            refusal.limit.meter,
             refusal.limit.format(spec.burst),
             refusal.tenant
         ),
     };
-    let name = &refusal.meter;
+    let name = &refusal.limit.meter;
     IngestError::RateLimited {
         message,
         retry_after: std::time::Duration::from_secs(retry_secs as u64),

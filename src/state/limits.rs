@@ -14,12 +14,13 @@
 //! log after a crash applies exactly the admitted units (it decides nothing again), and a
 //! restart reads `used` back from the store, so it never resets.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::{Mutex, MutexGuard};
+use rustc_hash::FxHashMap as HashMap;
+use smallvec::SmallVec;
 
 use crate::aggregate::{AggState, PreAggregated};
 use crate::limit::{self, Gcra, Kind, Limit, Mode, RateDecision, RateSpec, State};
@@ -27,8 +28,10 @@ use crate::model::{MeterId, SeriesKey, TenantId};
 use crate::rate::plan::Plans;
 
 /// Entries (quota periods, rate keys) untouched this long are forgotten (read again when
-/// needed): memory stays proportional to the active tenants.
-const IDLE: Duration = Duration::from_secs(600);
+/// needed): memory stays proportional to the active tenants. Nanoseconds of the gate's clock.
+const IDLE_NS: i128 = 600_000_000_000;
+/// How often idle entries are looked for.
+const SWEEP_EVERY_NS: i128 = 10_000_000_000;
 
 /// A (tenant, meter, billing period) whose quota is tracked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,14 +53,15 @@ struct QuotaEntry {
     period_end: i64,
     used: i128,
     held: i128,
-    touched: Instant,
+    /// The gate's clock when last used (ns).
+    touched: i128,
 }
 
 /// A tenant's limits, by meter id, with its billing period.
 #[derive(Debug)]
 struct TenantTable {
     name: Arc<str>,
-    limits: Vec<(MeterId, Limit)>,
+    limits: Vec<(MeterId, Arc<Limit>)>,
     period: crate::rate::period::BillingPeriod,
     zone: Option<chrono_tz::Tz>,
     /// The last period computed: most units fall in it.
@@ -75,6 +79,10 @@ impl TenantTable {
     }
 
     fn limit(&self, meter: MeterId, kind: Kind) -> Option<&Limit> {
+        self.shared_limit(meter, kind).map(|limit| &**limit)
+    }
+
+    fn shared_limit(&self, meter: MeterId, kind: Kind) -> Option<&Arc<Limit>> {
         self.limits
             .iter()
             .find(|(id, limit)| *id == meter && limit.kind == kind)
@@ -88,7 +96,9 @@ pub struct Inner {
     tables: HashMap<TenantId, Option<TenantTable>>,
     rates: HashMap<(TenantId, MeterId), RateKey>,
     quotas: HashMap<QuotaKey, QuotaEntry>,
-    decisions: u64,
+    /// The gate's clock (ns) as of the operation holding the lock, and of the last sweep.
+    clock_ns: i128,
+    swept_ns: i128,
     /// State changes, to whoever listens (Watch streams, the signal topic, webhooks).
     signals: tokio::sync::broadcast::Sender<Signal>,
 }
@@ -97,7 +107,8 @@ pub struct Inner {
 #[derive(Clone, Copy, Debug, Default)]
 struct RateKey {
     gcra: Gcra,
-    touched: Option<Instant>,
+    /// The gate's clock when last decided (ns).
+    touched: i128,
     /// Its last decision refused (signalled once when it starts and once when it stops).
     refusing: bool,
 }
@@ -120,20 +131,24 @@ const SIGNAL_BACKLOG: usize = 4096;
 /// Why a request was refused as a whole: a rate limit it would pass.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RateRefusal {
-    pub tenant: String,
-    pub meter: String,
-    pub limit: Limit,
+    pub tenant: Arc<str>,
+    pub limit: Arc<Limit>,
     pub decision: RateDecision,
 }
 
 /// The gate's answer for one batch of units.
 #[derive(Debug, Default)]
 pub struct Verdict {
-    /// Per unit: why it is refused (over a hard quota), or None.
-    pub refused: Vec<Option<String>>,
+    /// The units refused (over a hard quota) and why, by ascending index.
+    pub refused: Vec<(usize, String)>,
     /// What the admitted units hold until applied.
     pub holds: Vec<Hold>,
 }
+
+/// A batch's units of one rate-limited (tenant, meter), with its rate.
+type Demand = ((TenantId, MeterId), i128, RateSpec);
+/// A unit's units of one quota period: (period, units, mode, limit, scale).
+type Want = (QuotaKey, i128, Mode, i128, u32);
 
 /// Decisions of one batch by kind and outcome, recorded once (`tallyd_limit_decisions_total`).
 #[derive(Default)]
@@ -242,10 +257,11 @@ impl Limits {
             active: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 plans: None,
-                tables: HashMap::new(),
-                rates: HashMap::new(),
-                quotas: HashMap::new(),
-                decisions: 0,
+                tables: HashMap::default(),
+                rates: HashMap::default(),
+                quotas: HashMap::default(),
+                clock_ns: 0,
+                swept_ns: 0,
                 signals,
             }),
         }
@@ -290,10 +306,7 @@ impl Limits {
         rates: bool,
         load: Load<'_>,
     ) -> Result<Verdict, LimitError> {
-        let mut verdict = Verdict {
-            refused: vec![None; units.len()],
-            ..Verdict::default()
-        };
+        let mut verdict = Verdict::default();
         if !self.is_active() {
             return Ok(verdict);
         }
@@ -301,12 +314,13 @@ impl Limits {
         let mut counts = Counts::default();
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
-        inner.decisions += 1;
-        if inner.decisions % 4096 == 0 {
+        inner.clock_ns = now_ns;
+        if now_ns - inner.swept_ns > SWEEP_EVERY_NS {
+            inner.swept_ns = now_ns;
             inner.sweep(now_ns);
         }
         // Rate limits: the request's demand per (tenant, meter), all allowed or none taken.
-        let mut demand: Vec<((TenantId, MeterId), i128, RateSpec)> = Vec::new();
+        let mut demand: SmallVec<[Demand; 2]> = SmallVec::new();
         for (unit, _) in units.iter().zip(fresh).filter(|(_, fresh)| rates && **fresh) {
             unit.contributions(&mut |key, units| {
                 let Some(spec) = inner
@@ -325,28 +339,32 @@ impl Limits {
                 }
             });
         }
-        let mut taken: Vec<((TenantId, MeterId), Gcra)> = Vec::with_capacity(demand.len());
+        let mut taken: SmallVec<[((TenantId, MeterId), Gcra); 2]> = SmallVec::new();
         for &((tenant, meter), units, spec) in &demand {
             let mut state = inner
                 .rates
                 .get(&(tenant, meter))
                 .map(|key| key.gcra)
                 .unwrap_or_default();
-            let decision = state.check(now_ns, units, &spec);
-            if !decision.allowed {
+            if !state.take(now_ns, units, &spec) {
+                // Refused: the details once, for the answer (nothing was taken).
+                let decision = state.check(now_ns, units, &spec);
                 counts.add(Kind::Rate, "refused");
                 inner.rate_refused(tenant, meter, decision, now_ns);
+                let table = inner.tables[&tenant]
+                    .as_ref()
+                    .expect("invariant: a demand has its table");
+                let refusal = RateRefusal {
+                    tenant: table.name.clone(),
+                    limit: table
+                        .shared_limit(meter, Kind::Rate)
+                        .expect("invariant: a demand has its rate limit")
+                        .clone(),
+                    decision,
+                };
                 drop(guard);
                 counts.record();
-                let limit = self
-                    .limit_of(tenant, meter, Kind::Rate)
-                    .expect("invariant: a demand has its rate limit");
-                return Err(LimitError::Rate(Box::new(RateRefusal {
-                    tenant: names.tenants.resolve(tenant).to_string(),
-                    meter: limit.meter.clone(),
-                    limit,
-                    decision,
-                })));
+                return Err(LimitError::Rate(Box::new(refusal)));
             }
             taken.push(((tenant, meter), state));
         }
@@ -355,7 +373,7 @@ impl Limits {
             counts.add(Kind::Rate, "allowed");
         }
         // Quotas, unit by unit in order: (period, units, mode, limit, scale).
-        let mut wants: Vec<(QuotaKey, i128, Mode, i128, u32)> = Vec::new();
+        let mut wants: SmallVec<[Want; 2]> = SmallVec::new();
         for (index, unit) in units.iter().enumerate() {
             if !fresh[index] {
                 continue;
@@ -406,7 +424,7 @@ impl Limits {
             }
             match over {
                 Some(message) => {
-                    verdict.refused[index] = Some(message);
+                    verdict.refused.push((index, message));
                     counts.add(Kind::Quota, "refused");
                 }
                 None => {
@@ -426,16 +444,6 @@ impl Limits {
         Ok(verdict)
     }
 
-    fn limit_of(&self, tenant: TenantId, meter: MeterId, kind: Kind) -> Option<Limit> {
-        let inner = self.inner.lock();
-        inner
-            .tables
-            .get(&tenant)
-            .and_then(Option::as_ref)
-            .and_then(|table| table.limit(meter, kind))
-            .cloned()
-    }
-
     /// Asks (Envoy RLS descriptors, `Check`): would each tenant's `units` of a meter be allowed
     /// now? A quota is peeked (the units are not usage: only what is counted uses a quota); with
     /// `consume`, rate limits take the units when *every* ask is allowed, and nothing when one
@@ -453,6 +461,7 @@ impl Limits {
         let mut counts = Counts::default();
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
+        inner.clock_ns = now_ns;
         let plans = inner.plans.clone().unwrap_or_default();
         let mut answers = Vec::with_capacity(asks.len());
         let mut trials: Vec<(TenantId, MeterId, Gcra, RateDecision)> = Vec::new();
@@ -578,12 +587,13 @@ impl Limits {
         now_secs: i64,
         load: Load<'_>,
     ) -> Result<Vec<Standing>, LimitError> {
+        let now_ns = self.now_ns();
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
+        inner.clock_ns = now_ns;
         let plans = inner.plans.clone().unwrap_or_default();
         let limits = plans.limits_for(tenant);
         let tenant_id = names.tenants.get(tenant);
-        let now_ns = self.now_ns();
         let now_ms = crate::model::now_ms();
         let mut out = Vec::new();
         for limit in limits {
@@ -691,7 +701,7 @@ impl Inner {
         let key = self.rates.entry((tenant, meter)).or_default();
         let started = !key.refusing;
         key.refusing = true;
-        key.touched = Some(Instant::now());
+        key.touched = now_ns;
         let gcra = key.gcra;
         if started {
             if let Some((name, limit)) = self.rate_limit(tenant, meter) {
@@ -706,7 +716,7 @@ impl Inner {
         let stopped = key.refusing;
         *key = RateKey {
             gcra,
-            touched: Some(Instant::now()),
+            touched: now_ns,
             refusing: false,
         };
         if stopped {
@@ -750,10 +760,14 @@ impl Inner {
         let plans = self.plans.as_ref()?;
         let name = names.tenants.resolve(tenant);
         let (plan, _) = plans.for_tenant(&name)?;
-        let limits: Vec<(MeterId, Limit)> = plans
+        let limits: Vec<(MeterId, Arc<Limit>)> = plans
             .limits_for(&name)
             .into_iter()
-            .filter_map(|limit| meters.by_slug(&limit.meter).map(|meter| (meter.id, limit)))
+            .filter_map(|limit| {
+                meters
+                    .by_slug(&limit.meter)
+                    .map(|meter| (meter.id, Arc::new(limit)))
+            })
             .collect();
         if limits.is_empty() {
             return None;
@@ -814,7 +828,7 @@ impl Inner {
                     period_end,
                     used,
                     held: 0,
-                    touched: Instant::now(),
+                    touched: self.clock_ns,
                 },
             );
             // A period first tracked (a new period, or after a restart): its state, once.
@@ -823,7 +837,7 @@ impl Inner {
             }
         }
         let entry = self.quotas.get_mut(&key).expect("invariant: inserted above");
-        entry.touched = Instant::now();
+        entry.touched = self.clock_ns;
         Ok(entry)
     }
 
@@ -880,16 +894,14 @@ impl Inner {
                 .and_then(Option::as_ref)
                 .and_then(|table| table.limit(*meter, Kind::Rate))
                 .and_then(|limit| limit.rate);
-            let recent = key
-                .touched
-                .is_some_and(|touched| touched.elapsed() < Duration::from_secs(1));
+            let recent = key.touched > now_ns - 1_000_000_000;
             match spec {
                 Some(spec) => !key.gcra.is_idle(now_ns, &spec) || recent || key.refusing,
                 None => false,
             }
         });
         self.quotas
-            .retain(|_, entry| entry.held != 0 || entry.touched.elapsed() < IDLE);
+            .retain(|_, entry| entry.held != 0 || now_ns - entry.touched < IDLE_NS);
     }
 }
 
@@ -1011,9 +1023,10 @@ plan = "free"
                     .decide(&fixture.names, &fixture.meters, &units, &fresh, true, &load)
                     .unwrap();
                 let mut decided = Vec::new();
-                for (&n, refused) in sizes.iter().zip(&verdict.refused) {
+                for (index, &n) in sizes.iter().enumerate() {
+                    let refused = verdict.refused.iter().any(|(i, _)| *i == index);
                     let fits = base + applied + held + n <= 100;
-                    prop_assert_eq!(refused.is_none(), fits, "unit of {} beside {} used, {} held", n, base + applied, held);
+                    prop_assert_eq!(!refused, fits, "unit of {} beside {} used, {} held", n, base + applied, held);
                     if fits {
                         held += n;
                     }
@@ -1061,8 +1074,8 @@ plan = "free"
                             .limits
                             .decide(&fixture.names, &fixture.meters, &[Unit(fixture.key, n)], &[true], true, &load)
                             .unwrap();
-                        apply(&fixture, &[(n, verdict.refused[0].is_none())], &verdict.holds);
-                        verdict.refused[0].is_none()
+                        apply(&fixture, &[(n, verdict.refused.is_empty())], &verdict.holds);
+                        verdict.refused.is_empty()
                     })
                     .collect::<Vec<bool>>()
             };
@@ -1086,7 +1099,7 @@ plan = "free"
                 &load,
             )
             .unwrap();
-        assert_eq!(verdict.refused, vec![None, None]);
+        assert!(verdict.refused.is_empty());
         assert_eq!(verdict.holds.iter().map(|hold| hold.units).sum::<i128>(), 5);
     }
 }
