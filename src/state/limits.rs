@@ -61,7 +61,11 @@ struct QuotaEntry {
 #[derive(Debug)]
 struct TenantTable {
     name: Arc<str>,
-    limits: Vec<(MeterId, Arc<Limit>)>,
+    /// (meter, kind, limit): the kind inline, so a lookup touches no limit it does not want.
+    limits: Vec<(MeterId, Kind, Arc<Limit>)>,
+    /// Whether any limit is a rate limit / a quota (a pass over the units is skipped without).
+    has_rates: bool,
+    has_quotas: bool,
     period: crate::rate::period::BillingPeriod,
     zone: Option<chrono_tz::Tz>,
     /// The last period computed: most units fall in it.
@@ -83,10 +87,17 @@ impl TenantTable {
     }
 
     fn shared_limit(&self, meter: MeterId, kind: Kind) -> Option<&Arc<Limit>> {
+        let any = match kind {
+            Kind::Rate => self.has_rates,
+            Kind::Quota => self.has_quotas,
+        };
+        if !any {
+            return None;
+        }
         self.limits
             .iter()
-            .find(|(id, limit)| *id == meter && limit.kind == kind)
-            .map(|(_, limit)| limit)
+            .find(|(id, of, _)| *id == meter && *of == kind)
+            .map(|(_, _, limit)| limit)
     }
 }
 
@@ -163,12 +174,20 @@ impl Counts {
     }
 
     fn record(&self) {
-        for kind in [Kind::Quota, Kind::Rate] {
-            for (o, outcome) in OUTCOMES.iter().enumerate() {
-                let n = self.0[kind as usize][o];
-                if n > 0 {
-                    metrics::counter!(crate::telemetry::LIMIT_DECISIONS, "kind" => kind.as_str(), "outcome" => *outcome)
-                        .increment(n);
+        // Handles registered once (the daemon installs its recorder before any decision): a
+        // decision must not pay for building label sets.
+        static HANDLES: std::sync::OnceLock<[[metrics::Counter; 3]; 2]> = std::sync::OnceLock::new();
+        let handles = HANDLES.get_or_init(|| {
+            [Kind::Quota, Kind::Rate].map(|kind| {
+                OUTCOMES.map(|outcome| {
+                    metrics::counter!(crate::telemetry::LIMIT_DECISIONS, "kind" => kind.as_str(), "outcome" => outcome)
+                })
+            })
+        });
+        for (kind, row) in self.0.iter().enumerate() {
+            for (outcome, n) in row.iter().enumerate() {
+                if *n > 0 {
+                    handles[kind][outcome].increment(*n);
                 }
             }
         }
@@ -745,34 +764,30 @@ impl Inner {
         ))
     }
 
-    fn ensure_tables(&mut self) {
-        if self.plans.is_none() {
-            self.plans = Some(Arc::new(Plans::default()));
-        }
-    }
-
     fn build(
-        &self,
+        plans: Option<&Arc<Plans>>,
         tenant: TenantId,
         names: &crate::model::Names,
         meters: &crate::meter::Meters,
     ) -> Option<TenantTable> {
-        let plans = self.plans.as_ref()?;
+        let plans = plans?;
         let name = names.tenants.resolve(tenant);
         let (plan, _) = plans.for_tenant(&name)?;
-        let limits: Vec<(MeterId, Arc<Limit>)> = plans
+        let limits: Vec<(MeterId, Kind, Arc<Limit>)> = plans
             .limits_for(&name)
             .into_iter()
             .filter_map(|limit| {
                 meters
                     .by_slug(&limit.meter)
-                    .map(|meter| (meter.id, Arc::new(limit)))
+                    .map(|meter| (meter.id, limit.kind, Arc::new(limit)))
             })
             .collect();
         if limits.is_empty() {
             return None;
         }
         Some(TenantTable {
+            has_rates: limits.iter().any(|(_, kind, _)| *kind == Kind::Rate),
+            has_quotas: limits.iter().any(|(_, kind, _)| *kind == Kind::Quota),
             name: name.clone(),
             limits,
             period: plans.period_of(&name, plan),
@@ -796,12 +811,11 @@ impl Inner {
         names: &crate::model::Names,
         meters: &crate::meter::Meters,
     ) -> Option<&mut TenantTable> {
-        self.ensure_tables();
-        if !self.tables.contains_key(&tenant) {
-            let table = self.build(tenant, names, meters);
-            self.tables.insert(tenant, table);
-        }
-        self.tables.get_mut(&tenant).and_then(Option::as_mut)
+        let Inner { tables, plans, .. } = self;
+        tables
+            .entry(tenant)
+            .or_insert_with(|| Inner::build(plans.as_ref(), tenant, names, meters))
+            .as_mut()
     }
 
     /// The tracked quota period, read from the store and engine the first time.
