@@ -152,6 +152,26 @@ pub fn period_units(
         .map_err(|error| format!("meter `{slug}` total {}: {error}", row["value"]))
 }
 
+/// The limits gate's reader of quota periods (`state::limits::Load`): `period_units`.
+pub fn quota_loader(shared: &Shared) -> impl Fn(&str, &str, i64, i64) -> Result<i128, String> + '_ {
+    move |tenant, meter, from, to| period_units(shared, meter, tenant, from, to)
+}
+
+/// Where each of `tenant`'s limits stands now (blocking: a period not tracked yet reads the
+/// store).
+pub fn limits_now(
+    shared: &Shared,
+    tenant: &str,
+) -> Result<Vec<crate::state::limits::Standing>, crate::state::limits::LimitError> {
+    shared.limits.standing(
+        tenant,
+        &shared.names,
+        &shared.meters,
+        crate::model::now_ms().div_euclid(1000),
+        &quota_loader(shared),
+    )
+}
+
 /// Blocking: reads the store.
 pub fn run_query(
     shared: &Shared,

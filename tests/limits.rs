@@ -537,7 +537,19 @@ fn envoy_rls_and_quota_watch_decide_from_the_billed_totals() {
     assert_eq!(seen["rls_tokens"]["code"], "OVER_LIMIT");
     assert_eq!(seen["rls_tokens"]["unit"], "MONTH");
     assert_eq!(seen["check_1"], json!({"allowed": false, "used": ["100"]}));
-    // RLS hits are not usage: api_calls counted nothing.
+    // GET /limits: a tenant's key reads its own tenant's only.
+    let status = |key: &str, tenant: &str| {
+        let output = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg(format!("authorization: Bearer {key}"))
+            .arg(daemon.url(&format!("/api/v1/tenants/{tenant}/limits")))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    assert_eq!(status(GLOBEX, "acme"), "403");
+    assert_eq!(status(GLOBEX, "globex"), "200");
+    assert_eq!(status(OPS, "acme"), "200");
     let metrics = client_blocking_metrics(&daemon, OPS);
     assert!(
         metrics.contains("tallyd_limits_requests_total{service=\"rls\",code=\"ok\"}"),

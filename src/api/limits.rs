@@ -13,7 +13,7 @@ use super::query::route_to_owner;
 use super::usage::path_segment;
 use super::{error_response, other_tenant, AppState};
 use crate::auth::Principal;
-use crate::model::{now_ms, rfc3339, rfc3339_ms};
+use crate::model::{rfc3339, rfc3339_ms};
 use crate::state::limits::Standing;
 
 pub async fn tenant_limits(
@@ -39,19 +39,7 @@ pub async fn tenant_limits(
     }
     let shared = app.shared.clone();
     let name = tenant.clone();
-    let standing = tokio::task::spawn_blocking(move || {
-        let load = |tenant: &str, meter: &str, from: i64, to: i64| {
-            crate::query::period_units(&shared, meter, tenant, from, to)
-        };
-        shared.limits.standing(
-            &name,
-            &shared.names,
-            &shared.meters,
-            now_ms().div_euclid(1000),
-            &load,
-        )
-    })
-    .await;
+    let standing = tokio::task::spawn_blocking(move || crate::query::limits_now(&shared, &name)).await;
     match standing {
         Ok(Ok(limits)) => Json(json!({
             "tenant": tenant,

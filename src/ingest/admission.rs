@@ -310,16 +310,13 @@ pub fn claim_and_fold<U: Countable>(
         .map(|unit| unit.dedup_key().is_none() || claimed_keys.next() == Some(true))
         .collect();
     let verdict = if shared.limits.is_active() {
-        let load = |tenant: &str, meter: &str, from: i64, to: i64| {
-            crate::query::period_units(shared, meter, tenant, from, to)
-        };
         let decided = shared.limits.decide(
             &shared.names,
             &shared.meters,
             units,
             &fresh,
             limited == Limited::All,
-            &load,
+            &crate::query::quota_loader(shared),
         );
         match decided {
             Ok(verdict) => Some(verdict),

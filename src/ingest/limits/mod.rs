@@ -72,9 +72,7 @@ impl LimitsEdge {
                     units: *units,
                 })
                 .collect();
-            let load = |tenant: &str, meter: &str, from: i64, to: i64| {
-                crate::query::period_units(&shared, meter, tenant, from, to)
-            };
+            let load = crate::query::quota_loader(&shared);
             shared
                 .limits
                 .ask(&asks, consume, &shared.names, &shared.meters, &load)

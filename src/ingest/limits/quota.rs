@@ -48,21 +48,10 @@ impl QuotaService {
     async fn current(&self, tenant: &str) -> Result<Vec<LimitState>, Status> {
         let shared = self.0.shared.clone();
         let name = tenant.to_string();
-        let standings = tokio::task::spawn_blocking(move || {
-            let load = |tenant: &str, meter: &str, from: i64, to: i64| {
-                crate::query::period_units(&shared, meter, tenant, from, to)
-            };
-            shared.limits.standing(
-                &name,
-                &shared.names,
-                &shared.meters,
-                now_ms().div_euclid(1000),
-                &load,
-            )
-        })
-        .await
-        .map_err(|error| Status::internal(error.to_string()))?
-        .map_err(super::unavailable)?;
+        let standings = tokio::task::spawn_blocking(move || crate::query::limits_now(&shared, &name))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(super::unavailable)?;
         let at = now_ms();
         Ok(standings
             .iter()
