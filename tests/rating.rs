@@ -920,3 +920,85 @@ async fn a_webhook_that_redirects_or_rejects_parks_records_for_a_replay() {
     assert_eq!(unknown.status(), 404);
     daemon.stop();
 }
+
+/// A quota's threshold crossings go to the webhook too, signed like rated records:
+/// `{"kind": "limit", ...}` once at 80 % and once at 100 %, with the exact amounts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_thresholds_reach_the_webhook_signed() {
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(receive))
+        .with_state(receiver.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let plans = r#"
+[[plans]]
+id = "capped"
+currency = "USD"
+[[plans.limits]]
+meter = "tokens"
+kind = "quota"
+limit = "1000"
+mode = "soft"
+thresholds = [80, 100]
+[rating]
+default_plan = "capped"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("{plans}\n[emit.webhook]\nurl = \"http://{hook}/hook\"\nsecret = \"{SECRET}\"\n"),
+    );
+    let daemon = Daemon::start(&config);
+    let tokens = |id: &str, n: i64| {
+        event(
+            id,
+            "llm.prompt",
+            "initech",
+            &ago(0),
+            json!({"tokens": n, "model": "m"}),
+        )
+    };
+    for (id, n) in [("a", 500), ("b", 350), ("c", 100), ("d", 100)] {
+        let (status, body) = post_batch(&client(), &daemon, &[tokens(id, n)]).await;
+        assert_eq!((status, body["accepted"].as_u64()), (202, Some(1)), "{body}");
+    }
+    let limits = eventually("two threshold records", async || {
+        let limits: Vec<Value> = receiver
+            .batches
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .filter(|record| record["kind"] == "limit")
+            .cloned()
+            .collect();
+        (limits.len() >= 2).then_some(limits)
+    })
+    .await;
+    let seen: Vec<(Value, Value, Value)> = limits
+        .iter()
+        .map(|record| {
+            (
+                record["crossed"].clone(),
+                record["used"].clone(),
+                record["state"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (json!([80]), json!("850"), json!("warning")),
+            (json!([100]), json!("1050"), json!("exceeded")),
+        ]
+    );
+    assert_eq!(limits[0]["tenant"], "initech");
+    assert_eq!(limits[0]["meter"], "tokens");
+    assert_eq!(
+        receiver.bad_signatures.load(std::sync::atomic::Ordering::Acquire),
+        0
+    );
+    daemon.stop();
+}

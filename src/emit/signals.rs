@@ -6,6 +6,10 @@
 //!
 //! Best effort by nature: a state is superseded by the next one, so a record that cannot be
 //! delivered (librdkafka retries it, idempotently) is counted and logged, never replayed.
+//!
+//! Threshold crossings also go to the webhook (`[emit.webhook]`, signed like rated records):
+//! `{"records": [{"kind": "limit", ...the fields above}]}`, retried with backoff for about a
+//! minute, then dropped (the topic and `Watch` carry the same state).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +53,46 @@ pub fn record(signal: &Signal) -> (String, Vec<u8>) {
         key,
         serde_json::to_vec(&value).expect("invariant: signals serialize"),
     )
+}
+
+/// Posts threshold crossings to the webhook, on a thread of its own (the sink blocks); none
+/// without `[emit.webhook]`.
+pub fn spawn_webhook(shared: &Arc<Shared>) -> Result<(), super::EmitError> {
+    use super::Sink;
+    let Some(config) = &shared.config.emit_webhook else {
+        return Ok(());
+    };
+    let mut sink = super::webhook::WebhookSink::new(config)?;
+    let mut signals = shared.limits.subscribe();
+    std::thread::Builder::new()
+        .name("tallyd-limit-webhook".into())
+        .spawn(move || loop {
+            let signal = match signals.blocking_recv() {
+                Ok(signal) if !signal.crossed.is_empty() => signal,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let (_, value) = record(&signal);
+            let mut value: serde_json::Value = serde_json::from_slice(&value).expect("invariant: just serialized");
+            value["kind"] = json!("limit");
+            let line = serde_json::to_vec(&value).expect("invariant: signals serialize");
+            let mut delay = Duration::from_millis(500);
+            for attempt in 1..=8 {
+                match sink.deliver(&[&line]) {
+                    Ok(()) => {
+                        metrics::counter!(telemetry::LIMIT_SIGNALS, "channel" => "webhook").increment(1);
+                        break;
+                    }
+                    Err(error) => {
+                        metrics::counter!(telemetry::EMIT_FAILURES, "output" => "limit_webhook").increment(1);
+                        tracing::warn!(%error, attempt, tenant = %signal.tenant, "threshold webhook not delivered");
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(Duration::from_secs(16));
+                    }
+                }
+            }
+        })?;
+    Ok(())
 }
 
 /// Publishes the gate's signals to the signal topic until `shutdown` (then flushes).

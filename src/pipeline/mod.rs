@@ -437,6 +437,7 @@ pub async fn run(
     let admission = Admission::new(shared.clone(), requests, cluster.clone());
     let mut otlp_servers = start_otlp(&admission, &shutdown).await?;
     let signals = tokio::spawn(crate::emit::signals::run(shared.clone(), shutdown.clone()));
+    crate::emit::signals::spawn_webhook(&shared).context("cannot start the threshold webhook")?;
     if let Some(addr) = shared.config.limits.grpc_addr {
         // Envoy RLS and tallyd.quota.v1 (the edge is `ingest::limits`).
         let listener = tokio::net::TcpListener::bind(addr)
