@@ -524,6 +524,18 @@ fn envoy_rls_and_quota_watch_decide_from_the_billed_totals() {
     assert_eq!(seen["rls_no_key"]["error"], "UNAUTHENTICATED");
     assert_eq!(seen["rls_unknown_meter"]["code"], "OK");
     assert!(seen["rls_unknown_meter"]["limit"].is_null());
+    // RLQS: the first answer, then DENY_ALL pushed when the quota ran out.
+    assert_eq!(
+        seen["rlqs_first"],
+        json!({
+            "acme/api_calls": {"action": "token_bucket", "max_tokens": 5, "tokens_per_fill": 1, "fill_interval_ms": 1000},
+            "acme/tokens": {"action": "ALLOW_ALL", "ttl_secs": 300},
+            "nobody/tokens": {"action": "abandon"},
+            "acme/no_such_meter": {"action": "abandon"},
+        })
+    );
+    assert_eq!(seen["rlqs_pushed_deny"]["action"], "DENY_ALL", "{seen}");
+    assert!(seen["rlqs_pushed_deny"]["ttl_secs"].as_i64().unwrap() > 0);
     // The quota, watched.
     assert_eq!(seen["watch_initial"], "ok");
     assert_eq!(seen["check_90"], json!({"allowed": true, "used": ["0"]}));

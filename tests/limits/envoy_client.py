@@ -5,6 +5,9 @@ Scenario (tenant acme: api_calls 1/s with a burst of 5; tokens a hard quota of 1
 - RLS: five hits of api_calls OK with remaining 4..0, the sixth OVER_LIMIT; a wrong domain is
   INVALID_ARGUMENT; a descriptor of another tenant with globex's key is PERMISSION_DENIED;
   an unknown meter is OK without a limit.
+- RLQS: a stream reporting four buckets gets a token bucket for api_calls (5 tokens, one per
+  second), ALLOW_ALL for tokens, AbandonAction for a tenant without a plan and for an unknown
+  meter; once the tokens quota is exhausted, DENY_ALL is pushed without a new report.
 - Watch(acme) in a thread; Check(tokens, 90) allowed; 85 tokens posted over HTTP (warning,
   80 % crossed), then 15 (exceeded, 100 % crossed); RLS on tokens OVER_LIMIT; Check(1) refused.
 
@@ -24,6 +27,7 @@ def main():
     stubs, grpc_addr, http_addr, key, globex_key = sys.argv[1:6]
     sys.path.insert(0, stubs)
     from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+    from envoy.service.rate_limit_quota.v3 import rlqs_pb2, rlqs_pb2_grpc
     from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
     from tallyd.quota.v1 import quota_pb2, quota_pb2_grpc
 
@@ -61,6 +65,54 @@ def main():
     out["rls_other_tenant"] = should("acme", "api_calls", metadata=[("x-api-key", globex_key)])
     out["rls_no_key"] = should("acme", "api_calls", metadata=[])
     out["rls_unknown_meter"] = should("acme", "no_such_meter")
+
+    # RLQS: a bidirectional stream; reports go in through a queue.
+    import queue
+    outgoing = queue.Queue()
+
+    def reports():
+        while True:
+            item = outgoing.get()
+            if item is None:
+                return
+            yield item
+
+    buckets = [{"tenant": "acme", "meter": "api_calls"}, {"tenant": "acme", "meter": "tokens"},
+               {"tenant": "nobody", "meter": "tokens"}, {"tenant": "acme", "meter": "no_such_meter"}]
+    Usage = rlqs_pb2.RateLimitQuotaUsageReports.BucketQuotaUsage
+    outgoing.put(rlqs_pb2.RateLimitQuotaUsageReports(domain="tallyd", bucket_quota_usages=[
+        Usage(bucket_id=rlqs_pb2.BucketId(bucket=bucket), num_requests_allowed=1) for bucket in buckets]))
+    rlqs = rlqs_pb2_grpc.RateLimitQuotaServiceStub(channel).StreamRateLimitQuotas(reports(), metadata=auth)
+    pushed = []
+
+    def describe(action):
+        bucket = dict(action.bucket_id.bucket)
+        name = f"{bucket.get('tenant')}/{bucket.get('meter')}"
+        if action.HasField("abandon_action"):
+            return name, {"action": "abandon"}
+        strategy = action.quota_assignment_action.rate_limit_strategy
+        kind = strategy.WhichOneof("strategy")
+        if kind == "token_bucket":
+            bucket_ = strategy.token_bucket
+            return name, {"action": "token_bucket", "max_tokens": bucket_.max_tokens,
+                          "tokens_per_fill": bucket_.tokens_per_fill.value,
+                          "fill_interval_ms": bucket_.fill_interval.seconds * 1000 + bucket_.fill_interval.nanos // 1_000_000}
+        rule = "ALLOW_ALL" if strategy.blanket_rule == 0 else "DENY_ALL"
+        ttl = action.quota_assignment_action.assignment_time_to_live.seconds
+        return name, {"action": rule, "ttl_secs": ttl}
+
+    def read_rlqs():
+        try:
+            for response in rlqs:
+                pushed.append([describe(action) for action in response.bucket_action])
+        except grpc.RpcError:
+            pass
+
+    threading.Thread(target=read_rlqs, daemon=True).start()
+    deadline = time.monotonic() + 10
+    while not pushed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    out["rlqs_first"] = dict(pushed[0]) if pushed else None
 
     seen = []
     stream = quota.Watch(quota_pb2.WatchRequest(tenant="acme"), metadata=auth)
@@ -116,6 +168,16 @@ def main():
     out["signal_ms"] = [round((warned_at - sent) * 1000, 1) if warned_at else None,
                         round((exceeded_at - sent2) * 1000, 1) if exceeded_at else None]
     out["rls_tokens"] = should("acme", "tokens")
+    deadline = time.monotonic() + 10
+    denied = None
+    while denied is None and time.monotonic() < deadline:
+        for response in pushed[1:]:
+            for name, action in response:
+                if name == "acme/tokens" and action["action"] == "DENY_ALL":
+                    denied = action
+        time.sleep(0.01)
+    out["rlqs_pushed_deny"] = denied
+    outgoing.put(None)
     out["check_1"] = check("1")
     stream.cancel()
     print(json.dumps(out))

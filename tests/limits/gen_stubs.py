@@ -14,7 +14,8 @@ from grpc_tools import protoc
 
 ROOTS = ["data-plane-api", "xds", "protoc-gen-validate", "googleapis", "cel-spec", "opentelemetry-proto",
          "client_model", "ratelimit"]
-WANTED = ["envoy/service/ratelimit/v3/rls.proto", "tallyd/quota/v1/quota.proto"]
+WANTED = ["envoy/service/ratelimit/v3/rls.proto", "envoy/service/rate_limit_quota/v3/rlqs.proto",
+          "tallyd/quota/v1/quota.proto"]
 
 
 def main():

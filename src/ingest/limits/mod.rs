@@ -1,5 +1,6 @@
 //! The limits listener (`[limits] grpc_addr`): Envoy's rate limit service (RLS v3,
-//! `ShouldRateLimit`) and `tallyd.quota.v1` (`Check`, `Watch`) on one gRPC port, deciding
+//! `ShouldRateLimit`), Envoy's rate limit quota service (RLQS v3, `StreamRateLimitQuotas`) and
+//! `tallyd.quota.v1` (`Check`, `Watch`) on one gRPC port, deciding
 //! from the same gate admission uses (`state::limits`): one GCRA per tenant and meter, quotas
 //! from the billed totals.
 //!
@@ -8,6 +9,7 @@
 //! limits), `Check` and `Watch` need `read`; a tenant's key is confined to its tenant.
 
 pub mod quota;
+pub mod rlqs;
 pub mod rls;
 
 use std::sync::Arc;
@@ -37,6 +39,14 @@ pub struct LimitsEdge {
 }
 
 impl LimitsEdge {
+    /// The caller's principal, with `scope`.
+    fn principal(&self, metadata: &MetadataMap, scope: Scope) -> Result<crate::auth::Principal, Status> {
+        let text = |name: &str| metadata.get(name).and_then(|value| value.to_str().ok());
+        let keys = self.shared.keys.current();
+        keys.authenticate(Surface::Limits, text("authorization"), text("x-api-key"), scope)
+            .map_err(|error| refuse(&error))
+    }
+
     /// The caller's key, with `scope`, covering every tenant in `tenants`.
     fn authorize<'t>(
         &self,
@@ -44,11 +54,7 @@ impl LimitsEdge {
         scope: Scope,
         tenants: impl IntoIterator<Item = &'t str>,
     ) -> Result<(), Status> {
-        let text = |name: &str| metadata.get(name).and_then(|value| value.to_str().ok());
-        let keys = self.shared.keys.current();
-        let principal = keys
-            .authenticate(Surface::Limits, text("authorization"), text("x-api-key"), scope)
-            .map_err(|error| refuse(&error))?;
+        let principal = self.principal(metadata, scope)?;
         for tenant in tenants {
             if !principal.covers(tenant) {
                 return Err(refuse(&AuthError::Tenant {
@@ -140,12 +146,16 @@ pub async fn serve(
     let rls = envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer::new(
         rls::Rls(edge.clone()),
     );
+    let rlqs = envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_server::RateLimitQuotaServiceServer::new(
+        rlqs::Rlqs(edge.clone()),
+    );
     let quota = proto::quota_server::QuotaServer::new(quota::QuotaService(edge));
     let incoming = listen::accept(listener, LISTENER, limits, shutdown.clone());
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(listen::H2_PING_INTERVAL))
         .http2_keepalive_timeout(Some(listen::H2_PING_TIMEOUT))
         .add_service(rls)
+        .add_service(rlqs)
         .add_service(quota)
         .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await })
         .await
