@@ -461,8 +461,12 @@ fn envoy_rls_and_quota_watch_decide_from_the_billed_totals() {
         digest(OPS),
         digest(GLOBEX)
     );
+    // globex's gateway: an envoy meter, 5 hits a minute.
+    let gateway =
+        "[[tenants.limits]]\nmeter = \"gateway_requests\"\nkind = \"rate\"\nlimit = 5\nper = \"minute\"\n\
+                   [[meters]]\nslug = \"gateway_requests\"\nsource = \"envoy\"\naggregation = \"COUNT\"\n";
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&write_config(dir.path(), &format!("{keys}{PLANS}")));
+    let daemon = Daemon::start(&write_config(dir.path(), &format!("{keys}{PLANS}{gateway}")));
     let stubs = dir.path().join("stubs");
     let generated = std::process::Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/limits/gen_stubs.py"))
@@ -523,6 +527,7 @@ fn envoy_rls_and_quota_watch_decide_from_the_billed_totals() {
     assert_eq!(seen["rls_other_tenant"]["error"], "PERMISSION_DENIED");
     assert_eq!(seen["rls_no_key"]["error"], "UNAUTHENTICATED");
     assert_eq!(seen["rls_unknown_meter"]["code"], "OK");
+    assert_eq!(seen["gateway"], json!(["OK", "OK", "OVER_LIMIT"]));
     assert!(seen["rls_unknown_meter"]["limit"].is_null());
     // RLQS: the first answer, then DENY_ALL pushed when the quota ran out.
     assert_eq!(
@@ -562,6 +567,23 @@ fn envoy_rls_and_quota_watch_decide_from_the_billed_totals() {
     assert_eq!(status(GLOBEX, "acme"), "403");
     assert_eq!(status(GLOBEX, "globex"), "200");
     assert_eq!(status(OPS, "acme"), "200");
+    // The envoy meter counted the allowed hits (2 + 2), not the denied ones; RLS hits of a
+    // CloudEvents meter (api_calls) are not usage.
+    let total = |meter: &str, tenant: &str| -> Value {
+        let output = std::process::Command::new("curl")
+            .args(["-s", "-H"])
+            .arg(format!("authorization: Bearer {OPS}"))
+            .arg(daemon.url(&format!("/api/v1/meters/{meter}/query?subject={tenant}")))
+            .output()
+            .unwrap();
+        let body: Value = serde_json::from_slice(&output.stdout).unwrap();
+        body["data"]
+            .as_array()
+            .and_then(|rows| rows.first())
+            .map_or(json!(0), |row| row["value"].clone())
+    };
+    assert_eq!(total("gateway_requests", "globex"), json!(4));
+    assert_eq!(total("api_calls", "acme"), json!(0));
     let metrics = client_blocking_metrics(&daemon, OPS);
     assert!(
         metrics.contains("tallyd_limits_requests_total{service=\"rls\",code=\"ok\"}"),

@@ -254,9 +254,17 @@ fn meter_source(raw: &RawMeter, at: &str, errors: &mut Vec<String>) -> Option<Me
                 id_attribute: non_empty("id_attribute", &raw.id_attribute, errors),
             })
         }
+        "envoy" => {
+            misplaced("event_type", !raw.event_type.is_empty(), errors);
+            misplaced("metric_name", raw.metric_name.is_some(), errors);
+            misplaced("event_name", raw.event_name.is_some(), errors);
+            misplaced("value_attribute", raw.value_attribute.is_some(), errors);
+            misplaced("id_attribute", raw.id_attribute.is_some(), errors);
+            Some(MeterSource::Envoy)
+        }
         other => {
             errors.push(format!(
-                "{at}.source: `{other}` is not one of cloudevents | otlp_metric | otlp_log"
+                "{at}.source: `{other}` is not one of cloudevents | otlp_metric | otlp_log | envoy"
             ));
             None
         }
@@ -291,6 +299,12 @@ fn check_source_aggregation(
             "{at}.value_attribute: required for {} on source `otlp_log`",
             aggregation.as_str()
         )),
+        (MeterSource::Envoy, aggregation) if !matches!(aggregation, Aggregation::Count | Aggregation::Sum) => {
+            errors.push(format!(
+                "{at}.aggregation: an envoy meter counts hits: COUNT or SUM, not {}",
+                aggregation.as_str()
+            ))
+        }
         _ => {}
     }
 }

@@ -45,6 +45,8 @@ pub enum Source {
     Http,
     Otlp,
     Kafka,
+    /// Hits of `source = "envoy"` meters, recorded by the limits listener.
+    Envoy,
 }
 
 impl Source {
@@ -53,6 +55,7 @@ impl Source {
             Source::Http => "http",
             Source::Otlp => "otlp",
             Source::Kafka => "kafka",
+            Source::Envoy => "envoy",
         }
     }
 }
@@ -212,6 +215,8 @@ pub struct Prepared<U, T> {
     /// Records a unit refused after the claim (over a hard quota) in the answer and returns
     /// its dead-letter line. None: the edge's units feed no quota (nothing is refused then).
     pub refuse: Option<LateRefusal<U, T>>,
+    /// The limits its units are decided against.
+    pub limited: Limited,
 }
 
 /// An edge's way to refuse one of its units after `prepare` (`Prepared::refuse`).
@@ -649,26 +654,24 @@ fn claim_for_commit<U: Countable, T>(
         mut tally,
         mut answer,
         refuse,
+        limited,
     } = prepared;
     let ticket = shared.dedup.ticket();
     let claimed =
-        claim_and_fold(shared, &ticket, now, &units, 1, |_| 0, Limited::All).map_err(
-            |error| match error {
-                FoldError::Claim(ClaimError::Store(error)) => {
-                    tracing::error!(%error, "dedup lookup failed");
-                    IngestError::Unavailable("storage unavailable".into())
-                }
-                FoldError::Claim(ClaimError::InFlight) => IngestError::Unavailable(
-                    "another request with some of these events is still committing; retry after the delay"
-                        .into(),
-                ),
-                FoldError::Load(message) => {
-                    tracing::error!(%message, "quota usage unreadable");
-                    IngestError::Unavailable("storage unavailable".into())
-                }
-                FoldError::Rate(refusal) => rate_limited(&refusal),
-            },
-        )?;
+        claim_and_fold(shared, &ticket, now, &units, 1, |_| 0, limited).map_err(|error| match error {
+            FoldError::Claim(ClaimError::Store(error)) => {
+                tracing::error!(%error, "dedup lookup failed");
+                IngestError::Unavailable("storage unavailable".into())
+            }
+            FoldError::Claim(ClaimError::InFlight) => IngestError::Unavailable(
+                "another request with some of these events is still committing; retry after the delay".into(),
+            ),
+            FoldError::Load(message) => {
+                tracing::error!(%message, "quota usage unreadable");
+                IngestError::Unavailable("storage unavailable".into())
+            }
+            FoldError::Rate(refusal) => rate_limited(&refusal),
+        })?;
     if let Some(&first) = claimed.overflowed.first() {
         let keys: Vec<u128> = claimed.keys().copied().collect();
         shared.dedup.remove_all(&keys);

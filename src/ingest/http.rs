@@ -234,6 +234,7 @@ fn prepare(
         tally,
         answer: decoded.refused,
         refuse: Some(late_refusal(body, kind, now)),
+        limited: super::admission::Limited::All,
     })
 }
 

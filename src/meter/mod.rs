@@ -39,6 +39,9 @@ pub enum MeterSource {
         value_attribute: Option<String>,
         id_attribute: Option<String>,
     },
+    /// Hits Envoy's RLS or RLQS was allowed for the meter (`ingest::limits`): a gateway limits
+    /// and meters every request with one call. COUNT counts hits; SUM adds them in meter units.
+    Envoy,
 }
 
 impl MeterSource {
@@ -47,6 +50,7 @@ impl MeterSource {
             MeterSource::CloudEvents => "cloudevents",
             MeterSource::OtlpMetric { .. } => "otlp_metric",
             MeterSource::OtlpLog { .. } => "otlp_log",
+            MeterSource::Envoy => "envoy",
         }
     }
 }
@@ -290,11 +294,15 @@ impl Meters {
         for (position, meter) in meters.iter_mut().enumerate() {
             meter.id = names.meters.intern(&meter.slug);
             let (table, name) = match &meter.source {
-                MeterSource::CloudEvents => (&mut index.by_event_type, &meter.event_type),
-                MeterSource::OtlpMetric { metric_name } => (&mut index.by_metric_name, metric_name),
-                MeterSource::OtlpLog { event_name, .. } => (&mut index.by_log_event_name, event_name),
+                MeterSource::CloudEvents => (Some(&mut index.by_event_type), &meter.event_type),
+                MeterSource::OtlpMetric { metric_name } => (Some(&mut index.by_metric_name), metric_name),
+                MeterSource::OtlpLog { event_name, .. } => (Some(&mut index.by_log_event_name), event_name),
+                // Fed by the limits listener, by slug: no event matches it.
+                MeterSource::Envoy => (None, &meter.slug),
             };
-            table.entry(name.clone()).or_default().push(position);
+            if let Some(table) = table {
+                table.entry(name.clone()).or_default().push(position);
+            }
             index.by_slug.insert(meter.slug.clone(), position);
             index.by_id.insert(meter.id, position);
         }

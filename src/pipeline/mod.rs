@@ -444,9 +444,9 @@ pub async fn run(
             .await
             .with_context(|| format!("cannot bind limits.grpc_addr {addr}"))?;
         tracing::info!(addr = %listener.local_addr()?, "limits grpc listening");
-        let (shared, token) = (shared.clone(), shutdown.clone());
+        let (admission, token) = (admission.clone(), shutdown.clone());
         otlp_servers.push(tokio::spawn(async move {
-            crate::ingest::limits::serve(shared, listener, token)
+            crate::ingest::limits::serve(admission, listener, token)
                 .await
                 .map_err(|error| error.to_string())
         }));

@@ -42,8 +42,8 @@ def main():
                    ratelimit_pb2.RateLimitDescriptor.Entry(key="meter", value=meter)]
         return ratelimit_pb2.RateLimitDescriptor(entries=entries)
 
-    def should(tenant, meter, domain="tallyd", metadata=auth):
-        request = rls_pb2.RateLimitRequest(domain=domain, descriptors=[descriptor(tenant, meter)])
+    def should(tenant, meter, domain="tallyd", metadata=auth, hits=0):
+        request = rls_pb2.RateLimitRequest(domain=domain, descriptors=[descriptor(tenant, meter)], hits_addend=hits)
         try:
             response = rls.ShouldRateLimit(request, metadata=metadata, timeout=5)
         except grpc.RpcError as error:
@@ -65,6 +65,9 @@ def main():
     out["rls_other_tenant"] = should("acme", "api_calls", metadata=[("x-api-key", globex_key)])
     out["rls_no_key"] = should("acme", "api_calls", metadata=[])
     out["rls_unknown_meter"] = should("acme", "no_such_meter")
+    # An envoy meter (globex: 5 a minute): allowed hits are usage, denied ones are not.
+    globex = [("x-api-key", globex_key)]
+    out["gateway"] = [should("globex", "gateway_requests", metadata=globex, hits=2)["code"] for _ in range(3)]
 
     # RLQS: a bidirectional stream; reports go in through a queue.
     import queue

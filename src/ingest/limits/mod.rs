@@ -18,8 +18,12 @@ use std::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
+use crate::aggregate::AggState;
 use crate::auth::{AuthError, Scope, Surface};
+use crate::cluster::forward::ForwardedUnit;
+use crate::ingest::admission::{dead_letter_line, received_at, Admission, Limited, Prepared, Source, Tally};
 use crate::ingest::error::IngestError;
+use crate::model::SeriesKey;
 use crate::state::limits::{Answer, Ask, LimitError};
 use crate::state::Shared;
 use crate::telemetry;
@@ -36,6 +40,11 @@ const LISTENER: &str = "limits_grpc";
 #[derive(Clone)]
 pub struct LimitsEdge {
     pub shared: Arc<Shared>,
+    /// Records the hits of `source = "envoy"` meters as usage.
+    pub admission: Admission,
+    /// Ends the streams (Watch, RLQS): they hold `admission`, whose commit sender the commit
+    /// stage waits for before its final checkpoint.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl LimitsEdge {
@@ -88,6 +97,82 @@ impl LimitsEdge {
         .map_err(unavailable)
     }
 
+    /// Records allowed hits of `source = "envoy"` meters as usage, through the admission path
+    /// like any edge's (durable before the answer). Only quotas decide there: the rate limits
+    /// already took these hits. Units of other meters, and tenants without a plan, are skipped.
+    async fn record_hits(&self, hits: Vec<(String, String, i128)>) -> Result<(), Status> {
+        let shared = &self.shared;
+        let hits: Vec<(String, String, i128)> = hits
+            .into_iter()
+            .filter(|(tenant, meter, units)| {
+                *units > 0
+                    && !tenant.is_empty()
+                    && shared
+                        .meters
+                        .by_slug(meter)
+                        .is_some_and(|meter| meter.source == crate::meter::MeterSource::Envoy)
+                    && shared.plans.read().for_tenant(tenant).is_some()
+            })
+            .collect();
+        if hits.is_empty() || self.admission.cluster.is_some() {
+            // Cluster mode: not recorded yet (the edge would forward them to the owner).
+            return Ok(());
+        }
+        let permit = self
+            .admission
+            .admit(64 * hits.len())
+            .map_err(|error| error.grpc_status())?;
+        self.admission
+            .commit(Source::Envoy, permit, move |shared: &Shared, now: i64| {
+                let dims = shared.names.dims.intern(&[]);
+                let units: Vec<ForwardedUnit> = hits
+                    .iter()
+                    .filter_map(|(tenant, slug, units)| {
+                        let meter = shared.meters.by_slug(slug)?;
+                        let key = SeriesKey {
+                            meter: meter.id,
+                            tenant: shared.names.tenants.intern(tenant),
+                            dims,
+                            window_start: meter.window_size.start_of(now),
+                        };
+                        let state = match meter.aggregation {
+                            crate::aggregate::Aggregation::Count => {
+                                AggState::Count(u64::try_from(*units).unwrap_or(u64::MAX))
+                            }
+                            _ => AggState::Sum((*units).into()),
+                        };
+                        Some(ForwardedUnit {
+                            dedup_key: None,
+                            updates: vec![(key, state)],
+                        })
+                    })
+                    .collect();
+                let received_at = received_at(now);
+                Ok(Prepared {
+                    tally: Tally {
+                        accepted: units.len(),
+                        ..Tally::default()
+                    },
+                    units,
+                    cumulative: Vec::new(),
+                    dead_letters: Vec::new(),
+                    answer: (),
+                    refuse: Some(Box::new(move |unit: &ForwardedUnit, _: &mut (), reason, message: &str| {
+                        let series: Vec<serde_json::Value> = unit
+                            .updates
+                            .iter()
+                            .map(|(key, _)| serde_json::json!({"meter_id": key.meter, "window_start": key.window_start}))
+                            .collect();
+                        dead_letter_line(&received_at, Source::Envoy, reason, message, serde_json::json!({"series": series}))
+                    })),
+                    limited: Limited::Quotas,
+                })
+            })
+            .await
+            .map(|_| ())
+            .map_err(|error| error.grpc_status())
+    }
+
     /// A meter's amount (decimal text in its units, or whole hits) at its limit scale.
     fn units_of(&self, meter: &str, whole: Option<u64>, text: Option<&str>) -> Result<i128, String> {
         let Some(meter) = self.shared.meters.by_slug(meter) else {
@@ -136,13 +221,18 @@ fn observe(service: &'static str, started: Instant, result: &Result<impl Sized, 
 
 /// Serves RLS and `tallyd.quota.v1` on `listener` until `shutdown`.
 pub async fn serve(
-    shared: Arc<Shared>,
+    admission: Admission,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     use crate::ingest::listen;
+    let shared = admission.shared.clone();
     let limits = shared.config.connections;
-    let edge = LimitsEdge { shared };
+    let edge = LimitsEdge {
+        shared,
+        admission,
+        shutdown: shutdown.clone(),
+    };
     let rls = envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer::new(
         rls::Rls(edge.clone()),
     );

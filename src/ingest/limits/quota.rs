@@ -90,7 +90,13 @@ impl Quota for QuotaService {
                     }
                 }
                 loop {
-                    let states = match signals.recv().await {
+                    let received = tokio::select! {
+                        received = signals.recv() => received,
+                        // The client went away, or the daemon stops.
+                        _ = sender.closed() => return,
+                        _ = service.0.shutdown.cancelled() => return,
+                    };
+                    let states = match received {
                         Ok(Signal {
                             tenant: of,
                             standing,

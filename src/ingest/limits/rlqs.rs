@@ -5,7 +5,8 @@
 //! `DENY_ALL` while a hard quota is exhausted (TTL until its period resets), a `token_bucket`
 //! for a rate limit (one token per `per / limit`, `burst` tokens), `ALLOW_ALL` otherwise, and
 //! `AbandonAction` for buckets naming no tenant with a plan or no known meter.
-//! Not built yet: `num_requests_allowed` recorded as usage of `source = "envoy"` meters.
+//! Each report's `num_requests_allowed` of a `source = "envoy"` meter's bucket is recorded as
+//! usage (a failed recording is logged: the report is not sent again).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -125,6 +126,8 @@ impl RateLimitQuotaService for Rlqs {
                 // changed assignment is pushed).
                 let mut changed: Vec<(Vec<(String, String)>, bool)> = Vec::new();
                 tokio::select! {
+                    _ = edge.shutdown.cancelled() => return,
+                    _ = sender.closed() => return,
                     report = reports.message() => {
                         let report = match report {
                             Ok(Some(report)) => report,
@@ -137,9 +140,13 @@ impl RateLimitQuotaService for Rlqs {
                             )))).await;
                             return;
                         }
+                        let mut allowed = Vec::new();
                         for usage in report.bucket_quota_usages {
                             let bucket = usage.bucket_id.unwrap_or_default();
                             let (tenant, meter) = names(&bucket, &config.tenant_key, &config.meter_key);
+                            if let Ok(units) = edge.units_of(&meter, Some(usage.num_requests_allowed), None) {
+                                allowed.push((tenant.clone(), meter.clone(), units));
+                            }
                             if !tenant.is_empty() && !principal.covers(&tenant) {
                                 let _ = sender.send(Err(Status::permission_denied(format!(
                                     "this key is for another tenant than `{tenant}`"
@@ -150,6 +157,10 @@ impl RateLimitQuotaService for Rlqs {
                             key.sort();
                             buckets.insert(key.clone(), (bucket, tenant, meter, Action::AbandonAction(AbandonAction {})));
                             changed.push((key, true));
+                        }
+                        // What Envoy allowed of `source = "envoy"` meters is usage.
+                        if let Err(status) = edge.record_hits(allowed).await {
+                            tracing::warn!(%status, "RLQS usage not recorded; Envoy reports it again only as new usage");
                         }
                         metrics::counter!(telemetry::LIMITS_REQUESTS, "service" => "rlqs", "code" => "ok").increment(1);
                     }

@@ -3,7 +3,9 @@
 //! for `hits_addend` units of it (0 means 1; a descriptor's own `hits_addend` overrides). A
 //! descriptor is OVER_LIMIT when a rate limit or a hard quota of the tenant's plan would refuse
 //! its hits; then nothing is taken from any rate limit (refused hits never count). Descriptors
-//! naming no tenant or meter with limits are OK, without a `current_limit`.
+//! naming no tenant or meter with limits are OK, without a `current_limit`. When every
+//! descriptor is allowed, the hits of `source = "envoy"` meters are recorded as usage (durable
+//! before the answer): a gateway limits and meters each request with one call.
 
 use std::time::Instant;
 
@@ -75,6 +77,10 @@ impl Rls {
                 .filter(|tenant| !tenant.is_empty()),
         )?;
         let answers = edge.ask(asks.clone(), true).await?;
+        if answers.iter().all(|answer| answer.allowed) {
+            // Allowed hits of `source = "envoy"` meters are usage (denied ones never count).
+            edge.record_hits(asks.clone()).await?;
+        }
         let now_ms = crate::model::now_ms();
         let statuses: Vec<DescriptorStatus> = answers
             .iter()

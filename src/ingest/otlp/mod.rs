@@ -361,6 +361,7 @@ fn prepare(
         tally,
         answer: outcome,
         refuse: Some(late_refusal(signal, now)),
+        limited: super::admission::Limited::All,
     })
 }
 
