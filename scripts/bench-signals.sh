@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Usage-to-signal latency (issue 25's target: p99 ≤ 50 ms on one node for Watch and RLS):
+# N tenants (default 300) each cross 80 % of a hard quota (Watch message timed from the 202)
+# and then exhaust it (RLS OVER_LIMIT timed from the 202). Prints JSON distributions.
+# usage: N=300 scripts/bench-signals.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+grpc=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat config/tallyd.toml > "$dir/tallyd.toml"
+cat >> "$dir/tallyd.toml" <<'TOML'
+[[plans]]
+id = "latency"
+currency = "USD"
+[[plans.limits]]
+meter = "tokens"
+kind = "quota"
+limit = "100"
+thresholds = [80, 100]
+TOML
+sed -i 's/^default_plan = "payg"/default_plan = "latency"/' "$dir/tallyd.toml"
+CONFIG="$dir/tallyd.toml" LIMITS_GRPC=$grpc start_tallyd "$dir/data" "$port"
+wait_ready "$port"
+envoy=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/envoy-types-"$(awk '/name = "envoy-types"/{getline; gsub(/"/,"",$3); print $3}' Cargo.lock)"/proto | head -1)
+python3 tests/limits/gen_stubs.py "$dir/stubs" "$envoy" proto
+python3 tests/limits/signal_latency.py "$dir/stubs" "127.0.0.1:$grpc" "127.0.0.1:$port" "${N:-300}"
