@@ -145,6 +145,40 @@ pub fn parse_decimal(text: &str, scale: u32) -> Result<i128, QuantityError> {
     Ok(if negative { -value } else { value })
 }
 
+/// A config amount (a decimal string or an integer, never a TOML float: it would have lost
+/// exactness already) as fixed point at `scale`; a problem is named at `at` in `errors`.
+pub fn fixed_point_setting(
+    value: &toml::Value,
+    scale: u32,
+    at: &str,
+    errors: &mut Vec<String>,
+) -> Option<i128> {
+    let text = match value {
+        toml::Value::String(text) => text.clone(),
+        toml::Value::Integer(n) => n.to_string(),
+        toml::Value::Float(f) => {
+            errors.push(format!(
+                "{at}: {f} is a TOML float (binary, inexact); write it as a string, e.g. \"{f}\""
+            ));
+            return None;
+        }
+        other => {
+            errors.push(format!(
+                "{at}: must be a decimal string, got {}",
+                other.type_str()
+            ));
+            return None;
+        }
+    };
+    match parse_decimal(&text, scale) {
+        Ok(value) => Some(value),
+        Err(error) => {
+            errors.push(format!("{at}: `{text}` {error}"));
+            None
+        }
+    }
+}
+
 /// A binary double (an OTLP `as_double` value) as fixed point at `scale`: its shortest decimal
 /// representation (the digits that round-trip, e.g. `0.1`, not 0.1000000000000000055…), rounded
 /// half away from zero to `scale` places. Doubles cannot be exact; this is the one rounding rule

@@ -128,19 +128,18 @@ pub(super) fn validate_meters(raw_meters: Vec<RawMeter>, errors: &mut Vec<String
                 ));
             }
             // The percent at up to 6 decimals (2.9 → 2.900000).
-            let percent = fixed_point(&fee.percent, 6, &format!("{fee_at}.percent"), errors)?;
+            let percent =
+                crate::model::fixed_point_setting(&fee.percent, 6, &format!("{fee_at}.percent"), errors)?;
             let percent = rust_decimal::Decimal::from_i128_with_scale(percent, 6).normalize();
             if percent <= rust_decimal::Decimal::ZERO || percent > rust_decimal::Decimal::ONE_HUNDRED {
                 errors.push(format!("{fee_at}.percent: must be above 0 and at most 100"));
             }
-            let min = fee
-                .min
-                .as_ref()
-                .and_then(|v| fixed_point(v, raw.scale, &format!("{fee_at}.min"), errors));
-            let max = fee
-                .max
-                .as_ref()
-                .and_then(|v| fixed_point(v, raw.scale, &format!("{fee_at}.max"), errors));
+            let min = fee.min.as_ref().and_then(|v| {
+                crate::model::fixed_point_setting(v, raw.scale, &format!("{fee_at}.min"), errors)
+            });
+            let max = fee.max.as_ref().and_then(|v| {
+                crate::model::fixed_point_setting(v, raw.scale, &format!("{fee_at}.max"), errors)
+            });
             if let (Some(min), Some(max)) = (min, max) {
                 if min > max {
                     errors.push(format!("{fee_at}: min must not exceed max"));
@@ -173,34 +172,6 @@ pub(super) fn validate_meters(raw_meters: Vec<RawMeter>, errors: &mut Vec<String
         }
     }
     meters
-}
-
-/// A decimal string (or integer) from config at `scale`, named on error.
-fn fixed_point(value: &toml::Value, scale: u32, at: &str, errors: &mut Vec<String>) -> Option<i128> {
-    let text = match value {
-        toml::Value::String(text) => text.clone(),
-        toml::Value::Integer(n) => n.to_string(),
-        toml::Value::Float(f) => {
-            errors.push(format!(
-                "{at}: {f} is a TOML float (inexact); write it as a string, e.g. \"{f}\""
-            ));
-            return None;
-        }
-        other => {
-            errors.push(format!(
-                "{at}: must be a decimal string, got {}",
-                other.type_str()
-            ));
-            return None;
-        }
-    };
-    match crate::model::parse_decimal(&text, scale) {
-        Ok(value) => Some(value),
-        Err(error) => {
-            errors.push(format!("{at}: `{text}` {error}"));
-            None
-        }
-    }
 }
 
 /// The meter's source and its matching keys; every misplaced or missing key is named.

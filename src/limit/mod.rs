@@ -12,7 +12,7 @@ pub mod gcra;
 use serde::Deserialize;
 
 use crate::aggregate::Aggregation;
-use crate::model::{format_decimal, parse_decimal};
+use crate::model::{fixed_point_setting, format_decimal};
 
 pub use gcra::{Gcra, RateDecision, RateSpec};
 
@@ -116,38 +116,19 @@ pub fn is_additive(aggregation: Aggregation) -> bool {
 }
 
 fn amount(value: &toml::Value, scale: u32, at: &str, errors: &mut Vec<String>) -> Option<i128> {
-    let text = match value {
-        toml::Value::String(text) => text.clone(),
-        toml::Value::Integer(n) => n.to_string(),
-        toml::Value::Float(f) => {
-            errors.push(format!(
-                "{at}: {f} is a TOML float (binary, inexact); write it as a string, e.g. \"{f}\""
-            ));
-            return None;
-        }
-        other => {
-            errors.push(format!(
-                "{at}: must be a decimal string, got {}",
-                other.type_str()
-            ));
-            return None;
-        }
-    };
-    match parse_decimal(&text, scale) {
-        Ok(units) if units <= 0 => {
-            errors.push(format!("{at}: must be more than 0"));
-            None
-        }
-        Ok(units) if units > MAX_LIMIT => {
-            errors.push(format!("{at}: `{text}` is larger than 10^30 units"));
-            None
-        }
-        Ok(units) => Some(units),
-        Err(error) => {
-            errors.push(format!("{at}: `{text}` {error}"));
-            None
-        }
+    let units = fixed_point_setting(value, scale, at, errors)?;
+    if units <= 0 {
+        errors.push(format!("{at}: must be more than 0"));
+        return None;
     }
+    if units > MAX_LIMIT {
+        errors.push(format!(
+            "{at}: `{}` is larger than 10^30 units",
+            format_decimal(units, scale)
+        ));
+        return None;
+    }
+    Some(units)
 }
 
 /// Validates one limit against its meter (`None`: no such meter); every problem is reported.
