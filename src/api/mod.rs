@@ -141,6 +141,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
 }
 
 async fn metrics_text(State(app): State<AppState>) -> Response {
+    app.shared.limits.publish_metrics();
     metrics::gauge!(telemetry::DEDUP_PENDING).set(app.shared.dedup.len() as f64);
     metrics::gauge!(telemetry::SERIES_ACTIVE_TODAY).set(app.shared.names.series.active() as f64);
     metrics::gauge!(telemetry::INTERNED_VALUES, "table" => "tenants")

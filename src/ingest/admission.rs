@@ -34,7 +34,7 @@ use crate::cluster::Cluster;
 use crate::model::SeriesKey;
 use crate::model::{now_ms, rfc3339_ms};
 use crate::state::dedup::{ClaimError, Ticket};
-use crate::state::limits::{state_contributions, Contributes, Hold, LimitError, RateRefusal};
+use crate::state::limits::{state_contributions, Contributes, Hold, LimitError, RateExplained};
 use crate::state::{CommitRequest, Shared};
 use crate::store::log::LogBatch;
 use crate::telemetry;
@@ -271,7 +271,7 @@ pub enum FoldError {
     Claim(#[from] ClaimError),
     /// A rate limit refuses the request as a whole (push edges only).
     #[error("over the rate limit of `{}` for tenant `{}`", .0.limit.meter, .0.tenant)]
-    Rate(Box<RateRefusal>),
+    Rate(Box<RateExplained>),
     /// A quota's period total could not be read from the store.
     #[error("quota usage unreadable: {0}")]
     Load(String),
@@ -332,7 +332,11 @@ pub fn claim_and_fold<U: Countable>(
                     }
                 }
                 return Err(match error {
-                    LimitError::Rate(refusal) => FoldError::Rate(refusal),
+                    LimitError::Rate(refusal) => FoldError::Rate(Box::new(refusal.explain(
+                        &shared.limits,
+                        &shared.names,
+                        &shared.meters,
+                    ))),
                     LimitError::Load(message) => FoldError::Load(message),
                 });
             }
@@ -731,7 +735,7 @@ fn claim_for_commit<U: Countable, T>(
 /// A rate limit's refusal as the edges answer it: 429 / RESOURCE_EXHAUSTED, retry after the
 /// exact wait (whole seconds, rounded up), with the IETF draft-10 `RateLimit-Policy` and
 /// `RateLimit` values.
-pub fn rate_limited(refusal: &RateRefusal) -> IngestError {
+pub fn rate_limited(refusal: &RateExplained) -> IngestError {
     let spec = refusal
         .limit
         .rate

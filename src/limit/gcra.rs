@@ -10,7 +10,7 @@
 
 /// A rate limit: `limit` units per `per_ns`, at most `burst` at once (units at the meter's
 /// scale).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RateSpec {
     pub limit: i128,
     pub per_ns: i128,
@@ -114,6 +114,32 @@ impl Gcra {
         let tau = spec.burst.saturating_mul(spec.per_ns);
         let tat = self.tat.max(now);
         ((tau - (tat - now)) / spec.per_ns, ceil_div(tat - now, spec.limit))
+    }
+
+    /// Gives back `units` taken from the key (a request refused as a whole after this key had
+    /// allowed its part): as if they had not been taken, but for the time passed meanwhile.
+    pub fn give_back(&mut self, units: i128, spec: &RateSpec) {
+        self.tat = self.tat.saturating_sub(units.saturating_mul(spec.per_ns));
+    }
+
+    /// The same state under another spec (a plan reload changed the limit): the TAT as a time
+    /// is kept, so a reload neither grants a fresh burst nor takes one away.
+    pub fn rescale(self, from: &RateSpec, to: &RateSpec) -> Gcra {
+        if self.tat == i128::MIN || from == to {
+            return self;
+        }
+        Gcra {
+            tat: (self.tat / from.limit.max(1)).saturating_mul(to.limit),
+        }
+    }
+
+    /// The state as one number (for an atomic word) and back.
+    pub fn to_raw(self) -> i128 {
+        self.tat
+    }
+
+    pub fn from_raw(tat: i128) -> Gcra {
+        Gcra { tat }
     }
 
     /// Holds nothing any more at `now_ns` (the key can be forgotten).

@@ -54,7 +54,7 @@ impl Kind {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mode {
     /// Refuse what would take `used` past the limit.
     Hard,
@@ -72,7 +72,7 @@ impl Mode {
 }
 
 /// One validated limit.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Limit {
     pub meter: String,
     pub kind: Kind,

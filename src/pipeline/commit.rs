@@ -46,7 +46,7 @@ pub fn apply_logged(
     dedup_keys: &mut Vec<u128>,
     cumulative: &[CumulativePoint],
     position: Option<(String, u64)>,
-    limits: Option<(&mut crate::state::limits::Inner, &[crate::state::limits::Hold])>,
+    limits: Option<(&mut crate::state::limits::Gate<'_>, &[crate::state::limits::Hold])>,
 ) -> Result<(), MergeError> {
     let mut changed = StreamChanges::default();
     streams.fold(cumulative, batch, &mut changed)?;
@@ -217,7 +217,7 @@ impl CommitLoop {
                 &mut request.dedup_keys,
                 &request.cumulative,
                 position,
-                gate.as_deref_mut().map(|gate| (gate, request.holds.as_slice())),
+                gate.as_mut().map(|gate| (gate, request.holds.as_slice())),
             );
             drop(gate);
             if let Err(error) = applied {

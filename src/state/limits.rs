@@ -4,22 +4,29 @@
 //! A quota's `used` is the tenant's period quantity of the meter, the number
 //! `GET /api/v1/tenants/{t}/usage` shows: read once from the store and the engine (the caller's
 //! `load`, the query engine) when a (tenant, meter, period) is first needed, then moved by
-//! every batch applied to the engine (`applied`, called by whoever applies, under `lock`, so a
-//! load never sees a batch that `applied` also adds). Units admitted but not yet applied are
-//! `held`: a hard quota refuses a unit when `used + held + units > limit`, so the sum accepted
-//! in a period never exceeds the limit whatever the concurrency; a request that fails gives
-//! its holds back. Refused units hold nothing and never count.
+//! every batch applied to the engine (`Gate::applied`, called by whoever applies, under the
+//! gate's lock, so a load never sees a batch that `applied` also adds). Units admitted but not
+//! yet applied are `held`: a hard quota refuses a unit when `used + held + units > limit`, so
+//! the sum accepted in a period never exceeds the limit whatever the concurrency; a request
+//! that fails gives its holds back. Refused units hold nothing and never count.
 //!
 //! Decisions are made at admission and what was admitted is what the log holds: replaying the
 //! log after a crash applies exactly the admitted units (it decides nothing again), and a
 //! restart reads `used` back from the store, so it never resets.
+//!
+//! Concurrency: quotas take the gate's one lock (they move with the engine). Rate limits do
+//! not: tenants' tables live in a sharded map read under a shard's read lock, and each rate
+//! key's GCRA state is one 128-bit word changed by compare-and-swap, so a decision costs a
+//! map read, a TSC clock read and one CAS (BENCHMARKS.md, "Limits"). A request's rate limits
+//! are all or nothing: when a later key refuses, the keys that allowed give their units back.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
-use parking_lot::{Mutex, MutexGuard};
-use rustc_hash::FxHashMap as HashMap;
+use dashmap::DashMap;
+use parking_lot::{Mutex, MutexGuard, RwLock};
+use portable_atomic::AtomicI128;
+use rustc_hash::{FxBuildHasher, FxHashMap as HashMap};
 use smallvec::SmallVec;
 
 use crate::aggregate::{AggState, PreAggregated};
@@ -31,7 +38,10 @@ use crate::rate::plan::Plans;
 /// needed): memory stays proportional to the active tenants. Nanoseconds of the gate's clock.
 const IDLE_NS: i128 = 600_000_000_000;
 /// How often idle entries are looked for.
-const SWEEP_EVERY_NS: i128 = 10_000_000_000;
+const SWEEP_EVERY_NS: i64 = 10_000_000_000;
+/// A table's `touched` is kept in units of 2^27 ns (≈ 134 ms): a hot tenant's decisions
+/// rarely write it.
+const TOUCH_SHIFT: u32 = 27;
 
 /// A (tenant, meter, billing period) whose quota is tracked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -57,41 +67,115 @@ struct QuotaEntry {
     touched: i128,
 }
 
+/// One rate limit key (a tenant's meter): its GCRA state in one atomic word and its limit,
+/// shared by every tenant with the same limit (32 bytes: the map's buckets stay small, and
+/// the spec a decision reads is one allocation per plan, hot in the cache).
+#[derive(Debug)]
+struct RateSlot {
+    tat: AtomicI128,
+    limit: Arc<Limit>,
+    meter: MeterId,
+    /// Its last decision refused (signalled once when it starts and once when it stops).
+    refusing: AtomicBool,
+}
+
+impl RateSlot {
+    fn spec(&self) -> RateSpec {
+        self.limit.rate.expect("invariant: rate limits have a spec")
+    }
+
+    fn state(&self) -> Gcra {
+        Gcra::from_raw(self.tat.load(Ordering::Acquire))
+    }
+
+    /// Takes `units` at `now_ns` when they are allowed; the state seen when they are not.
+    fn take(&self, now_ns: i128, units: i128) -> Result<(), Gcra> {
+        let mut current = self.tat.load(Ordering::Acquire);
+        loop {
+            let mut gcra = Gcra::from_raw(current);
+            if !gcra.take(now_ns, units, &self.spec()) {
+                return Err(gcra);
+            }
+            match self
+                .tat
+                .compare_exchange_weak(current, gcra.to_raw(), Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// `take` with the answer's details (RLS, Check); `consume: false` only looks.
+    fn check(&self, now_ns: i128, units: i128, consume: bool) -> (Gcra, RateDecision) {
+        let mut current = self.tat.load(Ordering::Acquire);
+        loop {
+            let before = Gcra::from_raw(current);
+            let mut after = before;
+            let decision = after.check(now_ns, units, &self.spec());
+            if !consume || !decision.allowed {
+                return (before, decision);
+            }
+            match self
+                .tat
+                .compare_exchange_weak(current, after.to_raw(), Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return (after, decision),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    fn give_back(&self, units: i128) {
+        let mut current = self.tat.load(Ordering::Acquire);
+        loop {
+            let mut gcra = Gcra::from_raw(current);
+            gcra.give_back(units, &self.spec());
+            match self
+                .tat
+                .compare_exchange_weak(current, gcra.to_raw(), Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Whether this decision starts (refused) or ends (allowed) a run of refusals: the
+    /// transitions are signalled, once each.
+    fn turns(&self, refused: bool) -> bool {
+        self.refusing.load(Ordering::Relaxed) != refused
+            && self.refusing.swap(refused, Ordering::Relaxed) != refused
+    }
+}
+
 /// A tenant's limits, by meter id, with its billing period.
 #[derive(Debug)]
 struct TenantTable {
     name: Arc<str>,
     /// (meter, kind, limit): the kind inline, so a lookup touches no limit it does not want.
     limits: Vec<(MeterId, Kind, Arc<Limit>)>,
-    /// Whether any limit is a rate limit / a quota (a pass over the units is skipped without).
-    has_rates: bool,
     has_quotas: bool,
     period: crate::rate::period::BillingPeriod,
     zone: Option<chrono_tz::Tz>,
     /// The last period computed: most units fall in it.
-    last_period: (i64, i64),
+    last_period: Mutex<(i64, i64)>,
+    /// Rate keys after the first (which `Cached` holds inline).
+    more_rates: Vec<RateSlot>,
 }
 
 impl TenantTable {
-    fn period_of(&mut self, unix_secs: i64) -> (i64, i64) {
-        let (start, end) = self.last_period;
-        if start <= unix_secs && unix_secs < end {
-            return self.last_period;
+    fn period_of(&self, unix_secs: i64) -> (i64, i64) {
+        let mut last = self.last_period.lock();
+        let (start, end) = *last;
+        if !(start <= unix_secs && unix_secs < end) {
+            *last = self.period.containing_in(unix_secs, self.zone);
         }
-        self.last_period = self.period.containing_in(unix_secs, self.zone);
-        self.last_period
+        *last
     }
 
-    fn limit(&self, meter: MeterId, kind: Kind) -> Option<&Limit> {
-        self.shared_limit(meter, kind).map(|limit| &**limit)
-    }
-
-    fn shared_limit(&self, meter: MeterId, kind: Kind) -> Option<&Arc<Limit>> {
-        let any = match kind {
-            Kind::Rate => self.has_rates,
-            Kind::Quota => self.has_quotas,
-        };
-        if !any {
+    fn limit(&self, meter: MeterId, kind: Kind) -> Option<&Arc<Limit>> {
+        if kind == Kind::Quota && !self.has_quotas {
             return None;
         }
         self.limits
@@ -101,27 +185,86 @@ impl TenantTable {
     }
 }
 
-pub struct Inner {
-    /// The plans the tables were built from (rebuilt when a reload swaps them).
-    plans: Option<Arc<Plans>>,
-    tables: HashMap<TenantId, Option<TenantTable>>,
-    rates: HashMap<(TenantId, MeterId), RateKey>,
-    quotas: HashMap<QuotaKey, QuotaEntry>,
-    /// The gate's clock (ns) as of the operation holding the lock, and of the last sweep.
-    clock_ns: i128,
-    swept_ns: i128,
-    /// State changes, to whoever listens (Watch streams, the signal topic, webhooks).
-    signals: tokio::sync::broadcast::Sender<Signal>,
+/// A tenant's entry in the gate's map, as the plans of `generation` make it: its rate keys'
+/// states inline (a rate decision reads the map's bucket and nothing else), its table (None:
+/// the tenant has no limits).
+#[derive(Debug)]
+struct Cached {
+    rate: Option<RateSlot>,
+    table: Option<Arc<TenantTable>>,
+    /// The gate's clock when last used (ns >> TOUCH_SHIFT, wrapping).
+    touched: AtomicU32,
+    generation: u32,
+    has_quotas: bool,
 }
 
-/// One rate limit key's state.
-#[derive(Clone, Copy, Debug, Default)]
-struct RateKey {
-    gcra: Gcra,
-    /// The gate's clock when last decided (ns).
-    touched: i128,
-    /// Its last decision refused (signalled once when it starts and once when it stops).
-    refusing: bool,
+impl Cached {
+    fn empty(generation: u32) -> Cached {
+        Cached {
+            rate: None,
+            table: None,
+            touched: AtomicU32::new(0),
+            generation,
+            has_quotas: false,
+        }
+    }
+
+    fn rate(&self, meter: MeterId) -> Option<&RateSlot> {
+        match &self.rate {
+            Some(slot) if slot.meter == meter => Some(slot),
+            Some(_) => self
+                .table
+                .as_ref()?
+                .more_rates
+                .iter()
+                .find(|slot| slot.meter == meter),
+            None => None,
+        }
+    }
+
+    fn rates(&self) -> impl Iterator<Item = &RateSlot> {
+        self.rate
+            .iter()
+            .chain(self.table.iter().flat_map(|table| table.more_rates.iter()))
+    }
+
+    fn name(&self) -> Arc<str> {
+        self.table
+            .as_ref()
+            .map_or_else(|| Arc::from(""), |table| table.name.clone())
+    }
+
+    fn touch(&self, now_ns: i128) {
+        let now = (now_ns >> TOUCH_SHIFT) as u32;
+        if self.touched.load(Ordering::Relaxed) != now {
+            self.touched.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Nothing to remember: every rate key is back to its full burst, none refusing, and the
+    /// tenant was not seen for a second.
+    fn is_idle(&self, now_ns: i128) -> bool {
+        let now = (now_ns >> TOUCH_SHIFT) as u32;
+        let since = i128::from(now.wrapping_sub(self.touched.load(Ordering::Relaxed))) << TOUCH_SHIFT;
+        since > 1_000_000_000
+            && self.rates().all(|slot| {
+                slot.state().is_idle(now_ns, &slot.spec()) && !slot.refusing.load(Ordering::Relaxed)
+            })
+    }
+}
+
+/// The quota half of the gate: what its lock guards.
+pub struct Inner {
+    quotas: HashMap<QuotaKey, QuotaEntry>,
+    /// The gate's clock (ns) as of the operation holding the lock.
+    clock_ns: i128,
+}
+
+/// The gate's lock held: quota periods can be read and moved. An applier holds it across its
+/// engine apply and calls `applied`.
+pub struct Gate<'a> {
+    limits: &'a Limits,
+    inner: MutexGuard<'a, Inner>,
 }
 
 /// A limit's state after a change: a quota's state or threshold crossing, a rate limit
@@ -139,12 +282,64 @@ pub struct Signal {
 /// resynchronises from the current states).
 const SIGNAL_BACKLOG: usize = 4096;
 
-/// Why a request was refused as a whole: a rate limit it would pass.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Why a request was refused as a whole: a rate limit it would pass. Only ids and the state
+/// seen: the refusal is the hot path of a tenant over its rate (no allocation, no shared
+/// counter touched); `explain` gives the details an answer needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateRefusal {
+    pub tenant: TenantId,
+    pub meter: MeterId,
+    pub units: i128,
+    state: Gcra,
+    spec: RateSpec,
+    scale: u32,
+    now_ns: i128,
+}
+
+/// A rate refusal's details: the tenant, its limit and the decision (remaining, retry after).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateExplained {
     pub tenant: Arc<str>,
     pub limit: Arc<Limit>,
     pub decision: RateDecision,
+}
+
+impl RateRefusal {
+    pub fn explain(
+        &self,
+        limits: &Limits,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+    ) -> RateExplained {
+        let mut state = self.state;
+        let decision = state.check(self.now_ns, self.units, &self.spec);
+        let table = limits
+            .tables
+            .get(&self.tenant)
+            .and_then(|cached| cached.table.clone());
+        let limit = table
+            .as_ref()
+            .and_then(|table| table.limit(self.meter, Kind::Rate).cloned());
+        RateExplained {
+            tenant: table.map_or_else(|| names.tenants.resolve(self.tenant), |table| table.name.clone()),
+            // A reload removed the limit since: the spec that refused.
+            limit: limit.unwrap_or_else(|| {
+                Arc::new(Limit {
+                    meter: meters
+                        .by_id(self.meter)
+                        .map(|meter| meter.slug.clone())
+                        .unwrap_or_default(),
+                    kind: Kind::Rate,
+                    mode: Mode::Hard,
+                    limit: self.spec.limit,
+                    scale: self.scale,
+                    thresholds: Vec::new(),
+                    rate: Some(self.spec),
+                })
+            }),
+            decision,
+        }
+    }
 }
 
 /// The gate's answer for one batch of units.
@@ -156,41 +351,67 @@ pub struct Verdict {
     pub holds: Vec<Hold>,
 }
 
-/// A batch's units of one rate-limited (tenant, meter), with its rate.
-type Demand = ((TenantId, MeterId), i128, RateSpec);
 /// A unit's units of one quota period: (period, units, mode, limit, scale).
 type Want = (QuotaKey, i128, Mode, i128, u32);
 
-/// Decisions of one batch by kind and outcome, recorded once (`tallyd_limit_decisions_total`).
+const OUTCOMES: [&str; 3] = ["allowed", "refused", "warned"];
+
+/// Decisions of one batch by kind and outcome.
 #[derive(Default)]
 struct Counts([[u64; 3]; 2]);
-
-const OUTCOMES: [&str; 3] = ["allowed", "refused", "warned"];
 
 impl Counts {
     fn add(&mut self, kind: Kind, outcome: &'static str) {
         let o = OUTCOMES.iter().position(|known| *known == outcome).unwrap_or(0);
         self.0[kind as usize][o] += 1;
     }
+}
 
-    fn record(&self) {
-        // Handles registered once (the daemon installs its recorder before any decision): a
-        // decision must not pay for building label sets.
-        static HANDLES: std::sync::OnceLock<[[metrics::Counter; 3]; 2]> = std::sync::OnceLock::new();
-        let handles = HANDLES.get_or_init(|| {
-            [Kind::Quota, Kind::Rate].map(|kind| {
-                OUTCOMES.map(|outcome| {
-                    metrics::counter!(crate::telemetry::LIMIT_DECISIONS, "kind" => kind.as_str(), "outcome" => outcome)
-                })
-            })
-        });
-        for (kind, row) in self.0.iter().enumerate() {
+/// `tallyd_limit_decisions_total`, counted per thread stripe (two threads deciding for the
+/// same tenant would otherwise fight over one counter's cache line on every decision) and
+/// published to the metrics recorder when metrics are rendered (`publish_metrics`).
+struct DecisionCounts {
+    stripes: Box<[Stripe]>,
+}
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Stripe([[AtomicU64; 3]; 2]);
+
+const STRIPES: usize = 16;
+
+impl DecisionCounts {
+    fn new() -> DecisionCounts {
+        DecisionCounts {
+            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+        }
+    }
+
+    fn record(&self, counts: &Counts) {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        thread_local! {
+            static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) as usize % STRIPES;
+        }
+        let stripe = &self.stripes[STRIPE.with(|stripe| *stripe)];
+        for (kind, row) in counts.0.iter().enumerate() {
             for (outcome, n) in row.iter().enumerate() {
                 if *n > 0 {
-                    handles[kind][outcome].increment(*n);
+                    stripe.0[kind][outcome].fetch_add(*n, Ordering::Relaxed);
                 }
             }
         }
+    }
+
+    fn totals(&self) -> [[u64; 3]; 2] {
+        let mut totals = [[0u64; 3]; 2];
+        for stripe in self.stripes.iter() {
+            for (kind, row) in stripe.0.iter().enumerate() {
+                for (outcome, n) in row.iter().enumerate() {
+                    totals[kind][outcome] += n.load(Ordering::Relaxed);
+                }
+            }
+        }
+        totals
     }
 }
 
@@ -233,9 +454,22 @@ pub struct Standing {
 pub type Load<'a> = &'a dyn Fn(&str, &str, i64, i64) -> Result<i128, String>;
 
 pub struct Limits {
-    epoch: Instant,
-    /// Whether any plan has limits: the fast path skips the lock when none does.
+    clock: quanta::Clock,
+    epoch: u64,
+    /// Whether any plan has limits: the fast path skips everything when none does.
     active: AtomicBool,
+    /// The plans in force and their generation (tables built from older ones are rebuilt).
+    plans: RwLock<(u32, Option<Arc<Plans>>)>,
+    generation: AtomicU32,
+    /// Limits shared by the tables built from the plans in force (one allocation per plan's
+    /// limit, however many tenants have it).
+    interned: Mutex<HashMap<Limit, Arc<Limit>>>,
+    tables: DashMap<TenantId, Cached, FxBuildHasher>,
+    /// The gate's clock (ns) at the last sweep of idle entries.
+    swept_ns: AtomicI64,
+    /// State changes, to whoever listens (Watch streams, the signal topic, webhooks).
+    signals: tokio::sync::broadcast::Sender<Signal>,
+    decisions: DecisionCounts,
     inner: Mutex<Inner>,
 }
 
@@ -271,46 +505,179 @@ pub fn state_contributions(updates: &[(SeriesKey, AggState)], each: &mut dyn FnM
 impl Limits {
     pub fn new() -> Limits {
         let (signals, _) = tokio::sync::broadcast::channel(SIGNAL_BACKLOG);
+        let clock = quanta::Clock::new();
+        let epoch = clock.raw();
         Limits {
-            epoch: Instant::now(),
+            clock,
+            epoch,
             active: AtomicBool::new(false),
+            plans: RwLock::new((0, None)),
+            generation: AtomicU32::new(0),
+            interned: Mutex::new(HashMap::default()),
+            tables: DashMap::with_hasher_and_shard_amount(FxBuildHasher, 64),
+            swept_ns: AtomicI64::new(0),
+            signals,
+            decisions: DecisionCounts::new(),
             inner: Mutex::new(Inner {
-                plans: None,
-                tables: HashMap::default(),
-                rates: HashMap::default(),
                 quotas: HashMap::default(),
                 clock_ns: 0,
-                swept_ns: 0,
-                signals,
             }),
         }
     }
 
     /// Every state change from now on.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Signal> {
-        self.inner.lock().signals.subscribe()
+        self.signals.subscribe()
     }
 
-    /// Nanoseconds on the gate's monotonic clock.
+    /// Nanoseconds on the gate's monotonic clock (the TSC where it is invariant).
     pub fn now_ns(&self) -> i128 {
-        self.epoch.elapsed().as_nanos() as i128
+        i128::from(self.clock.delta_as_nanos(self.epoch, self.clock.raw()))
     }
 
     pub fn is_active(&self) -> bool {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// The plans in force changed (start, reload): tables are rebuilt from them on next use.
+    /// The plans in force changed (start, reload): tables are rebuilt from them on next use,
+    /// keeping their rate keys' states.
     pub fn set_plans(&self, plans: &Arc<Plans>) {
+        let mut current = self.plans.write();
+        let generation = current.0.wrapping_add(1);
+        *current = (generation, Some(plans.clone()));
+        self.interned.lock().clear();
+        self.generation.store(generation, Ordering::Release);
         self.active.store(plans.any_limits(), Ordering::Relaxed);
-        let mut inner = self.inner.lock();
-        inner.plans = Some(plans.clone());
-        inner.tables.clear();
     }
 
-    /// The lock `applied` needs; an applier holds it across the engine apply.
-    pub fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock()
+    fn plans(&self) -> Arc<Plans> {
+        self.plans.read().1.clone().unwrap_or_default()
+    }
+
+    /// The lock quotas need; an applier holds it across the engine apply (`Gate::applied`).
+    pub fn lock(&self) -> Gate<'_> {
+        Gate {
+            limits: self,
+            inner: self.inner.lock(),
+        }
+    }
+
+    /// Publishes the decision counts to the metrics recorder (before metrics are rendered).
+    pub fn publish_metrics(&self) {
+        let totals = self.decisions.totals();
+        for (kind, row) in [Kind::Quota, Kind::Rate].into_iter().zip(totals) {
+            for (outcome, n) in OUTCOMES.into_iter().zip(row) {
+                if n > 0 {
+                    metrics::counter!(crate::telemetry::LIMIT_DECISIONS, "kind" => kind.as_str(), "outcome" => outcome)
+                        .absolute(n);
+                }
+            }
+        }
+    }
+
+    fn signal(&self, tenant: Arc<str>, standing: Standing, crossed: Vec<u32>) {
+        // No listener: nothing to do (send fails only then).
+        let _ = self.signals.send(Signal {
+            tenant,
+            standing,
+            crossed,
+            at_ms: crate::model::now_ms(),
+        });
+    }
+
+    /// Runs `f` on the tenant's current entry (built from the plans on first use or after a
+    /// reload). The entry is read under its shard's read lock: `f` must not touch the map.
+    fn with_cached<R>(
+        &self,
+        tenant: TenantId,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        f: impl FnOnce(&Cached) -> R,
+    ) -> R {
+        loop {
+            let generation = self.generation.load(Ordering::Acquire);
+            if let Some(cached) = self.tables.get(&tenant) {
+                if cached.generation == generation {
+                    return f(&cached);
+                }
+            }
+            // The read guard is gone: building takes the shard's write lock.
+            self.build(tenant, names, meters);
+        }
+    }
+
+    /// The tenant's current table, shared (the quota path and RLS, which hold it a while).
+    fn table(
+        &self,
+        tenant: TenantId,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+    ) -> Option<Arc<TenantTable>> {
+        loop {
+            let generation = self.generation.load(Ordering::Acquire);
+            if let Some(cached) = self.tables.get(&tenant) {
+                if cached.generation == generation {
+                    return cached.table.clone();
+                }
+            }
+            self.build(tenant, names, meters);
+        }
+    }
+
+    /// The tenant's table from the plans in force, unless another thread built it already;
+    /// rate keys' states carry over from the table it replaces.
+    fn build(&self, tenant: TenantId, names: &crate::model::Names, meters: &crate::meter::Meters) {
+        let (generation, plans) = self.plans.read().clone();
+        let mut cached = self
+            .tables
+            .entry(tenant)
+            .or_insert_with(|| Cached::empty(generation.wrapping_sub(1)));
+        if cached.generation == generation {
+            return;
+        }
+        let intern = |limit: Limit| {
+            self.interned
+                .lock()
+                .entry(limit.clone())
+                .or_insert_with(|| Arc::new(limit))
+                .clone()
+        };
+        let built = plans.and_then(|plans| build_table(&plans, tenant, names, meters, &cached, intern));
+        *cached = match built {
+            Some((table, rate)) => Cached {
+                rate,
+                has_quotas: table.has_quotas,
+                touched: AtomicU32::new(cached.touched.load(Ordering::Relaxed)),
+                table: Some(Arc::new(table)),
+                generation,
+            },
+            None => Cached::empty(generation),
+        };
+    }
+
+    /// Forgets idle rate keys (their buckets are full) and quota periods nobody touched
+    /// lately; at most once per `SWEEP_EVERY_NS`, by whichever decision notices.
+    fn maybe_sweep(&self, now_ns: i128) {
+        let last = self.swept_ns.load(Ordering::Relaxed);
+        let now = now_ns as i64;
+        if now - last <= SWEEP_EVERY_NS
+            || self
+                .swept_ns
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let mut gate = self.lock();
+        gate.inner
+            .quotas
+            .retain(|_, entry| entry.held != 0 || now_ns - entry.touched < IDLE_NS);
+        // A tracked quota period keeps its tenant's table (`applied` moves it through it).
+        let quota_tenants: rustc_hash::FxHashSet<TenantId> =
+            gate.inner.quotas.keys().map(|key| key.tenant).collect();
+        self.tables.retain(|tenant, cached| {
+            cached.table.is_some() && (quota_tenants.contains(tenant) || !cached.is_idle(now_ns))
+        });
     }
 
     /// Decides a batch of units: rate limits over the fresh units as a whole (all or nothing:
@@ -325,141 +692,85 @@ impl Limits {
         rates: bool,
         load: Load<'_>,
     ) -> Result<Verdict, LimitError> {
-        let mut verdict = Verdict::default();
         if !self.is_active() {
-            return Ok(verdict);
+            return Ok(Verdict::default());
         }
         let now_ns = self.now_ns();
+        self.maybe_sweep(now_ns);
         let mut counts = Counts::default();
-        let mut guard = self.inner.lock();
-        let inner = &mut *guard;
-        inner.clock_ns = now_ns;
-        if now_ns - inner.swept_ns > SWEEP_EVERY_NS {
-            inner.swept_ns = now_ns;
-            inner.sweep(now_ns);
-        }
-        // Rate limits: the request's demand per (tenant, meter), all allowed or none taken.
-        let mut demand: SmallVec<[Demand; 2]> = SmallVec::new();
-        for (unit, _) in units.iter().zip(fresh).filter(|(_, fresh)| rates && **fresh) {
-            unit.contributions(&mut |key, units| {
-                let Some(spec) = inner
-                    .table(key.tenant, names, meters)
-                    .and_then(|table| table.limit(key.meter, Kind::Rate))
-                    .and_then(|limit| limit.rate)
-                else {
-                    return;
-                };
-                match demand
-                    .iter_mut()
-                    .find(|(id, _, _)| *id == (key.tenant, key.meter))
-                {
-                    Some((_, total, _)) => *total = total.saturating_add(units),
-                    None => demand.push(((key.tenant, key.meter), units, spec)),
-                }
+        // The request's demand per (tenant, meter).
+        let mut demand: SmallVec<[((TenantId, MeterId), i128); 2]> = SmallVec::new();
+        for (unit, _) in units.iter().zip(fresh).filter(|(_, fresh)| **fresh) {
+            unit.contributions(&mut |key, units| match demand
+                .iter_mut()
+                .find(|(id, _)| *id == (key.tenant, key.meter))
+            {
+                Some((_, total)) => *total = total.saturating_add(units),
+                None => demand.push(((key.tenant, key.meter), units)),
             });
         }
-        let mut taken: SmallVec<[((TenantId, MeterId), Gcra); 2]> = SmallVec::new();
-        for &((tenant, meter), units, spec) in &demand {
-            let mut state = inner
-                .rates
-                .get(&(tenant, meter))
-                .map(|key| key.gcra)
-                .unwrap_or_default();
-            if !state.take(now_ns, units, &spec) {
-                // Refused: the details once, for the answer (nothing was taken).
-                let decision = state.check(now_ns, units, &spec);
-                counts.add(Kind::Rate, "refused");
-                inner.rate_refused(tenant, meter, decision, now_ns);
-                let table = inner.tables[&tenant]
-                    .as_ref()
-                    .expect("invariant: a demand has its table");
-                let refusal = RateRefusal {
-                    tenant: table.name.clone(),
-                    limit: table
-                        .shared_limit(meter, Kind::Rate)
-                        .expect("invariant: a demand has its rate limit")
-                        .clone(),
-                    decision,
-                };
-                drop(guard);
-                counts.record();
-                return Err(LimitError::Rate(Box::new(refusal)));
+        // Rate limits: all allowed, or none taken.
+        let mut quotas = false;
+        let mut taken: SmallVec<[((TenantId, MeterId), i128); 2]> = SmallVec::new();
+        for &((tenant, meter), units) in &demand {
+            let decided = self.with_cached(tenant, names, meters, |table| {
+                table.touch(now_ns);
+                quotas |= table.has_quotas;
+                let slot = table.rate(meter).filter(|_| rates)?;
+                let decided = slot.take(now_ns, units);
+                // Built only when someone listens: a tenant hovering at its rate turns often.
+                if slot.turns(decided.is_err()) && self.signals.receiver_count() > 0 {
+                    let decision = match decided {
+                        Ok(()) => None,
+                        Err(mut state) => Some(state.check(now_ns, units, &slot.spec())),
+                    };
+                    let state = slot.state();
+                    let standing = rate_standing(
+                        (*slot.limit).clone(),
+                        &state,
+                        now_ns,
+                        crate::model::now_ms(),
+                        decision,
+                    );
+                    self.signal(table.name(), standing, Vec::new());
+                }
+                Some(decided.map_err(|state| (state, slot.spec(), slot.limit.scale)))
+            });
+            match decided {
+                None => {}
+                Some(Ok(())) => taken.push(((tenant, meter), units)),
+                Some(Err((state, spec, scale))) => {
+                    for &((tenant, meter), units) in &taken {
+                        self.with_cached(tenant, names, meters, |table| {
+                            if let Some(slot) = table.rate(meter) {
+                                slot.give_back(units);
+                            }
+                        });
+                    }
+                    counts.add(Kind::Rate, "refused");
+                    self.decisions.record(&counts);
+                    return Err(LimitError::Rate(RateRefusal {
+                        tenant,
+                        meter,
+                        units,
+                        state,
+                        spec,
+                        scale,
+                        now_ns,
+                    }));
+                }
             }
-            taken.push(((tenant, meter), state));
         }
-        for ((tenant, meter), state) in taken {
-            inner.rate_allowed(tenant, meter, state, now_ns);
+        for _ in &taken {
             counts.add(Kind::Rate, "allowed");
         }
-        // Quotas, unit by unit in order: (period, units, mode, limit, scale).
-        let mut wants: SmallVec<[Want; 2]> = SmallVec::new();
-        for (index, unit) in units.iter().enumerate() {
-            if !fresh[index] {
-                continue;
-            }
-            wants.clear();
-            unit.contributions(&mut |key, units| {
-                let Some(table) = inner.table_mut(key.tenant, names, meters) else {
-                    return;
-                };
-                let Some((mode, limit, scale)) = table
-                    .limit(key.meter, Kind::Quota)
-                    .map(|limit| (limit.mode, limit.limit, limit.scale))
-                else {
-                    return;
-                };
-                let (period_start, _) = table.period_of(key.window_start);
-                let quota_key = QuotaKey {
-                    tenant: key.tenant,
-                    meter: key.meter,
-                    period_start,
-                };
-                match wants.iter_mut().find(|want| want.0 == quota_key) {
-                    Some(want) => want.1 = want.1.saturating_add(units),
-                    None => wants.push((quota_key, units, mode, limit, scale)),
-                }
-            });
-            if wants.is_empty() {
-                continue;
-            }
-            let mut over: Option<String> = None;
-            for &(key, units, mode, limit, scale) in &wants {
-                let entry = inner.entry(key, names, meters, load)?;
-                let taken = entry.used.saturating_add(entry.held);
-                if mode == Mode::Hard && taken.saturating_add(units) > limit {
-                    let format = |units: i128| crate::model::format_decimal(units, scale);
-                    over = Some(format!(
-                        "tenant `{}` is over its quota of `{}`: {} of {} used this period, the event needs {}; \
-                         the quota resets at {}",
-                        names.tenants.resolve(key.tenant),
-                        meters.by_id(key.meter).map_or("?", |meter| meter.slug.as_str()),
-                        format(taken),
-                        format(limit),
-                        format(units),
-                        crate::model::rfc3339(entry.period_end),
-                    ));
-                    break;
-                }
-            }
-            match over {
-                Some(message) => {
-                    verdict.refused.push((index, message));
-                    counts.add(Kind::Quota, "refused");
-                }
-                None => {
-                    let mut warned = false;
-                    for &(key, units, _, limit, _) in &wants {
-                        let entry = inner.quotas.get_mut(&key).expect("invariant: entry made above");
-                        entry.held = entry.held.saturating_add(units);
-                        warned |= entry.used.saturating_add(entry.held) > limit;
-                        verdict.holds.push(Hold { key, units });
-                    }
-                    counts.add(Kind::Quota, if warned { "warned" } else { "allowed" });
-                }
-            }
+        let mut verdict = Verdict::default();
+        if quotas {
+            let mut gate = self.lock();
+            gate.inner.clock_ns = now_ns;
+            gate.decide_quotas(names, meters, units, fresh, load, &mut verdict, &mut counts)?;
         }
-        drop(guard);
-        counts.record();
+        self.decisions.record(&counts);
         Ok(verdict)
     }
 
@@ -478,12 +789,12 @@ impl Limits {
         let now_ns = self.now_ns();
         let now_ms = crate::model::now_ms();
         let mut counts = Counts::default();
-        let mut guard = self.inner.lock();
-        let inner = &mut *guard;
-        inner.clock_ns = now_ns;
-        let plans = inner.plans.clone().unwrap_or_default();
+        let plans = self.plans();
+        // The quota lock, taken at the first quota (rate-only asks never wait for an apply).
+        let mut gate: Option<Gate<'_>> = None;
         let mut answers = Vec::with_capacity(asks.len());
-        let mut trials: Vec<(TenantId, MeterId, Gcra, RateDecision)> = Vec::new();
+        // Rate keys decided: (tenant, meter, units, decision), to settle once all are answered.
+        let mut trials: Vec<(TenantId, MeterId, i128, RateDecision)> = Vec::new();
         for ask in asks {
             let mut answer = Answer {
                 allowed: true,
@@ -509,21 +820,17 @@ impl Limits {
                 continue;
             };
             answer.known = true;
-            let Some(table) = inner.table_mut(tenant, names, meters) else {
+            let Some(table) = self.table(tenant, names, meters) else {
                 answers.push(answer);
                 continue;
             };
-            let rate = table.limit(meter, Kind::Rate).cloned();
-            let quota = table.limit(meter, Kind::Quota).cloned();
-            let (period_start, _) = table.period_of(now_ms.div_euclid(1000));
-            if let Some(limit) = rate {
-                let spec = limit.rate.expect("invariant: rate limits have a spec");
-                let mut gcra = inner
-                    .rates
-                    .get(&(tenant, meter))
-                    .map(|key| key.gcra)
-                    .unwrap_or_default();
-                let decision = gcra.check(now_ns, ask.units, &spec);
+            let rate = self.with_cached(tenant, names, meters, |cached| {
+                cached.touch(now_ns);
+                let slot = cached.rate(meter)?;
+                let (state, decision) = slot.check(now_ns, ask.units, consume);
+                Some(((*slot.limit).clone(), state, decision))
+            });
+            if let Some((limit, state, decision)) = rate {
                 if !decision.allowed {
                     answer.allowed = false;
                     answer.retry_after_ns = decision.retry_after_ns;
@@ -531,22 +838,30 @@ impl Limits {
                 }
                 answer
                     .limits
-                    .push(rate_standing(limit, &gcra, now_ns, now_ms, Some(decision)));
-                trials.push((tenant, meter, gcra, decision));
+                    .push(rate_standing(limit, &state, now_ns, now_ms, Some(decision)));
+                trials.push((tenant, meter, ask.units, decision));
             }
-            if let Some(limit) = quota {
+            if let Some(limit) = table.limit(meter, Kind::Quota).cloned() {
+                let gate = gate.get_or_insert_with(|| {
+                    let mut gate = self.lock();
+                    gate.inner.clock_ns = now_ns;
+                    gate
+                });
+                let (period_start, _) = table.period_of(now_ms.div_euclid(1000));
                 let key = QuotaKey {
                     tenant,
                     meter,
                     period_start,
                 };
-                let entry = inner.entry(key, names, meters, load)?;
+                let entry = gate.entry(key, &table, meters, load)?;
                 let taken = entry.used.saturating_add(entry.held);
                 if limit.mode == Mode::Hard && taken.saturating_add(ask.units) > limit.limit {
                     answer.allowed = false;
                     answer.deciding.get_or_insert(answer.limits.len());
                 }
-                let (_, standing) = inner.quota_standing(&key).expect("invariant: tracked above");
+                let (_, standing) = gate
+                    .quota_standing(&key, &table)
+                    .expect("invariant: tracked above");
                 answer.limits.push(standing);
             }
             if answer.deciding.is_none() && !answer.limits.is_empty() {
@@ -558,16 +873,33 @@ impl Limits {
             }
             answers.push(answer);
         }
+        drop(gate);
         if consume {
             let all = answers.iter().all(|answer| answer.allowed);
-            for (tenant, meter, gcra, decision) in trials {
-                if all {
-                    inner.rate_allowed(tenant, meter, gcra, now_ns);
-                    counts.add(Kind::Rate, "allowed");
-                } else if !decision.allowed {
-                    inner.rate_refused(tenant, meter, decision, now_ns);
-                    counts.add(Kind::Rate, "refused");
+            for (tenant, meter, units, decision) in trials {
+                if decision.allowed && !all {
+                    // Another ask refused: nothing is taken.
+                    self.with_cached(tenant, names, meters, |cached| {
+                        if let Some(slot) = cached.rate(meter) {
+                            slot.give_back(units);
+                        }
+                    });
+                    continue;
                 }
+                counts.add(Kind::Rate, if decision.allowed { "allowed" } else { "refused" });
+                self.with_cached(tenant, names, meters, |cached| {
+                    let Some(slot) = cached.rate(meter) else { return };
+                    if slot.turns(!decision.allowed) {
+                        let standing = rate_standing(
+                            (*slot.limit).clone(),
+                            &slot.state(),
+                            now_ns,
+                            now_ms,
+                            (!decision.allowed).then_some(decision),
+                        );
+                        self.signal(cached.name(), standing, Vec::new());
+                    }
+                });
             }
             for answer in &answers {
                 let over_quota = !answer.allowed
@@ -579,8 +911,7 @@ impl Limits {
                 }
             }
         }
-        drop(guard);
-        counts.record();
+        self.decisions.record(&counts);
         Ok(answers)
     }
 
@@ -607,13 +938,12 @@ impl Limits {
         load: Load<'_>,
     ) -> Result<Vec<Standing>, LimitError> {
         let now_ns = self.now_ns();
-        let mut guard = self.inner.lock();
-        let inner = &mut *guard;
-        inner.clock_ns = now_ns;
-        let plans = inner.plans.clone().unwrap_or_default();
+        let plans = self.plans();
         let limits = plans.limits_for(tenant);
         let tenant_id = names.tenants.get(tenant);
+        let table = tenant_id.and_then(|id| self.table(id, names, meters));
         let now_ms = crate::model::now_ms();
+        let mut gate: Option<Gate<'_>> = None;
         let mut out = Vec::new();
         for limit in limits {
             let meter = meters.by_slug(&limit.meter).map(|meter| meter.id);
@@ -624,14 +954,19 @@ impl Limits {
                         None => continue,
                     };
                     let (start, end) = period.containing_in(now_secs, zone);
-                    let used = match (tenant_id, meter) {
-                        (Some(tenant_id), Some(meter)) => {
+                    let used = match (tenant_id, meter, &table) {
+                        (Some(tenant_id), Some(meter), Some(table)) => {
+                            let gate = gate.get_or_insert_with(|| {
+                                let mut gate = self.lock();
+                                gate.inner.clock_ns = now_ns;
+                                gate
+                            });
                             let key = QuotaKey {
                                 tenant: tenant_id,
                                 meter,
                                 period_start: start,
                             };
-                            inner.entry(key, names, meters, load)?.used
+                            gate.entry(key, table, meters, load)?.used
                         }
                         // Never seen: nothing used.
                         _ => 0,
@@ -646,20 +981,75 @@ impl Limits {
                     });
                 }
                 Kind::Rate => {
-                    let gcra = match (tenant_id, meter) {
-                        (Some(tenant_id), Some(meter)) => inner
-                            .rates
-                            .get(&(tenant_id, meter))
-                            .map(|key| key.gcra)
-                            .unwrap_or_default(),
-                        _ => Gcra::default(),
-                    };
+                    let gcra = tenant_id
+                        .zip(meter)
+                        .and_then(|(tenant, meter)| {
+                            self.with_cached(tenant, names, meters, |cached| {
+                                cached.rate(meter).map(RateSlot::state)
+                            })
+                        })
+                        .unwrap_or_default();
                     out.push(rate_standing(limit, &gcra, now_ns, now_ms, None));
                 }
             }
         }
         Ok(out)
     }
+}
+
+/// A tenant's table and rate keys from `plans` (None: no plan or no limits); rate keys'
+/// states carry over from `previous` (the entry a reload replaces).
+fn build_table(
+    plans: &Plans,
+    tenant: TenantId,
+    names: &crate::model::Names,
+    meters: &crate::meter::Meters,
+    previous: &Cached,
+    intern: impl Fn(Limit) -> Arc<Limit>,
+) -> Option<(TenantTable, Option<RateSlot>)> {
+    let name = names.tenants.resolve(tenant);
+    let (plan, _) = plans.for_tenant(&name)?;
+    let limits: Vec<(MeterId, Kind, Arc<Limit>)> = plans
+        .limits_for(&name)
+        .into_iter()
+        .filter_map(|limit| {
+            meters
+                .by_slug(&limit.meter)
+                .map(|meter| (meter.id, limit.kind, intern(limit)))
+        })
+        .collect();
+    if limits.is_empty() {
+        return None;
+    }
+    let mut rates = limits
+        .iter()
+        .filter(|(_, kind, _)| *kind == Kind::Rate)
+        .map(|(meter, _, limit)| {
+            let spec = limit.rate.expect("invariant: rate limits have a spec");
+            let before = previous.rate(*meter);
+            RateSlot {
+                meter: *meter,
+                limit: limit.clone(),
+                tat: AtomicI128::new(
+                    before
+                        .map_or_else(Gcra::default, |slot| slot.state().rescale(&slot.spec(), &spec))
+                        .to_raw(),
+                ),
+                refusing: AtomicBool::new(before.is_some_and(|slot| slot.refusing.load(Ordering::Relaxed))),
+            }
+        });
+    let first = rates.next();
+    let more_rates = rates.collect();
+    let table = TenantTable {
+        has_quotas: limits.iter().any(|(_, kind, _)| *kind == Kind::Quota),
+        period: plans.period_of(&name, plan),
+        zone: plans.timezone(&name),
+        name,
+        limits,
+        last_period: Mutex::new((0, 0)),
+        more_rates,
+    };
+    Some((table, first))
 }
 
 /// A rate limit's standing at `now_ns` (with `decision` when one was just made).
@@ -695,62 +1085,110 @@ fn rate_standing(
 #[derive(Debug)]
 pub enum LimitError {
     /// A rate limit refuses the request as a whole.
-    Rate(Box<RateRefusal>),
+    Rate(RateRefusal),
     /// A quota's period total could not be read.
     Load(String),
 }
 
-impl Inner {
-    fn signal(&self, tenant: Arc<str>, standing: Standing, crossed: Vec<u32>) {
-        // No listener: nothing to do (send fails only then).
-        let _ = self.signals.send(Signal {
-            tenant,
-            standing,
-            crossed,
-            at_ms: crate::model::now_ms(),
-        });
-    }
-
-    fn rate_limit(&self, tenant: TenantId, meter: MeterId) -> Option<(Arc<str>, Limit)> {
-        let table = self.tables.get(&tenant)?.as_ref()?;
-        Some((table.name.clone(), table.limit(meter, Kind::Rate)?.clone()))
-    }
-
-    fn rate_refused(&mut self, tenant: TenantId, meter: MeterId, decision: RateDecision, now_ns: i128) {
-        let key = self.rates.entry((tenant, meter)).or_default();
-        let started = !key.refusing;
-        key.refusing = true;
-        key.touched = now_ns;
-        let gcra = key.gcra;
-        if started {
-            if let Some((name, limit)) = self.rate_limit(tenant, meter) {
-                let standing = rate_standing(limit, &gcra, now_ns, crate::model::now_ms(), Some(decision));
-                self.signal(name, standing, Vec::new());
+impl Gate<'_> {
+    /// Each fresh unit against its quotas, in order (the rate limits allowed the request).
+    #[allow(clippy::too_many_arguments)]
+    fn decide_quotas<U: Contributes>(
+        &mut self,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        units: &[U],
+        fresh: &[bool],
+        load: Load<'_>,
+        verdict: &mut Verdict,
+        counts: &mut Counts,
+    ) -> Result<(), LimitError> {
+        let limits = self.limits;
+        // The table of the last tenant seen (a batch's units are mostly one tenant's).
+        let mut last: Option<(TenantId, Option<Arc<TenantTable>>)> = None;
+        let mut wants: SmallVec<[(Want, Arc<TenantTable>); 2]> = SmallVec::new();
+        for (index, unit) in units.iter().enumerate() {
+            if !fresh[index] {
+                continue;
+            }
+            wants.clear();
+            unit.contributions(&mut |key, units| {
+                if last.as_ref().is_none_or(|(tenant, _)| *tenant != key.tenant) {
+                    last = Some((key.tenant, limits.table(key.tenant, names, meters)));
+                }
+                let Some((_, Some(table))) = &last else {
+                    return;
+                };
+                let Some((mode, limit, scale)) = table
+                    .limit(key.meter, Kind::Quota)
+                    .map(|limit| (limit.mode, limit.limit, limit.scale))
+                else {
+                    return;
+                };
+                let (period_start, _) = table.period_of(key.window_start);
+                let quota_key = QuotaKey {
+                    tenant: key.tenant,
+                    meter: key.meter,
+                    period_start,
+                };
+                match wants.iter_mut().find(|(want, _)| want.0 == quota_key) {
+                    Some((want, _)) => want.1 = want.1.saturating_add(units),
+                    None => wants.push(((quota_key, units, mode, limit, scale), table.clone())),
+                }
+            });
+            if wants.is_empty() {
+                continue;
+            }
+            let mut over: Option<String> = None;
+            for ((key, units, mode, limit, scale), table) in &wants {
+                let entry = self.entry(*key, table, meters, load)?;
+                let taken = entry.used.saturating_add(entry.held);
+                if *mode == Mode::Hard && taken.saturating_add(*units) > *limit {
+                    let format = |units: i128| crate::model::format_decimal(units, *scale);
+                    over = Some(format!(
+                        "tenant `{}` is over its quota of `{}`: {} of {} used this period, the event needs {}; \
+                         the quota resets at {}",
+                        table.name,
+                        meters.by_id(key.meter).map_or("?", |meter| meter.slug.as_str()),
+                        format(taken),
+                        format(*limit),
+                        format(*units),
+                        crate::model::rfc3339(entry.period_end),
+                    ));
+                    break;
+                }
+            }
+            match over {
+                Some(message) => {
+                    verdict.refused.push((index, message));
+                    counts.add(Kind::Quota, "refused");
+                }
+                None => {
+                    let mut warned = false;
+                    for ((key, units, _, limit, _), _) in &wants {
+                        let entry = self
+                            .inner
+                            .quotas
+                            .get_mut(key)
+                            .expect("invariant: entry made above");
+                        entry.held = entry.held.saturating_add(*units);
+                        warned |= entry.used.saturating_add(entry.held) > *limit;
+                        verdict.holds.push(Hold {
+                            key: *key,
+                            units: *units,
+                        });
+                    }
+                    counts.add(Kind::Quota, if warned { "warned" } else { "allowed" });
+                }
             }
         }
-    }
-
-    fn rate_allowed(&mut self, tenant: TenantId, meter: MeterId, gcra: Gcra, now_ns: i128) {
-        let key = self.rates.entry((tenant, meter)).or_default();
-        let stopped = key.refusing;
-        *key = RateKey {
-            gcra,
-            touched: now_ns,
-            refusing: false,
-        };
-        if stopped {
-            if let Some((name, limit)) = self.rate_limit(tenant, meter) {
-                let standing = rate_standing(limit, &gcra, now_ns, crate::model::now_ms(), None);
-                self.signal(name, standing, Vec::new());
-            }
-        }
+        Ok(())
     }
 
     /// A tracked quota period's standing (its `used`, as applied).
-    fn quota_standing(&self, key: &QuotaKey) -> Option<(Arc<str>, Standing)> {
-        let table = self.tables.get(&key.tenant)?.as_ref()?;
-        let limit = table.limit(key.meter, Kind::Quota)?.clone();
-        let entry = self.quotas.get(key)?;
+    fn quota_standing(&self, key: &QuotaKey, table: &TenantTable) -> Option<(Arc<str>, Standing)> {
+        let limit = (**table.limit(key.meter, Kind::Quota)?).clone();
+        let entry = self.inner.quotas.get(key)?;
         Some((
             table.name.clone(),
             Standing {
@@ -764,94 +1202,43 @@ impl Inner {
         ))
     }
 
-    fn build(
-        plans: Option<&Arc<Plans>>,
-        tenant: TenantId,
-        names: &crate::model::Names,
-        meters: &crate::meter::Meters,
-    ) -> Option<TenantTable> {
-        let plans = plans?;
-        let name = names.tenants.resolve(tenant);
-        let (plan, _) = plans.for_tenant(&name)?;
-        let limits: Vec<(MeterId, Kind, Arc<Limit>)> = plans
-            .limits_for(&name)
-            .into_iter()
-            .filter_map(|limit| {
-                meters
-                    .by_slug(&limit.meter)
-                    .map(|meter| (meter.id, limit.kind, Arc::new(limit)))
-            })
-            .collect();
-        if limits.is_empty() {
-            return None;
-        }
-        Some(TenantTable {
-            has_rates: limits.iter().any(|(_, kind, _)| *kind == Kind::Rate),
-            has_quotas: limits.iter().any(|(_, kind, _)| *kind == Kind::Quota),
-            name: name.clone(),
-            limits,
-            period: plans.period_of(&name, plan),
-            zone: plans.timezone(&name),
-            last_period: (0, 0),
-        })
-    }
-
-    fn table(
-        &mut self,
-        tenant: TenantId,
-        names: &crate::model::Names,
-        meters: &crate::meter::Meters,
-    ) -> Option<&TenantTable> {
-        self.table_mut(tenant, names, meters).map(|table| &*table)
-    }
-
-    fn table_mut(
-        &mut self,
-        tenant: TenantId,
-        names: &crate::model::Names,
-        meters: &crate::meter::Meters,
-    ) -> Option<&mut TenantTable> {
-        let Inner { tables, plans, .. } = self;
-        tables
-            .entry(tenant)
-            .or_insert_with(|| Inner::build(plans.as_ref(), tenant, names, meters))
-            .as_mut()
-    }
-
     /// The tracked quota period, read from the store and engine the first time.
     fn entry(
         &mut self,
         key: QuotaKey,
-        names: &crate::model::Names,
+        table: &TenantTable,
         meters: &crate::meter::Meters,
         load: Load<'_>,
     ) -> Result<&mut QuotaEntry, LimitError> {
-        if !self.quotas.contains_key(&key) {
-            let tenant = names.tenants.resolve(key.tenant);
+        if !self.inner.quotas.contains_key(&key) {
             let meter = meters
                 .by_id(key.meter)
                 .map(|meter| meter.slug.clone())
                 .unwrap_or_default();
-            let period_end = self
-                .table_mut(key.tenant, names, meters)
-                .map_or(key.period_start, |table| table.period_of(key.period_start).1);
-            let used = load(&tenant, &meter, key.period_start, period_end).map_err(LimitError::Load)?;
-            self.quotas.insert(
+            let period_end = table.period_of(key.period_start).1;
+            let used = load(&table.name, &meter, key.period_start, period_end).map_err(LimitError::Load)?;
+            let touched = self.inner.clock_ns;
+            self.inner.quotas.insert(
                 key,
                 QuotaEntry {
                     period_end,
                     used,
                     held: 0,
-                    touched: self.clock_ns,
+                    touched,
                 },
             );
             // A period first tracked (a new period, or after a restart): its state, once.
-            if let Some((name, standing)) = self.quota_standing(&key) {
-                self.signal(name, standing, Vec::new());
+            if let Some((name, standing)) = self.quota_standing(&key, table) {
+                self.limits.signal(name, standing, Vec::new());
             }
         }
-        let entry = self.quotas.get_mut(&key).expect("invariant: inserted above");
-        entry.touched = self.clock_ns;
+        let touched = self.inner.clock_ns;
+        let entry = self
+            .inner
+            .quotas
+            .get_mut(&key)
+            .expect("invariant: inserted above");
+        entry.touched = touched;
         Ok(entry)
     }
 
@@ -860,65 +1247,52 @@ impl Inner {
     /// units are now in `used`).
     pub fn applied(&mut self, batch: &PreAggregated, holds: &[Hold]) {
         for hold in holds {
-            if let Some(entry) = self.quotas.get_mut(&hold.key) {
+            if let Some(entry) = self.inner.quotas.get_mut(&hold.key) {
                 entry.held = entry.held.saturating_sub(hold.units);
             }
         }
-        if self.quotas.is_empty() {
+        if self.inner.quotas.is_empty() {
             return;
         }
+        // The table of the last tenant seen (a tracked period keeps its tenant's table).
+        let mut last: Option<(TenantId, Option<Arc<TenantTable>>)> = None;
         for (key, state) in &batch.series {
             let Some(units) = additive(state) else { continue };
-            let Some(Some(table)) = self.tables.get_mut(&key.tenant) else {
+            if last.as_ref().is_none_or(|(tenant, _)| *tenant != key.tenant) {
+                let table = self
+                    .limits
+                    .tables
+                    .get(&key.tenant)
+                    .and_then(|cached| cached.table.clone());
+                last = Some((key.tenant, table));
+            }
+            let Some((_, Some(table))) = &last else {
                 continue;
             };
-            if table.limit(key.meter, Kind::Quota).is_none() {
+            let Some(limit) = table.limit(key.meter, Kind::Quota) else {
                 continue;
-            }
+            };
             let (period_start, _) = table.period_of(key.window_start);
             let quota_key = QuotaKey {
                 tenant: key.tenant,
                 meter: key.meter,
                 period_start,
             };
-            let Some(entry) = self.quotas.get_mut(&quota_key) else {
+            let Some(entry) = self.inner.quotas.get_mut(&quota_key) else {
                 continue;
             };
             let before = entry.used;
             entry.used = entry.used.saturating_add(units);
             let after = entry.used;
-            let limit = table
-                .limit(key.meter, Kind::Quota)
-                .expect("invariant: checked above");
             let crossed = limit::crossed(before, after, limit);
             if !crossed.is_empty() || limit::quota_state(before, limit) != limit::quota_state(after, limit) {
-                if let Some((name, standing)) = self.quota_standing(&quota_key) {
-                    self.signal(name, standing, crossed);
+                if let Some((name, standing)) = self.quota_standing(&quota_key, table) {
+                    self.limits.signal(name, standing, crossed);
                 }
             }
         }
     }
-
-    /// Forgets idle rate keys (their buckets are full) and quota periods nobody touched lately.
-    fn sweep(&mut self, now_ns: i128) {
-        let tables = &self.tables;
-        self.rates.retain(|(tenant, meter), key| {
-            let spec = tables
-                .get(tenant)
-                .and_then(Option::as_ref)
-                .and_then(|table| table.limit(*meter, Kind::Rate))
-                .and_then(|limit| limit.rate);
-            let recent = key.touched > now_ns - 1_000_000_000;
-            match spec {
-                Some(spec) => !key.gcra.is_idle(now_ns, &spec) || recent || key.refusing,
-                None => false,
-            }
-        });
-        self.quotas
-            .retain(|_, entry| entry.held != 0 || now_ns - entry.touched < IDLE_NS);
-    }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

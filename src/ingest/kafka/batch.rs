@@ -431,7 +431,7 @@ impl Folder {
                 .parts
                 .remove(&(topic.clone(), partition))
                 .unwrap_or_default();
-            if let Some(gate) = gate.as_deref_mut() {
+            if let Some(gate) = gate.as_mut() {
                 gate.applied(&batch, &std::mem::take(&mut holds));
             }
             let writer = self.writer_for(&topic, partition);
