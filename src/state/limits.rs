@@ -1471,6 +1471,110 @@ plan = "free"
         }
     }
 
+    const RATES: &str = r#"
+[[meters]]
+slug = "api_calls"
+event_type = "api.request"
+aggregation = "COUNT"
+
+[[plans]]
+id = "metered"
+currency = "USD"
+[[plans.limits]]
+meter = "api_calls"
+kind = "rate"
+limit = 100
+per = "hour"
+
+[rating]
+default_plan = "metered"
+"#;
+
+    fn rate_fixture() -> (Names, crate::meter::Meters, Limits, Arc<Plans>) {
+        let config = Config::load(RATES, &Default::default()).unwrap();
+        let names = Names::default();
+        let meters = crate::meter::Meters::new(config.meters.clone(), &names);
+        let limits = Limits::new();
+        let plans = Arc::new(config.plans);
+        limits.set_plans(&plans);
+        (names, meters, limits, plans)
+    }
+
+    fn call(names: &Names, meters: &crate::meter::Meters, tenant: &str) -> Unit {
+        Unit(
+            SeriesKey {
+                meter: meters.by_slug("api_calls").unwrap().id,
+                tenant: names.tenants.intern(tenant),
+                dims: 0,
+                window_start: 0,
+            },
+            1,
+        )
+    }
+
+    /// Threads deciding at once for one tenant (100 an hour, burst 100: one unit comes back
+    /// every 36 s, longer than the test) are allowed exactly the burst between them: the CAS
+    /// on the key's state loses no take and grants none twice.
+    #[test]
+    fn concurrent_decisions_allow_exactly_the_burst() {
+        let (names, meters, limits, _) = rate_fixture();
+        let load = |_: &str, _: &str, _: i64, _: i64| Ok(0);
+        let allowed = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..500 {
+                        let unit = call(&names, &meters, "acme");
+                        if limits.decide(&names, &meters, &[unit], &[true], true, &load).is_ok() {
+                            allowed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(allowed.load(Ordering::Relaxed), 100);
+        // Refusals carry the exact wait: one unit every 36 s.
+        let unit = call(&names, &meters, "acme");
+        let Err(LimitError::Rate(refusal)) = limits.decide(&names, &meters, &[unit], &[true], true, &load) else {
+            panic!("the 101st call is refused");
+        };
+        let explained = refusal.explain(&limits, &names, &meters);
+        assert_eq!(&*explained.tenant, "acme");
+        assert_eq!(explained.limit.meter, "api_calls");
+        let wait = explained.decision.retry_after_ns.unwrap();
+        assert!(wait > 35_000_000_000 && wait <= 36_000_000_000, "{wait}");
+    }
+
+    /// A request over two tenants' rate limits is all or nothing: when the second refuses,
+    /// the first gives its units back. A plan reload keeps the keys' states (no fresh burst).
+    #[test]
+    fn a_refused_request_takes_nothing_and_a_reload_grants_no_fresh_burst() {
+        let (names, meters, limits, plans) = rate_fixture();
+        let load = |_: &str, _: &str, _: i64, _: i64| Ok(0);
+        let decide = |units: &[Unit]| {
+            let fresh = vec![true; units.len()];
+            limits.decide(&names, &meters, units, &fresh, true, &load).is_ok()
+        };
+        for _ in 0..100 {
+            assert!(decide(&[call(&names, &meters, "globex")]));
+        }
+        for _ in 0..99 {
+            assert!(decide(&[call(&names, &meters, "initech")]));
+        }
+        // initech's 100th would pass alone; beside globex's 101st the request is refused...
+        assert!(!decide(&[
+            call(&names, &meters, "initech"),
+            call(&names, &meters, "globex")
+        ]));
+        // ...and took nothing from initech.
+        assert!(decide(&[call(&names, &meters, "initech")]));
+        assert!(!decide(&[call(&names, &meters, "initech")]));
+        limits.set_plans(&plans);
+        assert!(!decide(&[call(&names, &meters, "globex")]));
+        assert!(!decide(&[call(&names, &meters, "initech")]));
+        assert!(decide(&[call(&names, &meters, "hooli")]));
+    }
+
     #[test]
     fn a_duplicate_is_not_decided_and_holds_nothing() {
         let fixture = fixture();
