@@ -18,6 +18,11 @@
 //! `--otlp-baseline-server ADDR` runs the comparison point: tonic's generated MetricsService with
 //! prost decoding, which discards every request.
 //!
+//! Envoy RLS: `--rls ADDR` sends `ShouldRateLimit` calls (one descriptor: a Zipf tenant and
+//! `--rls-meter`; each call one decision, OK and OVER_LIMIT alike counted as answered, the
+//! OVER_LIMIT share reported) over `--grpc-connections` connections;
+//! `--rls-baseline-server ADDR` runs the comparison point, an RLS server that answers OK.
+//!
 //! `--probe-interval-ms N` measures event-to-queryable latency beside the load: every N ms one
 //! probe event (tenant `probe-<seed>-<start ms>`, over the same protocol as the load: an
 //! `api.request` CloudEvent, or one OTLP delta point of `http.server.requests`) is sent, then
@@ -29,6 +34,7 @@ mod baseline;
 mod kafka;
 mod otlp;
 mod probe;
+mod rls;
 mod workload;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +50,7 @@ pub(crate) use baseline::*;
 pub(crate) use kafka::*;
 pub(crate) use otlp::*;
 pub(crate) use probe::*;
+pub(crate) use rls::*;
 pub(crate) use workload::*;
 
 #[derive(Parser, Debug, Clone)]
@@ -125,6 +132,16 @@ pub(crate) struct Args {
     pub(crate) intervals_out: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 5)]
     pub(crate) interval_secs: u64,
+    /// RLS mode: Envoy `ShouldRateLimit` calls to this gRPC address (host:port).
+    #[arg(long)]
+    pub(crate) rls: Option<String>,
+    /// Run the do-nothing RLS server (answers OK) on this address instead.
+    #[arg(long)]
+    pub(crate) rls_baseline_server: Option<std::net::SocketAddr>,
+    #[arg(long, default_value = "tallyd")]
+    pub(crate) rls_domain: String,
+    #[arg(long, default_value = "api_calls")]
+    pub(crate) rls_meter: String,
 }
 
 #[derive(Default)]
@@ -133,6 +150,8 @@ pub(crate) struct Totals {
     pub(crate) events: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) missed: AtomicU64,
+    /// RLS: answers OVER_LIMIT.
+    pub(crate) over_limit: AtomicU64,
     /// The current interval's latencies (`--intervals-out`), swapped out by the reporter.
     pub(crate) interval: Mutex<Option<Histogram<u64>>>,
 }
@@ -150,6 +169,9 @@ pub(crate) enum Target {
         client: reqwest::Client,
         url: String,
     },
+    Rls(envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient<
+        tonic::transport::Channel,
+    >),
 }
 
 /// One request's payload.
@@ -157,6 +179,7 @@ pub(crate) enum Payload {
     Http(Vec<u8>),
     /// An encoded `ExportMetricsServiceRequest`.
     Otlp(Vec<u8>),
+    Rls(envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest),
 }
 
 impl Target {
@@ -169,6 +192,7 @@ impl Target {
             Target::OtlpGrpc(_) | Target::OtlpHttp { .. } => {
                 (Payload::Otlp(generator.otlp_request()), generator.args.batch_size)
             }
+            Target::Rls(_) => (Payload::Rls(rls_request(generator)), 1),
         }
     }
 }
@@ -201,6 +225,13 @@ pub(crate) async fn send(
                 .await;
             matches!(&result, Ok(response) if response.status() == 200)
         }
+        (Target::Rls(client), Payload::Rls(request)) => match rls_call(client, request).await {
+            Some(over_limit) => {
+                totals.over_limit.fetch_add(u64::from(over_limit), Ordering::Relaxed);
+                true
+            }
+            None => false,
+        },
         _ => unreachable!("invariant: payloads match their target"),
     };
     let micros = started.elapsed().as_micros() as u64;
@@ -273,6 +304,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = args.otlp_baseline_server {
         return otlp_baseline_server(addr).await;
     }
+    if let Some(addr) = args.rls_baseline_server {
+        return rls_baseline_server(addr).await;
+    }
     let http_client = || {
         reqwest::Client::builder()
             .pool_max_idle_per_host(args.concurrency)
@@ -280,6 +314,7 @@ async fn main() -> anyhow::Result<()> {
             .build()
     };
     let target = match &args.otlp_grpc {
+        None if args.rls.is_some() => rls_target(args.rls.as_deref().unwrap_or_default()).await?,
         None if args.otlp_http.is_some() => Target::OtlpHttp {
             client: http_client()?,
             url: format!(
@@ -301,6 +336,11 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = &args.otlp_grpc {
         for _ in 1..args.grpc_connections.max(1) {
             targets.push(otlp_grpc_target(addr).await?);
+        }
+    }
+    if let Some(addr) = &args.rls {
+        for _ in 1..args.grpc_connections.max(1) {
+            targets.push(rls_target(addr).await?);
         }
     }
     let totals = Arc::new(Totals::default());
@@ -382,6 +422,7 @@ async fn main() -> anyhow::Result<()> {
     let events = totals.events.load(Ordering::Relaxed);
     let mut summary = json!({
         "url": match (&args.otlp_grpc, &args.otlp_http) {
+            _ if args.rls.is_some() => format!("rls://{}", args.rls.as_deref().unwrap_or_default()),
             (Some(addr), _) => format!("otlp-grpc://{addr}"),
             (None, Some(url)) => format!("{url} (otlp/http)"),
             (None, None) => args.url.clone(),
@@ -396,6 +437,7 @@ async fn main() -> anyhow::Result<()> {
         "events_per_sec": events as f64 / elapsed,
         "errors": totals.errors.load(Ordering::Relaxed),
         "missed_batches": totals.missed.load(Ordering::Relaxed),
+        "over_limit": totals.over_limit.load(Ordering::Relaxed),
         "latency_ms": {
             "p50": latency.value_at_quantile(0.50) as f64 / 1000.0,
             "p90": latency.value_at_quantile(0.90) as f64 / 1000.0,

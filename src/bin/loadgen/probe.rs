@@ -41,6 +41,7 @@ pub(crate) async fn probe(mut target: Target, args: Args, deadline: Instant) -> 
     let meter = match target {
         Target::Http { .. } => "api_calls",
         Target::OtlpGrpc(_) | Target::OtlpHttp { .. } => "requests",
+        Target::Rls(_) => anyhow::bail!("probes measure usage ingest: not with --rls"),
     };
     let query = format!(
         "{}/api/v1/meters/{meter}/query?subject={tenant}",
@@ -92,6 +93,7 @@ pub(crate) async fn probe(mut target: Target, args: Args, deadline: Instant) -> 
                 "time": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
                 "data": {"route": "/probe", "method": "GET"},
             }]))?),
+            Target::Rls(_) => anyhow::bail!("probes measure usage ingest: not with --rls"),
             Target::OtlpGrpc(_) | Target::OtlpHttp { .. } => {
                 Payload::Otlp(prost::Message::encode_to_vec(&delta_requests([(
                     tenant.clone(),
