@@ -25,19 +25,20 @@ limit = "1000000000"
 TOML
 sed -i 's/^default_plan = "payg"/default_plan = "limited"/' "$dir/tallyd.toml"
 duration=${DURATION:-10}
-load() { # load ADDR EXTRA...: one loadgen run against an RLS server
-  local addr=$1; shift
+load() { # load ADDR CONCURRENCY EXTRA...: one loadgen run against an RLS server
+  local addr=$1 concurrency=$2; shift 2
   "$bin/tallyd-loadgen" --rls "$addr" --duration-secs "$duration" --tenants 1000 \
-    --concurrency "${CONCURRENCY:-64}" --grpc-connections "${CONNECTIONS:-4}" --batch-size 1 "$@"
+    --concurrency "$concurrency" --grpc-connections "${CONNECTIONS:-4}" --batch-size 1 "$@"
 }
 "$bin/tallyd-loadgen" --rls-baseline-server "127.0.0.1:$baseline" 2>>"$dir/baseline.log" &
 pids+=("$!")
 CONFIG="$dir/tallyd.toml" LIMITS_GRPC=$grpc start_tallyd "$dir/data" "$port"
 wait_ready "$port"
 sleep 0.5
-echo "== do-nothing RLS server, closed loop"; load "127.0.0.1:$baseline"
-echo "== tallyd, closed loop"; load "127.0.0.1:$grpc"
-echo "== do-nothing RLS server, open loop at ${RATE:-50000}/s"; load "127.0.0.1:$baseline" --rate "${RATE:-50000}" --concurrency 512
-echo "== tallyd, open loop at ${RATE:-50000}/s"; load "127.0.0.1:$grpc" --rate "${RATE:-50000}" --concurrency 512
+closed=${CONCURRENCY:-64}
+echo "== do-nothing RLS server, closed loop"; load "127.0.0.1:$baseline" "$closed"
+echo "== tallyd, closed loop"; load "127.0.0.1:$grpc" "$closed"
+echo "== do-nothing RLS server, open loop at ${RATE:-50000}/s"; load "127.0.0.1:$baseline" 512 --rate "${RATE:-50000}"
+echo "== tallyd, open loop at ${RATE:-50000}/s"; load "127.0.0.1:$grpc" 512 --rate "${RATE:-50000}"
 echo "== tallyd: decisions by outcome"
 curl -fsS "http://127.0.0.1:$port/metrics" | grep -E '^tallyd_(limit_decisions_total|limits_requests_total)' || true
