@@ -853,7 +853,16 @@ impl Limits {
                     meter,
                     period_start,
                 };
-                let entry = gate.entry(key, &table, meters, load)?;
+                let entry = match gate.entry(key, &table, meters, load) {
+                    Ok(entry) => entry,
+                    Err(error) => {
+                        // Undecided: the rate keys already asked take nothing.
+                        if consume {
+                            self.give_back(&trials, names, meters);
+                        }
+                        return Err(error);
+                    }
+                };
                 let taken = entry.used.saturating_add(entry.held);
                 if limit.mode == Mode::Hard && taken.saturating_add(ask.units) > limit.limit {
                     answer.allowed = false;
@@ -876,14 +885,12 @@ impl Limits {
         drop(gate);
         if consume {
             let all = answers.iter().all(|answer| answer.allowed);
-            for (tenant, meter, units, decision) in trials {
+            if !all {
+                // An ask refused: nothing is taken.
+                self.give_back(&trials, names, meters);
+            }
+            for (tenant, meter, _, decision) in trials {
                 if decision.allowed && !all {
-                    // Another ask refused: nothing is taken.
-                    self.with_cached(tenant, names, meters, |cached| {
-                        if let Some(slot) = cached.rate(meter) {
-                            slot.give_back(units);
-                        }
-                    });
                     continue;
                 }
                 counts.add(Kind::Rate, if decision.allowed { "allowed" } else { "refused" });
@@ -913,6 +920,22 @@ impl Limits {
         }
         self.decisions.record(&counts);
         Ok(answers)
+    }
+
+    /// Gives back the units the allowed rate trials of an `ask` took.
+    fn give_back(
+        &self,
+        trials: &[(TenantId, MeterId, i128, RateDecision)],
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+    ) {
+        for &(tenant, meter, units, _) in trials.iter().filter(|trial| trial.3.allowed) {
+            self.with_cached(tenant, names, meters, |cached| {
+                if let Some(slot) = cached.rate(meter) {
+                    slot.give_back(units);
+                }
+            });
+        }
     }
 
     /// Gives back the holds of a request that was not applied.
@@ -1525,7 +1548,10 @@ default_plan = "metered"
                 scope.spawn(|| {
                     for _ in 0..500 {
                         let unit = call(&names, &meters, "acme");
-                        if limits.decide(&names, &meters, &[unit], &[true], true, &load).is_ok() {
+                        if limits
+                            .decide(&names, &meters, &[unit], &[true], true, &load)
+                            .is_ok()
+                        {
                             allowed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -1535,7 +1561,8 @@ default_plan = "metered"
         assert_eq!(allowed.load(Ordering::Relaxed), 100);
         // Refusals carry the exact wait: one unit every 36 s.
         let unit = call(&names, &meters, "acme");
-        let Err(LimitError::Rate(refusal)) = limits.decide(&names, &meters, &[unit], &[true], true, &load) else {
+        let Err(LimitError::Rate(refusal)) = limits.decide(&names, &meters, &[unit], &[true], true, &load)
+        else {
             panic!("the 101st call is refused");
         };
         let explained = refusal.explain(&limits, &names, &meters);

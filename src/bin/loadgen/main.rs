@@ -169,9 +169,11 @@ pub(crate) enum Target {
         client: reqwest::Client,
         url: String,
     },
-    Rls(envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient<
-        tonic::transport::Channel,
-    >),
+    Rls(
+        envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient<
+            tonic::transport::Channel,
+        >,
+    ),
 }
 
 /// One request's payload.
@@ -227,7 +229,9 @@ pub(crate) async fn send(
         }
         (Target::Rls(client), Payload::Rls(request)) => match rls_call(client, request).await {
             Some(over_limit) => {
-                totals.over_limit.fetch_add(u64::from(over_limit), Ordering::Relaxed);
+                totals
+                    .over_limit
+                    .fetch_add(u64::from(over_limit), Ordering::Relaxed);
                 true
             }
             None => false,

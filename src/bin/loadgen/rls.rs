@@ -2,7 +2,9 @@
 //! the meter `--rls-meter`), as an Envoy rate-limit filter sends them; and the comparison
 //! point, a do-nothing RLS server that answers OK to everything (`--rls-baseline-server`).
 
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{rate_limit_descriptor::Entry, RateLimitDescriptor};
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+    rate_limit_descriptor::Entry, RateLimitDescriptor,
+};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
@@ -75,4 +77,3 @@ pub(crate) async fn rls_baseline_server(addr: std::net::SocketAddr) -> anyhow::R
         .await?;
     Ok(())
 }
-

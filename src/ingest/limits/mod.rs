@@ -75,8 +75,30 @@ impl LimitsEdge {
         Ok(())
     }
 
-    /// `Limits::ask` off the executor (a quota period not tracked yet reads the store).
+    /// `Limits::ask`: on the executor when every quota period it needs is tracked (the common
+    /// case: a decision is memory only), else off it (a period not tracked yet reads the
+    /// store; the first attempt took nothing).
     async fn ask(&self, asks: Vec<(String, String, i128)>, consume: bool) -> Result<Vec<Answer>, Status> {
+        const UNTRACKED: &str = "a quota period is not tracked yet";
+        {
+            let shared = &self.shared;
+            let borrowed: Vec<Ask<'_>> = asks
+                .iter()
+                .map(|(tenant, meter, units)| Ask {
+                    tenant,
+                    meter,
+                    units: *units,
+                })
+                .collect();
+            let untracked = |_: &str, _: &str, _: i64, _: i64| Err(UNTRACKED.to_string());
+            match shared
+                .limits
+                .ask(&borrowed, consume, &shared.names, &shared.meters, &untracked)
+            {
+                Err(LimitError::Load(message)) if message == UNTRACKED => {}
+                decided => return decided.map_err(unavailable),
+            }
+        }
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
             let asks: Vec<Ask<'_>> = asks
