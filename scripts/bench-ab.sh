@@ -6,7 +6,9 @@
 # Usage: scripts/bench-ab.sh OLD_DIR NEW_DIR [loadgen flags...]
 #   OLD_DIR / NEW_DIR: directories holding a `tallyd` binary (e.g. a copy of an older build).
 #   Env: RATE (default 150000), DURATION (15 s), ROUNDS (2),
-#        PROTO (loadgen target flag: --otlp-grpc, the default, or --url for HTTP CloudEvents).
+#        PROTO (loadgen target flag: --otlp-grpc, the default, or --url for HTTP CloudEvents),
+#        OLD_CONFIG / NEW_CONFIG (each side's config file; default: the embedded one's copy),
+#        METRICS_GREP (print the daemon's metrics matching this regex after each run).
 # The load generator is this checkout's; it runs on the same cores.
 source "$(dirname "$0")/bench-lib.sh"
 old_dir=${1:?usage: scripts/bench-ab.sh OLD_DIR NEW_DIR [loadgen flags...]}
@@ -21,9 +23,9 @@ port=${PORT:-18600}
 sync
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for side in old new; do
-    if [ "$side" = old ]; then bin=$old_dir; else bin=$new_dir; fi
+    if [ "$side" = old ]; then bin=$old_dir; CONFIG=${OLD_CONFIG:-}; else bin=$new_dir; CONFIG=${NEW_CONFIG:-}; fi
     port=$((port + 3))
-    start_tallyd "$dir/data-$side-$round" "$port" "$((port + 1))"
+    CONFIG=$CONFIG start_tallyd "$dir/data-$side-$round" "$port" "$((port + 1))"
     wait_ready "$port" 300
     if [ "$proto" = --url ]; then target="http://127.0.0.1:$port"; else target="127.0.0.1:$((port + 1))"; fi
     before=$(cpu_ticks "$pid")
@@ -32,6 +34,9 @@ for round in $(seq 1 "${ROUNDS:-2}"); do
     sleep 3 # the checkpoint of the tail belongs to the run
     after=$(cpu_ticks "$pid")
     rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+    if [ -n "${METRICS_GREP:-}" ]; then
+      curl -fsS "http://127.0.0.1:$port/metrics" | grep -E "$METRICS_GREP" | sed "s/^/  $side: /" || true
+    fi
     kill "$pid"
     wait "$pid" 2>/dev/null || true
     python3 - "$dir/$side-$round.json" "$side" "$round" "$before" "$after" "$rss" "$(getconf CLK_TCK)" <<'PY'
