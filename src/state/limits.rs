@@ -253,6 +253,35 @@ impl Cached {
     }
 }
 
+/// The tables one batch meets, each with the last period a unit fell in (a batch repeats its
+/// tenants and periods: each is looked up once).
+#[derive(Default)]
+struct BatchTables(HashMap<TenantId, Option<MetTable>>);
+
+struct MetTable {
+    table: Arc<TenantTable>,
+    period: (i64, i64),
+}
+
+impl BatchTables {
+    fn get(&mut self, tenant: TenantId, fetch: impl FnOnce() -> Option<Arc<TenantTable>>) -> Option<&mut MetTable> {
+        self.0
+            .entry(tenant)
+            .or_insert_with(|| fetch().map(|table| MetTable { table, period: (0, 0) }))
+            .as_mut()
+    }
+}
+
+impl MetTable {
+    fn period_of(&mut self, unix_secs: i64) -> (i64, i64) {
+        let (start, end) = self.period;
+        if !(start <= unix_secs && unix_secs < end) {
+            self.period = self.table.period_of(unix_secs);
+        }
+        self.period
+    }
+}
+
 /// The quota half of the gate: what its lock guards.
 pub struct Inner {
     quotas: HashMap<QuotaKey, QuotaEntry>,
@@ -1127,8 +1156,9 @@ impl Gate<'_> {
         counts: &mut Counts,
     ) -> Result<(), LimitError> {
         let limits = self.limits;
-        // The table of the last tenant seen (a batch's units are mostly one tenant's).
-        let mut last: Option<(TenantId, Option<Arc<TenantTable>>)> = None;
+        let mut tables = BatchTables::default();
+        // Where each quota period's hold is in `verdict.holds` (one hold per period).
+        let mut held_at: HashMap<QuotaKey, usize> = HashMap::default();
         let mut wants: SmallVec<[(Want, Arc<TenantTable>); 2]> = SmallVec::new();
         for (index, unit) in units.iter().enumerate() {
             if !fresh[index] {
@@ -1136,19 +1166,18 @@ impl Gate<'_> {
             }
             wants.clear();
             unit.contributions(&mut |key, units| {
-                if last.as_ref().is_none_or(|(tenant, _)| *tenant != key.tenant) {
-                    last = Some((key.tenant, limits.table(key.tenant, names, meters)));
-                }
-                let Some((_, Some(table))) = &last else {
+                let Some(met) = tables.get(key.tenant, || limits.table(key.tenant, names, meters)) else {
                     return;
                 };
-                let Some((mode, limit, scale)) = table
+                let Some((mode, limit, scale)) = met
+                    .table
                     .limit(key.meter, Kind::Quota)
                     .map(|limit| (limit.mode, limit.limit, limit.scale))
                 else {
                     return;
                 };
-                let (period_start, _) = table.period_of(key.window_start);
+                let (period_start, _) = met.period_of(key.window_start);
+                let table = &met.table;
                 let quota_key = QuotaKey {
                     tenant: key.tenant,
                     meter: key.meter,
@@ -1196,10 +1225,19 @@ impl Gate<'_> {
                             .expect("invariant: entry made above");
                         entry.held = entry.held.saturating_add(*units);
                         warned |= entry.used.saturating_add(entry.held) > *limit;
-                        verdict.holds.push(Hold {
-                            key: *key,
-                            units: *units,
-                        });
+                        match held_at.get(key) {
+                            Some(&at) => {
+                                let hold = &mut verdict.holds[at];
+                                hold.units = hold.units.saturating_add(*units);
+                            }
+                            None => {
+                                held_at.insert(*key, verdict.holds.len());
+                                verdict.holds.push(Hold {
+                                    key: *key,
+                                    units: *units,
+                                });
+                            }
+                        }
                     }
                     counts.add(Kind::Quota, if warned { "warned" } else { "allowed" });
                 }
@@ -1277,25 +1315,28 @@ impl Gate<'_> {
         if self.inner.quotas.is_empty() {
             return;
         }
-        // The table of the last tenant seen (a tracked period keeps its tenant's table).
-        let mut last: Option<(TenantId, Option<Arc<TenantTable>>)> = None;
+        // A tracked period keeps its tenant's table (of whichever plans' generation).
+        let mut tables = BatchTables::default();
+        let limits = self.limits;
         for (key, state) in &batch.series {
             let Some(units) = additive(state) else { continue };
-            if last.as_ref().is_none_or(|(tenant, _)| *tenant != key.tenant) {
-                let table = self
-                    .limits
+            let fetch = || {
+                limits
                     .tables
                     .get(&key.tenant)
-                    .and_then(|cached| cached.table.clone());
-                last = Some((key.tenant, table));
+                    .and_then(|cached| cached.table.clone())
+            };
+            let Some(met) = tables.get(key.tenant, fetch) else {
+                continue;
+            };
+            if met.table.limit(key.meter, Kind::Quota).is_none() {
+                continue;
             }
-            let Some((_, Some(table))) = &last else {
-                continue;
-            };
-            let Some(limit) = table.limit(key.meter, Kind::Quota) else {
-                continue;
-            };
-            let (period_start, _) = table.period_of(key.window_start);
+            let (period_start, _) = met.period_of(key.window_start);
+            let table = &met.table;
+            let limit = table
+                .limit(key.meter, Kind::Quota)
+                .expect("invariant: checked above");
             let quota_key = QuotaKey {
                 tenant: key.tenant,
                 meter: key.meter,
