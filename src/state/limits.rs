@@ -264,10 +264,19 @@ struct MetTable {
 }
 
 impl BatchTables {
-    fn get(&mut self, tenant: TenantId, fetch: impl FnOnce() -> Option<Arc<TenantTable>>) -> Option<&mut MetTable> {
+    fn get(
+        &mut self,
+        tenant: TenantId,
+        fetch: impl FnOnce() -> Option<Arc<TenantTable>>,
+    ) -> Option<&mut MetTable> {
         self.0
             .entry(tenant)
-            .or_insert_with(|| fetch().map(|table| MetTable { table, period: (0, 0) }))
+            .or_insert_with(|| {
+                fetch().map(|table| MetTable {
+                    table,
+                    period: (0, 0),
+                })
+            })
             .as_mut()
     }
 }
@@ -285,6 +294,9 @@ impl MetTable {
 /// The quota half of the gate: what its lock guards.
 pub struct Inner {
     quotas: HashMap<QuotaKey, QuotaEntry>,
+    /// The table of each tenant with a tracked period (the newest a decision met): `applied`
+    /// reads it here, under the lock it holds anyway.
+    tenants: HashMap<TenantId, Arc<TenantTable>>,
     /// The gate's clock (ns) as of the operation holding the lock.
     clock_ns: i128,
 }
@@ -549,6 +561,7 @@ impl Limits {
             decisions: DecisionCounts::new(),
             inner: Mutex::new(Inner {
                 quotas: HashMap::default(),
+                tenants: HashMap::default(),
                 clock_ns: 0,
             }),
         }
@@ -704,6 +717,9 @@ impl Limits {
         // A tracked quota period keeps its tenant's table (`applied` moves it through it).
         let quota_tenants: rustc_hash::FxHashSet<TenantId> =
             gate.inner.quotas.keys().map(|key| key.tenant).collect();
+        gate.inner
+            .tenants
+            .retain(|tenant, _| quota_tenants.contains(tenant));
         self.tables.retain(|tenant, cached| {
             cached.table.is_some() && (quota_tenants.contains(tenant) || !cached.is_idle(now_ns))
         });
@@ -1142,6 +1158,27 @@ pub enum LimitError {
     Load(String),
 }
 
+/// A tracked quota period's standing (its `used`, as applied).
+fn quota_standing(
+    quotas: &HashMap<QuotaKey, QuotaEntry>,
+    key: &QuotaKey,
+    table: &TenantTable,
+) -> Option<(Arc<str>, Standing)> {
+    let limit = (**table.limit(key.meter, Kind::Quota)?).clone();
+    let entry = quotas.get(key)?;
+    Some((
+        table.name.clone(),
+        Standing {
+            used: entry.used,
+            remaining: (limit.limit - entry.used).max(0),
+            state: limit::quota_state(entry.used, &limit),
+            period: (key.period_start, entry.period_end),
+            resets_at_ms: entry.period_end * 1000,
+            limit,
+        },
+    ))
+}
+
 impl Gate<'_> {
     /// Each fresh unit against its quotas, in order (the rate limits allowed the request).
     #[allow(clippy::too_many_arguments)]
@@ -1243,35 +1280,31 @@ impl Gate<'_> {
                 }
             }
         }
+        // Tracked tenants follow their newest table (a reload rebuilt it).
+        for (tenant, met) in &tables.0 {
+            if let (Some(met), Some(tracked)) = (met, self.inner.tenants.get_mut(tenant)) {
+                if !Arc::ptr_eq(&met.table, tracked) {
+                    *tracked = met.table.clone();
+                }
+            }
+        }
         Ok(())
     }
 
-    /// A tracked quota period's standing (its `used`, as applied).
     fn quota_standing(&self, key: &QuotaKey, table: &TenantTable) -> Option<(Arc<str>, Standing)> {
-        let limit = (**table.limit(key.meter, Kind::Quota)?).clone();
-        let entry = self.inner.quotas.get(key)?;
-        Some((
-            table.name.clone(),
-            Standing {
-                used: entry.used,
-                remaining: (limit.limit - entry.used).max(0),
-                state: limit::quota_state(entry.used, &limit),
-                period: (key.period_start, entry.period_end),
-                resets_at_ms: entry.period_end * 1000,
-                limit,
-            },
-        ))
+        quota_standing(&self.inner.quotas, key, table)
     }
 
     /// The tracked quota period, read from the store and engine the first time.
     fn entry(
         &mut self,
         key: QuotaKey,
-        table: &TenantTable,
+        table: &Arc<TenantTable>,
         meters: &crate::meter::Meters,
         load: Load<'_>,
     ) -> Result<&mut QuotaEntry, LimitError> {
         if !self.inner.quotas.contains_key(&key) {
+            self.inner.tenants.insert(key.tenant, table.clone());
             let meter = meters
                 .by_id(key.meter)
                 .map(|meter| meter.slug.clone())
@@ -1315,18 +1348,12 @@ impl Gate<'_> {
         if self.inner.quotas.is_empty() {
             return;
         }
-        // A tracked period keeps its tenant's table (of whichever plans' generation).
         let mut tables = BatchTables::default();
         let limits = self.limits;
+        let Inner { quotas, tenants, .. } = &mut *self.inner;
         for (key, state) in &batch.series {
             let Some(units) = additive(state) else { continue };
-            let fetch = || {
-                limits
-                    .tables
-                    .get(&key.tenant)
-                    .and_then(|cached| cached.table.clone())
-            };
-            let Some(met) = tables.get(key.tenant, fetch) else {
+            let Some(met) = tables.get(key.tenant, || tenants.get(&key.tenant).cloned()) else {
                 continue;
             };
             if met.table.limit(key.meter, Kind::Quota).is_none() {
@@ -1342,7 +1369,7 @@ impl Gate<'_> {
                 meter: key.meter,
                 period_start,
             };
-            let Some(entry) = self.inner.quotas.get_mut(&quota_key) else {
+            let Some(entry) = quotas.get_mut(&quota_key) else {
                 continue;
             };
             let before = entry.used;
@@ -1350,8 +1377,8 @@ impl Gate<'_> {
             let after = entry.used;
             let crossed = limit::crossed(before, after, limit);
             if !crossed.is_empty() || limit::quota_state(before, limit) != limit::quota_state(after, limit) {
-                if let Some((name, standing)) = self.quota_standing(&quota_key, table) {
-                    self.limits.signal(name, standing, crossed);
+                if let Some((name, standing)) = quota_standing(quotas, &quota_key, table) {
+                    limits.signal(name, standing, crossed);
                 }
             }
         }
