@@ -46,14 +46,14 @@ pub fn apply_logged(
     dedup_keys: &mut Vec<u128>,
     cumulative: &[CumulativePoint],
     position: Option<(String, u64)>,
-    limits: Option<(&mut crate::state::limits::Gate<'_>, &[crate::state::limits::Hold])>,
+    limits: Option<(&crate::state::limits::Limits, &[crate::state::limits::Hold])>,
 ) -> Result<(), MergeError> {
     let mut changed = StreamChanges::default();
     streams.fold(cumulative, batch, &mut changed)?;
     // The deltas the quotas move by, before the writer takes the batch (cumulative points'
-    // deltas included: they are in the batch now).
-    if let Some((gate, holds)) = limits {
-        gate.applied(batch, holds);
+    // deltas included: they are in the batch now). The caller holds `Limits::applying`.
+    if let Some((limits, holds)) = limits {
+        limits.lock().applied(batch, holds);
     }
     writer.commit_with_streams(batch, dedup_keys, &mut changed, position)
 }
@@ -208,8 +208,9 @@ impl CommitLoop {
         let limited = self.shared.limits.is_active();
         for (mut request, position) in group.into_iter().zip(positions) {
             let position = position.map(|next| (INGEST_LOG_SOURCE.to_string(), next));
-            // With limits, the quotas' `used` moves with the engine, under the gate's lock.
-            let mut gate = limited.then(|| self.shared.limits.lock());
+            // With limits, the quotas' `used` moves with the engine: no period's total is
+            // read while this batch is between the two.
+            let applying = limited.then(|| self.shared.limits.applying());
             let applied = apply_logged(
                 &self.writer,
                 &mut self.streams,
@@ -217,9 +218,9 @@ impl CommitLoop {
                 &mut request.dedup_keys,
                 &request.cumulative,
                 position,
-                gate.as_mut().map(|gate| (gate, request.holds.as_slice())),
+                limited.then_some((&self.shared.limits, request.holds.as_slice())),
             );
-            drop(gate);
+            drop(applying);
             if let Err(error) = applied {
                 self.shared.limits.release(&request.holds);
                 // A broken invariant (no sum overflows within the quantity range): the request

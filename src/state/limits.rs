@@ -4,8 +4,9 @@
 //! A quota's `used` is the tenant's period quantity of the meter, the number
 //! `GET /api/v1/tenants/{t}/usage` shows: read once from the store and the engine (the caller's
 //! `load`, the query engine) when a (tenant, meter, period) is first needed, then moved by
-//! every batch applied to the engine (`Gate::applied`, called by whoever applies, under the
-//! gate's lock, so a load never sees a batch that `applied` also adds). Units admitted but not
+//! every batch applied to the engine (`Gate::applied`, called by whoever applies while it
+//! holds `applying` across its engine apply; a load excludes appliers, so it never sees a
+//! batch that `applied` also adds, nor misses one that `applied` skipped). Units admitted but not
 //! yet applied are `held`: a hard quota refuses a unit when `used + held + units > limit`, so
 //! the sum accepted in a period never exceeds the limit whatever the concurrency; a request
 //! that fails gives its holds back. Refused units hold nothing and never count.
@@ -511,6 +512,8 @@ pub struct Limits {
     /// State changes, to whoever listens (Watch streams, the signal topic, webhooks).
     signals: tokio::sync::broadcast::Sender<Signal>,
     decisions: DecisionCounts,
+    /// Appliers (shared) against a quota period's first read (exclusive): see `applying`.
+    applying: RwLock<()>,
     inner: Mutex<Inner>,
 }
 
@@ -559,6 +562,7 @@ impl Limits {
             swept_ns: AtomicI64::new(0),
             signals,
             decisions: DecisionCounts::new(),
+            applying: RwLock::new(()),
             inner: Mutex::new(Inner {
                 quotas: HashMap::default(),
                 tenants: HashMap::default(),
@@ -596,7 +600,13 @@ impl Limits {
         self.plans.read().1.clone().unwrap_or_default()
     }
 
-    /// The lock quotas need; an applier holds it across the engine apply (`Gate::applied`).
+    /// Held (shared) by an applier across its `Gate::applied` and its engine apply, so that a
+    /// quota period's total is read (exclusively) between batches, never in the middle of one.
+    pub fn applying(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.applying.read()
+    }
+
+    /// The lock quotas need (`Gate::applied` moves them).
     pub fn lock(&self) -> Gate<'_> {
         Gate {
             limits: self,
@@ -1304,27 +1314,41 @@ impl Gate<'_> {
         load: Load<'_>,
     ) -> Result<&mut QuotaEntry, LimitError> {
         if !self.inner.quotas.contains_key(&key) {
-            self.inner.tenants.insert(key.tenant, table.clone());
-            let meter = meters
-                .by_id(key.meter)
-                .map(|meter| meter.slug.clone())
-                .unwrap_or_default();
-            let period_end = table.period_of(key.period_start).1;
-            let used = load(&table.name, &meter, key.period_start, period_end).map_err(LimitError::Load)?;
+            let limits = self.limits;
             let touched = self.inner.clock_ns;
-            self.inner.quotas.insert(
-                key,
-                QuotaEntry {
-                    period_end,
-                    used,
-                    held: 0,
-                    touched,
-                },
-            );
-            // A period first tracked (a new period, or after a restart): its state, once.
-            if let Some((name, standing)) = self.quota_standing(&key, table) {
-                self.limits.signal(name, standing, Vec::new());
-            }
+            // Read without the gate's lock (decisions go on meanwhile) but with no batch
+            // between its `applied` and its engine apply: the total read here and what
+            // `applied` adds from now on neither overlap nor leave a gap.
+            MutexGuard::unlocked(&mut self.inner, || {
+                let _exclusive = limits.applying.write();
+                let meter = meters
+                    .by_id(key.meter)
+                    .map(|meter| meter.slug.clone())
+                    .unwrap_or_default();
+                let period_end = table.period_of(key.period_start).1;
+                let used =
+                    load(&table.name, &meter, key.period_start, period_end).map_err(LimitError::Load)?;
+                let mut inner = limits.inner.lock();
+                if inner.quotas.contains_key(&key) {
+                    // Another decision tracked it meanwhile (under the same exclusion).
+                    return Ok(());
+                }
+                inner.tenants.insert(key.tenant, table.clone());
+                inner.quotas.insert(
+                    key,
+                    QuotaEntry {
+                        period_end,
+                        used,
+                        held: 0,
+                        touched,
+                    },
+                );
+                // A period first tracked (a new period, or after a restart): its state, once.
+                if let Some((name, standing)) = quota_standing(&inner.quotas, &key, table) {
+                    limits.signal(name, standing, Vec::new());
+                }
+                Ok(())
+            })?;
         }
         let touched = self.inner.clock_ns;
         let entry = self
@@ -1336,9 +1360,9 @@ impl Gate<'_> {
         Ok(entry)
     }
 
-    /// A batch was applied to the engine (with the lock held across the apply): tracked quota
-    /// periods move by its additive states, and the request's holds are given back (its
-    /// units are now in `used`).
+    /// A batch is being applied to the engine (the applier holds `Limits::applying` from
+    /// before this call until its engine apply is done): tracked quota periods move by its
+    /// additive states, and the request's holds are given back (its units are now in `used`).
     pub fn applied(&mut self, batch: &PreAggregated, holds: &[Hold]) {
         for hold in holds {
             if let Some(entry) = self.inner.quotas.get_mut(&hold.key) {

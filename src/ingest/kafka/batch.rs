@@ -422,17 +422,18 @@ impl Folder {
     /// Folds a batch into the partitions' engine writers with their next offsets.
     pub fn apply(&mut self, mut folded: FoldedBatch) {
         let shared = self.shared.clone();
-        // With limits, the quotas' `used` moves with the engine, under the gate's lock; the
-        // batch's holds are given back as its usage lands.
-        let mut gate = shared.limits.is_active().then(|| shared.limits.lock());
+        // With limits, the quotas' `used` moves with the engine (no period's total is read
+        // while a partition's batch is between the two); the holds are given back as its
+        // usage lands.
+        let applying = shared.limits.is_active().then(|| shared.limits.applying());
         let mut holds = std::mem::take(&mut folded.holds);
         for ((topic, partition), next) in std::mem::take(&mut folded.next) {
             let (mut batch, mut keys) = folded
                 .parts
                 .remove(&(topic.clone(), partition))
                 .unwrap_or_default();
-            if let Some(gate) = gate.as_mut() {
-                gate.applied(&batch, &std::mem::take(&mut holds));
+            if applying.is_some() {
+                shared.limits.lock().applied(&batch, &std::mem::take(&mut holds));
             }
             let writer = self.writer_for(&topic, partition);
             let position = [(position_name(&topic, partition), next)];
@@ -443,7 +444,7 @@ impl Folder {
                     .engine_failed(&format!("cannot apply a Kafka batch: {error}"));
             }
         }
-        drop(gate);
+        drop(applying);
         shared.limits.release(&holds);
         metrics::counter!(telemetry::KAFKA_MESSAGES).increment(folded.messages as u64);
         folded.outcome.record(SOURCE);
