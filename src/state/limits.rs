@@ -1190,6 +1190,72 @@ fn quota_standing(
 }
 
 impl Gate<'_> {
+    /// The request at once, when that decides exactly what unit-by-unit would: every quota
+    /// period it touches has room for all of its units (`used + held + total ≤ limit`) and no
+    /// unit is negative, so every prefix fits too, every unit is admitted and none warns. One
+    /// hold per period; `false` (nothing held) when the units must be decided one by one.
+    #[allow(clippy::too_many_arguments)]
+    fn decide_whole<U: Contributes>(
+        &mut self,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        units: &[U],
+        fresh: &[bool],
+        load: Load<'_>,
+        tables: &mut BatchTables,
+        verdict: &mut Verdict,
+        counts: &mut Counts,
+    ) -> Result<bool, LimitError> {
+        let limits = self.limits;
+        // Per period: (the request's units, the limit, the tenant's table).
+        let mut totals: HashMap<QuotaKey, (i128, i128, Arc<TenantTable>)> = HashMap::default();
+        let (mut limited_units, mut negative) = (0u64, false);
+        for (unit, _) in units.iter().zip(fresh).filter(|(_, fresh)| **fresh) {
+            let mut limited = false;
+            unit.contributions(&mut |key, units| {
+                let Some(met) = tables.get(key.tenant, || limits.table(key.tenant, names, meters)) else {
+                    return;
+                };
+                let Some(limit) = met.table.limit(key.meter, Kind::Quota).map(|limit| limit.limit) else {
+                    return;
+                };
+                let (period_start, _) = met.period_of(key.window_start);
+                let quota_key = QuotaKey {
+                    tenant: key.tenant,
+                    meter: key.meter,
+                    period_start,
+                };
+                let total = totals
+                    .entry(quota_key)
+                    .or_insert_with(|| (0, limit, met.table.clone()));
+                total.0 = total.0.saturating_add(units);
+                negative |= units < 0;
+                limited = true;
+            });
+            limited_units += u64::from(limited);
+        }
+        if negative {
+            return Ok(false);
+        }
+        for (key, (units, limit, table)) in &totals {
+            let entry = self.entry(*key, table, meters, load)?;
+            if entry.used.saturating_add(entry.held).saturating_add(*units) > *limit {
+                return Ok(false);
+            }
+        }
+        for (key, (units, _, _)) in totals {
+            let entry = self
+                .inner
+                .quotas
+                .get_mut(&key)
+                .expect("invariant: entry made above");
+            entry.held = entry.held.saturating_add(units);
+            verdict.holds.push(Hold { key, units });
+        }
+        counts.0[Kind::Quota as usize][0] += limited_units;
+        Ok(true)
+    }
+
     /// Each fresh unit against its quotas, in order (the rate limits allowed the request).
     #[allow(clippy::too_many_arguments)]
     fn decide_quotas<U: Contributes>(
@@ -1204,6 +1270,10 @@ impl Gate<'_> {
     ) -> Result<(), LimitError> {
         let limits = self.limits;
         let mut tables = BatchTables::default();
+        if self.decide_whole(names, meters, units, fresh, load, &mut tables, verdict, counts)? {
+            self.follow(&tables);
+            return Ok(());
+        }
         // Where each quota period's hold is in `verdict.holds` (one hold per period).
         let mut held_at: HashMap<QuotaKey, usize> = HashMap::default();
         let mut wants: SmallVec<[(Want, Arc<TenantTable>); 2]> = SmallVec::new();
@@ -1290,7 +1360,12 @@ impl Gate<'_> {
                 }
             }
         }
-        // Tracked tenants follow their newest table (a reload rebuilt it).
+        self.follow(&tables);
+        Ok(())
+    }
+
+    /// Tracked tenants follow the newest tables a decision met (a reload rebuilt them).
+    fn follow(&mut self, tables: &BatchTables) {
         for (tenant, met) in &tables.0 {
             if let (Some(met), Some(tracked)) = (met, self.inner.tenants.get_mut(tenant)) {
                 if !Arc::ptr_eq(&met.table, tracked) {
@@ -1298,7 +1373,6 @@ impl Gate<'_> {
                 }
             }
         }
-        Ok(())
     }
 
     fn quota_standing(&self, key: &QuotaKey, table: &TenantTable) -> Option<(Arc<str>, Standing)> {
