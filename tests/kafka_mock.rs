@@ -249,12 +249,14 @@ plan = "capped"
             .unwrap();
     assert_eq!(dead.len(), 2);
     for letter in &dead {
-        assert_eq!(
-            letter.header("tallyd.reason"),
-            Some("quota_exceeded"),
-            "{:?}",
-            letter.headers
-        );
+        for header in ["reason", "tallyd.reason"] {
+            assert_eq!(
+                letter.header(header),
+                Some("quota_exceeded"),
+                "{:?}",
+                letter.headers
+            );
+        }
     }
     let signals = tokio::task::spawn_blocking(move || {
         read_topic(&brokers_signals, "tallyd.signals", 1, 3, Duration::from_secs(20))

@@ -14,6 +14,7 @@ pub struct LimitsConfig {
     pub tenant_key: String,
     pub meter_key: String,
     pub signal_topic: String,
+    pub tls: Option<super::raw::RawTls>,
 }
 
 pub(super) fn validate_limits(raw: RawLimits, errors: &mut Vec<String>) -> LimitsConfig {
@@ -28,6 +29,9 @@ pub(super) fn validate_limits(raw: RawLimits, errors: &mut Vec<String>) -> Limit
             errors.push(format!("limits.{key}: must not be empty"));
         }
     }
+    if let Some(tls) = &raw.tls {
+        super::server::check_tls_files("limits.tls", tls, errors);
+    }
     if raw.tenant_key == raw.meter_key {
         errors.push("limits.meter_key: must differ from limits.tenant_key".into());
     }
@@ -37,5 +41,6 @@ pub(super) fn validate_limits(raw: RawLimits, errors: &mut Vec<String>) -> Limit
         tenant_key: raw.tenant_key,
         meter_key: raw.meter_key,
         signal_topic: raw.signal_topic,
+        tls: raw.tls,
     }
 }

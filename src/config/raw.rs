@@ -248,14 +248,15 @@ pub struct RawKey {
     pub scopes: Vec<String>,
 }
 
-/// `[server.tls]`, `[otlp.tls]`: PEM files (the HTTP listeners reload them when they change).
-#[derive(Clone, Debug, Deserialize)]
+/// `[server.tls]`, `[otlp.tls]`, `[limits.tls]`: PEM files (the listeners reload them when
+/// they change).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
     /// The certificate chain, leaf first.
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
-    /// `server.tls` only: ask clients for certificates signed by these CAs (PEM); a verified
+    /// Ask clients for certificates signed by these CAs (PEM); a verified
     /// one authenticates as its `[[auth.certificates]]` entry (clients without one use keys).
     #[serde(default)]
     pub client_ca_path: Option<PathBuf>,
@@ -495,6 +496,9 @@ pub struct RawLimits {
     pub meter_key: String,
     /// Compacted Kafka topic of limit states (when `[kafka]` is configured).
     pub signal_topic: String,
+    /// `[limits.tls]`: serve the limits listener over TLS (optionally asking for client
+    /// certificates), like `[otlp.tls]`.
+    pub tls: Option<RawTls>,
 }
 
 impl Default for RawLimits {
@@ -505,6 +509,7 @@ impl Default for RawLimits {
             tenant_key: "tenant".into(),
             meter_key: "meter".into(),
             signal_topic: "tallyd.signals".into(),
+            tls: None,
         }
     }
 }

@@ -93,7 +93,7 @@ pub(super) fn validate_otlp(raw: RawOtlp, errors: &mut Vec<String>) -> OtlpConfi
 }
 
 /// Every file a TLS section names exists (read again when the listener starts).
-fn check_tls_files(section: &str, tls: &RawTls, errors: &mut Vec<String>) {
+pub(super) fn check_tls_files(section: &str, tls: &RawTls, errors: &mut Vec<String>) {
     let paths = [
         ("cert_path", Some(&tls.cert_path)),
         ("key_path", Some(&tls.key_path)),

@@ -443,10 +443,20 @@ pub async fn run(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot bind limits.grpc_addr {addr}"))?;
-        tracing::info!(addr = %listener.local_addr()?, "limits grpc listening");
+        let tls = match &shared.config.limits.tls {
+            Some(tls) => Some(
+                crate::ingest::tls::TlsIdentity::load(tls, "limits.tls")
+                    .context("cannot read limits.tls")?
+                    .rustls_config()
+                    .map_err(|error| anyhow::anyhow!(error))?,
+            ),
+            None => None,
+        };
+        let transport = if tls.is_some() { "tls" } else { "plain" };
+        tracing::info!(addr = %listener.local_addr()?, transport, "limits grpc listening");
         let (admission, token) = (admission.clone(), shutdown.clone());
         otlp_servers.push(tokio::spawn(async move {
-            crate::ingest::limits::serve(admission, listener, token)
+            crate::ingest::limits::serve(admission, listener, token, tls)
                 .await
                 .map_err(|error| error.to_string())
         }));

@@ -79,7 +79,13 @@ impl DeadLetterProducer {
         let partition = letter.partition.to_string();
         let offset = letter.offset.to_string();
         let index = letter.index.map(|i| i.to_string());
+        // `reason` as issue 25's contract names it, `tallyd.reason` as consumers read it
+        // before: the same value under both.
         let mut headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "reason",
+                value: Some(letter.reason),
+            })
             .insert(Header {
                 key: "tallyd.reason",
                 value: Some(letter.reason),

@@ -15,7 +15,6 @@ pub mod rls;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use crate::aggregate::AggState;
@@ -49,21 +48,47 @@ pub struct LimitsEdge {
 
 impl LimitsEdge {
     /// The caller's principal, with `scope`.
-    fn principal(&self, metadata: &MetadataMap, scope: Scope) -> Result<crate::auth::Principal, Status> {
+    /// The caller: its key (metadata), else its verified client certificate (`[limits.tls]`
+    /// with `client_ca_path` and `[[auth.certificates]]`).
+    fn principal<T>(
+        &self,
+        request: &tonic::Request<T>,
+        scope: Scope,
+    ) -> Result<crate::auth::Principal, Status> {
+        let metadata = request.metadata();
         let text = |name: &str| metadata.get(name).and_then(|value| value.to_str().ok());
+        let peer = request
+            .extensions()
+            .get::<crate::ingest::listen::TlsPeer>()
+            .and_then(|peer| peer.certificate.as_ref());
         let keys = self.shared.keys.current();
-        keys.authenticate(Surface::Limits, text("authorization"), text("x-api-key"), scope)
-            .map_err(|error| refuse(&error))
+        keys.authenticate_presented(
+            Surface::Limits,
+            text("authorization"),
+            text("x-api-key"),
+            peer,
+            scope,
+        )
+        .map_err(|error| refuse(&error))
     }
 
     /// The caller's key, with `scope`, covering every tenant in `tenants`.
-    fn authorize<'t>(
+    fn authorize<'t, T>(
         &self,
-        metadata: &MetadataMap,
+        request: &tonic::Request<T>,
         scope: Scope,
         tenants: impl IntoIterator<Item = &'t str>,
     ) -> Result<(), Status> {
-        let principal = self.principal(metadata, scope)?;
+        let principal = self.principal(request, scope)?;
+        self.covers(&principal, tenants)
+    }
+
+    /// `principal` may act for every tenant in `tenants`.
+    fn covers<'t>(
+        &self,
+        principal: &crate::auth::Principal,
+        tenants: impl IntoIterator<Item = &'t str>,
+    ) -> Result<(), Status> {
         for tenant in tenants {
             if !principal.covers(tenant) {
                 return Err(refuse(&AuthError::Tenant {
@@ -241,11 +266,14 @@ fn observe(service: &'static str, started: Instant, result: &Result<impl Sized, 
         .record(started.elapsed().as_secs_f64());
 }
 
-/// Serves RLS and `tallyd.quota.v1` on `listener` until `shutdown`.
+/// Serves RLS, RLQS and `tallyd.quota.v1` on `listener` until `shutdown`, over TLS when `tls`
+/// is set (rustls with the reloading certificate and optional client certificates, as the
+/// OTLP/gRPC listener does).
 pub async fn serve(
     admission: Admission,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
+    tls: Option<tokio_rustls::rustls::ServerConfig>,
 ) -> Result<(), tonic::transport::Error> {
     use crate::ingest::listen;
     let shared = admission.shared.clone();
@@ -263,12 +291,20 @@ pub async fn serve(
     );
     let quota = proto::quota_server::QuotaServer::new(quota::QuotaService(edge));
     let incoming = listen::accept(listener, LISTENER, limits, shutdown.clone());
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(listen::H2_PING_INTERVAL))
         .http2_keepalive_timeout(Some(listen::H2_PING_TIMEOUT))
         .add_service(rls)
         .add_service(rlqs)
-        .add_service(quota)
-        .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await })
-        .await
+        .add_service(quota);
+    let stop = async move { shutdown.cancelled().await };
+    match tls {
+        None => router.serve_with_incoming_shutdown(incoming, stop).await,
+        Some(mut config) => {
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+            let incoming = listen::handshake(incoming, acceptor, LISTENER, limits);
+            router.serve_with_incoming_shutdown(incoming, stop).await
+        }
+    }
 }

@@ -71,8 +71,7 @@ impl Quota for QuotaService {
             if tenant.is_empty() {
                 return Err(Status::invalid_argument("tenant: required"));
             }
-            self.0
-                .authorize(request.metadata(), Scope::Read, [tenant.as_str()])?;
+            self.0.authorize(&request, Scope::Read, [tenant.as_str()])?;
             // Subscribed before the current states are read: no change falls in between.
             let mut signals = self.0.shared.limits.subscribe();
             let current = self.current(&tenant).await?;
@@ -139,7 +138,7 @@ impl Quota for QuotaService {
             if tenant.is_empty() || meter.is_empty() {
                 return Err(Status::invalid_argument("tenant and meter: required"));
             }
-            edge.authorize(request.metadata(), Scope::Read, [tenant.as_str()])?;
+            edge.authorize(&request, Scope::Read, [tenant.as_str()])?;
             if edge.shared.meters.by_slug(&meter).is_none() {
                 return Err(Status::not_found(format!("meter: no meter `{meter}`")));
             }

@@ -112,7 +112,7 @@ impl RateLimitQuotaService for Rlqs {
         request: Request<Streaming<RateLimitQuotaUsageReports>>,
     ) -> Result<Response<Self::StreamRateLimitQuotasStream>, Status> {
         let edge = self.0.clone();
-        let principal = edge.principal(request.metadata(), Scope::Ingest)?;
+        let principal = edge.principal(&request, Scope::Ingest)?;
         let mut reports = request.into_inner();
         let (sender, receiver) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {

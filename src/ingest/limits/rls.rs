@@ -41,7 +41,8 @@ impl Rls {
     async fn decide(&self, request: Request<RateLimitRequest>) -> Result<RateLimitResponse, Status> {
         let edge = &self.0;
         let config = &edge.shared.config.limits;
-        let metadata = request.metadata().clone();
+        // Authenticated first (the key or certificate); its tenants checked once named.
+        let principal = edge.principal(&request, Scope::Ingest)?;
         let request = request.into_inner();
         if request.domain != config.envoy_domain {
             return Err(Status::invalid_argument(format!(
@@ -69,9 +70,8 @@ impl Rls {
             };
             asks.push((tenant.unwrap_or_default(), meter.unwrap_or_default(), units));
         }
-        edge.authorize(
-            &metadata,
-            Scope::Ingest,
+        edge.covers(
+            &principal,
             asks.iter()
                 .map(|(tenant, _, _)| tenant.as_str())
                 .filter(|tenant| !tenant.is_empty()),
