@@ -719,3 +719,71 @@ async fn a_tenant_key_cannot_forward_another_tenants_usage() {
     );
     daemon.stop();
 }
+
+/// Cluster mode, limits: a tenant's hard quota is decided by its partition's owner (its Kafka
+/// folder refuses what would go over) and published on the signal topic, which every replica
+/// follows; once the owner has found the quota exhausted, an edge refuses the tenant's next
+/// events itself (`quota_exceeded` in the 202's `refused`, dead-lettered, not forwarded), and
+/// the owner's total stays exactly at the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_refuse_what_an_owner_published_as_over_quota() {
+    let Some(brokers) = real_broker() else { return };
+    let topic = unique_topic("usage-limits");
+    create_topic(&brokers, &topic, PARTITIONS).await;
+    let config = format!(
+        "{}\n[limits]\ngrpc_addr = \"\"\nsignal_topic = \"{topic}.signals\"\n\
+         [[plans]]\nid = \"capped\"\ncurrency = \"USD\"\n\
+         [[plans.limits]]\nmeter = \"tokens\"\nkind = \"quota\"\nlimit = \"100\"\n\
+         [[tenants]]\nid = \"acme\"\nplan = \"capped\"\n",
+        cluster_config(&brokers, &topic)
+    );
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let a = Daemon::start(&write_config(dirs[0].path(), &config));
+    let b = Daemon::start(&write_config(dirs[1].path(), &config));
+    wait_for_split(&client(), &[&a, &b]).await;
+    let client = client();
+    let tokens = |id: String, n: i64| {
+        event(
+            &id,
+            "llm.prompt",
+            "acme",
+            &ago(1),
+            json!({"tokens": n, "model": "m1"}),
+        )
+    };
+    // The quota filled through one edge.
+    let fill: Vec<Value> = (0..10).map(|i| tokens(format!("fill-{i}"), 10)).collect();
+    let (status, body) = post_batch(&client, &a, &fill).await;
+    assert_eq!((status, &body["forwarded"]), (202, &json!(10)), "{body}");
+    wait_for_totals(&client, &a, &BTreeMap::from([("acme".to_string(), 100)])).await;
+    // More through either edge: forwarded (and refused by the owner) until the owner's
+    // `exceeded` reaches the edges, then refused at the edge.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut refused_at_edge = None;
+    for attempt in 0.. {
+        let edge = if attempt % 2 == 0 { &a } else { &b };
+        let (status, body) = post_batch(&client, edge, &[tokens(format!("more-{attempt}"), 5)]).await;
+        assert_eq!(status, 202, "{body}");
+        if body["forwarded"] == 0 {
+            refused_at_edge = Some(body);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no edge ever refused: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let body = refused_at_edge.unwrap();
+    assert_eq!(body["refused"][0]["reason"], "quota_exceeded", "{body}");
+    assert!(
+        body["refused"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("used up its quota of `tokens`"),
+        "{body}"
+    );
+    assert_eq!(body["accepted"], 0, "{body}");
+    // The owner's decisions stayed exact: nothing past the limit was counted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for_totals(&client, &b, &BTreeMap::from([("acme".to_string(), 100)])).await;
+    a.stop();
+    b.stop();
+}

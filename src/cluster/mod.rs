@@ -22,6 +22,7 @@
 //!   none of them: 409 `tenant_split` names its partitions and owners (ARCHITECTURE.md).
 
 pub mod forward;
+pub mod limits;
 mod members;
 
 use std::collections::{BTreeSet, HashMap};

@@ -140,3 +140,77 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
     let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::{Kind, Limit, Mode, State};
+    use crate::state::limits::{Replicated, Standing};
+
+    fn signal(state: State, mode: Mode, used: i128) -> Signal {
+        Signal {
+            tenant: Arc::from("acme"),
+            standing: Standing {
+                limit: Limit {
+                    meter: "tokens".into(),
+                    kind: Kind::Quota,
+                    mode,
+                    limit: 100,
+                    scale: 0,
+                    thresholds: vec![80, 100],
+                    rate: None,
+                },
+                used,
+                remaining: (100 - used).max(0),
+                state,
+                // December 2026, the period the events below fall in.
+                period: (1_796_083_200, 1_798_761_600),
+                resets_at_ms: 1_798_761_600_000,
+            },
+            crossed: vec![],
+            at_ms: 1_796_600_000_000,
+        }
+    }
+
+    /// What an owner publishes is what an edge admits by: an exhausted hard quota refuses
+    /// events of its period until it resets; a soft one, another period, or a later `ok`
+    /// (a new period, a raised limit) refuses nothing.
+    #[test]
+    fn edges_read_back_the_states_owners_publish() {
+        let replicated = Replicated::default();
+        let now_ms = 1_796_600_000_000;
+        let december = 1_796_600_000;
+        replicated
+            .apply(&record(&signal(State::Exceeded, Mode::Soft, 120)).1)
+            .unwrap();
+        assert_eq!(replicated.exhausted("acme", "tokens", december, now_ms), None);
+        replicated
+            .apply(&record(&signal(State::Exceeded, Mode::Hard, 100)).1)
+            .unwrap();
+        assert_eq!(
+            replicated.exhausted("acme", "tokens", december, now_ms),
+            Some(1_798_761_600_000)
+        );
+        assert_eq!(replicated.exhausted("globex", "tokens", december, now_ms), None);
+        assert_eq!(replicated.exhausted("acme", "api_calls", december, now_ms), None);
+        // An event of November (late) or January is another period's.
+        assert_eq!(
+            replicated.exhausted("acme", "tokens", 1_796_083_199, now_ms),
+            None
+        );
+        assert_eq!(
+            replicated.exhausted("acme", "tokens", 1_798_761_600, now_ms),
+            None
+        );
+        // Past the reset, nothing is refused even before a new state arrives.
+        assert_eq!(
+            replicated.exhausted("acme", "tokens", december, 1_798_761_600_000),
+            None
+        );
+        replicated
+            .apply(&record(&signal(State::Ok, Mode::Hard, 0)).1)
+            .unwrap();
+        assert!(replicated.is_empty());
+        assert!(replicated.apply(b"{not json").is_err());
+    }
+}

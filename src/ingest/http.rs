@@ -278,6 +278,35 @@ fn late_refusal(body: &bytes::Bytes, kind: BodyKind, now: i64) -> LateRefusal<Me
     )
 }
 
+/// Cluster mode: the metered events an exhausted hard quota (as the owners published it)
+/// refuses, with the reason a single replica gives.
+fn replicated_refusals(shared: &Shared, metered: &[super::decode::MeteredEvent], now: i64) -> Vec<Refusal> {
+    let replicated = &shared.limits.replicated;
+    if replicated.is_empty() {
+        return Vec::new();
+    }
+    metered
+        .iter()
+        .filter_map(|event| {
+            let tenant = shared.names.tenants.resolve(event.tenant);
+            event.updates.iter().find_map(|update| {
+                let meter = shared.meters.by_id(update.key.meter)?;
+                let resets_at =
+                    replicated.exhausted(&tenant, &meter.slug, event.ts_ms.div_euclid(1000), now)?;
+                Some(Refusal {
+                    index: event.index,
+                    reason: super::error::RefusalReason::QuotaExceeded,
+                    message: format!(
+                        "tenant `{tenant}` has used up its quota of `{}` this period; the quota resets at {}",
+                        meter.slug,
+                        crate::model::rfc3339(resets_at.div_euclid(1000))
+                    ),
+                })
+            })
+        })
+        .collect()
+}
+
 /// Cluster mode: validate exactly as a single replica would (a 400 names every problem), then
 /// every event goes to the ingest topic keyed by its subject. The owner counts, dedups and
 /// dead-letters; the edge counts nothing itself.
@@ -313,6 +342,21 @@ fn forwardable(
     for _ in &foreign {
         tally.refuse(super::error::RefusalReason::WrongTenant);
     }
+    // Events of a tenant whose owner published its hard quota as exhausted stop here too,
+    // refused as the owner would refuse them.
+    let mut refused = decoded.refused;
+    let over_quota = replicated_refusals(shared, &decoded.metered, now);
+    let mut stopped = foreign;
+    for refusal in &over_quota {
+        stopped.insert(refusal.index);
+        tally.refuse(refusal.reason);
+    }
+    let mut dead_letters = dead_letters;
+    dead_letters.extend(self::dead_letters(&raw, over_quota.iter(), now));
+    let metered = decoded.metered.len() - over_quota.len();
+    refused.extend(over_quota);
+    refused.sort_by_key(|refusal| refusal.index);
+    let foreign = stopped;
     let messages = raw
         .iter()
         .enumerate()
@@ -329,10 +373,10 @@ fn forwardable(
     // The summary says what the owner will do; the metrics are the owner's to count (its
     // Kafka source); the edge tallies only the events it refused for another tenant.
     let summary = IngestSummary {
-        accepted: decoded.metered.len(),
+        accepted: metered,
         duplicates: 0,
         unmetered: decoded.unmetered,
-        refused: decoded.refused,
+        refused,
         forwarded: Some(raw.len() - foreign.len()),
     };
     Ok(Forward {

@@ -438,6 +438,14 @@ pub async fn run(
     let mut otlp_servers = start_otlp(&admission, &shutdown).await?;
     let signals = tokio::spawn(crate::emit::signals::run(shared.clone(), shutdown.clone()));
     crate::emit::signals::spawn_webhook(&shared).context("cannot start the threshold webhook")?;
+    // Cluster mode: edges admit from the owners' published limit states.
+    let signals_in = match (&cluster, &shared.config.kafka) {
+        (Some(_), Some(kafka)) => Some(
+            crate::cluster::limits::spawn(kafka, shared.clone(), shutdown.clone())
+                .context("cannot follow the signal topic")?,
+        ),
+        _ => None,
+    };
     if let Some(addr) = shared.config.limits.grpc_addr {
         // Envoy RLS and tallyd.quota.v1 (the edge is `ingest::limits`).
         let listener = tokio::net::TcpListener::bind(addr)
@@ -501,6 +509,10 @@ pub async fn run(
         }
     }
     let _ = signals.await;
+    if let Some(reader) = signals_in {
+        // It sees the token within one poll (200 ms).
+        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    }
     shared.ready.store(false, Ordering::Release);
     tracing::info!("ingest stopped; draining");
     if let Some(source) = kafka_source {

@@ -515,6 +515,8 @@ pub struct Limits {
     /// Appliers (shared) against a quota period's first read (exclusive): see `applying`.
     applying: RwLock<()>,
     inner: Mutex<Inner>,
+    /// Cluster mode: the partition owners' exhausted hard quotas, for edges.
+    pub replicated: Replicated,
 }
 
 impl Default for Limits {
@@ -563,6 +565,7 @@ impl Limits {
             signals,
             decisions: DecisionCounts::new(),
             applying: RwLock::new(()),
+            replicated: Replicated::default(),
             inner: Mutex::new(Inner {
                 quotas: HashMap::default(),
                 tenants: HashMap::default(),
@@ -1482,6 +1485,78 @@ impl Gate<'_> {
         }
     }
 }
+/// Cluster mode: the hard quotas the signal topic says are exhausted. Partition owners decide
+/// (their Kafka folders refuse what would go over, exactly); an edge refuses what they would
+/// refuse anyway before forwarding it, from the owners' latest published states
+/// (`cluster::limits` reads the topic). Stale at worst by the topic's delay: an edge may still
+/// forward an event the owner then refuses, and never refuses one the owner would accept but
+/// for a limit raised since (a reload re-publishes nothing until the next change).
+#[derive(Default)]
+pub struct Replicated {
+    exhausted: RwLock<HashMap<(String, String), Exhausted>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Exhausted {
+    /// The billing period (unix seconds) whose quota is used up.
+    period: (i64, i64),
+    resets_at_ms: i64,
+}
+
+impl Replicated {
+    /// One signal-topic value (`emit::signals::record`): a hard quota `exceeded` is remembered
+    /// until its period resets; any other state of a quota forgets it.
+    pub fn apply(&self, value: &[u8]) -> Result<(), String> {
+        #[derive(serde::Deserialize)]
+        struct Record {
+            tenant: String,
+            meter: String,
+            kind: String,
+            mode: String,
+            state: String,
+            period_start: String,
+            period_end: String,
+            resets_at: String,
+        }
+        let record: Record = serde_json::from_slice(value).map_err(|error| error.to_string())?;
+        if record.kind != Kind::Quota.as_str() {
+            return Ok(());
+        }
+        let time = |text: &str| {
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map(|time| time.timestamp_millis())
+                .map_err(|error| format!("`{text}`: {error}"))
+        };
+        let key = (record.tenant, record.meter);
+        if record.mode == Mode::Hard.as_str() && record.state == State::Exceeded.as_str() {
+            let exhausted = Exhausted {
+                period: (
+                    time(&record.period_start)?.div_euclid(1000),
+                    time(&record.period_end)?.div_euclid(1000),
+                ),
+                resets_at_ms: time(&record.resets_at)?,
+            };
+            self.exhausted.write().insert(key, exhausted);
+        } else {
+            self.exhausted.write().remove(&key);
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exhausted.read().is_empty()
+    }
+
+    /// When the tenant's hard quota of `meter` is exhausted for an event at `event_secs`: the
+    /// unix ms it resets at.
+    pub fn exhausted(&self, tenant: &str, meter: &str, event_secs: i64, now_ms: i64) -> Option<i64> {
+        let states = self.exhausted.read();
+        let state = states.get(&(tenant.to_string(), meter.to_string()))?;
+        let (start, end) = state.period;
+        (start <= event_secs && event_secs < end && now_ms < state.resets_at_ms).then_some(state.resets_at_ms)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
