@@ -734,7 +734,8 @@ async fn edges_refuse_what_an_owner_published_as_over_quota() {
         "{}\n[limits]\ngrpc_addr = \"\"\nsignal_topic = \"{topic}.signals\"\n\
          [[plans]]\nid = \"capped\"\ncurrency = \"USD\"\n\
          [[plans.limits]]\nmeter = \"tokens\"\nkind = \"quota\"\nlimit = \"100\"\n\
-         [[tenants]]\nid = \"acme\"\nplan = \"capped\"\n",
+         [[plans.limits]]\nmeter = \"requests\"\nkind = \"quota\"\nlimit = \"100\"\n\
+         [[tenants]]\nid = \"acme\"\nplan = \"capped\"\n{OTLP_METER}",
         cluster_config(&brokers, &topic)
     );
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
@@ -784,6 +785,60 @@ async fn edges_refuse_what_an_owner_published_as_over_quota() {
     // The owner's decisions stayed exact: nothing past the limit was counted.
     tokio::time::sleep(Duration::from_secs(2)).await;
     wait_for_totals(&client, &b, &BTreeMap::from([("acme".to_string(), 100)])).await;
+
+    // OTLP the same way: the quota of `requests` filled, then an edge rejects the next
+    // points in partial success (no RetryInfo), naming the quota.
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let export = |edge: &Daemon, value: i64, offset_ns: u64| {
+        let url = format!("http://{}/v1/metrics", edge.otlp_http.as_ref().unwrap());
+        let body = otlp_sum("acme", value, now_ns - 60_000_000_000, now_ns - offset_ns, false);
+        let client = client.clone();
+        async move {
+            let response = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(
+                    serde_json::to_vec(
+                        &<opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest as prost::Message>::decode(
+                            body.as_slice(),
+                        )
+                        .unwrap(),
+                    )
+                    .unwrap(),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    export(&a, 100, 1_000_000).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sum_rows(&query(&client, &b, "requests", "subject=acme").await) != 100 {
+        assert!(Instant::now() < deadline, "requests never reached 100");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for attempt in 0u64.. {
+        let edge = if attempt % 2 == 0 { &b } else { &a };
+        let reply = export(edge, 5, 2_000_000 + attempt).await;
+        if reply["partialSuccess"]["rejectedDataPoints"] == 1 {
+            let message = reply["partialSuccess"]["errorMessage"].as_str().unwrap();
+            assert!(message.contains("used up its quota of `requests`"), "{reply}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no edge ever rejected: {reply}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sum_rows(&query(&client, &b, "requests", "subject=acme").await),
+        100
+    );
     a.stop();
     b.stop();
 }

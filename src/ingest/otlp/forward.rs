@@ -41,6 +41,43 @@ pub fn refuse_stateful(mapped: &mut Mapped, names: &Names) {
     }
 }
 
+/// Points of a tenant whose owner published the meter's hard quota as exhausted (the signal
+/// topic, `state::limits::Replicated`) stop here, refused as the owner would refuse them.
+pub fn refuse_exhausted(mapped: &mut Mapped, shared: &crate::state::Shared, now_ms: i64) {
+    let replicated = &shared.limits.replicated;
+    if replicated.is_empty() {
+        return;
+    }
+    let names = &shared.names;
+    let mut refused = Vec::new();
+    mapped.points.retain(|point| {
+        let exhausted = point.updates.iter().find_map(|(key, _)| {
+            let tenant = names.tenants.resolve(key.tenant);
+            let meter = names.meters.resolve(key.meter);
+            replicated
+                .exhausted(&tenant, &meter, key.window_start, now_ms)
+                .map(|resets_at| (tenant, meter, resets_at, key.window_start))
+        });
+        let Some((tenant, meter, resets_at, window_start)) = exhausted else {
+            return true;
+        };
+        refused.push(PointRefusal {
+            reason: RefusalReason::QuotaExceeded,
+            message: format!(
+                "tenant `{tenant}` has used up its quota of `{meter}` this period; the quota resets at {}",
+                crate::model::rfc3339(resets_at.div_euclid(1000))
+            ),
+            name: meter.to_string(),
+            tenant: Some(tenant.to_string()),
+            time_unix_nano: u64::try_from(window_start)
+                .unwrap_or(0)
+                .saturating_mul(1_000_000_000),
+        });
+        false
+    });
+    mapped.refused.extend(refused);
+}
+
 /// The accepted points as messages: (tenant, payload), at most `POINTS_PER_MESSAGE` each.
 pub fn messages(mapped: &Mapped, names: &Names) -> Vec<(String, Vec<u8>)> {
     let mut by_tenant: rustc_hash::FxHashMap<u32, Vec<ForwardedPoint>> = Default::default();

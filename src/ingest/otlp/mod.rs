@@ -406,6 +406,7 @@ fn forwardable(
 ) -> Result<Forward<Outcome>, IngestError> {
     let mut mapped = map_request(shared, signal, encoding, body, key_tenant, now)?;
     forward::refuse_stateful(&mut mapped, &shared.names);
+    forward::refuse_exhausted(&mut mapped, shared, now);
     let messages = forward::messages(&mapped, &shared.names);
     let (dead_letters, tally, outcome) = report(&mapped, signal, now);
     Ok(Forward {
