@@ -724,14 +724,16 @@ async fn a_tenant_key_cannot_forward_another_tenants_usage() {
 /// folder refuses what would go over) and published on the signal topic, which every replica
 /// follows; once the owner has found the quota exhausted, an edge refuses the tenant's next
 /// events itself (`quota_exceeded` in the 202's `refused`, dead-lettered, not forwarded), and
-/// the owner's total stays exactly at the limit.
+/// the owner's total stays exactly at the limit. The same for OTLP points (partial success);
+/// and Envoy RLS hits of an envoy meter, taken at either replica, are counted by the owner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_refuse_what_an_owner_published_as_over_quota() {
     let Some(brokers) = real_broker() else { return };
     let topic = unique_topic("usage-limits");
     create_topic(&brokers, &topic, PARTITIONS).await;
     let config = format!(
-        "{}\n[limits]\ngrpc_addr = \"\"\nsignal_topic = \"{topic}.signals\"\n\
+        "{}\n[limits]\ngrpc_addr = \"127.0.0.1:0\"\nsignal_topic = \"{topic}.signals\"\n\
+         [[meters]]\nslug = \"gateway_requests\"\nsource = \"envoy\"\naggregation = \"COUNT\"\n\
          [[plans]]\nid = \"capped\"\ncurrency = \"USD\"\n\
          [[plans.limits]]\nmeter = \"tokens\"\nkind = \"quota\"\nlimit = \"100\"\n\
          [[plans.limits]]\nmeter = \"requests\"\nkind = \"quota\"\nlimit = \"100\"\n\
@@ -839,6 +841,50 @@ async fn edges_refuse_what_an_owner_published_as_over_quota() {
         sum_rows(&query(&client, &b, "requests", "subject=acme").await),
         100
     );
+
+    // Envoy meters: RLS hits through either replica's limits listener are forwarded to the
+    // tenant's owner and counted there, once each (3 + 3 single hits, one call of 4).
+    use tallyd_envoy::*;
+    for (edge, calls) in [(&a, vec![0u32, 0, 0, 4]), (&b, vec![0, 0, 0])] {
+        let url = format!("http://{}", edge.limits_grpc.as_ref().unwrap());
+        let mut rls = RateLimitServiceClient::connect(url).await.unwrap();
+        for hits in calls {
+            let entry = |key: &str, value: &str| Entry {
+                key: key.into(),
+                value: value.into(),
+            };
+            let request = RateLimitRequest {
+                domain: "tallyd".into(),
+                descriptors: vec![RateLimitDescriptor {
+                    entries: vec![entry("tenant", "acme"), entry("meter", "gateway_requests")],
+                    ..Default::default()
+                }],
+                hits_addend: hits,
+            };
+            let response = rls.should_rate_limit(request).await.unwrap().into_inner();
+            assert_eq!(response.overall_code, Code::Ok as i32, "{response:?}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let total = sum_rows(&query(&client, &a, "gateway_requests", "subject=acme").await);
+        if total == 10 {
+            break;
+        }
+        assert!(total < 10, "hits counted twice: {total}");
+        assert!(Instant::now() < deadline, "envoy hits never reached 10: {total}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     a.stop();
     b.stop();
+}
+
+/// The Envoy RLS v3 client types (the `envoy-types` crate tallyd serves them with).
+mod tallyd_envoy {
+    pub use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+        rate_limit_descriptor::Entry, RateLimitDescriptor,
+    };
+    pub use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    pub use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+    pub use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 }

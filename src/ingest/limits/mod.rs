@@ -161,14 +161,28 @@ impl LimitsEdge {
                     && shared.plans.read().for_tenant(tenant).is_some()
             })
             .collect();
-        if hits.is_empty() || self.admission.cluster.is_some() {
-            // Cluster mode: not recorded yet (the edge would forward them to the owner).
+        if hits.is_empty() {
             return Ok(());
         }
         let permit = self
             .admission
             .admit(64 * hits.len())
             .map_err(|error| error.grpc_status())?;
+        if let Some(cluster) = self.admission.cluster.clone() {
+            // Cluster mode: forwarded to each tenant's owner like any edge's usage (the owner
+            // decides its quotas), durable in the ingest topic before the answer.
+            return self
+                .admission
+                .forward(
+                    Source::Envoy,
+                    &cluster,
+                    permit,
+                    move |shared: &Shared, now: i64| Ok(forwarded_hits(shared, &hits, now)),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|error| error.grpc_status());
+        }
         self.admission
             .commit(Source::Envoy, permit, move |shared: &Shared, now: i64| {
                 let dims = shared.names.dims.intern(&[]);
@@ -182,15 +196,9 @@ impl LimitsEdge {
                             dims,
                             window_start: meter.window_size.start_of(now),
                         };
-                        let state = match meter.aggregation {
-                            crate::aggregate::Aggregation::Count => {
-                                AggState::Count(u64::try_from(*units).unwrap_or(u64::MAX))
-                            }
-                            _ => AggState::Sum((*units).into()),
-                        };
                         Some(ForwardedUnit {
                             dedup_key: None,
-                            updates: vec![(key, state)],
+                            updates: vec![(key, hit_state(meter.aggregation, *units))],
                         })
                     })
                     .collect();
@@ -264,6 +272,56 @@ fn observe(service: &'static str, started: Instant, result: &Result<impl Sized, 
     metrics::counter!(telemetry::LIMITS_REQUESTS, "service" => service, "code" => code).increment(1);
     metrics::histogram!(telemetry::LIMITS_REQUEST_SECONDS, "service" => service)
         .record(started.elapsed().as_secs_f64());
+}
+
+/// Cluster mode: envoy meters' hits as forwarded usage, one message per tenant (its owner
+/// counts them; each hit is its own usage, so no dedup key).
+fn forwarded_hits(
+    shared: &Shared,
+    hits: &[(String, String, i128)],
+    now: i64,
+) -> crate::ingest::admission::Forward<()> {
+    use crate::cluster::forward::{ForwardedPoint, ForwardedUpdate, ForwardedUsage, CONTENT_TYPE};
+    let mut by_tenant: std::collections::BTreeMap<&str, Vec<ForwardedPoint>> = Default::default();
+    for (tenant, slug, units) in hits {
+        let Some(meter) = shared.meters.by_slug(slug) else {
+            continue;
+        };
+        by_tenant.entry(tenant).or_default().push(ForwardedPoint {
+            dedup_key: None,
+            updates: vec![ForwardedUpdate {
+                meter: slug.clone(),
+                window_start: meter.window_size.start_of(now),
+                dims: Vec::new(),
+                state: hit_state(meter.aggregation, *units),
+            }],
+        });
+    }
+    let messages = by_tenant
+        .into_iter()
+        .map(|(tenant, points)| {
+            let usage = ForwardedUsage {
+                tenant: tenant.to_string(),
+                points,
+            };
+            (tenant.to_string(), usage.encode())
+        })
+        .collect();
+    crate::ingest::admission::Forward {
+        messages,
+        content_type: Some(CONTENT_TYPE),
+        dead_letters: Vec::new(),
+        tally: Tally::default(),
+        answer: (),
+    }
+}
+
+/// An envoy meter's state for `units` hits (COUNT: whole hits; SUM: units at its scale).
+fn hit_state(aggregation: crate::aggregate::Aggregation, units: i128) -> AggState {
+    match aggregation {
+        crate::aggregate::Aggregation::Count => AggState::Count(u64::try_from(units).unwrap_or(u64::MAX)),
+        _ => AggState::Sum(units.into()),
+    }
 }
 
 /// Serves RLS, RLQS and `tallyd.quota.v1` on `listener` until `shutdown`, over TLS when `tls`
