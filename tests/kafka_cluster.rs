@@ -250,6 +250,21 @@ fn otlp_sum(tenant: &str, value: i64, start_ns: u64, time_ns: u64, cumulative: b
     prost::Message::encode_to_vec(&request)
 }
 
+/// Posts an encoded export to `edge`'s OTLP/HTTP as JSON; the 200's body.
+async fn export_json(client: &reqwest::Client, edge: &Daemon, body: &[u8]) -> Value {
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    let request = <ExportMetricsServiceRequest as prost::Message>::decode(body).unwrap();
+    let response = client
+        .post(format!("http://{}/v1/metrics", edge.otlp_http.as_ref().unwrap()))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&request).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
 /// OTLP in cluster mode: an edge maps the export and produces its points to the ingest topic;
 /// each tenant's owner counts them, a retried export counts once, and cumulative points (whose
 /// stream state is not replicated) are refused in partial success with the fix named.
@@ -288,24 +303,7 @@ async fn otlp_exports_are_forwarded_to_each_tenants_owner() {
         }
     }
     let cumulative = otlp_sum("otel-0", 5, now_ns - 60_000_000_000, now_ns, true);
-    let url = format!("http://{}/v1/metrics", a.otlp_http.as_ref().unwrap());
-    let response = client
-        .post(url)
-        .header("content-type", "application/json")
-        .body(
-            serde_json::to_vec(
-                &<opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest as prost::Message>::decode(
-                    cumulative.as_slice(),
-                )
-                .unwrap(),
-            )
-            .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let reply: Value = response.json().await.unwrap();
+    let reply = export_json(&client, &a, &cumulative).await;
     assert_eq!(reply["partialSuccess"]["rejectedDataPoints"], 1, "{reply}");
     assert!(
         reply["partialSuccess"]["errorMessage"]
@@ -794,31 +792,10 @@ async fn edges_refuse_what_an_owner_published_as_over_quota() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
-    let export = |edge: &Daemon, value: i64, offset_ns: u64| {
-        let url = format!("http://{}/v1/metrics", edge.otlp_http.as_ref().unwrap());
-        let body = otlp_sum("acme", value, now_ns - 60_000_000_000, now_ns - offset_ns, false);
-        let client = client.clone();
-        async move {
-            let response = client
-                .post(url)
-                .header("content-type", "application/json")
-                .body(
-                    serde_json::to_vec(
-                        &<opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest as prost::Message>::decode(
-                            body.as_slice(),
-                        )
-                        .unwrap(),
-                    )
-                    .unwrap(),
-                )
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-            response.json::<Value>().await.unwrap()
-        }
+    let body = |value: i64, offset_ns: u64| {
+        otlp_sum("acme", value, now_ns - 60_000_000_000, now_ns - offset_ns, false)
     };
-    export(&a, 100, 1_000_000).await;
+    export_json(&client, &a, &body(100, 1_000_000)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while sum_rows(&query(&client, &b, "requests", "subject=acme").await) != 100 {
         assert!(Instant::now() < deadline, "requests never reached 100");
@@ -827,7 +804,7 @@ async fn edges_refuse_what_an_owner_published_as_over_quota() {
     let deadline = Instant::now() + Duration::from_secs(30);
     for attempt in 0u64.. {
         let edge = if attempt % 2 == 0 { &b } else { &a };
-        let reply = export(edge, 5, 2_000_000 + attempt).await;
+        let reply = export_json(&client, edge, &body(5, 2_000_000 + attempt)).await;
         if reply["partialSuccess"]["rejectedDataPoints"] == 1 {
             let message = reply["partialSuccess"]["errorMessage"].as_str().unwrap();
             assert!(message.contains("used up its quota of `requests`"), "{reply}");

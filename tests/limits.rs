@@ -458,6 +458,22 @@ fn generate_stubs(dir: &std::path::Path) -> std::path::PathBuf {
     stubs
 }
 
+/// Runs `tests/limits/{script}` with `args`; what it printed (JSON).
+fn run_client(daemon: &Daemon, script: &str, args: &[&std::ffi::OsStr]) -> Value {
+    let output = std::process::Command::new("python3")
+        .arg(format!("{}/tests/limits/{script}", env!("CARGO_MANIFEST_DIR")))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        daemon.logs()
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 /// `[limits.tls]`: the limits listener speaks TLS, and a client certificate listed in
 /// `[[auth.certificates]]` authenticates an Envoy as its tenant (no key in the metadata): its
 /// own tenant is decided, another's refused; no certificate and no key is UNAUTHENTICATED, and
@@ -485,22 +501,21 @@ fn the_limits_listener_serves_tls_and_client_certificates_name_the_tenant() {
     );
     let daemon = Daemon::start(&write_config(dir.path(), &extra));
     let stubs = generate_stubs(dir.path());
-    let output = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/limits/tls_client.py"))
-        .arg(&stubs)
-        .arg(daemon.limits_grpc.as_ref().expect("the limits listener runs"))
-        .arg(&cert_path)
-        .arg(dir.path().join("acme-gateway.crt"))
-        .arg(dir.path().join("acme-gateway.key"))
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        daemon.logs()
+    let seen = run_client(
+        &daemon,
+        "tls_client.py",
+        &[
+            stubs.as_os_str(),
+            daemon
+                .limits_grpc
+                .as_deref()
+                .expect("the limits listener runs")
+                .as_ref(),
+            cert_path.as_os_str(),
+            dir.path().join("acme-gateway.crt").as_os_str(),
+            dir.path().join("acme-gateway.key").as_os_str(),
+        ],
     );
-    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(seen["certificate_own_tenant"], "OK", "{seen}");
     assert_eq!(seen["certificate_other_tenant"], "PERMISSION_DENIED", "{seen}");
     assert_eq!(seen["no_certificate"], "UNAUTHENTICATED", "{seen}");
@@ -535,24 +550,21 @@ fn envoy_rls_and_quota_watch_decide_from_the_billed_totals() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&write_config(dir.path(), &format!("{keys}{PLANS}{gateway}")));
     let stubs = generate_stubs(dir.path());
-    let output = std::process::Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/limits/envoy_client.py"
-        ))
-        .arg(&stubs)
-        .arg(daemon.limits_grpc.as_ref().expect("the limits listener runs"))
-        .arg(&daemon.addr)
-        .args([OPS, GLOBEX])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        daemon.logs()
+    let seen = run_client(
+        &daemon,
+        "envoy_client.py",
+        &[
+            stubs.as_os_str(),
+            daemon
+                .limits_grpc
+                .as_deref()
+                .expect("the limits listener runs")
+                .as_ref(),
+            daemon.addr.as_ref(),
+            OPS.as_ref(),
+            GLOBEX.as_ref(),
+        ],
     );
-    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
     eprintln!("{seen:#}");
     let calls = seen["rls_calls"].as_array().unwrap();
     for (n, call) in calls.iter().take(5).enumerate() {

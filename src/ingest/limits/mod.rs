@@ -107,14 +107,7 @@ impl LimitsEdge {
         const UNTRACKED: &str = "a quota period is not tracked yet";
         {
             let shared = &self.shared;
-            let borrowed: Vec<Ask<'_>> = asks
-                .iter()
-                .map(|(tenant, meter, units)| Ask {
-                    tenant,
-                    meter,
-                    units: *units,
-                })
-                .collect();
+            let borrowed = borrowed_asks(&asks);
             let untracked = |_: &str, _: &str, _: i64, _: i64| Err(UNTRACKED.to_string());
             match shared
                 .limits
@@ -126,14 +119,7 @@ impl LimitsEdge {
         }
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let asks: Vec<Ask<'_>> = asks
-                .iter()
-                .map(|(tenant, meter, units)| Ask {
-                    tenant,
-                    meter,
-                    units: *units,
-                })
-                .collect();
+            let asks = borrowed_asks(&asks);
             let load = crate::query::quota_loader(&shared);
             shared
                 .limits
@@ -272,6 +258,16 @@ fn observe(service: &'static str, started: Instant, result: &Result<impl Sized, 
     metrics::counter!(telemetry::LIMITS_REQUESTS, "service" => service, "code" => code).increment(1);
     metrics::histogram!(telemetry::LIMITS_REQUEST_SECONDS, "service" => service)
         .record(started.elapsed().as_secs_f64());
+}
+
+fn borrowed_asks(asks: &[(String, String, i128)]) -> Vec<Ask<'_>> {
+    asks.iter()
+        .map(|(tenant, meter, units)| Ask {
+            tenant,
+            meter,
+            units: *units,
+        })
+        .collect()
 }
 
 /// Cluster mode: envoy meters' hits as forwarded usage, one message per tenant (its owner
