@@ -240,7 +240,11 @@ plan = "capped"
             )
         })
         .collect();
-    produce_all(&producer, TOPIC, &records);
+    // In two steps, so that the warning (80 %) and the exhaustion are two applied batches
+    // whatever the consumer's fetch sizes: 90 tokens, then 30 more (10 fit, 20 are refused).
+    produce_all(&producer, TOPIC, &records[..9]);
+    wait_for_totals(&client(), &daemon, &BTreeMap::from([("acme".to_string(), 90)])).await;
+    produce_all(&producer, TOPIC, &records[9..]);
     wait_for_totals(&client(), &daemon, &BTreeMap::from([("acme".to_string(), 100)])).await;
     let (brokers_dlq, brokers_signals) = (brokers.clone(), brokers.clone());
     let dead =
