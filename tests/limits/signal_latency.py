@@ -2,10 +2,14 @@
 default plan), open a tallyd.quota.v1 Watch stream, post 85 tokens over HTTP, and time from the
 202 to the Watch message that says `warning` (80 % crossed), then ask RLS for 20 tokens' hits
 after posting 15 more, timing from that 202 to the OVER_LIMIT answer. Negative times: the
-message arrived before the client had read its 202. Prints the distributions as JSON.
+message arrived before the client had read its 202. With KAFKA_BROKERS and SIGNAL_TOPIC set,
+also times from that second 202 to the signal topic's `exceeded` record for the tenant (a
+confluent-kafka consumer reading the topic from its end). Prints the distributions as JSON.
 
-usage: signal_latency.py STUBS_DIR GRPC_ADDR HTTP_ADDR N
+usage: [KAFKA_BROKERS=host:port SIGNAL_TOPIC=t] signal_latency.py STUBS_DIR GRPC_ADDR HTTP_ADDR N
 """
+
+import os
 
 import json
 import statistics
@@ -42,7 +46,27 @@ def main():
             response.read()
         return time.monotonic()
 
-    watch_ms, rls_ms = [], []
+    # Signal topic records by key, with their arrival times (the consumer's thread).
+    topic_arrivals = {}
+    brokers, topic = os.environ.get("KAFKA_BROKERS"), os.environ.get("SIGNAL_TOPIC")
+    if brokers and topic:
+        from confluent_kafka import Consumer, TopicPartition, OFFSET_END
+        consumer = Consumer({"bootstrap.servers": brokers, "group.id": f"latency-{time.time_ns()}",
+                             "enable.auto.commit": False, "fetch.wait.max.ms": 1})
+        consumer.assign([TopicPartition(topic, 0, OFFSET_END)])
+        consumer.poll(1.0)
+
+        def consume():
+            while True:
+                message = consumer.poll(0.05)
+                if message is None or message.error():
+                    continue
+                value = json.loads(message.value())
+                if value.get("state") == "exceeded":
+                    topic_arrivals.setdefault(message.key().decode(), time.monotonic())
+
+        threading.Thread(target=consume, daemon=True).start()
+    watch_ms, rls_ms, topic_ms = [], [], []
     for i in range(n):
         tenant = f"latency-{i}-{time.time_ns()}"
         arrivals = []
@@ -75,6 +99,13 @@ def main():
         answer = rls.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="tallyd", descriptors=[descriptor]), timeout=5)
         if answer.overall_code == rls_pb2.RateLimitResponse.OVER_LIMIT:
             rls_ms.append((time.monotonic() - sent) * 1000)
+        if brokers and topic:
+            key = f"{tenant}/tokens/quota"
+            deadline = time.monotonic() + 5
+            while key not in topic_arrivals and time.monotonic() < deadline:
+                time.sleep(0.0002)
+            if key in topic_arrivals:
+                topic_ms.append((topic_arrivals[key] - sent) * 1000)
 
     def summary(values):
         if not values:
@@ -82,7 +113,8 @@ def main():
         return {"n": len(values), "p50_ms": round(percentile(values, 50), 3), "p99_ms": round(percentile(values, 99), 3),
                 "max_ms": round(max(values), 3), "mean_ms": round(statistics.mean(values), 3)}
 
-    print(json.dumps({"watch_after_202": summary(watch_ms), "rls_over_limit_after_202": summary(rls_ms)}))
+    print(json.dumps({"watch_after_202": summary(watch_ms), "rls_over_limit_after_202": summary(rls_ms),
+                      "signal_topic_after_202": summary(topic_ms) if brokers and topic else None}))
 
 
 if __name__ == "__main__":
