@@ -11,6 +11,9 @@ dir=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EXIT
 
+# free_port: a loopback port nobody listens on now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
 # wait_ready PORT [TRIES]: until tallyd (or a baseline server) on PORT answers /readyz.
 wait_ready() {
   for _ in $(seq 1 "${2:-100}"); do

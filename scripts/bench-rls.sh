@@ -6,7 +6,6 @@
 # quota on the meter: the gate decides both. Prints one JSON summary per run.
 # usage: DURATION=10 CONCURRENCY=64 CONNECTIONS=4 RATE=50000 scripts/bench-rls.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 port=$(free_port); grpc=$(free_port); baseline=$(free_port)
 cat config/tallyd.toml > "$dir/tallyd.toml"
 cat >> "$dir/tallyd.toml" <<'TOML'

@@ -5,8 +5,7 @@
 # KAFKA=1 also starts tansu (scripts/broker.sh) and times the signal topic's `exceeded` record.
 # usage: N=300 [KAFKA=1] scripts/bench-signals.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-grpc=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port); grpc=$(free_port)
 cat config/tallyd.toml > "$dir/tallyd.toml"
 cat >> "$dir/tallyd.toml" <<'TOML'
 [[plans]]

@@ -1536,7 +1536,12 @@ impl Replicated {
                 ),
                 resets_at_ms: time(&record.resets_at)?,
             };
-            self.exhausted.write().insert(key, exhausted);
+            let mut states = self.exhausted.write();
+            // Periods that have reset hold nothing: forgotten here, so the map stays as large
+            // as the tenants out of quota now (no later state need come for them).
+            let now_ms = crate::model::now_ms();
+            states.retain(|_, state| state.resets_at_ms > now_ms);
+            states.insert(key, exhausted);
         } else {
             self.exhausted.write().remove(&key);
         }
