@@ -136,7 +136,7 @@ fn decisions(c: &mut Criterion) {
                     &gate.meters,
                     &[Unit(gate.keys[key])],
                     &[true],
-                    true,
+                    tallyd::state::limits::Rates::Enforce,
                     &load,
                 )
                 .is_ok()

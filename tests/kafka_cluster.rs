@@ -848,6 +848,213 @@ async fn edges_refuse_what_an_owner_published_as_over_quota() {
     b.stop();
 }
 
+/// Cluster mode, rate limits: edges forward without deciding; the tenant's owner charges
+/// every forwarded unit to the tenant's rate keys as its log received it (nothing in the log
+/// can be refused) and publishes `exceeded` with when the excess drains (`retry_at`); every
+/// edge then refuses the tenant whole until then — HTTP 429 with `Retry-After` and the
+/// RateLimit headers, OTLP/gRPC RESOURCE_EXHAUSTED with RetryInfo, RLS OVER_LIMIT — as a
+/// single replica would. Everything forwarded before is counted exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_refuse_a_tenant_its_owner_charged_past_its_rate() {
+    let Some(brokers) = real_broker() else { return };
+    let topic = unique_topic("usage-rates");
+    create_topic(&brokers, &topic, PARTITIONS).await;
+    let config = format!(
+        "{}\n[limits]\ngrpc_addr = \"127.0.0.1:0\"\nsignal_topic = \"{topic}.signals\"\n\
+         [[meters]]\nslug = \"gateway_requests\"\nsource = \"envoy\"\naggregation = \"COUNT\"\n\
+         [[plans]]\nid = \"paced\"\ncurrency = \"USD\"\n\
+         [[plans.limits]]\nmeter = \"tokens\"\nkind = \"rate\"\nlimit = \"100\"\nper = \"minute\"\n\
+         [[plans.limits]]\nmeter = \"requests\"\nkind = \"rate\"\nlimit = \"100\"\nper = \"minute\"\n\
+         [[plans.limits]]\nmeter = \"gateway_requests\"\nkind = \"rate\"\nlimit = \"5\"\nper = \"minute\"\n\
+         [[tenants]]\nid = \"acme\"\nplan = \"paced\"\n{OTLP_METER}",
+        cluster_config(&brokers, &topic)
+    );
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let a = Daemon::start(&write_config(dirs[0].path(), &config));
+    let b = Daemon::start(&write_config(dirs[1].path(), &config));
+    wait_for_split(&client(), &[&a, &b]).await;
+    let client = client();
+    let tokens = |id: String, n: i64| {
+        event(
+            &id,
+            "llm.prompt",
+            "acme",
+            &ago(1),
+            json!({"tokens": n, "model": "m1"}),
+        )
+    };
+    // 300 tokens at once against 100 a minute (burst 100): forwarded and counted whole (the
+    // edge does not decide; the owner cannot refuse its log), 2 minutes' worth over.
+    let burst: Vec<Value> = (0..30).map(|i| tokens(format!("burst-{i}"), 10)).collect();
+    let (status, body) = post_batch(&client, &a, &burst).await;
+    assert_eq!((status, &body["forwarded"]), (202, &json!(30)), "{body}");
+    let mut expected = 300;
+    // Until the owner's `exceeded` reaches the edges, more is forwarded (and counted); then
+    // both edges answer 429.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut limited = None;
+    for attempt in 0.. {
+        let edge = if attempt % 2 == 0 { &b } else { &a };
+        let response = client
+            .post(edge.url("/api/v1/events"))
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(serde_json::to_vec(&[tokens(format!("more-{attempt}"), 1)]).unwrap())
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 429 {
+            limited = Some(response);
+            break;
+        }
+        assert_eq!(response.status(), 202);
+        expected += 1;
+        assert!(Instant::now() < deadline, "no edge ever answered 429");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let limited = limited.unwrap();
+    let header = |name: &str| {
+        limited
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    // The excess drains ≈ 2 minutes after the burst (less the burst's minute): Retry-After
+    // names what is left of it.
+    let retry_after: u64 = header("retry-after").parse().unwrap();
+    assert!((60..=121).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(header("ratelimit-policy"), "\"tokens\";q=100;w=60");
+    assert!(
+        header("ratelimit").starts_with("\"tokens\";r=0;t="),
+        "{}",
+        header("ratelimit")
+    );
+    let body: Value = limited.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("over its rate limit"),
+        "{body}"
+    );
+    // The other edge refuses too (both follow the signal topic).
+    let mut probes = 0;
+    eventually("both edges refuse", async || {
+        let mut all = true;
+        for edge in [&a, &b] {
+            probes += 1;
+            let (status, _) = post_batch(&client, edge, &[tokens(format!("probe-{probes}"), 1)]).await;
+            if status == 202 {
+                expected += 1;
+            }
+            all &= status == 429;
+        }
+        all.then_some(())
+    })
+    .await;
+    wait_for_total(&client, &a, "tokens", expected).await;
+
+    // OTLP/gRPC the same way: 300 requests in one point, then an edge refuses the tenant's
+    // next export whole with RESOURCE_EXHAUSTED and the wait in RetryInfo.
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use tonic_types::StatusExt;
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let export = |value: i64, offset_ns: u64| {
+        <ExportMetricsServiceRequest as prost::Message>::decode(
+            &otlp_sum("acme", value, now_ns - 60_000_000_000, now_ns - offset_ns, false)[..],
+        )
+        .unwrap()
+    };
+    let mut clients = Vec::new();
+    for edge in [&a, &b] {
+        let url = format!("http://{}", edge.otlp_grpc.as_ref().unwrap());
+        clients.push(MetricsServiceClient::connect(url).await.unwrap());
+    }
+    clients[0].export(export(300, 1_000_000)).await.unwrap();
+    let mut requests = 300;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let i = requests as usize % 2;
+        match clients[i].export(export(1, 2_000_000 + requests as u64)).await {
+            Ok(_) => requests += 1,
+            Err(status) => break status,
+        }
+        assert!(Instant::now() < deadline, "no edge ever refused the export");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("over its rate limit"), "{status:?}");
+    let retry = status.get_details_retry_info().expect("RetryInfo detail");
+    let delay = retry.retry_delay.unwrap();
+    assert!(
+        delay >= Duration::from_secs(60) && delay <= Duration::from_secs(121),
+        "{delay:?}"
+    );
+    wait_for_total(&client, &b, "requests", requests).await;
+
+    // Envoy: hits of an envoy meter asked at either replica are allowed by what the owner has
+    // published, counted by the owner, and charged there; past 5 a minute the owner's
+    // `exceeded` makes both limits listeners answer OVER_LIMIT.
+    use tallyd_envoy::*;
+    let mut rls = Vec::new();
+    for edge in [&a, &b] {
+        let url = format!("http://{}", edge.limits_grpc.as_ref().unwrap());
+        rls.push(RateLimitServiceClient::connect(url).await.unwrap());
+    }
+    let ask = |hits: u32| RateLimitRequest {
+        domain: "tallyd".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![
+                Entry {
+                    key: "tenant".into(),
+                    value: "acme".into(),
+                },
+                Entry {
+                    key: "meter".into(),
+                    value: "gateway_requests".into(),
+                },
+            ],
+            ..Default::default()
+        }],
+        hits_addend: hits,
+    };
+    let mut hits = 0;
+    // 4 at one, 1 at the other: the burst (5), exactly; the next hit is over.
+    for (i, addend) in [4u32, 1].into_iter().enumerate() {
+        let response = rls[i].should_rate_limit(ask(addend)).await.unwrap().into_inner();
+        assert_eq!(response.overall_code, Code::Ok as i32, "{response:?}");
+        hits += i64::from(addend);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut over = [false, false];
+    for attempt in 0usize.. {
+        let i = attempt % 2;
+        let response = rls[i].should_rate_limit(ask(1)).await.unwrap().into_inner();
+        if response.overall_code == Code::OverLimit as i32 {
+            over[i] = true;
+            if over == [true, true] {
+                break;
+            }
+        } else {
+            assert!(!over[i], "{response:?}");
+            hits += 1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the limits listeners never refused: {over:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_total(&client, &a, "gateway_requests", hits).await;
+    a.stop();
+    b.stop();
+}
+
 /// acme's total of `slug` through `daemon` (redirects followed), retried while the replicas
 /// are still learning each other's partition claims (503) — an ordinary state after a start.
 async fn total_of(client: &reqwest::Client, daemon: &Daemon, slug: &str) -> i64 {

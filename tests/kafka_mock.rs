@@ -192,6 +192,112 @@ async fn rated_records_are_produced_to_the_rated_topic() {
     daemon.stop();
 }
 
+/// Rate limits on the Kafka source: a log cannot refuse what it holds, so 120 tokens against
+/// 50 an hour (burst 50) are all counted, charged at their messages' times, and the tenant
+/// going over is signalled on the signal topic (`acme/tokens/rate`, `exceeded`, with
+/// `retry_at` when the 70 tokens of excess have drained: 70 × 72 s later). Nothing is
+/// dead-lettered for a rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_usage_past_a_rate_is_counted_and_signalled() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 1, 1).unwrap();
+    cluster.create_topic(DLQ, 1, 1).unwrap();
+    cluster.create_topic("tallyd-rate.changelog", 1, 1).unwrap();
+    cluster.create_topic("tallyd.signals", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let plans = r#"
+[[plans]]
+id = "paced"
+currency = "USD"
+[[plans.limits]]
+meter = "tokens"
+kind = "rate"
+limit = "50"
+per = "hour"
+[[tenants]]
+id = "acme"
+plan = "paced"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = kafka_section(&brokers, TOPIC, "tallyd-rate").replace(
+        "group_id = \"tallyd-rate\"\n",
+        &format!("group_id = \"tallyd-rate\"\ndlq_topic = \"{DLQ}\"\n"),
+    );
+    let daemon = Daemon::start(&write_config(dir.path(), &format!("{kafka}\n{plans}")));
+    let records: Vec<Record> = (0..12)
+        .map(|n| {
+            Record::json(
+                "acme",
+                &event(
+                    &format!("r{n}"),
+                    "llm.prompt",
+                    "acme",
+                    &ago(0),
+                    json!({"tokens": 10, "model": "m"}),
+                ),
+            )
+        })
+        .collect();
+    let produced_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    produce_all(&producer(&brokers), TOPIC, &records);
+    wait_for_totals(&client(), &daemon, &BTreeMap::from([("acme".to_string(), 120)])).await;
+    // However the consumer batched the 12 messages, the latest state published says when
+    // the whole excess drains (a wait that grew by more than an eighth is published again).
+    let excess_ms = 70 * 72_000;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (state, retry_at) = loop {
+        let brokers = brokers.clone();
+        let signals = tokio::task::spawn_blocking(move || {
+            read_topic(&brokers, "tallyd.signals", 1, 12, Duration::from_secs(2))
+        })
+        .await
+        .unwrap();
+        let latest = signals
+            .iter()
+            .rev()
+            .find(|message| message.key.as_deref() == Some("acme/tokens/rate"))
+            .map(|message| serde_json::from_str::<serde_json::Value>(&message.payload).unwrap());
+        if let Some(state) = latest {
+            let retry_at = chrono::DateTime::parse_from_rfc3339(state["retry_at"].as_str().unwrap())
+                .unwrap()
+                .timestamp_millis();
+            if retry_at >= produced_at + excess_ms * 8 / 9 - 5_000 {
+                break (state, retry_at);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rate state past {excess_ms} ms: {signals:?}"
+        );
+    };
+    assert_eq!(
+        (&state["kind"], &state["state"]),
+        (&json!("rate"), &json!("exceeded")),
+        "{state}"
+    );
+    assert!(
+        retry_at <= produced_at + excess_ms + 60_000,
+        "retry_at {retry_at}, produced at {produced_at}"
+    );
+    let metrics = client()
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tallyd_limit_decisions_total{kind=\"rate\",outcome=\"warned\"}"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("tallyd_limit_decisions_total{kind=\"rate\",outcome=\"refused\"}"));
+    daemon.stop();
+}
+
 /// Limits on the Kafka source: a hard quota of 100 tokens; 12 events of 10 are consumed in
 /// offset order, the first 10 count and the last 2 go to the dead-letter topic with reason
 /// `quota_exceeded` (a log cannot refuse what it holds, but it never counts it). Every state

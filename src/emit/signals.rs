@@ -2,7 +2,10 @@
 //! change the gate signals (`state::limits::Signal`) as a record keyed `tenant/meter/kind` —
 //! a compacted topic, so a new reader finds each limit's latest state — with the JSON value
 //! `{tenant, meter, kind, mode, state, used, limit, remaining, period_start, period_end,
-//! resets_at, at, crossed}`. Amounts are exact decimal strings in the meter's units.
+//! resets_at, retry_at, at, crossed}`. Amounts are exact decimal strings in the meter's units;
+//! `retry_at` (null but for a rate limit `exceeded`) is when the excess has drained: a log's
+//! usage is charged whatever the answer, so a tenant past its rate stays over until then, and
+//! edges in cluster mode refuse it until then (`state::limits::Replicated`).
 //!
 //! Best effort by nature: a state is superseded by the next one, so a record that cannot be
 //! delivered (librdkafka retries it, idempotently) is counted and logged, never replayed.
@@ -46,6 +49,7 @@ pub fn record(signal: &Signal) -> (String, Vec<u8>) {
         "period_start": rfc3339(standing.period.0),
         "period_end": rfc3339(standing.period.1),
         "resets_at": resets_at,
+        "retry_at": standing.retry_at_ms.map(rfc3339_ms),
         "at": rfc3339_ms(signal.at_ms),
         "crossed": signal.crossed,
     });
@@ -166,6 +170,7 @@ mod tests {
                 // December 2026, the period the events below fall in.
                 period: (1_796_083_200, 1_798_761_600),
                 resets_at_ms: 1_798_761_600_000,
+                retry_at_ms: None,
             },
             crossed: vec![],
             at_ms: 1_796_600_000_000,
@@ -212,5 +217,53 @@ mod tests {
             .unwrap();
         assert!(replicated.is_empty());
         assert!(replicated.apply(b"{not json").is_err());
+    }
+
+    /// A rate limit `exceeded` carries when its excess drains (`retry_at`): edges refuse the
+    /// tenant until then, or until the owner publishes `ok`.
+    #[test]
+    fn edges_hold_a_rate_exceeded_until_it_drains() {
+        let now_ms = crate::model::now_ms();
+        let rate = |state: State, retry_at_ms: Option<i64>| {
+            let mut signal = signal(state, Mode::Hard, 100);
+            signal.standing.limit.kind = Kind::Rate;
+            signal.standing.limit.rate = Some(crate::limit::RateSpec {
+                limit: 100,
+                per_ns: 60_000_000_000,
+                burst: 100,
+            });
+            signal.standing.period = (now_ms / 1000, now_ms / 1000 + 120);
+            signal.standing.resets_at_ms = now_ms + 120_000;
+            signal.standing.retry_at_ms = retry_at_ms;
+            record(&signal).1
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(&rate(State::Exceeded, Some(now_ms + 60_000))).unwrap();
+        assert_eq!(value["retry_at"], rfc3339_ms(now_ms + 60_000));
+        assert_eq!(value["kind"], "rate");
+        let replicated = Replicated::default();
+        replicated
+            .apply(&rate(State::Exceeded, Some(now_ms + 60_000)))
+            .unwrap();
+        assert_eq!(
+            replicated.throttled("acme", "tokens", now_ms),
+            Some(now_ms + 60_000)
+        );
+        assert_eq!(replicated.throttled("acme", "tokens", now_ms + 60_000), None);
+        assert_eq!(replicated.throttled("globex", "tokens", now_ms), None);
+        // A rate's state says nothing of the quota of the same meter.
+        assert_eq!(
+            replicated.exhausted("acme", "tokens", now_ms / 1000, now_ms),
+            None
+        );
+        replicated.apply(&rate(State::Ok, None)).unwrap();
+        assert_eq!(replicated.throttled("acme", "tokens", now_ms), None);
+        assert!(replicated.is_empty());
+        // Without `retry_at` (an older writer): held until the burst is whole.
+        replicated.apply(&rate(State::Exceeded, None)).unwrap();
+        assert_eq!(
+            replicated.throttled("acme", "tokens", now_ms),
+            Some(now_ms + 120_000)
+        );
     }
 }

@@ -34,7 +34,7 @@ use crate::cluster::Cluster;
 use crate::model::SeriesKey;
 use crate::model::{now_ms, rfc3339_ms};
 use crate::state::dedup::{ClaimError, Ticket};
-use crate::state::limits::{state_contributions, Contributes, Hold, LimitError, RateExplained};
+use crate::state::limits::{state_contributions, Contributes, Hold, LimitError, RateExplained, Rates};
 use crate::state::{CommitRequest, Shared};
 use crate::store::log::LogBatch;
 use crate::telemetry;
@@ -282,7 +282,10 @@ pub enum FoldError {
 pub enum Limited {
     /// Rate limits and quotas (push edges: a refusal reaches the producer at once).
     All,
-    /// Quotas only: a log (Kafka) cannot refuse what it already holds for being too fast.
+    /// Quotas; rate limits charged and signalled, never refusing: a log (Kafka) cannot refuse
+    /// what it already holds for being too fast.
+    Log,
+    /// Quotas only (Envoy's hits: their rate was decided when they were asked for).
     Quotas,
 }
 
@@ -320,7 +323,11 @@ pub fn claim_and_fold<U: Countable>(
             &shared.meters,
             units,
             &fresh,
-            limited == Limited::All,
+            match limited {
+                Limited::All => Rates::Enforce,
+                Limited::Log => Rates::Charge,
+                Limited::Quotas => Rates::Skip,
+            },
             &crate::query::quota_loader(shared),
         );
         match decided {
@@ -730,6 +737,29 @@ fn claim_for_commit<U: Countable, T>(
         holds,
     };
     Ok((Some((request, reply_rx)), tally, answer))
+}
+
+/// Cluster mode, an edge: the 429 / RESOURCE_EXHAUSTED a request gets when the owner of one of
+/// its tenants published that tenant as over its rate of a meter the request feeds
+/// (`state::limits::Replicated`): refused whole, as a single replica refuses it, nothing
+/// forwarded.
+pub fn replicated_rate_limited(
+    shared: &Shared,
+    keys: impl IntoIterator<Item = (crate::model::TenantId, crate::model::MeterId)>,
+    now_ms: i64,
+) -> Option<IngestError> {
+    if shared.limits.replicated.is_empty() {
+        return None;
+    }
+    let mut seen = rustc_hash::FxHashSet::default();
+    keys.into_iter()
+        .filter(|key| seen.insert(*key))
+        .find_map(|(tenant, meter)| {
+            shared
+                .limits
+                .replicated_rate(tenant, meter, &shared.names, &shared.meters, now_ms)
+        })
+        .map(|refusal| rate_limited(&refusal))
 }
 
 /// A rate limit's refusal as the edges answer it: 429 / RESOURCE_EXHAUSTED, retry after the

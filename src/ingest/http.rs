@@ -318,6 +318,15 @@ fn forwardable(
     tenant: Option<&str>,
 ) -> Result<Forward<IngestSummary>, IngestError> {
     let (raw, decoded) = decode_body(shared, body, kind, now, tenant)?;
+    let keys = decoded.metered.iter().flat_map(|event| {
+        event
+            .updates
+            .iter()
+            .map(|update| (event.tenant, update.key.meter))
+    });
+    if let Some(refused) = super::admission::replicated_rate_limited(shared, keys, now) {
+        return Err(refused);
+    }
     #[derive(serde::Deserialize)]
     struct Subject<'a> {
         #[serde(borrow)]

@@ -108,6 +108,29 @@ impl Gcra {
         }
     }
 
+    /// Takes `units` whatever the answer (a log's usage, which nothing can refuse any more),
+    /// charged at `at_ns`, when the log received them: a consumer catching up charges each
+    /// unit at its own time, so draining a backlog is not mistaken for a burst. The answer is
+    /// the key's standing `now_ns`: over (not allowed) while the taken units exceed the burst
+    /// the rate has earned back by now, with `retry_after_ns` until the excess has drained
+    /// (`remaining` back to 0) and `reset_ns` until the burst is whole.
+    pub fn charge(&mut self, now_ns: i128, at_ns: i128, units: i128, spec: &RateSpec) -> RateDecision {
+        let now = Gcra::scaled(now_ns, spec);
+        let tau = spec.burst.saturating_mul(spec.per_ns);
+        self.tat = self
+            .tat
+            .max(Gcra::scaled(at_ns.min(now_ns), spec))
+            .saturating_add(units.saturating_mul(spec.per_ns));
+        let ahead = self.tat.saturating_sub(now);
+        let over = ahead > tau;
+        RateDecision {
+            allowed: !over,
+            remaining: (tau.saturating_sub(ahead)) / spec.per_ns,
+            retry_after_ns: over.then(|| ceil_div(ahead - tau, spec.limit)),
+            reset_ns: ceil_div(ahead, spec.limit),
+        }
+    }
+
     /// The key's state at `now_ns` without taking anything: (remaining units, ns until full).
     pub fn peek(&self, now_ns: i128, spec: &RateSpec) -> (i128, i128) {
         let now = Gcra::scaled(now_ns, spec);
@@ -195,6 +218,35 @@ mod tests {
         let refused = key.check(0, 500_000_000, &spec);
         assert_eq!(refused.retry_after_ns, Some(SECOND / 3 + 1));
         assert!(key.check(SECOND / 3 + 1, 500_000_000, &spec).allowed);
+    }
+
+    #[test]
+    fn a_log_charged_at_its_own_times_is_over_only_while_its_producer_was() {
+        // 10 a second, burst 10. A backlog of 60 s at exactly the rate, drained in one go a
+        // minute later: never over. The same minute at twice the rate: over, with 60 s of
+        // excess (less the burst) to drain.
+        let spec = RateSpec {
+            limit: 10,
+            per_ns: SECOND,
+            burst: 10,
+        };
+        let now = 120 * SECOND;
+        let mut at_rate = Gcra::default();
+        let mut twice = Gcra::default();
+        for tenth in 0..600 {
+            let at = 60 * SECOND + tenth * SECOND / 10;
+            assert!(at_rate.charge(now, at, 1, &spec).allowed, "unit {tenth}");
+            twice.charge(now, at, 1, &spec);
+            let last = twice.charge(now, at, 1, &spec);
+            assert_eq!(last.allowed, tenth < 305, "unit {tenth}");
+        }
+        let over = twice.charge(now, now, 0, &spec);
+        // TAT = 60 s + 1200 units · 0.1 s = 180 s: 60 s ahead of now, 59 s past the burst.
+        assert_eq!(over.retry_after_ns, Some(59 * SECOND));
+        assert_eq!(over.reset_ns, 60 * SECOND);
+        // Charged later than now (a producer's clock ahead): charged now.
+        let mut ahead = Gcra::default();
+        assert_eq!(ahead.charge(now, now + 3600 * SECOND, 10, &spec).reset_ns, SECOND);
     }
 
     proptest! {

@@ -440,10 +440,11 @@ pub async fn run(
     crate::emit::signals::spawn_webhook(&shared).context("cannot start the threshold webhook")?;
     // Cluster mode: edges admit from the owners' published limit states.
     let signals_in = match (&cluster, &shared.config.kafka) {
-        (Some(_), Some(kafka)) => Some(
+        (Some(_), Some(kafka)) => Some({
+            shared.limits.charge_rates_from_log();
             crate::cluster::limits::spawn(kafka, shared.clone(), shutdown.clone())
-                .context("cannot follow the signal topic")?,
-        ),
+                .context("cannot follow the signal topic")?
+        }),
         _ => None,
     };
     if let Some(addr) = shared.config.limits.grpc_addr {

@@ -76,8 +76,10 @@ struct RateSlot {
     tat: AtomicI128,
     limit: Arc<Limit>,
     meter: MeterId,
-    /// Its last decision refused (signalled once when it starts and once when it stops).
-    refusing: AtomicBool,
+    /// 0: its last decision allowed. Else it refuses (signalled once when it starts and once
+    /// when it stops): 1, or, when a log took it over (`Rates::Charge`), 2 + the gate-clock
+    /// second its latest `exceeded` said the excess drains at (`publishes_over`).
+    refusing: AtomicU32,
 }
 
 impl RateSlot {
@@ -102,6 +104,22 @@ impl RateSlot {
                 .compare_exchange_weak(current, gcra.to_raw(), Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => return Ok(()),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// `Gcra::charge` on the key: takes `units` whatever the answer.
+    fn charge(&self, now_ns: i128, at_ns: i128, units: i128) -> RateDecision {
+        let mut current = self.tat.load(Ordering::Acquire);
+        loop {
+            let mut gcra = Gcra::from_raw(current);
+            let decision = gcra.charge(now_ns, at_ns, units, &self.spec());
+            match self
+                .tat
+                .compare_exchange_weak(current, gcra.to_raw(), Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return decision,
                 Err(seen) => current = seen,
             }
         }
@@ -145,8 +163,33 @@ impl RateSlot {
     /// Whether this decision starts (refused) or ends (allowed) a run of refusals: the
     /// transitions are signalled, once each.
     fn turns(&self, refused: bool) -> bool {
-        self.refusing.load(Ordering::Relaxed) != refused
-            && self.refusing.swap(refused, Ordering::Relaxed) != refused
+        (self.refusing.load(Ordering::Relaxed) != 0) != refused
+            && (self.refusing.swap(u32::from(refused), Ordering::Relaxed) != 0) != refused
+    }
+
+    /// A log took the key over (`Rates::Charge`), its excess draining at `until_s` (gate-clock
+    /// seconds): whether to signal `exceeded` (again). When it starts, and when the wait has
+    /// grown past the one published by an eighth of what was left of it (at least a second):
+    /// edges hold the tenant until the published time, so a longer wait must reach them, but
+    /// a tenant far over its rate does not signal every batch. A wait published short is
+    /// corrected by the first unit after it (the key is still over, a second or more later).
+    fn publishes_over(&self, now_s: u32, until_s: u32) -> bool {
+        let current = self.refusing.load(Ordering::Relaxed);
+        if current >= 2 {
+            let published = current - 2;
+            let slack = (published.saturating_sub(now_s) / 8).max(1);
+            if until_s <= published.saturating_add(slack) {
+                return false;
+            }
+        }
+        self.refusing
+            .compare_exchange(
+                current,
+                until_s.saturating_add(2),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
     }
 }
 
@@ -249,7 +292,7 @@ impl Cached {
         let since = i128::from(now.wrapping_sub(self.touched.load(Ordering::Relaxed))) << TOUCH_SHIFT;
         since > 1_000_000_000
             && self.rates().all(|slot| {
-                slot.state().is_idle(now_ns, &slot.spec()) && !slot.refusing.load(Ordering::Relaxed)
+                slot.state().is_idle(now_ns, &slot.spec()) && slot.refusing.load(Ordering::Relaxed) == 0
             })
     }
 }
@@ -393,6 +436,10 @@ pub struct Verdict {
     pub holds: Vec<Hold>,
 }
 
+/// A batch's demand of one (tenant, meter): its units and the earliest time a log received
+/// them (None: now).
+type Demand = ((TenantId, MeterId), i128, Option<i64>);
+
 /// A unit's units of one quota period: (period, units, mode, limit, scale).
 type Want = (QuotaKey, i128, Mode, i128, u32);
 
@@ -490,6 +537,9 @@ pub struct Standing {
     pub period: (i64, i64),
     /// Unix ms when the limit resets (quota: period end; rate: burst whole again).
     pub resets_at_ms: i64,
+    /// A rate limit refusing: unix ms when the same units would be allowed again (a log's
+    /// usage, which is charged whatever the answer: when its excess has drained).
+    pub retry_at_ms: Option<i64>,
 }
 
 /// Reads a (tenant, meter) period total `[from, to)` (unix seconds) at the limit's scale.
@@ -515,8 +565,11 @@ pub struct Limits {
     /// Appliers (shared) against a quota period's first read (exclusive): see `applying`.
     applying: RwLock<()>,
     inner: Mutex<Inner>,
-    /// Cluster mode: the partition owners' exhausted hard quotas, for edges.
+    /// Cluster mode: the limits the partition owners published as used up, for edges.
     pub replicated: Replicated,
+    /// Cluster mode: rate keys are charged from the ingest log by the tenants' owners
+    /// (`Rates::Charge`), so asks (RLS) only look: their allowed hits reach the log as usage.
+    charged_by_log: AtomicBool,
 }
 
 impl Default for Limits {
@@ -528,6 +581,26 @@ impl Default for Limits {
 /// Additive contributions of one unit: (series, units at the meter's limit scale).
 pub trait Contributes {
     fn contributions(&self, each: &mut dyn FnMut(SeriesKey, i128));
+
+    /// When a log received the unit (unix ms; `Rates::Charge` charges it then). None: now.
+    fn logged_ms(&self) -> Option<i64> {
+        None
+    }
+}
+
+/// How a batch's units meet the tenants' rate limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rates {
+    /// Over a rate, the batch is refused as a whole and takes nothing (push edges: the
+    /// producer hears it at once).
+    Enforce,
+    /// Taken whatever the answer, each unit at the time its log received it, and signalled
+    /// while over (a log's usage: nothing can refuse it any more, and a consumer draining a
+    /// backlog is not a burst). What an owner publishes here, edges refuse by
+    /// (`Replicated::throttled`).
+    Charge,
+    /// Not met (usage whose rate was decided already: Envoy's allowed hits).
+    Skip,
 }
 
 /// The additive part of an aggregation state (SUM, COUNT); None for the others.
@@ -566,6 +639,7 @@ impl Limits {
             decisions: DecisionCounts::new(),
             applying: RwLock::new(()),
             replicated: Replicated::default(),
+            charged_by_log: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 quotas: HashMap::default(),
                 tenants: HashMap::default(),
@@ -582,6 +656,11 @@ impl Limits {
     /// Nanoseconds on the gate's monotonic clock (the TSC where it is invariant).
     pub fn now_ns(&self) -> i128 {
         i128::from(self.clock.delta_as_nanos(self.epoch, self.clock.raw()))
+    }
+
+    /// Cluster mode: rate keys are charged by the owners from the ingest log, not by asks.
+    pub fn charge_rates_from_log(&self) {
+        self.charged_by_log.store(true, Ordering::Relaxed);
     }
 
     pub fn is_active(&self) -> bool {
@@ -747,7 +826,7 @@ impl Limits {
         meters: &crate::meter::Meters,
         units: &[U],
         fresh: &[bool],
-        rates: bool,
+        rates: Rates,
         load: Load<'_>,
     ) -> Result<Verdict, LimitError> {
         if !self.is_active() {
@@ -756,25 +835,51 @@ impl Limits {
         let now_ns = self.now_ns();
         self.maybe_sweep(now_ns);
         let mut counts = Counts::default();
-        // The request's demand per (tenant, meter).
-        let mut demand: SmallVec<[((TenantId, MeterId), i128); 2]> = SmallVec::new();
+        // The request's demand per (tenant, meter), with the earliest time a log received it.
+        let mut demand: SmallVec<[Demand; 2]> = SmallVec::new();
         for (unit, _) in units.iter().zip(fresh).filter(|(_, fresh)| **fresh) {
+            let logged = unit.logged_ms();
             unit.contributions(&mut |key, units| match demand
                 .iter_mut()
-                .find(|(id, _)| *id == (key.tenant, key.meter))
+                .find(|(id, _, _)| *id == (key.tenant, key.meter))
             {
-                Some((_, total)) => *total = total.saturating_add(units),
-                None => demand.push(((key.tenant, key.meter), units)),
+                Some((_, total, at)) => {
+                    *total = total.saturating_add(units);
+                    // None is now: the earliest is any time a log gave.
+                    *at = match (*at, logged) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (known, None) | (None, known) => known,
+                    };
+                }
+                None => demand.push(((key.tenant, key.meter), units, logged)),
             });
+        }
+        if rates == Rates::Charge {
+            let quotas = self.charge_rates(names, meters, &demand, now_ns, &mut counts);
+            let taken: SmallVec<[((TenantId, MeterId), i128); 2]> =
+                demand.iter().map(|&(key, units, _)| (key, units)).collect();
+            let verdict = self.settle_quotas(
+                names,
+                meters,
+                units,
+                fresh,
+                load,
+                quotas,
+                &taken,
+                now_ns,
+                &mut counts,
+            );
+            self.decisions.record(&counts);
+            return verdict;
         }
         // Rate limits: all allowed, or none taken.
         let mut quotas = false;
         let mut taken: SmallVec<[((TenantId, MeterId), i128); 2]> = SmallVec::new();
-        for &((tenant, meter), units) in &demand {
+        for &((tenant, meter), units, _) in &demand {
             let decided = self.with_cached(tenant, names, meters, |table| {
                 table.touch(now_ns);
                 quotas |= table.has_quotas;
-                let slot = table.rate(meter).filter(|_| rates)?;
+                let slot = table.rate(meter).filter(|_| rates == Rates::Enforce)?;
                 let decided = slot.take(now_ns, units);
                 // Built only when someone listens: a tenant hovering at its rate turns often.
                 if slot.turns(decided.is_err()) && self.signals.receiver_count() > 0 {
@@ -822,14 +927,150 @@ impl Limits {
         for _ in &taken {
             counts.add(Kind::Rate, "allowed");
         }
+        let verdict = self.settle_quotas(
+            names,
+            meters,
+            units,
+            fresh,
+            load,
+            quotas,
+            &taken,
+            now_ns,
+            &mut counts,
+        );
+        self.decisions.record(&counts);
+        verdict
+    }
+
+    /// The quota half of `decide`, after the rates took `taken`: units refused for a quota
+    /// give their rate units back (refused usage counts against no limit), and a batch that
+    /// cannot be decided (a period's total unreadable: it comes again) gives all back.
+    #[allow(clippy::too_many_arguments)]
+    fn settle_quotas<U: Contributes>(
+        &self,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        units: &[U],
+        fresh: &[bool],
+        load: Load<'_>,
+        quotas: bool,
+        taken: &[((TenantId, MeterId), i128)],
+        now_ns: i128,
+        counts: &mut Counts,
+    ) -> Result<Verdict, LimitError> {
         let mut verdict = Verdict::default();
-        if quotas {
+        if !quotas {
+            return Ok(verdict);
+        }
+        let decided = {
             let mut gate = self.lock();
             gate.inner.clock_ns = now_ns;
-            gate.decide_quotas(names, meters, units, fresh, load, &mut verdict, &mut counts)?;
+            gate.decide_quotas(names, meters, units, fresh, load, &mut verdict, counts)
+        };
+        let give_back = |tenant: TenantId, meter: MeterId, units: i128| {
+            self.with_cached(tenant, names, meters, |cached| {
+                if let Some(slot) = cached.rate(meter) {
+                    slot.give_back(units);
+                }
+            });
+        };
+        if let Err(error) = decided {
+            for &((tenant, meter), units) in taken {
+                give_back(tenant, meter, units);
+            }
+            return Err(error);
         }
-        self.decisions.record(&counts);
+        if !taken.is_empty() {
+            for &(index, _) in &verdict.refused {
+                units[index].contributions(&mut |key, units| {
+                    if taken.iter().any(|(id, _)| *id == (key.tenant, key.meter)) {
+                        give_back(key.tenant, key.meter, units);
+                    }
+                });
+            }
+        }
         Ok(verdict)
+    }
+
+    /// `Rates::Charge`: takes each demand from its rate key, charged when its log received
+    /// it, counted `warned` while over and signalled when a key goes over or back. Whether
+    /// any tenant met has quotas.
+    fn charge_rates(
+        &self,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        demand: &[Demand],
+        now_ns: i128,
+        counts: &mut Counts,
+    ) -> bool {
+        let now_ms = crate::model::now_ms();
+        let mut quotas = false;
+        for &((tenant, meter), units, logged) in demand {
+            self.with_cached(tenant, names, meters, |table| {
+                table.touch(now_ns);
+                quotas |= table.has_quotas;
+                let Some(slot) = table.rate(meter) else { return };
+                // A log's timestamp as the gate's clock; a time ahead of now is now (a
+                // producer's clock ahead earns nothing), none (-1, no timestamp) is now too.
+                let age_ms = logged.filter(|at| *at >= 0).map_or(0, |at| (now_ms - at).max(0));
+                let at_ns = now_ns - i128::from(age_ms) * 1_000_000;
+                let decision = slot.charge(now_ns, at_ns, units);
+                counts.add(Kind::Rate, if decision.allowed { "allowed" } else { "warned" });
+                let signal = if decision.allowed {
+                    slot.turns(false)
+                } else {
+                    let until_ns = now_ns + decision.retry_after_ns.unwrap_or(0);
+                    let seconds = |ns: i128| u32::try_from(ns.div_euclid(1_000_000_000)).unwrap_or(u32::MAX);
+                    slot.publishes_over(seconds(now_ns), seconds(until_ns + 999_999_999))
+                };
+                if signal && self.signals.receiver_count() > 0 {
+                    let standing = rate_standing(
+                        (*slot.limit).clone(),
+                        &slot.state(),
+                        now_ns,
+                        now_ms,
+                        Some(decision),
+                    );
+                    self.signal(table.name(), standing, Vec::new());
+                }
+            });
+        }
+        quotas
+    }
+
+    /// Cluster mode, an edge: the answer for a tenant its owner published as over its rate
+    /// of `meter` (`Replicated::throttled`), with this replica's spec of the limit (replicas
+    /// read the same plans). None: not over, or no such limit here.
+    pub fn replicated_rate(
+        &self,
+        tenant: TenantId,
+        meter: MeterId,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        now_ms: i64,
+    ) -> Option<RateExplained> {
+        if self.replicated.is_empty() {
+            return None;
+        }
+        let until =
+            self.replicated
+                .throttled(&names.tenants.resolve(tenant), &meters.by_id(meter)?.slug, now_ms)?;
+        let table = self.table(tenant, names, meters)?;
+        let limit = table.limit(meter, Kind::Rate)?.clone();
+        let spec = limit.rate?;
+        let wait_ns = i128::from(until - now_ms) * 1_000_000;
+        Some(RateExplained {
+            tenant: table.name.clone(),
+            limit,
+            decision: RateDecision {
+                allowed: false,
+                remaining: 0,
+                retry_after_ns: Some(wait_ns),
+                // Drained at `until`, whole again a burst's time later.
+                reset_ns: wait_ns
+                    + (spec.burst.saturating_mul(spec.per_ns) + spec.limit - 1) / spec.limit.max(1),
+            },
+        })
     }
 
     /// Asks (Envoy RLS descriptors, `Check`): would each tenant's `units` of a meter be allowed
@@ -848,6 +1089,10 @@ impl Limits {
         let now_ms = crate::model::now_ms();
         let mut counts = Counts::default();
         let plans = self.plans();
+        // Cluster mode: the owners charge what is recorded; edges decide by their own look
+        // and by what the owners published.
+        let take = consume && !self.charged_by_log.load(Ordering::Relaxed);
+        let replicated = !self.replicated.is_empty();
         // The quota lock, taken at the first quota (rate-only asks never wait for an apply).
         let mut gate: Option<Gate<'_>> = None;
         let mut answers = Vec::with_capacity(asks.len());
@@ -885,18 +1130,32 @@ impl Limits {
             let rate = self.with_cached(tenant, names, meters, |cached| {
                 cached.touch(now_ns);
                 let slot = cached.rate(meter)?;
-                let (state, decision) = slot.check(now_ns, ask.units, consume);
+                let (state, decision) = slot.check(now_ns, ask.units, take);
                 Some(((*slot.limit).clone(), state, decision))
             });
-            if let Some((limit, state, decision)) = rate {
+            if let Some((limit, state, mut decision)) = rate {
+                let mut standing = rate_standing(limit, &state, now_ns, now_ms, Some(decision));
+                let throttled = replicated
+                    .then(|| self.replicated.throttled(ask.tenant, ask.meter, now_ms))
+                    .flatten();
+                if let Some(until) = throttled.filter(|_| decision.allowed) {
+                    // Over by its owner's count (every replica's hits): refused until drained.
+                    decision = RateDecision {
+                        allowed: false,
+                        remaining: 0,
+                        retry_after_ns: Some(i128::from(until - now_ms) * 1_000_000),
+                        reset_ns: decision.reset_ns,
+                    };
+                    standing.remaining = 0;
+                    standing.state = State::Exceeded;
+                    standing.retry_at_ms = Some(until);
+                }
                 if !decision.allowed {
                     answer.allowed = false;
                     answer.retry_after_ns = decision.retry_after_ns;
                     answer.deciding = Some(answer.limits.len());
                 }
-                answer
-                    .limits
-                    .push(rate_standing(limit, &state, now_ns, now_ms, Some(decision)));
+                answer.limits.push(standing);
                 trials.push((tenant, meter, ask.units, decision));
             }
             if let Some(limit) = table.limit(meter, Kind::Quota).cloned() {
@@ -915,20 +1174,32 @@ impl Limits {
                     Ok(entry) => entry,
                     Err(error) => {
                         // Undecided: the rate keys already asked take nothing.
-                        if consume {
+                        if take {
                             self.give_back(&trials, names, meters);
                         }
                         return Err(error);
                     }
                 };
                 let taken = entry.used.saturating_add(entry.held);
-                if limit.mode == Mode::Hard && taken.saturating_add(ask.units) > limit.limit {
+                let (_, mut standing) = gate
+                    .quota_standing(&key, &table)
+                    .expect("invariant: tracked above");
+                // Cluster mode: the owner's count, when it published the quota used up.
+                let exhausted = replicated
+                    && limit.mode == Mode::Hard
+                    && self
+                        .replicated
+                        .exhausted(ask.tenant, ask.meter, now_ms.div_euclid(1000), now_ms)
+                        .is_some();
+                if exhausted {
+                    standing.used = standing.used.max(limit.limit);
+                    standing.remaining = 0;
+                    standing.state = State::Exceeded;
+                }
+                if exhausted || (limit.mode == Mode::Hard && taken.saturating_add(ask.units) > limit.limit) {
                     answer.allowed = false;
                     answer.deciding.get_or_insert(answer.limits.len());
                 }
-                let (_, standing) = gate
-                    .quota_standing(&key, &table)
-                    .expect("invariant: tracked above");
                 answer.limits.push(standing);
             }
             if answer.deciding.is_none() && !answer.limits.is_empty() {
@@ -943,7 +1214,7 @@ impl Limits {
         drop(gate);
         if consume {
             let all = answers.iter().all(|answer| answer.allowed);
-            if !all {
+            if !all && take {
                 // An ask refused: nothing is taken.
                 self.give_back(&trials, names, meters);
             }
@@ -952,6 +1223,11 @@ impl Limits {
                     continue;
                 }
                 counts.add(Kind::Rate, if decision.allowed { "allowed" } else { "refused" });
+                if !take {
+                    // Cluster mode: the owner signals its keys' turns (one writer per key on
+                    // the compacted topic).
+                    continue;
+                }
                 self.with_cached(tenant, names, meters, |cached| {
                     let Some(slot) = cached.rate(meter) else { return };
                     if slot.turns(!decision.allowed) {
@@ -1058,6 +1334,7 @@ impl Limits {
                         state: limit::quota_state(used, &limit),
                         period: (start, end),
                         resets_at_ms: end * 1000,
+                        retry_at_ms: None,
                         limit,
                     });
                 }
@@ -1116,7 +1393,7 @@ fn build_table(
                         .map_or_else(Gcra::default, |slot| slot.state().rescale(&slot.spec(), &spec))
                         .to_raw(),
                 ),
-                refusing: AtomicBool::new(before.is_some_and(|slot| slot.refusing.load(Ordering::Relaxed))),
+                refusing: AtomicU32::new(before.map_or(0, |slot| slot.refusing.load(Ordering::Relaxed))),
             }
         });
     let first = rates.next();
@@ -1148,7 +1425,12 @@ fn rate_standing(
     };
     let refusing = decision.is_some_and(|decision| !decision.allowed);
     let resets_at_ms = now_ms + (reset_ns / 1_000_000) as i64;
+    let retry_at_ms = decision
+        .filter(|decision| !decision.allowed)
+        .and_then(|decision| decision.retry_after_ns)
+        .map(|ns| now_ms + ((ns + 999_999) / 1_000_000) as i64);
     Standing {
+        retry_at_ms,
         used: spec.burst - remaining.max(0),
         remaining: remaining.max(0),
         state: if refusing || remaining <= 0 {
@@ -1187,6 +1469,7 @@ fn quota_standing(
             state: limit::quota_state(entry.used, &limit),
             period: (key.period_start, entry.period_end),
             resets_at_ms: entry.period_end * 1000,
+            retry_at_ms: None,
             limit,
         },
     ))
@@ -1485,15 +1768,20 @@ impl Gate<'_> {
         }
     }
 }
-/// Cluster mode: the hard quotas the signal topic says are exhausted. Partition owners decide
-/// (their Kafka folders refuse what would go over, exactly); an edge refuses what they would
+/// Cluster mode: the limits the signal topic says are used up. Partition owners decide (their
+/// Kafka folders refuse what would go over a hard quota, exactly, and charge every event to
+/// its rate limits, signalling when a tenant goes over); an edge refuses what they would
 /// refuse anyway before forwarding it, from the owners' latest published states
-/// (`cluster::limits` reads the topic). Stale at worst by the topic's delay: an edge may still
-/// forward an event the owner then refuses, and never refuses one the owner would accept but
-/// for a limit raised since (a reload re-publishes nothing until the next change).
+/// (`cluster::limits` reads the topic): events of an exhausted hard quota's period until it
+/// resets, and whole requests of a tenant over its rate until its excess has drained (the
+/// record's `retry_at`). Stale at worst by the topic's delay: an edge may still forward what
+/// the owner then refuses or charges, and never refuses what the owner would accept but for
+/// a limit raised since (a reload re-publishes nothing until the next change).
 #[derive(Default)]
 pub struct Replicated {
     exhausted: RwLock<HashMap<(String, String), Exhausted>>,
+    /// Rate limits over: (tenant, meter) → unix ms the excess has drained at.
+    throttled: RwLock<HashMap<(String, String), i64>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1505,7 +1793,8 @@ struct Exhausted {
 
 impl Replicated {
     /// One signal-topic value (`emit::signals::record`): a hard quota `exceeded` is remembered
-    /// until its period resets; any other state of a quota forgets it.
+    /// until its period resets, a rate limit `exceeded` until its `retry_at`; any other state
+    /// of the limit forgets it.
     pub fn apply(&self, value: &[u8]) -> Result<(), String> {
         #[derive(serde::Deserialize)]
         struct Record {
@@ -1517,18 +1806,35 @@ impl Replicated {
             period_start: String,
             period_end: String,
             resets_at: String,
+            #[serde(default)]
+            retry_at: Option<String>,
         }
         let record: Record = serde_json::from_slice(value).map_err(|error| error.to_string())?;
-        if record.kind != Kind::Quota.as_str() {
-            return Ok(());
-        }
         let time = |text: &str| {
             chrono::DateTime::parse_from_rfc3339(text)
                 .map(|time| time.timestamp_millis())
                 .map_err(|error| format!("`{text}`: {error}"))
         };
         let key = (record.tenant, record.meter);
-        if record.mode == Mode::Hard.as_str() && record.state == State::Exceeded.as_str() {
+        let exceeded = record.state == State::Exceeded.as_str();
+        // Limits that have reset hold nothing: forgotten whenever a limit is used up, so the
+        // maps stay as large as the tenants over their limits now (no later state need come).
+        let now_ms = crate::model::now_ms();
+        if record.kind == Kind::Rate.as_str() {
+            let mut throttled = self.throttled.write();
+            if exceeded {
+                let until = time(record.retry_at.as_deref().unwrap_or(&record.resets_at))?;
+                throttled.retain(|_, until| *until > now_ms);
+                throttled.insert(key, until);
+            } else {
+                throttled.remove(&key);
+            }
+            return Ok(());
+        }
+        if record.kind != Kind::Quota.as_str() {
+            return Ok(());
+        }
+        if record.mode == Mode::Hard.as_str() && exceeded {
             let exhausted = Exhausted {
                 period: (
                     time(&record.period_start)?.div_euclid(1000),
@@ -1537,9 +1843,6 @@ impl Replicated {
                 resets_at_ms: time(&record.resets_at)?,
             };
             let mut states = self.exhausted.write();
-            // Periods that have reset hold nothing: forgotten here, so the map stays as large
-            // as the tenants out of quota now (no later state need come for them).
-            let now_ms = crate::model::now_ms();
             states.retain(|_, state| state.resets_at_ms > now_ms);
             states.insert(key, exhausted);
         } else {
@@ -1549,7 +1852,7 @@ impl Replicated {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.exhausted.read().is_empty()
+        self.exhausted.read().is_empty() && self.throttled.read().is_empty()
     }
 
     /// When the tenant's hard quota of `meter` is exhausted for an event at `event_secs`: the
@@ -1559,6 +1862,13 @@ impl Replicated {
         let state = states.get(&(tenant.to_string(), meter.to_string()))?;
         let (start, end) = state.period;
         (start <= event_secs && event_secs < end && now_ms < state.resets_at_ms).then_some(state.resets_at_ms)
+    }
+
+    /// When the tenant is over its rate limit of `meter`: the unix ms its excess has drained at.
+    pub fn throttled(&self, tenant: &str, meter: &str, now_ms: i64) -> Option<i64> {
+        let throttled = self.throttled.read();
+        let until = *throttled.get(&(tenant.to_string(), meter.to_string()))?;
+        (now_ms < until).then_some(until)
     }
 }
 
@@ -1677,7 +1987,7 @@ plan = "free"
                 let fresh = vec![true; units.len()];
                 let verdict = fixture
                     .limits
-                    .decide(&fixture.names, &fixture.meters, &units, &fresh, true, &load)
+                    .decide(&fixture.names, &fixture.meters, &units, &fresh, Rates::Enforce, &load)
                     .unwrap();
                 let mut decided = Vec::new();
                 for (index, &n) in sizes.iter().enumerate() {
@@ -1729,7 +2039,7 @@ plan = "free"
                     .map(|&n| {
                         let verdict = fixture
                             .limits
-                            .decide(&fixture.names, &fixture.meters, &[Unit(fixture.key, n)], &[true], true, &load)
+                            .decide(&fixture.names, &fixture.meters, &[Unit(fixture.key, n)], &[true], Rates::Enforce, &load)
                             .unwrap();
                         apply(&fixture, &[(n, verdict.refused.is_empty())], &verdict.holds);
                         verdict.refused.is_empty()
@@ -1795,7 +2105,7 @@ default_plan = "metered"
                     for _ in 0..500 {
                         let unit = call(&names, &meters, "acme");
                         if limits
-                            .decide(&names, &meters, &[unit], &[true], true, &load)
+                            .decide(&names, &meters, &[unit], &[true], Rates::Enforce, &load)
                             .is_ok()
                         {
                             allowed.fetch_add(1, Ordering::Relaxed);
@@ -1807,7 +2117,8 @@ default_plan = "metered"
         assert_eq!(allowed.load(Ordering::Relaxed), 100);
         // Refusals carry the exact wait: one unit every 36 s.
         let unit = call(&names, &meters, "acme");
-        let Err(LimitError::Rate(refusal)) = limits.decide(&names, &meters, &[unit], &[true], true, &load)
+        let Err(LimitError::Rate(refusal)) =
+            limits.decide(&names, &meters, &[unit], &[true], Rates::Enforce, &load)
         else {
             panic!("the 101st call is refused");
         };
@@ -1826,7 +2137,9 @@ default_plan = "metered"
         let load = |_: &str, _: &str, _: i64, _: i64| Ok(0);
         let decide = |units: &[Unit]| {
             let fresh = vec![true; units.len()];
-            limits.decide(&names, &meters, units, &fresh, true, &load).is_ok()
+            limits
+                .decide(&names, &meters, units, &fresh, Rates::Enforce, &load)
+                .is_ok()
         };
         for _ in 0..100 {
             assert!(decide(&[call(&names, &meters, "globex")]));
@@ -1848,6 +2161,185 @@ default_plan = "metered"
         assert!(decide(&[call(&names, &meters, "hooli")]));
     }
 
+    /// A unit a log received at `.1` (unix ms).
+    struct Logged(Unit, i64);
+
+    impl Contributes for Logged {
+        fn contributions(&self, each: &mut dyn FnMut(SeriesKey, i128)) {
+            self.0.contributions(each);
+        }
+
+        fn logged_ms(&self) -> Option<i64> {
+            Some(self.1)
+        }
+    }
+
+    /// A log's usage (`Rates::Charge`) is taken whatever the answer, each unit when its log
+    /// received it: a backlog produced at the rate and drained at once is never over; usage
+    /// past the rate is counted `warned`, signalled `exceeded` with when its excess drains,
+    /// and push edges sharing the key are refused meanwhile; `ok` once drained.
+    #[test]
+    fn a_log_is_charged_at_its_own_times_and_signals_going_over_and_back() {
+        let config = RATES.replace(
+            "limit = 100\nper = \"hour\"",
+            "limit = 1000\nper = \"second\"\nburst = 10",
+        );
+        let config = Config::load(&config, &Default::default()).unwrap();
+        let names = Names::default();
+        let meters = crate::meter::Meters::new(config.meters.clone(), &names);
+        let limits = Limits::new();
+        limits.set_plans(&Arc::new(config.plans));
+        let mut signals = limits.subscribe();
+        let load = |_: &str, _: &str, _: i64, _: i64| Ok(0);
+        let charge = |units: &[Logged]| {
+            let fresh = vec![true; units.len()];
+            let verdict = limits
+                .decide(&names, &meters, units, &fresh, Rates::Charge, &load)
+                .expect("a log's usage is never refused for its rate");
+            assert!(verdict.refused.is_empty());
+        };
+        // Two seconds of a producer at exactly 1000 a second, drained in one batch.
+        let now = crate::model::now_ms();
+        let backlog: Vec<Logged> = (0..2000)
+            .map(|i| Logged(call(&names, &meters, "initech"), now - 2000 + i))
+            .collect();
+        charge(&backlog);
+        assert!(signals.try_recv().is_err(), "a backlog at the rate is not over");
+        // 30 at once against a burst of 10: over by 20 units, drained 20 ms on.
+        let now = crate::model::now_ms();
+        let calls: Vec<Logged> = (0..30)
+            .map(|_| Logged(call(&names, &meters, "acme"), now))
+            .collect();
+        charge(&calls);
+        let signal = signals.try_recv().expect("going over is signalled");
+        assert_eq!(
+            (&*signal.tenant, signal.standing.state),
+            ("acme", State::Exceeded)
+        );
+        assert_eq!(signal.standing.limit.kind, Kind::Rate);
+        let retry_at = signal.standing.retry_at_ms.expect("when the excess drains");
+        assert!((now + 19..=now + 40).contains(&retry_at), "{retry_at} vs {now}");
+        assert_eq!(
+            limits.decisions.totals()[1],
+            [1, 0, 1],
+            "the backlog allowed, the burst warned"
+        );
+        // A push edge sharing the key is refused while the excess drains.
+        assert!(matches!(
+            limits.decide(
+                &names,
+                &meters,
+                &[call(&names, &meters, "acme")],
+                &[true],
+                Rates::Enforce,
+                &load
+            ),
+            Err(LimitError::Rate(_))
+        ));
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        charge(&[Logged(call(&names, &meters, "acme"), crate::model::now_ms())]);
+        let signal = signals.try_recv().expect("coming back is signalled");
+        assert_eq!(
+            (signal.standing.state, signal.standing.retry_at_ms),
+            (State::Ok, None)
+        );
+    }
+
+    /// A log keeps charging a key that is over: the published wait must keep up (edges hold
+    /// the tenant by it), without a signal for every batch: again when it grew by an eighth.
+    #[test]
+    fn a_growing_excess_is_published_again_when_it_grew_by_an_eighth() {
+        let (names, meters, limits, _) = rate_fixture();
+        let mut signals = limits.subscribe();
+        let load = |_: &str, _: &str, _: i64, _: i64| Ok(0);
+        let mut charge = |n: usize| {
+            let now = crate::model::now_ms();
+            let units: Vec<Logged> = (0..n)
+                .map(|_| Logged(call(&names, &meters, "acme"), now))
+                .collect();
+            limits
+                .decide(&names, &meters, &units, &vec![true; n], Rates::Charge, &load)
+                .unwrap();
+            signals.try_recv().ok().map(|signal| {
+                assert_eq!(signal.standing.state, State::Exceeded);
+                (signal.standing.retry_at_ms.unwrap() - now) / 1000
+            })
+        };
+        // 100 an hour, burst 100: 150 at once are 50 over (30 minutes to drain)...
+        let first = charge(150).expect("over");
+        assert!((1799..=1801).contains(&first), "{first}");
+        // ...10 more: 6 minutes more, past an eighth of 30: published again...
+        let again = charge(10).expect("published again");
+        assert!((2159..=2161).contains(&again), "{again}");
+        // ...1 more: 36 s, within an eighth: not.
+        assert_eq!(charge(1), None);
+    }
+
+    /// Cluster mode: asks only look at rate keys (the owners charge what is recorded), and a
+    /// tenant its owner published as over its rate is refused until the excess drains, at
+    /// every edge: the ask and the push edges' answer carry the wait.
+    #[test]
+    fn edges_refuse_what_an_owner_published_as_over_its_rate() {
+        let (names, meters, limits, _) = rate_fixture();
+        limits.charge_rates_from_log();
+        let load = |_: &str, _: &str, _: i64, _: i64| Ok(0);
+        let ask = |units: i128| {
+            let asks = [Ask {
+                tenant: "acme",
+                meter: "api_calls",
+                units,
+            }];
+            limits.ask(&asks, true, &names, &meters, &load).unwrap().remove(0)
+        };
+        // Looked at, not taken: the burst stays whole however often it is asked.
+        for _ in 0..3 {
+            let answer = ask(100);
+            assert!(answer.allowed);
+            assert_eq!(answer.limits[0].remaining, 0);
+        }
+        assert!(ask(1).allowed);
+        let now = crate::model::now_ms();
+        let until = now + 30_000;
+        let record = |state: &str| {
+            serde_json::to_vec(&serde_json::json!({
+                "tenant": "acme", "meter": "api_calls", "kind": "rate", "mode": "hard",
+                "state": state, "used": "100", "limit": "100", "remaining": "0",
+                "period_start": crate::model::rfc3339(now / 1000),
+                "period_end": crate::model::rfc3339(now / 1000 + 3600),
+                "resets_at": crate::model::rfc3339(now / 1000 + 3600),
+                "retry_at": crate::model::rfc3339_ms(until),
+                "at": crate::model::rfc3339_ms(now),
+            }))
+            .unwrap()
+        };
+        limits.replicated.apply(&record("exceeded")).unwrap();
+        let answer = ask(1);
+        assert!(!answer.allowed);
+        let wait = answer.retry_after_ns.unwrap();
+        assert!(wait > 29_000_000_000 && wait <= 30_000_000_000, "{wait}");
+        assert_eq!(answer.limits[0].state, State::Exceeded);
+        let tenant = names.tenants.intern("acme");
+        let meter = meters.by_slug("api_calls").unwrap().id;
+        let explained = limits
+            .replicated_rate(tenant, meter, &names, &meters, now)
+            .expect("refused at the edge");
+        assert_eq!(explained.decision.retry_after_ns, Some(30_000_000_000));
+        assert_eq!(explained.limit.rate.unwrap().limit, 100);
+        let other = names.tenants.intern("globex");
+        assert!(limits
+            .replicated_rate(other, meter, &names, &meters, now)
+            .is_none());
+        assert!(limits
+            .replicated_rate(tenant, meter, &names, &meters, until)
+            .is_none());
+        // The owner's `ok`: admitted again at once.
+        limits.replicated.apply(&record("ok")).unwrap();
+        assert!(ask(1).allowed);
+        assert!(limits
+            .replicated_rate(tenant, meter, &names, &meters, now)
+            .is_none());
+    }
+
     #[test]
     fn a_duplicate_is_not_decided_and_holds_nothing() {
         let fixture = fixture();
@@ -1860,7 +2352,7 @@ default_plan = "metered"
                 &fixture.meters,
                 &units,
                 &[false, true],
-                true,
+                Rates::Enforce,
                 &load,
             )
             .unwrap();

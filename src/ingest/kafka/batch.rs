@@ -92,11 +92,17 @@ impl FoldedBatch {
 struct InPartition<'a> {
     group: usize,
     unit: &'a dyn Countable,
+    /// Its message's timestamp (unix ms; rate limits charge the unit then).
+    logged_ms: i64,
 }
 
 impl Contributes for InPartition<'_> {
     fn contributions(&self, each: &mut dyn FnMut(crate::model::SeriesKey, i128)) {
         self.unit.contributions(each);
+    }
+
+    fn logged_ms(&self) -> Option<i64> {
+        Some(self.logged_ms)
     }
 }
 
@@ -307,15 +313,18 @@ impl Folder {
             .map(|event| InPartition {
                 group: group_of_message[owner[event.index]],
                 unit: event as &dyn Countable,
+                logged_ms: messages[owner[event.index]].timestamp_ms,
             })
             .chain(forwarded.iter().map(|(position, point)| InPartition {
                 group: group_of_message[*position],
                 unit: point as &dyn Countable,
+                logged_ms: messages[*position].timestamp_ms,
             }))
             .collect();
         let now = now_ms();
         let claimed = loop {
-            // Quotas only: rate limits cannot refuse what the log already holds.
+            // Rate limits cannot refuse what the log already holds: they are charged and
+            // signalled (in cluster mode edges refuse by what the owners signal).
             let claimed = claim_and_fold(
                 shared,
                 ticket,
@@ -323,7 +332,7 @@ impl Folder {
                 &units,
                 partitions.len(),
                 |i| units[i].group,
-                Limited::Quotas,
+                Limited::Log,
             );
             match claimed {
                 Ok(claimed) => break claimed,

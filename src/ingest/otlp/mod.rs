@@ -406,6 +406,13 @@ fn forwardable(
 ) -> Result<Forward<Outcome>, IngestError> {
     let mut mapped = map_request(shared, signal, encoding, body, key_tenant, now)?;
     forward::refuse_stateful(&mut mapped, &shared.names);
+    let keys = mapped
+        .points
+        .iter()
+        .flat_map(|point| point.updates.iter().map(|(key, _)| (key.tenant, key.meter)));
+    if let Some(refused) = super::admission::replicated_rate_limited(shared, keys, now) {
+        return Err(refused);
+    }
     forward::refuse_exhausted(&mut mapped, shared, now);
     let messages = forward::messages(&mapped, &shared.names);
     let (dead_letters, tally, outcome) = report(&mapped, signal, now);
