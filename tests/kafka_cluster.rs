@@ -866,7 +866,8 @@ async fn edges_refuse_a_tenant_its_owner_charged_past_its_rate() {
          [[plans.limits]]\nmeter = \"tokens\"\nkind = \"rate\"\nlimit = \"100\"\nper = \"minute\"\n\
          [[plans.limits]]\nmeter = \"requests\"\nkind = \"rate\"\nlimit = \"100\"\nper = \"minute\"\n\
          [[plans.limits]]\nmeter = \"gateway_requests\"\nkind = \"rate\"\nlimit = \"5\"\nper = \"minute\"\n\
-         [[tenants]]\nid = \"acme\"\nplan = \"paced\"\n{OTLP_METER}",
+         [[tenants]]\nid = \"acme\"\nplan = \"paced\"\n\
+         [[tenants]]\nid = \"initech\"\nplan = \"paced\"\n{OTLP_METER}",
         cluster_config(&brokers, &topic)
     );
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
@@ -1051,6 +1052,45 @@ async fn edges_refuse_a_tenant_its_owner_charged_past_its_rate() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     wait_for_total(&client, &a, "gateway_requests", hits).await;
+
+    // A writer to the signal topic without the cluster's secret cannot refuse a tenant: an
+    // unsigned `exceeded` for initech is ignored (and counted) by the edges.
+    let forged = json!({
+        "tenant": "initech", "meter": "tokens", "kind": "rate", "mode": "hard",
+        "state": "exceeded", "used": "100", "limit": "100", "remaining": "0",
+        "period_start": "2026-01-01T00:00:00Z", "period_end": "2099-01-01T00:00:00Z",
+        "resets_at": "2099-01-01T00:00:00Z", "retry_at": "2099-01-01T00:00:00Z",
+        "at": "2026-01-01T00:00:00Z", "crossed": [],
+    });
+    produce_all(
+        &producer(&brokers),
+        &format!("{topic}.signals"),
+        &[Record::json("initech/tokens/rate", &forged)],
+    );
+    eventually("b reads the forgery and ignores it", async || {
+        let metrics = client
+            .get(b.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        metrics
+            .lines()
+            .any(|line| line.starts_with("tallyd_cluster_unsigned_records_total") && !line.ends_with(" 0"))
+            .then_some(())
+    })
+    .await;
+    let initech = event(
+        "i1",
+        "llm.prompt",
+        "initech",
+        &ago(1),
+        json!({"tokens": 5, "model": "m1"}),
+    );
+    let (status, body) = post_batch(&client, &b, &[initech]).await;
+    assert_eq!(status, 202, "{body}");
     a.stop();
     b.stop();
 }

@@ -3,6 +3,9 @@
 //! so each edge knows which tenants' hard quotas their owners found exhausted and refuses
 //! those tenants' events before forwarding them (`state::limits::Replicated`). The owners
 //! still decide every event exactly; the edge only answers sooner and spares the topic.
+//! Records are signed like the members topic's (`tallyd-signature`, HMAC-SHA256 of key and
+//! value with `cluster.secret`); others are ignored and counted
+//! (`tallyd_cluster_unsigned_records_total`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +31,12 @@ pub fn spawn(
         .set("group.id", format!("{}.signals-reader", kafka.group_id))
         .set("isolation.level", "read_uncommitted");
     let topic = shared.config.limits.signal_topic.clone();
+    let secret = shared
+        .config
+        .cluster
+        .as_ref()
+        .map(|cluster| cluster.secret.clone().into_bytes())
+        .unwrap_or_default();
     std::thread::Builder::new()
         .name("tallyd-signals-in".into())
         .spawn(move || {
@@ -52,6 +61,15 @@ pub fn spawn(
                 match consumer.poll(Duration::from_millis(200)) {
                     Some(Ok(message)) => {
                         let Some(value) = message.payload() else { continue };
+                        if !signed(&message, &secret) {
+                            metrics::counter!(crate::telemetry::CLUSTER_UNSIGNED_RECORDS).increment(1);
+                            tracing::warn!(
+                                offset = message.offset(),
+                                "signal-topic record without this cluster's signature ignored \
+                                 (another cluster, an older tallyd, or a forgery)"
+                            );
+                            continue;
+                        }
                         if let Err(error) = shared.limits.replicated.apply(value) {
                             tracing::warn!(%error, offset = message.offset(), "unreadable limit state skipped");
                         }
@@ -61,6 +79,23 @@ pub fn spawn(
                 }
             }
         })
+}
+
+/// Whether a signal-topic record carries this cluster's signature over its key and value (a
+/// writer to the topic without the secret could otherwise refuse any tenant at every edge).
+fn signed(message: &rdkafka::message::BorrowedMessage<'_>, secret: &[u8]) -> bool {
+    use rdkafka::message::Headers;
+    let signature = message.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|header| header.key == crate::cluster::forward::SIGNATURE_HEADER)
+            .and_then(|header| header.value)
+    });
+    let key = message
+        .key()
+        .and_then(|key| std::str::from_utf8(key).ok())
+        .unwrap_or_default();
+    crate::cluster::members::verify(secret, key, message.payload().unwrap_or_default(), signature)
 }
 
 /// Assigns every partition of `topic` from its start; false while the topic has none.

@@ -64,7 +64,8 @@ pub fn sign(secret: &[u8], key: &str, payload: &[u8]) -> String {
     super::forward::sign(secret, &signed_bytes(key, payload))
 }
 
-fn verify(secret: &[u8], key: &str, payload: &[u8], signature: Option<&[u8]>) -> bool {
+/// Whether `signature` is the record's (`sign`), compared in constant time.
+pub fn verify(secret: &[u8], key: &str, payload: &[u8], signature: Option<&[u8]>) -> bool {
     signature.is_some_and(|signature| super::forward::verify(secret, &signed_bytes(key, payload), signature))
 }
 

@@ -23,7 +23,7 @@
 
 pub mod forward;
 pub mod limits;
-mod members;
+pub mod members;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -119,6 +119,11 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 return;
             }
         };
+    let secret = shared
+        .config
+        .cluster
+        .as_ref()
+        .map(|cluster| cluster.secret.as_bytes());
     tracing::info!(topic, "publishing limit states");
     loop {
         let signal = tokio::select! {
@@ -133,7 +138,19 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             },
         };
         let (key, value) = record(&signal);
-        match producer.send(BaseRecord::to(&topic).key(&key).payload(&value)) {
+        let mut message = BaseRecord::to(&topic).key(&key).payload(&value);
+        // Cluster mode: edges refuse tenants by these states, so only a replica may write
+        // them (`cluster::limits` ignores records without this cluster's signature).
+        let signature = secret.map(|secret| crate::cluster::members::sign(secret, &key, &value));
+        if let Some(signature) = &signature {
+            message = message.headers(rdkafka::message::OwnedHeaders::new().insert(
+                rdkafka::message::Header {
+                    key: crate::cluster::forward::SIGNATURE_HEADER,
+                    value: Some(signature.as_str()),
+                },
+            ));
+        }
+        match producer.send(message) {
             Ok(()) => metrics::counter!(telemetry::LIMIT_SIGNALS, "channel" => "kafka").increment(1),
             Err((error, _)) => {
                 tracing::warn!(%error, key, "limit state not queued for the signal topic");

@@ -696,6 +696,16 @@ impl Limits {
         }
     }
 
+    /// Forgets the tracked quota periods (but those holding a request in flight): each is read
+    /// again from the store on next use. A rebalance calls it: a partition this replica gets
+    /// back was counted elsewhere meanwhile, and the restore brought that usage into the store,
+    /// not into `used` (a stale `used` would admit past a hard quota).
+    pub fn forget_quotas(&self) {
+        // No applier between its `applied` and its engine apply meanwhile.
+        let _applying = self.applying.write();
+        self.lock().inner.quotas.retain(|_, entry| entry.held != 0);
+    }
+
     /// Publishes the decision counts to the metrics recorder (before metrics are rendered).
     pub fn publish_metrics(&self) {
         let totals = self.decisions.totals();
@@ -1325,7 +1335,12 @@ impl Limits {
                             };
                             gate.entry(key, table, meters, load)?.used
                         }
-                        // Never seen: nothing used.
+                        // Not interned since the start (its usage may be in the store all the
+                        // same, checkpointed before a restart): read, not tracked, so that a
+                        // reader cannot grow the name tables.
+                        (None, Some(_), _) => {
+                            load(tenant, &limit.meter, start, end).map_err(LimitError::Load)?
+                        }
                         _ => 0,
                     };
                     out.push(Standing {
@@ -2243,6 +2258,62 @@ default_plan = "metered"
             (signal.standing.state, signal.standing.retry_at_ms),
             (State::Ok, None)
         );
+    }
+
+    /// A tenant not interned since the start (its usage checkpointed before a restart, nothing
+    /// replayed) stands where the store says, not at nothing, and is not interned by asking.
+    #[test]
+    fn a_tenant_not_seen_since_the_start_stands_where_the_store_says() {
+        let config = format!("{CONFIG}\n[rating]\ndefault_plan = \"free\"\n");
+        let config = Config::load(&config, &Default::default()).unwrap();
+        let names = Names::default();
+        let meters = crate::meter::Meters::new(config.meters.clone(), &names);
+        let limits = Limits::new();
+        limits.set_plans(&Arc::new(config.plans));
+        let load = |tenant: &str, meter: &str, _: i64, _: i64| {
+            assert_eq!((tenant, meter), ("globex", "tokens"));
+            Ok(42)
+        };
+        let now_secs = crate::model::now_ms().div_euclid(1000);
+        let standing = limits
+            .standing("globex", &names, &meters, now_secs, &load)
+            .unwrap();
+        assert_eq!((standing[0].used, standing[0].remaining), (42, 58));
+        assert!(names.tenants.get("globex").is_none());
+    }
+
+    /// After a rebalance the store holds usage counted elsewhere meanwhile: a forgotten period
+    /// is read again, so the hard quota holds with the other replica's usage in it.
+    #[test]
+    fn forgotten_quota_periods_are_read_again() {
+        let fixture = fixture();
+        let decide = |units: i128, base: i128| {
+            let load = move |_: &str, _: &str, _: i64, _: i64| Ok(base);
+            let verdict = fixture
+                .limits
+                .decide(
+                    &fixture.names,
+                    &fixture.meters,
+                    &[Unit(fixture.key, units)],
+                    &[true],
+                    Rates::Enforce,
+                    &load,
+                )
+                .unwrap();
+            (verdict.refused.is_empty(), verdict.holds)
+        };
+        // 50 used here; 30 tracked more...
+        let (admitted, holds) = decide(30, 50);
+        assert!(admitted);
+        apply(&fixture, &[(30, true)], &holds);
+        // ...then another replica counted 15 (the store says 95 after the restore): while the
+        // period is tracked, 20 more would fit by the stale `used` (80)...
+        assert_eq!(used(&fixture, 95), 80);
+        fixture.limits.forget_quotas();
+        // ...once forgotten, read again: 95, and 20 more go over the 100.
+        assert_eq!(used(&fixture, 95), 95);
+        let (admitted, _) = decide(20, 95);
+        assert!(!admitted);
     }
 
     /// A log keeps charging a key that is over: the published wait must keep up (edges hold

@@ -192,6 +192,9 @@ impl SourceContext {
                 }
             }
         }
+        // Quotas' `used` of tenants on partitions counted elsewhere meanwhile is in the store
+        // now (restored), not in the gate: read again on next use.
+        self.shared.limits.forget_quotas();
     }
 
     /// Stops reading the partitions a checkpoint found another replica fenced (this one was a
