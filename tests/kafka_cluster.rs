@@ -735,31 +735,13 @@ async fn a_tenant_key_cannot_forward_another_tenants_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_refuse_what_an_owner_published_as_over_quota() {
     let Some(brokers) = real_broker() else { return };
-    let topic = unique_topic("usage-limits");
-    create_topic(&brokers, &topic, PARTITIONS).await;
-    let config = format!(
-        "{}\n[limits]\ngrpc_addr = \"127.0.0.1:0\"\nsignal_topic = \"{topic}.signals\"\n\
-         [[meters]]\nslug = \"gateway_requests\"\nsource = \"envoy\"\naggregation = \"COUNT\"\n\
-         [[plans]]\nid = \"capped\"\ncurrency = \"USD\"\n\
+    let plans = "[[plans]]\nid = \"capped\"\ncurrency = \"USD\"\n\
          [[plans.limits]]\nmeter = \"tokens\"\nkind = \"quota\"\nlimit = \"100\"\n\
          [[plans.limits]]\nmeter = \"requests\"\nkind = \"quota\"\nlimit = \"100\"\n\
-         [[tenants]]\nid = \"acme\"\nplan = \"capped\"\n{OTLP_METER}",
-        cluster_config(&brokers, &topic)
-    );
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let a = Daemon::start(&write_config(dirs[0].path(), &config));
-    let b = Daemon::start(&write_config(dirs[1].path(), &config));
-    wait_for_split(&client(), &[&a, &b]).await;
+         [[tenants]]\nid = \"acme\"\nplan = \"capped\"\n";
+    let (_dirs, a, b, _) = limited_replicas(&brokers, "usage-limits", plans).await;
     let client = client();
-    let tokens = |id: String, n: i64| {
-        event(
-            &id,
-            "llm.prompt",
-            "acme",
-            &ago(1),
-            json!({"tokens": n, "model": "m1"}),
-        )
-    };
+    let tokens = acme_tokens;
     // The quota filled through one edge.
     let fill: Vec<Value> = (0..10).map(|i| tokens(format!("fill-{i}"), 10)).collect();
     let (status, body) = post_batch(&client, &a, &fill).await;
@@ -857,33 +839,15 @@ async fn edges_refuse_what_an_owner_published_as_over_quota() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_refuse_a_tenant_its_owner_charged_past_its_rate() {
     let Some(brokers) = real_broker() else { return };
-    let topic = unique_topic("usage-rates");
-    create_topic(&brokers, &topic, PARTITIONS).await;
-    let config = format!(
-        "{}\n[limits]\ngrpc_addr = \"127.0.0.1:0\"\nsignal_topic = \"{topic}.signals\"\n\
-         [[meters]]\nslug = \"gateway_requests\"\nsource = \"envoy\"\naggregation = \"COUNT\"\n\
-         [[plans]]\nid = \"paced\"\ncurrency = \"USD\"\n\
+    let plans = "[[plans]]\nid = \"paced\"\ncurrency = \"USD\"\n\
          [[plans.limits]]\nmeter = \"tokens\"\nkind = \"rate\"\nlimit = \"100\"\nper = \"minute\"\n\
          [[plans.limits]]\nmeter = \"requests\"\nkind = \"rate\"\nlimit = \"100\"\nper = \"minute\"\n\
          [[plans.limits]]\nmeter = \"gateway_requests\"\nkind = \"rate\"\nlimit = \"5\"\nper = \"minute\"\n\
          [[tenants]]\nid = \"acme\"\nplan = \"paced\"\n\
-         [[tenants]]\nid = \"initech\"\nplan = \"paced\"\n{OTLP_METER}",
-        cluster_config(&brokers, &topic)
-    );
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let a = Daemon::start(&write_config(dirs[0].path(), &config));
-    let b = Daemon::start(&write_config(dirs[1].path(), &config));
-    wait_for_split(&client(), &[&a, &b]).await;
+         [[tenants]]\nid = \"initech\"\nplan = \"paced\"\n";
+    let (_dirs, a, b, topic) = limited_replicas(&brokers, "usage-rates", plans).await;
     let client = client();
-    let tokens = |id: String, n: i64| {
-        event(
-            &id,
-            "llm.prompt",
-            "acme",
-            &ago(1),
-            json!({"tokens": n, "model": "m1"}),
-        )
-    };
+    let tokens = acme_tokens;
     // 300 tokens at once against 100 a minute (burst 100): forwarded and counted whole (the
     // edge does not decide; the owner cannot refuse its log), 2 minutes' worth over.
     let burst: Vec<Value> = (0..30).map(|i| tokens(format!("burst-{i}"), 10)).collect();
@@ -1093,6 +1057,40 @@ async fn edges_refuse_a_tenant_its_owner_charged_past_its_rate() {
     assert_eq!(status, 202, "{body}");
     a.stop();
     b.stop();
+}
+
+/// Two replicas in cluster mode on a new ingest topic named after `name`, with the limits
+/// listener, the signal topic beside the ingest topic, an envoy meter `gateway_requests`, the
+/// OTLP meter and `plans`; once they split the partitions. (dirs, a, b, ingest topic)
+async fn limited_replicas(
+    brokers: &str,
+    name: &str,
+    plans: &str,
+) -> ([tempfile::TempDir; 2], Daemon, Daemon, String) {
+    let topic = unique_topic(name);
+    create_topic(brokers, &topic, PARTITIONS).await;
+    let config = format!(
+        "{}\n[limits]\ngrpc_addr = \"127.0.0.1:0\"\nsignal_topic = \"{topic}.signals\"\n\
+         [[meters]]\nslug = \"gateway_requests\"\nsource = \"envoy\"\naggregation = \"COUNT\"\n\
+         {plans}{OTLP_METER}",
+        cluster_config(brokers, &topic)
+    );
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let a = Daemon::start(&write_config(dirs[0].path(), &config));
+    let b = Daemon::start(&write_config(dirs[1].path(), &config));
+    wait_for_split(&client(), &[&a, &b]).await;
+    (dirs, a, b, topic)
+}
+
+/// acme's event `id` of `n` tokens, a second old.
+fn acme_tokens(id: String, n: i64) -> Value {
+    event(
+        &id,
+        "llm.prompt",
+        "acme",
+        &ago(1),
+        json!({"tokens": n, "model": "m1"}),
+    )
 }
 
 /// acme's total of `slug` through `daemon` (redirects followed), retried while the replicas
