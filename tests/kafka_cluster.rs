@@ -919,6 +919,36 @@ async fn edges_refuse_a_tenant_its_owner_charged_past_its_rate() {
     })
     .await;
     wait_for_total(&client, &a, "tokens", expected).await;
+    // `Check` answers from the billed totals: the owner answers (over its rate), the other
+    // replica names the owner instead of answering from its own partial count.
+    use tallyd::ingest::limits::proto::{quota_client::QuotaClient, CheckRequest};
+    let mut answered = Vec::new();
+    for edge in [&a, &b] {
+        let url = format!("http://{}", edge.limits_grpc.as_ref().unwrap());
+        let check = CheckRequest {
+            tenant: "acme".into(),
+            meter: "tokens".into(),
+            units: "1".into(),
+        };
+        let channel = tonic::transport::Channel::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        match QuotaClient::new(channel).check(check).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                assert!(!response.allowed, "{response:?}");
+                assert!(response.retry_after_seconds > 0.0, "{response:?}");
+                answered.push(edge.url(""));
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+                assert!(status.message().contains("is counted by http://"), "{status:?}");
+            }
+        }
+    }
+    assert_eq!(answered.len(), 1, "exactly the owner answers");
 
     // OTLP/gRPC the same way: 300 requests in one point, then an edge refuses the tenant's
     // next export whole with RESOURCE_EXHAUSTED and the wait in RetryInfo.

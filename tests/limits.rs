@@ -671,3 +671,56 @@ fn client_blocking_metrics(daemon: &Daemon, key: &str) -> String {
         .unwrap();
     String::from_utf8_lossy(&output.stdout).to_string()
 }
+
+/// A client naming ever new buckets on one RLQS stream cannot grow the server without bound:
+/// a report that takes the stream past `MAX_BUCKETS_PER_STREAM` ends it with
+/// RESOURCE_EXHAUSTED naming the limit (nothing of it recorded); a stream within it is answered,
+/// one action per bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rlqs_stream_holds_a_bounded_number_of_buckets() {
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_client::RateLimitQuotaServiceClient;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_usage_reports::BucketQuotaUsage;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::{BucketId, RateLimitQuotaUsageReports};
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&write_config(dir.path(), PLANS));
+    let url = format!("http://{}", daemon.limits_grpc.as_ref().unwrap());
+    let mut client = RateLimitQuotaServiceClient::connect(url).await.unwrap();
+    let report = |buckets: std::ops::Range<usize>| RateLimitQuotaUsageReports {
+        domain: "tallyd".into(),
+        bucket_quota_usages: buckets
+            .map(|n| BucketQuotaUsage {
+                bucket_id: Some(BucketId {
+                    bucket: [
+                        ("tenant".to_string(), format!("t{n}")),
+                        ("meter".to_string(), "tokens".to_string()),
+                    ]
+                    .into(),
+                }),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let max = tallyd::ingest::limits::rlqs::MAX_BUCKETS_PER_STREAM;
+    let mut stream = client
+        .stream_rate_limit_quotas(tokio_stream::iter(vec![report(0..max + 1)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains(&max.to_string()), "{status:?}");
+    let mut stream = client
+        .stream_rate_limit_quotas(tokio_stream::iter(vec![report(0..3)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("an answer");
+    assert_eq!(first.bucket_action.len(), 3);
+    daemon.stop();
+}

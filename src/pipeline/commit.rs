@@ -53,7 +53,8 @@ pub fn apply_logged(
     // The deltas the quotas move by, before the writer takes the batch (cumulative points'
     // deltas included: they are in the batch now). The caller holds `Limits::applying`.
     if let Some((limits, holds)) = limits {
-        limits.lock().applied(batch, holds);
+        // Without cumulative points every delta was decided, so the holds say it all.
+        limits.lock().applied(batch, holds, cumulative.is_empty());
     }
     writer.commit_with_streams(batch, dedup_keys, &mut changed, position)
 }

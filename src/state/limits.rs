@@ -436,6 +436,10 @@ pub struct Verdict {
     pub holds: Vec<Hold>,
 }
 
+/// How long after a plan reload batches are applied by reading them whole (`Gate::applied`):
+/// longer than a decided request waits for its commit.
+const RELOAD_SETTLES_NS: i128 = 60_000_000_000;
+
 /// A batch's demand of one (tenant, meter): its units and the earliest time a log received
 /// them (None: now).
 type Demand = ((TenantId, MeterId), i128, Option<i64>);
@@ -567,6 +571,8 @@ pub struct Limits {
     inner: Mutex<Inner>,
     /// Cluster mode: the limits the partition owners published as used up, for edges.
     pub replicated: Replicated,
+    /// The gate's clock at the last plan reload (ns; far past: none since the start).
+    reloaded_ns: AtomicI64,
     /// Cluster mode: rate keys are charged from the ingest log by the tenants' owners
     /// (`Rates::Charge`), so asks (RLS) only look: their allowed hits reach the log as usage.
     charged_by_log: AtomicBool,
@@ -640,6 +646,7 @@ impl Limits {
             applying: RwLock::new(()),
             replicated: Replicated::default(),
             charged_by_log: AtomicBool::new(false),
+            reloaded_ns: AtomicI64::new(i64::MIN / 2),
             inner: Mutex::new(Inner {
                 quotas: HashMap::default(),
                 tenants: HashMap::default(),
@@ -658,6 +665,13 @@ impl Limits {
         i128::from(self.clock.delta_as_nanos(self.epoch, self.clock.raw()))
     }
 
+    /// Whether a batch's holds are all it adds to tracked quota periods (`Gate::applied`): not
+    /// within `RELOAD_SETTLES_NS` of a reload, which may have given quotas to units decided
+    /// before it (they hold nothing); past that, every batch applied was decided after it.
+    fn holds_cover_batches(&self) -> bool {
+        self.now_ns() - i128::from(self.reloaded_ns.load(Ordering::Relaxed)) > RELOAD_SETTLES_NS
+    }
+
     /// Cluster mode: rate keys are charged by the owners from the ingest log, not by asks.
     pub fn charge_rates_from_log(&self) {
         self.charged_by_log.store(true, Ordering::Relaxed);
@@ -672,6 +686,9 @@ impl Limits {
     pub fn set_plans(&self, plans: &Arc<Plans>) {
         let mut current = self.plans.write();
         let generation = current.0.wrapping_add(1);
+        if generation > 1 {
+            self.reloaded_ns.store(self.now_ns() as i64, Ordering::Relaxed);
+        }
         *current = (generation, Some(plans.clone()));
         self.interned.lock().clear();
         self.generation.store(generation, Ordering::Release);
@@ -1738,7 +1755,16 @@ impl Gate<'_> {
     /// A batch is being applied to the engine (the applier holds `Limits::applying` from
     /// before this call until its engine apply is done): tracked quota periods move by its
     /// additive states, and the request's holds are given back (its units are now in `used`).
-    pub fn applied(&mut self, batch: &PreAggregated, holds: &[Hold]) {
+    ///
+    /// `held_whole`: the holds are the batch's whole additive usage of tracked periods (no
+    /// cumulative point derived a delta at commit): every unit met `decide`, which held each
+    /// one's periods. Then `used` moves hold by hold and the batch is not read — unless the
+    /// plans were reloaded lately, which may have given quotas to units decided without.
+    pub fn applied(&mut self, batch: &PreAggregated, holds: &[Hold], held_whole: bool) {
+        if held_whole && self.limits.holds_cover_batches() {
+            self.applied_holds(holds);
+            return;
+        }
         for hold in holds {
             if let Some(entry) = self.inner.quotas.get_mut(&hold.key) {
                 entry.held = entry.held.saturating_sub(hold.units);
@@ -1783,6 +1809,36 @@ impl Gate<'_> {
         }
     }
 }
+impl Gate<'_> {
+    /// `applied` from the holds alone: each moves its period's `used` (and signals a state or
+    /// threshold it crosses: one signal per period and request).
+    fn applied_holds(&mut self, holds: &[Hold]) {
+        let limits = self.limits;
+        let Inner { quotas, tenants, .. } = &mut *self.inner;
+        for hold in holds {
+            let Some(entry) = quotas.get_mut(&hold.key) else {
+                continue;
+            };
+            entry.held = entry.held.saturating_sub(hold.units);
+            let before = entry.used;
+            entry.used = entry.used.saturating_add(hold.units);
+            let after = entry.used;
+            let Some(table) = tenants.get(&hold.key.tenant) else {
+                continue;
+            };
+            let Some(limit) = table.limit(hold.key.meter, Kind::Quota) else {
+                continue;
+            };
+            let crossed = limit::crossed(before, after, limit);
+            if !crossed.is_empty() || limit::quota_state(before, limit) != limit::quota_state(after, limit) {
+                if let Some((name, standing)) = quota_standing(quotas, &hold.key, table) {
+                    limits.signal(name, standing, crossed);
+                }
+            }
+        }
+    }
+}
+
 /// Cluster mode: the limits the signal topic says are used up. Partition owners decide (their
 /// Kafka folders refuse what would go over a hard quota, exactly, and charge every event to
 /// its rate limits, signalling when a tenant goes over); an edge refuses what they would
@@ -1950,8 +2006,9 @@ plan = "free"
         }
     }
 
-    /// Applies `units` as the commit stage would: the batch's deltas and its holds, under the lock.
-    fn apply(fixture: &Fixture, units: &[(i128, bool)], holds: &[Hold]) {
+    /// Applies `units` as the commit stage would: the batch's deltas and its holds, under the
+    /// lock (`held_whole`: from the holds alone, as a batch without cumulative points is).
+    fn apply_as(fixture: &Fixture, units: &[(i128, bool)], holds: &[Hold], held_whole: bool) {
         let mut batch = PreAggregated::default();
         for &(units, admitted) in units {
             if admitted {
@@ -1960,7 +2017,11 @@ plan = "free"
                     .unwrap();
             }
         }
-        fixture.limits.lock().applied(&batch, holds);
+        fixture.limits.lock().applied(&batch, holds, held_whole);
+    }
+
+    fn apply(fixture: &Fixture, units: &[(i128, bool)], holds: &[Hold]) {
+        apply_as(fixture, units, holds, false);
     }
 
     fn used(fixture: &Fixture, base: i128) -> i128 {
@@ -1982,9 +2043,11 @@ plan = "free"
         /// Requests decided in one order, applied (or failed) in another: the units admitted
         /// and applied never exceed the limit, a unit is refused only when it did not fit
         /// beside what was used and held at its decision, and `used` ends as the base plus
-        /// exactly what was applied.
+        /// exactly what was applied — whether batches are applied by reading them or from
+        /// their holds (`held_whole`).
         #[test]
         fn admitted_units_never_exceed_a_hard_quota_whatever_the_interleaving(
+            held_whole in any::<bool>(),
             base in 0i128..120,
             requests in prop::collection::vec(
                 (prop::collection::vec(1i128..40, 1..5), any::<bool>(), any::<u8>()),
@@ -2023,14 +2086,14 @@ plan = "free"
                     if fails {
                         fixture.limits.release(&holds);
                     } else {
-                        apply(&fixture, &decided, &holds);
+                        apply_as(&fixture, &decided, &holds, held_whole);
                         applied += units;
                     }
                 }
             }
             for (decided, holds, _) in in_flight {
                 held -= decided.iter().filter(|(_, ok)| *ok).map(|(n, _)| n).sum::<i128>();
-                apply(&fixture, &decided, &holds);
+                apply_as(&fixture, &decided, &holds, held_whole);
                 applied += decided.iter().filter(|(_, ok)| *ok).map(|(n, _)| n).sum::<i128>();
             }
             prop_assert_eq!(held, 0);

@@ -442,7 +442,12 @@ impl Folder {
                 .remove(&(topic.clone(), partition))
                 .unwrap_or_default();
             if applying.is_some() {
-                shared.limits.lock().applied(&batch, &std::mem::take(&mut holds));
+                // Every unit of the batch was decided (events and forwarded points: no
+                // cumulative state), so its holds, given with the first part, say it all.
+                shared
+                    .limits
+                    .lock()
+                    .applied(&batch, &std::mem::take(&mut holds), true);
             }
             let writer = self.writer_for(&topic, partition);
             let position = [(position_name(&topic, partition), next)];

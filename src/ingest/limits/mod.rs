@@ -100,6 +100,34 @@ impl LimitsEdge {
         Ok(())
     }
 
+    /// Cluster mode: `Check` and `Watch` answer from the quotas' billed totals, which only the
+    /// tenant's owner holds; another replica's answer would be its own partial count. Refused
+    /// there with FAILED_PRECONDITION naming who answers (its HTTP base URL: `GET
+    /// /api/v1/tenants/{tenant}/limits` there, or its limits listener).
+    fn held_here(&self, tenant: &str) -> Result<(), Status> {
+        let Some(cluster) = &self.admission.cluster else {
+            return Ok(());
+        };
+        if cluster.answers_whole(tenant) {
+            return Ok(());
+        }
+        let owners: Vec<String> = cluster
+            .route(tenant)
+            .into_iter()
+            .map(|(partition, owner)| match owner {
+                crate::cluster::Owner::Remote(url) => format!("{url} (partition {partition})"),
+                crate::cluster::Owner::Local => format!("this replica (partition {partition})"),
+                crate::cluster::Owner::Unknown => {
+                    format!("nobody yet (partition {partition}: a rebalance is in progress)")
+                }
+            })
+            .collect();
+        Err(Status::failed_precondition(format!(
+            "tenant `{tenant}`'s usage is counted by {}; ask there (its /api/v1/tenants/{tenant}/limits or its limits listener)",
+            owners.join(", ")
+        )))
+    }
+
     /// `Limits::ask`: on the executor when every quota period it needs is tracked (the common
     /// case: a decision is memory only), else off it (a period not tracked yet reads the
     /// store; the first attempt took nothing).

@@ -72,6 +72,7 @@ impl Quota for QuotaService {
                 return Err(Status::invalid_argument("tenant: required"));
             }
             self.0.authorize(&request, Scope::Read, [tenant.as_str()])?;
+            self.0.held_here(&tenant)?;
             // Subscribed before the current states are read: no change falls in between.
             let mut signals = self.0.shared.limits.subscribe();
             let current = self.current(&tenant).await?;
@@ -139,6 +140,7 @@ impl Quota for QuotaService {
                 return Err(Status::invalid_argument("tenant and meter: required"));
             }
             edge.authorize(&request, Scope::Read, [tenant.as_str()])?;
+            edge.held_here(&tenant)?;
             if edge.shared.meters.by_slug(&meter).is_none() {
                 return Err(Status::not_found(format!("meter: no meter `{meter}`")));
             }

@@ -34,6 +34,11 @@ use crate::telemetry;
 /// How long an ALLOW_ALL or token-bucket assignment holds if no report renews it.
 const ASSIGNMENT_TTL: Duration = Duration::from_secs(300);
 
+/// Distinct buckets one stream may report: each is remembered for the stream's life (to push
+/// its changes), so a client naming ever new buckets would otherwise grow the server without
+/// bound. Envoy reports one bucket per tenant and meter it limits.
+pub const MAX_BUCKETS_PER_STREAM: usize = 10_000;
+
 pub struct Rlqs(pub LimitsEdge);
 
 fn proto_duration(duration: Duration) -> ProtoDuration {
@@ -155,6 +160,15 @@ impl RateLimitQuotaService for Rlqs {
                             }
                             let mut key: Vec<(String, String)> = bucket.bucket.clone().into_iter().collect();
                             key.sort();
+                            if buckets.len() >= MAX_BUCKETS_PER_STREAM && !buckets.contains_key(&key) {
+                                metrics::counter!(telemetry::LIMITS_REQUESTS, "service" => "rlqs", "code" => "resource_exhausted")
+                                    .increment(1);
+                                let _ = sender.send(Err(Status::resource_exhausted(format!(
+                                    "more than {MAX_BUCKETS_PER_STREAM} buckets reported on one stream; \
+                                     open another stream for more"
+                                )))).await;
+                                return;
+                            }
                             buckets.insert(key.clone(), (bucket, tenant, meter, Action::AbandonAction(AbandonAction {})));
                             changed.push((key, true));
                         }
