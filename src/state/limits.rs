@@ -1848,11 +1848,23 @@ impl Gate<'_> {
 /// record's `retry_at`). Stale at worst by the topic's delay: an edge may still forward what
 /// the owner then refuses or charges, and never refuses what the owner would accept but for
 /// a limit raised since (a reload re-publishes nothing until the next change).
-#[derive(Default)]
 pub struct Replicated {
     exhausted: RwLock<HashMap<(String, String), Exhausted>>,
     /// Rate limits over: (tenant, meter) → unix ms the excess has drained at.
     throttled: RwLock<HashMap<(String, String), i64>>,
+    /// (tenant, meter) whose published state changed here: open RLQS streams re-assign
+    /// their buckets at once instead of at Envoy's next report.
+    changes: tokio::sync::broadcast::Sender<(String, String)>,
+}
+
+impl Default for Replicated {
+    fn default() -> Replicated {
+        Replicated {
+            exhausted: RwLock::default(),
+            throttled: RwLock::default(),
+            changes: tokio::sync::broadcast::channel(SIGNAL_BACKLOG).0,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1887,25 +1899,23 @@ impl Replicated {
                 .map_err(|error| format!("`{text}`: {error}"))
         };
         let key = (record.tenant, record.meter);
+        let changed = key.clone();
         let exceeded = record.state == State::Exceeded.as_str();
         // Limits that have reset hold nothing: forgotten whenever a limit is used up, so the
         // maps stay as large as the tenants over their limits now (no later state need come).
         let now_ms = crate::model::now_ms();
-        if record.kind == Kind::Rate.as_str() {
+        let differs = if record.kind == Kind::Rate.as_str() {
             let mut throttled = self.throttled.write();
             if exceeded {
                 let until = time(record.retry_at.as_deref().unwrap_or(&record.resets_at))?;
                 throttled.retain(|_, until| *until > now_ms);
-                throttled.insert(key, until);
+                throttled.insert(key, until) != Some(until)
             } else {
-                throttled.remove(&key);
+                throttled.remove(&key).is_some()
             }
-            return Ok(());
-        }
-        if record.kind != Kind::Quota.as_str() {
-            return Ok(());
-        }
-        if record.mode == Mode::Hard.as_str() && exceeded {
+        } else if record.kind != Kind::Quota.as_str() {
+            false
+        } else if record.mode == Mode::Hard.as_str() && exceeded {
             let exhausted = Exhausted {
                 period: (
                     time(&record.period_start)?.div_euclid(1000),
@@ -1915,11 +1925,20 @@ impl Replicated {
             };
             let mut states = self.exhausted.write();
             states.retain(|_, state| state.resets_at_ms > now_ms);
-            states.insert(key, exhausted);
+            states.insert(key, exhausted) != Some(exhausted)
         } else {
-            self.exhausted.write().remove(&key);
+            self.exhausted.write().remove(&key).is_some()
+        };
+        if differs {
+            // Nobody listening: nothing to do.
+            let _ = self.changes.send(changed);
         }
         Ok(())
+    }
+
+    /// The (tenant, meter) pairs whose published state changes from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<(String, String)> {
+        self.changes.subscribe()
     }
 
     pub fn is_empty(&self) -> bool {

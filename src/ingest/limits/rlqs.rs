@@ -123,6 +123,8 @@ impl RateLimitQuotaService for Rlqs {
         tokio::spawn(async move {
             let config = edge.shared.config.limits.clone();
             let mut signals = edge.shared.limits.subscribe();
+            // Cluster mode: what the owners publish (an exhausted quota) re-assigns too.
+            let mut published = edge.shared.limits.replicated.subscribe();
             // Every bucket reported on this stream, with the action last sent for it.
             let mut buckets: BTreeMap<Vec<(String, String)>, (BucketId, String, String, Action)> =
                 BTreeMap::new();
@@ -185,6 +187,18 @@ impl RateLimitQuotaService for Rlqs {
                                 .filter(|(_, (_, tenant, meter, _))| {
                                     **tenant == *signal.tenant && *meter == signal.standing.limit.meter
                                 })
+                                .map(|(key, _)| (key.clone(), false)),
+                        ),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            changed.extend(buckets.keys().map(|key| (key.clone(), false)))
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    change = published.recv() => match change {
+                        Ok((tenant, meter)) => changed.extend(
+                            buckets
+                                .iter()
+                                .filter(|(_, (_, of, named, _))| *of == tenant && *named == meter)
                                 .map(|(key, _)| (key.clone(), false)),
                         ),
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
