@@ -168,7 +168,15 @@ mod tests {
     use crate::limit::{Kind, Limit, Mode, State};
     use crate::state::limits::{Replicated, Standing};
 
+    /// The period the events below fall in: the 30 days around now (`Replicated::apply`
+    /// forgets states whose reset has passed by the wall clock, so fixed dates would expire).
+    fn period() -> (i64, i64) {
+        let now = crate::model::now_ms().div_euclid(1000);
+        (now - 10 * 86_400, now + 20 * 86_400)
+    }
+
     fn signal(state: State, mode: Mode, used: i128) -> Signal {
+        let (start, end) = period();
         Signal {
             tenant: Arc::from("acme"),
             standing: Standing {
@@ -184,13 +192,12 @@ mod tests {
                 used,
                 remaining: (100 - used).max(0),
                 state,
-                // December 2026, the period the events below fall in.
-                period: (1_796_083_200, 1_798_761_600),
-                resets_at_ms: 1_798_761_600_000,
+                period: (start, end),
+                resets_at_ms: end * 1000,
                 retry_at_ms: None,
             },
             crossed: vec![],
-            at_ms: 1_796_600_000_000,
+            at_ms: crate::model::now_ms(),
         }
     }
 
@@ -200,35 +207,27 @@ mod tests {
     #[test]
     fn edges_read_back_the_states_owners_publish() {
         let replicated = Replicated::default();
-        let now_ms = 1_796_600_000_000;
-        let december = 1_796_600_000;
+        let (start, end) = period();
+        let now_ms = crate::model::now_ms();
+        let now = now_ms.div_euclid(1000);
         replicated
             .apply(&record(&signal(State::Exceeded, Mode::Soft, 120)).1)
             .unwrap();
-        assert_eq!(replicated.exhausted("acme", "tokens", december, now_ms), None);
+        assert_eq!(replicated.exhausted("acme", "tokens", now, now_ms), None);
         replicated
             .apply(&record(&signal(State::Exceeded, Mode::Hard, 100)).1)
             .unwrap();
         assert_eq!(
-            replicated.exhausted("acme", "tokens", december, now_ms),
-            Some(1_798_761_600_000)
+            replicated.exhausted("acme", "tokens", now, now_ms),
+            Some(end * 1000)
         );
-        assert_eq!(replicated.exhausted("globex", "tokens", december, now_ms), None);
-        assert_eq!(replicated.exhausted("acme", "api_calls", december, now_ms), None);
-        // An event of November (late) or January is another period's.
-        assert_eq!(
-            replicated.exhausted("acme", "tokens", 1_796_083_199, now_ms),
-            None
-        );
-        assert_eq!(
-            replicated.exhausted("acme", "tokens", 1_798_761_600, now_ms),
-            None
-        );
+        assert_eq!(replicated.exhausted("globex", "tokens", now, now_ms), None);
+        assert_eq!(replicated.exhausted("acme", "api_calls", now, now_ms), None);
+        // An event of the period before (late) or after is another period's.
+        assert_eq!(replicated.exhausted("acme", "tokens", start - 1, now_ms), None);
+        assert_eq!(replicated.exhausted("acme", "tokens", end, now_ms), None);
         // Past the reset, nothing is refused even before a new state arrives.
-        assert_eq!(
-            replicated.exhausted("acme", "tokens", december, 1_798_761_600_000),
-            None
-        );
+        assert_eq!(replicated.exhausted("acme", "tokens", now, end * 1000), None);
         replicated
             .apply(&record(&signal(State::Ok, Mode::Hard, 0)).1)
             .unwrap();
