@@ -506,11 +506,7 @@ fn the_limits_listener_serves_tls_and_client_certificates_name_the_tenant() {
         "tls_client.py",
         &[
             stubs.as_os_str(),
-            daemon
-                .limits_grpc
-                .as_deref()
-                .expect("the limits listener runs")
-                .as_ref(),
+            limits_addr(&daemon),
             cert_path.as_os_str(),
             dir.path().join("acme-gateway.crt").as_os_str(),
             dir.path().join("acme-gateway.key").as_os_str(),
@@ -555,11 +551,7 @@ fn envoy_rls_and_quota_watch_decide_from_the_billed_totals() {
         "envoy_client.py",
         &[
             stubs.as_os_str(),
-            daemon
-                .limits_grpc
-                .as_deref()
-                .expect("the limits listener runs")
-                .as_ref(),
+            limits_addr(&daemon),
             daemon.addr.as_ref(),
             OPS.as_ref(),
             GLOBEX.as_ref(),
@@ -723,4 +715,13 @@ async fn an_rlqs_stream_holds_a_bounded_number_of_buckets() {
     let first = stream.message().await.unwrap().expect("an answer");
     assert_eq!(first.bucket_action.len(), 3);
     daemon.stop();
+}
+
+/// The daemon's limits listener address, as a client script's argument.
+fn limits_addr(daemon: &Daemon) -> &std::ffi::OsStr {
+    daemon
+        .limits_grpc
+        .as_deref()
+        .expect("the limits listener runs")
+        .as_ref()
 }

@@ -436,6 +436,9 @@ pub struct Verdict {
     pub holds: Vec<Hold>,
 }
 
+/// What a request's rate keys took: ((tenant, meter), units).
+type Taken = SmallVec<[((TenantId, MeterId), i128); 2]>;
+
 /// How long after a plan reload batches are applied by reading them whole (`Gate::applied`):
 /// longer than a decided request waits for its commit.
 const RELOAD_SETTLES_NS: i128 = 60_000_000_000;
@@ -881,28 +884,54 @@ impl Limits {
                 None => demand.push(((key.tenant, key.meter), units, logged)),
             });
         }
-        if rates == Rates::Charge {
-            let quotas = self.charge_rates(names, meters, &demand, now_ns, &mut counts);
-            let taken: SmallVec<[((TenantId, MeterId), i128); 2]> =
-                demand.iter().map(|&(key, units, _)| (key, units)).collect();
-            let verdict = self.settle_quotas(
-                names,
-                meters,
-                units,
-                fresh,
-                load,
-                quotas,
-                &taken,
-                now_ns,
-                &mut counts,
-            );
-            self.decisions.record(&counts);
-            return verdict;
-        }
-        // Rate limits: all allowed, or none taken.
+        let (quotas, taken) = match rates {
+            Rates::Charge => {
+                let quotas = self.charge_rates(names, meters, &demand, now_ns, &mut counts);
+                (
+                    quotas,
+                    demand.iter().map(|&(key, units, _)| (key, units)).collect(),
+                )
+            }
+            Rates::Enforce | Rates::Skip => {
+                match self.take_rates(names, meters, &demand, rates, now_ns, &mut counts) {
+                    Ok(taken) => taken,
+                    Err(refusal) => {
+                        self.decisions.record(&counts);
+                        return Err(refusal);
+                    }
+                }
+            }
+        };
+        let verdict = self.settle_quotas(
+            names,
+            meters,
+            units,
+            fresh,
+            load,
+            quotas,
+            &taken,
+            now_ns,
+            &mut counts,
+        );
+        self.decisions.record(&counts);
+        verdict
+    }
+
+    /// Rate limits over a request's demand as a whole (`Rates::Enforce`): all allowed, or none
+    /// taken and the refusal. With `Rates::Skip` nothing is taken. (whether any tenant met has
+    /// quotas, what was taken)
+    fn take_rates(
+        &self,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        demand: &[Demand],
+        rates: Rates,
+        now_ns: i128,
+        counts: &mut Counts,
+    ) -> Result<(bool, Taken), LimitError> {
         let mut quotas = false;
-        let mut taken: SmallVec<[((TenantId, MeterId), i128); 2]> = SmallVec::new();
-        for &((tenant, meter), units, _) in &demand {
+        let mut taken = Taken::new();
+        for &((tenant, meter), units, _) in demand {
             let decided = self.with_cached(tenant, names, meters, |table| {
                 table.touch(now_ns);
                 quotas |= table.has_quotas;
@@ -930,15 +959,8 @@ impl Limits {
                 None => {}
                 Some(Ok(())) => taken.push(((tenant, meter), units)),
                 Some(Err((state, spec, scale))) => {
-                    for &((tenant, meter), units) in &taken {
-                        self.with_cached(tenant, names, meters, |table| {
-                            if let Some(slot) = table.rate(meter) {
-                                slot.give_back(units);
-                            }
-                        });
-                    }
+                    self.give_back_taken(names, meters, &taken);
                     counts.add(Kind::Rate, "refused");
-                    self.decisions.record(&counts);
                     return Err(LimitError::Rate(RateRefusal {
                         tenant,
                         meter,
@@ -954,19 +976,34 @@ impl Limits {
         for _ in &taken {
             counts.add(Kind::Rate, "allowed");
         }
-        let verdict = self.settle_quotas(
-            names,
-            meters,
-            units,
-            fresh,
-            load,
-            quotas,
-            &taken,
-            now_ns,
-            &mut counts,
-        );
-        self.decisions.record(&counts);
-        verdict
+        Ok((quotas, taken))
+    }
+
+    /// Gives back what a request's rate keys took (it was refused or left undecided).
+    fn give_back_taken(
+        &self,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        taken: &[((TenantId, MeterId), i128)],
+    ) {
+        for &((tenant, meter), units) in taken {
+            self.give_back_units(names, meters, tenant, meter, units);
+        }
+    }
+
+    fn give_back_units(
+        &self,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        tenant: TenantId,
+        meter: MeterId,
+        units: i128,
+    ) {
+        self.with_cached(tenant, names, meters, |cached| {
+            if let Some(slot) = cached.rate(meter) {
+                slot.give_back(units);
+            }
+        });
     }
 
     /// The quota half of `decide`, after the rates took `taken`: units refused for a quota
@@ -994,24 +1031,15 @@ impl Limits {
             gate.inner.clock_ns = now_ns;
             gate.decide_quotas(names, meters, units, fresh, load, &mut verdict, counts)
         };
-        let give_back = |tenant: TenantId, meter: MeterId, units: i128| {
-            self.with_cached(tenant, names, meters, |cached| {
-                if let Some(slot) = cached.rate(meter) {
-                    slot.give_back(units);
-                }
-            });
-        };
         if let Err(error) = decided {
-            for &((tenant, meter), units) in taken {
-                give_back(tenant, meter, units);
-            }
+            self.give_back_taken(names, meters, taken);
             return Err(error);
         }
         if !taken.is_empty() {
             for &(index, _) in &verdict.refused {
                 units[index].contributions(&mut |key, units| {
                     if taken.iter().any(|(id, _)| *id == (key.tenant, key.meter)) {
-                        give_back(key.tenant, key.meter, units);
+                        self.give_back_units(names, meters, key.tenant, key.meter, units);
                     }
                 });
             }
@@ -1291,11 +1319,7 @@ impl Limits {
         meters: &crate::meter::Meters,
     ) {
         for &(tenant, meter, units, _) in trials.iter().filter(|trial| trial.3.allowed) {
-            self.with_cached(tenant, names, meters, |cached| {
-                if let Some(slot) = cached.rate(meter) {
-                    slot.give_back(units);
-                }
-            });
+            self.give_back_units(names, meters, tenant, meter, units);
         }
     }
 
