@@ -51,25 +51,56 @@ fn ceil_div(a: i128, b: i128) -> i128 {
     if a <= 0 {
         0
     } else {
-        (a + b - 1) / b
+        div(a + b - 1, b)
+    }
+}
+
+// i128 multiplication and division are library calls (`__muloti4` for the checked and
+// saturating forms, `__divti3`) costing more than the rest of a decision; every operand here
+// fits in 64 bits (times up to 10^17 ns, limits, bursts and units up to 10^18, periods up to a
+// day in ns), where one instruction does it exactly: a 64 × 64-bit product never overflows
+// 128 bits. The wide forms stay for what does not fit.
+
+/// `a · b`, saturating.
+#[inline]
+fn mul(a: i128, b: i128) -> i128 {
+    match (i64::try_from(a), i64::try_from(b)) {
+        (Ok(a), Ok(b)) => i128::from(a) * i128::from(b),
+        _ => a.saturating_mul(b),
+    }
+}
+
+/// `a · b`, None on overflow.
+#[inline]
+fn checked_mul(a: i128, b: i128) -> Option<i128> {
+    match (i64::try_from(a), i64::try_from(b)) {
+        (Ok(a), Ok(b)) => Some(i128::from(a) * i128::from(b)),
+        _ => a.checked_mul(b),
+    }
+}
+
+/// `a / b` (b > 0), truncating like `/`.
+#[inline]
+fn div(a: i128, b: i128) -> i128 {
+    match (i64::try_from(a), i64::try_from(b)) {
+        // i64::MIN / -1 cannot happen: b > 0.
+        (Ok(a), Ok(b)) => i128::from(a / b),
+        _ => a / b,
     }
 }
 
 impl Gcra {
     fn scaled(now_ns: i128, spec: &RateSpec) -> i128 {
-        now_ns.saturating_mul(spec.limit)
+        mul(now_ns, spec.limit)
     }
 
     /// `check` without the answer's details (no division): whether `units` at `now_ns` are
     /// allowed, taken from the key when they are. The admission gate's fast path.
     pub fn take(&mut self, now_ns: i128, units: i128, spec: &RateSpec) -> bool {
         let now = Gcra::scaled(now_ns, spec);
-        let tau = spec.burst.saturating_mul(spec.per_ns);
+        let tau = mul(spec.burst, spec.per_ns);
         let tat = self.tat.max(now);
-        match units
-            .checked_mul(spec.per_ns)
-            .and_then(|cost| tat.checked_add(cost))
-        {
+        match checked_mul(units, spec.per_ns).and_then(|cost| tat.checked_add(cost)) {
             Some(new_tat) if units <= spec.burst && new_tat - now <= tau => {
                 self.tat = new_tat;
                 true
@@ -81,24 +112,22 @@ impl Gcra {
     /// Decides a request of `units` at `now_ns`; an allowed one is taken from the key.
     pub fn check(&mut self, now_ns: i128, units: i128, spec: &RateSpec) -> RateDecision {
         let now = Gcra::scaled(now_ns, spec);
-        let tau = spec.burst.saturating_mul(spec.per_ns);
+        let tau = mul(spec.burst, spec.per_ns);
         let tat = self.tat.max(now);
-        let new_tat = units
-            .checked_mul(spec.per_ns)
-            .and_then(|cost| tat.checked_add(cost));
+        let new_tat = checked_mul(units, spec.per_ns).and_then(|cost| tat.checked_add(cost));
         match new_tat {
             Some(new_tat) if units <= spec.burst && new_tat - now <= tau => {
                 self.tat = new_tat;
                 RateDecision {
                     allowed: true,
-                    remaining: (tau - (new_tat - now)) / spec.per_ns,
+                    remaining: div(tau - (new_tat - now), spec.per_ns),
                     retry_after_ns: None,
                     reset_ns: ceil_div(new_tat - now, spec.limit),
                 }
             }
             _ => RateDecision {
                 allowed: false,
-                remaining: (tau - (tat - now)) / spec.per_ns,
+                remaining: div(tau - (tat - now), spec.per_ns),
                 retry_after_ns: match new_tat {
                     Some(new_tat) if units <= spec.burst => Some(ceil_div(new_tat - tau - now, spec.limit)),
                     _ => None,
@@ -116,16 +145,16 @@ impl Gcra {
     /// (`remaining` back to 0) and `reset_ns` until the burst is whole.
     pub fn charge(&mut self, now_ns: i128, at_ns: i128, units: i128, spec: &RateSpec) -> RateDecision {
         let now = Gcra::scaled(now_ns, spec);
-        let tau = spec.burst.saturating_mul(spec.per_ns);
+        let tau = mul(spec.burst, spec.per_ns);
         self.tat = self
             .tat
             .max(Gcra::scaled(at_ns.min(now_ns), spec))
-            .saturating_add(units.saturating_mul(spec.per_ns));
+            .saturating_add(mul(units, spec.per_ns));
         let ahead = self.tat.saturating_sub(now);
         let over = ahead > tau;
         RateDecision {
             allowed: !over,
-            remaining: (tau.saturating_sub(ahead)) / spec.per_ns,
+            remaining: div(tau.saturating_sub(ahead), spec.per_ns),
             retry_after_ns: over.then(|| ceil_div(ahead - tau, spec.limit)),
             reset_ns: ceil_div(ahead, spec.limit),
         }
@@ -134,15 +163,18 @@ impl Gcra {
     /// The key's state at `now_ns` without taking anything: (remaining units, ns until full).
     pub fn peek(&self, now_ns: i128, spec: &RateSpec) -> (i128, i128) {
         let now = Gcra::scaled(now_ns, spec);
-        let tau = spec.burst.saturating_mul(spec.per_ns);
+        let tau = mul(spec.burst, spec.per_ns);
         let tat = self.tat.max(now);
-        ((tau - (tat - now)) / spec.per_ns, ceil_div(tat - now, spec.limit))
+        (
+            div(tau - (tat - now), spec.per_ns),
+            ceil_div(tat - now, spec.limit),
+        )
     }
 
     /// Gives back `units` taken from the key (a request refused as a whole after this key had
     /// allowed its part): as if they had not been taken, but for the time passed meanwhile.
     pub fn give_back(&mut self, units: i128, spec: &RateSpec) {
-        self.tat = self.tat.saturating_sub(units.saturating_mul(spec.per_ns));
+        self.tat = self.tat.saturating_sub(mul(units, spec.per_ns));
     }
 
     /// The same state under another spec (a plan reload changed the limit): the TAT as a time
@@ -152,7 +184,7 @@ impl Gcra {
             return self;
         }
         Gcra {
-            tat: (self.tat / from.limit.max(1)).saturating_mul(to.limit),
+            tat: mul(div(self.tat, from.limit.max(1)), to.limit),
         }
     }
 
@@ -249,6 +281,18 @@ mod tests {
         assert_eq!(ahead.charge(now, now + 3600 * SECOND, 10, &spec).reset_ns, SECOND);
     }
 
+    /// Values at and around the 64-bit boundary, where the narrow forms hand over to the wide.
+    fn edge_or_any() -> impl Strategy<Value = i128> {
+        prop_oneof![
+            any::<i128>(),
+            any::<i64>().prop_map(i128::from),
+            (-3i128..=3).prop_map(|d| i128::from(i64::MAX) + d),
+            (-3i128..=3).prop_map(|d| i128::from(i64::MIN) + d),
+            (-3i128..=3).prop_map(|d| i128::MAX - d.abs()),
+            (-3i128..=3).prop_map(|d| i128::MIN + d.abs()),
+        ]
+    }
+
     proptest! {
         /// The GCRA bound: in any interval [t_i, t_j] the allowed units are at most
         /// burst + limit × (t_j − t_i) / per, whatever the sizes and spacing of requests.
@@ -277,6 +321,16 @@ mod tests {
                     prop_assert!(sum * spec.per_ns <= spec.burst * spec.per_ns + spec.limit * span,
                         "{sum} units in {span} ns");
                 }
+            }
+        }
+
+        /// The narrow fast paths answer exactly what i128's own operations do.
+        #[test]
+        fn narrow_arithmetic_is_the_wide_arithmetic(a in edge_or_any(), b in edge_or_any()) {
+            prop_assert_eq!(mul(a, b), a.saturating_mul(b));
+            prop_assert_eq!(checked_mul(a, b), a.checked_mul(b));
+            if b > 0 {
+                prop_assert_eq!(div(a, b), a / b);
             }
         }
 

@@ -193,6 +193,21 @@ impl RateSlot {
     }
 }
 
+/// A billing period `[start, end)` (unix seconds) in one word: the start's seconds in the
+/// high half, the length in the low half. None when it does not fit (before 1970, after 2106):
+/// such a period is not cached.
+fn pack_period((start, end): (i64, i64)) -> Option<u64> {
+    let start = u32::try_from(start).ok()?;
+    let length = u32::try_from(end.checked_sub(i64::from(start))?).ok()?;
+    (length > 0).then_some(u64::from(start) << 32 | u64::from(length))
+}
+
+/// `pack_period`'s inverse; 0 (nothing cached) is the empty period `[0, 0)`.
+fn unpack_period(packed: u64) -> (i64, i64) {
+    let start = i64::from((packed >> 32) as u32);
+    (start, start + i64::from(packed as u32))
+}
+
 /// A tenant's limits, by meter id, with its billing period.
 #[derive(Debug)]
 struct TenantTable {
@@ -202,20 +217,29 @@ struct TenantTable {
     has_quotas: bool,
     period: crate::rate::period::BillingPeriod,
     zone: Option<chrono_tz::Tz>,
-    /// The last period computed: most units fall in it.
-    last_period: Mutex<(i64, i64)>,
+    /// The newest period computed, packed by `pack_period` (0: none): most units fall in
+    /// it. Read without a lock, written only when a newer period starts: every request
+    /// thread reads it, and a lock's write would move its cache line between them.
+    last_period: AtomicU64,
     /// Rate keys after the first (which `Cached` holds inline).
     more_rates: Vec<RateSlot>,
 }
 
 impl TenantTable {
     fn period_of(&self, unix_secs: i64) -> (i64, i64) {
-        let mut last = self.last_period.lock();
-        let (start, end) = *last;
-        if !(start <= unix_secs && unix_secs < end) {
-            *last = self.period.containing_in(unix_secs, self.zone);
+        let last = self.last_period.load(Ordering::Relaxed);
+        let (start, end) = unpack_period(last);
+        if start <= unix_secs && unix_secs < end {
+            return (start, end);
         }
-        *last
+        let period = self.period.containing_in(unix_secs, self.zone);
+        // A late unit's older period is computed each time; only a newer one is kept.
+        if period.0 > start || last == 0 {
+            if let Some(packed) = pack_period(period) {
+                self.last_period.store(packed, Ordering::Relaxed);
+            }
+        }
+        period
     }
 
     fn limit(&self, meter: MeterId, kind: Kind) -> Option<&Arc<Limit>> {
@@ -297,10 +321,11 @@ impl Cached {
     }
 }
 
-/// The tables one batch meets, each with the last period a unit fell in (a batch repeats its
-/// tenants and periods: each is looked up once).
+/// The tables one batch meets, each with the generation of the plans it was built from and
+/// the last period a unit fell in (a batch repeats its tenants and periods: each is looked up
+/// once).
 #[derive(Default)]
-struct BatchTables(HashMap<TenantId, Option<MetTable>>);
+struct BatchTables(HashMap<TenantId, (u32, Option<MetTable>)>);
 
 struct MetTable {
     table: Arc<TenantTable>,
@@ -311,17 +336,24 @@ impl BatchTables {
     fn get(
         &mut self,
         tenant: TenantId,
-        fetch: impl FnOnce() -> Option<Arc<TenantTable>>,
+        fetch: impl FnOnce() -> (u32, Option<Arc<TenantTable>>),
     ) -> Option<&mut MetTable> {
         self.0
             .entry(tenant)
             .or_insert_with(|| {
-                fetch().map(|table| MetTable {
+                let (generation, table) = fetch();
+                let met = table.map(|table| MetTable {
                     table,
                     period: (0, 0),
-                })
+                });
+                (generation, met)
             })
+            .1
             .as_mut()
+    }
+
+    fn table(&self, tenant: TenantId) -> Option<&Arc<TenantTable>> {
+        Some(&self.0.get(&tenant)?.1.as_ref()?.table)
     }
 }
 
@@ -341,6 +373,9 @@ pub struct Inner {
     /// The table of each tenant with a tracked period (the newest a decision met): `applied`
     /// reads it here, under the lock it holds anyway.
     tenants: HashMap<TenantId, Arc<TenantTable>>,
+    /// Every tenant decisions met since the last sweep: (generation of the plans its table was
+    /// built from, the table; None: no limits). `decide_known` decides from it alone.
+    known: HashMap<TenantId, (u32, Option<Arc<TenantTable>>)>,
     /// The gate's clock (ns) as of the operation holding the lock.
     clock_ns: i128,
 }
@@ -653,6 +688,7 @@ impl Limits {
             inner: Mutex::new(Inner {
                 quotas: HashMap::default(),
                 tenants: HashMap::default(),
+                known: HashMap::default(),
                 clock_ns: 0,
             }),
         }
@@ -777,11 +813,21 @@ impl Limits {
         names: &crate::model::Names,
         meters: &crate::meter::Meters,
     ) -> Option<Arc<TenantTable>> {
+        self.table_at(tenant, names, meters).1
+    }
+
+    /// `table` with the generation of the plans it was built from.
+    fn table_at(
+        &self,
+        tenant: TenantId,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+    ) -> (u32, Option<Arc<TenantTable>>) {
         loop {
             let generation = self.generation.load(Ordering::Acquire);
             if let Some(cached) = self.tables.get(&tenant) {
                 if cached.generation == generation {
-                    return cached.table.clone();
+                    return (generation, cached.table.clone());
                 }
             }
             self.build(tenant, names, meters);
@@ -842,6 +888,8 @@ impl Limits {
         gate.inner
             .tenants
             .retain(|tenant, _| quota_tenants.contains(tenant));
+        // Learned again by the next request meeting each (memory: the tenants of 10 s).
+        gate.inner.known.clear();
         self.tables.retain(|tenant, cached| {
             cached.table.is_some() && (quota_tenants.contains(tenant) || !cached.is_idle(now_ns))
         });
@@ -1460,7 +1508,7 @@ fn build_table(
         zone: plans.timezone(&name),
         name,
         limits,
-        last_period: Mutex::new((0, 0)),
+        last_period: AtomicU64::new(0),
         more_rates,
     };
     Some((table, first))
@@ -1532,6 +1580,78 @@ fn quota_standing(
 }
 
 impl Gate<'_> {
+    /// `decide_whole` from the gate's own maps, when they know everything the request
+    /// touches: each tenant's table from the plans in force (`Inner::known`) and each quota
+    /// period tracked, with room for the request's units. No shared map is read and no
+    /// reference count moves: every request thread reads the same tables, and each such write
+    /// would move a cache line between cores. `false`: nothing decided nor held.
+    fn decide_known<U: Contributes>(
+        &mut self,
+        units: &[U],
+        fresh: &[bool],
+        verdict: &mut Verdict,
+        counts: &mut Counts,
+    ) -> bool {
+        let generation = self.limits.generation.load(Ordering::Acquire);
+        let clock_ns = self.inner.clock_ns;
+        let Inner { quotas, known, .. } = &mut *self.inner;
+        let mut totals: HashMap<QuotaKey, (i128, i128)> = HashMap::default();
+        let (mut limited_units, mut usable) = (0u64, true);
+        for (unit, _) in units.iter().zip(fresh).filter(|(_, fresh)| **fresh) {
+            let mut limited = false;
+            unit.contributions(&mut |key, units| {
+                let table = match known.get(&key.tenant) {
+                    Some((built, table)) if usable && *built == generation => table,
+                    _ => {
+                        usable = false;
+                        return;
+                    }
+                };
+                let Some(limit) = table.as_ref().and_then(|table| {
+                    table
+                        .limit(key.meter, Kind::Quota)
+                        .map(|limit| (table, limit.limit))
+                }) else {
+                    return;
+                };
+                let (table, limit) = limit;
+                let quota_key = QuotaKey {
+                    tenant: key.tenant,
+                    meter: key.meter,
+                    period_start: table.period_of(key.window_start).0,
+                };
+                let total = totals.entry(quota_key).or_insert((0, limit));
+                total.0 = total.0.saturating_add(units);
+                // A negative unit: prefixes may not fit where the whole does.
+                usable &= units >= 0;
+                limited = true;
+            });
+            if !usable {
+                return false;
+            }
+            limited_units += u64::from(limited);
+        }
+        let fits = |key: &QuotaKey, units: i128, limit: i128| {
+            quotas
+                .get(key)
+                .is_some_and(|entry| entry.used.saturating_add(entry.held).saturating_add(units) <= limit)
+        };
+        if !totals
+            .iter()
+            .all(|(key, (units, limit))| fits(key, *units, *limit))
+        {
+            return false;
+        }
+        for (key, (units, _)) in totals {
+            let entry = quotas.get_mut(&key).expect("invariant: checked above");
+            entry.held = entry.held.saturating_add(units);
+            entry.touched = clock_ns;
+            verdict.holds.push(Hold { key, units });
+        }
+        counts.0[Kind::Quota as usize][0] += limited_units;
+        true
+    }
+
     /// The request at once, when that decides exactly what unit-by-unit would: every quota
     /// period it touches has room for all of its units (`used + held + total ≤ limit`) and no
     /// unit is negative, so every prefix fits too, every unit is admitted and none warns. One
@@ -1549,13 +1669,14 @@ impl Gate<'_> {
         counts: &mut Counts,
     ) -> Result<bool, LimitError> {
         let limits = self.limits;
-        // Per period: (the request's units, the limit, the tenant's table).
-        let mut totals: HashMap<QuotaKey, (i128, i128, Arc<TenantTable>)> = HashMap::default();
+        // Per period: (the request's units, the limit); the table is the batch's (no
+        // reference count moved per period: tables are shared by every thread).
+        let mut totals: HashMap<QuotaKey, (i128, i128)> = HashMap::default();
         let (mut limited_units, mut negative) = (0u64, false);
         for (unit, _) in units.iter().zip(fresh).filter(|(_, fresh)| **fresh) {
             let mut limited = false;
             unit.contributions(&mut |key, units| {
-                let Some(met) = tables.get(key.tenant, || limits.table(key.tenant, names, meters)) else {
+                let Some(met) = tables.get(key.tenant, || limits.table_at(key.tenant, names, meters)) else {
                     return;
                 };
                 let Some(limit) = met.table.limit(key.meter, Kind::Quota).map(|limit| limit.limit) else {
@@ -1567,9 +1688,7 @@ impl Gate<'_> {
                     meter: key.meter,
                     period_start,
                 };
-                let total = totals
-                    .entry(quota_key)
-                    .or_insert_with(|| (0, limit, met.table.clone()));
+                let total = totals.entry(quota_key).or_insert((0, limit));
                 total.0 = total.0.saturating_add(units);
                 negative |= units < 0;
                 limited = true;
@@ -1579,13 +1698,16 @@ impl Gate<'_> {
         if negative {
             return Ok(false);
         }
-        for (key, (units, limit, table)) in &totals {
+        for (key, (units, limit)) in &totals {
+            let table = tables
+                .table(key.tenant)
+                .expect("invariant: a period's tenant has a table");
             let entry = self.entry(*key, table, meters, load)?;
             if entry.used.saturating_add(entry.held).saturating_add(*units) > *limit {
                 return Ok(false);
             }
         }
-        for (key, (units, _, _)) in totals {
+        for (key, (units, _)) in totals {
             let entry = self
                 .inner
                 .quotas
@@ -1610,6 +1732,9 @@ impl Gate<'_> {
         verdict: &mut Verdict,
         counts: &mut Counts,
     ) -> Result<(), LimitError> {
+        if self.decide_known(units, fresh, verdict, counts) {
+            return Ok(());
+        }
         let limits = self.limits;
         let mut tables = BatchTables::default();
         if self.decide_whole(names, meters, units, fresh, load, &mut tables, verdict, counts)? {
@@ -1625,7 +1750,7 @@ impl Gate<'_> {
             }
             wants.clear();
             unit.contributions(&mut |key, units| {
-                let Some(met) = tables.get(key.tenant, || limits.table(key.tenant, names, meters)) else {
+                let Some(met) = tables.get(key.tenant, || limits.table_at(key.tenant, names, meters)) else {
                     return;
                 };
                 let Some((mode, limit, scale)) = met
@@ -1706,14 +1831,17 @@ impl Gate<'_> {
         Ok(())
     }
 
-    /// Tracked tenants follow the newest tables a decision met (a reload rebuilt them).
+    /// Tracked tenants follow the newest tables a decision met (a reload rebuilt them), and
+    /// the gate knows them all (`decide_known`).
     fn follow(&mut self, tables: &BatchTables) {
-        for (tenant, met) in &tables.0 {
+        for (tenant, (generation, met)) in &tables.0 {
             if let (Some(met), Some(tracked)) = (met, self.inner.tenants.get_mut(tenant)) {
                 if !Arc::ptr_eq(&met.table, tracked) {
                     *tracked = met.table.clone();
                 }
             }
+            let table = met.as_ref().map(|met| met.table.clone());
+            self.inner.known.insert(*tenant, (*generation, table));
         }
     }
 
@@ -1802,7 +1930,7 @@ impl Gate<'_> {
         let Inner { quotas, tenants, .. } = &mut *self.inner;
         for (key, state) in &batch.series {
             let Some(units) = additive(state) else { continue };
-            let Some(met) = tables.get(key.tenant, || tenants.get(&key.tenant).cloned()) else {
+            let Some(met) = tables.get(key.tenant, || (0, tenants.get(&key.tenant).cloned())) else {
                 continue;
             };
             if met.table.limit(key.meter, Kind::Quota).is_none() {
@@ -2083,6 +2211,23 @@ plan = "free"
     }
 
     proptest! {
+        /// A packed period is the period; one that does not fit is not packed.
+        #[test]
+        fn a_period_packs_into_one_word(start in -10i64..(1 << 33), length in 0i64..(1 << 33)) {
+            let period = (start, start + length);
+            match pack_period(period) {
+                Some(packed) => {
+                    prop_assert!(packed != 0);
+                    prop_assert_eq!(unpack_period(packed), period);
+                }
+                None => prop_assert!(
+                    u32::try_from(start).is_err() || u32::try_from(length).is_err() || length == 0
+                ),
+            }
+            let (from, to) = unpack_period(0);
+            prop_assert!(from >= to, "nothing cached contains no time");
+        }
+
         /// Requests decided in one order, applied (or failed) in another: the units admitted
         /// and applied never exceed the limit, a unit is refused only when it did not fit
         /// beside what was used and held at its decision, and `used` ends as the base plus
