@@ -482,6 +482,52 @@ const RELOAD_SETTLES_NS: i128 = 60_000_000_000;
 /// them (None: now).
 type Demand = ((TenantId, MeterId), i128, Option<i64>);
 
+/// A request's demand, one entry per (tenant, meter) in the order first met: found by a scan
+/// while there are few (a request of one tenant), by a map past that (a batch of hundreds of
+/// tenants would scan quadratically).
+#[derive(Default)]
+struct Demands {
+    list: SmallVec<[Demand; 2]>,
+    /// Where each is in `list`, once it holds more than `SCAN_UP_TO` (empty until then).
+    index: HashMap<(TenantId, MeterId), usize>,
+}
+
+const SCAN_UP_TO: usize = 8;
+
+impl Demands {
+    fn add(&mut self, id: (TenantId, MeterId), units: i128, logged: Option<i64>) {
+        let found = if self.index.is_empty() {
+            self.list.iter().position(|(known, _, _)| *known == id)
+        } else {
+            self.index.get(&id).copied()
+        };
+        match found {
+            Some(at) => {
+                let (_, total, earliest) = &mut self.list[at];
+                *total = total.saturating_add(units);
+                // None is now: the earliest is any time a log gave.
+                *earliest = match (*earliest, logged) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (known, None) | (None, known) => known,
+                };
+            }
+            None => {
+                self.list.push((id, units, logged));
+                if !self.index.is_empty() {
+                    self.index.insert(id, self.list.len() - 1);
+                } else if self.list.len() > SCAN_UP_TO {
+                    self.index = self
+                        .list
+                        .iter()
+                        .enumerate()
+                        .map(|(at, (known, _, _))| (*known, at))
+                        .collect();
+                }
+            }
+        }
+    }
+}
+
 /// A unit's units of one quota period: (period, units, mode, limit, scale).
 type Want = (QuotaKey, i128, Mode, i128, u32);
 
@@ -914,24 +960,12 @@ impl Limits {
         self.maybe_sweep(now_ns);
         let mut counts = Counts::default();
         // The request's demand per (tenant, meter), with the earliest time a log received it.
-        let mut demand: SmallVec<[Demand; 2]> = SmallVec::new();
+        let mut demands = Demands::default();
         for (unit, _) in units.iter().zip(fresh).filter(|(_, fresh)| **fresh) {
             let logged = unit.logged_ms();
-            unit.contributions(&mut |key, units| match demand
-                .iter_mut()
-                .find(|(id, _, _)| *id == (key.tenant, key.meter))
-            {
-                Some((_, total, at)) => {
-                    *total = total.saturating_add(units);
-                    // None is now: the earliest is any time a log gave.
-                    *at = match (*at, logged) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (known, None) | (None, known) => known,
-                    };
-                }
-                None => demand.push(((key.tenant, key.meter), units, logged)),
-            });
+            unit.contributions(&mut |key, units| demands.add((key.tenant, key.meter), units, logged));
         }
+        let demand = demands.list;
         let (quotas, taken) = match rates {
             Rates::Charge => {
                 let quotas = self.charge_rates(names, meters, &demand, now_ns, &mut counts);
@@ -1595,7 +1629,9 @@ impl Gate<'_> {
         let generation = self.limits.generation.load(Ordering::Acquire);
         let clock_ns = self.inner.clock_ns;
         let Inner { quotas, known, .. } = &mut *self.inner;
-        let mut totals: HashMap<QuotaKey, (i128, i128)> = HashMap::default();
+        // Sized for a period per unit (a batch of many tenants): never rehashed.
+        let mut totals: HashMap<QuotaKey, (i128, i128)> =
+            HashMap::with_capacity_and_hasher(units.len().min(4096), Default::default());
         let (mut limited_units, mut usable) = (0u64, true);
         for (unit, _) in units.iter().zip(fresh).filter(|(_, fresh)| **fresh) {
             let mut limited = false;
@@ -1642,6 +1678,7 @@ impl Gate<'_> {
         {
             return false;
         }
+        verdict.holds.reserve(totals.len());
         for (key, (units, _)) in totals {
             let entry = quotas.get_mut(&key).expect("invariant: checked above");
             entry.held = entry.held.saturating_add(units);
@@ -2211,6 +2248,30 @@ plan = "free"
     }
 
     proptest! {
+        /// A request's demand is the same whether found by scan or by map: each (tenant,
+        /// meter) once, in the order first met, with its sum and earliest log time.
+        #[test]
+        fn demands_sum_per_tenant_and_meter_however_many(
+            adds in prop::collection::vec((0u32..40, 0u32..2, -5i128..100, prop::option::of(0i64..1000)), 0..300),
+        ) {
+            let mut demands = Demands::default();
+            let mut expected: Vec<Demand> = Vec::new();
+            for &(tenant, meter, units, logged) in &adds {
+                demands.add((tenant, meter), units, logged);
+                match expected.iter_mut().find(|(id, _, _)| *id == (tenant, meter)) {
+                    Some((_, total, at)) => {
+                        *total += units;
+                        *at = match (*at, logged) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (known, None) | (None, known) => known,
+                        };
+                    }
+                    None => expected.push(((tenant, meter), units, logged)),
+                }
+            }
+            prop_assert_eq!(demands.list.to_vec(), expected);
+        }
+
         /// A packed period is the period; one that does not fit is not packed.
         #[test]
         fn a_period_packs_into_one_word(start in -10i64..(1 << 33), length in 0i64..(1 << 33)) {
