@@ -57,13 +57,22 @@ pub struct QuotaKey {
 pub struct Hold {
     pub key: QuotaKey,
     pub units: i128,
+    /// The decision that took them (`Inner::in_flight` until applied or released).
+    pub request: u64,
 }
 
 #[derive(Debug)]
 struct QuotaEntry {
     period_end: i64,
-    used: i128,
-    held: i128,
+    /// The period's usage as decided: what has been applied (what rating bills) and what
+    /// requests in flight were admitted with, which a failed request gives back. Applying a
+    /// batch whose units were all decided moves nothing here: the commit stage never touches
+    /// an entry the request threads write (its cache line would move between cores).
+    taken: i128,
+    /// The newest decision that took units of it: while that one may be in flight
+    /// (`Inner::in_flight`), the entry is kept (a total read again from the store would miss
+    /// its units, which applying it does not add).
+    last_request: u64,
     /// The gate's clock when last used (ns).
     touched: i128,
 }
@@ -378,6 +387,39 @@ pub struct Inner {
     known: HashMap<TenantId, (u32, Option<Arc<TenantTable>>)>,
     /// The gate's clock (ns) as of the operation holding the lock.
     clock_ns: i128,
+    /// The next decision's number (`Hold::request`).
+    next_request: u64,
+    /// Decisions that hold units not yet applied nor released (and the one deciding now).
+    in_flight: std::collections::BTreeSet<u64>,
+}
+
+impl Inner {
+    /// The decisions of `holds` are over (applied or released).
+    fn finish(&mut self, holds: &[Hold]) {
+        let mut last = None;
+        for hold in holds {
+            // A decision's holds are contiguous: one removal each.
+            if last != Some(hold.request) {
+                self.in_flight.remove(&hold.request);
+                last = Some(hold.request);
+            }
+        }
+    }
+
+    /// Gives `holds` back (their request was not applied), signalling what this changes.
+    fn give_back(&mut self, limits: &Limits, holds: &[Hold]) {
+        for hold in holds {
+            let Some(entry) = self.quotas.get_mut(&hold.key) else {
+                continue;
+            };
+            let before = entry.taken;
+            entry.taken = entry.taken.saturating_sub(hold.units);
+            if let Some(table) = self.tenants.get(&hold.key.tenant) {
+                signal_moved(limits, entry, &hold.key, table, before);
+            }
+        }
+        self.finish(holds);
+    }
 }
 
 /// The gate's lock held: quota periods can be read and moved. An applier holds it across its
@@ -736,6 +778,8 @@ impl Limits {
                 tenants: HashMap::default(),
                 known: HashMap::default(),
                 clock_ns: 0,
+                next_request: 1,
+                in_flight: std::collections::BTreeSet::new(),
             }),
         }
     }
@@ -805,7 +849,11 @@ impl Limits {
     pub fn forget_quotas(&self) {
         // No applier between its `applied` and its engine apply meanwhile.
         let _applying = self.applying.write();
-        self.lock().inner.quotas.retain(|_, entry| entry.held != 0);
+        let mut gate = self.lock();
+        let oldest_in_flight = gate.inner.in_flight.first().copied();
+        gate.inner
+            .quotas
+            .retain(|_, entry| oldest_in_flight.is_some_and(|oldest| oldest <= entry.last_request));
     }
 
     /// Publishes the decision counts to the metrics recorder (before metrics are rendered).
@@ -925,9 +973,11 @@ impl Limits {
             return;
         }
         let mut gate = self.lock();
-        gate.inner
-            .quotas
-            .retain(|_, entry| entry.held != 0 || now_ns - entry.touched < IDLE_NS);
+        let oldest_in_flight = gate.inner.in_flight.first().copied();
+        gate.inner.quotas.retain(|_, entry| {
+            oldest_in_flight.is_some_and(|oldest| oldest <= entry.last_request)
+                || now_ns - entry.touched < IDLE_NS
+        });
         // A tracked quota period keeps its tenant's table (`applied` moves it through it).
         let quota_tenants: rustc_hash::FxHashSet<TenantId> =
             gate.inner.quotas.keys().map(|key| key.tenant).collect();
@@ -1317,7 +1367,7 @@ impl Limits {
                         return Err(error);
                     }
                 };
-                let taken = entry.used.saturating_add(entry.held);
+                let taken = entry.taken;
                 let (_, mut standing) = gate
                     .quota_standing(&key, &table)
                     .expect("invariant: tracked above");
@@ -1410,12 +1460,7 @@ impl Limits {
         if holds.is_empty() {
             return;
         }
-        let mut inner = self.inner.lock();
-        for hold in holds {
-            if let Some(entry) = inner.quotas.get_mut(&hold.key) {
-                entry.held = entry.held.saturating_sub(hold.units);
-            }
-        }
+        self.inner.lock().give_back(self, holds);
     }
 
     /// The standing of every limit of `tenant` now (loading quota periods not tracked yet).
@@ -1456,7 +1501,7 @@ impl Limits {
                                 meter,
                                 period_start: start,
                             };
-                            gate.entry(key, table, meters, load)?.used
+                            gate.entry(key, table, meters, load)?.taken
                         }
                         // Not interned since the start (its usage may be in the store all the
                         // same, checkpointed before a restart): read, not tracked, so that a
@@ -1591,26 +1636,40 @@ pub enum LimitError {
     Load(String),
 }
 
-/// A tracked quota period's standing (its `used`, as applied).
+/// A tracked quota period's standing (its `used`: applied, and admitted by requests in flight).
 fn quota_standing(
     quotas: &HashMap<QuotaKey, QuotaEntry>,
     key: &QuotaKey,
     table: &TenantTable,
 ) -> Option<(Arc<str>, Standing)> {
-    let limit = (**table.limit(key.meter, Kind::Quota)?).clone();
-    let entry = quotas.get(key)?;
-    Some((
-        table.name.clone(),
-        Standing {
-            used: entry.used,
-            remaining: (limit.limit - entry.used).max(0),
-            state: limit::quota_state(entry.used, &limit),
-            period: (key.period_start, entry.period_end),
-            resets_at_ms: entry.period_end * 1000,
-            retry_at_ms: None,
-            limit,
-        },
-    ))
+    let limit = table.limit(key.meter, Kind::Quota)?;
+    Some((table.name.clone(), entry_standing(quotas.get(key)?, key, limit)))
+}
+
+/// A tracked quota period's standing under `limit`.
+fn entry_standing(entry: &QuotaEntry, key: &QuotaKey, limit: &Limit) -> Standing {
+    Standing {
+        used: entry.taken,
+        remaining: (limit.limit - entry.taken).max(0),
+        state: limit::quota_state(entry.taken, limit),
+        period: (key.period_start, entry.period_end),
+        resets_at_ms: entry.period_end * 1000,
+        retry_at_ms: None,
+        limit: limit.clone(),
+    }
+}
+
+/// A tracked period's `taken` moved from `before`: signals the state or the thresholds this
+/// crossed (once per period and decision or batch).
+fn signal_moved(limits: &Limits, entry: &QuotaEntry, key: &QuotaKey, table: &TenantTable, before: i128) {
+    let Some(limit) = table.limit(key.meter, Kind::Quota) else {
+        return;
+    };
+    let after = entry.taken;
+    let crossed = limit::crossed(before, after, limit);
+    if !crossed.is_empty() || limit::quota_state(before, limit) != limit::quota_state(after, limit) {
+        limits.signal(table.name.clone(), entry_standing(entry, key, limit), crossed);
+    }
 }
 
 impl Gate<'_> {
@@ -1621,16 +1680,19 @@ impl Gate<'_> {
     /// would move a cache line between cores. `false`: nothing decided nor held.
     fn decide_known<U: Contributes>(
         &mut self,
+        request: u64,
         units: &[U],
         fresh: &[bool],
         verdict: &mut Verdict,
         counts: &mut Counts,
     ) -> bool {
-        let generation = self.limits.generation.load(Ordering::Acquire);
+        let limits = self.limits;
+        let generation = limits.generation.load(Ordering::Acquire);
         let clock_ns = self.inner.clock_ns;
         let Inner { quotas, known, .. } = &mut *self.inner;
-        // Sized for a period per unit (a batch of many tenants): never rehashed.
-        let mut totals: HashMap<QuotaKey, (i128, i128)> =
+        // Per period: (the request's units, the limit, the table). Sized for a period per
+        // unit (a batch of many tenants): never rehashed.
+        let mut totals: HashMap<QuotaKey, (i128, i128, &TenantTable)> =
             HashMap::with_capacity_and_hasher(units.len().min(4096), Default::default());
         let (mut limited_units, mut usable) = (0u64, true);
         for (unit, _) in units.iter().zip(fresh).filter(|(_, fresh)| **fresh) {
@@ -1656,7 +1718,7 @@ impl Gate<'_> {
                     meter: key.meter,
                     period_start: table.period_of(key.window_start).0,
                 };
-                let total = totals.entry(quota_key).or_insert((0, limit));
+                let total = totals.entry(quota_key).or_insert((0, limit, table));
                 total.0 = total.0.saturating_add(units);
                 // A negative unit: prefixes may not fit where the whole does.
                 usable &= units >= 0;
@@ -1670,20 +1732,23 @@ impl Gate<'_> {
         let fits = |key: &QuotaKey, units: i128, limit: i128| {
             quotas
                 .get(key)
-                .is_some_and(|entry| entry.used.saturating_add(entry.held).saturating_add(units) <= limit)
+                .is_some_and(|entry| entry.taken.saturating_add(units) <= limit)
         };
         if !totals
             .iter()
-            .all(|(key, (units, limit))| fits(key, *units, *limit))
+            .all(|(key, (units, limit, _))| fits(key, *units, *limit))
         {
             return false;
         }
         verdict.holds.reserve(totals.len());
-        for (key, (units, _)) in totals {
+        for (key, (units, _, table)) in totals {
             let entry = quotas.get_mut(&key).expect("invariant: checked above");
-            entry.held = entry.held.saturating_add(units);
+            let before = entry.taken;
+            entry.taken = entry.taken.saturating_add(units);
+            entry.last_request = request;
             entry.touched = clock_ns;
-            verdict.holds.push(Hold { key, units });
+            signal_moved(limits, entry, &key, table, before);
+            verdict.holds.push(Hold { key, units, request });
         }
         counts.0[Kind::Quota as usize][0] += limited_units;
         true
@@ -1696,6 +1761,7 @@ impl Gate<'_> {
     #[allow(clippy::too_many_arguments)]
     fn decide_whole<U: Contributes>(
         &mut self,
+        request: u64,
         names: &crate::model::Names,
         meters: &crate::meter::Meters,
         units: &[U],
@@ -1735,29 +1801,69 @@ impl Gate<'_> {
         if negative {
             return Ok(false);
         }
-        for (key, (units, limit)) in &totals {
-            let table = tables
-                .table(key.tenant)
-                .expect("invariant: a period's tenant has a table");
-            let entry = self.entry(*key, table, meters, load)?;
-            if entry.used.saturating_add(entry.held).saturating_add(*units) > *limit {
-                return Ok(false);
-            }
-        }
-        for (key, (units, _)) in totals {
-            let entry = self
-                .inner
+        self.track(
+            totals.keys().map(|key| {
+                let table = tables
+                    .table(key.tenant)
+                    .expect("invariant: a period's tenant has a table");
+                (*key, table)
+            }),
+            meters,
+            load,
+        )?;
+        // Every period tracked and the lock not let go since: checked and taken at once.
+        let fits = |(key, (units, limit)): (&QuotaKey, &(i128, i128))| {
+            self.inner
                 .quotas
-                .get_mut(&key)
-                .expect("invariant: entry made above");
-            entry.held = entry.held.saturating_add(units);
-            verdict.holds.push(Hold { key, units });
+                .get(key)
+                .is_some_and(|entry| entry.taken.saturating_add(*units) <= *limit)
+        };
+        if !totals.iter().all(fits) {
+            return Ok(false);
+        }
+        let (limits, clock_ns) = (self.limits, self.inner.clock_ns);
+        for (key, (units, _)) in totals {
+            let entry = self.inner.quotas.get_mut(&key).expect("invariant: checked above");
+            let before = entry.taken;
+            entry.taken = entry.taken.saturating_add(units);
+            entry.last_request = request;
+            entry.touched = clock_ns;
+            if let Some(table) = tables.table(key.tenant) {
+                signal_moved(limits, entry, &key, table, before);
+            }
+            verdict.holds.push(Hold { key, units, request });
         }
         counts.0[Kind::Quota as usize][0] += limited_units;
         Ok(true)
     }
 
-    /// Each fresh unit against its quotas, in order (the rate limits allowed the request).
+    /// Tracks every period of `keys` (reading the totals of those not tracked yet), and
+    /// returns with all of them tracked and the gate's lock not let go since the last was
+    /// checked: a read lets it go, and meanwhile a rebalance may forget a period tracked
+    /// before (`Limits::forget_quotas`).
+    fn track<'t>(
+        &mut self,
+        keys: impl Iterator<Item = (QuotaKey, &'t Arc<TenantTable>)> + Clone,
+        meters: &crate::meter::Meters,
+        load: Load<'_>,
+    ) -> Result<(), LimitError> {
+        loop {
+            let mut read = false;
+            for (key, table) in keys.clone() {
+                if !self.inner.quotas.contains_key(&key) {
+                    self.entry(key, table, meters, load)?;
+                    read = true;
+                }
+            }
+            if !read {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Each fresh unit against its quotas, in order (the rate limits allowed the request):
+    /// the decision is numbered and in flight from its first hold until it is applied or
+    /// released; one that fails gives back what it held.
     #[allow(clippy::too_many_arguments)]
     fn decide_quotas<U: Contributes>(
         &mut self,
@@ -1769,12 +1875,50 @@ impl Gate<'_> {
         verdict: &mut Verdict,
         counts: &mut Counts,
     ) -> Result<(), LimitError> {
-        if self.decide_known(units, fresh, verdict, counts) {
+        let request = self.inner.next_request;
+        self.inner.next_request += 1;
+        // In flight before its first hold: a period it takes from is kept whatever happens
+        // while a read lets the lock go.
+        self.inner.in_flight.insert(request);
+        let decided = self.decide_numbered(request, names, meters, units, fresh, load, verdict, counts);
+        if decided.is_err() {
+            let holds = std::mem::take(&mut verdict.holds);
+            self.inner.give_back(self.limits, &holds);
+        }
+        if verdict.holds.is_empty() {
+            self.inner.in_flight.remove(&request);
+        }
+        decided
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decide_numbered<U: Contributes>(
+        &mut self,
+        request: u64,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+        units: &[U],
+        fresh: &[bool],
+        load: Load<'_>,
+        verdict: &mut Verdict,
+        counts: &mut Counts,
+    ) -> Result<(), LimitError> {
+        if self.decide_known(request, units, fresh, verdict, counts) {
             return Ok(());
         }
         let limits = self.limits;
         let mut tables = BatchTables::default();
-        if self.decide_whole(names, meters, units, fresh, load, &mut tables, verdict, counts)? {
+        if self.decide_whole(
+            request,
+            names,
+            meters,
+            units,
+            fresh,
+            load,
+            &mut tables,
+            verdict,
+            counts,
+        )? {
             self.follow(&tables);
             return Ok(());
         }
@@ -1812,10 +1956,11 @@ impl Gate<'_> {
             if wants.is_empty() {
                 continue;
             }
+            self.track(wants.iter().map(|(want, table)| (want.0, table)), meters, load)?;
             let mut over: Option<String> = None;
             for ((key, units, mode, limit, scale), table) in &wants {
-                let entry = self.entry(*key, table, meters, load)?;
-                let taken = entry.used.saturating_add(entry.held);
+                let entry = self.inner.quotas.get(key).expect("invariant: tracked above");
+                let taken = entry.taken;
                 if *mode == Mode::Hard && taken.saturating_add(*units) > *limit {
                     let format = |units: i128| crate::model::format_decimal(units, *scale);
                     over = Some(format!(
@@ -1838,14 +1983,15 @@ impl Gate<'_> {
                 }
                 None => {
                     let mut warned = false;
-                    for ((key, units, _, limit, _), _) in &wants {
-                        let entry = self
-                            .inner
-                            .quotas
-                            .get_mut(key)
-                            .expect("invariant: entry made above");
-                        entry.held = entry.held.saturating_add(*units);
-                        warned |= entry.used.saturating_add(entry.held) > *limit;
+                    let clock_ns = self.inner.clock_ns;
+                    for ((key, units, _, limit, _), table) in &wants {
+                        let entry = self.inner.quotas.get_mut(key).expect("invariant: tracked above");
+                        let before = entry.taken;
+                        entry.taken = entry.taken.saturating_add(*units);
+                        entry.last_request = request;
+                        entry.touched = clock_ns;
+                        warned |= entry.taken > *limit;
+                        signal_moved(limits, entry, key, table, before);
                         match held_at.get(key) {
                             Some(&at) => {
                                 let hold = &mut verdict.holds[at];
@@ -1856,6 +2002,7 @@ impl Gate<'_> {
                                 verdict.holds.push(Hold {
                                     key: *key,
                                     units: *units,
+                                    request,
                                 });
                             }
                         }
@@ -1919,8 +2066,8 @@ impl Gate<'_> {
                     key,
                     QuotaEntry {
                         period_end,
-                        used,
-                        held: 0,
+                        taken: used,
+                        last_request: 0,
                         touched,
                     },
                 );
@@ -1942,30 +2089,34 @@ impl Gate<'_> {
     }
 
     /// A batch is being applied to the engine (the applier holds `Limits::applying` from
-    /// before this call until its engine apply is done): tracked quota periods move by its
-    /// additive states, and the request's holds are given back (its units are now in `used`).
+    /// before this call until its engine apply is done): its request's decision is over.
     ///
     /// `held_whole`: the holds are the batch's whole additive usage of tracked periods (no
-    /// cumulative point derived a delta at commit): every unit met `decide`, which held each
-    /// one's periods. Then `used` moves hold by hold and the batch is not read — unless the
-    /// plans were reloaded lately, which may have given quotas to units decided without.
+    /// cumulative point derived a delta at commit): every unit met `decide`, which took it
+    /// into its periods' `taken` already, so nothing moves — unless the plans were reloaded
+    /// lately, which may have given quotas to units decided without. Otherwise the holds are
+    /// given back and the batch's additive states taken instead (each period signalled once
+    /// if that crosses anything).
     pub fn applied(&mut self, batch: &PreAggregated, holds: &[Hold], held_whole: bool) {
         if held_whole && self.limits.holds_cover_batches() {
-            self.applied_holds(holds);
+            self.inner.finish(holds);
             return;
         }
-        for hold in holds {
-            if let Some(entry) = self.inner.quotas.get_mut(&hold.key) {
-                entry.held = entry.held.saturating_sub(hold.units);
-            }
-        }
-        if self.inner.quotas.is_empty() {
-            return;
-        }
-        let mut tables = BatchTables::default();
         let limits = self.limits;
         let Inner { quotas, tenants, .. } = &mut *self.inner;
+        // Each period moved, with its `taken` before this batch.
+        let mut before: HashMap<QuotaKey, i128> = HashMap::default();
+        for hold in holds {
+            if let Some(entry) = quotas.get_mut(&hold.key) {
+                before.entry(hold.key).or_insert(entry.taken);
+                entry.taken = entry.taken.saturating_sub(hold.units);
+            }
+        }
+        let mut tables = BatchTables::default();
         for (key, state) in &batch.series {
+            if quotas.is_empty() {
+                break;
+            }
             let Some(units) = additive(state) else { continue };
             let Some(met) = tables.get(key.tenant, || (0, tenants.get(&key.tenant).cloned())) else {
                 continue;
@@ -1973,58 +2124,23 @@ impl Gate<'_> {
             if met.table.limit(key.meter, Kind::Quota).is_none() {
                 continue;
             }
-            let (period_start, _) = met.period_of(key.window_start);
-            let table = &met.table;
-            let limit = table
-                .limit(key.meter, Kind::Quota)
-                .expect("invariant: checked above");
             let quota_key = QuotaKey {
                 tenant: key.tenant,
                 meter: key.meter,
-                period_start,
+                period_start: met.period_of(key.window_start).0,
             };
             let Some(entry) = quotas.get_mut(&quota_key) else {
                 continue;
             };
-            let before = entry.used;
-            entry.used = entry.used.saturating_add(units);
-            let after = entry.used;
-            let crossed = limit::crossed(before, after, limit);
-            if !crossed.is_empty() || limit::quota_state(before, limit) != limit::quota_state(after, limit) {
-                if let Some((name, standing)) = quota_standing(quotas, &quota_key, table) {
-                    limits.signal(name, standing, crossed);
-                }
+            before.entry(quota_key).or_insert(entry.taken);
+            entry.taken = entry.taken.saturating_add(units);
+        }
+        for (key, before) in before {
+            if let (Some(entry), Some(table)) = (quotas.get(&key), tenants.get(&key.tenant)) {
+                signal_moved(limits, entry, &key, table, before);
             }
         }
-    }
-}
-impl Gate<'_> {
-    /// `applied` from the holds alone: each moves its period's `used` (and signals a state or
-    /// threshold it crosses: one signal per period and request).
-    fn applied_holds(&mut self, holds: &[Hold]) {
-        let limits = self.limits;
-        let Inner { quotas, tenants, .. } = &mut *self.inner;
-        for hold in holds {
-            let Some(entry) = quotas.get_mut(&hold.key) else {
-                continue;
-            };
-            entry.held = entry.held.saturating_sub(hold.units);
-            let before = entry.used;
-            entry.used = entry.used.saturating_add(hold.units);
-            let after = entry.used;
-            let Some(table) = tenants.get(&hold.key.tenant) else {
-                continue;
-            };
-            let Some(limit) = table.limit(hold.key.meter, Kind::Quota) else {
-                continue;
-            };
-            let crossed = limit::crossed(before, after, limit);
-            if !crossed.is_empty() || limit::quota_state(before, limit) != limit::quota_state(after, limit) {
-                if let Some((name, standing)) = quota_standing(quotas, &hold.key, table) {
-                    limits.signal(name, standing, crossed);
-                }
-            }
-        }
+        self.inner.finish(holds);
     }
 }
 
@@ -2626,6 +2742,54 @@ default_plan = "metered"
         assert_eq!(used(&fixture, 95), 95);
         let (admitted, _) = decide(20, 95);
         assert!(!admitted);
+    }
+
+    /// A period a decision in flight took from is kept when a rebalance forgets the others
+    /// (its units are in `taken`; a total read again would miss them until they are applied,
+    /// which adds nothing), and forgotten once applied. A decision failing half-way (a period
+    /// unreadable) gives back what it took.
+    #[test]
+    fn periods_in_flight_are_kept_and_a_failed_decision_gives_back() {
+        let fixture = fixture();
+        let decide = |units: &[Unit], load: Load<'_>| {
+            let fresh = vec![true; units.len()];
+            fixture.limits.decide(
+                &fixture.names,
+                &fixture.meters,
+                units,
+                &fresh,
+                Rates::Enforce,
+                load,
+            )
+        };
+        let verdict = decide(&[Unit(fixture.key, 30)], &|_, _, _, _| Ok(50)).unwrap();
+        fixture.limits.forget_quotas();
+        // Still 80 though the store says 50: the 30 are on their way.
+        assert_eq!(used(&fixture, 50), 80);
+        apply_as(&fixture, &[(30, true)], &verdict.holds, true);
+        assert_eq!(used(&fixture, 50), 80);
+        fixture.limits.forget_quotas();
+        assert_eq!(used(&fixture, 80), 80, "applied: read again from the store");
+        // 5 into this period, -1 (so not decided whole), then 5 into the next month's, whose
+        // total cannot be read: refused as a whole, and this period is back at 80.
+        let next = SeriesKey {
+            window_start: fixture.key.window_start + 40 * 86_400,
+            ..fixture.key
+        };
+        let now = fixture.key.window_start;
+        let failing = move |_: &str, _: &str, start: i64, _: i64| {
+            if start > now {
+                Err("disk unreadable".to_string())
+            } else {
+                Ok(80)
+            }
+        };
+        let units = [Unit(fixture.key, 5), Unit(fixture.key, -1), Unit(next, 5)];
+        assert!(matches!(decide(&units, &failing), Err(LimitError::Load(_))));
+        assert_eq!(used(&fixture, 0), 80);
+        // Nothing in flight: everything can be forgotten.
+        fixture.limits.forget_quotas();
+        assert!(fixture.limits.inner.lock().quotas.is_empty());
     }
 
     /// A log keeps charging a key that is over: the published wait must keep up (edges hold
