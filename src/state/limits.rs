@@ -3,13 +3,15 @@
 //!
 //! A quota's `used` is the tenant's period quantity of the meter, the number
 //! `GET /api/v1/tenants/{t}/usage` shows: read once from the store and the engine (the caller's
-//! `load`, the query engine) when a (tenant, meter, period) is first needed, then moved by
-//! every batch applied to the engine (`Gate::applied`, called by whoever applies while it
-//! holds `applying` across its engine apply; a load excludes appliers, so it never sees a
-//! batch that `applied` also adds, nor misses one that `applied` skipped). Units admitted but not
-//! yet applied are `held`: a hard quota refuses a unit when `used + held + units > limit`, so
-//! the sum accepted in a period never exceeds the limit whatever the concurrency; a request
-//! that fails gives its holds back. Refused units hold nothing and never count.
+//! `load`, the query engine) when a (tenant, meter, period) is first needed into the period's
+//! `taken`, which every decision then moves by the units it admits (applied plus admitted in
+//! flight: one number, compared by decisions and written only by them). A hard quota refuses a
+//! unit when `taken + units > limit`, so the sum accepted in a period never exceeds the limit
+//! whatever the concurrency; a request that fails gives its holds back. Applying a decided
+//! batch moves nothing (`Gate::applied`); a load excludes appliers (`applying`), so it never
+//! sees a batch that `applied` also adds nor misses one it skipped, and a period a decision in
+//! flight took from is never read again (`Inner::in_flight`). Refused units hold nothing and
+//! never count.
 //!
 //! Decisions are made at admission and what was admitted is what the log holds: replaying the
 //! log after a crash applies exactly the admitted units (it decides nothing again), and a
