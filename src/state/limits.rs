@@ -77,6 +77,78 @@ struct QuotaEntry {
     last_request: u64,
     /// The gate's clock when last used (ns).
     touched: i128,
+    /// The quota (interned: read by every tenant of the plan, hot in the cache) and the
+    /// generation of the plans it is from: `decide_known` decides from the entry alone.
+    limit: Arc<Limit>,
+    generation: u32,
+}
+
+impl QuotaEntry {
+    /// The quota the entry decides by is `table`'s (a reload may have changed it).
+    fn follow(&mut self, key: &QuotaKey, table: &TenantTable) {
+        if self.generation != table.generation {
+            if let Some(limit) = table.limit(key.meter, Kind::Quota) {
+                self.limit = limit.clone();
+                self.generation = table.generation;
+            }
+        }
+    }
+}
+
+/// A tenant as the gate's lock knows it (`Inner::known`): what `decide_known` needs, in one
+/// map bucket, so that a request over hundreds of tenants reads a line per tenant rather than
+/// its table, the table's limits and its period as well.
+#[derive(Debug)]
+struct Known {
+    generation: u32,
+    /// Meters with a quota, as bits by id (ids under 64; `wide`: some id is larger, and the
+    /// table says).
+    quota_meters: u64,
+    wide: bool,
+    /// The newest period a decision computed for the tenant.
+    period: std::cell::Cell<(i64, i64)>,
+    table: Option<Arc<TenantTable>>,
+}
+
+impl Known {
+    fn new(generation: u32, table: Option<Arc<TenantTable>>) -> Known {
+        let (mut quota_meters, mut wide) = (0u64, false);
+        for (meter, kind, _) in table.iter().flat_map(|table| table.limits.iter()) {
+            if *kind == Kind::Quota {
+                match 1u64.checked_shl(*meter) {
+                    Some(bit) => quota_meters |= bit,
+                    None => wide = true,
+                }
+            }
+        }
+        Known {
+            generation,
+            quota_meters,
+            wide,
+            period: std::cell::Cell::new((0, 0)),
+            table,
+        }
+    }
+
+    /// The tenant's table when `meter` has a quota.
+    fn quota_table(&self, meter: MeterId) -> Option<&TenantTable> {
+        let table = self.table.as_deref()?;
+        let listed = meter < 64 && (self.quota_meters >> meter) & 1 == 1;
+        (listed || (self.wide && table.limit(meter, Kind::Quota).is_some())).then_some(table)
+    }
+
+    /// The start of the period `unix_secs` is in.
+    fn period_start(&self, table: &TenantTable, unix_secs: i64) -> i64 {
+        let (start, end) = self.period.get();
+        if start <= unix_secs && unix_secs < end {
+            return start;
+        }
+        let period = table.period_of(unix_secs);
+        if period.0 > start {
+            self.period.set(period);
+        }
+        period.0
+    }
 }
 
 /// One rate limit key (a tenant's meter): its GCRA state in one atomic word and its limit,
@@ -223,6 +295,8 @@ fn unpack_period(packed: u64) -> (i64, i64) {
 #[derive(Debug)]
 struct TenantTable {
     name: Arc<str>,
+    /// The generation of the plans it was built from.
+    generation: u32,
     /// (meter, kind, limit): the kind inline, so a lookup touches no limit it does not want.
     limits: Vec<(MeterId, Kind, Arc<Limit>)>,
     has_quotas: bool,
@@ -386,7 +460,7 @@ pub struct Inner {
     tenants: HashMap<TenantId, Arc<TenantTable>>,
     /// Every tenant decisions met since the last sweep: (generation of the plans its table was
     /// built from, the table; None: no limits). `decide_known` decides from it alone.
-    known: HashMap<TenantId, (u32, Option<Arc<TenantTable>>)>,
+    known: HashMap<TenantId, Known>,
     /// The gate's clock (ns) as of the operation holding the lock.
     clock_ns: i128,
     /// The next decision's number (`Hold::request`).
@@ -416,9 +490,10 @@ impl Inner {
             };
             let before = entry.taken;
             entry.taken = entry.taken.saturating_sub(hold.units);
-            if let Some(table) = self.tenants.get(&hold.key.tenant) {
-                signal_moved(limits, entry, &hold.key, table, before);
-            }
+            let tenants = &self.tenants;
+            signal_moved(limits, entry, &hold.key, before, || {
+                tenants.get(&hold.key.tenant).map(|table| table.name.clone())
+            });
         }
         self.finish(holds);
     }
@@ -950,11 +1025,14 @@ impl Limits {
         };
         let built = plans.and_then(|plans| build_table(&plans, tenant, names, meters, &cached, intern));
         *cached = match built {
-            Some((table, rate)) => Cached {
+            Some((mut table, rate)) => Cached {
                 rate,
                 has_quotas: table.has_quotas,
                 touched: AtomicU32::new(cached.touched.load(Ordering::Relaxed)),
-                table: Some(Arc::new(table)),
+                table: Some(Arc::new({
+                    table.generation = generation;
+                    table
+                })),
                 generation,
             },
             None => Cached::empty(generation),
@@ -1591,6 +1669,7 @@ fn build_table(
         limits,
         last_period: AtomicU64::new(0),
         more_rates,
+        generation: 0,
     };
     Some((table, first))
 }
@@ -1662,15 +1741,21 @@ fn entry_standing(entry: &QuotaEntry, key: &QuotaKey, limit: &Limit) -> Standing
 }
 
 /// A tracked period's `taken` moved from `before`: signals the state or the thresholds this
-/// crossed (once per period and decision or batch).
-fn signal_moved(limits: &Limits, entry: &QuotaEntry, key: &QuotaKey, table: &TenantTable, before: i128) {
-    let Some(limit) = table.limit(key.meter, Kind::Quota) else {
-        return;
-    };
-    let after = entry.taken;
+/// crossed under the quota it decides by (once per period and decision or batch). `name`:
+/// the tenant's, read only for a signal.
+fn signal_moved(
+    limits: &Limits,
+    entry: &QuotaEntry,
+    key: &QuotaKey,
+    before: i128,
+    name: impl FnOnce() -> Option<Arc<str>>,
+) {
+    let (limit, after) = (&entry.limit, entry.taken);
     let crossed = limit::crossed(before, after, limit);
     if !crossed.is_empty() || limit::quota_state(before, limit) != limit::quota_state(after, limit) {
-        limits.signal(table.name.clone(), entry_standing(entry, key, limit), crossed);
+        if let Some(name) = name() {
+            limits.signal(name, entry_standing(entry, key, limit), crossed);
+        }
     }
 }
 
@@ -1692,36 +1777,31 @@ impl Gate<'_> {
         let generation = limits.generation.load(Ordering::Acquire);
         let clock_ns = self.inner.clock_ns;
         let Inner { quotas, known, .. } = &mut *self.inner;
-        // Per period: (the request's units, the limit, the table). Sized for a period per
-        // unit (a batch of many tenants): never rehashed.
-        let mut totals: HashMap<QuotaKey, (i128, i128, &TenantTable)> =
+        // The request's units per period. Sized for a period per unit (a batch of many
+        // tenants): never rehashed.
+        let mut totals: HashMap<QuotaKey, i128> =
             HashMap::with_capacity_and_hasher(units.len().min(4096), Default::default());
         let (mut limited_units, mut usable) = (0u64, true);
         for (unit, _) in units.iter().zip(fresh).filter(|(_, fresh)| **fresh) {
             let mut limited = false;
             unit.contributions(&mut |key, units| {
-                let table = match known.get(&key.tenant) {
-                    Some((built, table)) if usable && *built == generation => table,
+                let tenant = match known.get(&key.tenant) {
+                    Some(tenant) if usable && tenant.generation == generation => tenant,
                     _ => {
                         usable = false;
                         return;
                     }
                 };
-                let Some(limit) = table.as_ref().and_then(|table| {
-                    table
-                        .limit(key.meter, Kind::Quota)
-                        .map(|limit| (table, limit.limit))
-                }) else {
+                let Some(table) = tenant.quota_table(key.meter) else {
                     return;
                 };
-                let (table, limit) = limit;
                 let quota_key = QuotaKey {
                     tenant: key.tenant,
                     meter: key.meter,
-                    period_start: table.period_of(key.window_start).0,
+                    period_start: tenant.period_start(table, key.window_start),
                 };
-                let total = totals.entry(quota_key).or_insert((0, limit, table));
-                total.0 = total.0.saturating_add(units);
+                let total = totals.entry(quota_key).or_insert(0);
+                *total = total.saturating_add(units);
                 // A negative unit: prefixes may not fit where the whole does.
                 usable &= units >= 0;
                 limited = true;
@@ -1731,25 +1811,27 @@ impl Gate<'_> {
             }
             limited_units += u64::from(limited);
         }
-        let fits = |key: &QuotaKey, units: i128, limit: i128| {
-            quotas
-                .get(key)
-                .is_some_and(|entry| entry.taken.saturating_add(units) <= limit)
+        let fits = |(key, units): (&QuotaKey, &i128)| {
+            quotas.get(key).is_some_and(|entry| {
+                entry.generation == generation && entry.taken.saturating_add(*units) <= entry.limit.limit
+            })
         };
-        if !totals
-            .iter()
-            .all(|(key, (units, limit, _))| fits(key, *units, *limit))
-        {
+        if !totals.iter().all(fits) {
             return false;
         }
         verdict.holds.reserve(totals.len());
-        for (key, (units, _, table)) in totals {
+        for (key, units) in totals {
             let entry = quotas.get_mut(&key).expect("invariant: checked above");
             let before = entry.taken;
             entry.taken = entry.taken.saturating_add(units);
             entry.last_request = request;
             entry.touched = clock_ns;
-            signal_moved(limits, entry, &key, table, before);
+            signal_moved(limits, entry, &key, before, || {
+                known
+                    .get(&key.tenant)
+                    .and_then(|tenant| tenant.table.as_ref())
+                    .map(|table| table.name.clone())
+            });
             verdict.holds.push(Hold { key, units, request });
         }
         counts.0[Kind::Quota as usize][0] += limited_units;
@@ -1826,13 +1908,15 @@ impl Gate<'_> {
         let (limits, clock_ns) = (self.limits, self.inner.clock_ns);
         for (key, (units, _)) in totals {
             let entry = self.inner.quotas.get_mut(&key).expect("invariant: checked above");
+            let table = tables
+                .table(key.tenant)
+                .expect("invariant: a period's tenant has a table");
+            entry.follow(&key, table);
             let before = entry.taken;
             entry.taken = entry.taken.saturating_add(units);
             entry.last_request = request;
             entry.touched = clock_ns;
-            if let Some(table) = tables.table(key.tenant) {
-                signal_moved(limits, entry, &key, table, before);
-            }
+            signal_moved(limits, entry, &key, before, || Some(table.name.clone()));
             verdict.holds.push(Hold { key, units, request });
         }
         counts.0[Kind::Quota as usize][0] += limited_units;
@@ -1988,12 +2072,13 @@ impl Gate<'_> {
                     let clock_ns = self.inner.clock_ns;
                     for ((key, units, _, limit, _), table) in &wants {
                         let entry = self.inner.quotas.get_mut(key).expect("invariant: tracked above");
+                        entry.follow(key, table);
                         let before = entry.taken;
                         entry.taken = entry.taken.saturating_add(*units);
                         entry.last_request = request;
                         entry.touched = clock_ns;
                         warned |= entry.taken > *limit;
-                        signal_moved(limits, entry, key, table, before);
+                        signal_moved(limits, entry, key, before, || Some(table.name.clone()));
                         match held_at.get(key) {
                             Some(&at) => {
                                 let hold = &mut verdict.holds[at];
@@ -2027,7 +2112,7 @@ impl Gate<'_> {
                 }
             }
             let table = met.as_ref().map(|met| met.table.clone());
-            self.inner.known.insert(*tenant, (*generation, table));
+            self.inner.known.insert(*tenant, Known::new(*generation, table));
         }
     }
 
@@ -2056,6 +2141,9 @@ impl Gate<'_> {
                     .map(|meter| meter.slug.clone())
                     .unwrap_or_default();
                 let period_end = table.period_of(key.period_start).1;
+                let limit = table.limit(key.meter, Kind::Quota).cloned().ok_or_else(|| {
+                    LimitError::Load(format!("`{meter}` has no quota for `{}`", table.name))
+                })?;
                 let used =
                     load(&table.name, &meter, key.period_start, period_end).map_err(LimitError::Load)?;
                 let mut inner = limits.inner.lock();
@@ -2071,6 +2159,8 @@ impl Gate<'_> {
                         taken: used,
                         last_request: 0,
                         touched,
+                        limit,
+                        generation: table.generation,
                     },
                 );
                 // A period first tracked (a new period, or after a restart): its state, once.
@@ -2138,8 +2228,10 @@ impl Gate<'_> {
             entry.taken = entry.taken.saturating_add(units);
         }
         for (key, before) in before {
-            if let (Some(entry), Some(table)) = (quotas.get(&key), tenants.get(&key.tenant)) {
-                signal_moved(limits, entry, &key, table, before);
+            if let Some(entry) = quotas.get(&key) {
+                signal_moved(limits, entry, &key, before, || {
+                    tenants.get(&key.tenant).map(|table| table.name.clone())
+                });
             }
         }
         self.inner.finish(holds);
@@ -2744,6 +2836,52 @@ default_plan = "metered"
         assert_eq!(used(&fixture, 95), 95);
         let (admitted, _) = decide(20, 95);
         assert!(!admitted);
+    }
+
+    /// A reload that lowers or raises a tracked quota takes effect at the next request, also
+    /// for tenants decided from the gate's own maps (`decide_known`).
+    #[test]
+    fn a_reloaded_quota_decides_the_next_request() {
+        let fixture = fixture();
+        let load = |_: &str, _: &str, _: i64, _: i64| Ok(0);
+        let decide = |units: i128| {
+            let verdict = fixture
+                .limits
+                .decide(
+                    &fixture.names,
+                    &fixture.meters,
+                    &[Unit(fixture.key, units)],
+                    &[true],
+                    Rates::Enforce,
+                    &load,
+                )
+                .unwrap();
+            apply_as(
+                &fixture,
+                &[(units, verdict.refused.is_empty())],
+                &verdict.holds,
+                true,
+            );
+            verdict.refused.is_empty()
+        };
+        // Twice: the second request is decided from the gate's maps alone.
+        assert!(decide(30));
+        assert!(decide(30));
+        let reload = |limit: &str| {
+            let config = Config::load(
+                &CONFIG.replace(r#"limit = "100""#, &format!("limit = \"{limit}\"")),
+                &Default::default(),
+            )
+            .unwrap();
+            fixture.limits.set_plans(&Arc::new(config.plans));
+        };
+        reload("50");
+        assert!(!decide(1), "60 of a quota lowered to 50");
+        assert!(!decide(1), "and again from the gate's maps");
+        reload("200");
+        assert!(decide(140));
+        assert!(!decide(1));
+        assert_eq!(used(&fixture, 0), 200);
     }
 
     /// A period a decision in flight took from is kept when a rebalance forgets the others
