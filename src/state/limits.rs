@@ -1839,7 +1839,7 @@ impl Gate<'_> {
     }
 
     /// The request at once, when that decides exactly what unit-by-unit would: every quota
-    /// period it touches has room for all of its units (`used + held + total ≤ limit`) and no
+    /// period it touches has room for all of its units (`taken + total ≤ limit`) and no
     /// unit is negative, so every prefix fits too, every unit is admitted and none warns. One
     /// hold per period; `false` (nothing held) when the units must be decided one by one.
     #[allow(clippy::too_many_arguments)]
@@ -1977,6 +1977,8 @@ impl Gate<'_> {
         decided
     }
 
+    /// `decide_quotas` for decision `request`: from the gate's own maps, else at once, else
+    /// unit by unit.
     #[allow(clippy::too_many_arguments)]
     fn decide_numbered<U: Contributes>(
         &mut self,

@@ -431,9 +431,9 @@ impl Folder {
     /// Folds a batch into the partitions' engine writers with their next offsets.
     pub fn apply(&mut self, mut folded: FoldedBatch) {
         let shared = self.shared.clone();
-        // With limits, the quotas' `used` moves with the engine (no period's total is read
-        // while a partition's batch is between the two); the holds are given back as its
-        // usage lands.
+        // With limits, the decision ends as the batch lands (its units were taken when
+        // decided; within a minute of a reload the batch's usage replaces its holds), and no
+        // period's total is read while a partition's batch is between the two.
         let applying = shared.limits.is_active().then(|| shared.limits.applying());
         let mut holds = std::mem::take(&mut folded.holds);
         for ((topic, partition), next) in std::mem::take(&mut folded.next) {
