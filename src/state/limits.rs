@@ -84,6 +84,15 @@ struct QuotaEntry {
 }
 
 impl QuotaEntry {
+    /// Decision `request` takes `units` at the gate's clock `now_ns`; `taken` before.
+    fn take(&mut self, units: i128, request: u64, now_ns: i128) -> i128 {
+        let before = self.taken;
+        self.taken = self.taken.saturating_add(units);
+        self.last_request = request;
+        self.touched = now_ns;
+        before
+    }
+
     /// The quota the entry decides by is `table`'s (a reload may have changed it).
     fn follow(&mut self, key: &QuotaKey, table: &TenantTable) {
         if self.generation != table.generation {
@@ -406,49 +415,22 @@ impl Cached {
     }
 }
 
-/// The tables one batch meets, each with the generation of the plans it was built from and
-/// the last period a unit fell in (a batch repeats its tenants and periods: each is looked up
-/// once).
+/// The tables one batch meets, each with the generation of the plans it was built from (a
+/// batch repeats its tenants: each is looked up once; their periods are cached by the table).
 #[derive(Default)]
-struct BatchTables(HashMap<TenantId, (u32, Option<MetTable>)>);
-
-struct MetTable {
-    table: Arc<TenantTable>,
-    period: (i64, i64),
-}
+struct BatchTables(HashMap<TenantId, (u32, Option<Arc<TenantTable>>)>);
 
 impl BatchTables {
     fn get(
         &mut self,
         tenant: TenantId,
         fetch: impl FnOnce() -> (u32, Option<Arc<TenantTable>>),
-    ) -> Option<&mut MetTable> {
-        self.0
-            .entry(tenant)
-            .or_insert_with(|| {
-                let (generation, table) = fetch();
-                let met = table.map(|table| MetTable {
-                    table,
-                    period: (0, 0),
-                });
-                (generation, met)
-            })
-            .1
-            .as_mut()
+    ) -> Option<&Arc<TenantTable>> {
+        self.0.entry(tenant).or_insert_with(fetch).1.as_ref()
     }
 
     fn table(&self, tenant: TenantId) -> Option<&Arc<TenantTable>> {
-        Some(&self.0.get(&tenant)?.1.as_ref()?.table)
-    }
-}
-
-impl MetTable {
-    fn period_of(&mut self, unix_secs: i64) -> (i64, i64) {
-        let (start, end) = self.period;
-        if !(start <= unix_secs && unix_secs < end) {
-            self.period = self.table.period_of(unix_secs);
-        }
-        self.period
+        self.0.get(&tenant)?.1.as_ref()
     }
 }
 
@@ -1822,10 +1804,7 @@ impl Gate<'_> {
         verdict.holds.reserve(totals.len());
         for (key, units) in totals {
             let entry = quotas.get_mut(&key).expect("invariant: checked above");
-            let before = entry.taken;
-            entry.taken = entry.taken.saturating_add(units);
-            entry.last_request = request;
-            entry.touched = clock_ns;
+            let before = entry.take(units, request, clock_ns);
             signal_moved(limits, entry, &key, before, || {
                 known
                     .get(&key.tenant)
@@ -1863,13 +1842,14 @@ impl Gate<'_> {
         for (unit, _) in units.iter().zip(fresh).filter(|(_, fresh)| **fresh) {
             let mut limited = false;
             unit.contributions(&mut |key, units| {
-                let Some(met) = tables.get(key.tenant, || limits.table_at(key.tenant, names, meters)) else {
+                let Some(table) = tables.get(key.tenant, || limits.table_at(key.tenant, names, meters))
+                else {
                     return;
                 };
-                let Some(limit) = met.table.limit(key.meter, Kind::Quota).map(|limit| limit.limit) else {
+                let Some(limit) = table.limit(key.meter, Kind::Quota).map(|limit| limit.limit) else {
                     return;
                 };
-                let (period_start, _) = met.period_of(key.window_start);
+                let (period_start, _) = table.period_of(key.window_start);
                 let quota_key = QuotaKey {
                     tenant: key.tenant,
                     meter: key.meter,
@@ -1912,10 +1892,7 @@ impl Gate<'_> {
                 .table(key.tenant)
                 .expect("invariant: a period's tenant has a table");
             entry.follow(&key, table);
-            let before = entry.taken;
-            entry.taken = entry.taken.saturating_add(units);
-            entry.last_request = request;
-            entry.touched = clock_ns;
+            let before = entry.take(units, request, clock_ns);
             signal_moved(limits, entry, &key, before, || Some(table.name.clone()));
             verdict.holds.push(Hold { key, units, request });
         }
@@ -2019,18 +1996,17 @@ impl Gate<'_> {
             }
             wants.clear();
             unit.contributions(&mut |key, units| {
-                let Some(met) = tables.get(key.tenant, || limits.table_at(key.tenant, names, meters)) else {
+                let Some(table) = tables.get(key.tenant, || limits.table_at(key.tenant, names, meters))
+                else {
                     return;
                 };
-                let Some((mode, limit, scale)) = met
-                    .table
+                let Some((mode, limit, scale)) = table
                     .limit(key.meter, Kind::Quota)
                     .map(|limit| (limit.mode, limit.limit, limit.scale))
                 else {
                     return;
                 };
-                let (period_start, _) = met.period_of(key.window_start);
-                let table = &met.table;
+                let (period_start, _) = table.period_of(key.window_start);
                 let quota_key = QuotaKey {
                     tenant: key.tenant,
                     meter: key.meter,
@@ -2075,10 +2051,7 @@ impl Gate<'_> {
                     for ((key, units, _, limit, _), table) in &wants {
                         let entry = self.inner.quotas.get_mut(key).expect("invariant: tracked above");
                         entry.follow(key, table);
-                        let before = entry.taken;
-                        entry.taken = entry.taken.saturating_add(*units);
-                        entry.last_request = request;
-                        entry.touched = clock_ns;
+                        let before = entry.take(*units, request, clock_ns);
                         warned |= entry.taken > *limit;
                         signal_moved(limits, entry, key, before, || Some(table.name.clone()));
                         match held_at.get(key) {
@@ -2107,14 +2080,15 @@ impl Gate<'_> {
     /// Tracked tenants follow the newest tables a decision met (a reload rebuilt them), and
     /// the gate knows them all (`decide_known`).
     fn follow(&mut self, tables: &BatchTables) {
-        for (tenant, (generation, met)) in &tables.0 {
-            if let (Some(met), Some(tracked)) = (met, self.inner.tenants.get_mut(tenant)) {
-                if !Arc::ptr_eq(&met.table, tracked) {
-                    *tracked = met.table.clone();
+        for (tenant, (generation, table)) in &tables.0 {
+            if let (Some(table), Some(tracked)) = (table, self.inner.tenants.get_mut(tenant)) {
+                if !Arc::ptr_eq(table, tracked) {
+                    *tracked = table.clone();
                 }
             }
-            let table = met.as_ref().map(|met| met.table.clone());
-            self.inner.known.insert(*tenant, Known::new(*generation, table));
+            self.inner
+                .known
+                .insert(*tenant, Known::new(*generation, table.clone()));
         }
     }
 
@@ -2212,16 +2186,16 @@ impl Gate<'_> {
                 break;
             }
             let Some(units) = additive(state) else { continue };
-            let Some(met) = tables.get(key.tenant, || (0, tenants.get(&key.tenant).cloned())) else {
+            let Some(table) = tables.get(key.tenant, || (0, tenants.get(&key.tenant).cloned())) else {
                 continue;
             };
-            if met.table.limit(key.meter, Kind::Quota).is_none() {
+            if table.limit(key.meter, Kind::Quota).is_none() {
                 continue;
             }
             let quota_key = QuotaKey {
                 tenant: key.tenant,
                 meter: key.meter,
-                period_start: met.period_of(key.window_start).0,
+                period_start: table.period_of(key.window_start).0,
             };
             let Some(entry) = quotas.get_mut(&quota_key) else {
                 continue;
