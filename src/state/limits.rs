@@ -2822,6 +2822,48 @@ default_plan = "metered"
         assert!(!admitted);
     }
 
+    /// A known tenant's quota meters: by bit for ids under 64, from the table past that;
+    /// a rate limit is no quota, and a tenant without limits has none.
+    #[test]
+    fn a_known_tenant_finds_its_quota_meters_whatever_their_ids() {
+        let fixture = fixture();
+        let built = fixture
+            .limits
+            .table(fixture.key.tenant, &fixture.names, &fixture.meters)
+            .unwrap();
+        let quota = built.limits[0].2.clone();
+        let table = TenantTable {
+            name: built.name.clone(),
+            generation: 0,
+            limits: vec![
+                (3, Kind::Quota, quota.clone()),
+                (63, Kind::Quota, quota.clone()),
+                (64, Kind::Quota, quota.clone()),
+                (200, Kind::Quota, quota.clone()),
+                (5, Kind::Rate, quota),
+            ],
+            has_quotas: true,
+            period: built.period,
+            zone: built.zone,
+            last_period: AtomicU64::new(0),
+            more_rates: Vec::new(),
+        };
+        let known = Known::new(1, Some(Arc::new(table)));
+        assert!(known.wide);
+        for meter in [3, 63, 64, 200] {
+            assert!(known.quota_table(meter).is_some(), "meter {meter}");
+        }
+        for meter in [0, 5, 62, 65, 199, u32::MAX] {
+            assert!(known.quota_table(meter).is_none(), "meter {meter}");
+        }
+        assert!(Known::new(1, None).quota_table(3).is_none());
+        // The period is the table's, cached in the bucket.
+        let now = fixture.key.window_start;
+        let start = known.period_start(known.table.as_deref().unwrap(), now);
+        assert_eq!(start, built.period_of(now).0);
+        assert_eq!(known.period.get(), built.period_of(now));
+    }
+
     /// A reload that lowers or raises a tracked quota takes effect at the next request, also
     /// for tenants decided from the gate's own maps (`decide_known`).
     #[test]
