@@ -717,6 +717,87 @@ async fn an_rlqs_stream_holds_a_bounded_number_of_buckets() {
     daemon.stop();
 }
 
+/// Envoy RLS on a `source = "envoy"` meter with a hard quota, many gateways asking at once for
+/// its last units: exactly the quota's worth of hits is answered OK, and exactly those are
+/// billed. An OK whose hit the record then refused (another call took the last unit between
+/// the look and the record) would let a request through that nobody pays for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rls_hits_racing_for_a_hard_quota_are_allowed_exactly_when_billed() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+        rate_limit_descriptor::Entry, RateLimitDescriptor,
+    };
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+    const QUOTA: usize = 12;
+    const CALLS: usize = 48;
+    let gateway = format!(
+        "[[tenants.limits]]\nmeter = \"gateway_requests\"\nkind = \"quota\"\nlimit = {QUOTA}\nmode = \"hard\"\n\
+         [[tenants.limits]]\nmeter = \"gateway_requests\"\nkind = \"rate\"\nlimit = 1000\nper = \"day\"\n\
+         [[meters]]\nslug = \"gateway_requests\"\nsource = \"envoy\"\naggregation = \"COUNT\"\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&write_config(dir.path(), &format!("{PLANS}{gateway}")));
+    let url = format!("http://{}", daemon.limits_grpc.as_ref().unwrap());
+    let client = RateLimitServiceClient::connect(url).await.unwrap();
+    let calls = (0..CALLS).map(|_| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let entry = |key: &str, value: &str| Entry {
+                key: key.into(),
+                value: value.into(),
+            };
+            let request = RateLimitRequest {
+                domain: "tallyd".into(),
+                descriptors: vec![RateLimitDescriptor {
+                    entries: vec![entry("tenant", "globex"), entry("meter", "gateway_requests")],
+                    ..Default::default()
+                }],
+                hits_addend: 1,
+            };
+            client.should_rate_limit(request).await.unwrap().into_inner()
+        })
+    });
+    let mut allowed = 0;
+    for call in calls.collect::<Vec<_>>() {
+        let response = call.await.unwrap();
+        if response.overall_code == Code::Ok as i32 {
+            allowed += 1;
+        } else {
+            assert_eq!(response.overall_code, Code::OverLimit as i32, "{response:?}");
+            assert_eq!(response.statuses[0].code, Code::OverLimit as i32, "{response:?}");
+            assert_eq!(response.statuses[0].limit_remaining, 0, "{response:?}");
+        }
+    }
+    let client = reqwest::Client::new();
+    let body: Value = client
+        .get(daemon.url("/api/v1/meters/gateway_requests/query?subject=globex"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let billed: u64 = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["value"].as_u64().unwrap())
+        .sum();
+    assert_eq!(billed, allowed as u64, "{body}");
+    assert_eq!(allowed, QUOTA, "OK answers against a quota of {QUOTA}");
+    // The refused calls took nothing from the rate limit either (1000 a day: less than a
+    // unit earned back meanwhile).
+    let limits = limits_of(&daemon, "globex").await;
+    let rate = limit(&limits, "gateway_requests", "rate");
+    assert_eq!(rate["remaining"], json!((1000 - QUOTA).to_string()), "{limits}");
+    assert_eq!(
+        limit(&limits, "gateway_requests", "quota")["used"],
+        json!(QUOTA.to_string())
+    );
+    daemon.stop();
+}
+
 /// The daemon's limits listener address, as a client script's argument.
 fn limits_addr(daemon: &Daemon) -> &std::ffi::OsStr {
     daemon

@@ -1553,6 +1553,23 @@ impl Limits {
         }
     }
 
+    /// The asks of an RLS call that `ask` allowed (taking their rate units) were refused after
+    /// all: its hits' record met a hard quota that another call had used up meanwhile. The
+    /// rate units go back (refused hits never count) and the refusal is counted.
+    pub fn withdraw(&self, asks: &[Ask<'_>], names: &crate::model::Names, meters: &crate::meter::Meters) {
+        if !self.charged_by_log.load(Ordering::Relaxed) {
+            for ask in asks {
+                let meter = meters.by_slug(ask.meter).map(|meter| meter.id);
+                if let (Some(tenant), Some(meter)) = (names.tenants.get(ask.tenant), meter) {
+                    self.give_back_units(names, meters, tenant, meter, ask.units);
+                }
+            }
+        }
+        let mut counts = Counts::default();
+        counts.add(Kind::Quota, "refused");
+        self.decisions.record(&counts);
+    }
+
     /// Gives back the holds of a request that was not applied.
     pub fn release(&self, holds: &[Hold]) {
         if holds.is_empty() {

@@ -161,7 +161,11 @@ impl LimitsEdge {
     /// Records allowed hits of `source = "envoy"` meters as usage, through the admission path
     /// like any edge's (durable before the answer). Only quotas decide there: the rate limits
     /// already took these hits. Units of other meters, and tenants without a plan, are skipped.
-    async fn record_hits(&self, hits: Vec<(String, String, i128)>) -> Result<(), Status> {
+    /// `whole`: the hits are one unit, refused together when one would take a hard quota past
+    /// its limit (one RLS call: its request passes or not). Whether nothing was refused (the
+    /// quota decided again here, where it counts: a look before may be stale by then). In
+    /// cluster mode the tenant's owner decides later: true.
+    async fn record_hits(&self, hits: Vec<(String, String, i128)>, whole: bool) -> Result<bool, Status> {
         let shared = &self.shared;
         let hits: Vec<(String, String, i128)> = hits
             .into_iter()
@@ -176,7 +180,7 @@ impl LimitsEdge {
             })
             .collect();
         if hits.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let permit = self
             .admission
@@ -194,28 +198,35 @@ impl LimitsEdge {
                     move |shared: &Shared, now: i64| Ok(forwarded_hits(shared, &hits, now)),
                 )
                 .await
-                .map(|_| ())
+                .map(|_| true)
                 .map_err(|error| error.grpc_status());
         }
         self.admission
             .commit(Source::Envoy, permit, move |shared: &Shared, now: i64| {
                 let dims = shared.names.dims.intern(&[]);
-                let units: Vec<ForwardedUnit> = hits
-                    .iter()
-                    .filter_map(|(tenant, slug, units)| {
-                        let meter = shared.meters.by_slug(slug)?;
-                        let key = SeriesKey {
-                            meter: meter.id,
-                            tenant: shared.names.tenants.intern(tenant),
-                            dims,
-                            window_start: meter.window_size.start_of(now),
-                        };
-                        Some(ForwardedUnit {
+                let updates = hits.iter().filter_map(|(tenant, slug, units)| {
+                    let meter = shared.meters.by_slug(slug)?;
+                    let key = SeriesKey {
+                        meter: meter.id,
+                        tenant: shared.names.tenants.intern(tenant),
+                        dims,
+                        window_start: meter.window_size.start_of(now),
+                    };
+                    Some((key, hit_state(meter.aggregation, *units)))
+                });
+                let units: Vec<ForwardedUnit> = if whole {
+                    vec![ForwardedUnit {
+                        dedup_key: None,
+                        updates: updates.collect(),
+                    }]
+                } else {
+                    updates
+                        .map(|update| ForwardedUnit {
                             dedup_key: None,
-                            updates: vec![(key, hit_state(meter.aggregation, *units))],
+                            updates: vec![update],
                         })
-                    })
-                    .collect();
+                        .collect()
+                };
                 let received_at = received_at(now);
                 Ok(Prepared {
                     tally: Tally {
@@ -238,7 +249,7 @@ impl LimitsEdge {
                 })
             })
             .await
-            .map(|_| ())
+            .map(|admitted| admitted.tally.refused.is_empty())
             .map_err(|error| error.grpc_status())
     }
 

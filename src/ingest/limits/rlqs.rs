@@ -175,7 +175,7 @@ impl RateLimitQuotaService for Rlqs {
                             changed.push((key, true));
                         }
                         // What Envoy allowed of `source = "envoy"` meters is usage.
-                        if let Err(status) = edge.record_hits(allowed).await {
+                        if let Err(status) = edge.record_hits(allowed, false).await {
                             tracing::warn!(%status, "RLQS usage not recorded; Envoy reports it again only as new usage");
                         }
                         metrics::counter!(telemetry::LIMITS_REQUESTS, "service" => "rlqs", "code" => "ok").increment(1);

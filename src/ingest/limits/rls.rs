@@ -17,9 +17,9 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::R
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use tonic::{Request, Response, Status};
 
-use super::{observe, LimitsEdge};
+use super::{borrowed_asks, observe, LimitsEdge};
 use crate::auth::Scope;
-use crate::limit::Kind;
+use crate::limit::{Kind, Mode};
 use crate::state::limits::{Answer, Standing};
 
 pub struct Rls(pub LimitsEdge);
@@ -76,10 +76,30 @@ impl Rls {
                 .map(|(tenant, _, _)| tenant.as_str())
                 .filter(|tenant| !tenant.is_empty()),
         )?;
-        let answers = edge.ask(asks.clone(), true).await?;
-        if answers.iter().all(|answer| answer.allowed) {
-            // Allowed hits of `source = "envoy"` meters are usage (denied ones never count).
-            edge.record_hits(asks.clone()).await?;
+        let mut answers = edge.ask(asks.clone(), true).await?;
+        // Allowed hits of `source = "envoy"` meters are usage (denied ones never count),
+        // recorded as one unit: their quotas decide again there, atomically with the count.
+        if answers.iter().all(|answer| answer.allowed) && !edge.record_hits(asks.clone(), true).await? {
+            // Another call took a hard quota's last units between the look and the record:
+            // the request is refused (nothing of it counted), and what stands now is shown.
+            edge.shared
+                .limits
+                .withdraw(&borrowed_asks(&asks), &edge.shared.names, &edge.shared.meters);
+            answers = edge.ask(asks.clone(), false).await?;
+            for (answer, (_, meter, _)) in answers.iter_mut().zip(&asks) {
+                let recorded = edge
+                    .shared
+                    .meters
+                    .by_slug(meter)
+                    .is_some_and(|meter| meter.source == crate::meter::MeterSource::Envoy);
+                let quota = answer.limits.iter().position(|standing| {
+                    standing.limit.kind == Kind::Quota && standing.limit.mode == Mode::Hard
+                });
+                if let (true, Some(quota)) = (recorded, quota) {
+                    answer.allowed = false;
+                    answer.deciding = Some(quota);
+                }
+            }
         }
         let now_ms = crate::model::now_ms();
         let statuses: Vec<DescriptorStatus> = answers
