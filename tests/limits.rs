@@ -717,46 +717,58 @@ async fn an_rlqs_stream_holds_a_bounded_number_of_buckets() {
     daemon.stop();
 }
 
+/// globex's gateway: an envoy meter with a hard quota of `QUOTA` hits and a rate of 1000 a day
+/// (less than a unit earned back while a test runs).
+const QUOTA: usize = 12;
+const GATEWAY_QUOTA: &str =
+    "[[tenants.limits]]\nmeter = \"gateway_requests\"\nkind = \"quota\"\nlimit = 12\nmode = \"hard\"\n\
+     [[tenants.limits]]\nmeter = \"gateway_requests\"\nkind = \"rate\"\nlimit = 1000\nper = \"day\"\n\
+     [[meters]]\nslug = \"gateway_requests\"\nsource = \"envoy\"\naggregation = \"COUNT\"\n";
+
+type RlsClient =
+    envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient<
+        tonic::transport::Channel,
+    >;
+
+async fn rls_client(daemon: &Daemon) -> RlsClient {
+    RlsClient::connect(format!("http://{}", daemon.limits_grpc.as_ref().unwrap()))
+        .await
+        .unwrap()
+}
+
+/// One hit of globex's gateway.
+fn gateway_hit() -> envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+        rate_limit_descriptor::Entry, RateLimitDescriptor,
+    };
+    let entry = |key: &str, value: &str| Entry {
+        key: key.into(),
+        value: value.into(),
+    };
+    envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+        domain: "tallyd".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![entry("tenant", "globex"), entry("meter", "gateway_requests")],
+            ..Default::default()
+        }],
+        hits_addend: 1,
+    }
+}
+
 /// Envoy RLS on a `source = "envoy"` meter with a hard quota, many gateways asking at once for
 /// its last units: exactly the quota's worth of hits is answered OK, and exactly those are
 /// billed. An OK whose hit the record then refused (another call took the last unit between
 /// the look and the record) would let a request through that nobody pays for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rls_hits_racing_for_a_hard_quota_are_allowed_exactly_when_billed() {
-    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
-        rate_limit_descriptor::Entry, RateLimitDescriptor,
-    };
     use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
-    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
-    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
-    const QUOTA: usize = 12;
     const CALLS: usize = 48;
-    let gateway = format!(
-        "[[tenants.limits]]\nmeter = \"gateway_requests\"\nkind = \"quota\"\nlimit = {QUOTA}\nmode = \"hard\"\n\
-         [[tenants.limits]]\nmeter = \"gateway_requests\"\nkind = \"rate\"\nlimit = 1000\nper = \"day\"\n\
-         [[meters]]\nslug = \"gateway_requests\"\nsource = \"envoy\"\naggregation = \"COUNT\"\n"
-    );
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&write_config(dir.path(), &format!("{PLANS}{gateway}")));
-    let url = format!("http://{}", daemon.limits_grpc.as_ref().unwrap());
-    let client = RateLimitServiceClient::connect(url).await.unwrap();
+    let daemon = Daemon::start(&write_config(dir.path(), &format!("{PLANS}{GATEWAY_QUOTA}")));
+    let rls = rls_client(&daemon).await;
     let calls = (0..CALLS).map(|_| {
-        let mut client = client.clone();
-        tokio::spawn(async move {
-            let entry = |key: &str, value: &str| Entry {
-                key: key.into(),
-                value: value.into(),
-            };
-            let request = RateLimitRequest {
-                domain: "tallyd".into(),
-                descriptors: vec![RateLimitDescriptor {
-                    entries: vec![entry("tenant", "globex"), entry("meter", "gateway_requests")],
-                    ..Default::default()
-                }],
-                hits_addend: 1,
-            };
-            client.should_rate_limit(request).await.unwrap().into_inner()
-        })
+        let mut rls = rls.clone();
+        tokio::spawn(async move { rls.should_rate_limit(gateway_hit()).await.unwrap().into_inner() })
     });
     let mut allowed = 0;
     for call in calls.collect::<Vec<_>>() {
@@ -769,8 +781,7 @@ async fn rls_hits_racing_for_a_hard_quota_are_allowed_exactly_when_billed() {
             assert_eq!(response.statuses[0].limit_remaining, 0, "{response:?}");
         }
     }
-    let client = reqwest::Client::new();
-    let body: Value = client
+    let body: Value = client()
         .get(daemon.url("/api/v1/meters/gateway_requests/query?subject=globex"))
         .send()
         .await
@@ -794,6 +805,36 @@ async fn rls_hits_racing_for_a_hard_quota_are_allowed_exactly_when_billed() {
     assert_eq!(
         limit(&limits, "gateway_requests", "quota")["used"],
         json!(QUOTA.to_string())
+    );
+    daemon.stop();
+}
+
+/// An RLS call whose hits cannot be recorded (the push edges' backpressure: too many series
+/// waiting for a flush) fails UNAVAILABLE and takes nothing from the rate limit: its hits were
+/// not counted, so they use no limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rls_call_whose_hits_cannot_be_recorded_takes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &format!("{PLANS}{GATEWAY_QUOTA}"));
+    // No flush while the test runs, and backpressure past one pending series.
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "flush_interval_ms = 100",
+        "flush_interval_ms = 600000\nmax_pending_series = 1",
+    );
+    std::fs::write(&path, text).unwrap();
+    let daemon = Daemon::start(&path);
+    let mut rls = rls_client(&daemon).await;
+    let allowed = rls.should_rate_limit(gateway_hit()).await.unwrap().into_inner();
+    assert_eq!(allowed.overall_code, 1, "{allowed:?}");
+    let posted = post_raw(&daemon, &[tokens("t1", "acme", 1), call("c1", "globex")]).await;
+    assert_eq!(posted.status(), 202);
+    let status = rls.should_rate_limit(gateway_hit()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let limits = limits_of(&daemon, "globex").await;
+    assert_eq!(
+        limit(&limits, "gateway_requests", "rate")["remaining"],
+        json!("999"),
+        "{limits}"
     );
     daemon.stop();
 }

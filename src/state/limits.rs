@@ -1554,9 +1554,16 @@ impl Limits {
     }
 
     /// The asks of an RLS call that `ask` allowed (taking their rate units) were refused after
-    /// all: its hits' record met a hard quota that another call had used up meanwhile. The
-    /// rate units go back (refused hits never count) and the refusal is counted.
-    pub fn withdraw(&self, asks: &[Ask<'_>], names: &crate::model::Names, meters: &crate::meter::Meters) {
+    /// all: its hits' record met a hard quota that another call had used up meanwhile
+    /// (`over_quota`: the refusal is counted), or failed. The rate units go back (refused hits
+    /// never count).
+    pub fn withdraw(
+        &self,
+        asks: &[Ask<'_>],
+        over_quota: bool,
+        names: &crate::model::Names,
+        meters: &crate::meter::Meters,
+    ) {
         if !self.charged_by_log.load(Ordering::Relaxed) {
             for ask in asks {
                 let meter = meters.by_slug(ask.meter).map(|meter| meter.id);
@@ -1565,9 +1572,11 @@ impl Limits {
                 }
             }
         }
-        let mut counts = Counts::default();
-        counts.add(Kind::Quota, "refused");
-        self.decisions.record(&counts);
+        if over_quota {
+            let mut counts = Counts::default();
+            counts.add(Kind::Quota, "refused");
+            self.decisions.record(&counts);
+        }
     }
 
     /// Gives back the holds of a request that was not applied.

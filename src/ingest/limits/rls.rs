@@ -79,12 +79,24 @@ impl Rls {
         let mut answers = edge.ask(asks.clone(), true).await?;
         // Allowed hits of `source = "envoy"` meters are usage (denied ones never count),
         // recorded as one unit: their quotas decide again there, atomically with the count.
-        if answers.iter().all(|answer| answer.allowed) && !edge.record_hits(asks.clone(), true).await? {
+        let withdraw = |over_quota: bool| {
+            let shared = &edge.shared;
+            let asks = borrowed_asks(&asks);
+            shared
+                .limits
+                .withdraw(&asks, over_quota, &shared.names, &shared.meters);
+        };
+        let recorded = match answers.iter().all(|answer| answer.allowed) {
+            true => edge.record_hits(asks.clone(), true).await.inspect_err(|_| {
+                // Not recorded (overload, a failing store): the hits took nothing.
+                withdraw(false);
+            })?,
+            false => true,
+        };
+        if !recorded {
             // Another call took a hard quota's last units between the look and the record:
             // the request is refused (nothing of it counted), and what stands now is shown.
-            edge.shared
-                .limits
-                .withdraw(&borrowed_asks(&asks), &edge.shared.names, &edge.shared.meters);
+            withdraw(true);
             answers = edge.ask(asks.clone(), false).await?;
             for (answer, (_, meter, _)) in answers.iter_mut().zip(&asks) {
                 let recorded = edge
