@@ -839,6 +839,54 @@ async fn an_rls_call_whose_hits_cannot_be_recorded_takes_nothing() {
     daemon.stop();
 }
 
+/// A request the rate limit allowed but whose commit then failed (the ingest log cannot
+/// write: failpoint `ingest-log-write`) is answered 503 and took nothing from the rate limit:
+/// nothing of it was counted, so its retry finds the whole burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_fails_at_its_commit_takes_nothing_from_the_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    // paced: 5 calls a day (less than a unit earned back while the test runs).
+    let paced = "[[tenants]]\nid = \"paced\"\nplan = \"free\"\n\
+                 [[tenants.limits]]\nmeter = \"api_calls\"\nkind = \"rate\"\nlimit = 5\nper = \"day\"\n";
+    let path = write_config(dir.path(), &format!("{PLANS}{paced}"));
+    let failpoints = dir.path().join("failpoints");
+    let daemon = Daemon::start_env(
+        &path,
+        &[],
+        &[("TALLYD_FAILPOINTS_FILE", failpoints.to_str().unwrap())],
+    );
+    let calls = |from: usize, n: usize| -> Vec<Value> {
+        (from..from + n)
+            .map(|i| call(&format!("paced-{i}"), "paced"))
+            .collect()
+    };
+    std::fs::write(&failpoints, "ingest-log-write").unwrap();
+    let failed = post_raw(&daemon, &calls(0, 3)).await;
+    assert_eq!(failed.status(), 503, "{:?}", failed.text().await);
+    let limits = limits_of(&daemon, "paced").await;
+    assert_eq!(
+        limit(&limits, "api_calls", "rate")["remaining"],
+        json!("5"),
+        "{limits}"
+    );
+    std::fs::remove_file(&failpoints).unwrap();
+    // The log heals by itself; another tenant's usage shows when.
+    eventually("ingest to resume", async || {
+        (post_raw(&daemon, &[tokens(&format!("t-{}", body_id()), "acme", 1)])
+            .await
+            .status()
+            == 202)
+            .then_some(())
+    })
+    .await;
+    let posted = post_raw(&daemon, &calls(0, 5)).await;
+    assert_eq!(posted.status(), 202);
+    let body: Value = posted.json().await.unwrap();
+    assert_eq!(body["accepted"], 5, "{body}");
+    assert_eq!(post_raw(&daemon, &calls(5, 1)).await.status(), 429);
+    daemon.stop();
+}
+
 /// The daemon's limits listener address, as a client script's argument.
 fn limits_addr(daemon: &Daemon) -> &std::ffi::OsStr {
     daemon

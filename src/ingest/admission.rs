@@ -34,7 +34,7 @@ use crate::cluster::Cluster;
 use crate::model::SeriesKey;
 use crate::model::{now_ms, rfc3339_ms};
 use crate::state::dedup::{ClaimError, Ticket};
-use crate::state::limits::{state_contributions, Contributes, Hold, LimitError, RateExplained, Rates};
+use crate::state::limits::{state_contributions, Contributes, Holds, LimitError, RateExplained, Rates};
 use crate::state::{CommitRequest, Shared};
 use crate::store::log::LogBatch;
 use crate::telemetry;
@@ -254,7 +254,7 @@ pub struct Claimed {
     /// Units over a hard quota, with the reason (their keys are released).
     pub over_quota: Vec<(usize, String)>,
     /// What the admitted units hold of quotas until the batch is applied.
-    pub holds: Vec<Hold>,
+    pub holds: Holds,
 }
 
 impl Claimed {
@@ -365,7 +365,7 @@ pub fn claim_and_fold<U: Countable>(
         late: 0,
         overflowed: Vec::new(),
         over_quota: Vec::new(),
-        holds: Vec::new(),
+        holds: Holds::default(),
     };
     let mut refused = verdict.as_ref().map(|verdict| verdict.refused.iter().peekable());
     for (index, unit) in units.iter().enumerate() {
@@ -400,7 +400,7 @@ pub fn claim_and_fold<U: Countable>(
         claimed.late += usize::from(unit.is_late());
     }
     if let Some(verdict) = verdict {
-        claimed.holds = verdict.holds;
+        claimed.holds = verdict.into_holds();
     }
     Ok(claimed)
 }
@@ -636,7 +636,7 @@ impl Admission {
                 dead_letters,
                 reply: reply_tx,
                 ticket: self.shared.dedup.ticket(),
-                holds: Vec::new(),
+                holds: Holds::default(),
             };
             self.send_commit((request, reply_rx)).await?;
         }

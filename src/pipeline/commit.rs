@@ -219,7 +219,7 @@ impl CommitLoop {
                 &mut request.dedup_keys,
                 &request.cumulative,
                 position,
-                limited.then_some((&self.shared.limits, request.holds.as_slice())),
+                limited.then_some((&self.shared.limits, request.holds.quotas.as_slice())),
             );
             drop(applying);
             if let Err(error) = applied {

@@ -19,8 +19,9 @@ pub struct CommitRequest {
     pub reply: oneshot::Sender<Result<(), CommitError>>,
     /// The claim on `dedup_keys`: dropped with the request, after the reply (or the release).
     pub ticket: super::dedup::Ticket,
-    /// What its units hold of quotas until applied (`limits`); given back if it fails.
-    pub holds: Vec<super::limits::Hold>,
+    /// What its units hold of quotas until applied (`limits`) and took from rate keys; given
+    /// back if it fails.
+    pub holds: super::limits::Holds,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -570,10 +570,37 @@ pub struct Verdict {
     pub refused: Vec<(usize, String)>,
     /// What the admitted units hold until applied.
     pub holds: Vec<Hold>,
+    /// What the admitted units took from rate keys (given back if they are not applied).
+    pub rates: Taken,
+}
+
+impl Verdict {
+    pub fn into_holds(self) -> Holds {
+        Holds {
+            quotas: self.holds,
+            rates: self.rates,
+        }
+    }
+}
+
+/// What an admitted request holds until it is applied or released (`Limits::release`): its
+/// quota units, and what it took from rate keys — given back when it is not applied (a
+/// request that fails at its commit was refused: refused usage counts against no limit).
+#[derive(Debug, Default)]
+pub struct Holds {
+    pub quotas: Vec<Hold>,
+    pub rates: Taken,
+}
+
+impl Holds {
+    pub fn extend(&mut self, other: Holds) {
+        self.quotas.extend(other.quotas);
+        self.rates.extend(other.rates);
+    }
 }
 
 /// What a request's rate keys took: ((tenant, meter), units).
-type Taken = SmallVec<[((TenantId, MeterId), i128); 2]>;
+pub type Taken = SmallVec<[((TenantId, MeterId), i128); 2]>;
 
 /// How long after a plan reload batches are applied by reading them whole (`Gate::applied`):
 /// longer than a decided request waits for its commit.
@@ -1143,11 +1170,17 @@ impl Limits {
         };
         if !quotas {
             self.decisions.record(&counts);
-            return Ok(Verdict::default());
+            return Ok(Verdict {
+                rates: taken,
+                ..Verdict::default()
+            });
         }
-        let verdict = self.settle_quotas(names, meters, units, fresh, load, &taken, now_ns, &mut counts);
+        let verdict = self.settle_quotas(names, meters, units, fresh, load, &mut taken, now_ns, &mut counts);
         self.decisions.record(&counts);
-        verdict
+        verdict.map(|verdict| Verdict {
+            rates: taken,
+            ..verdict
+        })
     }
 
     /// Rate limits over a request's demand as a whole (`Rates::Enforce`): all allowed, or none
@@ -1251,7 +1284,7 @@ impl Limits {
         units: &[U],
         fresh: &[bool],
         load: Load<'_>,
-        taken: &[((TenantId, MeterId), i128)],
+        taken: &mut Taken,
         now_ns: i128,
         counts: &mut Counts,
     ) -> Result<Verdict, LimitError> {
@@ -1268,11 +1301,14 @@ impl Limits {
         if !taken.is_empty() {
             for &(index, _) in &verdict.refused {
                 units[index].contributions(&mut |key, units| {
-                    if taken.iter().any(|(id, _)| *id == (key.tenant, key.meter)) {
+                    if let Some((_, held)) = taken.iter_mut().find(|(id, _)| *id == (key.tenant, key.meter)) {
                         self.give_back_units(names, meters, key.tenant, key.meter, units);
+                        // What the request still holds, should it fail before it is applied.
+                        *held -= units;
                     }
                 });
             }
+            taken.retain(|(_, held)| *held > 0);
         }
         Ok(verdict)
     }
@@ -1579,8 +1615,22 @@ impl Limits {
         }
     }
 
-    /// Gives back the holds of a request that was not applied.
-    pub fn release(&self, holds: &[Hold]) {
+    /// Gives back what a request that was not applied holds: its quota units, and its rate
+    /// units to the tenants' current keys (a key forgotten meanwhile is whole already).
+    pub fn release(&self, holds: &Holds) {
+        for &((tenant, meter), units) in &holds.rates {
+            if let Some(cached) = self.tables.get(&tenant) {
+                if let Some(slot) = cached.rate(meter) {
+                    slot.give_back(units);
+                }
+            }
+        }
+        self.release_quotas(&holds.quotas);
+    }
+
+    /// Gives back quota holds alone (a Kafka batch applied: what it charged to rate keys
+    /// stays charged).
+    pub fn release_quotas(&self, holds: &[Hold]) {
         if holds.is_empty() {
             return;
         }
@@ -2584,7 +2634,7 @@ plan = "free"
                     let units: i128 = decided.iter().filter(|(_, ok)| *ok).map(|(n, _)| n).sum();
                     held -= units;
                     if fails {
-                        fixture.limits.release(&holds);
+                        fixture.limits.release_quotas(&holds);
                     } else {
                         apply_as(&fixture, &decided, &holds, held_whole);
                         applied += units;
@@ -2742,6 +2792,43 @@ default_plan = "metered"
         assert!(!decide(&[call(&names, &meters, "globex")]));
         assert!(!decide(&[call(&names, &meters, "initech")]));
         assert!(decide(&[call(&names, &meters, "hooli")]));
+    }
+
+    /// A request the rate allowed whole and a hard quota cut: its holds carry what its admitted
+    /// units took from the rate (the refused ones gave theirs back at once), and releasing
+    /// them (its commit failed) leaves the rate key whole: nothing is given back twice.
+    #[test]
+    fn a_released_request_gives_back_exactly_what_its_admitted_units_took_from_the_rate() {
+        let config = format!(
+            "{RATES}[[plans.limits]]\nmeter = \"api_calls\"\nkind = \"quota\"\nlimit = 3\nmode = \"hard\"\n"
+        );
+        let config = Config::load(&config, &Default::default()).unwrap();
+        let names = Names::default();
+        let meters = crate::meter::Meters::new(config.meters.clone(), &names);
+        let limits = Limits::new();
+        limits.set_plans(&Arc::new(config.plans));
+        let load = |_: &str, _: &str, _: i64, _: i64| Ok(0);
+        let remaining = || {
+            let standing = limits
+                .standing("acme", &names, &meters, crate::model::now_ms() / 1000, &load)
+                .unwrap();
+            let rate = standing.iter().find(|s| s.limit.kind == Kind::Rate).unwrap();
+            rate.remaining
+        };
+        let units: Vec<Unit> = (0..5).map(|_| call(&names, &meters, "acme")).collect();
+        let verdict = limits
+            .decide(&names, &meters, &units, &[true; 5], Rates::Enforce, &load)
+            .unwrap();
+        assert_eq!(
+            verdict.refused.iter().map(|(at, _)| *at).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        let api_calls = meters.by_slug("api_calls").unwrap().id;
+        let acme = names.tenants.get("acme").unwrap();
+        assert_eq!(verdict.rates.as_slice(), [((acme, api_calls), 3)]);
+        assert_eq!(remaining(), 97);
+        limits.release(&verdict.into_holds());
+        assert_eq!(remaining(), 100);
     }
 
     /// A unit a log received at `.1` (unix ms).

@@ -19,7 +19,7 @@ use crate::ingest::decode::{self, BodyKind, EventContext};
 use crate::kafka::position_name;
 use crate::model::now_ms;
 use crate::state::dedup::Ticket;
-use crate::state::limits::{Contributes, Hold};
+use crate::state::limits::{Contributes, Holds};
 use crate::state::Shared;
 use crate::telemetry;
 
@@ -52,8 +52,8 @@ pub struct FoldedBatch {
     /// shares is a duplicate within the batch, not a request to wait for): closed when the
     /// batch is dropped, after `apply`.
     ticket: Option<Ticket>,
-    /// What its units hold of quotas until `apply`.
-    holds: Vec<Hold>,
+    /// What its units hold of quotas until `apply` (and charged to rate keys).
+    holds: Holds,
 }
 
 impl FoldedBatch {
@@ -435,7 +435,8 @@ impl Folder {
         // decided; within a minute of a reload the batch's usage replaces its holds), and no
         // period's total is read while a partition's batch is between the two.
         let applying = shared.limits.is_active().then(|| shared.limits.applying());
-        let mut holds = std::mem::take(&mut folded.holds);
+        // Applied: what the batch charged to rate keys stays charged.
+        let mut holds = std::mem::take(&mut folded.holds.quotas);
         for ((topic, partition), next) in std::mem::take(&mut folded.next) {
             let (mut batch, mut keys) = folded
                 .parts
@@ -459,7 +460,7 @@ impl Folder {
             }
         }
         drop(applying);
-        shared.limits.release(&holds);
+        shared.limits.release_quotas(&holds);
         metrics::counter!(telemetry::KAFKA_MESSAGES).increment(folded.messages as u64);
         folded.outcome.record(SOURCE);
     }
