@@ -781,21 +781,8 @@ async fn rls_hits_racing_for_a_hard_quota_are_allowed_exactly_when_billed() {
             assert_eq!(response.statuses[0].limit_remaining, 0, "{response:?}");
         }
     }
-    let body: Value = client()
-        .get(daemon.url("/api/v1/meters/gateway_requests/query?subject=globex"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let billed: u64 = body["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|row| row["value"].as_u64().unwrap())
-        .sum();
-    assert_eq!(billed, allowed as u64, "{body}");
+    let billed = sum_rows(&query(&client(), &daemon, "gateway_requests", "subject=globex").await);
+    assert_eq!(billed, allowed as i64);
     assert_eq!(allowed, QUOTA, "OK answers against a quota of {QUOTA}");
     // The refused calls took nothing from the rate limit either (1000 a day: less than a
     // unit earned back meanwhile).
