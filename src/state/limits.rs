@@ -1226,7 +1226,7 @@ impl Limits {
                 None => {}
                 Some(Ok(())) => taken.push(((tenant, meter), units)),
                 Some(Err((state, spec, scale))) => {
-                    self.give_back_taken(names, meters, taken);
+                    self.give_back_taken(taken);
                     counts.add(Kind::Rate, "refused");
                     return Err(Box::new(RateRefusal {
                         tenant,
@@ -1246,31 +1246,22 @@ impl Limits {
         Ok(quotas)
     }
 
-    /// Gives back what a request's rate keys took (it was refused or left undecided).
-    fn give_back_taken(
-        &self,
-        names: &crate::model::Names,
-        meters: &crate::meter::Meters,
-        taken: &[((TenantId, MeterId), i128)],
-    ) {
+    /// Gives back what a request's rate keys took (it was refused, left undecided, or not
+    /// applied).
+    fn give_back_taken(&self, taken: &[((TenantId, MeterId), i128)]) {
         for &((tenant, meter), units) in taken {
-            self.give_back_units(names, meters, tenant, meter, units);
+            self.give_back_units(tenant, meter, units);
         }
     }
 
-    fn give_back_units(
-        &self,
-        names: &crate::model::Names,
-        meters: &crate::meter::Meters,
-        tenant: TenantId,
-        meter: MeterId,
-        units: i128,
-    ) {
-        self.with_cached(tenant, names, meters, |cached| {
+    /// Gives `units` back to the tenant's current rate key of `meter` (one a reload replaced
+    /// passes its state on when rebuilt; one forgotten meanwhile was whole already).
+    fn give_back_units(&self, tenant: TenantId, meter: MeterId, units: i128) {
+        if let Some(cached) = self.tables.get(&tenant) {
             if let Some(slot) = cached.rate(meter) {
                 slot.give_back(units);
             }
-        });
+        }
     }
 
     /// The quota half of `decide`, after the rates took `taken`: units refused for a quota
@@ -1295,14 +1286,14 @@ impl Limits {
             gate.decide_quotas(names, meters, units, fresh, load, &mut verdict, counts)
         };
         if let Err(error) = decided {
-            self.give_back_taken(names, meters, taken);
+            self.give_back_taken(taken);
             return Err(error);
         }
         if !taken.is_empty() {
             for &(index, _) in &verdict.refused {
                 units[index].contributions(&mut |key, units| {
                     if let Some((_, held)) = taken.iter_mut().find(|(id, _)| *id == (key.tenant, key.meter)) {
-                        self.give_back_units(names, meters, key.tenant, key.meter, units);
+                        self.give_back_units(key.tenant, key.meter, units);
                         // What the request still holds, should it fail before it is applied.
                         *held -= units;
                     }
@@ -1496,7 +1487,7 @@ impl Limits {
                     Err(error) => {
                         // Undecided: the rate keys already asked take nothing.
                         if take {
-                            self.give_back(&trials, names, meters);
+                            self.give_back(&trials);
                         }
                         return Err(error);
                     }
@@ -1537,7 +1528,7 @@ impl Limits {
             let all = answers.iter().all(|answer| answer.allowed);
             if !all && take {
                 // An ask refused: nothing is taken.
-                self.give_back(&trials, names, meters);
+                self.give_back(&trials);
             }
             for (tenant, meter, _, decision) in trials {
                 if decision.allowed && !all {
@@ -1578,14 +1569,9 @@ impl Limits {
     }
 
     /// Gives back the units the allowed rate trials of an `ask` took.
-    fn give_back(
-        &self,
-        trials: &[(TenantId, MeterId, i128, RateDecision)],
-        names: &crate::model::Names,
-        meters: &crate::meter::Meters,
-    ) {
+    fn give_back(&self, trials: &[(TenantId, MeterId, i128, RateDecision)]) {
         for &(tenant, meter, units, _) in trials.iter().filter(|trial| trial.3.allowed) {
-            self.give_back_units(names, meters, tenant, meter, units);
+            self.give_back_units(tenant, meter, units);
         }
     }
 
@@ -1604,7 +1590,7 @@ impl Limits {
             for ask in asks {
                 let meter = meters.by_slug(ask.meter).map(|meter| meter.id);
                 if let (Some(tenant), Some(meter)) = (names.tenants.get(ask.tenant), meter) {
-                    self.give_back_units(names, meters, tenant, meter, ask.units);
+                    self.give_back_units(tenant, meter, ask.units);
                 }
             }
         }
@@ -1618,13 +1604,7 @@ impl Limits {
     /// Gives back what a request that was not applied holds: its quota units, and its rate
     /// units to the tenants' current keys (a key forgotten meanwhile is whole already).
     pub fn release(&self, holds: &Holds) {
-        for &((tenant, meter), units) in &holds.rates {
-            if let Some(cached) = self.tables.get(&tenant) {
-                if let Some(slot) = cached.rate(meter) {
-                    slot.give_back(units);
-                }
-            }
-        }
+        self.give_back_taken(&holds.rates);
         self.release_quotas(&holds.quotas);
     }
 
@@ -2512,6 +2492,18 @@ plan = "free"
         }
     }
 
+    /// Decides one unit of `units` of the fixture's key, reading a period's total with `load`.
+    fn decide_one(fixture: &Fixture, units: i128, load: Load<'_>) -> Result<Verdict, LimitError> {
+        fixture.limits.decide(
+            &fixture.names,
+            &fixture.meters,
+            &[Unit(fixture.key, units)],
+            &[true],
+            Rates::Enforce,
+            load,
+        )
+    }
+
     /// Applies `units` as the commit stage would: the batch's deltas and its holds, under the
     /// lock (`held_whole`: from the holds alone, as a batch without cumulative points is).
     fn apply_as(fixture: &Fixture, units: &[(i128, bool)], holds: &[Hold], held_whole: bool) {
@@ -2670,10 +2662,7 @@ plan = "free"
                 sizes
                     .iter()
                     .map(|&n| {
-                        let verdict = fixture
-                            .limits
-                            .decide(&fixture.names, &fixture.meters, &[Unit(fixture.key, n)], &[true], Rates::Enforce, &load)
-                            .unwrap();
+                        let verdict = decide_one(&fixture, n, &load).unwrap();
                         apply(&fixture, &[(n, verdict.refused.is_empty())], &verdict.holds);
                         verdict.refused.is_empty()
                     })
@@ -2943,18 +2932,7 @@ default_plan = "metered"
     fn forgotten_quota_periods_are_read_again() {
         let fixture = fixture();
         let decide = |units: i128, base: i128| {
-            let load = move |_: &str, _: &str, _: i64, _: i64| Ok(base);
-            let verdict = fixture
-                .limits
-                .decide(
-                    &fixture.names,
-                    &fixture.meters,
-                    &[Unit(fixture.key, units)],
-                    &[true],
-                    Rates::Enforce,
-                    &load,
-                )
-                .unwrap();
+            let verdict = decide_one(&fixture, units, &move |_, _, _, _| Ok(base)).unwrap();
             (verdict.refused.is_empty(), verdict.holds)
         };
         // 50 used here; 30 tracked more...
@@ -3020,17 +2998,7 @@ default_plan = "metered"
         let fixture = fixture();
         let load = |_: &str, _: &str, _: i64, _: i64| Ok(0);
         let decide = |units: i128| {
-            let verdict = fixture
-                .limits
-                .decide(
-                    &fixture.names,
-                    &fixture.meters,
-                    &[Unit(fixture.key, units)],
-                    &[true],
-                    Rates::Enforce,
-                    &load,
-                )
-                .unwrap();
+            let verdict = decide_one(&fixture, units, &load).unwrap();
             apply_as(
                 &fixture,
                 &[(units, verdict.refused.is_empty())],
