@@ -868,14 +868,16 @@ async fn a_trickling_upload_holds_the_budget_only_until_its_timeout() {
         json!({"tokens": 3, "model": "m"}),
     )];
 
-    // Chunked, and only the first bytes: the whole budget is held while it trickles.
+    // Chunked, and only the first bytes: the whole budget is held while it trickles. The clock
+    // starts before the connection: the daemon's timer starts when the head arrives, which is
+    // before any instant taken after the write returns (that was a flaky CI failure).
+    let started = std::time::Instant::now();
     let mut slow = std::net::TcpStream::connect(daemon.addr.as_str()).unwrap();
     write!(
         slow,
         "POST /api/v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/cloudevents-batch+json\r\ntransfer-encoding: chunked\r\n\r\n1\r\n[\r\n"
     )
     .unwrap();
-    let started = std::time::Instant::now();
     std::thread::sleep(std::time::Duration::from_millis(300));
     let (status, answer) = post_batch(&client, &daemon, &batch).await;
     assert_eq!(status, 503, "the budget is held by the trickling body: {answer}");
