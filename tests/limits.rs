@@ -826,6 +826,64 @@ async fn an_rls_call_whose_hits_cannot_be_recorded_takes_nothing() {
     daemon.stop();
 }
 
+/// An RLS caller that hangs up while its hits are being recorded (failpoint
+/// `ingest-log-write:stall` holds the record) leaves the rate limit as the record's outcome
+/// says, not as the hang-up cut it: a record that then fails gives the call's rate unit back
+/// (nothing counted, nothing taken), one that then succeeds keeps it (counted and taken).
+/// Before, the hang-up dropped the decision mid-way and nothing gave back what `ask` took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rls_caller_hanging_up_mid_record_leaves_the_rate_as_the_record_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &format!("{PLANS}{GATEWAY_QUOTA}"));
+    let failpoints = dir.path().join("failpoints");
+    let daemon = Daemon::start_env(
+        &path,
+        &[],
+        &[("TALLYD_FAILPOINTS_FILE", failpoints.to_str().unwrap())],
+    );
+    let mut rls = rls_client(&daemon).await;
+    let hang_up = async |rls: &mut RlsClient| {
+        let call = tokio::time::timeout(Duration::from_millis(500), rls.should_rate_limit(gateway_hit()));
+        assert!(call.await.is_err(), "answered while the record is held");
+    };
+    let remaining = async || {
+        let limits = limits_of(&daemon, "globex").await;
+        limit(&limits, "gateway_requests", "rate")["remaining"].clone()
+    };
+    let billed = async || sum_rows(&query(&client(), &daemon, "gateway_requests", "subject=globex").await);
+
+    // Held, hung up, then failed: nothing counted and the whole rate left.
+    std::fs::write(&failpoints, "ingest-log-write:stall").unwrap();
+    hang_up(&mut rls).await;
+    std::fs::write(&failpoints, "ingest-log-write").unwrap();
+    eventually("the failed record's unit given back", async || {
+        (remaining().await == json!("1000")).then_some(())
+    })
+    .await;
+    std::fs::remove_file(&failpoints).unwrap();
+    eventually("ingest to resume", async || {
+        (post_raw(&daemon, &[tokens(&format!("t-{}", body_id()), "acme", 1)])
+            .await
+            .status()
+            == 202)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(billed().await, 0);
+    assert_eq!(remaining().await, json!("1000"));
+
+    // Held, hung up, then written: counted, and its unit stays taken.
+    std::fs::write(&failpoints, "ingest-log-write:stall").unwrap();
+    hang_up(&mut rls).await;
+    std::fs::remove_file(&failpoints).unwrap();
+    eventually("the hung-up call's hit to be billed", async || {
+        (billed().await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(remaining().await, json!("999"));
+    daemon.stop();
+}
+
 /// A request the rate limit allowed but whose commit then failed (the ingest log cannot
 /// write: failpoint `ingest-log-write`) is answered 503 and took nothing from the rate limit:
 /// nothing of it was counted, so its retry finds the whole burst.

@@ -5,6 +5,11 @@
 //! the points work again. A test can so break and heal the disk under a running daemon. Unset
 //! (production): one load per pass.
 //!
+//! A line `<point>:stall` holds the thread that reaches the point until the line is gone (then
+//! the point fails or passes as the file then says): a test can so keep a write in flight, for
+//! a client to hang up meanwhile, and choose its outcome afterwards. Only for points reached on
+//! the stage threads (the commit stage's log writes), never on the async executor.
+//!
 //! Points: `store-write` (every RocksDB write batch: checkpoints, the dedup stage's bookkeeping,
 //! emitter cursors), `ingest-log-write` (appending to and syncing the ingest log).
 
@@ -25,9 +30,16 @@ fn file() -> Option<&'static std::path::Path> {
 /// EIO if `point` is armed right now.
 pub fn check(point: &str) -> std::io::Result<()> {
     let Some(path) = file() else { return Ok(()) };
-    let armed = std::fs::read_to_string(path).unwrap_or_default();
-    if armed.lines().any(|line| line.trim() == point) {
-        return Err(std::io::Error::from_raw_os_error(EIO));
+    loop {
+        let armed = std::fs::read_to_string(path).unwrap_or_default();
+        let names = |wanted: &str| armed.lines().any(|line| line.trim() == wanted);
+        if names(&format!("{point}:stall")) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        }
+        if names(point) {
+            return Err(std::io::Error::from_raw_os_error(EIO));
+        }
+        return Ok(());
     }
-    Ok(())
 }

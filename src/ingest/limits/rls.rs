@@ -31,8 +31,18 @@ impl RateLimitService for Rls {
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let started = Instant::now();
-        let result = self.decide(request).await;
-        observe("rls", started, &result);
+        // The decision runs to its end on its own task, even if the caller hangs up: once
+        // `ask` has taken rate units, only the record's outcome may settle them (kept when
+        // the hits were counted, given back when not). Dropped at an await, the call would
+        // keep units for hits never counted.
+        let rls = Rls(self.0.clone());
+        let result = tokio::spawn(async move {
+            let result = rls.decide(request).await;
+            observe("rls", started, &result);
+            result
+        })
+        .await
+        .unwrap_or_else(|error| Err(Status::internal(format!("limits decision failed: {error}"))));
         result.map(Response::new)
     }
 }
