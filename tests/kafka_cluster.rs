@@ -765,13 +765,13 @@ async fn edges_refuse_what_an_owner_published_as_over_quota() {
         let (status, body) = post_batch(&client, edge, &[tokens(format!("more-{attempt}"), 5)]).await;
         assert_eq!(status, 202, "{body}");
         if body["forwarded"] == 0 {
-            refused_at_edge = Some(body);
+            refused_at_edge = Some((body, attempt % 2));
             break;
         }
         assert!(Instant::now() < deadline, "no edge ever refused: {body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let body = refused_at_edge.unwrap();
+    let (body, refusing) = refused_at_edge.unwrap();
     assert_eq!(body["refused"][0]["reason"], "quota_exceeded", "{body}");
     assert!(
         body["refused"][0]["message"]
@@ -800,6 +800,34 @@ async fn edges_refuse_what_an_owner_published_as_over_quota() {
     // The owner's decisions stayed exact: nothing past the limit was counted.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(total_of(&client, &b, "tokens").await, 100);
+
+    // A client that hangs up while its batch is being forwarded (300 tenants: 300 messages to
+    // produce; the connection closed 5 ms after the body) still has the event the edge refused
+    // itself dead-lettered there: the forward runs to its end without the client.
+    let (edge, data) = [(&a, _dirs[0].path()), (&b, _dirs[1].path())][refusing];
+    let mut batch: Vec<Value> = (0..300)
+        .map(|i| {
+            event(
+                &format!("hung-{i}"),
+                "llm.prompt",
+                &format!("hung-{i}"),
+                &ago(1),
+                json!({"tokens": 1, "model": "m1"}),
+            )
+        })
+        .collect();
+    batch.push(tokens("hung-refused".into(), 5));
+    hang_up_after_posting(edge, &serde_json::to_vec(&batch).unwrap());
+    eventually(
+        "the hung-up batch's refusal dead-lettered at the edge",
+        async || {
+            let dead = read_jsonl(&data.join("data/dead-letter.jsonl"));
+            dead.iter()
+                .any(|line| line["reason"] == "quota_exceeded" && line.to_string().contains("hung-refused"))
+                .then_some(())
+        },
+    )
+    .await;
 
     // OTLP the same way: the quota of `requests` filled, then an edge rejects the next
     // points in partial success (no RetryInfo), naming the quota.
@@ -1227,6 +1255,21 @@ fn blanket_rule(answer: &RateLimitQuotaResponse) -> Option<BlanketRule> {
 }
 
 /// acme's event `id` of `n` tokens, a second old.
+/// Posts `body` (a CloudEvents batch) to `daemon` over a raw connection and closes it 5 ms
+/// after the last byte, without reading the answer.
+fn hang_up_after_posting(daemon: &Daemon, body: &[u8]) {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(daemon.addr.as_str()).unwrap();
+    write!(
+        stream,
+        "POST /api/v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/cloudevents-batch+json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(body).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+}
+
 fn acme_tokens(id: String, n: i64) -> Value {
     event(
         &id,

@@ -826,6 +826,20 @@ async fn an_rls_call_whose_hits_cannot_be_recorded_takes_nothing() {
     daemon.stop();
 }
 
+/// Disarms the failpoints and waits for the ingest log to heal: it does by itself, and another
+/// tenant's usage shows when.
+async fn heal_ingest_log(daemon: &Daemon, failpoints: &std::path::Path) {
+    std::fs::remove_file(failpoints).unwrap();
+    eventually("ingest to resume", async || {
+        (post_raw(daemon, &[tokens(&format!("t-{}", body_id()), "acme", 1)])
+            .await
+            .status()
+            == 202)
+            .then_some(())
+    })
+    .await;
+}
+
 /// An RLS caller that hangs up while its hits are being recorded (failpoint
 /// `ingest-log-write:stall` holds the record) leaves the rate limit as the record's outcome
 /// says, not as the hang-up cut it: a record that then fails gives the call's rate unit back
@@ -860,15 +874,7 @@ async fn an_rls_caller_hanging_up_mid_record_leaves_the_rate_as_the_record_says(
         (remaining().await == json!("1000")).then_some(())
     })
     .await;
-    std::fs::remove_file(&failpoints).unwrap();
-    eventually("ingest to resume", async || {
-        (post_raw(&daemon, &[tokens(&format!("t-{}", body_id()), "acme", 1)])
-            .await
-            .status()
-            == 202)
-            .then_some(())
-    })
-    .await;
+    heal_ingest_log(&daemon, &failpoints).await;
     assert_eq!(billed().await, 0);
     assert_eq!(remaining().await, json!("1000"));
 
@@ -914,16 +920,7 @@ async fn a_request_that_fails_at_its_commit_takes_nothing_from_the_rate_limit() 
         json!("5"),
         "{limits}"
     );
-    std::fs::remove_file(&failpoints).unwrap();
-    // The log heals by itself; another tenant's usage shows when.
-    eventually("ingest to resume", async || {
-        (post_raw(&daemon, &[tokens(&format!("t-{}", body_id()), "acme", 1)])
-            .await
-            .status()
-            == 202)
-            .then_some(())
-    })
-    .await;
+    heal_ingest_log(&daemon, &failpoints).await;
     let posted = post_raw(&daemon, &calls(0, 5)).await;
     assert_eq!(posted.status(), 202);
     let body: Value = posted.json().await.unwrap();

@@ -12,7 +12,8 @@
 //!                      Tally::record (the metrics, by source)
 //! ```
 //! In cluster mode `Admission::forward` replaces the local commit: the edge's messages go to the
-//! ingest topic and the partition owner counts them. The Kafka source folds its batches with the
+//! ingest topic and the partition owner counts them (on a spawned task too: the dead letters of
+//! what the edge refused itself are written whatever the client does). The Kafka source folds its batches with the
 //! same `claim_and_fold` and `Tally` (its log is Kafka, its commit the partition writer).
 //!
 //! Why the task is spawned: an edge's dedup keys are claimed before the request is durable. If
@@ -590,12 +591,37 @@ impl Admission {
 
     /// Cluster mode: `prepare` validates and maps the request exactly as a single replica would
     /// (off the executor), then its messages go to the ingest topic keyed by tenant; answers
-    /// once Kafka acknowledged them all and the edge's dead letters are durable.
+    /// once Kafka acknowledged them all and the edge's dead letters are durable. On its own
+    /// task, like `commit`: a client hanging up while its messages are being produced cannot
+    /// leave the events the edge refused itself (a published quota) without their dead letters.
     pub async fn forward<T, P>(
         &self,
         source: Source,
-        cluster: &Cluster,
+        cluster: Arc<Cluster>,
         permit: OwnedSemaphorePermit,
+        prepare: P,
+    ) -> Result<Admitted<T>, IngestError>
+    where
+        T: Send + 'static,
+        P: FnOnce(&Shared, i64) -> Result<Forward<T>, IngestError> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let result = this.forward_to_the_end(source, &cluster, prepare).await;
+            drop(permit);
+            result
+        })
+        .await
+        .unwrap_or_else(|error| {
+            tracing::error!(%error, source = source.as_str(), "forwarding task panicked");
+            Err(IngestError::Unavailable("internal error".into()))
+        })
+    }
+
+    async fn forward_to_the_end<T, P>(
+        &self,
+        source: Source,
+        cluster: &Cluster,
         prepare: P,
     ) -> Result<Admitted<T>, IngestError>
     where
@@ -640,7 +666,6 @@ impl Admission {
             };
             self.send_commit((request, reply_rx)).await?;
         }
-        drop(permit);
         tally.record(source);
         Ok(Admitted { tally, answer })
     }

@@ -133,7 +133,7 @@ async fn accept(
     })?;
     if let Some(cluster) = admission.cluster.clone() {
         let Admitted { tally, answer } = admission
-            .forward(SOURCE, &cluster, permit, move |shared, now| {
+            .forward(SOURCE, cluster, permit, move |shared, now| {
                 forwardable(shared, &bytes, kind, now, tenant.as_deref())
             })
             .await?;

@@ -193,7 +193,7 @@ impl LimitsEdge {
                 .admission
                 .forward(
                     Source::Envoy,
-                    &cluster,
+                    cluster,
                     permit,
                     move |shared: &Shared, now: i64| Ok(forwarded_hits(shared, &hits, now)),
                 )

@@ -259,7 +259,7 @@ impl OtlpIngest {
         let Admitted { answer, .. } = match self.admission.cluster.clone() {
             Some(cluster) => {
                 self.admission
-                    .forward(SOURCE, &cluster, permit, move |shared, now| {
+                    .forward(SOURCE, cluster, permit, move |shared, now| {
                         forwardable(shared, signal, encoding, &body, key_tenant.as_deref(), now)
                     })
                     .await?
