@@ -654,7 +654,6 @@ async fn checkpoints_behind_means_retryable_503_and_nothing_counted_twice() {
 /// attempt was still committing (`state::dedup`, tickets).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_mid_request_loses_nothing_and_its_retry_is_told_the_truth() {
-    use std::io::Write;
     let (_dir, path) = config("");
     edit_config(&path, "[server]\n", "[server]\nmax_body_bytes = 67108864\n");
     let daemon = Daemon::start(&path);
@@ -671,17 +670,7 @@ async fn a_client_that_hangs_up_mid_request_loses_nothing_and_its_retry_is_told_
             )
         })
         .collect();
-    let body = serde_json::to_vec(&batch).unwrap();
-    let mut stream = std::net::TcpStream::connect(daemon.addr.as_str()).unwrap();
-    write!(
-        stream,
-        "POST /api/v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/cloudevents-batch+json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    stream.write_all(&body).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(5));
-    drop(stream);
+    hang_up_after_posting(&daemon, &serde_json::to_vec(&batch).unwrap());
     // The retry: whatever it is told, the batch counts once.
     let (status, answer) = post_batch(&client, &daemon, &batch).await;
     assert_eq!(status, 202, "{answer}");

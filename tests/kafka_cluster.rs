@@ -1255,21 +1255,6 @@ fn blanket_rule(answer: &RateLimitQuotaResponse) -> Option<BlanketRule> {
 }
 
 /// acme's event `id` of `n` tokens, a second old.
-/// Posts `body` (a CloudEvents batch) to `daemon` over a raw connection and closes it 5 ms
-/// after the last byte, without reading the answer.
-fn hang_up_after_posting(daemon: &Daemon, body: &[u8]) {
-    use std::io::Write;
-    let mut stream = std::net::TcpStream::connect(daemon.addr.as_str()).unwrap();
-    write!(
-        stream,
-        "POST /api/v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/cloudevents-batch+json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    stream.write_all(body).unwrap();
-    std::thread::sleep(Duration::from_millis(5));
-}
-
 fn acme_tokens(id: String, n: i64) -> Value {
     event(
         &id,

@@ -369,3 +369,18 @@ pub async fn metrics_text(client: &reqwest::Client, daemon: &Daemon) -> String {
     let response = client.get(daemon.url("/metrics")).send().await.unwrap();
     response.text().await.unwrap()
 }
+
+/// Posts `body` (a CloudEvents batch) to `daemon` over a raw connection and closes it 5 ms
+/// after the last byte, without reading the answer.
+pub fn hang_up_after_posting(daemon: &Daemon, body: &[u8]) {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(daemon.addr.as_str()).unwrap();
+    write!(
+        stream,
+        "POST /api/v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/cloudevents-batch+json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(body).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+}
