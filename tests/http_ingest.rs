@@ -867,7 +867,25 @@ async fn a_trickling_upload_holds_the_budget_only_until_its_timeout() {
         "POST /api/v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/cloudevents-batch+json\r\ntransfer-encoding: chunked\r\n\r\n1\r\n[\r\n"
     )
     .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The budget is taken once the daemon has read the head: probed (another tenant, a new
+    // event each time) until refused, rather than a guessed sleep a loaded machine can outlast.
+    for probe in 0.. {
+        let probe = event(
+            &format!("probe-{probe}"),
+            "llm.prompt",
+            "probe",
+            &ago(30),
+            json!({"tokens": 1, "model": "m"}),
+        );
+        if post_batch(&client, &daemon, &[probe]).await.0 == 503 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(1500),
+            "the trickling body never held the budget"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let (status, answer) = post_batch(&client, &daemon, &batch).await;
     assert_eq!(status, 503, "the budget is held by the trickling body: {answer}");
 
