@@ -401,7 +401,7 @@ pub fn claim_and_fold<U: Countable>(
         claimed.late += usize::from(unit.is_late());
     }
     if let Some(verdict) = verdict {
-        claimed.holds = verdict.into_holds();
+        claimed.holds = verdict.holds;
     }
     Ok(claimed)
 }
@@ -523,16 +523,10 @@ impl Admission {
             ));
         }
         let this = self.clone();
-        tokio::spawn(async move {
-            let result = this.commit_to_the_end(source, prepare).await;
-            drop(permit);
-            result
+        to_the_end(source, permit, async move {
+            this.commit_to_the_end(source, prepare).await
         })
         .await
-        .unwrap_or_else(|error| {
-            tracing::error!(%error, source = source.as_str(), "ingest task panicked");
-            Err(IngestError::Unavailable("internal error".into()))
-        })
     }
 
     async fn commit_to_the_end<U, T, P>(&self, source: Source, prepare: P) -> Result<Admitted<T>, IngestError>
@@ -606,16 +600,10 @@ impl Admission {
         P: FnOnce(&Shared, i64) -> Result<Forward<T>, IngestError> + Send + 'static,
     {
         let this = self.clone();
-        tokio::spawn(async move {
-            let result = this.forward_to_the_end(source, &cluster, prepare).await;
-            drop(permit);
-            result
+        to_the_end(source, permit, async move {
+            this.forward_to_the_end(source, &cluster, prepare).await
         })
         .await
-        .unwrap_or_else(|error| {
-            tracing::error!(%error, source = source.as_str(), "forwarding task panicked");
-            Err(IngestError::Unavailable("internal error".into()))
-        })
     }
 
     async fn forward_to_the_end<T, P>(
@@ -669,6 +657,25 @@ impl Admission {
         tally.record(source);
         Ok(Admitted { tally, answer })
     }
+}
+
+/// Runs an admitted request's `work` on its own task, holding `permit` until it ends: a client
+/// that hangs up cannot cut it short (see the module's "Why the task is spawned").
+async fn to_the_end<T: Send + 'static>(
+    source: Source,
+    permit: OwnedSemaphorePermit,
+    work: impl std::future::Future<Output = Result<Admitted<T>, IngestError>> + Send + 'static,
+) -> Result<Admitted<T>, IngestError> {
+    tokio::spawn(async move {
+        let result = work.await;
+        drop(permit);
+        result
+    })
+    .await
+    .unwrap_or_else(|error| {
+        tracing::error!(%error, source = source.as_str(), "ingest task panicked");
+        Err(IngestError::Unavailable("internal error".into()))
+    })
 }
 
 type ReplyReceiver = oneshot::Receiver<Result<(), crate::state::CommitError>>;

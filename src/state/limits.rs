@@ -568,19 +568,8 @@ impl RateRefusal {
 pub struct Verdict {
     /// The units refused (over a hard quota) and why, by ascending index.
     pub refused: Vec<(usize, String)>,
-    /// What the admitted units hold until applied.
-    pub holds: Vec<Hold>,
-    /// What the admitted units took from rate keys (given back if they are not applied).
-    pub rates: Taken,
-}
-
-impl Verdict {
-    pub fn into_holds(self) -> Holds {
-        Holds {
-            quotas: self.holds,
-            rates: self.rates,
-        }
-    }
+    /// What the admitted units hold of quotas until applied, and took from rate keys.
+    pub holds: Holds,
 }
 
 /// What an admitted request holds until it is applied or released (`Limits::release`): its
@@ -1170,16 +1159,15 @@ impl Limits {
         };
         if !quotas {
             self.decisions.record(&counts);
-            return Ok(Verdict {
-                rates: taken,
-                ..Verdict::default()
-            });
+            let mut verdict = Verdict::default();
+            verdict.holds.rates = taken;
+            return Ok(verdict);
         }
         let verdict = self.settle_quotas(names, meters, units, fresh, load, &mut taken, now_ns, &mut counts);
         self.decisions.record(&counts);
-        verdict.map(|verdict| Verdict {
-            rates: taken,
-            ..verdict
+        verdict.map(|mut verdict| {
+            verdict.holds.rates = taken;
+            verdict
         })
     }
 
@@ -1893,7 +1881,7 @@ impl Gate<'_> {
         if !totals.iter().all(fits) {
             return false;
         }
-        verdict.holds.reserve(totals.len());
+        verdict.holds.quotas.reserve(totals.len());
         for (key, units) in totals {
             let entry = quotas.get_mut(&key).expect("invariant: checked above");
             let before = entry.take(units, request, clock_ns);
@@ -1903,7 +1891,7 @@ impl Gate<'_> {
                     .and_then(|tenant| tenant.table.as_ref())
                     .map(|table| table.name.clone())
             });
-            verdict.holds.push(Hold { key, units, request });
+            verdict.holds.quotas.push(Hold { key, units, request });
         }
         counts.0[Kind::Quota as usize][0] += limited_units;
         true
@@ -1986,7 +1974,7 @@ impl Gate<'_> {
             entry.follow(&key, table);
             let before = entry.take(units, request, clock_ns);
             signal_moved(limits, entry, &key, before, || Some(table.name.clone()));
-            verdict.holds.push(Hold { key, units, request });
+            verdict.holds.quotas.push(Hold { key, units, request });
         }
         counts.0[Kind::Quota as usize][0] += limited_units;
         Ok(true)
@@ -2037,10 +2025,10 @@ impl Gate<'_> {
         self.inner.in_flight.insert(request);
         let decided = self.decide_numbered(request, names, meters, units, fresh, load, verdict, counts);
         if decided.is_err() {
-            let holds = std::mem::take(&mut verdict.holds);
+            let holds = std::mem::take(&mut verdict.holds.quotas);
             self.inner.give_back(self.limits, &holds);
         }
-        if verdict.holds.is_empty() {
+        if verdict.holds.quotas.is_empty() {
             self.inner.in_flight.remove(&request);
         }
         decided
@@ -2079,7 +2067,7 @@ impl Gate<'_> {
             self.follow(&tables);
             return Ok(());
         }
-        // Where each quota period's hold is in `verdict.holds` (one hold per period).
+        // Where each quota period's hold is in `verdict.holds.quotas` (one hold per period).
         let mut held_at: HashMap<QuotaKey, usize> = HashMap::default();
         let mut wants: SmallVec<[(Want, Arc<TenantTable>); 2]> = SmallVec::new();
         for (index, unit) in units.iter().enumerate() {
@@ -2148,12 +2136,12 @@ impl Gate<'_> {
                         signal_moved(limits, entry, key, before, || Some(table.name.clone()));
                         match held_at.get(key) {
                             Some(&at) => {
-                                let hold = &mut verdict.holds[at];
+                                let hold = &mut verdict.holds.quotas[at];
                                 hold.units = hold.units.saturating_add(*units);
                             }
                             None => {
-                                held_at.insert(*key, verdict.holds.len());
-                                verdict.holds.push(Hold {
+                                held_at.insert(*key, verdict.holds.quotas.len());
+                                verdict.holds.quotas.push(Hold {
                                     key: *key,
                                     units: *units,
                                     request,
@@ -2619,7 +2607,7 @@ plan = "free"
                     }
                     decided.push((n, fits));
                 }
-                in_flight.push((decided, verdict.holds, fails));
+                in_flight.push((decided, verdict.holds.quotas, fails));
                 // Apply (or fail) one of the requests in flight, in an arbitrary order.
                 if order % 2 == 0 {
                     let (decided, holds, fails) = in_flight.remove(order as usize % in_flight.len());
@@ -2663,7 +2651,7 @@ plan = "free"
                     .iter()
                     .map(|&n| {
                         let verdict = decide_one(&fixture, n, &load).unwrap();
-                        apply(&fixture, &[(n, verdict.refused.is_empty())], &verdict.holds);
+                        apply(&fixture, &[(n, verdict.refused.is_empty())], &verdict.holds.quotas);
                         verdict.refused.is_empty()
                     })
                     .collect::<Vec<bool>>()
@@ -2814,9 +2802,9 @@ default_plan = "metered"
         );
         let api_calls = meters.by_slug("api_calls").unwrap().id;
         let acme = names.tenants.get("acme").unwrap();
-        assert_eq!(verdict.rates.as_slice(), [((acme, api_calls), 3)]);
+        assert_eq!(verdict.holds.rates.as_slice(), [((acme, api_calls), 3)]);
         assert_eq!(remaining(), 97);
-        limits.release(&verdict.into_holds());
+        limits.release(&verdict.holds);
         assert_eq!(remaining(), 100);
     }
 
@@ -2933,7 +2921,7 @@ default_plan = "metered"
         let fixture = fixture();
         let decide = |units: i128, base: i128| {
             let verdict = decide_one(&fixture, units, &move |_, _, _, _| Ok(base)).unwrap();
-            (verdict.refused.is_empty(), verdict.holds)
+            (verdict.refused.is_empty(), verdict.holds.quotas)
         };
         // 50 used here; 30 tracked more...
         let (admitted, holds) = decide(30, 50);
@@ -3002,7 +2990,7 @@ default_plan = "metered"
             apply_as(
                 &fixture,
                 &[(units, verdict.refused.is_empty())],
-                &verdict.holds,
+                &verdict.holds.quotas,
                 true,
             );
             verdict.refused.is_empty()
@@ -3049,7 +3037,7 @@ default_plan = "metered"
         fixture.limits.forget_quotas();
         // Still 80 though the store says 50: the 30 are on their way.
         assert_eq!(used(&fixture, 50), 80);
-        apply_as(&fixture, &[(30, true)], &verdict.holds, true);
+        apply_as(&fixture, &[(30, true)], &verdict.holds.quotas, true);
         assert_eq!(used(&fixture, 50), 80);
         fixture.limits.forget_quotas();
         assert_eq!(used(&fixture, 80), 80, "applied: read again from the store");
@@ -3187,7 +3175,10 @@ default_plan = "metered"
             )
             .unwrap();
         assert!(verdict.refused.is_empty());
-        assert_eq!(verdict.holds.iter().map(|hold| hold.units).sum::<i128>(), 5);
+        assert_eq!(
+            verdict.holds.quotas.iter().map(|hold| hold.units).sum::<i128>(),
+            5
+        );
     }
 
     /// Every decision is counted once, whatever the number of threads: two threads counting
